@@ -1,0 +1,28 @@
+# Two commands: `make demo` runs the main job, `make test` runs the tests. Both build .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PIP_QUIET := --quiet --disable-pip-version-check
+
+.PHONY: demo test lint bench reproduce clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, from the constraints: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt torch 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import torch, torchdiffeq, ot, ray, mlflow; print('installed torch', torch.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m jobs.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache mlflow.db mlruns outputs

@@ -1,0 +1,96 @@
+"""Sample-quality metrics on feature vectors or points [N, D]."""
+
+from __future__ import annotations
+
+import numpy as np
+import ot
+import torch
+from torch import Tensor
+
+__all__ = ["gaussian_stats", "frechet_distance", "frechet_distance_from_features", "kid", "wasserstein2", "mmd"]
+
+
+def _check_features(a: Tensor, b: Tensor) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"features must be [N, D] with the same D; got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean [D] and covariance [D, D] (float64) of features [N, D]."""
+    if features.dim() != 2 or features.shape[0] < 2:
+        raise ValueError(f"need features [N >= 2, D]; got {tuple(features.shape)}")
+    f = features.double()
+    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
+
+
+def _sqrt_psd(m: Tensor) -> Tensor:
+    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def frechet_distance(mu_1: Tensor, cov_1: Tensor, mu_2: Tensor, cov_2: Tensor) -> float:
+    """||mu_1 - mu_2||^2 + Tr(C_1 + C_2 - 2 (C_1 C_2)^(1/2)).
+
+    Tr((C_1 C_2)^(1/2)) is computed as the sum of square roots of the eigenvalues of the symmetric PSD matrix
+    C_1^(1/2) C_2 C_1^(1/2) (same spectrum), which stays real and stable where scipy's sqrtm of the
+    non-symmetric product can turn complex or singular.
+    """
+    mu_1, cov_1, mu_2, cov_2 = (v.double() for v in (mu_1, cov_1, mu_2, cov_2))
+    root_1 = _sqrt_psd(cov_1)
+    inner = root_1 @ cov_2 @ root_1
+    tr_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    return ((mu_1 - mu_2).pow(2).sum() + cov_1.trace() + cov_2.trace() - 2 * tr_sqrt).item()
+
+
+def frechet_distance_from_features(f_1: Tensor, f_2: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets [N, D] and [M, D]."""
+    _check_features(f_1, f_2)
+    return frechet_distance(*gaussian_stats(f_1), *gaussian_stats(f_2))
+
+
+def _mmd2_unbiased(k_xx: Tensor, k_yy: Tensor, k_xy: Tensor) -> Tensor:
+    m, n = k_xx.shape[0], k_yy.shape[0]
+    sum_xx = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+    sum_yy = (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+    return sum_xx + sum_yy - 2 * k_xy.mean()
+
+
+def kid(f_1: Tensor, f_2: Tensor, subsets: int = 100, subset_size: int = 1000,
+        generator: torch.Generator | None = None) -> tuple[float, float]:
+    """Kernel distance (unbiased MMD^2, cubic polynomial kernel (x.y / D + 1)^3) over random subsets.
+
+    Returns (mean, std) over subsets.
+    """
+    _check_features(f_1, f_2)
+    m = min(subset_size, f_1.shape[0], f_2.shape[0])
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 samples per set; got {f_1.shape[0]} and {f_2.shape[0]}")
+    d = f_1.shape[1]
+    a, b = f_1.double(), f_2.double()
+    vals = []
+    for _ in range(subsets):
+        x = a[torch.randperm(a.shape[0], generator=generator)[:m]]
+        y = b[torch.randperm(b.shape[0], generator=generator)[:m]]
+        vals.append(_mmd2_unbiased((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3))
+    v = torch.stack(vals)
+    return v.mean().item(), (v.std().item() if subsets > 1 else 0.0)
+
+
+def wasserstein2(x: Tensor, y: Tensor) -> float:
+    """Exact W2 distance between two empirical point clouds [N, D], [M, D] (POT's network simplex)."""
+    _check_features(x, y)
+    cost = torch.cdist(x.double(), y.double()).pow(2).numpy()
+    a, b = np.full(x.shape[0], 1 / x.shape[0]), np.full(y.shape[0], 1 / y.shape[0])
+    return float(np.sqrt(ot.emd2(a, b, cost, numItermax=10_000_000)))
+
+
+def mmd(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.1, 0.5, 1.0, 2.0, 5.0)) -> float:
+    """Unbiased MMD^2 with a sum of RBF kernels exp(-||a - b||^2 / (2 h^2)) over the given bandwidths h."""
+    _check_features(x, y)
+    x, y = x.double(), y.double()
+
+    def k(a: Tensor, b: Tensor) -> Tensor:
+        d2 = torch.cdist(a, b).pow(2)
+        return sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)
+
+    return _mmd2_unbiased(k(x, x), k(y, y), k(x, y)).item()

@@ -1,0 +1,25 @@
+"""Models sharing the signature forward(x [B, ...], t [B], y [B] | None) -> [B, ...]."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fm.models.mlp import MLP
+from fm.models.unet import UNet
+
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet}
+
+__all__ = ["MLP", "UNet", "MODELS", "build_model"]
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build a model by name ("mlp", "unet") from keyword arguments, e.g. those stored in a checkpoint."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
+    for key in ("channel_mult", "attention_resolutions"):
+        if key in kwargs and isinstance(kwargs[key], list):
+            kwargs[key] = tuple(kwargs[key])  # JSON and YAML give lists
+    try:
+        return MODELS[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad arguments for model {name!r}: {err}") from None

@@ -1,0 +1,53 @@
+"""Time embeddings shared by the models."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Transformer-style features of t [B] in [0, 1], shape [B, dim].
+
+    t is scaled by 1000 so that the lowest frequencies still separate nearby times in [0, 1].
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features followed by a two-layer MLP: t [B] -> [B, out_dim]."""
+
+    def __init__(self, freq_dim: int, out_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(sinusoidal_embedding(t, self.freq_dim))
+
+
+def check_time(x: Tensor, t: Tensor) -> Tensor:
+    """Accept t as [B] or a scalar (broadcast to [B]); return it as [B] on x's device and dtype."""
+    if t.dim() == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must have shape [B] = [{x.shape[0]}]; got {tuple(t.shape)}")
+    return t.to(device=x.device, dtype=x.dtype)
+
+
+def labels_or_null(y: Tensor | None, batch: int, num_classes: int, device: torch.device) -> Tensor:
+    """Class labels [B] as long; None means the null (unconditional) class, index num_classes."""
+    if y is None:
+        return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+    if y.numel() and (y.min() < 0 or y.max() > num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}] ({num_classes} is the null class); "
+                         f"got values in [{y.min().item()}, {y.max().item()}]")
+    return y.long()

@@ -1,0 +1,170 @@
+"""Sampling: ODE through torchdiffeq (NFE counted) and Euler–Maruyama SDE sampling.
+
+A velocity function has the model signature `fn(x [B, ...], t [B]) -> [B, ...]`; build one from a model with
+`velocity_fn`, which also applies classifier-free guidance and converts epsilon/x_1/score predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchdiffeq import odeint
+
+from fm.paths import AffinePath, VPScheduler
+
+__all__ = [
+    "VelocityFn",
+    "SampleResult",
+    "ADAPTIVE_METHODS",
+    "FIXED_METHODS",
+    "velocity_fn",
+    "time_grid",
+    "integration_times",
+    "ode_sample",
+    "sde_sample",
+    "vp_diffusion",
+    "constant_diffusion",
+]
+
+VelocityFn = Callable[[Tensor, Tensor], Tensor]
+
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
+
+
+@dataclass
+class SampleResult:
+    """x_1: samples [B, ...]; nfe: function evaluations of the whole batch; trajectory: [T, B, ...] or None."""
+
+    x_1: Tensor
+    nfe: int
+    trajectory: Tensor | None = None
+
+
+def velocity_fn(model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0,
+                prediction: str = "velocity", path: AffinePath | None = None) -> VelocityFn:
+    """Turn a model into a velocity function fn(x, t).
+
+    Args:
+        model: forward(x, t, y) -> prediction.
+        y: class labels [B] for a conditional model, or None.
+        cfg_scale: classifier-free guidance w: v = v_null + w (v_y - v_null). 1 is plain conditional sampling;
+            anything else needs labels and a model trained with a null class.
+        prediction: what the model outputs ("velocity", "x_1", "epsilon" or "score"); non-velocity outputs are
+            converted through `path`.
+        path: the Gaussian path the model was trained on (needed unless prediction is "velocity").
+    """
+    if prediction != "velocity" and path is None:
+        raise ValueError(f"prediction {prediction!r} needs the path to convert it to a velocity")
+    if cfg_scale != 1.0 and y is None:
+        raise ValueError("classifier-free guidance (cfg_scale != 1) needs class labels y")
+
+    def raw(x: Tensor, t: Tensor) -> Tensor:
+        if cfg_scale == 1.0:
+            return model(x, t, y)
+        null = torch.full_like(y, model.num_classes)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        v_y, v_null = both.chunk(2)
+        return v_null + cfg_scale * (v_y - v_null)
+
+    if prediction == "velocity":
+        return raw
+    return lambda x, t: path.convert(raw(x, t), prediction, "velocity", x, t)
+
+
+def time_grid(steps: int, t_0: float = 0.0, t_1: float = 1.0, device: torch.device | str = "cpu") -> Tensor:
+    """Uniform grid of steps + 1 times from t_0 to t_1, shape [steps + 1]."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}")
+    return torch.linspace(t_0, t_1, steps + 1, device=device)
+
+
+def integration_times(method: str, steps: int | None, t_0: float, t_1: float, atol: float, rtol: float,
+                      like: Tensor) -> Tensor:
+    """Validate solver settings and return the times handed to odeint: the fixed grid, or just [t_0, t_1]."""
+    methods = ADAPTIVE_METHODS + FIXED_METHODS
+    if method not in methods:
+        raise ValueError(f"unknown ODE method {method!r}; allowed: {', '.join(methods)}")
+    if method in FIXED_METHODS:
+        if steps is None:
+            raise ValueError(f"fixed-step method {method!r} needs steps (an integer >= 1)")
+        return time_grid(steps, t_0, t_1, like.device).to(like.dtype)
+    if atol <= 0 or rtol <= 0:
+        raise ValueError(f"atol and rtol must be > 0; got atol={atol}, rtol={rtol}")
+    return torch.tensor([t_0, t_1], device=like.device, dtype=like.dtype)
+
+
+def ode_sample(fn: VelocityFn, x_0: Tensor, method: str = "dopri5", steps: int | None = None,
+               atol: float = 1e-5, rtol: float = 1e-5, t_0: float = 0.0, t_1: float = 1.0,
+               return_trajectory: bool = False) -> SampleResult:
+    """Integrate dx/dt = v(x, t) from t_0 to t_1 with torchdiffeq.
+
+    Args:
+        fn: velocity function fn(x [B, ...], t [B]).
+        x_0: starting points [B, ...] (noise when sampling).
+        method: any torchdiffeq method; adaptive ones use atol/rtol, fixed-step ones need `steps`.
+        steps: number of steps of a fixed-step method (the grid has steps + 1 times).
+        atol, rtol: tolerances of an adaptive method.
+        return_trajectory: also return x at every grid time (fixed-step) or at t_0 and t_1 (adaptive).
+    Returns:
+        `SampleResult` with the end points and the exact NFE (calls of fn on the batch).
+    """
+    ts = integration_times(method, steps, t_0, t_1, atol, rtol, x_0)
+    nfe = 0
+
+    def rhs(t: Tensor, x: Tensor) -> Tensor:
+        nonlocal nfe
+        nfe += 1
+        return fn(x, t.expand(x.shape[0]))
+
+    with torch.no_grad():
+        traj = odeint(rhs, x_0, ts, method=method, atol=atol, rtol=rtol)
+    return SampleResult(traj[-1], nfe, traj if return_trajectory else None)
+
+
+def vp_diffusion(scheduler: VPScheduler) -> Callable[[Tensor], Tensor]:
+    """g(t) = sqrt(beta(1 - t)): with it `sde_sample` is the reverse SDE of the VP diffusion (Song et al.)."""
+    return lambda t: torch.sqrt(scheduler.beta(1.0 - t))
+
+
+def constant_diffusion(g: float) -> Callable[[Tensor], Tensor]:
+    """g(t) = g."""
+    return lambda t: torch.full_like(t, g)
+
+
+def sde_sample(fn: VelocityFn, path: AffinePath, diffusion: Callable[[Tensor], Tensor], x_0: Tensor,
+               steps: int, t_1: float = 1.0 - 1e-3, noise: Callable[[int], Tensor] | None = None,
+               generator: torch.Generator | None = None) -> SampleResult:
+    """Euler–Maruyama for dx = [v(x, t) + g(t)^2 / 2 * score(x, t)] dt + g(t) dW, from t = 0 to t_1.
+
+    For any g this SDE has the same marginals as the ODE dx = v dt (the Fokker–Planck terms of the added drift
+    and noise cancel), so a flow model can be sampled stochastically. The score comes from the velocity through
+    the Gaussian `path`. With `vp_diffusion` and an epsilon model this is exactly the reverse VP SDE
+    dx = [-f + g^2 score] dt + g dW of score-based models. The last step is taken without noise (denoising).
+
+    Args:
+        fn: velocity function. path: the Gaussian path behind the model. diffusion: g(t [B]) -> [B].
+        x_0: noise [B, ...]. steps: Euler–Maruyama steps. t_1: end time (< 1 where sigma_1 = 0).
+        noise: optional noise(step) -> [B, ...] standard normal draws (for per-sample seeding); default draws
+            from `generator`.
+    Returns:
+        `SampleResult`; nfe = steps.
+    """
+    ts = time_grid(steps, 0.0, t_1, x_0.device).to(x_0.dtype)
+    x = x_0
+    with torch.no_grad():
+        for k in range(steps):
+            t = ts[k].expand(x.shape[0])
+            dt = ts[k + 1] - ts[k]
+            v = fn(x, t)
+            score = path.convert(v, "velocity", "score", x, t)
+            g = diffusion(t).reshape(-1, *([1] * (x.dim() - 1)))
+            x = x + (v + 0.5 * g**2 * score) * dt
+            if k < steps - 1:
+                z = noise(k) if noise is not None else torch.randn(x.shape, generator=generator,
+                                                                   device=x.device, dtype=x.dtype)
+                x = x + g * torch.sqrt(dt) * z
+    return SampleResult(x, steps)
