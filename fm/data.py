@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["TOY_SETS", "TOY_DENSITIES", "sample_toy", "toy_log_prob", "toy_entropy"]
+__all__ = ["TOY_SETS", "TOY_DENSITIES", "gaussian_centres", "sample_toy", "toy_log_prob", "toy_entropy"]
 
 TOY_SETS = ("8gaussians", "moons", "checkerboard", "rings", "spirals")
 TOY_DENSITIES = ("8gaussians", "checkerboard", "rings")
@@ -22,7 +22,8 @@ _G_RADIUS, _G_STD = 4.0 / math.sqrt(2.0), 0.5 / math.sqrt(2.0)
 _RING_RADII, _RING_STD = (0.75, 1.5, 2.25, 3.0), 0.08
 
 
-def _centres(device=None) -> Tensor:
+def gaussian_centres(device=None) -> Tensor:
+    """The 8 centres of the 8gaussians set, [8, 2] float64."""
     ang = torch.arange(8, device=device, dtype=torch.float64) * (2 * math.pi / 8)
     return _G_RADIUS * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
 
@@ -47,7 +48,7 @@ def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> T
 
     if name == "8gaussians":
         k = torch.randint(0, 8, (n,), generator=g)
-        x = _centres()[k] + _G_STD * randn(n, 2)
+        x = gaussian_centres()[k] + _G_STD * randn(n, 2)
     elif name == "checkerboard":
         # 8 unit squares on [-2, 2]^2: x in [-2, 2), y in a square whose row parity matches floor(x)'s
         x1 = rand(n) * 4 - 2
@@ -77,7 +78,7 @@ def toy_log_prob(name: str, x: Tensor) -> Tensor:
     _check(name)
     x = x.double()
     if name == "8gaussians":
-        d2 = (x[:, None, :] - _centres(x.device)[None]).pow(2).sum(-1)  # [n, 8]
+        d2 = (x[:, None, :] - gaussian_centres(x.device)[None]).pow(2).sum(-1)  # [n, 8]
         log_comp = -d2 / (2 * _G_STD**2) - math.log(2 * math.pi * _G_STD**2)
         return torch.logsumexp(log_comp, 1) - math.log(8)
     if name == "checkerboard":

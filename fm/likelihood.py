@@ -114,7 +114,7 @@ def divergence_hutchinson(fn: VelocityFn, x: Tensor, t: Tensor, probes: Tensor) 
 
 def log_likelihood(fn: VelocityFn, x_1: Tensor, divergence: str = "exact", num_probes: int = 1,
                    probe_kind: str = "rademacher", method: str = "dopri5", atol: float = 1e-5,
-                   rtol: float = 1e-5, steps: int | None = None,
+                   rtol: float = 1e-5, steps: int | None = None, t_1: float = 1.0,
                    log_p0: Callable[[Tensor], Tensor] = standard_normal_log_prob,
                    generator: torch.Generator | None = None, chunk: int = 256) -> LikelihoodResult:
     """log p_1(x_1) of the flow dx/dt = v(x, t), with x_0 ~ p_0 at t = 0.
@@ -125,13 +125,14 @@ def log_likelihood(fn: VelocityFn, x_1: Tensor, divergence: str = "exact", num_p
         divergence: "exact" (D vector-Jacobian products) or "hutchinson" (K probes, fixed along the path).
         num_probes: K for Hutchinson. probe_kind: "rademacher" or "gaussian".
         method, atol, rtol, steps: the torchdiffeq solver (dopri5 at 1e-5 by default).
+        t_1: the data end (just below 1 for the VP path, whose field diverges at t = 1).
         log_p0: log-density of the noise, [B, ...] -> [B].
     Returns:
         `LikelihoodResult` (log-density in nats per sample, the noise end, NFE).
     """
     if divergence not in ("exact", "hutchinson"):
         raise ValueError(f"unknown divergence {divergence!r}; allowed: exact, hutchinson")
-    ts = integration_times(method, steps, 1.0, 0.0, atol, rtol, x_1)
+    ts = integration_times(method, steps, t_1, 0.0, atol, rtol, x_1)
     probes = make_probes(x_1, num_probes, probe_kind, generator) if divergence == "hutchinson" else None
     nfe = 0
 
@@ -139,7 +140,7 @@ def log_likelihood(fn: VelocityFn, x_1: Tensor, divergence: str = "exact", num_p
         nonlocal nfe
         nfe += 1
         x = state[0]
-        tb = t.expand(x.shape[0])
+        tb = t.clamp(0.0, t_1).expand(x.shape[0])  # adaptive steps may overshoot t = 0
         if probes is None:
             v, div = divergence_exact(fn, x, tb, chunk)
         else:
@@ -148,7 +149,7 @@ def log_likelihood(fn: VelocityFn, x_1: Tensor, divergence: str = "exact", num_p
 
     delta_1 = torch.zeros(x_1.shape[0], device=x_1.device, dtype=x_1.dtype)
     xs, deltas = odeint(rhs, (x_1, delta_1), ts, method=method, atol=atol, rtol=rtol)
-    # d(delta)/dt = div v from t = 1 (delta = 0) to t = 0 gives delta(0) = -int_0^1 div dt.
+    # d(delta)/dt = div v from t_1 (delta = 0) to t = 0 gives delta(0) = -int_0^t_1 div dt.
     x_0 = xs[-1]
     return LikelihoodResult(log_p0(x_0) + deltas[-1], x_0, nfe)
 

@@ -113,12 +113,15 @@ def ode_sample(fn: VelocityFn, x_0: Tensor, method: str = "dopri5", steps: int |
         `SampleResult` with the end points and the exact NFE (calls of fn on the batch).
     """
     ts = integration_times(method, steps, t_0, t_1, atol, rtol, x_0)
+    lo, hi = min(t_0, t_1), max(t_0, t_1)
     nfe = 0
 
     def rhs(t: Tensor, x: Tensor) -> Tensor:
         nonlocal nfe
         nfe += 1
-        return fn(x, t.expand(x.shape[0]))
+        # Adaptive steps may overshoot the end time and interpolate back; keep the field inside [t_0, t_1],
+        # where it is defined (sigma_1 = 0 on the VP path, and no path exists beyond t = 1).
+        return fn(x, t.clamp(lo, hi).expand(x.shape[0]))
 
     with torch.no_grad():
         traj = odeint(rhs, x_0, ts, method=method, atol=atol, rtol=rtol)

@@ -14,8 +14,9 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> T
     t is scaled by 1000 so that the lowest frequencies still separate nearby times in [0, 1].
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
+    dtype = t.dtype if t.is_floating_point() else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = 1000.0 * t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)

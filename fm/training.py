@@ -1,0 +1,71 @@
+"""One optimisation step, shared by in-process training and the Ray Train workers, and a toy 2-D fit."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fm.data import sample_toy
+from fm.ema import EMA
+from fm.methods import Method
+
+__all__ = ["StepResult", "train_step", "warmup_lr", "fit_toy"]
+
+
+@dataclass
+class StepResult:
+    """loss: batch mean; grad_norm: before clipping; finite: False when the step was skipped."""
+
+    loss: float
+    grad_norm: float
+    finite: bool
+
+
+def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warmup to base_lr over warmup_steps, constant after."""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, (step + 1) / warmup_steps)
+
+
+def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x_1: Tensor,
+               y: Tensor | None = None, generator: torch.Generator | None = None, grad_clip: float = 1.0,
+               autocast_dtype: torch.dtype | None = None) -> StepResult:
+    """Compute the method's loss on x_1 [B, ...], backpropagate, clip and step.
+
+    A non-finite loss or gradient skips the update (the optimizer state is untouched) and reports finite=False,
+    so the caller can count skips and abort after too many in a row.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(x_1.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = method.loss(model, x_1, y, generator).mean()
+    if not torch.isfinite(loss):
+        return StepResult(loss.item(), math.nan, False)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss.item(), grad_norm.item(), False)
+    optimizer.step()
+    return StepResult(loss.item(), grad_norm.item(), True)
+
+
+def fit_toy(model: nn.Module, method: Method, data: str, steps: int = 2000, batch: int = 256, lr: float = 1e-3,
+            ema_decay: float = 0.999, seed: int = 0) -> tuple[EMA, list[float]]:
+    """Train a model on a toy 2-D set in process; returns the EMA of the weights and the loss history."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    ema = EMA(model, ema_decay)
+    losses = []
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = warmup_lr(step, lr, min(100, steps // 10))
+        res = train_step(model, method, opt, sample_toy(data, batch, g), generator=g)
+        ema.update(model)
+        losses.append(res.loss)
+    return ema, losses
