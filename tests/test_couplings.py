@@ -71,7 +71,8 @@ def test_global_ot_without_process_group_is_local_ot():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="unknown coupling 'ot'; allowed: independent, exact_ot, entropic_ot, global_ot"):
+    allowed = "independent, exact_ot, entropic_ot, global_ot"
+    with pytest.raises(ValueError, match=f"unknown coupling 'ot'; allowed: {allowed}"):
         make_coupling("ot")
     with pytest.raises(ValueError, match="x_0 and x_1 must have the same shape"):
         ExactOTCoupling()(torch.randn(4, 2), torch.randn(5, 2))
