@@ -11,7 +11,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["TOY_SETS", "TOY_DENSITIES", "gaussian_centres", "sample_toy", "toy_log_prob", "toy_entropy"]
+__all__ = ["TOY_SETS", "TOY_DENSITIES", "gaussian_centres", "sample_toy", "toy_log_prob", "toy_entropy",
+           "to_model_space", "to_uint8"]
 
 TOY_SETS = ("8gaussians", "moons", "checkerboard", "rings", "spirals")
 TOY_DENSITIES = ("8gaussians", "checkerboard", "rings")
@@ -100,3 +101,13 @@ def toy_entropy(name: str, n: int = 200_000, generator: torch.Generator | None =
     if name == "checkerboard":
         return math.log(8.0)
     return -toy_log_prob(name, sample_toy(name, n, generator)).mean().item()
+
+
+def to_model_space(x_uint8: Tensor) -> Tensor:
+    """8-bit pixels [B, C, H, W] (values 0..255) to model space [-1, 1]: x / 127.5 - 1 (float32)."""
+    return x_uint8.float() / 127.5 - 1.0
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Model-space images back to 8-bit pixels, rounded and clamped to 0..255 (uint8)."""
+    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)

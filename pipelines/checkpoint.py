@@ -1,0 +1,85 @@
+"""Checkpoint directories: state dicts (model, EMA, optimizer) plus meta.json (step, model and method arguments,
+resolved config), so that a model is rebuilt from the checkpoint alone. Loaded with weights_only=True."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fm.methods import Method, make_method
+from fm.models import build_model
+
+META = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete or mismatched checkpoint."""
+
+
+def save_checkpoint(directory: str | Path, *, step: int, model: nn.Module, ema_state: dict,
+                    optimizer: torch.optim.Optimizer | None, model_name: str, model_kwargs: dict,
+                    method_kwargs: dict, config: dict, extra: dict | None = None) -> Path:
+    """Write a checkpoint directory. `model` must be the unwrapped module (no DDP prefixes)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), d / "model.pt")
+    torch.save(ema_state, d / "ema.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), d / "optimizer.pt")
+    meta = {"step": step, "model": {"name": model_name, "kwargs": model_kwargs}, "method": method_kwargs,
+            "config": config, **(extra or {})}
+    (d / META).write_text(json.dumps(meta, indent=1))
+    return d
+
+
+def load_meta(directory: str | Path) -> dict:
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {d} does not exist")
+    if not (d / META).exists():
+        raise CheckpointError(f"{d} is not a checkpoint: {META} is missing")
+    return json.loads((d / META).read_text())
+
+
+def load_state(directory: str | Path, name: str) -> dict:
+    path = Path(directory) / f"{name}.pt"
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {directory} has no {name}.pt")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    method: Method
+    meta: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def load_model(directory: str | Path, use_ema: bool = True, expect: dict | None = None) -> LoadedModel:
+    """Rebuild the model (EMA weights by default) and its method from a checkpoint directory alone.
+
+    Args:
+        expect: optional model kwargs the caller requires (e.g. image size); a mismatch raises CheckpointError.
+    """
+    meta = load_meta(directory)
+    name, kwargs = meta["model"]["name"], dict(meta["model"]["kwargs"])
+    for key, value in (expect or {}).items():
+        if kwargs.get(key) != value:
+            raise CheckpointError(f"checkpoint {directory} was trained with model.{key}={kwargs.get(key)!r}, "
+                                  f"but {value!r} is required here")
+    model = build_model(name, **kwargs)
+    state = load_state(directory, "ema")["module"] if use_ema else load_state(directory, "model")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {directory}: weights do not fit model {name} {kwargs}: "
+                              f"{str(err).splitlines()[0]}") from None
+    return LoadedModel(model.eval(), make_method(**meta["method"]), meta)

@@ -1,0 +1,286 @@
+"""Run configuration: one dataclass per concern, loaded from YAML, overridden by `section.key=value`, validated
+in full before any Ray work starts. Errors name the key, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fm.methods import METHODS
+from fm.models import MODELS
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/digits"  # an ingest output directory (holds manifest.json)
+    split: str = "train"
+    hflip: bool = False  # random horizontal flips in preprocessing
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet"
+    model_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 1
+    attention_resolutions: list[int] = field(default_factory=lambda: [4])
+    dropout: float = 0.0
+    num_heads: int = 2
+    class_conditional: bool = False
+    label_dropout: float = 0.1  # probability of the null label in training, for classifier-free guidance
+    hidden: int = 256  # mlp only
+    depth: int = 3  # mlp only
+
+
+@dataclass
+class MethodConfig:
+    name: str = "fm_ot"
+    sigma_min: float = 1e-4
+    sigma: float = 0.0
+    ot_scope: str = "local"  # otcfm: "local" (per worker) or "global" (one plan over all workers' batches)
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 64  # per worker
+    seed: int = 0
+    checkpoint_every: int = 250
+    log_every: int = 25
+    sample_every: int = 250  # sample grid to MLflow every M steps (0: only at the end)
+    grid_size: int = 64
+    grid_steps: int = 20  # Euler steps for the sample grid
+    max_nonfinite: int = 5  # abort after this many non-finite losses in a row
+    fail_at_step: int | None = None  # test hook: one worker raises once at this step
+    fail_rank: int = 1
+    run_name: str = "digits-cpu"
+    storage_path: str = "outputs/ray_results"
+    num_to_keep: int = 2
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: join a running cluster if RAY_ADDRESS is set, else start a local one
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional so Ray Data's read tasks keep a CPU on small machines
+    gpus_per_worker: float = 1.0
+    preprocess_cpus: float = 0.25
+    prefetch_batches: int = 2
+    max_failures: int = 0
+    local_cpus: int = 4  # logical CPUs of a local Ray (at least the host's count); see pipelines.train.init_ray
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = "flowray"
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """section.key -> value, for MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Coerce a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    t = str(typ)
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"{key}: null is not allowed (expected {t})")
+    try:
+        if t.startswith("list"):
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if isinstance(value, int):
+                value = [value]
+            if not isinstance(value, list):
+                raise TypeError
+            return [int(v) for v in value]
+        if t.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise TypeError
+        if t.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if t.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {value!r} is not a valid {t}") from None
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
+    sections = {f.name: f for f in fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"unknown section {section!r}; allowed: {', '.join(sections)}")
+    sub = getattr(cfg, section)
+    types = {f.name: f.type for f in fields(sub)}
+    if key not in types:
+        raise ConfigError(f"unknown key {section}.{key}; allowed in {section}: {', '.join(types)}")
+    setattr(sub, key, _coerce(f"{section}.{key}", value, types[key]))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or defaults when path is None), apply `section.key=value` overrides, validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} not found")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                _apply(cfg, section, key, value)
+    for item in overrides or []:
+        lhs, eq, rhs = item.partition("=")
+        if not eq or "." not in lhs:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        section, key = lhs.split(".", 1)
+        _apply(cfg, section, key, yaml.safe_load(rhs) if rhs else rhs)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Check every value; raise ConfigError naming the first bad key."""
+    m, meth, o, t, r = cfg.model, cfg.method, cfg.optim, cfg.train, cfg.ray
+    _check(m.name in MODELS, "model.name", m.name, f"allowed: {', '.join(MODELS)}")
+    _check(m.model_channels >= 1, "model.model_channels", m.model_channels, "must be >= 1")
+    _check(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult), "model.channel_mult",
+           m.channel_mult, "must be a non-empty list of integers >= 1")
+    _check(m.num_res_blocks >= 1, "model.num_res_blocks", m.num_res_blocks, "must be >= 1")
+    _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
+    _check(0 <= m.label_dropout < 1, "model.label_dropout", m.label_dropout, "must be in [0, 1)")
+    _check(m.num_heads >= 1 and m.model_channels % m.num_heads == 0, "model.num_heads", m.num_heads,
+           "must be >= 1 and divide model.model_channels")
+    _check(meth.name in METHODS, "method.name", meth.name, f"allowed: {', '.join(METHODS)}")
+    _check(meth.ot_scope in ("local", "global"), "method.ot_scope", meth.ot_scope, "allowed: local, global")
+    _check(0 <= meth.sigma_min < 1, "method.sigma_min", meth.sigma_min, "must be in [0, 1)")
+    _check(meth.sigma >= 0, "method.sigma", meth.sigma, "must be >= 0")
+    _check(meth.name != "sbcfm" or meth.sigma > 0, "method.sigma", meth.sigma, "sbcfm needs sigma > 0")
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    _check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
+    _check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
+    _check(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    _check(t.sample_every >= 0, "train.sample_every", t.sample_every, "must be >= 0")
+    _check(t.grid_size >= 1, "train.grid_size", t.grid_size, "must be >= 1")
+    _check(t.max_nonfinite >= 1, "train.max_nonfinite", t.max_nonfinite, "must be >= 1")
+    _check(t.fail_at_step is None or 1 <= t.fail_at_step <= t.steps, "train.fail_at_step", t.fail_at_step,
+           f"must be null or in [1, train.steps={t.steps}]")
+    _check(bool(t.run_name) and "/" not in t.run_name, "train.run_name", t.run_name, "must be a non-empty name")
+    _check(r.num_workers >= 1, "ray.num_workers", r.num_workers, "must be >= 1")
+    _check(0 <= t.fail_rank < r.num_workers, "train.fail_rank", t.fail_rank,
+           f"must be a worker rank in [0, {r.num_workers - 1}]")
+    _check(r.cpus_per_worker > 0, "ray.cpus_per_worker", r.cpus_per_worker, "must be > 0")
+    _check(r.preprocess_cpus > 0, "ray.preprocess_cpus", r.preprocess_cpus, "must be > 0")
+    _check(r.max_failures >= -1, "ray.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
+    _check(bool(cfg.mlflow.experiment), "mlflow.experiment", cfg.mlflow.experiment, "must be non-empty")
+
+
+def check_data(cfg: Config) -> dict:
+    """Validate the data section against the ingest manifest (before Ray starts); returns the manifest."""
+    from pipelines.ingest import IngestError, load_manifest
+
+    try:
+        manifest = load_manifest(cfg.data.shards)
+    except IngestError as err:
+        raise ConfigError(f"data.shards: {err}") from None
+    _check(cfg.data.split in manifest["splits"], "data.split", cfg.data.split,
+           f"splits in {cfg.data.shards}: {', '.join(manifest['splits'])}")
+    if manifest["kind"] == "image":
+        size = manifest["shape"][0]
+        levels = len(cfg.model.channel_mult)
+        _check(cfg.model.name == "unet", "model.name", cfg.model.name, "image data needs the unet")
+        _check(size % (2 ** (levels - 1)) == 0, "model.channel_mult", cfg.model.channel_mult,
+               f"{levels} levels need the image size {size} divisible by {2 ** (levels - 1)}")
+    else:
+        _check(cfg.model.name == "mlp", "model.name", cfg.model.name, "point data needs the mlp")
+    count = manifest["splits"][cfg.data.split]["count"]
+    _check(count >= cfg.train.batch_size * cfg.ray.num_workers, "train.batch_size", cfg.train.batch_size,
+           f"the {cfg.data.split} split has {count} rows, fewer than batch_size x num_workers")
+    return manifest
+
+
+def model_kwargs(cfg: Config, manifest: dict) -> dict:
+    """Arguments that rebuild the model with `fm.models.build_model` (stored in every checkpoint)."""
+    m = cfg.model
+    num_classes = manifest["num_classes"] if m.class_conditional else None
+    if m.name == "mlp":
+        return {"dim": int(manifest["shape"][0]), "hidden": m.hidden, "depth": m.depth, "num_classes": num_classes}
+    h, _, c = manifest["shape"]
+    return {"image_size": h, "in_channels": c, "model_channels": m.model_channels,
+            "channel_mult": list(m.channel_mult), "num_res_blocks": m.num_res_blocks,
+            "attention_resolutions": list(m.attention_resolutions), "dropout": m.dropout, "num_heads": m.num_heads,
+            "num_classes": num_classes}
+
+
+def method_kwargs(cfg: Config) -> dict:
+    """Arguments of `fm.methods.make_method`."""
+    return {k: v for k, v in dataclasses.asdict(cfg.method).items()}
+
+
+def tracking_uri(cfg: Config) -> str:
+    """The MLflow tracking URI: config, else $MLFLOW_TRACKING_URI, else a sqlite file in the working dir."""
+    return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def dump(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), indent=1)

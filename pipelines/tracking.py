@@ -1,0 +1,112 @@
+"""MLflow helpers: experiments with an absolute artifact location, runs found again by name, and a logger that
+warns instead of crashing when the tracking server goes away mid-run."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+
+def artifact_root(uri: str) -> str | None:
+    """Absolute artifact location for file-backed stores; None (server default) for HTTP tracking.
+
+    With sqlite, MLflow would put artifacts in ./mlruns relative to each process's working directory, and Ray
+    workers run in Ray's session folder, so the driver fixes an absolute location next to the database.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    if parsed.scheme in ("", "file"):
+        return (Path(parsed.path or uri).resolve() / "artifacts").as_uri()
+    return None
+
+
+def get_or_create_experiment(client, name: str, uri: str) -> str:
+    """Experiment id by name, creating it with an absolute artifact location when missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = artifact_root(uri)
+    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+
+
+def find_or_create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                       resume: bool = True, parent_run_id: str | None = None) -> tuple[str, bool]:
+    """The id of the run tagged with run_name in the experiment (resume=True), or of a new one.
+
+    Returns (run_id, resumed).
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp_id = get_or_create_experiment(client, experiment, uri)
+    if resume:
+        found = client.search_runs([exp_id], filter_string=f"tags.`flowray.run_name` = '{run_name}'",
+                                   max_results=1, order_by=["attributes.start_time DESC"])
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id, True
+    all_tags = {"flowray.run_name": run_name, "mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
+    return run.info.run_id, False
+
+
+class SafeLogger:
+    """Logs to one MLflow run through MlflowClient; any tracking error becomes a warning, never a crash.
+
+    Metrics that fail to log are counted (`failures`); a long job keeps training through a tracking outage.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id, self.failures = MlflowClient(uri), run_id, 0
+
+    def _safe(self, what: str, fn, *args, **kwargs) -> bool:
+        try:
+            fn(*args, **kwargs)
+            return True
+        except Exception as err:  # tracking must never kill training
+            self.failures += 1
+            if self.failures <= 3 or self.failures % 100 == 0:
+                warnings.warn(f"MLflow {what} failed ({self.failures} failures so far), training continues: "
+                              f"{type(err).__name__}: {str(err)[:200]}", RuntimeWarning, stacklevel=2)
+            return False
+
+    def metrics(self, values: dict[str, float], step: int) -> bool:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step) for k, v in values.items()]
+        return self._safe("log metrics", self.client.log_batch, self.run_id, metrics=batch)
+
+    def params(self, values: dict) -> bool:
+        from mlflow.entities import Param
+
+        batch = [Param(k, str(v)[:6000]) for k, v in values.items()]
+        ok = True
+        for i in range(0, len(batch), 100):
+            ok &= self._safe("log params", self.client.log_batch, self.run_id, params=batch[i : i + 100])
+        return ok
+
+    def tags(self, values: dict[str, str]) -> bool:
+        from mlflow.entities import RunTag
+
+        return self._safe("set tags", self.client.log_batch, self.run_id,
+                          tags=[RunTag(k, str(v)) for k, v in values.items()])
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> bool:
+        p = Path(path)
+        fn = self.client.log_artifacts if p.is_dir() else self.client.log_artifact
+        return self._safe(f"log artifact {p.name}", fn, self.run_id, str(p), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> bool:
+        return self._safe("end run", self.client.set_terminated, self.run_id, status)
