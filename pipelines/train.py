@@ -53,6 +53,13 @@ def build_dataset(cfg: Config, manifest: dict):
     import ray.data
 
     ds = ray.data.read_parquet(shard_paths(cfg.data.shards, cfg.data.split), columns=["image", "label"])
+    if cfg.data.cache:
+        # Decoded rows are kept in Ray's object store (not the driver) and flips are applied on the fly.
+        ds = ds.materialize()
+    if cfg.data.repeat > 1:
+        # Each pass over a streaming split restarts its executor (about a second); on a small data set that
+        # start-up dominates the step time, so one Ray Data epoch spans several passes.
+        ds = ds.union(*([ds] * (cfg.data.repeat - 1)))
     return ds.map_batches(Preprocess, fn_constructor_args=(manifest["shape"], manifest["kind"], cfg.data.hflip,
                                                            cfg.train.seed),
                           batch_format="numpy", batch_size=256, num_cpus=cfg.ray.preprocess_cpus,
