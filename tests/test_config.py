@@ -1,0 +1,51 @@
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.config import ConfigError, check_data, load_config
+from pipelines.ingest import ingest
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    cfg = load_config("configs/digits-cpu.yaml", ["train.steps=7", "model.channel_mult=[1, 1]", "ray.use_gpu=true"])
+    assert cfg.train.steps == 7 and cfg.model.channel_mult == [1, 1] and cfg.ray.use_gpu is True
+    assert cfg.flat()["method.name"] == "fm_ot"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.name=fm", "method.name: 'fm' is not allowed; allowed: fm_ot, fm_vp, score_vp, icfm, otcfm, sbcfm"),
+    ("train.steps=0", "train.steps: 0 is not allowed; must be >= 1"),
+    ("train.steps=ten", "train.steps: 'ten' is not a valid int"),
+    ("optim.lr=-1", "optim.lr: -1.0 is not allowed; must be > 0"),
+    ("train.bogus=1", "unknown key train.bogus; allowed in train: steps, batch_size"),
+    ("trian.steps=1", "unknown section 'trian'; allowed: data, model"),
+    ("method.ot_scope=world", "method.ot_scope: 'world' is not allowed; allowed: local, global"),
+    ("train.fail_rank=5", "train.fail_rank: 5 is not allowed; must be a worker rank in [0, 1]"),
+    ("steps=3", "override 'steps=3' must look like section.key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/digits-cpu.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_data_checks_before_ray(tmp_path):
+    ingest("digits", tmp_path / "d", shards=2)
+    cfg = load_config(None, [f"data.shards={tmp_path / 'd'}", "model.channel_mult=[1, 2, 2, 2, 2]"])
+    with pytest.raises(ConfigError, match=r"model.channel_mult: .*5 levels need the image size 8 divisible by 16"):
+        check_data(cfg)
+    cfg = load_config(None, [f"data.shards={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match="data.shards: .*manifest.json not found"):
+        check_data(cfg)
+
+
+def test_cli_dry_run_and_error_exit(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "configs/digits-cpu.yaml", "--dry-run",
+                          "--set", "train.steps=3"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and '"steps": 3' in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "configs/digits-cpu.yaml",
+                          "--set", "method.name=nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "config error: method.name: 'nope' is not allowed" in bad.stderr
+    assert "ray" not in bad.stderr.lower().replace("array", "")  # it failed before Ray was started

@@ -1,0 +1,137 @@
+"""Ray Train integration: a real local Ray, real MLflow stores (sqlite and an `mlflow server` over HTTP)."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+from pipeline_helpers import tiny_config
+
+from pipelines.checkpoint import load_meta, load_model
+from pipelines.ingest import ingest
+from pipelines.train import init_ray, run_training
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    ingest("digits", out, shards=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    init_ray(None)
+    yield
+    ray.shutdown()
+
+
+def _history(client, run_id, key):
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_cluster):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=8"))
+    assert res["metrics"]["step"] == 8 and not res["resumed"]
+    loaded = load_model(res["checkpoint"])
+    assert loaded.step == 8 and loaded.meta["model"]["kwargs"]["model_channels"] == 8
+    client = MlflowClient(uri)
+    run = client.get_run(res["run_id"])
+    assert run.data.params["method.name"] == "fm_ot" and run.data.params["ray.num_workers"] == "2"
+    assert [s for s, _ in _history(client, res["run_id"], "loss")] == [4, 8]
+    for key in ("grad_norm", "lr", "images_per_s", "data_wait_fraction", "ot_solve_s"):
+        assert key in run.data.metrics
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(res["run_id"], "samples")}
+    assert artifacts == {"samples/step_000004.png", "samples/step_000008.png"}
+    model_files = {a.path for a in client.list_artifacts(res["run_id"], "model")}
+    assert {"model/meta.json", "model/ema.pt", "model/model.pt"} <= model_files
+    local = client.download_artifacts(res["run_id"], "model", str(tmp_path / "dl"))
+    assert load_model(local).step == 8  # the logged final model rebuilds from the artifact alone
+
+    # the same run name continues the stopped run: same MLflow run, steps carry on from the checkpoint
+    more = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=12"))
+    assert more["resumed"] and more["run_id"] == res["run_id"]
+    assert more["metrics"]["step"] == 12 and load_meta(more["checkpoint"])["step"] == 12
+    assert [s for s, _ in _history(client, res["run_id"], "loss")] == [4, 8, 12]
+
+
+def test_injected_worker_failure_resumes_to_the_target_step(digits, tmp_path, ray_cluster):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_config(digits, tmp_path / "runs", uri, "faulty", "train.steps=8", "train.fail_at_step=6",
+                      "train.fail_rank=1", "ray.max_failures=1", "train.sample_every=0")
+    res = run_training(cfg)
+    assert res["metrics"]["step"] == 8 and load_meta(res["checkpoint"])["step"] == 8
+    assert (tmp_path / "runs" / "faulty" / ".fault_injected_step_6").exists()
+    client = MlflowClient(uri)
+    # steps 5..8 were redone from the step-4 checkpoint: step 8 is logged once, nothing before 4 again
+    assert [s for s, _ in _history(client, res["run_id"], "loss")] == [4, 8]
+
+
+def test_without_retries_an_injected_failure_fails_the_job(digits, tmp_path, ray_cluster):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_config(digits, tmp_path / "runs", uri, "fatal", "train.steps=4", "train.fail_at_step=2",
+                      "ray.max_failures=0", "train.sample_every=0")
+    with pytest.raises(Exception, match="injected failure"):
+        run_training(cfg)
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("tests").experiment_id])
+    assert runs[0].info.status == "FAILED"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not come up in 90 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_logging_to_a_real_mlflow_server(digits, tmp_path, ray_cluster, mlflow_server):
+    res = run_training(tiny_config(digits, tmp_path / "runs", mlflow_server, "over-http", "train.steps=4",
+                                   "ray.num_workers=1"))
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(res["run_id"])
+    assert run.data.params["train.steps"] == "4" and "loss" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(res["run_id"], "samples")} == {"samples/step_000004.png"}
+
+
+def test_tracking_outage_warns_and_does_not_raise(monkeypatch):
+    from pipelines.tracking import SafeLogger
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    logger = SafeLogger(f"http://127.0.0.1:{_free_port()}", "0" * 32)  # nothing listens there
+    with pytest.warns(RuntimeWarning, match="MLflow log metrics failed .* training continues"):
+        assert logger.metrics({"loss": 1.0}, step=1) is False
+    assert logger.failures == 1
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
