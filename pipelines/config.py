@@ -229,7 +229,7 @@ def validate(cfg: Config) -> None:
            f"must be null or in [1, train.steps={t.steps}]")
     _check(bool(t.run_name) and "/" not in t.run_name, "train.run_name", t.run_name, "must be a non-empty name")
     _check(r.num_workers >= 1, "ray.num_workers", r.num_workers, "must be >= 1")
-    _check(0 <= t.fail_rank < r.num_workers, "train.fail_rank", t.fail_rank,
+    _check(t.fail_at_step is None or 0 <= t.fail_rank < r.num_workers, "train.fail_rank", t.fail_rank,
            f"must be a worker rank in [0, {r.num_workers - 1}]")
     _check(r.cpus_per_worker > 0, "ray.cpus_per_worker", r.cpus_per_worker, "must be > 0")
     _check(r.preprocess_cpus > 0, "ray.preprocess_cpus", r.preprocess_cpus, "must be > 0")

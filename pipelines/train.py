@@ -52,7 +52,7 @@ def build_dataset(cfg: Config, manifest: dict):
     """The streaming training dataset: read_parquet over the split's shards, preprocessed on CPU."""
     import ray.data
 
-    ds = ray.data.read_parquet(shard_paths(cfg.data.shards, cfg.data.split), columns=["image", "label"])
+    ds = ray.data.read_parquet(shard_paths(cfg.data.shards, cfg.data.split)).select_columns(["image", "label"])
     if cfg.data.cache:
         # Decoded rows are kept in Ray's object store (not the driver) and flips are applied on the fly.
         ds = ds.materialize()

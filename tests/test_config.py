@@ -21,12 +21,12 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("train.bogus=1", "unknown key train.bogus; allowed in train: steps, batch_size"),
     ("trian.steps=1", "unknown section 'trian'; allowed: data, model"),
     ("method.ot_scope=world", "method.ot_scope: 'world' is not allowed; allowed: local, global"),
-    ("train.fail_rank=5", "train.fail_rank: 5 is not allowed; must be a worker rank in [0, 1]"),
+    ("train.fail_at_step=2 train.fail_rank=5", "train.fail_rank: 5 is not allowed; must be a worker rank in [0, 1]"),
     ("steps=3", "override 'steps=3' must look like section.key=value"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config("configs/digits-cpu.yaml", [override])
+        load_config("configs/digits-cpu.yaml", override.split(" "))
     assert message in str(err.value)
 
 

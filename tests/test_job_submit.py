@@ -1,0 +1,67 @@
+"""`ray job submit` against a real head started with `ray start --head`; the job's last log line is JSON."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from pipeline_helpers import TINY
+
+from pipelines.ingest import ingest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")  # the job runs the `python` of this PATH
+    env.pop("RAY_ADDRESS", None)
+    dash = _free_port()
+    ray = shutil.which("ray", path=env["PATH"])
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Unix socket paths must stay short
+    subprocess.run([ray, "start", "--head", f"--port={_free_port()}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={temp}",
+                    "--include-dashboard=true"], env=env, check=True, capture_output=True, timeout=180)
+    yield ray, f"http://127.0.0.1:{dash}", env
+    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_training(ray_head, tmp_path):
+    ray, address, env = ray_head
+    ingest("digits", tmp_path / "digits", shards=2)
+    db = tmp_path / "mlflow.db"
+    job_id = f"flowray-test-{uuid.uuid4().hex[:8]}"
+    sets = [*TINY, f"data.shards={tmp_path / 'digits'}", f"train.storage_path={tmp_path / 'runs'}",
+            "train.steps=4", "train.run_name=submitted", "mlflow.experiment=tests"]
+    cmd = [ray, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}}),
+           "--", "python", "-m", "jobs.train", "--config", "configs/digits-cpu.yaml"]
+    for s in sets:
+        cmd += ["--set", s]
+    sub = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+    logs = subprocess.run([ray, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
+                          text=True, timeout=60).stdout
+    last = [line for line in logs.strip().splitlines() if line.strip()][-1]
+    result = json.loads(last)
+    assert result["metrics"]["step"] == 4
+    assert Path(result["checkpoint"]).is_dir()
+    run = MlflowClient(f"sqlite:///{db}").get_run(result["run_id"])
+    assert run.data.params["train.run_name"] == "submitted"
