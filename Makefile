@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test lint bench reproduce clean
+.PHONY: demo demo-toy test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m jobs.demo
+
+demo-toy: $(STAMP)
 	$(PY) -m jobs.toy2d
 
 test: $(STAMP)
@@ -23,6 +26,9 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.train_overhead
 
 clean:
 	rm -rf $(VENV) .pytest_cache mlflow.db mlruns outputs

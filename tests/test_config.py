@@ -49,3 +49,14 @@ def test_cli_dry_run_and_error_exit(tmp_path):
     assert bad.returncode == 2
     assert "config error: method.name: 'nope' is not allowed" in bad.stderr
     assert "ray" not in bad.stderr.lower().replace("array", "")  # it failed before Ray was started
+
+
+def test_every_preset_loads():
+    from pathlib import Path
+
+    names = sorted(p.stem for p in Path("configs").glob("*.yaml"))
+    assert names == ["cifar10", "digits-cpu", "fashion-mnist", "toy2d"]
+    for name in names:
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.train.run_name
+    assert load_config("configs/cifar10.yaml").model.model_channels == 256
