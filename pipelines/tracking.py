@@ -110,3 +110,40 @@ class SafeLogger:
 
     def finish(self, status: str = "FINISHED") -> bool:
         return self._safe("end run", self.client.set_terminated, self.run_id, status)
+
+
+def resolve_checkpoint(spec: str, uri: str, cache: str | Path = "outputs/checkpoints") -> str:
+    """A checkpoint directory from a path or from `runs:/RUN_ID` (the training run's logged final model)."""
+    if not spec.startswith("runs:/"):
+        return spec
+    from mlflow.tracking import MlflowClient
+
+    run_id = spec[len("runs:/"):].strip("/").split("/")[0]
+    dst = Path(cache) / run_id
+    if not (dst / "model" / "meta.json").exists():
+        dst.mkdir(parents=True, exist_ok=True)
+        try:
+            MlflowClient(uri).download_artifacts(run_id, "model", str(dst))
+        except Exception as err:
+            raise FileNotFoundError(f"cannot fetch the model of MLflow run {run_id} from {uri}: {err}") from None
+    return str(dst / "model")
+
+
+def start_child_run(uri: str, train_run_id: str | None, kind: str, run_name: str,
+                    experiment: str | None = None) -> str:
+    """A run nested under the training run (same experiment) and tagged with its id; or a run in `experiment`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    tags = {"flowray.kind": kind, "mlflow.runName": run_name}
+    exp_id = None
+    if train_run_id:
+        try:
+            exp_id = client.get_run(train_run_id).info.experiment_id
+            tags.update({"flowray.train_run_id": train_run_id, "mlflow.parentRunId": train_run_id})
+        except Exception:
+            warnings.warn(f"training run {train_run_id} is not in {uri}; logging without lineage",
+                          RuntimeWarning, stacklevel=2)
+    if exp_id is None:
+        exp_id = get_or_create_experiment(client, experiment or "flowray", uri)
+    return client.create_run(exp_id, tags=tags, run_name=run_name).info.run_id

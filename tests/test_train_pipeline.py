@@ -67,14 +67,18 @@ def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_cluster
 
 def test_injected_worker_failure_resumes_to_the_target_step(digits, tmp_path, ray_cluster):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # OT-CFM with the coupling solved over the global batch of both workers
     cfg = tiny_config(digits, tmp_path / "runs", uri, "faulty", "train.steps=8", "train.fail_at_step=6",
-                      "train.fail_rank=1", "ray.max_failures=1", "train.sample_every=0")
+                      "train.fail_rank=1", "ray.max_failures=1", "train.sample_every=0", "method.name=otcfm",
+                      "method.ot_scope=global")
     res = run_training(cfg)
     assert res["metrics"]["step"] == 8 and load_meta(res["checkpoint"])["step"] == 8
     assert (tmp_path / "runs" / "faulty" / ".fault_injected_step_6").exists()
     client = MlflowClient(uri)
     # steps 5..8 were redone from the step-4 checkpoint: step 8 is logged once, nothing before 4 again
     assert [s for s, _ in _history(client, res["run_id"], "loss")] == [4, 8]
+    assert all(v > 0 for _, v in _history(client, res["run_id"], "ot_solve_s"))
+    assert client.get_run(res["run_id"]).data.params["method.ot_scope"] == "global"
 
 
 def test_without_retries_an_injected_failure_fails_the_job(digits, tmp_path, ray_cluster):

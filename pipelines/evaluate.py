@@ -1,0 +1,265 @@
+"""Evaluation: bits/dim on the test split as a Ray Data actor stage, and sample quality in the features of a
+classifier trained on the same data set (cached next to the shards)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from fm.data import to_model_space
+from fm.likelihood import mean_and_stderr
+
+CLASSIFIER_DIR = "classifier"
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation request."""
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    max_images: int = 0  # 0: the whole split
+    draws: int = 1  # K dequantization draws
+    divergence: str = "hutchinson"  # or "exact"
+    probes: int = 1  # H Hutchinson probes
+    method: str = "dopri5"
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    batch_size: int = 64
+    actors: int = 1
+    cpus_per_actor: float = 0.5
+    seed: int = 0
+    classifier_epochs: int = 15
+
+
+def validate_eval_config(c: EvalConfig) -> None:
+    for ok, key, value, allowed in [
+        (c.draws >= 1, "eval.draws", c.draws, "must be >= 1"),
+        (c.divergence in ("exact", "hutchinson"), "eval.divergence", c.divergence, "allowed: exact, hutchinson"),
+        (c.probes >= 1, "eval.probes", c.probes, "must be >= 1"),
+        (c.batch_size >= 1, "eval.batch_size", c.batch_size, "must be >= 1"),
+        (c.actors >= 1, "eval.actors", c.actors, "must be >= 1"),
+        (c.max_images >= 0, "eval.max_images", c.max_images, "must be >= 0"),
+    ]:
+        if not ok:
+            raise EvaluationError(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+def decode_images(raw: list[bytes] | np.ndarray, shape: list[int]) -> torch.Tensor:
+    """Raw uint8 HWC rows -> uint8 tensor [B, C, H, W]."""
+    arr = np.frombuffer(b"".join(raw), np.uint8).reshape(-1, *shape)
+    return torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)
+
+
+class LikelihoodActor:
+    """Ray Data actor: loads the model once; per batch, bits/dim (images) or log-density (points) per row."""
+
+    def __init__(self, checkpoint: str, cfg: dict, manifest: dict):
+        from pipelines.checkpoint import load_model
+
+        self.loaded = load_model(checkpoint)
+        self.cfg, self.manifest = EvalConfig(**cfg), manifest
+
+    def __call__(self, batch: dict) -> dict:
+        from fm.likelihood import bits_per_dim, log_likelihood
+
+        c, method = self.cfg, self.loaded.method
+        fn = method.velocity(self.loaded.model)
+        # the batch's dequantization noise and probes depend on its rows only, not on actor or order
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + sum(zlib.crc32(str(i).encode()) for i in batch["id"]))
+        kw = dict(divergence=c.divergence, num_probes=c.probes, method=c.method, atol=c.atol, rtol=c.rtol,
+                  t_1=method.t_max)
+        if self.manifest["kind"] == "image":
+            x = decode_images(batch["image"], self.manifest["shape"])
+            res = bits_per_dim(fn, x.float(), draws=c.draws, generator=g, **kw)
+            return {"id": batch["id"], "value": res.bpd.numpy(), "nfe": np.full(len(x), res.nfe)}
+        x = torch.from_numpy(np.frombuffer(b"".join(batch["image"]), np.float32).reshape(-1, *self.manifest["shape"])
+                             .copy())
+        res = log_likelihood(fn, x, generator=g, **kw)
+        return {"id": batch["id"], "value": (-res.log_p).numpy(), "nfe": np.full(len(x), res.nfe)}
+
+
+def likelihood_stage(checkpoint: str, shards: str, manifest: dict, cfg: EvalConfig) -> dict:
+    """Bits/dim (or NLL in nats for points) over a split, as a map_batches actor stage; mean ± stderr, NFE."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from pipelines.ingest import shard_paths
+    from pipelines.train import init_ray
+
+    init_ray(None)
+    ds = ray.data.read_parquet(shard_paths(shards, cfg.split)).select_columns(["id", "image"])
+    if cfg.max_images:
+        ds = ds.limit(cfg.max_images)
+    start = time.perf_counter()
+    rows = ds.map_batches(LikelihoodActor, fn_constructor_args=(checkpoint, asdict(cfg), manifest),
+                          batch_size=cfg.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=cfg.actors),
+                          num_cpus=cfg.cpus_per_actor).take_all()
+    wall = time.perf_counter() - start
+    values = torch.tensor([r["value"] for r in rows], dtype=torch.float64)
+    mean, stderr = mean_and_stderr(values)
+    unit = "bits/dim" if manifest["kind"] == "image" else "nats"
+    return {"metric": "bpd" if unit == "bits/dim" else "nll", "unit": unit, "mean": mean, "stderr": stderr,
+            "n": len(rows), "mean_nfe": float(np.mean([r["nfe"] for r in rows])), "draws": cfg.draws,
+            "divergence": cfg.divergence, "probes": cfg.probes if cfg.divergence == "hutchinson" else None,
+            "images_per_s": len(rows) / wall, "wall_s": wall}
+
+
+def _load_split(shards: str, split: str, manifest: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    from pipelines.ingest import shard_paths
+
+    table = pa.concat_tables([pq.read_table(p, columns=["image", "label"]) for p in shard_paths(shards, split)])
+    x = decode_images(table["image"].to_pylist(), manifest["shape"])
+    return to_model_space(x), torch.tensor(table["label"].to_pylist())
+
+
+def get_classifier(shards: str, manifest: dict, epochs: int = 15, seed: int = 0):
+    """The data set's feature classifier: loaded from <shards>/classifier/, else trained once and cached there.
+
+    Returns (model in eval mode, info dict with test accuracy and the cache path).
+    """
+    from fm.models.classifier import SmallCNN
+
+    cache = Path(shards) / CLASSIFIER_DIR
+    kwargs = {"in_channels": manifest["shape"][2], "num_classes": max(manifest["num_classes"], 2)}
+    if (cache / "info.json").exists():
+        info = json.loads((cache / "info.json").read_text())
+        model = SmallCNN(**info["kwargs"])
+        model.load_state_dict(torch.load(cache / "model.pt", map_location="cpu", weights_only=True))
+        return model.eval(), info
+    torch.manual_seed(seed)
+    x, y = _load_split(shards, "train", manifest)
+    x_test, y_test = _load_split(shards, "test", manifest)
+    model = SmallCNN(**kwargs)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x), generator=g).split(128):
+            # small random shifts make the features robust to what a generator gets slightly wrong
+            xb = torch.roll(x[idx], shifts=tuple(torch.randint(-1, 2, (2,), generator=g).tolist()), dims=(2, 3))
+            loss = torch.nn.functional.cross_entropy(model(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x_test).argmax(1) == y_test).float().mean().item()
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), cache / "model.pt")
+    info = {"kwargs": kwargs, "test_accuracy": acc, "epochs": epochs, "train_rows": len(x), "test_rows": len(x_test),
+            "path": str(cache.resolve())}
+    (cache / "info.json").write_text(json.dumps(info, indent=1))
+    return model, info
+
+
+def sample_quality(shards: str, manifest: dict, samples_dir: str, cfg: EvalConfig) -> dict:
+    """FD and KID between the test split and the samples in classifier features; accuracy and class histogram."""
+    from fm.metrics import frechet_distance_from_features, kid
+    from pipelines.sample import read_samples
+
+    if manifest["kind"] != "image":
+        return _toy_quality(manifest, samples_dir)
+    classifier, info = get_classifier(shards, manifest, cfg.classifier_epochs, cfg.seed)
+    _, raw, _ = read_samples(samples_dir)
+    try:
+        fake = to_model_space(decode_images(raw, manifest["shape"]))
+    except ValueError:
+        raise EvaluationError(f"samples in {samples_dir} do not have the data's shape {manifest['shape']}") from None
+    real, _ = _load_split(shards, cfg.split, manifest)
+    with torch.no_grad():
+        f_real = torch.cat([classifier.features(b) for b in real.split(512)])
+        f_fake = torch.cat([classifier.features(b) for b in fake.split(512)])
+        pred = torch.cat([classifier(b).argmax(1) for b in fake.split(512)])
+    name = manifest["source"].split(":")[0]
+    kid_mean, kid_std = kid(f_real, f_fake, subsets=50, subset_size=min(500, len(f_real), len(f_fake)),
+                            generator=torch.Generator().manual_seed(cfg.seed))
+    hist = torch.bincount(pred, minlength=info["kwargs"]["num_classes"]).tolist()
+    return {"fd_label": f"FD ({name} classifier)", "fd": frechet_distance_from_features(f_real, f_fake),
+            "kid": kid_mean, "kid_std": kid_std, "num_samples": len(fake), "num_real": len(real),
+            "classifier_test_accuracy": info["test_accuracy"], "classifier_path": info["path"],
+            "sample_class_histogram": hist,
+            "fid": None, "fid_note": "FID not computed: no Inception-v3 weights are available offline here"}
+
+
+def _toy_quality(manifest: dict, samples_dir: str) -> dict:
+    from fm.data import sample_toy
+    from fm.metrics import wasserstein2
+    from pipelines.sample import read_samples
+
+    _, raw, _ = read_samples(samples_dir)
+    x = torch.from_numpy(np.frombuffer(b"".join(raw), np.float32).reshape(-1, *manifest["shape"]).copy())
+    name = manifest["source"].split(":", 1)[1]
+    n = min(len(x), 2000)
+    ref = sample_toy(name, n, torch.Generator().manual_seed(12345))
+    return {"w2": wasserstein2(x[:n], ref), "num_samples": len(x)}
+
+
+def run_evaluation(checkpoint: str, shards: str, samples: str | None, cfg: EvalConfig) -> dict:
+    from pipelines.checkpoint import load_meta
+    from pipelines.ingest import load_manifest
+
+    validate_eval_config(cfg)
+    meta = load_meta(checkpoint)
+    manifest = load_manifest(shards)
+    if cfg.split not in manifest["splits"]:
+        raise EvaluationError(f"eval.split: {cfg.split!r} not in {shards}; splits: {', '.join(manifest['splits'])}")
+    trained_on = meta.get("manifest", {}).get("shape")
+    if trained_on is not None and trained_on != manifest["shape"]:
+        raise EvaluationError(f"checkpoint was trained on shape {trained_on}, but {shards} holds {manifest['shape']}")
+    if samples is not None:
+        from pipelines.sample import read_samples
+
+        read_samples(samples)  # foreign or empty sample directories fail before Ray starts
+    result = {"likelihood": likelihood_stage(checkpoint, shards, manifest, cfg), "train_run_id": meta.get(
+        "mlflow_run_id"), "checkpoint_step": meta["step"], "method": meta["method"]["name"]}
+    if samples is not None:
+        result["quality"] = sample_quality(shards, manifest, samples, cfg)
+        sampling = Path(samples) / "_mlflow.json"
+        if sampling.exists():
+            result["sample_run_id"] = json.loads(sampling.read_text())["run_id"]
+        result["sample_settings"] = json.loads((Path(samples) / "_sampling.json").read_text())
+    return result
+
+
+def log_evaluation_run(result: dict, cfg: EvalConfig, uri: str) -> str:
+    from pipelines.tracking import SafeLogger, start_child_run
+
+    run_id = start_child_run(uri, result.get("train_run_id"), "evaluate", "evaluate")
+    log = SafeLogger(uri, run_id)
+    log.params({f"eval.{k}": v for k, v in asdict(cfg).items()})
+    lik = result["likelihood"]
+    metrics = {lik["metric"]: lik["mean"], f"{lik['metric']}_stderr": lik["stderr"], "likelihood_nfe": lik["mean_nfe"],
+               "likelihood_images_per_s": lik["images_per_s"]}
+    tags = {"flowray.method": result["method"], "flowray.checkpoint_step": str(result["checkpoint_step"])}
+    q = result.get("quality")
+    if q:
+        for key in ("fd", "kid", "kid_std", "w2", "classifier_test_accuracy"):
+            if q.get(key) is not None:
+                metrics[key] = q[key]
+        if "fd_label" in q:
+            tags["flowray.fd_label"] = q["fd_label"]
+            tags["flowray.fid"] = q["fid_note"]
+        s = result["sample_settings"]
+        tags.update({"flowray.sample_solver": s["solver"], "flowray.sample_steps": str(s["steps"])})
+        if result.get("sample_run_id"):
+            tags["flowray.sample_run_id"] = result["sample_run_id"]
+        if q.get("classifier_path"):
+            log.artifact(q["classifier_path"], "classifier")
+    if lik.get("probes") is not None:
+        tags["flowray.hutchinson_probes"] = str(lik["probes"])
+    tags["flowray.dequantization_draws"] = str(lik["draws"])
+    log.metrics({k: v for k, v in metrics.items() if v is not None and not math.isnan(v)}, step=0)
+    log.tags(tags)
+    log.finish()
+    return run_id

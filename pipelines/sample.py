@@ -1,0 +1,326 @@
+"""Large-scale sampling: Ray Data over fixed blocks of sample ids, an actor pool of Samplers, parquet shards.
+
+Determinism: sample i starts from noise drawn with its own seed (seed, i), and ids are solved in fixed blocks of
+`block_size` (an adaptive solver's step sizes depend on the whole block), so the output is bit-identical whatever
+the number of actors or the Ray batch size (blocks per call). Changing `block_size` changes the solve; it is
+recorded in `_sampling.json` with the other settings.
+
+Resumability: each block is written to its own shard `block-XXXXXXXX.parquet` through a temporary name and an
+atomic rename. A rerun keeps the shards that read back complete and redoes the rest (including truncated or
+corrupt files), so the result always holds exactly N unique ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS
+
+SAMPLE_SCHEMA = pa.schema([("id", pa.int64()), ("seed", pa.int64()), ("label", pa.int64()), ("nfe", pa.int64()),
+                           ("image", pa.binary())])
+SETTINGS = "_sampling.json"
+SOLVERS = ADAPTIVE_METHODS + FIXED_METHODS + ("sde",)
+
+
+class SamplingError(ValueError):
+    """Bad sampling request or output directory."""
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 1000
+    solver: str = "dopri5"  # any torchdiffeq method, or "sde" (Euler–Maruyama)
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    steps: int = 100  # fixed-step methods and sde
+    sde_g: float = 0.0  # diffusion of the flow SDE; 0 means the VP reverse SDE's g(t) = sqrt(beta) (VP methods)
+    cfg_scale: float = 1.0
+    label: int = -1  # class for conditional models; -1 cycles through the classes by id
+    seed: int = 0
+    block_size: int = 64
+    blocks_per_call: int = 1  # Ray batch size, in blocks
+    actors: int = 1
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+    write_png: bool = False
+    fail_at_block: int = -1  # test hook: the actor raises once when it reaches this block
+
+
+def validate_sample_config(c: SampleConfig) -> None:
+    checks = [
+        (c.num_samples >= 1, "sample.num_samples", c.num_samples, "must be >= 1"),
+        (c.solver in SOLVERS, "sample.solver", c.solver, f"allowed: {', '.join(SOLVERS)}"),
+        (c.atol > 0 and c.rtol > 0, "sample.atol/rtol", (c.atol, c.rtol), "must be > 0"),
+        (c.steps >= 1, "sample.steps", c.steps, "must be >= 1"),
+        (c.block_size >= 1, "sample.block_size", c.block_size, "must be >= 1"),
+        (c.blocks_per_call >= 1, "sample.blocks_per_call", c.blocks_per_call, "must be >= 1"),
+        (c.actors >= 1, "sample.actors", c.actors, "must be >= 1"),
+        (c.cpus_per_actor > 0, "sample.cpus_per_actor", c.cpus_per_actor, "must be > 0"),
+        (c.sde_g >= 0, "sample.sde_g", c.sde_g, "must be >= 0"),
+    ]
+    for ok, key, value, allowed in checks:
+        if not ok:
+            raise SamplingError(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+def sample_noise(ids: np.ndarray, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Noise [len(ids), *shape]: sample i's from its own generator seeded by (seed, i)."""
+    out = torch.empty(len(ids), *shape)
+    g = torch.Generator()
+    for k, i in enumerate(ids):
+        g.manual_seed(sample_seed(seed, int(i)))
+        out[k] = torch.randn(shape, generator=g)
+    return out
+
+
+def sample_seed(seed: int, i: int) -> int:
+    return (seed * 1_000_003 + i) % (2**63 - 1)
+
+
+def block_ids(block: int, block_size: int, n: int) -> np.ndarray:
+    return np.arange(block * block_size, min((block + 1) * block_size, n), dtype=np.int64)
+
+
+def shard_name(block: int) -> str:
+    return f"block-{block:08d}.parquet"
+
+
+class Sampler:
+    """Ray Data actor: loads the model once, then samples whole blocks and writes one shard per block."""
+
+    def __init__(self, checkpoint: str, out: str, cfg: dict, shape: list[int], layout: str):
+        from pipelines.checkpoint import load_model
+
+        self.loaded = load_model(checkpoint)
+        self.model, self.method = self.loaded.model, self.loaded.method
+        self.cfg, self.out, self.layout = SampleConfig(**cfg), Path(out), layout
+        self.shape = tuple(shape)  # model input shape without batch: [C, H, W] or [D]
+        self.device = torch.device("cuda" if torch.cuda.is_available() and self.cfg.gpus_per_actor > 0 else "cpu")
+        self.model.to(self.device)
+        self.num_classes = self.model.num_classes if hasattr(self.model, "num_classes") else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = {"block": [], "rows": [], "nfe": [], "seconds": []}
+        for block in batch["block"].tolist():
+            start = time.perf_counter()
+            nfe = self.sample_block(int(block))
+            rows["block"].append(block)
+            rows["rows"].append(len(block_ids(block, self.cfg.block_size, self.cfg.num_samples)))
+            rows["nfe"].append(nfe)
+            rows["seconds"].append(time.perf_counter() - start)
+        return {k: np.asarray(v) for k, v in rows.items()}
+
+    def labels(self, ids: np.ndarray) -> torch.Tensor | None:
+        if not self.num_classes:
+            return None
+        if self.cfg.label >= 0:
+            return torch.full((len(ids),), self.cfg.label, dtype=torch.long)
+        return torch.from_numpy(ids % self.num_classes)
+
+    def sample_block(self, block: int) -> int:
+        from fm.data import to_uint8
+        from fm.solvers import constant_diffusion, ode_sample, sde_sample, vp_diffusion
+
+        c = self.cfg
+        if block == c.fail_at_block:
+            marker = self.out / f".fault_injected_block_{block}"
+            if not marker.exists():
+                marker.write_text("injected\n")
+                raise RuntimeError(f"injected sampling failure at block {block}")
+        ids = block_ids(block, c.block_size, c.num_samples)
+        x_0 = sample_noise(ids, c.seed, self.shape).to(self.device)
+        y = self.labels(ids)
+        fn = self.method.velocity(self.model, None if y is None else y.to(self.device), c.cfg_scale)
+        with torch.no_grad():
+            if c.solver == "sde":
+                path = self.method.gaussian_path
+                g = constant_diffusion(c.sde_g) if c.sde_g > 0 else vp_diffusion(path.scheduler)
+                noise = _per_sample_step_noise(ids, c.seed, self.shape, self.device)
+                res = sde_sample(fn, path, g, x_0, c.steps, t_1=min(self.method.t_max, 1 - 1e-3), noise=noise)
+            else:
+                res = ode_sample(fn, x_0, c.solver, c.steps, c.atol, c.rtol, t_1=self.method.t_max)
+        x = res.x_1.cpu()
+        if self.layout == "HWC":
+            payload = [b.tobytes() for b in to_uint8(x).permute(0, 2, 3, 1).contiguous().numpy()]
+        else:
+            payload = [b.tobytes() for b in x.float().numpy()]
+        table = pa.table({"id": ids, "seed": [sample_seed(c.seed, int(i)) for i in ids],
+                          "label": (y.numpy() if y is not None else np.full(len(ids), -1)),
+                          "nfe": np.full(len(ids), res.nfe), "image": payload}, schema=SAMPLE_SCHEMA)
+        _atomic_write(table, self.out / shard_name(block))
+        if c.write_png and self.layout == "HWC":
+            _write_pngs(to_uint8(x), ids, self.out / "png")
+        return res.nfe
+
+
+def _per_sample_step_noise(ids: np.ndarray, seed: int, shape: tuple[int, ...], device):
+    """SDE noise for step k: each sample's own generator, advanced along the steps (independent of batching)."""
+    gens = []
+    for i in ids:
+        g = torch.Generator()
+        g.manual_seed(sample_seed(seed, int(i)) ^ 0x5DEECE66D)
+        gens.append(g)
+
+    def noise(k: int) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+
+    return noise
+
+
+def _atomic_write(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)  # a half-written shard never carries the final name
+
+
+def _write_pngs(images: torch.Tensor, ids: np.ndarray, directory: Path) -> None:
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for img, i in zip(images, ids, strict=True):
+        arr = img.permute(1, 2, 0).numpy()
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(directory / f"{int(i):08d}.png")
+
+
+def complete_blocks(out: Path, cfg: SampleConfig) -> set[int]:
+    """Blocks whose shard reads back with the right schema and exactly its ids; others are removed."""
+    done = set()
+    n_blocks = -(-cfg.num_samples // cfg.block_size)
+    for path in sorted(out.glob("block-*.parquet")):
+        block = int(path.stem.split("-")[1])
+        try:
+            table = pq.read_table(path)
+            ok = (block < n_blocks and table.schema.equals(SAMPLE_SCHEMA)
+                  and table["id"].to_pylist() == block_ids(block, cfg.block_size, cfg.num_samples).tolist())
+        except Exception:  # truncated or not parquet at all
+            ok = False
+        if ok:
+            done.add(block)
+        else:
+            path.unlink()
+    for tmp in out.glob(".block-*.tmp"):
+        tmp.unlink()
+    return done
+
+
+def prepare_output(out: Path, cfg: SampleConfig, checkpoint: str) -> None:
+    """Create the output directory, or check that an existing one was made with the same settings."""
+    settings = {"checkpoint": str(checkpoint), **{k: v for k, v in asdict(cfg).items()
+                                                  if k not in ("actors", "blocks_per_call", "cpus_per_actor",
+                                                               "gpus_per_actor", "fail_at_block", "write_png")}}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / SETTINGS
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            raise SamplingError(f"{out} holds samples made with other settings {diff}; use a new --out")
+    else:
+        path.write_text(json.dumps(settings, indent=1))
+
+
+def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
+    """Sample cfg.num_samples images with an actor pool; returns counts, NFE and throughput."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipelines.checkpoint import load_meta
+
+    validate_sample_config(cfg)
+    meta = load_meta(checkpoint)  # fails clearly before Ray starts
+    manifest = meta.get("manifest", {})
+    layout = "HWC" if manifest.get("kind", "image") == "image" else "D"
+    shape = manifest.get("shape")
+    model_shape = [shape[2], shape[0], shape[1]] if layout == "HWC" else list(shape)
+    if cfg.solver == "sde" and meta["method"]["name"] not in ("fm_ot", "fm_vp", "score_vp") and cfg.sde_g == 0:
+        raise SamplingError(f"sample.solver=sde needs a Gaussian-path method; {meta['method']['name']!r} has none")
+    out = Path(out).resolve()
+    prepare_output(out, cfg, checkpoint)
+    done = complete_blocks(out, cfg)
+    n_blocks = -(-cfg.num_samples // cfg.block_size)
+    todo = [b for b in range(n_blocks) if b not in done]
+    start = time.perf_counter()
+    stats = []
+    if todo:
+        from pipelines.train import init_ray
+
+        init_ray(None)
+        ds = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=min(len(todo), 200))
+        ds = ds.map_batches(Sampler, fn_constructor_args=(str(checkpoint), str(out), asdict(cfg), model_shape, layout),
+                            batch_size=cfg.blocks_per_call, batch_format="numpy",
+                            compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
+                            num_gpus=cfg.gpus_per_actor or None)
+        stats = ds.take_all()
+    wall = time.perf_counter() - start
+    nfe = [int(r["nfe"]) for r in stats]
+    busy = sum(float(r["seconds"]) for r in stats)
+    made = sum(int(r["rows"]) for r in stats)
+    return {"out": str(out), "num_samples": cfg.num_samples, "blocks": n_blocks, "blocks_reused": len(done),
+            "blocks_sampled": len(todo), "mean_nfe": float(np.mean(nfe)) if nfe else None,
+            "max_nfe": max(nfe) if nfe else None, "samples_per_s": made / wall if made else None,
+            "samples_per_actor_s": made / busy if busy else None, "wall_s": wall,
+            "train_run_id": meta.get("mlflow_run_id")}
+
+
+def read_samples(directory: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """All samples of a sampling output as (ids [N], raw image bytes [N] objects, settings); checks the schema."""
+    d = Path(directory)
+    if not (d / SETTINGS).exists():
+        raise SamplingError(f"{d} is not a sampling output: {SETTINGS} is missing")
+    files = sorted(d.glob("block-*.parquet"))
+    if not files:
+        raise SamplingError(f"{d} holds no sample shards (block-*.parquet)")
+    tables = []
+    for f in files:
+        t = pq.read_table(f)
+        if not t.schema.equals(SAMPLE_SCHEMA):
+            raise SamplingError(f"{f}: foreign schema {t.schema.names}; expected {SAMPLE_SCHEMA.names}")
+        tables.append(t)
+    table = pa.concat_tables(tables)
+    return np.asarray(table["id"].to_pylist()), np.asarray(table["image"].to_pylist(), dtype=object), \
+        json.loads((d / SETTINGS).read_text())
+
+
+def log_sampling_run(result: dict, cfg: dict, uri: str) -> str:
+    """An MLflow run nested under the training run: settings, NFE, throughput, a grid, the output location."""
+    import tempfile
+
+    from pipelines.images import save_grid
+    from pipelines.tracking import SafeLogger, start_child_run
+
+    run_id = start_child_run(uri, result.get("train_run_id"), "sample", f"sample-{cfg['solver']}")
+    log = SafeLogger(uri, run_id)
+    log.params({f"sample.{k}": v for k, v in cfg.items()})
+    log.metrics({k: result[k] for k in ("mean_nfe", "max_nfe", "samples_per_s", "samples_per_actor_s", "wall_s")
+                 if result.get(k) is not None}, step=0)
+    log.tags({"flowray.samples_dir": result["out"]})
+    ids, images, _ = read_samples(result["out"])
+    first = np.argsort(ids)[:64]
+    grid = _decode_grid(images[first], result["out"])
+    if grid is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            log.artifact(save_grid(grid, Path(tmp) / "samples.png"))
+    log.finish()
+    (Path(result["out"]) / "_mlflow.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    return run_id
+
+
+def _decode_grid(raw: np.ndarray, out: str) -> torch.Tensor | None:
+    from pipelines.checkpoint import load_meta
+
+    settings = json.loads((Path(out) / SETTINGS).read_text())
+    manifest = load_meta(settings["checkpoint"]).get("manifest", {})
+    if manifest.get("kind") != "image":
+        return None
+    h, w, c = manifest["shape"]
+    arr = np.frombuffer(b"".join(raw), np.uint8).reshape(-1, h, w, c)
+    return torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)

@@ -1,0 +1,44 @@
+import math
+
+import pytest
+import torch
+
+from fm.methods import make_method
+from fm.models import MLP
+from fm.training import train_step, warmup_lr
+
+
+class NaNAfter(torch.nn.Module):
+    """An MLP whose output turns non-finite when `poison` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.poison = MLP(2, 16, 1), False
+
+    def forward(self, x, t, y=None):
+        out = self.net(x, t, y)
+        return out * math.inf if self.poison else out
+
+
+def test_non_finite_steps_are_skipped_without_touching_weights():
+    model = NaNAfter()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    method = make_method("fm_ot")
+    x = torch.randn(32, 2)
+    ok = train_step(model, method, opt, x)
+    assert ok.finite and ok.grad_norm > 0
+    before = [p.detach().clone() for p in model.parameters()]
+    model.poison = True
+    bad = train_step(model, method, opt, x)
+    assert not bad.finite and not math.isfinite(bad.loss)
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_grad_clip_and_warmup():
+    model = MLP(2, 16, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    res = train_step(model, make_method("fm_ot"), opt, 100 * torch.randn(16, 2), grad_clip=1e-3)
+    total = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+    assert res.grad_norm > 1e-3 and total.item() == pytest.approx(1e-3, rel=1e-4)
+    assert warmup_lr(0, 1.0, 10) == pytest.approx(0.1) and warmup_lr(50, 1.0, 10) == 1.0
