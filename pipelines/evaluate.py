@@ -32,6 +32,7 @@ class EvalConfig:
     draws: int = 1  # K dequantization draws
     divergence: str = "hutchinson"  # or "exact"
     probes: int = 1  # H Hutchinson probes
+    probe_kind: str = "rademacher"  # or "gaussian"
     method: str = "dopri5"
     atol: float = 1e-5
     rtol: float = 1e-5
@@ -47,6 +48,7 @@ def validate_eval_config(c: EvalConfig) -> None:
         (c.draws >= 1, "eval.draws", c.draws, "must be >= 1"),
         (c.divergence in ("exact", "hutchinson"), "eval.divergence", c.divergence, "allowed: exact, hutchinson"),
         (c.probes >= 1, "eval.probes", c.probes, "must be >= 1"),
+        (c.probe_kind in ("rademacher", "gaussian"), "eval.probe_kind", c.probe_kind, "allowed: rademacher, gaussian"),
         (c.batch_size >= 1, "eval.batch_size", c.batch_size, "must be >= 1"),
         (c.actors >= 1, "eval.actors", c.actors, "must be >= 1"),
         (c.max_images >= 0, "eval.max_images", c.max_images, "must be >= 0"),
@@ -77,7 +79,7 @@ class LikelihoodActor:
         fn = method.velocity(self.loaded.model)
         # the batch's dequantization noise and probes depend on its rows only, not on actor or order
         g = torch.Generator().manual_seed(c.seed * 1_000_003 + sum(zlib.crc32(str(i).encode()) for i in batch["id"]))
-        kw = dict(divergence=c.divergence, num_probes=c.probes, method=c.method, atol=c.atol, rtol=c.rtol,
+        kw = dict(divergence=c.divergence, num_probes=c.probes, probe_kind=c.probe_kind, method=c.method, atol=c.atol, rtol=c.rtol,
                   t_1=method.t_max)
         if self.manifest["kind"] == "image":
             x = decode_images(batch["image"], self.manifest["shape"])

@@ -58,7 +58,7 @@ def test_bits_per_dim_of_a_known_density(gaussian_field):
     # [(x) / 127.5 - 1, (x + 1) / 127.5 - 1) is a product of normal CDF differences: the exact discrete bpd.
     d = 4
     x_uint8 = torch.randint(100, 156, (8, 1, 2, 2)).double()
-    normal = torch.distributions.Normal(gaussian_field.mu, gaussian_field.s)
+    normal = torch.distributions.Normal(gaussian_field.mu, gaussian_field.std)
     lo, hi = x_uint8 / 127.5 - 1, (x_uint8 + 1) / 127.5 - 1
     exact = -torch.log(normal.cdf(hi) - normal.cdf(lo)).flatten(1).sum(1) / (d * math.log(2))
     res = bits_per_dim(gaussian_field, x_uint8, draws=64, generator=torch.Generator().manual_seed(0),

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from torch import nn
 
+from fm.models.analytic import GaussianOTFlow
 from fm.models.mlp import MLP
 from fm.models.unet import UNet
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet}
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet, "gaussian_ot": GaussianOTFlow}
 
-__all__ = ["MLP", "UNet", "MODELS", "build_model"]
+__all__ = ["MLP", "UNet", "GaussianOTFlow", "MODELS", "build_model"]
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Build a model by name ("mlp", "unet") from keyword arguments, e.g. those stored in a checkpoint."""
+    """Build a model by name ("mlp", "unet", "gaussian_ot") from keyword arguments, e.g. those stored in a checkpoint."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
     for key in ("channel_mult", "attention_resolutions"):

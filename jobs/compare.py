@@ -1,0 +1,59 @@
+"""Compare evaluated runs in one MLflow experiment.
+
+    python -m jobs.compare --experiment NAME [--filter "tags.flowray.method = 'fm_ot'"] [--out outputs/compare]
+
+Prints the paper-style table (method / path / coupling × bits/dim × FD × NFE × steps; mean ± std over runs) as
+markdown, saves it as CSV, plots FD against sampling NFE, and logs both to a "compare" run in the experiment.
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--filter", default="", help="an extra MLflow search_runs filter, ANDed with kind = evaluate")
+    p.add_argument("--out", default="outputs/compare")
+    p.add_argument("--tracking-uri", default=None)
+    a = p.parse_args(argv)
+    from pipelines.compare import collect, markdown, plot_nfe_vs_fd, table, write_csv
+    from pipelines.config import Config, tracking_uri
+
+    uri = a.tracking_uri or tracking_uri(Config())
+    try:
+        records = collect(uri, a.experiment, a.filter)
+    except ValueError as err:
+        print(f"compare failed: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not records:
+        print(f"compare failed: no evaluation runs in experiment {a.experiment!r}", file=sys.stderr)
+        raise SystemExit(2)
+    rows = table(records)
+    md = markdown(rows)
+    print(md)
+    out = Path(a.out)
+    csv_path = write_csv(rows, out / f"{a.experiment}.csv")
+    (out / f"{a.experiment}.md").write_text(md + "\n")
+    plot = plot_nfe_vs_fd(rows, out / f"{a.experiment}-nfe-vs-fd.png")
+    from pipelines.tracking import SafeLogger, start_child_run
+
+    run_id = start_child_run(uri, None, "compare", "compare", experiment=a.experiment)
+    log = SafeLogger(uri, run_id)
+    for path in (csv_path, out / f"{a.experiment}.md", plot):
+        if path:
+            log.artifact(path)
+    log.finish()
+    result = {"experiment": a.experiment, "rows": len(rows), "csv": str(csv_path),
+              "plot": str(plot) if plot else None, "compare_run_id": run_id}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

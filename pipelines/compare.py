@@ -1,0 +1,152 @@
+"""Compare runs from MLflow: the paper-style table (method / path / coupling × bits/dim × FD × NFE × steps) and an
+NFE-against-quality plot."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+# How each method is described in the table: (probability path, coupling).
+METHOD_LABELS = {
+    "fm_ot": ("OT (sigma_min)", "independent"),
+    "fm_vp": ("VP diffusion", "independent"),
+    "score_vp": ("VP SDE (score matching)", "independent"),
+    "icfm": ("straight line", "independent"),
+    "otcfm": ("straight line", "exact OT"),
+    "sbcfm": ("Brownian bridge", "entropic OT"),
+}
+COLUMNS = ["method", "path", "coupling", "solver", "sample_steps", "train_steps", "runs", "bpd", "fd", "fd_label",
+           "sample_nfe", "likelihood_nfe", "train_run_ids", "eval_run_ids"]
+
+
+def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
+    """One record per evaluation run, joined with its training and sampling runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise ValueError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {', '.join(names)}")
+    query = "tags.`flowray.kind` = 'evaluate'" + (f" and {filter_string}" if filter_string else "")
+    records = []
+    for run in client.search_runs([exp.experiment_id], filter_string=query, max_results=5000):
+        tags, metrics = run.data.tags, run.data.metrics
+        train = _get(client, tags.get("flowray.train_run_id"))
+        sample = _get(client, tags.get("flowray.sample_run_id"))
+        method = tags.get("flowray.method") or (train.data.params.get("method.name") if train else "?")
+        if train and train.data.params.get("method.ot_scope") == "global" and method == "otcfm":
+            coupling = "exact OT (global batch)"
+        else:
+            coupling = METHOD_LABELS.get(method, ("?", "?"))[1]
+        records.append({
+            "method": method, "path": METHOD_LABELS.get(method, ("?", "?"))[0], "coupling": coupling,
+            "solver": tags.get("flowray.sample_solver", ""), "sample_steps": tags.get("flowray.sample_steps", ""),
+            "train_steps": train.data.params.get("train.steps", "") if train else "",
+            "bpd": metrics.get("bpd"), "fd": metrics.get("fd"), "fd_label": tags.get("flowray.fd_label", "FD"),
+            "sample_nfe": sample.data.metrics.get("mean_nfe") if sample else None,
+            "likelihood_nfe": metrics.get("likelihood_nfe"),
+            "train_run_id": train.info.run_id if train else "", "eval_run_id": run.info.run_id,
+        })
+    return records
+
+
+def _get(client, run_id):
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except Exception:
+        return None
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    if not v:
+        return None, None
+    mean = sum(v) / len(v)
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return mean, std
+
+
+def table(records: list[dict]) -> list[dict]:
+    """Rows grouped by (method, coupling, solver, steps, train steps): mean and std over runs (seeds)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["method"], r["path"], r["coupling"], r["solver"], r["sample_steps"], r["train_steps"])].append(r)
+    rows = []
+    for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][3], str(kv[0][4]).zfill(6))):
+        row = dict(zip(["method", "path", "coupling", "solver", "sample_steps", "train_steps"], key, strict=True))
+        row["runs"] = len(rs)
+        for col in ("bpd", "fd", "sample_nfe", "likelihood_nfe"):
+            row[col], row[f"{col}_std"] = _mean_std([r[col] for r in rs])
+        row["fd_label"] = rs[0]["fd_label"]
+        row["train_run_ids"] = " ".join(sorted({r["train_run_id"] for r in rs if r["train_run_id"]}))
+        row["eval_run_ids"] = " ".join(r["eval_run_id"] for r in rs)
+        rows.append(row)
+    return rows
+
+
+def _fmt(mean, std, digits=3) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" if not std else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    fd_label = rows[0]["fd_label"] if rows else "FD"
+    head = ["method", "path", "coupling", "solver", "steps", "train steps", "runs", "bits/dim", fd_label,
+            "sample NFE", "likelihood NFE", "training runs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["method"], r["path"], r["coupling"], r["solver"], str(r["sample_steps"]), str(r["train_steps"]),
+            str(r["runs"]), _fmt(r["bpd"], r["bpd_std"]), _fmt(r["fd"], r["fd_std"]),
+            _fmt(r["sample_nfe"], r["sample_nfe_std"], 0), _fmt(r["likelihood_nfe"], r["likelihood_nfe_std"], 0),
+            r["train_run_ids"]]) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = [k for k in rows[0]] if rows else COLUMNS
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def plot_nfe_vs_fd(rows: list[dict], path: str | Path) -> Path | None:
+    """FD against sampling NFE per method: fixed-step solvers as a line, adaptive dopri5 as a marked point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r["fd"] is not None and r["sample_nfe"] is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, method in enumerate(sorted({r["method"] for r in pts})):
+        color = f"C{i}"
+        fixed = sorted((r for r in pts if r["method"] == method and r["solver"] != "dopri5"),
+                       key=lambda r: r["sample_nfe"])
+        if fixed:
+            ax.plot([r["sample_nfe"] for r in fixed], [r["fd"] for r in fixed], "o-", color=color,
+                    label=f"{method} ({fixed[0]['solver']})")
+        for r in (r for r in pts if r["method"] == method and r["solver"] == "dopri5"):
+            ax.plot(r["sample_nfe"], r["fd"], "*", ms=14, color=color, label=f"{method} dopri5")
+    ax.set_xscale("log")
+    ax.set_xlabel("sampling NFE")
+    ax.set_ylabel(pts[0]["fd_label"])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,145 @@
+"""Evaluation stage on real Ray and MLflow: closed-form bits/dim, classifier-feature metrics, the compare table."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fm.ema import EMA
+from fm.models import GaussianOTFlow
+from pipelines.checkpoint import save_checkpoint
+from pipelines.evaluate import EvalConfig, EvaluationError, run_evaluation, sample_quality
+from pipelines.ingest import ingest, load_manifest
+from pipelines.sample import SAMPLE_SCHEMA, SETTINGS, SamplingError
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from pipelines.train import init_ray
+
+    init_ray(None)
+    yield
+    ray.shutdown()
+
+
+def gaussian_checkpoint(directory, shape):
+    flow = GaussianOTFlow(mu=0.1, std=0.4)
+    manifest = {"source": "npz:x", "kind": "image", "shape": shape, "num_classes": 1, "class_names": []}
+    return save_checkpoint(directory, step=0, model=flow, ema_state=EMA(flow).state_dict(), optimizer=None,
+                           model_name="gaussian_ot", model_kwargs={"mu": 0.1, "std": 0.4},
+                           method_kwargs={"name": "fm_ot", "sigma_min": 0.0}, config={},
+                           extra={"manifest": manifest})
+
+
+def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local):
+    rng = np.random.default_rng(0)
+    images = np.clip(rng.normal(140, 25, (40, 4, 4, 1)), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "g.npz", images=images, labels=np.zeros(40, dtype=np.int64))
+    ingest(f"npz:{tmp_path / 'g.npz'}", tmp_path / "data", shards=2, test_fraction=0.5)
+    ckpt = gaussian_checkpoint(tmp_path / "ckpt", [4, 4, 1])
+    test = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "data").glob("test-*.parquet"))])
+    x = torch.from_numpy(np.frombuffer(b"".join(test["image"].to_pylist()), np.uint8).reshape(-1, 1, 4, 4).copy())
+    exact = GaussianOTFlow(mu=0.1, std=0.4).bits_per_dim_exact(x).mean().item()
+
+    cfg = EvalConfig(draws=32, divergence="exact", batch_size=8, actors=2, atol=1e-7, rtol=1e-7)
+    res = run_evaluation(str(ckpt), str(tmp_path / "data"), None, cfg)["likelihood"]
+    assert res["n"] == 20 and res["unit"] == "bits/dim" and res["draws"] == 32
+    assert res["mean"] == pytest.approx(exact, abs=5e-3)
+    # Hutchinson with one Gaussian probe is noisy per image but unbiased for the one-draw bound: its mean
+    # agrees with the exact divergence's within its standard error (same dequantization noise, K = 1)
+    one = dict(draws=1, batch_size=8, atol=1e-7, rtol=1e-7)
+    exact_1 = run_evaluation(str(ckpt), str(tmp_path / "data"), None,
+                             EvalConfig(divergence="exact", **one))["likelihood"]
+    hutch = run_evaluation(str(ckpt), str(tmp_path / "data"), None,
+                           EvalConfig(divergence="hutchinson", probes=1, probe_kind="gaussian", **one))["likelihood"]
+    assert abs(hutch["mean"] - exact_1["mean"]) < 3 * hutch["stderr"]
+    assert hutch["stderr"] > exact_1["stderr"]
+
+
+def _fake_samples(directory, images: np.ndarray, checkpoint):
+    directory.mkdir(parents=True)
+    n = len(images)
+    table = pa.table({"id": np.arange(n), "seed": np.arange(n), "label": np.full(n, -1), "nfe": np.full(n, 1),
+                      "image": [im.tobytes() for im in images]}, schema=SAMPLE_SCHEMA)
+    pq.write_table(table, directory / "block-00000000.parquet")
+    (directory / SETTINGS).write_text(f'{{"checkpoint": "{checkpoint}", "solver": "euler", "steps": 1}}')
+
+
+def test_classifier_features_rank_real_above_noise(tmp_path):
+    data = tmp_path / "digits"
+    manifest = ingest("digits", data, shards=2, test_fraction=0.2).manifest
+    train = pa.concat_tables([pq.read_table(p) for p in sorted(data.glob("train-*.parquet"))])
+    real = np.frombuffer(b"".join(train["image"].to_pylist()[:300]), np.uint8).reshape(-1, 8, 8, 1)
+    noise = np.random.default_rng(0).integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
+    _fake_samples(tmp_path / "real", real, tmp_path)
+    _fake_samples(tmp_path / "noise", noise, tmp_path)
+    cfg = EvalConfig(classifier_epochs=10)
+    good = sample_quality(str(data), manifest, str(tmp_path / "real"), cfg)
+    bad = sample_quality(str(data), manifest, str(tmp_path / "noise"), cfg)
+    assert good["fd_label"] == "FD (digits classifier)" and good["fid"] is None
+    assert "FID not computed" in good["fid_note"]
+    assert good["classifier_test_accuracy"] > 0.9
+    assert good["fd"] < 0.1 * bad["fd"] and good["kid"] < bad["kid"]
+    assert sum(good["sample_class_histogram"]) == 300
+    assert (data / "classifier" / "model.pt").exists()  # trained once, then cached
+    again = sample_quality(str(data), load_manifest(data), str(tmp_path / "real"), cfg)
+    assert again["fd"] == pytest.approx(good["fd"])
+
+
+def test_bad_evaluation_input(tmp_path):
+    ingest("digits", tmp_path / "digits", shards=1)
+    ckpt = gaussian_checkpoint(tmp_path / "ckpt", [4, 4, 1])
+    with pytest.raises(EvaluationError, match=r"trained on shape \[4, 4, 1\], but .* holds \[8, 8, 1\]"):
+        run_evaluation(str(ckpt), str(tmp_path / "digits"), None, EvalConfig())
+    with pytest.raises(EvaluationError, match="eval.draws: 0 is not allowed"):
+        run_evaluation(str(ckpt), str(tmp_path / "digits"), None, EvalConfig(draws=0))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / SETTINGS).write_text("{}")
+    ckpt8 = gaussian_checkpoint(tmp_path / "ckpt8", [8, 8, 1])
+    with pytest.raises(SamplingError, match="holds no sample shards"):
+        run_evaluation(str(ckpt8), str(tmp_path / "digits"), str(tmp_path / "empty"), EvalConfig())
+
+
+def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
+    from jobs.compare import main
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("cmp", artifact_location=(tmp_path / "art").as_uri())
+    fixtures = [("fm_ot", 0, 3.1, 20.0, 98), ("fm_ot", 1, 3.3, 22.0, 102), ("otcfm", 0, 3.0, 15.0, 60)]
+    for method, seed, bpd, fd, nfe in fixtures:
+        train = client.create_run(exp, tags={"flowray.kind": "train"}).info.run_id
+        client.log_param(train, "method.name", method)
+        client.log_param(train, "train.steps", "500")
+        client.log_param(train, "method.ot_scope", "global")
+        sample = client.create_run(exp, tags={"flowray.kind": "sample"}).info.run_id
+        client.log_metric(sample, "mean_nfe", nfe)
+        ev = client.create_run(exp, tags={"flowray.kind": "evaluate", "flowray.train_run_id": train,
+                                          "flowray.sample_run_id": sample, "flowray.method": method,
+                                          "flowray.sample_solver": "dopri5", "flowray.sample_steps": "100",
+                                          "flowray.fd_label": "FD (digits classifier)"}).info.run_id
+        client.log_metric(ev, "bpd", bpd)
+        client.log_metric(ev, "fd", fd)
+        client.log_metric(ev, "likelihood_nfe", 2 * nfe)
+    result = main(["--experiment", "cmp", "--tracking-uri", uri, "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| fm_ot") or line.startswith("| otcfm")]
+    assert len(lines) == 2
+    sd_bpd, sd_fd = math.sqrt(0.02), math.sqrt(2.0)
+    assert lines[0].startswith(f"| fm_ot | OT (sigma_min) | independent | dopri5 | 100 | 500 | 2 | "
+                               f"3.200 ± {sd_bpd:.3f} | 21.000 ± {sd_fd:.3f} | 100 ± 3 | 200 ± 6 |")
+    assert lines[1].startswith("| otcfm | straight line | exact OT (global batch) | dopri5 | 100 | 500 | 1 | 3.000 | "
+                               "15.000 | 60 | 120 |")
+    assert "FD (digits classifier)" in out
+    assert result["rows"] == 2 and (tmp_path / "out" / "cmp.csv").exists()
+    assert (tmp_path / "out" / "cmp-nfe-vs-fd.png").exists()
+    arts = {a.path for a in client.list_artifacts(result["compare_run_id"])}
+    assert arts == {"cmp.csv", "cmp.md", "cmp-nfe-vs-fd.png"}
