@@ -79,8 +79,8 @@ class LikelihoodActor:
         fn = method.velocity(self.loaded.model)
         # the batch's dequantization noise and probes depend on its rows only, not on actor or order
         g = torch.Generator().manual_seed(c.seed * 1_000_003 + sum(zlib.crc32(str(i).encode()) for i in batch["id"]))
-        kw = dict(divergence=c.divergence, num_probes=c.probes, probe_kind=c.probe_kind, method=c.method, atol=c.atol, rtol=c.rtol,
-                  t_1=method.t_max)
+        kw = dict(divergence=c.divergence, num_probes=c.probes, probe_kind=c.probe_kind, method=c.method,
+                  atol=c.atol, rtol=c.rtol, t_1=method.t_max)
         if self.manifest["kind"] == "image":
             x = decode_images(batch["image"], self.manifest["shape"])
             res = bits_per_dim(fn, x.float(), draws=c.draws, generator=g, **kw)

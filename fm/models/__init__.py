@@ -14,7 +14,7 @@ __all__ = ["MLP", "UNet", "GaussianOTFlow", "MODELS", "build_model"]
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Build a model by name ("mlp", "unet", "gaussian_ot") from keyword arguments, e.g. those stored in a checkpoint."""
+    """Build a model by name ("mlp", "unet", "gaussian_ot") from keyword arguments (e.g. a checkpoint's)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
     for key in ("channel_mult", "attention_resolutions"):
