@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo demo-toy test lint bench clean
+.PHONY: demo demo-toy test lint bench reproduce clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+reproduce: $(STAMP)
+	$(PY) -m jobs.reproduce --preset digits
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.train_overhead
+	$(PY) -m benchmarks.sample_overhead
+	$(PY) -m benchmarks.likelihood_throughput
 
 clean:
 	rm -rf $(VENV) .pytest_cache mlflow.db mlruns outputs

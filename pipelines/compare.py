@@ -8,6 +8,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from fm.solvers import ADAPTIVE_METHODS
+
 # How each method is described in the table: (probability path, coupling).
 METHOD_LABELS = {
     "fm_ot": ("OT (sigma_min)", "independent"),
@@ -34,6 +36,7 @@ def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
     records = []
     for run in client.search_runs([exp.experiment_id], filter_string=query, max_results=5000):
         tags, metrics = run.data.tags, run.data.metrics
+        solver = tags.get("flowray.sample_solver", "")
         train = _get(client, tags.get("flowray.train_run_id"))
         sample = _get(client, tags.get("flowray.sample_run_id"))
         method = tags.get("flowray.method") or (train.data.params.get("method.name") if train else "?")
@@ -43,7 +46,8 @@ def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
             coupling = METHOD_LABELS.get(method, ("?", "?"))[1]
         records.append({
             "method": method, "path": METHOD_LABELS.get(method, ("?", "?"))[0], "coupling": coupling,
-            "solver": tags.get("flowray.sample_solver", ""), "sample_steps": tags.get("flowray.sample_steps", ""),
+            "solver": solver, "sample_steps": "adaptive" if solver in ADAPTIVE_METHODS else tags.get(
+                "flowray.sample_steps", ""),
             "train_steps": train.data.params.get("train.steps", "") if train else "",
             "bpd": metrics.get("bpd"), "fd": metrics.get("fd"), "fd_label": tags.get("flowray.fd_label", "FD"),
             "sample_nfe": sample.data.metrics.get("mean_nfe") if sample else None,

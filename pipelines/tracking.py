@@ -47,7 +47,8 @@ def find_or_create_run(uri: str, experiment: str, run_name: str, tags: dict[str,
     client = MlflowClient(uri)
     exp_id = get_or_create_experiment(client, experiment, uri)
     if resume:
-        found = client.search_runs([exp_id], filter_string=f"tags.`flowray.run_name` = '{run_name}'",
+        found = client.search_runs([exp_id], filter_string=f"tags.`flowray.run_name` = '{run_name}' and "
+                                   f"tags.`flowray.storage` = '{(tags or {}).get('flowray.storage', '')}'",
                                    max_results=1, order_by=["attributes.start_time DESC"])
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")

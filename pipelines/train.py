@@ -273,10 +273,12 @@ def run_training(cfg: Config) -> dict:
     uri = tracking_uri(cfg)
     storage = Path(cfg.train.storage_path).resolve()
     run_dir = storage / cfg.train.run_name
+    # Continue the MLflow run of the same name only where Ray still has that run's state to resume from.
     run_id, resumed = find_or_create_run(uri, cfg.mlflow.experiment, cfg.train.run_name,
                                          tags={"flowray.kind": "train", "flowray.method": cfg.method.name,
                                                "flowray.data": manifest["source"],
-                                               "flowray.storage": str(run_dir)})
+                                               "flowray.storage": str(run_dir)},
+                                         resume=run_dir.exists())
     init_ray(cfg.ray.address, cfg.ray.local_cpus)
     mkw = model_kwargs(cfg, manifest)
     loop_cfg = {

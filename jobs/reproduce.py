@@ -1,0 +1,172 @@
+"""The Flow Matching paper's comparison (Lipman et al. 2022, Table 1) in miniature, through the real pipeline.
+
+    python -m jobs.reproduce --preset digits [--seeds 0,1,2] [--methods fm_ot,fm_vp,score_vp,icfm,otcfm]
+                             [--steps N] [--num-samples N] [--set section.key=value ...]
+
+For every method and seed: Ray Train (same UNet, steps, batch and optimizer) -> Ray sampling stage (dopri5 at
+tolerance 1e-5) -> Ray evaluation stage (bits/dim on the test split with K dequantization draws; FD in the data
+set's classifier features). For the first seed also an Euler-steps curve (FD against steps) and, for score
+matching, reverse-SDE samples. Everything goes into one MLflow experiment; `jobs.compare` prints the table
+(mean ± std over seeds). The last stdout line is one JSON object.
+
+Presets: digits (8x8, a CPU budget of under an hour on 2 cores), fashion-mnist (28x28, a long CPU run), cifar10
+(the paper's settings, for a GPU cluster through cluster.yaml and `ray job submit`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fm.methods import METHODS
+
+
+@dataclass
+class Preset:
+    config: str
+    source: str
+    data: str
+    steps: int
+    num_samples: int
+    euler_steps: list[int]
+    sde_steps: int
+    eval_draws: int
+    eval_max_images: int
+    overrides: list[str] = field(default_factory=list)
+
+
+PRESETS = {
+    "digits": Preset("configs/digits-cpu.yaml", "digits", "data/digits", steps=400, num_samples=300,
+                     euler_steps=[2, 5, 10, 20, 50, 100], sde_steps=100, eval_draws=1, eval_max_images=0,
+                     overrides=["train.sample_every=0", "train.checkpoint_every=400", "train.log_every=50"]),
+    "fashion-mnist": Preset("configs/fashion-mnist.yaml", "fashion-mnist", "data/fashion-mnist", steps=20000,
+                            num_samples=5000, euler_steps=[2, 5, 10, 20, 50, 100], sde_steps=200, eval_draws=1,
+                            eval_max_images=1000),
+    "cifar10": Preset("configs/cifar10.yaml", "parquet:/mnt/shared/data/cifar10-src/*.parquet",
+                      "/mnt/shared/data/cifar10", steps=391000, num_samples=50000,
+                      euler_steps=[2, 5, 10, 20, 50, 100], sde_steps=1000, eval_draws=1, eval_max_images=0,
+                      overrides=["ray.use_gpu=true"]),
+}
+DEFAULT_METHODS = ["fm_ot", "fm_vp", "score_vp", "icfm", "otcfm"]
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="digits", choices=sorted(PRESETS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--euler-steps", default=None, help="comma-separated Euler step counts for the curve")
+    p.add_argument("--experiment", default=None)
+    p.add_argument("--data", default=None, help="ingest output directory (default: the preset's)")
+    p.add_argument("--eval-max-images", type=int, default=None, help="cap the test images for bits/dim")
+    p.add_argument("--out", default="outputs/reproduce")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    a = p.parse_args(argv)
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    a.methods = a.methods.split(",")
+    for m in a.methods:
+        if m not in METHODS:
+            p.error(f"--methods: unknown method {m!r}; allowed: {', '.join(METHODS)}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse(argv)
+    preset = PRESETS[a.preset]
+    steps = a.steps or preset.steps
+    num_samples = a.num_samples or preset.num_samples
+    euler = [int(s) for s in a.euler_steps.split(",")] if a.euler_steps else preset.euler_steps
+    experiment = a.experiment or f"reproduce-{a.preset}"
+    data = a.data or preset.data
+    max_images = preset.eval_max_images if a.eval_max_images is None else a.eval_max_images
+    out = Path(a.out) / experiment
+
+    from pipelines.config import load_config
+    from pipelines.ingest import MANIFEST, ingest
+
+    # One config per method, validated in full before anything runs.
+    configs = {}
+    for method in a.methods:
+        for seed in a.seeds:
+            sets = [*preset.overrides, f"data.shards={data}", f"train.steps={steps}", f"train.seed={seed}",
+                    f"method.name={method}", f"train.run_name={experiment}-{method}-s{seed}",
+                    f"train.storage_path={out / 'ray_results'}", f"mlflow.experiment={experiment}", *a.overrides]
+            if method == "otcfm":
+                sets.append("method.ot_scope=global")
+            configs[(method, seed)] = load_config(preset.config, sets)
+    if not (Path(data) / MANIFEST).exists():
+        ingest(preset.source, data, shards=4)
+
+    from pipelines.compare import collect, markdown, plot_nfe_vs_fd, table, write_csv
+    from pipelines.evaluate import EvalConfig, log_evaluation_run, run_evaluation
+    from pipelines.sample import SampleConfig, log_sampling_run, run_sampling
+    from pipelines.train import run_training
+
+    start = time.perf_counter()
+    timings = []
+    for (method, seed), cfg in configs.items():
+        t0 = time.perf_counter()
+        trained = run_training(cfg)
+        uri, ckpt = trained["tracking_uri"], trained["checkpoint"]
+        t_train = time.perf_counter() - t0
+        solves = [SampleConfig(num_samples=num_samples, solver="dopri5", atol=1e-5, rtol=1e-5, seed=seed,
+                               block_size=100, actors=2)]
+        if seed == a.seeds[0]:
+            solves += [SampleConfig(num_samples=num_samples, solver="euler", steps=n, seed=seed, block_size=100,
+                                    actors=2) for n in euler]
+            if method == "score_vp":
+                solves.append(SampleConfig(num_samples=num_samples, solver="sde", steps=preset.sde_steps,
+                                           seed=seed, block_size=100, actors=2))
+        for k, scfg in enumerate(solves):
+            tag = scfg.solver if scfg.solver == "dopri5" else f"{scfg.solver}{scfg.steps}"
+            samples = run_sampling(ckpt, out / "samples" / f"{method}-s{seed}-{tag}", scfg)
+            log_sampling_run(samples, asdict(scfg), uri)
+            # bits/dim once per model (it does not depend on the sampler); FD for every sampler
+            ecfg = EvalConfig(draws=preset.eval_draws, divergence="hutchinson", probes=1, batch_size=60, actors=2,
+                              max_images=max_images, seed=seed)
+            ev = run_evaluation(ckpt, cfg.data.shards, samples["out"], ecfg) if k == 0 else \
+                _quality_only(ckpt, cfg.data.shards, samples["out"], ecfg, first)
+            if k == 0:
+                first = ev
+            log_evaluation_run(ev, ecfg, uri)
+        timings.append({"method": method, "seed": seed, "train_s": round(t_train, 1),
+                        "total_s": round(time.perf_counter() - t0, 1)})
+        print(json.dumps({"progress": timings[-1]}), flush=True)
+    rows = table(collect(uri, experiment))
+    md = markdown(rows)
+    csv_path = write_csv(rows, out / "table.csv")
+    (out / "table.md").write_text(md + "\n")
+    plot = plot_nfe_vs_fd(rows, out / "nfe-vs-fd.png")
+    print(md)
+    result = {"experiment": experiment, "budget": "digits: under 60 min on 2 CPU cores" if a.preset == "digits"
+              else "see README", "tracking_uri": uri, "preset": a.preset, "seeds": a.seeds,
+              "methods": a.methods, "train_steps": steps, "num_samples": num_samples, "euler_steps": euler,
+              "eval_draws": preset.eval_draws, "wall_s": round(time.perf_counter() - start, 1), "timings": timings,
+              "table_md": str(out / "table.md"), "table_csv": str(csv_path), "plot": str(plot) if plot else None,
+              "rows": rows}
+    (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps(result, default=str))
+    return result
+
+
+def _quality_only(ckpt: str, shards: str, samples: str, ecfg, first: dict) -> dict:
+    """Sample quality for another sampler of the same model, reusing that model's likelihood result."""
+    from pipelines.evaluate import sample_quality
+    from pipelines.ingest import load_manifest
+
+    res = {k: v for k, v in first.items() if k not in ("quality", "sample_run_id", "sample_settings")}
+    res["quality"] = sample_quality(shards, load_manifest(shards), samples, ecfg)
+    mlflow_json = Path(samples) / "_mlflow.json"
+    if mlflow_json.exists():
+        res["sample_run_id"] = json.loads(mlflow_json.read_text())["run_id"]
+    res["sample_settings"] = json.loads((Path(samples) / "_sampling.json").read_text())
+    return res
+
+
+if __name__ == "__main__":
+    main()
