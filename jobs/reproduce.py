@@ -129,10 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
             # bits/dim once per model (it does not depend on the sampler); FD for every sampler
             ecfg = EvalConfig(draws=preset.eval_draws, divergence="hutchinson", probes=1, batch_size=60, actors=2,
                               max_images=max_images, seed=seed)
-            ev = run_evaluation(ckpt, cfg.data.shards, samples["out"], ecfg) if k == 0 else \
-                _quality_only(ckpt, cfg.data.shards, samples["out"], ecfg, first)
             if k == 0:
-                first = ev
+                first = run_evaluation(ckpt, cfg.data.shards, samples["out"], ecfg)
+                ev = first
+            else:
+                ev = _quality_only(ckpt, cfg.data.shards, samples["out"], ecfg, first)
             log_evaluation_run(ev, ecfg, uri)
         timings.append({"method": method, "seed": seed, "train_s": round(t_train, 1),
                         "total_s": round(time.perf_counter() - t0, 1)})

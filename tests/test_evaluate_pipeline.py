@@ -136,8 +136,8 @@ def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
     sd_bpd, sd_fd = math.sqrt(0.02), math.sqrt(2.0)
     assert lines[0].startswith(f"| fm_ot | OT (sigma_min) | independent | dopri5 | adaptive | 500 | 2 | "
                                f"3.200 ± {sd_bpd:.3f} | 21.000 ± {sd_fd:.3f} | 100 ± 3 | 200 ± 6 |")
-    assert lines[1].startswith("| otcfm | straight line | exact OT (global batch) | dopri5 | adaptive | 500 | 1 | 3.000 | "
-                               "15.000 | 60 | 120 |")
+    assert lines[1].startswith("| otcfm | straight line | exact OT (global batch) | dopri5 | adaptive | 500 | 1 | "
+                               "3.000 | 15.000 | 60 | 120 |")
     assert "FD (digits classifier)" in out
     assert result["rows"] == 2 and (tmp_path / "out" / "cmp.csv").exists()
     assert (tmp_path / "out" / "cmp-nfe-vs-fd.png").exists()
