@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
-
-import yaml
 
 from pipelines.checkpoint import CheckpointError
+from pipelines.config import ConfigError, apply_overrides
 from pipelines.evaluate import EvalConfig, EvaluationError, validate_eval_config
 from pipelines.ingest import IngestError
 from pipelines.sample import SamplingError
@@ -34,17 +32,7 @@ def parse(argv):
     p.add_argument("--no-mlflow", action="store_true")
     a = p.parse_args(argv)
     cfg = EvalConfig()
-    types = {f.name: f.type for f in fields(EvalConfig)}
-    for item in a.overrides:
-        key, eq, value = item.partition("=")
-        key = key.removeprefix("eval.")
-        if not eq or key not in types:
-            raise EvaluationError(f"unknown override {item!r}; keys: eval.{', eval.'.join(types)}")
-        raw = yaml.safe_load(value)
-        try:
-            setattr(cfg, key, {"int": int, "float": float, "str": str}[types[key]](raw))
-        except (TypeError, ValueError):
-            raise EvaluationError(f"eval.{key}: {raw!r} is not a valid {types[key]}") from None
+    apply_overrides(cfg, "eval", a.overrides)
     validate_eval_config(cfg)
     return a, cfg
 
@@ -58,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         uri = a.tracking_uri or tracking_uri(Config())
         result = run_evaluation(resolve_checkpoint(a.checkpoint, uri), a.data, a.samples, cfg)
-    except (EvaluationError, CheckpointError, SamplingError, IngestError, FileNotFoundError) as err:
+    except (EvaluationError, ConfigError, CheckpointError, SamplingError, IngestError, FileNotFoundError) as err:
         print(f"evaluation failed: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     lik = result["likelihood"]

@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, fields
-
-import yaml
+from dataclasses import asdict
 
 from pipelines.checkpoint import CheckpointError
+from pipelines.config import ConfigError, apply_overrides
 from pipelines.sample import SampleConfig, SamplingError, validate_sample_config
 
 
@@ -31,17 +30,7 @@ def parse(argv):
     p.add_argument("--no-mlflow", action="store_true")
     a = p.parse_args(argv)
     cfg = SampleConfig(num_samples=a.num_samples)
-    types = {f.name: f.type for f in fields(SampleConfig)}
-    for item in a.overrides:
-        key, eq, value = item.partition("=")
-        key = key.removeprefix("sample.")
-        if not eq or key not in types:
-            raise SamplingError(f"unknown override {item!r}; keys: sample.{', sample.'.join(types)}")
-        raw = yaml.safe_load(value)
-        try:
-            setattr(cfg, key, {"int": int, "float": float, "bool": bool, "str": str}[types[key]](raw))
-        except (TypeError, ValueError):
-            raise SamplingError(f"sample.{key}: {raw!r} is not a valid {types[key]}") from None
+    apply_overrides(cfg, "sample", a.overrides)
     validate_sample_config(cfg)
     return a, cfg
 
@@ -57,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
         from pipelines.sample import run_sampling
 
         result = run_sampling(checkpoint, a.out, cfg)
-    except (SamplingError, CheckpointError, FileNotFoundError) as err:
+    except (SamplingError, ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"sampling failed: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if not a.no_mlflow:

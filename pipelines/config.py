@@ -166,6 +166,18 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
     setattr(sub, key, _coerce(f"{section}.{key}", value, types[key]))
 
 
+def apply_overrides(obj, section: str, items: list[str]) -> None:
+    """Apply `section.key=value` (or `key=value`) items to one config dataclass, with the same coercion and
+    errors as the YAML configs. Raises ConfigError naming the key."""
+    types = {f.name: f.type for f in fields(obj)}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.removeprefix(f"{section}.")
+        if not eq or key not in types:
+            raise ConfigError(f"unknown override {item!r}; keys: {section}.{f', {section}.'.join(types)}")
+        setattr(obj, key, _coerce(f"{section}.{key}", yaml.safe_load(value) if value else value, types[key]))
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Load YAML (or defaults when path is None), apply `section.key=value` overrides, validate."""
     cfg = Config()

@@ -1,5 +1,6 @@
 """Shared settings for the Ray integration tests: a tiny UNet on the real digits data."""
 
+import socket
 from pathlib import Path
 
 from pipelines.config import load_config
@@ -15,3 +16,9 @@ def tiny_config(shards: Path, storage: Path, tracking_uri: str, run_name: str, *
     return load_config("configs/digits-cpu.yaml", [
         *TINY, f"data.shards={shards}", f"train.storage_path={storage}", f"mlflow.tracking_uri={tracking_uri}",
         f"train.run_name={run_name}", "mlflow.experiment=tests", *extra])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

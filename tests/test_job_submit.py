@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,18 +11,12 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from pipeline_helpers import TINY
+from pipeline_helpers import TINY, free_port
 
 from pipelines.ingest import ingest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -32,10 +25,10 @@ def ray_head(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")  # the job runs the `python` of this PATH
     env.pop("RAY_ADDRESS", None)
-    dash = _free_port()
+    dash = free_port()
     ray = shutil.which("ray", path=env["PATH"])
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Unix socket paths must stay short
-    subprocess.run([ray, "start", "--head", f"--port={_free_port()}", "--dashboard-host=127.0.0.1",
+    subprocess.run([ray, "start", "--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={temp}",
                     "--include-dashboard=true"], env=env, check=True, capture_output=True, timeout=180)
     yield ray, f"http://127.0.0.1:{dash}", env

@@ -100,6 +100,25 @@ def test_sde_sampler_and_mlflow_lineage(tmp_path, ray_local):
     assert [a.path for a in MlflowClient(uri).list_artifacts(run_id)] == ["samples.png"]
 
 
+def test_sample_cli_errors(tmp_path, capsys):
+    from jobs.sample import main
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    for args, message in [
+        (["--num-samples", "0"], "sampling failed: sample.num_samples: 0 is not allowed; must be >= 1"),
+        (["--num-samples", "5", "--set", "sample.solver=rk45"], "sampling failed: sample.solver: 'rk45' is not"),
+        (["--num-samples", "5", "--set", "sample.stepz=3"], "sampling failed: unknown override 'sample.stepz=3'"),
+        (["--num-samples", "5", "--set", "sample.steps=many"], "sample.steps: 'many' is not a valid int"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--no-mlflow", *args])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--num-samples", "5"])
+    assert "checkpoint directory" in capsys.readouterr().err
+
+
 def test_bad_sampling_input(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     with pytest.raises(SamplingError, match="sample.num_samples: 0 is not allowed; must be >= 1"):
@@ -129,3 +148,9 @@ def test_bad_sampling_input(tmp_path):
     with pytest.raises(SamplingError, match="is not a sampling output"):
         read_samples(tmp_path)
     shutil.rmtree(foreign)
+    # an output directory made with other settings is not mixed with new samples
+    from pipelines.sample import prepare_output
+
+    prepare_output(tmp_path / "made", SampleConfig(num_samples=10), str(ckpt))
+    with pytest.raises(SamplingError, match="holds samples made with other settings .*num_samples"):
+        prepare_output(tmp_path / "made", SampleConfig(num_samples=20), str(ckpt))

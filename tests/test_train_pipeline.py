@@ -1,7 +1,6 @@
 """Ray Train integration: a real local Ray, real MLflow stores (sqlite and an `mlflow server` over HTTP)."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -9,7 +8,7 @@ import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
-from pipeline_helpers import tiny_config
+from pipeline_helpers import free_port, tiny_config
 
 from pipelines.checkpoint import load_meta, load_model
 from pipelines.ingest import ingest
@@ -91,15 +90,9 @@ def test_without_retries_an_injected_failure_fails_the_job(digits, tmp_path, ray
     assert runs[0].info.status == "FAILED"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                              "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
@@ -134,7 +127,7 @@ def test_tracking_outage_warns_and_does_not_raise(monkeypatch):
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    logger = SafeLogger(f"http://127.0.0.1:{_free_port()}", "0" * 32)  # nothing listens there
+    logger = SafeLogger(f"http://127.0.0.1:{free_port()}", "0" * 32)  # nothing listens there
     with pytest.warns(RuntimeWarning, match="MLflow log metrics failed .* training continues"):
         assert logger.metrics({"loss": 1.0}, step=1) is False
     assert logger.failures == 1
