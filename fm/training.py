@@ -37,16 +37,16 @@ def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimize
     """Compute the method's loss on x_1 [B, ...], backpropagate, clip and step.
 
     A non-finite loss or gradient skips the update (the optimizer state is untouched) and reports finite=False,
-    so the caller can count skips and abort after too many in a row.
+    so the caller can count skips and abort after too many in a row. Backward runs even for a non-finite loss:
+    under DDP every rank must join the gradient all-reduce, and the non-finite gradients it spreads make every
+    rank skip the same step.
     """
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(x_1.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         loss = method.loss(model, x_1, y, generator).mean()
-    if not torch.isfinite(loss):
-        return StepResult(loss.item(), math.nan, False)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    if not torch.isfinite(grad_norm):
+    if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss.item(), grad_norm.item(), False)
     optimizer.step()

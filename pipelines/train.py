@@ -166,6 +166,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         g = _step_generator(t_cfg["seed"], rank, step, device)
         res = train_step(ddp_model, method, optimizer, x_1, y, g, o_cfg["grad_clip"], autocast)
         # every rank sees the same all-reduced gradients, so all agree on skipping a non-finite step
+        # (a rank whose own loss alone is non-finite poisons the shared gradients, so it is skipped everywhere)
         if not res.finite:
             nonfinite_run += 1
             nonfinite_total += 1
