@@ -39,9 +39,9 @@ class Preset:
 
 
 PRESETS = {
-    "digits": Preset("configs/digits-cpu.yaml", "digits", "data/digits", steps=400, num_samples=300,
-                     euler_steps=[2, 5, 10, 20, 50, 100], sde_steps=100, eval_draws=1, eval_max_images=0,
-                     overrides=["train.sample_every=0", "train.checkpoint_every=400", "train.log_every=50"]),
+    "digits": Preset("configs/digits-cpu.yaml", "digits", "data/digits", steps=300, num_samples=300,
+                     euler_steps=[2, 5, 10, 20, 50], sde_steps=100, eval_draws=1, eval_max_images=0,
+                     overrides=["train.sample_every=0", "train.checkpoint_every=300", "train.log_every=50"]),
     "fashion-mnist": Preset("configs/fashion-mnist.yaml", "fashion-mnist", "data/fashion-mnist", steps=20000,
                             num_samples=5000, euler_steps=[2, 5, 10, 20, 50, 100], sde_steps=200, eval_draws=1,
                             eval_max_images=1000),
