@@ -111,14 +111,15 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     method = make_method(**loop_cfg["method_kwargs"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=o_cfg["lr"], weight_decay=o_cfg["weight_decay"])
     ema = EMA(model, o_cfg["ema_decay"])
-    step = 0
+    step, resumed_nonfinite = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_state(d, "model"))
             ema.load_state_dict(load_state(d, "ema"))
             optimizer.load_state_dict(load_state(d, "optimizer"))
-            step = json.loads((Path(d) / "meta.json").read_text())["step"]
+            meta = json.loads((Path(d) / "meta.json").read_text())
+            step, resumed_nonfinite = meta["step"], meta.get("nonfinite_total", 0)
     ddp_model = ray.train.torch.prepare_model(model)
     logger = SafeLogger(loop_cfg["tracking_uri"], loop_cfg["run_id"]) if rank == 0 else None
     if logger and step == 0:
@@ -127,22 +128,21 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     num_classes = loop_cfg["model_kwargs"].get("num_classes")
     shard = ray.train.get_dataset_shard("train")
     batches = _batches(shard, t_cfg["batch_size"], r_cfg["prefetch_batches"], device)
-    nonfinite_run, nonfinite_total = 0, 0
+    nonfinite_run, nonfinite_total = 0, resumed_nonfinite
     window = {"loss": [], "grad_norm": [], "wait": 0.0, "total": 0.0, "ot": 0.0, "n": 0}
     last_metrics: dict = {"step": step}
 
-    def report(with_checkpoint: bool) -> None:
+    def report() -> None:
+        """Every rank reports; rank 0 attaches the checkpoint."""
         metrics = dict(last_metrics, step=step, nonfinite_total=nonfinite_total)
-        if not with_checkpoint:
-            ray.train.report(metrics)
-            return
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 save_checkpoint(tmp, step=step, model=model, ema_state=ema.state_dict(), optimizer=optimizer,
                                 model_name=loop_cfg["model_name"], model_kwargs=loop_cfg["model_kwargs"],
                                 method_kwargs=loop_cfg["method_kwargs"], config=cfg,
-                                extra={"mlflow_run_id": loop_cfg["run_id"], "manifest": loop_cfg["manifest"]})
+                                extra={"mlflow_run_id": loop_cfg["run_id"], "manifest": loop_cfg["manifest"],
+                                       "nonfinite_total": nonfinite_total})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -200,7 +200,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         if logger and t_cfg["sample_every"] and step % t_cfg["sample_every"] == 0:
             _log_grid(logger, ema.module, method, loop_cfg, step, device)
         if step % t_cfg["checkpoint_every"] == 0 or step == t_cfg["steps"]:
-            report(with_checkpoint=True)
+            report()
     if logger:
         if t_cfg["sample_every"] == 0 or t_cfg["steps"] % t_cfg["sample_every"]:
             _log_grid(logger, ema.module, method, loop_cfg, step, device)
