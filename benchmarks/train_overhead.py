@@ -17,24 +17,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 
 def baseline(shards: Path, cfg, steps: int, threads: int) -> dict:
+    from fm.data import to_model_space
     from fm.ema import EMA
     from fm.methods import make_method
     from fm.models import build_model
     from fm.training import train_step
     from pipelines.config import method_kwargs, model_kwargs
+    from pipelines.images import decode_rows
     from pipelines.ingest import load_manifest, shard_paths
 
     torch.set_num_threads(threads)
     manifest = load_manifest(shards)
-    raw = b"".join(b for p in shard_paths(shards, "train") for b in pq.read_table(p)["image"].to_pylist())
-    x = torch.from_numpy(np.frombuffer(raw, np.uint8).reshape(-1, *manifest["shape"]).copy()).permute(0, 3, 1, 2)
-    x = x.float() / 127.5 - 1
+    raw = [b for p in shard_paths(shards, "train") for b in pq.read_table(p)["image"].to_pylist()]
+    x = to_model_space(decode_rows(raw, manifest["shape"]))
     torch.manual_seed(0)
     model = build_model(cfg.model.name, **model_kwargs(cfg, manifest))
     method = make_method(**method_kwargs(cfg))

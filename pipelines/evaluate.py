@@ -17,6 +17,7 @@ import torch
 
 from fm.data import to_model_space
 from fm.likelihood import mean_and_stderr
+from pipelines.images import decode_rows
 
 CLASSIFIER_DIR = "classifier"
 
@@ -57,12 +58,6 @@ def validate_eval_config(c: EvalConfig) -> None:
             raise EvaluationError(f"{key}: {value!r} is not allowed; {allowed}")
 
 
-def decode_images(raw: list[bytes] | np.ndarray, shape: list[int]) -> torch.Tensor:
-    """Raw uint8 HWC rows -> uint8 tensor [B, C, H, W]."""
-    arr = np.frombuffer(b"".join(raw), np.uint8).reshape(-1, *shape)
-    return torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)
-
-
 class LikelihoodActor:
     """Ray Data actor: loads the model once; per batch, bits/dim (images) or log-density (points) per row."""
 
@@ -82,11 +77,10 @@ class LikelihoodActor:
         kw = dict(divergence=c.divergence, num_probes=c.probes, probe_kind=c.probe_kind, method=c.method,
                   atol=c.atol, rtol=c.rtol, t_1=method.t_max)
         if self.manifest["kind"] == "image":
-            x = decode_images(batch["image"], self.manifest["shape"])
+            x = decode_rows(batch["image"], self.manifest["shape"])
             res = bits_per_dim(fn, x.float(), draws=c.draws, generator=g, **kw)
             return {"id": batch["id"], "value": res.bpd.numpy(), "nfe": np.full(len(x), res.nfe)}
-        x = torch.from_numpy(np.frombuffer(b"".join(batch["image"]), np.float32).reshape(-1, *self.manifest["shape"])
-                             .copy())
+        x = decode_rows(batch["image"], self.manifest["shape"], "points")
         res = log_likelihood(fn, x, generator=g, **kw)
         return {"id": batch["id"], "value": (-res.log_p).numpy(), "nfe": np.full(len(x), res.nfe)}
 
@@ -121,7 +115,7 @@ def _load_split(shards: str, split: str, manifest: dict) -> tuple[torch.Tensor, 
     from pipelines.ingest import shard_paths
 
     table = pa.concat_tables([pq.read_table(p, columns=["image", "label"]) for p in shard_paths(shards, split)])
-    x = decode_images(table["image"].to_pylist(), manifest["shape"])
+    x = decode_rows(table["image"].to_pylist(), manifest["shape"])
     return to_model_space(x), torch.tensor(table["label"].to_pylist())
 
 
@@ -175,7 +169,7 @@ def sample_quality(shards: str, manifest: dict, samples_dir: str, cfg: EvalConfi
     classifier, info = get_classifier(shards, manifest, cfg.classifier_epochs, cfg.seed)
     _, raw, _ = read_samples(samples_dir)
     try:
-        fake = to_model_space(decode_images(raw, manifest["shape"]))
+        fake = to_model_space(decode_rows(raw, manifest["shape"]))
     except ValueError:
         raise EvaluationError(f"samples in {samples_dir} do not have the data's shape {manifest['shape']}") from None
     real, _ = _load_split(shards, cfg.split, manifest)
@@ -200,7 +194,7 @@ def _toy_quality(manifest: dict, samples_dir: str) -> dict:
     from pipelines.sample import read_samples
 
     _, raw, _ = read_samples(samples_dir)
-    x = torch.from_numpy(np.frombuffer(b"".join(raw), np.float32).reshape(-1, *manifest["shape"]).copy())
+    x = decode_rows(raw, manifest["shape"], "points")
     name = manifest["source"].split(":", 1)[1]
     n = min(len(x), 2000)
     ref = sample_toy(name, n, torch.Generator().manual_seed(12345))

@@ -9,6 +9,15 @@ import numpy as np
 import torch
 
 
+def decode_rows(raw, shape: list[int], kind: str = "image") -> torch.Tensor:
+    """Parquet `image` cells (raw bytes per row) to a batch: uint8 [B, C, H, W] for HWC images, float32 [B, D]
+    for points."""
+    if kind == "image":
+        arr = np.frombuffer(b"".join(raw), np.uint8).reshape(-1, *shape)
+        return torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.frombuffer(b"".join(raw), np.float32).reshape(-1, *shape).copy())
+
+
 def save_grid(images: torch.Tensor, path: str | Path, scale: int = 4) -> Path:
     """Save uint8 images [N, C, H, W] as one PNG grid (nearest-neighbour upscaled by `scale`)."""
     from PIL import Image

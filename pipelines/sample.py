@@ -321,6 +321,6 @@ def _decode_grid(raw: np.ndarray, out: str) -> torch.Tensor | None:
     manifest = load_meta(settings["checkpoint"]).get("manifest", {})
     if manifest.get("kind") != "image":
         return None
-    h, w, c = manifest["shape"]
-    arr = np.frombuffer(b"".join(raw), np.uint8).reshape(-1, h, w, c)
-    return torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)
+    from pipelines.images import decode_rows
+
+    return decode_rows(raw, manifest["shape"])
