@@ -8,6 +8,9 @@ torch.distributed ranks, which no per-worker solve can give.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ot
@@ -23,6 +26,7 @@ __all__ = [
     "EntropicOTCoupling",
     "GlobalOTCoupling",
     "COUPLINGS",
+    "CouplingSpec",
     "make_coupling",
     "squared_cost",
 ]
@@ -38,16 +42,19 @@ class Coupling:
 
     last_solve_seconds: float = 0.0
 
-    def plan_indices(self, x_0: Tensor, x_1: Tensor) -> tuple[Tensor, Tensor]:
-        """Return index tensors (i, j), each [B]: x_0[i] is paired with x_1[j]."""
+    def plan_indices(self, x_0: Tensor, x_1: Tensor,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Return index tensors (i, j), each [B]: x_0[i] is paired with x_1[j]. A random plan draws its pairs
+        from `generator` (so a training step's pairing depends only on the step's seed)."""
         idx = torch.arange(x_0.shape[0], device=x_0.device)
         return idx, idx
 
-    def __call__(self, x_0: Tensor, x_1: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def __call__(self, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Return the re-paired (x_0, x_1, y)."""
         check_pair(x_0, x_1)
         start = time.perf_counter()
-        i, j = self.plan_indices(x_0, x_1)
+        i, j = self.plan_indices(x_0, x_1, generator)
         self.last_solve_seconds = time.perf_counter() - start
         return x_0[i], x_1[j], (None if y is None else y[j])
 
@@ -66,7 +73,8 @@ class ExactOTCoupling(Coupling):
     With equal uniform marginals the optimal plan is a permutation, so each x_0 keeps exactly one partner.
     """
 
-    def plan_indices(self, x_0: Tensor, x_1: Tensor) -> tuple[Tensor, Tensor]:
+    def plan_indices(self, x_0: Tensor, x_1: Tensor,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         cost = squared_cost(x_0, x_1).cpu().numpy()
         plan = ot.emd(_uniform(cost.shape[0]), _uniform(cost.shape[1]), cost, numItermax=10_000_000)
         j = torch.from_numpy(plan.argmax(axis=1)).to(x_0.device)
@@ -77,7 +85,8 @@ class EntropicOTCoupling(Coupling):
     """Entropic OT on squared Euclidean cost with regularisation reg; pairs are drawn from the plan: SB-CFM.
 
     With `NoisyLinearPath(sigma, "brownian")` and reg = 2 sigma^2 this samples the Schrödinger bridge. The solver
-    works in the log domain, so a small reg relative to the cost (large images) does not underflow.
+    works in the log domain, so a small reg relative to the cost (large images) does not underflow. Pairs are
+    drawn from the generator passed to the call (else the one given here, else torch's global generator).
     """
 
     def __init__(self, reg: float = 0.5, generator: torch.Generator | None = None):
@@ -85,14 +94,18 @@ class EntropicOTCoupling(Coupling):
             raise ValueError(f"entropic regularisation reg must be > 0; got {reg}")
         self.reg, self.generator = reg, generator
 
-    def plan_indices(self, x_0: Tensor, x_1: Tensor) -> tuple[Tensor, Tensor]:
+    def plan_indices(self, x_0: Tensor, x_1: Tensor,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         cost = squared_cost(x_0, x_1)
         plan = ot.sinkhorn(_uniform(cost.shape[0]), _uniform(cost.shape[1]), cost.cpu().numpy(), reg=self.reg,
                            method="sinkhorn_log", numItermax=10_000)
         p = torch.from_numpy(plan).flatten().clamp_min(0)
         if not torch.isfinite(p).all() or p.sum() <= 0:
             raise FloatingPointError(f"Sinkhorn produced an invalid plan with reg={self.reg}; increase reg")
-        flat = torch.multinomial(p / p.sum(), x_0.shape[0], replacement=True, generator=self.generator)
+        g = generator if generator is not None else self.generator
+        if g is not None and g.device.type != "cpu":  # the plan lives on the CPU; derive a CPU generator from g
+            g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)))
+        flat = torch.multinomial(p / p.sum(), x_0.shape[0], replacement=True, generator=g)
         n1 = cost.shape[1]
         return (flat // n1).to(x_0.device), (flat % n1).to(x_0.device)
 
@@ -108,7 +121,8 @@ class GlobalOTCoupling(Coupling):
     def __init__(self):
         self._local = ExactOTCoupling()
 
-    def __call__(self, x_0: Tensor, x_1: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def __call__(self, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -138,11 +152,22 @@ def _all_gather(x: Tensor, world: int) -> Tensor:
     return torch.cat(parts)
 
 
-COUPLINGS: dict[str, type[Coupling]] = {
-    "independent": IndependentCoupling,
-    "exact_ot": ExactOTCoupling,
-    "entropic_ot": EntropicOTCoupling,
-    "global_ot": GlobalOTCoupling,
+@dataclass(frozen=True)
+class CouplingSpec:
+    """A registered coupling: its class, its label in tables and docs, and how a method's parameters
+    (`fm.methods.MethodParams`) give its constructor arguments."""
+
+    cls: type[Coupling]
+    label: str
+    args: Callable[[Any], dict] = lambda params: {}
+
+
+# The one place to add a coupling: an entry here, then a method preset in fm.methods.METHODS that uses it.
+COUPLINGS: dict[str, CouplingSpec] = {
+    "independent": CouplingSpec(IndependentCoupling, "independent"),
+    "exact_ot": CouplingSpec(ExactOTCoupling, "exact OT"),
+    "entropic_ot": CouplingSpec(EntropicOTCoupling, "entropic OT", lambda p: {"reg": 2 * p.sigma**2}),
+    "global_ot": CouplingSpec(GlobalOTCoupling, "exact OT (global batch)"),
 }
 
 
@@ -150,4 +175,4 @@ def make_coupling(name: str, **kwargs) -> Coupling:
     """Build a coupling by name ("independent", "exact_ot", "entropic_ot", "global_ot")."""
     if name not in COUPLINGS:
         raise ValueError(f"unknown coupling {name!r}; allowed: {', '.join(COUPLINGS)}")
-    return COUPLINGS[name](**kwargs)
+    return COUPLINGS[name].cls(**kwargs)

@@ -16,6 +16,7 @@ from torchdiffeq import odeint
 from fm.solvers import VelocityFn, integration_times
 
 __all__ = [
+    "LikelihoodSettings",
     "LikelihoodResult",
     "BitsPerDimResult",
     "standard_normal_log_prob",
@@ -112,28 +113,47 @@ def divergence_hutchinson(fn: VelocityFn, x: Tensor, t: Tensor, probes: Tensor) 
     return v.detach(), div.detach()
 
 
-def log_likelihood(fn: VelocityFn, x_1: Tensor, divergence: str = "exact", num_probes: int = 1,
-                   probe_kind: str = "rademacher", method: str = "dopri5", atol: float = 1e-5,
-                   rtol: float = 1e-5, steps: int | None = None, t_1: float = 1.0,
-                   log_p0: Callable[[Tensor], Tensor] = standard_normal_log_prob,
-                   generator: torch.Generator | None = None, chunk: int = 256) -> LikelihoodResult:
+@dataclass(frozen=True)
+class LikelihoodSettings:
+    """How a log-density is computed.
+
+    divergence: "exact" (D vector-Jacobian products) or "hutchinson" (num_probes probes of probe_kind, fixed
+    along the path). method, atol, rtol, steps: the torchdiffeq solve (dopri5 at 1e-5 by default; steps for a
+    fixed-step method). t_1: the data end (just below 1 for the VP path, whose field diverges at t = 1).
+    chunk: basis vectors per batched product of the exact divergence.
+    """
+
+    divergence: str = "exact"
+    num_probes: int = 1
+    probe_kind: str = "rademacher"
+    method: str = "dopri5"
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    steps: int | None = None
+    t_1: float = 1.0
+    chunk: int = 256
+
+
+def log_likelihood(fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings | None = None,
+                   generator: torch.Generator | None = None,
+                   log_p0: Callable[[Tensor], Tensor] = standard_normal_log_prob) -> LikelihoodResult:
     """log p_1(x_1) of the flow dx/dt = v(x, t), with x_0 ~ p_0 at t = 0.
 
     Args:
         fn: velocity function fn(x [B, ...], t [B]).
         x_1: data points [B, ...].
-        divergence: "exact" (D vector-Jacobian products) or "hutchinson" (K probes, fixed along the path).
-        num_probes: K for Hutchinson. probe_kind: "rademacher" or "gaussian".
-        method, atol, rtol, steps: the torchdiffeq solver (dopri5 at 1e-5 by default).
-        t_1: the data end (just below 1 for the VP path, whose field diverges at t = 1).
+        settings: divergence, solver and end time (`LikelihoodSettings()`: exact divergence, dopri5 at 1e-5).
+        generator: for the Hutchinson probes.
         log_p0: log-density of the noise, [B, ...] -> [B].
     Returns:
         `LikelihoodResult` (log-density in nats per sample, the noise end, NFE).
     """
-    if divergence not in ("exact", "hutchinson"):
-        raise ValueError(f"unknown divergence {divergence!r}; allowed: exact, hutchinson")
-    ts = integration_times(method, steps, t_1, 0.0, atol, rtol, x_1)
-    probes = make_probes(x_1, num_probes, probe_kind, generator) if divergence == "hutchinson" else None
+    s = settings or LikelihoodSettings()
+    if s.divergence not in ("exact", "hutchinson"):
+        raise ValueError(f"unknown divergence {s.divergence!r}; allowed: exact, hutchinson")
+    ts = integration_times(s.method, s.steps, s.t_1, 0.0, s.atol, s.rtol, x_1)
+    probes = make_probes(x_1, s.num_probes, s.probe_kind, generator) if s.divergence == "hutchinson" else None
+    t_1 = s.t_1
     nfe = 0
 
     def rhs(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -142,13 +162,13 @@ def log_likelihood(fn: VelocityFn, x_1: Tensor, divergence: str = "exact", num_p
         x = state[0]
         tb = t.clamp(0.0, t_1).expand(x.shape[0])  # adaptive steps may overshoot t = 0
         if probes is None:
-            v, div = divergence_exact(fn, x, tb, chunk)
+            v, div = divergence_exact(fn, x, tb, s.chunk)
         else:
             v, div = divergence_hutchinson(fn, x, tb, probes)
         return v, div
 
     delta_1 = torch.zeros(x_1.shape[0], device=x_1.device, dtype=x_1.dtype)
-    xs, deltas = odeint(rhs, (x_1, delta_1), ts, method=method, atol=atol, rtol=rtol)
+    xs, deltas = odeint(rhs, (x_1, delta_1), ts, method=s.method, atol=s.atol, rtol=s.rtol)
     # d(delta)/dt = div v from t_1 (delta = 0) to t = 0 gives delta(0) = -int_0^t_1 div dt.
     x_0 = xs[-1]
     return LikelihoodResult(log_p0(x_0) + deltas[-1], x_0, nfe)
@@ -163,7 +183,7 @@ def dequantize(x_uint8: Tensor, u: Tensor) -> Tensor:
 
 
 def bits_per_dim(fn: VelocityFn, x_uint8: Tensor, draws: int = 1, generator: torch.Generator | None = None,
-                 **likelihood_kwargs) -> BitsPerDimResult:
+                 settings: LikelihoodSettings | None = None) -> BitsPerDimResult:
     """Bits/dim of 8-bit images with uniform dequantization and K importance-weighted draws.
 
     log P(x) >= log (1/K) sum_k p(y_k) + D log(1/127.5), y_k = dequantize(x, u_k), u_k ~ U[0, 1)^D,
@@ -172,7 +192,7 @@ def bits_per_dim(fn: VelocityFn, x_uint8: Tensor, draws: int = 1, generator: tor
     Args:
         fn: velocity function in model space. x_uint8: images [B, ...] with values 0..255.
         draws: K. generator: for the dequantization noise (and Hutchinson probes).
-        likelihood_kwargs: passed to `log_likelihood` (divergence, num_probes, method, atol, rtol, ...).
+        settings: of each `log_likelihood` solve (divergence, probes, solver, t_1).
     """
     if draws < 1:
         raise ValueError(f"number of dequantization draws K must be >= 1; got {draws}")
@@ -184,7 +204,7 @@ def bits_per_dim(fn: VelocityFn, x_uint8: Tensor, draws: int = 1, generator: tor
     log_ps, nfes = [], []
     for _ in range(draws):
         u = torch.rand(x_uint8.shape, generator=generator, device=x_uint8.device, dtype=x_uint8.dtype)
-        res = log_likelihood(fn, dequantize(x_uint8, u), generator=generator, **likelihood_kwargs)
+        res = log_likelihood(fn, dequantize(x_uint8, u), settings, generator)
         log_ps.append(res.log_p)
         nfes.append(res.nfe)
     log_p = torch.logsumexp(torch.stack(log_ps), 0) - math.log(draws) - d * math.log(127.5)

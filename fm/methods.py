@@ -1,13 +1,9 @@
-"""Training methods: a path, a coupling and a loss that together define what a model learns.
+"""Training methods: a path, a coupling and a prediction kind that together define what a model learns.
 
-| name     | path                         | coupling            | model predicts | loss |
-|----------|------------------------------|---------------------|----------------|------|
-| fm_ot    | OT path with sigma_min       | independent         | velocity       | CFM  |
-| fm_vp    | VP diffusion path            | independent         | velocity       | CFM  |
-| score_vp | VP diffusion path            | independent         | epsilon        | DSM  |
-| icfm     | straight line + const sigma  | independent         | velocity       | CFM  |
-| otcfm    | straight line + const sigma  | exact OT (local or global batch) | velocity | CFM |
-| sbcfm    | Brownian bridge, sigma       | entropic OT, reg = 2 sigma^2 | velocity | CFM |
+A method is built from registered parts: a path (`fm.paths.PATHS`), a coupling (`fm.couplings.COUPLINGS`) and a
+prediction kind (`fm.paths.PREDICTIONS`; "epsilon" trains by denoising score matching, the others by CFM). The
+named methods are presets of those parts in `METHODS`, the one place to add a method; config validation, the
+comparison table's labels and the table below (`methods_markdown()`, checked against the README) all read it.
 
 Every method gives a velocity field for ODE sampling and likelihood; the score model through its probability-flow
 ODE.
@@ -15,22 +11,60 @@ ODE.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from fm.couplings import Coupling, EntropicOTCoupling, ExactOTCoupling, GlobalOTCoupling, IndependentCoupling
+from fm.couplings import COUPLINGS, Coupling, IndependentCoupling
 from fm.losses import cfm_loss, dsm_loss, sample_time
-from fm.paths import AffinePath, CondOTScheduler, NoisyLinearPath, VPScheduler
-from fm.solvers import VelocityFn, velocity_fn
+from fm.paths import PATHS, AffinePath, CondOTScheduler, NoisyLinearPath, VPScheduler
+from fm.solvers import VelocityFn, constant_diffusion, velocity_fn, vp_diffusion
 
-__all__ = ["METHODS", "Method", "make_method"]
-
-METHODS = ("fm_ot", "fm_vp", "score_vp", "icfm", "otcfm", "sbcfm")
+__all__ = ["METHODS", "MethodPreset", "MethodParams", "Method", "make_method", "methods_markdown"]
 
 # sigma_1 = 0 on the VP path, where its velocity and score targets diverge: train and sample on t <= 1 - eps.
 VP_T_MAX = 1.0 - 1e-5
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """The parameters of the parts; each part reads the ones it needs (`PathSpec.params`, `CouplingSpec.args`).
+
+    sigma None means the preset's default (0 for I-CFM and OT-CFM, 1 for SB-CFM as in torchcfm).
+    """
+
+    sigma_min: float = 1e-4
+    sigma: float | None = None
+    ot_scope: str = "local"
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+
+@dataclass(frozen=True)
+class MethodPreset:
+    """A named method: registered path and coupling names, what the model predicts, the last training time, the
+    default sigma of a noisy straight-line path, and a one-line description for the docs."""
+
+    path: str
+    coupling: str
+    prediction: str = "velocity"
+    t_max: float = 1.0
+    sigma: float = 0.0
+    summary: str = ""
+
+
+METHODS: dict[str, MethodPreset] = {
+    "fm_ot": MethodPreset("ot", "independent", summary="Flow Matching on the OT path (Lipman et al. 2022)"),
+    "fm_vp": MethodPreset("vp", "independent", t_max=VP_T_MAX, summary="Flow Matching on the VP diffusion path"),
+    "score_vp": MethodPreset("vp", "independent", "epsilon", VP_T_MAX,
+                             summary="denoising score matching on the VP SDE (the paper's baseline)"),
+    "icfm": MethodPreset("straight", "independent", summary="I-CFM (Tong et al. 2023)"),
+    "otcfm": MethodPreset("straight", "exact_ot", summary="OT-CFM: minibatch exact OT pairs (Tong et al. 2023)"),
+    "sbcfm": MethodPreset("brownian", "entropic_ot", sigma=1.0,
+                          summary="SB-CFM: entropic OT (reg = 2 sigma^2) and a Brownian bridge (Tong et al. 2023)"),
+}
 
 
 @dataclass
@@ -45,16 +79,14 @@ class Method:
 
     def loss(self, model: nn.Module, x_1: Tensor, y: Tensor | None = None,
              generator: torch.Generator | None = None) -> Tensor:
-        """Per-sample training loss [B] for data x_1 [B, ...]; draws the noise, the pairing and the times."""
+        """Per-sample training loss [B] for data x_1 [B, ...]; the noise, pairing, times and path noise all come
+        from `generator`, so a step is repeated exactly from its seed."""
         x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)
-        x_0, x_1, y = self.coupling(x_0, x_1, y)
+        x_0, x_1, y = self.coupling(x_0, x_1, y, generator)
         t = sample_time(x_1.shape[0], self.t_max, generator, x_1.device).to(x_1.dtype)
         if self.prediction == "epsilon":
             return dsm_loss(model, self.path, x_0, x_1, t, y)
-        if isinstance(self.path, NoisyLinearPath):
-            eps = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)
-            return cfm_loss(model, self.path.sample(x_0, x_1, t, eps), y)
-        return cfm_loss(model, self.path.sample(x_0, x_1, t), y)
+        return cfm_loss(model, self.path.sample(x_0, x_1, t, generator), y)
 
     @property
     def gaussian_path(self) -> AffinePath:
@@ -66,36 +98,73 @@ class Method:
         raise ValueError(f"method {self.name!r} has no Gaussian marginal path, so it has no score for SDE "
                          "sampling; use an ODE solver")
 
+    def sde_diffusion(self, g: float) -> Callable[[Tensor], Tensor]:
+        """The diffusion g(t) [B] -> [B] for `fm.solvers.sde_sample` that this method may be sampled with.
+
+        g > 0: the constant g of the flow SDE, for any method with a Gaussian marginal path. g = 0: the reverse VP
+        SDE's g(t) = sqrt(beta(1 - t)), for the VP path only. Raises ValueError saying what is allowed otherwise.
+        """
+        if g < 0:
+            raise ValueError(f"the diffusion g must be >= 0; got {g}")
+        path = self.gaussian_path  # raises for methods without a score
+        if g > 0:
+            return constant_diffusion(g)
+        if isinstance(path.scheduler, VPScheduler):
+            return vp_diffusion(path.scheduler)
+        raise ValueError(f"g = 0 selects the reverse VP SDE, but method {self.name!r} is not on the VP path; "
+                         "give a constant diffusion g > 0")
+
     def velocity(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0) -> VelocityFn:
         """The velocity field of a trained model (converted from epsilon for the score model)."""
         path = self.path if isinstance(self.path, AffinePath) else None
         return velocity_fn(model, y, cfg_scale, self.prediction, path)
 
 
-def make_method(name: str, sigma_min: float = 1e-4, sigma: float = 0.0, ot_scope: str = "local",
+def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, ot_scope: str = "local",
                 beta_min: float = 0.1, beta_max: float = 20.0) -> Method:
-    """Build a method by name.
+    """Build a method preset by name from its registered parts.
 
     Args:
-        name: one of METHODS.
+        name: a key of METHODS.
         sigma_min: the OT path's end-point std (fm_ot).
-        sigma: noise of the straight-line paths (icfm, otcfm, sbcfm; sbcfm needs sigma > 0).
-        ot_scope: "local" (solve per worker batch) or "global" (one plan over all ranks) for otcfm.
+        sigma: noise of the straight-line paths (icfm, otcfm, sbcfm); None takes the preset's default.
+        ot_scope: "local" (solve per worker batch) or "global" (one plan over all ranks) for exact OT couplings.
         beta_min, beta_max: the VP schedule (fm_vp, score_vp).
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
     if ot_scope not in ("local", "global"):
         raise ValueError(f"unknown ot_scope {ot_scope!r}; allowed: local, global")
-    if name == "fm_ot":
-        return Method(name, AffinePath(CondOTScheduler(sigma_min)), IndependentCoupling())
-    if name in ("fm_vp", "score_vp"):
-        path = AffinePath(VPScheduler(beta_min, beta_max))
-        return Method(name, path, IndependentCoupling(), "epsilon" if name == "score_vp" else "velocity", VP_T_MAX)
-    if name == "icfm":
-        return Method(name, NoisyLinearPath(sigma), IndependentCoupling())
-    if name == "otcfm":
-        return Method(name, NoisyLinearPath(sigma), GlobalOTCoupling() if ot_scope == "global" else ExactOTCoupling())
-    if sigma <= 0:
-        raise ValueError(f"sbcfm needs sigma > 0 (entropic regularisation 2 sigma^2); got sigma={sigma}")
-    return Method(name, NoisyLinearPath(sigma, "brownian"), EntropicOTCoupling(reg=2 * sigma**2))
+    preset = METHODS[name]
+    params = MethodParams(sigma_min, preset.sigma if sigma is None else sigma, ot_scope, beta_min, beta_max)
+    if preset.coupling == "entropic_ot" and params.sigma <= 0:
+        raise ValueError(f"{name} needs sigma > 0 (entropic regularisation 2 sigma^2); got sigma={params.sigma}")
+    path_spec = PATHS[preset.path]
+    path = path_spec.build(**{k: getattr(params, k) for k in path_spec.params})
+    coupling_spec = COUPLINGS[coupling_name(name, ot_scope)]
+    return Method(name, path, coupling_spec.cls(**coupling_spec.args(params)), preset.prediction, preset.t_max)
+
+
+def coupling_name(method: str, ot_scope: str = "local") -> str:
+    """The registered coupling a method uses: exact OT becomes the global-batch plan when ot_scope is global."""
+    name = METHODS[method].coupling
+    return "global_ot" if name == "exact_ot" and ot_scope == "global" else name
+
+
+def describe(method: str, ot_scope: str = "local") -> tuple[str, str]:
+    """(path label, coupling label) of a method, as the comparison table shows them; ("?", "?") if unknown."""
+    if method not in METHODS:
+        return "?", "?"
+    return PATHS[METHODS[method].path].label, COUPLINGS[coupling_name(method, ot_scope)].label
+
+
+def methods_markdown() -> str:
+    """The registry as a markdown table (the README's list of methods)."""
+    lines = ["| method | path | coupling | model predicts | loss | default sigma | what it is |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, p in METHODS.items():
+        path, coupling = describe(name)
+        loss = "DSM" if p.prediction == "epsilon" else "CFM"
+        sigma = str(p.sigma) if "sigma" in PATHS[p.path].params else "–"
+        lines.append(f"| `{name}` | {path} | {coupling} | {p.prediction} | {loss} | {sigma} | {p.summary} |")
+    return "\n".join(lines)

@@ -79,7 +79,8 @@ def kid(f_1: Tensor, f_2: Tensor, subsets: int = 100, subset_size: int = 1000,
 def wasserstein2(x: Tensor, y: Tensor) -> float:
     """Exact W2 distance between two empirical point clouds [N, D], [M, D] (POT's network simplex)."""
     _check_features(x, y)
-    cost = torch.cdist(x.double(), y.double()).pow(2).numpy()
+    # detach and move to the CPU: the solver is numpy (inputs may live on a GPU or carry gradients)
+    cost = torch.cdist(x.detach().double(), y.detach().double()).pow(2).cpu().numpy()
     a, b = np.full(x.shape[0], 1 / x.shape[0]), np.full(y.shape[0], 1 / y.shape[0])
     return float(np.sqrt(ot.emd2(a, b, cost, numItermax=10_000_000)))
 

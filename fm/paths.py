@@ -29,6 +29,8 @@ __all__ = [
     "GeneralPath",
     "PREDICTIONS",
     "SCHEDULERS",
+    "PATHS",
+    "PathSpec",
     "make_path",
     "check_pair",
 ]
@@ -187,8 +189,8 @@ class AffinePath:
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
 
-    def sample(self, x_0: Tensor, x_1: Tensor, t: Tensor) -> PathSample:
-        """Draw x_t and the conditional target dx_t.
+    def sample(self, x_0: Tensor, x_1: Tensor, t: Tensor, generator: torch.Generator | None = None) -> PathSample:
+        """Draw x_t and the conditional target dx_t (deterministic given x_0, x_1, t; `generator` is unused).
 
         Args:
             x_0: noise, [B, ...]. x_1: data, [B, ...]. t: times in [0, 1], [B].
@@ -259,14 +261,14 @@ class NoisyLinearPath:
             raise ValueError(f"unknown noise {noise!r}; allowed: constant, brownian")
         self.sigma, self.noise = sigma, noise
 
-    def sample(self, x_0: Tensor, x_1: Tensor, t: Tensor, eps: Tensor | None = None) -> PathSample:
-        """Draw x_t and dx_t; eps ~ N(0, I) of x_0's shape is drawn if not given."""
+    def sample(self, x_0: Tensor, x_1: Tensor, t: Tensor, generator: torch.Generator | None = None) -> PathSample:
+        """Draw x_t and dx_t; the path noise eps ~ N(0, I) [B, ...] comes from `generator`."""
         check_pair(x_0, x_1)
         check_t(t, x_0.shape[0])
         te = _expand(t, x_1)
         x_t, dx_t = te * x_1 + (1 - te) * x_0, x_1 - x_0
         if self.sigma > 0:
-            eps = torch.randn_like(x_0) if eps is None else eps
+            eps = torch.randn(x_0.shape, generator=generator, device=x_0.device, dtype=x_0.dtype)
             if self.noise == "constant":
                 x_t = x_t + self.sigma * eps
             else:
@@ -285,7 +287,8 @@ class GeneralPath:
         """transform(x_0 [B, ...], x_1 [B, ...], t [B]) -> x_t [B, ...]."""
         self.transform = transform
 
-    def sample(self, x_0: Tensor, x_1: Tensor, t: Tensor) -> PathSample:
+    def sample(self, x_0: Tensor, x_1: Tensor, t: Tensor, generator: torch.Generator | None = None) -> PathSample:
+        """Draw x_t = T_t(x_0, x_1) and dx_t [B, ...] (deterministic; `generator` is unused)."""
         check_pair(x_0, x_1)
         check_t(t, x_0.shape[0])
         x_t, dx_t = torch.func.jvp(lambda tt: self.transform(x_0, x_1, tt), (t,), (torch.ones_like(t),))
@@ -301,8 +304,31 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
 }
 
 
-def make_path(name: str, **kwargs) -> AffinePath:
-    """Build an affine Gaussian path by scheduler name ("ot", "vp", "ve", "cosine", "polynomial")."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown path {name!r}; allowed: {', '.join(SCHEDULERS)}")
-    return AffinePath(SCHEDULERS[name](**kwargs))
+@dataclass(frozen=True)
+class PathSpec:
+    """A registered probability path: its label in tables and docs, how to build it, and which method parameters
+    (`fm.methods.MethodParams` fields) the builder takes."""
+
+    label: str
+    build: Callable[..., AffinePath | NoisyLinearPath]
+    params: tuple[str, ...] = ()
+
+
+# The one place to add a path: an entry here, then a method preset in fm.methods.METHODS that uses it.
+PATHS: dict[str, PathSpec] = {
+    "ot": PathSpec("OT (sigma_min)", lambda sigma_min=0.0: AffinePath(CondOTScheduler(sigma_min)), ("sigma_min",)),
+    "vp": PathSpec("VP diffusion", lambda beta_min=0.1, beta_max=20.0: AffinePath(VPScheduler(beta_min, beta_max)),
+                   ("beta_min", "beta_max")),
+    "ve": PathSpec("VE diffusion", lambda **kw: AffinePath(VEScheduler(**kw))),
+    "cosine": PathSpec("cosine", lambda: AffinePath(CosineScheduler())),
+    "polynomial": PathSpec("polynomial", lambda **kw: AffinePath(PolynomialScheduler(**kw))),
+    "straight": PathSpec("straight line", lambda sigma=0.0: NoisyLinearPath(sigma), ("sigma",)),
+    "brownian": PathSpec("Brownian bridge", lambda sigma=1.0: NoisyLinearPath(sigma, "brownian"), ("sigma",)),
+}
+
+
+def make_path(name: str, **kwargs) -> AffinePath | NoisyLinearPath:
+    """Build a registered path by name (see `PATHS`), e.g. make_path("ot", sigma_min=1e-4)."""
+    if name not in PATHS:
+        raise ValueError(f"unknown path {name!r}; allowed: {', '.join(PATHS)}")
+    return PATHS[name].build(**kwargs)

@@ -21,6 +21,8 @@ __all__ = [
     "ADAPTIVE_METHODS",
     "FIXED_METHODS",
     "velocity_fn",
+    "is_adaptive",
+    "check_solver",
     "time_grid",
     "integration_times",
     "ode_sample",
@@ -82,18 +84,29 @@ def time_grid(steps: int, t_0: float = 0.0, t_1: float = 1.0, device: torch.devi
     return torch.linspace(t_0, t_1, steps + 1, device=device)
 
 
-def integration_times(method: str, steps: int | None, t_0: float, t_1: float, atol: float, rtol: float,
-                      like: Tensor) -> Tensor:
-    """Validate solver settings and return the times handed to odeint: the fixed grid, or just [t_0, t_1]."""
+def is_adaptive(method: str) -> bool:
+    """Whether a torchdiffeq method chooses its own steps (its NFE is then a result, not a setting)."""
+    return method in ADAPTIVE_METHODS
+
+
+def check_solver(method: str, steps: int | None, atol: float, rtol: float) -> None:
+    """Raise ValueError unless these are valid settings of an ODE solve: a known method, steps >= 1 for a
+    fixed-step method, positive tolerances for an adaptive one."""
     methods = ADAPTIVE_METHODS + FIXED_METHODS
     if method not in methods:
         raise ValueError(f"unknown ODE method {method!r}; allowed: {', '.join(methods)}")
-    if method in FIXED_METHODS:
-        if steps is None:
-            raise ValueError(f"fixed-step method {method!r} needs steps (an integer >= 1)")
-        return time_grid(steps, t_0, t_1, like.device).to(like.dtype)
-    if atol <= 0 or rtol <= 0:
+    if method in FIXED_METHODS and (steps is None or steps < 1):
+        raise ValueError(f"fixed-step method {method!r} needs steps (an integer >= 1); got {steps}")
+    if is_adaptive(method) and (atol <= 0 or rtol <= 0):
         raise ValueError(f"atol and rtol must be > 0; got atol={atol}, rtol={rtol}")
+
+
+def integration_times(method: str, steps: int | None, t_0: float, t_1: float, atol: float, rtol: float,
+                      like: Tensor) -> Tensor:
+    """Validate solver settings and return the times handed to odeint: the fixed grid, or just [t_0, t_1]."""
+    check_solver(method, steps, atol, rtol)
+    if method in FIXED_METHODS:
+        return time_grid(steps, t_0, t_1, like.device).to(like.dtype)
     return torch.tensor([t_0, t_1], device=like.device, dtype=like.dtype)
 
 

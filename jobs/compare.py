@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from jobs.cli import add_common, run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -20,20 +21,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--experiment", required=True)
     p.add_argument("--filter", default="", help="an extra MLflow search_runs filter, ANDed with kind = evaluate")
     p.add_argument("--out", default="outputs/compare")
-    p.add_argument("--tracking-uri", default=None)
+    add_common(p, overrides=False)
     a = p.parse_args(argv)
-    from pipelines.compare import collect, markdown, plot_nfe_vs_fd, table, write_csv
-    from pipelines.config import Config, tracking_uri
+    return run_job("compare", a, lambda: _compare(a))
 
-    uri = a.tracking_uri or tracking_uri(Config())
-    try:
-        records = collect(uri, a.experiment, a.filter)
-    except ValueError as err:
-        print(f"compare failed: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+
+def _compare(a) -> dict:
+    from pipelines.compare import collect, markdown, plot_nfe_vs_fd, table, write_csv
+    from pipelines.config import ConfigError, tracking_uri
+
+    uri = a.tracking_uri or tracking_uri()
+    records = collect(uri, a.experiment, a.filter)
     if not records:
-        print(f"compare failed: no evaluation runs in experiment {a.experiment!r}", file=sys.stderr)
-        raise SystemExit(2)
+        raise ConfigError(f"no evaluation runs in experiment {a.experiment!r} at {uri}")
     rows = table(records)
     md = markdown(rows)
     print(md)
@@ -43,12 +43,14 @@ def main(argv: list[str] | None = None) -> dict:
     plot = plot_nfe_vs_fd(rows, out / f"{a.experiment}-nfe-vs-fd.png")
     from pipelines.tracking import SafeLogger, start_child_run
 
-    run_id = start_child_run(uri, None, "compare", "compare", experiment=a.experiment)
-    log = SafeLogger(uri, run_id)
-    for path in (csv_path, out / f"{a.experiment}.md", plot):
-        if path:
-            log.artifact(path)
-    log.finish()
+    run_id = None
+    if not a.no_mlflow:
+        run_id = start_child_run(uri, None, "compare", "compare", experiment=a.experiment)
+        log = SafeLogger(uri, run_id)
+        for path in (csv_path, out / f"{a.experiment}.md", plot):
+            if path:
+                log.artifact(path)
+        log.finish()
     result = {"experiment": a.experiment, "rows": len(rows), "csv": str(csv_path),
               "plot": str(plot) if plot else None, "compare_run_id": run_id}
     print(json.dumps(result))

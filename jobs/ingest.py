@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from pipelines.ingest import IngestError, ingest
+from jobs.cli import add_common, run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -26,13 +25,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--channels", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
+    add_common(p, tracking=False, overrides=False)
     a = p.parse_args(argv)
-    try:
-        res = ingest(a.source, a.out, a.shards, a.test_fraction, a.seed, a.channels, a.image_size,
-                     a.max_bad_fraction)
-    except IngestError as err:
-        print(f"ingest failed: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_job("ingest", a, lambda: _ingest(a))
+
+
+def _ingest(a) -> dict:
+    from pipelines.ingest import ingest
+
+    res = ingest(a.source, a.out, a.shards, a.test_fraction, a.seed, a.channels, a.image_size, a.max_bad_fraction)
     m = res.manifest
     for q in m["quarantine"][:20]:
         print(f"quarantined {q['id']}: {q['reason']}")

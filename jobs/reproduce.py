@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fm.methods import METHODS
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     max_images = preset.eval_max_images if a.eval_max_images is None else a.eval_max_images
     out = Path(a.out) / experiment
 
+    from pipelines.chain import ensure_ingested, train_sample_evaluate
     from pipelines.config import load_config
-    from pipelines.ingest import MANIFEST, ingest
 
     # One config per method, validated in full before anything runs.
     configs = {}
@@ -99,21 +99,15 @@ def main(argv: list[str] | None = None) -> dict:
             if method == "otcfm":
                 sets.append("method.ot_scope=global")
             configs[(method, seed)] = load_config(preset.config, sets)
-    if not (Path(data) / MANIFEST).exists():
-        ingest(preset.source, data, shards=4)
+    ensure_ingested(preset.source, data)
 
     from pipelines.compare import collect, markdown, plot_nfe_vs_fd, table, write_csv
-    from pipelines.evaluate import EvalConfig, log_evaluation_run, run_evaluation
-    from pipelines.sample import SampleConfig, log_sampling_run, run_sampling
-    from pipelines.train import run_training
+    from pipelines.config import EvalConfig, SampleConfig
 
     start = time.perf_counter()
     timings = []
     for (method, seed), cfg in configs.items():
         t0 = time.perf_counter()
-        trained = run_training(cfg)
-        uri, ckpt = trained["tracking_uri"], trained["checkpoint"]
-        t_train = time.perf_counter() - t0
         solves = [SampleConfig(num_samples=num_samples, solver="dopri5", atol=1e-5, rtol=1e-5, seed=seed,
                                block_size=100, actors=2)]
         if seed == a.seeds[0]:
@@ -122,20 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
             if method == "score_vp":
                 solves.append(SampleConfig(num_samples=num_samples, solver="sde", steps=preset.sde_steps,
                                            seed=seed, block_size=100, actors=2))
-        for k, scfg in enumerate(solves):
-            tag = scfg.solver if scfg.solver == "dopri5" else f"{scfg.solver}{scfg.steps}"
-            samples = run_sampling(ckpt, out / "samples" / f"{method}-s{seed}-{tag}", scfg)
-            log_sampling_run(samples, asdict(scfg), uri)
-            # bits/dim once per model (it does not depend on the sampler); FD for every sampler
-            ecfg = EvalConfig(draws=preset.eval_draws, divergence="hutchinson", probes=1, batch_size=60, actors=2,
-                              max_images=max_images, seed=seed)
-            if k == 0:
-                first = run_evaluation(ckpt, cfg.data.shards, samples["out"], ecfg)
-                ev = first
-            else:
-                ev = _quality_only(ckpt, cfg.data.shards, samples["out"], ecfg, first)
-            log_evaluation_run(ev, ecfg, uri)
-        timings.append({"method": method, "seed": seed, "train_s": round(t_train, 1),
+        ecfg = EvalConfig(draws=preset.eval_draws, divergence="hutchinson", probes=1, batch_size=60, actors=2,
+                          max_images=max_images, seed=seed)
+        chain = train_sample_evaluate(cfg, solves, ecfg, out / "samples" / f"{method}-s{seed}")
+        uri = chain["train"]["tracking_uri"]
+        timings.append({"method": method, "seed": seed, "train_s": chain["train"]["wall_s"],
                         "total_s": round(time.perf_counter() - t0, 1)})
         print(json.dumps({"progress": timings[-1]}), flush=True)
     rows = table(collect(uri, experiment))
@@ -153,20 +138,6 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps(result, default=str))
     return result
-
-
-def _quality_only(ckpt: str, shards: str, samples: str, ecfg, first: dict) -> dict:
-    """Sample quality for another sampler of the same model, reusing that model's likelihood result."""
-    from pipelines.evaluate import sample_quality
-    from pipelines.ingest import load_manifest
-
-    res = {k: v for k, v in first.items() if k not in ("quality", "sample_run_id", "sample_settings")}
-    res["quality"] = sample_quality(shards, load_manifest(shards), samples, ecfg)
-    mlflow_json = Path(samples) / "_mlflow.json"
-    if mlflow_json.exists():
-        res["sample_run_id"] = json.loads(mlflow_json.read_text())["run_id"]
-    res["sample_settings"] = json.loads((Path(samples) / "_sampling.json").read_text())
-    return res
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fm.data import TOY_DENSITIES, TOY_SETS, sample_toy, toy_entropy
-from fm.likelihood import log_likelihood, mean_and_stderr
+from fm.likelihood import LikelihoodSettings, log_likelihood, mean_and_stderr
 from fm.methods import METHODS, make_method
 from fm.metrics import wasserstein2
 from fm.models import MLP
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> dict:
     rows, figs = [], []
     for name in args.methods:
         start = time.perf_counter()
-        method = make_method(name, sigma=0.0)
+        method = make_method(name)
         ema, losses = fit_toy(MLP(2, 128, 3), method, args.data, args.steps, args.batch, lr=2e-3, ema_decay=0.99,
                               seed=args.seed)
         train_s = time.perf_counter() - start
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
         x_0 = torch.randn(args.samples, 2, generator=torch.Generator().manual_seed(args.seed + 300))
         sample = ode_sample(fn, x_0, "dopri5", atol=1e-5, rtol=1e-5, t_1=method.t_max)
         traj = ode_sample(fn, x_0[:64], "rk4", steps=20, t_1=method.t_max, return_trajectory=True).trajectory
-        lik = log_likelihood(fn, test, atol=1e-5, rtol=1e-5, t_1=method.t_max)
+        lik = log_likelihood(fn, test, LikelihoodSettings(t_1=method.t_max))
         nll, nll_se = mean_and_stderr(-lik.log_p)
         rows.append({
             "method": name, "train_s": round(train_s, 1), "final_loss": sum(losses[-100:]) / 100,
@@ -99,7 +99,7 @@ def _plot(figs, ref, path: Path) -> None:
     xx, yy = torch.meshgrid(grid, grid, indexing="xy")
     pts = torch.stack([xx.flatten(), yy.flatten()], 1)
     for row, (name, fn, samples, traj, t_1) in zip(axes, figs, strict=True):
-        log_p = log_likelihood(fn, pts, method="rk4", steps=20, t_1=t_1).log_p
+        log_p = log_likelihood(fn, pts, LikelihoodSettings(method="rk4", steps=20, t_1=t_1)).log_p
         row[0].imshow(log_p.exp().reshape(60, 60).numpy(), extent=(-lim, lim, -lim, lim), origin="lower")
         row[0].set_title(f"{name}: model density (rk4, 20 steps)")
         row[1].scatter(ref[:, 0], ref[:, 1], s=1, alpha=0.3, label="data")

@@ -12,11 +12,12 @@ from torch import nn
 
 from fm.methods import Method, make_method
 from fm.models import build_model
+from pipelines.config import ConfigError
 
 META = "meta.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A missing, incomplete or mismatched checkpoint."""
 
 

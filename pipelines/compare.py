@@ -8,17 +8,9 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from fm.solvers import ADAPTIVE_METHODS
+from fm.methods import describe
+from fm.solvers import is_adaptive
 
-# How each method is described in the table: (probability path, coupling).
-METHOD_LABELS = {
-    "fm_ot": ("OT (sigma_min)", "independent"),
-    "fm_vp": ("VP diffusion", "independent"),
-    "score_vp": ("VP SDE (score matching)", "independent"),
-    "icfm": ("straight line", "independent"),
-    "otcfm": ("straight line", "exact OT"),
-    "sbcfm": ("Brownian bridge", "entropic OT"),
-}
 COLUMNS = ["method", "path", "coupling", "solver", "sample_steps", "train_steps", "runs", "bpd", "fd", "fd_label",
            "sample_nfe", "likelihood_nfe", "train_run_ids", "eval_run_ids"]
 
@@ -30,8 +22,10 @@ def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
+        from pipelines.config import ConfigError
+
         names = [e.name for e in client.search_experiments()]
-        raise ValueError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {', '.join(names)}")
+        raise ConfigError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {', '.join(names)}")
     query = "tags.`flowray.kind` = 'evaluate'" + (f" and {filter_string}" if filter_string else "")
     records = []
     for run in client.search_runs([exp.experiment_id], filter_string=query, max_results=5000):
@@ -40,13 +34,10 @@ def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
         train = _get(client, tags.get("flowray.train_run_id"))
         sample = _get(client, tags.get("flowray.sample_run_id"))
         method = tags.get("flowray.method") or (train.data.params.get("method.name") if train else "?")
-        if train and train.data.params.get("method.ot_scope") == "global" and method == "otcfm":
-            coupling = "exact OT (global batch)"
-        else:
-            coupling = METHOD_LABELS.get(method, ("?", "?"))[1]
+        path, coupling = describe(method, train.data.params.get("method.ot_scope", "local") if train else "local")
         records.append({
-            "method": method, "path": METHOD_LABELS.get(method, ("?", "?"))[0], "coupling": coupling,
-            "solver": solver, "sample_steps": "adaptive" if solver in ADAPTIVE_METHODS else tags.get(
+            "method": method, "path": path, "coupling": coupling,
+            "solver": solver, "sample_steps": "adaptive" if is_adaptive(solver) else tags.get(
                 "flowray.sample_steps", ""),
             "train_steps": train.data.params.get("train.steps", "") if train else "",
             "bpd": metrics.get("bpd"), "fd": metrics.get("fd"), "fd_label": tags.get("flowray.fd_label", "FD"),
@@ -124,29 +115,41 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
+def plot_series(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """Rows with FD and NFE per method, split as the table splits them: {"fixed": [...] by NFE, "adaptive": [...]}.
+    Fixed-step solvers form a curve; every adaptive solver (fm.solvers.is_adaptive) is a single point."""
+    pts = [r for r in rows if r["fd"] is not None and r["sample_nfe"] is not None]
+    series: dict[str, dict[str, list[dict]]] = {}
+    for method in sorted({r["method"] for r in pts}):
+        mine = [r for r in pts if r["method"] == method]
+        series[method] = {"fixed": sorted((r for r in mine if not is_adaptive(r["solver"])),
+                                          key=lambda r: r["sample_nfe"]),
+                          "adaptive": [r for r in mine if is_adaptive(r["solver"])]}
+    return series
+
+
 def plot_nfe_vs_fd(rows: list[dict], path: str | Path) -> Path | None:
-    """FD against sampling NFE per method: fixed-step solvers as a line, adaptive dopri5 as a marked point."""
+    """FD against sampling NFE per method: fixed-step solvers as a line, adaptive solvers as marked points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in rows if r["fd"] is not None and r["sample_nfe"] is not None]
-    if not pts:
+    series = plot_series(rows)
+    if not series:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, method in enumerate(sorted({r["method"] for r in pts})):
+    for i, (method, parts) in enumerate(series.items()):
         color = f"C{i}"
-        fixed = sorted((r for r in pts if r["method"] == method and r["solver"] != "dopri5"),
-                       key=lambda r: r["sample_nfe"])
+        fixed = parts["fixed"]
         if fixed:
             ax.plot([r["sample_nfe"] for r in fixed], [r["fd"] for r in fixed], "o-", color=color,
                     label=f"{method} ({fixed[0]['solver']})")
-        for r in (r for r in pts if r["method"] == method and r["solver"] == "dopri5"):
-            ax.plot(r["sample_nfe"], r["fd"], "*", ms=14, color=color, label=f"{method} dopri5")
+        for r in parts["adaptive"]:
+            ax.plot(r["sample_nfe"], r["fd"], "*", ms=14, color=color, label=f"{method} {r['solver']}")
     ax.set_xscale("log")
     ax.set_xlabel("sampling NFE")
-    ax.set_ylabel(pts[0]["fd_label"])
+    ax.set_ylabel(rows[0]["fd_label"])
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)

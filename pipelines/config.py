@@ -12,12 +12,16 @@ from typing import Any
 
 import yaml
 
-from fm.methods import METHODS
+from fm.methods import METHODS, make_method
 from fm.models import MODELS
+from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS, check_solver
 
 
 class ConfigError(ValueError):
-    """A bad configuration value; the message names the key."""
+    """Bad user input (a config value, a path, a file); the message names the key or file and what is allowed.
+
+    The base of every input error of the jobs (sampling, evaluation, checkpoints, ingest), which print it and exit
+    with status 2."""
 
 
 @dataclass
@@ -48,7 +52,7 @@ class ModelConfig:
 class MethodConfig:
     name: str = "fm_ot"
     sigma_min: float = 1e-4
-    sigma: float = 0.0
+    sigma: float | None = None  # straight-line path noise; null: the method's default (fm.methods.METHODS)
     ot_scope: str = "local"  # otcfm: "local" (per worker) or "global" (one plan over all workers' batches)
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -97,7 +101,8 @@ class RayConfig:
 @dataclass
 class MlflowConfig:
     experiment: str = "flowray"
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/outputs/mlflow.db
+    register_as: str | None = None  # register the final model in the MLflow Model Registry under this name
 
 
 @dataclass
@@ -155,27 +160,38 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         raise ConfigError(f"{key}: {value!r} is not a valid {t}") from None
 
 
+def _parse_value(key: str, text: str) -> Any:
+    """A `--set` value as YAML (so lists, numbers, booleans and null read as they do in the config files)."""
+    try:
+        return yaml.safe_load(text) if text else text
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: {text!r} is not a valid value ({str(err).splitlines()[0]})") from None
+
+
+def _set(obj, section: str, key: str, value: Any) -> None:
+    """Set one field of a config dataclass, coerced to its type; raise ConfigError naming the key."""
+    types = {f.name: f.type for f in fields(obj)}
+    if key not in types:
+        raise ConfigError(f"unknown key {section}.{key}; allowed in {section}: {', '.join(types)}")
+    setattr(obj, key, _coerce(f"{section}.{key}", value, types[key]))
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
     sections = {f.name: f for f in fields(Config)}
     if section not in sections:
         raise ConfigError(f"unknown section {section!r}; allowed: {', '.join(sections)}")
-    sub = getattr(cfg, section)
-    types = {f.name: f.type for f in fields(sub)}
-    if key not in types:
-        raise ConfigError(f"unknown key {section}.{key}; allowed in {section}: {', '.join(types)}")
-    setattr(sub, key, _coerce(f"{section}.{key}", value, types[key]))
+    _set(getattr(cfg, section), section, key, value)
 
 
 def apply_overrides(obj, section: str, items: list[str]) -> None:
-    """Apply `section.key=value` (or `key=value`) items to one config dataclass, with the same coercion and
-    errors as the YAML configs. Raises ConfigError naming the key."""
-    types = {f.name: f.type for f in fields(obj)}
+    """Apply `section.key=value` (or `key=value`) items to one config dataclass (a job's `sample` or `eval`
+    section), with the same parsing, coercion and errors as `load_config`."""
     for item in items:
         key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"override {item!r} must look like {section}.key=value")
         key = key.removeprefix(f"{section}.")
-        if not eq or key not in types:
-            raise ConfigError(f"unknown override {item!r}; keys: {section}.{f', {section}.'.join(types)}")
-        setattr(obj, key, _coerce(f"{section}.{key}", yaml.safe_load(value) if value else value, types[key]))
+        _set(obj, section, key, _parse_value(f"{section}.{key}", value))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -183,9 +199,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg = Config()
     if path is not None:
         path = Path(path)
-        if not path.exists():
+        if not path.is_file():
             raise ConfigError(f"config file {path} not found")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not a YAML file ({str(err).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         for section, values in raw.items():
@@ -198,7 +217,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not eq or "." not in lhs:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         section, key = lhs.split(".", 1)
-        _apply(cfg, section, key, yaml.safe_load(rhs) if rhs else rhs)
+        _apply(cfg, section, key, _parse_value(lhs, rhs))
     validate(cfg)
     return cfg
 
@@ -224,8 +243,11 @@ def validate(cfg: Config) -> None:
     _check(meth.name in METHODS, "method.name", meth.name, f"allowed: {', '.join(METHODS)}")
     _check(meth.ot_scope in ("local", "global"), "method.ot_scope", meth.ot_scope, "allowed: local, global")
     _check(0 <= meth.sigma_min < 1, "method.sigma_min", meth.sigma_min, "must be in [0, 1)")
-    _check(meth.sigma >= 0, "method.sigma", meth.sigma, "must be >= 0")
-    _check(meth.name != "sbcfm" or meth.sigma > 0, "method.sigma", meth.sigma, "sbcfm needs sigma > 0")
+    _check(meth.sigma is None or meth.sigma >= 0, "method.sigma", meth.sigma, "must be null or >= 0")
+    try:
+        make_method(**method_kwargs(cfg))  # the parts' own checks (e.g. sbcfm needs sigma > 0)
+    except ValueError as err:
+        raise ConfigError(f"method: {err}") from None
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
@@ -247,6 +269,89 @@ def validate(cfg: Config) -> None:
     _check(r.preprocess_cpus > 0, "ray.preprocess_cpus", r.preprocess_cpus, "must be > 0")
     _check(r.max_failures >= -1, "ray.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
     _check(bool(cfg.mlflow.experiment), "mlflow.experiment", cfg.mlflow.experiment, "must be non-empty")
+
+
+# --- the batch stages' sections (jobs.sample: sample.*, jobs.evaluate: eval.*) ---------------------------------
+
+SOLVERS = ADAPTIVE_METHODS + FIXED_METHODS + ("sde",)
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 1000
+    solver: str = "dopri5"  # any torchdiffeq method, or "sde" (Euler–Maruyama)
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    steps: int = 100  # fixed-step methods and sde
+    sde_g: float = 0.0  # diffusion of the flow SDE; 0 means the VP reverse SDE's g(t) = sqrt(beta) (VP methods)
+    cfg_scale: float = 1.0
+    label: int = -1  # class for conditional models; -1 cycles through the classes by id
+    seed: int = 0
+    block_size: int = 64
+    blocks_per_call: int = 1  # Ray batch size, in blocks
+    actors: int = 1
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+    write_png: bool = False
+    fail_at_block: int = -1  # test hook: the actor raises once when it reaches this block
+
+
+def validate_sample_config(c: SampleConfig, method: str | None = None, method_kwargs: dict | None = None) -> None:
+    """Check every sample.* value; with the checkpoint's method, also that the solver suits it."""
+    _check(c.num_samples >= 1, "sample.num_samples", c.num_samples, "must be >= 1")
+    _check(c.solver in SOLVERS, "sample.solver", c.solver, f"allowed: {', '.join(SOLVERS)}")
+    _check(c.atol > 0 and c.rtol > 0, "sample.atol/rtol", (c.atol, c.rtol), "must be > 0")
+    _check(c.steps >= 1, "sample.steps", c.steps, "must be >= 1")
+    _check(c.sde_g >= 0, "sample.sde_g", c.sde_g, "must be >= 0")
+    _check(c.block_size >= 1, "sample.block_size", c.block_size, "must be >= 1")
+    _check(c.blocks_per_call >= 1, "sample.blocks_per_call", c.blocks_per_call, "must be >= 1")
+    _check(c.actors >= 1, "sample.actors", c.actors, "must be >= 1")
+    _check(c.cpus_per_actor > 0, "sample.cpus_per_actor", c.cpus_per_actor, "must be > 0")
+    _check(c.gpus_per_actor >= 0, "sample.gpus_per_actor", c.gpus_per_actor, "must be >= 0")
+    if c.solver == "sde" and method is not None:
+        try:
+            make_method(**(method_kwargs or {"name": method})).sde_diffusion(c.sde_g)
+        except ValueError as err:
+            raise ConfigError(f"sample.sde_g: {c.sde_g!r} is not allowed with sample.solver=sde for this "
+                              f"{method} checkpoint: {err}") from None
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    max_images: int = 0  # 0: the whole split
+    draws: int = 1  # K dequantization draws
+    divergence: str = "hutchinson"  # or "exact"
+    probes: int = 1  # H Hutchinson probes
+    probe_kind: str = "rademacher"  # or "gaussian"
+    solver: str = "dopri5"  # the likelihood ODE: any torchdiffeq method
+    steps: int | None = None  # fixed-step solvers only
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    batch_size: int = 64
+    actors: int = 1
+    cpus_per_actor: float = 0.5
+    seed: int = 0
+    classifier_epochs: int = 15
+
+
+def validate_eval_config(c: EvalConfig) -> None:
+    """Check every eval.* value, solver settings included, before any Ray work."""
+    _check(c.draws >= 1, "eval.draws", c.draws, "must be >= 1")
+    _check(c.divergence in ("exact", "hutchinson"), "eval.divergence", c.divergence, "allowed: exact, hutchinson")
+    _check(c.probes >= 1, "eval.probes", c.probes, "must be >= 1")
+    _check(c.probe_kind in ("rademacher", "gaussian"), "eval.probe_kind", c.probe_kind,
+           "allowed: rademacher, gaussian")
+    _check(c.batch_size >= 1, "eval.batch_size", c.batch_size, "must be >= 1")
+    _check(c.actors >= 1, "eval.actors", c.actors, "must be >= 1")
+    _check(c.cpus_per_actor > 0, "eval.cpus_per_actor", c.cpus_per_actor, "must be > 0")
+    _check(c.max_images >= 0, "eval.max_images", c.max_images, "must be >= 0")
+    _check(c.classifier_epochs >= 1, "eval.classifier_epochs", c.classifier_epochs, "must be >= 1")
+    try:
+        check_solver(c.solver, c.steps, c.atol, c.rtol)
+    except ValueError as err:
+        key = "eval.steps" if "steps" in str(err) else "eval.atol/rtol" if "atol" in str(err) else "eval.solver"
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def check_data(cfg: Config) -> dict:
@@ -291,10 +396,17 @@ def method_kwargs(cfg: Config) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg.method).items()}
 
 
-def tracking_uri(cfg: Config) -> str:
-    """The MLflow tracking URI: config, else $MLFLOW_TRACKING_URI, else a sqlite file in the working dir."""
-    return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-        f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+DEFAULT_STORE = Path("outputs") / "mlflow.db"  # artifacts beside it in outputs/mlartifacts (never the source tree)
+
+
+def tracking_uri(cfg: Config | None = None) -> str:
+    """The MLflow tracking URI: config, else $MLFLOW_TRACKING_URI, else sqlite at outputs/mlflow.db (created)."""
+    uri = (cfg.mlflow.tracking_uri if cfg else None) or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    store = (Path.cwd() / DEFAULT_STORE).resolve()
+    store.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store}"
 
 
 def dump(cfg: Config) -> str:

@@ -7,7 +7,7 @@ import json
 import math
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,46 +16,16 @@ import pyarrow.parquet as pq
 import torch
 
 from fm.data import to_model_space
-from fm.likelihood import mean_and_stderr
+from fm.likelihood import LikelihoodSettings, mean_and_stderr
+from fm.seeding import generator
+from pipelines.config import ConfigError, EvalConfig, validate_eval_config
 from pipelines.images import decode_rows
 
 CLASSIFIER_DIR = "classifier"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(ConfigError):
     """Bad evaluation request."""
-
-
-@dataclass
-class EvalConfig:
-    split: str = "test"
-    max_images: int = 0  # 0: the whole split
-    draws: int = 1  # K dequantization draws
-    divergence: str = "hutchinson"  # or "exact"
-    probes: int = 1  # H Hutchinson probes
-    probe_kind: str = "rademacher"  # or "gaussian"
-    method: str = "dopri5"
-    atol: float = 1e-5
-    rtol: float = 1e-5
-    batch_size: int = 64
-    actors: int = 1
-    cpus_per_actor: float = 0.5
-    seed: int = 0
-    classifier_epochs: int = 15
-
-
-def validate_eval_config(c: EvalConfig) -> None:
-    for ok, key, value, allowed in [
-        (c.draws >= 1, "eval.draws", c.draws, "must be >= 1"),
-        (c.divergence in ("exact", "hutchinson"), "eval.divergence", c.divergence, "allowed: exact, hutchinson"),
-        (c.probes >= 1, "eval.probes", c.probes, "must be >= 1"),
-        (c.probe_kind in ("rademacher", "gaussian"), "eval.probe_kind", c.probe_kind, "allowed: rademacher, gaussian"),
-        (c.batch_size >= 1, "eval.batch_size", c.batch_size, "must be >= 1"),
-        (c.actors >= 1, "eval.actors", c.actors, "must be >= 1"),
-        (c.max_images >= 0, "eval.max_images", c.max_images, "must be >= 0"),
-    ]:
-        if not ok:
-            raise EvaluationError(f"{key}: {value!r} is not allowed; {allowed}")
 
 
 class LikelihoodActor:
@@ -73,15 +43,15 @@ class LikelihoodActor:
         c, method = self.cfg, self.loaded.method
         fn = method.velocity(self.loaded.model)
         # the batch's dequantization noise and probes depend on its rows only, not on actor or order
-        g = torch.Generator().manual_seed(c.seed * 1_000_003 + sum(zlib.crc32(str(i).encode()) for i in batch["id"]))
-        kw = dict(divergence=c.divergence, num_probes=c.probes, probe_kind=c.probe_kind, method=c.method,
-                  atol=c.atol, rtol=c.rtol, t_1=method.t_max)
+        g = generator(c.seed, sum(zlib.crc32(str(i).encode()) for i in batch["id"]))
+        settings = LikelihoodSettings(c.divergence, c.probes, c.probe_kind, c.solver, c.atol, c.rtol, c.steps,
+                                      t_1=method.t_max)
         if self.manifest["kind"] == "image":
             x = decode_rows(batch["image"], self.manifest["shape"])
-            res = bits_per_dim(fn, x.float(), draws=c.draws, generator=g, **kw)
+            res = bits_per_dim(fn, x.float(), draws=c.draws, generator=g, settings=settings)
             return {"id": batch["id"], "value": res.bpd.numpy(), "nfe": np.full(len(x), res.nfe)}
         x = decode_rows(batch["image"], self.manifest["shape"], "points")
-        res = log_likelihood(fn, x, generator=g, **kw)
+        res = log_likelihood(fn, x, settings, g)
         return {"id": batch["id"], "value": (-res.log_p).numpy(), "nfe": np.full(len(x), res.nfe)}
 
 
@@ -91,9 +61,11 @@ def likelihood_stage(checkpoint: str, shards: str, manifest: dict, cfg: EvalConf
     from ray.data import ActorPoolStrategy
 
     from pipelines.ingest import shard_paths
-    from pipelines.train import init_ray
+    from pipelines.runtime import init_ray, stage
 
-    init_ray(None)
+    init_ray()
+    stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence) "
+          f"on {cfg.actors} actor(s)")
     ds = ray.data.read_parquet(shard_paths(shards, cfg.split)).select_columns(["id", "image"])
     if cfg.max_images:
         ds = ds.limit(cfg.max_images)
@@ -120,14 +92,16 @@ def _load_split(shards: str, split: str, manifest: dict) -> tuple[torch.Tensor, 
 
 
 def get_classifier(shards: str, manifest: dict, epochs: int = 15, seed: int = 0):
-    """The data set's feature classifier: loaded from <shards>/classifier/, else trained once and cached there.
+    """The data set's feature classifier: loaded from <shards>/classifier/epochs<E>-seed<S>/, else trained once with
+    those settings and cached there.
 
     Returns (model in eval mode, info dict with test accuracy and the cache path).
     """
     from fm.models.classifier import SmallCNN
 
-    cache = Path(shards) / CLASSIFIER_DIR
     kwargs = {"in_channels": manifest["shape"][2], "num_classes": max(manifest["num_classes"], 2)}
+    # one cache entry per training settings: another epoch count or seed trains (and keeps) its own classifier
+    cache = Path(shards) / CLASSIFIER_DIR / f"epochs{epochs}-seed{seed}"
     if (cache / "info.json").exists():
         info = json.loads((cache / "info.json").read_text())
         model = SmallCNN(**info["kwargs"])
@@ -153,7 +127,8 @@ def get_classifier(shards: str, manifest: dict, epochs: int = 15, seed: int = 0)
         acc = (model(x_test).argmax(1) == y_test).float().mean().item()
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), cache / "model.pt")
-    info = {"kwargs": kwargs, "test_accuracy": acc, "epochs": epochs, "train_rows": len(x), "test_rows": len(x_test),
+    info = {"kwargs": kwargs, "test_accuracy": acc, "epochs": epochs, "seed": seed, "train_rows": len(x),
+            "test_rows": len(x_test),
             "path": str(cache.resolve())}
     (cache / "info.json").write_text(json.dumps(info, indent=1))
     return model, info

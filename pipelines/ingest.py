@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.config import ConfigError
+
 MANIFEST = "manifest.json"
 SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("image", pa.binary())])
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -31,7 +33,7 @@ SOURCE_KINDS = ("digits", "fashion-mnist", "idx", "folder", "parquet", "npz", "t
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
-class IngestError(ValueError):
+class IngestError(ConfigError):
     """Bad source or too many unusable rows."""
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,67 +23,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS
+from fm.seeding import SeedStack, derive_seed
+from pipelines.config import ConfigError, SampleConfig, validate_sample_config
 
 SAMPLE_SCHEMA = pa.schema([("id", pa.int64()), ("seed", pa.int64()), ("label", pa.int64()), ("nfe", pa.int64()),
                            ("image", pa.binary())])
 SETTINGS = "_sampling.json"
-SOLVERS = ADAPTIVE_METHODS + FIXED_METHODS + ("sde",)
+SDE_NOISE_STREAM = 1  # sample i's SDE noise comes from derive_seed(seed, i, 1), its starting noise from (seed, i)
 
 
-class SamplingError(ValueError):
+class SamplingError(ConfigError):
     """Bad sampling request or output directory."""
 
 
-@dataclass
-class SampleConfig:
-    num_samples: int = 1000
-    solver: str = "dopri5"  # any torchdiffeq method, or "sde" (Euler–Maruyama)
-    atol: float = 1e-5
-    rtol: float = 1e-5
-    steps: int = 100  # fixed-step methods and sde
-    sde_g: float = 0.0  # diffusion of the flow SDE; 0 means the VP reverse SDE's g(t) = sqrt(beta) (VP methods)
-    cfg_scale: float = 1.0
-    label: int = -1  # class for conditional models; -1 cycles through the classes by id
-    seed: int = 0
-    block_size: int = 64
-    blocks_per_call: int = 1  # Ray batch size, in blocks
-    actors: int = 1
-    cpus_per_actor: float = 0.5
-    gpus_per_actor: float = 0.0
-    write_png: bool = False
-    fail_at_block: int = -1  # test hook: the actor raises once when it reaches this block
-
-
-def validate_sample_config(c: SampleConfig) -> None:
-    checks = [
-        (c.num_samples >= 1, "sample.num_samples", c.num_samples, "must be >= 1"),
-        (c.solver in SOLVERS, "sample.solver", c.solver, f"allowed: {', '.join(SOLVERS)}"),
-        (c.atol > 0 and c.rtol > 0, "sample.atol/rtol", (c.atol, c.rtol), "must be > 0"),
-        (c.steps >= 1, "sample.steps", c.steps, "must be >= 1"),
-        (c.block_size >= 1, "sample.block_size", c.block_size, "must be >= 1"),
-        (c.blocks_per_call >= 1, "sample.blocks_per_call", c.blocks_per_call, "must be >= 1"),
-        (c.actors >= 1, "sample.actors", c.actors, "must be >= 1"),
-        (c.cpus_per_actor > 0, "sample.cpus_per_actor", c.cpus_per_actor, "must be > 0"),
-        (c.sde_g >= 0, "sample.sde_g", c.sde_g, "must be >= 0"),
-    ]
-    for ok, key, value, allowed in checks:
-        if not ok:
-            raise SamplingError(f"{key}: {value!r} is not allowed; {allowed}")
-
-
 def sample_noise(ids: np.ndarray, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Noise [len(ids), *shape]: sample i's from its own generator seeded by (seed, i)."""
-    out = torch.empty(len(ids), *shape)
-    g = torch.Generator()
-    for k, i in enumerate(ids):
-        g.manual_seed(sample_seed(seed, int(i)))
-        out[k] = torch.randn(shape, generator=g)
-    return out
-
-
-def sample_seed(seed: int, i: int) -> int:
-    return (seed * 1_000_003 + i) % (2**63 - 1)
+    """Noise [len(ids), *shape]: sample i's from its own generator seeded by derive_seed(seed, i)."""
+    return SeedStack([derive_seed(seed, int(i)) for i in ids]).randn(shape)
 
 
 def block_ids(block: int, block_size: int, n: int) -> np.ndarray:
@@ -128,7 +83,7 @@ class Sampler:
 
     def sample_block(self, block: int) -> int:
         from fm.data import to_uint8
-        from fm.solvers import constant_diffusion, ode_sample, sde_sample, vp_diffusion
+        from fm.solvers import ode_sample, sde_sample
 
         c = self.cfg
         if block == c.fail_at_block:
@@ -142,10 +97,10 @@ class Sampler:
         fn = self.method.velocity(self.model, None if y is None else y.to(self.device), c.cfg_scale)
         with torch.no_grad():
             if c.solver == "sde":
-                path = self.method.gaussian_path
-                g = constant_diffusion(c.sde_g) if c.sde_g > 0 else vp_diffusion(path.scheduler)
-                noise = _per_sample_step_noise(ids, c.seed, self.shape, self.device)
-                res = sde_sample(fn, path, g, x_0, c.steps, t_1=min(self.method.t_max, 1 - 1e-3), noise=noise)
+                # per-sample noise streams, so a sample's path does not depend on its block's other samples
+                steps_noise = SeedStack([derive_seed(c.seed, int(i), SDE_NOISE_STREAM) for i in ids], self.device)
+                res = sde_sample(fn, self.method.gaussian_path, self.method.sde_diffusion(c.sde_g), x_0, c.steps,
+                                 t_1=min(self.method.t_max, 1 - 1e-3), noise=lambda k: steps_noise.randn(self.shape))
             else:
                 res = ode_sample(fn, x_0, c.solver, c.steps, c.atol, c.rtol, t_1=self.method.t_max)
         x = res.x_1.cpu()
@@ -153,27 +108,13 @@ class Sampler:
             payload = [b.tobytes() for b in to_uint8(x).permute(0, 2, 3, 1).contiguous().numpy()]
         else:
             payload = [b.tobytes() for b in x.float().numpy()]
-        table = pa.table({"id": ids, "seed": [sample_seed(c.seed, int(i)) for i in ids],
+        table = pa.table({"id": ids, "seed": [derive_seed(c.seed, int(i)) for i in ids],
                           "label": (y.numpy() if y is not None else np.full(len(ids), -1)),
                           "nfe": np.full(len(ids), res.nfe), "image": payload}, schema=SAMPLE_SCHEMA)
         _atomic_write(table, self.out / shard_name(block))
         if c.write_png and self.layout == "HWC":
             _write_pngs(to_uint8(x), ids, self.out / "png")
         return res.nfe
-
-
-def _per_sample_step_noise(ids: np.ndarray, seed: int, shape: tuple[int, ...], device):
-    """SDE noise for step k: each sample's own generator, advanced along the steps (independent of batching)."""
-    gens = []
-    for i in ids:
-        g = torch.Generator()
-        g.manual_seed(sample_seed(seed, int(i)) ^ 0x5DEECE66D)
-        gens.append(g)
-
-    def noise(k: int) -> torch.Tensor:
-        return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-
-    return noise
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:
@@ -235,14 +176,12 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
 
     from pipelines.checkpoint import load_meta
 
-    validate_sample_config(cfg)
     meta = load_meta(checkpoint)  # fails clearly before Ray starts
+    validate_sample_config(cfg, meta["method"]["name"], meta["method"])
     manifest = meta.get("manifest", {})
     layout = "HWC" if manifest.get("kind", "image") == "image" else "D"
     shape = manifest.get("shape")
     model_shape = [shape[2], shape[0], shape[1]] if layout == "HWC" else list(shape)
-    if cfg.solver == "sde" and meta["method"]["name"] not in ("fm_ot", "fm_vp", "score_vp") and cfg.sde_g == 0:
-        raise SamplingError(f"sample.solver=sde needs a Gaussian-path method; {meta['method']['name']!r} has none")
     out = Path(out).resolve()
     prepare_output(out, cfg, checkpoint)
     done = complete_blocks(out, cfg)
@@ -251,9 +190,11 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
     start = time.perf_counter()
     stats = []
     if todo:
-        from pipelines.train import init_ray
+        from pipelines.runtime import init_ray, stage
 
-        init_ray(None)
+        init_ray()
+        stage(f"sampling {cfg.num_samples} samples ({len(todo)} blocks of {cfg.block_size}, {len(done)} reused) "
+              f"with {cfg.solver} on {cfg.actors} actor(s) into {out}")
         ds = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=min(len(todo), 200))
         ds = ds.map_batches(Sampler, fn_constructor_args=(str(checkpoint), str(out), asdict(cfg), model_shape, layout),
                             batch_size=cfg.blocks_per_call, batch_format="numpy",

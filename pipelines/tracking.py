@@ -113,20 +113,100 @@ class SafeLogger:
         return self._safe("end run", self.client.set_terminated, self.run_id, status)
 
 
+def log_final_model(uri: str, run_id: str, checkpoint: str, register_as: str | None = None) -> dict:
+    """Log the final checkpoint to the training run, and the EMA network as an MLflow Model.
+
+    The run gets the checkpoint directory as artifact `model` (without the optimizer state), which `runs:/RUN_ID`
+    resolves to. The MLflow Model (`mlflow.pytorch`, `name="mlflow_model"`) is the network exported with
+    torch.export (MLflow's pt2 format, no pickled code), with a tensor signature (x_t, t[, y]) -> prediction, and
+    the checkpoint files as its extra files, so `models:/NAME/VERSION` rebuilds it with `weights_only=True`. With
+    `register_as`, the model is registered under that name. Tracking errors warn and return what was done.
+    """
+    import shutil
+    import tempfile
+
+    from pipelines.checkpoint import META, load_model
+
+    out: dict = {"mlflow_model": None, "registered_model": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "model"
+        ckpt.mkdir()
+        for name in (META, "model.pt", "ema.pt"):
+            shutil.copy2(Path(checkpoint) / name, ckpt / name)
+        SafeLogger(uri, run_id).artifact(ckpt, "model")
+        try:
+            info = _log_mlflow_model(uri, run_id, load_model(ckpt), ckpt, register_as)
+        except Exception as err:  # the checkpoint artifact above is what the pipeline needs; this is a convenience
+            warnings.warn(f"MLflow Model not logged: {type(err).__name__}: {str(err)[:300]}", RuntimeWarning,
+                          stacklevel=2)
+            return out
+    out["mlflow_model"] = info.model_uri
+    if register_as:
+        out["registered_model"] = f"models:/{register_as}/{info.registered_model_version}"
+    return out
+
+
+def _log_mlflow_model(uri: str, run_id: str, loaded, ckpt: Path, register_as: str | None):
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    model = loaded.model.float().eval()
+    kw = loaded.meta["model"]["kwargs"]
+    shape = [kw["in_channels"], kw["image_size"], kw["image_size"]] if "image_size" in kw else [kw["dim"]]
+    f32 = np.dtype(np.float32)
+    inputs = [TensorSpec(f32, (-1, *shape), "x_t"), TensorSpec(f32, (-1,), "t")]
+    example = [np.zeros((2, *shape), np.float32), np.full(2, 0.5, np.float32)]
+    if kw.get("num_classes"):
+        inputs.append(TensorSpec(np.dtype(np.int64), (-1,), "y"))
+        example.append(np.zeros(2, np.int64))
+    signature = ModelSignature(Schema(inputs), Schema([TensorSpec(f32, (-1, *shape), loaded.method.prediction)]))
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        return mlflow.pytorch.log_model(
+            model, name="mlflow_model", signature=signature, input_example=tuple(example),
+            extra_files=[str(p) for p in sorted(ckpt.iterdir())], registered_model_name=register_as,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
 def resolve_checkpoint(spec: str, uri: str, cache: str | Path = "outputs/checkpoints") -> str:
-    """A checkpoint directory from a path or from `runs:/RUN_ID` (the training run's logged final model)."""
+    """A checkpoint directory from a path, `runs:/RUN_ID` (the training run's logged checkpoint), or a registered
+    model `models:/NAME/VERSION` or `models:/NAME@ALIAS` (its extra files hold the checkpoint)."""
+    from pipelines.checkpoint import META, CheckpointError
+
+    if spec.startswith("models:/"):
+        import re
+        import shutil
+
+        from mlflow.artifacts import download_artifacts
+
+        dst = Path(cache) / "models" / re.sub(r"[^A-Za-z0-9_.@-]+", "_", spec[len("models:/"):])
+        shutil.rmtree(dst, ignore_errors=True)  # an alias may have moved since the last download
+        dst.mkdir(parents=True)
+        try:
+            local = download_artifacts(artifact_uri=spec, dst_path=str(dst), tracking_uri=uri)
+        except Exception as err:
+            raise CheckpointError(f"cannot fetch registered model {spec} from {uri}: "
+                                  f"{str(err).splitlines()[0][:300]}") from None
+        ckpt = Path(local) / "extra_files"
+        if not (ckpt / META).exists():
+            raise CheckpointError(f"{spec} is not a flowray model: it holds no extra_files/{META}")
+        return str(ckpt)
     if not spec.startswith("runs:/"):
         return spec
     from mlflow.tracking import MlflowClient
 
     run_id = spec[len("runs:/"):].strip("/").split("/")[0]
     dst = Path(cache) / run_id
-    if not (dst / "model" / "meta.json").exists():
+    if not (dst / "model" / META).exists():
         dst.mkdir(parents=True, exist_ok=True)
         try:
             MlflowClient(uri).download_artifacts(run_id, "model", str(dst))
         except Exception as err:
-            raise FileNotFoundError(f"cannot fetch the model of MLflow run {run_id} from {uri}: {err}") from None
+            raise CheckpointError(f"cannot fetch the model of MLflow run {run_id} from {uri}: "
+                                  f"{str(err).splitlines()[0][:300]}") from None
     return str(dst / "model")
 
 

@@ -7,17 +7,28 @@ Workers: rebuild model and method from `fm`, resume from `ray.train.get_checkpoi
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fm.data import to_uint8
+from fm.ema import EMA
+from fm.methods import Method, make_method
+from fm.models import build_model
+from fm.seeding import generator
+from fm.solvers import ode_sample
+from fm.training import StepResult, train_step, warmup_lr
+from pipelines.checkpoint import load_meta, load_state, save_checkpoint
 from pipelines.config import Config, check_data, method_kwargs, model_kwargs, tracking_uri
+from pipelines.images import save_grid
 from pipelines.ingest import shard_paths
+from pipelines.tracking import SafeLogger
+
+LABEL_STREAM = 1  # the label-dropout draws of a step come from derive_seed(seed, rank, step, LABEL_STREAM)
 
 
 class TrainingError(RuntimeError):
@@ -75,11 +86,130 @@ def _actor_pool(n: int):
 # --- worker ----------------------------------------------------------------------------------------------------
 
 
-def _step_generator(seed: int, rank: int, step: int, device) -> torch.Generator:
-    """Noise, times and pairings of a step depend only on (seed, rank, step), so a resumed run repeats them."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
-    return g
+@dataclass
+class TrainJob:
+    """What the driver hands every worker: the typed config and what it resolved before Ray started."""
+
+    config: Config
+    model_kwargs: dict
+    manifest: dict  # source, kind, shape, num_classes, class_names
+    tracking_uri: str
+    run_id: str
+    fault_marker: str
+
+
+@dataclass
+class WorkerState:
+    """A worker's model, method, optimizer and counters; restored from the last checkpoint on a restart."""
+
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    device: torch.device
+    rank: int
+    world: int
+    step: int = 0
+    nonfinite_run: int = 0
+    nonfinite_total: int = 0
+    last_metrics: dict = field(default_factory=dict)
+
+
+class MetricWindow:
+    """Sums over one logging window: losses, gradient norms, data wait, step time and OT solve time."""
+
+    def __init__(self):
+        self.losses, self.grad_norms, self.wait, self.total, self.ot, self.n = [], [], 0.0, 0.0, 0.0, 0
+
+    def add(self, res: StepResult, wait: float, total: float, ot: float) -> None:
+        self.losses.append(res.loss)
+        self.grad_norms.append(res.grad_norm)
+        self.wait, self.total, self.ot, self.n = self.wait + wait, self.total + total, self.ot + ot, self.n + 1
+
+    def metrics(self, images_per_step: int, lr: float, nonfinite_total: int) -> dict:
+        finite = [v for v in self.losses if np.isfinite(v)]
+        return {"loss": float(np.mean(finite)) if finite else float("nan"),
+                "grad_norm": float(np.nanmean(self.grad_norms)) if finite else float("nan"), "lr": lr,
+                "images_per_s": self.n * images_per_step / max(self.total, 1e-9),
+                "data_wait_fraction": self.wait / max(self.total, 1e-9), "ot_solve_s": self.ot / max(self.n, 1),
+                "nonfinite_total": nonfinite_total}
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker: restore, then batch -> fault hook -> labels -> lr -> step -> bookkeeping -> log."""
+    import ray.train
+
+    job: TrainJob = loop_config["job"]
+    cfg = job.config
+    t = cfg.train
+    state = _build_state(job)
+    logger = _rank0_logger(job, state)
+    batches = _batches(ray.train.get_dataset_shard("train"), t.batch_size, cfg.ray.prefetch_batches, state.device)
+    window, started, start_step = MetricWindow(), time.perf_counter(), state.step
+    while state.step < t.steps:
+        t_start = time.perf_counter()
+        x_1, y = next(batches)
+        t_data = time.perf_counter() - t_start
+        _maybe_inject_fault(job, state)
+        y = _training_labels(job, state, y)
+        for group in state.optimizer.param_groups:
+            group["lr"] = warmup_lr(state.step, cfg.optim.lr, cfg.optim.warmup_steps)
+        g = generator(t.seed, state.rank, state.step, device=state.device)
+        res = train_step(state.ddp_model, state.method, state.optimizer, x_1, y, g, cfg.optim.grad_clip,
+                         torch.bfloat16 if state.device.type == "cuda" else None)
+        _count_nonfinite(state, res, t.max_nonfinite)
+        state.step += 1
+        window.add(res, t_data, time.perf_counter() - t_start, state.method.coupling.last_solve_seconds)
+        if state.step % t.log_every == 0 or state.step == t.steps:
+            state.last_metrics = window.metrics(t.batch_size * state.world, state.optimizer.param_groups[0]["lr"],
+                                                state.nonfinite_total)
+            _log_window(logger, state, t.steps, (time.perf_counter() - started) / (state.step - start_step))
+            window = MetricWindow()
+        if logger and t.sample_every and state.step % t.sample_every == 0:
+            _log_grid(logger, job, state)
+        if state.step % t.checkpoint_every == 0 or state.step == t.steps:
+            _report(job, state)
+    if logger:
+        if t.sample_every == 0 or t.steps % t.sample_every:
+            _log_grid(logger, job, state)
+        logger.metrics({"final_step": state.step, "tracking_failures": logger.failures}, state.step)
+
+
+def _build_state(job: TrainJob) -> WorkerState:
+    """Model, method, optimizer and EMA, restored from `ray.train.get_checkpoint()` when the run resumes."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = job.config
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    model = build_model(cfg.model.name, **job.model_kwargs).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    ema = EMA(model, cfg.optim.ema_decay)
+    step, nonfinite_total = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_state(d, "model"))
+            ema.load_state_dict(load_state(d, "ema"))
+            optimizer.load_state_dict(load_state(d, "optimizer"))
+            meta = load_meta(d)
+            step, nonfinite_total = meta["step"], meta.get("nonfinite_total", 0)
+    return WorkerState(model, ray.train.torch.prepare_model(model), make_method(**method_kwargs(cfg)), optimizer,
+                       ema, device, ctx.get_world_rank(), ctx.get_world_size(), step,
+                       nonfinite_total=nonfinite_total, last_metrics={"step": step})
+
+
+def _rank0_logger(job: TrainJob, state: WorkerState) -> SafeLogger | None:
+    """Rank 0 logs to MLflow (params once, at the first start of the run); the other ranks do not."""
+    if state.rank != 0:
+        return None
+    logger = SafeLogger(job.tracking_uri, job.run_id)
+    if state.step == 0:
+        logger.params(job.config.flat())
+    return logger
 
 
 def _batches(shard, batch_size: int, prefetch: int, device):
@@ -90,177 +220,97 @@ def _batches(shard, batch_size: int, prefetch: int, device):
             yield batch["x"], batch["y"]
 
 
-def train_loop_per_worker(loop_cfg: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    from fm.ema import EMA
-    from fm.methods import make_method
-    from fm.models import build_model
-    from fm.training import train_step, warmup_lr
-    from pipelines.checkpoint import load_state, save_checkpoint
-    from pipelines.tracking import SafeLogger
-
-    cfg = loop_cfg["config"]
-    t_cfg, o_cfg, r_cfg = cfg["train"], cfg["optim"], cfg["ray"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(t_cfg["seed"])  # identical initial weights on every rank (DDP also broadcasts them)
-    model = build_model(loop_cfg["model_name"], **loop_cfg["model_kwargs"]).to(device)
-    method = make_method(**loop_cfg["method_kwargs"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o_cfg["lr"], weight_decay=o_cfg["weight_decay"])
-    ema = EMA(model, o_cfg["ema_decay"])
-    step, resumed_nonfinite = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(load_state(d, "model"))
-            ema.load_state_dict(load_state(d, "ema"))
-            optimizer.load_state_dict(load_state(d, "optimizer"))
-            meta = json.loads((Path(d) / "meta.json").read_text())
-            step, resumed_nonfinite = meta["step"], meta.get("nonfinite_total", 0)
-    ddp_model = ray.train.torch.prepare_model(model)
-    logger = SafeLogger(loop_cfg["tracking_uri"], loop_cfg["run_id"]) if rank == 0 else None
-    if logger and step == 0:
-        logger.params(loop_cfg["flat_config"])
-    autocast = torch.bfloat16 if device.type == "cuda" else None
-    num_classes = loop_cfg["model_kwargs"].get("num_classes")
-    shard = ray.train.get_dataset_shard("train")
-    batches = _batches(shard, t_cfg["batch_size"], r_cfg["prefetch_batches"], device)
-    nonfinite_run, nonfinite_total = 0, resumed_nonfinite
-    window = {"loss": [], "grad_norm": [], "wait": 0.0, "total": 0.0, "ot": 0.0, "n": 0}
-    last_metrics: dict = {"step": step}
-
-    def report() -> None:
-        """Every rank reports; rank 0 attaches the checkpoint."""
-        metrics = dict(last_metrics, step=step, nonfinite_total=nonfinite_total)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(tmp, step=step, model=model, ema_state=ema.state_dict(), optimizer=optimizer,
-                                model_name=loop_cfg["model_name"], model_kwargs=loop_cfg["model_kwargs"],
-                                method_kwargs=loop_cfg["method_kwargs"], config=cfg,
-                                extra={"mlflow_run_id": loop_cfg["run_id"], "manifest": loop_cfg["manifest"],
-                                       "nonfinite_total": nonfinite_total})
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
-
-    while step < t_cfg["steps"]:
-        t_start = time.perf_counter()
-        x_1, y = next(batches)
-        t_data = time.perf_counter() - t_start
-        if t_cfg["fail_at_step"] == step + 1 and rank == t_cfg["fail_rank"]:
-            marker = Path(loop_cfg["fault_marker"])
-            if not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(f"injected failure at step {step + 1} on rank {rank}\n")
-                raise RuntimeError(f"injected failure (train.fail_at_step={step + 1}) on rank {rank}")
-        if num_classes is not None:
-            drop = torch.rand(y.shape, generator=_step_generator(t_cfg["seed"] + 7, rank, step, "cpu")).to(device)
-            y = torch.where(drop < cfg["model"]["label_dropout"], torch.full_like(y, num_classes), y)
-        else:
-            y = None
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_lr(step, o_cfg["lr"], o_cfg["warmup_steps"])
-        g = _step_generator(t_cfg["seed"], rank, step, device)
-        res = train_step(ddp_model, method, optimizer, x_1, y, g, o_cfg["grad_clip"], autocast)
-        # every rank sees the same all-reduced gradients, so all agree on skipping a non-finite step
-        # (a rank whose own loss alone is non-finite poisons the shared gradients, so it is skipped everywhere)
-        if not res.finite:
-            nonfinite_run += 1
-            nonfinite_total += 1
-            if nonfinite_run >= t_cfg["max_nonfinite"]:
-                raise TrainingError(f"{nonfinite_run} non-finite losses in a row at step {step + 1} "
-                                    f"(train.max_nonfinite={t_cfg['max_nonfinite']}); lower optim.lr or check data")
-        else:
-            nonfinite_run = 0
-            ema.update(model)
-        step += 1
-        window["loss"].append(res.loss)
-        window["grad_norm"].append(res.grad_norm)
-        window["wait"] += t_data
-        window["total"] += time.perf_counter() - t_start
-        window["ot"] += method.coupling.last_solve_seconds
-        window["n"] += 1
-        if step % t_cfg["log_every"] == 0 or step == t_cfg["steps"]:
-            finite = [v for v in window["loss"] if np.isfinite(v)]
-            last_metrics = {
-                "loss": float(np.mean(finite)) if finite else float("nan"),
-                "grad_norm": float(np.nanmean(window["grad_norm"])) if finite else float("nan"),
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": window["n"] * t_cfg["batch_size"] * world / max(window["total"], 1e-9),
-                "data_wait_fraction": window["wait"] / max(window["total"], 1e-9),
-                "ot_solve_s": window["ot"] / window["n"],
-                "nonfinite_total": nonfinite_total,
-            }
-            if logger:
-                logger.metrics(last_metrics, step)
-            window = {"loss": [], "grad_norm": [], "wait": 0.0, "total": 0.0, "ot": 0.0, "n": 0}
-        if logger and t_cfg["sample_every"] and step % t_cfg["sample_every"] == 0:
-            _log_grid(logger, ema.module, method, loop_cfg, step, device)
-        if step % t_cfg["checkpoint_every"] == 0 or step == t_cfg["steps"]:
-            report()
-    if logger:
-        if t_cfg["sample_every"] == 0 or t_cfg["steps"] % t_cfg["sample_every"]:
-            _log_grid(logger, ema.module, method, loop_cfg, step, device)
-        _log_final_model(logger, model, ema, loop_cfg, cfg, step)
-        logger.metrics({"final_step": step, "tracking_failures": logger.failures}, step)
-
-
-def _log_grid(logger, ema_model, method, loop_cfg: dict, step: int, device) -> None:
-    """Sample a grid with the EMA model (Euler, fixed noise) and log it as samples/step_XXXXXX.png."""
-    from fm.data import to_uint8
-    from fm.solvers import ode_sample
-    from pipelines.images import save_grid
-
-    t_cfg = loop_cfg["config"]["train"]
-    if loop_cfg["manifest"]["kind"] != "image":
+def _maybe_inject_fault(job: TrainJob, state: WorkerState) -> None:
+    """Test hook: one worker raises once at train.fail_at_step (a marker file makes it once per run)."""
+    t = job.config.train
+    if t.fail_at_step != state.step + 1 or state.rank != t.fail_rank:
         return
-    h, w, c = loop_cfg["manifest"]["shape"]
-    g = torch.Generator().manual_seed(1234)
-    x_0 = torch.randn(t_cfg["grid_size"], c, h, w, generator=g).to(device)
-    num_classes = loop_cfg["model_kwargs"].get("num_classes")
-    y = torch.arange(t_cfg["grid_size"], device=device) % num_classes if num_classes else None
+    marker = Path(job.fault_marker)
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"injected failure at step {state.step + 1} on rank {state.rank}\n")
+        raise RuntimeError(f"injected failure (train.fail_at_step={state.step + 1}) on rank {state.rank}")
+
+
+def _training_labels(job: TrainJob, state: WorkerState, y: torch.Tensor) -> torch.Tensor | None:
+    """Labels for a class-conditional model, replaced by the null class with probability label_dropout (for
+    classifier-free guidance); None for an unconditional one."""
+    num_classes = job.model_kwargs.get("num_classes")
+    if num_classes is None:
+        return None
+    g = generator(job.config.train.seed, state.rank, state.step, LABEL_STREAM)
+    drop = torch.rand(y.shape, generator=g).to(state.device)
+    return torch.where(drop < job.config.model.label_dropout, torch.full_like(y, num_classes), y)
+
+
+def _count_nonfinite(state: WorkerState, res: StepResult, limit: int) -> None:
+    """Every rank sees the same all-reduced gradients, so all agree on skipping a non-finite step (a rank whose
+    own loss alone is non-finite poisons the shared gradients, so the step is skipped everywhere)."""
+    if res.finite:
+        state.nonfinite_run = 0
+        state.ema.update(state.model)
+        return
+    state.nonfinite_run += 1
+    state.nonfinite_total += 1
+    if state.nonfinite_run >= limit:
+        raise TrainingError(f"{state.nonfinite_run} non-finite losses in a row at step {state.step + 1} "
+                            f"(train.max_nonfinite={limit}); lower optim.lr or check data")
+
+
+def _log_window(logger: SafeLogger | None, state: WorkerState, steps: int, seconds_per_step: float) -> None:
+    """Rank 0: the window's metrics to MLflow and one progress line to the console."""
+    if logger is None:
+        return
+    m = state.last_metrics
+    logger.metrics(m, state.step)
+    eta = seconds_per_step * (steps - state.step)
+    print(f"step {state.step}/{steps}  loss {m['loss']:.4f}  {m['images_per_s']:.0f} images/s  data wait "
+          f"{100 * m['data_wait_fraction']:.1f}%  ETA {_duration(eta)}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{s:02d}s" if minutes else f"{s}s"
+
+
+def _report(job: TrainJob, state: WorkerState) -> None:
+    """Every rank reports the same number of times; rank 0 attaches the checkpoint."""
+    import ray.train
+
+    metrics = dict(state.last_metrics, step=state.step, nonfinite_total=state.nonfinite_total)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if state.rank == 0:
+            _save(job, state, tmp)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _save(job: TrainJob, state: WorkerState, directory: str) -> None:
+    save_checkpoint(directory, step=state.step, model=state.model, ema_state=state.ema.state_dict(),
+                    optimizer=state.optimizer, model_name=job.config.model.name, model_kwargs=job.model_kwargs,
+                    method_kwargs=method_kwargs(job.config), config=job.config.to_dict(),
+                    extra={"mlflow_run_id": job.run_id, "manifest": job.manifest,
+                           "nonfinite_total": state.nonfinite_total})
+
+
+def _log_grid(logger: SafeLogger, job: TrainJob, state: WorkerState) -> None:
+    """Sample a grid with the EMA model (Euler, fixed noise) and log it as samples/step_XXXXXX.png."""
+    if job.manifest["kind"] != "image":
+        return
+    t = job.config.train
+    h, w, c = job.manifest["shape"]
+    x_0 = torch.randn(t.grid_size, c, h, w, generator=generator(1234)).to(state.device)
+    num_classes = job.model_kwargs.get("num_classes")
+    y = torch.arange(t.grid_size, device=state.device) % num_classes if num_classes else None
     with torch.no_grad():
-        x = ode_sample(method.velocity(ema_model, y), x_0, "euler", steps=t_cfg["grid_steps"], t_1=method.t_max).x_1
+        x = ode_sample(state.method.velocity(state.ema.module, y), x_0, "euler", steps=t.grid_steps,
+                       t_1=state.method.t_max).x_1
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_grid(to_uint8(x), Path(tmp) / f"step_{step:06d}.png")
-        logger.artifact(path, "samples")
-
-
-def _log_final_model(logger, model, ema, loop_cfg: dict, cfg: dict, step: int) -> None:
-    from pipelines.checkpoint import save_checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, step=step, model=model, ema_state=ema.state_dict(), optimizer=None,
-                        model_name=loop_cfg["model_name"], model_kwargs=loop_cfg["model_kwargs"],
-                        method_kwargs=loop_cfg["method_kwargs"], config=cfg,
-                        extra={"mlflow_run_id": loop_cfg["run_id"], "manifest": loop_cfg["manifest"]})
-        logger.artifact(tmp, "model")
+        logger.artifact(save_grid(to_uint8(x), Path(tmp) / f"step_{state.step:06d}.png"), "samples")
 
 
 # --- driver ----------------------------------------------------------------------------------------------------
-
-
-def init_ray(address: str | None, local_cpus: int = 4) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS, as under `ray job submit`), else start a local one.
-
-    A local Ray gets at least `local_cpus` logical CPUs: Ray Data's read tasks ask for a whole CPU, and on a
-    2-core host the train workers and preprocessing actors would otherwise leave none, hanging the job.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=max(os.cpu_count() or 1, local_cpus), dashboard_host="127.0.0.1",  # Train V2 needs
-                 log_to_driver=True)  # the dashboard's state API
 
 
 def run_training(cfg: Config) -> dict:
@@ -268,7 +318,8 @@ def run_training(cfg: Config) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.tracking import SafeLogger, find_or_create_run
+    from pipelines.runtime import init_ray, stage
+    from pipelines.tracking import find_or_create_run, log_final_model
 
     manifest = check_data(cfg)  # every config and data error surfaces before Ray starts
     uri = tracking_uri(cfg)
@@ -281,16 +332,12 @@ def run_training(cfg: Config) -> dict:
                                                "flowray.storage": str(run_dir)},
                                          resume=run_dir.exists())
     init_ray(cfg.ray.address, cfg.ray.local_cpus)
-    mkw = model_kwargs(cfg, manifest)
-    loop_cfg = {
-        "config": cfg.to_dict(), "flat_config": cfg.flat(), "model_name": cfg.model.name, "model_kwargs": mkw,
-        "method_kwargs": method_kwargs(cfg), "tracking_uri": uri, "run_id": run_id,
-        "manifest": {k: manifest[k] for k in ("source", "kind", "shape", "num_classes", "class_names")},
-        "fault_marker": str(run_dir / f".fault_injected_step_{cfg.train.fail_at_step}"),
-    }
+    job = TrainJob(cfg, model_kwargs(cfg, manifest),
+                   {k: manifest[k] for k in ("source", "kind", "shape", "num_classes", "class_names")}, uri, run_id,
+                   str(run_dir / f".fault_injected_step_{cfg.train.fail_at_step}"))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_cfg,
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=_resources(cfg)),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=str(storage),
@@ -298,18 +345,22 @@ def run_training(cfg: Config) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep)),
         datasets={"train": build_dataset(cfg, manifest)},
     )
+    stage(f"training {cfg.method.name} for {cfg.train.steps} steps on {cfg.ray.num_workers} worker(s) "
+          f"({'resuming' if resumed else 'new'} MLflow run {run_id}, experiment {cfg.mlflow.experiment})")
     start = time.perf_counter()
     try:
         result = trainer.fit()
     except Exception:
         SafeLogger(uri, run_id).finish("FAILED")
         raise
-    SafeLogger(uri, run_id).finish("FINISHED")
     ckpt = result.checkpoint.path if result.checkpoint else None
+    model = log_final_model(uri, run_id, ckpt, cfg.mlflow.register_as) if ckpt else {}
+    SafeLogger(uri, run_id).finish("FINISHED")
+    stage(f"training finished in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")
     return {
         "run_id": run_id, "experiment": cfg.mlflow.experiment, "tracking_uri": uri, "resumed": resumed,
         "checkpoint": ckpt, "run_dir": str(run_dir), "metrics": _plain(result.metrics or {}),
-        "wall_s": round(time.perf_counter() - start, 1),
+        "wall_s": round(time.perf_counter() - start, 1), **model,
         "sample_grid": f"runs:/{run_id}/samples" if manifest["kind"] == "image" else None,
     }
 

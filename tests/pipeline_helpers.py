@@ -3,6 +3,11 @@
 import socket
 from pathlib import Path
 
+import torch
+
+from fm.ema import EMA
+from fm.models import UNet
+from pipelines.checkpoint import save_checkpoint
 from pipelines.config import load_config
 
 TINY = [
@@ -22,3 +27,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+KWARGS = {"image_size": 8, "in_channels": 1, "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+          "attention_resolutions": [], "num_heads": 1, "num_classes": None, "dropout": 0.0}
+MANIFEST = {"source": "digits", "kind": "image", "shape": [8, 8, 1], "num_classes": 10, "class_names": []}
+
+
+def make_checkpoint(directory, run_id=None, method="fm_ot", **overrides):
+    """A checkpoint of a tiny digits-shaped UNet with random (non-trivial) weights, as training writes one."""
+    torch.manual_seed(0)
+    kwargs = {**KWARGS, **overrides}
+    model = UNet(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()})
+    for p in model.parameters():  # a fresh UNet predicts 0 (zero-initialised output); make it non-trivial
+        torch.nn.init.normal_(p, std=0.05)
+    return save_checkpoint(directory, step=1, model=model, ema_state=EMA(model).state_dict(), optimizer=None,
+                           model_name="unet", model_kwargs=kwargs, method_kwargs={"name": method}, config={},
+                           extra={"manifest": MANIFEST, "mlflow_run_id": run_id})

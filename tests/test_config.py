@@ -47,7 +47,7 @@ def test_cli_dry_run_and_error_exit(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "configs/digits-cpu.yaml",
                           "--set", "method.name=nope"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
-    assert "config error: method.name: 'nope' is not allowed" in bad.stderr
+    assert "training failed: method.name: 'nope' is not allowed" in bad.stderr
     assert "ray" not in bad.stderr.lower().replace("array", "")  # it failed before Ray was started
 
 

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from fm.ema import EMA
 from fm.models import GaussianOTFlow
 from pipelines.checkpoint import save_checkpoint
-from pipelines.evaluate import EvalConfig, EvaluationError, run_evaluation, sample_quality
+from pipelines.config import ConfigError, EvalConfig
+from pipelines.evaluate import EvaluationError, run_evaluation, sample_quality
 from pipelines.ingest import ingest, load_manifest
 from pipelines.sample import SAMPLE_SCHEMA, SETTINGS, SamplingError
 
@@ -23,9 +24,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 def ray_local():
     import ray
 
-    from pipelines.train import init_ray
+    from pipelines.runtime import init_ray
 
-    init_ray(None)
+    init_ray()
     yield
     ray.shutdown()
 
@@ -89,7 +90,7 @@ def test_classifier_features_rank_real_above_noise(tmp_path):
     assert good["classifier_test_accuracy"] > 0.9
     assert good["fd"] < 0.1 * bad["fd"] and good["kid"] < bad["kid"]
     assert sum(good["sample_class_histogram"]) == 300
-    assert (data / "classifier" / "model.pt").exists()  # trained once, then cached
+    assert (data / "classifier" / "epochs10-seed0" / "model.pt").exists()  # trained once, then cached
     again = sample_quality(str(data), load_manifest(data), str(tmp_path / "real"), cfg)
     assert again["fd"] == pytest.approx(good["fd"])
 
@@ -99,7 +100,7 @@ def test_bad_evaluation_input(tmp_path):
     ckpt = gaussian_checkpoint(tmp_path / "ckpt", [4, 4, 1])
     with pytest.raises(EvaluationError, match=r"trained on shape \[4, 4, 1\], but .* holds \[8, 8, 1\]"):
         run_evaluation(str(ckpt), str(tmp_path / "digits"), None, EvalConfig())
-    with pytest.raises(EvaluationError, match="eval.draws: 0 is not allowed"):
+    with pytest.raises(ConfigError, match="eval.draws: 0 is not allowed"):
         run_evaluation(str(ckpt), str(tmp_path / "digits"), None, EvalConfig(draws=0))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / SETTINGS).write_text("{}")

@@ -4,12 +4,19 @@ import pytest
 import torch
 from torch import nn
 
-from fm.likelihood import bits_per_dim, divergence_exact, divergence_hutchinson, log_likelihood, make_probes
+from fm.likelihood import (
+    LikelihoodSettings,
+    bits_per_dim,
+    divergence_exact,
+    divergence_hutchinson,
+    log_likelihood,
+    make_probes,
+)
 
 
 def test_log_likelihood_matches_closed_form(gaussian_field):
     x_1 = 1.5 + 0.5 * torch.randn(64, 3, dtype=torch.float64)
-    res = log_likelihood(gaussian_field, x_1, divergence="exact", atol=1e-8, rtol=1e-8)
+    res = log_likelihood(gaussian_field, x_1, LikelihoodSettings("exact", atol=1e-8, rtol=1e-8))
     torch.testing.assert_close(res.log_p, gaussian_field.log_prob_data(x_1), atol=1e-3, rtol=0)
     # the noise end is the inverse flow: x_0 = (x_1 - mu) / s
     torch.testing.assert_close(res.x_0, (x_1 - 1.5) / 0.5, atol=1e-4, rtol=0)
@@ -17,7 +24,7 @@ def test_log_likelihood_matches_closed_form(gaussian_field):
 
 def test_log_likelihood_on_images_with_hutchinson(gaussian_field):
     x_1 = 1.5 + 0.5 * torch.randn(16, 1, 4, 4, dtype=torch.float64)
-    res = log_likelihood(gaussian_field, x_1, divergence="hutchinson", num_probes=1, atol=1e-8, rtol=1e-8)
+    res = log_likelihood(gaussian_field, x_1, LikelihoodSettings("hutchinson", 1, atol=1e-8, rtol=1e-8))
     # the Jacobian is diagonal and constant per dimension, so a Rademacher probe is exact
     torch.testing.assert_close(res.log_p, gaussian_field.log_prob_data(x_1), atol=1e-3, rtol=0)
 
@@ -62,23 +69,23 @@ def test_bits_per_dim_of_a_known_density(gaussian_field):
     lo, hi = x_uint8 / 127.5 - 1, (x_uint8 + 1) / 127.5 - 1
     exact = -torch.log(normal.cdf(hi) - normal.cdf(lo)).flatten(1).sum(1) / (d * math.log(2))
     res = bits_per_dim(gaussian_field, x_uint8, draws=64, generator=torch.Generator().manual_seed(0),
-                       atol=1e-8, rtol=1e-8)
+                       settings=LikelihoodSettings(atol=1e-8, rtol=1e-8))
     assert res.bpd.shape == (8,) and res.draws == 64 and res.nfe > 0
     torch.testing.assert_close(res.bpd, exact, atol=2e-3, rtol=0)
     assert res.mean == pytest.approx(res.bpd.mean().item())
     assert res.stderr == pytest.approx(res.bpd.std().item() / math.sqrt(8))
     # one draw is a variational bound: on average it is above the exact value
     one = bits_per_dim(gaussian_field, x_uint8, draws=1, generator=torch.Generator().manual_seed(1),
-                       atol=1e-8, rtol=1e-8)
+                       settings=LikelihoodSettings(atol=1e-8, rtol=1e-8))
     assert one.mean > exact.mean().item()
 
 
 def test_bad_likelihood_input(gaussian_field):
     x = torch.randn(2, 2)
     with pytest.raises(ValueError, match="number of Hutchinson probes K must be >= 1; got 0"):
-        log_likelihood(gaussian_field, x, divergence="hutchinson", num_probes=0)
+        log_likelihood(gaussian_field, x, LikelihoodSettings("hutchinson", num_probes=0))
     with pytest.raises(ValueError, match="unknown divergence 'trace'"):
-        log_likelihood(gaussian_field, x, divergence="trace")
+        log_likelihood(gaussian_field, x, LikelihoodSettings("trace"))
     with pytest.raises(ValueError, match="dequantization draws K must be >= 1"):
         bits_per_dim(gaussian_field, torch.zeros(2, 4), draws=0)
     with pytest.raises(ValueError, match=r"8-bit values in \[0, 255\]"):

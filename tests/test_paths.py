@@ -83,17 +83,21 @@ def test_conversions_agree_with_the_conditional_path():
 def test_noisy_linear_paths():
     x_0, x_1 = _pair()
     t = torch.rand(6, dtype=torch.float64) * 0.9 + 0.05
-    eps = torch.randn_like(x_0)
-    const = NoisyLinearPath(0.1).sample(x_0, x_1, t, eps)
+    eps = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(3), dtype=x_0.dtype)
+
+    def g():  # the path's noise comes from the generator passed in: the same seed gives the same eps
+        return torch.Generator().manual_seed(3)
+
+    const = NoisyLinearPath(0.1).sample(x_0, x_1, t, g())
     te = t.reshape(-1, 1, 1, 1)
     torch.testing.assert_close(const.x_t, te * x_1 + (1 - te) * x_0 + 0.1 * eps)
     torch.testing.assert_close(const.dx_t, x_1 - x_0)
     bridge = NoisyLinearPath(0.3, "brownian")
     h = 1e-6
-    fd = (bridge.sample(x_0, x_1, t + h, eps).x_t - bridge.sample(x_0, x_1, t - h, eps).x_t) / (2 * h)
-    torch.testing.assert_close(bridge.sample(x_0, x_1, t, eps).dx_t, fd, rtol=1e-6, atol=1e-6)
+    fd = (bridge.sample(x_0, x_1, t + h, g()).x_t - bridge.sample(x_0, x_1, t - h, g()).x_t) / (2 * h)
+    torch.testing.assert_close(bridge.sample(x_0, x_1, t, g()).dx_t, fd, rtol=1e-6, atol=1e-6)
     zeros = torch.zeros(6, dtype=torch.float64)
-    assert (bridge.sample(x_0, x_1, zeros, eps).x_t - x_0).abs().max() < 1e-2
+    assert (bridge.sample(x_0, x_1, zeros, g()).x_t - x_0).abs().max() < 1e-2
 
 
 def test_general_path_dx_t_by_forward_mode():
@@ -111,7 +115,8 @@ def test_general_path_dx_t_by_forward_mode():
 
 
 def test_bad_input_errors():
-    with pytest.raises(ValueError, match="unknown path 'otp'; allowed: ot, vp, ve, cosine, polynomial"):
+    with pytest.raises(ValueError, match="unknown path 'otp'; allowed: ot, vp, ve, cosine, polynomial, straight, "
+                                         "brownian"):
         make_path("otp")
     path = AffinePath(CondOTScheduler())
     x = torch.randn(4, 2)

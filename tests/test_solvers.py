@@ -57,7 +57,7 @@ def test_bad_solver_input(gaussian_field):
         ode_sample(gaussian_field, x, method="rk45")
     with pytest.raises(ValueError, match="fixed-step method 'euler' needs steps"):
         ode_sample(gaussian_field, x, method="euler")
-    with pytest.raises(ValueError, match="steps must be >= 1; got 0"):
+    with pytest.raises(ValueError, match=r"needs steps \(an integer >= 1\); got 0"):
         ode_sample(gaussian_field, x, method="euler", steps=0)
     with pytest.raises(ValueError, match="needs class labels y"):
         velocity_fn(MLP(num_classes=2), None, cfg_scale=2.0)

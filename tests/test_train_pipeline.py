@@ -12,7 +12,8 @@ from pipeline_helpers import free_port, tiny_config
 
 from pipelines.checkpoint import load_meta, load_model
 from pipelines.ingest import ingest
-from pipelines.train import init_ray, run_training
+from pipelines.runtime import init_ray
+from pipelines.train import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -28,7 +29,7 @@ def digits(tmp_path_factory):
 def ray_cluster():
     import ray
 
-    init_ray(None)
+    init_ray()
     yield
     ray.shutdown()
 

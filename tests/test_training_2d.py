@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fm.data import gaussian_centres, sample_toy, toy_entropy
-from fm.likelihood import log_likelihood
+from fm.likelihood import LikelihoodSettings, log_likelihood
 from fm.methods import make_method
 from fm.metrics import wasserstein2
 from fm.models import MLP
@@ -29,7 +29,7 @@ def _quality(method, model, data):
     samples = ode_sample(fn, x_0, "dopri5", atol=1e-5, rtol=1e-5, t_1=method.t_max).x_1
     w2 = wasserstein2(samples, sample_toy(data, 1000, torch.Generator().manual_seed(9)))
     x_test = sample_toy(data, 1000, torch.Generator().manual_seed(3))
-    nll = -log_likelihood(fn, x_test, atol=1e-5, rtol=1e-5, t_1=method.t_max).log_p.mean().item()
+    nll = -log_likelihood(fn, x_test, LikelihoodSettings(t_1=method.t_max)).log_p.mean().item()
     return w2, nll - toy_entropy(data, generator=torch.Generator().manual_seed(1))
 
 

@@ -1,0 +1,58 @@
+"""Seeds derived from a run seed and indices, and a stack of per-sample generators (after EDM's
+`StackedRandomGenerator`).
+
+Every random draw of training, sampling and evaluation comes from a generator seeded by `derive_seed(run seed,
+index, ...)`, so results do not depend on batch size, worker or actor count, or restarts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["derive_seed", "generator", "SeedStack"]
+
+_MOD = 2**63 - 1  # torch.Generator.manual_seed takes any int64; keep seeds positive
+
+
+def derive_seed(*parts: int) -> int:
+    """A seed from a run seed and indices, e.g. (seed, rank, step) or (seed, sample id); order matters."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % _MOD
+    return seed
+
+
+def generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh generator on `device` seeded with `derive_seed(*parts)`."""
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(*parts))
+    return g
+
+
+class SeedStack:
+    """One generator per sample: row k of every draw comes from seed `seeds[k]` alone.
+
+    Draws are made on the CPU (bit-identical on any device) and moved to `device`. Successive calls advance every
+    generator, so a sampler that draws noise at each step gives sample k the same noise in any batch.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = []
+        for s in seeds:
+            g = torch.Generator()
+            g.manual_seed(int(s) % _MOD)
+            self.generators.append(g)
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+        """Standard normal draws [len(seeds), *shape]."""
+        return torch.stack([torch.randn(tuple(shape), generator=g, dtype=dtype) for g in self.generators]).to(
+            self.device)
+
+    def rand(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+        """Uniform [0, 1) draws [len(seeds), *shape]."""
+        return torch.stack([torch.rand(tuple(shape), generator=g, dtype=dtype) for g in self.generators]).to(
+            self.device)

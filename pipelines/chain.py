@@ -1,0 +1,67 @@
+"""The train -> sample -> evaluate chain that the demo and the reproduction run: one model, one or more samplers,
+bits/dim once per model and sample quality for every sampler, each stage logged to MLflow under the training run."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from pipelines.config import Config, EvalConfig, SampleConfig
+from pipelines.ingest import MANIFEST, ingest
+from pipelines.runtime import stage
+
+
+def ensure_ingested(source: str, shards: str | Path, num_shards: int = 4) -> None:
+    """Ingest `source` into `shards` unless a manifest is already there."""
+    if (Path(shards) / MANIFEST).exists():
+        return
+    res = ingest(source, shards, shards=num_shards)
+    counts = {s: v["count"] for s, v in res.manifest["splits"].items()}
+    stage(f"ingested {source} into {shards}: {counts}")
+
+
+def solver_tag(scfg: SampleConfig) -> str:
+    """A short name of a sampler for output folders: dopri5, euler20, sde100."""
+    from fm.solvers import is_adaptive
+
+    return scfg.solver if is_adaptive(scfg.solver) else f"{scfg.solver}{scfg.steps}"
+
+
+def sample_and_evaluate(trained: dict, shards: str, solves: list[SampleConfig], ecfg: EvalConfig,
+                        samples_root: str | Path) -> list[dict]:
+    """For a trained model (a `run_training` result): sample with every sampler into samples_root/<tag>, and
+    evaluate: bits/dim once (with the first sampler's run), sample quality for each. Returns one record per
+    sampler with its sampling and evaluation results and MLflow run ids."""
+    from pipelines.evaluate import log_evaluation_run, run_evaluation, sample_quality
+    from pipelines.ingest import load_manifest
+    from pipelines.sample import log_sampling_run, run_sampling
+
+    uri, ckpt = trained["tracking_uri"], trained["checkpoint"]
+    records, first = [], None
+    for scfg in solves:
+        start = time.perf_counter()
+        samples = run_sampling(ckpt, Path(samples_root) / solver_tag(scfg), scfg)
+        sample_run = log_sampling_run(samples, asdict(scfg), uri)
+        if first is None:
+            ev = first = run_evaluation(ckpt, shards, samples["out"], ecfg)
+        else:  # the likelihood does not depend on the sampler: reuse it, measure quality only
+            ev = {k: v for k, v in first.items() if k not in ("quality", "sample_run_id", "sample_settings")}
+            ev["quality"] = sample_quality(shards, load_manifest(shards), samples["out"], ecfg)
+            ev["sample_run_id"] = sample_run
+            ev["sample_settings"] = json.loads((Path(samples["out"]) / "_sampling.json").read_text())
+        eval_run = log_evaluation_run(ev, ecfg, uri)
+        records.append({"solver": solver_tag(scfg), "sample": samples, "sample_run_id": sample_run, "evaluation": ev,
+                        "eval_run_id": eval_run, "seconds": round(time.perf_counter() - start, 1)})
+    return records
+
+
+def train_sample_evaluate(cfg: Config, solves: list[SampleConfig], ecfg: EvalConfig,
+                          samples_root: str | Path) -> dict:
+    """Train per `cfg`, then `sample_and_evaluate` the final model; returns {"train": ..., "solves": [...]}."""
+    from pipelines.train import run_training
+
+    trained = run_training(cfg)
+    return {"train": trained, "solves": sample_and_evaluate(trained, cfg.data.shards, solves, ecfg,
+                                                            Path(samples_root) / trained["run_id"])}
