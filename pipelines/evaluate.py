@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tqdm import tqdm
 
 from fm.data import to_model_space
 from fm.likelihood import LikelihoodSettings, mean_and_stderr
@@ -61,7 +62,7 @@ def likelihood_stage(checkpoint: str, shards: str, manifest: dict, cfg: EvalConf
     from ray.data import ActorPoolStrategy
 
     from pipelines.ingest import shard_paths
-    from pipelines.runtime import init_ray, stage
+    from pipelines.runtime import Progress, init_ray, stage
 
     init_ray()
     stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence) "
@@ -70,9 +71,15 @@ def likelihood_stage(checkpoint: str, shards: str, manifest: dict, cfg: EvalConf
     if cfg.max_images:
         ds = ds.limit(cfg.max_images)
     start = time.perf_counter()
-    rows = ds.map_batches(LikelihoodActor, fn_constructor_args=(checkpoint, asdict(cfg), manifest),
-                          batch_size=cfg.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=cfg.actors),
-                          num_cpus=cfg.cpus_per_actor).take_all()
+    total = manifest["splits"][cfg.split]["count"]
+    progress = Progress("bits/dim" if manifest["kind"] == "image" else "NLL",
+                        min(total, cfg.max_images) if cfg.max_images else total, "images")
+    rows = []
+    for row in ds.map_batches(LikelihoodActor, fn_constructor_args=(checkpoint, asdict(cfg), manifest),
+                              batch_size=cfg.batch_size, batch_format="numpy",
+                              compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor).iter_rows():
+        rows.append(row)
+        progress.update()
     wall = time.perf_counter() - start
     values = torch.tensor([r["value"] for r in rows], dtype=torch.float64)
     mean, stderr = mean_and_stderr(values)
@@ -113,7 +120,7 @@ def get_classifier(shards: str, manifest: dict, epochs: int = 15, seed: int = 0)
     model = SmallCNN(**kwargs)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="feature classifier", unit=" epochs", leave=False):
         model.train()
         for idx in torch.randperm(len(x), generator=g).split(128):
             # small random shifts make the features robust to what a generator gets slightly wrong

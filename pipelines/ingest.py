@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from pipelines.config import ConfigError
 
@@ -291,7 +292,7 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
     quarantine: list[dict] = []
     shape: tuple[int, ...] | None = None
     total = 0
-    for rec in records:
+    for rec in tqdm(records, desc=f"ingest {spec}", unit=" rows", mininterval=5, leave=False):
         total += 1
         try:
             if rec.error:

@@ -47,6 +47,10 @@ def init_ray(address: str | None = None, local_cpus: int = 4) -> None:
         # controller); prints of the project's workers (the training progress lines) still reach the driver
         kwargs["logging_level"] = logging.WARNING
         kwargs["logging_config"] = ray.LoggingConfig(log_level="WARNING")
+    if quiet:
+        # Ray Data configures its own logger in every process from this variable (workers inherit it from a local
+        # Ray; on a cluster only this driver's logger is quietened)
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
@@ -60,13 +64,31 @@ def _quiet_ray_data(quiet: bool) -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = True
-    # the per-operator bars of a whole plan print one line per operator; one bar per dataset is enough
-    ctx.enable_operator_progress_bars = not quiet
-    if hasattr(ctx, "print_on_execution_start"):
-        ctx.print_on_execution_start = not quiet
+    ctx.enable_progress_bars = True  # tqdm bars on a terminal; logged at INFO (shown with --verbose) otherwise
+    ctx.print_on_execution_start = not quiet  # the operator plan of every dataset
 
 
 def stage(message: str) -> None:
     """One console line for a stage of a job (flushed, on stderr, so stdout's last line stays the JSON result)."""
     print(f"[flowray {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A progress line with rate and ETA for a stage that completes `total` units (blocks, batches, images): at
+    most one line every `every` seconds, and one at the end. Works the same on a terminal and in a log file."""
+
+    def __init__(self, what: str, total: int, unit: str, every: float = 10.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.done < self.total and now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        stage(f"{self.what}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, "
+              + (f"ETA {eta:.0f} s" if self.done < self.total else f"done in {elapsed:.0f} s"))

@@ -190,7 +190,7 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
     start = time.perf_counter()
     stats = []
     if todo:
-        from pipelines.runtime import init_ray, stage
+        from pipelines.runtime import Progress, init_ray, stage
 
         init_ray()
         stage(f"sampling {cfg.num_samples} samples ({len(todo)} blocks of {cfg.block_size}, {len(done)} reused) "
@@ -200,7 +200,10 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
                             batch_size=cfg.blocks_per_call, batch_format="numpy",
                             compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
                             num_gpus=cfg.gpus_per_actor or None)
-        stats = ds.take_all()
+        progress = Progress("sampling", len(todo), "blocks")
+        for row in ds.iter_rows():  # rows stream back as blocks finish: progress, and no driver-side buffering
+            stats.append(row)
+            progress.update()
     wall = time.perf_counter() - start
     nfe = [int(r["nfe"]) for r in stats]
     busy = sum(float(r["seconds"]) for r in stats)

@@ -115,12 +115,40 @@ def mlflow_server(tmp_path):
 
 
 def test_logging_to_a_real_mlflow_server(digits, tmp_path, ray_cluster, mlflow_server):
+    import mlflow
+    import torch
+
+    from jobs.sample import main as sample_main
+    from pipelines.checkpoint import CheckpointError
+    from pipelines.tracking import resolve_checkpoint
+
     res = run_training(tiny_config(digits, tmp_path / "runs", mlflow_server, "over-http", "train.steps=4",
-                                   "ray.num_workers=1"))
+                                   "ray.num_workers=1", "mlflow.register_as=tiny-digits"))
     client = MlflowClient(mlflow_server)
     run = client.get_run(res["run_id"])
     assert run.data.params["train.steps"] == "4" and "loss" in run.data.metrics
     assert {a.path for a in client.list_artifacts(res["run_id"], "samples")} == {"samples/step_000004.png"}
+    # the final model is an MLflow Model in the registry, and the batch stages take it by name
+    assert res["registered_model"] == "models:/tiny-digits/1"
+    client.set_registered_model_alias("tiny-digits", "champion", "1")
+    for i, spec in enumerate(("models:/tiny-digits/1", "models:/tiny-digits@champion")):
+        out = sample_main(["--checkpoint", spec, "--num-samples", "4", "--out", str(tmp_path / f"s{i}"),
+                           "--tracking-uri", mlflow_server, "--set", "sample.solver=euler", "--set",
+                           "sample.steps=2"])
+        assert out["blocks_sampled"] == 1 and out["train_run_id"] == res["run_id"]
+        assert client.get_run(out["mlflow_run_id"]).data.tags["flowray.train_run_id"] == res["run_id"]
+    # the exported network (pt2, no pickled code) computes what the checkpoint's EMA network computes
+    loaded = load_model(resolve_checkpoint("models:/tiny-digits/1", mlflow_server, cache=tmp_path / "cache"))
+    mlflow.set_tracking_uri(mlflow_server)
+    exported = mlflow.pytorch.load_model("models:/tiny-digits/1")
+    x, t = torch.randn(3, 1, 8, 8), torch.rand(3)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x, t), loaded.model(x, t))
+    signature = mlflow.models.get_model_info("models:/tiny-digits/1").signature
+    assert [s.name for s in signature.inputs.inputs] == ["x_t", "t"]
+    assert signature.outputs.inputs[0].shape == (-1, 1, 8, 8)
+    with pytest.raises(CheckpointError, match="cannot fetch registered model models:/nope/1"):
+        resolve_checkpoint("models:/nope/1", mlflow_server, cache=tmp_path / "cache")
 
 
 def test_tracking_outage_warns_and_does_not_raise(monkeypatch):
