@@ -34,9 +34,9 @@ def baseline(shards: Path, cfg, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     manifest = load_manifest(shards)
     raw = [b for p in shard_paths(shards, "train") for b in pq.read_table(p)["image"].to_pylist()]
-    x = to_model_space(decode_rows(raw, manifest["shape"]))
+    x = to_model_space(decode_rows(raw, manifest.data.shape))
     torch.manual_seed(0)
-    model = build_model(cfg.model.name, **model_kwargs(cfg, manifest))
+    model = build_model(cfg.model.name, **model_kwargs(cfg, manifest.data))
     method = make_method(**method_kwargs(cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     ema = EMA(model, cfg.optim.ema_decay)

@@ -9,7 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipelines.config import Config, EvalConfig, SampleConfig
-from pipelines.ingest import MANIFEST, ingest
+from pipelines.ingest import ingest
+from pipelines.manifest import MANIFEST, Manifest
 from pipelines.runtime import stage
 
 
@@ -35,11 +36,10 @@ def sample_and_evaluate(trained: dict, shards: str, solves: list[SampleConfig], 
     evaluate: bits/dim once (with the first sampler's run), sample quality for each. Returns one record per
     sampler with its sampling and evaluation results and MLflow run ids."""
     from pipelines.evaluate import log_evaluation_run, run_evaluation, sample_quality
-    from pipelines.ingest import load_manifest
     from pipelines.sample import log_sampling_run, run_sampling
 
     uri, ckpt = trained["tracking_uri"], trained["checkpoint"]
-    records, first = [], None
+    records, first, manifest = [], None, Manifest.load(shards)
     for scfg in solves:
         start = time.perf_counter()
         samples = run_sampling(ckpt, Path(samples_root) / solver_tag(scfg), scfg)
@@ -48,7 +48,7 @@ def sample_and_evaluate(trained: dict, shards: str, solves: list[SampleConfig], 
             ev = first = run_evaluation(ckpt, shards, samples["out"], ecfg)
         else:  # the likelihood does not depend on the sampler: reuse it, measure quality only
             ev = {k: v for k, v in first.items() if k not in ("quality", "sample_run_id", "sample_settings")}
-            ev["quality"] = sample_quality(shards, load_manifest(shards), samples["out"], ecfg)
+            ev["quality"] = sample_quality(manifest, samples["out"], ecfg)
             ev["sample_run_id"] = sample_run
             ev["sample_settings"] = json.loads((Path(samples["out"]) / "_sampling.json").read_text())
         eval_run = log_evaluation_run(ev, ecfg, uri)

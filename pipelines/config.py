@@ -354,37 +354,38 @@ def validate_eval_config(c: EvalConfig) -> None:
         raise ConfigError(f"{key}: {err}") from None
 
 
-def check_data(cfg: Config) -> dict:
-    """Validate the data section against the ingest manifest (before Ray starts); returns the manifest."""
-    from pipelines.ingest import IngestError, load_manifest
+def check_data(cfg: Config):
+    """Validate the data section against the ingest manifest (before Ray starts); returns the `Manifest`."""
+    from pipelines.manifest import Manifest
 
     try:
-        manifest = load_manifest(cfg.data.shards)
-    except IngestError as err:
+        manifest = Manifest.load(cfg.data.shards)
+    except ConfigError as err:
         raise ConfigError(f"data.shards: {err}") from None
-    _check(cfg.data.split in manifest["splits"], "data.split", cfg.data.split,
-           f"splits in {cfg.data.shards}: {', '.join(manifest['splits'])}")
-    if manifest["kind"] == "image":
-        size = manifest["shape"][0]
+    _check(cfg.data.split in manifest.splits, "data.split", cfg.data.split,
+           f"splits in {cfg.data.shards}: {', '.join(manifest.splits)}")
+    if manifest.data.is_image:
+        size = manifest.data.shape[0]
         levels = len(cfg.model.channel_mult)
         _check(cfg.model.name == "unet", "model.name", cfg.model.name, "image data needs the unet")
         _check(size % (2 ** (levels - 1)) == 0, "model.channel_mult", cfg.model.channel_mult,
                f"{levels} levels need the image size {size} divisible by {2 ** (levels - 1)}")
     else:
         _check(cfg.model.name == "mlp", "model.name", cfg.model.name, "point data needs the mlp")
-    count = manifest["splits"][cfg.data.split]["count"]
+    count = manifest.count(cfg.data.split)
     _check(count >= cfg.train.batch_size * cfg.ray.num_workers, "train.batch_size", cfg.train.batch_size,
            f"the {cfg.data.split} split has {count} rows, fewer than batch_size x num_workers")
     return manifest
 
 
-def model_kwargs(cfg: Config, manifest: dict) -> dict:
-    """Arguments that rebuild the model with `fm.models.build_model` (stored in every checkpoint)."""
+def model_kwargs(cfg: Config, data) -> dict:
+    """Arguments that rebuild the model with `fm.models.build_model` (stored in every checkpoint), for the rows of
+    a `pipelines.manifest.DataSpec`."""
     m = cfg.model
-    num_classes = manifest["num_classes"] if m.class_conditional else None
+    num_classes = data.num_classes if m.class_conditional else None
     if m.name == "mlp":
-        return {"dim": int(manifest["shape"][0]), "hidden": m.hidden, "depth": m.depth, "num_classes": num_classes}
-    h, _, c = manifest["shape"]
+        return {"dim": int(data.shape[0]), "hidden": m.hidden, "depth": m.depth, "num_classes": num_classes}
+    h, _, c = data.shape
     return {"image_size": h, "in_channels": c, "model_channels": m.model_channels,
             "channel_mult": list(m.channel_mult), "num_res_blocks": m.num_res_blocks,
             "attention_resolutions": list(m.attention_resolutions), "dropout": m.dropout, "num_heads": m.num_heads,

@@ -21,6 +21,7 @@ from fm.likelihood import LikelihoodSettings, mean_and_stderr
 from fm.seeding import generator
 from pipelines.config import ConfigError, EvalConfig, validate_eval_config
 from pipelines.images import decode_rows
+from pipelines.manifest import DataSpec, Manifest
 
 CLASSIFIER_DIR = "classifier"
 
@@ -32,11 +33,11 @@ class EvaluationError(ConfigError):
 class LikelihoodActor:
     """Ray Data actor: loads the model once; per batch, bits/dim (images) or log-density (points) per row."""
 
-    def __init__(self, checkpoint: str, cfg: dict, manifest: dict):
+    def __init__(self, checkpoint: str, cfg: dict, data: DataSpec):
         from pipelines.checkpoint import load_model
 
         self.loaded = load_model(checkpoint)
-        self.cfg, self.manifest = EvalConfig(**cfg), manifest
+        self.cfg, self.data = EvalConfig(**cfg), data
 
     def __call__(self, batch: dict) -> dict:
         from fm.likelihood import bits_per_dim, log_likelihood
@@ -47,35 +48,34 @@ class LikelihoodActor:
         g = generator(c.seed, sum(zlib.crc32(str(i).encode()) for i in batch["id"]))
         settings = LikelihoodSettings(c.divergence, c.probes, c.probe_kind, c.solver, c.atol, c.rtol, c.steps,
                                       t_1=method.t_max)
-        if self.manifest["kind"] == "image":
-            x = decode_rows(batch["image"], self.manifest["shape"])
+        if self.data.is_image:
+            x = decode_rows(batch["image"], self.data.shape)
             res = bits_per_dim(fn, x.float(), draws=c.draws, generator=g, settings=settings)
             return {"id": batch["id"], "value": res.bpd.numpy(), "nfe": np.full(len(x), res.nfe)}
-        x = decode_rows(batch["image"], self.manifest["shape"], "points")
+        x = decode_rows(batch["image"], self.data.shape, "points")
         res = log_likelihood(fn, x, settings, g)
         return {"id": batch["id"], "value": (-res.log_p).numpy(), "nfe": np.full(len(x), res.nfe)}
 
 
-def likelihood_stage(checkpoint: str, shards: str, manifest: dict, cfg: EvalConfig) -> dict:
+def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> dict:
     """Bits/dim (or NLL in nats for points) over a split, as a map_batches actor stage; mean ± stderr, NFE."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from pipelines.ingest import shard_paths
     from pipelines.runtime import Progress, init_ray, stage
 
     init_ray()
     stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence) "
           f"on {cfg.actors} actor(s)")
-    ds = ray.data.read_parquet(shard_paths(shards, cfg.split)).select_columns(["id", "image"])
+    ds = ray.data.read_parquet(manifest.shard_paths(cfg.split)).select_columns(["id", "image"])
     if cfg.max_images:
         ds = ds.limit(cfg.max_images)
     start = time.perf_counter()
-    total = manifest["splits"][cfg.split]["count"]
-    progress = Progress("bits/dim" if manifest["kind"] == "image" else "NLL",
+    total = manifest.count(cfg.split)
+    progress = Progress("bits/dim" if manifest.data.is_image else "NLL",
                         min(total, cfg.max_images) if cfg.max_images else total, "images")
     rows = []
-    for row in ds.map_batches(LikelihoodActor, fn_constructor_args=(checkpoint, asdict(cfg), manifest),
+    for row in ds.map_batches(LikelihoodActor, fn_constructor_args=(checkpoint, asdict(cfg), manifest.data),
                               batch_size=cfg.batch_size, batch_format="numpy",
                               compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor).iter_rows():
         rows.append(row)
@@ -83,22 +83,20 @@ def likelihood_stage(checkpoint: str, shards: str, manifest: dict, cfg: EvalConf
     wall = time.perf_counter() - start
     values = torch.tensor([r["value"] for r in rows], dtype=torch.float64)
     mean, stderr = mean_and_stderr(values)
-    unit = "bits/dim" if manifest["kind"] == "image" else "nats"
+    unit = "bits/dim" if manifest.data.is_image else "nats"
     return {"metric": "bpd" if unit == "bits/dim" else "nll", "unit": unit, "mean": mean, "stderr": stderr,
             "n": len(rows), "mean_nfe": float(np.mean([r["nfe"] for r in rows])), "draws": cfg.draws,
             "divergence": cfg.divergence, "probes": cfg.probes if cfg.divergence == "hutchinson" else None,
             "images_per_s": len(rows) / wall, "wall_s": wall}
 
 
-def _load_split(shards: str, split: str, manifest: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    from pipelines.ingest import shard_paths
-
-    table = pa.concat_tables([pq.read_table(p, columns=["image", "label"]) for p in shard_paths(shards, split)])
-    x = decode_rows(table["image"].to_pylist(), manifest["shape"])
+def _load_split(manifest: Manifest, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    table = pa.concat_tables([pq.read_table(p, columns=["image", "label"]) for p in manifest.shard_paths(split)])
+    x = decode_rows(table["image"].to_pylist(), manifest.data.shape)
     return to_model_space(x), torch.tensor(table["label"].to_pylist())
 
 
-def get_classifier(shards: str, manifest: dict, epochs: int = 15, seed: int = 0):
+def get_classifier(manifest: Manifest, epochs: int = 15, seed: int = 0):
     """The data set's feature classifier: loaded from <shards>/classifier/epochs<E>-seed<S>/, else trained once with
     those settings and cached there.
 
@@ -106,17 +104,17 @@ def get_classifier(shards: str, manifest: dict, epochs: int = 15, seed: int = 0)
     """
     from fm.models.classifier import SmallCNN
 
-    kwargs = {"in_channels": manifest["shape"][2], "num_classes": max(manifest["num_classes"], 2)}
+    kwargs = {"in_channels": manifest.data.shape[2], "num_classes": max(manifest.data.num_classes, 2)}
     # one cache entry per training settings: another epoch count or seed trains (and keeps) its own classifier
-    cache = Path(shards) / CLASSIFIER_DIR / f"epochs{epochs}-seed{seed}"
+    cache = manifest.directory / CLASSIFIER_DIR / f"epochs{epochs}-seed{seed}"
     if (cache / "info.json").exists():
         info = json.loads((cache / "info.json").read_text())
         model = SmallCNN(**info["kwargs"])
         model.load_state_dict(torch.load(cache / "model.pt", map_location="cpu", weights_only=True))
         return model.eval(), info
     torch.manual_seed(seed)
-    x, y = _load_split(shards, "train", manifest)
-    x_test, y_test = _load_split(shards, "test", manifest)
+    x, y = _load_split(manifest, "train")
+    x_test, y_test = _load_split(manifest, "test")
     model = SmallCNN(**kwargs)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed)
@@ -141,25 +139,25 @@ def get_classifier(shards: str, manifest: dict, epochs: int = 15, seed: int = 0)
     return model, info
 
 
-def sample_quality(shards: str, manifest: dict, samples_dir: str, cfg: EvalConfig) -> dict:
+def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dict:
     """FD and KID between the test split and the samples in classifier features; accuracy and class histogram."""
     from fm.metrics import frechet_distance_from_features, kid
     from pipelines.sample import read_samples
 
-    if manifest["kind"] != "image":
-        return _toy_quality(manifest, samples_dir)
-    classifier, info = get_classifier(shards, manifest, cfg.classifier_epochs, cfg.seed)
+    if not manifest.data.is_image:
+        return _toy_quality(manifest.data, samples_dir)
+    classifier, info = get_classifier(manifest, cfg.classifier_epochs, cfg.seed)
     _, raw, _ = read_samples(samples_dir)
     try:
-        fake = to_model_space(decode_rows(raw, manifest["shape"]))
+        fake = to_model_space(decode_rows(raw, manifest.data.shape))
     except ValueError:
-        raise EvaluationError(f"samples in {samples_dir} do not have the data's shape {manifest['shape']}") from None
-    real, _ = _load_split(shards, cfg.split, manifest)
+        raise EvaluationError(f"samples in {samples_dir} do not have the data's shape {manifest.data.shape}") from None
+    real, _ = _load_split(manifest, cfg.split)
     with torch.no_grad():
         f_real = torch.cat([classifier.features(b) for b in real.split(512)])
         f_fake = torch.cat([classifier.features(b) for b in fake.split(512)])
         pred = torch.cat([classifier(b).argmax(1) for b in fake.split(512)])
-    name = manifest["source"].split(":")[0]
+    name = manifest.data.name
     kid_mean, kid_std = kid(f_real, f_fake, subsets=50, subset_size=min(500, len(f_real), len(f_fake)),
                             generator=torch.Generator().manual_seed(cfg.seed))
     hist = torch.bincount(pred, minlength=info["kwargs"]["num_classes"]).tolist()
@@ -170,14 +168,14 @@ def sample_quality(shards: str, manifest: dict, samples_dir: str, cfg: EvalConfi
             "fid": None, "fid_note": "FID not computed: no Inception-v3 weights are available offline here"}
 
 
-def _toy_quality(manifest: dict, samples_dir: str) -> dict:
+def _toy_quality(data: DataSpec, samples_dir: str) -> dict:
     from fm.data import sample_toy
     from fm.metrics import wasserstein2
     from pipelines.sample import read_samples
 
     _, raw, _ = read_samples(samples_dir)
-    x = decode_rows(raw, manifest["shape"], "points")
-    name = manifest["source"].split(":", 1)[1]
+    x = decode_rows(raw, data.shape, "points")
+    name = data.name
     n = min(len(x), 2000)
     ref = sample_toy(name, n, torch.Generator().manual_seed(12345))
     return {"w2": wasserstein2(x[:n], ref), "num_samples": len(x)}
@@ -185,24 +183,22 @@ def _toy_quality(manifest: dict, samples_dir: str) -> dict:
 
 def run_evaluation(checkpoint: str, shards: str, samples: str | None, cfg: EvalConfig) -> dict:
     from pipelines.checkpoint import load_meta
-    from pipelines.ingest import load_manifest
-
     validate_eval_config(cfg)
     meta = load_meta(checkpoint)
-    manifest = load_manifest(shards)
-    if cfg.split not in manifest["splits"]:
-        raise EvaluationError(f"eval.split: {cfg.split!r} not in {shards}; splits: {', '.join(manifest['splits'])}")
+    manifest = Manifest.load(shards)  # read once, passed on
+    manifest.check_split(cfg.split, "eval.split")
     trained_on = meta.get("manifest", {}).get("shape")
-    if trained_on is not None and trained_on != manifest["shape"]:
-        raise EvaluationError(f"checkpoint was trained on shape {trained_on}, but {shards} holds {manifest['shape']}")
+    if trained_on is not None and trained_on != manifest.data.shape:
+        raise EvaluationError(f"checkpoint was trained on shape {trained_on}, but {shards} holds "
+                              f"{manifest.data.shape}")
     if samples is not None:
         from pipelines.sample import read_samples
 
         read_samples(samples)  # foreign or empty sample directories fail before Ray starts
-    result = {"likelihood": likelihood_stage(checkpoint, shards, manifest, cfg), "train_run_id": meta.get(
+    result = {"likelihood": likelihood_stage(checkpoint, manifest, cfg), "train_run_id": meta.get(
         "mlflow_run_id"), "checkpoint_step": meta["step"], "method": meta["method"]["name"]}
     if samples is not None:
-        result["quality"] = sample_quality(shards, manifest, samples, cfg)
+        result["quality"] = sample_quality(manifest, samples, cfg)
         sampling = Path(samples) / "_mlflow.json"
         if sampling.exists():
             result["sample_run_id"] = json.loads(sampling.read_text())["run_id"]

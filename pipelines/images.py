@@ -1,4 +1,9 @@
-"""Image grids for MLflow artifacts."""
+"""The parquet cell format of every stage, and image grids for MLflow artifacts.
+
+A row's `image` cell holds raw bytes: uint8 pixels in HWC order for images, float32 values for points. Ingest writes
+them, training and evaluation read them, and sampling writes its outputs the same way. The pixel scale (uint8 to
+model space [-1, 1] and back) is `fm.data.to_model_space` / `fm.data.to_uint8`.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,13 @@ def decode_rows(raw, shape: list[int], kind: str = "image") -> torch.Tensor:
         arr = np.frombuffer(b"".join(raw), np.uint8).reshape(-1, *shape)
         return torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)
     return torch.from_numpy(np.frombuffer(b"".join(raw), np.float32).reshape(-1, *shape).copy())
+
+
+def encode_rows(x: torch.Tensor, kind: str = "image") -> list[bytes]:
+    """A batch to parquet `image` cells: uint8 [B, C, H, W] images as HWC bytes, or points [B, D] as float32."""
+    if kind == "image":
+        return [row.tobytes() for row in x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()]
+    return [row.tobytes() for row in x.float().cpu().numpy()]
 
 
 def save_grid(images: torch.Tensor, path: str | Path, scale: int = 4) -> Path:

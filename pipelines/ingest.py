@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -24,8 +23,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipelines.config import ConfigError
+from pipelines.manifest import MANIFEST, Manifest, sha256
 
-MANIFEST = "manifest.json"
 SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("image", pa.binary())])
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -374,37 +373,15 @@ def _write_shards(rows: list[tuple], out: Path, split: str, n: int) -> list[dict
         tmp = out / f".{name}.tmp"
         pq.write_table(table, tmp)
         os.replace(tmp, out / name)  # atomic: a half-written shard never carries the final name
-        shards.append({"file": name, "rows": len(part), "sha256": _sha256(out / name)})
+        shards.append({"file": name, "rows": len(part), "sha256": sha256(out / name)})
     return shards
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_manifest(directory: str | Path, verify: bool = False) -> dict:
-    """Read manifest.json of an ingest output; with verify, check every shard's checksum."""
-    path = Path(directory) / MANIFEST
-    if not path.exists():
-        raise IngestError(f"{path} not found: run `python -m jobs.ingest --source ... --out {directory}` first")
-    manifest = json.loads(path.read_text())
-    if verify:
-        for split in manifest["splits"].values():
-            for shard in split["shards"]:
-                got = _sha256(Path(directory) / shard["file"])
-                if got != shard["sha256"]:
-                    raise IngestError(f"{Path(directory) / shard['file']}: checksum {got[:12]}... does not match "
-                                      f"the manifest's {shard['sha256'][:12]}...")
-    return manifest
+def load_manifest(directory: str | Path, verify: bool = False) -> Manifest:
+    """The typed manifest of an ingest output (see `pipelines.manifest`); with verify, checks every checksum."""
+    return Manifest.load(directory, verify)
 
 
 def shard_paths(directory: str | Path, split: str) -> list[str]:
     """Absolute paths of a split's shards, from the manifest."""
-    manifest = load_manifest(directory)
-    if split not in manifest["splits"]:
-        raise IngestError(f"split {split!r} not in {directory}; splits: {', '.join(manifest['splits'])}")
-    return [str((Path(directory) / s["file"]).resolve()) for s in manifest["splits"][split]["shards"]]
+    return Manifest.load(directory).shard_paths(split)

@@ -25,6 +25,8 @@ import torch
 
 from fm.seeding import SeedStack, derive_seed
 from pipelines.config import ConfigError, SampleConfig, validate_sample_config
+from pipelines.images import encode_rows
+from pipelines.manifest import DataSpec
 
 SAMPLE_SCHEMA = pa.schema([("id", pa.int64()), ("seed", pa.int64()), ("label", pa.int64()), ("nfe", pa.int64()),
                            ("image", pa.binary())])
@@ -104,10 +106,7 @@ class Sampler:
             else:
                 res = ode_sample(fn, x_0, c.solver, c.steps, c.atol, c.rtol, t_1=self.method.t_max)
         x = res.x_1.cpu()
-        if self.layout == "HWC":
-            payload = [b.tobytes() for b in to_uint8(x).permute(0, 2, 3, 1).contiguous().numpy()]
-        else:
-            payload = [b.tobytes() for b in x.float().numpy()]
+        payload = encode_rows(to_uint8(x), "image") if self.layout == "HWC" else encode_rows(x, "points")
         table = pa.table({"id": ids, "seed": [derive_seed(c.seed, int(i)) for i in ids],
                           "label": (y.numpy() if y is not None else np.full(len(ids), -1)),
                           "nfe": np.full(len(ids), res.nfe), "image": payload}, schema=SAMPLE_SCHEMA)
@@ -178,10 +177,8 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
 
     meta = load_meta(checkpoint)  # fails clearly before Ray starts
     validate_sample_config(cfg, meta["method"]["name"], meta["method"])
-    manifest = meta.get("manifest", {})
-    layout = "HWC" if manifest.get("kind", "image") == "image" else "D"
-    shape = manifest.get("shape")
-    model_shape = [shape[2], shape[0], shape[1]] if layout == "HWC" else list(shape)
+    data = DataSpec.from_dict(meta.get("manifest"), f"{checkpoint}/meta.json: manifest")
+    layout, model_shape = ("HWC" if data.is_image else "D"), data.model_shape
     out = Path(out).resolve()
     prepare_output(out, cfg, checkpoint)
     done = complete_blocks(out, cfg)
@@ -262,9 +259,9 @@ def _decode_grid(raw: np.ndarray, out: str) -> torch.Tensor | None:
     from pipelines.checkpoint import load_meta
 
     settings = json.loads((Path(out) / SETTINGS).read_text())
-    manifest = load_meta(settings["checkpoint"]).get("manifest", {})
-    if manifest.get("kind") != "image":
+    data = DataSpec.from_dict(load_meta(settings["checkpoint"]).get("manifest"), "checkpoint manifest")
+    if not data.is_image:
         return None
     from pipelines.images import decode_rows
 
-    return decode_rows(raw, manifest["shape"])
+    return decode_rows(raw, data.shape)

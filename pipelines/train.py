@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fm.data import to_uint8
+from fm.data import to_model_space, to_uint8
 from fm.ema import EMA
 from fm.methods import Method, make_method
 from fm.models import build_model
@@ -24,8 +24,8 @@ from fm.solvers import ode_sample
 from fm.training import StepResult, train_step, warmup_lr
 from pipelines.checkpoint import load_meta, load_state, save_checkpoint
 from pipelines.config import Config, check_data, method_kwargs, model_kwargs, tracking_uri
-from pipelines.images import save_grid
-from pipelines.ingest import shard_paths
+from pipelines.images import decode_rows, save_grid
+from pipelines.manifest import DataSpec, Manifest
 from pipelines.tracking import SafeLogger
 
 LABEL_STREAM = 1  # the label-dropout draws of a step come from derive_seed(seed, rank, step, LABEL_STREAM)
@@ -47,23 +47,21 @@ class Preprocess:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raw = b"".join(batch["image"])
         if self.kind == "points":
-            x = np.frombuffer(raw, dtype=np.float32).reshape(-1, *self.shape)
+            x = decode_rows(batch["image"], self.shape, "points").numpy()
         else:
-            u8 = np.frombuffer(raw, dtype=np.uint8).reshape(-1, *self.shape).transpose(0, 3, 1, 2)
-            x = u8.astype(np.float32) / 127.5 - 1.0  # as fm.data.to_model_space
+            x = to_model_space(decode_rows(batch["image"], self.shape)).numpy()
             if self.hflip:
                 flip = self.rng.random(x.shape[0]) < 0.5
                 x[flip] = x[flip][..., ::-1]
         return {"x": np.ascontiguousarray(x), "y": batch["label"].astype(np.int64)}
 
 
-def build_dataset(cfg: Config, manifest: dict):
+def build_dataset(cfg: Config, manifest: Manifest):
     """The streaming training dataset: read_parquet over the split's shards, preprocessed on CPU."""
     import ray.data
 
-    ds = ray.data.read_parquet(shard_paths(cfg.data.shards, cfg.data.split)).select_columns(["image", "label"])
+    ds = ray.data.read_parquet(manifest.shard_paths(cfg.data.split)).select_columns(["image", "label"])
     if cfg.data.cache:
         # Decoded rows are kept in Ray's object store (not the driver) and flips are applied on the fly.
         ds = ds.materialize()
@@ -71,8 +69,8 @@ def build_dataset(cfg: Config, manifest: dict):
         # Each pass over a streaming split restarts its executor (about a second); on a small data set that
         # start-up dominates the step time, so one Ray Data epoch spans several passes.
         ds = ds.union(*([ds] * (cfg.data.repeat - 1)))
-    return ds.map_batches(Preprocess, fn_constructor_args=(manifest["shape"], manifest["kind"], cfg.data.hflip,
-                                                           cfg.train.seed),
+    return ds.map_batches(Preprocess, fn_constructor_args=(manifest.data.shape, manifest.data.kind,
+                                                           cfg.data.hflip, cfg.train.seed),
                           batch_format="numpy", batch_size=256, num_cpus=cfg.ray.preprocess_cpus,
                           compute=_actor_pool(1))
 
@@ -92,7 +90,7 @@ class TrainJob:
 
     config: Config
     model_kwargs: dict
-    manifest: dict  # source, kind, shape, num_classes, class_names
+    data: DataSpec
     tracking_uri: str
     run_id: str
     fault_marker: str
@@ -290,16 +288,16 @@ def _save(job: TrainJob, state: WorkerState, directory: str) -> None:
     save_checkpoint(directory, step=state.step, model=state.model, ema_state=state.ema.state_dict(),
                     optimizer=state.optimizer, model_name=job.config.model.name, model_kwargs=job.model_kwargs,
                     method_kwargs=method_kwargs(job.config), config=job.config.to_dict(),
-                    extra={"mlflow_run_id": job.run_id, "manifest": job.manifest,
+                    extra={"mlflow_run_id": job.run_id, "manifest": job.data.to_dict(),
                            "nonfinite_total": state.nonfinite_total})
 
 
 def _log_grid(logger: SafeLogger, job: TrainJob, state: WorkerState) -> None:
     """Sample a grid with the EMA model (Euler, fixed noise) and log it as samples/step_XXXXXX.png."""
-    if job.manifest["kind"] != "image":
+    if not job.data.is_image:
         return
     t = job.config.train
-    h, w, c = job.manifest["shape"]
+    h, w, c = job.data.shape
     x_0 = torch.randn(t.grid_size, c, h, w, generator=generator(1234)).to(state.device)
     num_classes = job.model_kwargs.get("num_classes")
     y = torch.arange(t.grid_size, device=state.device) % num_classes if num_classes else None
@@ -328,12 +326,11 @@ def run_training(cfg: Config) -> dict:
     # Continue the MLflow run of the same name only where Ray still has that run's state to resume from.
     run_id, resumed = find_or_create_run(uri, cfg.mlflow.experiment, cfg.train.run_name,
                                          tags={"flowray.kind": "train", "flowray.method": cfg.method.name,
-                                               "flowray.data": manifest["source"],
+                                               "flowray.data": manifest.data.source,
                                                "flowray.storage": str(run_dir)},
                                          resume=run_dir.exists())
     init_ray(cfg.ray.address, cfg.ray.local_cpus)
-    job = TrainJob(cfg, model_kwargs(cfg, manifest),
-                   {k: manifest[k] for k in ("source", "kind", "shape", "num_classes", "class_names")}, uri, run_id,
+    job = TrainJob(cfg, model_kwargs(cfg, manifest.data), manifest.data, uri, run_id,
                    str(run_dir / f".fault_injected_step_{cfg.train.fail_at_step}"))
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -361,7 +358,7 @@ def run_training(cfg: Config) -> dict:
         "run_id": run_id, "experiment": cfg.mlflow.experiment, "tracking_uri": uri, "resumed": resumed,
         "checkpoint": ckpt, "run_dir": str(run_dir), "metrics": _plain(result.metrics or {}),
         "wall_s": round(time.perf_counter() - start, 1), **model,
-        "sample_grid": f"runs:/{run_id}/samples" if manifest["kind"] == "image" else None,
+        "sample_grid": f"runs:/{run_id}/samples" if manifest.data.is_image else None,
     }
 
 

@@ -76,22 +76,22 @@ def _fake_samples(directory, images: np.ndarray, checkpoint):
 
 def test_classifier_features_rank_real_above_noise(tmp_path):
     data = tmp_path / "digits"
-    manifest = ingest("digits", data, shards=2, test_fraction=0.2).manifest
+    ingest("digits", data, shards=2, test_fraction=0.2)
     train = pa.concat_tables([pq.read_table(p) for p in sorted(data.glob("train-*.parquet"))])
     real = np.frombuffer(b"".join(train["image"].to_pylist()[:300]), np.uint8).reshape(-1, 8, 8, 1)
     noise = np.random.default_rng(0).integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
     _fake_samples(tmp_path / "real", real, tmp_path)
     _fake_samples(tmp_path / "noise", noise, tmp_path)
     cfg = EvalConfig(classifier_epochs=10)
-    good = sample_quality(str(data), manifest, str(tmp_path / "real"), cfg)
-    bad = sample_quality(str(data), manifest, str(tmp_path / "noise"), cfg)
+    good = sample_quality(load_manifest(data), str(tmp_path / "real"), cfg)
+    bad = sample_quality(load_manifest(data), str(tmp_path / "noise"), cfg)
     assert good["fd_label"] == "FD (digits classifier)" and good["fid"] is None
     assert "FID not computed" in good["fid_note"]
     assert good["classifier_test_accuracy"] > 0.9
     assert good["fd"] < 0.1 * bad["fd"] and good["kid"] < bad["kid"]
     assert sum(good["sample_class_histogram"]) == 300
     assert (data / "classifier" / "epochs10-seed0" / "model.pt").exists()  # trained once, then cached
-    again = sample_quality(str(data), load_manifest(data), str(tmp_path / "real"), cfg)
+    again = sample_quality(load_manifest(data), str(tmp_path / "real"), cfg)
     assert again["fd"] == pytest.approx(good["fd"])
 
 

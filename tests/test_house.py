@@ -75,15 +75,16 @@ def test_eval_solver_settings_are_checked_before_ray(tmp_path, capsys):
 
 def test_the_classifier_cache_is_keyed_by_its_settings(tmp_path):
     from pipelines.evaluate import get_classifier
-    from pipelines.ingest import ingest
+    from pipelines.ingest import ingest, load_manifest
 
-    manifest = ingest("digits", tmp_path / "digits", shards=1).manifest
-    _, one = get_classifier(str(tmp_path / "digits"), manifest, epochs=1, seed=0)
-    _, two = get_classifier(str(tmp_path / "digits"), manifest, epochs=2, seed=0)
-    _, seeded = get_classifier(str(tmp_path / "digits"), manifest, epochs=1, seed=1)
+    ingest("digits", tmp_path / "digits", shards=1)
+    manifest = load_manifest(tmp_path / "digits")
+    _, one = get_classifier(manifest, epochs=1, seed=0)
+    _, two = get_classifier(manifest, epochs=2, seed=0)
+    _, seeded = get_classifier(manifest, epochs=1, seed=1)
     assert (one["epochs"], two["epochs"], seeded["seed"]) == (1, 2, 1)
     assert len({one["path"], two["path"], seeded["path"]}) == 3
-    _, again = get_classifier(str(tmp_path / "digits"), manifest, epochs=2, seed=0)
+    _, again = get_classifier(manifest, epochs=2, seed=0)
     assert again == two  # the cached one, not retrained
 
 
@@ -149,3 +150,25 @@ def test_a_job_run_from_a_clean_checkout_writes_only_under_outputs(tmp_path):
     assert (work / "outputs" / "mlflow.db").exists() and (work / "outputs" / "mlartifacts").is_dir()
     status = subprocess.run(["git", "status", "--porcelain"], cwd=work, capture_output=True, text=True).stdout
     assert status.strip() == "A  .gitignore"
+
+
+def test_the_manifest_is_read_once_into_a_checked_type(tmp_path):
+    from pipelines.ingest import ingest
+    from pipelines.manifest import Manifest, ManifestError
+
+    ingest("digits", tmp_path / "d", shards=2)
+    m = Manifest.load(tmp_path / "d")
+    assert (m.data.kind, m.data.shape, m.data.model_shape, m.data.name) == ("image", [8, 8, 1], [1, 8, 8], "digits")
+    assert m.count("train") + m.count("test") == 1797 and len(m.shard_paths("train")) == 2
+    path = tmp_path / "d" / "manifest.json"
+    good = path.read_text()
+    path.write_text(good.replace('"shape": [\n  8,\n  8,\n  1\n ]', '"shape": "8x8"'))
+    with pytest.raises(ManifestError, match=r"manifest.json: shape '8x8' is not allowed; image rows need a list of 3"):
+        Manifest.load(tmp_path / "d")
+    path.write_text(good[:-20])
+    with pytest.raises(ManifestError, match="manifest.json: not valid JSON"):
+        Manifest.load(tmp_path / "d")
+    with pytest.raises(ConfigError, match="data.shards: .*manifest.json: not valid JSON"):
+        from pipelines.config import check_data
+
+        check_data(load_config("configs/digits-cpu.yaml", [f"data.shards={tmp_path / 'd'}"]))

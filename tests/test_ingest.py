@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipelines.ingest import IngestError, ingest, load_manifest, shard_paths
+from pipelines.manifest import ManifestError
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -142,5 +143,5 @@ def test_bad_sources(tmp_path):
         ingest(f"folder:{tmp_path}/nope", tmp_path / "o")
     with pytest.raises(IngestError, match="unknown toy2d set 'donut'"):
         ingest("toy2d:donut", tmp_path / "o")
-    with pytest.raises(IngestError, match="manifest.json not found"):
+    with pytest.raises(ManifestError, match="manifest.json not found"):
         load_manifest(tmp_path / "nothing")

@@ -1,0 +1,142 @@
+"""The manifest: the contract between ingest and every later stage, read once per job into typed objects.
+
+`manifest.json` in an ingest output holds the row format (`DataSpec`: source, kind, shape, classes), the splits
+with their shards (file, rows, sha256), and the quarantined rows. `DataSpec` is also what every checkpoint
+records of the data it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.config import ConfigError
+
+MANIFEST = "manifest.json"
+KINDS = ("image", "points")
+
+
+class ManifestError(ConfigError):
+    """A missing, malformed or inconsistent manifest; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The rows' format: images are uint8 [H, W, C] cells, points float32 [D] cells (see `pipelines.images`)."""
+
+    source: str
+    kind: str
+    shape: list[int]
+    num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def is_image(self) -> bool:
+        return self.kind == "image"
+
+    @property
+    def model_shape(self) -> list[int]:
+        """The model's input shape without the batch: [C, H, W] for images, [D] for points."""
+        return [self.shape[2], self.shape[0], self.shape[1]] if self.is_image else list(self.shape)
+
+    @property
+    def name(self) -> str:
+        """A short data set name for labels: "digits", "fashion-mnist", "checkerboard", ..."""
+        kind, _, arg = self.source.partition(":")
+        return arg if kind == "toy2d" else kind
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "kind": self.kind, "shape": list(self.shape),
+                "num_classes": self.num_classes, "class_names": list(self.class_names)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "manifest") -> DataSpec:
+        """Build and check; raise ManifestError naming `where` and the bad key."""
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: expected a mapping with source, kind and shape; got {type(d).__name__}")
+        for key in ("source", "kind", "shape"):
+            if key not in d:
+                raise ManifestError(f"{where}: key {key!r} is missing")
+        shape = d["shape"]
+        kind = d["kind"]
+        if kind not in KINDS:
+            raise ManifestError(f"{where}: kind {kind!r} is not allowed; allowed: {', '.join(KINDS)}")
+        want = 3 if kind == "image" else 1
+        if not (isinstance(shape, list) and len(shape) == want
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)):
+            raise ManifestError(f"{where}: shape {shape!r} is not allowed; {kind} rows need a list of {want} "
+                                "positive integers" + (" [H, W, C]" if kind == "image" else " [D]"))
+        num_classes = d.get("num_classes", 0)
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ManifestError(f"{where}: num_classes {num_classes!r} must be an integer >= 0")
+        return cls(str(d["source"]), kind, list(shape), num_classes, list(d.get("class_names") or []))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An ingest output directory's manifest: the data spec, the splits and their shards, the rest as read."""
+
+    directory: Path
+    data: DataSpec
+    splits: dict[str, dict]
+    raw: dict
+
+    @classmethod
+    def load(cls, directory: str | Path, verify: bool = False) -> Manifest:
+        """Read and check manifest.json; with verify, also every shard's sha256."""
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise ManifestError(f"{path} not found: run `python -m jobs.ingest --source ... --out {directory}` "
+                                "first")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ManifestError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{path}: expected a JSON object; got {type(raw).__name__}")
+        data = DataSpec.from_dict(raw, str(path))
+        splits = raw.get("splits")
+        if not isinstance(splits, dict) or not splits:
+            raise ManifestError(f"{path}: key 'splits' must map split names to their shards")
+        for name, split in splits.items():
+            if not (isinstance(split, dict) and isinstance(split.get("count"), int)
+                    and isinstance(split.get("shards"), list)):
+                raise ManifestError(f"{path}: splits.{name} needs an integer 'count' and a list 'shards'")
+        manifest = cls(directory, data, splits, raw)
+        if verify:
+            manifest.verify()
+        return manifest
+
+    def check_split(self, split: str, key: str = "split") -> None:
+        if split not in self.splits:
+            raise ManifestError(f"{key}: {split!r} is not a split of {self.directory}; splits: "
+                                f"{', '.join(self.splits)}")
+
+    def count(self, split: str) -> int:
+        self.check_split(split)
+        return int(self.splits[split]["count"])
+
+    def shard_paths(self, split: str) -> list[str]:
+        """Absolute paths of a split's shards."""
+        self.check_split(split)
+        return [str((self.directory / s["file"]).resolve()) for s in self.splits[split]["shards"]]
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against the manifest."""
+        for split in self.splits.values():
+            for shard in split["shards"]:
+                got = sha256(self.directory / shard["file"])
+                if got != shard["sha256"]:
+                    raise ManifestError(f"{self.directory / shard['file']}: checksum {got[:12]}... does not match "
+                                        f"the manifest's {shard['sha256'][:12]}...")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
