@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fm.methods import METHODS
+from jobs.cli import add_common, run_job
 
 
 @dataclass
@@ -65,7 +66,7 @@ def parse(argv):
     p.add_argument("--data", default=None, help="ingest output directory (default: the preset's)")
     p.add_argument("--eval-max-images", type=int, default=None, help="cap the test images for bits/dim")
     p.add_argument("--out", default="outputs/reproduce")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    add_common(p, tracking=False)
     a = p.parse_args(argv)
     a.seeds = [int(s) for s in a.seeds.split(",")]
     a.methods = a.methods.split(",")
@@ -77,6 +78,10 @@ def parse(argv):
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
+    return run_job("reproduce", a, lambda: _reproduce(a))
+
+
+def _reproduce(a) -> dict:
     preset = PRESETS[a.preset]
     steps = a.steps or preset.steps
     num_samples = a.num_samples or preset.num_samples

@@ -118,7 +118,7 @@ def get_classifier(manifest: Manifest, epochs: int = 15, seed: int = 0):
     model = SmallCNN(**kwargs)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(epochs), desc="feature classifier", unit=" epochs", leave=False):
+    for _ in tqdm(range(epochs), desc="feature classifier", unit=" epochs", leave=False, disable=None):
         model.train()
         for idx in torch.randperm(len(x), generator=g).split(128):
             # small random shifts make the features robust to what a generator gets slightly wrong

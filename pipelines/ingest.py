@@ -291,7 +291,7 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
     quarantine: list[dict] = []
     shape: tuple[int, ...] | None = None
     total = 0
-    for rec in tqdm(records, desc=f"ingest {spec}", unit=" rows", mininterval=5, leave=False):
+    for rec in tqdm(records, desc=f"ingest {spec}", unit=" rows", mininterval=5, leave=False, disable=None):
         total += 1
         try:
             if rec.error:

@@ -21,6 +21,12 @@ def set_verbose(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow"):
         logging.getLogger(name).setLevel(level)
+    if not verbose:
+        # read by MLflow when it is first imported, and by Ray Train's workers (which inherit this environment
+        # from a local Ray): without the print patch a worker's print reaches the driver once, as Ray prints it
+        for key, value in (("MLFLOW_LOGGING_LEVEL", "WARNING"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
+                           ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")):
+            os.environ.setdefault(key, value)
 
 
 def is_verbose() -> bool:
@@ -64,8 +70,17 @@ def _quiet_ray_data(quiet: bool) -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = True  # tqdm bars on a terminal; logged at INFO (shown with --verbose) otherwise
+    ctx.enable_progress_bars = True  # tqdm bars on the driver's terminal; logged at INFO (--verbose) otherwise
+    # inside actors (the training stream's coordinator) bars would be relayed line by line to the driver's log
+    ctx.use_ray_tqdm = not quiet
     ctx.print_on_execution_start = not quiet  # the operator plan of every dataset
+
+
+def train_logging_config():
+    """Ray Train's own log level on the console: warnings by default, INFO with --verbose."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")
 
 
 def stage(message: str) -> None:
@@ -79,7 +94,8 @@ class Progress:
 
     def __init__(self, what: str, total: int, unit: str, every: float = 10.0):
         self.what, self.total, self.unit, self.every = what, total, unit, every
-        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start  # the first line after `every` seconds: the first unit includes start-up
 
     def update(self, n: int = 1) -> None:
         self.done += n

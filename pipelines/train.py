@@ -316,7 +316,7 @@ def run_training(cfg: Config) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.runtime import init_ray, stage
+    from pipelines.runtime import init_ray, stage, train_logging_config
     from pipelines.tracking import find_or_create_run, log_final_model
 
     manifest = check_data(cfg)  # every config and data error surfaces before Ray starts
@@ -339,7 +339,8 @@ def run_training(cfg: Config) -> dict:
                                      resources_per_worker=_resources(cfg)),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+                             logging_config=train_logging_config()),
         datasets={"train": build_dataset(cfg, manifest)},
     )
     stage(f"training {cfg.method.name} for {cfg.train.steps} steps on {cfg.ray.num_workers} worker(s) "
