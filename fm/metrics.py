@@ -7,7 +7,8 @@ import ot
 import torch
 from torch import Tensor
 
-__all__ = ["gaussian_stats", "frechet_distance", "frechet_distance_from_features", "kid", "wasserstein2", "mmd"]
+__all__ = ["gaussian_stats", "frechet_distance", "frechet_distance_from_features", "FeatureStats",
+           "frechet_distance_from_stats", "kid", "precision_recall", "wasserstein2", "mmd"]
 
 
 def _check_features(a: Tensor, b: Tensor) -> None:
@@ -40,6 +41,62 @@ def frechet_distance(mu_1: Tensor, cov_1: Tensor, mu_2: Tensor, cov_2: Tensor) -
     inner = root_1 @ cov_2 @ root_1
     tr_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
     return ((mu_1 - mu_2).pow(2).sum() + cov_1.trace() + cov_2.trace() - 2 * tr_sqrt).item()
+
+
+class FeatureStats:
+    """Streaming first and second moments of features: n, sum f [D] and sum f f^T [D, D] in float64.
+
+    Partial statistics of disjoint parts (one per actor or data block) merge exactly with `merge`, so the Fréchet
+    distance of a data set of any size needs O(D^2) memory, never its features.
+    """
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def update(self, features: Tensor) -> FeatureStats:
+        """Add features [N, D]; returns self."""
+        f = features.detach().double().cpu()
+        if f.dim() != 2 or f.shape[1] != self.sum.shape[0]:
+            raise ValueError(f"features must be [N, {self.sum.shape[0]}]; got {tuple(f.shape)}")
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+        return self
+
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        """Add another part's statistics; returns self."""
+        if other.sum.shape != self.sum.shape:
+            raise ValueError(f"cannot merge statistics of {other.sum.shape[0]}-d and {self.sum.shape[0]}-d features")
+        self.n += other.n
+        self.sum += other.sum
+        self.outer += other.outer
+        return self
+
+    def mean_cov(self) -> tuple[Tensor, Tensor]:
+        """Mean [D] and unbiased covariance [D, D], as `gaussian_stats` gives for the same features."""
+        if self.n < 2:
+            raise ValueError(f"need at least 2 feature vectors; got {self.n}")
+        mean = self.sum / self.n
+        cov = (self.outer - self.n * torch.outer(mean, mean)) / (self.n - 1)
+        return mean, (cov + cov.T) / 2
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"n": np.asarray(self.n), "sum": self.sum.numpy(), "outer": self.outer.numpy()}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> FeatureStats:
+        stats = cls(int(np.asarray(arrays["sum"]).shape[0]))
+        stats.n = int(arrays["n"])
+        stats.sum = torch.as_tensor(np.asarray(arrays["sum"]), dtype=torch.float64).clone()
+        stats.outer = torch.as_tensor(np.asarray(arrays["outer"]), dtype=torch.float64).clone()
+        return stats
+
+
+def frechet_distance_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    """Fréchet distance between the Gaussians of two streamed feature statistics."""
+    return frechet_distance(*a.mean_cov(), *b.mean_cov())
 
 
 def frechet_distance_from_features(f_1: Tensor, f_2: Tensor) -> float:
@@ -95,3 +152,27 @@ def mmd(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.1, 0.5, 1.0, 2.
         return sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)
 
     return _mmd2_unbiased(k(x, x), k(y, y), k(x, y)).item()
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of feature sets [N, D] and [M, D].
+
+    Each set's manifold is the union of balls around its points with radius the distance to the k-th nearest
+    neighbour in the same set. Precision: the fraction of fake points inside the real manifold; recall: the
+    fraction of real points inside the fake manifold. Memory is O(N M): call it on bounded subsets.
+    """
+    _check_features(real, fake)
+    if min(real.shape[0], fake.shape[0]) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points per set; got {real.shape[0]} "
+                         f"and {fake.shape[0]}")
+    r, f = real.double(), fake.double()
+
+    def radii(x: Tensor) -> Tensor:
+        d = torch.cdist(x, x)
+        return d.kthvalue(k + 1, dim=1).values  # the 0-th neighbour is the point itself
+
+    r_real, r_fake = radii(r), radii(f)
+    d = torch.cdist(f, r)  # [M, N]
+    precision = (d <= r_real[None, :]).any(1).double().mean().item()
+    recall = (d.T <= r_fake[None, :]).any(1).double().mean().item()
+    return precision, recall

@@ -76,6 +76,16 @@ def _quiet_ray_data(quiet: bool) -> None:
     ctx.print_on_execution_start = not quiet  # the operator plan of every dataset
 
 
+def quiet_train_worker() -> None:
+    """In a Ray Train worker (quiet mode): Train V2 logs every report at INFO through a logger named by its file
+    path, outside the `ray.train` hierarchy that `train_logging_config` sets, so it is quietened by name."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quieten
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_logging_config():
     """Ray Train's own log level on the console: warnings by default, INFO with --verbose."""
     from ray.train import LoggingConfig

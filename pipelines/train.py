@@ -26,6 +26,7 @@ from pipelines.checkpoint import load_meta, load_state, save_checkpoint
 from pipelines.config import Config, check_data, method_kwargs, model_kwargs, tracking_uri
 from pipelines.images import decode_rows, save_grid
 from pipelines.manifest import DataSpec, Manifest
+from pipelines.runtime import quiet_train_worker
 from pipelines.tracking import SafeLogger
 
 LABEL_STREAM = 1  # the label-dropout draws of a step come from derive_seed(seed, rank, step, LABEL_STREAM)
@@ -94,6 +95,7 @@ class TrainJob:
     tracking_uri: str
     run_id: str
     fault_marker: str
+    verbose: bool = False
 
 
 @dataclass
@@ -139,6 +141,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
     job: TrainJob = loop_config["job"]
+    if not job.verbose:
+        quiet_train_worker()
     cfg = job.config
     t = cfg.train
     state = _build_state(job)
@@ -316,7 +320,7 @@ def run_training(cfg: Config) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.runtime import init_ray, stage, train_logging_config
+    from pipelines.runtime import init_ray, is_verbose, stage, train_logging_config
     from pipelines.tracking import find_or_create_run, log_final_model
 
     manifest = check_data(cfg)  # every config and data error surfaces before Ray starts
@@ -331,7 +335,7 @@ def run_training(cfg: Config) -> dict:
                                          resume=run_dir.exists())
     init_ray(cfg.ray.address, cfg.ray.local_cpus)
     job = TrainJob(cfg, model_kwargs(cfg, manifest.data), manifest.data, uri, run_id,
-                   str(run_dir / f".fault_injected_step_{cfg.train.fail_at_step}"))
+                   str(run_dir / f".fault_injected_step_{cfg.train.fail_at_step}"), is_verbose())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
