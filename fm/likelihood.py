@@ -187,7 +187,8 @@ def bits_per_dim(fn: VelocityFn, x_uint8: Tensor, draws: int = 1, generator: tor
     """Bits/dim of 8-bit images with uniform dequantization and K importance-weighted draws.
 
     log P(x) >= log (1/K) sum_k p(y_k) + D log(1/127.5), y_k = dequantize(x, u_k), u_k ~ U[0, 1)^D,
-    the bound tightening as K grows. bpd = -log P(x) / (D ln 2).
+    the bound tightening as K grows. bpd = -log P(x) / (D ln 2). The bound holds for exact log-densities only:
+    K > 1 with the Hutchinson divergence is refused (its log-mean-exp is biased low in bits/dim).
 
     Args:
         fn: velocity function in model space. x_uint8: images [B, ...] with values 0..255.
@@ -196,6 +197,12 @@ def bits_per_dim(fn: VelocityFn, x_uint8: Tensor, draws: int = 1, generator: tor
     """
     if draws < 1:
         raise ValueError(f"number of dequantization draws K must be >= 1; got {draws}")
+    s = settings or LikelihoodSettings()
+    if draws > 1 and s.divergence == "hutchinson":
+        # log-mean-exp of K unbiased but noisy log-density estimates is biased upward (Jensen), so the "bound"
+        # comes out below the true one; K > 1 needs the exact divergence
+        raise ValueError(f"K={draws} dequantization draws need the exact divergence: with Hutchinson estimates "
+                         "their log-mean-exp is biased (bits/dim too low); use draws=1 or divergence='exact'")
     if x_uint8.dtype == torch.uint8:
         x_uint8 = x_uint8.float()
     if x_uint8.numel() and (x_uint8.min() < 0 or x_uint8.max() > 255):

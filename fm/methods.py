@@ -114,6 +114,12 @@ class Method:
         raise ValueError(f"g = 0 selects the reverse VP SDE, but method {self.name!r} is not on the VP path; "
                          "give a constant diffusion g > 0")
 
+    @property
+    def t_limit(self) -> float | None:
+        """The largest time the sampling field is defined at (`fm.solvers.ode_sample`'s t_limit): t_max on the VP
+        path, where sigma_1 = 0; None elsewhere."""
+        return self.t_max if self.t_max < 1.0 else None
+
     def velocity(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0) -> VelocityFn:
         """The velocity field of a trained model (converted from epsilon for the score model)."""
         path = self.path if isinstance(self.path, AffinePath) else None

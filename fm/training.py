@@ -12,7 +12,9 @@ from fm.data import sample_toy
 from fm.ema import EMA
 from fm.methods import Method
 
-__all__ = ["StepResult", "train_step", "warmup_lr", "fit_toy"]
+__all__ = ["StepResult", "train_step", "SCHEDULES", "lr_at", "fit_toy"]
+
+SCHEDULES = ("constant", "cosine", "polynomial")
 
 
 @dataclass
@@ -24,11 +26,24 @@ class StepResult:
     finite: bool
 
 
-def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warmup to base_lr over warmup_steps, constant after."""
-    if warmup_steps <= 0:
+def lr_at(step: int, base_lr: float, warmup_steps: int = 0, schedule: str = "constant",
+          total_steps: int | None = None, min_lr: float = 0.0, power: float = 1.0) -> float:
+    """The learning rate of 0-based step `step`: linear warm-up to base_lr over warmup_steps, then constant,
+    cosine or polynomial decay to min_lr at total_steps (Lipman et al. Table 3: polynomial after 45k warm-up).
+
+    polynomial: min_lr + (base_lr - min_lr) (1 - p)^power, cosine: min_lr + (base_lr - min_lr) (1 + cos(pi p)) / 2,
+    with p the fraction of the decay phase done.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps is None or total_steps <= warmup_steps:
         return base_lr
-    return base_lr * min(1.0, (step + 1) / warmup_steps)
+    p = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    if schedule == "cosine":
+        return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+    return min_lr + (base_lr - min_lr) * (1.0 - p) ** power
 
 
 def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x_1: Tensor,
@@ -64,7 +79,7 @@ def fit_toy(model: nn.Module, method: Method, data: str, steps: int = 2000, batc
     model.train()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = warmup_lr(step, lr, min(100, steps // 10))
+            group["lr"] = lr_at(step, lr, min(100, steps // 10))
         res = train_step(model, method, opt, sample_toy(data, batch, g), generator=g)
         ema.update(model)
         losses.append(res.loss)

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
         train_s = time.perf_counter() - start
         fn = method.velocity(ema.module)
         x_0 = torch.randn(args.samples, 2, generator=torch.Generator().manual_seed(args.seed + 300))
-        sample = ode_sample(fn, x_0, "dopri5", atol=1e-5, rtol=1e-5, t_1=method.t_max)
+        sample = ode_sample(fn, x_0, "dopri5", atol=1e-5, rtol=1e-5, t_1=method.t_max, t_limit=method.t_limit)
         traj = ode_sample(fn, x_0[:64], "rk4", steps=20, t_1=method.t_max, return_trajectory=True).trajectory
         lik = log_likelihood(fn, test, LikelihoodSettings(t_1=method.t_max))
         nll, nll_se = mean_and_stderr(-lik.log_p)

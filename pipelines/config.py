@@ -15,6 +15,7 @@ import yaml
 from fm.methods import METHODS, make_method
 from fm.models import MODELS
 from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS, check_solver
+from fm.training import SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,10 @@ class OptimConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    schedule: str = "constant"  # after warm-up: constant, cosine or polynomial decay (fm.training.lr_at)
+    decay_steps: int | None = None  # the step at which the decay reaches min_lr; null: train.steps
+    min_lr: float = 0.0
+    power: float = 1.0  # polynomial decay exponent
     grad_clip: float = 1.0
     ema_decay: float = 0.999
 
@@ -250,6 +255,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"method: {err}") from None
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"allowed: {', '.join(SCHEDULES)}")
+    _check(o.decay_steps is None or o.decay_steps > o.warmup_steps, "optim.decay_steps", o.decay_steps,
+           f"must be null or > optim.warmup_steps={o.warmup_steps}")
+    _check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    _check(o.power > 0, "optim.power", o.power, "must be > 0")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
     _check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
     _check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
@@ -340,6 +350,9 @@ def validate_eval_config(c: EvalConfig) -> None:
     _check(c.draws >= 1, "eval.draws", c.draws, "must be >= 1")
     _check(c.divergence in ("exact", "hutchinson"), "eval.divergence", c.divergence, "allowed: exact, hutchinson")
     _check(c.probes >= 1, "eval.probes", c.probes, "must be >= 1")
+    _check(c.draws == 1 or c.divergence == "exact", "eval.draws", c.draws,
+           "K > 1 dequantization draws need eval.divergence=exact (Hutchinson estimates make their "
+           "log-mean-exp biased low)")
     _check(c.probe_kind in ("rademacher", "gaussian"), "eval.probe_kind", c.probe_kind,
            "allowed: rademacher, gaussian")
     _check(c.batch_size >= 1, "eval.batch_size", c.batch_size, "must be >= 1")

@@ -104,7 +104,8 @@ class Sampler:
                 res = sde_sample(fn, self.method.gaussian_path, self.method.sde_diffusion(c.sde_g), x_0, c.steps,
                                  t_1=min(self.method.t_max, 1 - 1e-3), noise=lambda k: steps_noise.randn(self.shape))
             else:
-                res = ode_sample(fn, x_0, c.solver, c.steps, c.atol, c.rtol, t_1=self.method.t_max)
+                res = ode_sample(fn, x_0, c.solver, c.steps, c.atol, c.rtol, t_1=self.method.t_max,
+                                 t_limit=self.method.t_limit)
         x = res.x_1.cpu()
         payload = encode_rows(to_uint8(x), "image") if self.layout == "HWC" else encode_rows(x, "points")
         table = pa.table({"id": ids, "seed": [derive_seed(c.seed, int(i)) for i in ids],

@@ -21,7 +21,7 @@ from fm.methods import Method, make_method
 from fm.models import build_model
 from fm.seeding import generator
 from fm.solvers import ode_sample
-from fm.training import StepResult, train_step, warmup_lr
+from fm.training import StepResult, lr_at, train_step
 from pipelines.checkpoint import load_meta, load_state, save_checkpoint
 from pipelines.config import Config, check_data, method_kwargs, model_kwargs, tracking_uri
 from pipelines.images import decode_rows, save_grid
@@ -156,7 +156,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _maybe_inject_fault(job, state)
         y = _training_labels(job, state, y)
         for group in state.optimizer.param_groups:
-            group["lr"] = warmup_lr(state.step, cfg.optim.lr, cfg.optim.warmup_steps)
+            group["lr"] = lr_at(state.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule,
+                                cfg.optim.decay_steps or t.steps, cfg.optim.min_lr, cfg.optim.power)
         g = generator(t.seed, state.rank, state.step, device=state.device)
         res = train_step(state.ddp_model, state.method, state.optimizer, x_1, y, g, cfg.optim.grad_clip,
                          torch.bfloat16 if state.device.type == "cuda" else None)

@@ -59,4 +59,7 @@ def test_every_preset_loads():
     for name in names:
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.train.run_name
-    assert load_config("configs/cifar10.yaml").model.model_channels == 256
+    cifar = load_config("configs/cifar10.yaml")
+    assert cifar.model.model_channels == 256
+    # Lipman et al. Table 3: lr 5e-4, polynomial decay after 45k warm-up steps
+    assert (cifar.optim.lr, cifar.optim.warmup_steps, cifar.optim.schedule) == (5e-4, 45000, "polynomial")

@@ -90,3 +90,25 @@ def test_bad_likelihood_input(gaussian_field):
         bits_per_dim(gaussian_field, torch.zeros(2, 4), draws=0)
     with pytest.raises(ValueError, match=r"8-bit values in \[0, 255\]"):
         bits_per_dim(gaussian_field, torch.full((2, 4), 300.0))
+
+
+def test_several_dequantization_draws_need_the_exact_divergence(gaussian_field):
+    # log-mean-exp of noisy unbiased estimates is biased upward (Jensen): with Hutchinson divergences K > 1 draws
+    # would report bits/dim below the bound, so they are refused, in fm and in the evaluation config
+    x = torch.randint(100, 156, (4, 1, 2, 2)).double()
+    with pytest.raises(ValueError, match="K=4 dequantization draws need the exact divergence"):
+        bits_per_dim(gaussian_field, x, draws=4, settings=LikelihoodSettings("hutchinson"))
+    from pipelines.config import ConfigError, EvalConfig, validate_eval_config
+
+    with pytest.raises(ConfigError, match="eval.draws: 4 is not allowed; K > 1 dequantization draws need "
+                                          "eval.divergence=exact"):
+        validate_eval_config(EvalConfig(draws=4, divergence="hutchinson"))
+    validate_eval_config(EvalConfig(draws=4, divergence="exact"))
+    # the bias being refused: with one Gaussian probe, the log-mean-exp over draws of the same x exceeds the exact value
+    settings = LikelihoodSettings("hutchinson", probe_kind="gaussian", atol=1e-7, rtol=1e-7)  # (Rademacher probes
+    # are exact on this field's diagonal Jacobian)
+    exact = log_likelihood(gaussian_field, x[:1].repeat(256, 1, 1, 1) / 127.5 - 1,
+                           LikelihoodSettings(atol=1e-7, rtol=1e-7)).log_p[0]
+    noisy = log_likelihood(gaussian_field, x[:1].repeat(256, 1, 1, 1) / 127.5 - 1, settings,
+                           torch.Generator().manual_seed(0)).log_p
+    assert torch.logsumexp(noisy, 0) - math.log(256) > exact + 0.01

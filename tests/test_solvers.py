@@ -61,3 +61,26 @@ def test_bad_solver_input(gaussian_field):
         ode_sample(gaussian_field, x, method="euler", steps=0)
     with pytest.raises(ValueError, match="needs class labels y"):
         velocity_fn(MLP(num_classes=2), None, cfg_scale=2.0)
+
+
+def test_nfe_is_what_a_plain_torchdiffeq_solve_counts():
+    from torchdiffeq import odeint
+
+    torch.manual_seed(3)
+    model = MLP(dim=2, hidden=32, depth=2).double().eval()
+    for p in model.parameters():  # a fresh MLP predicts 0; give it a nonlinear field
+        torch.nn.init.normal_(p, std=0.5)
+    x_0 = torch.randn(64, 2, dtype=torch.float64)
+    calls = 0
+
+    def plain(t, x):
+        nonlocal calls
+        calls += 1
+        return model(x, t.expand(x.shape[0]))
+
+    with torch.no_grad():
+        ref = odeint(plain, x_0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="dopri5", atol=1e-5,
+                     rtol=1e-5)[-1]
+    res = ode_sample(model, x_0, "dopri5", atol=1e-5, rtol=1e-5)
+    assert res.nfe == calls
+    torch.testing.assert_close(res.x_1, ref, rtol=0, atol=0)

@@ -26,7 +26,7 @@ def _train(method_name, data):
 def _quality(method, model, data):
     fn = method.velocity(model)
     x_0 = torch.randn(1000, 2, generator=torch.Generator().manual_seed(5))
-    samples = ode_sample(fn, x_0, "dopri5", atol=1e-5, rtol=1e-5, t_1=method.t_max).x_1
+    samples = ode_sample(fn, x_0, "dopri5", atol=1e-5, rtol=1e-5, t_1=method.t_max, t_limit=method.t_limit).x_1
     w2 = wasserstein2(samples, sample_toy(data, 1000, torch.Generator().manual_seed(9)))
     x_test = sample_toy(data, 1000, torch.Generator().manual_seed(3))
     nll = -log_likelihood(fn, x_test, LikelihoodSettings(t_1=method.t_max)).log_p.mean().item()

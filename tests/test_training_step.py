@@ -5,7 +5,7 @@ import torch
 
 from fm.methods import make_method
 from fm.models import MLP
-from fm.training import train_step, warmup_lr
+from fm.training import lr_at, train_step
 
 
 class NaNAfter(torch.nn.Module):
@@ -41,4 +41,15 @@ def test_grad_clip_and_warmup():
     res = train_step(model, make_method("fm_ot"), opt, 100 * torch.randn(16, 2), grad_clip=1e-3)
     total = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
     assert res.grad_norm > 1e-3 and total.item() == pytest.approx(1e-3, rel=1e-4)
-    assert warmup_lr(0, 1.0, 10) == pytest.approx(0.1) and warmup_lr(50, 1.0, 10) == 1.0
+    assert lr_at(0, 1.0, 10) == pytest.approx(0.1) and lr_at(50, 1.0, 10) == 1.0
+
+
+def test_learning_rate_schedules():
+    # warm-up, then the decay phase from step 10 to 110
+    assert [lr_at(s, 1.0, 10, "constant", 110) for s in (9, 10, 109)] == [1.0, 1.0, 1.0]
+    assert lr_at(60, 1.0, 10, "cosine", 110) == pytest.approx(0.5)
+    assert lr_at(110, 1.0, 10, "cosine", 110, min_lr=0.1) == pytest.approx(0.1)
+    assert lr_at(35, 1.0, 10, "polynomial", 110, power=2.0) == pytest.approx(0.75**2)
+    assert lr_at(500, 1.0, 10, "polynomial", 110) == 0.0  # stays at min_lr past the end
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'step'; allowed: constant, cosine"):
+        lr_at(0, 1.0, schedule="step")
