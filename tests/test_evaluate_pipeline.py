@@ -74,25 +74,45 @@ def _fake_samples(directory, images: np.ndarray, checkpoint):
     (directory / SETTINGS).write_text(f'{{"checkpoint": "{checkpoint}", "solver": "euler", "steps": 1}}')
 
 
-def test_classifier_features_rank_real_above_noise(tmp_path):
+def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
+    from fm.metrics import gaussian_stats
+    from pipelines.evaluate import feature_net
+    from pipelines.features import extract, feature_stage, load_network, split_stats
+
     data = tmp_path / "digits"
     ingest("digits", data, shards=2, test_fraction=0.2)
-    train = pa.concat_tables([pq.read_table(p) for p in sorted(data.glob("train-*.parquet"))])
-    real = np.frombuffer(b"".join(train["image"].to_pylist()[:300]), np.uint8).reshape(-1, 8, 8, 1)
+    test = pa.concat_tables([pq.read_table(p) for p in sorted(data.glob("test-*.parquet"))])
+    real = np.frombuffer(b"".join(test["image"].to_pylist()[:300]), np.uint8).reshape(-1, 8, 8, 1)
     noise = np.random.default_rng(0).integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
     _fake_samples(tmp_path / "real", real, tmp_path)
     _fake_samples(tmp_path / "noise", noise, tmp_path)
-    cfg = EvalConfig(classifier_epochs=10)
+    cfg = EvalConfig(classifier_epochs=10, subset_size=200, actors=2)
     good = sample_quality(load_manifest(data), str(tmp_path / "real"), cfg)
     bad = sample_quality(load_manifest(data), str(tmp_path / "noise"), cfg)
-    assert good["fd_label"] == "FD (digits classifier)" and good["fid"] is None
-    assert "FID not computed" in good["fid_note"]
+    assert good["fd_label"] == "FD (digits classifier)" and good["fid"] is None and good["features"] == "classifier"
+    assert "Inception-v3 features of 8x8 images" in good["fid_note"]
     assert good["classifier_test_accuracy"] > 0.9
     assert good["fd"] < 0.1 * bad["fd"] and good["kid"] < bad["kid"]
-    assert sum(good["sample_class_histogram"]) == 300
+    assert good["precision"] > 0.5 > bad["precision"] and good["recall"] > bad["recall"]
+    # against the training split (the papers' convention), with the floor of held-out real images beside it
+    assert (good["reference_split"], good["num_reference"], good["floor_split"]) == ("train", 1438, "test")
+    assert good["num_samples"] == 300 and good["num_floor"] == 359 and good["fd_floor"] < 0.1 * bad["fd"]
     assert (data / "classifier" / "epochs10-seed0" / "model.pt").exists()  # trained once, then cached
+    cached = sorted((data / "feature_stats").glob("classifier-*.npz"))
+    assert [p.name.split("-")[2] for p in cached] == ["test", "train"]  # reference statistics are cached
     again = sample_quality(load_manifest(data), str(tmp_path / "real"), cfg)
-    assert again["fd"] == pytest.approx(good["fd"])
+    assert again["fd"] == pytest.approx(good["fd"]) and again["fd_floor"] == good["fd_floor"]
+    # the streamed statistics of the Ray stage are those of all features in one process
+    net, _, _ = feature_net(load_manifest(data), cfg)
+    model = load_network(net, torch.device("cpu"))
+    direct = extract(net, model, torch.from_numpy(real).permute(0, 3, 1, 2), torch.device("cpu")).double()
+    staged = feature_stage([str(tmp_path / "real" / "block-00000000.parquet")], [8, 8, 1], net, 300,
+                           batch_size=7, actors=2)
+    mean, cov = staged.stats.mean_cov()
+    ref_mean, ref_cov = gaussian_stats(direct)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cov, ref_cov, rtol=1e-4, atol=1e-5)
+    assert split_stats(load_manifest(data), "train", net).cached
 
 
 def test_bad_evaluation_input(tmp_path):
@@ -129,6 +149,7 @@ def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
                                           "flowray.fd_label": "FD (digits classifier)"}).info.run_id
         client.log_metric(ev, "bpd", bpd)
         client.log_metric(ev, "fd", fd)
+        client.log_metric(ev, "fd_floor", 2.0)
         client.log_metric(ev, "likelihood_nfe", 2 * nfe)
     result = main(["--experiment", "cmp", "--tracking-uri", uri, "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
@@ -136,9 +157,10 @@ def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
     assert len(lines) == 2
     sd_bpd, sd_fd = math.sqrt(0.02), math.sqrt(2.0)
     assert lines[0].startswith(f"| fm_ot | OT (sigma_min) | independent | dopri5 | adaptive | 500 | 2 | "
-                               f"3.200 ± {sd_bpd:.3f} | 21.000 ± {sd_fd:.3f} | 100 ± 3 | 200 ± 6 |")
+                               f"3.200 ± {sd_bpd:.3f} | 21.000 ± {sd_fd:.3f} | 2.000 | 100 ± 3 | 200 ± 6 |")
     assert lines[1].startswith("| otcfm | straight line | exact OT (global batch) | dopri5 | adaptive | 500 | 1 | "
-                               "3.000 | 15.000 | 60 | 120 |")
+                               "3.000 | 15.000 | 2.000 | 60 | 120 |")
+    assert "| FD (digits classifier) floor (real vs real) |" in out
     assert "FD (digits classifier)" in out
     assert result["rows"] == 2 and (tmp_path / "out" / "cmp.csv").exists()
     assert (tmp_path / "out" / "cmp-nfe-vs-fd.png").exists()

@@ -1,0 +1,150 @@
+"""Feature statistics of image sets as a Ray Data actor stage: FID's Inception network, or the data set's small
+classifier, over sample shards or a split of an ingest output.
+
+Actors load the network once (on a GPU when `gpus_per_actor` > 0) and turn batches of parquet image cells into
+feature rows. The driver folds the streamed rows into `fm.metrics.FeatureStats` (float64 sums of f and f f^T) and
+keeps a bounded, deterministic subset (by a hash of each row's id) for KID and precision/recall, so its memory
+does not grow with the number of images. Batches are stateless, so a batch that Ray retries is counted once.
+Statistics of a data split are cached beside its shards, keyed by the shards' checksums, the split and the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fm.metrics import FeatureStats
+from pipelines.images import decode_rows
+
+STATS_DIR = "feature_stats"
+SUBSET_BUCKETS = 1_000_000
+
+
+@dataclass(frozen=True)
+class FeatureNet:
+    """Which features: "inception" (FID) or "classifier" (the data set's SmallCNN in `classifier_dir`)."""
+
+    kind: str
+    label: str  # how the Fréchet distance is called in tables: "FID" or "FD (<data> classifier)"
+    classifier_dir: str | None = None
+
+    @property
+    def key(self) -> str:
+        """A cache key that changes when the network changes."""
+        if self.kind == "inception":
+            from fm.inception import INCEPTION_NAME
+
+            return "inception-" + hashlib.sha256(INCEPTION_NAME.encode()).hexdigest()[:8]
+        weights = Path(self.classifier_dir, "model.pt").read_bytes()
+        return "classifier-" + hashlib.sha256(weights).hexdigest()[:12]
+
+
+@dataclass
+class FeatureResult:
+    """Streamed statistics of a set, its bounded feature subset [M, D] for KID / precision-recall, and counts."""
+
+    stats: FeatureStats
+    subset: torch.Tensor
+    images_per_s: float | None = None
+    cached: bool = False
+
+    @property
+    def n(self) -> int:
+        return self.stats.n
+
+
+def in_subset(ids, rate: float) -> np.ndarray:
+    """A deterministic pseudo-random selection of rows by id (bool [B]): the same rows whatever the batching."""
+    limit = int(rate * SUBSET_BUCKETS)
+    return np.array([zlib.crc32(str(i).encode()) % SUBSET_BUCKETS < limit for i in ids], dtype=bool)
+
+
+class FeatureActor:
+    """Ray Data actor: loads the feature network once; 8-bit image cells -> feature rows."""
+
+    def __init__(self, net: FeatureNet, shape: list[int], use_gpu: bool = False):
+        self.net, self.shape = net, list(shape)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_network(net, self.device)
+
+    def __call__(self, batch: dict) -> dict:
+        x = decode_rows(batch["image"], self.shape)
+        return {"id": np.asarray(batch["id"]), "feature": extract(self.net, self.model, x, self.device).numpy()}
+
+
+def load_network(net: FeatureNet, device: torch.device):
+    """The feature network itself: the TorchScript Inception, or the classifier from its cache directory."""
+    if net.kind == "inception":
+        from fm.inception import load_inception
+
+        return load_inception(device=device)
+    from fm.models.classifier import SmallCNN
+
+    info = json.loads(Path(net.classifier_dir, "info.json").read_text())
+    model = SmallCNN(**info["kwargs"])
+    model.load_state_dict(torch.load(Path(net.classifier_dir, "model.pt"), map_location="cpu", weights_only=True))
+    return model.eval().to(device)
+
+
+@torch.no_grad()
+def extract(net: FeatureNet, model, x_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Features [B, D] (float32, CPU) of 8-bit images [B, C, H, W]."""
+    if net.kind == "inception":
+        from fm.inception import inception_features
+
+        return inception_features(model, x_uint8).float()
+    from fm.data import to_model_space
+
+    return model.features(to_model_space(x_uint8).to(device)).float().cpu()
+
+
+def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: int, *, subset_size: int = 2000,
+                  batch_size: int = 64, actors: int = 1, cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0,
+                  what: str = "features") -> FeatureResult:
+    """Stream `total` images of parquet shards (columns id, image) through FeatureActor actors into statistics."""
+    import time
+
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from pipelines.runtime import Progress, init_ray
+
+    init_ray()
+    rate = min(1.0, subset_size / max(total, 1))
+    ds = ray.data.read_parquet(paths).select_columns(["id", "image"])
+    ds = ds.map_batches(FeatureActor, fn_constructor_args=(net, shape, gpus_per_actor > 0), batch_size=batch_size,
+                        batch_format="numpy", compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+                        num_gpus=gpus_per_actor or None)
+    stats, subset = None, []
+    progress = Progress(what, total, "images")
+    start = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        f = torch.from_numpy(np.asarray(batch["feature"], dtype=np.float32))
+        stats = (stats or FeatureStats(f.shape[1])).update(f)
+        subset.append(f[torch.from_numpy(in_subset(batch["id"], rate))])
+        progress.update(len(f))
+    if stats is None:
+        raise ValueError(f"no images in {len(paths)} shard(s)")
+    return FeatureResult(stats, torch.cat(subset)[:subset_size], stats.n / (time.perf_counter() - start))
+
+
+def split_stats(manifest, split: str, net: FeatureNet, **stage_kwargs) -> FeatureResult:
+    """Statistics of a data split, cached in <shards>/feature_stats/ per (shard checksums, split, network)."""
+    digest = hashlib.sha256(json.dumps([s["sha256"] for s in manifest.splits[split]["shards"]]).encode())
+    path = manifest.directory / STATS_DIR / f"{net.key}-{split}-{digest.hexdigest()[:12]}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return FeatureResult(FeatureStats.from_arrays(z), torch.from_numpy(z["subset"]), cached=True)
+    res = feature_stage(manifest.shard_paths(split), manifest.data.shape, net, manifest.count(split),
+                        what=f"{net.label} features of the {split} split", **stage_kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, subset=res.subset.numpy(), **res.stats.to_arrays())
+    tmp.replace(path)  # a half-written cache never carries the final name
+    return res
