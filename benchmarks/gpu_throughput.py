@@ -1,5 +1,6 @@
 """GPU figures for the cifar10-size UNet (needs only fm/, torch and torchdiffeq): bf16 training-step throughput as a
-fraction of the GPU's measured bf16 matmul peak, and sampling throughput. Skips cleanly without a GPU.
+fraction of the GPU's measured bf16 matmul peak, sampling throughput, and the FID Inception network's images/s.
+Skips cleanly without a GPU.
 
     python -m benchmarks.gpu_throughput [--batch 128] [--steps 20]
 
@@ -26,6 +27,24 @@ def matmul_peak(dtype=torch.bfloat16, n: int = 8192, reps: int = 20) -> float:
         a @ b
     torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def inception_rate(batch: int, reps: int = 10) -> dict:
+    """FID feature throughput: 32x32 images through the Inception-v3 (resize to 299 included), fp32."""
+    from fm.inception import inception_features, load_inception
+
+    try:
+        net = load_inception(device="cuda")
+    except FileNotFoundError as err:
+        return {"inception_skipped": str(err)}
+    x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
+    inception_features(net, x, batch_size=batch)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        inception_features(net, x, batch_size=batch)
+    torch.cuda.synchronize()
+    return {"inception_images_per_s": batch * reps / (time.perf_counter() - start)}
 
 
 def main() -> None:
@@ -79,7 +98,9 @@ def main() -> None:
         res = ode_sample(fn, torch.randn(a.batch * 4, 3, 32, 32, device="cuda"), "euler", steps=a.sample_steps)
         torch.cuda.synchronize()
         sample_s = time.perf_counter() - start
+    inception = inception_rate(a.batch)
     print(json.dumps({
+        **inception,
         "device": torch.cuda.get_device_name(), "batch": a.batch, "params_m": sum(p.numel() for p in
                                                                                     model.parameters()) / 1e6,
         "train_images_per_s": a.batch / step_s, "train_step_tflops": flops / step_s / 1e12,

@@ -183,8 +183,8 @@ def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dic
     out = {"fd_label": net.label, "features": net.kind, "fd": frechet_distance_from_stats(ref.stats, fake.stats),
            "kid": kid_mean, "kid_std": kid_std, "kid_subset": m, "precision": precision, "recall": recall,
            "pr_subset": [len(ref.subset), len(fake.subset)], "num_samples": fake.n,
-           "reference_split": cfg.reference_split, "num_reference": ref.n, "feature_images_per_s": fake.images_per_s,
-           "fid": None, "fid_note": note}
+           "reference_split": cfg.reference_split, "num_reference": ref.n,
+           "feature_images_per_actor_s": fake.images_per_actor_s, "fid": None, "fid_note": note}
     if net.kind == "inception":
         out["fid"] = out["fd"]
     if info:

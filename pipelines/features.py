@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ class FeatureResult:
 
     stats: FeatureStats
     subset: torch.Tensor
-    images_per_s: float | None = None
+    images_per_actor_s: float | None = None  # images per second of actor busy time (start-up excluded)
     cached: bool = False
 
     @property
@@ -74,8 +75,12 @@ class FeatureActor:
         self.model = load_network(net, self.device)
 
     def __call__(self, batch: dict) -> dict:
+        start = time.perf_counter()
         x = decode_rows(batch["image"], self.shape)
-        return {"id": np.asarray(batch["id"]), "feature": extract(self.net, self.model, x, self.device).numpy()}
+        f = extract(self.net, self.model, x, self.device).numpy()
+        # each row carries its share of the batch's busy time: throughput without start-up or idle waits
+        busy = np.full(len(f), (time.perf_counter() - start) / max(len(f), 1))
+        return {"id": np.asarray(batch["id"]), "feature": f, "busy_s": busy}
 
 
 def load_network(net: FeatureNet, device: torch.device):
@@ -108,8 +113,6 @@ def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: in
                   batch_size: int = 64, actors: int = 1, cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0,
                   what: str = "features") -> FeatureResult:
     """Stream `total` images of parquet shards (columns id, image) through FeatureActor actors into statistics."""
-    import time
-
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -121,17 +124,17 @@ def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: in
     ds = ds.map_batches(FeatureActor, fn_constructor_args=(net, shape, gpus_per_actor > 0), batch_size=batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
                         num_gpus=gpus_per_actor or None)
-    stats, subset = None, []
+    stats, subset, busy = None, [], 0.0
     progress = Progress(what, total, "images")
-    start = time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         f = torch.from_numpy(np.asarray(batch["feature"], dtype=np.float32))
         stats = (stats or FeatureStats(f.shape[1])).update(f)
         subset.append(f[torch.from_numpy(in_subset(batch["id"], rate))])
+        busy += float(np.sum(batch["busy_s"]))
         progress.update(len(f))
     if stats is None:
         raise ValueError(f"no images in {len(paths)} shard(s)")
-    return FeatureResult(stats, torch.cat(subset)[:subset_size], stats.n / (time.perf_counter() - start))
+    return FeatureResult(stats, torch.cat(subset)[:subset_size], stats.n / busy if busy > 0 else None)
 
 
 def split_stats(manifest, split: str, net: FeatureNet, **stage_kwargs) -> FeatureResult:

@@ -1,0 +1,126 @@
+"""The sample-quality feature stage: driver memory against the number of samples, and Inception throughput.
+
+    python -m benchmarks.feature_stage memory [--sizes 5000,50000]
+    python -m benchmarks.feature_stage inception [--images 128 --threads 2]
+
+memory: for each size, a fresh process writes that many random 8x8 digit-shaped samples as sampling shards (blocks
+of 1,000) and runs `pipelines.features.feature_stage` with the digits classifier's features (1 actor); its peak
+RSS (ru_maxrss) is reported, and the ratio of the largest to the smallest size. Goal: at most 1.2.
+inception: the same images through the Inception-v3 network in this process (baseline: `inception_features` in a
+loop over batches of 32) and through the Ray Data actor stage (1 actor with all the threads); the stage's
+steady-state rate is images per second of actor busy time, its start-up (Ray, actor, network load) is the wall
+time beyond that. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _write_samples(directory: Path, n: int, shape: tuple[int, ...] = (8, 8, 1), block: int = 1000) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.sample import SAMPLE_SCHEMA
+
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for b, start in enumerate(range(0, n, block)):
+        ids = np.arange(start, min(start + block, n))
+        images = rng.integers(0, 256, (len(ids), *shape), dtype=np.uint8)
+        table = pa.table({"id": ids, "seed": ids, "label": np.full(len(ids), -1), "nfe": np.ones(len(ids), int),
+                          "image": [im.tobytes() for im in images]}, schema=SAMPLE_SCHEMA)
+        path = directory / f"block-{b:08d}.parquet"
+        pq.write_table(table, path)
+        paths.append(str(path))
+    return paths
+
+
+def _memory_child(n: int, shards: str, out: str) -> None:
+    """One measurement in a fresh process: peak RSS of the driver after the stage over n samples."""
+    from pipelines.config import EvalConfig
+    from pipelines.evaluate import feature_net
+    from pipelines.features import feature_stage
+    from pipelines.manifest import Manifest
+
+    manifest = Manifest.load(shards)
+    net, _, _ = feature_net(manifest, EvalConfig(features="classifier", classifier_epochs=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _write_samples(Path(tmp) / "s", n)
+        start = time.perf_counter()
+        res = feature_stage(paths, [8, 8, 1], net, n, batch_size=500, actors=1)
+        wall = time.perf_counter() - start
+    Path(out).write_text(json.dumps({"n": res.n, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                     / 1024, "wall_s": round(wall, 1), "subset": len(res.subset)}))
+
+
+def memory(sizes: list[int]) -> dict:
+    from pipelines.chain import ensure_ingested
+
+    shards = "data/digits"
+    ensure_ingested("digits", shards)
+    rows = []
+    for n in sizes:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            subprocess.run([sys.executable, "-m", "benchmarks.feature_stage", "_child", str(n), shards, f.name],
+                           check=True)
+            rows.append(json.loads(Path(f.name).read_text()))
+    return {"features": "digits classifier", "runs": rows,
+            "peak_rss_ratio": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3)}
+
+
+def inception(images: int, threads: int) -> dict:
+    import torch
+
+    from fm.inception import inception_features, load_inception
+    from pipelines.features import FeatureNet, feature_stage
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _write_samples(Path(tmp) / "s", images, (32, 32, 3), block=32)
+        x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (images, 3, 32, 32), dtype=np.uint8))
+        net = load_inception()
+        inception_features(net, x[:4])  # warm-up (TorchScript profiling runs)
+        start = time.perf_counter()
+        inception_features(net, x, batch_size=32)
+        loop_rate = images / (time.perf_counter() - start)
+        start = time.perf_counter()
+        res = feature_stage(paths, [32, 32, 3], FeatureNet("inception", "FID"), images, batch_size=32, actors=1,
+                            cpus_per_actor=threads)
+        wall = time.perf_counter() - start
+    return {"images": images, "threads": threads, "loop_images_per_s": round(loop_rate, 2),
+            "stage_images_per_s_incl_startup": round(images / wall, 2),
+            "stage_images_per_actor_s": round(res.images_per_actor_s, 2),
+            "ratio_stage_to_loop": round(res.images_per_actor_s / loop_rate, 3), "stage_wall_s": round(wall, 1)}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        _memory_child(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["memory", "inception"])
+    p.add_argument("--sizes", default="5000,50000")
+    p.add_argument("--images", type=int, default=128)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    a = p.parse_args()
+    if a.what == "memory":
+        out = memory([int(s) for s in a.sizes.split(",")])
+    else:
+        out = inception(a.images, a.threads)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
