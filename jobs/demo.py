@@ -56,9 +56,10 @@ def _demo(a) -> dict:
     print(f"samples:          {solve['sample']['out']} (MLflow run {solve['sample_run_id']})")
     print(f"evaluation run:   {solve['eval_run_id']}")
     print(f"sample quality:   {quality['fd_label']} {quality['fd']:.3f} against the {quality['reference_split']} split "
-          f"({quality['num_samples']} samples, {quality['num_reference']} reference images); floor "
-          f"{quality.get('fd_floor', float('nan')):.3f} (held-out {quality.get('floor_split')} images, "
-          f"{quality.get('num_floor')} of them); precision {quality['precision']:.3f}, recall {quality['recall']:.3f}")
+          f"({quality['num_samples']} samples, {quality['num_reference']} reference images); precision "
+          f"{quality['precision']:.3f}, recall {quality['recall']:.3f}")
+    print(f"                  at {quality['num_matched']} images: the model {quality['fd_matched']:.3f}, held-out "
+          f"real {quality['floor_split']} images (the floor) {quality['fd_floor']:.3f}")
     print(f"                  {quality['fid_note']}")
     print("compare runs:     mlflow ui --backend-store-uri " + result["tracking_uri"] + " (binds 127.0.0.1)")
     print("\n" + result["chain"]["table"])

@@ -11,7 +11,8 @@ from pathlib import Path
 from fm.methods import describe
 from fm.solvers import is_adaptive
 
-COLUMNS = ["method", "path", "coupling", "solver", "sample_steps", "train_steps", "runs", "bpd", "fd", "fd_floor",
+COLUMNS = ["method", "path", "coupling", "solver", "sample_steps", "train_steps", "runs", "bpd", "fd", "fd_matched",
+           "fd_floor",
            "fd_label",
            "sample_nfe", "likelihood_nfe", "train_run_ids", "eval_run_ids"]
 
@@ -42,6 +43,7 @@ def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
                 "flowray.sample_steps", ""),
             "train_steps": train.data.params.get("train.steps", "") if train else "",
             "bpd": metrics.get("bpd"), "fd": metrics.get("fd"), "fd_floor": metrics.get("fd_floor"),
+            "fd_matched": metrics.get("fd_matched"),
             "fd_label": tags.get("flowray.fd_label", "FD"),
             "sample_nfe": sample.data.metrics.get("mean_nfe") if sample else None,
             "likelihood_nfe": metrics.get("likelihood_nfe"),
@@ -77,7 +79,7 @@ def table(records: list[dict]) -> list[dict]:
     for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][3], str(kv[0][4]).zfill(6))):
         row = dict(zip(["method", "path", "coupling", "solver", "sample_steps", "train_steps"], key, strict=True))
         row["runs"] = len(rs)
-        for col in ("bpd", "fd", "fd_floor", "sample_nfe", "likelihood_nfe"):
+        for col in ("bpd", "fd", "fd_matched", "fd_floor", "sample_nfe", "likelihood_nfe"):
             row[col], row[f"{col}_std"] = _mean_std([r[col] for r in rs])
         row["fd_label"] = rs[0]["fd_label"]
         row["train_run_ids"] = " ".join(sorted({r["train_run_id"] for r in rs if r["train_run_id"]}))
@@ -95,13 +97,14 @@ def _fmt(mean, std, digits=3) -> str:
 def markdown(rows: list[dict]) -> str:
     fd_label = rows[0]["fd_label"] if rows else "FD"
     head = ["method", "path", "coupling", "solver", "steps", "train steps", "runs", "bits/dim", fd_label,
-            f"{fd_label} floor (real vs real)", "sample NFE", "likelihood NFE", "training runs"]
+            f"{fd_label} at the floor's count", "floor (real vs real)", "sample NFE", "likelihood NFE",
+            "training runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["method"], r["path"], r["coupling"], r["solver"], str(r["sample_steps"]), str(r["train_steps"]),
             str(r["runs"]), _fmt(r["bpd"], r["bpd_std"]), _fmt(r["fd"], r["fd_std"]),
-            _fmt(r["fd_floor"], r["fd_floor_std"]),
+            _fmt(r["fd_matched"], r["fd_matched_std"]), _fmt(r["fd_floor"], r["fd_floor_std"]),
             _fmt(r["sample_nfe"], r["sample_nfe_std"], 0), _fmt(r["likelihood_nfe"], r["likelihood_nfe_std"], 0),
             r["train_run_ids"]]) + " |")
     return "\n".join(lines)

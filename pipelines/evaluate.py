@@ -68,27 +68,35 @@ def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> di
     init_ray()
     stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence) "
           f"on {cfg.actors} actor(s)")
+    total = manifest.count(cfg.split)
+    total = min(total, cfg.max_images) if cfg.max_images else total
     ds = ray.data.read_parquet(manifest.shard_paths(cfg.split)).select_columns(["id", "image"])
     if cfg.max_images:
         ds = ds.limit(cfg.max_images)
+    ds = spread(ds, total, cfg.batch_size, cfg.actors)
     start = time.perf_counter()
-    total = manifest.count(cfg.split)
-    progress = Progress("bits/dim" if manifest.data.is_image else "NLL",
-                        min(total, cfg.max_images) if cfg.max_images else total, "images")
-    rows = []
-    for row in ds.map_batches(LikelihoodActor, fn_constructor_args=(checkpoint, asdict(cfg), manifest.data),
-                              batch_size=cfg.batch_size, batch_format="numpy",
-                              compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor).iter_rows():
-        rows.append(row)
-        progress.update()
+    progress = Progress("bits/dim" if manifest.data.is_image else "NLL", total, "images")
+    values, nfes = [], []
+    for batch in ds.map_batches(LikelihoodActor, fn_constructor_args=(checkpoint, asdict(cfg), manifest.data),
+                                batch_size=cfg.batch_size, batch_format="numpy", compute=ActorPoolStrategy(
+                                    size=cfg.actors), num_cpus=cfg.cpus_per_actor).iter_batches(batch_size=None):
+        values.append(np.asarray(batch["value"], dtype=np.float64))
+        nfes.append(np.asarray(batch["nfe"], dtype=np.float64))
+        progress.update(len(values[-1]))
     wall = time.perf_counter() - start
-    values = torch.tensor([r["value"] for r in rows], dtype=torch.float64)
-    mean, stderr = mean_and_stderr(values)
+    values, nfes = np.concatenate(values), np.concatenate(nfes)
+    mean, stderr = mean_and_stderr(torch.from_numpy(values))
     unit = "bits/dim" if manifest.data.is_image else "nats"
     return {"metric": "bpd" if unit == "bits/dim" else "nll", "unit": unit, "mean": mean, "stderr": stderr,
-            "n": len(rows), "mean_nfe": float(np.mean([r["nfe"] for r in rows])), "draws": cfg.draws,
+            "n": len(values), "mean_nfe": float(nfes.mean()), "draws": cfg.draws,
             "divergence": cfg.divergence, "probes": cfg.probes if cfg.divergence == "hutchinson" else None,
-            "images_per_s": len(rows) / wall, "wall_s": wall}
+            "images_per_s": len(values) / wall, "wall_s": wall}
+
+
+def spread(ds, rows: int, batch_size: int, actors: int):
+    """Split a split's few large blocks (one per shard) so that every actor of the pool gets batches."""
+    blocks = min(max(1, -(-rows // batch_size)), 4 * actors)
+    return ds.repartition(blocks) if blocks > 1 else ds
 
 
 def _load_split(manifest: Manifest, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,8 +182,12 @@ def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dic
     kw = {"subset_size": cfg.subset_size, "batch_size": cfg.feature_batch, "actors": cfg.actors,
           "cpus_per_actor": cfg.cpus_per_actor, "gpus_per_actor": cfg.gpus_per_actor}
     ref = split_stats(manifest, cfg.reference_split, net, **kw)
+    floor = bool(cfg.floor_split and cfg.floor_split != cfg.reference_split)
+    held_count = manifest.count(cfg.floor_split) if floor else None
+    # with fewer held-out images than samples, the model is also scored on its first held_count samples: Fréchet
+    # distances are biased by the sample size, so only equal counts compare with the floor
     fake = feature_stage(paths, manifest.data.shape, net, num_samples, what=f"{net.label} features of the samples",
-                         **kw)
+                         prefix=held_count if floor and held_count < num_samples else None, **kw)
     g = torch.Generator().manual_seed(cfg.seed)
     m = min(1000, len(ref.subset), len(fake.subset))
     kid_mean, kid_std = kid(ref.subset, fake.subset, subsets=50, subset_size=m, generator=g)
@@ -189,11 +201,13 @@ def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dic
         out["fid"] = out["fd"]
     if info:
         out.update(classifier_test_accuracy=info["test_accuracy"], classifier_path=info["path"])
-    if cfg.floor_split and cfg.floor_split != cfg.reference_split:
+    if floor:
         # the same metric between the reference and held-out real images: what a perfect model would score
         held = split_stats(manifest, cfg.floor_split, net, **kw)
+        matched = fake.prefix_stats if fake.prefix_stats is not None else fake.stats
         out.update(fd_floor=frechet_distance_from_stats(ref.stats, held.stats), floor_split=cfg.floor_split,
-                   num_floor=held.n)
+                   num_floor=held.n, fd_matched=frechet_distance_from_stats(ref.stats, matched),
+                   num_matched=matched.n)
     return out
 
 
@@ -247,7 +261,7 @@ def log_evaluation_run(result: dict, cfg: EvalConfig, uri: str) -> str:
     tags = {"flowray.method": result["method"], "flowray.checkpoint_step": str(result["checkpoint_step"])}
     q = result.get("quality")
     if q:
-        for key in ("fd", "fid", "fd_floor", "kid", "kid_std", "precision", "recall", "w2",
+        for key in ("fd", "fid", "fd_floor", "fd_matched", "kid", "kid_std", "precision", "recall", "w2",
                     "classifier_test_accuracy"):
             if q.get(key) is not None:
                 metrics[key] = q[key]

@@ -54,6 +54,7 @@ class FeatureResult:
     subset: torch.Tensor
     images_per_actor_s: float | None = None  # images per second of actor busy time (start-up excluded)
     cached: bool = False
+    prefix_stats: FeatureStats | None = None  # of the rows with integer id < prefix (the first samples)
 
     @property
     def n(self) -> int:
@@ -111,30 +112,35 @@ def extract(net: FeatureNet, model, x_uint8: torch.Tensor, device: torch.device)
 
 def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: int, *, subset_size: int = 2000,
                   batch_size: int = 64, actors: int = 1, cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0,
-                  what: str = "features") -> FeatureResult:
-    """Stream `total` images of parquet shards (columns id, image) through FeatureActor actors into statistics."""
+                  what: str = "features", prefix: int | None = None) -> FeatureResult:
+    """Stream `total` images of parquet shards (columns id, image) through FeatureActor actors into statistics;
+    with `prefix`, also the statistics of the rows whose (integer) id is below it."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    from pipelines.evaluate import spread
     from pipelines.runtime import Progress, init_ray
 
     init_ray()
     rate = min(1.0, subset_size / max(total, 1))
-    ds = ray.data.read_parquet(paths).select_columns(["id", "image"])
+    ds = spread(ray.data.read_parquet(paths).select_columns(["id", "image"]), total, batch_size, actors)
     ds = ds.map_batches(FeatureActor, fn_constructor_args=(net, shape, gpus_per_actor > 0), batch_size=batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
                         num_gpus=gpus_per_actor or None)
-    stats, subset, busy = None, [], 0.0
+    stats, subset, busy, head = None, [], 0.0, None
     progress = Progress(what, total, "images")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         f = torch.from_numpy(np.asarray(batch["feature"], dtype=np.float32))
         stats = (stats or FeatureStats(f.shape[1])).update(f)
         subset.append(f[torch.from_numpy(in_subset(batch["id"], rate))])
         busy += float(np.sum(batch["busy_s"]))
+        if prefix is not None:
+            head = (head or FeatureStats(f.shape[1])).update(f[torch.from_numpy(np.asarray(batch["id"]) < prefix)])
         progress.update(len(f))
     if stats is None:
         raise ValueError(f"no images in {len(paths)} shard(s)")
-    return FeatureResult(stats, torch.cat(subset)[:subset_size], stats.n / busy if busy > 0 else None)
+    return FeatureResult(stats, torch.cat(subset)[:subset_size], stats.n / busy if busy > 0 else None,
+                         prefix_stats=head)
 
 
 def split_stats(manifest, split: str, net: FeatureNet, **stage_kwargs) -> FeatureResult:

@@ -97,6 +97,13 @@ def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     # against the training split (the papers' convention), with the floor of held-out real images beside it
     assert (good["reference_split"], good["num_reference"], good["floor_split"]) == ("train", 1438, "test")
     assert good["num_samples"] == 300 and good["num_floor"] == 359 and good["fd_floor"] < 0.1 * bad["fd"]
+    assert good["num_matched"] == 300 and good["fd_matched"] == pytest.approx(good["fd"])  # fewer samples than held
+    # more samples than held-out images: the model is also scored on its first 359 samples, as the floor is
+    train = pa.concat_tables([pq.read_table(p) for p in sorted(data.glob("train-*.parquet"))])
+    many = np.frombuffer(b"".join(train["image"].to_pylist()[:500]), np.uint8).reshape(-1, 8, 8, 1)
+    _fake_samples(tmp_path / "many", many, tmp_path)
+    more = sample_quality(load_manifest(data), str(tmp_path / "many"), cfg)
+    assert (more["num_samples"], more["num_matched"]) == (500, 359) and more["fd_matched"] != more["fd"]
     assert (data / "classifier" / "epochs10-seed0" / "model.pt").exists()  # trained once, then cached
     cached = sorted((data / "feature_stats").glob("classifier-*.npz"))
     assert [p.name.split("-")[2] for p in cached] == ["test", "train"]  # reference statistics are cached
@@ -150,6 +157,7 @@ def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
         client.log_metric(ev, "bpd", bpd)
         client.log_metric(ev, "fd", fd)
         client.log_metric(ev, "fd_floor", 2.0)
+        client.log_metric(ev, "fd_matched", fd + 1)
         client.log_metric(ev, "likelihood_nfe", 2 * nfe)
     result = main(["--experiment", "cmp", "--tracking-uri", uri, "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
@@ -157,10 +165,11 @@ def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
     assert len(lines) == 2
     sd_bpd, sd_fd = math.sqrt(0.02), math.sqrt(2.0)
     assert lines[0].startswith(f"| fm_ot | OT (sigma_min) | independent | dopri5 | adaptive | 500 | 2 | "
-                               f"3.200 ± {sd_bpd:.3f} | 21.000 ± {sd_fd:.3f} | 2.000 | 100 ± 3 | 200 ± 6 |")
+                               f"3.200 ± {sd_bpd:.3f} | 21.000 ± {sd_fd:.3f} | 22.000 ± {sd_fd:.3f} | 2.000 | "
+                               "100 ± 3 | 200 ± 6 |")
     assert lines[1].startswith("| otcfm | straight line | exact OT (global batch) | dopri5 | adaptive | 500 | 1 | "
-                               "3.000 | 15.000 | 2.000 | 60 | 120 |")
-    assert "| FD (digits classifier) floor (real vs real) |" in out
+                               "3.000 | 15.000 | 16.000 | 2.000 | 60 | 120 |")
+    assert "| FD (digits classifier) at the floor's count | floor (real vs real) |" in out
     assert "FD (digits classifier)" in out
     assert result["rows"] == 2 and (tmp_path / "out" / "cmp.csv").exists()
     assert (tmp_path / "out" / "cmp-nfe-vs-fd.png").exists()
