@@ -36,6 +36,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.train_overhead
 	$(PY) -m benchmarks.sample_overhead
 	$(PY) -m benchmarks.likelihood_throughput
+	$(PY) -m benchmarks.feature_stage memory
+	$(PY) -m benchmarks.feature_stage inception
 
 clean:
 	rm -rf $(VENV) .pytest_cache mlflow.db mlruns outputs

@@ -233,22 +233,12 @@ def sample_shards(directory: str | Path) -> tuple[list[str], int, int]:
 
 
 def read_samples(directory: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """All samples of a sampling output as (ids [N], raw image bytes [N] objects, settings); checks the schema."""
-    d = Path(directory)
-    if not (d / SETTINGS).exists():
-        raise SamplingError(f"{d} is not a sampling output: {SETTINGS} is missing")
-    files = sorted(d.glob("block-*.parquet"))
-    if not files:
-        raise SamplingError(f"{d} holds no sample shards (block-*.parquet)")
-    tables = []
-    for f in files:
-        t = pq.read_table(f)
-        if not t.schema.equals(SAMPLE_SCHEMA):
-            raise SamplingError(f"{f}: foreign schema {t.schema.names}; expected {SAMPLE_SCHEMA.names}")
-        tables.append(t)
-    table = pa.concat_tables(tables)
+    """All samples of a sampling output in memory, as (ids [N], raw image bytes [N] objects, settings); for small
+    outputs and tests (the evaluation streams shards through `pipelines.features` instead)."""
+    paths, _, _ = sample_shards(directory)
+    table = pa.concat_tables([pq.read_table(p) for p in paths])
     return np.asarray(table["id"].to_pylist()), np.asarray(table["image"].to_pylist(), dtype=object), \
-        json.loads((d / SETTINGS).read_text())
+        json.loads((Path(directory) / SETTINGS).read_text())
 
 
 def log_sampling_run(result: dict, cfg: dict, uri: str) -> str:
