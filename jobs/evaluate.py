@@ -35,12 +35,14 @@ def main(argv: list[str] | None = None) -> dict:
 def _evaluate(a) -> dict:
     from pipelines.config import EvalConfig, apply_overrides, tracking_uri, validate_eval_config
     from pipelines.evaluate import log_evaluation_run, run_evaluation
-    from pipelines.tracking import resolve_checkpoint
+    from pipelines.tracking import check_tracking_uri, resolve_checkpoint
 
     cfg = EvalConfig()
     apply_overrides(cfg, "eval", a.overrides)
     validate_eval_config(cfg)
     uri = a.tracking_uri or tracking_uri()
+    if not a.no_mlflow or a.checkpoint.startswith(("runs:/", "models:/")):
+        check_tracking_uri(uri, "--tracking-uri")  # before any Ray work
     result = run_evaluation(resolve_checkpoint(a.checkpoint, uri), a.data, a.samples, cfg)
     lik = result["likelihood"]
     print(f"{lik['metric']}: {lik['mean']:.4f} ± {lik['stderr']:.4f} {lik['unit']} over {lik['n']} rows "

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file (defaults apply when omitted)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
     add_common(p, tracking=False)
     a = p.parse_args(argv)
     return run_job("training", a, lambda: _train(a))
@@ -31,7 +32,11 @@ def _train(a) -> dict | None:
     if a.dry_run:
         print(dump(cfg))
         return None
-    check_data(cfg)  # data errors before Ray starts
+    check_data(cfg)  # data errors before Ray starts (shard footers and row counts are always checked)
+    if a.verify:
+        from pipelines.manifest import Manifest
+
+        Manifest.load(cfg.data.shards, verify=True)
     from pipelines.train import run_training
 
     result = run_training(cfg)

@@ -38,19 +38,48 @@ def save_checkpoint(directory: str | Path, *, step: int, model: nn.Module, ema_s
 
 
 def load_meta(directory: str | Path) -> dict:
+    """A checkpoint's meta.json, checked: a directory, valid JSON, with step, model and method."""
     d = Path(directory)
+    if d.is_file():
+        raise CheckpointError(f"{d} is a file; a checkpoint is a directory holding {META}, model.pt and ema.pt")
     if not d.is_dir():
         raise CheckpointError(f"checkpoint directory {d} does not exist")
     if not (d / META).exists():
         raise CheckpointError(f"{d} is not a checkpoint: {META} is missing")
-    return json.loads((d / META).read_text())
+    try:
+        meta = json.loads((d / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{d / META}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{d / META}: expected a JSON object; got {type(meta).__name__}")
+    for key, kind in (("step", int), ("model", dict), ("method", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{d / META}: key {key!r} must be {'an integer' if kind is int else 'a mapping'}; "
+                                  f"got {meta.get(key)!r}")
+    if not isinstance(meta["model"].get("name"), str) or not isinstance(meta["model"].get("kwargs"), dict):
+        raise CheckpointError(f"{d / META}: 'model' needs a 'name' and a 'kwargs' mapping")
+    if not isinstance(meta["method"].get("name"), str):
+        raise CheckpointError(f"{d / META}: 'method' needs a 'name'")
+    return meta
 
 
 def load_state(directory: str | Path, name: str) -> dict:
+    """A state dict from <directory>/<name>.pt with weights_only=True; refused or unreadable files are said in
+    words (CheckpointError naming the file)."""
+    import pickle
+
     path = Path(directory) / f"{name}.pt"
     if not path.exists():
         raise CheckpointError(f"checkpoint {directory} has no {name}.pt")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain containers, "
+                              f"which are not loaded (torch.load with weights_only=True): "
+                              f"{str(err).splitlines()[-1][:200]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable torch file (truncated or corrupt): "
+                              f"{str(err).splitlines()[0][:200]}") from None
 
 
 @dataclass

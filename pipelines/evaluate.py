@@ -225,9 +225,10 @@ def _toy_quality(data: DataSpec, samples_dir: str) -> dict:
 
 
 def run_evaluation(checkpoint: str, shards: str, samples: str | None, cfg: EvalConfig) -> dict:
-    from pipelines.checkpoint import load_meta
+    from pipelines.checkpoint import load_meta, load_model
     validate_eval_config(cfg)
     meta = load_meta(checkpoint)
+    load_model(checkpoint)  # unreadable or refused weights fail here, before Ray starts
     manifest = Manifest.load(shards)  # read once, passed on
     manifest.check_split(cfg.split, "eval.split")
     trained_on = meta.get("manifest", {}).get("shape")

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, check_writable_dir
 from pipelines.manifest import MANIFEST, Manifest, sha256
 
 SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("image", pa.binary())])
@@ -142,6 +142,9 @@ def _parquet_records(pattern: str) -> Iterator[Record]:
             raise IngestError(f"{file}: expected an 'img' (or 'image') column of struct{{bytes, path}}; "
                               f"columns are {names}")
         col = "img" if "img" in names else "image"
+        if "label" in names and not pa.types.is_integer(pf.schema_arrow.field("label").type):
+            raise IngestError(f"{file}: column 'label' holds {pf.schema_arrow.field('label').type}; labels must be "
+                              "integer class indices (map class names to 0..K-1 first)")
         base = Path(file).parent
         row = 0
         for batch in pf.iter_batches(batch_size=1024):
@@ -173,6 +176,9 @@ def _npz_records(file: Path) -> Iterator[Record]:
         if xk is None:
             raise IngestError(f"{file}: no image array; expected a key 'images' or 'x' (keys are {keys})")
         images = z[xk]
+        if images.ndim not in (3, 4):
+            raise IngestError(f"{file}: array {xk!r} has shape {list(images.shape)}; images must be [N, H, W] or "
+                              "[N, H, W, C] (flat rows cannot be reshaped without knowing H and W)")
         yk = next((k for k in ("labels", "y", "Y") if k in keys), None)
         labels = z[yk] if yk else np.zeros(len(images), dtype=np.int64)
     if len(labels) != len(images):
@@ -283,6 +289,7 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
     if channels not in (None, 1, 3):
         raise IngestError(f"--channels must be 1 or 3; got {channels}")
     src = parse_source(spec)
+    check_writable_dir(out, "--out")
     records, class_names = read_source(src)
     is_points = src.kind == "toy2d"
     if channels is None and src.kind in ("digits", "fashion-mnist", "idx", "toy2d"):

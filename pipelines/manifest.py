@@ -106,6 +106,7 @@ class Manifest:
                     and isinstance(split.get("shards"), list)):
                 raise ManifestError(f"{path}: splits.{name} needs an integer 'count' and a list 'shards'")
         manifest = cls(directory, data, splits, raw)
+        manifest.check_shards()
         if verify:
             manifest.verify()
         return manifest
@@ -123,6 +124,25 @@ class Manifest:
         """Absolute paths of a split's shards."""
         self.check_split(split)
         return [str((self.directory / s["file"]).resolve()) for s in self.splits[split]["shards"]]
+
+    def check_shards(self) -> None:
+        """The cheap check, before any Ray work: every shard exists, has a readable parquet footer and the row
+        count the manifest says (a truncated or foreign file fails here, named)."""
+        import pyarrow.parquet as pq
+
+        for name, split in self.splits.items():
+            for shard in split["shards"]:
+                path = self.directory / str(shard.get("file"))
+                if not path.is_file():
+                    raise ManifestError(f"{path}: shard of split {name!r} listed in {MANIFEST} is missing")
+                try:
+                    rows = pq.read_metadata(path).num_rows
+                except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
+                    raise ManifestError(f"{path}: not a readable parquet file (truncated or corrupt: "
+                                        f"{str(err).splitlines()[0][:160]}); re-ingest, or check with "
+                                        "--verify") from None
+                if rows != shard.get("rows"):
+                    raise ManifestError(f"{path}: {rows} rows, but {MANIFEST} says {shard.get('rows')}")
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest."""

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from fm.seeding import SeedStack, derive_seed
-from pipelines.config import ConfigError, SampleConfig, validate_sample_config
+from pipelines.config import ConfigError, SampleConfig, check_writable_dir, validate_sample_config
 from pipelines.images import encode_rows
 from pipelines.manifest import DataSpec
 
@@ -158,7 +158,7 @@ def prepare_output(out: Path, cfg: SampleConfig, checkpoint: str) -> None:
     settings = {"checkpoint": str(checkpoint), **{k: v for k, v in asdict(cfg).items()
                                                   if k not in ("actors", "blocks_per_call", "cpus_per_actor",
                                                                "gpus_per_actor", "fail_at_block", "write_png")}}
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(out, "--out")
     path = out / SETTINGS
     if path.exists():
         old = json.loads(path.read_text())
@@ -174,10 +174,11 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipelines.checkpoint import load_meta
+    from pipelines.checkpoint import load_meta, load_model
 
-    meta = load_meta(checkpoint)  # fails clearly before Ray starts
+    meta = load_meta(checkpoint)  # fails clearly before Ray starts, as do unreadable or refused weights below
     validate_sample_config(cfg, meta["method"]["name"], meta["method"])
+    load_model(checkpoint)
     data = DataSpec.from_dict(meta.get("manifest"), f"{checkpoint}/meta.json: manifest")
     layout, model_shape = ("HWC" if data.is_image else "D"), data.model_shape
     out = Path(out).resolve()

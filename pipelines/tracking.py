@@ -27,6 +27,24 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+def check_tracking_uri(uri: str, key: str = "mlflow.tracking_uri", timeout: float = 5.0) -> None:
+    """Fail fast, before any Ray work, when an HTTP tracking server does not answer (instead of MLflow's minutes of
+    retries); raise ConfigError naming the key and the URI."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    import urllib.request
+
+    from pipelines.config import ConfigError
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout)
+    except Exception as err:  # URLError, timeouts, HTTP errors: the server is not usable
+        reason = getattr(err, "reason", err)
+        raise ConfigError(f"{key}: the MLflow server at {uri} does not answer ({reason}); start it, or point "
+                          "the key (or $MLFLOW_TRACKING_URI) elsewhere") from None
+
+
 def get_or_create_experiment(client, name: str, uri: str) -> str:
     """Experiment id by name, creating it with an absolute artifact location when missing."""
     exp = client.get_experiment_by_name(name)

@@ -321,12 +321,14 @@ def run_training(cfg: Config) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipelines.config import check_writable_dir
     from pipelines.runtime import init_ray, is_verbose, stage, train_logging_config
-    from pipelines.tracking import find_or_create_run, log_final_model
+    from pipelines.tracking import check_tracking_uri, find_or_create_run, log_final_model
 
     manifest = check_data(cfg)  # every config and data error surfaces before Ray starts
     uri = tracking_uri(cfg)
-    storage = Path(cfg.train.storage_path).resolve()
+    check_tracking_uri(uri)
+    storage = check_writable_dir(cfg.train.storage_path, "train.storage_path").resolve()
     run_dir = storage / cfg.train.run_name
     # Continue the MLflow run of the same name only where Ray still has that run's state to resume from.
     run_id, resumed = find_or_create_run(uri, cfg.mlflow.experiment, cfg.train.run_name,
