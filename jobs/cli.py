@@ -19,6 +19,18 @@ def add_common(p: argparse.ArgumentParser, tracking: bool = True, overrides: boo
         p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
 
 
+def tracking_and_checkpoint(args: argparse.Namespace) -> tuple[str, str]:
+    """The tracking URI of a batch job (checked to answer, before any Ray work, when it will be used) and its
+    checkpoint directory (a path, runs:/ID or models:/NAME/VERSION|@ALIAS resolved through MLflow)."""
+    from pipelines.config import tracking_uri
+    from pipelines.tracking import check_tracking_uri, resolve_checkpoint
+
+    uri = args.tracking_uri or tracking_uri()
+    if not args.no_mlflow or args.checkpoint.startswith(("runs:/", "models:/")):
+        check_tracking_uri(uri, "--tracking-uri")
+    return uri, resolve_checkpoint(args.checkpoint, uri)
+
+
 def run_job(name: str, args: argparse.Namespace, body: Callable[[], Any]) -> Any:
     """Run a job's body; a `ConfigError` (every input error derives from it) ends it with status 2."""
     from pipelines.config import ConfigError

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.cli import add_common, run_job
+from jobs.cli import add_common, run_job, tracking_and_checkpoint
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,17 +33,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _evaluate(a) -> dict:
-    from pipelines.config import EvalConfig, apply_overrides, tracking_uri, validate_eval_config
+    from pipelines.config import EvalConfig, apply_overrides, validate_eval_config
     from pipelines.evaluate import log_evaluation_run, run_evaluation
-    from pipelines.tracking import check_tracking_uri, resolve_checkpoint
 
     cfg = EvalConfig()
     apply_overrides(cfg, "eval", a.overrides)
     validate_eval_config(cfg)
-    uri = a.tracking_uri or tracking_uri()
-    if not a.no_mlflow or a.checkpoint.startswith(("runs:/", "models:/")):
-        check_tracking_uri(uri, "--tracking-uri")  # before any Ray work
-    result = run_evaluation(resolve_checkpoint(a.checkpoint, uri), a.data, a.samples, cfg)
+    uri, checkpoint = tracking_and_checkpoint(a)
+    result = run_evaluation(checkpoint, a.data, a.samples, cfg)
     lik = result["likelihood"]
     print(f"{lik['metric']}: {lik['mean']:.4f} ± {lik['stderr']:.4f} {lik['unit']} over {lik['n']} rows "
           f"(K={lik['draws']} dequantization draws, divergence={lik['divergence']}"

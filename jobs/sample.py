@@ -15,7 +15,7 @@ import argparse
 import json
 from dataclasses import asdict
 
-from jobs.cli import add_common, run_job
+from jobs.cli import add_common, run_job, tracking_and_checkpoint
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,17 +29,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _sample(a) -> dict:
-    from pipelines.config import SampleConfig, apply_overrides, tracking_uri, validate_sample_config
+    from pipelines.config import SampleConfig, apply_overrides, validate_sample_config
     from pipelines.sample import log_sampling_run, run_sampling
-    from pipelines.tracking import check_tracking_uri, resolve_checkpoint
 
     cfg = SampleConfig(num_samples=a.num_samples)
     apply_overrides(cfg, "sample", a.overrides)
     validate_sample_config(cfg)
-    uri = a.tracking_uri or tracking_uri()
-    if not a.no_mlflow or a.checkpoint.startswith(("runs:/", "models:/")):
-        check_tracking_uri(uri, "--tracking-uri")  # before any Ray work
-    result = run_sampling(resolve_checkpoint(a.checkpoint, uri), a.out, cfg)
+    uri, checkpoint = tracking_and_checkpoint(a)
+    result = run_sampling(checkpoint, a.out, cfg)
     if not a.no_mlflow:
         result["mlflow_run_id"] = log_sampling_run(result, asdict(cfg), uri)
     print(json.dumps(result))

@@ -63,7 +63,7 @@ def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> di
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from pipelines.runtime import Progress, init_ray, stage
+    from pipelines.runtime import Progress, init_ray, spread, stage
 
     init_ray()
     stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence) "
@@ -91,12 +91,6 @@ def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> di
             "n": len(values), "mean_nfe": float(nfes.mean()), "draws": cfg.draws,
             "divergence": cfg.divergence, "probes": cfg.probes if cfg.divergence == "hutchinson" else None,
             "images_per_s": len(values) / wall, "wall_s": wall}
-
-
-def spread(ds, rows: int, batch_size: int, actors: int):
-    """Split a split's few large blocks (one per shard) so that every actor of the pool gets batches."""
-    blocks = min(max(1, -(-rows // batch_size)), 4 * actors)
-    return ds.repartition(blocks) if blocks > 1 else ds
 
 
 def _load_split(manifest: Manifest, split: str) -> tuple[torch.Tensor, torch.Tensor]:

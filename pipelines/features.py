@@ -118,8 +118,7 @@ def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: in
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from pipelines.evaluate import spread
-    from pipelines.runtime import Progress, init_ray
+    from pipelines.runtime import Progress, init_ray, spread
 
     init_ray()
     rate = min(1.0, subset_size / max(total, 1))

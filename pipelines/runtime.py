@@ -93,6 +93,12 @@ def train_logging_config():
     return LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")
 
 
+def spread(ds, rows: int, batch_size: int, actors: int):
+    """Split a split's few large blocks (one per shard) so that every actor of the pool gets batches."""
+    blocks = min(max(1, -(-rows // batch_size)), 4 * actors)
+    return ds.repartition(blocks) if blocks > 1 else ds
+
+
 def stage(message: str) -> None:
     """One console line for a stage of a job (flushed, on stderr, so stdout's last line stays the JSON result)."""
     print(f"[flowray {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -38,11 +38,6 @@ class SamplingError(ConfigError):
     """Bad sampling request or output directory."""
 
 
-def sample_noise(ids: np.ndarray, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Noise [len(ids), *shape]: sample i's from its own generator seeded by derive_seed(seed, i)."""
-    return SeedStack([derive_seed(seed, int(i)) for i in ids]).randn(shape)
-
-
 def block_ids(block: int, block_size: int, n: int) -> np.ndarray:
     return np.arange(block * block_size, min((block + 1) * block_size, n), dtype=np.int64)
 
@@ -94,7 +89,8 @@ class Sampler:
                 marker.write_text("injected\n")
                 raise RuntimeError(f"injected sampling failure at block {block}")
         ids = block_ids(block, c.block_size, c.num_samples)
-        x_0 = sample_noise(ids, c.seed, self.shape).to(self.device)
+        seeds = [derive_seed(c.seed, int(i)) for i in ids]  # sample i's starting noise, recorded in its row
+        x_0 = SeedStack(seeds, self.device).randn(self.shape)
         y = self.labels(ids)
         fn = self.method.velocity(self.model, None if y is None else y.to(self.device), c.cfg_scale)
         with torch.no_grad():
@@ -108,7 +104,7 @@ class Sampler:
                                  t_limit=self.method.t_limit)
         x = res.x_1.cpu()
         payload = encode_rows(to_uint8(x), "image") if self.layout == "HWC" else encode_rows(x, "points")
-        table = pa.table({"id": ids, "seed": [derive_seed(c.seed, int(i)) for i in ids],
+        table = pa.table({"id": ids, "seed": seeds,
                           "label": (y.numpy() if y is not None else np.full(len(ids), -1)),
                           "nfe": np.full(len(ids), res.nfe), "image": payload}, schema=SAMPLE_SCHEMA)
         _atomic_write(table, self.out / shard_name(block))
