@@ -1,10 +1,14 @@
 """Ingest a dataset into sharded parquet with a manifest.
 
-    python -m jobs.ingest --source SPEC --out DIR [--shards N] [--test-fraction F] [--seed S]
-                          [--channels 1|3] [--image-size N] [--max-bad-fraction F]
+    python -m jobs.ingest --source SPEC --out DIR [--resolution N [--transform center-crop|resize]]
+                          [--channels 1|3] [--shards N] [--max-rows-per-shard N] [--parallelism N]
+                          [--test-fraction F] [--seed S] [--max-bad-fraction F]
 
-SPEC: digits | fashion-mnist[:DIR] | idx:DIR | folder:DIR | parquet:GLOB | npz:FILE | toy2d:NAME.
-The last stdout line is one JSON object: output dir, shape, counts per split, quarantined rows.
+SPEC: digits | fashion-mnist[:DIR] | idx:DIR | folder:DIR | parquet:GLOB | npz:FILE | toy2d:NAME | imagenet:DIR |
+tar:GLOB. Runs on Ray Data (a local Ray, or the cluster under `ray job submit`): parts of the source are read,
+decoded, converted, resized and written as parquet shards by parallel tasks; the train/test split is by a hash of
+each row's id, so the output does not depend on the parallelism. The last stdout line is one JSON object: output
+dir, shape, counts per split, quarantined rows, mode conversions.
 """
 
 from __future__ import annotations
@@ -19,11 +23,17 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--resolution", "--image-size", dest="resolution", type=int, default=None,
+                   help="H = W of every row (default: the first image's)")
+    p.add_argument("--transform", default=None, choices=["center-crop", "resize"],
+                   help="resize images of another size (Lanczos): shorter side then centre square, or stretch; "
+                        "without it they are quarantined")
+    p.add_argument("--channels", type=int, default=None, help="1 or 3 (default: the source's)")
+    p.add_argument("--shards", type=int, default=4, help="parts (shards per split) at least")
+    p.add_argument("--max-rows-per-shard", type=int, default=20_000)
+    p.add_argument("--parallelism", type=int, default=None, help="parts at once (default: the cluster's CPUs)")
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--channels", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
     add_common(p, tracking=False, overrides=False)
     a = p.parse_args(argv)
@@ -33,12 +43,16 @@ def main(argv: list[str] | None = None) -> dict:
 def _ingest(a) -> dict:
     from pipelines.ingest import ingest
 
-    res = ingest(a.source, a.out, a.shards, a.test_fraction, a.seed, a.channels, a.image_size, a.max_bad_fraction)
+    res = ingest(a.source, a.out, a.shards, a.test_fraction, a.seed, a.channels, a.resolution, a.max_bad_fraction,
+                 transform=a.transform, parallelism=a.parallelism, max_rows_per_shard=a.max_rows_per_shard)
     m = res.manifest
     for q in m["quarantine"][:20]:
         print(f"quarantined {q['id']}: {q['reason']}")
+    if m["quarantined"] > 20:
+        print(f"... and {m['quarantined'] - 20} more quarantined rows: see {res.out}/manifest.json")
     summary = {"out": str(res.out), "source": m["source"], "shape": m["shape"], "num_classes": m["num_classes"],
-               "counts": {s: v["count"] for s, v in m["splits"].items()}, "quarantined": m["quarantined"]}
+               "counts": {s: v["count"] for s, v in m["splits"].items()}, "quarantined": m["quarantined"],
+               "resized": m["resized"], "conversions": m["conversions"]}
     print(json.dumps(summary))
     return summary
 

@@ -1,268 +1,231 @@
-"""Ingest an image source into sharded parquet: raw uint8 HWC bytes per row, a label and a stable id.
+"""Ingest any image source into sharded parquet with a manifest, as a Ray Data job in bounded memory.
 
-Sources (SPEC): digits | fashion-mnist[:DIR] | idx:DIR | folder:DIR | parquet:GLOB | npz:FILE | toy2d:NAME.
-Rows that cannot be used are quarantined with their reason and listed in manifest.json; the job fails when
-their fraction exceeds `max_bad_fraction`. Nothing is dropped silently.
+    listing (driver: checks, parts) -> Ray Data map_batches tasks, one part each: read, decode, convert the mode,
+    resize, validate, split by id hash, stream parquet shards -> driver: gather counts, checksums, quarantine,
+    conversions -> manifest.json
+
+Rows are raw uint8 HWC bytes (float32 for 2-D points) with a label and a stable id (see `pipelines.images`).
+Sources and their parts: `pipelines.sources`. The output is a function of the source and the settings, never of
+the parallelism: parts come from the listing, the train/test split from a hash of (seed, id), and every part
+writes its own shards. Rows that cannot be used are quarantined with their id and reason in manifest.json; the job
+fails when their fraction exceeds `max_bad_fraction`. Shards are written into a staging folder and moved into
+place with the manifest only when the job succeeds.
 """
 
 from __future__ import annotations
 
-import glob
-import gzip
 import io
 import json
 import os
-import struct
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import re
+import shutil
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
-from pipelines.config import ConfigError, check_writable_dir
+from pipelines.config import check_writable_dir
 from pipelines.manifest import MANIFEST, Manifest, sha256
+from pipelines.sources import IngestError, Listing, Part, Record, list_source, read_part, stable_hash
+
+__all__ = ["IngestError", "IngestResult", "ingest", "load_manifest", "shard_paths", "Settings", "SCHEMA"]
 
 SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("image", pa.binary())])
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot"]
-SOURCE_KINDS = ("digits", "fashion-mnist", "idx", "folder", "parquet", "npz", "toy2d")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+TRANSFORMS = ("center-crop", "resize")
+WRITE_ROWS = 512  # rows a task buffers before appending a row group
+MAX_ROWS_PER_SHARD = 20_000
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-class IngestError(ConfigError):
-    """Bad source or too many unusable rows."""
+@dataclass(frozen=True)
+class Settings:
+    """What every task needs besides its part: the declared row format and the split rule."""
+
+    channels: int | None  # 1 or 3 (None for points)
+    resolution: int | None  # H = W; None for points
+    transform: str | None  # None: wrong sizes are quarantined
+    seed: int
+    test_fraction: float
+    points: bool
+    staging: str
+    num_parts: int
 
 
-@dataclass
-class Record:
-    """One source row before validation: a decoded array, or raw encoded bytes, or an error already found."""
-
-    id: str
-    label: int
-    array: np.ndarray | None = None
-    encoded: bytes | None = None
-    error: str | None = None
-    split: str | None = None  # a split fixed by the source (fashion-mnist's train/test files)
+# --- one image to the declared format ------------------------------------------------------------------------
 
 
-@dataclass
-class Source:
-    kind: str
-    arg: str | None
-    class_names: list[str] = field(default_factory=list)
+def convert_mode(im, target: str):
+    """A PIL image in mode `target` ("L" or "RGB") and the conversion made ("RGBA->RGB", None when none).
+
+    Alpha is dropped (not composited), palettes expanded, CMYK converted by PIL's rule, grey replicated, RGB to grey
+    by ITU-R 601 luma, and 16- or 32-bit grey scaled to 8 bits (x / 257), not clipped."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode == target:
+        return im, None
+    if mode.startswith("I"):  # 16-bit PNGs open as I;16 or I: scale 0..65535 to 0..255
+        arr = np.asarray(im).astype(np.float64)
+        im = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        raise ValueError("floating-point image (mode F): no 8-bit meaning")
+    elif mode == "P":  # via RGBA: a palette with a transparent index keeps its colours
+        im = im.convert("RGBA")
+    return (im if im.mode == target else im.convert(target)), f"{mode}->{target}"
 
 
-def parse_source(spec: str) -> Source:
-    """Parse SPEC into (kind, argument); raise IngestError naming what is allowed."""
-    kind, _, arg = spec.partition(":")
-    if kind not in SOURCE_KINDS:
-        raise IngestError(f"unknown source {spec!r}; allowed: digits, fashion-mnist[:DIR], idx:DIR, folder:DIR, "
-                          "parquet:GLOB, npz:FILE, toy2d:NAME")
-    if kind in ("idx", "folder", "parquet", "npz", "toy2d") and not arg:
-        raise IngestError(f"source {kind!r} needs an argument: {kind}:{'NAME' if kind == 'toy2d' else 'PATH'}")
-    return Source(kind, arg or None)
+def _resize(im, size: int, transform: str):
+    """EDM dataset_tool's transforms with a Lanczos (antialiasing) filter: "center-crop" scales the shorter side to
+    `size` and keeps the centre square; "resize" stretches to size x size."""
+    from PIL import Image
+
+    if transform == "resize":
+        return im.resize((size, size), Image.Resampling.LANCZOS)
+    w, h = im.size
+    scale = size / min(w, h)
+    w2, h2 = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((w2, h2), Image.Resampling.LANCZOS)
+    left, top = (w2 - size) // 2, (h2 - size) // 2
+    return im.crop((left, top, left + size, top + size))
 
 
-# --- readers -------------------------------------------------------------------------------------------------
+def _from_array(array: np.ndarray):
+    """A uint8 HW / HWC array as a PIL image ("L", "LA", "RGB", "RGBA" by channel count)."""
+    from PIL import Image
+
+    if array.dtype != np.uint8:
+        raise ValueError(f"pixel dtype {array.dtype} is not uint8")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    modes = {2: "L", 3: {2: "LA", 3: "RGB", 4: "RGBA"}}
+    mode = modes.get(array.ndim)
+    mode = mode.get(array.shape[2]) if isinstance(mode, dict) else mode
+    if mode is None:
+        raise ValueError(f"wrong channel count: an image array of shape {list(array.shape)} (allowed: HW, or HWC "
+                         "with C in 1, 2, 3, 4)")
+    return Image.fromarray(np.ascontiguousarray(array), mode)
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) into a numpy array."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise IngestError(f"{path}: not an IDX file (bad magic number)")
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if data[2] not in dtypes:
-        raise IngestError(f"{path}: unknown IDX element type 0x{data[2]:02x}")
-    ndim = data[3]
-    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
-    arr = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(dims)):
-        raise IngestError(f"{path}: IDX header says {dims} ({int(np.prod(dims))} values) but holds {arr.size}")
-    return arr.reshape(dims)
-
-
-def _find_idx(directory: Path, prefix: str) -> tuple[Path, Path] | None:
-    for images in sorted(directory.glob(f"{prefix}-images-idx3-ubyte*")):
-        labels = directory / images.name.replace("images-idx3", "labels-idx1")
-        if labels.exists():
-            return images, labels
-    return None
-
-
-def _idx_records(directory: Path, fixed_splits: bool) -> Iterator[Record]:
-    if not directory.is_dir():
-        raise IngestError(f"IDX directory {directory} does not exist")
-    found = False
-    for prefix, split in (("train", "train"), ("t10k", "test")):
-        pair = _find_idx(directory, prefix)
-        if pair is None:
-            continue
-        found = True
-        images, labels = _read_idx(pair[0]), _read_idx(pair[1])
-        if images.shape[0] != labels.shape[0]:
-            raise IngestError(f"{pair[0]} holds {images.shape[0]} images but {pair[1]} {labels.shape[0]} labels")
-        for i in range(images.shape[0]):
-            yield Record(f"{prefix}-{i}", int(labels[i]), array=images[i], split=split if fixed_splits else None)
-    if not found:
-        raise IngestError(f"no IDX pair (train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz], or t10k-*) "
-                          f"in {directory}")
-
-
-def _folder_records(directory: Path) -> tuple[Iterator[Record], list[str]]:
-    if not directory.is_dir():
-        raise IngestError(f"image folder {directory} does not exist")
-    classes = sorted(p.name for p in directory.iterdir() if p.is_dir())
-    if not classes:
-        raise IngestError(f"image folder {directory} has no class subfolders (expected DIR/<class>/<image>)")
-
-    def gen() -> Iterator[Record]:
-        for label, name in enumerate(classes):
-            for path in sorted((directory / name).rglob("*")):
-                if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-                    yield Record(str(path.relative_to(directory)), label, encoded=path.read_bytes())
-
-    return gen(), classes
-
-
-def _parquet_records(pattern: str) -> Iterator[Record]:
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise IngestError(f"no parquet files match {pattern!r}")
-    for file in files:
-        pf = pq.ParquetFile(file)
-        names = pf.schema_arrow.names
-        if "img" not in names and "image" not in names:
-            raise IngestError(f"{file}: expected an 'img' (or 'image') column of struct{{bytes, path}}; "
-                              f"columns are {names}")
-        col = "img" if "img" in names else "image"
-        if "label" in names and not pa.types.is_integer(pf.schema_arrow.field("label").type):
-            raise IngestError(f"{file}: column 'label' holds {pf.schema_arrow.field('label').type}; labels must be "
-                              "integer class indices (map class names to 0..K-1 first)")
-        base = Path(file).parent
-        row = 0
-        for batch in pf.iter_batches(batch_size=1024):
-            d = batch.to_pydict()
-            labels = d.get("label", [0] * batch.num_rows)
-            for img, label in zip(d[col], labels, strict=True):
-                rid = f"{Path(file).name}:{row}"
-                row += 1
-                if not isinstance(img, dict):
-                    yield Record(rid, -1, error=f"column {col!r} is not a struct of {{bytes, path}}")
-                elif img.get("bytes") is not None:
-                    yield Record(rid, int(label), encoded=img["bytes"])
-                elif img.get("path"):
-                    path = Path(img["path"]) if os.path.isabs(img["path"]) else base / img["path"]
-                    if path.exists():
-                        yield Record(rid, int(label), encoded=path.read_bytes())
-                    else:
-                        yield Record(rid, int(label), error=f"image bytes are null and path {str(path)!r} is missing")
-                else:
-                    yield Record(rid, int(label), error="image has neither bytes nor path")
-
-
-def _npz_records(file: Path) -> Iterator[Record]:
-    if not file.exists():
-        raise IngestError(f"npz file {file} does not exist")
-    with np.load(file) as z:
-        keys = list(z.keys())
-        xk = next((k for k in ("images", "x", "X", "arr_0") if k in keys), None)
-        if xk is None:
-            raise IngestError(f"{file}: no image array; expected a key 'images' or 'x' (keys are {keys})")
-        images = z[xk]
-        if images.ndim not in (3, 4):
-            raise IngestError(f"{file}: array {xk!r} has shape {list(images.shape)}; images must be [N, H, W] or "
-                              "[N, H, W, C] (flat rows cannot be reshaped without knowing H and W)")
-        yk = next((k for k in ("labels", "y", "Y") if k in keys), None)
-        labels = z[yk] if yk else np.zeros(len(images), dtype=np.int64)
-    if len(labels) != len(images):
-        raise IngestError(f"{file}: {len(images)} images but {len(labels)} labels")
-    for i in range(len(images)):
-        yield Record(f"{file.name}:{i}", int(labels[i]), array=images[i])
-
-
-def _digits_records() -> Iterator[Record]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    # values are 0..16; map to the full 8-bit range
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
-    for i in range(len(images)):
-        yield Record(f"digits-{i}", int(d.target[i]), array=images[i])
-
-
-def read_source(src: Source) -> tuple[Iterator[Record], list[str]]:
-    """Records of a source and its class names."""
-    if src.kind == "digits":
-        return _digits_records(), [str(i) for i in range(10)]
-    if src.kind == "fashion-mnist":
-        return _idx_records(Path(src.arg or FASHION_MNIST_DIR), fixed_splits=True), FASHION_MNIST_CLASSES
-    if src.kind == "idx":
-        return _idx_records(Path(src.arg), fixed_splits=False), []
-    if src.kind == "folder":
-        return _folder_records(Path(src.arg))
-    if src.kind == "parquet":
-        return _parquet_records(src.arg), []
-    if src.kind == "npz":
-        return _npz_records(Path(src.arg)), []
-    from fm.data import TOY_SETS, sample_toy
-
-    if src.arg not in TOY_SETS:
-        raise IngestError(f"unknown toy2d set {src.arg!r}; allowed: {', '.join(TOY_SETS)}")
-    import torch
-
-    points = sample_toy(src.arg, 20_000, torch.Generator().manual_seed(0)).numpy()
-    return (Record(f"{src.arg}-{i}", 0, array=points[i]) for i in range(len(points))), []
-
-
-# --- validation ----------------------------------------------------------------------------------------------
-
-
-def to_channels(array: np.ndarray, channels: int) -> np.ndarray:
-    """Convert an HW / HWC uint8 array to HW x channels: gray is replicated, RGBA loses alpha, RGB -> gray by
-    ITU-R 601 luma (PIL's rule). Raises ValueError for other channel counts."""
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3:
-        raise ValueError(f"expected an HW or HWC image, got shape {array.shape}")
-    have = array.shape[2]
-    if have == channels:
-        return array
-    if have == 4:
-        array, have = array[:, :, :3], 3
-        if channels == 3:
-            return array
-    if have == 1 and channels == 3:
-        return np.repeat(array, 3, axis=2)
-    if have == 3 and channels == 1:
-        luma = array[:, :, 0] * 0.299 + array[:, :, 1] * 0.587 + array[:, :, 2] * 0.114
-        return np.round(luma).astype(np.uint8)[:, :, None]
-    raise ValueError(f"{have} channels cannot be converted to {channels}")
-
-
-def decode(record: Record) -> np.ndarray:
-    """The record's image as a uint8 array (HW or HWC); raises ValueError when it cannot be decoded."""
-    if record.array is not None:
-        return record.array
+def _open(encoded: bytes):
     from PIL import Image, UnidentifiedImageError
 
+    if not encoded:
+        raise ValueError("empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(record.encoded)) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("P", "PA"):
-                im = im.convert("RGBA" if "transparency" in im.info or mode == "PA" else "RGB")
-            elif mode in ("I;16", "I", "F", "1", "LA"):
-                im = im.convert("L" if mode != "LA" else "RGBA")
-            return np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"undecodable image bytes ({type(err).__name__}: {err})") from None
+        im = Image.open(io.BytesIO(encoded))
+        im.load()
+        return im
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # the same reason in every process
+        raise ValueError(f"undecodable image bytes ({type(err).__name__}: {why})") from None
+
+
+def prepare(record: Record, s: Settings) -> tuple[np.ndarray, str | None, bool]:
+    """A record as the declared uint8 [H, W, C] array (float32 [D] for points), the mode conversion made and
+    whether it was resized; raises ValueError with the reason it cannot be used."""
+    if record.error:
+        raise ValueError(record.error)
+    if s.points:
+        return np.asarray(record.array, dtype=np.float32), None, False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's decompression-bomb and palette notes: the row is checked below
+        im = _open(record.encoded) if record.array is None else _from_array(record.array)
+        im, conversion = convert_mode(im, "L" if s.channels == 1 else "RGB")
+        resized = False
+        if im.size != (s.resolution, s.resolution):
+            if s.transform is None:
+                w, h = im.size
+                raise ValueError(f"wrong size {h}x{w}, expected {s.resolution}x{s.resolution} (--transform "
+                                 "center-crop or resize makes it fit)")
+            im, resized = _resize(im, s.resolution, s.transform), True
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr.reshape(s.resolution, s.resolution, s.channels), conversion, resized
+
+
+def split_of(record: Record, s: Settings) -> str:
+    """The source's own split, else "test" for a fraction of ids by a hash of (seed, id): the same row lands in the
+    same split whatever the order, the batching or the parallelism."""
+    if record.split:
+        return record.split
+    return "test" if stable_hash(f"{s.seed}/{record.id}") < s.test_fraction else "train"
+
+
+# --- one part, in a Ray task ---------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """Streams one split's rows of one part into staging/<split>-<part>-of-<parts>.parquet, a row group at a time."""
+
+    def __init__(self, s: Settings, split: str, part: int):
+        self.name = f"{split}-{part:05d}-of-{s.num_parts:05d}.parquet"
+        self.path = Path(s.staging) / self.name
+        self.writer, self.rows, self.buffer = None, 0, []
+
+    def add(self, rid: str, label: int, cell: bytes) -> None:
+        self.buffer.append((rid, label, cell))
+        if len(self.buffer) >= WRITE_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        ids, labels, cells = zip(*self.buffer, strict=True)
+        table = pa.table({"id": list(ids), "label": list(labels), "image": list(cells)}, schema=SCHEMA)
+        self.writer = self.writer or pq.ParquetWriter(self.path, SCHEMA)
+        self.writer.write_table(table)
+        self.rows += len(self.buffer)
+        self.buffer = []
+
+    def close(self) -> dict | None:
+        self.flush()
+        if self.writer is None:
+            return None
+        self.writer.close()
+        return {"file": self.name, "rows": self.rows, "sha256": sha256(self.path)}
+
+
+def ingest_part(part: Part, s: Settings) -> dict:
+    """Read, convert, validate and write one part; returns its summary (shards, counts, quarantine)."""
+    writers: dict[str, _ShardWriter] = {}
+    quarantine, conversions, resized, rows, labels, shape = [], Counter(), 0, 0, set(), None
+    for record in read_part(part):
+        rows += 1
+        try:
+            arr, conversion, was_resized = prepare(record, s)
+            if record.label < 0:
+                raise ValueError(f"label {record.label} is negative")
+        except ValueError as err:
+            quarantine.append({"id": record.id, "reason": str(err)})
+            continue
+        if s.points and shape is not None and tuple(arr.shape) != shape:
+            quarantine.append({"id": record.id, "reason": f"point has shape {list(arr.shape)}, expected {list(shape)}"})
+            continue
+        shape = tuple(arr.shape)
+        conversions[conversion] += conversion is not None
+        resized += was_resized
+        labels.add(record.label)
+        split = split_of(record, s)
+        writers.setdefault(split, _ShardWriter(s, split, part.index)).add(record.id, record.label, arr.tobytes())
+    shards = {split: w.close() for split, w in writers.items()}
+    return {"part": part.index, "rows": rows, "quarantine": quarantine, "shards": shards,
+            "conversions": {k: v for k, v in conversions.items() if k and v}, "resized": resized,
+            "max_label": max(labels) if labels else -1, "shape": list(shape) if shape else None}
+
+
+def _ingest_batch(batch: dict, settings: dict) -> dict:
+    """Ray Data map_batches task: parts (JSON, one per row of the listing dataset) -> their summaries (JSON)."""
+    out = []
+    for text in batch["part"]:
+        p = json.loads(text)
+        out.append(json.dumps(ingest_part(Part(p["index"], p["reader"], p["args"], p["rows"]), Settings(**settings))))
+    return {"summary": np.array(out, dtype=object)}
+
+
+# --- the driver ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -273,115 +236,197 @@ class IngestResult:
 
 def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0.1, seed: int = 0,
            channels: int | None = None, image_size: int | None = None, max_bad_fraction: float = 0.01,
-           ) -> IngestResult:
-    """Read a source, validate every row, split deterministically and write parquet shards and manifest.json.
+           transform: str | None = None, parallelism: int | None = None,
+           max_rows_per_shard: int = MAX_ROWS_PER_SHARD) -> IngestResult:
+    """Ingest a source into parquet shards and manifest.json on Ray Data (a local Ray unless one is running or
+    RAY_ADDRESS is set).
 
     Args:
-        spec: the source (see module doc). out: output directory. shards: shards per split (train; test gets
-            at least 1). test_fraction: held-out fraction when the source has no split of its own. seed: split
-            seed. channels: declared channels (1 or 3; default: the source's). image_size: declared H = W
-            (default: that of the first decodable image). max_bad_fraction: quarantined fraction that fails.
+        spec: the source (`pipelines.sources`). out: output directory.
+        shards: parts the source is cut into at least (each writes one shard per split); more when a part would
+            exceed `max_rows_per_shard` rows.
+        test_fraction: held-out fraction (by id hash) where the source has no split of its own. seed: split seed.
+        channels: 1 or 3 (default: 1 for the grey array sources, else that of the first listed image).
+        image_size: the resolution H = W (default: that of the first listed image).
+        max_bad_fraction: quarantined fraction that fails the job.
+        transform: None (images of another size are quarantined), "center-crop" or "resize" (Lanczos).
+        parallelism: at most this many parts at once (default: as many as the cluster's CPUs allow).
     """
+    _check_arguments(shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism,
+                     max_rows_per_shard)
+    check_writable_dir(out, "--out")
+    listing = list_source(spec, shards, max_rows_per_shard)
+    channels, image_size = _declared_format(listing, channels, image_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".ingest-staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    settings = Settings(channels, image_size, transform, seed, test_fraction, listing.points, str(staging.resolve()),
+                        len(listing.parts))
+    try:
+        summaries = _run_parts(listing, settings, parallelism)
+        manifest = _manifest(listing, settings, summaries, max_bad_fraction)
+        _publish(out, staging, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return IngestResult(out, manifest)
+
+
+def _check_arguments(shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism,
+                     max_rows_per_shard) -> None:
     if shards < 1:
         raise IngestError(f"--shards must be >= 1; got {shards}")
     if not 0 <= test_fraction < 1:
         raise IngestError(f"--test-fraction must be in [0, 1); got {test_fraction}")
     if channels not in (None, 1, 3):
         raise IngestError(f"--channels must be 1 or 3; got {channels}")
-    src = parse_source(spec)
-    check_writable_dir(out, "--out")
-    records, class_names = read_source(src)
-    is_points = src.kind == "toy2d"
-    if channels is None and src.kind in ("digits", "fashion-mnist", "idx", "toy2d"):
-        channels = 1
-    kept: list[tuple[str, int, bytes, str | None]] = []
-    quarantine: list[dict] = []
-    shape: tuple[int, ...] | None = None
-    total = 0
-    for rec in tqdm(records, desc=f"ingest {spec}", unit=" rows", mininterval=5, leave=False, disable=None):
-        total += 1
+    if image_size is not None and image_size < 1:
+        raise IngestError(f"--resolution must be >= 1; got {image_size}")
+    if transform not in (None, *TRANSFORMS):
+        raise IngestError(f"--transform {transform!r} is not allowed; allowed: {', '.join(TRANSFORMS)}")
+    if transform and image_size is None:
+        raise IngestError(f"--transform {transform} needs --resolution N (the size to resize to)")
+    if not 0 <= max_bad_fraction <= 1:
+        raise IngestError(f"--max-bad-fraction must be in [0, 1]; got {max_bad_fraction}")
+    if parallelism is not None and parallelism < 1:
+        raise IngestError(f"--parallelism must be >= 1; got {parallelism}")
+    if max_rows_per_shard < 1:
+        raise IngestError(f"--max-rows-per-shard must be >= 1; got {max_rows_per_shard}")
+
+
+def _declared_format(listing: Listing, channels: int | None, size: int | None) -> tuple[int | None, int | None]:
+    """Channels and resolution: given, or fixed by the source, or by the first listed image that decodes (read
+    on the driver, so the choice does not depend on which task runs first)."""
+    if listing.points:
+        return None, None
+    if listing.element_shape is not None:  # array sources: the array says
+        shape = listing.element_shape
+        channels = channels or (1 if len(shape) == 2 or shape[2] <= 2 else 3)
+        return channels, size or shape[0]
+    if channels is not None and size is not None:
+        return channels, size
+    for i, record in enumerate(read_part(listing.parts[0])):
+        if i >= 100:
+            break
         try:
-            if rec.error:
-                raise ValueError(rec.error)
-            if is_points:
-                arr = np.asarray(rec.array, dtype=np.float32)
-            else:
-                arr = decode(rec)
-                if arr.dtype != np.uint8:
-                    raise ValueError(f"pixel dtype {arr.dtype} is not uint8")
-                if channels is None:  # first decodable image of an RGB-ish source fixes the declared channels
-                    channels = 1 if arr.ndim == 2 or arr.shape[2] == 1 else 3
-                hw = arr.shape[:2]
-                size = image_size or (shape[0] if shape else None)
-                if size is not None and hw != (size, size):
-                    raise ValueError(f"wrong size {hw[0]}x{hw[1]}, expected {size}x{size}")
-                if hw[0] != hw[1]:
-                    raise ValueError(f"image is not square: {hw[0]}x{hw[1]}")
-                try:
-                    arr = np.ascontiguousarray(to_channels(arr, channels))
-                except ValueError as err:
-                    raise ValueError(f"wrong channel count: {err}") from None
-            if shape is None:
-                shape = tuple(arr.shape)
-            kept.append((rec.id, rec.label, arr.tobytes(), rec.split))
-        except ValueError as err:
-            quarantine.append({"id": rec.id, "reason": str(err)})
-    if total == 0:
-        raise IngestError(f"source {spec!r} holds no rows")
-    bad = len(quarantine) / total
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                im = _open(record.encoded) if record.error is None else None
+        except ValueError:
+            continue
+        if im is not None:
+            return channels or (1 if im.mode in GREY_MODES else 3), size or max(im.size)
+    raise IngestError(f"{listing.spec}: none of the first 100 listed images could be decoded; pass --channels and "
+                      "--resolution, or check the source")
+
+
+def _run_parts(listing: Listing, s: Settings, parallelism: int | None) -> list[dict]:
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    started = not ray.is_initialized()
+    init_ray()
+    try:
+        return _stream_parts(listing, s, parallelism)
+    finally:
+        if started:  # leave Ray as it was found: a job that ingests first starts its own stages afresh
+            ray.shutdown()
+
+
+def _stream_parts(listing: Listing, s: Settings, parallelism: int | None) -> list[dict]:
+    import ray.data
+
+    from pipelines.runtime import Progress, stage
+
+    stage(f"ingest {listing.spec}: {listing.rows} rows listed in {len(listing.parts)} part(s)"
+          + (f", at most {parallelism} at once" if parallelism else ""))
+    items = [{"part": json.dumps(asdict(p))} for p in listing.parts]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # one task per part: the cluster's CPUs (or `parallelism`) bound how many run at once, a part bounds memory
+    ds = ds.map_batches(_ingest_batch, fn_kwargs={"settings": asdict(s)}, batch_size=1, batch_format="numpy",
+                        num_cpus=1, compute=ray.data.TaskPoolStrategy(size=parallelism))
+    progress = Progress(f"ingest {listing.spec}", listing.rows, "rows")
+    summaries = []
+    for row in ds.iter_rows():
+        summaries.append(json.loads(row["summary"]))
+        progress.update(summaries[-1]["rows"])
+    return sorted(summaries, key=lambda d: d["part"])
+
+
+def _manifest(listing: Listing, s: Settings, summaries: list[dict], max_bad_fraction: float) -> dict:
+    total = sum(d["rows"] for d in summaries)
+    quarantine = [q for d in summaries for q in d["quarantine"]]
+    bad = len(quarantine) / total if total else 1.0
     if bad > max_bad_fraction:
         first = "; ".join(f"{q['id']}: {q['reason']}" for q in quarantine[:5])
         raise IngestError(f"{len(quarantine)} of {total} rows ({bad:.1%}) could not be used, above "
                           f"max_bad_fraction={max_bad_fraction:.1%}. First: {first}")
-    splits = _split(kept, test_fraction, seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = {
+    shapes = {tuple(d["shape"]) for d in summaries if d["shape"]}
+    if len(shapes) > 1:  # only points can differ (images are all made the declared size)
+        raise IngestError(f"{listing.spec}: rows of different shapes {sorted(shapes)}")
+    shape = next(iter(shapes), None)
+    conversions = Counter()
+    for d in summaries:
+        conversions.update(d["conversions"])
+    splits = {}
+    for split in ("train", "test"):
+        files = [d["shards"][split] for d in summaries if d["shards"].get(split)]
+        if not files:  # an empty split still gets a (schema-only) shard: readers need not special-case it
+            files = [_empty_shard(Path(s.staging), split)]
+        splits[split] = {"count": sum(f["rows"] for f in files), "shards": files}
+    max_label = max(d["max_label"] for d in summaries)
+    return {
         "format": 1,
-        "source": spec,
-        "kind": "points" if is_points else "image",
-        "shape": list(shape),
-        "layout": "D" if is_points else "HWC",
-        "dtype": "float32" if is_points else "uint8",
-        "num_classes": len(class_names) or (max(r[1] for r in kept) + 1 if kept else 0),
-        "class_names": class_names,
-        "seed": seed,
-        "test_fraction": test_fraction,
+        "source": listing.spec,
+        "kind": "points" if s.points else "image",
+        "shape": list(shape) if shape else ([s.resolution, s.resolution, s.channels] if not s.points else [2]),
+        "layout": "D" if s.points else "HWC",
+        "dtype": "float32" if s.points else "uint8",
+        "num_classes": listing.num_classes or len(listing.class_names) or max_label + 1,
+        "class_names": listing.class_names,
+        "seed": s.seed,
+        "test_fraction": s.test_fraction,
+        "split_rule": "the source's own" if any(r.args.get("split") for r in listing.parts)
+        else "sha256(seed/id) < test_fraction",
+        "transform": s.transform,
+        "resized": sum(d["resized"] for d in summaries),
+        "conversions": dict(sorted(conversions.items())),
+        "max_bad_fraction": max_bad_fraction,
         "rows_read": total,
         "quarantined": len(quarantine),
         "quarantine": quarantine,
-        "splits": {},
+        "splits": splits,
     }
-    for split, rows in splits.items():
-        n_shards = shards if split == "train" else max(1, min(shards, len(rows) // 1000 or 1))
-        manifest["splits"][split] = {"count": len(rows), "shards": _write_shards(rows, out, split, n_shards)}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return IngestResult(out, manifest)
 
 
-def _split(rows: list[tuple], test_fraction: float, seed: int) -> dict[str, list[tuple]]:
-    """The source's own split where it has one, else a seeded permutation (stable for a given source order)."""
-    if rows and all(r[3] is not None for r in rows):
-        return {s: [r for r in rows if r[3] == s] for s in ("train", "test")}
-    perm = np.random.default_rng(seed).permutation(len(rows))
-    n_test = int(round(test_fraction * len(rows)))
-    test = sorted(perm[:n_test].tolist())
-    train = sorted(perm[n_test:].tolist())
-    return {"train": [rows[i] for i in train], "test": [rows[i] for i in test]}
+def _empty_shard(directory: Path, split: str) -> dict:
+    name = f"{split}-00000-of-00001.parquet"
+    pq.write_table(SCHEMA.empty_table(), directory / name)
+    return {"file": name, "rows": 0, "sha256": sha256(directory / name)}
 
 
-def _write_shards(rows: list[tuple], out: Path, split: str, n: int) -> list[dict]:
-    shards = []
-    for k in range(n):
-        part = rows[k::n]
-        name = f"{split}-{k:05d}-of-{n:05d}.parquet"
-        table = pa.table({"id": [r[0] for r in part], "label": [r[1] for r in part], "image": [r[2] for r in part]},
-                         schema=SCHEMA)
-        tmp = out / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, out / name)  # atomic: a half-written shard never carries the final name
-        shards.append({"file": name, "rows": len(part), "sha256": sha256(out / name)})
-    return shards
+def _publish(out: Path, staging: Path, manifest: dict) -> None:
+    """Move the new shards into `out` and write the manifest last (atomically); shards of an earlier ingest into
+    the same folder that the new manifest does not list are removed."""
+    old = []
+    if (out / MANIFEST).exists():
+        try:
+            old = [s["file"] for split in json.loads((out / MANIFEST).read_text())["splits"].values()
+                   for s in split["shards"]]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            old = []
+    new = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            os.replace(staging / shard["file"], out / shard["file"])
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    for name in old:
+        if name not in new and "/" not in name:
+            (out / name).unlink(missing_ok=True)
 
 
 def load_manifest(directory: str | Path, verify: bool = False) -> Manifest:

@@ -50,6 +50,15 @@ def test_bad_sources(tmp_path, capsys):
     np.savez(tmp_path / "flat.npz", images=np.zeros((10, 64), np.uint8), labels=np.zeros(10, int))
     _fails(main, ["--source", f"npz:{tmp_path}/flat.npz", "--out", str(tmp_path / "o")],
            "flat.npz: array 'images' has shape [10, 64]; images must be [N, H, W] or [N, H, W, C]", capsys)
+    _fails(main, ["--source", "digits", "--out", str(tmp_path / "o"), "--transform", "center-crop"],
+           "--transform center-crop needs --resolution N (the size to resize to)", capsys)
+    (tmp_path / "bad.tar").write_bytes(b"not a tar")
+    _fails(main, ["--source", f"tar:{tmp_path}/bad.tar", "--out", str(tmp_path / "o")],
+           "bad.tar: not a readable tar archive", capsys)
+    (tmp_path / "inet").mkdir()
+    (tmp_path / "inet" / "val_data").write_bytes(b"\x80\x04\x95 a pickle")
+    _fails(main, ["--source", f"imagenet:{tmp_path}/inet", "--out", str(tmp_path / "o")],
+           "val_data: not an .npz archive (the pickled release cannot be read safely)", capsys)
     (tmp_path / "afile").write_text("x")
     _fails(main, ["--source", "digits", "--out", str(tmp_path / "afile")],
            f"--out: {tmp_path / 'afile'} is a file; a directory is needed", capsys)
