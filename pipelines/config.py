@@ -98,6 +98,7 @@ class RayConfig:
     cpus_per_worker: float = 0.5  # fractional so Ray Data's read tasks keep a CPU on small machines
     gpus_per_worker: float = 1.0
     preprocess_cpus: float = 0.25
+    preprocess_actors: int = 0  # most preprocessing actors (an autoscaling pool from 1); 0: the CPUs left over
     prefetch_batches: int = 2
     max_failures: int = 0
     local_cpus: int = 4  # logical CPUs of a local Ray (at least the host's count); see pipelines.train.init_ray
@@ -294,6 +295,8 @@ def validate(cfg: Config) -> None:
            f"must be a worker rank in [0, {r.num_workers - 1}]")
     _check(r.cpus_per_worker > 0, "ray.cpus_per_worker", r.cpus_per_worker, "must be > 0")
     _check(r.preprocess_cpus > 0, "ray.preprocess_cpus", r.preprocess_cpus, "must be > 0")
+    _check(r.preprocess_actors >= 0, "ray.preprocess_actors", r.preprocess_actors,
+           "must be >= 0 (0: as many as the CPUs the train workers leave)")
     _check(r.max_failures >= -1, "ray.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
     _check(bool(cfg.mlflow.experiment), "mlflow.experiment", cfg.mlflow.experiment, "must be non-empty")
 

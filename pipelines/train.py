@@ -73,13 +73,20 @@ def build_dataset(cfg: Config, manifest: Manifest):
     return ds.map_batches(Preprocess, fn_constructor_args=(manifest.data.shape, manifest.data.kind,
                                                            cfg.data.hflip, cfg.train.seed),
                           batch_format="numpy", batch_size=256, num_cpus=cfg.ray.preprocess_cpus,
-                          compute=_actor_pool(1))
+                          compute=_preprocess_pool(cfg))
 
 
-def _actor_pool(n: int):
+def _preprocess_pool(cfg: Config):
+    """An autoscaling pool of preprocessing actors: from 1 up to `ray.preprocess_actors`, or by default as many as
+    the cluster's CPUs hold beside the train workers, so the data path grows with the cluster."""
+    import ray
     from ray.data import ActorPoolStrategy
 
-    return ActorPoolStrategy(size=n)
+    most = cfg.ray.preprocess_actors
+    if not most:  # one CPU stays free for Ray Data's read tasks, which take a whole one (else: a hang)
+        spare = ray.cluster_resources().get("CPU", 1) - cfg.ray.num_workers * cfg.ray.cpus_per_worker - 1
+        most = max(1, int(spare / cfg.ray.preprocess_cpus))
+    return ActorPoolStrategy(min_size=1, max_size=most)
 
 
 # --- worker ----------------------------------------------------------------------------------------------------
