@@ -52,7 +52,8 @@ PRESETS = {
     "fashion-mnist-cpu": Preset("configs/fashion-mnist-cpu.yaml", "fashion-mnist", "data/fashion-mnist",
                                 steps=3000, num_samples=2000, euler_steps=[], sde_steps=0, eval_draws=1,
                                 eval_max_images=200, reference_max=5000,
-                                budget="fashion-mnist-cpu: about 20 min per method on 2 CPU cores, at most 15 of them training"),
+                                budget="fashion-mnist-cpu: about 20 min per method on 2 CPU cores, at most 15 "
+                                       "of them training"),
     "fashion-mnist": Preset("configs/fashion-mnist.yaml", "fashion-mnist", "data/fashion-mnist", steps=20000,
                             num_samples=5000, euler_steps=[2, 5, 10, 20, 50, 100], sde_steps=200, eval_draws=1,
                             eval_max_images=1000),
@@ -144,11 +145,11 @@ def _reproduce(a) -> dict:
     (out / "table.md").write_text(md + "\n")
     plot = plot_nfe_vs_fd(rows, out / "nfe-vs-fd.png")
     print(md)
-    result = {"experiment": experiment, "budget": preset.budget, "tracking_uri": uri, "preset": a.preset, "seeds": a.seeds,
-              "methods": a.methods, "train_steps": steps, "num_samples": num_samples, "euler_steps": euler,
-              "eval_draws": preset.eval_draws, "wall_s": round(time.perf_counter() - start, 1), "timings": timings,
-              "table_md": str(out / "table.md"), "table_csv": str(csv_path), "plot": str(plot) if plot else None,
-              "rows": rows}
+    result = {"experiment": experiment, "budget": preset.budget, "tracking_uri": uri, "preset": a.preset,
+              "seeds": a.seeds, "methods": a.methods, "train_steps": steps, "num_samples": num_samples,
+              "euler_steps": euler, "eval_draws": preset.eval_draws, "wall_s": round(time.perf_counter() - start, 1),
+              "timings": timings, "table_md": str(out / "table.md"), "table_csv": str(csv_path),
+              "plot": str(plot) if plot else None, "rows": rows}
     (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps(result, default=str))
     return result
