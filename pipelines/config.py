@@ -365,6 +365,7 @@ class EvalConfig:
     classifier_epochs: int = 15
     features: str = "auto"  # inception (FID), classifier, or auto: inception from 16x16 up, else the classifier
     reference_split: str = "train"  # FID/FD against this split (the papers' convention)
+    reference_max: int = 0  # 0: the whole reference split; else about this many of its images (by id hash)
     floor_split: str = "test"  # held-out real images scored against the reference: the floor ("": none)
     subset_size: int = 2000  # features kept for KID and precision/recall
     feature_batch: int = 64
@@ -390,6 +391,8 @@ def validate_eval_config(c: EvalConfig) -> None:
     _check(c.max_images >= 0, "eval.max_images", c.max_images, "must be >= 0")
     _check(c.classifier_epochs >= 1, "eval.classifier_epochs", c.classifier_epochs, "must be >= 1")
     _check(c.features in FEATURES, "eval.features", c.features, f"allowed: {', '.join(FEATURES)}")
+    _check(c.reference_max == 0 or c.reference_max >= 10, "eval.reference_max", c.reference_max,
+           "must be 0 (the whole split) or >= 10")
     _check(c.subset_size >= 10, "eval.subset_size", c.subset_size, "must be >= 10")
     _check(c.feature_batch >= 1, "eval.feature_batch", c.feature_batch, "must be >= 1")
     _check(c.gpus_per_actor >= 0, "eval.gpus_per_actor", c.gpus_per_actor, "must be >= 0")

@@ -175,7 +175,7 @@ def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dic
     net, info, note = feature_net(manifest, cfg)
     kw = {"subset_size": cfg.subset_size, "batch_size": cfg.feature_batch, "actors": cfg.actors,
           "cpus_per_actor": cfg.cpus_per_actor, "gpus_per_actor": cfg.gpus_per_actor}
-    ref = split_stats(manifest, cfg.reference_split, net, **kw)
+    ref = split_stats(manifest, cfg.reference_split, net, limit=cfg.reference_max, **kw)
     floor = bool(cfg.floor_split and cfg.floor_split != cfg.reference_split)
     held_count = manifest.count(cfg.floor_split) if floor else None
     # with fewer held-out images than samples, the model is also scored on its first held_count samples: Fréchet
@@ -197,7 +197,8 @@ def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dic
         out.update(classifier_test_accuracy=info["test_accuracy"], classifier_path=info["path"])
     if floor:
         # the same metric between the reference and held-out real images: what a perfect model would score
-        held = split_stats(manifest, cfg.floor_split, net, **kw)
+        # (about as many held-out images as samples when the split is larger: the distance's bias depends on n)
+        held = split_stats(manifest, cfg.floor_split, net, limit=num_samples, **kw)
         matched = fake.prefix_stats if fake.prefix_stats is not None else fake.stats
         out.update(fd_floor=frechet_distance_from_stats(ref.stats, held.stats), floor_split=cfg.floor_split,
                    num_floor=held.n, fd_matched=frechet_distance_from_stats(ref.stats, matched),

@@ -70,15 +70,21 @@ def in_subset(ids, rate: float) -> np.ndarray:
 class FeatureActor:
     """Ray Data actor: loads the feature network once; 8-bit image cells -> feature rows."""
 
-    def __init__(self, net: FeatureNet, shape: list[int], use_gpu: bool = False):
-        self.net, self.shape = net, list(shape)
+    def __init__(self, net: FeatureNet, shape: list[int], use_gpu: bool = False, keep: float = 1.0):
+        self.net, self.shape, self.keep = net, list(shape), keep
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_network(net, self.device)
+        # the feature width, for batches that a cap leaves empty
+        self.dim = extract(net, self.model, torch.zeros(1, self.shape[2], *self.shape[:2], dtype=torch.uint8),
+                           self.device).shape[1]
 
     def __call__(self, batch: dict) -> dict:
         start = time.perf_counter()
+        if self.keep < 1.0:  # a capped set: the same rows (by id hash) whatever the batching or the run
+            mask = in_subset(batch["id"], self.keep)
+            batch = {"id": np.asarray(batch["id"])[mask], "image": np.asarray(batch["image"], dtype=object)[mask]}
         x = decode_rows(batch["image"], self.shape)
-        f = extract(self.net, self.model, x, self.device).numpy()
+        f = extract(self.net, self.model, x, self.device).numpy() if len(x) else np.zeros((0, self.dim), np.float32)
         # each row carries its share of the batch's busy time: throughput without start-up or idle waits
         busy = np.full(len(f), (time.perf_counter() - start) / max(len(f), 1))
         return {"id": np.asarray(batch["id"]), "feature": f, "busy_s": busy}
@@ -112,22 +118,25 @@ def extract(net: FeatureNet, model, x_uint8: torch.Tensor, device: torch.device)
 
 def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: int, *, subset_size: int = 2000,
                   batch_size: int = 64, actors: int = 1, cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0,
-                  what: str = "features", prefix: int | None = None) -> FeatureResult:
+                  what: str = "features", prefix: int | None = None, limit: int = 0) -> FeatureResult:
     """Stream `total` images of parquet shards (columns id, image) through FeatureActor actors into statistics;
-    with `prefix`, also the statistics of the rows whose (integer) id is below it."""
+    with `prefix`, also the statistics of the rows whose (integer) id is below it; with `limit` > 0, only about
+    `limit` of them: a pseudo-random subset chosen by a hash of each id (the count is binomial around `limit`)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
     from pipelines.runtime import Progress, init_ray, spread
 
     init_ray()
-    rate = min(1.0, subset_size / max(total, 1))
+    keep = min(1.0, limit / max(total, 1)) if limit > 0 else 1.0
+    # rates relative to the whole set: the KID subset of a capped set lies inside it, whatever the stream order
+    rate = min(1.0, subset_size / max(total * keep, 1)) * keep
     ds = spread(ray.data.read_parquet(paths).select_columns(["id", "image"]), total, batch_size, actors)
-    ds = ds.map_batches(FeatureActor, fn_constructor_args=(net, shape, gpus_per_actor > 0), batch_size=batch_size,
+    ds = ds.map_batches(FeatureActor, fn_constructor_args=(net, shape, gpus_per_actor > 0, keep), batch_size=batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
                         num_gpus=gpus_per_actor or None)
     stats, subset, busy, head = None, [], 0.0, None
-    progress = Progress(what, total, "images")
+    progress = Progress(what, round(total * keep), "images")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         f = torch.from_numpy(np.asarray(batch["feature"], dtype=np.float32))
         stats = (stats or FeatureStats(f.shape[1])).update(f)
@@ -142,15 +151,20 @@ def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: in
                          prefix_stats=head)
 
 
-def split_stats(manifest, split: str, net: FeatureNet, **stage_kwargs) -> FeatureResult:
-    """Statistics of a data split, cached in <shards>/feature_stats/ per (shard checksums, split, network)."""
+def split_stats(manifest, split: str, net: FeatureNet, limit: int = 0, **stage_kwargs) -> FeatureResult:
+    """Statistics of a data split (about `limit` of its images when 0 < limit < its size, chosen by id hash),
+    cached in <shards>/feature_stats/ per (shard checksums, split, limit, network)."""
+    count = manifest.count(split)
+    limit = limit if 0 < limit < count else 0
     digest = hashlib.sha256(json.dumps([s["sha256"] for s in manifest.splits[split]["shards"]]).encode())
-    path = manifest.directory / STATS_DIR / f"{net.key}-{split}-{digest.hexdigest()[:12]}.npz"
+    capped = f"-max{limit}" if limit else ""
+    path = manifest.directory / STATS_DIR / f"{net.key}-{split}{capped}-{digest.hexdigest()[:12]}.npz"
     if path.exists():
         with np.load(path) as z:
             return FeatureResult(FeatureStats.from_arrays(z), torch.from_numpy(z["subset"]), cached=True)
-    res = feature_stage(manifest.shard_paths(split), manifest.data.shape, net, manifest.count(split),
-                        what=f"{net.label} features of the {split} split", **stage_kwargs)
+    res = feature_stage(manifest.shard_paths(split), manifest.data.shape, net, count, limit=limit,
+                        what=f"{net.label} features of the {split} split" + (f" (~{limit} images)" if limit else ""),
+                        **stage_kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez(tmp, subset=res.subset.numpy(), **res.stats.to_arrays())
