@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
+    p.add_argument("--unlabelled", action="store_true",
+                   help="accept a source without labels (the manifest says unlabelled; no class conditioning)")
     add_common(p, tracking=False, overrides=False)
     a = p.parse_args(argv)
     return run_job("ingest", a, lambda: _ingest(a))
@@ -44,7 +46,8 @@ def _ingest(a) -> dict:
     from pipelines.ingest import ingest
 
     res = ingest(a.source, a.out, a.shards, a.test_fraction, a.seed, a.channels, a.resolution, a.max_bad_fraction,
-                 transform=a.transform, parallelism=a.parallelism, max_rows_per_shard=a.max_rows_per_shard)
+                 transform=a.transform, parallelism=a.parallelism, max_rows_per_shard=a.max_rows_per_shard,
+                 unlabelled=a.unlabelled)
     m = res.manifest
     for q in m["quarantine"][:20]:
         print(f"quarantined {q['id']}: {q['reason']}")
@@ -52,7 +55,8 @@ def _ingest(a) -> dict:
         print(f"... and {m['quarantined'] - 20} more quarantined rows: see {res.out}/manifest.json")
     summary = {"out": str(res.out), "source": m["source"], "shape": m["shape"], "num_classes": m["num_classes"],
                "counts": {s: v["count"] for s, v in m["splits"].items()}, "quarantined": m["quarantined"],
-               "resized": m["resized"], "conversions": m["conversions"]}
+               "labels": "labelled" if m["labelled"] else "unlabelled", "resized": m["resized"],
+               "conversions": m["conversions"]}
     print(json.dumps(summary))
     return summary
 

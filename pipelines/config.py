@@ -421,6 +421,9 @@ def check_data(cfg: Config):
                f"{levels} levels need the image size {size} divisible by {2 ** (levels - 1)}")
     else:
         _check(cfg.model.name == "mlp", "model.name", cfg.model.name, "point data needs the mlp")
+    if cfg.model.class_conditional:
+        _check(manifest.raw.get("labelled", True) and manifest.data.num_classes > 0, "model.class_conditional",
+               True, f"{cfg.data.shards} was ingested unlabelled (no classes to condition on)")
     count = manifest.count(cfg.data.split)
     _check(count >= cfg.train.batch_size * cfg.ray.num_workers, "train.batch_size", cfg.train.batch_size,
            f"the {cfg.data.split} split has {count} rows, fewer than batch_size x num_workers")

@@ -237,7 +237,7 @@ class IngestResult:
 def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0.1, seed: int = 0,
            channels: int | None = None, image_size: int | None = None, max_bad_fraction: float = 0.01,
            transform: str | None = None, parallelism: int | None = None,
-           max_rows_per_shard: int = MAX_ROWS_PER_SHARD) -> IngestResult:
+           max_rows_per_shard: int = MAX_ROWS_PER_SHARD, unlabelled: bool = False) -> IngestResult:
     """Ingest a source into parquet shards and manifest.json on Ray Data (a local Ray unless one is running or
     RAY_ADDRESS is set).
 
@@ -251,11 +251,18 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
         max_bad_fraction: quarantined fraction that fails the job.
         transform: None (images of another size are quarantined), "center-crop" or "resize" (Lanczos).
         parallelism: at most this many parts at once (default: as many as the cluster's CPUs allow).
+        unlabelled: accept a source without labels (parquet without a 'label' column, npz without labels, tar
+            without .cls members or class folders); the manifest says so and class-conditional training refuses it.
     """
     _check_arguments(shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism,
                      max_rows_per_shard)
     check_writable_dir(out, "--out")
     listing = list_source(spec, shards, max_rows_per_shard)
+    if not listing.labelled and not unlabelled:
+        raise IngestError(f"source {spec!r} has no labels; pass --unlabelled to ingest it without classes "
+                          "(class-conditional training will refuse it)")
+    if listing.labelled and unlabelled:
+        raise IngestError(f"source {spec!r} has labels; --unlabelled is only for sources without them")
     channels, image_size = _declared_format(listing, channels, image_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -384,7 +391,8 @@ def _manifest(listing: Listing, s: Settings, summaries: list[dict], max_bad_frac
         "shape": list(shape) if shape else ([s.resolution, s.resolution, s.channels] if not s.points else [2]),
         "layout": "D" if s.points else "HWC",
         "dtype": "float32" if s.points else "uint8",
-        "num_classes": listing.num_classes or len(listing.class_names) or max_label + 1,
+        "labelled": listing.labelled,
+        "num_classes": (listing.num_classes or len(listing.class_names) or max_label + 1) if listing.labelled else 0,
         "class_names": listing.class_names,
         "seed": s.seed,
         "test_fraction": s.test_fraction,

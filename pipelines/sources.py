@@ -78,6 +78,7 @@ class Listing:
     element_shape: tuple[int, ...] | None = None  # of array sources: [H, W] or [H, W, C] or [D] for points
     encoded: bool = False  # rows are encoded image files, decoded by PIL
     points: bool = False
+    labelled: bool = True  # False: the source has no labels (every row gets label 0)
 
     @property
     def rows(self) -> int:
@@ -309,7 +310,7 @@ def _list_npz(spec, kind, arg, min_parts, max_rows):
         raise IngestError(f"{file}: {shape[0]} images but {members[yk][0][0] if members[yk][0] else 0} labels")
     parts = [Part(0, "npz", {"file": str(file), "images": xk, "labels": yk, "start": a, "stop": b}, b - a)
              for a, b in _ranges(shape[0], _count(shape[0], min_parts, max_rows))]
-    return Listing(spec, kind, parts, element_shape=tuple(shape[1:]))
+    return Listing(spec, kind, parts, element_shape=tuple(shape[1:]), labelled=yk is not None)
 
 
 def _read_npz(file: str, images: str, labels: str | None, start: int, stop: int) -> Iterator[Record]:
@@ -410,7 +411,7 @@ def _list_parquet(spec, kind, arg, min_parts, max_rows):
     files = sorted(glob.glob(arg))
     if not files:
         raise IngestError(f"no parquet files match {arg!r}")
-    groups = []  # (file, row group, first row of the group in its file, rows)
+    groups, labelled = [], set()  # groups: (file, row group, first row of the group in its file, rows)
     for file in files:
         try:
             pf = pq.ParquetFile(file)
@@ -423,6 +424,7 @@ def _list_parquet(spec, kind, arg, min_parts, max_rows):
         if "label" in names and not pa.types.is_integer(pf.schema_arrow.field("label").type):
             raise IngestError(f"{file}: column 'label' holds {pf.schema_arrow.field('label').type}; labels must be "
                               "integer class indices (map class names to 0..K-1 first)")
+        labelled.add("label" in names)
         first = 0
         for g in range(pf.num_row_groups):
             rows = pf.metadata.row_group(g).num_rows
@@ -438,7 +440,10 @@ def _list_parquet(spec, kind, arg, min_parts, max_rows):
         current.append(list(g))
         size += g[3]
     parts.append(Part(0, "parquet", {"groups": current}, size))
-    return Listing(spec, kind, parts, encoded=True)
+    if len(labelled) > 1:
+        raise IngestError(f"{arg}: some files have a 'label' column and some do not; "
+                          f"without: {[f for f in files if 'label' not in pq.read_schema(f).names][:3]}")
+    return Listing(spec, kind, parts, encoded=True, labelled=labelled == {True})
 
 
 def _read_parquet(groups: list) -> Iterator[Record]:
@@ -497,7 +502,7 @@ def _list_tar(spec, kind, arg, min_parts, max_rows):
                           "a folder or a .cls member")
     for p in parts:
         p.args.update(classes=classes, use_cls=has_cls)
-    return Listing(spec, kind, parts, classes, encoded=True)
+    return Listing(spec, kind, parts, classes, encoded=True, labelled=has_cls or bool(classes))
 
 
 def _read_tar(file: str, classes: list[str], use_cls: bool) -> Iterator[Record]:

@@ -1,6 +1,7 @@
 """Evaluation stage on real Ray and MLflow: closed-form bits/dim, classifier-feature metrics, the compare table."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -77,7 +78,7 @@ def _fake_samples(directory, images: np.ndarray, checkpoint):
 def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     from fm.metrics import gaussian_stats
     from pipelines.evaluate import feature_net
-    from pipelines.features import extract, feature_stage, load_network, split_stats
+    from pipelines.features import extract, feature_stage, in_subset, load_network, split_stats
 
     data = tmp_path / "digits"
     ingest("digits", data, shards=2, test_fraction=0.2)
@@ -95,18 +96,34 @@ def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     assert good["fd"] < 0.1 * bad["fd"] and good["kid"] < bad["kid"]
     assert good["precision"] > 0.5 > bad["precision"] and good["recall"] > bad["recall"]
     # against the training split (the papers' convention), with the floor of held-out real images beside it
-    assert (good["reference_split"], good["num_reference"], good["floor_split"]) == ("train", 1438, "test")
-    assert good["num_samples"] == 300 and good["num_floor"] == 359 and good["fd_floor"] < 0.1 * bad["fd"]
-    assert good["num_matched"] == 300 and good["fd_matched"] == pytest.approx(good["fd"])  # fewer samples than held
-    # more samples than held-out images: the model is also scored on its first 359 samples, as the floor is
+    m = load_manifest(data)
+    n_train, n_test = m.count("train"), m.count("test")
+    assert n_test > 300 and (good["reference_split"], good["num_reference"], good["floor_split"]) == \
+        ("train", n_train, "test")
+    # the floor uses about as many held-out images as there are samples (an id-hashed subset), since the
+    # distance's bias depends on the count
+    test_ids = pa.concat_tables([pq.read_table(p) for p in m.shard_paths("test")])["id"].to_pylist()
+    assert good["num_floor"] == int(in_subset(test_ids, 300 / n_test).sum())
+    assert abs(good["num_floor"] - 300) < 40 and good["fd_floor"] < 0.1 * bad["fd"]
+    assert good["num_samples"] == 300 and good["num_matched"] == 300
+    assert good["fd_matched"] == pytest.approx(good["fd"])
+    # more samples than held-out images: the floor takes them all, the model is also scored on as many samples
     train = pa.concat_tables([pq.read_table(p) for p in sorted(data.glob("train-*.parquet"))])
     many = np.frombuffer(b"".join(train["image"].to_pylist()[:500]), np.uint8).reshape(-1, 8, 8, 1)
     _fake_samples(tmp_path / "many", many, tmp_path)
     more = sample_quality(load_manifest(data), str(tmp_path / "many"), cfg)
-    assert (more["num_samples"], more["num_matched"]) == (500, 359) and more["fd_matched"] != more["fd"]
+    assert (more["num_samples"], more["num_floor"], more["num_matched"]) == (500, n_test, n_test)
+    assert more["fd_matched"] != more["fd"]
     assert (data / "classifier" / "epochs10-seed0" / "model.pt").exists()  # trained once, then cached
     cached = sorted((data / "feature_stats").glob("classifier-*.npz"))
-    assert [p.name.split("-")[2] for p in cached] == ["test", "train"]  # reference statistics are cached
+    # reference statistics are cached, the capped floor's apart from the whole split's
+    assert [p.name.split("-")[2:4] for p in cached][:2] == [["test", cached[0].name.split("-")[3]], ["test", "max300"]]
+    assert len(cached) == 3 and cached[2].name.split("-")[2] == "train"
+    # eval.reference_max: about that many reference images, the same id-hashed ones every time
+    train_ids = train["id"].to_pylist()
+    capped = sample_quality(load_manifest(data), str(tmp_path / "real"), replace(cfg, reference_max=500))
+    assert capped["num_reference"] == int(in_subset(train_ids, 500 / n_train).sum())
+    assert abs(capped["num_reference"] - 500) < 60 and capped["fd"] != good["fd"]
     again = sample_quality(load_manifest(data), str(tmp_path / "real"), cfg)
     assert again["fd"] == pytest.approx(good["fd"]) and again["fd_floor"] == good["fd_floor"]
     # the streamed statistics of the Ray stage are those of all features in one process

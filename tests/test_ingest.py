@@ -312,3 +312,22 @@ def test_shards_and_split_do_not_depend_on_the_parallelism(image_folder, tmp_pat
     assert sorted(p.name for p in (tmp_path / "p1").glob("*.parquet")) == [
         "test-00000-of-00001.parquet", "train-00000-of-00001.parquet"]
     load_manifest(tmp_path / "p1", verify=True)
+
+
+def test_a_source_without_labels_needs_unlabelled_and_refuses_class_conditioning(tmp_path):
+    from pipelines.config import ConfigError, check_data, load_config
+
+    rng = np.random.default_rng(0)
+    imgs = [{"bytes": _png(rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)[:, :, 0]), "path": None}
+            for _ in range(300)]
+    pq.write_table(pa.table({"img": imgs}), tmp_path / "u.parquet")
+    with pytest.raises(IngestError, match="source 'parquet:.*u.parquet' has no labels; pass --unlabelled"):
+        ingest(f"parquet:{tmp_path}/u.parquet", tmp_path / "o")
+    m = ingest(f"parquet:{tmp_path}/u.parquet", tmp_path / "o", unlabelled=True).manifest
+    assert (m["labelled"], m["num_classes"], m["shape"]) == (False, 0, [8, 8, 1])
+    with pytest.raises(IngestError, match="has labels; --unlabelled is only for sources without them"):
+        ingest("digits", tmp_path / "d", unlabelled=True)
+    sets = [f"data.shards={tmp_path / 'o'}", "model.channel_mult=[1,2]", "train.batch_size=8"]
+    check_data(load_config("configs/digits-cpu.yaml", sets))  # unconditional training is fine
+    with pytest.raises(ConfigError, match="model.class_conditional: True is not allowed; .* was ingested unlabelled"):
+        check_data(load_config("configs/digits-cpu.yaml", [*sets, "model.class_conditional=true"]))
