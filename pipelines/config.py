@@ -100,7 +100,7 @@ class RayConfig:
     preprocess_cpus: float = 0.25
     preprocess_actors: int = 0  # most preprocessing actors (an autoscaling pool from 1); 0: the CPUs left over
     prefetch_batches: int = 2
-    max_failures: int = 0
+    max_failures: int = 2  # a crashed worker (or node) is recovered from the last checkpoint, twice
     local_cpus: int = 4  # logical CPUs of a local Ray (at least the host's count); see pipelines.train.init_ray
 
 

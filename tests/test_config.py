@@ -55,10 +55,11 @@ def test_every_preset_loads():
     from pathlib import Path
 
     names = sorted(p.stem for p in Path("configs").glob("*.yaml"))
-    assert names == ["cifar10", "digits-cpu", "fashion-mnist", "toy2d"]
+    assert names == ["cifar10", "digits-cpu", "fashion-mnist", "fashion-mnist-cpu", "toy2d"]
     for name in names:
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.train.run_name
+        assert cfg.ray.max_failures >= 2  # a crashed worker is recovered, in every preset
     cifar = load_config("configs/cifar10.yaml")
     assert cifar.model.model_channels == 256
     # Lipman et al. Table 3: lr 5e-4, polynomial decay after 45k warm-up steps
