@@ -53,7 +53,7 @@ def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local
 
     cfg = EvalConfig(draws=32, divergence="exact", batch_size=8, actors=2, atol=1e-7, rtol=1e-7)
     res = run_evaluation(str(ckpt), str(tmp_path / "data"), None, cfg)["likelihood"]
-    assert res["n"] == 20 and res["unit"] == "bits/dim" and res["draws"] == 32
+    assert res["n"] == len(x) and res["unit"] == "bits/dim" and res["draws"] == 32
     assert res["mean"] == pytest.approx(exact, abs=5e-3)
     # Hutchinson with one Gaussian probe is noisy per image but unbiased for the one-draw bound: its mean
     # agrees with the exact divergence's within its standard error (same dequantization noise, K = 1)
