@@ -38,6 +38,9 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.likelihood_throughput
 	$(PY) -m benchmarks.feature_stage memory
 	$(PY) -m benchmarks.feature_stage inception
+	$(PY) -m benchmarks.ingest throughput
+	$(PY) -m benchmarks.ingest memory
+	$(PY) -m benchmarks.ingest datapath
 
 clean:
 	rm -rf $(VENV) .pytest_cache mlflow.db mlruns outputs
