@@ -98,7 +98,7 @@ class RayConfig:
     cpus_per_worker: float = 0.5  # fractional so Ray Data's read tasks keep a CPU on small machines
     gpus_per_worker: float = 1.0
     preprocess_cpus: float = 0.25
-    preprocess_actors: int = 0  # most preprocessing actors (an autoscaling pool from 1); 0: the CPUs left over
+    preprocess_actors: int = 0  # most preprocessing actors (an autoscaling pool from 1); 0: one per CPU left over
     prefetch_batches: int = 2
     max_failures: int = 2  # a crashed worker (or node) is recovered from the last checkpoint, twice
     local_cpus: int = 4  # logical CPUs of a local Ray (at least the host's count); see pipelines.train.init_ray

@@ -83,9 +83,9 @@ def _preprocess_pool(cfg: Config):
     from ray.data import ActorPoolStrategy
 
     most = cfg.ray.preprocess_actors
-    if not most:  # one CPU stays free for Ray Data's read tasks, which take a whole one (else: a hang)
+    if not most:  # one actor per CPU left over; one CPU stays free for Ray Data's read tasks (else: a hang)
         spare = ray.cluster_resources().get("CPU", 1) - cfg.ray.num_workers * cfg.ray.cpus_per_worker - 1
-        most = max(1, int(spare / cfg.ray.preprocess_cpus))
+        most = max(1, int(spare))
     return ActorPoolStrategy(min_size=1, max_size=most)
 
 
