@@ -11,9 +11,10 @@ every part in turn), the baseline; (b) the Ray Data job with at most 1 and (c) 2
 `ingest` call on an already started local Ray (its start-up is reported apart). The old ingest
 could not resize (it quarantined every photo of another size) and held every row in one process, so (a) is the
 fair single-process figure. Each runs in a fresh process.
-memory: the same kind of folder at each size (the larger ones hard-link the files of the first 20k, so they are
-listed, read and decoded like distinct files), ingested in a fresh process; peak RSS of the driver (ru_maxrss) and
-the largest peak RSS (VmHWM) of Ray's worker processes, polled from /proc while the job runs.
+memory: the same kind of folder at each size, with smaller photos (24..48 px: the row count is what is measured;
+the larger sizes hard-link the files of the first 20k, so they are listed, read and decoded like distinct files),
+ingested in a fresh process; peak RSS of the driver (ru_maxrss) and the largest peak RSS (VmHWM) of the Ray
+workers that ran ingest tasks, polled from /proc while the job runs.
 datapath: 32x32x3 rows through the training data path (read_parquet -> cached -> Preprocess with random flips ->
 `iter_torch_batches` in one Ray Train worker, no model): images/s per CPU of the host, and from it the CPUs per
 GPU needed to feed the cifar10 preset at an assumed GPU rate (its FLOPs per image, counted here, at an assumed
@@ -37,14 +38,15 @@ from pathlib import Path
 import numpy as np
 
 
-def make_folder(root: Path, n: int, unique: int = 20_000, seed: int = 0) -> Path:
-    """n JPEGs in 10 class folders; beyond `unique` files, hard links to the first ones."""
+def make_folder(root: Path, n: int, unique: int = 20_000, seed: int = 0, sides: tuple[int, int] = (24, 160)) -> Path:
+    """n JPEGs in 10 class folders, widths and heights drawn from `sides`; beyond `unique` files, hard links to
+    the first ones."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     made = []
     for i in range(min(n, unique)):
-        w, h = (int(v) for v in rng.integers(24, 161, 2))
+        w, h = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
         small = rng.integers(0, 256, (max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8)  # smooth, photo-like
         im = Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)
         path = root / f"c{i % 10}" / f"{i:07d}.jpg"
@@ -147,7 +149,7 @@ def memory(sizes: list[int], resolution: int) -> dict:
     runs = {}
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = make_folder(Path(tmp) / "photos", n)
+            folder = make_folder(Path(tmp) / "photos", n, sides=(24, 48))  # small files: rows, not pixels, matter
             runs[n] = _measure("ray", folder, resolution, 2)
     small, large = runs[min(sizes)], runs[max(sizes)]
     return {"mode": "memory", "resolution": resolution, "runs": runs,
