@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import sys
 import tempfile
 import uuid
@@ -48,7 +49,11 @@ def test_ray_job_submit_runs_training(ray_head, tmp_path):
            "--", "python", "-m", "jobs.train", "--config", "configs/digits-cpu.yaml"]
     for s in sets:
         cmd += ["--set", s]
-    sub = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    for _ in range(12):  # a loaded head's job agent can come up after its dashboard: Ray says "try again later"
+        sub = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+        if "No available agent to submit job" not in sub.stderr:
+            break
+        time.sleep(5)
     assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
     logs = subprocess.run([ray, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
                           text=True, timeout=60).stdout
