@@ -4,9 +4,9 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
