@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,8 +34,33 @@ def ray_head(tmp_path):
                     f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={temp}",
                     "--include-dashboard=true"], env=env, check=True, capture_output=True, timeout=180)
     yield ray, f"http://127.0.0.1:{dash}", env
-    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    # `ray stop` would stop every Ray on the machine (a user's own, another test run's): stop this head's
+    # processes only, found by its temp dir on their command lines
+    _kill_processes_mentioning(temp)
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def _kill_processes_mentioning(text: str, grace: float = 10.0) -> None:
+    def pids():
+        found = []
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and int(pid) != os.getpid() and \
+                        text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(int(pid))
+            except OSError:
+                continue
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + grace
+        while pids() and time.time() < deadline:
+            time.sleep(0.5)
 
 
 def test_ray_job_submit_runs_training(ray_head, tmp_path):
