@@ -221,22 +221,22 @@ def _list_idx(spec, kind, arg, min_parts, max_rows):
     if not pairs:
         raise IngestError(f"no IDX pair (train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz], or t10k-*) "
                           f"in {directory}")
-    total = 0
+    dims = {}
     for _, _, (images, labels) in pairs:
-        n_images, n_labels = _idx_header(images)[1][0], _idx_header(labels)[1][0]
-        if n_images != n_labels:
-            raise IngestError(f"{images} holds {n_images} images but {labels} {n_labels} labels")
-        total += n_images
-    parts, shape = [], None
+        dims[images] = _idx_header(images)[1]
+        n_labels = _idx_header(labels)[1][0]
+        if dims[images][0] != n_labels:
+            raise IngestError(f"{images} holds {dims[images][0]} images but {labels} {n_labels} labels")
+    total = sum(d[0] for d in dims.values())
+    parts = []
     for prefix, split, (images, labels) in pairs:
-        _, dims, _ = _idx_header(images)
-        shape = dims[1:]
-        for a, b in _ranges(dims[0], round(_count(total, min_parts, max_rows) * dims[0] / total) or 1):
+        n = dims[images][0]
+        for a, b in _ranges(n, round(_count(total, min_parts, max_rows) * n / total) or 1):
             parts.append(Part(0, "idx", {"images": str(images), "labels": str(labels), "prefix": prefix,
                                          "split": split if kind == "fashion-mnist" else None, "start": a, "stop": b},
                               b - a))
     names = FASHION_MNIST_CLASSES if kind == "fashion-mnist" else []
-    return Listing(spec, kind, parts, names, element_shape=tuple(shape))
+    return Listing(spec, kind, parts, names, element_shape=tuple(dims[pairs[0][2][0]][1:]))
 
 
 def _idx_rows(path: Path, start: int, stop: int) -> np.ndarray:

@@ -26,10 +26,14 @@ def ray_local():
     ray.shutdown()
 
 
-def _png(arr: np.ndarray) -> bytes:
+def _encode(im: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
+    im.save(buf, format=fmt)
     return buf.getvalue()
+
+
+def _png(arr: np.ndarray) -> bytes:
+    return _encode(Image.fromarray(arr), "PNG")
 
 
 def _read_rows(out, split):
@@ -165,12 +169,6 @@ def test_bad_sources(tmp_path):
 
 
 # --- any image folder, archive or array file (Ray Data ingest) ------------------------------------------------
-
-
-def _encode(im: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt)
-    return buf.getvalue()
 
 
 @pytest.fixture
