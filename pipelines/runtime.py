@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+import psutil
+
 _state = {"verbose": False}
 
 
@@ -38,7 +40,8 @@ def init_ray(address: str | None = None, local_cpus: int = 4) -> None:
 
     A local Ray gets at least `local_cpus` logical CPUs: Ray Data's read tasks ask for a whole CPU, and on a
     2-core host the train workers and preprocessing actors would otherwise leave none, hanging the job.
-    Its dashboard (which Train V2's state API needs) binds 127.0.0.1.
+    A local Ray listens on 127.0.0.1 only (GCS, raylet, workers, agents, dashboard), and a watchdog
+    (`pipelines.reaper`) stops its processes should this driver die without shutting it down.
     """
     import ray
 
@@ -62,8 +65,35 @@ def init_ray(address: str | None = None, local_cpus: int = 4) -> None:
         ray.init(address=address, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        _loopback_only()
+        before = {p.pid for p in psutil.Process().children()}
         ray.init(num_cpus=max(os.cpu_count() or 1, local_cpus), dashboard_host="127.0.0.1", **kwargs)
+        _start_reaper([p.pid for p in psutil.Process().children() if p.pid not in before])
     _quiet_ray_data(quiet)
+
+
+def _loopback_only() -> None:
+    """Make a local Ray's node address 127.0.0.1, so that every server of it binds loopback only.
+
+    Ray's servers bind the node's address, and `ray.init` replaces a loopback `_node_ip_address` by the host's
+    routable one unless Ray clusters are off for this host, as Ray does by default on macOS and Windows. The
+    variable reaches the processes Ray starts; the constant is already read if ray was imported before.
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1` in the environment keeps Ray's own behaviour.
+    """
+    from ray._private import ray_constants
+
+    os.environ.setdefault(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] not in ("0", "false")
+
+
+def _start_reaper(root_pids: list[int]) -> None:
+    """The watchdog that stops this local Ray's processes if the driver dies without `ray.shutdown()`."""
+    import subprocess
+
+    if root_pids:
+        subprocess.Popen([sys.executable, "-m", "pipelines.reaper", str(os.getpid()), *map(str, root_pids)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _quiet_ray_data(quiet: bool) -> None:

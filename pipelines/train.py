@@ -121,6 +121,9 @@ class WorkerState:
     nonfinite_run: int = 0
     nonfinite_total: int = 0
     last_metrics: dict = field(default_factory=dict)
+    # rank 0: logging windows not yet covered by a checkpoint; they go to MLflow once one is, so that a restart
+    # from that checkpoint never leaves a second value for a step in the run's history
+    pending: list = field(default_factory=list)
 
 
 class MetricWindow:
@@ -179,11 +182,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if logger and t.sample_every and state.step % t.sample_every == 0:
             _log_grid(logger, job, state)
         if state.step % t.checkpoint_every == 0 or state.step == t.steps:
-            _report(job, state)
+            _report(job, state, logger)
     if logger:
         if t.sample_every == 0 or t.steps % t.sample_every:
             _log_grid(logger, job, state)
-        logger.metrics({"final_step": state.step, "tracking_failures": logger.failures}, state.step)
+        logger.metrics({"final_step": state.step, "tracking_failures": logger.failures,
+                        "tracking_lost_points": logger.lost_points}, state.step)
+        logger.close(cfg.mlflow.flush_timeout_s)
 
 
 def _build_state(job: TrainJob) -> WorkerState:
@@ -198,7 +203,7 @@ def _build_state(job: TrainJob) -> WorkerState:
     model = build_model(cfg.model.name, **job.model_kwargs).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     ema = EMA(model, cfg.optim.ema_decay)
-    step, nonfinite_total = 0, 0
+    step, nonfinite_total, pending = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -207,18 +212,33 @@ def _build_state(job: TrainJob) -> WorkerState:
             optimizer.load_state_dict(load_state(d, "optimizer"))
             meta = load_meta(d)
             step, nonfinite_total = meta["step"], meta.get("nonfinite_total", 0)
+            pending = [(s, m) for s, m in meta.get("mlflow_pending", [])]
     return WorkerState(model, ray.train.torch.prepare_model(model), make_method(**method_kwargs(cfg)), optimizer,
                        ema, device, ctx.get_world_rank(), ctx.get_world_size(), step,
-                       nonfinite_total=nonfinite_total, last_metrics={"step": step})
+                       nonfinite_total=nonfinite_total, last_metrics={"step": step}, pending=pending)
 
 
 def _rank0_logger(job: TrainJob, state: WorkerState) -> SafeLogger | None:
-    """Rank 0 logs to MLflow (params once, at the first start of the run); the other ranks do not."""
+    """Rank 0 logs to MLflow (params once, at the first start of the run); the other ranks do not.
+
+    On a restart, the windows saved with the checkpoint are sent again unless MLflow already holds them (the
+    last attempt may have died between persisting the checkpoint and sending them).
+    """
     if state.rank != 0:
+        state.pending = []
         return None
+    import os
+
+    # The logger retries in the background, so MLflow's own retries (minutes per call) would only delay the
+    # queue once the server is back. User settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     logger = SafeLogger(job.tracking_uri, job.run_id)
     if state.step == 0:
         logger.params(job.config.flat())
+    if state.pending:
+        logger.replay(state.pending)
+        state.pending = []
     return logger
 
 
@@ -268,11 +288,11 @@ def _count_nonfinite(state: WorkerState, res: StepResult, limit: int) -> None:
 
 
 def _log_window(logger: SafeLogger | None, state: WorkerState, steps: int, seconds_per_step: float) -> None:
-    """Rank 0: the window's metrics to MLflow and one progress line to the console."""
+    """Rank 0: one progress line to the console; the window's metrics wait for the next checkpoint (`_report`)."""
     if logger is None:
         return
     m = state.last_metrics
-    logger.metrics(m, state.step)
+    state.pending.append((state.step, dict(m)))
     eta = seconds_per_step * (steps - state.step)
     print(f"step {state.step}/{steps}  loss {m['loss']:.4f}  {m['images_per_s']:.0f} images/s  data wait "
           f"{100 * m['data_wait_fraction']:.1f}%  ETA {_duration(eta)}", flush=True)
@@ -283,8 +303,9 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{s:02d}s" if minutes else f"{s}s"
 
 
-def _report(job: TrainJob, state: WorkerState) -> None:
-    """Every rank reports the same number of times; rank 0 attaches the checkpoint."""
+def _report(job: TrainJob, state: WorkerState, logger: SafeLogger | None) -> None:
+    """Every rank reports the same number of times; rank 0 attaches the checkpoint, and once it is persisted
+    sends the logging windows it covers to MLflow (they are in the checkpoint too, for a restart)."""
     import ray.train
 
     metrics = dict(state.last_metrics, step=state.step, nonfinite_total=state.nonfinite_total)
@@ -294,6 +315,10 @@ def _report(job: TrainJob, state: WorkerState) -> None:
             _save(job, state, tmp)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
+    if logger is not None:
+        for step, values in state.pending:
+            logger.metrics(values, step)
+        state.pending = []
 
 
 def _save(job: TrainJob, state: WorkerState, directory: str) -> None:
@@ -301,7 +326,7 @@ def _save(job: TrainJob, state: WorkerState, directory: str) -> None:
                     optimizer=state.optimizer, model_name=job.config.model.name, model_kwargs=job.model_kwargs,
                     method_kwargs=method_kwargs(job.config), config=job.config.to_dict(),
                     extra={"mlflow_run_id": job.run_id, "manifest": job.data.to_dict(),
-                           "nonfinite_total": state.nonfinite_total})
+                           "nonfinite_total": state.nonfinite_total, "mlflow_pending": state.pending})
 
 
 def _log_grid(logger: SafeLogger, job: TrainJob, state: WorkerState) -> None:

@@ -1,6 +1,5 @@
 """Ray Train integration: a real local Ray, real MLflow stores (sqlite and an `mlflow server` over HTTP)."""
 
-import os
 import subprocess
 import sys
 import time
@@ -151,13 +150,18 @@ def test_logging_to_a_real_mlflow_server(digits, tmp_path, ray_cluster, mlflow_s
         resolve_checkpoint("models:/nope/1", mlflow_server, cache=tmp_path / "cache")
 
 
-def test_tracking_outage_warns_and_does_not_raise(monkeypatch):
+def test_tracking_outage_queues_without_blocking_and_counts_what_is_lost(monkeypatch):
     from pipelines.tracking import SafeLogger
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    logger = SafeLogger(f"http://127.0.0.1:{free_port()}", "0" * 32)  # nothing listens there
-    with pytest.warns(RuntimeWarning, match="MLflow log metrics failed .* training continues"):
-        assert logger.metrics({"loss": 1.0}, step=1) is False
-    assert logger.failures == 1
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    logger = SafeLogger(f"http://127.0.0.1:{free_port()}", "0" * 32, max_queue=3)  # nothing listens there
+    start = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match="logging queue full"):
+        for step in range(5):
+            assert logger.metrics({"loss": 1.0, "lr": 0.1}, step=step) is True
+    assert time.perf_counter() - start < 0.5  # queued, not sent: the caller is not held back
+    with pytest.warns(RuntimeWarning, match=r"10 metric value\(s\) were not logged to run 0{32}"):
+        assert logger.close(timeout=1.5) is False
+    assert logger.lost_points == 10 and logger.retries >= 1 and logger.failures == 0
+    assert logger.metrics({"loss": 1.0}, step=6) is False and logger.lost_points == 11  # closed: counted
