@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo demo-toy test lint bench reproduce clean
+.PHONY: demo demo-toy test faults lint bench reproduce clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ demo-toy: $(STAMP)
 	$(PY) -m jobs.toy2d
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not faults"
+
+# processes killed by PID: a training worker, a sampler actor, the driver, the MLflow server, a worker node
+faults: $(STAMP)
+	$(PY) -m pytest -q -m faults
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

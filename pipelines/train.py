@@ -30,6 +30,7 @@ from pipelines.runtime import quiet_train_worker
 from pipelines.tracking import SafeLogger
 
 LABEL_STREAM = 1  # the label-dropout draws of a step come from derive_seed(seed, rank, step, LABEL_STREAM)
+WINDOWS = "_mlflow_windows"  # the report key under which rank 0 hands its logging windows to the controller
 
 
 class TrainingError(RuntimeError):
@@ -121,8 +122,8 @@ class WorkerState:
     nonfinite_run: int = 0
     nonfinite_total: int = 0
     last_metrics: dict = field(default_factory=dict)
-    # rank 0: logging windows not yet covered by a checkpoint; they go to MLflow once one is, so that a restart
-    # from that checkpoint never leaves a second value for a step in the run's history
+    # rank 0: logging windows (step, metrics) not yet covered by a checkpoint; they go to MLflow once one is, so
+    # that a restart from that checkpoint never leaves a second value for a step in the run's history
     pending: list = field(default_factory=list)
 
 
@@ -182,12 +183,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if logger and t.sample_every and state.step % t.sample_every == 0:
             _log_grid(logger, job, state)
         if state.step % t.checkpoint_every == 0 or state.step == t.steps:
-            _report(job, state, logger)
+            _report(job, state)
     if logger:
         if t.sample_every == 0 or t.steps % t.sample_every:
             _log_grid(logger, job, state)
-        logger.metrics({"final_step": state.step, "tracking_failures": logger.failures,
-                        "tracking_lost_points": logger.lost_points}, state.step)
         logger.close(cfg.mlflow.flush_timeout_s)
 
 
@@ -203,7 +202,7 @@ def _build_state(job: TrainJob) -> WorkerState:
     model = build_model(cfg.model.name, **job.model_kwargs).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     ema = EMA(model, cfg.optim.ema_decay)
-    step, nonfinite_total, pending = 0, 0, []
+    step, nonfinite_total = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -212,33 +211,22 @@ def _build_state(job: TrainJob) -> WorkerState:
             optimizer.load_state_dict(load_state(d, "optimizer"))
             meta = load_meta(d)
             step, nonfinite_total = meta["step"], meta.get("nonfinite_total", 0)
-            pending = [(s, m) for s, m in meta.get("mlflow_pending", [])]
     return WorkerState(model, ray.train.torch.prepare_model(model), make_method(**method_kwargs(cfg)), optimizer,
                        ema, device, ctx.get_world_rank(), ctx.get_world_size(), step,
-                       nonfinite_total=nonfinite_total, last_metrics={"step": step}, pending=pending)
+                       nonfinite_total=nonfinite_total, last_metrics={"step": step})
 
 
 def _rank0_logger(job: TrainJob, state: WorkerState) -> SafeLogger | None:
-    """Rank 0 logs to MLflow (params once, at the first start of the run); the other ranks do not.
-
-    On a restart, the windows saved with the checkpoint are sent again unless MLflow already holds them (the
-    last attempt may have died between persisting the checkpoint and sending them).
-    """
+    """Rank 0 logs params (once, at the first start of the run) and sample grids to MLflow; the other ranks do
+    not. Metrics go through the checkpoint reports (`_report`)."""
     if state.rank != 0:
-        state.pending = []
         return None
-    import os
+    from pipelines.train_logging import quick_http_failures
 
-    # The logger retries in the background, so MLflow's own retries (minutes per call) would only delay the
-    # queue once the server is back. User settings win.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    quick_http_failures()
     logger = SafeLogger(job.tracking_uri, job.run_id)
     if state.step == 0:
         logger.params(job.config.flat())
-    if state.pending:
-        logger.replay(state.pending)
-        state.pending = []
     return logger
 
 
@@ -303,9 +291,9 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{s:02d}s" if minutes else f"{s}s"
 
 
-def _report(job: TrainJob, state: WorkerState, logger: SafeLogger | None) -> None:
-    """Every rank reports the same number of times; rank 0 attaches the checkpoint, and once it is persisted
-    sends the logging windows it covers to MLflow (they are in the checkpoint too, for a restart)."""
+def _report(job: TrainJob, state: WorkerState) -> None:
+    """Every rank reports the same number of times; rank 0 attaches the checkpoint and the logging windows it
+    covers, which the controller sends to MLflow once it registers the checkpoint (`CheckpointedMetrics`)."""
     import ray.train
 
     metrics = dict(state.last_metrics, step=state.step, nonfinite_total=state.nonfinite_total)
@@ -314,11 +302,9 @@ def _report(job: TrainJob, state: WorkerState, logger: SafeLogger | None) -> Non
         if state.rank == 0:
             _save(job, state, tmp)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
+            metrics[WINDOWS] = state.pending
         ray.train.report(metrics, checkpoint=ckpt)
-    if logger is not None:
-        for step, values in state.pending:
-            logger.metrics(values, step)
-        state.pending = []
+    state.pending = []
 
 
 def _save(job: TrainJob, state: WorkerState, directory: str) -> None:
@@ -326,7 +312,7 @@ def _save(job: TrainJob, state: WorkerState, directory: str) -> None:
                     optimizer=state.optimizer, model_name=job.config.model.name, model_kwargs=job.model_kwargs,
                     method_kwargs=method_kwargs(job.config), config=job.config.to_dict(),
                     extra={"mlflow_run_id": job.run_id, "manifest": job.data.to_dict(),
-                           "nonfinite_total": state.nonfinite_total, "mlflow_pending": state.pending})
+                           "nonfinite_total": state.nonfinite_total})
 
 
 def _log_grid(logger: SafeLogger, job: TrainJob, state: WorkerState) -> None:
@@ -369,6 +355,10 @@ def run_training(cfg: Config) -> dict:
                                                "flowray.storage": str(run_dir)},
                                          resume=run_dir.exists())
     init_ray(cfg.ray.address, cfg.ray.local_cpus)
+    from pipelines.train_logging import CheckpointedMetrics, replay_windows
+
+    if resumed:
+        replay_windows(uri, run_id, run_dir)
     job = TrainJob(cfg, model_kwargs(cfg, manifest.data), manifest.data, uri, run_id,
                    str(run_dir / f".fault_injected_step_{cfg.train.fail_at_step}"), is_verbose())
     trainer = TorchTrainer(
@@ -379,6 +369,8 @@ def run_training(cfg: Config) -> dict:
         run_config=RunConfig(name=cfg.train.run_name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+                             callbacks=[CheckpointedMetrics(uri, run_id, cfg.train.steps,
+                                                            cfg.mlflow.flush_timeout_s)],
                              logging_config=train_logging_config()),
         datasets={"train": build_dataset(cfg, manifest)},
     )

@@ -1,0 +1,68 @@
+"""A training run's metrics in MLflow are the timeline that produced its checkpoints.
+
+Rank 0 keeps each logging window until the next checkpoint and hands the windows over with that checkpoint's
+report. Ray Train's controller, which outlives worker restarts, sends them to MLflow once it has registered the
+checkpoint (`CheckpointedMetrics`). A restart resumes from the last registered checkpoint, so the windows redone
+after it were never sent, and no step gets a second value. Should the controller itself die (the driver killed)
+while windows wait in its queue, the next run sends the missing ones from Ray's record of the checkpoints
+(`replay_windows`) before training resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ray.train import UserCallback
+
+from pipelines.tracking import SafeLogger
+from pipelines.train import WINDOWS
+
+
+def quick_http_failures() -> None:
+    """The logger retries in the background, so MLflow's own retries (minutes per call) would only hold the queue
+    back once the server is up again. For the process this runs in (a Train worker or controller); user settings
+    win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+class CheckpointedMetrics(UserCallback):
+    """On the Ray Train controller: send the logging windows of each registered checkpoint to the MLflow run; at
+    the last step, the run's final counters, then wait up to `flush_timeout_s` for what an outage queued."""
+
+    def __init__(self, uri: str, run_id: str, steps: int, flush_timeout_s: float):
+        self.uri, self.run_id, self.steps, self.flush_timeout_s = uri, run_id, steps, flush_timeout_s
+        self._logger: SafeLogger | None = None
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if checkpoint is None or not metrics:
+            return
+        if self._logger is None:
+            quick_http_failures()
+            self._logger = SafeLogger(self.uri, self.run_id)
+        for step, values in metrics[0].get(WINDOWS, []):
+            self._logger.metrics(values, step)
+        step = metrics[0].get("step")
+        if step == self.steps:
+            self._logger.metrics({"final_step": step, "tracking_lost_points": self._logger.lost_points,
+                                  "tracking_failures": self._logger.failures}, step)
+            self._logger.close(self.flush_timeout_s)
+            self._logger = None
+
+
+def replay_windows(uri: str, run_id: str, run_dir: Path, timeout: float = 60.0) -> int:
+    """Before a run resumes: send the windows of its registered checkpoints that MLflow does not hold yet (those
+    above the last step it has). Returns how many windows the checkpoints hold."""
+    from ray.train import Result
+
+    if not (run_dir / "checkpoint_manager_snapshot.json").exists():
+        return 0
+    windows = []
+    for _, metrics in Result.from_path(str(run_dir)).best_checkpoints:
+        windows += [(int(step), values) for step, values in (metrics or {}).get(WINDOWS, [])]
+    if windows:
+        logger = SafeLogger(uri, run_id)
+        logger.replay(sorted(windows, key=lambda w: w[0]))
+        logger.close(timeout)
+    return len(windows)

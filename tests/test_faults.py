@@ -1,0 +1,295 @@
+"""Faults with real processes killed by PID (`make faults`): a training worker, a sampler actor, the driver, the
+MLflow server, and a worker node of a three-node cluster on this machine. RELIABILITY.md lists what each shows."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+from pipeline_helpers import free_port, make_checkpoint, tiny_config
+
+from pipelines.checkpoint import load_meta
+from pipelines.ingest import ingest
+from pipelines.sample import SampleConfig, run_sampling
+from pipelines.train import run_training
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    ingest("digits", out, shards=2)
+    return out
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _ray_processes(title: str) -> list[psutil.Process]:
+    """Ray worker processes whose title (Ray rewrites argv) names the actor class, e.g. RayTrainWorker."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::") and title in cmd:
+            found.append(p)
+    return found
+
+
+def _kill_when(ready, title: str, timeout: float = 300.0) -> dict:
+    """In a thread: once ready() holds, SIGKILL one process titled `title`; the result says which, and when."""
+    out: dict = {}
+
+    def run():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            procs = _ray_processes(title) if ready() else []
+            if procs:
+                out["pid"], out["time"] = procs[0].pid, time.time()
+                os.kill(procs[0].pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    out["thread"] = thread
+    return out
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("checkpoint_*")) if run_dir.exists() else []
+
+
+def _history(client, run_id, key):
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def _assert_one_value_per_step_from_the_checkpoints(client, run_id, run_dir: Path, steps: list[int]):
+    """MLflow holds each logged step once, with the values that the registered checkpoints' reports carried."""
+    from ray.train import Result
+
+    from pipelines.train import WINDOWS
+
+    loss = _history(client, run_id, "loss")
+    assert [s for s, _ in loss] == steps
+    saved = {}
+    for _, metrics in Result.from_path(str(run_dir)).best_checkpoints:
+        saved.update({s: m for s, m in metrics[WINDOWS]})
+    assert saved, "the checkpoints' reports hold the logging windows they cover"
+    by_step = dict(loss)
+    for step, values in saved.items():
+        assert by_step[step] == pytest.approx(values["loss"], rel=1e-12, nan_ok=True)
+
+
+def test_a_training_worker_killed_by_pid_resumes_with_one_value_per_step(digits, tmp_path):
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    init_ray()
+    try:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        run_dir = tmp_path / "runs" / "killed-worker"
+        # metrics every step, a checkpoint every 5: at the kill, up to 4 windows wait that the restart redoes
+        kill = _kill_when(lambda: len(_checkpoints(run_dir)) >= 2, "RayTrainWorker")
+        cfg = tiny_config(digits, tmp_path / "runs", uri, "killed-worker", "train.steps=40", "train.log_every=1",
+                          "train.checkpoint_every=5", "train.num_to_keep=100", "train.sample_every=0",
+                          "ray.max_failures=2")
+        res = run_training(cfg)
+        kill["thread"].join(1)
+    finally:
+        ray.shutdown()
+    assert "pid" in kill, "the worker was killed mid-run"
+    assert res["metrics"]["step"] == 40 and load_meta(res["checkpoint"])["step"] == 40
+    client = MlflowClient(uri)
+    _assert_one_value_per_step_from_the_checkpoints(client, res["run_id"], run_dir, list(range(1, 41)))
+    assert client.get_run(res["run_id"]).info.status == "FINISHED"
+
+
+def _sample_table(out: Path):
+    table = pq.read_table(sorted(out.glob("block-*.parquet"))).sort_by("id")
+    return table["id"].to_numpy(), table["image"].to_pylist()
+
+
+def test_a_sampler_actor_killed_by_pid_gives_the_same_samples(tmp_path):
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    base = dict(num_samples=192, solver="euler", steps=200, block_size=8, seed=5, actors=1)
+    init_ray()
+    try:
+        ref = run_sampling(str(ckpt), tmp_path / "ref", SampleConfig(**base))
+        out = tmp_path / "killed"
+        kill = _kill_when(lambda: len(list(out.glob("block-*.parquet"))) >= 2, "Sampler")
+        res = run_sampling(str(ckpt), out, SampleConfig(**base))
+        kill["thread"].join(1)
+    finally:
+        ray.shutdown()
+    assert "pid" in kill, "a Sampler actor was killed mid-run"
+    assert ref["blocks_sampled"] == res["blocks_sampled"] + res["blocks_reused"] == 24
+    ids, images = _sample_table(out)
+    ref_ids, ref_images = _sample_table(tmp_path / "ref")
+    assert ids.tolist() == list(range(192)) and ids.tolist() == ref_ids.tolist()
+    assert images == ref_images  # bitwise
+
+
+def _train_command(digits: Path, storage: Path, uri: str, name: str, *extra: str) -> list[str]:
+    from pipeline_helpers import TINY
+
+    sets = [*TINY, f"data.shards={digits}", f"train.storage_path={storage}", f"train.run_name={name}",
+            "mlflow.experiment=tests", "train.sample_every=0", f"mlflow.tracking_uri={uri}", *extra]
+    return [sys.executable, "-m", "jobs.train", "--config", "configs/digits-cpu.yaml",
+            *[a for s in sets for a in ("--set", s)]]
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the job ended (status {proc.returncode}) before {what}: {log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_a_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(digits, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "runs" / "killed-driver"
+    cmd = _train_command(digits, tmp_path / "runs", uri, "killed-driver", "train.steps=60",
+                         "train.checkpoint_every=5", "train.log_every=5")
+    log = tmp_path / "driver.log"
+    with open(log, "w") as err:
+        driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            _wait_for(lambda: len(_checkpoints(run_dir)) >= 1, 300, "the first checkpoint", driver, log)
+            ray_procs = [p for p in psutil.Process(driver.pid).children(recursive=True)
+                         if "pipelines.reaper" not in " ".join(p.cmdline())]
+            assert any("raylet" in p.name() for p in ray_procs)
+            killed_at = time.monotonic()
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+            _wait_for(lambda: not any(_alive(p) for p in ray_procs), 10, "Ray's processes to stop")
+            gone_after = time.monotonic() - killed_at
+        finally:
+            driver.kill()
+    assert gone_after < 10
+    # the watchdog says what it stopped, on the driver's stderr
+    _wait_for(lambda: "died without shutting down its local Ray; stopped" in log.read_text(), 10, "the reaper")
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert result["resumed"] and result["metrics"]["step"] == 60
+    assert [s for s, _ in _history(MlflowClient(uri), result["run_id"], "loss")] == list(range(5, 61, 5))
+
+
+def _mlflow_server(port: int, store: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{store / 'server.db'}",
+                             "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    import urllib.request
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail("mlflow server did not come up in 90 s")
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the server and its gunicorn/uvicorn workers, by PID."""
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def test_the_mlflow_server_killed_mid_run_loses_nothing_and_holds_nothing_back(digits, tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(port, tmp_path)
+    run_dir = tmp_path / "runs" / "outage"
+    cmd = _train_command(digits, tmp_path / "runs", uri, "outage", "train.steps=60", "train.checkpoint_every=5",
+                         "train.log_every=5")
+    log = tmp_path / "driver.log"
+    try:
+        with open(log, "w") as err:
+            driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+            _wait_for(lambda: len(_checkpoints(run_dir)) >= 1, 300, "the first checkpoint", driver, log)
+            _kill_tree(server)
+            down_at, checkpoints_at_kill = time.time(), len(_checkpoints(run_dir))
+            time.sleep(20)  # the outage
+            checkpoints_in_outage = len(_checkpoints(run_dir)) - checkpoints_at_kill
+            server = _mlflow_server(port, tmp_path)  # the same store, back on the same port
+            up_at = time.time()
+            stdout, _ = driver.communicate(timeout=400)
+        assert driver.returncode == 0, log.read_text()[-3000:]
+    finally:
+        _kill_tree(server)
+        server = _mlflow_server(port, tmp_path)
+    try:
+        result = json.loads(stdout.strip().splitlines()[-1])
+        client = MlflowClient(uri)
+        loss = client.get_metric_history(result["run_id"], "loss")
+        assert [m.step for m in loss] == list(range(5, 61, 5))  # every point, once
+        assert checkpoints_in_outage >= 1  # training went on while the server was down
+        # points queued during the outage carry their time, and reached the server after it came back
+        assert any(down_at * 1000 < m.timestamp < up_at * 1000 for m in loss)
+        run = client.get_run(result["run_id"])
+        assert run.info.status == "FINISHED" and run.data.metrics["tracking_lost_points"] == 0
+    finally:
+        _kill_tree(server)
+
+
+def test_reaper_unit_stops_an_orphaned_tree(tmp_path):
+    """The watchdog alone: a 'driver' that dies leaves a child and a grandchild, which are stopped."""
+    script = ("import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(600)\"]); time.sleep(600)']); "
+              "time.sleep(600)")
+    driver = subprocess.Popen([sys.executable, "-c", script])
+    _wait_for(lambda: len(psutil.Process(driver.pid).children(recursive=True)) == 2, 30, "the children")
+    tree = psutil.Process(driver.pid).children(recursive=True)
+    child = [p for p in tree if p.ppid() == driver.pid]
+    reaper = subprocess.Popen([sys.executable, "-m", "pipelines.reaper", str(driver.pid), str(child[0].pid)],
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(1)
+    assert all(_alive(p) for p in tree)  # nothing is touched while the driver lives
+    driver.kill()
+    driver.wait()
+    _, err = reaper.communicate(timeout=15)
+    assert not any(_alive(p) for p in tree)
+    assert f"driver {driver.pid} died without shutting down its local Ray; stopped 2 processes" in err
+
+
+def test_reaper_exits_quietly_after_a_normal_shutdown():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    reaper = subprocess.Popen([sys.executable, "-m", "pipelines.reaper", str(os.getpid()), str(child.pid)],
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    child.wait()
+    _, err = reaper.communicate(timeout=15)
+    assert reaper.returncode == 0 and err == ""
