@@ -44,3 +44,21 @@ def make_checkpoint(directory, run_id=None, method="fm_ot", **overrides):
     return save_checkpoint(directory, step=1, model=model, ema_state=EMA(model).state_dict(), optimizer=None,
                            model_name="unet", model_kwargs=kwargs, method_kwargs={"name": method}, config={},
                            extra={"manifest": MANIFEST, "mlflow_run_id": run_id})
+
+
+def listening_addresses(pids: set[int]) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP socket that a process in `pids` listens on."""
+    import psutil
+
+    found = set()
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+            try:
+                name = psutil.Process(conn.pid).name()
+            except psutil.Error:
+                continue
+            found.add((conn.laddr.ip, conn.laddr.port, name))
+    return found
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}

@@ -11,9 +11,10 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
-from pipeline_helpers import TINY, free_port
+from pipeline_helpers import LOOPBACK, TINY, free_port, listening_addresses
 
 from pipelines.ingest import ingest
 
@@ -24,8 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def ray_head(tmp_path):
     bin_dir = Path(sys.executable).parent
+    # as the README starts a local head: loopback only (Ray's node address is 127.0.0.1 with clusters off), and
+    # the job runs the `python` of this PATH
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")  # the job runs the `python` of this PATH
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
     ray = shutil.which("ray", path=env["PATH"])
@@ -33,24 +36,28 @@ def ray_head(tmp_path):
     subprocess.run([ray, "start", "--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={temp}",
                     "--include-dashboard=true"], env=env, check=True, capture_output=True, timeout=180)
-    yield ray, f"http://127.0.0.1:{dash}", env
+    yield ray, f"http://127.0.0.1:{dash}", env, temp
     # `ray stop` would stop every Ray on the machine (a user's own, another test run's): stop this head's
     # processes only, found by its temp dir on their command lines
     _kill_processes_mentioning(temp)
     shutil.rmtree(temp, ignore_errors=True)
 
 
+def _pids_mentioning(text: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and int(pid) != os.getpid() and \
+                    text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 def _kill_processes_mentioning(text: str, grace: float = 10.0) -> None:
     def pids():
-        found = []
-        for pid in os.listdir("/proc"):
-            try:
-                if pid.isdigit() and int(pid) != os.getpid() and \
-                        text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    found.append(int(pid))
-            except OSError:
-                continue
-        return found
+        return _pids_mentioning(text)
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids():
@@ -64,7 +71,7 @@ def _kill_processes_mentioning(text: str, grace: float = 10.0) -> None:
 
 
 def test_ray_job_submit_runs_training(ray_head, tmp_path):
-    ray, address, env = ray_head
+    ray, address, env, temp = ray_head
     ingest("digits", tmp_path / "digits", shards=2)
     db = tmp_path / "mlflow.db"
     job_id = f"flowray-test-{uuid.uuid4().hex[:8]}"
@@ -89,3 +96,9 @@ def test_ray_job_submit_runs_training(ray_head, tmp_path):
     assert Path(result["checkpoint"]).is_dir()
     run = MlflowClient(f"sqlite:///{db}").get_run(result["run_id"])
     assert run.data.params["train.run_name"] == "submitted"
+    # the head's servers (GCS, raylet, dashboard, agents, workers) listened on loopback only
+    heads = _pids_mentioning(temp)
+    pids = {*heads, *(c.pid for p in heads if psutil.pid_exists(p) for c in psutil.Process(p).children(True))}
+    sockets = listening_addresses(pids)
+    assert {"gcs_server", "raylet"} <= {name for _, _, name in sockets}
+    assert {s for s in sockets if s[0] not in LOOPBACK} == set()
