@@ -293,3 +293,88 @@ def test_reaper_exits_quietly_after_a_normal_shutdown():
     child.wait()
     _, err = reaper.communicate(timeout=15)
     assert reaper.returncode == 0 and err == ""
+
+
+# --- several nodes on one machine --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def three_nodes():
+    """A head that runs no work (0 CPUs, as in cluster.yaml) and two worker nodes of 2 CPUs each."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _node_of(pid: int, nodes) -> object:
+    """The cluster node whose raylet started the worker process `pid`."""
+    raylets = {node.all_processes["raylet"][0].process.pid: node for node in nodes}
+    for parent in psutil.Process(pid).parents():
+        if parent.pid in raylets:
+            return raylets[parent.pid]
+    raise AssertionError(f"process {pid} belongs to no worker node")
+
+
+def _remove_node_when(cluster, nodes, ready, title: str, timeout: float = 300.0) -> dict:
+    """In a thread: once ready() holds, kill (SIGKILL, no grace) the worker node running a process titled
+    `title`: its raylet, object store and every worker on it."""
+    out: dict = {}
+
+    def run():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            procs = _ray_processes(title) if ready() else []
+            if procs:
+                node = _node_of(procs[0].pid, nodes)
+                out["raylet"] = node.all_processes["raylet"][0].process.pid
+                cluster.remove_node(node, allow_graceful=False)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    out["thread"] = thread
+    return out
+
+
+def test_a_worker_node_killed_mid_training_resumes_on_the_nodes_that_remain(digits, tmp_path, three_nodes):
+    import ray
+
+    cluster, workers = three_nodes
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "shared" / "node-loss"  # checkpoints on storage every node sees
+    kill = _remove_node_when(cluster, workers, lambda: len(_checkpoints(run_dir)) >= 2, "RayTrainWorker")
+    cfg = tiny_config(digits, tmp_path / "shared", uri, "node-loss", "train.steps=40", "train.log_every=5",
+                      "train.checkpoint_every=5", "train.num_to_keep=100", "train.sample_every=0",
+                      "ray.num_workers=1", "ray.max_failures=2", f"ray.address={cluster.address}")
+    res = run_training(cfg)
+    kill["thread"].join(1)
+    assert "raylet" in kill, "a worker node was killed mid-run"
+    assert sum(n["Alive"] for n in ray.nodes()) == 2  # the head and the node that remained
+    assert res["metrics"]["step"] == 40 and load_meta(res["checkpoint"])["step"] == 40
+    client = MlflowClient(uri)
+    _assert_one_value_per_step_from_the_checkpoints(client, res["run_id"], run_dir, list(range(5, 41, 5)))
+
+
+def test_a_worker_node_killed_mid_sampling_gives_the_same_samples(tmp_path, three_nodes):
+    cluster, workers = three_nodes
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    base = dict(num_samples=192, solver="euler", steps=200, block_size=8, seed=5, actors=2)
+    ref = run_sampling(str(ckpt), tmp_path / "ref", SampleConfig(**base))
+    out = tmp_path / "killed"
+    kill = _remove_node_when(cluster, workers, lambda: len(list(out.glob("block-*.parquet"))) >= 2, "Sampler")
+    res = run_sampling(str(ckpt), out, SampleConfig(**base))
+    kill["thread"].join(1)
+    assert "raylet" in kill, "a worker node was killed mid-run"
+    assert ref["blocks_sampled"] == res["blocks_sampled"] + res["blocks_reused"] == 24
+    ids, images = _sample_table(out)
+    ref_ids, ref_images = _sample_table(tmp_path / "ref")
+    assert ids.tolist() == list(range(192)) and ids.tolist() == ref_ids.tolist()
+    assert images == ref_images  # bitwise
