@@ -63,6 +63,22 @@ def load_meta(directory: str | Path) -> dict:
     return meta
 
 
+def check_files(directory: str | Path) -> None:
+    """Every weights file of a checkpoint opens as a torch archive. Only the zip directory at the file's end is
+    read, so this is cheap: a truncated or overwritten file is named here, before Ray starts, and the full load
+    (`load_state`, weights_only=True) comes later."""
+    import zipfile
+
+    for name in ("model.pt", "ema.pt", "optimizer.pt"):
+        path = Path(directory) / name
+        if not path.exists():
+            continue
+        try:
+            zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError):
+            raise CheckpointError(f"{path}: not a readable torch file (truncated or corrupt)") from None
+
+
 def load_state(directory: str | Path, name: str) -> dict:
     """A state dict from <directory>/<name>.pt with weights_only=True; refused or unreadable files are said in
     words (CheckpointError naming the file)."""
@@ -100,6 +116,7 @@ def load_model(directory: str | Path, use_ema: bool = True, expect: dict | None 
         expect: optional model kwargs the caller requires (e.g. image size); a mismatch raises CheckpointError.
     """
     meta = load_meta(directory)
+    check_files(directory)
     name, kwargs = meta["model"]["name"], dict(meta["model"]["kwargs"])
     for key, value in (expect or {}).items():
         if kwargs.get(key) != value:

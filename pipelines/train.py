@@ -354,6 +354,8 @@ def run_training(cfg: Config) -> dict:
                                                "flowray.data": manifest.data.source,
                                                "flowray.storage": str(run_dir)},
                                          resume=run_dir.exists())
+    if resumed:
+        _check_resume_checkpoint(run_dir)
     init_ray(cfg.ray.address, cfg.ray.local_cpus)
     from pipelines.train_logging import CheckpointedMetrics, replay_windows
 
@@ -392,6 +394,19 @@ def run_training(cfg: Config) -> dict:
         "wall_s": round(time.perf_counter() - start, 1), **model,
         "sample_grid": f"runs:/{run_id}/samples" if manifest.data.is_image else None,
     }
+
+
+def _check_resume_checkpoint(run_dir: Path) -> None:
+    """The checkpoint a resumed run will start from (Ray's latest registered one) is whole, before Ray starts."""
+    from pipelines.checkpoint import check_files
+
+    if (run_dir / "checkpoint_manager_snapshot.json").exists():
+        from ray.train import Result
+
+        latest = Result.from_path(str(run_dir)).checkpoint
+        if latest is not None:
+            load_meta(latest.path)
+            check_files(latest.path)
 
 
 def _resources(cfg: Config) -> dict:

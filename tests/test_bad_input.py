@@ -141,3 +141,47 @@ def test_cli_in_a_fresh_process_prints_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(tmp_path / "bad.yaml")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "not a YAML file" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory this process cannot write to: mode 0555, and for root (whom modes do not stop) the immutable
+    attribute as well."""
+    import os
+    import shutil
+
+    d = tmp_path / "read-only"
+    d.mkdir()
+    d.chmod(0o555)
+    if os.geteuid() == 0:
+        chattr = shutil.which("chattr")
+        if chattr is None or subprocess.run([chattr, "+i", str(d)], capture_output=True).returncode != 0:
+            pytest.skip("running as root on a filesystem without the immutable attribute (chattr +i)")
+    yield d
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(d)], capture_output=True)
+    d.chmod(0o755)
+
+
+def test_read_only_directories(read_only_dir, digits, tmp_path, capsys):
+    from jobs.ingest import main as ingest_main
+    from jobs.sample import main as sample_main
+    from jobs.train import main as train_main
+
+    _fails(ingest_main, ["--source", "digits", "--out", str(read_only_dir)],
+           f"--out: cannot write to {read_only_dir} (", capsys)
+    _fails(sample_main, ["--checkpoint", str(make_checkpoint(tmp_path / "ckpt")), "--num-samples", "4", "--out",
+                         str(read_only_dir / "samples"), "--no-mlflow"],
+           f"--out: cannot write to {read_only_dir / 'samples'} (", capsys)
+    _fails(train_main, ["--config", "configs/digits-cpu.yaml", "--set", f"data.shards={digits}", "--set",
+                        f"train.storage_path={read_only_dir}"],
+           f"train.storage_path: cannot write to {read_only_dir} (", capsys)
+
+
+def test_a_corrupt_model_file_is_named_before_ray(tmp_path, capsys):
+    from jobs.sample import main
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    (ckpt / "model.pt").write_bytes(b"PK\x03\x04 not a torch file")
+    _fails(main, ["--checkpoint", str(ckpt), "--num-samples", "4", "--out", str(tmp_path / "o"), "--no-mlflow"],
+           "model.pt: not a readable torch file (truncated or corrupt)", capsys)

@@ -233,8 +233,8 @@ def test_the_mlflow_server_killed_mid_run_loses_nothing_and_holds_nothing_back(d
     uri = f"http://127.0.0.1:{port}"
     server = _mlflow_server(port, tmp_path)
     run_dir = tmp_path / "runs" / "outage"
-    cmd = _train_command(digits, tmp_path / "runs", uri, "outage", "train.steps=60", "train.checkpoint_every=5",
-                         "train.log_every=5")
+    cmd = _train_command(digits, tmp_path / "runs", uri, "outage", "train.steps=100", "train.checkpoint_every=5",
+                         "train.log_every=5", "train.num_to_keep=100")
     log = tmp_path / "driver.log"
     try:
         with open(log, "w") as err:
@@ -255,7 +255,7 @@ def test_the_mlflow_server_killed_mid_run_loses_nothing_and_holds_nothing_back(d
         result = json.loads(stdout.strip().splitlines()[-1])
         client = MlflowClient(uri)
         loss = client.get_metric_history(result["run_id"], "loss")
-        assert [m.step for m in loss] == list(range(5, 61, 5))  # every point, once
+        assert [m.step for m in loss] == list(range(5, 101, 5))  # every point, once
         assert checkpoints_in_outage >= 1  # training went on while the server was down
         # points queued during the outage carry their time, and reached the server after it came back
         assert any(down_at * 1000 < m.timestamp < up_at * 1000 for m in loss)

@@ -4,12 +4,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from pipeline_helpers import free_port, tiny_config
 
-from pipelines.checkpoint import load_meta, load_model
+from pipelines.checkpoint import CheckpointError, load_meta, load_model
 from pipelines.ingest import ingest
 from pipelines.runtime import init_ray
 from pipelines.train import run_training
@@ -62,6 +63,11 @@ def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_cluster
     assert more["resumed"] and more["run_id"] == res["run_id"]
     assert more["metrics"]["step"] == 12 and load_meta(more["checkpoint"])["step"] == 12
     assert [s for s, _ in _history(client, res["run_id"], "loss")] == [4, 8, 12]
+
+    # a damaged checkpoint to resume from is named before any training starts
+    (Path(more["checkpoint"]) / "model.pt").write_bytes(b"PK\x03\x04 overwritten")
+    with pytest.raises(CheckpointError, match=r"model.pt: not a readable torch file \(truncated or corrupt\)"):
+        run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=16"))
 
 
 def test_injected_worker_failure_resumes_to_the_target_step(digits, tmp_path, ray_cluster):
