@@ -1,3 +1,4 @@
+import ot
 import pytest
 import torch
 
@@ -78,3 +79,35 @@ def test_bad_input():
         ExactOTCoupling()(torch.randn(4, 2), torch.randn(5, 2))
     with pytest.raises(ValueError, match="reg must be > 0"):
         EntropicOTCoupling(0.0)
+
+
+# the last case runs in the log domain (cost / reg beyond the kernel's range), where convergence is slower
+@pytest.mark.parametrize("reg, dim, tol", [(0.5, 2, 1e-8), (2.0, 2, 1e-8), (0.5, 16, 1e-6)])
+def test_sinkhorn_log_converges_to_pots_plan(reg, dim, tol):
+    from fm.couplings import _KERNEL_RANGE, sinkhorn_log
+
+    g = torch.Generator().manual_seed(3)
+    x_0, x_1 = torch.randn(128, dim, generator=g), torch.rand(128, dim, generator=g) * 4 - 2
+    cost = squared_cost(x_0, x_1)
+    assert ((cost.max() - cost.min()) / reg < _KERNEL_RANGE) == (dim == 2)
+    log_plan, iterations, err = sinkhorn_log(cost, reg, tol=tol, max_iter=20_000)
+    pot = ot.sinkhorn(ot.unif(128), ot.unif(128), cost.numpy(), reg=reg, method="sinkhorn_log", stopThr=tol / 100,
+                      numItermax=100_000)
+    plan = log_plan.exp()
+    assert err < tol and iterations < 20_000
+    # the plan's entries are about 1/128^2 = 6e-5; a marginal error tol moves them by at most about tol
+    assert (plan - torch.from_numpy(pot)).abs().max().item() < tol
+    torch.testing.assert_close(plan.sum(0), torch.full((128,), 1 / 128, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert (plan.sum(1) - 1 / 128).abs().sum().item() < tol
+
+
+def test_sinkhorn_stops_on_its_tolerance_not_an_iteration_count():
+    from fm.couplings import sinkhorn_log
+
+    g = torch.Generator().manual_seed(4)
+    cost = squared_cost(torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g))
+    _, loose, err_loose = sinkhorn_log(cost, 0.5, tol=1e-3)
+    _, tight, err_tight = sinkhorn_log(cost, 0.5, tol=1e-9)
+    assert loose < tight and err_loose < 1e-3 and err_tight < 1e-9
+    _, capped, err_capped = sinkhorn_log(cost, 0.5, tol=1e-12, max_iter=7)
+    assert capped == 7 and err_capped > 1e-12  # the caller sees that it stopped short
