@@ -45,6 +45,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.ingest throughput
 	$(PY) -m benchmarks.ingest memory
 	$(PY) -m benchmarks.ingest datapath
+	$(PY) -m benchmarks.coupling
+	$(PY) -m benchmarks.data_wait
 
 clean:
 	rm -rf $(VENV) .pytest_cache mlflow.db mlruns outputs

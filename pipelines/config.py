@@ -32,6 +32,7 @@ class DataConfig:
     hflip: bool = False  # random horizontal flips in preprocessing
     cache: bool = False  # keep the raw rows in Ray's object store after the first read (small data sets)
     repeat: int = 1  # passes over the data per Ray Data epoch (amortises the per-epoch start-up)
+    buffer_batches: int = 32  # batches a worker's reader thread holds ahead, across epoch boundaries (0: none)
 
 
 @dataclass
@@ -255,6 +256,7 @@ def validate(cfg: Config) -> None:
     """Check every value; raise ConfigError naming the first bad key."""
     m, meth, o, t, r = cfg.model, cfg.method, cfg.optim, cfg.train, cfg.ray
     _check(cfg.data.repeat >= 1, "data.repeat", cfg.data.repeat, "must be >= 1")
+    _check(cfg.data.buffer_batches >= 0, "data.buffer_batches", cfg.data.buffer_batches, "must be >= 0")
     _check(m.name in MODELS, "model.name", m.name, f"allowed: {', '.join(MODELS)}")
     _check(m.model_channels >= 1, "model.model_channels", m.model_channels, "must be >= 1")
     _check(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult), "model.channel_mult",

@@ -158,8 +158,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     t = cfg.train
     state = _build_state(job)
     logger = _rank0_logger(job, state)
-    batches = _batches(ray.train.get_dataset_shard("train"), t.batch_size, cfg.ray.prefetch_batches, state.device)
+    batches = _batches(ray.train.get_dataset_shard("train"), t.batch_size, cfg.ray.prefetch_batches, state.device,
+                       cfg.data.buffer_batches)
     window, started, start_step = MetricWindow(), time.perf_counter(), state.step
+    wait_total = time_total = 0.0
     while state.step < t.steps:
         t_start = time.perf_counter()
         x_1, y = next(batches)
@@ -174,10 +176,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          torch.bfloat16 if state.device.type == "cuda" else None)
         _count_nonfinite(state, res, t.max_nonfinite)
         state.step += 1
-        window.add(res, t_data, time.perf_counter() - t_start, state.method.coupling.last_solve_seconds)
+        t_total = time.perf_counter() - t_start
+        window.add(res, t_data, t_total, state.method.coupling.last_solve_seconds)
+        if state.step == start_step + 1:  # the stream's start-up, apart from the waits of a running stream
+            state.last_metrics["data_startup_s"] = t_data
+        else:
+            wait_total, time_total = wait_total + t_data, time_total + t_total
         if state.step % t.log_every == 0 or state.step == t.steps:
+            startup = state.last_metrics.get("data_startup_s", 0.0)
             state.last_metrics = window.metrics(t.batch_size * state.world, state.optimizer.param_groups[0]["lr"],
                                                 state.nonfinite_total)
+            # over every step of this attempt after the first, epoch boundaries included
+            state.last_metrics.update(data_wait_fraction_run=wait_total / max(time_total, 1e-9),
+                                      data_startup_s=startup)
             _log_window(logger, state, t.steps, (time.perf_counter() - started) / (state.step - start_step))
             window = MetricWindow()
         if logger and t.sample_every and state.step % t.sample_every == 0:
@@ -230,12 +241,41 @@ def _rank0_logger(job: TrainJob, state: WorkerState) -> SafeLogger | None:
     return logger
 
 
-def _batches(shard, batch_size: int, prefetch: int, device):
-    """Endless stream of (x, y) from this worker's dataset shard, epoch after epoch."""
+def _batches(shard, batch_size: int, prefetch: int, device, buffer: int = 0):
+    """Endless stream of (x, y) from this worker's dataset shard, epoch after epoch.
+
+    With buffer > 0 a reader thread keeps up to `buffer` batches ready and starts the next Ray Data epoch as soon
+    as the last one is read, so the seconds an epoch takes to start are spent while the model trains on the
+    buffered batches, not waiting. A reader error is raised in the training loop.
+    """
+
+    def epochs():
+        while True:
+            for batch in shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=prefetch, drop_last=True,
+                                                  device=device):
+                yield batch["x"], batch["y"]
+
+    if buffer <= 0:
+        yield from epochs()
+        return
+    import queue
+    import threading
+
+    ready: queue.Queue = queue.Queue(maxsize=buffer)
+
+    def read() -> None:
+        try:
+            for item in epochs():
+                ready.put(item)
+        except BaseException as err:  # handed to the training loop, which raises it
+            ready.put(err)
+
+    threading.Thread(target=read, name="flowray-batch-reader", daemon=True).start()
     while True:
-        for batch in shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=prefetch, drop_last=True,
-                                              device=device):
-            yield batch["x"], batch["y"]
+        item = ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def _maybe_inject_fault(job: TrainJob, state: WorkerState) -> None:
