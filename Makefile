@@ -45,7 +45,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.ingest throughput
 	$(PY) -m benchmarks.ingest memory
 	$(PY) -m benchmarks.ingest datapath
-	$(PY) -m benchmarks.coupling
+	$(PY) -m benchmarks.coupling solve
+	$(PY) -m benchmarks.coupling step
 	$(PY) -m benchmarks.data_wait
 
 clean:

@@ -1,13 +1,20 @@
-"""The cost of a minibatch coupling: SB-CFM's entropic plan against the exact OT solve, side by side.
+"""The cost of a minibatch coupling, side by side in one process.
 
-    python -m benchmarks.coupling [--batch 256] [--repeats 50] [--threads 1]
+    python -m benchmarks.coupling solve [--batch 256] [--repeats 50] [--threads 1]
+    python -m benchmarks.coupling step [--batch 256] [--steps 400] [--buffer 8] [--threads 1]
 
+`solve`: SB-CFM's entropic plan against the exact OT solve.
 For each data set (the 2-D checkerboard; scikit-learn's digits as 64-d points in [-1, 1]) and batch, the same pairs of
 noise x_0 and data x_1 go through: the exact OT plan (`ExactOTCoupling`, POT's network simplex), SB-CFM's coupling
 (`EntropicOTCoupling`: `fm.couplings.sinkhorn_log`, stopped at an L1 marginal error of 1e-4, then the pairs drawn),
 and POT's own `ot.sinkhorn(method="sinkhorn_log")` at its defaults, which this project used before. The median
 time of each, and the ratios to the exact solve, are printed as one JSON object. reg = 2 sigma^2 with SB-CFM's
 default sigma = 1, and a smaller reg (sigma = 0.5) as the harder case.
+
+`step`: a training step of the MLP (3 x 256) on the 2-D checkerboard at batch 256, with torch on one thread:
+I-CFM; OT-CFM pairing in the step (the exact solve on the critical path); and OT-CFM with the pairing made `--buffer`
+steps ahead in a reader thread (`fm.training.read_ahead` + `pair_step`, as every Ray Train worker does). Batches are
+drawn beforehand; the mean step time over `--steps` steps after 20 warm-up steps.
 """
 
 from __future__ import annotations
@@ -49,13 +56,52 @@ def measure(name: str, x_1: torch.Tensor, reg: float, repeats: int, g: torch.Gen
             "sbcfm_over_exact": round(ours_ms / exact_ms, 3), "pot_sinkhorn_over_exact": round(pot_ms / exact_ms, 3)}
 
 
+def steps(batch: int, n_steps: int, buffer: int) -> dict:
+    from fm.methods import make_method
+    from fm.models import MLP
+    from fm.seeding import generator
+    from fm.training import pair_step, read_ahead, train_step
+
+    g = torch.Generator().manual_seed(0)
+    data = [sample_toy("checkerboard", batch, g) for _ in range(n_steps + 20)]
+
+    def run(name: str, ahead: int | None) -> float:
+        torch.manual_seed(0)
+        model, method = MLP(2, 256, 3), make_method(name)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        if ahead is None:
+            items = ((None, x_1, generator(0, 0, k)) for k, x_1 in enumerate(data))
+        else:
+            items = ((p, None, None) for p in read_ahead(enumerate(data), lambda it: pair_step(
+                method, it[1], None, generator(0, 0, it[0])), ahead))
+        start = 0.0
+        for k, (pairs, x_1, gen) in enumerate(items):
+            if k == 20:
+                start = time.perf_counter()
+            train_step(model, method, opt, x_1, None, gen, pairs=pairs)
+        return 1e3 * (time.perf_counter() - start) / n_steps
+
+    icfm = run("icfm", None)
+    in_step = run("otcfm", None)
+    ahead = run("otcfm", buffer)
+    return {"batch": batch, "steps": n_steps, "buffer": buffer, "icfm_step_ms": round(icfm, 3),
+            "otcfm_in_step_ms": round(in_step, 3), "otcfm_ahead_ms": round(ahead, 3),
+            "otcfm_in_step_over_icfm": round(in_step / icfm, 3), "otcfm_ahead_over_icfm": round(ahead / icfm, 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["solve", "step"])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--buffer", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.what == "step":
+        print(json.dumps({"threads": args.threads, **steps(args.batch, args.steps, args.buffer)}, indent=1))
+        return
     g = torch.Generator().manual_seed(0)
     from sklearn.datasets import load_digits
 

@@ -81,8 +81,19 @@ class Method:
              generator: torch.Generator | None = None) -> Tensor:
         """Per-sample training loss [B] for data x_1 [B, ...]; the noise, pairing, times and path noise all come
         from `generator`, so a step is repeated exactly from its seed."""
+        return self.loss_on_pairs(model, *self.pair(x_1, y, generator), generator)
+
+    def pair(self, x_1: Tensor, y: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The first half of `loss`: noise x_0 [B, ...] drawn from `generator` and paired with x_1 (and its labels
+        y) by the coupling. Can run ahead of the step (`fm.training.read_ahead`); `loss_on_pairs` then continues
+        with the same generator."""
         x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)
-        x_0, x_1, y = self.coupling(x_0, x_1, y, generator)
+        return self.coupling(x_0, x_1, y, generator)
+
+    def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """The second half of `loss`: times, path sample and per-sample loss [B] for paired (x_0, x_1, y)."""
         t = sample_time(x_1.shape[0], self.t_max, generator, x_1.device).to(x_1.dtype)
         if self.prediction == "epsilon":
             return dsm_loss(model, self.path, x_0, x_1, t, y)

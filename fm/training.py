@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +14,9 @@ from fm.data import sample_toy
 from fm.ema import EMA
 from fm.methods import Method
 
-__all__ = ["StepResult", "train_step", "SCHEDULES", "lr_at", "fit_toy"]
+__all__ = ["StepResult", "Pairs", "pair_step", "read_ahead", "train_step", "SCHEDULES", "lr_at", "fit_toy"]
+
+T, U = TypeVar("T"), TypeVar("U")
 
 SCHEDULES = ("constant", "cosine", "polynomial")
 
@@ -46,19 +50,75 @@ def lr_at(step: int, base_lr: float, warmup_steps: int = 0, schedule: str = "con
     return min_lr + (base_lr - min_lr) * (1.0 - p) ** power
 
 
+@dataclass
+class Pairs:
+    """A step's batch paired ahead of the step (`pair_step`): x_0, x_1 [B, ...], labels y [B] or None, the step's
+    generator after the pairing's draws, and the coupling's solve time in seconds."""
+
+    x_0: Tensor
+    x_1: Tensor
+    y: Tensor | None
+    generator: torch.Generator
+    solve_seconds: float
+
+
+def pair_step(method: Method, x_1: Tensor, y: Tensor | None, generator: torch.Generator) -> Pairs:
+    """Draw a step's noise and solve its coupling, as `method.loss` would at the start of the step."""
+    x_0, x_1, y = method.pair(x_1, y, generator)
+    return Pairs(x_0, x_1, y, generator, method.coupling.last_solve_seconds)
+
+
+def read_ahead(items: Iterator[T], fn: Callable[[T], U], buffer: int) -> Iterator[U]:
+    """fn over items in a thread of its own, up to `buffer` results ahead of the consumer; in order.
+
+    What the consumer does meanwhile (a training step, mostly outside the GIL) and what the thread does (reading the
+    next batches, solving the next couplings: POT's solver and torch both release the GIL) overlap. An error in
+    the thread is raised to the consumer. buffer <= 0 calls fn in the consumer's thread.
+    """
+    if buffer <= 0:
+        yield from (fn(item) for item in items)
+        return
+    import queue
+    import threading
+
+    ready: queue.Queue = queue.Queue(maxsize=buffer)
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in items:
+                ready.put(fn(item))
+            ready.put(done)
+        except BaseException as err:  # handed to the consumer, which raises it
+            ready.put(err)
+
+    threading.Thread(target=work, name="flowray-read-ahead", daemon=True).start()
+    while (out := ready.get()) is not done:
+        if isinstance(out, BaseException):
+            raise out
+        yield out
+
+
 def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x_1: Tensor,
                y: Tensor | None = None, generator: torch.Generator | None = None, grad_clip: float = 1.0,
-               autocast_dtype: torch.dtype | None = None) -> StepResult:
+               autocast_dtype: torch.dtype | None = None, pairs: Pairs | None = None) -> StepResult:
     """Compute the method's loss on x_1 [B, ...], backpropagate, clip and step.
+
+    With `pairs` (made by `pair_step` ahead of the step, from this step's generator) x_1, y and generator are
+    taken from it, and the loss continues where the pairing stopped: the same result as pairing in the step.
 
     A non-finite loss or gradient skips the update (the optimizer state is untouched) and reports finite=False,
     so the caller can count skips and abort after too many in a row. Backward runs even for a non-finite loss:
     under DDP every rank must join the gradient all-reduce, and the non-finite gradients it spreads make every
     rank skip the same step.
     """
+    device = (pairs.x_1 if pairs is not None else x_1).device
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(x_1.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = method.loss(model, x_1, y, generator).mean()
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        if pairs is None:
+            loss = method.loss(model, x_1, y, generator).mean()
+        else:
+            loss = method.loss_on_pairs(model, pairs.x_0, pairs.x_1, pairs.y, pairs.generator).mean()
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):

@@ -158,26 +158,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
     t = cfg.train
     state = _build_state(job)
     logger = _rank0_logger(job, state)
-    batches = _batches(ray.train.get_dataset_shard("train"), t.batch_size, cfg.ray.prefetch_batches, state.device,
-                       cfg.data.buffer_batches)
+    batches = _steps(job, state, ray.train.get_dataset_shard("train"))
     window, started, start_step = MetricWindow(), time.perf_counter(), state.step
     wait_total = time_total = 0.0
     while state.step < t.steps:
         t_start = time.perf_counter()
-        x_1, y = next(batches)
+        step, x_1, y, pairs = next(batches)
         t_data = time.perf_counter() - t_start
+        if step != state.step:  # the reader numbers batches from the step the worker started at
+            raise RuntimeError(f"internal: the batch of step {step} arrived at step {state.step}")
         _maybe_inject_fault(job, state)
-        y = _training_labels(job, state, y)
         for group in state.optimizer.param_groups:
             group["lr"] = lr_at(state.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule,
                                 cfg.optim.decay_steps or t.steps, cfg.optim.min_lr, cfg.optim.power)
-        g = generator(t.seed, state.rank, state.step, device=state.device)
+        g = pairs.generator if pairs else generator(t.seed, state.rank, state.step, device=state.device)
         res = train_step(state.ddp_model, state.method, state.optimizer, x_1, y, g, cfg.optim.grad_clip,
-                         torch.bfloat16 if state.device.type == "cuda" else None)
+                         torch.bfloat16 if state.device.type == "cuda" else None, pairs)
         _count_nonfinite(state, res, t.max_nonfinite)
         state.step += 1
         t_total = time.perf_counter() - t_start
-        window.add(res, t_data, t_total, state.method.coupling.last_solve_seconds)
+        window.add(res, t_data, t_total, pairs.solve_seconds if pairs else state.method.coupling.last_solve_seconds)
         if state.step == start_step + 1:  # the stream's start-up, apart from the waits of a running stream
             state.last_metrics["data_startup_s"] = t_data
         else:
@@ -241,41 +241,39 @@ def _rank0_logger(job: TrainJob, state: WorkerState) -> SafeLogger | None:
     return logger
 
 
-def _batches(shard, batch_size: int, prefetch: int, device, buffer: int = 0):
-    """Endless stream of (x, y) from this worker's dataset shard, epoch after epoch.
+def _steps(job: TrainJob, state: WorkerState, shard):
+    """Endless (step, x_1, y, pairs) from this worker's dataset shard, epoch after epoch, numbered from the step the
+    worker starts at.
 
-    With buffer > 0 a reader thread keeps up to `buffer` batches ready and starts the next Ray Data epoch as soon
-    as the last one is read, so the seconds an epoch takes to start are spent while the model trains on the
-    buffered batches, not waiting. A reader error is raised in the training loop.
+    A reader thread (`fm.training.read_ahead`) keeps up to `data.buffer_batches` steps ready: it starts the next
+    Ray Data epoch as soon as the last one is read, so an epoch's start-up is spent while the model trains on the
+    buffered batches, and it draws each step's labels, noise and pairing (`pair_step`, from the step's own seed) so
+    that minibatch OT is solved while the previous steps compute. A coupling over the global batch of all ranks
+    needs collectives, so it is solved in the step instead (pairs is None).
     """
+    from fm.couplings import GlobalOTCoupling
+    from fm.training import pair_step, read_ahead
 
-    def epochs():
+    cfg = job.config
+    ahead = not isinstance(state.method.coupling, GlobalOTCoupling)
+
+    def numbered():
+        step = state.step
         while True:
-            for batch in shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=prefetch, drop_last=True,
-                                                  device=device):
-                yield batch["x"], batch["y"]
+            for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
+                                                  prefetch_batches=cfg.ray.prefetch_batches, device=state.device):
+                yield step, batch["x"], batch["y"]
+                step += 1
 
-    if buffer <= 0:
-        yield from epochs()
-        return
-    import queue
-    import threading
+    def prepare(item):
+        step, x_1, y = item
+        y = _training_labels(job, state, y, step)
+        if not ahead:
+            return step, x_1, y, None
+        return step, x_1, y, pair_step(state.method, x_1, y, generator(cfg.train.seed, state.rank, step,
+                                                                        device=state.device))
 
-    ready: queue.Queue = queue.Queue(maxsize=buffer)
-
-    def read() -> None:
-        try:
-            for item in epochs():
-                ready.put(item)
-        except BaseException as err:  # handed to the training loop, which raises it
-            ready.put(err)
-
-    threading.Thread(target=read, name="flowray-batch-reader", daemon=True).start()
-    while True:
-        item = ready.get()
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    return read_ahead(numbered(), prepare, cfg.data.buffer_batches)
 
 
 def _maybe_inject_fault(job: TrainJob, state: WorkerState) -> None:
@@ -290,13 +288,13 @@ def _maybe_inject_fault(job: TrainJob, state: WorkerState) -> None:
         raise RuntimeError(f"injected failure (train.fail_at_step={state.step + 1}) on rank {state.rank}")
 
 
-def _training_labels(job: TrainJob, state: WorkerState, y: torch.Tensor) -> torch.Tensor | None:
+def _training_labels(job: TrainJob, state: WorkerState, y: torch.Tensor, step: int) -> torch.Tensor | None:
     """Labels for a class-conditional model, replaced by the null class with probability label_dropout (for
     classifier-free guidance); None for an unconditional one."""
     num_classes = job.model_kwargs.get("num_classes")
     if num_classes is None:
         return None
-    g = generator(job.config.train.seed, state.rank, state.step, LABEL_STREAM)
+    g = generator(job.config.train.seed, state.rank, step, LABEL_STREAM)
     drop = torch.rand(y.shape, generator=g).to(state.device)
     return torch.where(drop < job.config.model.label_dropout, torch.full_like(y, num_classes), y)
 

@@ -71,3 +71,42 @@ def test_a_run_of_non_finite_steps_stops_training_naming_the_limit():
     with pytest.raises(TrainingError, match=r"3 non-finite losses in a row at step 42 \(train.max_nonfinite=3\)"):
         _count_nonfinite(state, bad, limit=3)
     assert state.nonfinite_total == 4
+
+
+@pytest.mark.parametrize("name", ["otcfm", "sbcfm", "fm_ot"])
+@pytest.mark.parametrize("buffer", [0, 3])
+def test_pairing_ahead_of_the_step_trains_exactly_as_pairing_in_it(name, buffer):
+    from fm.seeding import generator
+    from fm.training import pair_step, read_ahead
+
+    data = [torch.randn(32, 2, generator=generator(7, k)) + 2 for k in range(6)]
+
+    def fresh():
+        torch.manual_seed(0)
+        model = MLP(2, 32, 2)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2), make_method(name)
+
+    model_a, opt_a, method_a = fresh()
+    losses_a = [train_step(model_a, method_a, opt_a, x_1, None, generator(0, 0, step)).loss
+                for step, x_1 in enumerate(data)]
+    model_b, opt_b, method_b = fresh()
+    ahead = read_ahead(enumerate(data), lambda item: pair_step(method_b, item[1], None, generator(0, 0, item[0])),
+                       buffer)
+    losses_b = [train_step(model_b, method_b, opt_b, pairs.x_1, None, None, pairs=pairs).loss for pairs in ahead]
+    assert losses_a == losses_b
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_read_ahead_raises_the_threads_error_in_order():
+    from fm.training import read_ahead
+
+    def fn(k):
+        if k == 3:
+            raise ValueError("bad item 3")
+        return k * 10
+
+    out = read_ahead(iter(range(6)), fn, buffer=2)
+    assert [next(out) for _ in range(3)] == [0, 10, 20]
+    with pytest.raises(ValueError, match="bad item 3"):
+        next(out)
