@@ -19,7 +19,7 @@ from pathlib import Path
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--buffer", type=int, default=32)
+    p.add_argument("--buffer", type=int, default=96)
     args = p.parse_args()
 
     import ray

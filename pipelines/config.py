@@ -32,7 +32,7 @@ class DataConfig:
     hflip: bool = False  # random horizontal flips in preprocessing
     cache: bool = False  # keep the raw rows in Ray's object store after the first read (small data sets)
     repeat: int = 1  # passes over the data per Ray Data epoch (amortises the per-epoch start-up)
-    buffer_batches: int = 32  # steps a worker's reader thread keeps ready (read and paired), across epoch boundaries
+    buffer_batches: int = 96  # steps a worker's reader thread keeps ready (read and paired), across epoch boundaries
 
 
 @dataclass
