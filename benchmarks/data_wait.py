@@ -1,11 +1,15 @@
-"""Data wait of a whole training run, epoch boundaries included: the reader thread's buffer against none.
+"""Data wait of a whole training run, epoch boundaries included: the reader thread's buffer against none; and
+OT-CFM's step against I-CFM's in the same pipeline.
 
-    python -m benchmarks.data_wait [--steps 600] [--buffer 32]
+    python -m benchmarks.data_wait [--steps 600] [--buffer 96]
+    python -m benchmarks.data_wait --methods icfm,otcfm [--steps 600] [--buffer 96]
 
 Trains `configs/digits-cpu.yaml` (2 workers, global batch 128, 20 passes per Ray Data epoch, so 600 steps cross two
 epoch boundaries) twice in one local Ray: with `data.buffer_batches=BUFFER` and with 0 (the stream read in the
 training loop, as before). Reports each run's data-wait fraction over every step after the first
 (`data_wait_fraction_run`), the first step's wait (the stream's start-up, apart) and the training wall time.
+With --methods, one run per method at the given buffer, and each run's mean throughput over its logging windows
+after the first (from MLflow), as step time per global batch.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--buffer", type=int, default=96)
+    p.add_argument("--methods", default=None, help="comma-separated methods to compare at --buffer")
     args = p.parse_args()
-
     import ray
+    from mlflow.tracking import MlflowClient
 
     from pipelines.config import load_config
     from pipelines.ingest import ingest
@@ -33,15 +38,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ingest("digits", Path(tmp) / "digits", shards=2)
         init_ray()
-        for buffer in (args.buffer, 0):
+        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        runs = [(m, args.buffer) for m in args.methods.split(",")] if args.methods else \
+            [("fm_ot", args.buffer), ("fm_ot", 0)]
+        for method, buffer in runs:
             cfg = load_config("configs/digits-cpu.yaml", [
                 f"data.shards={Path(tmp) / 'digits'}", f"train.steps={args.steps}", f"data.buffer_batches={buffer}",
-                f"train.storage_path={Path(tmp) / 'runs'}", f"train.run_name=buffer-{buffer}", "train.sample_every=0",
-                f"mlflow.tracking_uri=sqlite:///{Path(tmp) / 'mlflow.db'}", "mlflow.experiment=bench"])
+                f"train.storage_path={Path(tmp) / 'runs'}", f"train.run_name={method}-buffer-{buffer}",
+                "train.sample_every=0", f"method.name={method}", f"mlflow.tracking_uri={uri}",
+                "mlflow.experiment=bench"])
             res = run_training(cfg)
             m = res["metrics"]
-            rows.append({"buffer_batches": buffer, "data_wait_fraction_run": round(m["data_wait_fraction_run"], 4),
-                         "data_startup_s": round(m["data_startup_s"], 2), "training_wall_s": res["wall_s"]})
+            ips = [x.value for x in MlflowClient(uri).get_metric_history(res["run_id"], "images_per_s")][1:]
+            global_batch = cfg.train.batch_size * cfg.ray.num_workers
+            rows.append({"method": method, "buffer_batches": buffer,
+                         "data_wait_fraction_run": round(m["data_wait_fraction_run"], 4),
+                         "data_startup_s": round(m["data_startup_s"], 2), "training_wall_s": res["wall_s"],
+                         "mean_images_per_s": round(sum(ips) / len(ips), 1),
+                         "step_ms": round(1e3 * global_batch * len(ips) / sum(ips), 2)})
         ray.shutdown()
     print(json.dumps({"steps": args.steps, "rows": rows}, indent=1))
 
