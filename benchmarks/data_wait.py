@@ -2,7 +2,7 @@
 OT-CFM's step against I-CFM's in the same pipeline.
 
     python -m benchmarks.data_wait [--steps 600] [--buffer 96]
-    python -m benchmarks.data_wait --methods icfm,otcfm [--steps 600] [--buffer 96]
+    python -m benchmarks.data_wait --methods icfm,otcfm [--steps 600] [--buffer 96] [--set method.ot_scope=global]
 
 Trains `configs/digits-cpu.yaml` (2 workers, global batch 128, 20 passes per Ray Data epoch, so 600 steps cross two
 epoch boundaries) twice in one local Ray: with `data.buffer_batches=BUFFER` and with 0 (the stream read in the
@@ -25,6 +25,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--buffer", type=int, default=96)
     p.add_argument("--methods", default=None, help="comma-separated methods to compare at --buffer")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a config override for every run, e.g. method.ot_scope=global")
     args = p.parse_args()
     import ray
     from mlflow.tracking import MlflowClient
@@ -46,7 +48,7 @@ def main() -> None:
                 f"data.shards={Path(tmp) / 'digits'}", f"train.steps={args.steps}", f"data.buffer_batches={buffer}",
                 f"train.storage_path={Path(tmp) / 'runs'}", f"train.run_name={method}-buffer-{buffer}",
                 "train.sample_every=0", f"method.name={method}", f"mlflow.tracking_uri={uri}",
-                "mlflow.experiment=bench"])
+                "mlflow.experiment=bench", *args.overrides])
             res = run_training(cfg)
             m = res["metrics"]
             ips = [x.value for x in MlflowClient(uri).get_metric_history(res["run_id"], "images_per_s")][1:]

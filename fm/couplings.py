@@ -171,10 +171,13 @@ class GlobalOTCoupling(Coupling):
     Every rank gathers x_0, x_1 (and y) from all ranks, rank 0 solves one plan over the W*B pairs, the
     permutation is broadcast, and each rank keeps its own x_0 rows with their globally matched x_1 partners.
     Outside an initialised process group it is exactly `ExactOTCoupling`.
+
+    `group`: a process group of its own (gloo) for the gathers, so that the pairing can run in a thread beside the
+    training step's gradient all-reduce on the default group; its collectives go through CPU copies.
     """
 
-    def __init__(self):
-        self._local = ExactOTCoupling()
+    def __init__(self, group=None):
+        self._local, self.group = ExactOTCoupling(), group
 
     def __call__(self, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -186,24 +189,27 @@ class GlobalOTCoupling(Coupling):
             return out
         check_pair(x_0, x_1)
         world, rank, b = dist.get_world_size(), dist.get_rank(), x_0.shape[0]
-        all_x0, all_x1 = _all_gather(x_0, world), _all_gather(x_1, world)
-        all_y = _all_gather(y, world) if y is not None else None
+        device = x_0.device
+        if self.group is not None:  # the group's collectives take CPU tensors
+            x_0, x_1, y = x_0.cpu(), x_1.cpu(), (None if y is None else y.cpu())
+        all_x0, all_x1 = _all_gather(x_0, world, self.group), _all_gather(x_1, world, self.group)
+        all_y = _all_gather(y, world, self.group) if y is not None else None
         j = torch.empty(world * b, dtype=torch.long, device=x_0.device)
         start = time.perf_counter()
         if rank == 0:
             _, j = self._local.plan_indices(all_x0, all_x1)
             j = j.to(x_0.device)
-        dist.broadcast(j, src=0)
+        dist.broadcast(j, src=0, group=self.group)
         self.last_solve_seconds = time.perf_counter() - start
         mine = j[rank * b : (rank + 1) * b]
-        return x_0, all_x1[mine], (None if all_y is None else all_y[mine])
+        return x_0.to(device), all_x1[mine].to(device), (None if all_y is None else all_y[mine].to(device))
 
 
-def _all_gather(x: Tensor, world: int) -> Tensor:
+def _all_gather(x: Tensor, world: int, group=None) -> Tensor:
     import torch.distributed as dist
 
     parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts)
 
 

@@ -163,7 +163,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     wait_total = time_total = 0.0
     while state.step < t.steps:
         t_start = time.perf_counter()
-        step, x_1, y, pairs = next(batches)
+        step, pairs = next(batches)
         t_data = time.perf_counter() - t_start
         if step != state.step:  # the reader numbers batches from the step the worker started at
             raise RuntimeError(f"internal: the batch of step {step} arrived at step {state.step}")
@@ -171,13 +171,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for group in state.optimizer.param_groups:
             group["lr"] = lr_at(state.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule,
                                 cfg.optim.decay_steps or t.steps, cfg.optim.min_lr, cfg.optim.power)
-        g = pairs.generator if pairs else generator(t.seed, state.rank, state.step, device=state.device)
-        res = train_step(state.ddp_model, state.method, state.optimizer, x_1, y, g, cfg.optim.grad_clip,
-                         torch.bfloat16 if state.device.type == "cuda" else None, pairs)
+        res = train_step(state.ddp_model, state.method, state.optimizer, pairs.x_1, pairs.y, pairs.generator,
+                         cfg.optim.grad_clip, torch.bfloat16 if state.device.type == "cuda" else None, pairs)
         _count_nonfinite(state, res, t.max_nonfinite)
         state.step += 1
         t_total = time.perf_counter() - t_start
-        window.add(res, t_data, t_total, pairs.solve_seconds if pairs else state.method.coupling.last_solve_seconds)
+        window.add(res, t_data, t_total, pairs.solve_seconds)
         if state.step == start_step + 1:  # the stream's start-up, apart from the waits of a running stream
             state.last_metrics["data_startup_s"] = t_data
         else:
@@ -242,20 +241,26 @@ def _rank0_logger(job: TrainJob, state: WorkerState) -> SafeLogger | None:
 
 
 def _steps(job: TrainJob, state: WorkerState, shard):
-    """Endless (step, x_1, y, pairs) from this worker's dataset shard, epoch after epoch, numbered from the step the
+    """Endless (step, pairs) from this worker's dataset shard, epoch after epoch, numbered from the step the
     worker starts at.
 
     A reader thread (`fm.training.read_ahead`) keeps up to `data.buffer_batches` steps ready: it starts the next
     Ray Data epoch as soon as the last one is read, so an epoch's start-up is spent while the model trains on the
     buffered batches, and it draws each step's labels, noise and pairing (`pair_step`, from the step's own seed) so
-    that minibatch OT is solved while the previous steps compute. A coupling over the global batch of all ranks
-    needs collectives, so it is solved in the step instead (pairs is None).
+    that minibatch OT is solved while the previous steps compute. The plan over the global batch of all ranks
+    gathers on a gloo process group of its own, so that its collectives in the reader threads never interleave
+    with the gradient all-reduce of the steps (every rank's reader pairs the steps in the same order).
     """
     from fm.couplings import GlobalOTCoupling
     from fm.training import pair_step, read_ahead
 
     cfg = job.config
-    ahead = not isinstance(state.method.coupling, GlobalOTCoupling)
+    method = state.method
+    if isinstance(method.coupling, GlobalOTCoupling) and state.world > 1:
+        import torch.distributed as dist
+
+        method = make_method(**method_kwargs(cfg))
+        method.coupling.group = dist.new_group(backend="gloo")  # every rank creates it here, in the same order
 
     def numbered():
         step = state.step
@@ -268,10 +273,7 @@ def _steps(job: TrainJob, state: WorkerState, shard):
     def prepare(item):
         step, x_1, y = item
         y = _training_labels(job, state, y, step)
-        if not ahead:
-            return step, x_1, y, None
-        return step, x_1, y, pair_step(state.method, x_1, y, generator(cfg.train.seed, state.rank, step,
-                                                                        device=state.device))
+        return step, pair_step(method, x_1, y, generator(cfg.train.seed, state.rank, step, device=state.device))
 
     return read_ahead(numbered(), prepare, cfg.data.buffer_batches)
 

@@ -24,6 +24,19 @@ def _worker(rank, world, port, x_0, x_1, y, out):
     sl = slice(rank * b, (rank + 1) * b)
     p_0, p_1, p_y = GlobalOTCoupling()(x_0[sl], x_1[sl], y[sl])
     out[rank] = (p_0, p_1, p_y)
+    # the same plan on a gloo group of its own, in a thread, while the main thread all-reduces on the default group
+    import threading
+
+    group, ahead = dist.new_group(backend="gloo"), {}
+    thread = threading.Thread(target=lambda: ahead.update(
+        pairs=GlobalOTCoupling(group)(x_0[sl], x_1[sl], y[sl])))
+    thread.start()
+    grads = [torch.full((1000,), float(rank)) for _ in range(20)]
+    for grad in grads:
+        dist.all_reduce(grad)
+    thread.join()
+    out[f"ahead{rank}"] = ahead["pairs"]
+    out[f"reduced{rank}"] = all(torch.equal(grad, torch.full((1000,), 1.0)) for grad in grads)
     dist.destroy_process_group()
 
 
@@ -41,3 +54,7 @@ def test_global_ot_equals_one_solve_on_the_joined_batch():
     torch.testing.assert_close(joined_1, ref_1)
     assert torch.equal(joined_y, ref_y)
     torch.testing.assert_close(torch.cat([out[r][0] for r in range(world)]), x_0)
+    for r in range(world):
+        assert out[f"reduced{r}"]
+        for a, b in zip(out[f"ahead{r}"], out[r], strict=True):
+            assert torch.equal(a, b)
