@@ -18,7 +18,8 @@ POLL_S = 0.5  # how often the driver and the process tree are looked at
 GRACE_S = 3.0  # SIGTERM first; SIGKILL what is still there after this
 
 
-def _alive(p: psutil.Process) -> bool:
+def alive(p: psutil.Process) -> bool:
+    """Running and not a zombie."""
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -30,7 +31,7 @@ def _tree(roots: dict[int, psutil.Process]) -> dict[int, psutil.Process]:
     reused by an unrelated process is never mistaken for one of Ray's)."""
     found: dict[int, psutil.Process] = {}
     for p in roots.values():
-        if not _alive(p):
+        if not alive(p):
             continue
         found[p.pid] = p
         try:
@@ -42,7 +43,7 @@ def _tree(roots: dict[int, psutil.Process]) -> dict[int, psutil.Process]:
 
 def stop(processes: list[psutil.Process], grace: float = GRACE_S) -> list[str]:
     """SIGTERM, wait up to `grace` seconds, SIGKILL the rest. Returns "name(pid)" of each process stopped."""
-    live = [p for p in processes if _alive(p)]
+    live = [p for p in processes if alive(p)]
     names = []
     for p in live:
         try:
@@ -71,11 +72,11 @@ def watch(driver_pid: int, root_pids: list[int], poll: float = POLL_S) -> list[s
             pass
     known = _tree(roots)
     while known:
-        if not _alive(driver):
+        if not alive(driver):
             known.update(_tree(known))  # the orphans: children started since the last look included
             return stop(list(known.values()))
         time.sleep(poll)
-        known = {**{pid: p for pid, p in known.items() if _alive(p)}, **_tree(roots)}
+        known = {**{pid: p for pid, p in known.items() if alive(p)}, **_tree(roots)}
     return []  # Ray was shut down normally
 
 

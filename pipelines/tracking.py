@@ -4,6 +4,7 @@ sends in the background, so that a tracking outage neither crashes nor stalls a 
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -168,8 +169,6 @@ class SafeLogger:
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> bool:
         """Queue a file or folder; it is copied first, so the caller may delete it at once."""
-        import shutil
-
         src = Path(path)
         if self._spool is None:
             self._spool = Path(tempfile.mkdtemp(prefix="flowray-mlflow-spool-"))
@@ -202,8 +201,6 @@ class SafeLogger:
                           f"({len(left) + in_flight} record(s) still queued when closed after {timeout:.0f} s, "
                           f"{self.failures} refused)", RuntimeWarning, stacklevel=2)
         if self._spool is not None and not in_flight:
-            import shutil
-
             shutil.rmtree(self._spool, ignore_errors=True)
         return not left and not in_flight and self.failures == 0 and self.lost_points == 0
 
@@ -230,8 +227,6 @@ class SafeLogger:
         with self._cond:
             self.lost_points += record.points
         if record.spool is not None:
-            import shutil
-
             shutil.rmtree(record.spool, ignore_errors=True)
 
     def _run(self) -> None:
@@ -254,8 +249,6 @@ class SafeLogger:
             try:
                 record.send(self.client)
                 if record.spool is not None:
-                    import shutil
-
                     shutil.rmtree(record.spool, ignore_errors=True)
                 return
             except Exception as err:  # tracking must never kill training
@@ -286,9 +279,6 @@ def log_final_model(uri: str, run_id: str, checkpoint: str, register_as: str | N
     the checkpoint files as its extra files, so `models:/NAME/VERSION` rebuilds it with `weights_only=True`. With
     `register_as`, the model is registered under that name. Tracking errors warn and return what was done.
     """
-    import shutil
-    import tempfile
-
     from pipelines.checkpoint import META, load_model
 
     out: dict = {"mlflow_model": None, "registered_model": None}
@@ -344,7 +334,6 @@ def resolve_checkpoint(spec: str, uri: str, cache: str | Path = "outputs/checkpo
 
     if spec.startswith("models:/"):
         import re
-        import shutil
 
         from mlflow.artifacts import download_artifacts
 

@@ -160,7 +160,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger = _rank0_logger(job, state)
     batches = _steps(job, state, ray.train.get_dataset_shard("train"))
     window, started, start_step = MetricWindow(), time.perf_counter(), state.step
-    wait_total = time_total = 0.0
+    wait_total = time_total = startup = 0.0
     while state.step < t.steps:
         t_start = time.perf_counter()
         step, pairs = next(batches)
@@ -171,18 +171,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for group in state.optimizer.param_groups:
             group["lr"] = lr_at(state.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule,
                                 cfg.optim.decay_steps or t.steps, cfg.optim.min_lr, cfg.optim.power)
-        res = train_step(state.ddp_model, state.method, state.optimizer, pairs.x_1, pairs.y, pairs.generator,
-                         cfg.optim.grad_clip, torch.bfloat16 if state.device.type == "cuda" else None, pairs)
+        res = train_step(state.ddp_model, state.method, state.optimizer, pairs.x_1, grad_clip=cfg.optim.grad_clip,
+                         autocast_dtype=torch.bfloat16 if state.device.type == "cuda" else None, pairs=pairs)
         _count_nonfinite(state, res, t.max_nonfinite)
         state.step += 1
         t_total = time.perf_counter() - t_start
         window.add(res, t_data, t_total, pairs.solve_seconds)
         if state.step == start_step + 1:  # the stream's start-up, apart from the waits of a running stream
-            state.last_metrics["data_startup_s"] = t_data
+            startup = t_data
         else:
             wait_total, time_total = wait_total + t_data, time_total + t_total
         if state.step % t.log_every == 0 or state.step == t.steps:
-            startup = state.last_metrics.get("data_startup_s", 0.0)
             state.last_metrics = window.metrics(t.batch_size * state.world, state.optimizer.param_groups[0]["lr"],
                                                 state.nonfinite_total)
             # over every step of this attempt after the first, epoch boundaries included
@@ -394,13 +393,14 @@ def run_training(cfg: Config) -> dict:
                                                "flowray.data": manifest.data.source,
                                                "flowray.storage": str(run_dir)},
                                          resume=run_dir.exists())
-    if resumed:
-        _check_resume_checkpoint(run_dir)
+    previous = _registered_checkpoints(run_dir) if resumed else None
+    if previous is not None:
+        _check_resume_checkpoint(previous)
     init_ray(cfg.ray.address, cfg.ray.local_cpus)
     from pipelines.train_logging import CheckpointedMetrics, replay_windows
 
-    if resumed:
-        replay_windows(uri, run_id, run_dir)
+    if previous is not None:
+        replay_windows(uri, run_id, previous)
     job = TrainJob(cfg, model_kwargs(cfg, manifest.data), manifest.data, uri, run_id,
                    str(run_dir / f".fault_injected_step_{cfg.train.fail_at_step}"), is_verbose())
     trainer = TorchTrainer(
@@ -436,17 +436,23 @@ def run_training(cfg: Config) -> dict:
     }
 
 
-def _check_resume_checkpoint(run_dir: Path) -> None:
+def _registered_checkpoints(run_dir: Path):
+    """Ray Train's record of the checkpoints a run has registered (a `ray.train.Result`), read once before a resumed
+    run starts; None when the run never registered one."""
+    if not (run_dir / "checkpoint_manager_snapshot.json").exists():
+        return None
+    from ray.train import Result
+
+    return Result.from_path(str(run_dir))
+
+
+def _check_resume_checkpoint(previous) -> None:
     """The checkpoint a resumed run will start from (Ray's latest registered one) is whole, before Ray starts."""
     from pipelines.checkpoint import check_files
 
-    if (run_dir / "checkpoint_manager_snapshot.json").exists():
-        from ray.train import Result
-
-        latest = Result.from_path(str(run_dir)).checkpoint
-        if latest is not None:
-            load_meta(latest.path)
-            check_files(latest.path)
+    if previous.checkpoint is not None:
+        load_meta(previous.checkpoint.path)
+        check_files(previous.checkpoint.path)
 
 
 def _resources(cfg: Config) -> dict:

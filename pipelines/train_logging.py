@@ -11,7 +11,6 @@ while windows wait in its queue, the next run sends the missing ones from Ray's 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from ray.train import UserCallback
 
@@ -51,15 +50,11 @@ class CheckpointedMetrics(UserCallback):
             self._logger = None
 
 
-def replay_windows(uri: str, run_id: str, run_dir: Path, timeout: float = 60.0) -> int:
-    """Before a run resumes: send the windows of its registered checkpoints that MLflow does not hold yet (those
-    above the last step it has). Returns how many windows the checkpoints hold."""
-    from ray.train import Result
-
-    if not (run_dir / "checkpoint_manager_snapshot.json").exists():
-        return 0
+def replay_windows(uri: str, run_id: str, previous, timeout: float = 60.0) -> int:
+    """Before a run resumes: send the windows of its registered checkpoints (`previous`, a `ray.train.Result`) that
+    MLflow does not hold yet (those above the last step it has). Returns how many windows the checkpoints hold."""
     windows = []
-    for _, metrics in Result.from_path(str(run_dir)).best_checkpoints:
+    for _, metrics in previous.best_checkpoints:
         windows += [(int(step), values) for step, values in (metrics or {}).get(WINDOWS, [])]
     if windows:
         logger = SafeLogger(uri, run_id)

@@ -62,3 +62,52 @@ def listening_addresses(pids: set[int]) -> set[tuple[str, int, str]]:
 
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def wait_until_healthy(url: str, proc, what: str, timeout: float = 90.0) -> None:
+    """Poll `url`/health until it answers; past `timeout`, kill `proc` and fail the test."""
+    import time
+    import urllib.request
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"{what} did not come up in {timeout:.0f} s")
+            time.sleep(0.5)
+
+
+def start_mlflow_server(port: int, store: Path):
+    """A real `mlflow server` on 127.0.0.1:`port` over `store`/server.db (in a session of its own, so that
+    `kill_tree` reaches its workers); returns the process once it answers."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{store / 'server.db'}",
+                             "--artifacts-destination", str(store / "server-artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_until_healthy(f"http://127.0.0.1:{port}", proc, "mlflow server")
+    return proc
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL a process and every descendant (a server and its workers), by PID."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)

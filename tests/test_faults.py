@@ -14,10 +14,11 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
-from pipeline_helpers import free_port, make_checkpoint, tiny_config
+from pipeline_helpers import free_port, kill_tree, make_checkpoint, start_mlflow_server, tiny_config
 
 from pipelines.checkpoint import load_meta
 from pipelines.ingest import ingest
+from pipelines.reaper import alive
 from pipelines.sample import SampleConfig, run_sampling
 from pipelines.train import run_training
 
@@ -31,13 +32,6 @@ def digits(tmp_path_factory):
     return out
 
 
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def _ray_processes(title: str) -> list[psutil.Process]:
     """Ray worker processes whose title (Ray rewrites argv) names the actor class, e.g. RayTrainWorker."""
     found = []
@@ -48,8 +42,9 @@ def _ray_processes(title: str) -> list[psutil.Process]:
     return found
 
 
-def _kill_when(ready, title: str, timeout: float = 300.0) -> dict:
-    """In a thread: once ready() holds, SIGKILL one process titled `title`; the result says which, and when."""
+def _when(ready, title: str, act, timeout: float = 300.0) -> dict:
+    """In a thread: once ready() holds and a process titled `title` runs, `act(process)`; the dict it returns is
+    the result (with the thread under "thread")."""
     out: dict = {}
 
     def run():
@@ -57,15 +52,23 @@ def _kill_when(ready, title: str, timeout: float = 300.0) -> dict:
         while time.monotonic() < deadline:
             procs = _ray_processes(title) if ready() else []
             if procs:
-                out["pid"], out["time"] = procs[0].pid, time.time()
-                os.kill(procs[0].pid, signal.SIGKILL)
+                out.update(act(procs[0]))
                 return
             time.sleep(0.05)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    out["thread"] = thread
+    out["thread"] = threading.Thread(target=run, daemon=True)
+    out["thread"].start()
     return out
+
+
+def _kill_when(ready, title: str) -> dict:
+    """Once ready() holds, SIGKILL one process titled `title`."""
+
+    def kill(proc):
+        os.kill(proc.pid, signal.SIGKILL)
+        return {"pid": proc.pid}
+
+    return _when(ready, title, kill)
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -182,7 +185,7 @@ def test_a_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(digits, tmp
             killed_at = time.monotonic()
             driver.send_signal(signal.SIGKILL)
             driver.wait()
-            _wait_for(lambda: not any(_alive(p) for p in ray_procs), 10, "Ray's processes to stop")
+            _wait_for(lambda: not any(alive(p) for p in ray_procs), 10, "Ray's processes to stop")
             gone_after = time.monotonic() - killed_at
         finally:
             driver.kill()
@@ -196,42 +199,10 @@ def test_a_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(digits, tmp
     assert [s for s, _ in _history(MlflowClient(uri), result["run_id"], "loss")] == list(range(5, 61, 5))
 
 
-def _mlflow_server(port: int, store: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{store / 'server.db'}",
-                             "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    import urllib.request
-
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    pytest.fail("mlflow server did not come up in 90 s")
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the server and its gunicorn/uvicorn workers, by PID."""
-    try:
-        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-
-
 def test_the_mlflow_server_killed_mid_run_loses_nothing_and_holds_nothing_back(digits, tmp_path):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = _mlflow_server(port, tmp_path)
+    server = start_mlflow_server(port, tmp_path)
     run_dir = tmp_path / "runs" / "outage"
     cmd = _train_command(digits, tmp_path / "runs", uri, "outage", "train.steps=100", "train.checkpoint_every=5",
                          "train.log_every=5", "train.num_to_keep=100")
@@ -240,17 +211,17 @@ def test_the_mlflow_server_killed_mid_run_loses_nothing_and_holds_nothing_back(d
         with open(log, "w") as err:
             driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
             _wait_for(lambda: len(_checkpoints(run_dir)) >= 1, 300, "the first checkpoint", driver, log)
-            _kill_tree(server)
+            kill_tree(server)
             down_at, checkpoints_at_kill = time.time(), len(_checkpoints(run_dir))
             time.sleep(20)  # the outage
             checkpoints_in_outage = len(_checkpoints(run_dir)) - checkpoints_at_kill
-            server = _mlflow_server(port, tmp_path)  # the same store, back on the same port
+            server = start_mlflow_server(port, tmp_path)  # the same store, back on the same port
             up_at = time.time()
             stdout, _ = driver.communicate(timeout=400)
         assert driver.returncode == 0, log.read_text()[-3000:]
     finally:
-        _kill_tree(server)
-        server = _mlflow_server(port, tmp_path)
+        kill_tree(server)
+        server = start_mlflow_server(port, tmp_path)
     try:
         result = json.loads(stdout.strip().splitlines()[-1])
         client = MlflowClient(uri)
@@ -262,7 +233,7 @@ def test_the_mlflow_server_killed_mid_run_loses_nothing_and_holds_nothing_back(d
         run = client.get_run(result["run_id"])
         assert run.info.status == "FINISHED" and run.data.metrics["tracking_lost_points"] == 0
     finally:
-        _kill_tree(server)
+        kill_tree(server)
 
 
 def test_reaper_unit_stops_an_orphaned_tree(tmp_path):
@@ -278,11 +249,11 @@ def test_reaper_unit_stops_an_orphaned_tree(tmp_path):
     reaper = subprocess.Popen([sys.executable, "-m", "pipelines.reaper", str(driver.pid), str(child[0].pid)],
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     time.sleep(1)
-    assert all(_alive(p) for p in tree)  # nothing is touched while the driver lives
+    assert all(alive(p) for p in tree)  # nothing is touched while the driver lives
     driver.kill()
     driver.wait()
     _, err = reaper.communicate(timeout=15)
-    assert not any(_alive(p) for p in tree)
+    assert not any(alive(p) for p in tree)
     assert f"driver {driver.pid} died without shutting down its local Ray; stopped 2 processes" in err
 
 
@@ -322,26 +293,17 @@ def _node_of(pid: int, nodes) -> object:
     raise AssertionError(f"process {pid} belongs to no worker node")
 
 
-def _remove_node_when(cluster, nodes, ready, title: str, timeout: float = 300.0) -> dict:
-    """In a thread: once ready() holds, kill (SIGKILL, no grace) the worker node running a process titled
-    `title`: its raylet, object store and every worker on it."""
-    out: dict = {}
+def _remove_node_when(cluster, nodes, ready, title: str) -> dict:
+    """Once ready() holds, kill (SIGKILL, no grace) the worker node running a process titled `title`: its raylet,
+    object store and every worker on it."""
 
-    def run():
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            procs = _ray_processes(title) if ready() else []
-            if procs:
-                node = _node_of(procs[0].pid, nodes)
-                out["raylet"] = node.all_processes["raylet"][0].process.pid
-                cluster.remove_node(node, allow_graceful=False)
-                return
-            time.sleep(0.05)
+    def remove(proc):
+        node = _node_of(proc.pid, nodes)
+        raylet = node.all_processes["raylet"][0].process.pid
+        cluster.remove_node(node, allow_graceful=False)
+        return {"raylet": raylet}
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    out["thread"] = thread
-    return out
+    return _when(ready, title, remove)
 
 
 def test_a_worker_node_killed_mid_training_resumes_on_the_nodes_that_remain(digits, tmp_path, three_nodes):

@@ -2,12 +2,10 @@
 
 import subprocess
 import sys
-import time
-import urllib.request
 
 import psutil
 import pytest
-from pipeline_helpers import LOOPBACK, free_port, listening_addresses
+from pipeline_helpers import LOOPBACK, free_port, kill_tree, listening_addresses, wait_until_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -43,19 +41,11 @@ def test_mlflow_ui_as_the_readme_starts_it_listens_on_loopback_only(tmp_path):
                            f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow ui did not come up in 90 s"
-                time.sleep(0.5)
+        wait_until_healthy(f"http://127.0.0.1:{port}", ui, "mlflow ui")
         pids = {ui.pid, *(p.pid for p in psutil.Process(ui.pid).children(recursive=True))}
         sockets = listening_addresses(pids)
         assert any(port == p for _, p, _ in sockets)
         assert {s for s in sockets if s[0] not in LOOPBACK} == set()
     finally:
-        for p in [*psutil.Process(ui.pid).children(recursive=True), psutil.Process(ui.pid)]:
-            p.kill()
+        kill_tree(ui)
         ui.wait()

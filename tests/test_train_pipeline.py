@@ -1,14 +1,11 @@
 """Ray Train integration: a real local Ray, real MLflow stores (sqlite and an `mlflow server` over HTTP)."""
 
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from pipeline_helpers import free_port, tiny_config
+from pipeline_helpers import free_port, kill_tree, start_mlflow_server, tiny_config
 
 from pipelines.checkpoint import CheckpointError, load_meta, load_model
 from pipelines.ingest import ingest
@@ -99,24 +96,9 @@ def test_without_retries_an_injected_failure_fails_the_job(digits, tmp_path, ray
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not come up in 90 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    proc = start_mlflow_server(port, tmp_path)
+    yield f"http://127.0.0.1:{port}"
+    kill_tree(proc)
 
 
 def test_logging_to_a_real_mlflow_server(digits, tmp_path, ray_cluster, mlflow_server):
