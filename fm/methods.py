@@ -6,23 +6,35 @@ named methods are presets of those parts in `METHODS`, the one place to add a me
 comparison table's labels and the table below (`methods_markdown()`, checked against the README) all read it.
 
 Every method gives a velocity field for ODE sampling and likelihood; the score model through its probability-flow
-ODE.
+ODE. Three kinds share the interface (`pair`, `loss_on_pairs`, `loss`, `velocity`, `draw_x0`):
+- "euclidean" (`Method`): noise to data in R^D;
+- "riemannian" (`RiemannianMethod`): the uniform prior to data on a manifold along geodesics (`fm.riemannian`);
+  the data's manifold is a parameter (`manifold="sphere2"`);
+- "snapshots" (`SnapshotMethod`): from the first to the last of unpaired snapshots at observed `times`, whose
+  batches carry each row's snapshot index as its label (`fm.action_matching`): Action Matching, and CFM on the
+  same snapshot pairs as its baseline.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from fm.action_matching import action_matching_loss, action_velocity, snapshot_cfm_loss, snapshot_pairs
 from fm.couplings import COUPLINGS, Coupling, IndependentCoupling
 from fm.losses import cfm_loss, dsm_loss, sample_time
+from fm.manifolds import Manifold, get_manifold
 from fm.paths import PATHS, AffinePath, CondOTScheduler, NoisyLinearPath, VPScheduler
+from fm.riemannian import rfm_loss
+from fm.seeding import SeedStack
 from fm.solvers import VelocityFn, constant_diffusion, velocity_fn, vp_diffusion
 
-__all__ = ["METHODS", "MethodPreset", "MethodParams", "Method", "make_method", "methods_markdown"]
+__all__ = ["METHODS", "MethodPreset", "MethodParams", "Method", "RiemannianMethod", "SnapshotMethod", "AnyMethod",
+           "make_method", "methods_markdown"]
 
 # sigma_1 = 0 on the VP path, where its velocity and score targets diverge: train and sample on t <= 1 - eps.
 VP_T_MAX = 1.0 - 1e-5
@@ -53,6 +65,7 @@ class MethodPreset:
     t_max: float = 1.0
     sigma: float = 0.0
     summary: str = ""
+    kind: str = "euclidean"  # or "riemannian", "snapshots" (module docstring)
 
 
 METHODS: dict[str, MethodPreset] = {
@@ -64,7 +77,18 @@ METHODS: dict[str, MethodPreset] = {
     "otcfm": MethodPreset("straight", "exact_ot", summary="OT-CFM: minibatch exact OT pairs (Tong et al. 2023)"),
     "sbcfm": MethodPreset("brownian", "entropic_ot", sigma=1.0,
                           summary="SB-CFM: entropic OT (reg = 2 sigma^2) and a Brownian bridge (Tong et al. 2023)"),
+    "rfm": MethodPreset("geodesic", "independent", kind="riemannian",
+                        summary="Riemannian FM on the data's manifold, uniform prior (Chen and Lipman 2023)"),
+    "am": MethodPreset("snapshot_interpolant", "exact_ot", "action", kind="snapshots",
+                       summary="Action Matching from unpaired snapshots (Neklyudov et al. 2022)"),
+    "snapshot_icfm": MethodPreset("snapshot_interpolant", "independent", kind="snapshots",
+                                  summary="CFM on independent pairs of consecutive snapshots (AM's baseline)"),
+    "snapshot_otcfm": MethodPreset("snapshot_interpolant", "exact_ot", kind="snapshots",
+                                   summary="CFM on minibatch-OT pairs of consecutive snapshots"),
 }
+
+# the paths of the other kinds, which the Euclidean registry `fm.paths.PATHS` does not build
+OTHER_PATHS = {"geodesic": "geodesic (manifold)", "snapshot_interpolant": "snapshot interpolant"}
 
 
 @dataclass
@@ -76,6 +100,12 @@ class Method:
     coupling: Coupling
     prediction: str = "velocity"
     t_max: float = 1.0
+    kind = "euclidean"
+    t_0 = 0.0
+
+    def draw_x0(self, seeds: SeedStack, shape: list[int] | tuple[int, ...]) -> Tensor:
+        """The starting points of sampling [len(seeds), *shape], row k from seed k alone: standard normal."""
+        return seeds.randn(shape)
 
     def loss(self, model: nn.Module, x_1: Tensor, y: Tensor | None = None,
              generator: torch.Generator | None = None) -> Tensor:
@@ -137,8 +167,101 @@ class Method:
         return velocity_fn(model, y, cfg_scale, self.prediction, path)
 
 
+class RiemannianMethod:
+    """Riemannian Flow Matching on a manifold (`fm.riemannian`): x_0 from the uniform prior, the geodesic path, a
+    model whose output is a tangent field (`fm.models.MLP` with `manifold=`)."""
+
+    kind = "riemannian"
+    prediction = "velocity"
+    t_0, t_max, t_limit = 0.0, 1.0, None
+
+    def __init__(self, name: str, manifold: Manifold, coupling: Coupling):
+        self.name, self.manifold, self.coupling = name, manifold, coupling
+
+    def draw_x0(self, seeds: SeedStack, shape: list[int] | tuple[int, ...]) -> Tensor:
+        """Uniform points on the manifold [len(seeds), D], row k from seed k alone."""
+        return torch.cat([self.manifold.random_uniform(1, g) for g in seeds.generators]).to(seeds.device)
+
+    def pair(self, x_1: Tensor, y: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        x_0 = self.manifold.random_uniform(x_1.shape[0], generator, x_1.dtype, x_1.device)
+        return self.coupling(x_0, self.manifold.projx(x_1), y, generator)
+
+    def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        return rfm_loss(model, self.manifold, x_0, x_1, y, generator)
+
+    def loss(self, model: nn.Module, x_1: Tensor, y: Tensor | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+        return self.loss_on_pairs(model, *self.pair(x_1, y, generator), generator)
+
+    def velocity(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0) -> VelocityFn:
+        return velocity_fn(model, y, cfg_scale)
+
+    @property
+    def gaussian_path(self):
+        raise ValueError(f"method {self.name!r} lives on {self.manifold.label}: it has no Gaussian path for SDE "
+                         "sampling; use an ODE solver")
+
+    def sde_diffusion(self, g: float):
+        return self.gaussian_path
+
+
+class SnapshotMethod:
+    """Action Matching, or CFM, from unpaired snapshots at observed `times` (`fm.action_matching`). A batch holds
+    rows of every snapshot with the snapshot index as label; the coupling pairs consecutive snapshots."""
+
+    kind = "snapshots"
+    t_limit = None
+
+    def __init__(self, name: str, times: list[float], coupling: Coupling, prediction: str):
+        if len(times) < 2 or any(b <= a for a, b in zip(times[:-1], times[1:], strict=True)):
+            raise ValueError(f"{name} needs at least two increasing observation times; got {times}")
+        self.name, self.coupling, self.prediction = name, coupling, prediction
+        self.times = torch.tensor([float(t) for t in times])
+        self.t_0, self.t_max = float(times[0]), float(times[-1])
+
+    def draw_x0(self, seeds: SeedStack, shape: list[int] | tuple[int, ...]) -> Tensor:
+        raise ValueError(f"method {self.name!r} starts from data of the first snapshot, not from noise")
+
+    def pair(self, x_1: Tensor, y: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(a, b, segment): rows of consecutive snapshots paired; y holds every row's snapshot index."""
+        if y is None:
+            raise ValueError(f"method {self.name!r} needs each row's snapshot index as its label")
+        start = time.perf_counter()
+        out = snapshot_pairs(x_1, y, len(self.times), generator, self.coupling)
+        self.coupling.last_solve_seconds = time.perf_counter() - start
+        return out
+
+    def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        loss = action_matching_loss if self.prediction == "action" else snapshot_cfm_loss
+        return loss(model, x_0, x_1, y, self.times, generator)
+
+    def loss(self, model: nn.Module, x_1: Tensor, y: Tensor | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+        return self.loss_on_pairs(model, *self.pair(x_1, y, generator), generator)
+
+    def velocity(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0) -> VelocityFn:
+        """grad_x s for an action, the model itself for a velocity model."""
+        return action_velocity(model) if self.prediction == "action" else velocity_fn(model)
+
+    @property
+    def gaussian_path(self):
+        raise ValueError(f"method {self.name!r} moves data between snapshots: it has no Gaussian path for SDE "
+                         "sampling; use an ODE solver")
+
+    def sde_diffusion(self, g: float):
+        return self.gaussian_path
+
+
+AnyMethod = Method | RiemannianMethod | SnapshotMethod
+
+
 def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, ot_scope: str = "local",
-                beta_min: float = 0.1, beta_max: float = 20.0) -> Method:
+                beta_min: float = 0.1, beta_max: float = 20.0, manifold: str | None = None,
+                times: list[float] | None = None) -> AnyMethod:
     """Build a method preset by name from its registered parts.
 
     Args:
@@ -147,12 +270,26 @@ def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, 
         sigma: noise of the straight-line paths (icfm, otcfm, sbcfm); None takes the preset's default.
         ot_scope: "local" (solve per worker batch) or "global" (one plan over all ranks) for exact OT couplings.
         beta_min, beta_max: the VP schedule (fm_vp, score_vp).
+        manifold: the data's manifold ("sphere2", "torus2"); required by, and only allowed for, riemannian methods.
+        times: the snapshots' observation times; required by, and only allowed for, snapshot methods.
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
     if ot_scope not in ("local", "global"):
         raise ValueError(f"unknown ot_scope {ot_scope!r}; allowed: local, global")
     preset = METHODS[name]
+    if (manifold is not None) != (preset.kind == "riemannian"):
+        raise ValueError(f"method {name!r} needs data on a manifold (allowed: rfm)" if manifold is None else
+                         f"data on the manifold {manifold!r} need a Riemannian method (rfm); {name!r} is "
+                         f"{preset.kind}")
+    if (times is not None) != (preset.kind == "snapshots"):
+        snapshot_methods = ", ".join(k for k, p in METHODS.items() if p.kind == "snapshots")
+        raise ValueError(f"method {name!r} needs snapshot data with observation times" if times is None else
+                         f"snapshot data need a snapshot method ({snapshot_methods}); {name!r} is {preset.kind}")
+    if preset.kind == "riemannian":
+        return RiemannianMethod(name, get_manifold(manifold), COUPLINGS[preset.coupling].cls())
+    if preset.kind == "snapshots":
+        return SnapshotMethod(name, list(times), COUPLINGS[preset.coupling].cls(), preset.prediction)
     params = MethodParams(sigma_min, preset.sigma if sigma is None else sigma, ot_scope, beta_min, beta_max)
     if preset.coupling == "entropic_ot" and params.sigma <= 0:
         raise ValueError(f"{name} needs sigma > 0 (entropic regularisation 2 sigma^2); got sigma={params.sigma}")
@@ -172,7 +309,9 @@ def describe(method: str, ot_scope: str = "local") -> tuple[str, str]:
     """(path label, coupling label) of a method, as the comparison table shows them; ("?", "?") if unknown."""
     if method not in METHODS:
         return "?", "?"
-    return PATHS[METHODS[method].path].label, COUPLINGS[coupling_name(method, ot_scope)].label
+    path = METHODS[method].path
+    label = OTHER_PATHS[path] if path in OTHER_PATHS else PATHS[path].label
+    return label, COUPLINGS[coupling_name(method, ot_scope)].label
 
 
 def methods_markdown() -> str:
@@ -181,7 +320,7 @@ def methods_markdown() -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, p in METHODS.items():
         path, coupling = describe(name)
-        loss = "DSM" if p.prediction == "epsilon" else "CFM"
-        sigma = str(p.sigma) if "sigma" in PATHS[p.path].params else "–"
+        loss = {"epsilon": "DSM", "action": "AM"}.get(p.prediction, "RFM" if p.kind == "riemannian" else "CFM")
+        sigma = str(p.sigma) if p.path in PATHS and "sigma" in PATHS[p.path].params else "–"
         lines.append(f"| `{name}` | {path} | {coupling} | {p.prediction} | {loss} | {sigma} | {p.summary} |")
     return "\n".join(lines)

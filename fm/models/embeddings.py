@@ -8,15 +8,16 @@ import torch
 from torch import Tensor, nn
 
 
-def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1000.0) -> Tensor:
     """Transformer-style features of t [B] in [0, 1], shape [B, dim].
 
-    t is scaled by 1000 so that the lowest frequencies still separate nearby times in [0, 1].
+    t is scaled by `scale` (1000) so that the lowest frequencies still separate nearby times in [0, 1]; a model
+    whose time derivative enters its loss (an Action Matching action) wants a small scale, i.e. smooth features.
     """
     half = dim // 2
     dtype = t.dtype if t.is_floating_point() else torch.float32
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
-    args = 1000.0 * t.to(dtype)[:, None] * freqs[None]
+    args = scale * t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -26,13 +27,13 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> T
 class TimeEmbedding(nn.Module):
     """Sinusoidal features followed by a two-layer MLP: t [B] -> [B, out_dim]."""
 
-    def __init__(self, freq_dim: int, out_dim: int):
+    def __init__(self, freq_dim: int, out_dim: int, scale: float = 1000.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.scale = freq_dim, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.freq_dim))
+        return self.mlp(sinusoidal_embedding(t, self.freq_dim, scale=self.scale))
 
 
 def check_time(x: Tensor, t: Tensor) -> Tensor:
