@@ -4,9 +4,11 @@ Training regresses a tangent field u_theta(x_t, t) onto the velocity of the geod
 x_t = exp_{x_0}(t log_{x_0}(x_1)), x_0 from the uniform prior, x_1 a data point: || u_theta - dx_t ||^2 in the
 manifold's metric (both manifolds here use the coordinates' Euclidean norm on tangent vectors).
 
-Sampling integrates dx/dt = u_theta(x, t) on the manifold: fixed-step Euler, midpoint or RK4 whose every stage is
-an exponential-map step and whose stage velocities are projected to the current point's tangent space, so the
-points stay on the manifold exactly; or any torchdiffeq solver in ambient coordinates, projected at the end.
+Sampling integrates dx/dt = u_theta(x, t) on the manifold with fixed steps: Euler along geodesics (exponential-map
+steps), or midpoint / RK4 whose stages are taken in ambient coordinates (the field is tangent off the manifold too)
+and whose every step ends with the retraction back onto the manifold (the projection method, which keeps the
+order of the Runge-Kutta scheme); or with any adaptive torchdiffeq solver in ambient coordinates, projected at the
+end.
 
 Likelihood (Riemannian change of variables): log p_1(x_1) = log p_0(x_0) - int_0^1 div_M u(x_t, t) dt. The field
 the model gives is tangent at every ambient x (its output is projected with the normal x/|x| on the sphere), so
@@ -33,7 +35,7 @@ from fm.solvers import FIXED_METHODS, SampleResult, VelocityFn, ode_sample
 __all__ = ["rfm_loss", "manifold_ode_sample", "manifold_log_likelihood", "geodesic_wasserstein2",
            "MANIFOLD_SOLVERS"]
 
-# fixed-step solvers whose every stage is an exponential-map step (number of field evaluations per step)
+# fixed-step solvers that stay on the manifold (number of field evaluations per step)
 MANIFOLD_SOLVERS = {"euler": 1, "midpoint": 2, "rk4": 4}
 
 
@@ -56,8 +58,8 @@ def manifold_ode_sample(fn: VelocityFn, manifold: Manifold, x_0: Tensor, method:
     Args:
         fn: the field fn(x [B, D], t [B]) -> tangent vectors [B, D].
         x_0: starting points on the manifold [B, D].
-        method: "euler", "midpoint" or "rk4" (exponential-map steps, `steps` of them), or any adaptive torchdiffeq
-            method (ambient coordinates, projected onto the manifold at the end; atol, rtol).
+        method: "euler" (exponential-map steps), "midpoint" or "rk4" (retracted after every step), `steps` of them;
+            or any adaptive torchdiffeq method (ambient coordinates, projected onto the manifold at the end).
     Returns:
         `SampleResult` (end points on the manifold, exact NFE, the trajectory [steps + 1, B, D] if asked).
     """
@@ -83,15 +85,16 @@ def manifold_ode_sample(fn: VelocityFn, manifold: Manifold, x_0: Tensor, method:
             t = t_0 + k * h
             k1 = f(x, t)
             if method == "euler":
-                step = k1
-            elif method == "midpoint":
-                step = manifold.proju(x, f(manifold.expmap(x, 0.5 * h * k1), t + 0.5 * h))
-            else:  # rk4: each stage's velocity is brought back to x's tangent space by projection
-                k2 = manifold.proju(x, f(manifold.expmap(x, 0.5 * h * k1), t + 0.5 * h))
-                k3 = manifold.proju(x, f(manifold.expmap(x, 0.5 * h * k2), t + 0.5 * h))
-                k4 = manifold.proju(x, f(manifold.expmap(x, h * k3), t + h))
-                step = (k1 + 2 * k2 + 2 * k3 + k4) / 6
-            x = manifold.expmap(x, h * step)
+                x = manifold.expmap(x, h * k1)  # a geodesic step
+            else:  # the stages in ambient coordinates (the field is tangent there too), then back onto the manifold
+                if method == "midpoint":
+                    step = f(x + 0.5 * h * k1, t + 0.5 * h)
+                else:
+                    k2 = f(x + 0.5 * h * k1, t + 0.5 * h)
+                    k3 = f(x + 0.5 * h * k2, t + 0.5 * h)
+                    k4 = f(x + h * k3, t + h)
+                    step = (k1 + 2 * k2 + 2 * k3 + k4) / 6
+                x = manifold.projx(x + h * step)
             if return_trajectory:
                 traj.append(x)
     return SampleResult(x, nfe, torch.stack(traj) if return_trajectory else None)
