@@ -14,7 +14,7 @@ from fm.data import sample_toy
 from fm.ema import EMA
 from fm.methods import Method
 
-__all__ = ["StepResult", "Pairs", "pair_step", "read_ahead", "train_step", "SCHEDULES", "lr_at", "fit_toy"]
+__all__ = ["StepResult", "Pairs", "pair_step", "read_ahead", "train_step", "SCHEDULES", "lr_at", "fit", "fit_toy"]
 
 T, U = TypeVar("T"), TypeVar("U")
 
@@ -128,19 +128,29 @@ def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimize
     return StepResult(loss.item(), grad_norm.item(), True)
 
 
-def fit_toy(model: nn.Module, method: Method, data: str, steps: int = 2000, batch: int = 256, lr: float = 1e-3,
-            ema_decay: float = 0.999, seed: int = 0) -> tuple[EMA, list[float]]:
-    """Train a model on a toy 2-D set in process; returns the EMA of the weights and the loss history."""
+def fit(model: nn.Module, method: Method, batch: Callable[[torch.Generator], tuple[Tensor, Tensor | None]],
+        steps: int = 2000, lr: float = 1e-3, ema_decay: float = 0.999, seed: int = 0, schedule: str = "constant",
+        warmup_steps: int | None = None) -> tuple[EMA, list[float]]:
+    """Train a model in process on batches drawn by `batch(generator) -> (x_1 [B, ...], y [B] or None)`; returns
+    the EMA of the weights and the loss history. Warm-up defaults to min(100, steps / 10) steps."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ema = EMA(model, ema_decay)
+    warmup = min(100, steps // 10) if warmup_steps is None else warmup_steps
     losses = []
     model.train()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr, min(100, steps // 10))
-        res = train_step(model, method, opt, sample_toy(data, batch, g), generator=g)
+            group["lr"] = lr_at(step, lr, warmup, schedule, steps)
+        x_1, y = batch(g)
+        res = train_step(model, method, opt, x_1, y, generator=g)
         ema.update(model)
         losses.append(res.loss)
     return ema, losses
+
+
+def fit_toy(model: nn.Module, method: Method, data: str, steps: int = 2000, batch: int = 256, lr: float = 1e-3,
+            ema_decay: float = 0.999, seed: int = 0) -> tuple[EMA, list[float]]:
+    """Train a model on a toy 2-D set in process; returns the EMA of the weights and the loss history."""
+    return fit(model, method, lambda g: (sample_toy(data, batch, g), None), steps, lr, ema_decay, seed)
