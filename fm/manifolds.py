@@ -11,6 +11,7 @@ Points are stored in the coordinates the data uses: S^d as unit vectors in R^(d+
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -220,6 +221,7 @@ class FlatTorus(Manifold):
 MANIFOLDS: dict[str, type[Manifold]] = {"sphere": Sphere, "torus": FlatTorus}
 
 
+@functools.lru_cache(maxsize=32)
 def get_manifold(spec: str) -> Manifold:
     """A manifold from its spec "sphere2" / "torus2" (name and intrinsic dimension); raises ValueError naming what
     is allowed."""

@@ -41,10 +41,16 @@ def _evaluate(a) -> dict:
     validate_eval_config(cfg)
     uri, checkpoint = tracking_and_checkpoint(a)
     result = run_evaluation(checkpoint, a.data, a.samples, cfg)
-    lik = result["likelihood"]
-    print(f"{lik['metric']}: {lik['mean']:.4f} ± {lik['stderr']:.4f} {lik['unit']} over {lik['n']} rows "
-          f"(K={lik['draws']} dequantization draws, divergence={lik['divergence']}"
-          + (f", H={lik['probes']} probes" if lik["probes"] else "") + f"; mean NFE {lik['mean_nfe']:.0f})")
+    if "transport" in result:
+        tr = result["transport"]
+        for t, w, f in zip(tr["times"], tr["w2"], tr["w2_floor"], strict=True):
+            print(f"t={t}: W2 {w:.4f} from {tr['n_start']} transported first-snapshot rows to the held-out rows; "
+                  f"floor (training rows) {f:.4f}")
+    else:
+        lik = result["likelihood"]
+        print(f"{lik['metric']}: {lik['mean']:.4f} ± {lik['stderr']:.4f} {lik['unit']} over {lik['n']} rows "
+              f"(K={lik['draws']} dequantization draws, divergence={lik['divergence']}"
+              + (f", H={lik['probes']} probes" if lik["probes"] else "") + f"; mean NFE {lik['mean_nfe']:.0f})")
     q = result.get("quality")
     if q and "fd" in q:
         floor = f"; floor {q['fd_floor']:.3f} ({q['num_floor']} held-out {q['floor_split']} images)" \
@@ -52,6 +58,9 @@ def _evaluate(a) -> dict:
         print(f"{q['fd_label']}: {q['fd']:.3f} ({q['num_samples']} samples against {q['num_reference']} "
               f"{q['reference_split']} images){floor}; KID {q['kid']:.4f} ± {q['kid_std']:.4f}; precision "
               f"{q['precision']:.3f}, recall {q['recall']:.3f} (k=3, subsets {q['pr_subset']}); {q['fid_note']}")
+    elif q and "w2_floor" in q:
+        print(f"geodesic W2 to {q['num_reference']} test rows: {q['w2']:.4f}; floor (as many training rows) "
+              f"{q['w2_floor']:.4f}")
     elif q:
         print(f"W2 to fresh data: {q['w2']:.4f}")
     if not a.no_mlflow:

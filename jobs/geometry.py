@@ -45,12 +45,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--n", type=int, default=2000, help="held-out points, samples and floor points per measurement")
+    p.add_argument("--am-methods", default=",".join(AM_METHODS), help="comma-separated, from " + ", ".join(AM_METHODS))
     p.add_argument("--out", default="outputs/geometry")
     args = p.parse_args(argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds: expected comma-separated integers; got {args.seeds!r}")
+    args.am_methods = args.am_methods.split(",")
+    for m in args.am_methods:
+        if m not in AM_METHODS:
+            p.error(f"--am-methods: unknown method {m!r}; allowed: {', '.join(AM_METHODS)}")
     for key in ("rfm_steps", "am_steps", "batch", "hidden", "n"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1; got {getattr(args, key)}")
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[geometry] rfm {name} seed {seed}: NLL {r['nll']:.3f} (entropy {entropies[name][0]:.3f}), "
                       f"W2 {r['w2']:.3f} (floor {r['w2_floor']:.3f}), {r['train_s']:.0f} s", flush=True)
     if args.part in ("am", "all"):
-        for name in AM_METHODS:
+        for name in args.am_methods:
             for seed in args.seeds:
                 r = run_am(name, seed, args)
                 am.append(r)

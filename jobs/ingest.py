@@ -5,7 +5,8 @@
                           [--test-fraction F] [--seed S] [--max-bad-fraction F]
 
 SPEC: digits | fashion-mnist[:DIR] | idx:DIR | folder:DIR | parquet:GLOB | npz:FILE | toy2d:NAME | imagenet:DIR |
-tar:GLOB. Runs on Ray Data (a local Ray, or the cluster under `ray job submit`): parts of the source are read,
+tar:GLOB | manifold:NAME (vmf-mixture on S^2, dihedral on T^2) | snapshots:NAME (rotating-gmm, translation, ou:
+unpaired samples at 5 observed times, labelled by time index). Runs on Ray Data (a local Ray, or the cluster under `ray job submit`): parts of the source are read,
 decoded, converted, resized and written as parquet shards by parallel tasks; the train/test split is by a hash of
 each row's id, so the output does not depend on the parallelism. The last stdout line is one JSON object: output
 dir, shape, counts per split, quarantined rows, mode conversions.
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
     p.add_argument("--unlabelled", action="store_true",
                    help="accept a source without labels (the manifest says unlabelled; no class conditioning)")
+    p.add_argument("--manifold", default=None,
+                   help="point rows lie on this manifold (sphere2, torus2, ...): recorded in the manifest, rows off "
+                        "it quarantined")
     add_common(p, tracking=False, overrides=False)
     a = p.parse_args(argv)
     return run_job("ingest", a, lambda: _ingest(a))
@@ -47,7 +51,7 @@ def _ingest(a) -> dict:
 
     res = ingest(a.source, a.out, a.shards, a.test_fraction, a.seed, a.channels, a.resolution, a.max_bad_fraction,
                  transform=a.transform, parallelism=a.parallelism, max_rows_per_shard=a.max_rows_per_shard,
-                 unlabelled=a.unlabelled)
+                 unlabelled=a.unlabelled, manifold=a.manifold)
     m = res.manifest
     for q in m["quarantine"][:20]:
         print(f"quarantined {q['id']}: {q['reason']}")
@@ -56,7 +60,7 @@ def _ingest(a) -> dict:
     summary = {"out": str(res.out), "source": m["source"], "shape": m["shape"], "num_classes": m["num_classes"],
                "counts": {s: v["count"] for s, v in m["splits"].items()}, "quarantined": m["quarantined"],
                "labels": "labelled" if m["labelled"] else "unlabelled", "resized": m["resized"],
-               "conversions": m["conversions"]}
+               "conversions": m["conversions"], **{k: m[k] for k in ("manifold", "times") if k in m}}
     print(json.dumps(summary))
     return summary
 

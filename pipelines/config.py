@@ -270,10 +270,11 @@ def validate(cfg: Config) -> None:
     _check(meth.ot_scope in ("local", "global"), "method.ot_scope", meth.ot_scope, "allowed: local, global")
     _check(0 <= meth.sigma_min < 1, "method.sigma_min", meth.sigma_min, "must be in [0, 1)")
     _check(meth.sigma is None or meth.sigma >= 0, "method.sigma", meth.sigma, "must be null or >= 0")
-    try:
-        make_method(**method_kwargs(cfg))  # the parts' own checks (e.g. sbcfm needs sigma > 0)
-    except ValueError as err:
-        raise ConfigError(f"method: {err}") from None
+    if METHODS[meth.name].kind == "euclidean":  # the other kinds need the data's manifold or times (check_data)
+        try:
+            make_method(**method_kwargs(cfg))  # the parts' own checks (e.g. sbcfm needs sigma > 0)
+        except ValueError as err:
+            raise ConfigError(f"method: {err}") from None
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"allowed: {', '.join(SCHEDULES)}")
@@ -341,6 +342,12 @@ def validate_sample_config(c: SampleConfig, method: str | None = None, method_kw
     _check(c.actors >= 1, "sample.actors", c.actors, "must be >= 1")
     _check(c.cpus_per_actor > 0, "sample.cpus_per_actor", c.cpus_per_actor, "must be > 0")
     _check(c.gpus_per_actor >= 0, "sample.gpus_per_actor", c.gpus_per_actor, "must be >= 0")
+    if method in METHODS and METHODS[method].kind == "riemannian" and c.solver in FIXED_METHODS:
+        from fm.riemannian import MANIFOLD_SOLVERS
+
+        _check(c.solver in MANIFOLD_SOLVERS, "sample.solver", c.solver,
+               f"a fixed-step solver on a manifold must be one of {', '.join(MANIFOLD_SOLVERS)} (or use an "
+               "adaptive one)")
     if c.solver == "sde" and method is not None:
         try:
             make_method(**(method_kwargs or {"name": method})).sde_diffusion(c.sde_g)
@@ -424,6 +431,10 @@ def check_data(cfg: Config):
                f"{levels} levels need the image size {size} divisible by {2 ** (levels - 1)}")
     else:
         _check(cfg.model.name == "mlp", "model.name", cfg.model.name, "point data needs the mlp")
+    try:  # the method suits the data: Riemannian methods need a manifold, snapshot methods snapshots
+        make_method(**method_kwargs(cfg, manifest.data))
+    except ValueError as err:
+        raise ConfigError(f"method.name: {err} ({cfg.data.shards} holds {manifest.data.source})") from None
     if cfg.model.class_conditional:
         _check(manifest.raw.get("labelled", True) and manifest.data.num_classes > 0, "model.class_conditional",
                True, f"{cfg.data.shards} was ingested unlabelled (no classes to condition on)")
@@ -439,7 +450,13 @@ def model_kwargs(cfg: Config, data) -> dict:
     m = cfg.model
     num_classes = data.num_classes if m.class_conditional else None
     if m.name == "mlp":
-        return {"dim": int(data.shape[0]), "hidden": m.hidden, "depth": m.depth, "num_classes": num_classes}
+        kwargs = {"dim": int(data.shape[0]), "hidden": m.hidden, "depth": m.depth, "num_classes": num_classes}
+        if getattr(data, "manifold", None):
+            kwargs["manifold"] = data.manifold  # a tangent field on the data's manifold
+        if METHODS[cfg.method.name].prediction == "action":
+            # a scalar action, whose time derivative is part of its loss: smooth time features
+            kwargs.update(out_dim=1, time_scale=1.0)
+        return kwargs
     h, _, c = data.shape
     return {"image_size": h, "in_channels": c, "model_channels": m.model_channels,
             "channel_mult": list(m.channel_mult), "num_res_blocks": m.num_res_blocks,
@@ -447,9 +464,14 @@ def model_kwargs(cfg: Config, data) -> dict:
             "num_classes": num_classes}
 
 
-def method_kwargs(cfg: Config) -> dict:
-    """Arguments of `fm.methods.make_method`."""
-    return {k: v for k, v in dataclasses.asdict(cfg.method).items()}
+def method_kwargs(cfg: Config, data=None) -> dict:
+    """Arguments of `fm.methods.make_method`; with the rows' `DataSpec`, also their manifold or snapshot times."""
+    kwargs = dict(dataclasses.asdict(cfg.method))
+    if data is not None and data.manifold:
+        kwargs["manifold"] = data.manifold
+    if data is not None and data.times:
+        kwargs["times"] = list(data.times)
+    return kwargs
 
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"  # artifacts beside it in outputs/mlartifacts (never the source tree)

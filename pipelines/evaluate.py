@@ -54,8 +54,35 @@ class LikelihoodActor:
             res = bits_per_dim(fn, x.float(), draws=c.draws, generator=g, settings=settings)
             return {"id": batch["id"], "value": res.bpd.numpy(), "nfe": np.full(len(x), res.nfe)}
         x = decode_rows(batch["image"], self.data.shape, "points")
-        res = log_likelihood(fn, x, settings, g)
+        if method.kind == "riemannian":  # the Riemannian change of variables, uniform prior
+            from fm.riemannian import manifold_log_likelihood
+
+            res = manifold_log_likelihood(fn, method.manifold, x, settings, g)
+        else:
+            res = log_likelihood(fn, x, settings, g)
         return {"id": batch["id"], "value": (-res.log_p).numpy(), "nfe": np.full(len(x), res.nfe)}
+
+
+class TransportActor:
+    """Ray Data actor for snapshot methods: carries rows of the first snapshot through every observed time."""
+
+    def __init__(self, checkpoint: str, cfg: dict, data: DataSpec):
+        from pipelines.checkpoint import load_model
+
+        self.loaded = load_model(checkpoint)
+        self.cfg, self.data = EvalConfig(**cfg), data
+
+    def __call__(self, batch: dict) -> dict:
+        from fm.action_matching import transport
+
+        c, method = self.cfg, self.loaded.method
+        x = decode_rows(batch["image"], self.data.shape, "points")
+        path, nfe = transport(method.velocity(self.loaded.model), x, self.data.times, c.solver, c.steps, c.atol,
+                              c.rtol)
+        out = {"id": batch["id"], "nfe": np.full(len(x), nfe)}
+        for k, x_t in enumerate(path):
+            out[f"x_{k}"] = x_t.detach().numpy()
+        return out
 
 
 def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> dict:
@@ -168,7 +195,7 @@ def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dic
     from pipelines.sample import sample_shards
 
     if not manifest.data.is_image:
-        return _toy_quality(manifest.data, samples_dir)
+        return _toy_quality(manifest, samples_dir)
     paths, num_samples, cell_bytes = sample_shards(samples_dir)
     if cell_bytes != int(np.prod(manifest.data.shape)):
         raise EvaluationError(f"samples in {samples_dir} do not have the data's shape {manifest.data.shape}")
@@ -206,16 +233,79 @@ def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dic
     return out
 
 
-def _toy_quality(data: DataSpec, samples_dir: str) -> dict:
-    from fm.data import sample_toy
+def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> dict:
+    """Snapshot methods: the split's first-snapshot rows carried to every observed time on an actor stage; per time,
+    W2 to the split's rows of that time, beside the floor: W2 from as many training rows of that time."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
     from fm.metrics import wasserstein2
+    from pipelines.runtime import init_ray, spread, stage
+
+    times = manifest.data.times
+    held = _points_by_label(manifest, cfg.split)
+    train = _points_by_label(manifest, "train" if cfg.split != "train" else "test")
+    start_rows = held.get(0)
+    if start_rows is None or any(k not in held for k in range(len(times))):
+        raise EvaluationError(f"the {cfg.split} split of {manifest.directory} lacks rows of some observed time; "
+                              f"it has snapshots {sorted(held)} of 0..{len(times) - 1}")
+    init_ray()
+    stage(f"transporting {len(start_rows)} rows of the first snapshot through times {times} ({cfg.solver}) on "
+          f"{cfg.actors} actor(s)")
+    ds = ray.data.read_parquet(manifest.shard_paths(cfg.split)).select_columns(["id", "image", "label"])
+    ds = spread(ds.filter(expr="label == 0").select_columns(["id", "image"]), len(start_rows), cfg.batch_size,
+                cfg.actors)
+    t0 = time.perf_counter()
+    batches = list(ds.map_batches(TransportActor, fn_constructor_args=(checkpoint, asdict(cfg), manifest.data),
+                                  batch_size=cfg.batch_size, batch_format="numpy",
+                                  compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor)
+                   .iter_batches(batch_size=None))
+    wall = time.perf_counter() - t0
+    out = {"times": list(times), "n_start": len(start_rows), "wall_s": wall,
+           "mean_nfe": float(np.mean(np.concatenate([b["nfe"] for b in batches]))), "w2": [], "w2_floor": []}
+    for k in range(len(times)):
+        moved = torch.from_numpy(np.concatenate([np.stack(list(b[f"x_{k}"])) for b in batches]))
+        n = min(len(held[k]), len(train.get(k, [])))
+        out["w2"].append(wasserstein2(moved, held[k]))
+        out["w2_floor"].append(wasserstein2(train[k][:n], held[k]) if n else float("nan"))
+    return out
+
+
+def _points_by_label(manifest: Manifest, split: str) -> dict[int, torch.Tensor]:
+    """A split's point rows grouped by label (the snapshot index), each in id order."""
+    table = pa.concat_tables([pq.read_table(p, columns=["id", "image", "label"]) for p in manifest.shard_paths(split)])
+    table = table.sort_by("id")
+    x = decode_rows(table["image"].to_pylist(), manifest.data.shape, "points")
+    labels = torch.tensor(table["label"].to_pylist())
+    return {int(k): x[labels == k] for k in labels.unique()}
+
+
+def _toy_quality(manifest: Manifest, samples_dir: str) -> dict:
+    """W2 from the samples to point data: for 2-D toy sets to fresh draws of the set; on a manifold the geodesic W2
+    to the test split, beside its floor (as many training rows to the test split)."""
     from pipelines.sample import read_samples
 
+    data = manifest.data
     _, raw, _ = read_samples(samples_dir)
     x = decode_rows(raw, data.shape, "points")
-    name = data.name
+    if data.manifold:
+        from fm.manifolds import get_manifold
+        from fm.riemannian import geodesic_wasserstein2
+
+        manifold = get_manifold(data.manifold)
+        test = _points_by_label(manifest, "test")
+        test = torch.cat(list(test.values()))[:2000] if test else torch.empty(0, *data.shape)
+        train = torch.cat(list(_points_by_label(manifest, "train").values()))[: len(test)]
+        if len(test) == 0:
+            raise EvaluationError(f"{manifest.directory} has no test rows to compare the samples with")
+        return {"w2": geodesic_wasserstein2(manifold, x[: len(test)], test),
+                "w2_floor": geodesic_wasserstein2(manifold, train, test), "w2_kind": "geodesic",
+                "num_samples": len(x), "num_reference": len(test)}
+    from fm.data import sample_toy
+    from fm.metrics import wasserstein2
+
     n = min(len(x), 2000)
-    ref = sample_toy(name, n, torch.Generator().manual_seed(12345))
+    ref = sample_toy(data.name, n, torch.Generator().manual_seed(12345))
     return {"w2": wasserstein2(x[:n], ref), "num_samples": len(x)}
 
 
@@ -234,8 +324,15 @@ def run_evaluation(checkpoint: str, shards: str, samples: str | None, cfg: EvalC
         from pipelines.sample import sample_shards
 
         sample_shards(samples)  # foreign or empty sample directories fail before Ray starts (metadata only)
-    result = {"likelihood": likelihood_stage(checkpoint, manifest, cfg), "train_run_id": meta.get(
-        "mlflow_run_id"), "checkpoint_step": meta["step"], "method": meta["method"]["name"]}
+    result = {"train_run_id": meta.get("mlflow_run_id"), "checkpoint_step": meta["step"],
+              "method": meta["method"]["name"]}
+    if manifest.data.times:  # snapshot methods have no prior density: they move data from time to time
+        if samples is not None:
+            raise EvaluationError("--samples: a snapshot method is scored by carrying the data's first snapshot "
+                                  "through the observed times; it has no samples to score")
+        result["transport"] = transport_stage(checkpoint, manifest, cfg)
+        return result
+    result["likelihood"] = likelihood_stage(checkpoint, manifest, cfg)
     if samples is not None:
         result["quality"] = sample_quality(manifest, samples, cfg)
         sampling = Path(samples) / "_mlflow.json"
@@ -251,13 +348,24 @@ def log_evaluation_run(result: dict, cfg: EvalConfig, uri: str) -> str:
     run_id = start_child_run(uri, result.get("train_run_id"), "evaluate", "evaluate")
     log = SafeLogger(uri, run_id)
     log.params({f"eval.{k}": v for k, v in asdict(cfg).items()})
+    tags = {"flowray.method": result["method"], "flowray.checkpoint_step": str(result["checkpoint_step"])}
+    if "transport" in result:  # snapshot methods: W2 and its floor at every observed time, and the worst ratio
+        tr = result["transport"]
+        metrics = {"transport_nfe": tr["mean_nfe"], "w2_ratio_max": max(
+            w / f for w, f in zip(tr["w2"][1:], tr["w2_floor"][1:], strict=True))}
+        for k, (w, f) in enumerate(zip(tr["w2"], tr["w2_floor"], strict=True)):
+            metrics.update({f"w2_t{k}": w, f"w2_floor_t{k}": f})
+        tags["flowray.times"] = ",".join(str(t) for t in tr["times"])
+        log.metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=0)
+        log.tags(tags)
+        log.finish()
+        return run_id
     lik = result["likelihood"]
     metrics = {lik["metric"]: lik["mean"], f"{lik['metric']}_stderr": lik["stderr"], "likelihood_nfe": lik["mean_nfe"],
                "likelihood_images_per_s": lik["images_per_s"]}
-    tags = {"flowray.method": result["method"], "flowray.checkpoint_step": str(result["checkpoint_step"])}
     q = result.get("quality")
     if q:
-        for key in ("fd", "fid", "fd_floor", "fd_matched", "kid", "kid_std", "precision", "recall", "w2",
+        for key in ("fd", "fid", "fd_floor", "fd_matched", "kid", "kid_std", "precision", "recall", "w2", "w2_floor",
                     "classifier_test_accuracy"):
             if q.get(key) is not None:
                 metrics[key] = q[key]

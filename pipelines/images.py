@@ -47,3 +47,34 @@ def save_grid(images: torch.Tensor, path: str | Path, scale: int = 4) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[:, :, 0] if c == 1 else grid).save(path)
     return path
+
+
+def save_points_figure(panels: list[tuple[str, np.ndarray]], path: str | Path, manifold: str | None = None) -> Path:
+    """Scatter plots of point sets [N, D] side by side, one (title, points) per panel, as a PNG.
+
+    On S^2 the panels use Lambert's cylindrical equal-area projection (longitude against z = sin(latitude)), so the
+    density of dots is the density on the sphere; on T^2 the angles (phi, psi) on [-pi, pi)^2; otherwise the
+    first two coordinates.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (title, x) in zip(axes[0], panels, strict=True):
+        if manifold == "sphere2":
+            ax.scatter(np.arctan2(x[:, 1], x[:, 0]), x[:, 2], s=1, alpha=0.4)
+            ax.set(xlim=(-math.pi, math.pi), ylim=(-1, 1), xlabel="longitude (rad)", ylabel="z = sin(latitude)")
+        elif manifold == "torus2":
+            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)
+            ax.set(xlim=(-math.pi, math.pi), ylim=(-math.pi, math.pi), xlabel="phi (rad)", ylabel="psi (rad)")
+        else:
+            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

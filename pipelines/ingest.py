@@ -53,6 +53,7 @@ class Settings:
     points: bool
     staging: str
     num_parts: int
+    manifold: str | None = None  # points must lie on it (`fm.manifolds.get_manifold`)
 
 
 # --- one image to the declared format ------------------------------------------------------------------------
@@ -130,7 +131,10 @@ def prepare(record: Record, s: Settings) -> tuple[np.ndarray, str | None, bool]:
     if record.error:
         raise ValueError(record.error)
     if s.points:
-        return np.asarray(record.array, dtype=np.float32), None, False
+        point = np.asarray(record.array, dtype=np.float32)
+        if s.manifold:
+            _check_on_manifold(point, s.manifold)
+        return point, None, False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's decompression-bomb and palette notes: the row is checked below
         im = _open(record.encoded) if record.array is None else _from_array(record.array)
@@ -144,6 +148,18 @@ def prepare(record: Record, s: Settings) -> tuple[np.ndarray, str | None, bool]:
             im, resized = _resize(im, s.resolution, s.transform), True
         arr = np.asarray(im, dtype=np.uint8)
     return arr.reshape(s.resolution, s.resolution, s.channels), conversion, resized
+
+
+def _check_on_manifold(point: np.ndarray, manifold: str) -> None:
+    """Raise ValueError with the reason a point row is not on the manifold (shape, norm or angle range)."""
+    import torch
+
+    from fm.manifolds import get_manifold
+
+    try:
+        get_manifold(manifold).check_points(torch.from_numpy(point.reshape(1, -1)), "point")
+    except ValueError as err:
+        raise ValueError(str(err).replace("row 0 = ", "").replace("; 1 such rows of 1", "")) from None
 
 
 def split_of(record: Record, s: Settings) -> str:
@@ -237,7 +253,8 @@ class IngestResult:
 def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0.1, seed: int = 0,
            channels: int | None = None, image_size: int | None = None, max_bad_fraction: float = 0.01,
            transform: str | None = None, parallelism: int | None = None,
-           max_rows_per_shard: int = MAX_ROWS_PER_SHARD, unlabelled: bool = False) -> IngestResult:
+           max_rows_per_shard: int = MAX_ROWS_PER_SHARD, unlabelled: bool = False,
+           manifold: str | None = None) -> IngestResult:
     """Ingest a source into parquet shards and manifest.json on Ray Data (a local Ray unless one is running or
     RAY_ADDRESS is set).
 
@@ -253,6 +270,8 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
         parallelism: at most this many parts at once (default: as many as the cluster's CPUs allow).
         unlabelled: accept a source without labels (parquet without a 'label' column, npz without labels, tar
             without .cls members or class folders); the manifest says so and class-conditional training refuses it.
+        manifold: the manifold point rows lie on ("sphere2", "torus2"; `manifold:NAME` sources declare their own):
+            recorded in the manifest; rows off it are quarantined.
     """
     _check_arguments(shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism,
                      max_rows_per_shard)
@@ -263,6 +282,7 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
                           "(class-conditional training will refuse it)")
     if listing.labelled and unlabelled:
         raise IngestError(f"source {spec!r} has labels; --unlabelled is only for sources without them")
+    listing.manifold = _declared_manifold(listing, manifold)
     channels, image_size = _declared_format(listing, channels, image_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -270,7 +290,7 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     settings = Settings(channels, image_size, transform, seed, test_fraction, listing.points, str(staging.resolve()),
-                        len(listing.parts))
+                        len(listing.parts), listing.manifold)
     try:
         summaries = _run_parts(listing, settings, parallelism)
         manifest = _manifest(listing, settings, summaries, max_bad_fraction)
@@ -278,6 +298,28 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return IngestResult(out, manifest)
+
+
+def _declared_manifold(listing: Listing, manifold: str | None) -> str | None:
+    """The manifold of the rows: the source's own, or --manifold for point sources (checked against the rows'
+    dimension)."""
+    if manifold is None:
+        return listing.manifold
+    from fm.manifolds import get_manifold
+
+    try:
+        m = get_manifold(manifold)
+    except ValueError as err:
+        raise IngestError(f"--manifold: {err}") from None
+    if not listing.points:
+        raise IngestError(f"--manifold {manifold}: source {listing.spec!r} holds images; only point rows lie on a "
+                          "manifold")
+    if listing.manifold not in (None, manifold):
+        raise IngestError(f"--manifold {manifold}: source {listing.spec!r} lies on {listing.manifold}")
+    if listing.element_shape is not None and tuple(listing.element_shape) != (m.ambient_dim,):
+        raise IngestError(f"--manifold {manifold}: points on {m.label} have {m.ambient_dim} coordinates; "
+                          f"{listing.spec!r} has rows of shape {list(listing.element_shape)}")
+    return manifold
 
 
 def _check_arguments(shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism,
@@ -394,6 +436,8 @@ def _manifest(listing: Listing, s: Settings, summaries: list[dict], max_bad_frac
         "labelled": listing.labelled,
         "num_classes": (listing.num_classes or len(listing.class_names) or max_label + 1) if listing.labelled else 0,
         "class_names": listing.class_names,
+        **({"manifold": listing.manifold} if listing.manifold else {}),
+        **({"times": listing.times} if listing.times else {}),
         "seed": s.seed,
         "test_fraction": s.test_fraction,
         "split_rule": "the source's own" if any(r.args.get("split") for r in listing.parts)

@@ -24,13 +24,20 @@ class ManifestError(ConfigError):
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The rows' format: images are uint8 [H, W, C] cells, points float32 [D] cells (see `pipelines.images`)."""
+    """The rows' format: images are uint8 [H, W, C] cells, points float32 [D] cells (see `pipelines.images`).
+
+    Points may lie on a manifold (`manifold`, a `fm.manifolds.get_manifold` spec such as "sphere2": Riemannian
+    methods only), or be snapshots of a dynamics observed at `times`, each row's label its snapshot index
+    (snapshot methods only).
+    """
 
     source: str
     kind: str
     shape: list[int]
     num_classes: int = 0
     class_names: list[str] = field(default_factory=list)
+    manifold: str | None = None
+    times: list[float] | None = None
 
     @property
     def is_image(self) -> bool:
@@ -45,11 +52,16 @@ class DataSpec:
     def name(self) -> str:
         """A short data set name for labels: "digits", "fashion-mnist", "checkerboard", ..."""
         kind, _, arg = self.source.partition(":")
-        return arg if kind == "toy2d" else kind
+        return arg if kind in ("toy2d", "manifold", "snapshots") else kind
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "kind": self.kind, "shape": list(self.shape),
-                "num_classes": self.num_classes, "class_names": list(self.class_names)}
+        d = {"source": self.source, "kind": self.kind, "shape": list(self.shape),
+             "num_classes": self.num_classes, "class_names": list(self.class_names)}
+        if self.manifold is not None:
+            d["manifold"] = self.manifold
+        if self.times is not None:
+            d["times"] = list(self.times)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "manifest") -> DataSpec:
@@ -71,7 +83,28 @@ class DataSpec:
         num_classes = d.get("num_classes", 0)
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ManifestError(f"{where}: num_classes {num_classes!r} must be an integer >= 0")
-        return cls(str(d["source"]), kind, list(shape), num_classes, list(d.get("class_names") or []))
+        manifold, times = d.get("manifold"), d.get("times")
+        if manifold is not None:
+            from fm.manifolds import get_manifold
+
+            try:
+                m = get_manifold(str(manifold))
+            except ValueError as err:
+                raise ManifestError(f"{where}: manifold: {err}") from None
+            if kind != "points" or shape != [m.ambient_dim]:
+                raise ManifestError(f"{where}: points on {m.label} need kind 'points' and shape [{m.ambient_dim}]; "
+                                    f"got {kind!r} {shape}")
+        if times is not None:
+            if not (isinstance(times, list) and len(times) >= 2
+                    and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times)
+                    and all(b > a for a, b in zip(times[:-1], times[1:], strict=False))):
+                raise ManifestError(f"{where}: times {times!r} must be a list of at least two increasing numbers")
+            if kind != "points" or num_classes != len(times):
+                raise ManifestError(f"{where}: snapshots at {len(times)} times need point rows labelled by "
+                                    f"snapshot index (num_classes {len(times)}); got {kind!r}, {num_classes}")
+        return cls(str(d["source"]), kind, list(shape), num_classes, list(d.get("class_names") or []),
+                   None if manifold is None else str(manifold),
+                   None if times is None else [float(t) for t in times])
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from fm.methods import METHODS
 from fm.seeding import SeedStack, derive_seed
 from pipelines.config import ConfigError, SampleConfig, check_writable_dir, validate_sample_config
 from pipelines.images import encode_rows
@@ -90,7 +91,7 @@ class Sampler:
                 raise RuntimeError(f"injected sampling failure at block {block}")
         ids = block_ids(block, c.block_size, c.num_samples)
         seeds = [derive_seed(c.seed, int(i)) for i in ids]  # sample i's starting noise, recorded in its row
-        x_0 = SeedStack(seeds, self.device).randn(self.shape)
+        x_0 = self.method.draw_x0(SeedStack(seeds, self.device), self.shape)
         y = self.labels(ids)
         fn = self.method.velocity(self.model, None if y is None else y.to(self.device), c.cfg_scale)
         with torch.no_grad():
@@ -99,6 +100,10 @@ class Sampler:
                 steps_noise = SeedStack([derive_seed(c.seed, int(i), SDE_NOISE_STREAM) for i in ids], self.device)
                 res = sde_sample(fn, self.method.gaussian_path, self.method.sde_diffusion(c.sde_g), x_0, c.steps,
                                  t_1=min(self.method.t_max, 1 - 1e-3), noise=lambda k: steps_noise.randn(self.shape))
+            elif self.method.kind == "riemannian":
+                from fm.riemannian import manifold_ode_sample
+
+                res = manifold_ode_sample(fn, self.method.manifold, x_0, c.solver, c.steps, c.atol, c.rtol)
             else:
                 res = ode_sample(fn, x_0, c.solver, c.steps, c.atol, c.rtol, t_1=self.method.t_max,
                                  t_limit=self.method.t_limit)
@@ -174,6 +179,10 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
 
     meta = load_meta(checkpoint)  # fails clearly before Ray starts, as do unreadable or refused weights below
     validate_sample_config(cfg, meta["method"]["name"], meta["method"])
+    if METHODS.get(meta["method"]["name"], METHODS["fm_ot"]).kind == "snapshots":
+        raise SamplingError(f"{checkpoint} holds a {meta['method']['name']} model, which moves data from its first "
+                            "snapshot rather than sampling noise; `python -m jobs.evaluate --checkpoint ... --data "
+                            "SHARDS` carries the held-out first snapshot through every observed time")
     load_model(checkpoint)
     data = DataSpec.from_dict(meta.get("manifest"), f"{checkpoint}/meta.json: manifest")
     layout, model_shape = ("HWC" if data.is_image else "D"), data.model_shape
@@ -242,7 +251,6 @@ def log_sampling_run(result: dict, cfg: dict, uri: str) -> str:
     """An MLflow run nested under the training run: settings, NFE, throughput, a grid, the output location."""
     import tempfile
 
-    from pipelines.images import save_grid
     from pipelines.tracking import SafeLogger, start_child_run
 
     run_id = start_child_run(uri, result.get("train_run_id"), "sample", f"sample-{cfg['solver']}")
@@ -251,29 +259,30 @@ def log_sampling_run(result: dict, cfg: dict, uri: str) -> str:
     log.metrics({k: result[k] for k in ("mean_nfe", "max_nfe", "samples_per_s", "samples_per_actor_s", "wall_s")
                  if result.get(k) is not None}, step=0)
     log.tags({"flowray.samples_dir": result["out"]})
-    # the grid shows the first 64 ids, read from the first shards only (block files are in id order)
-    paths, _, _ = sample_shards(result["out"])
-    raw = []
-    for p in paths:
-        raw += pq.read_table(p, columns=["image"])["image"].to_pylist()
-        if len(raw) >= 64:
-            break
-    grid = _decode_grid(np.asarray(raw[:64], dtype=object), result["out"])
-    if grid is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            log.artifact(save_grid(grid, Path(tmp) / "samples.png"))
+    with tempfile.TemporaryDirectory() as tmp:
+        log.artifact(_preview(result["out"], Path(tmp)))
     log.finish()
     (Path(result["out"]) / "_mlflow.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return run_id
 
 
-def _decode_grid(raw: np.ndarray, out: str) -> torch.Tensor | None:
+def _preview(out: str, tmp: Path) -> Path:
+    """samples.png: a grid of the first 64 images, or a scatter of the first 5,000 points (on S^2 in an equal-area
+    projection); read from the first shards only (block files are in id order)."""
     from pipelines.checkpoint import load_meta
+    from pipelines.images import decode_rows, save_grid, save_points_figure
 
     settings = json.loads((Path(out) / SETTINGS).read_text())
     data = DataSpec.from_dict(load_meta(settings["checkpoint"]).get("manifest"), "checkpoint manifest")
-    if not data.is_image:
-        return None
-    from pipelines.images import decode_rows
-
-    return decode_rows(raw, data.shape)
+    want = 64 if data.is_image else 5000
+    paths, _, _ = sample_shards(out)
+    raw = []
+    for p in paths:
+        raw += pq.read_table(p, columns=["image"])["image"].to_pylist()
+        if len(raw) >= want:
+            break
+    raw = np.asarray(raw[:want], dtype=object)
+    if data.is_image:
+        return save_grid(decode_rows(raw, data.shape), tmp / "samples.png")
+    x = decode_rows(raw, data.shape, "points").numpy()
+    return save_points_figure([(f"{len(x)} samples, {settings['solver']}", x)], tmp / "samples.png", data.manifold)

@@ -1,7 +1,7 @@
 """Ingest sources: parse a SPEC, check on the driver what can be checked there, and list the work as parts.
 
 SPEC: digits | fashion-mnist[:DIR] | idx:DIR | folder:DIR | parquet:GLOB | npz:FILE | toy2d:NAME | imagenet:DIR |
-tar:GLOB.
+tar:GLOB | manifold:NAME | snapshots:NAME.
 
 A `Part` is a small JSON-able description of some rows (a row range of an array file, a list of image files, some
 parquet row groups, one tar archive) that a Ray task reads alone with `read_part`, in bounded memory. The listing
@@ -32,12 +32,14 @@ from pipelines.config import ConfigError
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
-SOURCE_KINDS = ("digits", "fashion-mnist", "idx", "folder", "parquet", "npz", "toy2d", "imagenet", "tar")
+SOURCE_KINDS = ("digits", "fashion-mnist", "idx", "folder", "parquet", "npz", "toy2d", "imagenet", "tar", "manifold",
+                "snapshots")
 ALLOWED = ("digits, fashion-mnist[:DIR], idx:DIR, folder:DIR, parquet:GLOB, npz:FILE, toy2d:NAME, imagenet:DIR, "
-           "tar:GLOB")
+           "tar:GLOB, manifold:NAME, snapshots:NAME")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 READ_ROWS = 1024  # rows an array reader holds at once
 TOY_ROWS = 20_000
+SNAPSHOT_ROWS = 4_000  # per observed time
 
 
 class IngestError(ConfigError):
@@ -79,6 +81,8 @@ class Listing:
     encoded: bool = False  # rows are encoded image files, decoded by PIL
     points: bool = False
     labelled: bool = True  # False: the source has no labels (every row gets label 0)
+    manifold: str | None = None  # points on this manifold (`fm.manifolds.get_manifold`); rows off it are quarantined
+    times: list[float] | None = None  # snapshots: observation times, a row's label its snapshot index
 
     @property
     def rows(self) -> int:
@@ -91,7 +95,7 @@ def parse_source(spec: str) -> tuple[str, str | None]:
     if kind not in SOURCE_KINDS:
         raise IngestError(f"unknown source {spec!r}; allowed: {ALLOWED}")
     if kind not in ("digits", "fashion-mnist") and not arg:
-        what = "NAME" if kind == "toy2d" else "GLOB" if kind in ("parquet", "tar") else "PATH"
+        what = "NAME" if kind in ("toy2d", "manifold", "snapshots") else "GLOB" if kind in ("parquet", "tar") else "PATH"
         raise IngestError(f"source {kind!r} needs an argument: {kind}:{what}")
     return kind, arg or None
 
@@ -118,7 +122,7 @@ def list_source(spec: str, min_parts: int = 4, max_rows_per_part: int = 20_000) 
     kind, arg = parse_source(spec)
     listers = {"digits": _list_digits, "fashion-mnist": _list_idx, "idx": _list_idx, "folder": _list_folder,
                "parquet": _list_parquet, "npz": _list_npz, "toy2d": _list_toy, "imagenet": _list_imagenet,
-               "tar": _list_tar}
+               "tar": _list_tar, "manifold": _list_manifold, "snapshots": _list_snapshots}
     listing = listers[kind](spec, kind, arg, min_parts, max_rows_per_part)
     if listing.rows == 0:
         raise IngestError(f"source {spec!r} holds no rows")
@@ -168,6 +172,49 @@ def _read_toy(name: str, start: int, stop: int) -> Iterator[Record]:
     points = sample_toy(name, TOY_ROWS, torch.Generator().manual_seed(0)).numpy()  # 20k points: cheap to redraw
     for i in range(start, stop):
         yield Record(f"{name}-{i}", 0, array=points[i])
+
+
+def _list_manifold(spec, kind, arg, min_parts, max_rows):
+    from fm.manifold_data import MANIFOLD_SETS, manifold_of
+
+    if arg not in MANIFOLD_SETS:
+        raise IngestError(f"unknown manifold set {arg!r}; allowed: {', '.join(MANIFOLD_SETS)}")
+    parts = [Part(0, "manifold", {"name": arg, "start": a, "stop": b}, b - a)
+             for a, b in _ranges(TOY_ROWS, _count(TOY_ROWS, min_parts, max_rows))]
+    return Listing(spec, kind, parts, element_shape=(manifold_of(arg).ambient_dim,), points=True,
+                   manifold=MANIFOLD_SETS[arg])
+
+
+def _read_manifold(name: str, start: int, stop: int) -> Iterator[Record]:
+    import torch
+
+    from fm.manifold_data import sample_manifold_set
+
+    points = sample_manifold_set(name, TOY_ROWS, torch.Generator().manual_seed(0)).numpy()
+    for i in range(start, stop):
+        yield Record(f"{name}-{i}", 0, array=points[i])
+
+
+def _list_snapshots(spec, kind, arg, min_parts, max_rows):
+    from fm.dynamics import DYNAMICS, OBSERVED_TIMES
+
+    if arg not in DYNAMICS:
+        raise IngestError(f"unknown dynamics {arg!r}; allowed: {', '.join(DYNAMICS)}")
+    n = SNAPSHOT_ROWS * len(OBSERVED_TIMES)
+    parts = [Part(0, "snapshots", {"name": arg, "start": a, "stop": b}, b - a)
+             for a, b in _ranges(n, _count(n, min_parts, max_rows))]
+    return Listing(spec, kind, parts, [f"t={t}" for t in OBSERVED_TIMES], element_shape=(DYNAMICS[arg].dim,),
+                   points=True, times=list(OBSERVED_TIMES))
+
+
+def _read_snapshots(name: str, start: int, stop: int) -> Iterator[Record]:
+    import torch
+
+    from fm.dynamics import snapshots
+
+    x, k = snapshots(name, SNAPSHOT_ROWS, generator=torch.Generator().manual_seed(0))
+    for i in range(start, stop):
+        yield Record(f"{name}-t{int(k[i])}-{i % SNAPSHOT_ROWS}", int(k[i]), array=x[i].numpy())
 
 
 # --- IDX (MNIST, Fashion-MNIST) ------------------------------------------------------------------------------
@@ -302,15 +349,16 @@ def _list_npz(spec, kind, arg, min_parts, max_rows):
     if xk is None:
         raise IngestError(f"{file}: no image array; expected a key 'images' or 'x' (keys are {list(members)})")
     shape, _ = members[xk]
-    if len(shape) not in (3, 4):
+    if len(shape) not in (2, 3, 4):
         raise IngestError(f"{file}: array {xk!r} has shape {list(shape)}; images must be [N, H, W] or "
-                          "[N, H, W, C] (flat rows cannot be reshaped without knowing H and W)")
+                          "[N, H, W, C], points [N, D]")
     yk = next((k for k in ("labels", "y", "Y") if k in members), None)
     if yk and members[yk][0][:1] != shape[:1]:
         raise IngestError(f"{file}: {shape[0]} images but {members[yk][0][0] if members[yk][0] else 0} labels")
     parts = [Part(0, "npz", {"file": str(file), "images": xk, "labels": yk, "start": a, "stop": b}, b - a)
              for a, b in _ranges(shape[0], _count(shape[0], min_parts, max_rows))]
-    return Listing(spec, kind, parts, element_shape=tuple(shape[1:]), labelled=yk is not None)
+    return Listing(spec, kind, parts, element_shape=tuple(shape[1:]), labelled=yk is not None,
+                   points=len(shape) == 2)
 
 
 def _read_npz(file: str, images: str, labels: str | None, start: int, stop: int) -> Iterator[Record]:
@@ -541,5 +589,5 @@ def _read_tar(file: str, classes: list[str], use_cls: bool) -> Iterator[Record]:
             yield from emit(last, pending.pop(last))
 
 
-READERS = {"digits": _read_digits, "toy2d": _read_toy, "idx": _read_idx, "npz": _read_npz,
-           "imagenet": _read_imagenet, "files": _read_files, "parquet": _read_parquet, "tar": _read_tar}
+READERS = {"digits": _read_digits, "toy2d": _read_toy, "manifold": _read_manifold, "snapshots": _read_snapshots,
+           "idx": _read_idx, "npz": _read_npz, "imagenet": _read_imagenet, "files": _read_files, "parquet": _read_parquet, "tar": _read_tar}

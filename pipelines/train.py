@@ -220,7 +220,7 @@ def _build_state(job: TrainJob) -> WorkerState:
             optimizer.load_state_dict(load_state(d, "optimizer"))
             meta = load_meta(d)
             step, nonfinite_total = meta["step"], meta.get("nonfinite_total", 0)
-    return WorkerState(model, ray.train.torch.prepare_model(model), make_method(**method_kwargs(cfg)), optimizer,
+    return WorkerState(model, ray.train.torch.prepare_model(model), make_method(**method_kwargs(cfg, job.data)), optimizer,
                        ema, device, ctx.get_world_rank(), ctx.get_world_size(), step,
                        nonfinite_total=nonfinite_total, last_metrics={"step": step})
 
@@ -258,7 +258,7 @@ def _steps(job: TrainJob, state: WorkerState, shard):
     if isinstance(method.coupling, GlobalOTCoupling) and state.world > 1:
         import torch.distributed as dist
 
-        method = make_method(**method_kwargs(cfg))
+        method = make_method(**method_kwargs(cfg, job.data))
         method.coupling.group = dist.new_group(backend="gloo")  # every rank creates it here, in the same order
 
     def numbered():
@@ -271,7 +271,8 @@ def _steps(job: TrainJob, state: WorkerState, shard):
 
     def prepare(item):
         step, x_1, y = item
-        y = _training_labels(job, state, y, step)
+        if method.kind != "snapshots":  # a snapshot row's label is its observation time's index, not a class
+            y = _training_labels(job, state, y, step)
         return step, pair_step(method, x_1, y, generator(cfg.train.seed, state.rank, step, device=state.device))
 
     return read_ahead(numbered(), prepare, cfg.data.buffer_batches)
@@ -349,7 +350,7 @@ def _report(job: TrainJob, state: WorkerState) -> None:
 def _save(job: TrainJob, state: WorkerState, directory: str) -> None:
     save_checkpoint(directory, step=state.step, model=state.model, ema_state=state.ema.state_dict(),
                     optimizer=state.optimizer, model_name=job.config.model.name, model_kwargs=job.model_kwargs,
-                    method_kwargs=method_kwargs(job.config), config=job.config.to_dict(),
+                    method_kwargs=method_kwargs(job.config, job.data), config=job.config.to_dict(),
                     extra={"mlflow_run_id": job.run_id, "manifest": job.data.to_dict(),
                            "nonfinite_total": state.nonfinite_total})
 
