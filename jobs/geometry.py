@@ -31,6 +31,7 @@ from fm.metrics import wasserstein2
 from fm.models import MLP
 from fm.riemannian import geodesic_wasserstein2, manifold_log_likelihood, manifold_ode_sample
 from fm.training import fit
+from pipelines.images import save_points_figure
 
 AM_METHODS = ("am", "snapshot_icfm", "snapshot_otcfm")
 AM_DATA = "rotating-gmm"
@@ -44,7 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--am-steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--n", type=int, default=2000, help="held-out points, samples and floor points per measurement")
+    p.add_argument("--n", type=int, default=2000, help="points on each side of one W2 (and held-out points for NLL)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="independent draws each W2 and its floor are averaged over (a mixture's W2 at a few thousand "
+                        "points is dominated by the draw's component counts)")
     p.add_argument("--am-methods", default=",".join(AM_METHODS), help="comma-separated, from " + ", ".join(AM_METHODS))
     p.add_argument("--out", default="outputs/geometry")
     args = p.parse_args(argv)
@@ -56,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for m in args.am_methods:
         if m not in AM_METHODS:
             p.error(f"--am-methods: unknown method {m!r}; allowed: {', '.join(AM_METHODS)}")
-    for key in ("rfm_steps", "am_steps", "batch", "hidden", "n"):
+    for key in ("rfm_steps", "am_steps", "batch", "hidden", "n", "repeats"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1; got {getattr(args, key)}")
     return args
@@ -64,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+
+
+def _mean_w2(w2, x: torch.Tensor, ref: torch.Tensor, repeats: int) -> float:
+    """The mean of w2 over `repeats` disjoint equal chunks of x and ref."""
+    return float(np.mean([w2(a, b) for a, b in zip(x.chunk(repeats), ref.chunk(repeats), strict=True)]))
 
 
 def run_rfm(name: str, seed: int, args: argparse.Namespace) -> dict:
@@ -77,16 +86,22 @@ def run_rfm(name: str, seed: int, args: argparse.Namespace) -> dict:
                       args.rfm_steps, lr=1e-3, ema_decay=0.999, seed=seed, schedule="cosine")
     train_s = time.perf_counter() - start
     net = ema.module.eval()
-    held_out = sample_manifold_set(name, args.n, torch.Generator().manual_seed(2000 + seed))
-    lik = manifold_log_likelihood(net, manifold, held_out, LikelihoodSettings())  # dopri5 1e-5, exact divergence
-    x_0 = manifold.random_uniform(args.n, torch.Generator().manual_seed(3000 + seed))
+    m = args.n * args.repeats
+    held_out = sample_manifold_set(name, m, torch.Generator().manual_seed(2000 + seed))
+    # dopri5 at 1e-5, exact divergence, on the first n held-out points
+    lik = manifold_log_likelihood(net, manifold, held_out[: args.n], LikelihoodSettings())
+    x_0 = manifold.random_uniform(m, torch.Generator().manual_seed(3000 + seed))
     samples = manifold_ode_sample(net, manifold, x_0, "rk4", steps=50)
-    fresh = sample_manifold_set(name, args.n, torch.Generator().manual_seed(4000 + seed))
+    fresh = sample_manifold_set(name, m, torch.Generator().manual_seed(4000 + seed))
     nll = -lik.log_p.mean().item()
+
+    def w2(a, b):
+        return geodesic_wasserstein2(manifold, a, b)
+
     return {"data": name, "seed": seed, "nll": nll, "nll_stderr": lik.log_p.std().item() / math.sqrt(args.n),
-            "likelihood_nfe": lik.nfe, "w2": geodesic_wasserstein2(manifold, samples.x_1, fresh),
-            "w2_floor": geodesic_wasserstein2(manifold, held_out, fresh), "sample_nfe": samples.nfe,
-            "final_loss": float(np.mean(losses[-100:])), "train_s": train_s, "samples": samples.x_1}
+            "likelihood_nfe": lik.nfe, "w2": _mean_w2(w2, samples.x_1, fresh, args.repeats),
+            "w2_floor": _mean_w2(w2, held_out, fresh, args.repeats), "sample_nfe": samples.nfe,
+            "final_loss": float(np.mean(losses[-100:])), "train_s": train_s, "samples": samples.x_1[: args.n]}
 
 
 def run_am(method_name: str, seed: int, args: argparse.Namespace) -> dict:
@@ -106,15 +121,16 @@ def run_am(method_name: str, seed: int, args: argparse.Namespace) -> dict:
     train_s = time.perf_counter() - start
     dyn = get_dynamics(AM_DATA)
     g = torch.Generator().manual_seed(2000 + seed)
-    x_0 = dyn.sample(OBSERVED_TIMES[0], args.n, g)
+    m = args.n * args.repeats
+    x_0 = dyn.sample(OBSERVED_TIMES[0], m, g)
     path, nfe = transport(method.velocity(ema.module.eval()), x_0, OBSERVED_TIMES, "rk4", steps=20)
     w2, floor = [], []
     for t, x_t in zip(OBSERVED_TIMES, path, strict=True):
-        held_out, other = dyn.sample(t, args.n, g), dyn.sample(t, args.n, g)
-        w2.append(wasserstein2(x_t, held_out))
-        floor.append(wasserstein2(other, held_out))
+        held_out, other = dyn.sample(t, m, g), dyn.sample(t, m, g)
+        w2.append(_mean_w2(wasserstein2, x_t, held_out, args.repeats))
+        floor.append(_mean_w2(wasserstein2, other, held_out, args.repeats))
     return {"method": method_name, "seed": seed, "w2": w2, "w2_floor": floor, "nfe": nfe, "train_s": train_s,
-            "final_loss": float(np.mean(losses[-100:])), "path": [p.detach() for p in path]}
+            "final_loss": float(np.mean(losses[-100:])), "path": [p[: args.n].detach() for p in path]}
 
 
 def rfm_table(results: list[dict], entropies: dict) -> str:
@@ -156,8 +172,8 @@ def am_table(results: list[dict]) -> str:
 
 
 def save_figures(rfm: list[dict], am: list[dict], out: Path) -> list[str]:
-    """Samples on S^2 in Lambert's cylindrical equal-area projection (longitude, z), samples on T^2 in (phi, psi),
-    and the AM transport at every observed time beside held-out data; one seed each."""
+    """Samples beside data on S^2 (Lambert's cylindrical equal-area projection) and T^2 (`save_points_figure`), and
+    the AM transport at every observed time beside held-out data; one seed each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,24 +182,9 @@ def save_figures(rfm: list[dict], am: list[dict], out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for r in [r for r in rfm if r["seed"] == rfm[0]["seed"]]:
-        x = r["samples"].numpy()
-        data = sample_manifold_set(r["data"], len(x), torch.Generator().manual_seed(5)).numpy()
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True, sharey=True)
-        for ax, pts, title in ((axes[0], data, "data"), (axes[1], x, "RFM samples (RK4, 50 steps)")):
-            if r["data"] == "vmf-mixture":  # equal-area: the density of dots is the density on the sphere
-                ax.scatter(np.arctan2(pts[:, 1], pts[:, 0]), pts[:, 2], s=1, alpha=0.4)
-                ax.set_xlabel("longitude (rad)")
-                ax.set_ylabel("z = sin(latitude)")
-            else:
-                ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
-                ax.set_xlabel("phi (rad)")
-                ax.set_ylabel("psi (rad)")
-            ax.set_title(f"{r['data']}: {title}")
-        path = out / f"rfm_{r['data']}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(str(path))
+        data = sample_manifold_set(r["data"], len(r["samples"]), torch.Generator().manual_seed(5)).numpy()
+        panels = [(f"{r['data']}: data", data), (f"{r['data']}: RFM samples (RK4, 50 steps)", r["samples"].numpy())]
+        paths.append(str(save_points_figure(panels, out / f"rfm_{r['data']}.png", MANIFOLD_SETS[r["data"]])))
     rows = [r for r in am if r["seed"] == am[0]["seed"]] if am else []
     if rows:
         dyn = get_dynamics(AM_DATA)

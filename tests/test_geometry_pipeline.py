@@ -62,7 +62,7 @@ def test_rfm_on_the_sphere_through_the_clis(tmp_path, ray_local, capsys):
 
     out = tmp_path / "samples"
     sample_job.main(["--checkpoint", res["checkpoint"], "--num-samples", "600", "--out", str(out),
-                     *_sets("sample.solver=rk4", "sample.steps=20", f"mlflow.tracking_uri={uri}")])
+                     "--tracking-uri", uri, *_sets("sample.solver=rk4", "sample.steps=20")])
     sampled = _last_json(capsys)
     assert sampled["mean_nfe"] == 80  # 20 RK4 steps, 4 evaluations each
     _, raw, _ = read_samples(out)
@@ -70,7 +70,7 @@ def test_rfm_on_the_sphere_through_the_clis(tmp_path, ray_local, capsys):
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)  # every sample on the sphere
 
     evaluate_job.main(["--checkpoint", res["checkpoint"], "--data", str(tmp_path / "sphere"), "--samples", str(out),
-                       *_sets("eval.max_images=200", f"mlflow.tracking_uri={uri}")])
+                       "--tracking-uri", uri, *_sets("eval.max_images=200")])
     result = _last_json(capsys)
     nll = result["likelihood"]["mean"]
     # the uniform prior scores log(4 pi) = 2.53 nats; 300 steps already learn much of the mixture (entropy 0.83)
@@ -105,7 +105,7 @@ def test_action_matching_on_snapshots_through_the_clis(tmp_path, ray_local, caps
     assert "moves data from its first snapshot rather than sampling noise" in capsys.readouterr().err
 
     evaluate_job.main(["--checkpoint", res["checkpoint"], "--data", str(tmp_path / "snap"),
-                       *_sets("eval.solver=rk4", "eval.steps=5", f"mlflow.tracking_uri={uri}")])
+                       "--tracking-uri", uri, *_sets("eval.solver=rk4", "eval.steps=5")])
     tr = _last_json(capsys)["transport"]
     # the unmoved first snapshot is |c| = sqrt(5) = 2.24 from the last one in W2; the learned flow carries it there
     assert tr["w2"][0] == pytest.approx(tr["w2_floor"][0], abs=0.3)
