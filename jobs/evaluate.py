@@ -11,7 +11,10 @@ distance in the features of a small classifier trained on the same data set (cac
 SHARDS/classifier/epochs<E>-seed<S>/), labelled "FD (<dataset> classifier)"; both against eval.reference_split
 (train), with the floor (the same metric for held-out eval.floor_split images), KID and precision/recall. Features
 run as a Ray Data actor stage (eval.actors, eval.gpus_per_actor) with bounded driver memory; the reference
-statistics are cached in SHARDS/feature_stats/. The last stdout line is one JSON object.
+statistics are cached in SHARDS/feature_stats/. Points on a manifold: NLL in nats by the Riemannian change of
+variables, and the geodesic W2 from the samples to the test split beside its floor. Snapshot methods (am,
+snapshot_icfm, snapshot_otcfm): the test split's first snapshot carried through every observed time on an actor
+stage, W2 to each time's test rows beside the floor. The last stdout line is one JSON object.
 """
 
 from __future__ import annotations

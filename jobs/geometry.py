@@ -145,7 +145,8 @@ def rfm_table(results: list[dict], entropies: dict) -> str:
                      f"{ent:.3f} ± {entropies[name][1]:.3f} | {_mean_std([r['nll'] - ent for r in rows])} | "
                      f"{_mean_std([r['w2'] for r in rows])} | {_mean_std([r['w2_floor'] for r in rows])} | "
                      f"{_mean_std([r['w2'] / r['w2_floor'] for r in rows])} | "
-                     f"{np.mean([r['likelihood_nfe'] for r in rows]):.0f} | {np.mean([r['train_s'] for r in rows]):.0f} |")
+                     f"{np.mean([r['likelihood_nfe'] for r in rows]):.0f} | "
+                     f"{np.mean([r['train_s'] for r in rows]):.0f} |")
     return "\n".join(lines)
 
 

@@ -6,9 +6,10 @@
 
 SPEC: digits | fashion-mnist[:DIR] | idx:DIR | folder:DIR | parquet:GLOB | npz:FILE | toy2d:NAME | imagenet:DIR |
 tar:GLOB | manifold:NAME (vmf-mixture on S^2, dihedral on T^2) | snapshots:NAME (rotating-gmm, translation, ou:
-unpaired samples at 5 observed times, labelled by time index). Runs on Ray Data (a local Ray, or the cluster under `ray job submit`): parts of the source are read,
-decoded, converted, resized and written as parquet shards by parallel tasks; the train/test split is by a hash of
-each row's id, so the output does not depend on the parallelism. The last stdout line is one JSON object: output
+unpaired samples at 5 observed times, labelled by time index). Runs on Ray Data (a local Ray, or the cluster
+under `ray job submit`): parts of the source are read, decoded, converted, resized and written as parquet shards
+by parallel tasks; the train/test split is by a hash of each row's id, so the output does not depend on the
+parallelism. The last stdout line is one JSON object: output
 dir, shape, counts per split, quarantined rows, mode conversions.
 """
 

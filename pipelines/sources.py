@@ -95,7 +95,8 @@ def parse_source(spec: str) -> tuple[str, str | None]:
     if kind not in SOURCE_KINDS:
         raise IngestError(f"unknown source {spec!r}; allowed: {ALLOWED}")
     if kind not in ("digits", "fashion-mnist") and not arg:
-        what = "NAME" if kind in ("toy2d", "manifold", "snapshots") else "GLOB" if kind in ("parquet", "tar") else "PATH"
+        named = ("toy2d", "manifold", "snapshots")
+        what = "NAME" if kind in named else "GLOB" if kind in ("parquet", "tar") else "PATH"
         raise IngestError(f"source {kind!r} needs an argument: {kind}:{what}")
     return kind, arg or None
 
@@ -590,4 +591,5 @@ def _read_tar(file: str, classes: list[str], use_cls: bool) -> Iterator[Record]:
 
 
 READERS = {"digits": _read_digits, "toy2d": _read_toy, "manifold": _read_manifold, "snapshots": _read_snapshots,
-           "idx": _read_idx, "npz": _read_npz, "imagenet": _read_imagenet, "files": _read_files, "parquet": _read_parquet, "tar": _read_tar}
+           "idx": _read_idx, "npz": _read_npz, "imagenet": _read_imagenet, "files": _read_files,
+           "parquet": _read_parquet, "tar": _read_tar}

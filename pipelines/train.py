@@ -220,9 +220,10 @@ def _build_state(job: TrainJob) -> WorkerState:
             optimizer.load_state_dict(load_state(d, "optimizer"))
             meta = load_meta(d)
             step, nonfinite_total = meta["step"], meta.get("nonfinite_total", 0)
-    return WorkerState(model, ray.train.torch.prepare_model(model), make_method(**method_kwargs(cfg, job.data)), optimizer,
-                       ema, device, ctx.get_world_rank(), ctx.get_world_size(), step,
-                       nonfinite_total=nonfinite_total, last_metrics={"step": step})
+    method = make_method(**method_kwargs(cfg, job.data))
+    return WorkerState(model, ray.train.torch.prepare_model(model), method, optimizer, ema, device,
+                       ctx.get_world_rank(), ctx.get_world_size(), step, nonfinite_total=nonfinite_total,
+                       last_metrics={"step": step})
 
 
 def _rank0_logger(job: TrainJob, state: WorkerState) -> SafeLogger | None:

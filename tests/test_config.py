@@ -55,7 +55,8 @@ def test_every_preset_loads():
     from pathlib import Path
 
     names = sorted(p.stem for p in Path("configs").glob("*.yaml"))
-    assert names == ["cifar10", "digits-cpu", "fashion-mnist", "fashion-mnist-cpu", "toy2d"]
+    assert names == ["cifar10", "digits-cpu", "fashion-mnist", "fashion-mnist-cpu", "snapshots", "sphere", "torus",
+                     "toy2d"]
     for name in names:
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.train.run_name

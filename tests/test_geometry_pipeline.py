@@ -43,9 +43,9 @@ def _sets(*pairs: str) -> list[str]:
 
 
 def _train(config, shards, tmp_path, uri, steps, *extra):
-    return train_job.main(["--config", config, *_sets(f"data.shards={shards}", f"train.storage_path={tmp_path / 'runs'}",
-                                                      f"mlflow.tracking_uri={uri}", f"train.steps={steps}", *SMALL,
-                                                      *extra)])
+    sets = _sets(f"data.shards={shards}", f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={uri}",
+                 f"train.steps={steps}", *SMALL, *extra)
+    return train_job.main(["--config", config, *sets])
 
 
 def test_rfm_on_the_sphere_through_the_clis(tmp_path, ray_local, capsys):
