@@ -213,9 +213,13 @@ def _read_snapshots(name: str, start: int, stop: int) -> Iterator[Record]:
 
     from fm.dynamics import snapshots
 
-    x, k = snapshots(name, SNAPSHOT_ROWS, generator=torch.Generator().manual_seed(0))
+    x, _ = snapshots(name, SNAPSHOT_ROWS, generator=torch.Generator().manual_seed(0))
+    times = len(x) // SNAPSHOT_ROWS
+    # rows interleave the observed times (t_0, t_1, ..., t_K, t_0, ...): the training stream reads rows in order, and
+    # every batch needs rows of consecutive times to pair
     for i in range(start, stop):
-        yield Record(f"{name}-t{int(k[i])}-{i % SNAPSHOT_ROWS}", int(k[i]), array=x[i].numpy())
+        k, j = i % times, i // times
+        yield Record(f"{name}-t{k}-{j}", k, array=x[k * SNAPSHOT_ROWS + j].numpy())
 
 
 # --- IDX (MNIST, Fashion-MNIST) ------------------------------------------------------------------------------

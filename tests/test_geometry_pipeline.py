@@ -106,19 +106,13 @@ def test_action_matching_on_snapshots_through_the_clis(tmp_path, ray_local, caps
 
     evaluate_job.main(["--checkpoint", res["checkpoint"], "--data", str(tmp_path / "snap"),
                        "--tracking-uri", uri, *_sets("eval.solver=rk4", "eval.steps=5")])
-    tr = _last_json(capsys)["transport"]
+    result = _last_json(capsys)
+    tr = result["transport"]
     # the unmoved first snapshot is |c| = sqrt(5) = 2.24 from the last one in W2; the learned flow carries it there
     assert tr["w2"][0] == pytest.approx(tr["w2_floor"][0], abs=0.3)
     assert tr["w2"][-1] < 0.6 and tr["w2_floor"][-1] < 0.6
-    metrics = MlflowClient(uri).get_run(_eval_run(uri, res["run_id"])).data.metrics
+    metrics = MlflowClient(uri).get_run(result["mlflow_run_id"]).data.metrics
     assert metrics["w2_t4"] == pytest.approx(tr["w2"][-1]) and "w2_ratio_max" in metrics
-
-
-def _eval_run(uri, train_run):
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_run(train_run).info.experiment_id],
-                              f"tags.mlflowparentRunId = '{train_run}'")
-    return next(r.info.run_id for r in runs if r.data.tags.get("flowray.kind") == "evaluate")
 
 
 def test_methods_and_data_must_suit_each_other(tmp_path, capsys):
