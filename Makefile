@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo demo-toy test faults lint bench reproduce clean
+.PHONY: demo demo-toy demo-geometry test faults lint bench reproduce clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 demo-toy: $(STAMP)
 	$(PY) -m jobs.toy2d
+
+# Riemannian FM on S^2 and T^2, Action Matching against CFM on snapshots: one seed, about 10 minutes
+demo-geometry: $(STAMP)
+	$(PY) -m jobs.geometry --seeds 0
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not faults"

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--part", default="all", choices=("rfm", "am", "all"))
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--rfm-steps", type=int, default=4000)
-    p.add_argument("--am-steps", type=int, default=4000)
+    p.add_argument("--am-steps", type=int, default=8000)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--n", type=int, default=2000, help="points on each side of one W2 (and held-out points for NLL)")
