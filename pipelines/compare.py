@@ -1,5 +1,6 @@
 """Compare runs from MLflow: the paper-style table (method / path / coupling × bits/dim × FD × NFE × steps) and an
-NFE-against-quality plot."""
+NFE-against-quality plot. Runs on points add their own columns where any has them: NLL in nats, W2 with its floor
+(geodesic on a manifold), and the worst W2 / floor over a snapshot method's observed times."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ COLUMNS = ["method", "path", "coupling", "solver", "sample_steps", "train_steps"
            "fd_floor",
            "fd_label",
            "sample_nfe", "likelihood_nfe", "train_run_ids", "eval_run_ids"]
+# (metric, header) of the columns that only runs on points have; a column shows when some run has its metric
+POINT_COLUMNS = [("nll", "NLL (nats)"), ("w2", "W2"), ("w2_floor", "W2 floor"), ("w2_ratio_max", "worst W2 / floor")]
 
 
 def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
@@ -47,6 +50,7 @@ def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
             "fd_label": tags.get("flowray.fd_label", "FD"),
             "sample_nfe": sample.data.metrics.get("mean_nfe") if sample else None,
             "likelihood_nfe": metrics.get("likelihood_nfe"),
+            **{key: metrics.get(key) for key, _ in POINT_COLUMNS},
             "train_run_id": train.info.run_id if train else "", "eval_run_id": run.info.run_id,
         })
     return records
@@ -79,7 +83,7 @@ def table(records: list[dict]) -> list[dict]:
     for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][3], str(kv[0][4]).zfill(6))):
         row = dict(zip(["method", "path", "coupling", "solver", "sample_steps", "train_steps"], key, strict=True))
         row["runs"] = len(rs)
-        for col in ("bpd", "fd", "fd_matched", "fd_floor", "sample_nfe", "likelihood_nfe"):
+        for col in ("bpd", "fd", "fd_matched", "fd_floor", "sample_nfe", "likelihood_nfe", *dict(POINT_COLUMNS)):
             row[col], row[f"{col}_std"] = _mean_std([r[col] for r in rs])
         row["fd_label"] = rs[0]["fd_label"]
         row["train_run_ids"] = " ".join(sorted({r["train_run_id"] for r in rs if r["train_run_id"]}))
@@ -96,16 +100,18 @@ def _fmt(mean, std, digits=3) -> str:
 
 def markdown(rows: list[dict]) -> str:
     fd_label = rows[0]["fd_label"] if rows else "FD"
+    extra = [(key, header) for key, header in POINT_COLUMNS if any(r.get(key) is not None for r in rows)]
     head = ["method", "path", "coupling", "solver", "steps", "train steps", "runs", "bits/dim", fd_label,
-            f"{fd_label} at the floor's count", "floor (real vs real)", "sample NFE", "likelihood NFE",
-            "training runs"]
+            f"{fd_label} at the floor's count", "floor (real vs real)", *[h for _, h in extra], "sample NFE",
+            "likelihood NFE", "training runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["method"], r["path"], r["coupling"], r["solver"], str(r["sample_steps"]), str(r["train_steps"]),
             str(r["runs"]), _fmt(r["bpd"], r["bpd_std"]), _fmt(r["fd"], r["fd_std"]),
             _fmt(r["fd_matched"], r["fd_matched_std"]), _fmt(r["fd_floor"], r["fd_floor_std"]),
-            _fmt(r["sample_nfe"], r["sample_nfe_std"], 0), _fmt(r["likelihood_nfe"], r["likelihood_nfe_std"], 0),
+            *[_fmt(r[key], r[f"{key}_std"]) for key, _ in extra], _fmt(r["sample_nfe"], r["sample_nfe_std"], 0),
+            _fmt(r["likelihood_nfe"], r["likelihood_nfe_std"], 0),
             r["train_run_ids"]]) + " |")
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from jobs import compare as compare_job
 from jobs import evaluate as evaluate_job
 from jobs import ingest as ingest_job
 from jobs import sample as sample_job
@@ -82,6 +83,13 @@ def test_rfm_on_the_sphere_through_the_clis(tmp_path, ray_local, capsys):
     assert ev["nll"] == pytest.approx(nll) and ev["w2"] == pytest.approx(q["w2"]) and "w2_floor" in ev
     run = client.get_run(result["sample_run_id"])
     assert "samples.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # runs on points are compared from MLflow with their own columns
+    compare_job.main(["--experiment", "flowray-geometry", "--tracking-uri", uri, "--out", str(tmp_path / "cmp")])
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.startswith("| rfm |"))
+    assert "| NLL (nats) | W2 | W2 floor |" in printed
+    assert row.startswith("| rfm | geodesic (manifold) | independent | rk4 | 20 | 300 | 1 | – |")
+    assert f"| {nll:.3f} | {q['w2']:.3f} | {q['w2_floor']:.3f} |" in row
 
     # an SDE or an off-manifold fixed-step solver is refused before any Ray work
     capsys.readouterr()
