@@ -350,13 +350,15 @@ def _list_npz(spec, kind, arg, min_parts, max_rows):
     if not file.exists():
         raise IngestError(f"npz file {file} does not exist")
     members = _npz_members(file)
-    xk = next((k for k in ("images", "x", "X", "arr_0") if k in members), None)
+    xk = next((k for k in ("images", "points", "x", "X", "arr_0") if k in members), None)
     if xk is None:
-        raise IngestError(f"{file}: no image array; expected a key 'images' or 'x' (keys are {list(members)})")
+        raise IngestError(f"{file}: no image array; expected a key 'images', 'points' or 'x' (keys are "
+                          f"{list(members)})")
     shape, _ = members[xk]
-    if len(shape) not in (2, 3, 4):
+    if len(shape) not in (2, 3, 4) or (len(shape) == 2 and xk == "images"):
         raise IngestError(f"{file}: array {xk!r} has shape {list(shape)}; images must be [N, H, W] or "
-                          "[N, H, W, C], points [N, D]")
+                          "[N, H, W, C] (flat rows cannot be reshaped without knowing H and W); point rows [N, D] "
+                          "go under the key 'points' or 'x'")
     yk = next((k for k in ("labels", "y", "Y") if k in members), None)
     if yk and members[yk][0][:1] != shape[:1]:
         raise IngestError(f"{file}: {shape[0]} images but {members[yk][0][0] if members[yk][0] else 0} labels")
