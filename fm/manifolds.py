@@ -82,16 +82,20 @@ class Manifold:
         """log of the uniform density, -log(volume), [B] for points [B, D]."""
         return torch.full(x.shape[:1], -self.log_volume(), dtype=x.dtype, device=x.device)
 
+    def outside(self, x: Tensor, atol: float = 1e-3) -> tuple[Tensor, str]:
+        """(mask [N] of the rows of x [N, D] that are not points of the manifold, what such a row is not)."""
+        bad = ~torch.isfinite(x).all(1) | (self.projx(x) - x).abs().amax(1).gt(atol)
+        return bad, f"is not on {self.label} (tolerance {atol})"
+
     def check_points(self, x: Tensor, where: str = "points", atol: float = 1e-3) -> None:
         """Raise ValueError naming the first row that is not a point of the manifold (shape, norm or range)."""
         if x.ndim != 2 or x.shape[1] != self.ambient_dim:
             raise ValueError(f"{where}: points on {self.label} need shape [N, {self.ambient_dim}]; got "
                              f"{list(x.shape)}")
-        bad = ~torch.isfinite(x).all(1) | (self.projx(x) - x).abs().amax(1).gt(atol)
+        bad, what = self.outside(x, atol)
         if bad.any():
             i = int(bad.nonzero()[0])
-            raise ValueError(f"{where}: row {i} = {x[i].tolist()} is not on {self.label} (tolerance {atol}); "
-                             f"{bad.sum().item()} such rows of {len(x)}")
+            raise ValueError(f"{where}: row {i} = {x[i].tolist()} {what}; {bad.sum().item()} such rows of {len(x)}")
 
     @property
     def label(self) -> str:
@@ -206,16 +210,9 @@ class FlatTorus(Manifold):
     def log_volume(self) -> float:
         return self.dim * math.log(2 * math.pi)
 
-    def check_points(self, x: Tensor, where: str = "points", atol: float = 1e-3) -> None:
+    def outside(self, x: Tensor, atol: float = 1e-3) -> tuple[Tensor, str]:
         # any finite angle is a point of the torus; stored rows are in [-pi, pi]
-        if x.ndim != 2 or x.shape[1] != self.ambient_dim:
-            raise ValueError(f"{where}: points on {self.label} need shape [N, {self.ambient_dim}]; got "
-                             f"{list(x.shape)}")
-        bad = ~torch.isfinite(x).all(1) | x.abs().amax(1).gt(math.pi + atol)
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"{where}: row {i} = {x[i].tolist()} is not an angle vector in [-pi, pi]; "
-                             f"{bad.sum().item()} such rows of {len(x)}")
+        return ~torch.isfinite(x).all(1) | x.abs().amax(1).gt(math.pi + atol), "is not an angle vector in [-pi, pi]"
 
 
 MANIFOLDS: dict[str, type[Manifold]] = {"sphere": Sphere, "torus": FlatTorus}

@@ -167,7 +167,28 @@ class Method:
         return velocity_fn(model, y, cfg_scale, self.prediction, path)
 
 
-class RiemannianMethod:
+class _NonGaussianMethod:
+    """The training loss of the kinds beyond `Method`, and their refusal of SDE sampling (no Gaussian path, so no
+    score); a subclass says why in `_not_gaussian`."""
+
+    name: str
+    _not_gaussian: str
+
+    def loss(self, model: nn.Module, x_1: Tensor, y: Tensor | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample loss [B]: `pair`, then `loss_on_pairs`, as `Method.loss`."""
+        return self.loss_on_pairs(model, *self.pair(x_1, y, generator), generator)
+
+    @property
+    def gaussian_path(self):
+        raise ValueError(f"method {self.name!r} {self._not_gaussian}: it has no Gaussian path for SDE sampling; use "
+                         "an ODE solver")
+
+    def sde_diffusion(self, g: float):
+        return self.gaussian_path  # raises
+
+
+class RiemannianMethod(_NonGaussianMethod):
     """Riemannian Flow Matching on a manifold (`fm.riemannian`): x_0 from the uniform prior, the geodesic path, a
     model whose output is a tangent field (`fm.models.MLP` with `manifold=`)."""
 
@@ -191,23 +212,15 @@ class RiemannianMethod:
                       generator: torch.Generator | None = None) -> Tensor:
         return rfm_loss(model, self.manifold, x_0, x_1, y, generator)
 
-    def loss(self, model: nn.Module, x_1: Tensor, y: Tensor | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
-        return self.loss_on_pairs(model, *self.pair(x_1, y, generator), generator)
-
     def velocity(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0) -> VelocityFn:
         return velocity_fn(model, y, cfg_scale)
 
     @property
-    def gaussian_path(self):
-        raise ValueError(f"method {self.name!r} lives on {self.manifold.label}: it has no Gaussian path for SDE "
-                         "sampling; use an ODE solver")
-
-    def sde_diffusion(self, g: float):
-        return self.gaussian_path
+    def _not_gaussian(self) -> str:
+        return f"lives on {self.manifold.label}"
 
 
-class SnapshotMethod:
+class SnapshotMethod(_NonGaussianMethod):
     """Action Matching, or CFM, from unpaired snapshots at observed `times` (`fm.action_matching`). A batch holds
     rows of every snapshot with the snapshot index as label; the coupling pairs consecutive snapshots."""
 
@@ -239,21 +252,11 @@ class SnapshotMethod:
         loss = action_matching_loss if self.prediction == "action" else snapshot_cfm_loss
         return loss(model, x_0, x_1, y, self.times, generator)
 
-    def loss(self, model: nn.Module, x_1: Tensor, y: Tensor | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
-        return self.loss_on_pairs(model, *self.pair(x_1, y, generator), generator)
-
     def velocity(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0) -> VelocityFn:
         """grad_x s for an action, the model itself for a velocity model."""
         return action_velocity(model) if self.prediction == "action" else velocity_fn(model)
 
-    @property
-    def gaussian_path(self):
-        raise ValueError(f"method {self.name!r} moves data between snapshots: it has no Gaussian path for SDE "
-                         "sampling; use an ODE solver")
-
-    def sde_diffusion(self, g: float):
-        return self.gaussian_path
+    _not_gaussian = "moves data between snapshots"
 
 
 AnyMethod = Method | RiemannianMethod | SnapshotMethod

@@ -31,7 +31,7 @@ from fm.metrics import wasserstein2
 from fm.models import MLP
 from fm.riemannian import geodesic_wasserstein2, manifold_log_likelihood, manifold_ode_sample
 from fm.training import fit
-from pipelines.images import save_points_figure
+from pipelines.images import save_figure, save_points_figure
 
 AM_METHODS = ("am", "snapshot_icfm", "snapshot_otcfm")
 AM_DATA = "rotating-gmm"
@@ -202,17 +202,12 @@ def save_figures(rfm: list[dict], am: list[dict], out: Path) -> list[str]:
         for ax in axes.flat:
             ax.set_xlim(-4.5, 4.5)
             ax.set_ylim(-4.5, 4.5)
-        fig.tight_layout()
-        path = out / "am_transport.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(str(path))
+        paths.append(str(save_figure(fig, out / "am_transport.png", dpi=90)))
     return paths
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rfm, am, entropies = [], [], {}
     if args.part in ("rfm", "all"):
         for name in MANIFOLD_SETS:

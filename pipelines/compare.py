@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fm.methods import describe
 from fm.solvers import is_adaptive
+from pipelines.images import save_figure
 
 COLUMNS = ["method", "path", "coupling", "solver", "sample_steps", "train_steps", "runs", "bpd", "fd", "fd_matched",
            "fd_floor",
@@ -163,9 +164,4 @@ def plot_nfe_vs_fd(rows: list[dict], path: str | Path) -> Path | None:
     ax.set_xlabel("sampling NFE")
     ax.set_ylabel(rows[0]["fd_label"])
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -31,14 +31,18 @@ class EvaluationError(ConfigError):
     """Bad evaluation request."""
 
 
-class LikelihoodActor:
-    """Ray Data actor: loads the model once; per batch, bits/dim (images) or log-density (points) per row."""
+class _ModelActor:
+    """A Ray Data actor that loads the checkpoint's model once and keeps the evaluation settings and data spec."""
 
     def __init__(self, checkpoint: str, cfg: dict, data: DataSpec):
         from pipelines.checkpoint import load_model
 
         self.loaded = load_model(checkpoint)
         self.cfg, self.data = EvalConfig(**cfg), data
+
+
+class LikelihoodActor(_ModelActor):
+    """Ray Data actor: loads the model once; per batch, bits/dim (images) or log-density (points) per row."""
 
     def __call__(self, batch: dict) -> dict:
         from fm.likelihood import bits_per_dim, log_likelihood
@@ -63,14 +67,8 @@ class LikelihoodActor:
         return {"id": batch["id"], "value": (-res.log_p).numpy(), "nfe": np.full(len(x), res.nfe)}
 
 
-class TransportActor:
+class TransportActor(_ModelActor):
     """Ray Data actor for snapshot methods: carries rows of the first snapshot through every observed time."""
-
-    def __init__(self, checkpoint: str, cfg: dict, data: DataSpec):
-        from pipelines.checkpoint import load_model
-
-        self.loaded = load_model(checkpoint)
-        self.cfg, self.data = EvalConfig(**cfg), data
 
     def __call__(self, batch: dict) -> dict:
         from fm.action_matching import transport

@@ -72,9 +72,16 @@ def save_points_figure(panels: list[tuple[str, np.ndarray]], path: str | Path, m
         else:
             ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)
         ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

@@ -156,10 +156,13 @@ def _check_on_manifold(point: np.ndarray, manifold: str) -> None:
 
     from fm.manifolds import get_manifold
 
-    try:
-        get_manifold(manifold).check_points(torch.from_numpy(point.reshape(1, -1)), "point")
-    except ValueError as err:
-        raise ValueError(str(err).replace("row 0 = ", "").replace("; 1 such rows of 1", "")) from None
+    m = get_manifold(manifold)
+    x = torch.from_numpy(point.reshape(1, -1))
+    if x.shape[1] != m.ambient_dim:
+        m.check_points(x, "point")  # names the shape
+    bad, what = m.outside(x)
+    if bad.any():
+        raise ValueError(f"point: {point.tolist()} {what}")
 
 
 def split_of(record: Record, s: Settings) -> str:

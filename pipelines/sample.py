@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from fm.methods import METHODS
 from fm.seeding import SeedStack, derive_seed
 from pipelines.config import ConfigError, SampleConfig, check_writable_dir, validate_sample_config
 from pipelines.images import encode_rows
@@ -179,11 +178,10 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
 
     meta = load_meta(checkpoint)  # fails clearly before Ray starts, as do unreadable or refused weights below
     validate_sample_config(cfg, meta["method"]["name"], meta["method"])
-    if METHODS.get(meta["method"]["name"], METHODS["fm_ot"]).kind == "snapshots":
+    if load_model(checkpoint).method.kind == "snapshots":
         raise SamplingError(f"{checkpoint} holds a {meta['method']['name']} model, which moves data from its first "
                             "snapshot rather than sampling noise; `python -m jobs.evaluate --checkpoint ... --data "
                             "SHARDS` carries the held-out first snapshot through every observed time")
-    load_model(checkpoint)
     data = DataSpec.from_dict(meta.get("manifest"), f"{checkpoint}/meta.json: manifest")
     layout, model_shape = ("HWC" if data.is_image else "D"), data.model_shape
     out = Path(out).resolve()
