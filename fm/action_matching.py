@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from fm.couplings import Coupling, IndependentCoupling
+from fm.seeding import draw_device
 from fm.solvers import VelocityFn, ode_sample
 
 __all__ = ["snapshot_pairs", "segment_times", "action_matching_loss", "snapshot_cfm_loss", "action_velocity",
@@ -75,7 +76,8 @@ def segment_times(times: Tensor, segment: Tensor, tau: Tensor) -> tuple[Tensor, 
 
 
 def _interpolate(a: Tensor, b: Tensor, times: Tensor, segment: Tensor, generator: torch.Generator | None):
-    tau = torch.rand(a.shape[0], generator=generator, device=a.device, dtype=a.dtype)
+    tau = torch.rand(a.shape[0], generator=generator, device=draw_device(generator, a.device),
+                     dtype=a.dtype).to(a.device)
     t_a, t_b, t = segment_times(times.to(a.device, a.dtype), segment, tau)
     return (1 - tau[:, None]) * a + tau[:, None] * b, t_a, t_b, t
 

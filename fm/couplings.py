@@ -201,8 +201,26 @@ class GlobalOTCoupling(Coupling):
             j = j.to(x_0.device)
         dist.broadcast(j, src=0, group=self.group)
         self.last_solve_seconds = time.perf_counter() - start
-        mine = j[rank * b : (rank + 1) * b]
-        return x_0.to(device), all_x1[mine].to(device), (None if all_y is None else all_y[mine].to(device))
+        return _rank_part(j, rank, b, x_0.to(device), all_x1.to(device), None if all_y is None else all_y.to(device))
+
+    def split(self, x_0: list[Tensor], x_1: list[Tensor], y: list[Tensor] | None = None
+              ) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+        """Every rank's pairs without a process group, from the batches x_0[r], x_1[r] [b, ...] (and y[r] [b]) of
+        each rank r: one exact plan over the joined batch, then rank r's x_0 rows with their matched x_1 partners.
+        The same as `__call__` gives rank r in a group (a CPU worker pairs a whole step this way)."""
+        b, all_x0, all_x1 = x_0[0].shape[0], torch.cat(x_0), torch.cat(x_1)
+        all_y = None if y is None else torch.cat(y)
+        start = time.perf_counter()
+        _, j = self._local.plan_indices(all_x0, all_x1)
+        self.last_solve_seconds = time.perf_counter() - start
+        return [_rank_part(j, r, b, x_0[r], all_x1, all_y) for r in range(len(x_0))]
+
+
+def _rank_part(j: Tensor, rank: int, b: int, x_0: Tensor, all_x1: Tensor, all_y: Tensor | None
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Rank `rank`'s x_0 [b, ...] and the partners the global plan j [W * b] gives its rows."""
+    mine = j[rank * b : (rank + 1) * b].to(all_x1.device)
+    return x_0, all_x1[mine], None if all_y is None else all_y[mine]
 
 
 def _all_gather(x: Tensor, world: int, group=None) -> Tensor:

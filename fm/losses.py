@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from fm.paths import AffinePath, PathSample, VPScheduler, check_pair
+from fm.seeding import draw_device
 
 __all__ = ["cfm_loss", "dsm_loss", "sample_time"]
 
@@ -13,7 +14,7 @@ __all__ = ["cfm_loss", "dsm_loss", "sample_time"]
 def sample_time(batch: int, t_max: float = 1.0, generator: torch.Generator | None = None,
                 device: torch.device | str = "cpu") -> Tensor:
     """Uniform training times in [0, t_max], shape [batch]."""
-    return torch.rand(batch, generator=generator, device=device) * t_max
+    return torch.rand(batch, generator=generator, device=draw_device(generator, device)).to(device) * t_max
 
 
 def cfm_loss(model: nn.Module, sample: PathSample, y: Tensor | None = None) -> Tensor:

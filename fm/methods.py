@@ -118,8 +118,11 @@ class Method:
         """The first half of `loss`: noise x_0 [B, ...] drawn from `generator` and paired with x_1 (and its labels
         y) by the coupling. Can run ahead of the step (`fm.training.read_ahead`); `loss_on_pairs` then continues
         with the same generator."""
-        x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)
-        return self.coupling(x_0, x_1, y, generator)
+        return self.coupling(self.noise(x_1, generator), x_1, y, generator)
+
+    def noise(self, x_1: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A training step's noise x_0 ~ N(0, I) [B, ...] for data x_1 [B, ...], drawn from `generator`."""
+        return torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)
 
     def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
                       generator: torch.Generator | None = None) -> Tensor:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fm.seeding import draw_device
+
 __all__ = [
     "PathSample",
     "SchedulerOutput",
@@ -268,7 +270,8 @@ class NoisyLinearPath:
         te = _expand(t, x_1)
         x_t, dx_t = te * x_1 + (1 - te) * x_0, x_1 - x_0
         if self.sigma > 0:
-            eps = torch.randn(x_0.shape, generator=generator, device=x_0.device, dtype=x_0.dtype)
+            eps = torch.randn(x_0.shape, generator=generator, device=draw_device(generator, x_0.device),
+                              dtype=x_0.dtype).to(x_0.device)
             if self.noise == "constant":
                 x_t = x_t + self.sigma * eps
             else:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["derive_seed", "generator", "SeedStack"]
+__all__ = ["derive_seed", "generator", "draw_device", "SeedStack"]
 
 _MOD = 2**63 - 1  # torch.Generator.manual_seed takes any int64; keep seeds positive
 
@@ -30,6 +30,12 @@ def generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generato
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(*parts))
     return g
+
+
+def draw_device(generator: torch.Generator | None, device: torch.device | str) -> torch.device:
+    """Where a draw for data on `device` is made: on the generator's own device, then moved. A step paired on a CPU
+    worker (`pipelines.stream`) hands its CPU generator to a trainer on any device, and the loss continues from it."""
+    return torch.device(device) if generator is None else generator.device
 
 
 class SeedStack:

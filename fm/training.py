@@ -10,11 +10,13 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from fm.couplings import GlobalOTCoupling
 from fm.data import sample_toy
 from fm.ema import EMA
 from fm.methods import Method
 
-__all__ = ["StepResult", "Pairs", "pair_step", "read_ahead", "train_step", "SCHEDULES", "lr_at", "fit", "fit_toy"]
+__all__ = ["StepResult", "Pairs", "pair_step", "pair_global_step", "read_ahead", "train_step", "SCHEDULES", "lr_at",
+           "fit", "fit_toy"]
 
 T, U = TypeVar("T"), TypeVar("U")
 
@@ -66,6 +68,20 @@ def pair_step(method: Method, x_1: Tensor, y: Tensor | None, generator: torch.Ge
     """Draw a step's noise and solve its coupling, as `method.loss` would at the start of the step."""
     x_0, x_1, y = method.pair(x_1, y, generator)
     return Pairs(x_0, x_1, y, generator, method.coupling.last_solve_seconds)
+
+
+def pair_global_step(method: Method, x_1: list[Tensor], y: list[Tensor] | None,
+                     generators: list[torch.Generator]) -> list[Pairs]:
+    """Every rank's `pair_step` under the global-batch coupling (`fm.couplings.GlobalOTCoupling`), made in one
+    process: rank r's noise from generators[r] for its batch x_1[r] [b, ...] (labels y[r] [b]), one plan over the
+    step's global batch, split afterwards. The pairs each rank of a process group gets from `pair_step`."""
+    if not isinstance(method.coupling, GlobalOTCoupling):
+        raise ValueError(f"method {method.name!r} does not couple over the global batch (its coupling is "
+                         f"{type(method.coupling).__name__})")
+    x_0 = [method.noise(x, g) for x, g in zip(x_1, generators, strict=True)]
+    parts = method.coupling.split(x_0, x_1, y)
+    seconds = method.coupling.last_solve_seconds
+    return [Pairs(a, b, c, g, seconds) for (a, b, c), g in zip(parts, generators, strict=True)]
 
 
 def read_ahead(items: Iterator[T], fn: Callable[[T], U], buffer: int) -> Iterator[U]:

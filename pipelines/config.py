@@ -30,9 +30,7 @@ class DataConfig:
     shards: str = "data/digits"  # an ingest output directory (holds manifest.json)
     split: str = "train"
     hflip: bool = False  # random horizontal flips in preprocessing
-    cache: bool = False  # keep the raw rows in Ray's object store after the first read (small data sets)
-    repeat: int = 1  # passes over the data per Ray Data epoch (amortises the per-epoch start-up)
-    buffer_batches: int = 96  # steps a worker's reader thread keeps ready (read and paired), across epoch boundaries
+    buffer_batches: int = 96  # paired steps a worker's reader thread keeps ready on its device
 
 
 @dataclass
@@ -98,8 +96,8 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional so Ray Data's read tasks keep a CPU on small machines
     gpus_per_worker: float = 1.0
-    preprocess_cpus: float = 0.25
-    preprocess_actors: int = 0  # most preprocessing actors (an autoscaling pool from 1); 0: one per CPU left over
+    preprocess_cpus: float = 0.25  # per read task and per pairing actor of the training stream
+    preprocess_actors: int = 0  # most pairing actors per worker stream (a pool from 1); 0: the spare CPUs / workers
     prefetch_batches: int = 2
     max_failures: int = 2  # a crashed worker (or node) is recovered from the last checkpoint, twice
     local_cpus: int = 4  # logical CPUs of a local Ray (at least the host's count); see pipelines.train.init_ray
@@ -255,7 +253,6 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 def validate(cfg: Config) -> None:
     """Check every value; raise ConfigError naming the first bad key."""
     m, meth, o, t, r = cfg.model, cfg.method, cfg.optim, cfg.train, cfg.ray
-    _check(cfg.data.repeat >= 1, "data.repeat", cfg.data.repeat, "must be >= 1")
     _check(cfg.data.buffer_batches >= 0, "data.buffer_batches", cfg.data.buffer_batches, "must be >= 0")
     _check(m.name in MODELS, "model.name", m.name, f"allowed: {', '.join(MODELS)}")
     _check(m.model_channels >= 1, "model.model_channels", m.model_channels, "must be >= 1")

@@ -15,12 +15,13 @@ import torch
 
 
 def decode_rows(raw, shape: list[int], kind: str = "image") -> torch.Tensor:
-    """Parquet `image` cells (raw bytes per row) to a batch: uint8 [B, C, H, W] for HWC images, float32 [B, D]
-    for points."""
+    """Parquet `image` cells (raw bytes per row, or their bytes as uint8 [B, row bytes]) to a batch: uint8
+    [B, C, H, W] for HWC images, float32 [B, D] for points."""
+    buf = raw.tobytes() if isinstance(raw, np.ndarray) and raw.dtype == np.uint8 else b"".join(raw)
     if kind == "image":
-        arr = np.frombuffer(b"".join(raw), np.uint8).reshape(-1, *shape)
+        arr = np.frombuffer(buf, np.uint8).reshape(-1, *shape)
         return torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)
-    return torch.from_numpy(np.frombuffer(b"".join(raw), np.float32).reshape(-1, *shape).copy())
+    return torch.from_numpy(np.frombuffer(buf, np.float32).reshape(-1, *shape).copy())
 
 
 def encode_rows(x: torch.Tensor, kind: str = "image") -> list[bytes]:

@@ -158,6 +158,11 @@ class Manifest:
         self.check_split(split)
         return [str((self.directory / s["file"]).resolve()) for s in self.splits[split]["shards"]]
 
+    def shard_rows(self, split: str) -> list[int]:
+        """Rows of each of a split's shards, in the order of `shard_paths`."""
+        self.check_split(split)
+        return [int(s["rows"]) for s in self.splits[split]["shards"]]
+
     def check_shards(self) -> None:
         """The cheap check, before any Ray work: every shard exists, has a readable parquet footer and the row
         count the manifest says (a truncated or foreign file fails here, named)."""

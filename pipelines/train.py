@@ -1,8 +1,9 @@
-"""Distributed CFM training: Ray Data streams parquet shards into Ray Train TorchTrainer workers (DDP).
+"""Distributed CFM training: Ray Train TorchTrainer workers (DDP), each fed paired steps by its own Ray Data
+stream over the parquet shards (`pipelines.stream`: the coupling is solved on CPU actors, ahead of the step).
 
-Driver: validate config and data, open the MLflow run, build the dataset and the trainer, fit, report.
-Workers: rebuild model and method from `fm`, resume from `ray.train.get_checkpoint()`, train, report every
-`checkpoint_every` steps (every rank calls report), rank 0 logs to MLflow.
+Driver: validate config and data, open the MLflow run, resolve the stream, build the trainer, fit, report.
+Workers: rebuild model and method from `fm`, resume from `ray.train.get_checkpoint()`, start the stream at the
+step they resume from, train, report every `checkpoint_every` steps (every rank calls report), rank 0 logs to MLflow.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fm.data import to_model_space, to_uint8
+from fm.data import to_uint8
 from fm.ema import EMA
 from fm.methods import Method, make_method
 from fm.models import build_model
@@ -24,70 +25,17 @@ from fm.solvers import ode_sample
 from fm.training import StepResult, lr_at, train_step
 from pipelines.checkpoint import load_meta, load_state, save_checkpoint
 from pipelines.config import Config, check_data, method_kwargs, model_kwargs, tracking_uri
-from pipelines.images import decode_rows, save_grid
-from pipelines.manifest import DataSpec, Manifest
+from pipelines.images import save_grid
+from pipelines.manifest import DataSpec
 from pipelines.runtime import quiet_train_worker
+from pipelines.stream import StreamSpec, stream_spec
 from pipelines.tracking import SafeLogger
 
-LABEL_STREAM = 1  # the label-dropout draws of a step come from derive_seed(seed, rank, step, LABEL_STREAM)
 WINDOWS = "_mlflow_windows"  # the report key under which rank 0 hands its logging windows to the controller
 
 
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user must act on (e.g. too many non-finite losses)."""
-
-
-# --- data ------------------------------------------------------------------------------------------------------
-
-
-class Preprocess:
-    """Ray Data map stage: raw uint8 HWC bytes -> float32 [B, C, H, W] in [-1, 1] (optional random h-flip);
-    point rows -> float32 [B, D]."""
-
-    def __init__(self, shape: list[int], kind: str, hflip: bool, seed: int):
-        self.shape, self.kind, self.hflip = tuple(shape), kind, hflip
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.kind == "points":
-            x = decode_rows(batch["image"], self.shape, "points").numpy()
-        else:
-            x = to_model_space(decode_rows(batch["image"], self.shape)).numpy()
-            if self.hflip:
-                flip = self.rng.random(x.shape[0]) < 0.5
-                x[flip] = x[flip][..., ::-1]
-        return {"x": np.ascontiguousarray(x), "y": batch["label"].astype(np.int64)}
-
-
-def build_dataset(cfg: Config, manifest: Manifest):
-    """The streaming training dataset: read_parquet over the split's shards, preprocessed on CPU."""
-    import ray.data
-
-    ds = ray.data.read_parquet(manifest.shard_paths(cfg.data.split)).select_columns(["image", "label"])
-    if cfg.data.cache:
-        # Decoded rows are kept in Ray's object store (not the driver) and flips are applied on the fly.
-        ds = ds.materialize()
-    if cfg.data.repeat > 1:
-        # Each pass over a streaming split restarts its executor (about a second); on a small data set that
-        # start-up dominates the step time, so one Ray Data epoch spans several passes.
-        ds = ds.union(*([ds] * (cfg.data.repeat - 1)))
-    return ds.map_batches(Preprocess, fn_constructor_args=(manifest.data.shape, manifest.data.kind,
-                                                           cfg.data.hflip, cfg.train.seed),
-                          batch_format="numpy", batch_size=256, num_cpus=cfg.ray.preprocess_cpus,
-                          compute=_preprocess_pool(cfg))
-
-
-def _preprocess_pool(cfg: Config):
-    """An autoscaling pool of preprocessing actors: from 1 up to `ray.preprocess_actors`, or by default as many as
-    the cluster's CPUs hold beside the train workers, so the data path grows with the cluster."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    most = cfg.ray.preprocess_actors
-    if not most:  # one actor per CPU left over; one CPU stays free for Ray Data's read tasks (else: a hang)
-        spare = ray.cluster_resources().get("CPU", 1) - cfg.ray.num_workers * cfg.ray.cpus_per_worker - 1
-        most = max(1, int(spare))
-    return ActorPoolStrategy(min_size=1, max_size=most)
 
 
 # --- worker ----------------------------------------------------------------------------------------------------
@@ -103,6 +51,7 @@ class TrainJob:
     tracking_uri: str
     run_id: str
     fault_marker: str
+    stream: StreamSpec
     verbose: bool = False
 
 
@@ -149,7 +98,6 @@ class MetricWindow:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """One Ray Train worker: restore, then batch -> fault hook -> labels -> lr -> step -> bookkeeping -> log."""
-    import ray.train
 
     job: TrainJob = loop_config["job"]
     if not job.verbose:
@@ -158,7 +106,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     t = cfg.train
     state = _build_state(job)
     logger = _rank0_logger(job, state)
-    batches = _steps(job, state, ray.train.get_dataset_shard("train"))
+    batches = _steps(job, state)
     window, started, start_step = MetricWindow(), time.perf_counter(), state.step
     wait_total = time_total = startup = 0.0
     while state.step < t.steps:
@@ -240,43 +188,17 @@ def _rank0_logger(job: TrainJob, state: WorkerState) -> SafeLogger | None:
     return logger
 
 
-def _steps(job: TrainJob, state: WorkerState, shard):
-    """Endless (step, pairs) from this worker's dataset shard, epoch after epoch, numbered from the step the
-    worker starts at.
+def _steps(job: TrainJob, state: WorkerState):
+    """Endless (step, pairs) from this worker's stream (`pipelines.stream`), from the step the worker starts at.
 
-    A reader thread (`fm.training.read_ahead`) keeps up to `data.buffer_batches` steps ready: it starts the next
-    Ray Data epoch as soon as the last one is read, so an epoch's start-up is spent while the model trains on the
-    buffered batches, and it draws each step's labels, noise and pairing (`pair_step`, from the step's own seed) so
-    that minibatch OT is solved while the previous steps compute. The plan over the global batch of all ranks
-    gathers on a gloo process group of its own, so that its collectives in the reader threads never interleave
-    with the gradient all-reduce of the steps (every rank's reader pairs the steps in the same order).
+    The stream pairs every step on CPU actors; a reader thread (`fm.training.read_ahead`) keeps up to
+    `data.buffer_batches` of them on the worker's device, so a hiccup of the stream is absorbed by the buffer.
     """
-    from fm.couplings import GlobalOTCoupling
-    from fm.training import pair_step, read_ahead
+    from fm.training import read_ahead
+    from pipelines.stream import iter_pairs
 
-    cfg = job.config
-    method = state.method
-    if isinstance(method.coupling, GlobalOTCoupling) and state.world > 1:
-        import torch.distributed as dist
-
-        method = make_method(**method_kwargs(cfg, job.data))
-        method.coupling.group = dist.new_group(backend="gloo")  # every rank creates it here, in the same order
-
-    def numbered():
-        step = state.step
-        while True:
-            for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
-                                                  prefetch_batches=cfg.ray.prefetch_batches, device=state.device):
-                yield step, batch["x"], batch["y"]
-                step += 1
-
-    def prepare(item):
-        step, x_1, y = item
-        if method.kind != "snapshots":  # a snapshot row's label is its observation time's index, not a class
-            y = _training_labels(job, state, y, step)
-        return step, pair_step(method, x_1, y, generator(cfg.train.seed, state.rank, step, device=state.device))
-
-    return read_ahead(numbered(), prepare, cfg.data.buffer_batches)
+    return read_ahead(iter_pairs(job.stream, state.rank, state.step, state.device), lambda item: item,
+                      job.config.data.buffer_batches)
 
 
 def _maybe_inject_fault(job: TrainJob, state: WorkerState) -> None:
@@ -289,17 +211,6 @@ def _maybe_inject_fault(job: TrainJob, state: WorkerState) -> None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"injected failure at step {state.step + 1} on rank {state.rank}\n")
         raise RuntimeError(f"injected failure (train.fail_at_step={state.step + 1}) on rank {state.rank}")
-
-
-def _training_labels(job: TrainJob, state: WorkerState, y: torch.Tensor, step: int) -> torch.Tensor | None:
-    """Labels for a class-conditional model, replaced by the null class with probability label_dropout (for
-    classifier-free guidance); None for an unconditional one."""
-    num_classes = job.model_kwargs.get("num_classes")
-    if num_classes is None:
-        return None
-    g = generator(job.config.train.seed, state.rank, step, LABEL_STREAM)
-    drop = torch.rand(y.shape, generator=g).to(state.device)
-    return torch.where(drop < job.config.model.label_dropout, torch.full_like(y, num_classes), y)
 
 
 def _count_nonfinite(state: WorkerState, res: StepResult, limit: int) -> None:
@@ -403,8 +314,10 @@ def run_training(cfg: Config) -> dict:
 
     if previous is not None:
         replay_windows(uri, run_id, previous)
-    job = TrainJob(cfg, model_kwargs(cfg, manifest.data), manifest.data, uri, run_id,
-                   str(run_dir / f".fault_injected_step_{cfg.train.fail_at_step}"), is_verbose())
+    kwargs = model_kwargs(cfg, manifest.data)
+    job = TrainJob(cfg, kwargs, manifest.data, uri, run_id,
+                   str(run_dir / f".fault_injected_step_{cfg.train.fail_at_step}"),
+                   stream_spec(cfg, manifest, kwargs, _pair_actors(cfg)), is_verbose())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -416,7 +329,6 @@ def run_training(cfg: Config) -> dict:
                              callbacks=[CheckpointedMetrics(uri, run_id, cfg.train.steps,
                                                             cfg.mlflow.flush_timeout_s)],
                              logging_config=train_logging_config()),
-        datasets={"train": build_dataset(cfg, manifest)},
     )
     stage(f"training {cfg.method.name} for {cfg.train.steps} steps on {cfg.ray.num_workers} worker(s) "
           f"({'resuming' if resumed else 'new'} MLflow run {run_id}, experiment {cfg.mlflow.experiment})")
@@ -455,6 +367,17 @@ def _check_resume_checkpoint(previous) -> None:
     if previous.checkpoint is not None:
         load_meta(previous.checkpoint.path)
         check_files(previous.checkpoint.path)
+
+
+def _pair_actors(cfg: Config) -> int:
+    """Most pairing actors per worker's stream: `ray.preprocess_actors`, or by default the cluster's CPUs left
+    left beside the train workers, shared among the workers' streams (one CPU stays free for the read tasks)."""
+    import ray
+
+    if cfg.ray.preprocess_actors:
+        return cfg.ray.preprocess_actors
+    spare = ray.cluster_resources().get("CPU", 1) - cfg.ray.num_workers * cfg.ray.cpus_per_worker - 1
+    return max(1, int(spare / cfg.ray.num_workers))  # an actor runs one thread: about a CPU when busy
 
 
 def _resources(cfg: Config) -> dict:

@@ -13,7 +13,7 @@ from pipelines.config import load_config
 TINY = [
     "model.model_channels=8", "model.num_heads=1", "model.attention_resolutions=[]", "train.batch_size=16",
     "train.log_every=4", "train.checkpoint_every=4", "train.sample_every=4", "train.grid_size=4",
-    "train.grid_steps=2", "optim.warmup_steps=2", "data.cache=true", "data.repeat=4",
+    "train.grid_steps=2", "optim.warmup_steps=2",
 ]
 
 

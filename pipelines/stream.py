@@ -1,0 +1,254 @@
+"""The training stream: each Ray Train worker's steps as a Ray Data pipeline, paired before they reach the worker.
+
+    range(steps left) ─read_steps (tasks)──▶ a row per step: the raw rows of its batch, their labels, the step
+                      ─PairSteps (CPU actor pool)──▶ a row per step: x_0, x_1 [b, ...], y [b], the step's generator
+                      ─▶ the worker: `iter_batches(batch_size=1)`, buffered by `fm.training.read_ahead`
+
+The minibatch OT plan (or any coupling) is solved on the CPU actors while the trainers compute, so it is off the
+step's critical path. The stream spans the whole run (no Ray Data epochs, so no stall at an epoch boundary).
+
+Step s reads rows [p B, (p + 1) B) of the split in order, p = s mod (N // B) (B = batch_size x workers; a pass's
+last partial batch is skipped), rank r its part [p B + r b, p B + (r + 1) b). Everything random about a step comes
+from seeds derived from (train.seed, rank, step) (flips, label dropout, noise, coupling), so a step is the same on
+any number of CPU actors, after a restart, and as `fm.training.pair_step` makes it in process. With
+`method.ot_scope=global` a rank's stream reads the step's whole global batch and solves the one plan over it
+(`fm.training.pair_global_step`), keeping its own part: every rank's stream does this work, off the trainers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fm.data import to_model_space
+from fm.methods import make_method
+from fm.seeding import generator
+from fm.training import Pairs, pair_global_step, pair_step
+from pipelines.images import decode_rows
+
+LABEL_STREAM = 1  # the label-dropout draws of a step come from derive_seed(seed, rank, step, LABEL_STREAM)
+FLIP_STREAM = 2  # its random horizontal flips from derive_seed(seed, rank, step, FLIP_STREAM)
+ROW_BYTES_PER_READ = 32 << 20  # a read task covers about this many bytes of rows (whole steps)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What every worker's stream needs, resolved by the driver from the config and the manifest."""
+
+    files: tuple[str, ...]  # the split's shards, in order
+    file_rows: tuple[int, ...]
+    shape: tuple[int, ...]  # a row: [H, W, C] image or [D] point
+    kind: str  # "image" or "points"
+    batch_size: int  # per worker
+    world: int
+    steps: int  # the run's last step
+    seed: int
+    hflip: bool
+    method_kwargs: dict
+    num_classes: int | None  # a class-conditional model's classes (labels dropped with label_dropout), else None
+    label_dropout: float
+    keep_labels: bool  # labels are data (snapshot indices), passed through untouched
+    cpus: float  # per read task and per pairing actor
+    actors: int  # most pairing actors per worker's stream
+    prefetch_batches: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
+
+    @property
+    def steps_per_pass(self) -> int:
+        return sum(self.file_rows) // self.global_batch
+
+    @property
+    def global_plan(self) -> bool:
+        return self.method_kwargs.get("ot_scope") == "global" and self.world > 1
+
+    def parts(self, rank: int) -> list[int]:
+        """The ranks whose rows rank `rank`'s stream reads: its own, or every rank's for the global plan."""
+        return list(range(self.world)) if self.global_plan else [rank]
+
+    def row_range(self, step: int, part: int) -> tuple[int, int]:
+        """Rows [start, stop) of the split that rank `part` trains on at `step`."""
+        start = (step % self.steps_per_pass) * self.global_batch + part * self.batch_size
+        return start, start + self.batch_size
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape)) * (1 if self.kind == "image" else 4)
+
+
+def stream_spec(cfg, manifest, model_kwargs: dict, actors: int) -> StreamSpec:
+    """The `StreamSpec` of a training config (`pipelines.config.Config`) over its split of `manifest`, with at
+    most `actors` pairing actors per worker's stream."""
+    from pipelines.config import method_kwargs
+
+    split, data = cfg.data.split, manifest.data
+    return StreamSpec(tuple(manifest.shard_paths(split)), tuple(manifest.shard_rows(split)), tuple(data.shape),
+                      data.kind, cfg.train.batch_size, cfg.ray.num_workers, cfg.train.steps, cfg.train.seed,
+                      cfg.data.hflip, method_kwargs(cfg, data), model_kwargs.get("num_classes"),
+                      cfg.model.label_dropout, bool(data.times), cfg.ray.preprocess_cpus, actors,
+                      cfg.ray.prefetch_batches)
+
+
+# --- read ------------------------------------------------------------------------------------------------------
+
+
+class _Rows:
+    """Rows of the split by index, read row group by row group from the parquet shards (each group once)."""
+
+    def __init__(self, spec: StreamSpec):
+        self.spec = spec
+        self.file_start = np.cumsum([0, *spec.file_rows])
+        self.group_start: dict[int, np.ndarray] = {}
+        self.groups: dict[tuple[int, int], tuple[list, np.ndarray]] = {}
+
+    def take(self, start: int, stop: int) -> tuple[list, np.ndarray]:
+        """Raw cells and labels of rows [start, stop)."""
+        cells, labels, i = [], [], start
+        while i < stop:
+            f = int(np.searchsorted(self.file_start, i, side="right")) - 1
+            local = i - int(self.file_start[f])
+            starts = self._group_starts(f)
+            g = int(np.searchsorted(starts, local, side="right")) - 1
+            group_cells, group_labels = self._group(f, g)
+            lo = local - int(starts[g])
+            hi = min(len(group_labels), lo + stop - i)
+            self._check(group_cells[lo:hi], f, local)
+            cells += group_cells[lo:hi]
+            labels.append(group_labels[lo:hi])
+            i += hi - lo
+        return cells, np.concatenate(labels)
+
+    def _group_starts(self, f: int) -> np.ndarray:
+        if f not in self.group_start:
+            import pyarrow.parquet as pq
+
+            meta = pq.read_metadata(self.spec.files[f])
+            self.group_start[f] = np.cumsum([0] + [meta.row_group(k).num_rows for k in range(meta.num_row_groups)])
+        return self.group_start[f]
+
+    def _group(self, f: int, g: int) -> tuple[list, np.ndarray]:
+        if (f, g) not in self.groups:
+            import pyarrow.parquet as pq
+
+            table = pq.ParquetFile(self.spec.files[f]).read_row_group(g, columns=["image", "label"])
+            self.groups[(f, g)] = (table.column("image").to_pylist(),
+                                   table.column("label").to_numpy(zero_copy_only=False).astype(np.int64))
+        return self.groups[(f, g)]
+
+    def _check(self, cells: list, f: int, local: int) -> None:
+        want = self.spec.row_bytes
+        for k, cell in enumerate(cells):
+            if cell is None or len(cell) != want:
+                got = "no bytes" if cell is None else f"{len(cell)} bytes"
+                raise ValueError(f"{self.spec.files[f]}: row {local + k} has {got}; a row of shape "
+                                 f"{list(self.spec.shape)} ({self.spec.kind}) has {want}; re-ingest the data")
+
+
+def read_steps(batch: dict[str, np.ndarray], spec: StreamSpec, rank: int, first_step: int) -> dict[str, np.ndarray]:
+    """Ray Data map stage: step ids (0 = `first_step`) -> one row per step: step, raw uint8 [rows, row_bytes] and
+    label int64 [rows] of the rows the step reads for rank `rank` (its part, or every part for the global plan)."""
+    rows, steps = _Rows(spec), first_step + batch["id"].astype(np.int64)
+    raw, labels = [], []
+    for step in steps:
+        cells, y = zip(*(rows.take(*spec.row_range(int(step), part)) for part in spec.parts(rank)), strict=True)
+        raw.append(np.frombuffer(b"".join(c for part in cells for c in part), np.uint8).reshape(-1, spec.row_bytes))
+        labels.append(np.concatenate(y))
+    return {"step": steps, "raw": np.stack(raw), "label": np.stack(labels)}
+
+
+# --- pair ------------------------------------------------------------------------------------------------------
+
+
+def drop_labels(y: torch.Tensor, num_classes: int, p: float, g: torch.Generator) -> torch.Tensor:
+    """Labels [b] with each replaced by the null class `num_classes` with probability p (classifier-free
+    guidance training)."""
+    return torch.where(torch.rand(y.shape, generator=g) < p, torch.full_like(y, num_classes), y)
+
+
+class PairSteps:
+    """Ray Data actor stage: a step's raw rows -> model-space x_1, the step's flips and labels, then its noise and
+    coupling (`pair_step`, or `pair_global_step` over every rank's part), all from the step's seeds. Out: one row
+    per step with x_0, x_1 [b, ...], y [b] (when the model takes labels), the generator's state after the pairing
+    (the loss continues from it) and the solve time."""
+
+    def __init__(self, spec: StreamSpec, rank: int):
+        torch.set_num_threads(1)  # an actor takes a fraction of a CPU; more threads only contend with the trainers
+        self.spec, self.rank, self.method = spec, rank, make_method(**spec.method_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {"step": [], "x_0": [], "x_1": [], "y": [], "state": [], "solve_s": []}
+        for step, raw, labels in zip(batch["step"], batch["raw"], batch["label"], strict=True):
+            pairs = self.pair(int(step), raw, labels)
+            out["step"].append(int(step))
+            out["x_0"].append(pairs.x_0.numpy())
+            out["x_1"].append(pairs.x_1.numpy())
+            out["y"].append(None if pairs.y is None else pairs.y.numpy())
+            out["state"].append(pairs.generator.get_state().numpy())
+            out["solve_s"].append(pairs.solve_seconds)
+        if out["y"][0] is None:
+            del out["y"]
+        return {k: np.stack(v) for k, v in out.items()}
+
+    def pair(self, step: int, raw: np.ndarray, labels: np.ndarray) -> Pairs:
+        """The pairs rank `rank` trains on at `step`, from the rows the step reads ([parts x b, row_bytes])."""
+        spec, b = self.spec, self.spec.batch_size
+        parts = spec.parts(self.rank)
+        x_1, y = [], []
+        for k, part in enumerate(parts):
+            x, lab = self.x_1(step, part, raw[k * b:(k + 1) * b]), torch.from_numpy(labels[k * b:(k + 1) * b])
+            x_1.append(x)
+            if spec.keep_labels:
+                y.append(lab)
+            elif spec.num_classes is not None:
+                y.append(drop_labels(lab, spec.num_classes, spec.label_dropout,
+                                     generator(spec.seed, part, step, LABEL_STREAM)))
+        gens = [generator(spec.seed, part, step) for part in parts]
+        if spec.global_plan:
+            return pair_global_step(self.method, x_1, y or None, gens)[parts.index(self.rank)]
+        return pair_step(self.method, x_1[0], y[0] if y else None, gens[0])
+
+    def x_1(self, step: int, part: int, raw: np.ndarray) -> torch.Tensor:
+        """Rank `part`'s data at `step` in model space: images in [-1, 1] [b, C, H, W] (flipped from the step's
+        seed), points [b, D]."""
+        spec = self.spec
+        if spec.kind == "points":
+            return decode_rows(raw, list(spec.shape), "points")
+        x = to_model_space(decode_rows(raw, list(spec.shape)))
+        if spec.hflip:
+            flip = torch.rand(x.shape[0], generator=generator(spec.seed, part, step, FLIP_STREAM)) < 0.5
+            x[flip] = x[flip].flip(-1)
+        return x
+
+
+# --- the stream --------------------------------------------------------------------------------------------------
+
+
+def build_stream(spec: StreamSpec, rank: int, first_step: int):
+    """Rank `rank`'s Ray Data stream of paired steps `first_step` ... `spec.steps` - 1, in order."""
+    import ray.data
+    from ray.data import ActorPoolStrategy, DataContext
+
+    DataContext.get_current().execution_options.preserve_order = True  # steps arrive in order
+    n = spec.steps - first_step
+    step_bytes = len(spec.parts(rank)) * spec.batch_size * spec.row_bytes
+    per_read = max(1, min(64, ROW_BYTES_PER_READ // max(step_bytes, 1)))
+    ids = ray.data.range(n, override_num_blocks=max(1, -(-n // per_read)))
+    return (ids.map_batches(read_steps, fn_kwargs={"spec": spec, "rank": rank, "first_step": first_step},
+                            batch_size=per_read, batch_format="numpy", num_cpus=spec.cpus)
+            .map_batches(PairSteps, fn_constructor_args=(spec, rank), batch_size=1, batch_format="numpy",
+                         num_cpus=spec.cpus, compute=ActorPoolStrategy(min_size=1, max_size=spec.actors)))
+
+
+def iter_pairs(spec: StreamSpec, rank: int, first_step: int, device: torch.device):
+    """(step, `Pairs` on `device`) for steps `first_step`, ..., in order, from rank `rank`'s stream."""
+    for rec in build_stream(spec, rank, first_step).iter_batches(batch_size=1, batch_format="numpy",
+                                                                 prefetch_batches=spec.prefetch_batches):
+        g = torch.Generator()
+        g.set_state(torch.from_numpy(rec["state"][0].copy()))
+        y = torch.from_numpy(rec["y"][0]).to(device) if "y" in rec else None
+        yield int(rec["step"][0]), Pairs(torch.from_numpy(rec["x_0"][0]).to(device),
+                                         torch.from_numpy(rec["x_1"][0]).to(device), y, g, float(rec["solve_s"][0]))
