@@ -54,6 +54,11 @@ def test_global_ot_equals_one_solve_on_the_joined_batch():
     torch.testing.assert_close(joined_1, ref_1)
     assert torch.equal(joined_y, ref_y)
     torch.testing.assert_close(torch.cat([out[r][0] for r in range(world)]), x_0)
+    # the same plan made in one process (what a CPU worker of the training stream does), split by rank
+    parts = GlobalOTCoupling().split(list(x_0.chunk(world)), list(x_1.chunk(world)), list(y.chunk(world)))
+    for r in range(world):
+        for a, b in zip(parts[r], out[r], strict=True):
+            assert torch.equal(a, b)
     for r in range(world):
         assert out[f"reduced{r}"]
         for a, b in zip(out[f"ahead{r}"], out[r], strict=True):
