@@ -15,10 +15,10 @@ memory: the same kind of folder at each size, with smaller photos (24..48 px: th
 the larger sizes hard-link the files of the first 20k, so they are listed, read and decoded like distinct files),
 ingested in a fresh process; peak RSS of the driver (ru_maxrss) and the largest peak RSS (VmHWM) of the Ray
 workers that ran ingest tasks, polled from /proc while the job runs.
-datapath: 32x32x3 rows through the training data path (read_parquet -> cached -> Preprocess with random flips ->
-`iter_torch_batches` in one Ray Train worker, no model): images/s per CPU of the host, and from it the CPUs per
-GPU needed to feed the cifar10 preset at an assumed GPU rate (its FLOPs per image, counted here, at an assumed
-35% of a 989 TFLOP/s bf16 dense peak: no GPU was measured).
+datapath: 32x32x3 rows through the training data path (`pipelines.stream`: parquet rows read by step -> flips,
+noise and the cifar10 preset's coupling on an actor pool -> `iter_batches`, no model): images/s per CPU of the
+host, and from it the CPUs per GPU needed to feed the cifar10 preset at an assumed GPU rate (its FLOPs per image,
+counted here, at an assumed 35% of a 989 TFLOP/s bf16 dense peak: no GPU was measured).
 Prints one JSON object per mode.
 """
 
@@ -157,53 +157,35 @@ def memory(sizes: list[int], resolution: int) -> dict:
             "worker_ratio": round(large["worker_peak_rss_mb"] / small["worker_peak_rss_mb"], 3)}
 
 
-def _consume(config: dict) -> None:
-    """A Ray Train worker that only reads: images/s delivered by the data path."""
-    import ray.train
-
-    shard = ray.train.get_dataset_shard("train")
-    seen, start = 0, None
-    deadline = None
-    while True:
-        for batch in shard.iter_torch_batches(batch_size=config["batch"], drop_last=True):
-            if start is None:  # the first batch carries the pipeline's start-up
-                start, deadline = time.perf_counter(), time.perf_counter() + config["seconds"]
-                continue
-            seen += len(batch["x"])
-            if time.perf_counter() > deadline:  # one machine: the result goes through a file
-                Path(config["out"]).write_text(json.dumps({"images_per_s": seen / (time.perf_counter() - start)}))
-                return
-
-
 def datapath(seconds: float, rows: int) -> dict:
-    import ray.train
     import torch
-    from ray.train.torch import TorchTrainer
 
     from fm.models import build_model
     from pipelines.config import load_config, model_kwargs
     from pipelines.ingest import ingest
     from pipelines.manifest import DataSpec, Manifest
     from pipelines.runtime import init_ray
-    from pipelines.train import build_dataset
+    from pipelines.stream import iter_pairs, stream_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         images = np.random.default_rng(0).integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8)
         np.savez(Path(tmp) / "x.npz", images=images, labels=np.arange(rows) % 10)
         ingest(f"npz:{tmp}/x.npz", Path(tmp) / "data", test_fraction=0.0)
         cfg = load_config("configs/cifar10.yaml", [f"data.shards={tmp}/data", "data.hflip=true",
-                                                   "ray.num_workers=1", "ray.use_gpu=false",
-                                                   "ray.cpus_per_worker=0.5", "ray.preprocess_cpus=0.25"])
+                                                   "ray.num_workers=1", "ray.use_gpu=false", "train.batch_size=128",
+                                                   "ray.preprocess_cpus=0.25"])
         init_ray()
-        ds = build_dataset(cfg, Manifest.load(cfg.data.shards))
-        out = Path(tmp) / "rate.json"
-        trainer = TorchTrainer(_consume, train_loop_config={"batch": 128, "seconds": seconds, "out": str(out)},
-                               scaling_config=ray.train.ScalingConfig(num_workers=1,
-                                                                      resources_per_worker={"CPU": 0.5}),
-                               run_config=ray.train.RunConfig(storage_path=f"{tmp}/runs", name="datapath"),
-                               datasets={"train": ds})
-        trainer.fit()
-        rate = json.loads(out.read_text())["images_per_s"]
+        manifest = Manifest.load(cfg.data.shards)
+        spec = stream_spec(cfg, manifest, model_kwargs(cfg, manifest.data), actors=max(1, (os.cpu_count() or 2) - 1))
+        seen, start, deadline = 0, None, None
+        for _, pairs in iter_pairs(spec, 0, 0, torch.device("cpu")):
+            if start is None:  # the first step carries the pipeline's start-up
+                start, deadline = time.perf_counter(), time.perf_counter() + seconds
+                continue
+            seen += pairs.x_1.shape[0]
+            if time.perf_counter() > deadline:
+                break
+        rate = seen / (time.perf_counter() - start)
     # the cifar10 UNet's training FLOPs per image (forward + backward), counted on the CPU
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -214,7 +196,8 @@ def datapath(seconds: float, rows: int) -> dict:
     flops = counter.get_total_flops() / 2
     gpu_rate = 0.35 * 989e12 / flops
     cpus = os.cpu_count()
-    return {"mode": "datapath", "rows": rows, "seconds": seconds, "host_cpus": cpus, "images_per_s": round(rate, 1),
+    return {"mode": "datapath", "method": cfg.method.name, "rows": rows, "seconds": seconds, "host_cpus": cpus,
+            "images_per_s": round(rate, 1),
             "images_per_s_per_cpu": round(rate / cpus, 1), "cifar10_train_gflop_per_image": round(flops / 1e9, 2),
             "assumed_gpu_images_per_s": round(gpu_rate), "cpus_per_gpu": round(gpu_rate / (rate / cpus), 2)}
 

@@ -236,7 +236,7 @@ def build_stream(spec: StreamSpec, rank: int, first_step: int):
     n = spec.steps - first_step
     step_bytes = len(spec.parts(rank)) * spec.batch_size * spec.row_bytes
     per_read = max(1, min(64, ROW_BYTES_PER_READ // max(step_bytes, 1)))
-    ids = ray.data.range(n, override_num_blocks=max(1, -(-n // per_read)))
+    ids = ray.data.range(n)  # Ray sizes the blocks; a read takes `per_read` steps of one
     return (ids.map_batches(read_steps, fn_kwargs={"spec": spec, "rank": rank, "first_step": first_step},
                             batch_size=per_read, batch_format="numpy", num_cpus=spec.cpus)
             .map_batches(PairSteps, fn_constructor_args=(spec, rank), batch_size=1, batch_format="numpy",
