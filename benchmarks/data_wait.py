@@ -1,12 +1,13 @@
-"""Data wait of a whole training run, epoch boundaries included: the reader thread's buffer against none; and
-OT-CFM's step against I-CFM's in the same pipeline.
+"""Data wait of a whole training run, and OT-CFM's step against I-CFM's, in the Ray pipeline: every worker fed by
+its own Ray Data stream that pairs each step on CPU actors (`pipelines.stream`).
 
     python -m benchmarks.data_wait [--steps 600] [--buffer 96]
-    python -m benchmarks.data_wait --methods icfm,otcfm [--steps 600] [--buffer 96] [--set method.ot_scope=global]
+    python -m benchmarks.data_wait --methods icfm,otcfm [--steps 600] [--set method.ot_scope=global]
+    python -m benchmarks.data_wait --methods icfm,otcfm --config configs/toy2d.yaml --source toy2d:checkerboard
 
-Trains `configs/digits-cpu.yaml` (2 workers, global batch 128, 20 passes per Ray Data epoch, so 600 steps cross two
-epoch boundaries) twice in one local Ray: with `data.buffer_batches=BUFFER` and with 0 (the stream read in the
-training loop, as before). Reports each run's data-wait fraction over every step after the first
+Default: trains `configs/digits-cpu.yaml` (the digits UNet, 2 workers, global batch 128; 600 steps are 53 passes
+over the 1,437 training rows) twice in one local Ray: with `data.buffer_batches=BUFFER` and with 0 (the stream
+read in the training loop). Reports each run's data-wait fraction over every step after the first
 (`data_wait_fraction_run`), the first step's wait (the stream's start-up, apart) and the training wall time.
 With --methods, one run per method at the given buffer, and each run's mean throughput over its logging windows
 after the first (from MLflow), as step time per global batch.
@@ -23,6 +24,8 @@ from pathlib import Path
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--config", default="configs/digits-cpu.yaml")
+    p.add_argument("--source", default="digits", help="the ingest source of the config's data")
     p.add_argument("--buffer", type=int, default=96)
     p.add_argument("--methods", default=None, help="comma-separated methods to compare at --buffer")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -38,14 +41,14 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        ingest("digits", Path(tmp) / "digits", shards=2)
+        ingest(args.source, Path(tmp) / "data", shards=2)
         init_ray()
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         runs = [(m, args.buffer) for m in args.methods.split(",")] if args.methods else \
             [("fm_ot", args.buffer), ("fm_ot", 0)]
         for method, buffer in runs:
-            cfg = load_config("configs/digits-cpu.yaml", [
-                f"data.shards={Path(tmp) / 'digits'}", f"train.steps={args.steps}", f"data.buffer_batches={buffer}",
+            cfg = load_config(args.config, [
+                f"data.shards={Path(tmp) / 'data'}", f"train.steps={args.steps}", f"data.buffer_batches={buffer}",
                 f"train.storage_path={Path(tmp) / 'runs'}", f"train.run_name={method}-buffer-{buffer}",
                 "train.sample_every=0", f"method.name={method}", f"mlflow.tracking_uri={uri}",
                 "mlflow.experiment=bench", *args.overrides])
@@ -59,7 +62,8 @@ def main() -> None:
                          "mean_images_per_s": round(sum(ips) / len(ips), 1),
                          "step_ms": round(1e3 * global_batch * len(ips) / sum(ips), 2)})
         ray.shutdown()
-    print(json.dumps({"steps": args.steps, "rows": rows}, indent=1))
+    print(json.dumps({"config": args.config, "steps": args.steps, "overrides": args.overrides, "rows": rows},
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ the larger sizes hard-link the files of the first 20k, so they are listed, read 
 ingested in a fresh process; peak RSS of the driver (ru_maxrss) and the largest peak RSS (VmHWM) of the Ray
 workers that ran ingest tasks, polled from /proc while the job runs.
 datapath: 32x32x3 rows through the training data path (`pipelines.stream`: parquet rows read by step -> flips,
-noise and the cifar10 preset's coupling on an actor pool -> `iter_batches`, no model): images/s per CPU of the
+noise and the cifar10 preset's coupling in Ray Data tasks -> `iter_batches`, no model): images/s per CPU of the
 host, and from it the CPUs per GPU needed to feed the cifar10 preset at an assumed GPU rate (its FLOPs per image,
 counted here, at an assumed 35% of a 989 TFLOP/s bf16 dense peak: no GPU was measured).
 Prints one JSON object per mode.
@@ -176,7 +176,7 @@ def datapath(seconds: float, rows: int) -> dict:
                                                    "ray.preprocess_cpus=0.25"])
         init_ray()
         manifest = Manifest.load(cfg.data.shards)
-        spec = stream_spec(cfg, manifest, model_kwargs(cfg, manifest.data), actors=max(1, (os.cpu_count() or 2) - 1))
+        spec = stream_spec(cfg, manifest, model_kwargs(cfg, manifest.data), tasks=max(1, (os.cpu_count() or 2) - 1))
         seen, start, deadline = 0, None, None
         for _, pairs in iter_pairs(spec, 0, 0, torch.device("cpu")):
             if start is None:  # the first step carries the pipeline's start-up

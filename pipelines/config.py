@@ -96,8 +96,8 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional so Ray Data's read tasks keep a CPU on small machines
     gpus_per_worker: float = 1.0
-    preprocess_cpus: float = 0.25  # per read task and per pairing actor of the training stream
-    preprocess_actors: int = 0  # most pairing actors per worker stream (a pool from 1); 0: the spare CPUs / workers
+    preprocess_cpus: float = 0.25  # per pairing task of the training stream (it reads, preprocesses and pairs)
+    preprocess_actors: int = 0  # most pairing tasks at once per worker's stream; 0: the spare CPUs / workers
     prefetch_batches: int = 2
     max_failures: int = 2  # a crashed worker (or node) is recovered from the last checkpoint, twice
     local_cpus: int = 4  # logical CPUs of a local Ray (at least the host's count); see pipelines.train.init_ray

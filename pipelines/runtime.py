@@ -108,7 +108,10 @@ def _quiet_ray_data(quiet: bool) -> None:
 
 def quiet_train_worker() -> None:
     """In a Ray Train worker (quiet mode): Train V2 logs every report at INFO through a logger named by its file
-    path, outside the `ray.train` hierarchy that `train_logging_config` sets, so it is quietened by name."""
+    path, outside the `ray.train` hierarchy that `train_logging_config` sets, so it is quietened by name; the
+    worker's own Ray Data stream (`pipelines.stream`) logs its start and end at INFO, which the driver's log would
+    show late, after the job's JSON result."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray version: nothing to quieten

@@ -1,16 +1,17 @@
 """The training stream: each Ray Train worker's steps as a Ray Data pipeline, paired before they reach the worker.
 
-    range(steps left) ─read_steps (tasks)──▶ a row per step: the raw rows of its batch, their labels, the step
-                      ─PairSteps (CPU actor pool)──▶ a row per step: x_0, x_1 [b, ...], y [b], the step's generator
-                      ─▶ the worker: `iter_batches(batch_size=1)`, buffered by `fm.training.read_ahead`
+    range(steps left) ─pair_steps (Ray Data tasks on CPU workers)─▶ a row per step: x_0, x_1 [b, ...], y [b], the
+    step's generator ─▶ the worker: `iter_batches(batch_size=1)`, buffered by `fm.training.read_ahead`
 
-The minibatch OT plan (or any coupling) is solved on the CPU actors while the trainers compute, so it is off the
-step's critical path. The stream spans the whole run (no Ray Data epochs, so no stall at an epoch boundary).
+A task reads its steps' rows from the parquet shards (`read_steps`), then decodes, flips, drops labels, draws the
+noise and solves the coupling (`PairSteps`). The minibatch OT plan (or any coupling) is solved on CPU workers while
+the trainers compute, so it is off the step's critical path. The stream spans the whole run (no Ray Data epochs,
+so no stall at an epoch boundary).
 
 Step s reads rows [p B, (p + 1) B) of the split in order, p = s mod (N // B) (B = batch_size x workers; a pass's
 last partial batch is skipped), rank r its part [p B + r b, p B + (r + 1) b). Everything random about a step comes
 from seeds derived from (train.seed, rank, step) (flips, label dropout, noise, coupling), so a step is the same on
-any number of CPU actors, after a restart, and as `fm.training.pair_step` makes it in process. With
+any number of CPU workers, after a restart, and as `fm.training.pair_step` makes it in process. With
 `method.ot_scope=global` a rank's stream reads the step's whole global batch and solves the one plan over it
 (`fm.training.pair_global_step`), keeping its own part: every rank's stream does this work, off the trainers.
 """
@@ -30,7 +31,7 @@ from pipelines.images import decode_rows
 
 LABEL_STREAM = 1  # the label-dropout draws of a step come from derive_seed(seed, rank, step, LABEL_STREAM)
 FLIP_STREAM = 2  # its random horizontal flips from derive_seed(seed, rank, step, FLIP_STREAM)
-ROW_BYTES_PER_READ = 32 << 20  # a read task covers about this many bytes of rows (whole steps)
+BYTES_PER_TASK = 32 << 20  # a pairing task covers about this many bytes of rows in and pairs out (whole steps)
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ class StreamSpec:
     num_classes: int | None  # a class-conditional model's classes (labels dropped with label_dropout), else None
     label_dropout: float
     keep_labels: bool  # labels are data (snapshot indices), passed through untouched
-    cpus: float  # per read task and per pairing actor
-    actors: int  # most pairing actors per worker's stream
+    cpus: float  # per pairing task
+    tasks: int  # most pairing tasks at once per worker's stream
     prefetch_batches: int
 
     @property
@@ -80,16 +81,16 @@ class StreamSpec:
         return int(np.prod(self.shape)) * (1 if self.kind == "image" else 4)
 
 
-def stream_spec(cfg, manifest, model_kwargs: dict, actors: int) -> StreamSpec:
+def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int) -> StreamSpec:
     """The `StreamSpec` of a training config (`pipelines.config.Config`) over its split of `manifest`, with at
-    most `actors` pairing actors per worker's stream."""
+    most `tasks` pairing tasks at once per worker's stream."""
     from pipelines.config import method_kwargs
 
     split, data = cfg.data.split, manifest.data
     return StreamSpec(tuple(manifest.shard_paths(split)), tuple(manifest.shard_rows(split)), tuple(data.shape),
                       data.kind, cfg.train.batch_size, cfg.ray.num_workers, cfg.train.steps, cfg.train.seed,
                       cfg.data.hflip, method_kwargs(cfg, data), model_kwargs.get("num_classes"),
-                      cfg.model.label_dropout, bool(data.times), cfg.ray.preprocess_cpus, actors,
+                      cfg.model.label_dropout, bool(data.times), cfg.ray.preprocess_cpus, tasks,
                       cfg.ray.prefetch_batches)
 
 
@@ -170,13 +171,12 @@ def drop_labels(y: torch.Tensor, num_classes: int, p: float, g: torch.Generator)
 
 
 class PairSteps:
-    """Ray Data actor stage: a step's raw rows -> model-space x_1, the step's flips and labels, then its noise and
+    """A step's raw rows -> model-space x_1, the step's flips and labels, then its noise and
     coupling (`pair_step`, or `pair_global_step` over every rank's part), all from the step's seeds. Out: one row
     per step with x_0, x_1 [b, ...], y [b] (when the model takes labels), the generator's state after the pairing
     (the loss continues from it) and the solve time."""
 
     def __init__(self, spec: StreamSpec, rank: int):
-        torch.set_num_threads(1)  # an actor takes a fraction of a CPU; more threads only contend with the trainers
         self.spec, self.rank, self.method = spec, rank, make_method(**spec.method_kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -199,7 +199,7 @@ class PairSteps:
         parts = spec.parts(self.rank)
         x_1, y = [], []
         for k, part in enumerate(parts):
-            x, lab = self.x_1(step, part, raw[k * b:(k + 1) * b]), torch.from_numpy(labels[k * b:(k + 1) * b])
+            x, lab = self.x_1(step, part, raw[k * b:(k + 1) * b]), torch.from_numpy(labels[k * b:(k + 1) * b].copy())
             x_1.append(x)
             if spec.keep_labels:
                 y.append(lab)
@@ -227,28 +227,40 @@ class PairSteps:
 # --- the stream --------------------------------------------------------------------------------------------------
 
 
+def pair_steps(batch: dict[str, np.ndarray], spec: StreamSpec, rank: int, first_step: int) -> dict[str, np.ndarray]:
+    """Ray Data map stage (tasks on CPU workers): step ids -> `read_steps` -> `PairSteps`, one row per step."""
+    torch.set_num_threads(1)  # a task holds a fraction of a CPU; more threads only contend with the trainers
+    return PairSteps(spec, rank)(read_steps(batch, spec, rank, first_step))
+
+
 def build_stream(spec: StreamSpec, rank: int, first_step: int):
-    """Rank `rank`'s Ray Data stream of paired steps `first_step` ... `spec.steps` - 1, in order."""
+    """Rank `rank`'s Ray Data stream of paired steps `first_step` ... `spec.steps` - 1, in order.
+
+    Tasks rather than an actor pool: the method is cheap to build, and restartable actors started from a Train
+    worker print Ray's warning about their constructor arguments into the job's log. A failed task is retried by
+    Ray Data; a worker that loses its stream fails, and Ray Train resumes from the last checkpoint (the stream
+    starts again at that step)."""
     import ray.data
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext, TaskPoolStrategy
 
     DataContext.get_current().execution_options.preserve_order = True  # steps arrive in order
     n = spec.steps - first_step
-    step_bytes = len(spec.parts(rank)) * spec.batch_size * spec.row_bytes
-    per_read = max(1, min(64, ROW_BYTES_PER_READ // max(step_bytes, 1)))
-    ids = ray.data.range(n)  # Ray sizes the blocks; a read takes `per_read` steps of one
-    return (ids.map_batches(read_steps, fn_kwargs={"spec": spec, "rank": rank, "first_step": first_step},
-                            batch_size=per_read, batch_format="numpy", num_cpus=spec.cpus)
-            .map_batches(PairSteps, fn_constructor_args=(spec, rank), batch_size=1, batch_format="numpy",
-                         num_cpus=spec.cpus, compute=ActorPoolStrategy(min_size=1, max_size=spec.actors)))
+    rows = len(spec.parts(rank)) * spec.batch_size
+    step_bytes = rows * spec.row_bytes + 2 * spec.batch_size * int(np.prod(spec.shape)) * 4  # raw in, pairs out
+    per_task = max(1, min(64, BYTES_PER_TASK // step_bytes))
+    return ray.data.range(n).map_batches(  # Ray sizes the blocks of step ids; a task pairs `per_task` steps
+        pair_steps, fn_kwargs={"spec": spec, "rank": rank, "first_step": first_step}, batch_size=per_task,
+        batch_format="numpy", num_cpus=spec.cpus, compute=TaskPoolStrategy(size=spec.tasks))
 
 
 def iter_pairs(spec: StreamSpec, rank: int, first_step: int, device: torch.device):
     """(step, `Pairs` on `device`) for steps `first_step`, ..., in order, from rank `rank`'s stream."""
+    if first_step >= spec.steps:  # a finished run started again: nothing left to read
+        return
     for rec in build_stream(spec, rank, first_step).iter_batches(batch_size=1, batch_format="numpy",
                                                                  prefetch_batches=spec.prefetch_batches):
         g = torch.Generator()
-        g.set_state(torch.from_numpy(rec["state"][0].copy()))
-        y = torch.from_numpy(rec["y"][0]).to(device) if "y" in rec else None
-        yield int(rec["step"][0]), Pairs(torch.from_numpy(rec["x_0"][0]).to(device),
-                                         torch.from_numpy(rec["x_1"][0]).to(device), y, g, float(rec["solve_s"][0]))
+        g.set_state(torch.tensor(rec["state"][0]))  # copies: Ray Data's arrays are read-only
+        y = torch.tensor(rec["y"][0], device=device) if "y" in rec else None
+        yield int(rec["step"][0]), Pairs(torch.tensor(rec["x_0"][0], device=device),
+                                         torch.tensor(rec["x_1"][0], device=device), y, g, float(rec["solve_s"][0]))

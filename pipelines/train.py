@@ -191,7 +191,7 @@ def _rank0_logger(job: TrainJob, state: WorkerState) -> SafeLogger | None:
 def _steps(job: TrainJob, state: WorkerState):
     """Endless (step, pairs) from this worker's stream (`pipelines.stream`), from the step the worker starts at.
 
-    The stream pairs every step on CPU actors; a reader thread (`fm.training.read_ahead`) keeps up to
+    The stream pairs every step on CPU workers (Ray Data tasks); a reader thread (`fm.training.read_ahead`) keeps up to
     `data.buffer_batches` of them on the worker's device, so a hiccup of the stream is absorbed by the buffer.
     """
     from fm.training import read_ahead
@@ -317,7 +317,7 @@ def run_training(cfg: Config) -> dict:
     kwargs = model_kwargs(cfg, manifest.data)
     job = TrainJob(cfg, kwargs, manifest.data, uri, run_id,
                    str(run_dir / f".fault_injected_step_{cfg.train.fail_at_step}"),
-                   stream_spec(cfg, manifest, kwargs, _pair_actors(cfg)), is_verbose())
+                   stream_spec(cfg, manifest, kwargs, _pair_tasks(cfg)), is_verbose())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -369,15 +369,15 @@ def _check_resume_checkpoint(previous) -> None:
         check_files(previous.checkpoint.path)
 
 
-def _pair_actors(cfg: Config) -> int:
-    """Most pairing actors per worker's stream: `ray.preprocess_actors`, or by default the cluster's CPUs left
-    left beside the train workers, shared among the workers' streams (one CPU stays free for the read tasks)."""
+def _pair_tasks(cfg: Config) -> int:
+    """Most pairing tasks at once per worker's stream: `ray.preprocess_actors`, or by default the cluster's CPUs
+    left beside the train workers (less one), shared among the workers' streams."""
     import ray
 
     if cfg.ray.preprocess_actors:
         return cfg.ray.preprocess_actors
     spare = ray.cluster_resources().get("CPU", 1) - cfg.ray.num_workers * cfg.ray.cpus_per_worker - 1
-    return max(1, int(spare / cfg.ray.num_workers))  # an actor runs one thread: about a CPU when busy
+    return max(1, int(spare / cfg.ray.num_workers))  # a task runs one thread: about a CPU while it pairs
 
 
 def _resources(cfg: Config) -> dict:

@@ -33,13 +33,15 @@ def ray_head(tmp_path):
     dash = free_port()
     ray = shutil.which("ray", path=env["PATH"])
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Unix socket paths must stay short
-    subprocess.run([ray, "start", "--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+    gcs = free_port()
+    subprocess.run([ray, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={temp}",
                     "--include-dashboard=true"], env=env, check=True, capture_output=True, timeout=180)
     yield ray, f"http://127.0.0.1:{dash}", env, temp
     # `ray stop` would stop every Ray on the machine (a user's own, another test run's): stop this head's
     # processes only, found by its temp dir on their command lines
     _kill_processes_mentioning(temp)
+    _kill_processes_mentioning(f"--address=127.0.0.1:{gcs}\0")  # the client server `ray start` left behind
     shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -56,8 +58,24 @@ def _pids_mentioning(text: str) -> list[int]:
 
 
 def _kill_processes_mentioning(text: str, grace: float = 10.0) -> None:
+    # with their descendants: the head's dashboard and runtime-env agents and its client server do not name the temp
+    # dir, and left running they hold the agent's port, so the next head's agent never comes up
+    tree = set(_pids_mentioning(text))
+    for pid in list(tree):
+        try:
+            tree |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+        except psutil.Error:
+            pass
+
     def pids():
-        return _pids_mentioning(text)
+        alive = []
+        for pid in tree:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.Error:
+                continue
+        return alive
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids():

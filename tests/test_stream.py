@@ -44,7 +44,7 @@ def shards(tmp_path_factory):
 def _spec(files, scope="local", hflip=False, method="otcfm", steps=20) -> StreamSpec:
     return StreamSpec(files, FILE_ROWS, SHAPE, "image", batch_size=8, world=2, steps=steps, seed=SEED, hflip=hflip,
                       method_kwargs={"name": method, "ot_scope": scope}, num_classes=CLASSES, label_dropout=DROPOUT,
-                      keep_labels=False, cpus=0.25, actors=1, prefetch_batches=2)
+                      keep_labels=False, cpus=0.25, tasks=1, prefetch_batches=2)
 
 
 def _rows(step: int, rank: int, global_batch: bool = False) -> np.ndarray:
