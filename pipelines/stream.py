@@ -44,7 +44,7 @@ class StreamSpec:
     kind: str  # "image" or "points"
     batch_size: int  # per worker
     world: int
-    steps: int  # the run's last step
+    steps: int  # train.steps: the stream ends before this step
     seed: int
     hflip: bool
     method_kwargs: dict
