@@ -191,7 +191,7 @@ class PairSteps:
             out["solve_s"].append(pairs.solve_seconds)
         if out["y"][0] is None:
             del out["y"]
-        return {k: np.stack(v) for k, v in out.items()}
+        return {k: _column(v) for k, v in out.items()}
 
     def pair(self, step: int, raw: np.ndarray, labels: np.ndarray) -> Pairs:
         """The pairs rank `rank` trains on at `step`, from the rows the step reads ([parts x b, row_bytes])."""
@@ -222,6 +222,17 @@ class PairSteps:
             flip = torch.rand(x.shape[0], generator=generator(spec.seed, part, step, FLIP_STREAM)) < 0.5
             x[flip] = x[flip].flip(-1)
         return x
+
+
+def _column(values: list) -> np.ndarray:
+    """One column of per-step values: stacked, or an object array of arrays where their shapes differ (snapshot
+    pairs: how many rows of consecutive times a step pairs depends on its rows); Ray Data stores the latter as a
+    variable-shaped tensor column."""
+    if len({np.shape(v) for v in values}) == 1:
+        return np.stack(values)
+    ragged = np.empty(len(values), dtype=object)
+    ragged[:] = values
+    return ragged
 
 
 # --- the stream --------------------------------------------------------------------------------------------------
