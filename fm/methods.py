@@ -306,9 +306,11 @@ def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, 
 
 
 def coupling_name(method: str, ot_scope: str = "local") -> str:
-    """The registered coupling a method uses: exact OT becomes the global-batch plan when ot_scope is global."""
-    name = METHODS[method].coupling
-    return "global_ot" if name == "exact_ot" and ot_scope == "global" else name
+    """The registered coupling a method uses: exact OT becomes the global-batch plan when ot_scope is global (for
+    Euclidean methods; the others pair within a worker's batch whatever the scope)."""
+    preset = METHODS[method]
+    global_plan = preset.coupling == "exact_ot" and ot_scope == "global" and preset.kind == "euclidean"
+    return "global_ot" if global_plan else preset.coupling
 
 
 def describe(method: str, ot_scope: str = "local") -> tuple[str, str]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fm.data import to_model_space
-from fm.methods import make_method
+from fm.methods import coupling_name, make_method
 from fm.seeding import generator
 from fm.training import Pairs, pair_global_step, pair_step
 from pipelines.images import decode_rows
@@ -65,7 +65,9 @@ class StreamSpec:
 
     @property
     def global_plan(self) -> bool:
-        return self.method_kwargs.get("ot_scope") == "global" and self.world > 1
+        """One plan over every rank's batch: an exact-OT method with `ot_scope: global` (others ignore the scope)."""
+        kwargs = self.method_kwargs
+        return self.world > 1 and coupling_name(kwargs["name"], kwargs.get("ot_scope", "local")) == "global_ot"
 
     def parts(self, rank: int) -> list[int]:
         """The ranks whose rows rank `rank`'s stream reads: its own, or every rank's for the global plan."""

@@ -63,6 +63,14 @@ def test_each_step_reads_its_rows_across_shards_and_passes(shards):
     assert both["raw"][0][:, 0].tolist() == _rows(4, 0, global_batch=True).tolist()  # rows 64-79: two shards
 
 
+def test_only_an_exact_ot_method_reads_the_global_batch_for_one_plan(shards):
+    assert _spec(shards, "global").parts(1) == [0, 1]
+    assert _spec(shards, "global", method="icfm").parts(1) == [1]  # the scope means nothing to it
+    assert _spec(shards, "global", method="sbcfm").parts(1) == [1]
+    assert _spec(shards, "global", method="am").parts(1) == [1]  # snapshot pairs stay within a worker's batch
+    assert _spec(shards, "local").parts(1) == [1]
+
+
 def test_a_row_of_the_wrong_size_is_named(tmp_path, shards):
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"id": ["0"] * 40, "label": [0] * 40, "image": [b"\x00" * 16] * 39 + [b"\x00" * 3]}), bad)
