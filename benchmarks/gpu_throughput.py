@@ -24,14 +24,15 @@ import torch
 def matmul_peak(dtype=torch.bfloat16, n: int = 8192, reps: int = 20) -> float:
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    return 2 * n**3 / _time_steps(lambda _: a @ b, lambda k: None, reps, torch.device("cuda"))
+
+
+def cifar_unet():
+    """The cifar10 preset's UNet (`configs/cifar10.yaml`), on the CPU."""
+    from fm.models import UNet
+
+    return UNet(image_size=32, in_channels=3, model_channels=256, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                attention_resolutions=(16,), dropout=0.1, num_heads=4)
 
 
 def inception_rate(batch: int, reps: int = 10) -> dict:
@@ -132,13 +133,11 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from fm.methods import make_method
-    from fm.models import UNet
     from fm.solvers import ode_sample
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    model = UNet(image_size=32, in_channels=3, model_channels=256, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attention_resolutions=(16,), dropout=0.1, num_heads=4).cuda()
+    model = cifar_unet().cuda()
     method = make_method("fm_ot")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(a.batch, 3, 32, 32, device="cuda")
@@ -153,14 +152,7 @@ def main() -> None:
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(a.steps):
-        step()
-    torch.cuda.synchronize()
-    step_s = (time.perf_counter() - start) / a.steps
+    step_s = _time_steps(lambda _: step(), lambda k: None, a.steps, torch.device("cuda"))
     peak = matmul_peak()
     model.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -172,9 +164,7 @@ def main() -> None:
         torch.cuda.synchronize()
         sample_s = time.perf_counter() - start
     inception = inception_rate(a.batch)
-    variants = step_variants(lambda: UNet(image_size=32, in_channels=3, model_channels=256, channel_mult=(1, 2, 2, 2),
-                                          num_res_blocks=2, attention_resolutions=(16,), dropout=0.1, num_heads=4),
-                             (3, 32, 32), a.batch, a.steps, torch.device("cuda"))
+    variants = step_variants(cifar_unet, (3, 32, 32), a.batch, a.steps, torch.device("cuda"))
     print(json.dumps({
         **inception, "step_variants": variants,
         "device": torch.cuda.get_device_name(), "batch": a.batch, "params_m": sum(p.numel() for p in

@@ -14,14 +14,18 @@ import numpy as np
 import torch
 
 
+def row_bytes(shape: list[int] | tuple[int, ...], kind: str = "image") -> int:
+    """Bytes of one cell: uint8 per pixel of an image, float32 per coordinate of a point."""
+    return int(np.prod(shape)) * (1 if kind == "image" else 4)
+
+
 def decode_rows(raw, shape: list[int], kind: str = "image") -> torch.Tensor:
     """Parquet `image` cells (raw bytes per row, or their bytes as uint8 [B, row bytes]) to a batch: uint8
     [B, C, H, W] for HWC images, float32 [B, D] for points."""
-    buf = raw.tobytes() if isinstance(raw, np.ndarray) and raw.dtype == np.uint8 else b"".join(raw)
-    if kind == "image":
-        arr = np.frombuffer(buf, np.uint8).reshape(-1, *shape)
-        return torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)
-    return torch.from_numpy(np.frombuffer(buf, np.float32).reshape(-1, *shape).copy())
+    as_array = isinstance(raw, np.ndarray) and raw.dtype == np.uint8
+    buf = np.ascontiguousarray(raw) if as_array else np.frombuffer(b"".join(raw), np.uint8)
+    arr = buf.reshape(-1).view(np.uint8 if kind == "image" else np.float32).reshape(-1, *shape).copy()
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) if kind == "image" else torch.from_numpy(arr)
 
 
 def encode_rows(x: torch.Tensor, kind: str = "image") -> list[bytes]:

@@ -101,7 +101,7 @@ def _quiet_ray_data(quiet: bool) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = True  # tqdm bars on the driver's terminal; logged at INFO (--verbose) otherwise
-    # inside actors (the training stream's coordinator) bars would be relayed line by line to the driver's log
+    # in other processes (actors, Train workers) bars would be relayed line by line to the driver's log
     ctx.use_ray_tqdm = not quiet
     ctx.print_on_execution_start = not quiet  # the operator plan of every dataset
 

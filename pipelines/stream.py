@@ -27,7 +27,7 @@ from fm.data import to_model_space
 from fm.methods import coupling_name, make_method
 from fm.seeding import generator
 from fm.training import Pairs, pair_global_step, pair_step
-from pipelines.images import decode_rows
+from pipelines.images import decode_rows, row_bytes
 
 LABEL_STREAM = 1  # the label-dropout draws of a step come from derive_seed(seed, rank, step, LABEL_STREAM)
 FLIP_STREAM = 2  # its random horizontal flips from derive_seed(seed, rank, step, FLIP_STREAM)
@@ -80,7 +80,7 @@ class StreamSpec:
 
     @property
     def row_bytes(self) -> int:
-        return int(np.prod(self.shape)) * (1 if self.kind == "image" else 4)
+        return row_bytes(self.shape, self.kind)
 
 
 def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int) -> StreamSpec:
@@ -259,7 +259,8 @@ def build_stream(spec: StreamSpec, rank: int, first_step: int):
     DataContext.get_current().execution_options.preserve_order = True  # steps arrive in order
     n = spec.steps - first_step
     rows = len(spec.parts(rank)) * spec.batch_size
-    step_bytes = rows * spec.row_bytes + 2 * spec.batch_size * int(np.prod(spec.shape)) * 4  # raw in, pairs out
+    pairs_out = 2 * spec.batch_size * int(np.prod(spec.shape)) * 4  # float32 x_0 and x_1
+    step_bytes = rows * spec.row_bytes + pairs_out
     per_task = max(1, min(64, BYTES_PER_TASK // step_bytes))
     return ray.data.range(n).map_batches(  # Ray sizes the blocks of step ids; a task pairs `per_task` steps
         pair_steps, fn_kwargs={"spec": spec, "rank": rank, "first_step": first_step}, batch_size=per_task,

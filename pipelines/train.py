@@ -1,5 +1,6 @@
 """Distributed CFM training: Ray Train TorchTrainer workers (DDP), each fed paired steps by its own Ray Data
-stream over the parquet shards (`pipelines.stream`: the coupling is solved on CPU actors, ahead of the step).
+stream over the parquet shards (`pipelines.stream`: the coupling is solved in Ray Data tasks on CPU workers, ahead
+of the step).
 
 Driver: validate config and data, open the MLflow run, resolve the stream, build the trainer, fit, report.
 Workers: rebuild model and method from `fm`, resume from `ray.train.get_checkpoint()`, start the stream at the
