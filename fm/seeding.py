@@ -7,6 +7,7 @@ index, ...)`, so results do not depend on batch size, worker or actor count, or 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -15,14 +16,20 @@ from torch import Tensor
 __all__ = ["derive_seed", "generator", "draw_device", "SeedStack"]
 
 _MOD = 2**63 - 1  # torch.Generator.manual_seed takes any int64; keep seeds positive
+_PART_BYTES = 16  # every part as a signed 128-bit integer: indices and run seeds far beyond any real count
 
 
 def derive_seed(*parts: int) -> int:
-    """A seed from a run seed and indices, e.g. (seed, rank, step) or (seed, sample id); order matters."""
-    seed = 0
+    """A seed in [0, 2^63 - 1) from a run seed and indices, e.g. (seed, rank, step) or (seed, sample id).
+
+    The parts are hashed as a tuple (BLAKE2b over the count and fixed-width encodings of the parts), so order and
+    length matter and no two tuples are related: (0, 0, 0, 2) and (0, 0, 2), or (1, i) and (0, i + 1000003), give
+    independent seeds, which a polynomial of the parts does not (it collides on such tuples).
+    """
+    h = hashlib.blake2b(len(parts).to_bytes(2, "little"), digest_size=8, person=b"flowray-seed")
     for part in parts:
-        seed = (seed * 1_000_003 + int(part)) % _MOD
-    return seed
+        h.update(int(part).to_bytes(_PART_BYTES, "little", signed=True))
+    return int.from_bytes(h.digest(), "little") % _MOD
 
 
 def generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -31,6 +31,7 @@ class DataConfig:
     split: str = "train"
     hflip: bool = False  # random horizontal flips in preprocessing
     buffer_batches: int = 96  # paired steps a worker's reader thread keeps ready on its device
+    shuffle_window: int = 65_536  # rows shuffled together in each pass, after the row groups are (pipelines.stream)
 
 
 @dataclass
@@ -253,6 +254,8 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 def validate(cfg: Config) -> None:
     """Check every value; raise ConfigError naming the first bad key."""
     m, meth, o, t, r = cfg.model, cfg.method, cfg.optim, cfg.train, cfg.ray
+    _check(cfg.data.shuffle_window >= 1, "data.shuffle_window", cfg.data.shuffle_window,
+           "must be >= 1 (rows; a window is at least one row group)")
     _check(cfg.data.buffer_batches >= 0, "data.buffer_batches", cfg.data.buffer_batches, "must be >= 0")
     _check(m.name in MODELS, "model.name", m.name, f"allowed: {', '.join(MODELS)}")
     _check(m.model_channels >= 1, "model.model_channels", m.model_channels, "must be >= 1")

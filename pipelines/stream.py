@@ -8,30 +8,41 @@ noise and solves the coupling (`PairSteps`). The minibatch OT plan (or any coupl
 the trainers compute, so it is off the step's critical path. The stream spans the whole run (no Ray Data epochs,
 so no stall at an epoch boundary).
 
-Step s reads rows [p B, (p + 1) B) of the split in order, p = s mod (N // B) (B = batch_size x workers; a pass's
-last partial batch is skipped), rank r its part [p B + r b, p B + (r + 1) b). Everything random about a step comes
-from seeds derived from (train.seed, rank, step) (flips, label dropout, noise, coupling), so a step is the same on
-any number of CPU workers, after a restart, and as `fm.training.pair_step` makes it in process. With
-`method.ot_scope=global` a rank's stream reads the step's whole global batch and solves the one plan over it
-(`fm.training.pair_global_step`), keeping its own part: every rank's stream does this work, off the trainers.
+Which rows a step reads: the run is one endless sequence of rows, pass after pass over the split, each pass in a
+fresh order drawn from (train.seed, pass) (`pass_order`): the split's row groups shuffled, then the rows within
+windows of about `data.shuffle_window` rows of consecutive (shuffled) groups shuffled, as streaming loaders do
+(WebDataset's shard shuffle and buffer, MosaicML streaming's shuffle blocks), so reads stay whole row groups.
+Step s takes positions [s B, (s + 1) B) of the sequence (B = batch_size x workers), rank r its part
+[s B + r b, s B + (r + 1) b): every row is read once per pass, and the rows a pass cannot fill a last batch with
+start the next step, which runs on into the next pass. Everything random about a step comes from seeds derived from
+(train.seed, rank, step) (flips, label dropout, noise, coupling), so a step is the same on any number of CPU
+workers, after a restart, and as `fm.training.pair_step` makes it in process. With `method.ot_scope=global` a rank's
+stream reads the step's whole global batch and solves the one plan over it (`fm.training.pair_global_step`),
+keeping its own part: every rank's stream does this work, off the trainers.
 """
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
 from fm.data import to_model_space
 from fm.methods import coupling_name, make_method
-from fm.seeding import generator
+from fm.seeding import derive_seed, generator
 from fm.training import Pairs, pair_global_step, pair_step
 from pipelines.images import decode_rows, row_bytes
 
 LABEL_STREAM = 1  # the label-dropout draws of a step come from derive_seed(seed, rank, step, LABEL_STREAM)
 FLIP_STREAM = 2  # its random horizontal flips from derive_seed(seed, rank, step, FLIP_STREAM)
+DROPOUT_STREAM = 3  # the model's dropout masks from derive_seed(seed, rank, step, DROPOUT_STREAM)
+ORDER_STREAM = 4  # pass p's row order from derive_seed(seed, ORDER_STREAM, p, window)
 BYTES_PER_TASK = 32 << 20  # a pairing task covers about this many bytes of rows in and pairs out (whole steps)
+CACHE_WINDOWS = 2  # a pairing process keeps the row groups of about this many shuffle windows (LRU)
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,7 @@ class StreamSpec:
     """What every worker's stream needs, resolved by the driver from the config and the manifest."""
 
     files: tuple[str, ...]  # the split's shards, in order
-    file_rows: tuple[int, ...]
+    group_rows: tuple[tuple[int, ...], ...]  # the rows of each row group of each shard
     shape: tuple[int, ...]  # a row: [H, W, C] image or [D] point
     kind: str  # "image" or "points"
     batch_size: int  # per worker
@@ -54,14 +65,20 @@ class StreamSpec:
     cpus: float  # per pairing task
     tasks: int  # most pairing tasks at once per worker's stream
     prefetch_batches: int
+    shuffle_window: int = 65_536  # rows shuffled together within a pass (whole row groups; data.shuffle_window)
 
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.world
 
+    @cached_property
+    def group_start(self) -> np.ndarray:
+        """[groups + 1] the split row index at which each row group starts (files in order), then the total."""
+        return np.cumsum([0, *(n for rows in self.group_rows for n in rows)])
+
     @property
-    def steps_per_pass(self) -> int:
-        return sum(self.file_rows) // self.global_batch
+    def num_rows(self) -> int:
+        return int(self.group_start[-1])
 
     @property
     def global_plan(self) -> bool:
@@ -73,10 +90,10 @@ class StreamSpec:
         """The ranks whose rows rank `rank`'s stream reads: its own, or every rank's for the global plan."""
         return list(range(self.world)) if self.global_plan else [rank]
 
-    def row_range(self, step: int, part: int) -> tuple[int, int]:
-        """Rows [start, stop) of the split that rank `part` trains on at `step`."""
-        start = (step % self.steps_per_pass) * self.global_batch + part * self.batch_size
-        return start, start + self.batch_size
+    def positions(self, step: int, part: int) -> np.ndarray:
+        """Positions [b] in the run's endless row sequence that rank `part` trains on at `step`."""
+        start = step * self.global_batch + part * self.batch_size
+        return np.arange(start, start + self.batch_size, dtype=np.int64)
 
     @property
     def row_bytes(self) -> int:
@@ -86,81 +103,135 @@ class StreamSpec:
 def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int) -> StreamSpec:
     """The `StreamSpec` of a training config (`pipelines.config.Config`) over its split of `manifest`, with at
     most `tasks` pairing tasks at once per worker's stream."""
+    import pyarrow.parquet as pq
+
     from pipelines.config import method_kwargs
 
     split, data = cfg.data.split, manifest.data
-    return StreamSpec(tuple(manifest.shard_paths(split)), tuple(manifest.shard_rows(split)), tuple(data.shape),
-                      data.kind, cfg.train.batch_size, cfg.ray.num_workers, cfg.train.steps, cfg.train.seed,
-                      cfg.data.hflip, method_kwargs(cfg, data), model_kwargs.get("num_classes"),
-                      cfg.model.label_dropout, bool(data.times), cfg.ray.preprocess_cpus, tasks,
-                      cfg.ray.prefetch_batches)
+    files = tuple(manifest.shard_paths(split))
+    groups = []
+    for f in files:
+        meta = pq.read_metadata(f)
+        groups.append(tuple(meta.row_group(k).num_rows for k in range(meta.num_row_groups)))
+    return StreamSpec(files, tuple(groups), tuple(data.shape), data.kind, cfg.train.batch_size,
+                      cfg.ray.num_workers, cfg.train.steps, cfg.train.seed, cfg.data.hflip,
+                      method_kwargs(cfg, data), model_kwargs.get("num_classes"), cfg.model.label_dropout,
+                      bool(data.times), cfg.ray.preprocess_cpus, tasks, cfg.ray.prefetch_batches,
+                      cfg.data.shuffle_window)
+
+
+# --- order -----------------------------------------------------------------------------------------------------
+
+
+def pass_order(spec: StreamSpec, p: int) -> np.ndarray:
+    """Pass p's order of the split's rows [N]: a permutation from (seed, p) alone, shuffled the way a streaming loader
+    can read it: the row groups in a random order, cut into windows of consecutive groups holding at least
+    `shuffle_window` rows, the rows of each window in a random order."""
+    start, n = spec.group_start[:-1], np.diff(spec.group_start)
+    groups = np.random.default_rng(derive_seed(spec.seed, ORDER_STREAM, p, -1)).permutation(len(n))
+    out, window, rows = [], [], 0
+    for k, g in enumerate(groups):
+        window.append(np.arange(start[g], start[g] + n[g]))
+        rows += int(n[g])
+        if rows >= spec.shuffle_window or k == len(groups) - 1:
+            rng = np.random.default_rng(derive_seed(spec.seed, ORDER_STREAM, p, len(out)))
+            out.append(rng.permutation(np.concatenate(window)))
+            window, rows = [], 0
+    return np.concatenate(out)
+
+
+class _Order:
+    """Split rows at positions of the run's endless sequence (pass = position // N), each pass's order drawn once."""
+
+    def __init__(self, spec: StreamSpec):
+        self.spec, self.orders = spec, {}
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        n = self.spec.num_rows
+        passes, offsets = np.divmod(positions, n)
+        out = np.empty(len(positions), dtype=np.int64)
+        for p in np.unique(passes):
+            if p not in self.orders:
+                self.orders = {k: v for k, v in self.orders.items() if k >= p - 1}  # a task moves forward
+                self.orders[p] = pass_order(self.spec, int(p))
+            sel = passes == p
+            out[sel] = self.orders[p][offsets[sel]]
+        return out
 
 
 # --- read ------------------------------------------------------------------------------------------------------
 
+_GROUPS: OrderedDict = OrderedDict()  # (file, mtime, size, group) -> (raw [rows, row_bytes], labels): this process's
+
 
 class _Rows:
-    """Rows of the split by index, read row group by row group from the parquet shards (each group once)."""
+    """Rows of the split by index, read row group by row group from the parquet shards. The groups read are kept in
+    this process (least recently used out past about `CACHE_WINDOWS` shuffle windows), since the steps of a window
+    draw on the same groups and Ray runs a stream's tasks in the same worker processes."""
 
     def __init__(self, spec: StreamSpec):
         self.spec = spec
-        self.file_start = np.cumsum([0, *spec.file_rows])
-        self.group_start: dict[int, np.ndarray] = {}
-        self.groups: dict[tuple[int, int], tuple[list, np.ndarray]] = {}
+        self.where = [(f, g) for f, rows in enumerate(spec.group_rows) for g in range(len(rows))]
+        self.capacity = CACHE_WINDOWS * spec.shuffle_window + 2 * max((max(r, default=0) for r in spec.group_rows),
+                                                                       default=0)
 
-    def take(self, start: int, stop: int) -> tuple[list, np.ndarray]:
-        """Raw cells and labels of rows [start, stop)."""
-        cells, labels, i = [], [], start
-        while i < stop:
-            f = int(np.searchsorted(self.file_start, i, side="right")) - 1
-            local = i - int(self.file_start[f])
-            starts = self._group_starts(f)
-            g = int(np.searchsorted(starts, local, side="right")) - 1
-            group_cells, group_labels = self._group(f, g)
-            lo = local - int(starts[g])
-            hi = min(len(group_labels), lo + stop - i)
-            self._check(group_cells[lo:hi], f, local)
-            cells += group_cells[lo:hi]
-            labels.append(group_labels[lo:hi])
-            i += hi - lo
-        return cells, np.concatenate(labels)
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw uint8 [len(rows), row_bytes] and labels int64 [len(rows)] of split rows `rows`."""
+        start = self.spec.group_start
+        group = np.searchsorted(start, rows, side="right") - 1
+        raw = np.empty((len(rows), self.spec.row_bytes), dtype=np.uint8)
+        labels = np.empty(len(rows), dtype=np.int64)
+        for g in np.unique(group):
+            sel = group == g
+            group_raw, group_labels = self._group(int(g))
+            local = rows[sel] - start[g]
+            raw[sel], labels[sel] = group_raw[local], group_labels[local]
+        return raw, labels
 
-    def _group_starts(self, f: int) -> np.ndarray:
-        if f not in self.group_start:
-            import pyarrow.parquet as pq
+    def _group(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        f, k = self.where[g]
+        path = self.spec.files[f]
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size, k)  # a shard rewritten in place is read again
+        if key in _GROUPS:
+            _GROUPS.move_to_end(key)
+            return _GROUPS[key]
+        import pyarrow.parquet as pq
 
-            meta = pq.read_metadata(self.spec.files[f])
-            self.group_start[f] = np.cumsum([0] + [meta.row_group(k).num_rows for k in range(meta.num_row_groups)])
-        return self.group_start[f]
+        table = pq.ParquetFile(path).read_row_group(k, columns=["image", "label"])
+        first = int(self.spec.group_start[g] - self.spec.group_start[sum(len(r) for r in self.spec.group_rows[:f])])
+        value = (self._raw(table.column("image").combine_chunks(), f, first),
+                 table.column("label").to_numpy(zero_copy_only=False).astype(np.int64))
+        _GROUPS[key] = value
+        while sum(len(v[1]) for v in _GROUPS.values()) > self.capacity and len(_GROUPS) > 1:
+            _GROUPS.popitem(last=False)
+        return value
 
-    def _group(self, f: int, g: int) -> tuple[list, np.ndarray]:
-        if (f, g) not in self.groups:
-            import pyarrow.parquet as pq
-
-            table = pq.ParquetFile(self.spec.files[f]).read_row_group(g, columns=["image", "label"])
-            self.groups[(f, g)] = (table.column("image").to_pylist(),
-                                   table.column("label").to_numpy(zero_copy_only=False).astype(np.int64))
-        return self.groups[(f, g)]
-
-    def _check(self, cells: list, f: int, local: int) -> None:
-        want = self.spec.row_bytes
-        for k, cell in enumerate(cells):
-            if cell is None or len(cell) != want:
-                got = "no bytes" if cell is None else f"{len(cell)} bytes"
-                raise ValueError(f"{self.spec.files[f]}: row {local + k} has {got}; a row of shape "
-                                 f"{list(self.spec.shape)} ({self.spec.kind}) has {want}; re-ingest the data")
+    def _raw(self, cells, f: int, first: int) -> np.ndarray:
+        """A group's binary cells as uint8 [rows, row_bytes], every row's size checked (`first`: the group's first
+        row in its file, for the message)."""
+        want, n = self.spec.row_bytes, len(cells)
+        offsets = np.frombuffer(cells.buffers()[1], dtype=np.int32)[cells.offset:cells.offset + n + 1]
+        sizes = np.diff(offsets)
+        valid = np.ones(n, bool) if cells.null_count == 0 else ~np.asarray(cells.is_null())
+        bad = np.flatnonzero(~valid | (sizes != want))
+        if len(bad):
+            k = int(bad[0])
+            got = "no bytes" if not valid[k] else f"{sizes[k]} bytes"
+            raise ValueError(f"{self.spec.files[f]}: row {first + k} has {got}; a row of shape "
+                             f"{list(self.spec.shape)} ({self.spec.kind}) has {want}; re-ingest the data")
+        data = np.frombuffer(cells.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+        return data.reshape(n, want)
 
 
 def read_steps(batch: dict[str, np.ndarray], spec: StreamSpec, rank: int, first_step: int) -> dict[str, np.ndarray]:
-    """Ray Data map stage: step ids (0 = `first_step`) -> one row per step: step, raw uint8 [rows, row_bytes] and
-    label int64 [rows] of the rows the step reads for rank `rank` (its part, or every part for the global plan)."""
-    rows, steps = _Rows(spec), first_step + batch["id"].astype(np.int64)
-    raw, labels = [], []
-    for step in steps:
-        cells, y = zip(*(rows.take(*spec.row_range(int(step), part)) for part in spec.parts(rank)), strict=True)
-        raw.append(np.frombuffer(b"".join(c for part in cells for c in part), np.uint8).reshape(-1, spec.row_bytes))
-        labels.append(np.concatenate(y))
-    return {"step": steps, "raw": np.stack(raw), "label": np.stack(labels)}
+    """Ray Data map stage: step ids (0 = `first_step`) -> one row per step: step, the split rows it reads
+    row int64 [rows], raw uint8 [rows, row_bytes] and label int64 [rows] (rank `rank`'s part, or every part for the
+    global plan, in rank order)."""
+    order, reader, steps = _Order(spec), _Rows(spec), first_step + batch["id"].astype(np.int64)
+    rows = [order.rows(np.concatenate([spec.positions(int(s), part) for part in spec.parts(rank)])) for s in steps]
+    raw, labels = zip(*(reader.take(r) for r in rows), strict=True)
+    return {"step": steps, "row": np.stack(rows), "raw": np.stack(raw), "label": np.stack(labels)}
 
 
 # --- pair ------------------------------------------------------------------------------------------------------

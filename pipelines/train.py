@@ -21,7 +21,7 @@ from fm.data import to_uint8
 from fm.ema import EMA
 from fm.methods import Method, make_method
 from fm.models import build_model
-from fm.seeding import generator
+from fm.seeding import derive_seed, generator
 from fm.solvers import ode_sample
 from fm.training import StepResult, lr_at, train_step
 from pipelines.checkpoint import load_meta, load_state, save_checkpoint
@@ -29,7 +29,7 @@ from pipelines.config import Config, check_data, method_kwargs, model_kwargs, tr
 from pipelines.images import save_grid
 from pipelines.manifest import DataSpec
 from pipelines.runtime import quiet_train_worker
-from pipelines.stream import StreamSpec, stream_spec
+from pipelines.stream import DROPOUT_STREAM, StreamSpec, stream_spec
 from pipelines.tracking import SafeLogger
 
 WINDOWS = "_mlflow_windows"  # the report key under which rank 0 hands its logging windows to the controller
@@ -120,6 +120,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for group in state.optimizer.param_groups:
             group["lr"] = lr_at(state.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule,
                                 cfg.optim.decay_steps or t.steps, cfg.optim.min_lr, cfg.optim.power)
+        # dropout (the only draw of the global generator) from this rank and step alone: masks differ across ranks
+        # and a restarted run draws the masks the uninterrupted one did
+        torch.manual_seed(derive_seed(t.seed, state.rank, state.step, DROPOUT_STREAM))
         res = train_step(state.ddp_model, state.method, state.optimizer, pairs.x_1, grad_clip=cfg.optim.grad_clip,
                          autocast_dtype=torch.bfloat16 if state.device.type == "cuda" else None, pairs=pairs)
         _count_nonfinite(state, res, t.max_nonfinite)
