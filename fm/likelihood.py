@@ -13,7 +13,12 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
+from fm.seeding import SeedStack
 from fm.solvers import VelocityFn, integration_times
+
+# A generator for the probes and dequantization noise: one torch.Generator for the batch, or a SeedStack (one
+# generator per row), with which a row's draws, and so its estimate, do not depend on the other rows of its batch.
+Draws = torch.Generator | SeedStack | None
 
 __all__ = [
     "LikelihoodSettings",
@@ -87,17 +92,22 @@ def divergence_exact(fn: VelocityFn, x: Tensor, t: Tensor, chunk: int = 256) -> 
     return v.detach(), div.detach()
 
 
-def make_probes(x: Tensor, num_probes: int, kind: str = "rademacher",
-                generator: torch.Generator | None = None) -> Tensor:
-    """Hutchinson probes of shape [K, B, ...], Rademacher (+-1) or Gaussian, held fixed along a trajectory."""
+def make_probes(x: Tensor, num_probes: int, kind: str = "rademacher", generator: Draws = None) -> Tensor:
+    """Hutchinson probes of shape [K, B, ...], Rademacher (+-1) or Gaussian, held fixed along a trajectory; with a
+    `SeedStack`, row b's K probes come from its own generator."""
     if num_probes < 1:
         raise ValueError(f"number of Hutchinson probes K must be >= 1; got {num_probes}")
-    shape = (num_probes, *x.shape)
-    if kind == "rademacher":
-        return torch.randint(0, 2, shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
-    if kind == "gaussian":
-        return torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
-    raise ValueError(f"unknown probe kind {kind!r}; allowed: rademacher, gaussian")
+    if kind not in ("rademacher", "gaussian"):
+        raise ValueError(f"unknown probe kind {kind!r}; allowed: rademacher, gaussian")
+    if isinstance(generator, SeedStack):
+        per_row = (num_probes, *x.shape[1:])
+        draws = generator.randint(0, 2, per_row) if kind == "rademacher" else generator.randn(per_row, x.dtype)
+        draws = draws.transpose(0, 1).to(device=x.device)
+    else:
+        shape = (num_probes, *x.shape)
+        draws = (torch.randint(0, 2, shape, generator=generator, device=x.device) if kind == "rademacher"
+                 else torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype))
+    return draws.to(x.dtype) * 2 - 1 if kind == "rademacher" else draws.to(x.dtype)
 
 
 def divergence_hutchinson(fn: VelocityFn, x: Tensor, t: Tensor, probes: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,7 +145,7 @@ class LikelihoodSettings:
 
 
 def log_likelihood(fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings | None = None,
-                   generator: torch.Generator | None = None,
+                   generator: Draws = None,
                    log_p0: Callable[[Tensor], Tensor] = standard_normal_log_prob) -> LikelihoodResult:
     """log p_1(x_1) of the flow dx/dt = v(x, t), with x_0 ~ p_0 at t = 0.
 
@@ -143,7 +153,7 @@ def log_likelihood(fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings | N
         fn: velocity function fn(x [B, ...], t [B]).
         x_1: data points [B, ...].
         settings: divergence, solver and end time (`LikelihoodSettings()`: exact divergence, dopri5 at 1e-5).
-        generator: for the Hutchinson probes.
+        generator: for the Hutchinson probes (a `SeedStack`: each row's from its own generator).
         log_p0: log-density of the noise, [B, ...] -> [B].
     Returns:
         `LikelihoodResult` (log-density in nats per sample, the noise end, NFE).
@@ -182,7 +192,7 @@ def dequantize(x_uint8: Tensor, u: Tensor) -> Tensor:
     return (x_uint8.to(u.dtype) + u) / 127.5 - 1.0
 
 
-def bits_per_dim(fn: VelocityFn, x_uint8: Tensor, draws: int = 1, generator: torch.Generator | None = None,
+def bits_per_dim(fn: VelocityFn, x_uint8: Tensor, draws: int = 1, generator: Draws = None,
                  settings: LikelihoodSettings | None = None) -> BitsPerDimResult:
     """Bits/dim of 8-bit images with uniform dequantization and K importance-weighted draws.
 
@@ -192,7 +202,8 @@ def bits_per_dim(fn: VelocityFn, x_uint8: Tensor, draws: int = 1, generator: tor
 
     Args:
         fn: velocity function in model space. x_uint8: images [B, ...] with values 0..255.
-        draws: K. generator: for the dequantization noise (and Hutchinson probes).
+        draws: K. generator: for the dequantization noise (and Hutchinson probes); a `SeedStack` draws each
+            image's from its own generator, so its noise does not depend on how images are batched.
         settings: of each `log_likelihood` solve (divergence, probes, solver, t_1).
     """
     if draws < 1:
@@ -210,7 +221,10 @@ def bits_per_dim(fn: VelocityFn, x_uint8: Tensor, draws: int = 1, generator: tor
     d = x_uint8[0].numel()
     log_ps, nfes = [], []
     for _ in range(draws):
-        u = torch.rand(x_uint8.shape, generator=generator, device=x_uint8.device, dtype=x_uint8.dtype)
+        if isinstance(generator, SeedStack):
+            u = generator.rand(x_uint8.shape[1:], x_uint8.dtype).to(x_uint8.device)
+        else:
+            u = torch.rand(x_uint8.shape, generator=generator, device=x_uint8.device, dtype=x_uint8.dtype)
         res = log_likelihood(fn, dequantize(x_uint8, u), settings, generator)
         log_ps.append(res.log_p)
         nfes.append(res.nfe)

@@ -65,6 +65,11 @@ class SeedStack:
         return torch.stack([torch.randn(tuple(shape), generator=g, dtype=dtype) for g in self.generators]).to(
             self.device)
 
+    def randint(self, low: int, high: int, shape: Sequence[int]) -> Tensor:
+        """Integer draws in [low, high) [len(seeds), *shape] (int64)."""
+        return torch.stack([torch.randint(low, high, tuple(shape), generator=g) for g in self.generators]).to(
+            self.device)
+
     def rand(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
         """Uniform [0, 1) draws [len(seeds), *shape]."""
         return torch.stack([torch.rand(tuple(shape), generator=g, dtype=dtype) for g in self.generators]).to(

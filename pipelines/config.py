@@ -368,7 +368,8 @@ class EvalConfig:
     steps: int | None = None  # fixed-step solvers only
     atol: float = 1e-5
     rtol: float = 1e-5
-    batch_size: int = 64
+    batch_size: int = 64  # the likelihood's fixed blocks: rows solved together (an adaptive solver shares its steps)
+    blocks_per_call: int = 1  # Ray batch size, in blocks (changes nothing but scheduling)
     actors: int = 1
     cpus_per_actor: float = 0.5
     seed: int = 0
@@ -396,6 +397,7 @@ def validate_eval_config(c: EvalConfig) -> None:
     _check(c.probe_kind in ("rademacher", "gaussian"), "eval.probe_kind", c.probe_kind,
            "allowed: rademacher, gaussian")
     _check(c.batch_size >= 1, "eval.batch_size", c.batch_size, "must be >= 1")
+    _check(c.blocks_per_call >= 1, "eval.blocks_per_call", c.blocks_per_call, "must be >= 1")
     _check(c.actors >= 1, "eval.actors", c.actors, "must be >= 1")
     _check(c.cpus_per_actor > 0, "eval.cpus_per_actor", c.cpus_per_actor, "must be > 0")
     _check(c.max_images >= 0, "eval.max_images", c.max_images, "must be >= 0")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,11 +17,12 @@ from tqdm import tqdm
 
 from fm.data import to_model_space
 from fm.likelihood import LikelihoodSettings, mean_and_stderr
-from fm.seeding import generator
+from fm.seeding import SeedStack, derive_seed
 from pipelines.config import ConfigError, EvalConfig, validate_eval_config
 from pipelines.features import FeatureNet
 from pipelines.images import decode_rows
 from pipelines.manifest import DataSpec, Manifest
+from pipelines.shards import ShardRows, group_rows
 
 CLASSIFIER_DIR = "classifier"
 
@@ -41,30 +41,64 @@ class _ModelActor:
         self.cfg, self.data = EvalConfig(**cfg), data
 
 
+LIKELIHOOD_STREAM = 1  # row r's dequantization noise and probes come from derive_seed(eval.seed, 1, r)
+SUBSET_STREAM = 2  # the rows of a split that eval.max_images keeps: a permutation from derive_seed(eval.seed, 2)
+
+
+def likelihood_rows(count: int, max_images: int, seed: int) -> np.ndarray:
+    """The split rows that the likelihood scores, in order: all of them, or `max_images` drawn uniformly from
+    (seed) alone (a class-sorted split is still sampled evenly), sorted for sequential reads."""
+    if not max_images or max_images >= count:
+        return np.arange(count, dtype=np.int64)
+    rng = np.random.default_rng(derive_seed(seed, SUBSET_STREAM))
+    return np.sort(rng.permutation(count)[:max_images]).astype(np.int64)
+
+
 class LikelihoodActor(_ModelActor):
-    """Ray Data actor: loads the model once; per batch, bits/dim (images) or log-density (points) per row."""
+    """Ray Data actor: loads the model once; per fixed block of `eval.batch_size` rows, bits/dim (images) or the
+    negative log-density (points) of each row.
+
+    A block's rows are fixed by its number (as sampling's blocks are), and each row's dequantization noise and
+    probes come from its own seed: a row's value does not depend on the actor count, on how many blocks a call
+    takes, or on the order blocks arrive. (An adaptive solver's steps are shared by a block, so the block size is
+    part of the setting, like the solver tolerance.)"""
+
+    def __init__(self, checkpoint: str, cfg: dict, data: DataSpec, files: tuple, groups: tuple, count: int):
+        super().__init__(checkpoint, cfg, data)
+        self.rows = likelihood_rows(count, self.cfg.max_images, self.cfg.seed)
+        self.reader = ShardRows(files, groups, tuple(data.shape), data.kind)
 
     def __call__(self, batch: dict) -> dict:
+        out = {"row": [], "value": [], "nfe": []}
+        for block in batch["id"].tolist():
+            rows = self.rows[block * self.cfg.batch_size:(block + 1) * self.cfg.batch_size]
+            value, nfe = self.score(rows)
+            out["row"].append(rows)
+            out["value"].append(value)
+            out["nfe"].append(np.full(len(rows), nfe))
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    def score(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
         from fm.likelihood import bits_per_dim, log_likelihood
 
         c, method = self.cfg, self.loaded.method
         fn = method.velocity(self.loaded.model)
-        # the batch's dequantization noise and probes depend on its rows only, not on actor or order
-        g = generator(c.seed, sum(zlib.crc32(str(i).encode()) for i in batch["id"]))
+        seeds = SeedStack([derive_seed(c.seed, LIKELIHOOD_STREAM, int(r)) for r in rows])
         settings = LikelihoodSettings(c.divergence, c.probes, c.probe_kind, c.solver, c.atol, c.rtol, c.steps,
                                       t_1=method.t_max)
+        raw, _ = self.reader.take(rows)
         if self.data.is_image:
-            x = decode_rows(batch["image"], self.data.shape)
-            res = bits_per_dim(fn, x.float(), draws=c.draws, generator=g, settings=settings)
-            return {"id": batch["id"], "value": res.bpd.numpy(), "nfe": np.full(len(x), res.nfe)}
-        x = decode_rows(batch["image"], self.data.shape, "points")
+            res = bits_per_dim(fn, decode_rows(raw, self.data.shape).float(), draws=c.draws, generator=seeds,
+                               settings=settings)
+            return res.bpd.numpy(), res.nfe
+        x = decode_rows(raw, self.data.shape, "points")
         if method.kind == "riemannian":  # the Riemannian change of variables, uniform prior
             from fm.riemannian import manifold_log_likelihood
 
-            res = manifold_log_likelihood(fn, method.manifold, x, settings, g)
+            res = manifold_log_likelihood(fn, method.manifold, x, settings, seeds)
         else:
-            res = log_likelihood(fn, x, settings, g)
-        return {"id": batch["id"], "value": (-res.log_p).numpy(), "nfe": np.full(len(x), res.nfe)}
+            res = log_likelihood(fn, x, settings, seeds)
+        return (-res.log_p).numpy(), res.nfe
 
 
 class TransportActor(_ModelActor):
@@ -83,33 +117,45 @@ class TransportActor(_ModelActor):
         return out
 
 
-def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> dict:
-    """Bits/dim (or NLL in nats for points) over a split, as a map_batches actor stage; mean ± stderr, NFE."""
+def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray,
+                                                                                    np.ndarray, float]:
+    """Per-row values over a split as a map_batches actor stage over fixed blocks: (rows [n] in order, bits/dim or
+    NLL [n], NFE [n], wall seconds)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from pipelines.runtime import Progress, init_ray, spread, stage
+    from pipelines.runtime import Progress, init_ray
 
     init_ray()
-    stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence) "
-          f"on {cfg.actors} actor(s)")
-    total = manifest.count(cfg.split)
-    total = min(total, cfg.max_images) if cfg.max_images else total
-    ds = ray.data.read_parquet(manifest.shard_paths(cfg.split)).select_columns(["id", "image"])
-    if cfg.max_images:
-        ds = ds.limit(cfg.max_images)
-    ds = spread(ds, total, cfg.batch_size, cfg.actors)
+    files = tuple(manifest.shard_paths(cfg.split))
+    count = manifest.count(cfg.split)
+    total = len(likelihood_rows(count, cfg.max_images, cfg.seed))
+    blocks = -(-total // cfg.batch_size)
+    actor_args = (checkpoint, asdict(cfg), manifest.data, files, group_rows(files), count)
     start = time.perf_counter()
     progress = Progress("bits/dim" if manifest.data.is_image else "NLL", total, "images")
-    values, nfes = [], []
-    for batch in ds.map_batches(LikelihoodActor, fn_constructor_args=(checkpoint, asdict(cfg), manifest.data),
-                                batch_size=cfg.batch_size, batch_format="numpy", compute=ActorPoolStrategy(
-                                    size=cfg.actors), num_cpus=cfg.cpus_per_actor).iter_batches(batch_size=None):
+    rows, values, nfes = [], [], []
+    ds = ray.data.range(blocks, override_num_blocks=min(blocks, 4 * cfg.actors)).map_batches(
+        LikelihoodActor, fn_constructor_args=actor_args, batch_size=cfg.blocks_per_call, batch_format="numpy",
+        compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor)
+    for batch in ds.iter_batches(batch_size=None):
+        rows.append(np.asarray(batch["row"], dtype=np.int64))
         values.append(np.asarray(batch["value"], dtype=np.float64))
         nfes.append(np.asarray(batch["nfe"], dtype=np.float64))
         progress.update(len(values[-1]))
     wall = time.perf_counter() - start
-    values, nfes = np.concatenate(values), np.concatenate(nfes)
+    rows, values, nfes = np.concatenate(rows), np.concatenate(values), np.concatenate(nfes)
+    order = np.argsort(rows, kind="stable")
+    return rows[order], values[order], nfes[order], wall
+
+
+def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> dict:
+    """Bits/dim (or NLL in nats for points) over a split (`likelihood_values`); mean ± stderr, NFE."""
+    from pipelines.runtime import stage
+
+    stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence) "
+          f"on {cfg.actors} actor(s)")
+    _, values, nfes, wall = likelihood_values(checkpoint, manifest, cfg)
     mean, stderr = mean_and_stderr(torch.from_numpy(values))
     unit = "bits/dim" if manifest.data.is_image else "nats"
     return {"metric": "bpd" if unit == "bits/dim" else "nll", "unit": unit, "mean": mean, "stderr": stderr,

@@ -3,7 +3,7 @@ classifier, over sample shards or a split of an ingest output.
 
 Actors load the network once (on a GPU when `gpus_per_actor` > 0) and turn batches of parquet image cells into
 feature rows. The driver folds the streamed rows into `fm.metrics.FeatureStats` (float64 sums of f and f f^T) and
-keeps a bounded, deterministic subset (by a hash of each row's id) for KID and precision/recall, so its memory
+keeps a bounded, deterministic subset (by a hash of each row's id, in id order) for KID and precision/recall, so its memory
 does not grow with the number of images. Batches are stateless, so a batch that Ray retries is counted once.
 Statistics of a data split are cached beside its shards, keyed by the shards' checksums, the split and the network.
 """
@@ -55,16 +55,31 @@ class FeatureResult:
     images_per_actor_s: float | None = None  # images per second of actor busy time (start-up excluded)
     cached: bool = False
     prefix_stats: FeatureStats | None = None  # of the rows with integer id < prefix (the first samples)
+    subset_ids: np.ndarray | None = None  # the ids of the subset's rows, in order
 
     @property
     def n(self) -> int:
         return self.stats.n
 
 
+def id_hash(ids) -> np.ndarray:
+    """A stable pseudo-random number in [0, SUBSET_BUCKETS) per row id (int64 [B]), the same in any process."""
+    return np.array([zlib.crc32(str(i).encode()) % SUBSET_BUCKETS for i in ids], dtype=np.int64)
+
+
 def in_subset(ids, rate: float) -> np.ndarray:
     """A deterministic pseudo-random selection of rows by id (bool [B]): the same rows whatever the batching."""
-    limit = int(rate * SUBSET_BUCKETS)
-    return np.array([zlib.crc32(str(i).encode()) % SUBSET_BUCKETS < limit for i in ids], dtype=bool)
+    return id_hash(ids) < int(rate * SUBSET_BUCKETS)
+
+
+def pick_subset(ids: np.ndarray, features: torch.Tensor, size: int) -> tuple[np.ndarray, torch.Tensor]:
+    """The `size` rows of smallest id hash (ties by id), in id order: the same ids [<= size] and features
+    [<= size, D] whatever order the rows arrived in, from however many actors."""
+    ids = np.asarray(ids)
+    keys = np.array([str(i) for i in ids])
+    chosen = np.lexsort((keys, id_hash(ids)))[:size]
+    chosen = chosen[np.argsort(ids[chosen], kind="stable")]
+    return ids[chosen], features[torch.from_numpy(chosen)]
 
 
 class FeatureActor:
@@ -135,20 +150,22 @@ def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: in
     ds = ds.map_batches(FeatureActor, fn_constructor_args=(net, shape, gpus_per_actor > 0, keep), batch_size=batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
                         num_gpus=gpus_per_actor or None)
-    stats, subset, busy, head = None, [], 0.0, None
+    stats, subset, subset_ids, busy, head = None, [], [], 0.0, None
     progress = Progress(what, round(total * keep), "images")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         f = torch.from_numpy(np.asarray(batch["feature"], dtype=np.float32))
         stats = (stats or FeatureStats(f.shape[1])).update(f)
-        subset.append(f[torch.from_numpy(in_subset(batch["id"], rate))])
+        keep_rows = in_subset(batch["id"], rate)
+        subset.append(f[torch.from_numpy(keep_rows)])
+        subset_ids.append(np.asarray(batch["id"])[keep_rows])
         busy += float(np.sum(batch["busy_s"]))
         if prefix is not None:
             head = (head or FeatureStats(f.shape[1])).update(f[torch.from_numpy(np.asarray(batch["id"]) < prefix)])
         progress.update(len(f))
     if stats is None:
         raise ValueError(f"no images in {len(paths)} shard(s)")
-    return FeatureResult(stats, torch.cat(subset)[:subset_size], stats.n / busy if busy > 0 else None,
-                         prefix_stats=head)
+    kept_ids, kept = pick_subset(np.concatenate(subset_ids), torch.cat(subset), subset_size)
+    return FeatureResult(stats, kept, stats.n / busy if busy > 0 else None, prefix_stats=head, subset_ids=kept_ids)
 
 
 def split_stats(manifest, split: str, net: FeatureNet, limit: int = 0, **stage_kwargs) -> FeatureResult:

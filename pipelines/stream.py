@@ -23,8 +23,6 @@ keeping its own part: every rank's stream does this work, off the trainers.
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -36,6 +34,7 @@ from fm.methods import coupling_name, make_method
 from fm.seeding import derive_seed, generator
 from fm.training import Pairs, pair_global_step, pair_step
 from pipelines.images import decode_rows, row_bytes
+from pipelines.shards import ShardRows, group_rows
 
 LABEL_STREAM = 1  # the label-dropout draws of a step come from derive_seed(seed, rank, step, LABEL_STREAM)
 FLIP_STREAM = 2  # its random horizontal flips from derive_seed(seed, rank, step, FLIP_STREAM)
@@ -103,17 +102,11 @@ class StreamSpec:
 def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int) -> StreamSpec:
     """The `StreamSpec` of a training config (`pipelines.config.Config`) over its split of `manifest`, with at
     most `tasks` pairing tasks at once per worker's stream."""
-    import pyarrow.parquet as pq
-
     from pipelines.config import method_kwargs
 
     split, data = cfg.data.split, manifest.data
     files = tuple(manifest.shard_paths(split))
-    groups = []
-    for f in files:
-        meta = pq.read_metadata(f)
-        groups.append(tuple(meta.row_group(k).num_rows for k in range(meta.num_row_groups)))
-    return StreamSpec(files, tuple(groups), tuple(data.shape), data.kind, cfg.train.batch_size,
+    return StreamSpec(files, group_rows(files), tuple(data.shape), data.kind, cfg.train.batch_size,
                       cfg.ray.num_workers, cfg.train.steps, cfg.train.seed, cfg.data.hflip,
                       method_kwargs(cfg, data), model_kwargs.get("num_classes"), cfg.model.label_dropout,
                       bool(data.times), cfg.ray.preprocess_cpus, tasks, cfg.ray.prefetch_batches,
@@ -159,76 +152,16 @@ class _Order:
         return out
 
 
-# --- read ------------------------------------------------------------------------------------------------------
-
-_GROUPS: OrderedDict = OrderedDict()  # (file, mtime, size, group) -> (raw [rows, row_bytes], labels): this process's
-
-
-class _Rows:
-    """Rows of the split by index, read row group by row group from the parquet shards. The groups read are kept in
-    this process (least recently used out past about `CACHE_WINDOWS` shuffle windows), since the steps of a window
-    draw on the same groups and Ray runs a stream's tasks in the same worker processes."""
-
-    def __init__(self, spec: StreamSpec):
-        self.spec = spec
-        self.where = [(f, g) for f, rows in enumerate(spec.group_rows) for g in range(len(rows))]
-        self.capacity = CACHE_WINDOWS * spec.shuffle_window + 2 * max((max(r, default=0) for r in spec.group_rows),
-                                                                       default=0)
-
-    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw uint8 [len(rows), row_bytes] and labels int64 [len(rows)] of split rows `rows`."""
-        start = self.spec.group_start
-        group = np.searchsorted(start, rows, side="right") - 1
-        raw = np.empty((len(rows), self.spec.row_bytes), dtype=np.uint8)
-        labels = np.empty(len(rows), dtype=np.int64)
-        for g in np.unique(group):
-            sel = group == g
-            group_raw, group_labels = self._group(int(g))
-            local = rows[sel] - start[g]
-            raw[sel], labels[sel] = group_raw[local], group_labels[local]
-        return raw, labels
-
-    def _group(self, g: int) -> tuple[np.ndarray, np.ndarray]:
-        f, k = self.where[g]
-        path = self.spec.files[f]
-        st = os.stat(path)
-        key = (path, st.st_mtime_ns, st.st_size, k)  # a shard rewritten in place is read again
-        if key in _GROUPS:
-            _GROUPS.move_to_end(key)
-            return _GROUPS[key]
-        import pyarrow.parquet as pq
-
-        table = pq.ParquetFile(path).read_row_group(k, columns=["image", "label"])
-        first = int(self.spec.group_start[g] - self.spec.group_start[sum(len(r) for r in self.spec.group_rows[:f])])
-        value = (self._raw(table.column("image").combine_chunks(), f, first),
-                 table.column("label").to_numpy(zero_copy_only=False).astype(np.int64))
-        _GROUPS[key] = value
-        while sum(len(v[1]) for v in _GROUPS.values()) > self.capacity and len(_GROUPS) > 1:
-            _GROUPS.popitem(last=False)
-        return value
-
-    def _raw(self, cells, f: int, first: int) -> np.ndarray:
-        """A group's binary cells as uint8 [rows, row_bytes], every row's size checked (`first`: the group's first
-        row in its file, for the message)."""
-        want, n = self.spec.row_bytes, len(cells)
-        offsets = np.frombuffer(cells.buffers()[1], dtype=np.int32)[cells.offset:cells.offset + n + 1]
-        sizes = np.diff(offsets)
-        valid = np.ones(n, bool) if cells.null_count == 0 else ~np.asarray(cells.is_null())
-        bad = np.flatnonzero(~valid | (sizes != want))
-        if len(bad):
-            k = int(bad[0])
-            got = "no bytes" if not valid[k] else f"{sizes[k]} bytes"
-            raise ValueError(f"{self.spec.files[f]}: row {first + k} has {got}; a row of shape "
-                             f"{list(self.spec.shape)} ({self.spec.kind}) has {want}; re-ingest the data")
-        data = np.frombuffer(cells.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
-        return data.reshape(n, want)
+# --- read ---------------------------------------------------------------------------------------------------------
 
 
 def read_steps(batch: dict[str, np.ndarray], spec: StreamSpec, rank: int, first_step: int) -> dict[str, np.ndarray]:
     """Ray Data map stage: step ids (0 = `first_step`) -> one row per step: step, the split rows it reads
     row int64 [rows], raw uint8 [rows, row_bytes] and label int64 [rows] (rank `rank`'s part, or every part for the
     global plan, in rank order)."""
-    order, reader, steps = _Order(spec), _Rows(spec), first_step + batch["id"].astype(np.int64)
+    order, steps = _Order(spec), first_step + batch["id"].astype(np.int64)
+    # the groups of about CACHE_WINDOWS shuffle windows stay in the process: a window's steps draw on them
+    reader = ShardRows(spec.files, spec.group_rows, spec.shape, spec.kind, CACHE_WINDOWS * spec.shuffle_window)
     rows = [order.rows(np.concatenate([spec.positions(int(s), part) for part in spec.parts(rank)])) for s in steps]
     raw, labels = zip(*(reader.take(r) for r in rows), strict=True)
     return {"step": steps, "row": np.stack(rows), "raw": np.stack(raw), "label": np.stack(labels)}

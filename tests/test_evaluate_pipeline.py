@@ -66,6 +66,24 @@ def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local
     assert hutch["stderr"] > exact_1["stderr"]
 
 
+def test_per_image_bits_per_dim_do_not_depend_on_actors_or_blocks_per_call(tmp_path, ray_local):
+    from pipelines.evaluate import likelihood_rows, likelihood_values
+
+    rng = np.random.default_rng(1)
+    images = np.clip(rng.normal(140, 25, (80, 4, 4, 1)), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "g.npz", images=images, labels=np.zeros(80, dtype=np.int64))
+    ingest(f"npz:{tmp_path / 'g.npz'}", tmp_path / "data", shards=3, test_fraction=0.5)
+    manifest = load_manifest(tmp_path / "data")
+    ckpt = str(gaussian_checkpoint(tmp_path / "ckpt", [4, 4, 1]))
+    base = EvalConfig(max_images=29, batch_size=4, divergence="hutchinson", probes=2, seed=5)
+    rows, ref, _, _ = likelihood_values(ckpt, manifest, replace(base, actors=1, blocks_per_call=1))
+    # max_images: a uniform draw over the whole split from the seed, in row order
+    assert rows.tolist() == likelihood_rows(manifest.count("test"), 29, 5).tolist() == sorted(set(rows.tolist()))
+    assert rows.max() > 29  # not simply the first rows
+    again_rows, again, _, _ = likelihood_values(ckpt, manifest, replace(base, actors=2, blocks_per_call=3))
+    assert np.array_equal(again_rows, rows) and np.array_equal(again, ref)
+
+
 def _fake_samples(directory, images: np.ndarray, checkpoint):
     directory.mkdir(parents=True)
     n = len(images)
@@ -137,6 +155,15 @@ def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cov, ref_cov, rtol=1e-4, atol=1e-5)
     assert split_stats(load_manifest(data), "train", net).cached
+    # the KID / precision-recall subset: the same ids (by id hash, in id order) with 1 or 2 actors and any batch size
+    one = feature_stage([str(tmp_path / "real" / "block-00000000.parquet")], [8, 8, 1], net, 300, subset_size=50,
+                        batch_size=32, actors=1)
+    two = feature_stage([str(tmp_path / "real" / "block-00000000.parquet")], [8, 8, 1], net, 300, subset_size=50,
+                        batch_size=7, actors=2)
+    assert len(one.subset_ids) == 50 and one.subset_ids.tolist() == sorted(one.subset_ids.tolist())
+    assert one.subset_ids.tolist() == two.subset_ids.tolist()
+    torch.testing.assert_close(one.subset, two.subset, rtol=1e-5, atol=1e-5)  # float32 kernels of other batch sizes
+    torch.testing.assert_close(one.subset, direct[one.subset_ids].float(), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_evaluation_input(tmp_path):

@@ -19,8 +19,10 @@ def test_unet_shapes_and_conditioning():
     assert out_y.shape == x.shape
     assert not torch.allclose(out_y, out_null)
     torch.testing.assert_close(model(x, t, torch.full((3,), 10)), out_null)  # index 10 is the null class
-    # samples do not interact: a sub-batch gives the same outputs
-    torch.testing.assert_close(model(x[:1], t[:1], None), out_null[:1], rtol=1e-5, atol=1e-6)
+    # samples do not interact: a sub-batch gives the same outputs. Compared in float64, where the claim is exact up to
+    # rounding: in float32 the kernels a CPU picks for a batch of 1 and of 3 differ (AVX2 vs AVX-512) by ~3e-6.
+    model, x, t = model.double(), x.double(), t.double()
+    torch.testing.assert_close(model(x[:1], t[:1], None), model(x, t, None)[:1], rtol=0, atol=1e-12)
 
 
 def test_unet_cifar_size_and_grad():
