@@ -72,15 +72,33 @@ def _uniform(n: int) -> np.ndarray:
 class ExactOTCoupling(Coupling):
     """Minibatch exact OT on squared Euclidean cost (POT's network simplex): OT-CFM.
 
-    With equal uniform marginals the optimal plan is a permutation, so each x_0 keeps exactly one partner.
+    With equal uniform marginals the optimal plan is a permutation, so each x_0 keeps exactly one partner. With
+    unequal counts (snapshots of two times) the plan between the uniform marginals splits rows' mass: max(B0, B1)
+    pairs are drawn from it by systematic sampling (one uniform offset from `generator`), so each entry of the plan
+    gives about its share of the pairs and every row of either side is used in proportion to its marginal, where
+    keeping each row's largest partner would leave some rows of the larger side out altogether.
     """
 
     def plan_indices(self, x_0: Tensor, x_1: Tensor,
                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         cost = squared_cost(x_0, x_1).cpu().numpy()
-        plan = ot.emd(_uniform(cost.shape[0]), _uniform(cost.shape[1]), cost, numItermax=10_000_000)
+        n_0, n_1 = cost.shape
+        plan = ot.emd(_uniform(n_0), _uniform(n_1), cost, numItermax=10_000_000)
+        if n_0 != n_1:
+            return _systematic_pairs(torch.from_numpy(plan), max(n_0, n_1), generator, x_0.device)
         j = torch.from_numpy(plan.argmax(axis=1)).to(x_0.device)
-        return torch.arange(x_0.shape[0], device=x_0.device), j
+        return torch.arange(n_0, device=x_0.device), j
+
+
+def _systematic_pairs(plan: Tensor, count: int, generator: torch.Generator | None, device: torch.device
+                      ) -> tuple[Tensor, Tensor]:
+    """`count` pairs (i, j) from a plan [B0, B1] by systematic resampling: points (u + m) / count, m < count, of one
+    uniform u, located in the plan's cumulative mass; an entry of mass w gets floor or ceil of w * count pairs."""
+    u = torch.rand(1, generator=generator, device=generator.device if generator is not None else "cpu").cpu()
+    cum = torch.cumsum(plan.flatten().double(), 0)
+    points = (u.double() + torch.arange(count, dtype=torch.float64)) / count * cum[-1]
+    flat = torch.searchsorted(cum, points, right=True).clamp(max=cum.numel() - 1)
+    return (flat // plan.shape[1]).to(device), (flat % plan.shape[1]).to(device)
 
 
 # exp(-cost / reg) is used directly while cost / reg stays below this: kernel entries >= e^-200 ~ 1e-87 and scaling

@@ -42,6 +42,45 @@ def test_snapshot_pairs_join_consecutive_snapshots():
         snapshot_pairs(x[k == 0], k[k == 0], 5)
 
 
+def test_exact_ot_pairs_of_unequal_snapshots_use_every_row_uniformly():
+    # 45 rows at t_k, 55 at t_k+1: 55 pairs drawn from the plan between uniform marginals (systematic resampling);
+    # every row of either time is used in proportion to its mass (keeping each row's largest partner in that plan
+    # leaves ~18% of the 55 unused, always the same ones)
+    x = torch.randn(100, 2, generator=G().manual_seed(0))
+    k = torch.cat([torch.zeros(45, dtype=torch.long), torch.ones(55, dtype=torch.long)])
+    used_a, used_b, draws = torch.zeros(45), torch.zeros(55), 400
+    for s in range(draws):
+        a, b, seg = snapshot_pairs(x, k, 2, G().manual_seed(s), ExactOTCoupling())
+        assert len(a) == 55 and (seg == 0).all()
+        used_a += (a[:, None, :] == x[None, :45]).all(-1).sum(0)
+        used_b += (b[:, None, :] == x[None, 45:]).all(-1).sum(0)
+    # each row in proportion to its mass: a row of t_k+1 in one of 55 pairs per draw, a row of t_k in 55/45, on
+    # average; rows of t_k are contiguous in the plan's order, so each gets 1 or 2 pairs in every draw
+    assert used_a.min() >= draws and used_a.max() <= 2 * draws
+    for used, expected in [(used_a, draws * 55 / 45), (used_b, draws)]:
+        assert used.min() > 0 and ((used - expected).abs() < 0.1 * expected).all(), (used.min(), used.max())
+    # each pair is a pair of the optimal plan: its cost is the plan's, on average over draws
+    from fm.couplings import squared_cost
+
+    cost = squared_cost(x[:45], x[45:])
+    a, b, _ = snapshot_pairs(x, k, 2, G().manual_seed(0), ExactOTCoupling())
+    independent = cost.mean().item()
+    assert ((a - b) ** 2).sum(1).mean().item() < 0.5 * independent
+
+
+def test_action_velocity_is_the_gradient_of_the_action():
+    # s(x, t) = t |x|^2 / 2 + sin(x_0) x_1: grad s = (t x_0 + cos(x_0) x_1, t x_1 + sin(x_0))
+    class Action(nn.Module):
+        def forward(self, x, t, y=None):
+            return (t * (x**2).sum(1) / 2 + torch.sin(x[:, 0]) * x[:, 1])[:, None]
+
+    x, t = torch.randn(16, 2, generator=G().manual_seed(0), dtype=torch.float64), torch.rand(16, dtype=torch.float64)
+    want = torch.stack([t * x[:, 0] + torch.cos(x[:, 0]) * x[:, 1], t * x[:, 1] + torch.sin(x[:, 0])], 1)
+    with torch.no_grad():  # as a sampler calls it
+        got = action_velocity(Action())(x, t)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 def test_action_matching_loss_is_minus_the_kinetic_energy_at_the_true_action():
     """Snapshots of one cloud shifted by c t: exact OT pairs each point with its own shift, so for
     s = scale c . x + t^2 a pair's loss is Delta |c|^2 (scale^2 / 2 - scale) up to the t^2 term's zero-mean noise:
@@ -66,6 +105,8 @@ def _fit(method_name, name, steps=1200, seed=0):
     action = method.prediction == "action"
     model = MLP(2, 64, 2, out_dim=1 if action else None, time_scale=1.0 if action else 1000.0)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    # the learning rate decays to 0: what is checked is the field the loss defines, not the last steps' noise
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     x, k = snapshots(name, 2000, generator=G().manual_seed(seed))
     g = G().manual_seed(seed + 1)
     for _ in range(steps):
@@ -74,6 +115,7 @@ def _fit(method_name, name, steps=1200, seed=0):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        decay.step()
     return method, model
 
 
@@ -87,7 +129,9 @@ def test_action_matching_learns_a_pure_translation():
     for t, x_t in zip(OBSERVED_TIMES, path, strict=True):
         # every point moves by c t, whatever its position (a gradient field: s = c . x)
         err = (x_t - x_0 - t * torch.tensor([2.0, 1.0])).norm(dim=1)
-        assert err.mean().item() < 0.1, (t, err.mean().item())
+        # within 0.15 of the displacement |c| t <= 2.24: batches hold unequal counts of the times, so the OT pairs
+        # split rows (fm.couplings.ExactOTCoupling), which adds noise to the pairs' displacement
+        assert err.mean().item() < 0.15, (t, err.mean().item())
 
 
 def test_action_matching_learns_the_ou_marginals():
