@@ -40,8 +40,8 @@ def snapshot_pairs(x: Tensor, k: Tensor, num_times: int, generator: torch.Genera
     Every row of snapshot k < K is paired with a row of snapshot k + 1 of the same batch: drawn uniformly (with
     replacement) from `generator`, or by `coupling`'s plan between the two snapshots' rows (minibatch exact OT: a
     permutation for equal counts, else max(n_k, n_k+1) pairs drawn from the plan between uniform marginals by
-    systematic resampling, so that no row of either time is favoured or left out). Rows of the last snapshot only appear as partners; rows whose
-    next snapshot has no row in the batch are left out.
+    systematic resampling, so that no row of either time is favoured or left out). Rows of the last snapshot only
+    appear as partners; rows whose next snapshot has no row in the batch are left out.
 
     Args:
         x: points [B, D]; k: their snapshot index [B] in 0..num_times-1.

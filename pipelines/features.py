@@ -3,8 +3,8 @@ classifier, over sample shards or a split of an ingest output.
 
 Actors load the network once (on a GPU when `gpus_per_actor` > 0) and turn batches of parquet image cells into
 feature rows. The driver folds the streamed rows into `fm.metrics.FeatureStats` (float64 sums of f and f f^T) and
-keeps a bounded, deterministic subset (by a hash of each row's id, in id order) for KID and precision/recall, so its memory
-does not grow with the number of images. Batches are stateless, so a batch that Ray retries is counted once.
+keeps a bounded, deterministic subset (by a hash of each row's id, in id order) for KID and precision/recall, so its
+memory does not grow with the number of images. Batches are stateless, so a batch that Ray retries is counted once.
 Statistics of a data split are cached beside its shards, keyed by the shards' checksums, the split and the network.
 """
 

@@ -29,12 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import check_writable_dir
-from pipelines.manifest import MANIFEST, Manifest, sha256
+from pipelines.manifest import MANIFEST, SCHEMA, Manifest, row_format, sha256, shard_schema
 from pipelines.sources import IngestError, Listing, Part, Record, list_source, read_part, stable_hash
 
 __all__ = ["IngestError", "IngestResult", "ingest", "load_manifest", "shard_paths", "Settings", "SCHEMA"]
 
-SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("image", pa.binary())])
 TRANSFORMS = ("center-crop", "resize")
 WRITE_ROWS = 512  # rows a task buffers before appending a row group
 MAX_ROWS_PER_SHARD = 20_000
@@ -179,9 +178,10 @@ def split_of(record: Record, s: Settings) -> str:
 class _ShardWriter:
     """Streams one split's rows of one part into staging/<split>-<part>-of-<parts>.parquet, a row group at a time."""
 
-    def __init__(self, s: Settings, split: str, part: int):
+    def __init__(self, s: Settings, split: str, part: int, shape: tuple[int, ...]):
         self.name = f"{split}-{part:05d}-of-{s.num_parts:05d}.parquet"
         self.path = Path(s.staging) / self.name
+        self.schema = shard_schema(row_format("points" if s.points else "image", list(shape)), split)
         self.writer, self.rows, self.buffer = None, 0, []
 
     def add(self, rid: str, label: int, cell: bytes) -> None:
@@ -194,7 +194,7 @@ class _ShardWriter:
             return
         ids, labels, cells = zip(*self.buffer, strict=True)
         table = pa.table({"id": list(ids), "label": list(labels), "image": list(cells)}, schema=SCHEMA)
-        self.writer = self.writer or pq.ParquetWriter(self.path, SCHEMA)
+        self.writer = self.writer or pq.ParquetWriter(self.path, self.schema)
         self.writer.write_table(table)
         self.rows += len(self.buffer)
         self.buffer = []
@@ -228,7 +228,9 @@ def ingest_part(part: Part, s: Settings) -> dict:
         resized += was_resized
         labels.add(record.label)
         split = split_of(record, s)
-        writers.setdefault(split, _ShardWriter(s, split, part.index)).add(record.id, record.label, arr.tobytes())
+        if split not in writers:
+            writers[split] = _ShardWriter(s, split, part.index, shape)
+        writers[split].add(record.id, record.label, arr.tobytes())
     shards = {split: w.close() for split, w in writers.items()}
     return {"part": part.index, "rows": rows, "quarantine": quarantine, "shards": shards,
             "conversions": {k: v for k, v in conversions.items() if k and v}, "resized": resized,
@@ -419,6 +421,7 @@ def _manifest(listing: Listing, s: Settings, summaries: list[dict], max_bad_frac
     if len(shapes) > 1:  # only points can differ (images are all made the declared size)
         raise IngestError(f"{listing.spec}: rows of different shapes {sorted(shapes)}")
     shape = next(iter(shapes), None)
+    shape_out = list(shape) if shape else ([s.resolution, s.resolution, s.channels] if not s.points else [2])
     conversions = Counter()
     for d in summaries:
         conversions.update(d["conversions"])
@@ -426,16 +429,14 @@ def _manifest(listing: Listing, s: Settings, summaries: list[dict], max_bad_frac
     for split in ("train", "test"):
         files = [d["shards"][split] for d in summaries if d["shards"].get(split)]
         if not files:  # an empty split still gets a (schema-only) shard: readers need not special-case it
-            files = [_empty_shard(Path(s.staging), split)]
+            files = [_empty_shard(Path(s.staging), split, row_format("points" if s.points else "image", shape_out))]
         splits[split] = {"count": sum(f["rows"] for f in files), "shards": files}
     max_label = max(d["max_label"] for d in summaries)
     return {
         "format": 1,
         "source": listing.spec,
         "kind": "points" if s.points else "image",
-        "shape": list(shape) if shape else ([s.resolution, s.resolution, s.channels] if not s.points else [2]),
-        "layout": "D" if s.points else "HWC",
-        "dtype": "float32" if s.points else "uint8",
+        **row_format("points" if s.points else "image", shape_out),
         "labelled": listing.labelled,
         "num_classes": (listing.num_classes or len(listing.class_names) or max_label + 1) if listing.labelled else 0,
         "class_names": listing.class_names,
@@ -456,9 +457,9 @@ def _manifest(listing: Listing, s: Settings, summaries: list[dict], max_bad_frac
     }
 
 
-def _empty_shard(directory: Path, split: str) -> dict:
+def _empty_shard(directory: Path, split: str, fmt: dict) -> dict:
     name = f"{split}-00000-of-00001.parquet"
-    pq.write_table(SCHEMA.empty_table(), directory / name)
+    pq.write_table(shard_schema(fmt, split).empty_table(), directory / name)
     return {"file": name, "rows": 0, "sha256": sha256(directory / name)}
 
 

@@ -12,10 +12,27 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+
 from pipelines.config import ConfigError
 
 MANIFEST = "manifest.json"
 KINDS = ("image", "points")
+SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("image", pa.binary())])  # every data shard's
+ROW_FORMAT_KEY = b"flowray.row_format"  # a shard's schema metadata: what its rows hold (`row_format`) and its split
+FORMAT_KEYS = ("kind", "shape", "layout", "dtype")
+
+
+def row_format(kind: str, shape: list[int]) -> dict:
+    """What a data row holds: kind, shape, layout (HWC images, D points) and the cell's dtype."""
+    return {"kind": kind, "shape": list(shape), "layout": "HWC" if kind == "image" else "D",
+            "dtype": "uint8" if kind == "image" else "float32"}
+
+
+def shard_schema(fmt: dict, split: str) -> pa.Schema:
+    """The data shards' schema, carrying the row format and split in its metadata, so that a shard says what it
+    holds and a manifest that disagrees with it is caught (`Manifest.check_shards`)."""
+    return SCHEMA.with_metadata({ROW_FORMAT_KEY: json.dumps({**fmt, "split": split}).encode()})
 
 
 class ManifestError(ConfigError):
@@ -164,8 +181,9 @@ class Manifest:
         return [int(s["rows"]) for s in self.splits[split]["shards"]]
 
     def check_shards(self) -> None:
-        """The cheap check, before any Ray work: every shard exists, has a readable parquet footer and the row
-        count the manifest says (a truncated or foreign file fails here, named)."""
+        """The cheap check, before any Ray work: every shard exists, has a readable parquet footer, the row count
+        the manifest says, and records the manifest's row format (kind, shape, layout, dtype) and its split (a
+        truncated or foreign file, or a manifest edited by hand, fails here, named)."""
         import pyarrow.parquet as pq
 
         for name, split in self.splits.items():
@@ -174,13 +192,28 @@ class Manifest:
                 if not path.is_file():
                     raise ManifestError(f"{path}: shard of split {name!r} listed in {MANIFEST} is missing")
                 try:
-                    rows = pq.read_metadata(path).num_rows
+                    meta = pq.read_metadata(path)
+                    rows = meta.num_rows
                 except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
                     raise ManifestError(f"{path}: not a readable parquet file (truncated or corrupt: "
                                         f"{str(err).splitlines()[0][:160]}); re-ingest, or check with "
                                         "--verify") from None
                 if rows != shard.get("rows"):
                     raise ManifestError(f"{path}: {rows} rows, but {MANIFEST} says {shard.get('rows')}")
+                self._check_row_format(path, name, meta.schema.to_arrow_schema().metadata or {})
+
+    def _check_row_format(self, path: Path, split: str, metadata: dict) -> None:
+        """The row format and split a shard records against the manifest's: any disagreement is refused, named."""
+        if ROW_FORMAT_KEY not in metadata:
+            raise ManifestError(f"{path}: the shard records no row format (schema metadata "
+                                f"{ROW_FORMAT_KEY.decode()!r}): not written by this version's ingest; re-ingest")
+        recorded = json.loads(metadata[ROW_FORMAT_KEY])
+        want = {**{k: self.raw.get(k) for k in FORMAT_KEYS}, "split": split}
+        want.update({k: v for k, v in row_format(self.data.kind, self.data.shape).items() if want[k] is None})
+        for key, value in want.items():
+            if recorded.get(key) != value:
+                raise ManifestError(f"{path}: the shard holds {key} {recorded.get(key)!r}, but {MANIFEST} says "
+                                    f"{value!r}; the manifest does not describe its shards: re-ingest")
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest."""

@@ -103,6 +103,23 @@ def test_damaged_data(tmp_path, digits, capsys):
     manifest["splits"]["train"]["shards"][0]["rows"] += 1
     (data / "manifest.json").write_text(json.dumps(manifest))
     _fails(main, sets, "rows, but manifest.json says", capsys)
+    manifest["splits"]["train"]["shards"][0]["rows"] -= 1
+    # another shape of the same bytes per row (8x8x1 -> 4x4x4): the shards say what they hold
+    (data / "manifest.json").write_text(json.dumps({**manifest, "shape": [4, 4, 4]}))
+    _fails(main, sets, f"{shard}: the shard holds shape [8, 8, 1], but manifest.json says [4, 4, 4]", capsys)
+    (data / "manifest.json").write_text(json.dumps({**manifest, "kind": "points", "shape": [16]}))
+    _fails(main, sets, "the shard holds kind 'image', but manifest.json says 'points'", capsys)
+    # a shard of the test split listed under train
+    test_file = manifest["splits"]["test"]["shards"][0]
+    edited = json.loads(json.dumps(manifest))
+    edited["splits"]["train"]["shards"][0] = test_file
+    (data / "manifest.json").write_text(json.dumps(edited))
+    _fails(main, sets, "the shard holds split 'test', but manifest.json says 'train'", capsys)
+    # a shard from before the row format was recorded
+    pq.write_table(pq.read_table(shard).replace_schema_metadata(None), shard)
+    manifest["splits"]["train"]["shards"][0]["rows"] = pq.read_metadata(shard).num_rows
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    _fails(main, sets, f"{shard}: the shard records no row format", capsys)
 
 
 def test_damaged_checkpoints(tmp_path, capsys):

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from fm.inception import INCEPTION_DIM, inception_features, inception_input, load_inception, tf_legacy_resize
