@@ -77,7 +77,8 @@ def test_rfm_on_the_sphere_through_the_clis(tmp_path, ray_local, capsys):
     # the uniform prior scores log(4 pi) = 2.53 nats; 300 steps already learn much of the mixture (entropy 0.83)
     assert result["likelihood"]["unit"] == "nats" and 0.5 < nll < math.log(4 * math.pi) - 0.5
     q = result["quality"]
-    assert q["w2_kind"] == "geodesic" and 0 < q["w2_floor"] < q["w2"] < 1.0
+    # the W2 between two samples of its size, and no ordering: a perfect model may land at or below its floor
+    assert q["w2_kind"] == "geodesic" and 0 < q["w2_floor"] < 1.0 and q["w2"] < 1.0
     client = MlflowClient(uri)
     ev = client.get_run(result["mlflow_run_id"]).data.metrics
     assert ev["nll"] == pytest.approx(nll) and ev["w2"] == pytest.approx(q["w2"]) and "w2_floor" in ev
@@ -116,9 +117,11 @@ def test_action_matching_on_snapshots_through_the_clis(tmp_path, ray_local, caps
                        "--tracking-uri", uri, *_sets("eval.solver=rk4", "eval.steps=5")])
     result = _last_json(capsys)
     tr = result["transport"]
-    # the unmoved first snapshot is |c| = sqrt(5) = 2.24 from the last one in W2; the learned flow carries it there
-    assert tr["w2"][0] == pytest.approx(tr["w2_floor"][0], abs=0.3)
-    assert tr["w2"][-1] < 0.6 and tr["w2_floor"][-1] < 0.6
+    # the unmoved first snapshot is |c| = sqrt(5) = 2.24 from the last one in W2; the learned flow carries it to every
+    # later time within 1.5 times the W2 between two samples of that time (its floor); time 0 is the start itself
+    assert tr["w2"][0] == 0.0
+    for k in range(1, 5):
+        assert 0 < tr["w2_floor"][k] < 0.6 and tr["w2"][k] / tr["w2_floor"][k] < 1.5, (k, tr["w2"], tr["w2_floor"])
     metrics = MlflowClient(uri).get_run(result["mlflow_run_id"]).data.metrics
     assert metrics["w2_t4"] == pytest.approx(tr["w2"][-1]) and "w2_ratio_max" in metrics
 

@@ -162,3 +162,27 @@ def test_geodesic_w2_uses_the_short_way_round():
     y = torch.tensor([[-math.pi + 0.05]])
     assert geodesic_wasserstein2(torus, x, y) == pytest.approx(0.1, abs=1e-6)  # not 2 pi - 0.1
     assert wrap(torch.tensor([math.pi])).item() == pytest.approx(-math.pi)
+
+
+@pytest.mark.parametrize("manifold", [Sphere(2), FlatTorus(2)], ids=lambda m: m.label)
+def test_rfm_loss_is_zero_for_the_geodesic_velocity_and_positive_otherwise(manifold):
+    from fm.riemannian import rfm_loss
+
+    x_0, x_1 = _points(manifold, 64, 0), _points(manifold, 64, 1)
+    t = torch.rand(64, generator=G().manual_seed(2), dtype=torch.float64) * 0.9
+
+    class TowardX1(torch.nn.Module):
+        """The conditional field of the pairs: at x_t, the geodesic velocity log_{x_t}(x_1) / (1 - t)."""
+
+        def __init__(self, scale=1.0):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, x_t, t, y=None):
+            return self.scale * manifold.logmap(x_t, x_1) / (1 - t)[:, None]
+
+    torch.testing.assert_close(rfm_loss(TowardX1(), manifold, x_0, x_1, t=t), torch.zeros(64, dtype=torch.float64),
+                               rtol=0, atol=1e-10)
+    # half the speed: the loss is the squared error (|dx_t| / 2)^2 averaged over coordinates, |dx_t| = d(x_0, x_1)
+    want = (manifold.dist(x_0, x_1) / 2) ** 2 / x_0.shape[1]
+    torch.testing.assert_close(rfm_loss(TowardX1(0.5), manifold, x_0, x_1, t=t), want, rtol=1e-8, atol=1e-10)
