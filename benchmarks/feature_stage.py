@@ -1,11 +1,13 @@
 """The sample-quality feature stage: driver memory against the number of samples, and Inception throughput.
 
-    python -m benchmarks.feature_stage memory [--sizes 5000,50000]
+    python -m benchmarks.feature_stage memory [--sizes 5000,200000] [--hoard]
     python -m benchmarks.feature_stage inception [--images 128 --threads 2]
 
 memory: for each size, a fresh process writes that many random 8x8 digit-shaped samples as sampling shards (blocks
 of 1,000) and runs `pipelines.features.feature_stage` with the digits classifier's features (1 actor); its peak
-RSS (ru_maxrss) is reported, and the ratio of the largest to the smallest size. Goal: at most 1.2.
+RSS (ru_maxrss) is reported, and the growth from the smallest to the largest size in MB. Goal: at most 20 MB, where
+keeping every feature row in the driver would add 100 MB (195,000 more rows x 128 float32) and more for its
+copies. `--hoard` patches the stage to keep every row (as arrival-order code did), to show the goal catches it.
 inception: the same images through the Inception-v3 network in this process (baseline: `inception_features` in a
 loop over batches of 32) and through the Ray Data actor stage (1 actor with all the threads); the stage's
 steady-state rate is images per second of actor busy time, its start-up (Ray, actor, network load) is the wall
@@ -47,12 +49,16 @@ def _write_samples(directory: Path, n: int, shape: tuple[int, ...] = (8, 8, 1), 
     return paths
 
 
-def _memory_child(n: int, shards: str, out: str) -> None:
+def _memory_child(n: int, shards: str, out: str, hoard: bool) -> None:
     """One measurement in a fresh process: peak RSS of the driver after the stage over n samples."""
+    from pipelines import features
     from pipelines.config import EvalConfig
     from pipelines.evaluate import feature_net
     from pipelines.features import feature_stage
     from pipelines.manifest import Manifest
+
+    if hoard:  # the broken variant the goal must catch: every row kept for the subset
+        features.in_subset = lambda ids, rate: np.ones(len(ids), dtype=bool)
 
     manifest = Manifest.load(shards)
     net, _, _ = feature_net(manifest, EvalConfig(features="classifier", classifier_epochs=1))
@@ -65,7 +71,7 @@ def _memory_child(n: int, shards: str, out: str) -> None:
                                      / 1024, "wall_s": round(wall, 1), "subset": len(res.subset)}))
 
 
-def memory(sizes: list[int]) -> dict:
+def memory(sizes: list[int], hoard: bool = False) -> dict:
     from pipelines.chain import ensure_ingested
 
     shards = "data/digits"
@@ -73,11 +79,12 @@ def memory(sizes: list[int]) -> dict:
     rows = []
     for n in sizes:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            subprocess.run([sys.executable, "-m", "benchmarks.feature_stage", "_child", str(n), shards, f.name],
-                           check=True)
+            subprocess.run([sys.executable, "-m", "benchmarks.feature_stage", "_child", str(n), shards, f.name,
+                            str(int(hoard))], check=True)
             rows.append(json.loads(Path(f.name).read_text()))
-    return {"features": "digits classifier", "runs": rows,
-            "peak_rss_ratio": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3)}
+    growth = rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]
+    return {"features": "digits classifier", "hoard": hoard, "runs": rows, "peak_rss_growth_mb": round(growth, 1),
+            "peak_rss_ratio": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3), "goal_met": growth <= 20}
 
 
 def inception(images: int, threads: int) -> dict:
@@ -107,16 +114,17 @@ def inception(images: int, threads: int) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        _memory_child(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+        _memory_child(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1")
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["memory", "inception"])
-    p.add_argument("--sizes", default="5000,50000")
+    p.add_argument("--sizes", default="5000,200000")
+    p.add_argument("--hoard", action="store_true", help="memory: keep every feature row (the failure to catch)")
     p.add_argument("--images", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     a = p.parse_args()
     if a.what == "memory":
-        out = memory([int(s) for s in a.sizes.split(",")])
+        out = memory([int(s) for s in a.sizes.split(",")], a.hoard)
     else:
         out = inception(a.images, a.threads)
     print(json.dumps(out))
