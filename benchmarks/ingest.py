@@ -3,7 +3,7 @@ training data path's capacity without a model.
 
     python -m benchmarks.ingest throughput [--images 20000] [--resolution 32]
     python -m benchmarks.ingest memory [--sizes 20000,200000]
-    python -m benchmarks.ingest datapath [--seconds 30]
+    python -m benchmarks.ingest datapath [--seconds 30] [--windows 512,65536]
 
 throughput: a generated folder (10 classes; JPEG, quality 90; widths and heights drawn from 24..160 px) ingested
 at --resolution with --transform center-crop: (a) one process, no Ray, the same per-image work (`ingest_part` over
@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,7 @@ def memory(sizes: list[int], resolution: int) -> dict:
             "worker_ratio": round(large["worker_peak_rss_mb"] / small["worker_peak_rss_mb"], 3)}
 
 
-def datapath(seconds: float, rows: int) -> dict:
+def datapath(seconds: float, rows: int, windows: list[int]) -> dict:
     import torch
 
     from fm.models import build_model
@@ -179,15 +180,18 @@ def datapath(seconds: float, rows: int) -> dict:
         init_ray()
         manifest = Manifest.load(cfg.data.shards)
         spec = stream_spec(cfg, manifest, model_kwargs(cfg, manifest.data), tasks=max(1, (os.cpu_count() or 2) - 1))
-        seen, start, deadline = 0, None, None
-        for _, pairs in iter_pairs(spec, 0, 0, torch.device("cpu")):
-            if start is None:  # the first step carries the pipeline's start-up
-                start, deadline = time.perf_counter(), time.perf_counter() + seconds
-                continue
-            seen += pairs.x_1.shape[0]
-            if time.perf_counter() > deadline:
-                break
-        rate = seen / (time.perf_counter() - start)
+        rates = {}
+        for window in windows:  # side by side: the shuffle's cost is the rate against the smallest window's
+            seen, start, deadline = 0, None, None
+            for _, pairs in iter_pairs(replace(spec, shuffle_window=window), 0, 0, torch.device("cpu")):
+                if start is None:  # the first step carries the pipeline's start-up
+                    start, deadline = time.perf_counter(), time.perf_counter() + seconds
+                    continue
+                seen += pairs.x_1.shape[0]
+                if time.perf_counter() > deadline:
+                    break
+            rates[window] = seen / (time.perf_counter() - start)
+        rate = rates[windows[-1]]
     # the cifar10 UNet's training FLOPs per image (forward + backward), counted on the CPU
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -199,7 +203,9 @@ def datapath(seconds: float, rows: int) -> dict:
     gpu_rate = 0.35 * 989e12 / flops
     cpus = os.cpu_count()
     return {"mode": "datapath", "method": cfg.method.name, "rows": rows, "seconds": seconds, "host_cpus": cpus,
-            "images_per_s": round(rate, 1),
+            "images_per_s": round(rate, 1), "shuffle_window": windows[-1],
+            "images_per_s_by_window": {w: round(r, 1) for w, r in rates.items()},
+            "ratio_to_smallest_window": round(rate / rates[windows[0]], 3),
             "images_per_s_per_cpu": round(rate / cpus, 1), "cifar10_train_gflop_per_image": round(flops / 1e9, 2),
             "assumed_gpu_images_per_s": round(gpu_rate), "cpus_per_gpu": round(gpu_rate / (rate / cpus), 2)}
 
@@ -216,13 +222,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--rows", type=int, default=20_000)
+    p.add_argument("--windows", default="512,65536", help="datapath: data.shuffle_window values, side by side")
     a = p.parse_args(argv)
     if a.mode == "throughput":
         out = throughput(a.images, a.resolution)
     elif a.mode == "memory":
         out = memory([int(s) for s in a.sizes.split(",")], a.resolution)
     else:
-        out = datapath(a.seconds, a.rows)
+        out = datapath(a.seconds, a.rows, [int(w) for w in a.windows.split(",")])
     print(json.dumps(out))
     return out
 
