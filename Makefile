@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo demo-toy demo-geometry test faults lint bench reproduce clean
+.PHONY: demo demo-toy demo-geometry test heavy faults lint bench reproduce clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ demo-geometry: $(STAMP)
 	$(PY) -m jobs.geometry --seeds 0
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not faults"
+	$(PY) -m pytest -q -m "not faults and not heavy"
+
+# the longest end-to-end cases (a whole tiny reproduce chain, the feature stage's every option): about 12 minutes
+heavy: $(STAMP)
+	$(PY) -m pytest -q -m heavy
 
 # processes killed by PID: a training worker, a sampler actor, the driver, the MLflow server, a worker node
 faults: $(STAMP)

@@ -93,6 +93,7 @@ def _fake_samples(directory, images: np.ndarray, checkpoint):
     (directory / SETTINGS).write_text(f'{{"checkpoint": "{checkpoint}", "solver": "euler", "steps": 1}}')
 
 
+@pytest.mark.heavy  # about 5 minutes on an AVX2-only 2-core machine: `make heavy`, which CI runs
 def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     from fm.metrics import gaussian_stats
     from pipelines.evaluate import feature_net

@@ -5,7 +5,7 @@ import json
 import pytest
 from pipeline_helpers import TINY
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(900)]  # `make heavy` (CI runs it)
 
 
 def test_tiny_reproduce_fills_every_column(tmp_path, monkeypatch):
