@@ -30,7 +30,7 @@ demo-geometry: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not faults and not heavy"
 
-# the longest end-to-end cases (a whole tiny reproduce chain, the feature stage's every option): about 12 minutes
+# the longest end-to-end cases (a tiny reproduce chain, the feature stage's every option, `ray job submit`): ~14 min
 heavy: $(STAMP)
 	$(PY) -m pytest -q -m heavy
 

@@ -18,7 +18,7 @@ from pipeline_helpers import LOOPBACK, TINY, free_port, listening_addresses
 
 from pipelines.ingest import ingest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(600)]  # `make heavy` (CI runs it)
 REPO = Path(__file__).resolve().parent.parent
 
 
