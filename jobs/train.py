@@ -15,13 +15,17 @@ import json
 from jobs.cli import add_common, run_job
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file (defaults apply when omitted)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
     add_common(p, tracking=False)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    a = parser().parse_args(argv)
     return run_job("training", a, lambda: _train(a))
 
 
