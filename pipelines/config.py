@@ -229,23 +229,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
-def check_writable_dir(path: str | Path, key: str) -> Path:
-    """Create `path` as a directory if needed and prove it writable with a probe file; raise ConfigError naming
-    `key` when it is a file or cannot be written (a read-only mount, missing permissions)."""
-    import tempfile
-
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{key}: {p} is a file; a directory is needed")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-probe-"):
-            pass
-    except OSError as err:
-        raise ConfigError(f"{key}: cannot write to {p} ({err.strerror or err})") from None
-    return p
-
-
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")

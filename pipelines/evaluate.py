@@ -3,6 +3,7 @@ classifier trained on the same data set (cached next to the shards)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -11,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from fm.data import to_model_space
 from fm.likelihood import LikelihoodSettings, mean_and_stderr
 from fm.seeding import SeedStack, derive_seed
+from pipelines import storage
 from pipelines.config import ConfigError, EvalConfig, validate_eval_config
 from pipelines.features import FeatureNet
 from pipelines.images import decode_rows
@@ -36,9 +37,11 @@ class _ModelActor:
 
     def __init__(self, checkpoint: str, cfg: dict, data: DataSpec):
         from pipelines.checkpoint import load_model
+        from pipelines.runtime import use_cpu_share
 
-        self.loaded = load_model(checkpoint)
         self.cfg, self.data = EvalConfig(**cfg), data
+        use_cpu_share(self.cfg.cpus_per_actor)
+        self.loaded = load_model(checkpoint)
 
 
 LIKELIHOOD_STREAM = 1  # row r's dequantization noise and probes come from derive_seed(eval.seed, 1, r)
@@ -165,7 +168,7 @@ def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> di
 
 
 def _load_split(manifest: Manifest, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    table = pa.concat_tables([pq.read_table(p, columns=["image", "label"]) for p in manifest.shard_paths(split)])
+    table = pa.concat_tables([storage.read_table(p, ["image", "label"]) for p in manifest.shard_paths(split)])
     x = decode_rows(table["image"].to_pylist(), manifest.data.shape)
     return to_model_space(x), torch.tensor(table["label"].to_pylist())
 
@@ -180,11 +183,12 @@ def get_classifier(manifest: Manifest, epochs: int = 15, seed: int = 0):
 
     kwargs = {"in_channels": manifest.data.shape[2], "num_classes": max(manifest.data.num_classes, 2)}
     # one cache entry per training settings: another epoch count or seed trains (and keeps) its own classifier
-    cache = manifest.directory / CLASSIFIER_DIR / f"epochs{epochs}-seed{seed}"
-    if (cache / "info.json").exists():
-        info = json.loads((cache / "info.json").read_text())
+    cache = manifest.path(CLASSIFIER_DIR, f"epochs{epochs}-seed{seed}")
+    if storage.is_file(storage.join(cache, "info.json")):
+        info = json.loads(storage.read_text(storage.join(cache, "info.json")))
         model = SmallCNN(**info["kwargs"])
-        model.load_state_dict(torch.load(cache / "model.pt", map_location="cpu", weights_only=True))
+        weights = io.BytesIO(storage.read_bytes(storage.join(cache, "model.pt")))
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return model.eval(), info
     torch.manual_seed(seed)
     x, y = _load_split(manifest, "train")
@@ -204,12 +208,12 @@ def get_classifier(manifest: Manifest, epochs: int = 15, seed: int = 0):
     model.eval()
     with torch.no_grad():
         acc = (model(x_test).argmax(1) == y_test).float().mean().item()
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), cache / "model.pt")
+    weights = io.BytesIO()
+    torch.save(model.state_dict(), weights)
+    storage.write_bytes(storage.join(cache, "model.pt"), weights.getvalue())
     info = {"kwargs": kwargs, "test_accuracy": acc, "epochs": epochs, "seed": seed, "train_rows": len(x),
-            "test_rows": len(x_test),
-            "path": str(cache.resolve())}
-    (cache / "info.json").write_text(json.dumps(info, indent=1))
+            "test_rows": len(x_test), "path": cache}
+    storage.write_text(storage.join(cache, "info.json"), json.dumps(info, indent=1))  # last: the entry is whole
     return model, info
 
 
@@ -296,7 +300,8 @@ def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> dic
     init_ray()
     stage(f"transporting {len(start_rows)} rows of the first snapshot through times {times} ({cfg.solver}) on "
           f"{cfg.actors} actor(s)")
-    ds = ray.data.read_parquet(manifest.shard_paths(cfg.split)).select_columns(["id", "image", "label"])
+    paths, fs = storage.ray_paths(manifest.shard_paths(cfg.split))
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["id", "image", "label"])
     ds = spread(ds.filter(expr="label == 0").select_columns(["id", "image"]), len(start_rows), cfg.batch_size,
                 cfg.actors)
     t0 = time.perf_counter()
@@ -317,7 +322,7 @@ def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> dic
 
 def _points_by_label(manifest: Manifest, split: str) -> dict[int, torch.Tensor]:
     """A split's point rows grouped by label (the snapshot index), each in id order."""
-    table = pa.concat_tables([pq.read_table(p, columns=["id", "image", "label"]) for p in manifest.shard_paths(split)])
+    table = pa.concat_tables([storage.read_table(p, ["id", "image", "label"]) for p in manifest.shard_paths(split)])
     table = table.sort_by("id")
     x = decode_rows(table["image"].to_pylist(), manifest.data.shape, "points")
     labels = torch.tensor(table["label"].to_pylist())

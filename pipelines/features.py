@@ -11,16 +11,17 @@ Statistics of a data split are cached beside its shards, keyed by the shards' ch
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from fm.metrics import FeatureStats
+from pipelines import storage
 from pipelines.images import decode_rows
 
 STATS_DIR = "feature_stats"
@@ -42,7 +43,7 @@ class FeatureNet:
             from fm.inception import INCEPTION_NAME
 
             return "inception-" + hashlib.sha256(INCEPTION_NAME.encode()).hexdigest()[:8]
-        weights = Path(self.classifier_dir, "model.pt").read_bytes()
+        weights = storage.read_bytes(storage.join(self.classifier_dir, "model.pt"))
         return "classifier-" + hashlib.sha256(weights).hexdigest()[:12]
 
 
@@ -85,7 +86,11 @@ def pick_subset(ids: np.ndarray, features: torch.Tensor, size: int) -> tuple[np.
 class FeatureActor:
     """Ray Data actor: loads the feature network once; 8-bit image cells -> feature rows."""
 
-    def __init__(self, net: FeatureNet, shape: list[int], use_gpu: bool = False, keep: float = 1.0):
+    def __init__(self, net: FeatureNet, shape: list[int], use_gpu: bool = False, keep: float = 1.0,
+                 cpus: float = 1.0):
+        from pipelines.runtime import use_cpu_share
+
+        use_cpu_share(cpus)
         self.net, self.shape, self.keep = net, list(shape), keep
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_network(net, self.device)
@@ -113,9 +118,10 @@ def load_network(net: FeatureNet, device: torch.device):
         return load_inception(device=device)
     from fm.models.classifier import SmallCNN
 
-    info = json.loads(Path(net.classifier_dir, "info.json").read_text())
+    info = json.loads(storage.read_text(storage.join(net.classifier_dir, "info.json")))
     model = SmallCNN(**info["kwargs"])
-    model.load_state_dict(torch.load(Path(net.classifier_dir, "model.pt"), map_location="cpu", weights_only=True))
+    weights = io.BytesIO(storage.read_bytes(storage.join(net.classifier_dir, "model.pt")))
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval().to(device)
 
 
@@ -146,8 +152,10 @@ def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: in
     keep = min(1.0, limit / max(total, 1)) if limit > 0 else 1.0
     # rates relative to the whole set: the KID subset of a capped set lies inside it, whatever the stream order
     rate = min(1.0, subset_size / max(total * keep, 1)) * keep
-    ds = spread(ray.data.read_parquet(paths).select_columns(["id", "image"]), total, batch_size, actors)
-    ds = ds.map_batches(FeatureActor, fn_constructor_args=(net, shape, gpus_per_actor > 0, keep), batch_size=batch_size,
+    files, fs = storage.ray_paths(paths)
+    ds = spread(ray.data.read_parquet(files, filesystem=fs).select_columns(["id", "image"]), total, batch_size, actors)
+    ds = ds.map_batches(FeatureActor, fn_constructor_args=(net, shape, gpus_per_actor > 0, keep, cpus_per_actor),
+                        batch_size=batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
                         num_gpus=gpus_per_actor or None)
     stats, subset, subset_ids, busy, head = None, [], [], 0.0, None
@@ -175,15 +183,14 @@ def split_stats(manifest, split: str, net: FeatureNet, limit: int = 0, **stage_k
     limit = limit if 0 < limit < count else 0
     digest = hashlib.sha256(json.dumps([s["sha256"] for s in manifest.splits[split]["shards"]]).encode())
     capped = f"-max{limit}" if limit else ""
-    path = manifest.directory / STATS_DIR / f"{net.key}-{split}{capped}-{digest.hexdigest()[:12]}.npz"
-    if path.exists():
-        with np.load(path) as z:
+    path = manifest.path(STATS_DIR, f"{net.key}-{split}{capped}-{digest.hexdigest()[:12]}.npz")
+    if storage.is_file(path):
+        with np.load(io.BytesIO(storage.read_bytes(path))) as z:
             return FeatureResult(FeatureStats.from_arrays(z), torch.from_numpy(z["subset"]), cached=True)
     res = feature_stage(manifest.shard_paths(split), manifest.data.shape, net, count, limit=limit,
                         what=f"{net.label} features of the {split} split" + (f" (~{limit} images)" if limit else ""),
                         **stage_kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, subset=res.subset.numpy(), **res.stats.to_arrays())
-    tmp.replace(path)  # a half-written cache never carries the final name
+    buf = io.BytesIO()
+    np.savez(buf, subset=res.subset.numpy(), **res.stats.to_arrays())
+    storage.write_bytes(path, buf.getvalue())  # a half-written cache never carries the final name
     return res

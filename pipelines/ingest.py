@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.config import check_writable_dir
+from pipelines import storage
 from pipelines.manifest import MANIFEST, SCHEMA, Manifest, row_format, sha256, shard_schema
 from pipelines.sources import IngestError, Listing, Part, Record, list_source, read_part, stable_hash
 
@@ -280,7 +280,7 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
     """
     _check_arguments(shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism,
                      max_rows_per_shard)
-    check_writable_dir(out, "--out")
+    storage.check_writable(str(out), "--out", local_only=True)
     listing = list_source(spec, shards, max_rows_per_shard)
     if not listing.labelled and not unlabelled:
         raise IngestError(f"source {spec!r} has no labels; pass --unlabelled to ingest it without classes "

@@ -126,23 +126,28 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class Manifest:
-    """An ingest output directory's manifest: the data spec, the splits and their shards, the rest as read."""
+    """An ingest output's manifest: the data spec, the splits and their shards, the rest as read. `directory` is a
+    location of `pipelines.storage`: a local folder (absolute) or an object-store prefix (`s3://bucket/data`)."""
 
-    directory: Path
+    directory: str
     data: DataSpec
     splits: dict[str, dict]
     raw: dict
 
     @classmethod
-    def load(cls, directory: str | Path, verify: bool = False) -> Manifest:
+    def load(cls, directory: str | Path, verify: bool = False, key: str = "") -> Manifest:
         """Read and check manifest.json; with verify, also every shard's sha256."""
-        directory = Path(directory)
-        path = directory / MANIFEST
-        if not path.is_file():
+        from pipelines import storage
+
+        directory = storage.check_location(str(directory), key)
+        if not storage.is_uri(directory):
+            directory = str(Path(directory).resolve())
+        path = storage.join(directory, MANIFEST)
+        if not storage.is_file(path, key):
             raise ManifestError(f"{path} not found: run `python -m jobs.ingest --source ... --out {directory}` "
                                 "first")
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(storage.read_text(path, key))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ManifestError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(raw, dict):
@@ -161,6 +166,12 @@ class Manifest:
             manifest.verify()
         return manifest
 
+    def path(self, *parts: str) -> str:
+        """A location inside the ingest output (a shard, a cache beside the shards)."""
+        from pipelines import storage
+
+        return storage.join(self.directory, *parts)
+
     def check_split(self, split: str, key: str = "split") -> None:
         if split not in self.splits:
             raise ManifestError(f"{key}: {split!r} is not a split of {self.directory}; splits: "
@@ -171,9 +182,9 @@ class Manifest:
         return int(self.splits[split]["count"])
 
     def shard_paths(self, split: str) -> list[str]:
-        """Absolute paths of a split's shards."""
+        """Locations of a split's shards: absolute local paths, or URIs under an object-store prefix."""
         self.check_split(split)
-        return [str((self.directory / s["file"]).resolve()) for s in self.splits[split]["shards"]]
+        return [self.path(s["file"]) for s in self.splits[split]["shards"]]
 
     def shard_rows(self, split: str) -> list[int]:
         """Rows of each of a split's shards, in the order of `shard_paths`."""
@@ -184,16 +195,18 @@ class Manifest:
         """The cheap check, before any Ray work: every shard exists, has a readable parquet footer, the row count
         the manifest says, and records the manifest's row format (kind, shape, layout, dtype) and its split (a
         truncated or foreign file, or a manifest edited by hand, fails here, named)."""
-        import pyarrow.parquet as pq
+        from pipelines import storage
 
         for name, split in self.splits.items():
             for shard in split["shards"]:
-                path = self.directory / str(shard.get("file"))
-                if not path.is_file():
+                path = self.path(str(shard.get("file")))
+                if not storage.is_file(path):
                     raise ManifestError(f"{path}: shard of split {name!r} listed in {MANIFEST} is missing")
                 try:
-                    meta = pq.read_metadata(path)
+                    meta = storage.parquet_metadata(path)
                     rows = meta.num_rows
+                except storage.StorageError:
+                    raise
                 except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
                     raise ManifestError(f"{path}: not a readable parquet file (truncated or corrupt: "
                                         f"{str(err).splitlines()[0][:160]}); re-ingest, or check with "
@@ -202,7 +215,7 @@ class Manifest:
                     raise ManifestError(f"{path}: {rows} rows, but {MANIFEST} says {shard.get('rows')}")
                 self._check_row_format(path, name, meta.schema.to_arrow_schema().metadata or {})
 
-    def _check_row_format(self, path: Path, split: str, metadata: dict) -> None:
+    def _check_row_format(self, path: str, split: str, metadata: dict) -> None:
         """The row format and split a shard records against the manifest's: any disagreement is refused, named."""
         if ROW_FORMAT_KEY not in metadata:
             raise ManifestError(f"{path}: the shard records no row format (schema metadata "
@@ -219,15 +232,19 @@ class Manifest:
         """Check every shard's sha256 against the manifest."""
         for split in self.splits.values():
             for shard in split["shards"]:
-                got = sha256(self.directory / shard["file"])
+                got = sha256(self.path(shard["file"]))
                 if got != shard["sha256"]:
-                    raise ManifestError(f"{self.directory / shard['file']}: checksum {got[:12]}... does not match "
+                    raise ManifestError(f"{self.path(shard['file'])}: checksum {got[:12]}... does not match "
                                         f"the manifest's {shard['sha256'][:12]}...")
 
 
-def sha256(path: Path) -> str:
+def sha256(location: str | Path) -> str:
+    """The sha256 of a local file or an object, streamed in 1 MiB reads."""
+    from pipelines import storage
+
+    fs, path = storage.resolve(str(location))
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open_input_stream(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

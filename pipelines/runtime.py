@@ -35,6 +35,20 @@ def is_verbose() -> bool:
     return _state["verbose"]
 
 
+def use_cpu_share(cpus: float) -> int:
+    """Give this Ray worker or actor as many torch threads as the CPUs it reserved (at least one), and return that.
+
+    Ray does not set the thread count of a Train worker, and torch's default is every core of the node: two
+    workers on two cores then run four threads that wait on each other, about 3x slower than one thread each
+    (measured on a 2-core machine: 41 against 114 images/s per worker, `benchmarks.train_overhead` in BENCHMARKS.md).
+    """
+    import torch
+
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def init_ray(address: str | None = None, local_cpus: int = 4) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS, as under `ray job submit`), else start a local one.
 

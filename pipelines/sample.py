@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 import torch
 
 from fm.seeding import SeedStack, derive_seed
-from pipelines.config import ConfigError, SampleConfig, check_writable_dir, validate_sample_config
+from pipelines import storage
+from pipelines.config import ConfigError, SampleConfig, validate_sample_config
 from pipelines.images import encode_rows
 from pipelines.manifest import DataSpec
 
@@ -51,10 +52,12 @@ class Sampler:
 
     def __init__(self, checkpoint: str, out: str, cfg: dict, shape: list[int], layout: str):
         from pipelines.checkpoint import load_model
+        from pipelines.runtime import use_cpu_share
 
+        self.cfg, self.out, self.layout = SampleConfig(**cfg), Path(out), layout
+        use_cpu_share(self.cfg.cpus_per_actor)
         self.loaded = load_model(checkpoint)
         self.model, self.method = self.loaded.model, self.loaded.method
-        self.cfg, self.out, self.layout = SampleConfig(**cfg), Path(out), layout
         self.shape = tuple(shape)  # model input shape without batch: [C, H, W] or [D]
         self.device = torch.device("cuda" if torch.cuda.is_available() and self.cfg.gpus_per_actor > 0 else "cpu")
         self.model.to(self.device)
@@ -158,7 +161,7 @@ def prepare_output(out: Path, cfg: SampleConfig, checkpoint: str) -> None:
     settings = {"checkpoint": str(checkpoint), **{k: v for k, v in asdict(cfg).items()
                                                   if k not in ("actors", "blocks_per_call", "cpus_per_actor",
                                                                "gpus_per_actor", "fail_at_block", "write_png")}}
-    check_writable_dir(out, "--out")
+    storage.check_writable(str(out), "--out", local_only=True)
     path = out / SETTINGS
     if path.exists():
         old = json.loads(path.read_text())

@@ -8,23 +8,21 @@ draw on the same groups and Ray runs a stage's tasks in the same worker processe
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 
 import numpy as np
 
+from pipelines import storage
 from pipelines.images import row_bytes
 
-_GROUPS: OrderedDict = OrderedDict()  # (file, mtime, size, group) -> (raw [rows, row_bytes], labels): this process's
+_GROUPS: OrderedDict = OrderedDict()  # (file, stamp, group) -> (raw [rows, row_bytes], labels): this process's
 
 
 def group_rows(files: list[str] | tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
-    """The rows of each row group of each shard, from the parquet footers."""
-    import pyarrow.parquet as pq
-
+    """The rows of each row group of each shard (local paths or object URIs), from the parquet footers."""
     out = []
     for f in files:
-        meta = pq.read_metadata(f)
+        meta = storage.parquet_metadata(f)
         out.append(tuple(meta.row_group(k).num_rows for k in range(meta.num_row_groups)))
     return tuple(out)
 
@@ -60,14 +58,11 @@ class ShardRows:
     def _group(self, g: int) -> tuple[np.ndarray, np.ndarray]:
         f, k = self.where[g]
         path = self.files[f]
-        st = os.stat(path)
-        key = (path, st.st_mtime_ns, st.st_size, k)  # a shard rewritten in place is read again
+        key = (path, storage.file_stamp(path), k)  # a local shard rewritten in place is read again
         if key in _GROUPS:
             _GROUPS.move_to_end(key)
             return _GROUPS[key]
-        import pyarrow.parquet as pq
-
-        table = pq.ParquetFile(path).read_row_group(k, columns=["image", "label"])
+        table = storage.parquet_file(path).read_row_group(k, columns=["image", "label"])
         value = (self._raw(table.column("image").combine_chunks(), f, int(self.start[g] - self.file_first[f])),
                  table.column("label").to_numpy(zero_copy_only=False).astype(np.int64))
         _GROUPS[key] = value

@@ -28,7 +28,7 @@ from pipelines.checkpoint import load_meta, load_state, save_checkpoint
 from pipelines.config import Config, check_data, method_kwargs, model_kwargs, tracking_uri
 from pipelines.images import save_grid
 from pipelines.manifest import DataSpec
-from pipelines.runtime import quiet_train_worker
+from pipelines.runtime import quiet_train_worker, use_cpu_share
 from pipelines.stream import DROPOUT_STREAM, StreamSpec, stream_spec
 from pipelines.tracking import SafeLogger
 
@@ -104,6 +104,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if not job.verbose:
         quiet_train_worker()
     cfg = job.config
+    use_cpu_share(cfg.ray.cpus_per_worker)
     t = cfg.train
     state = _build_state(job)
     logger = _rank0_logger(job, state)
@@ -210,10 +211,10 @@ def _maybe_inject_fault(job: TrainJob, state: WorkerState) -> None:
     t = job.config.train
     if t.fail_at_step != state.step + 1 or state.rank != t.fail_rank:
         return
-    marker = Path(job.fault_marker)
-    if not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"injected failure at step {state.step + 1} on rank {state.rank}\n")
+    from pipelines import storage
+
+    if not storage.exists(job.fault_marker):
+        storage.write_text(job.fault_marker, f"injected failure at step {state.step + 1} on rank {state.rank}\n")
         raise RuntimeError(f"injected failure (train.fail_at_step={state.step + 1}) on rank {state.rank}")
 
 
@@ -295,21 +296,22 @@ def run_training(cfg: Config) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.config import check_writable_dir
+    from pipelines import storage
     from pipelines.runtime import init_ray, is_verbose, stage, train_logging_config
     from pipelines.tracking import check_tracking_uri, find_or_create_run, log_final_model
 
     manifest = check_data(cfg)  # every config and data error surfaces before Ray starts
     uri = tracking_uri(cfg)
     check_tracking_uri(uri)
-    storage = check_writable_dir(cfg.train.storage_path, "train.storage_path").resolve()
-    run_dir = storage / cfg.train.run_name
+    # a local folder or an object-store URI, which Ray Train writes to through the same pyarrow file system
+    root = storage.check_writable(cfg.train.storage_path, "train.storage_path")
+    run_dir = storage.join(root, cfg.train.run_name)
     # Continue the MLflow run of the same name only where Ray still has that run's state to resume from.
     run_id, resumed = find_or_create_run(uri, cfg.mlflow.experiment, cfg.train.run_name,
                                          tags={"flowray.kind": "train", "flowray.method": cfg.method.name,
                                                "flowray.data": manifest.data.source,
-                                               "flowray.storage": str(run_dir)},
-                                         resume=run_dir.exists())
+                                               "flowray.storage": run_dir},
+                                         resume=storage.exists(run_dir, "train.storage_path"))
     previous = _registered_checkpoints(run_dir) if resumed else None
     if previous is not None:
         _check_resume_checkpoint(previous)
@@ -320,14 +322,14 @@ def run_training(cfg: Config) -> dict:
         replay_windows(uri, run_id, previous)
     kwargs = model_kwargs(cfg, manifest.data)
     job = TrainJob(cfg, kwargs, manifest.data, uri, run_id,
-                   str(run_dir / f".fault_injected_step_{cfg.train.fail_at_step}"),
+                   storage.join(run_dir, f".fault_injected_step_{cfg.train.fail_at_step}"),
                    stream_spec(cfg, manifest, kwargs, _pair_tasks(cfg)), is_verbose())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=_resources(cfg)),
-        run_config=RunConfig(name=cfg.train.run_name, storage_path=str(storage),
+        run_config=RunConfig(name=cfg.train.run_name, **_storage_args(root),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
                              callbacks=[CheckpointedMetrics(uri, run_id, cfg.train.steps,
@@ -342,8 +344,11 @@ def run_training(cfg: Config) -> dict:
     except Exception:
         SafeLogger(uri, run_id).finish("FAILED")
         raise
-    ckpt = result.checkpoint.path if result.checkpoint else None
-    model = log_final_model(uri, run_id, ckpt, cfg.mlflow.register_as) if ckpt else {}
+    ckpt = storage.location_of(root, result.checkpoint.path) if result.checkpoint else None
+    model = {}
+    if result.checkpoint:
+        with result.checkpoint.as_directory() as local:  # a download when the checkpoint is in an object store
+            model = log_final_model(uri, run_id, local, cfg.mlflow.register_as)
     SafeLogger(uri, run_id).finish("FINISHED")
     stage(f"training finished in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")
     return {
@@ -354,14 +359,30 @@ def run_training(cfg: Config) -> dict:
     }
 
 
-def _registered_checkpoints(run_dir: Path):
+def _storage_args(root: str) -> dict:
+    """RunConfig's storage: a local folder by path; an object store by its pyarrow file system and the path in it
+    (the endpoint, region and timeouts of `pipelines.storage`, which Ray Train then uses on every worker)."""
+    from pipelines import storage
+
+    if not storage.is_uri(root):
+        return {"storage_path": root}
+    fs, path = storage.resolve(root, "train.storage_path")
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
+def _registered_checkpoints(run_dir: str):
     """Ray Train's record of the checkpoints a run has registered (a `ray.train.Result`), read once before a resumed
     run starts; None when the run never registered one."""
-    if not (run_dir / "checkpoint_manager_snapshot.json").exists():
+    from pipelines import storage
+
+    if not storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"), "train.storage_path"):
         return None
     from ray.train import Result
 
-    return Result.from_path(str(run_dir))
+    if not storage.is_uri(run_dir):
+        return Result.from_path(run_dir)
+    fs, path = storage.resolve(run_dir, "train.storage_path")
+    return Result.from_path(path, storage_filesystem=fs)
 
 
 def _check_resume_checkpoint(previous) -> None:
@@ -369,8 +390,9 @@ def _check_resume_checkpoint(previous) -> None:
     from pipelines.checkpoint import check_files
 
     if previous.checkpoint is not None:
-        load_meta(previous.checkpoint.path)
-        check_files(previous.checkpoint.path)
+        with previous.checkpoint.as_directory() as local:  # in place when local; a download from an object store
+            load_meta(local)
+            check_files(local)
 
 
 def _pair_tasks(cfg: Config) -> int:

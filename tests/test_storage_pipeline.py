@@ -1,0 +1,58 @@
+"""Training with the data and Ray Train's storage in a bucket of a real S3-compatible server on 127.0.0.1 (moto):
+`jobs.train` reads the shards from `s3://`, Ray Train writes its checkpoints there, a second run resumes from
+them, and the job writes nothing to the local disk but the MLflow store it was given."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from conftest import S3_ENV
+
+from pipelines import storage
+from pipelines.checkpoint import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.model_channels=8", "model.num_heads=1", "model.attention_resolutions=[]", "train.batch_size=16",
+        "train.log_every=4", "train.checkpoint_every=4", "train.sample_every=0", "optim.warmup_steps=2"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(600)]
+
+
+def _job(module: str, args: list[str], cwd: Path, env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_train_from_and_to_a_bucket_and_resume(tmp_path, s3_server, s3_bucket):
+    env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server, "PYTHONPATH": str(ROOT),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    _job("jobs.ingest", ["--source", "digits", "--out", str(tmp_path / "digits"), "--shards", "2"], ROOT, env)
+    fs, prefix = storage.resolve(s3_bucket + "/data/digits")
+    pafs.copy_files(str(tmp_path / "digits"), prefix, destination_filesystem=fs)
+
+    work = tmp_path / "work"  # the job's working directory: it must stay empty
+    work.mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [f"data.shards={s3_bucket}/data/digits", f"train.storage_path={s3_bucket}/runs",
+            f"mlflow.tracking_uri={uri}", "train.run_name=s3-run", *TINY]
+    args = ["--config", str(ROOT / "configs/digits-cpu.yaml"), *[x for s in sets for x in ("--set", s)]]
+    first = _job("jobs.train", [*args, "--set", "train.steps=8"], work, env)
+    assert first["checkpoint"].startswith(f"{s3_bucket}/runs/s3-run/checkpoint_") and not first["resumed"]
+    assert first["run_dir"] == f"{s3_bucket}/runs/s3-run"
+    assert storage.is_file(storage.join(first["checkpoint"], "meta.json"))
+
+    more = _job("jobs.train", [*args, "--set", "train.steps=12"], work, env)
+    assert more["resumed"] and more["run_id"] == first["run_id"] and more["metrics"]["step"] == 12
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    fs, path = storage.resolve(more["checkpoint"])
+    pafs.copy_files(path, str(local), source_filesystem=fs)
+    assert load_model(local).step == 12
+    assert list(work.iterdir()) == []  # data, checkpoints and Ray Train's run state all went to the bucket
