@@ -33,6 +33,19 @@ __all__ = [
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
+def autocast_field(fn: VelocityFn, dtype: torch.dtype | None, device_type: str) -> VelocityFn:
+    """The field evaluated under autocast (bf16 or fp16 network arithmetic), its output cast back to the state's
+    dtype, so that the solver's state, error estimates and steps stay in fp32. `dtype` None: `fn` itself."""
+    if dtype is None:
+        return fn
+
+    def field(x: Tensor, t: Tensor) -> Tensor:
+        with torch.autocast(device_type, dtype=dtype):
+            return fn(x, t).to(x.dtype)
+
+    return field
+
+
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
 

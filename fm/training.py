@@ -117,16 +117,21 @@ def read_ahead(items: Iterator[T], fn: Callable[[T], U], buffer: int) -> Iterato
 
 def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x_1: Tensor,
                y: Tensor | None = None, generator: torch.Generator | None = None, grad_clip: float = 1.0,
-               autocast_dtype: torch.dtype | None = None, pairs: Pairs | None = None) -> StepResult:
+               autocast_dtype: torch.dtype | None = None, pairs: Pairs | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> StepResult:
     """Compute the method's loss on x_1 [B, ...], backpropagate, clip and step.
 
     With `pairs` (made by `pair_step` ahead of the step, from this step's generator) x_1, y and generator are
     taken from it, and the loss continues where the pairing stopped: the same result as pairing in the step.
+    `autocast_dtype` runs the forward pass under autocast (bf16 or fp16; the weights and the optimizer stay fp32);
+    fp16 needs a `scaler` (`torch.amp.GradScaler`), which scales the loss, unscales the gradients before clipping
+    and skips the update of a step whose scaled gradients overflowed (lowering the scale).
 
     A non-finite loss or gradient skips the update (the optimizer state is untouched) and reports finite=False,
     so the caller can count skips and abort after too many in a row. Backward runs even for a non-finite loss:
     under DDP every rank must join the gradient all-reduce, and the non-finite gradients it spreads make every
-    rank skip the same step.
+    rank skip the same step. Under a scaler only a non-finite loss counts: overflowing fp16 gradients are the
+    scaler's business (it skips the step and halves the scale), not a diverging model.
     """
     device = (pairs.x_1 if pairs is not None else x_1).device
     optimizer.zero_grad(set_to_none=True)
@@ -135,8 +140,16 @@ def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimize
             loss = method.loss(model, x_1, y, generator).mean()
         else:
             loss = method.loss_on_pairs(model, pairs.x_0, pairs.x_1, pairs.y, pairs.generator).mean()
-    loss.backward()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
+    else:
+        loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped inside when the gradients overflowed
+        scaler.update()
+        return StepResult(loss.item(), grad_norm.item(), bool(torch.isfinite(loss)))
     if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss.item(), grad_norm.item(), False)

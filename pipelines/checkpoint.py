@@ -1,8 +1,13 @@
 """Checkpoint directories: state dicts (model, EMA, optimizer) plus meta.json (step, model and method arguments,
-resolved config), so that a model is rebuilt from the checkpoint alone. Loaded with weights_only=True."""
+resolved config), so that a model is rebuilt from the checkpoint alone. Loaded with weights_only=True.
+
+A checkpoint is read where it lies: a local folder, or an object-store prefix (`s3://bucket/runs/x/checkpoint_...`,
+as Ray Train writes them to an object-store `train.storage_path`), through `pipelines.storage`; every actor that
+loads one reads it itself, so no node needs a copy on its disk."""
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +28,18 @@ class CheckpointError(ConfigError):
 
 def save_checkpoint(directory: str | Path, *, step: int, model: nn.Module, ema_state: dict,
                     optimizer: torch.optim.Optimizer | None, model_name: str, model_kwargs: dict,
-                    method_kwargs: dict, config: dict, extra: dict | None = None) -> Path:
-    """Write a checkpoint directory. `model` must be the unwrapped module (no DDP prefixes)."""
+                    method_kwargs: dict, config: dict, extra: dict | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
+    """Write a checkpoint directory. `model` must be the unwrapped module (no DDP prefixes); `scaler` (fp16
+    training) is kept so that a resumed run continues with the loss scale it had."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), d / "model.pt")
     torch.save(ema_state, d / "ema.pt")
     if optimizer is not None:
         torch.save(optimizer.state_dict(), d / "optimizer.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), d / "scaler.pt")
     meta = {"step": step, "model": {"name": model_name, "kwargs": model_kwargs}, "method": method_kwargs,
             "config": config, **(extra or {})}
     (d / META).write_text(json.dumps(meta, indent=1))
@@ -39,42 +48,49 @@ def save_checkpoint(directory: str | Path, *, step: int, model: nn.Module, ema_s
 
 def load_meta(directory: str | Path) -> dict:
     """A checkpoint's meta.json, checked: a directory, valid JSON, with step, model and method."""
-    d = Path(directory)
-    if d.is_file():
+    from pipelines import storage
+
+    d = str(directory)
+    if storage.is_file(d):
         raise CheckpointError(f"{d} is a file; a checkpoint is a directory holding {META}, model.pt and ema.pt")
-    if not d.is_dir():
+    if not storage.exists(d):
         raise CheckpointError(f"checkpoint directory {d} does not exist")
-    if not (d / META).exists():
+    path = storage.join(d, META)
+    if not storage.is_file(path):
         raise CheckpointError(f"{d} is not a checkpoint: {META} is missing")
     try:
-        meta = json.loads((d / META).read_text())
+        meta = json.loads(storage.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{d / META}: not valid JSON ({err})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{d / META}: expected a JSON object; got {type(meta).__name__}")
+        raise CheckpointError(f"{path}: expected a JSON object; got {type(meta).__name__}")
     for key, kind in (("step", int), ("model", dict), ("method", dict)):
         if not isinstance(meta.get(key), kind):
-            raise CheckpointError(f"{d / META}: key {key!r} must be {'an integer' if kind is int else 'a mapping'}; "
+            raise CheckpointError(f"{path}: key {key!r} must be {'an integer' if kind is int else 'a mapping'}; "
                                   f"got {meta.get(key)!r}")
     if not isinstance(meta["model"].get("name"), str) or not isinstance(meta["model"].get("kwargs"), dict):
-        raise CheckpointError(f"{d / META}: 'model' needs a 'name' and a 'kwargs' mapping")
+        raise CheckpointError(f"{path}: 'model' needs a 'name' and a 'kwargs' mapping")
     if not isinstance(meta["method"].get("name"), str):
-        raise CheckpointError(f"{d / META}: 'method' needs a 'name'")
+        raise CheckpointError(f"{path}: 'method' needs a 'name'")
     return meta
 
 
 def check_files(directory: str | Path) -> None:
     """Every weights file of a checkpoint opens as a torch archive. Only the zip directory at the file's end is
-    read, so this is cheap: a truncated or overwritten file is named here, before Ray starts, and the full load
-    (`load_state`, weights_only=True) comes later."""
+    read (ranged reads of an object), so this is cheap: a truncated or overwritten file is named here, before Ray
+    starts, and the full load (`load_state`, weights_only=True) comes later."""
     import zipfile
 
-    for name in ("model.pt", "ema.pt", "optimizer.pt"):
-        path = Path(directory) / name
-        if not path.exists():
+    from pipelines import storage
+
+    for name in ("model.pt", "ema.pt", "optimizer.pt", "scaler.pt"):
+        path = storage.join(str(directory), name)
+        if not storage.is_file(path):
             continue
+        fs, inner = storage.resolve(path)
         try:
-            zipfile.ZipFile(path).close()
+            with fs.open_input_file(inner) as f:
+                zipfile.ZipFile(f).close()
         except (zipfile.BadZipFile, OSError):
             raise CheckpointError(f"{path}: not a readable torch file (truncated or corrupt)") from None
 
@@ -84,11 +100,14 @@ def load_state(directory: str | Path, name: str) -> dict:
     words (CheckpointError naming the file)."""
     import pickle
 
-    path = Path(directory) / f"{name}.pt"
-    if not path.exists():
+    from pipelines import storage
+
+    path = storage.join(str(directory), f"{name}.pt")
+    if not storage.is_file(path):
         raise CheckpointError(f"checkpoint {directory} has no {name}.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+        return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain containers, "
                               f"which are not loaded (torch.load with weights_only=True): "

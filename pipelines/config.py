@@ -86,8 +86,12 @@ class TrainConfig:
     fail_at_step: int | None = None  # test hook: one worker raises once at this step
     fail_rank: int = 1
     run_name: str = "digits-cpu"
-    storage_path: str = "outputs/ray_results"
+    storage_path: str = "outputs/ray_results"  # a local folder, or an object-store URI (s3://, gs://)
     num_to_keep: int = 2
+    # autocast of the forward pass: auto (bf16 on a GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GPU only, GradScaler)
+    precision: str = "auto"
+    compile: bool = False  # torch.compile the training model (after the DDP wrapper; the checkpoint is unchanged)
+    channels_last: bool = False  # NHWC memory format for the UNet and its batches (faster convolutions on GPUs)
 
 
 @dataclass
@@ -229,6 +233,18 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def autocast_dtype(precision: str, device_type: str):
+    """The autocast dtype of a precision setting on a device ("cpu" or "cuda"); None: plain fp32."""
+    import torch
+
+    if precision == "auto":
+        return torch.bfloat16 if device_type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
@@ -277,6 +293,12 @@ def validate(cfg: Config) -> None:
     _check(t.fail_at_step is None or 1 <= t.fail_at_step <= t.steps, "train.fail_at_step", t.fail_at_step,
            f"must be null or in [1, train.steps={t.steps}]")
     _check(bool(t.run_name) and "/" not in t.run_name, "train.run_name", t.run_name, "must be a non-empty name")
+    _check(t.precision in PRECISIONS, "train.precision", t.precision, f"allowed: {', '.join(PRECISIONS)}")
+    _check(t.precision != "fp16" or r.use_gpu, "train.precision", t.precision,
+           "fp16 needs a GPU (ray.use_gpu=true): CPUs have no fast fp16 and its gradients need a scaler; use fp32 "
+           "or bf16 on CPU")
+    _check(not t.channels_last or m.name == "unet", "train.channels_last", t.channels_last,
+           f"a memory format of image batches: it needs model.name=unet, not {m.name}")
     _check(r.num_workers >= 1, "ray.num_workers", r.num_workers, "must be >= 1")
     _check(t.fail_at_step is None or 0 <= t.fail_rank < r.num_workers, "train.fail_rank", t.fail_rank,
            f"must be a worker rank in [0, {r.num_workers - 1}]")
@@ -311,6 +333,8 @@ class SampleConfig:
     gpus_per_actor: float = 0.0
     write_png: bool = False
     fail_at_block: int = -1  # test hook: the actor raises once when it reaches this block
+    # the network's evaluations under autocast: fp32 | bf16 | fp16 (GPU actors only); the ODE state stays fp32
+    precision: str = "fp32"
 
 
 def validate_sample_config(c: SampleConfig, method: str | None = None, method_kwargs: dict | None = None) -> None:
@@ -325,6 +349,9 @@ def validate_sample_config(c: SampleConfig, method: str | None = None, method_kw
     _check(c.actors >= 1, "sample.actors", c.actors, "must be >= 1")
     _check(c.cpus_per_actor > 0, "sample.cpus_per_actor", c.cpus_per_actor, "must be > 0")
     _check(c.gpus_per_actor >= 0, "sample.gpus_per_actor", c.gpus_per_actor, "must be >= 0")
+    _check(c.precision in PRECISIONS[1:], "sample.precision", c.precision, f"allowed: {', '.join(PRECISIONS[1:])}")
+    _check(c.precision != "fp16" or c.gpus_per_actor > 0, "sample.precision", c.precision,
+           "fp16 needs GPU actors (sample.gpus_per_actor > 0); use fp32 or bf16 on CPU")
     if method in METHODS and METHODS[method].kind == "riemannian" and c.solver in FIXED_METHODS:
         from fm.riemannian import MANIFOLD_SOLVERS
 

@@ -83,7 +83,8 @@ class Sampler:
 
     def sample_block(self, block: int) -> int:
         from fm.data import to_uint8
-        from fm.solvers import ode_sample, sde_sample
+        from fm.solvers import autocast_field, ode_sample, sde_sample
+        from pipelines.config import autocast_dtype
 
         c = self.cfg
         if block == c.fail_at_block:
@@ -95,7 +96,8 @@ class Sampler:
         seeds = [derive_seed(c.seed, int(i)) for i in ids]  # sample i's starting noise, recorded in its row
         x_0 = self.method.draw_x0(SeedStack(seeds, self.device), self.shape)
         y = self.labels(ids)
-        fn = self.method.velocity(self.model, None if y is None else y.to(self.device), c.cfg_scale)
+        fn = autocast_field(self.method.velocity(self.model, None if y is None else y.to(self.device), c.cfg_scale),
+                            autocast_dtype(c.precision, self.device.type), self.device.type)
         with torch.no_grad():
             if c.solver == "sde":
                 # per-sample noise streams, so a sample's path does not depend on its block's other samples

@@ -9,6 +9,7 @@ step they resume from, train, report every `checkpoint_every` steps (every rank 
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from fm.seeding import derive_seed, generator
 from fm.solvers import ode_sample
 from fm.training import StepResult, lr_at, train_step
 from pipelines.checkpoint import load_meta, load_state, save_checkpoint
-from pipelines.config import Config, check_data, method_kwargs, model_kwargs, tracking_uri
+from pipelines.config import Config, autocast_dtype, check_data, method_kwargs, model_kwargs, tracking_uri
 from pipelines.images import save_grid
 from pipelines.manifest import DataSpec
 from pipelines.runtime import quiet_train_worker, use_cpu_share
@@ -72,6 +73,8 @@ class WorkerState:
     nonfinite_run: int = 0
     nonfinite_total: int = 0
     last_metrics: dict = field(default_factory=dict)
+    autocast_dtype: torch.dtype | None = None  # train.precision on this worker's device
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
     # rank 0: logging windows (step, metrics) not yet covered by a checkpoint; they go to MLflow once one is, so
     # that a restart from that checkpoint never leaves a second value for a step in the run's history
     pending: list = field(default_factory=list)
@@ -124,8 +127,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # dropout (the only draw of the global generator) from this rank and step alone: masks differ across ranks
         # and a restarted run draws the masks the uninterrupted one did
         torch.manual_seed(derive_seed(t.seed, state.rank, state.step, DROPOUT_STREAM))
+        if cfg.train.channels_last:
+            pairs = _channels_last(pairs)
         res = train_step(state.ddp_model, state.method, state.optimizer, pairs.x_1, grad_clip=cfg.optim.grad_clip,
-                         autocast_dtype=torch.bfloat16 if state.device.type == "cuda" else None, pairs=pairs)
+                         autocast_dtype=state.autocast_dtype, pairs=pairs, scaler=state.scaler)
         _count_nonfinite(state, res, t.max_nonfinite)
         state.step += 1
         t_total = time.perf_counter() - t_start
@@ -165,18 +170,27 @@ def _build_state(job: TrainJob) -> WorkerState:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     ema = EMA(model, cfg.optim.ema_decay)
     step, nonfinite_total = 0, 0
+    dtype = autocast_dtype(cfg.train.precision, device.type)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_state(d, "model"))
             ema.load_state_dict(load_state(d, "ema"))
             optimizer.load_state_dict(load_state(d, "optimizer"))
+            if scaler is not None and Path(d, "scaler.pt").exists():
+                scaler.load_state_dict(load_state(d, "scaler"))
             meta = load_meta(d)
             step, nonfinite_total = meta["step"], meta.get("nonfinite_total", 0)
     method = make_method(**method_kwargs(cfg, job.data))
-    return WorkerState(model, ray.train.torch.prepare_model(model), method, optimizer, ema, device,
-                       ctx.get_world_rank(), ctx.get_world_size(), step, nonfinite_total=nonfinite_total,
-                       last_metrics={"step": step})
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model = ray.train.torch.prepare_model(model)
+    if cfg.train.compile:
+        ddp_model = torch.compile(ddp_model)  # after DDP, as torch's DDP + compile guide does
+    return WorkerState(model, ddp_model, method, optimizer, ema, device, ctx.get_world_rank(), ctx.get_world_size(),
+                       step, nonfinite_total=nonfinite_total, last_metrics={"step": step}, autocast_dtype=dtype,
+                       scaler=scaler)
 
 
 def _rank0_logger(job: TrainJob, state: WorkerState) -> SafeLogger | None:
@@ -264,9 +278,16 @@ def _report(job: TrainJob, state: WorkerState) -> None:
     state.pending = []
 
 
+def _channels_last(pairs):
+    """The step's image batches in NHWC memory order (the values and shapes are unchanged)."""
+    return dataclasses.replace(pairs, x_0=pairs.x_0.contiguous(memory_format=torch.channels_last),
+                               x_1=pairs.x_1.contiguous(memory_format=torch.channels_last))
+
+
 def _save(job: TrainJob, state: WorkerState, directory: str) -> None:
     save_checkpoint(directory, step=state.step, model=state.model, ema_state=state.ema.state_dict(),
-                    optimizer=state.optimizer, model_name=job.config.model.name, model_kwargs=job.model_kwargs,
+                    optimizer=state.optimizer, scaler=state.scaler, model_name=job.config.model.name,
+                    model_kwargs=job.model_kwargs,
                     method_kwargs=method_kwargs(job.config, job.data), config=job.config.to_dict(),
                     extra={"mlflow_run_id": job.run_id, "manifest": job.data.to_dict(),
                            "nonfinite_total": state.nonfinite_total})

@@ -23,6 +23,11 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("method.ot_scope=world", "method.ot_scope: 'world' is not allowed; allowed: local, global"),
     ("train.fail_at_step=2 train.fail_rank=5", "train.fail_rank: 5 is not allowed; must be a worker rank in [0, 1]"),
     ("steps=3", "override 'steps=3' must look like section.key=value"),
+    ("train.precision=fp8", "train.precision: 'fp8' is not allowed; allowed: auto, fp32, bf16, fp16"),
+    ("train.precision=fp16", "train.precision: 'fp16' is not allowed; fp16 needs a GPU (ray.use_gpu=true): CPUs "
+                             "have no fast fp16 and its gradients need a scaler; use fp32 or bf16 on CPU"),
+    ("train.channels_last=true model.name=mlp", "train.channels_last: True is not allowed; a memory format of image "
+                                                "batches: it needs model.name=unet, not mlp"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:

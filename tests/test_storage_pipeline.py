@@ -55,4 +55,21 @@ def test_train_from_and_to_a_bucket_and_resume(tmp_path, s3_server, s3_bucket):
     fs, path = storage.resolve(more["checkpoint"])
     pafs.copy_files(path, str(local), source_filesystem=fs)
     assert load_model(local).step == 12
-    assert list(work.iterdir()) == []  # data, checkpoints and Ray Train's run state all went to the bucket
+    assert load_model(more["checkpoint"]).step == 12  # read where it lies, as every sampling actor reads it
+
+    # sampling and evaluation from the checkpoint in the bucket; evaluation reads the data there and keeps its
+    # caches (the feature classifier, the reference statistics) beside the shards in the bucket
+    track = ["--tracking-uri", uri]
+    sampled = _job("jobs.sample", ["--checkpoint", more["checkpoint"], "--num-samples", "32", "--out",
+                                   str(tmp_path / "samples"), "--set", "sample.solver=euler", "--set",
+                                   "sample.steps=2", *track], work, env)
+    assert sampled["num_samples"] == 32
+    evaluated = _job("jobs.evaluate", ["--checkpoint", more["checkpoint"], "--data", f"{s3_bucket}/data/digits",
+                                       "--samples", str(tmp_path / "samples"), *track,
+                                       *[x for s in ("eval.max_images=20", "eval.solver=euler", "eval.steps=4",
+                                                     "eval.classifier_epochs=1") for x in ("--set", s)]], work, env)
+    assert evaluated["likelihood"]["n"] == 20 and evaluated["quality"]["num_samples"] == 32
+    assert storage.is_file(f"{s3_bucket}/data/digits/classifier/epochs1-seed0/info.json")
+    fs, path = storage.resolve(f"{s3_bucket}/data/digits/feature_stats")
+    assert [i.base_name.endswith(".npz") for i in fs.get_file_info(pafs.FileSelector(path))] == [True]
+    assert list(work.iterdir()) == []  # data, checkpoints, Ray Train's run state and caches all went to the bucket

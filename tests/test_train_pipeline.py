@@ -105,6 +105,21 @@ def _tensors(state, prefix="") -> dict:
     return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
 
 
+def test_bf16_autocast_and_channels_last_train_and_checkpoint(digits, tmp_path, ray_cluster):
+    """train.precision=bf16 (CPU autocast) with NHWC batches: finite losses, and a checkpoint in fp32 that
+    rebuilds the model (the memory format is not part of the weights)."""
+    import torch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = run_training(tiny_config(digits, tmp_path / "runs", uri, "bf16", "train.steps=4", "train.sample_every=0",
+                                   "train.precision=bf16", "train.channels_last=true"))
+    assert res["metrics"]["step"] == 4 and res["metrics"]["nonfinite_total"] == 0
+    loaded = load_model(res["checkpoint"])
+    assert loaded.meta["config"]["train"]["precision"] == "bf16"
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    assert MlflowClient(uri).get_run(res["run_id"]).data.params["train.precision"] == "bf16"
+
+
 def test_without_retries_an_injected_failure_fails_the_job(digits, tmp_path, ray_cluster):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_config(digits, tmp_path / "runs", uri, "fatal", "train.steps=4", "train.fail_at_step=2",

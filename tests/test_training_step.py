@@ -110,3 +110,32 @@ def test_read_ahead_raises_the_threads_error_in_order():
     assert [next(out) for _ in range(3)] == [0, 10, 20]
     with pytest.raises(ValueError, match="bad item 3"):
         next(out)
+
+
+def test_fp16_with_a_scaler_steps_as_fp32_does_and_skips_an_overflow_without_counting_it():
+    """fp16 autocast (on CPU here, where torch has it) with a GradScaler: the update equals the fp32 one within
+    fp16 rounding; a scale so large that the scaled gradients overflow skips the update, halves the scale, and is
+    not reported as a non-finite step (the loss itself is finite)."""
+    method = make_method("fm_ot")
+    x = torch.randn(64, 2)
+
+    def step(dtype, scaler):
+        torch.manual_seed(0)
+        model = MLP(2, 32, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        res = train_step(model, method, opt, x, generator=torch.Generator().manual_seed(1), autocast_dtype=dtype,
+                         scaler=scaler)
+        return model, res
+
+    plain, ref = step(None, None)
+    scaled, res = step(torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    assert res.finite and abs(res.loss - ref.loss) < 1e-2 * abs(ref.loss)
+    for p, q in zip(scaled.parameters(), plain.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=2e-3)
+    torch.manual_seed(0)
+    before = [p.detach().clone() for p in MLP(2, 32, 2).parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126)  # x * 2^126 overflows fp32 gradients
+    skipped, res = step(torch.float16, scaler)
+    assert res.finite and scaler.get_scale() == 2.0**125
+    for p, q in zip(skipped.parameters(), before, strict=True):
+        assert torch.equal(p, q)
