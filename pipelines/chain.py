@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from pipelines import storage
 from pipelines.config import Config, EvalConfig, SampleConfig
 from pipelines.ingest import ingest
 from pipelines.manifest import MANIFEST, Manifest
@@ -16,7 +17,7 @@ from pipelines.runtime import stage
 
 def ensure_ingested(source: str, shards: str | Path, num_shards: int = 4) -> None:
     """Ingest `source` into `shards` unless a manifest is already there."""
-    if (Path(shards) / MANIFEST).exists():
+    if storage.is_file(storage.join(str(shards), MANIFEST)):
         return
     res = ingest(source, shards, shards=num_shards)
     counts = {s: v["count"] for s, v in res.manifest["splits"].items()}

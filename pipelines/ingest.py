@@ -10,6 +10,11 @@ the parallelism: parts come from the listing, the train/test split from a hash o
 writes its own shards. Rows that cannot be used are quarantined with their id and reason in manifest.json; the job
 fails when their fraction exceeds `max_bad_fraction`. Shards are written into a staging folder and moved into
 place with the manifest only when the job succeeds.
+
+`--out` may be an object-store URI (`s3://bucket/data/x`). Objects cannot be renamed, so there the shards are
+written straight to a folder of their own (`shards-<ingest id>/`, never one an earlier manifest lists), the
+manifest is put last in one request (readers see the old data set or the new one, whole), and only then are the
+shards of the manifest it replaced deleted.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import json
 import os
 import re
 import shutil
+import time
+import uuid
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -26,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.manifest import MANIFEST, SCHEMA, Manifest, row_format, sha256, shard_schema
@@ -50,9 +56,10 @@ class Settings:
     seed: int
     test_fraction: float
     points: bool
-    staging: str
+    staging: str  # where the tasks write shards (a location of `pipelines.storage`)
     num_parts: int
     manifold: str | None = None  # points must lie on it (`fm.manifolds.get_manifold`)
+    file_prefix: str = ""  # what the manifest puts before a shard's name: "" (moved into --out), "shards-<id>/"
 
 
 # --- one image to the declared format ------------------------------------------------------------------------
@@ -180,7 +187,8 @@ class _ShardWriter:
 
     def __init__(self, s: Settings, split: str, part: int, shape: tuple[int, ...]):
         self.name = f"{split}-{part:05d}-of-{s.num_parts:05d}.parquet"
-        self.path = Path(s.staging) / self.name
+        self.path = storage.join(s.staging, self.name)
+        self.file = s.file_prefix + self.name
         self.schema = shard_schema(row_format("points" if s.points else "image", list(shape)), split)
         self.writer, self.rows, self.buffer = None, 0, []
 
@@ -194,7 +202,7 @@ class _ShardWriter:
             return
         ids, labels, cells = zip(*self.buffer, strict=True)
         table = pa.table({"id": list(ids), "label": list(labels), "image": list(cells)}, schema=SCHEMA)
-        self.writer = self.writer or pq.ParquetWriter(self.path, self.schema)
+        self.writer = self.writer or storage.parquet_writer(self.path, self.schema)
         self.writer.write_table(table)
         self.rows += len(self.buffer)
         self.buffer = []
@@ -204,7 +212,7 @@ class _ShardWriter:
         if self.writer is None:
             return None
         self.writer.close()
-        return {"file": self.name, "rows": self.rows, "sha256": sha256(self.path)}
+        return {"file": self.file, "rows": self.rows, "sha256": sha256(self.path)}
 
 
 def ingest_part(part: Part, s: Settings) -> dict:
@@ -280,7 +288,7 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
     """
     _check_arguments(shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism,
                      max_rows_per_shard)
-    storage.check_writable(str(out), "--out", local_only=True)
+    out = storage.check_writable(str(out), "--out")
     listing = list_source(spec, shards, max_rows_per_shard)
     if not listing.labelled and not unlabelled:
         raise IngestError(f"source {spec!r} has no labels; pass --unlabelled to ingest it without classes "
@@ -289,8 +297,10 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
         raise IngestError(f"source {spec!r} has labels; --unlabelled is only for sources without them")
     listing.manifold = _declared_manifold(listing, manifold)
     channels, image_size = _declared_format(listing, channels, image_size)
+    if storage.is_uri(out):
+        return _ingest_to_object_store(listing, out, channels, image_size, transform, seed, test_fraction,
+                                       max_bad_fraction, parallelism)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     staging = out / f".ingest-staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -303,6 +313,38 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return IngestResult(out, manifest)
+
+
+def _ingest_to_object_store(listing: Listing, out: str, channels, image_size, transform, seed, test_fraction,
+                            max_bad_fraction, parallelism) -> IngestResult:
+    """The shards straight into `out/shards-<id>/`, then the manifest in one PUT, then the replaced shards go.
+    A failed job leaves only its own unlisted folder behind (removed here when it can be)."""
+    folder = f"shards-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    settings = Settings(channels, image_size, transform, seed, test_fraction, listing.points,
+                        storage.join(out, folder), len(listing.parts), listing.manifold, file_prefix=folder + "/")
+    old = _listed_files(out)
+    try:
+        summaries = _run_parts(listing, settings, parallelism)
+        manifest = _manifest(listing, settings, summaries, max_bad_fraction)
+    except BaseException:
+        storage.delete_dir(settings.staging)
+        raise
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1), "--out")
+    new = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    for name in old - new:
+        storage.delete(storage.join(out, name))
+    return IngestResult(out, manifest)
+
+
+def _listed_files(out: str) -> set[str]:
+    """The shard files an existing manifest in `out` lists (none when there is none, or it cannot be read)."""
+    path = storage.join(out, MANIFEST)
+    if not storage.is_file(path):
+        return set()
+    try:
+        return {s["file"] for split in json.loads(storage.read_text(path))["splits"].values() for s in split["shards"]}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return set()
 
 
 def _declared_manifold(listing: Listing, manifold: str | None) -> str | None:
@@ -429,7 +471,7 @@ def _manifest(listing: Listing, s: Settings, summaries: list[dict], max_bad_frac
     for split in ("train", "test"):
         files = [d["shards"][split] for d in summaries if d["shards"].get(split)]
         if not files:  # an empty split still gets a (schema-only) shard: readers need not special-case it
-            files = [_empty_shard(Path(s.staging), split, row_format("points" if s.points else "image", shape_out))]
+            files = [_empty_shard(s, split, row_format("points" if s.points else "image", shape_out))]
         splits[split] = {"count": sum(f["rows"] for f in files), "shards": files}
     max_label = max(d["max_label"] for d in summaries)
     return {
@@ -457,10 +499,12 @@ def _manifest(listing: Listing, s: Settings, summaries: list[dict], max_bad_frac
     }
 
 
-def _empty_shard(directory: Path, split: str, fmt: dict) -> dict:
+def _empty_shard(s: Settings, split: str, fmt: dict) -> dict:
     name = f"{split}-00000-of-00001.parquet"
-    pq.write_table(shard_schema(fmt, split).empty_table(), directory / name)
-    return {"file": name, "rows": 0, "sha256": sha256(directory / name)}
+    path = storage.join(s.staging, name)
+    with storage.parquet_writer(path, shard_schema(fmt, split)) as writer:
+        writer.write_table(shard_schema(fmt, split).empty_table())
+    return {"file": s.file_prefix + name, "rows": 0, "sha256": sha256(path)}
 
 
 def _publish(out: Path, staging: Path, manifest: dict) -> None:

@@ -12,15 +12,14 @@ corrupt files), so the result always holds exactly N unique ids.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from fm.seeding import SeedStack, derive_seed
@@ -54,7 +53,7 @@ class Sampler:
         from pipelines.checkpoint import load_model
         from pipelines.runtime import use_cpu_share
 
-        self.cfg, self.out, self.layout = SampleConfig(**cfg), Path(out), layout
+        self.cfg, self.out, self.layout = SampleConfig(**cfg), out, layout
         use_cpu_share(self.cfg.cpus_per_actor)
         self.loaded = load_model(checkpoint)
         self.model, self.method = self.loaded.model, self.loaded.method
@@ -88,9 +87,9 @@ class Sampler:
 
         c = self.cfg
         if block == c.fail_at_block:
-            marker = self.out / f".fault_injected_block_{block}"
-            if not marker.exists():
-                marker.write_text("injected\n")
+            marker = storage.join(self.out, f".fault_injected_block_{block}")
+            if not storage.exists(marker):
+                storage.write_text(marker, "injected\n")
                 raise RuntimeError(f"injected sampling failure at block {block}")
         ids = block_ids(block, c.block_size, c.num_samples)
         seeds = [derive_seed(c.seed, int(i)) for i in ids]  # sample i's starting noise, recorded in its row
@@ -116,35 +115,31 @@ class Sampler:
         table = pa.table({"id": ids, "seed": seeds,
                           "label": (y.numpy() if y is not None else np.full(len(ids), -1)),
                           "nfe": np.full(len(ids), res.nfe), "image": payload}, schema=SAMPLE_SCHEMA)
-        _atomic_write(table, self.out / shard_name(block))
+        storage.write_parquet(table, storage.join(self.out, shard_name(block)))
         if c.write_png and self.layout == "HWC":
-            _write_pngs(to_uint8(x), ids, self.out / "png")
+            _write_pngs(to_uint8(x), ids, storage.join(self.out, "png"))
         return res.nfe
 
 
-def _atomic_write(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)  # a half-written shard never carries the final name
-
-
-def _write_pngs(images: torch.Tensor, ids: np.ndarray, directory: Path) -> None:
+def _write_pngs(images: torch.Tensor, ids: np.ndarray, directory: str) -> None:
     from PIL import Image
 
-    directory.mkdir(parents=True, exist_ok=True)
     for img, i in zip(images, ids, strict=True):
         arr = img.permute(1, 2, 0).numpy()
-        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(directory / f"{int(i):08d}.png")
+        buf = io.BytesIO()
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
+        storage.write_bytes(storage.join(directory, f"{int(i):08d}.png"), buf.getvalue())
 
 
-def complete_blocks(out: Path, cfg: SampleConfig) -> set[int]:
-    """Blocks whose shard reads back with the right schema and exactly its ids; others are removed."""
+def complete_blocks(out: str, cfg: SampleConfig) -> set[int]:
+    """Blocks whose shard reads back with the right schema and exactly its ids; others are removed (a block is
+    done only when its final file or object exists and verifies)."""
     done = set()
     n_blocks = -(-cfg.num_samples // cfg.block_size)
-    for path in sorted(out.glob("block-*.parquet")):
-        block = int(path.stem.split("-")[1])
+    for path in storage.list_files(out, "block-", ".parquet"):
+        block = int(storage.name(path).split("-")[1].split(".")[0])
         try:
-            table = pq.read_table(path)
+            table = storage.read_table(path)
             ok = (block < n_blocks and table.schema.equals(SAMPLE_SCHEMA)
                   and table["id"].to_pylist() == block_ids(block, cfg.block_size, cfg.num_samples).tolist())
         except Exception:  # truncated or not parquet at all
@@ -152,26 +147,28 @@ def complete_blocks(out: Path, cfg: SampleConfig) -> set[int]:
         if ok:
             done.add(block)
         else:
-            path.unlink()
-    for tmp in out.glob(".block-*.tmp"):
-        tmp.unlink()
+            storage.delete(path)
+    for tmp in storage.list_files(out, ".block-", ".tmp"):  # a local write that a killed actor left
+        storage.delete(tmp)
     return done
 
 
-def prepare_output(out: Path, cfg: SampleConfig, checkpoint: str) -> None:
-    """Create the output directory, or check that an existing one was made with the same settings."""
+def prepare_output(out: str, cfg: SampleConfig, checkpoint: str) -> str:
+    """Create the output folder (or check the prefix writable), or check that an existing one was made with the
+    same settings; returns the output location (absolute when local)."""
     settings = {"checkpoint": str(checkpoint), **{k: v for k, v in asdict(cfg).items()
                                                   if k not in ("actors", "blocks_per_call", "cpus_per_actor",
                                                                "gpus_per_actor", "fail_at_block", "write_png")}}
-    storage.check_writable(str(out), "--out", local_only=True)
-    path = out / SETTINGS
-    if path.exists():
-        old = json.loads(path.read_text())
+    out = storage.check_writable(str(out), "--out")
+    path = storage.join(out, SETTINGS)
+    if storage.is_file(path):
+        old = json.loads(storage.read_text(path))
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             raise SamplingError(f"{out} holds samples made with other settings {diff}; use a new --out")
     else:
-        path.write_text(json.dumps(settings, indent=1))
+        storage.write_text(path, json.dumps(settings, indent=1))
+    return out
 
 
 def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
@@ -189,8 +186,7 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
                             "SHARDS` carries the held-out first snapshot through every observed time")
     data = DataSpec.from_dict(meta.get("manifest"), f"{checkpoint}/meta.json: manifest")
     layout, model_shape = ("HWC" if data.is_image else "D"), data.model_shape
-    out = Path(out).resolve()
-    prepare_output(out, cfg, checkpoint)
+    out = prepare_output(str(out), cfg, checkpoint)
     done = complete_blocks(out, cfg)
     n_blocks = -(-cfg.num_samples // cfg.block_size)
     todo = [b for b in range(n_blocks) if b not in done]
@@ -203,7 +199,7 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
         stage(f"sampling {cfg.num_samples} samples ({len(todo)} blocks of {cfg.block_size}, {len(done)} reused) "
               f"with {cfg.solver} on {cfg.actors} actor(s) into {out}")
         ds = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=min(len(todo), 200))
-        ds = ds.map_batches(Sampler, fn_constructor_args=(str(checkpoint), str(out), asdict(cfg), model_shape, layout),
+        ds = ds.map_batches(Sampler, fn_constructor_args=(str(checkpoint), out, asdict(cfg), model_shape, layout),
                             batch_size=cfg.blocks_per_call, batch_format="numpy",
                             compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
                             num_gpus=cfg.gpus_per_actor or None)
@@ -215,7 +211,7 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
     nfe = [int(r["nfe"]) for r in stats]
     busy = sum(float(r["seconds"]) for r in stats)
     made = sum(int(r["rows"]) for r in stats)
-    return {"out": str(out), "num_samples": cfg.num_samples, "blocks": n_blocks, "blocks_reused": len(done),
+    return {"out": out, "num_samples": cfg.num_samples, "blocks": n_blocks, "blocks_reused": len(done),
             "blocks_sampled": len(todo), "mean_nfe": float(np.mean(nfe)) if nfe else None,
             "max_nfe": max(nfe) if nfe else None, "samples_per_s": made / wall if made else None,
             "samples_per_actor_s": made / busy if busy else None, "wall_s": wall,
@@ -225,29 +221,29 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
 def sample_shards(directory: str | Path) -> tuple[list[str], int, int]:
     """The shards of a sampling output (checked: its settings file and schema), the number of samples and the
     byte length of one image cell, without reading the images."""
-    d = Path(directory)
-    if not (d / SETTINGS).exists():
+    d = str(directory) if storage.is_uri(str(directory)) else str(Path(directory).resolve())
+    if not storage.is_file(storage.join(d, SETTINGS)):
         raise SamplingError(f"{d} is not a sampling output: {SETTINGS} is missing")
-    files = sorted(d.glob("block-*.parquet"))
+    files = storage.list_files(d, "block-", ".parquet")
     if not files:
         raise SamplingError(f"{d} holds no sample shards (block-*.parquet)")
     total = 0
     for f in files:
-        meta = pq.read_metadata(f)
+        meta = storage.parquet_metadata(f)
         if not meta.schema.to_arrow_schema().equals(SAMPLE_SCHEMA):
             raise SamplingError(f"{f}: foreign schema {meta.schema.names}; expected {SAMPLE_SCHEMA.names}")
         total += meta.num_rows
-    first = pq.read_table(files[0], columns=["image"])["image"][0].as_py()
-    return [str(f.resolve()) for f in files], total, len(first)
+    first = storage.read_table(files[0], ["image"])["image"][0].as_py()
+    return files, total, len(first)
 
 
 def read_samples(directory: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """All samples of a sampling output in memory, as (ids [N], raw image bytes [N] objects, settings); for small
     outputs and tests (the evaluation streams shards through `pipelines.features` instead)."""
     paths, _, _ = sample_shards(directory)
-    table = pa.concat_tables([pq.read_table(p) for p in paths])
+    table = pa.concat_tables([storage.read_table(p) for p in paths])
     return np.asarray(table["id"].to_pylist()), np.asarray(table["image"].to_pylist(), dtype=object), \
-        json.loads((Path(directory) / SETTINGS).read_text())
+        json.loads(storage.read_text(storage.join(str(directory), SETTINGS)))
 
 
 def log_sampling_run(result: dict, cfg: dict, uri: str) -> str:
@@ -265,7 +261,7 @@ def log_sampling_run(result: dict, cfg: dict, uri: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         log.artifact(_preview(result["out"], Path(tmp)))
     log.finish()
-    (Path(result["out"]) / "_mlflow.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    storage.write_text(storage.join(result["out"], "_mlflow.json"), json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return run_id
 
 
@@ -275,13 +271,13 @@ def _preview(out: str, tmp: Path) -> Path:
     from pipelines.checkpoint import load_meta
     from pipelines.images import decode_rows, save_grid, save_points_figure
 
-    settings = json.loads((Path(out) / SETTINGS).read_text())
+    settings = json.loads(storage.read_text(storage.join(out, SETTINGS)))
     data = DataSpec.from_dict(load_meta(settings["checkpoint"]).get("manifest"), "checkpoint manifest")
     want = 64 if data.is_image else 5000
     paths, _, _ = sample_shards(out)
     raw = []
     for p in paths:
-        raw += pq.read_table(p, columns=["image"])["image"].to_pylist()
+        raw += storage.read_table(p, ["image"])["image"].to_pylist()
         if len(raw) >= want:
             break
     raw = np.asarray(raw[:want], dtype=object)

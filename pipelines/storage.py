@@ -155,6 +155,35 @@ def write_text(location: str, text: str, key: str = "") -> None:
     write_bytes(location, text.encode(), key)
 
 
+def list_files(location: str, prefix: str = "", suffix: str = "", key: str = "") -> list[str]:
+    """The files directly inside a folder or prefix whose names start with `prefix` and end with `suffix`, as
+    sorted locations (none when the folder does not exist)."""
+    fs, path = resolve(location, key)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    except OSError as err:
+        raise StorageError(f"{_prefix(key)}cannot list {location}: {describe(err)}") from None
+    return sorted(join(location, i.base_name) for i in infos if i.type == pafs.FileType.File
+                  and i.base_name.startswith(prefix) and i.base_name.endswith(suffix))
+
+
+def write_parquet(table, location: str, key: str = "") -> None:
+    """A whole parquet file that never carries its final name half-written: a local temporary file renamed into
+    place, or one object (a multipart upload completes only when the writer closes)."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(location, key)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            tmp = Path(path).with_name(f".{Path(path).name}.{uuid.uuid4().hex[:8]}.tmp")
+            pq.write_table(table, tmp)
+            tmp.replace(path)
+        else:
+            pq.write_table(table, path, filesystem=fs)
+    except OSError as err:
+        raise StorageError(f"{_prefix(key)}cannot write {location}: {describe(err)}") from None
+
+
 def file_stamp(location: str) -> tuple:
     """What changes when a file is rewritten: (mtime ns, size) of a local file; nothing for an object (objects are
     written whole and not rewritten in place here, and a HEAD request per read would cost a round trip)."""
@@ -198,16 +227,43 @@ def ray_paths(locations: list[str]) -> tuple[list[str], pafs.FileSystem | None]:
     return [p for _, p in resolved], resolved[0][0]
 
 
-def check_writable(location: str, key: str, local_only: bool = False) -> str:
+def parquet_writer(location: str, schema, key: str = ""):
+    """A `pyarrow.parquet.ParquetWriter` to a local path or an object (uploaded in parts as row groups are
+    written; the object exists only once the writer is closed)."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(location, key)
+    return pq.ParquetWriter(path, schema, filesystem=None if isinstance(fs, pafs.LocalFileSystem) else fs)
+
+
+def delete(location: str, key: str = "") -> None:
+    """Delete a file or object if it exists."""
+    fs, path = resolve(location, key)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise StorageError(f"{_prefix(key)}cannot delete {location}: {describe(err)}") from None
+
+
+def delete_dir(location: str, key: str = "") -> None:
+    """Delete a folder or prefix and everything under it, if it exists (best effort: a failure is not raised,
+    since this only tidies after another error)."""
+    fs, path = resolve(location, key)
+    try:
+        fs.delete_dir(path)
+    except OSError:
+        pass
+
+
+def check_writable(location: str, key: str) -> str:
     """Prove the location writable before any Ray work: a local folder is created and a probe file written in it;
     under a URI a probe object is written and deleted, so that an unknown scheme, a missing bucket, a server that
     does not answer or refused credentials fail here, named. Returns the location (a local one absolute)."""
     import tempfile
 
     location = check_location(location, key)
-    if is_uri(location) and local_only:
-        raise StorageError(f"{_prefix(key)}{location}: this output is written to a local or shared folder only; "
-                           "object-store URIs are supported for data.shards and train.storage_path")
     if not is_uri(location):
         p = Path(location).expanduser()
         if p.exists() and not p.is_dir():
@@ -241,7 +297,23 @@ def describe(err: OSError) -> str:
              ("SIGNATURE_DOES_NOT_MATCH", "the secret key does not match (AWS_SECRET_ACCESS_KEY)"),
              ("MISSING_AUTHENTICATION_TOKEN", "no credentials were found (AWS_ACCESS_KEY_ID / "
                                               "AWS_SECRET_ACCESS_KEY, a profile, or the node's role)")]
-    for code, words in known:
-        if code in text:
-            return words
-    return text.splitlines()[0][:200]
+    words = next((w for code, w in known if code in text), text.splitlines()[0][:200])
+    if "AWS Error" in text and not _aws_credentials_visible():
+        words += ("; no AWS credentials were found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                  "~/.aws/credentials, a web identity token), so the request went unsigned unless the node has a "
+                  "role")
+    return words
+
+
+def _aws_credentials_visible() -> bool:
+    """Whether a credential source other than the instance's role is in sight (the role cannot be checked without
+    a request to the metadata service)."""
+    env = os.environ
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        return True
+    sources = ("AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+               "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    if any(env.get(k) for k in sources):
+        return True
+    files = [env.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), env.get("AWS_CONFIG_FILE", "~/.aws/config")]
+    return any(Path(f).expanduser().is_file() for f in files)

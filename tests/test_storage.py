@@ -71,12 +71,6 @@ def test_a_missing_bucket_and_a_silent_server_fail_fast_and_named(s3_bucket, mon
                               "(check AWS_ENDPOINT_URL and the network)")
 
 
-def test_an_output_that_is_local_only_refuses_a_uri_in_words(s3_bucket):
-    with pytest.raises(storage.StorageError, match=r"^--out: s3://.*: this output is written to a local or shared "
-                                                   "folder only"):
-        storage.check_writable(s3_bucket + "/samples", "--out", local_only=True)
-
-
 def _write_data(directory):
     """A tiny ingest output as ingest writes it: two shards of a train split (row groups of 8), a manifest."""
     directory.mkdir()
@@ -127,3 +121,54 @@ def test_a_bucket_manifest_that_disagrees_with_its_shards_is_named(tmp_path, s3_
     with pytest.raises(ManifestError, match=rf"^{s3_bucket}/nothing/manifest.json not found: run `python -m "
                                             "jobs.ingest"):
         Manifest.load(s3_bucket + "/nothing")
+
+
+@pytest.fixture(scope="module")
+def s3_with_auth():
+    """A second S3-compatible server that checks signatures (moto with IAM authentication from the first request),
+    in its own process: the endpoint URL."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline_helpers import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            import urllib.request
+
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("credentials, message", [
+    ({"AWS_ACCESS_KEY_ID": "unknown", "AWS_SECRET_ACCESS_KEY": "unknown"},
+     "the access key is not known to the server (AWS_ACCESS_KEY_ID)"),
+    ({}, "; no AWS credentials were found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+         "~/.aws/credentials, a web identity token), so the request went unsigned unless the node has a role"),
+])
+def test_refused_or_missing_credentials_are_named_in_seconds(s3_with_auth, monkeypatch, tmp_path, credentials,
+                                                             message):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    env = {"AWS_ENDPOINT_URL": s3_with_auth, "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+           **credentials}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    start = time.perf_counter()
+    with pytest.raises(storage.StorageError) as err:
+        storage.check_writable("s3://runs-bucket/x", "train.storage_path")
+    assert time.perf_counter() - start < 10
+    assert str(err.value).startswith("train.storage_path: s3://runs-bucket/x is not writable: ")
+    assert message in str(err.value)

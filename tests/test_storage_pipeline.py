@@ -14,6 +14,8 @@ from conftest import S3_ENV
 
 from pipelines import storage
 from pipelines.checkpoint import load_model
+from pipelines.manifest import Manifest
+from pipelines.sample import shard_name
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.model_channels=8", "model.num_heads=1", "model.attention_resolutions=[]", "train.batch_size=16",
@@ -33,14 +35,23 @@ def test_train_from_and_to_a_bucket_and_resume(tmp_path, s3_server, s3_bucket):
     env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server, "PYTHONPATH": str(ROOT),
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    # ingest straight into the bucket, twice: the second manifest replaces the first's shards, which then go
+    data = f"{s3_bucket}/data/digits"
+    first_ingest = _job("jobs.ingest", ["--source", "digits", "--out", data, "--shards", "3"], ROOT, env)
+    old = {s["file"] for split in Manifest.load(data).splits.values() for s in split["shards"]}
+    _job("jobs.ingest", ["--source", "digits", "--out", data, "--shards", "2"], ROOT, env)
     _job("jobs.ingest", ["--source", "digits", "--out", str(tmp_path / "digits"), "--shards", "2"], ROOT, env)
-    fs, prefix = storage.resolve(s3_bucket + "/data/digits")
-    pafs.copy_files(str(tmp_path / "digits"), prefix, destination_filesystem=fs)
+    there, here = Manifest.load(data, verify=True), Manifest.load(tmp_path / "digits")
+    assert first_ingest["counts"] == {s: v["count"] for s, v in there.splits.items()}
+    assert [s["sha256"] for s in there.splits["train"]["shards"]] == [s["sha256"] for s in
+                                                                       here.splits["train"]["shards"]]
+    assert all(f.startswith("shards-") and "/" in f for f in old)  # each ingest its own folder
+    assert not any(storage.exists(storage.join(data, f)) for f in old)  # the replaced shards are gone
 
     work = tmp_path / "work"  # the job's working directory: it must stay empty
     work.mkdir()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = [f"data.shards={s3_bucket}/data/digits", f"train.storage_path={s3_bucket}/runs",
+    sets = [f"data.shards={data}", f"train.storage_path={s3_bucket}/runs",
             f"mlflow.tracking_uri={uri}", "train.run_name=s3-run", *TINY]
     args = ["--config", str(ROOT / "configs/digits-cpu.yaml"), *[x for s in sets for x in ("--set", s)]]
     first = _job("jobs.train", [*args, "--set", "train.steps=8"], work, env)
@@ -60,16 +71,25 @@ def test_train_from_and_to_a_bucket_and_resume(tmp_path, s3_server, s3_bucket):
     # sampling and evaluation from the checkpoint in the bucket; evaluation reads the data there and keeps its
     # caches (the feature classifier, the reference statistics) beside the shards in the bucket
     track = ["--tracking-uri", uri]
-    sampled = _job("jobs.sample", ["--checkpoint", more["checkpoint"], "--num-samples", "32", "--out",
-                                   str(tmp_path / "samples"), "--set", "sample.solver=euler", "--set",
-                                   "sample.steps=2", *track], work, env)
-    assert sampled["num_samples"] == 32
-    evaluated = _job("jobs.evaluate", ["--checkpoint", more["checkpoint"], "--data", f"{s3_bucket}/data/digits",
-                                       "--samples", str(tmp_path / "samples"), *track,
+    samples = f"{s3_bucket}/samples"
+    sample_args = ["--checkpoint", more["checkpoint"], "--num-samples", "32", "--out", samples, *track,
+                   *[x for s in ("sample.solver=euler", "sample.steps=2", "sample.block_size=8") for x in ("--set", s)]]
+    sampled = _job("jobs.sample", sample_args, work, env)
+    assert sampled["num_samples"] == 32 and sampled["blocks_sampled"] == 4
+    blocks = [storage.join(samples, shard_name(b)) for b in range(4)]
+    assert all(storage.is_file(b) for b in blocks)
+    whole = storage.read_bytes(blocks[1])
+    storage.delete(blocks[2])  # a block an interrupted run never wrote
+    storage.write_bytes(blocks[1], whole[: len(whole) // 2])  # and one that does not verify
+    again = _job("jobs.sample", sample_args, work, env)
+    assert (again["blocks_reused"], again["blocks_sampled"]) == (2, 2)
+    assert storage.read_bytes(blocks[1]) == whole  # the same samples: every sample's noise comes from its id
+    evaluated = _job("jobs.evaluate", ["--checkpoint", more["checkpoint"], "--data", data, "--samples", samples,
+                                       *track,
                                        *[x for s in ("eval.max_images=20", "eval.solver=euler", "eval.steps=4",
                                                      "eval.classifier_epochs=1") for x in ("--set", s)]], work, env)
     assert evaluated["likelihood"]["n"] == 20 and evaluated["quality"]["num_samples"] == 32
-    assert storage.is_file(f"{s3_bucket}/data/digits/classifier/epochs1-seed0/info.json")
-    fs, path = storage.resolve(f"{s3_bucket}/data/digits/feature_stats")
+    assert storage.is_file(f"{data}/classifier/epochs1-seed0/info.json")
+    fs, path = storage.resolve(f"{data}/feature_stats")
     assert [i.base_name.endswith(".npz") for i in fs.get_file_info(pafs.FileSelector(path))] == [True]
     assert list(work.iterdir()) == []  # data, checkpoints, Ray Train's run state and caches all went to the bucket
