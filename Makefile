@@ -30,7 +30,8 @@ demo-geometry: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not faults and not heavy"
 
-# the longest end-to-end cases (a tiny reproduce chain, the feature stage's every option, `ray job submit`): ~14 min
+# the longest end-to-end cases (a tiny reproduce chain, the feature stage's every option, `ray job submit`, the
+# S3 chain, RFM through the CLIs, bf16 training): ~20 min
 heavy: $(STAMP)
 	$(PY) -m pytest -q -m heavy
 

@@ -3,7 +3,6 @@ bits/dim once per model and sample quality for every sampler, each stage logged 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,7 +36,7 @@ def sample_and_evaluate(trained: dict, shards: str, solves: list[SampleConfig], 
     evaluate: bits/dim once (with the first sampler's run), sample quality for each. Returns one record per
     sampler with its sampling and evaluation results and MLflow run ids."""
     from pipelines.evaluate import log_evaluation_run, run_evaluation, sample_quality
-    from pipelines.sample import log_sampling_run, run_sampling
+    from pipelines.sample import log_sampling_run, run_sampling, sampling_settings
 
     uri, ckpt = trained["tracking_uri"], trained["checkpoint"]
     records, first, manifest = [], None, Manifest.load(shards)
@@ -51,7 +50,7 @@ def sample_and_evaluate(trained: dict, shards: str, solves: list[SampleConfig], 
             ev = {k: v for k, v in first.items() if k not in ("quality", "sample_run_id", "sample_settings")}
             ev["quality"] = sample_quality(manifest, samples["out"], ecfg)
             ev["sample_run_id"] = sample_run
-            ev["sample_settings"] = json.loads((Path(samples["out"]) / "_sampling.json").read_text())
+            ev["sample_settings"] = sampling_settings(samples["out"])
         eval_run = log_evaluation_run(ev, ecfg, uri)
         records.append({"solver": solver_tag(scfg), "sample": samples, "sample_run_id": sample_run, "evaluation": ev,
                         "eval_run_id": eval_run, "seconds": round(time.perf_counter() - start, 1)})

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -91,7 +92,7 @@ def check_files(directory: str | Path) -> None:
         try:
             with fs.open_input_file(inner) as f:
                 zipfile.ZipFile(f).close()
-        except (zipfile.BadZipFile, OSError):
+        except (zipfile.BadZipFile, OSError, pa.ArrowException):  # pyarrow: a seek before the start of a short file
             raise CheckpointError(f"{path}: not a readable torch file (truncated or corrupt)") from None
 
 

@@ -8,7 +8,6 @@ import json
 import math
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -384,10 +383,12 @@ def run_evaluation(checkpoint: str, shards: str, samples: str | None, cfg: EvalC
     result["likelihood"] = likelihood_stage(checkpoint, manifest, cfg)
     if samples is not None:
         result["quality"] = sample_quality(manifest, samples, cfg)
-        sampling = Path(samples) / "_mlflow.json"
-        if sampling.exists():
-            result["sample_run_id"] = json.loads(sampling.read_text())["run_id"]
-        result["sample_settings"] = json.loads((Path(samples) / "_sampling.json").read_text())
+        from pipelines.sample import sampling_run_id, sampling_settings
+
+        run_id = sampling_run_id(samples)
+        if run_id:
+            result["sample_run_id"] = run_id
+        result["sample_settings"] = sampling_settings(samples)
     return result
 
 
@@ -429,7 +430,8 @@ def log_evaluation_run(result: dict, cfg: EvalConfig, uri: str) -> str:
         if result.get("sample_run_id"):
             tags["flowray.sample_run_id"] = result["sample_run_id"]
         if q.get("classifier_path"):
-            log.artifact(q["classifier_path"], "classifier")
+            with storage.local_copy(q["classifier_path"]) as local:  # a download when it is cached in a bucket
+                log.artifact(local, "classifier")
     if lik.get("probes") is not None:
         tags["flowray.hutchinson_probes"] = str(lik["probes"])
     tags["flowray.dequantization_draws"] = str(lik["draws"])

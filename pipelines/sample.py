@@ -243,7 +243,18 @@ def read_samples(directory: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     paths, _, _ = sample_shards(directory)
     table = pa.concat_tables([storage.read_table(p) for p in paths])
     return np.asarray(table["id"].to_pylist()), np.asarray(table["image"].to_pylist(), dtype=object), \
-        json.loads(storage.read_text(storage.join(str(directory), SETTINGS)))
+        sampling_settings(directory)
+
+
+def sampling_settings(directory: str) -> dict:
+    """The settings a sampling output was made with (its `_sampling.json`)."""
+    return json.loads(storage.read_text(storage.join(str(directory), SETTINGS)))
+
+
+def sampling_run_id(directory: str) -> str | None:
+    """The MLflow run that logged a sampling output, when one did (its `_mlflow.json`)."""
+    path = storage.join(str(directory), "_mlflow.json")
+    return json.loads(storage.read_text(path))["run_id"] if storage.is_file(path) else None
 
 
 def log_sampling_run(result: dict, cfg: dict, uri: str) -> str:
@@ -271,7 +282,7 @@ def _preview(out: str, tmp: Path) -> Path:
     from pipelines.checkpoint import load_meta
     from pipelines.images import decode_rows, save_grid, save_points_figure
 
-    settings = json.loads(storage.read_text(storage.join(out, SETTINGS)))
+    settings = sampling_settings(out)
     data = DataSpec.from_dict(load_meta(settings["checkpoint"]).get("manifest"), "checkpoint manifest")
     want = 64 if data.is_image else 5000
     paths, _, _ = sample_shards(out)

@@ -15,8 +15,10 @@ puts an object in one request: an object appears whole or not at all, so a reade
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -257,12 +259,25 @@ def delete_dir(location: str, key: str = "") -> None:
         pass
 
 
+@contextlib.contextmanager
+def local_copy(location: str):
+    """A local folder holding what `location` holds: the folder itself, or a temporary download of an object-store
+    prefix (removed on exit), for consumers that take only local paths (an MLflow artifact upload)."""
+    if not is_uri(location):
+        yield location
+        return
+    fs, path = resolve(location)
+    with tempfile.TemporaryDirectory(prefix="flowray-") as tmp:
+        local = os.path.join(tmp, name(location))
+        os.mkdir(local)
+        pafs.copy_files(path, local, source_filesystem=fs)
+        yield local
+
+
 def check_writable(location: str, key: str) -> str:
     """Prove the location writable before any Ray work: a local folder is created and a probe file written in it;
     under a URI a probe object is written and deleted, so that an unknown scheme, a missing bucket, a server that
     does not answer or refused credentials fail here, named. Returns the location (a local one absolute)."""
-    import tempfile
-
     location = check_location(location, key)
     if not is_uri(location):
         p = Path(location).expanduser()

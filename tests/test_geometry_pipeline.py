@@ -49,6 +49,7 @@ def _train(config, shards, tmp_path, uri, steps, *extra):
     return train_job.main(["--config", config, *sets])
 
 
+@pytest.mark.heavy  # about 100 s: in `make heavy`, so that `make test` stays under 20 minutes on a slow machine
 def test_rfm_on_the_sphere_through_the_clis(tmp_path, ray_local, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ingest_job.main(["--source", "manifold:vmf-mixture", "--out", str(tmp_path / "sphere"), "--shards", "2"])

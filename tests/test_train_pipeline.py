@@ -105,6 +105,7 @@ def _tensors(state, prefix="") -> dict:
     return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
 
 
+@pytest.mark.heavy
 def test_bf16_autocast_and_channels_last_train_and_checkpoint(digits, tmp_path, ray_cluster):
     """train.precision=bf16 (CPU autocast) with NHWC batches: finite losses, and a checkpoint in fp32 that
     rebuilds the model (the memory format is not part of the weights)."""
