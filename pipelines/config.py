@@ -16,13 +16,7 @@ from fm.methods import METHODS, make_method
 from fm.models import MODELS
 from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS, check_solver
 from fm.training import SCHEDULES
-
-
-class ConfigError(ValueError):
-    """Bad user input (a config value, a path, a file); the message names the key or file and what is allowed.
-
-    The base of every input error of the jobs (sampling, evaluation, checkpoints, ingest), which print it and exit
-    with status 2."""
+from pipelines.errors import ConfigError  # noqa: F401  (re-exported: every job imports it from here)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 
 MANIFEST = "manifest.json"
 KINDS = ("image", "points")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 
 SCHEMES = ("s3", "gs")
 CONNECT_TIMEOUT_S = 5.0  # an endpoint that does not answer fails in seconds, not after minutes of retries

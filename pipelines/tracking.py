@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
+WINDOWS = "_mlflow_windows"  # the report key under which rank 0 hands its logging windows to the controller
 
 
 def artifact_root(uri: str) -> str | None:

@@ -31,9 +31,7 @@ from pipelines.images import save_grid
 from pipelines.manifest import DataSpec
 from pipelines.runtime import quiet_train_worker, use_cpu_share
 from pipelines.stream import DROPOUT_STREAM, StreamSpec, stream_spec
-from pipelines.tracking import SafeLogger
-
-WINDOWS = "_mlflow_windows"  # the report key under which rank 0 hands its logging windows to the controller
+from pipelines.tracking import WINDOWS, SafeLogger
 
 
 class TrainingError(RuntimeError):

@@ -14,8 +14,7 @@ import os
 
 from ray.train import UserCallback
 
-from pipelines.tracking import SafeLogger
-from pipelines.train import WINDOWS
+from pipelines.tracking import WINDOWS, SafeLogger
 
 
 def quick_http_failures() -> None:
