@@ -199,6 +199,9 @@ def apply_overrides(obj, section: str, items: list[str]) -> None:
         _set(obj, section, key, _parse_value(f"{section}.{key}", value))
 
 
+_SECTIONS = [f.name for f in fields(Config)]
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Load YAML (or defaults when path is None), apply `section.key=value` overrides, validate."""
     cfg = Config()
@@ -207,12 +210,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not a YAML file ({str(err).splitlines()[0]})") from None
+        # an empty file is not "all defaults": with the default run name it would continue whatever run has it
+        if raw is None or raw == {}:
+            raise ConfigError(f"{path} is empty; a config maps sections ({', '.join(_SECTIONS)}) to keys. "
+                              "Omit --config to use the defaults")
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+            raise ConfigError(f"{path}: top level must be a mapping of sections ({', '.join(_SECTIONS)}); "
+                              f"got a {type(raw).__name__}")
         for section, values in raw.items():
+            if section not in _SECTIONS:
+                raise ConfigError(f"{path}: {section!r} is not a section; allowed: {', '.join(_SECTIONS)} "
+                                  "(every key goes under its section, e.g. 'train:' then '  steps: 500')")
+            if values is None:
+                raise ConfigError(f"{path}: section {section!r} is empty; give its keys or remove it")
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping")
             for key, value in values.items():

@@ -81,9 +81,30 @@ def init_ray(address: str | None = None, local_cpus: int = 4) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         _loopback_only()
         before = {p.pid for p in psutil.Process().children()}
-        ray.init(num_cpus=max(os.cpu_count() or 1, local_cpus), dashboard_host="127.0.0.1", **kwargs)
+        _init_local(ray, num_cpus=max(os.cpu_count() or 1, local_cpus), dashboard_host="127.0.0.1", **kwargs)
         _start_reaper([p.pid for p in psutil.Process().children() if p.pid not in before])
     _quiet_ray_data(quiet)
+
+
+def _init_local(ray, attempts: int = 3, **kwargs) -> None:
+    """Start a local Ray, again after a node start-up timeout: Ray waits a fixed 30 s for its raylet to register,
+    which a machine busy with other work (another Ray, a build) can exceed; the processes of the failed start are
+    stopped before the next."""
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in psutil.Process().children()}
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as err:
+            if "timed out during startup" not in str(err) or attempt == attempts:
+                raise
+            ray.shutdown()
+            started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+            for p in started:
+                p.kill()
+            psutil.wait_procs(started, timeout=10)
+            stage(f"local Ray did not start within Ray's 30 s (a busy machine?); starting it again "
+                  f"({attempt + 1} of {attempts})")
 
 
 def _loopback_only() -> None:

@@ -34,19 +34,39 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+# the tracking stores MLflow itself opens (a database URI may name its driver: postgresql+psycopg2)
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
 def check_tracking_uri(uri: str, key: str = "mlflow.tracking_uri", timeout: float = 5.0) -> None:
-    """Fail fast, before any Ray work, when an HTTP tracking server does not answer (instead of MLflow's minutes of
-    retries); raise ConfigError naming the key and the URI."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
-        return
+    """Fail fast, before any Ray work, on a tracking URI MLflow cannot use: a scheme it has no store for, a sqlite
+    database in a folder that does not exist, an HTTP server that does not answer (instead of MLflow's minutes of
+    retries) or answers with an error. Raises ConfigError naming the key and the URI."""
+    import urllib.error
     import urllib.request
 
     from pipelines.config import ConfigError
 
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+", 1)[0]
+    if scheme and len(scheme) > 1 and scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"{key}: {uri!r} has the scheme {parsed.scheme!r}, which MLflow has no tracking store "
+                          f"for; allowed: {', '.join(TRACKING_SCHEMES)} (or a local folder)")
+    if scheme == "sqlite":
+        db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if db is None or not db.name:
+            raise ConfigError(f"{key}: {uri!r} is not a sqlite database URI; write sqlite:///path/to/mlflow.db")
+        if not db.parent.is_dir():
+            raise ConfigError(f"{key}: the folder of the sqlite database {db} does not exist; create it, or point "
+                              "the key (or $MLFLOW_TRACKING_URI) elsewhere")
+    if scheme not in ("http", "https"):
+        return
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout)
-    except Exception as err:  # URLError, timeouts, HTTP errors: the server is not usable
+    except urllib.error.HTTPError as err:  # something answers, but not as an MLflow server does
+        raise ConfigError(f"{key}: the server at {uri} answers HTTP {err.code} ({err.reason}) to /health; is it "
+                          "an MLflow tracking server (`mlflow server`)?") from None
+    except Exception as err:  # URLError, timeouts: the server is not usable
         reason = getattr(err, "reason", err)
         raise ConfigError(f"{key}: the MLflow server at {uri} does not answer ({reason}); start it, or point "
                           "the key (or $MLFLOW_TRACKING_URI) elsewhere") from None
@@ -61,28 +81,44 @@ def get_or_create_experiment(client, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
 
 
-def find_or_create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-                       resume: bool = True, parent_run_id: str | None = None) -> tuple[str, bool]:
-    """The id of the run tagged with run_name in the experiment (resume=True), or of a new one.
-
-    Returns (run_id, resumed).
-    """
+def find_run(uri: str, experiment: str, run_name: str, storage: str):
+    """The newest MLflow run of `run_name` whose Ray Train state lies at `storage` (an `mlflow.entities.Run`), or
+    None. Nothing is changed."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp_id = get_or_create_experiment(client, experiment, uri)
-    if resume:
-        found = client.search_runs([exp_id], filter_string=f"tags.`flowray.run_name` = '{run_name}' and "
-                                   f"tags.`flowray.storage` = '{(tags or {}).get('flowray.storage', '')}'",
-                                   max_results=1, order_by=["attributes.start_time DESC"])
-        if found:
-            client.update_run(found[0].info.run_id, status="RUNNING")
-            return found[0].info.run_id, True
+    found = client.search_runs([exp_id], filter_string=f"tags.`flowray.run_name` = '{run_name}' and "
+                               f"tags.`flowray.storage` = '{storage}'", max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
+
+
+def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+               parent_run_id: str | None = None) -> str:
+    """A new run tagged with `run_name` (and `tags`); returns its id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp_id = get_or_create_experiment(client, experiment, uri)
     all_tags = {"flowray.run_name": run_name, "mlflow.runName": run_name, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
-    return run.info.run_id, False
+    return client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
+
+
+def find_or_create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                       resume: bool = True, parent_run_id: str | None = None) -> tuple[str, bool]:
+    """The id of the run tagged with run_name (and the same `flowray.storage` tag) in the experiment, set RUNNING
+    again (resume=True), or of a new one. Returns (run_id, resumed)."""
+    from mlflow.tracking import MlflowClient
+
+    if resume:
+        found = find_run(uri, experiment, run_name, (tags or {}).get("flowray.storage", ""))
+        if found:
+            MlflowClient(uri).update_run(found.info.run_id, status="RUNNING")
+            return found.info.run_id, True
+    return create_run(uri, experiment, run_name, tags, parent_run_id), False
 
 
 @dataclass

@@ -316,8 +316,9 @@ def run_training(cfg: Config) -> dict:
     from ray.train.torch import TorchTrainer
 
     from pipelines import storage
+    from pipelines.resume import check_resumable
     from pipelines.runtime import init_ray, is_verbose, stage, train_logging_config
-    from pipelines.tracking import check_tracking_uri, find_or_create_run, log_final_model
+    from pipelines.tracking import check_tracking_uri, log_final_model
 
     manifest = check_data(cfg)  # every config and data error surfaces before Ray starts
     uri = tracking_uri(cfg)
@@ -325,20 +326,26 @@ def run_training(cfg: Config) -> dict:
     # a local folder or an object-store URI, which Ray Train writes to through the same pyarrow file system
     root = storage.check_writable(cfg.train.storage_path, "train.storage_path")
     run_dir = storage.join(root, cfg.train.run_name)
-    # Continue the MLflow run of the same name only where Ray still has that run's state to resume from.
-    run_id, resumed = find_or_create_run(uri, cfg.mlflow.experiment, cfg.train.run_name,
-                                         tags={"flowray.kind": "train", "flowray.method": cfg.method.name,
-                                               "flowray.data": manifest.data.source,
-                                               "flowray.storage": run_dir},
-                                         resume=storage.exists(run_dir, "train.storage_path"))
-    previous = _registered_checkpoints(run_dir) if resumed else None
-    if previous is not None:
-        _check_resume_checkpoint(previous)
+    exists = storage.exists(run_dir, "train.storage_path")
+    previous = _registered_checkpoints(run_dir) if exists else None
+    meta = _resume_meta(previous)
+    if meta is not None:  # before MLflow or Ray is touched: a refused attempt changes nothing
+        check_resumable(cfg, manifest.data, meta, run_dir)
+    tags = {"flowray.kind": "train", "flowray.method": cfg.method.name, "flowray.data": manifest.data.source,
+            "flowray.storage": run_dir}
+    run_id, resumed, done, replay_after = _open_run(cfg, uri, tags, meta, exists)
+    if done is not None:
+        stage(f"run {cfg.train.run_name} already finished at step {meta['step']} (MLflow run {done.info.run_id}); "
+              "nothing to train. Raise train.steps to continue it, or set train.run_name for a new run")
+        return _finished_result(cfg, uri, root, run_dir, previous, done, manifest.data.is_image)
+    if meta is not None:
+        how = f"MLflow run {run_id}" if resumed else f"new MLflow run {run_id}: the earlier one had finished"
+        stage(f"continuing run {cfg.train.run_name} from step {meta['step']} ({how})")
     init_ray(cfg.ray.address, cfg.ray.local_cpus)
     from pipelines.train_logging import CheckpointedMetrics, replay_windows
 
-    if previous is not None:
-        replay_windows(uri, run_id, previous)
+    if resumed and previous is not None:
+        replay_windows(uri, run_id, previous, after_step=replay_after)
     kwargs = model_kwargs(cfg, manifest.data)
     job = TrainJob(cfg, kwargs, manifest.data, uri, run_id,
                    storage.join(run_dir, f".fault_injected_step_{cfg.train.fail_at_step}"),
@@ -368,7 +375,9 @@ def run_training(cfg: Config) -> dict:
     if result.checkpoint:
         with result.checkpoint.as_directory() as local:  # a download when the checkpoint is in an object store
             model = log_final_model(uri, run_id, local, cfg.mlflow.register_as)
-    SafeLogger(uri, run_id).finish("FINISHED")
+    logger = SafeLogger(uri, run_id)
+    logger.tags({f"flowray.{k}": v for k, v in model.items() if v})  # what a rerun of a finished run returns
+    logger.finish("FINISHED")
     stage(f"training finished in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")
     return {
         "run_id": run_id, "experiment": cfg.mlflow.experiment, "tracking_uri": uri, "resumed": resumed,
@@ -404,14 +413,56 @@ def _registered_checkpoints(run_dir: str):
     return Result.from_path(path, storage_filesystem=fs)
 
 
-def _check_resume_checkpoint(previous) -> None:
-    """The checkpoint a resumed run will start from (Ray's latest registered one) is whole, before Ray starts."""
+def _resume_meta(previous) -> dict | None:
+    """The meta.json of the checkpoint a resumed run will start from (Ray's latest registered one), checked whole
+    before Ray starts; None when there is none."""
     from pipelines.checkpoint import check_files
 
-    if previous.checkpoint is not None:
-        with previous.checkpoint.as_directory() as local:  # in place when local; a download from an object store
-            load_meta(local)
-            check_files(local)
+    if previous is None or previous.checkpoint is None:
+        return None
+    with previous.checkpoint.as_directory() as local:  # in place when local; a download from an object store
+        meta = load_meta(local)
+        check_files(local)
+    return meta
+
+
+def _open_run(cfg: Config, uri: str, tags: dict, meta: dict | None, exists: bool):
+    """The MLflow run this attempt logs to: (run_id, resumed, done, replay_after).
+
+    An interrupted run (RUNNING, FAILED, KILLED) with Ray state to resume from is continued in place, so that its
+    history has one value per step. A FINISHED run is never changed: at its step target already, `done` is that
+    run and nothing is trained; past it, the continuation gets a new run tagged `flowray.continues` (and the step
+    it continues from: the windows up to it are the finished run's, `replay_after`, never copied into the new one)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import create_run, find_run
+
+    name, experiment = cfg.train.run_name, cfg.mlflow.experiment
+    found = find_run(uri, experiment, name, tags["flowray.storage"]) if exists else None
+    if found is None:
+        return create_run(uri, experiment, name, tags), False, None, 0
+    if found.info.status != "FINISHED":
+        MlflowClient(uri).update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id, True, None, int(found.data.tags.get("flowray.continues_from_step", 0))
+    if meta is not None and meta["step"] >= cfg.train.steps:
+        return found.info.run_id, True, found, 0
+    step = meta["step"] if meta is not None else 0
+    tags = {**tags, "flowray.continues": found.info.run_id, "flowray.continues_from_step": str(step)}
+    return create_run(uri, experiment, name, tags), False, None, step
+
+
+def _finished_result(cfg: Config, uri: str, root: str, run_dir: str, previous, run, is_image: bool) -> dict:
+    """`run_training`'s result for a run that had already finished, read from Ray's record and the MLflow run."""
+    from pipelines import storage
+
+    return {
+        "run_id": run.info.run_id, "experiment": cfg.mlflow.experiment, "tracking_uri": uri, "resumed": True,
+        "checkpoint": storage.location_of(root, previous.checkpoint.path), "run_dir": str(run_dir),
+        "metrics": _plain({k: v for k, v in (previous.metrics or {}).items() if k != WINDOWS}), "wall_s": 0.0,
+        "mlflow_model": run.data.tags.get("flowray.mlflow_model"),
+        "registered_model": run.data.tags.get("flowray.registered_model"), "already_finished": True,
+        "sample_grid": f"runs:/{run.info.run_id}/samples" if is_image else None,
+    }
 
 
 def _pair_tasks(cfg: Config) -> int:

@@ -49,12 +49,14 @@ class CheckpointedMetrics(UserCallback):
             self._logger = None
 
 
-def replay_windows(uri: str, run_id: str, previous, timeout: float = 60.0) -> int:
+def replay_windows(uri: str, run_id: str, previous, timeout: float = 60.0, after_step: int = 0) -> int:
     """Before a run resumes: send the windows of its registered checkpoints (`previous`, a `ray.train.Result`) that
-    MLflow does not hold yet (those above the last step it has). Returns how many windows the checkpoints hold."""
+    MLflow does not hold yet (those above the last step it has, and above `after_step`: a run that continues a
+    finished one holds only its own). Returns how many windows are sent or already there."""
     windows = []
     for _, metrics in previous.best_checkpoints:
-        windows += [(int(step), values) for step, values in (metrics or {}).get(WINDOWS, [])]
+        windows += [(int(step), values) for step, values in (metrics or {}).get(WINDOWS, [])
+                    if int(step) > after_step]
     if windows:
         logger = SafeLogger(uri, run_id)
         logger.replay(sorted(windows, key=lambda w: w[0]))

@@ -1,6 +1,7 @@
 """Bad input ends with a message that names the file, key or row and what is allowed, exit status 2, no traceback,
 and before Ray starts."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -81,6 +82,54 @@ def test_bad_configs(tmp_path, digits, capsys):
                   "--set", f"train.storage_path={tmp_path / 'runs'}"],
            "mlflow.tracking_uri: the MLflow server at http://127.0.0.1:", capsys)
     assert time.perf_counter() - start < 10
+    runs = ["--set", f"train.storage_path={tmp_path / 'runs'}"]
+    _fails(main, [*sets, *runs, "--set", "mlflow.tracking_uri=ftp://127.0.0.1/mlflow"],
+           "mlflow.tracking_uri: 'ftp://127.0.0.1/mlflow' has the scheme 'ftp', which MLflow has no tracking store "
+           "for; allowed: http, https, sqlite, file, postgresql, mysql, mssql, databricks", capsys)
+    _fails(main, [*sets, *runs, "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/no/such/dir/m.db"],
+           f"the folder of the sqlite database {tmp_path}/no/such/dir/m.db does not exist", capsys)
+    with _http_server(500) as url:  # something listens, but it is not MLflow
+        _fails(main, [*sets, *runs, "--set", f"mlflow.tracking_uri={url}"],
+               f"mlflow.tracking_uri: the server at {url} answers HTTP 500 (Internal Server Error) to /health; "
+               "is it an MLflow tracking server", capsys)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "is empty; a config maps sections (data, model, method, optim, train, ray, mlflow) to keys. Omit --config"),
+    ("# only a comment\n", "is empty; a config maps sections"),
+    ("steps: 10\n", "'steps' is not a section; allowed: data, model, method, optim, train, ray, mlflow (every key "
+                    "goes under its section"),
+    ("- train\n", "top level must be a mapping of sections (data, model, method, optim, train, ray, mlflow); got a "
+                  "list"),
+    ("train:\n", "section 'train' is empty; give its keys or remove it"),
+])
+def test_config_files_without_sections(tmp_path, capsys, text, message):
+    from jobs.train import main
+
+    (tmp_path / "c.yaml").write_text(text)
+    err = _fails(main, ["--config", str(tmp_path / "c.yaml")], message, capsys)
+    assert str(tmp_path / "c.yaml") in err
+
+
+@contextlib.contextmanager
+def _http_server(status: int):
+    """A real HTTP server on 127.0.0.1 that answers every GET with `status`."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(status)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
 
 
 def test_damaged_data(tmp_path, digits, capsys):

@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 from pipeline_helpers import free_port, kill_tree, start_mlflow_server, tiny_config
 
 from pipelines.checkpoint import CheckpointError, load_meta, load_model
+from pipelines.config import ConfigError
 from pipelines.ingest import ingest
 from pipelines.runtime import init_ray
 from pipelines.train import run_training
@@ -35,6 +36,21 @@ def _history(client, run_id, key):
     return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
 
 
+def _snapshot(client, run_id) -> dict:
+    """Everything MLflow holds of a run: info (status, times), params, tags, every metric's history, and every
+    artifact with its size."""
+    run = client.get_run(run_id)
+
+    def artifacts(path=None):
+        out = []
+        for a in client.list_artifacts(run_id, path):
+            out += artifacts(a.path) if a.is_dir else [(a.path, a.file_size)]
+        return out
+
+    return {"run": run.to_dictionary(), "artifacts": sorted(artifacts()),
+            "history": {k: _history(client, run_id, k) for k in sorted(run.data.metrics)}}
+
+
 def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_cluster):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     res = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=8"))
@@ -55,11 +71,34 @@ def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_cluster
     local = client.download_artifacts(res["run_id"], "model", str(tmp_path / "dl"))
     assert load_model(local).step == 8  # the logged final model rebuilds from the artifact alone
 
-    # the same run name continues the stopped run: same MLflow run, steps carry on from the checkpoint
+    finished = _snapshot(client, res["run_id"])
+
+    # another model width under the same run name is refused before Ray or MLflow is touched
+    with pytest.raises(ConfigError, match=r"train.run_name='resume-me' already has a checkpoint at step 8 .*"
+                                          r"cannot resume with this one: model.model_channels was 8, now 16\. "
+                                          r"Set train.run_name to a new name"):
+        run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=12",
+                                 "model.model_channels=16"))
+    # the same config again: the run is done; nothing is trained and the result is the finished run's
+    again = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=8"))
+    assert again["already_finished"] and again["run_id"] == res["run_id"]
+    assert again["checkpoint"] == res["checkpoint"] and again["metrics"]["step"] == 8
+    assert again["mlflow_model"] == res["mlflow_model"]
+
+    # continuing past the finished run's steps is a new MLflow run; this attempt fails (no retries)
+    with pytest.raises(Exception, match="injected failure"):
+        run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=12",
+                                 "train.fail_at_step=10", "ray.max_failures=0"))
+    failed = client.search_runs([run.info.experiment_id], "tags.`flowray.continues` = '%s'" % res["run_id"])
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    # the rerun resumes the interrupted continuation (same MLflow run) from the finished run's checkpoint
     more = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=12"))
-    assert more["resumed"] and more["run_id"] == res["run_id"]
+    assert more["resumed"]
+    assert more["run_id"] == failed[0].info.run_id and more["run_id"] != res["run_id"]
     assert more["metrics"]["step"] == 12 and load_meta(more["checkpoint"])["step"] == 12
-    assert [s for s, _ in _history(client, res["run_id"], "loss")] == [4, 8, 12]
+    assert [s for s, _ in _history(client, more["run_id"], "loss")] == [12]
+    # a refused, an already-finished, a failed and a continued attempt later, the finished run is as it was
+    assert _snapshot(client, res["run_id"]) == finished
 
     # a damaged checkpoint to resume from is named before any training starts
     (Path(more["checkpoint"]) / "model.pt").write_bytes(b"PK\x03\x04 overwritten")
@@ -119,16 +158,6 @@ def test_bf16_autocast_and_channels_last_train_and_checkpoint(digits, tmp_path, 
     assert loaded.meta["config"]["train"]["precision"] == "bf16"
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
     assert MlflowClient(uri).get_run(res["run_id"]).data.params["train.precision"] == "bf16"
-
-
-def test_without_retries_an_injected_failure_fails_the_job(digits, tmp_path, ray_cluster):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = tiny_config(digits, tmp_path / "runs", uri, "fatal", "train.steps=4", "train.fail_at_step=2",
-                      "ray.max_failures=0", "train.sample_every=0")
-    with pytest.raises(Exception, match="injected failure"):
-        run_training(cfg)
-    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("tests").experiment_id])
-    assert runs[0].info.status == "FAILED"
 
 
 @pytest.fixture
