@@ -251,3 +251,23 @@ def test_a_corrupt_model_file_is_named_before_ray(tmp_path, capsys):
     (ckpt / "model.pt").write_bytes(b"PK\x03\x04 not a torch file")
     _fails(main, ["--checkpoint", str(ckpt), "--num-samples", "4", "--out", str(tmp_path / "o"), "--no-mlflow"],
            "model.pt: not a readable torch file (truncated or corrupt)", capsys)
+
+
+def test_damaged_sample_shards(tmp_path, digits, capsys):
+    """A truncated block of a sampling output is named, with the rerun that redoes it, before Ray starts."""
+    from jobs.evaluate import main
+    from pipelines.sample import SAMPLE_SCHEMA, SETTINGS
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "samples with spaces ü"  # unicode and spaces in a path are named as they are
+    out.mkdir()
+    (out / SETTINGS).write_text("{}")
+    rows = {"id": [0, 1], "seed": [0, 0], "label": [-1, -1], "nfe": [2, 2], "image": [bytes(64), bytes(64)]}
+    for block in (0, 1):
+        pq.write_table(pa.table(rows, schema=SAMPLE_SCHEMA), out / f"block-{block:08d}.parquet")
+    damaged = out / "block-00000001.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    err = _fails(main, ["--checkpoint", str(ckpt), "--data", str(digits), "--samples", str(out), "--no-mlflow"],
+                 f"{damaged}: not a readable sample shard (truncated or corrupt: ", capsys)
+    assert f"rerun the sampling job with --out {out}: it redoes every block that does not read back whole" in err
+    assert "ArrowInvalid" not in err
