@@ -2,7 +2,7 @@
 
     python -m jobs.ingest --source SPEC --out DIR [--resolution N [--transform center-crop|resize]]
                           [--channels 1|3] [--shards N] [--max-rows-per-shard N] [--parallelism N]
-                          [--test-fraction F] [--seed S] [--max-bad-fraction F]
+                          [--test-fraction F] [--seed S] [--max-bad-fraction F] [--max-pixels N]
 
 SPEC: digits | fashion-mnist[:DIR] | idx:DIR | folder:DIR | parquet:GLOB | npz:FILE | toy2d:NAME | imagenet:DIR |
 tar:GLOB | manifold:NAME (vmf-mixture on S^2, dihedral on T^2) | snapshots:NAME (rotating-gmm, translation, ou:
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--manifold", default=None,
                    help="point rows lie on this manifold (sphere2, torus2, ...): recorded in the manifest, rows off "
                         "it quarantined")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="quarantine encoded images that decode to more pixels, undecoded (default: PIL's "
+                        "decompression-bomb limit, 89,478,485)")
     add_common(p, tracking=False, overrides=False)
     a = p.parse_args(argv)
     return run_job("ingest", a, lambda: _ingest(a))
@@ -52,14 +55,20 @@ def _ingest(a) -> dict:
 
     res = ingest(a.source, a.out, a.shards, a.test_fraction, a.seed, a.channels, a.resolution, a.max_bad_fraction,
                  transform=a.transform, parallelism=a.parallelism, max_rows_per_shard=a.max_rows_per_shard,
-                 unlabelled=a.unlabelled, manifold=a.manifold)
+                 unlabelled=a.unlabelled, manifold=a.manifold,
+                 **({"max_pixels": a.max_pixels} if a.max_pixels is not None else {}))
     m = res.manifest
     for q in m["quarantine"][:20]:
         print(f"quarantined {q['id']}: {q['reason']}")
     if m["quarantined"] > 20:
         print(f"... and {m['quarantined'] - 20} more quarantined rows: see {res.out}/manifest.json")
+    for q in m["ignored"][:5]:
+        print(f"ignored {q['id']}: {q['reason']}")
+    if len(m["ignored"]) > 5:
+        print(f"... and {len(m['ignored']) - 5} more ignored entries: see {res.out}/manifest.json")
     summary = {"out": str(res.out), "source": m["source"], "shape": m["shape"], "num_classes": m["num_classes"],
                "counts": {s: v["count"] for s, v in m["splits"].items()}, "quarantined": m["quarantined"],
+               "ignored": len(m["ignored"]),
                "labels": "labelled" if m["labelled"] else "unlabelled", "resized": m["resized"],
                "conversions": m["conversions"], **{k: m[k] for k in ("manifold", "times") if k in m}}
     print(json.dumps(summary))

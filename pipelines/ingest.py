@@ -42,6 +42,9 @@ __all__ = ["IngestError", "IngestResult", "ingest", "load_manifest", "shard_path
 
 TRANSFORMS = ("center-crop", "resize")
 WRITE_ROWS = 512  # rows a task buffers before appending a row group
+WRITE_BYTES = 64 << 20  # ... or fewer, when they would hold more bytes than this (large images)
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS): the default of --max-pixels
+TASK_BASE_BYTES = 512 << 20  # a Ray worker with pyarrow, numpy and PIL loaded, before any row
 MAX_ROWS_PER_SHARD = 20_000
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
@@ -60,6 +63,22 @@ class Settings:
     num_parts: int
     manifold: str | None = None  # points must lie on it (`fm.manifolds.get_manifold`)
     file_prefix: str = ""  # what the manifest puts before a shard's name: "" (moved into --out), "shards-<id>/"
+    max_pixels: int = MAX_PIXELS  # an encoded image that decodes to more pixels is quarantined, never decoded
+
+    @property
+    def row_bytes(self) -> int:
+        return 8 if self.points else self.resolution * self.resolution * self.channels  # points: a few floats
+
+    @property
+    def group_rows(self) -> int:
+        """Rows per row group: `WRITE_ROWS`, fewer for large rows, so that a task's buffer stays near WRITE_BYTES."""
+        return max(1, min(WRITE_ROWS, WRITE_BYTES // max(1, self.row_bytes)))
+
+    def task_memory(self, encoded: bool) -> int:
+        """Bytes one ingest task holds at most: its row group twice (the rows and the arrow table written from
+        them), one decoded image of up to `max_pixels` (RGBA) and its converted copy, and the worker itself."""
+        decoded = 2 * 4 * self.max_pixels if encoded else 0
+        return TASK_BASE_BYTES + 2 * self.group_rows * self.row_bytes + decoded
 
 
 # --- one image to the declared format ------------------------------------------------------------------------
@@ -117,15 +136,28 @@ def _from_array(array: np.ndarray):
     return Image.fromarray(np.ascontiguousarray(array), mode)
 
 
-def _open(encoded: bytes):
+class _TooLarge(Exception):
+    """An image above the pixel limit (raised before PIL decodes it)."""
+
+
+def _open(encoded: bytes, max_pixels: int = MAX_PIXELS):
+    """A decoded PIL image; ValueError with the reason when the bytes are empty, undecodable, or would decode to
+    more than `max_pixels` pixels (checked from the header, before any pixel is decoded)."""
     from PIL import Image, UnidentifiedImageError
 
     if not encoded:
         raise ValueError("empty file (0 bytes)")
+    Image.MAX_IMAGE_PIXELS = None  # the limit is ours (`max_pixels`), checked below; PIL's would raise its own error
     try:
         im = Image.open(io.BytesIO(encoded))
+        w, h = im.size
+        if w * h > max_pixels:
+            raise _TooLarge(f"decodes to {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
+                            "(--max-pixels; a decompression bomb, or a photo larger than the limit allows)")
         im.load()
         return im
+    except _TooLarge as err:
+        raise ValueError(str(err)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # the same reason in every process
         raise ValueError(f"undecodable image bytes ({type(err).__name__}: {why})") from None
@@ -143,7 +175,7 @@ def prepare(record: Record, s: Settings) -> tuple[np.ndarray, str | None, bool]:
         return point, None, False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's decompression-bomb and palette notes: the row is checked below
-        im = _open(record.encoded) if record.array is None else _from_array(record.array)
+        im = _open(record.encoded, s.max_pixels) if record.array is None else _from_array(record.array)
         im, conversion = convert_mode(im, "L" if s.channels == 1 else "RGB")
         resized = False
         if im.size != (s.resolution, s.resolution):
@@ -190,11 +222,11 @@ class _ShardWriter:
         self.path = storage.join(s.staging, self.name)
         self.file = s.file_prefix + self.name
         self.schema = shard_schema(row_format("points" if s.points else "image", list(shape)), split)
-        self.writer, self.rows, self.buffer = None, 0, []
+        self.writer, self.rows, self.buffer, self.group_rows = None, 0, [], s.group_rows
 
     def add(self, rid: str, label: int, cell: bytes) -> None:
         self.buffer.append((rid, label, cell))
-        if len(self.buffer) >= WRITE_ROWS:
+        if len(self.buffer) >= self.group_rows:
             self.flush()
 
     def flush(self) -> None:
@@ -267,7 +299,7 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
            channels: int | None = None, image_size: int | None = None, max_bad_fraction: float = 0.01,
            transform: str | None = None, parallelism: int | None = None,
            max_rows_per_shard: int = MAX_ROWS_PER_SHARD, unlabelled: bool = False,
-           manifold: str | None = None) -> IngestResult:
+           manifold: str | None = None, max_pixels: int = MAX_PIXELS) -> IngestResult:
     """Ingest a source into parquet shards and manifest.json on Ray Data (a local Ray unless one is running or
     RAY_ADDRESS is set).
 
@@ -285,9 +317,12 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
             without .cls members or class folders); the manifest says so and class-conditional training refuses it.
         manifold: the manifold point rows lie on ("sphere2", "torus2"; `manifold:NAME` sources declare their own):
             recorded in the manifest; rows off it are quarantined.
+        max_pixels: an encoded image whose header says it decodes to more pixels is quarantined undecoded.
     """
     _check_arguments(shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism,
                      max_rows_per_shard)
+    if max_pixels < 1:
+        raise IngestError(f"--max-pixels must be >= 1; got {max_pixels}")
     out = storage.check_writable(str(out), "--out")
     listing = list_source(spec, shards, max_rows_per_shard)
     if not listing.labelled and not unlabelled:
@@ -296,16 +331,18 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
     if listing.labelled and unlabelled:
         raise IngestError(f"source {spec!r} has labels; --unlabelled is only for sources without them")
     listing.manifold = _declared_manifold(listing, manifold)
-    channels, image_size = _declared_format(listing, channels, image_size)
+    channels, image_size = _declared_format(listing, channels, image_size, max_pixels)
+    _check_task_memory(Settings(channels, image_size, transform, seed, test_fraction, listing.points, "", 1,
+                                max_pixels=max_pixels), listing, image_size)
     if storage.is_uri(out):
         return _ingest_to_object_store(listing, out, channels, image_size, transform, seed, test_fraction,
-                                       max_bad_fraction, parallelism)
+                                       max_bad_fraction, parallelism, max_pixels)
     out = Path(out)
     staging = out / f".ingest-staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     settings = Settings(channels, image_size, transform, seed, test_fraction, listing.points, str(staging.resolve()),
-                        len(listing.parts), listing.manifold)
+                        len(listing.parts), listing.manifold, max_pixels=max_pixels)
     try:
         summaries = _run_parts(listing, settings, parallelism)
         manifest = _manifest(listing, settings, summaries, max_bad_fraction)
@@ -316,12 +353,13 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
 
 
 def _ingest_to_object_store(listing: Listing, out: str, channels, image_size, transform, seed, test_fraction,
-                            max_bad_fraction, parallelism) -> IngestResult:
+                            max_bad_fraction, parallelism, max_pixels) -> IngestResult:
     """The shards straight into `out/shards-<id>/`, then the manifest in one PUT, then the replaced shards go.
     A failed job leaves only its own unlisted folder behind (removed here when it can be)."""
     folder = f"shards-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     settings = Settings(channels, image_size, transform, seed, test_fraction, listing.points,
-                        storage.join(out, folder), len(listing.parts), listing.manifold, file_prefix=folder + "/")
+                        storage.join(out, folder), len(listing.parts), listing.manifold, file_prefix=folder + "/",
+                        max_pixels=max_pixels)
     old = _listed_files(out)
     try:
         summaries = _run_parts(listing, settings, parallelism)
@@ -391,7 +429,8 @@ def _check_arguments(shards, test_fraction, channels, image_size, transform, max
         raise IngestError(f"--max-rows-per-shard must be >= 1; got {max_rows_per_shard}")
 
 
-def _declared_format(listing: Listing, channels: int | None, size: int | None) -> tuple[int | None, int | None]:
+def _declared_format(listing: Listing, channels: int | None, size: int | None,
+                     max_pixels: int = MAX_PIXELS) -> tuple[int | None, int | None]:
     """Channels and resolution: given, or fixed by the source, or by the first listed image that decodes (read
     on the driver, so the choice does not depend on which task runs first)."""
     if listing.points:
@@ -408,13 +447,32 @@ def _declared_format(listing: Listing, channels: int | None, size: int | None) -
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                im = _open(record.encoded) if record.error is None else None
+                im = _open(record.encoded, max_pixels) if record.error is None else None
         except ValueError:
             continue
         if im is not None:
             return channels or (1 if im.mode in GREY_MODES else 3), size or max(im.size)
     raise IngestError(f"{listing.spec}: none of the first 100 listed images could be decoded; pass --channels and "
                       "--resolution, or check the source")
+
+
+def _check_task_memory(s: Settings, listing: Listing, resolution: int | None) -> None:
+    """Refuse, before Ray starts, a row format one ingest task could not hold in this machine's memory (each task
+    declares its estimate to Ray, so that the scheduler, not the out-of-memory killer, bounds how many run)."""
+    import psutil
+
+    need, total = s.task_memory(listing.encoded), psutil.virtual_memory().total
+    if need > total:
+        raise IngestError(
+            f"--resolution {resolution}: one ingest task would hold about {_gib(need)} (row groups of "
+            f"{s.group_rows} row(s) of {resolution}x{resolution}x{s.channels} = {_gib(s.row_bytes)} each, twice "
+            f"while written" + (f", one decoded image of up to --max-pixels {s.max_pixels:,}" if listing.encoded
+                                else "") + f", and the worker), more than this machine's {_gib(total)} of memory; "
+            "lower --resolution")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def _run_parts(listing: Listing, s: Settings, parallelism: int | None) -> list[dict]:
@@ -442,7 +500,8 @@ def _stream_parts(listing: Listing, s: Settings, parallelism: int | None) -> lis
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # one task per part: the cluster's CPUs (or `parallelism`) bound how many run at once, a part bounds memory
     ds = ds.map_batches(_ingest_batch, fn_kwargs={"settings": asdict(s)}, batch_size=1, batch_format="numpy",
-                        num_cpus=1, compute=ray.data.TaskPoolStrategy(size=parallelism))
+                        num_cpus=1, memory=s.task_memory(listing.encoded),
+                        compute=ray.data.TaskPoolStrategy(size=parallelism))
     progress = Progress(f"ingest {listing.spec}", listing.rows, "rows")
     summaries = []
     for row in ds.iter_rows():
@@ -495,6 +554,7 @@ def _manifest(listing: Listing, s: Settings, summaries: list[dict], max_bad_frac
         "rows_read": total,
         "quarantined": len(quarantine),
         "quarantine": quarantine,
+        "ignored": listing.ignored,  # entries that are not rows (files not named as images, folder links)
         "splits": splits,
     }
 

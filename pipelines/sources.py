@@ -11,11 +11,13 @@ ids on 1 or 100 CPUs.
 
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import hashlib
 import os
 import re
+import stat
 import struct
 import tarfile
 import zipfile
@@ -36,6 +38,7 @@ SOURCE_KINDS = ("digits", "fashion-mnist", "idx", "folder", "parquet", "npz", "t
                 "snapshots")
 ALLOWED = ("digits, fashion-mnist[:DIR], idx:DIR, folder:DIR, parquet:GLOB, npz:FILE, toy2d:NAME, imagenet:DIR, "
            "tar:GLOB, manifold:NAME, snapshots:NAME")
+FOLDER_LINK = "symbolic link to a folder (not followed: it could loop)"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 READ_ROWS = 1024  # rows an array reader holds at once
 TOY_ROWS = 20_000
@@ -83,6 +86,7 @@ class Listing:
     labelled: bool = True  # False: the source has no labels (every row gets label 0)
     manifold: str | None = None  # points on this manifold (`fm.manifolds.get_manifold`); rows off it are quarantined
     times: list[float] | None = None  # snapshots: observation times, a row's label its snapshot index
+    ignored: list[dict] = field(default_factory=list)  # entries that are not rows: {"id", "reason"} (folders)
 
     @property
     def rows(self) -> int:
@@ -445,17 +449,53 @@ def _list_folder(spec, kind, arg, min_parts, max_rows):
     classes = sorted(p.name for p in directory.iterdir() if p.is_dir())
     if not classes:
         raise IngestError(f"image folder {directory} has no class subfolders (expected DIR/<class>/<image>)")
-    items = [[str(p.relative_to(directory)), label] for label, name in enumerate(classes)
-             for p in sorted((directory / name).rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    items, ignored = [], []
+    for label, name in enumerate(classes):
+        for p in sorted((directory / name).rglob("*")):
+            rel = str(p.relative_to(directory))
+            problem = _entry_problem(p)
+            if problem == "directory":
+                continue
+            if p.suffix.lower() not in IMAGE_EXTENSIONS or problem == FOLDER_LINK:
+                # not an image by its name (a README, .DS_Store), or a folder link: reported, never read
+                ignored.append({"id": rel, "reason": problem or "not an image file by its name "
+                                                                 f"({p.suffix or 'no extension'})"})
+            else:  # an unusable entry is listed with its reason, so that it is quarantined and counted as a row
+                items.append([rel, label] + ([problem] if problem else []))
     # a hashed order mixes the classes within and across shards (the training stream reads shards in order)
     items.sort(key=lambda it: stable_hash(it[0]))
     n = _count(len(items), min_parts, max_rows)
     parts = [Part(0, "files", {"root": str(directory), "items": items[k::n]}, len(items[k::n])) for k in range(n)]
-    return Listing(spec, kind, [p for p in parts if p.rows], classes, encoded=True)
+    return Listing(spec, kind, [p for p in parts if p.rows], classes, encoded=True, ignored=ignored)
+
+
+def _entry_problem(path: Path) -> str | None:
+    """Why a folder entry cannot be read as an image file: None for a regular file, "directory" for a folder to
+    descend into (`rglob` does); else the reason (a broken or looping link, a link to a folder, which is not
+    followed, a fifo, socket or device, which would block or make no sense to read)."""
+    try:
+        mode = path.stat().st_mode  # follows links
+    except OSError as err:
+        if path.is_symlink():
+            if err.errno == errno.ELOOP:
+                return "symbolic link loop"
+            return f"broken symbolic link (to {os.readlink(path)})"
+        return f"unreadable entry ({err.strerror or err})"
+    if stat.S_ISDIR(mode):
+        return FOLDER_LINK if path.is_symlink() else "directory"
+    if not stat.S_ISREG(mode):
+        what = "fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device or special file"
+        return f"not a regular file (a {what})"
+    if not os.access(path, os.R_OK):
+        return "unreadable file (permission denied)"
+    return None
 
 
 def _read_files(root: str, items: list) -> Iterator[Record]:
-    for rel, label in items:
+    for rel, label, *problem in items:
+        if problem:
+            yield Record(rel, int(label), error=problem[0])
+            continue
         try:
             yield Record(rel, int(label), encoded=(Path(root) / rel).read_bytes())
         except OSError as err:

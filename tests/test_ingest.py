@@ -329,3 +329,67 @@ def test_a_source_without_labels_needs_unlabelled_and_refuses_class_conditioning
     check_data(load_config("configs/digits-cpu.yaml", sets))  # unconditional training is fine
     with pytest.raises(ConfigError, match="model.class_conditional: True is not allowed; .* was ingested unlabelled"):
         check_data(load_config("configs/digits-cpu.yaml", [*sets, "model.class_conditional=true"]))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height grey pixels, with almost no pixel data: what a decompression
+    bomb looks like to a reader before it decodes."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def test_every_folder_entry_is_accounted_for(tmp_path):
+    """Broken and looping links, a fifo, an image above the pixel limit, a folder link and files that are not
+    images: each is quarantined (a row that cannot be used) or ignored (not a row), by path and reason."""
+    import os
+
+    from pipelines.ingest import _open
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "photos"
+    (root / "cat" / "sub").mkdir(parents=True)
+    (root / "dog").mkdir()
+    for i in range(4):
+        (root / "cat" / f"{i}.png").write_bytes(_png(rng.integers(0, 256, (8, 8), dtype=np.uint8)))
+        (root / "dog" / f"{i}.png").write_bytes(_png(rng.integers(0, 256, (8, 8), dtype=np.uint8)))
+    (root / "cat" / "sub" / "nested.png").write_bytes(_png(rng.integers(0, 256, (8, 8), dtype=np.uint8)))
+    (root / "cat" / "huge.png").write_bytes(_png_header(30_000, 30_000))
+    (root / "dog" / "large.png").write_bytes(_png(rng.integers(0, 256, (40, 40), dtype=np.uint8)))
+    os.symlink(root / "nowhere.png", root / "cat" / "broken.png")
+    os.symlink(root / "dog" / "loop.png", root / "dog" / "loop.png")
+    os.mkfifo(root / "dog" / "pipe.png")
+    os.symlink(root / "cat", root / "dog" / "more")
+    (root / "dog" / "README.txt").write_text("not an image")
+    res = ingest(f"folder:{root}", tmp_path / "out", shards=1, channels=1, image_size=8, max_bad_fraction=0.5,
+                 max_pixels=1000)
+    m = res.manifest
+    assert {q["id"]: q["reason"] for q in m["quarantine"]} == {
+        "cat/broken.png": f"broken symbolic link (to {root / 'nowhere.png'})",
+        "dog/loop.png": "symbolic link loop",
+        "dog/pipe.png": "not a regular file (a fifo)",
+        "cat/huge.png": "decodes to 30000x30000 = 900,000,000 pixels, above the limit of 1,000 (--max-pixels; a "
+                        "decompression bomb, or a photo larger than the limit allows)",
+        "dog/large.png": "decodes to 40x40 = 1,600 pixels, above the limit of 1,000 (--max-pixels; a decompression "
+                         "bomb, or a photo larger than the limit allows)",
+    }
+    assert {q["id"]: q["reason"] for q in m["ignored"]} == {
+        "dog/README.txt": "not an image file by its name (.txt)",
+        "dog/more": "symbolic link to a folder (not followed: it could loop)"}
+    assert m["rows_read"] == 14 and sum(s["count"] for s in m["splits"].values()) == 9  # nested.png is read
+    # PIL's own limit is the default: the header is refused before a pixel is decoded
+    with pytest.raises(ValueError, match="above the limit of 89,478,485"):
+        _open(_png_header(30_000, 30_000))
+
+
+def test_a_resolution_no_task_can_hold_is_refused_before_ray(image_folder, tmp_path):
+    with pytest.raises(IngestError, match=r"--resolution 100000: one ingest task would hold about 5\d.\d GiB \(row "
+                                          r"groups of 1 row\(s\) of 100000x100000x3 = 27.9 GiB each, twice while "
+                                          r"written, one decoded image of up to --max-pixels 89,478,485, and the "
+                                          r"worker\), more than this machine's .* of memory; lower --resolution"):
+        ingest(f"folder:{image_folder}", tmp_path / "o", channels=3, image_size=100_000, transform="resize")
