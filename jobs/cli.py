@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -32,13 +34,36 @@ def tracking_and_checkpoint(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def run_job(name: str, args: argparse.Namespace, body: Callable[[], Any]) -> Any:
-    """Run a job's body; a `ConfigError` (every input error derives from it) ends it with status 2."""
+    """Run a job's body; a `ConfigError` (every input error derives from it) ends it with status 2, SIGINT or
+    SIGTERM with one line saying what was kept, Ray stopped, and status 130 or 143."""
     from pipelines.config import ConfigError
-    from pipelines.runtime import set_verbose
+    from pipelines.errors import JobStopped
+    from pipelines.runtime import set_verbose, stop_on_signals
 
     set_verbose(getattr(args, "verbose", False))
+    stop_on_signals()
     try:
         return body()
     except ConfigError as err:
         print(f"{name} failed: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except JobStopped as stop:
+        _stop_ray()
+        kept = f"; {stop.kept}" if stop.kept else ""
+        print(f"{name} stopped by {signal.Signals(stop.signum).name}{kept}; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_status) from None
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray (a local Ray stops: its processes end with it; on a cluster the job's actors do)."""
+    ray = sys.modules.get("ray")  # never imported: nothing to stop
+    if ray is None or not ray.is_initialized():
+        return
+    # the stage's thread (a Ray Data iterator, Train's fit) outlives this by a moment: it must not start a new local
+    # Ray on its next call (Ray's auto-init), and its complaints about the Ray that went away are not news
+    hook = sys.modules.get("ray._private.auto_init_hook")
+    if hook is not None:
+        hook.enable_auto_connect = False
+    logging.disable(logging.CRITICAL)
+    ray.shutdown()

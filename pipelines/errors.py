@@ -7,3 +7,20 @@ class ConfigError(ValueError):
 
     The base of every input error of the jobs (sampling, evaluation, checkpoints, ingest, storage), which print it
     and exit with status 2."""
+
+
+class JobStopped(BaseException):
+    """SIGINT or SIGTERM reached the driver (Ctrl-C, `ray job stop`, a scheduler, Kubernetes).
+
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way swallows it. The stage that
+    was running says in `kept` what is kept (the last checkpoint's step, the finished sample blocks); the job prints
+    one line and exits with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.kept: str | None = None
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 import psutil
 
-_state = {"verbose": False}
+from pipelines.errors import JobStopped
+
+_state = {"verbose": False, "stop_on_signals": False}
 
 
 def set_verbose(verbose: bool) -> None:
@@ -84,6 +88,48 @@ def init_ray(address: str | None = None, local_cpus: int = 4) -> None:
         _init_local(ray, num_cpus=max(os.cpu_count() or 1, local_cpus), dashboard_host="127.0.0.1", **kwargs)
         _start_reaper([p.pid for p in psutil.Process().children() if p.pid not in before])
     _quiet_ray_data(quiet)
+    if _state["stop_on_signals"]:  # again after ray.init, whose core worker installs a SIGTERM handler of its own
+        stop_on_signals()
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise `JobStopped` in the main thread, so that the running stage can mark its MLflow run
+    KILLED, say what it keeps and stop Ray. A second signal while stopping ends the process at once. For jobs
+    (`jobs.cli.run_job`); from then on `init_ray` installs the handlers again over Ray's."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _state["stop_on_signals"] = True
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_stopped)
+
+
+def interruptible(fn, *args):
+    """`fn(*args)` in a thread of its own while this, the main thread, waits for it: there a signal's `JobStopped`
+    is raised at once, where a blocking Ray call (`ray.get` inside `TorchTrainer.fit`) would hold it back until it
+    returns. Without `stop_on_signals` (a library caller) or off the main thread, `fn` simply runs here."""
+    if not _state["stop_on_signals"] or threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as err:  # re-raised in the caller's thread, traceback and all
+            box["error"] = err
+
+    worker = threading.Thread(target=target, name="flowray-stage", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise JobStopped(signum)
 
 
 def _init_local(ray, attempts: int = 3, **kwargs) -> None:

@@ -25,6 +25,7 @@ import torch
 from fm.seeding import SeedStack, derive_seed
 from pipelines import storage
 from pipelines.config import ConfigError, SampleConfig, validate_sample_config
+from pipelines.errors import JobStopped
 from pipelines.images import encode_rows
 from pipelines.manifest import DataSpec
 
@@ -193,7 +194,7 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
     start = time.perf_counter()
     stats = []
     if todo:
-        from pipelines.runtime import Progress, init_ray, stage
+        from pipelines.runtime import Progress, init_ray, interruptible, stage
 
         init_ray()
         stage(f"sampling {cfg.num_samples} samples ({len(todo)} blocks of {cfg.block_size}, {len(done)} reused) "
@@ -204,9 +205,17 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
                             compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
                             num_gpus=cfg.gpus_per_actor or None)
         progress = Progress("sampling", len(todo), "blocks")
-        for row in ds.iter_rows():  # rows stream back as blocks finish: progress, and no driver-side buffering
-            stats.append(row)
-            progress.update()
+
+        def collect() -> None:
+            for row in ds.iter_rows():  # rows stream back as blocks finish: progress, no driver-side buffering
+                stats.append(row)
+                progress.update()
+
+        try:
+            interruptible(collect)
+        except JobStopped as stop:  # every block is written whole or not at all: a rerun samples only the rest
+            stop.kept = f"{len(complete_blocks(out, cfg))} of {n_blocks} sample blocks are written in {out}"
+            raise
     wall = time.perf_counter() - start
     nfe = [int(r["nfe"]) for r in stats]
     busy = sum(float(r["seconds"]) for r in stats)

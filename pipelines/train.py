@@ -27,6 +27,7 @@ from fm.solvers import ode_sample
 from fm.training import StepResult, lr_at, train_step
 from pipelines.checkpoint import load_meta, load_state, save_checkpoint
 from pipelines.config import Config, autocast_dtype, check_data, method_kwargs, model_kwargs, tracking_uri
+from pipelines.errors import JobStopped
 from pipelines.images import save_grid
 from pipelines.manifest import DataSpec
 from pipelines.runtime import quiet_train_worker, use_cpu_share
@@ -317,7 +318,7 @@ def run_training(cfg: Config) -> dict:
 
     from pipelines import storage
     from pipelines.resume import check_resumable
-    from pipelines.runtime import init_ray, is_verbose, stage, train_logging_config
+    from pipelines.runtime import init_ray, interruptible, is_verbose, stage, train_logging_config
     from pipelines.tracking import check_tracking_uri, log_final_model
 
     manifest = check_data(cfg)  # every config and data error surfaces before Ray starts
@@ -366,9 +367,13 @@ def run_training(cfg: Config) -> dict:
           f"({'resuming' if resumed else 'new'} MLflow run {run_id}, experiment {cfg.mlflow.experiment})")
     start = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = interruptible(trainer.fit)
     except Exception:
         SafeLogger(uri, run_id).finish("FAILED")
+        raise
+    except JobStopped as stop:  # SIGINT / SIGTERM: the run is KILLED, and a rerun resumes it
+        SafeLogger(uri, run_id).finish("KILLED")
+        stop.kept = _kept(run_dir, run_id)
         raise
     ckpt = storage.location_of(root, result.checkpoint.path) if result.checkpoint else None
     model = {}
@@ -385,6 +390,16 @@ def run_training(cfg: Config) -> dict:
         "wall_s": round(time.perf_counter() - start, 1), **model,
         "sample_grid": f"runs:/{run_id}/samples" if manifest.data.is_image else None,
     }
+
+
+def _kept(run_dir: str, run_id: str) -> str:
+    """What a stopped training run keeps: its last registered checkpoint (read from Ray's record)."""
+    previous = _registered_checkpoints(run_dir)
+    if previous is None or previous.checkpoint is None:
+        return f"no checkpoint was registered yet (MLflow run {run_id} is KILLED)"
+    with previous.checkpoint.as_directory() as local:
+        step = load_meta(local)["step"]
+    return f"the last checkpoint is step {step} in {run_dir} (MLflow run {run_id} is KILLED)"
 
 
 def _storage_args(root: str) -> dict:

@@ -199,6 +199,81 @@ def test_a_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(digits, tmp
     assert [s for s, _ in _history(MlflowClient(uri), result["run_id"], "loss")] == list(range(5, 61, 5))
 
 
+def _stop_by_signal(cmd: list[str], signum: int, ready, log: Path, what: str) -> tuple[int, str, float]:
+    """Start a job, send it `signum` once `ready()`; returns its exit status, its stderr, and how many seconds it
+    took to end. Every Ray process it started must be gone within 10 s of that."""
+    with open(log, "w") as err:
+        job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            _wait_for(ready, 300, what, job, log)
+            ray_procs = [p for p in psutil.Process(job.pid).children(recursive=True)
+                         if "pipelines.reaper" not in " ".join(p.cmdline())]
+            assert any("raylet" in p.name() for p in ray_procs)
+            signalled = time.monotonic()
+            job.send_signal(signum)
+            status = job.wait(timeout=60)
+            seconds = time.monotonic() - signalled
+            _wait_for(lambda: not any(alive(p) for p in ray_procs), 10, "Ray's processes to stop")
+        finally:
+            job.kill()
+    return status, log.read_text(), seconds
+
+
+def test_sigterm_stops_a_training_job_cleanly_and_the_rerun_resumes(digits, tmp_path):
+    """SIGTERM (what `ray job stop`, a scheduler or Kubernetes sends) to the driver of a training job: one line
+    saying what is kept, exit 143 within seconds, the MLflow run KILLED, no Ray process left, no native stack dump;
+    the rerun says on its first line that it continues the run, and does."""
+    import re
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "runs" / "stopped"
+    extra = ("train.checkpoint_every=5", "train.log_every=5")
+    cmd = _train_command(digits, tmp_path / "runs", uri, "stopped", "train.steps=2000", *extra)
+    registered = run_dir / "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
+    status, err, seconds = _stop_by_signal(cmd, signal.SIGTERM, registered.exists, tmp_path / "train.log",
+                                           "the first registered checkpoint")
+    assert status == 143 and seconds < 20, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    match = re.fullmatch(rf"training stopped by SIGTERM; the last checkpoint is step (\d+) in {run_dir} \(MLflow "
+                         r"run (\w+) is KILLED\); rerun the same command to resume", last)
+    assert match, err[-3000:]
+    assert "SIGTERM received" not in err and "Traceback" not in err
+    step, run_id = int(match.group(1)), match.group(2)
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+    cmd = _train_command(digits, tmp_path / "runs", uri, "stopped", f"train.steps={step + 5}", *extra)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stderr.splitlines()[0].endswith(f"continuing run stopped from step {step} (MLflow run {run_id})")
+    result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert result["run_id"] == run_id and result["metrics"]["step"] == step + 5
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_sigint_stops_a_sampling_job_cleanly_and_the_rerun_samples_only_the_rest(tmp_path):
+    """Ctrl-C (SIGINT) to the driver of a sampling job: exit 130 within seconds, one line naming the finished
+    blocks, no Ray process left; the rerun of the same command reuses every finished block."""
+    import re
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "samples"
+    cmd = [sys.executable, "-m", "jobs.sample", "--checkpoint", str(ckpt), "--num-samples", "96", "--out", str(out),
+           "--no-mlflow", *[a for s in ("solver=euler", "steps=400", "block_size=8", "actors=1")
+                            for a in ("--set", s)]]
+    status, err, seconds = _stop_by_signal(cmd, signal.SIGINT, lambda: len(list(out.glob("block-*.parquet"))) >= 2,
+                                           tmp_path / "sample.log", "two finished blocks")
+    assert status == 130 and seconds < 20, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    match = re.fullmatch(rf"sampling stopped by SIGINT; (\d+) of 12 sample blocks are written in {out}; rerun the "
+                         "same command to resume", last)
+    assert match and "Traceback" not in err, err[-3000:]
+    written = int(match.group(1))
+    assert 2 <= written < 12 and len(list(out.glob("block-*.parquet"))) == written
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert result["blocks_reused"] == written and result["blocks_sampled"] == 12 - written
+
+
 def test_the_mlflow_server_killed_mid_run_loses_nothing_and_holds_nothing_back(digits, tmp_path):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
