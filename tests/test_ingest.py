@@ -393,3 +393,19 @@ def test_a_resolution_no_task_can_hold_is_refused_before_ray(image_folder, tmp_p
                                           r"written, one decoded image of up to --max-pixels 89,478,485, and the "
                                           r"worker\), more than this machine's .* of memory; lower --resolution"):
         ingest(f"folder:{image_folder}", tmp_path / "o", channels=3, image_size=100_000, transform="resize")
+
+
+def test_a_file_removed_after_listing_is_quarantined_and_bad_limits_are_refused(image_folder, tmp_path):
+    """A source that changes while it is ingested: a listed image removed before its task reads it is a
+    quarantined row with the reason, not a failed task."""
+    from pipelines.ingest import Settings, ingest_part
+    from pipelines.sources import list_source
+
+    listing = list_source(f"folder:{image_folder}", 1)
+    (image_folder / "cat" / "0.png").unlink()
+    settings = Settings(3, 8, None, 0, 0.1, False, str(tmp_path / "staging"), 1)
+    (tmp_path / "staging").mkdir()
+    summary = ingest_part(listing.parts[0], settings)
+    assert {"id": "cat/0.png", "reason": "unreadable file (No such file or directory)"} in summary["quarantine"]
+    with pytest.raises(IngestError, match=r"--max-pixels must be >= 1; got 0"):
+        ingest(f"folder:{image_folder}", tmp_path / "o", max_pixels=0)

@@ -89,7 +89,7 @@ def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_cluster
     with pytest.raises(Exception, match="injected failure"):
         run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=12",
                                  "train.fail_at_step=10", "ray.max_failures=0"))
-    failed = client.search_runs([run.info.experiment_id], "tags.`flowray.continues` = '%s'" % res["run_id"])
+    failed = client.search_runs([run.info.experiment_id], f"tags.`flowray.continues` = '{res['run_id']}'")
     assert len(failed) == 1 and failed[0].info.status == "FAILED"
     # the rerun resumes the interrupted continuation (same MLflow run) from the finished run's checkpoint
     more = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=12"))
