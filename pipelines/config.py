@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from fm.methods import METHODS, make_method
@@ -17,6 +18,7 @@ from fm.models import MODELS
 from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS, check_solver
 from fm.training import SCHEDULES
 from pipelines.errors import ConfigError  # noqa: F401  (re-exported: every job imports it from here)
+from pipelines.memory import check_fits, model_item_bytes
 
 
 @dataclass
@@ -460,6 +462,13 @@ def check_data(cfg: Config):
     count = manifest.count(cfg.data.split)
     _check(count >= cfg.train.batch_size * cfg.ray.num_workers, "train.batch_size", cfg.train.batch_size,
            f"the {cfg.data.split} split has {count} rows, fewer than batch_size x num_workers")
+    # a batch one Train worker could not hold: its activations, and the paired steps its reader keeps ready
+    cells = 2 * 4 * int(np.prod(manifest.data.model_shape))  # x_0 and x_1 of one item, float32
+    check_fits("train.batch_size", cfg.train.batch_size,
+               model_item_bytes(cfg.model.name, model_kwargs(cfg, manifest.data), training=True)
+               + cfg.data.buffer_batches * cells, "one Train worker",
+               hint=": activations estimated from the model's feature maps, and data.buffer_batches "
+                    f"({cfg.data.buffer_batches}) paired steps kept ready")
     return manifest
 
 

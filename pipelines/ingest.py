@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.manifest import MANIFEST, SCHEMA, Manifest, row_format, sha256, shard_schema
+from pipelines.memory import gib
 from pipelines.sources import IngestError, Listing, Part, Record, list_source, read_part, stable_hash
 
 __all__ = ["IngestError", "IngestResult", "ingest", "load_manifest", "shard_paths", "Settings", "SCHEMA"]
@@ -464,15 +465,11 @@ def _check_task_memory(s: Settings, listing: Listing, resolution: int | None) ->
     need, total = s.task_memory(listing.encoded), psutil.virtual_memory().total
     if need > total:
         raise IngestError(
-            f"--resolution {resolution}: one ingest task would hold about {_gib(need)} (row groups of "
-            f"{s.group_rows} row(s) of {resolution}x{resolution}x{s.channels} = {_gib(s.row_bytes)} each, twice "
+            f"--resolution {resolution}: one ingest task would hold about {gib(need)} (row groups of "
+            f"{s.group_rows} row(s) of {resolution}x{resolution}x{s.channels} = {gib(s.row_bytes)} each, twice "
             f"while written" + (f", one decoded image of up to --max-pixels {s.max_pixels:,}" if listing.encoded
-                                else "") + f", and the worker), more than this machine's {_gib(total)} of memory; "
+                                else "") + f", and the worker), more than this machine's {gib(total)} of memory; "
             "lower --resolution")
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def _run_parts(listing: Listing, s: Settings, parallelism: int | None) -> list[dict]:
@@ -494,13 +491,18 @@ def _stream_parts(listing: Listing, s: Settings, parallelism: int | None) -> lis
 
     from pipelines.runtime import Progress, stage
 
+    need = s.task_memory(listing.encoded)
+    offered = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    if need > offered:  # a task Ray could never place would wait forever
+        raise IngestError(f"one ingest task declares {gib(need)} of memory, but the largest node of this Ray offers "
+                          f"{gib(offered)}; lower --max-pixels or --resolution, or add memory")
     stage(f"ingest {listing.spec}: {listing.rows} rows listed in {len(listing.parts)} part(s)"
           + (f", at most {parallelism} at once" if parallelism else ""))
     items = [{"part": json.dumps(asdict(p))} for p in listing.parts]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # one task per part: the cluster's CPUs (or `parallelism`) bound how many run at once, a part bounds memory
     ds = ds.map_batches(_ingest_batch, fn_kwargs={"settings": asdict(s)}, batch_size=1, batch_format="numpy",
-                        num_cpus=1, memory=s.task_memory(listing.encoded),
+                        num_cpus=1, memory=need,
                         compute=ray.data.TaskPoolStrategy(size=parallelism))
     progress = Progress(f"ingest {listing.spec}", listing.rows, "rows")
     summaries = []

@@ -28,6 +28,7 @@ from pipelines.config import ConfigError, SampleConfig, validate_sample_config
 from pipelines.errors import JobStopped
 from pipelines.images import encode_rows
 from pipelines.manifest import DataSpec
+from pipelines.memory import check_fits, model_item_bytes
 
 SAMPLE_SCHEMA = pa.schema([("id", pa.int64()), ("seed", pa.int64()), ("label", pa.int64()), ("nfe", pa.int64()),
                            ("image", pa.binary())])
@@ -186,6 +187,10 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
                             "snapshot rather than sampling noise; `python -m jobs.evaluate --checkpoint ... --data "
                             "SHARDS` carries the held-out first snapshot through every observed time")
     data = DataSpec.from_dict(meta.get("manifest"), f"{checkpoint}/meta.json: manifest")
+    check_fits("sample.block_size", cfg.block_size * cfg.blocks_per_call,
+               model_item_bytes(meta["model"]["name"], meta["model"]["kwargs"], training=False), "one Sampler call",
+               hint=" (block_size x blocks_per_call items per call; activations and solver state estimated from "
+                    "the model's feature maps)")
     layout, model_shape = ("HWC" if data.is_image else "D"), data.model_shape
     out = prepare_output(str(out), cfg, checkpoint)
     done = complete_blocks(out, cfg)

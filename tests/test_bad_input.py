@@ -83,6 +83,14 @@ def test_bad_configs(tmp_path, digits, capsys):
            "mlflow.tracking_uri: the MLflow server at http://127.0.0.1:", capsys)
     assert time.perf_counter() - start < 10
     runs = ["--set", f"train.storage_path={tmp_path / 'runs'}"]
+    # sizes no process of this machine could hold, refused with the estimate before Ray starts
+    _fails(main, [*sets, *runs, "--set", "data.buffer_batches=1000000000"],
+           "train.batch_size=64: one Train worker would hold about ", capsys)
+    from jobs.sample import main as sample
+
+    _fails(sample, ["--checkpoint", str(make_checkpoint(tmp_path / "ckpt")), "--num-samples", "1000000000", "--out",
+                    str(tmp_path / "s"), "--no-mlflow", "--set", "block_size=100000000"],
+           "sample.block_size=100000000: one Sampler call would hold about ", capsys)
     _fails(main, [*sets, *runs, "--set", "mlflow.tracking_uri=ftp://127.0.0.1/mlflow"],
            "mlflow.tracking_uri: 'ftp://127.0.0.1/mlflow' has the scheme 'ftp', which MLflow has no tracking store "
            "for; allowed: http, https, sqlite, file, postgresql, mysql, mssql, databricks", capsys)
