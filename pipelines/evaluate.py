@@ -22,6 +22,7 @@ from pipelines.config import ConfigError, EvalConfig, validate_eval_config
 from pipelines.features import FeatureNet
 from pipelines.images import decode_rows
 from pipelines.manifest import DataSpec, Manifest
+from pipelines.memory import check_fits, model_item_bytes
 from pipelines.shards import ShardRows, group_rows
 
 CLASSIFIER_DIR = "classifier"
@@ -362,6 +363,11 @@ def run_evaluation(checkpoint: str, shards: str, samples: str | None, cfg: EvalC
     validate_eval_config(cfg)
     meta = load_meta(checkpoint)
     load_model(checkpoint)  # unreadable or refused weights fail here, before Ray starts
+    # the likelihood's divergence needs gradients through the model: a training-like footprint per row
+    check_fits("eval.batch_size", cfg.batch_size * cfg.blocks_per_call,
+               model_item_bytes(meta["model"]["name"], meta["model"]["kwargs"], training=True),
+               "one likelihood call", hint=" (batch_size x blocks_per_call rows; activations and their gradients "
+                                          "estimated from the model's feature maps)")
     manifest = Manifest.load(shards)  # read once, passed on
     manifest.check_split(cfg.split, "eval.split")
     trained_on = meta.get("manifest", {}).get("shape")

@@ -91,6 +91,11 @@ def test_bad_configs(tmp_path, digits, capsys):
     _fails(sample, ["--checkpoint", str(make_checkpoint(tmp_path / "ckpt")), "--num-samples", "1000000000", "--out",
                     str(tmp_path / "s"), "--no-mlflow", "--set", "block_size=100000000"],
            "sample.block_size=100000000: one Sampler call would hold about ", capsys)
+    from jobs.evaluate import main as evaluate
+
+    _fails(evaluate, ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(digits), "--no-mlflow", "--set",
+                      "batch_size=100000000"], "eval.batch_size=100000000: one likelihood call would hold about ",
+           capsys)
     _fails(main, [*sets, *runs, "--set", "mlflow.tracking_uri=ftp://127.0.0.1/mlflow"],
            "mlflow.tracking_uri: 'ftp://127.0.0.1/mlflow' has the scheme 'ftp', which MLflow has no tracking store "
            "for; allowed: http, https, sqlite, file, postgresql, mysql, mssql, databricks", capsys)
