@@ -38,7 +38,7 @@ def run_job(name: str, args: argparse.Namespace, body: Callable[[], Any]) -> Any
     SIGTERM with one line saying what was kept, Ray stopped, and status 130 or 143."""
     from pipelines.config import ConfigError
     from pipelines.errors import JobStopped
-    from pipelines.runtime import set_verbose, stop_on_signals
+    from pipelines.runtime import default_signals, set_verbose, stop_on_signals
 
     set_verbose(getattr(args, "verbose", False))
     stop_on_signals()
@@ -53,6 +53,8 @@ def run_job(name: str, args: argparse.Namespace, body: Callable[[], Any]) -> Any
         print(f"{name} stopped by {signal.Signals(stop.signum).name}{kept}; rerun the same command to resume",
               file=sys.stderr, flush=True)
         raise SystemExit(stop.exit_status) from None
+    finally:
+        default_signals()  # a job run in process (a test, a notebook) leaves the signals as Python has them
 
 
 def _stop_ray() -> None:

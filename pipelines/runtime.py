@@ -103,6 +103,15 @@ def stop_on_signals() -> None:
         signal.signal(signum, _raise_stopped)
 
 
+def default_signals() -> None:
+    """Undo `stop_on_signals` (when a job run in process returns): Python's SIGINT, the default SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _state["stop_on_signals"] = False
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def interruptible(fn, *args):
     """`fn(*args)` in a thread of its own while this, the main thread, waits for it: there a signal's `JobStopped`
     is raised at once, where a blocking Ray call (`ray.get` inside `TorchTrainer.fit`) would hold it back until it
