@@ -31,11 +31,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not faults and not heavy"
 
 # the longest end-to-end cases (a tiny reproduce chain, the feature stage's every option, `ray job submit`, the
-# S3 chain, RFM through the CLIs, bf16 training): ~20 min
+# S3 chain, RFM and Action Matching through the CLIs, bf16 training): ~22 min
 heavy: $(STAMP)
 	$(PY) -m pytest -q -m heavy
 
-# processes killed by PID: a training worker, a sampler actor, the driver, the MLflow server, a worker node
+# processes killed by PID: a training worker, a sampler actor, the driver, the MLflow server, a worker node; SIGTERM
+# and SIGINT to a training and a sampling driver
 faults: $(STAMP)
 	$(PY) -m pytest -q -m faults
 

@@ -101,6 +101,7 @@ def test_rfm_on_the_sphere_through_the_clis(tmp_path, ray_local, capsys):
     assert "a fixed-step solver on a manifold must be one of euler, midpoint, rk4" in capsys.readouterr().err
 
 
+@pytest.mark.heavy  # about 100 s: in `make heavy`, so that `make test` stays under 20 minutes on a slow machine
 def test_action_matching_on_snapshots_through_the_clis(tmp_path, ray_local, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     m = ingest("snapshots:translation", tmp_path / "snap", shards=2).manifest
