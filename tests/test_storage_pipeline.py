@@ -59,8 +59,15 @@ def test_train_from_and_to_a_bucket_and_resume(tmp_path, s3_server, s3_bucket):
     assert first["run_dir"] == f"{s3_bucket}/runs/s3-run"
     assert storage.is_file(storage.join(first["checkpoint"], "meta.json"))
 
+    # past a finished run's steps: Ray resumes from the checkpoint in the bucket, into a new MLflow run (a finished
+    # run is never changed) that holds only the steps after it
     more = _job("jobs.train", [*args, "--set", "train.steps=12"], work, env)
-    assert more["resumed"] and more["run_id"] == first["run_id"] and more["metrics"]["step"] == 12
+    assert more["run_id"] != first["run_id"] and more["metrics"]["step"] == 12
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    assert client.get_run(more["run_id"]).data.tags["flowray.continues"] == first["run_id"]
+    assert [m.step for m in client.get_metric_history(more["run_id"], "loss")] == [12]  # not trained from step 0
     local = tmp_path / "ckpt"
     local.mkdir()
     fs, path = storage.resolve(more["checkpoint"])
