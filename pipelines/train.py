@@ -340,7 +340,7 @@ def run_training(cfg: Config) -> dict:
               "nothing to train. Raise train.steps to continue it, or set train.run_name for a new run")
         return _finished_result(cfg, uri, root, run_dir, previous, done, manifest.data.is_image)
     if meta is not None:
-        how = f"MLflow run {run_id}" if resumed else f"new MLflow run {run_id}: the earlier one had finished"
+        how = f"MLflow run {run_id}" if resumed else f"new MLflow run {run_id}"
         stage(f"continuing run {cfg.train.run_name} from step {meta['step']} ({how})")
     init_ray(cfg.ray.address, cfg.ray.local_cpus)
     from pipelines.train_logging import CheckpointedMetrics, replay_windows
