@@ -18,10 +18,13 @@ WORKER_BYTES = 2 << 30  # a Ray worker with torch loaded and the model's weights
 
 
 def model_item_bytes(model_name: str, kwargs: dict, training: bool) -> int:
-    """Estimated activation bytes per batch item of a `fm.models` model built with `kwargs`."""
+    """Estimated activation bytes per batch item of a `fm.models` model built with `kwargs` (0 for a model without
+    layers, such as the closed-form `gaussian_ot`)."""
     factor = TRAIN_FACTOR if training else INFERENCE_FACTOR
     if model_name == "mlp":
         return 4 * factor * int(kwargs.get("hidden", 256)) * (int(kwargs.get("depth", 3)) + 1)
+    if model_name != "unet":
+        return 0
     h, channels = int(kwargs["image_size"]), int(kwargs["model_channels"])
     blocks = int(kwargs["num_res_blocks"]) + 1
     skips = sum(blocks * channels * mult * (h // 2 ** level) ** 2
