@@ -168,6 +168,7 @@ def mlflow_server(tmp_path):
     kill_tree(proc)
 
 
+@pytest.mark.heavy  # about 90 s with its server: in `make heavy`, so that `make test` stays under 20 minutes
 def test_logging_to_a_real_mlflow_server(digits, tmp_path, ray_cluster, mlflow_server):
     import mlflow
     import torch
