@@ -202,15 +202,10 @@ class Manifest:
                 path = self.path(str(shard.get("file")))
                 if not storage.is_file(path):
                     raise ManifestError(f"{path}: shard of split {name!r} listed in {MANIFEST} is missing")
-                try:
-                    meta = storage.parquet_metadata(path)
-                    rows = meta.num_rows
-                except storage.StorageError:
-                    raise
-                except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
-                    raise ManifestError(f"{path}: not a readable parquet file (truncated or corrupt: "
-                                        f"{str(err).splitlines()[0][:160]}); re-ingest, or check with "
-                                        "--verify") from None
+                meta = storage.parquet_footer(path, lambda why, path=path: ManifestError(
+                    f"{path}: not a readable parquet file (truncated or corrupt: {why}); re-ingest, or check "
+                    "with --verify"))
+                rows = meta.num_rows
                 if rows != shard.get("rows"):
                     raise ManifestError(f"{path}: {rows} rows, but {MANIFEST} says {shard.get('rows')}")
                 self._check_row_format(path, name, meta.schema.to_arrow_schema().metadata or {})

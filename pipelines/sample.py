@@ -243,14 +243,9 @@ def sample_shards(directory: str | Path) -> tuple[list[str], int, int]:
         raise SamplingError(f"{d} holds no sample shards (block-*.parquet)")
     total = 0
     for f in files:
-        try:
-            meta = storage.parquet_metadata(f)
-        except storage.StorageError:
-            raise
-        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
-            raise SamplingError(f"{f}: not a readable sample shard (truncated or corrupt: {str(err)[:120]}); rerun "
-                                f"the sampling job with --out {d}: it redoes every block that does not read "
-                                "back whole") from None
+        meta = storage.parquet_footer(f, lambda why, f=f: SamplingError(
+            f"{f}: not a readable sample shard (truncated or corrupt: {why}); rerun the sampling job with --out "
+            f"{d}: it redoes every block that does not read back whole"))
         if not meta.schema.to_arrow_schema().equals(SAMPLE_SCHEMA):
             raise SamplingError(f"{f}: foreign schema {meta.schema.names}; expected {SAMPLE_SCHEMA.names}")
         total += meta.num_rows

@@ -211,6 +211,17 @@ def parquet_metadata(location: str, key: str = ""):
     return pq.read_metadata(path, filesystem=None if isinstance(fs, pafs.LocalFileSystem) else fs)
 
 
+def parquet_footer(location: str, unreadable):
+    """`parquet_metadata`, with a footer that cannot be read (a truncated or corrupt file) raised as
+    `unreadable(reason)`, an error of the caller's naming the file and what to do; storage errors pass as they are."""
+    try:
+        return parquet_metadata(location)
+    except StorageError:
+        raise
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
+        raise unreadable(str(err).splitlines()[0][:160]) from None
+
+
 def read_table(location: str, columns: list[str] | None = None, key: str = ""):
     import pyarrow.parquet as pq
 
