@@ -337,7 +337,7 @@ class SampleConfig:
     seed: int = 0
     block_size: int = 64
     blocks_per_call: int = 1  # Ray batch size, in blocks
-    actors: int = 1
+    actors: int = 0  # 0: as many as the cluster's cores (or GPUs) and memory hold (`pipelines.runtime.actor_pool`)
     cpus_per_actor: float = 0.5
     gpus_per_actor: float = 0.0
     write_png: bool = False
@@ -355,7 +355,7 @@ def validate_sample_config(c: SampleConfig, method: str | None = None, method_kw
     _check(c.sde_g >= 0, "sample.sde_g", c.sde_g, "must be >= 0")
     _check(c.block_size >= 1, "sample.block_size", c.block_size, "must be >= 1")
     _check(c.blocks_per_call >= 1, "sample.blocks_per_call", c.blocks_per_call, "must be >= 1")
-    _check(c.actors >= 1, "sample.actors", c.actors, "must be >= 1")
+    _check(c.actors >= 0, "sample.actors", c.actors, "must be >= 1, or 0 for as many as the cluster holds")
     _check(c.cpus_per_actor > 0, "sample.cpus_per_actor", c.cpus_per_actor, "must be > 0")
     _check(c.gpus_per_actor >= 0, "sample.gpus_per_actor", c.gpus_per_actor, "must be >= 0")
     _check(c.precision in PRECISIONS[1:], "sample.precision", c.precision, f"allowed: {', '.join(PRECISIONS[1:])}")
@@ -389,7 +389,7 @@ class EvalConfig:
     rtol: float = 1e-5
     batch_size: int = 64  # the likelihood's fixed blocks: rows solved together (an adaptive solver shares its steps)
     blocks_per_call: int = 1  # Ray batch size, in blocks (changes nothing but scheduling)
-    actors: int = 1
+    actors: int = 0  # 0: as many as the cluster's cores (or GPUs) and memory hold (`pipelines.runtime.actor_pool`)
     cpus_per_actor: float = 0.5
     seed: int = 0
     classifier_epochs: int = 15
@@ -417,7 +417,7 @@ def validate_eval_config(c: EvalConfig) -> None:
            "allowed: rademacher, gaussian")
     _check(c.batch_size >= 1, "eval.batch_size", c.batch_size, "must be >= 1")
     _check(c.blocks_per_call >= 1, "eval.blocks_per_call", c.blocks_per_call, "must be >= 1")
-    _check(c.actors >= 1, "eval.actors", c.actors, "must be >= 1")
+    _check(c.actors >= 0, "eval.actors", c.actors, "must be >= 1, or 0 for as many as the cluster holds")
     _check(c.cpus_per_actor > 0, "eval.cpus_per_actor", c.cpus_per_actor, "must be > 0")
     _check(c.max_images >= 0, "eval.max_images", c.max_images, "must be >= 0")
     _check(c.classifier_epochs >= 1, "eval.classifier_epochs", c.classifier_epochs, "must be >= 1")

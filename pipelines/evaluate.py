@@ -120,27 +120,30 @@ class TransportActor(_ModelActor):
         return out
 
 
-def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray,
-                                                                                    np.ndarray, float]:
+def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig,
+                      memory: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Per-row values over a split as a map_batches actor stage over fixed blocks: (rows [n] in order, bits/dim or
     NLL [n], NFE [n], wall seconds)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from pipelines.runtime import Progress, init_ray
+    from pipelines.runtime import Progress, actor_pool, init_ray, stage
 
     init_ray()
     files = tuple(manifest.shard_paths(cfg.split))
     count = manifest.count(cfg.split)
     total = len(likelihood_rows(count, cfg.max_images, cfg.seed))
     blocks = -(-total // cfg.batch_size)
+    actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, 0.0, memory, work=-(-blocks // cfg.blocks_per_call))
+    stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence) "
+          f"on {actors} actor(s)")
     actor_args = (checkpoint, asdict(cfg), manifest.data, files, group_rows(files), count)
     start = time.perf_counter()
     progress = Progress("bits/dim" if manifest.data.is_image else "NLL", total, "images")
     rows, values, nfes = [], [], []
-    ds = ray.data.range(blocks, override_num_blocks=min(blocks, 4 * cfg.actors)).map_batches(
+    ds = ray.data.range(blocks, override_num_blocks=min(blocks, 4 * actors)).map_batches(
         LikelihoodActor, fn_constructor_args=actor_args, batch_size=cfg.blocks_per_call, batch_format="numpy",
-        compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor)
+        compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor, memory=memory)
     for batch in ds.iter_batches(batch_size=None):
         rows.append(np.asarray(batch["row"], dtype=np.int64))
         values.append(np.asarray(batch["value"], dtype=np.float64))
@@ -152,13 +155,9 @@ def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> t
     return rows[order], values[order], nfes[order], wall
 
 
-def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> dict:
+def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> dict:
     """Bits/dim (or NLL in nats for points) over a split (`likelihood_values`); mean ± stderr, NFE."""
-    from pipelines.runtime import stage
-
-    stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence) "
-          f"on {cfg.actors} actor(s)")
-    _, values, nfes, wall = likelihood_values(checkpoint, manifest, cfg)
+    _, values, nfes, wall = likelihood_values(checkpoint, manifest, cfg, memory)
     mean, stderr = mean_and_stderr(torch.from_numpy(values))
     unit = "bits/dim" if manifest.data.is_image else "nats"
     return {"metric": "bpd" if unit == "bits/dim" else "nll", "unit": unit, "mean": mean, "stderr": stderr,
@@ -265,7 +264,7 @@ def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dic
            "kid": kid_mean, "kid_std": kid_std, "kid_subset": m, "precision": precision, "recall": recall,
            "pr_subset": [len(ref.subset), len(fake.subset)], "num_samples": fake.n,
            "reference_split": cfg.reference_split, "num_reference": ref.n,
-           "feature_images_per_actor_s": fake.images_per_actor_s, "fid": None, "fid_note": note}
+           "feature_images_per_s": fake.images_per_s, "fid": None, "fid_note": note}
     if net.kind == "inception":
         out["fid"] = out["fd"]
     if info:
@@ -281,14 +280,14 @@ def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dic
     return out
 
 
-def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> dict:
+def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> dict:
     """Snapshot methods: the split's first-snapshot rows carried to every observed time on an actor stage; per time,
     W2 to the split's rows of that time, beside the floor: W2 from as many training rows of that time."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
     from fm.metrics import wasserstein2
-    from pipelines.runtime import init_ray, spread, stage
+    from pipelines.runtime import actor_pool, init_ray, spread, stage
 
     times = manifest.data.times
     held = _points_by_label(manifest, cfg.split)
@@ -298,16 +297,19 @@ def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> dic
         raise EvaluationError(f"the {cfg.split} split of {manifest.directory} lacks rows of some observed time; "
                               f"it has snapshots {sorted(held)} of 0..{len(times) - 1}")
     init_ray()
+    actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, 0.0, memory,
+                                work=-(-len(start_rows) // cfg.batch_size))
     stage(f"transporting {len(start_rows)} rows of the first snapshot through times {times} ({cfg.solver}) on "
-          f"{cfg.actors} actor(s)")
+          f"{actors} actor(s)")
     paths, fs = storage.ray_paths(manifest.shard_paths(cfg.split))
     ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["id", "image", "label"])
     ds = spread(ds.filter(expr="label == 0").select_columns(["id", "image"]), len(start_rows), cfg.batch_size,
-                cfg.actors)
+                actors)
     t0 = time.perf_counter()
     batches = list(ds.map_batches(TransportActor, fn_constructor_args=(checkpoint, asdict(cfg), manifest.data),
                                   batch_size=cfg.batch_size, batch_format="numpy",
-                                  compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor)
+                                  compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
+                                  memory=memory)
                    .iter_batches(batch_size=None))
     wall = time.perf_counter() - t0
     out = {"times": list(times), "n_start": len(start_rows), "wall_s": wall,
@@ -364,7 +366,7 @@ def run_evaluation(checkpoint: str, shards: str, samples: str | None, cfg: EvalC
     meta = load_meta(checkpoint)
     load_model(checkpoint)  # unreadable or refused weights fail here, before Ray starts
     # the likelihood's divergence needs gradients through the model: a training-like footprint per row
-    check_fits("eval.batch_size", cfg.batch_size * cfg.blocks_per_call,
+    memory = check_fits("eval.batch_size", cfg.batch_size * cfg.blocks_per_call,
                model_item_bytes(meta["model"]["name"], meta["model"]["kwargs"], training=True),
                "one likelihood call", hint=" (batch_size x blocks_per_call rows; activations and their gradients "
                                           "estimated from the model's feature maps)")
@@ -384,9 +386,9 @@ def run_evaluation(checkpoint: str, shards: str, samples: str | None, cfg: EvalC
         if samples is not None:
             raise EvaluationError("--samples: a snapshot method is scored by carrying the data's first snapshot "
                                   "through the observed times; it has no samples to score")
-        result["transport"] = transport_stage(checkpoint, manifest, cfg)
+        result["transport"] = transport_stage(checkpoint, manifest, cfg, memory)
         return result
-    result["likelihood"] = likelihood_stage(checkpoint, manifest, cfg)
+    result["likelihood"] = likelihood_stage(checkpoint, manifest, cfg, memory)
     if samples is not None:
         result["quality"] = sample_quality(manifest, samples, cfg)
         from pipelines.sample import sampling_run_id, sampling_settings

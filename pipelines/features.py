@@ -53,7 +53,7 @@ class FeatureResult:
 
     stats: FeatureStats
     subset: torch.Tensor
-    images_per_actor_s: float | None = None  # images per second of actor busy time (start-up excluded)
+    images_per_s: float | None = None  # wall rate from the first feature batch to the last (start-up excluded)
     cached: bool = False
     prefix_stats: FeatureStats | None = None  # of the rows with integer id < prefix (the first samples)
     subset_ids: np.ndarray | None = None  # the ids of the subset's rows, in order
@@ -99,15 +99,12 @@ class FeatureActor:
                            self.device).shape[1]
 
     def __call__(self, batch: dict) -> dict:
-        start = time.perf_counter()
         if self.keep < 1.0:  # a capped set: the same rows (by id hash) whatever the batching or the run
             mask = in_subset(batch["id"], self.keep)
             batch = {"id": np.asarray(batch["id"])[mask], "image": np.asarray(batch["image"], dtype=object)[mask]}
         x = decode_rows(batch["image"], self.shape)
         f = extract(self.net, self.model, x, self.device).numpy() if len(x) else np.zeros((0, self.dim), np.float32)
-        # each row carries its share of the batch's busy time: throughput without start-up or idle waits
-        busy = np.full(len(f), (time.perf_counter() - start) / max(len(f), 1))
-        return {"id": np.asarray(batch["id"]), "feature": f, "busy_s": busy}
+        return {"id": np.asarray(batch["id"]), "feature": f}
 
 
 def load_network(net: FeatureNet, device: torch.device):
@@ -138,7 +135,7 @@ def extract(net: FeatureNet, model, x_uint8: torch.Tensor, device: torch.device)
 
 
 def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: int, *, subset_size: int = 2000,
-                  batch_size: int = 64, actors: int = 1, cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0,
+                  batch_size: int = 64, actors: int = 0, cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0,
                   what: str = "features", prefix: int | None = None, limit: int = 0) -> FeatureResult:
     """Stream `total` images of parquet shards (columns id, image) through FeatureActor actors into statistics;
     with `prefix`, also the statistics of the rows whose (integer) id is below it; with `limit` > 0, only about
@@ -146,9 +143,13 @@ def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: in
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from pipelines.runtime import Progress, init_ray, spread
+    from pipelines.memory import feature_actor_bytes
+    from pipelines.runtime import Progress, actor_pool, init_ray, spread
 
     init_ray()
+    # declared, so that Ray places actors by what they hold (and its memory detector has nothing to say)
+    actors, memory = actor_pool(actors, cpus_per_actor, gpus_per_actor, feature_actor_bytes(net.kind, batch_size),
+                                work=-(-total // batch_size))
     keep = min(1.0, limit / max(total, 1)) if limit > 0 else 1.0
     # rates relative to the whole set: the KID subset of a capped set lies inside it, whatever the stream order
     rate = min(1.0, subset_size / max(total * keep, 1)) * keep
@@ -157,23 +158,25 @@ def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: in
     ds = ds.map_batches(FeatureActor, fn_constructor_args=(net, shape, gpus_per_actor > 0, keep, cpus_per_actor),
                         batch_size=batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-                        num_gpus=gpus_per_actor or None)
-    stats, subset, subset_ids, busy, head = None, [], [], 0.0, None
-    progress = Progress(what, round(total * keep), "images")
+                        num_gpus=gpus_per_actor or None, memory=memory)
+    stats, subset, subset_ids, head, first = None, [], [], None, None
+    progress = Progress(f"{what} ({actors} actor{'s' if actors > 1 else ''})", round(total * keep), "images")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         f = torch.from_numpy(np.asarray(batch["feature"], dtype=np.float32))
         stats = (stats or FeatureStats(f.shape[1])).update(f)
         keep_rows = in_subset(batch["id"], rate)
         subset.append(f[torch.from_numpy(keep_rows)])
         subset_ids.append(np.asarray(batch["id"])[keep_rows])
-        busy += float(np.sum(batch["busy_s"]))
+        first = first or (time.perf_counter(), len(f))  # the clock starts when the actors are up and working
         if prefix is not None:
             head = (head or FeatureStats(f.shape[1])).update(f[torch.from_numpy(np.asarray(batch["id"]) < prefix)])
         progress.update(len(f))
     if stats is None:
         raise ValueError(f"no images in {len(paths)} shard(s)")
     kept_ids, kept = pick_subset(np.concatenate(subset_ids), torch.cat(subset), subset_size)
-    return FeatureResult(stats, kept, stats.n / busy if busy > 0 else None, prefix_stats=head, subset_ids=kept_ids)
+    steady = time.perf_counter() - first[0]
+    rate = (stats.n - first[1]) / steady if stats.n > first[1] and steady > 0 else None
+    return FeatureResult(stats, kept, rate, prefix_stats=head, subset_ids=kept_ids)
 
 
 def split_stats(manifest, split: str, net: FeatureNet, limit: int = 0, **stage_kwargs) -> FeatureResult:

@@ -187,7 +187,7 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
                             "snapshot rather than sampling noise; `python -m jobs.evaluate --checkpoint ... --data "
                             "SHARDS` carries the held-out first snapshot through every observed time")
     data = DataSpec.from_dict(meta.get("manifest"), f"{checkpoint}/meta.json: manifest")
-    check_fits("sample.block_size", cfg.block_size * cfg.blocks_per_call,
+    memory = check_fits("sample.block_size", cfg.block_size * cfg.blocks_per_call,
                model_item_bytes(meta["model"]["name"], meta["model"]["kwargs"], training=False), "one Sampler call",
                hint=" (block_size x blocks_per_call items per call; activations and solver state estimated from "
                     "the model's feature maps)")
@@ -199,16 +199,18 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
     start = time.perf_counter()
     stats = []
     if todo:
-        from pipelines.runtime import Progress, init_ray, interruptible, stage
+        from pipelines.runtime import Progress, actor_pool, init_ray, interruptible, stage
 
         init_ray()
+        actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, memory,
+                                     work=-(-len(todo) // cfg.blocks_per_call))
         stage(f"sampling {cfg.num_samples} samples ({len(todo)} blocks of {cfg.block_size}, {len(done)} reused) "
-              f"with {cfg.solver} on {cfg.actors} actor(s) into {out}")
+              f"with {cfg.solver} on {actors} actor(s) into {out}")
         ds = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=min(len(todo), 200))
         ds = ds.map_batches(Sampler, fn_constructor_args=(str(checkpoint), out, asdict(cfg), model_shape, layout),
                             batch_size=cfg.blocks_per_call, batch_format="numpy",
-                            compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
-                            num_gpus=cfg.gpus_per_actor or None)
+                            compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
+                            num_gpus=cfg.gpus_per_actor or None, memory=memory)
         progress = Progress("sampling", len(todo), "blocks")
 
         def collect() -> None:

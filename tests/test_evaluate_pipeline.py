@@ -93,6 +93,27 @@ def _fake_samples(directory, images: np.ndarray, checkpoint):
     (directory / SETTINGS).write_text(f'{{"checkpoint": "{checkpoint}", "solver": "euler", "steps": 1}}')
 
 
+def test_auto_actor_pools_fill_the_cores_within_the_memory_resource(ray_local):
+    import os
+
+    import ray
+
+    from pipelines.runtime import actor_pool
+
+    cores = os.cpu_count()
+    # one actor per core its threads take (a local Ray's logical CPUs are more than its cores: not counted)
+    assert actor_pool(0, 0.5)[0] == cores and actor_pool(0, 1.0)[0] == cores
+    assert actor_pool(0, 2.0)[0] == max(1, cores // 2) and actor_pool(0, 4 * cores)[0] == 1
+    assert actor_pool(3, 0.5, memory=1 << 30) == (3, 1 << 30)  # a set count is kept, the memory declared
+    memory = ray.available_resources()["memory"]
+    assert actor_pool(0, 0.5, memory=int(memory / 1.5))[0] == 1  # as many as the memory resource holds
+    # more than any node has: declared as the node's whole memory resource (Ray would wait forever for more)
+    node_memory = int(max(n["Resources"]["memory"] for n in ray.nodes() if n["Alive"]))
+    assert actor_pool(0, 0.5, memory=2 * node_memory) == (1, node_memory)
+    assert actor_pool(0, 0.5, gpus=1.0)[0] == 1  # no GPUs here: at least one
+    assert actor_pool(0, 0.5, work=1)[0] == 1 and actor_pool(3, 0.5, work=1)[0] == 3  # auto: no idle actors
+
+
 @pytest.mark.heavy  # about 5 minutes on an AVX2-only 2-core machine: `make heavy`, which CI runs
 def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     from fm.metrics import gaussian_stats
