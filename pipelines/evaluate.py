@@ -367,9 +367,9 @@ def run_evaluation(checkpoint: str, shards: str, samples: str | None, cfg: EvalC
     load_model(checkpoint)  # unreadable or refused weights fail here, before Ray starts
     # the likelihood's divergence needs gradients through the model: a training-like footprint per row
     memory = check_fits("eval.batch_size", cfg.batch_size * cfg.blocks_per_call,
-               model_item_bytes(meta["model"]["name"], meta["model"]["kwargs"], training=True),
-               "one likelihood call", hint=" (batch_size x blocks_per_call rows; activations and their gradients "
-                                          "estimated from the model's feature maps)")
+                        model_item_bytes(meta["model"]["name"], meta["model"]["kwargs"], training=True),
+                        "one likelihood call", hint=" (batch_size x blocks_per_call rows; activations and their "
+                                                    "gradients estimated from the model's feature maps)")
     manifest = Manifest.load(shards)  # read once, passed on
     manifest.check_split(cfg.split, "eval.split")
     trained_on = meta.get("manifest", {}).get("shape")

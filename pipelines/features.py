@@ -175,8 +175,8 @@ def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: in
         raise ValueError(f"no images in {len(paths)} shard(s)")
     kept_ids, kept = pick_subset(np.concatenate(subset_ids), torch.cat(subset), subset_size)
     steady = time.perf_counter() - first[0]
-    rate = (stats.n - first[1]) / steady if stats.n > first[1] and steady > 0 else None
-    return FeatureResult(stats, kept, rate, prefix_stats=head, subset_ids=kept_ids)
+    images_per_s = (stats.n - first[1]) / steady if stats.n > first[1] and steady > 0 else None
+    return FeatureResult(stats, kept, images_per_s, prefix_stats=head, subset_ids=kept_ids)
 
 
 def split_stats(manifest, split: str, net: FeatureNet, limit: int = 0, **stage_kwargs) -> FeatureResult:

@@ -188,9 +188,9 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
                             "SHARDS` carries the held-out first snapshot through every observed time")
     data = DataSpec.from_dict(meta.get("manifest"), f"{checkpoint}/meta.json: manifest")
     memory = check_fits("sample.block_size", cfg.block_size * cfg.blocks_per_call,
-               model_item_bytes(meta["model"]["name"], meta["model"]["kwargs"], training=False), "one Sampler call",
-               hint=" (block_size x blocks_per_call items per call; activations and solver state estimated from "
-                    "the model's feature maps)")
+                        model_item_bytes(meta["model"]["name"], meta["model"]["kwargs"], training=False),
+                        "one Sampler call", hint=" (block_size x blocks_per_call items per call; activations and "
+                                                 "solver state estimated from the model's feature maps)")
     layout, model_shape = ("HWC" if data.is_image else "D"), data.model_shape
     out = prepare_output(str(out), cfg, checkpoint)
     done = complete_blocks(out, cfg)
