@@ -34,10 +34,10 @@ def main() -> None:
     import ray
     from mlflow.tracking import MlflowClient
 
-    from pipelines.config import load_config
-    from pipelines.ingest import ingest
-    from pipelines.runtime import init_ray
-    from pipelines.train import run_training
+    from pipelines.core.runtime import init_ray
+    from pipelines.ingest.run import ingest
+    from pipelines.train.config import load_config
+    from pipelines.train.driver import run_training
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,7 +34,7 @@ def _write_samples(directory: Path, n: int, shape: tuple[int, ...] = (8, 8, 1), 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.sample import SAMPLE_SCHEMA
+    from pipelines.batch.samples import SAMPLE_SCHEMA
 
     rng = np.random.default_rng(0)
     directory.mkdir(parents=True, exist_ok=True)
@@ -52,11 +52,11 @@ def _write_samples(directory: Path, n: int, shape: tuple[int, ...] = (8, 8, 1), 
 
 def _memory_child(n: int, shards: str, out: str, hoard: bool) -> None:
     """One measurement in a fresh process: peak RSS of the driver after the stage over n samples."""
-    from pipelines import features
-    from pipelines.config import EvalConfig
-    from pipelines.evaluate import feature_net
-    from pipelines.features import feature_stage
-    from pipelines.manifest import Manifest
+    from pipelines.batch import features
+    from pipelines.batch.config import EvalConfig
+    from pipelines.batch.evaluate import feature_net
+    from pipelines.batch.features import feature_stage
+    from pipelines.core.manifest import Manifest
 
     if hoard:  # the broken variant the goal must catch: every row kept for the subset
         features.in_subset = lambda ids, rate: np.ones(len(ids), dtype=bool)
@@ -92,7 +92,7 @@ def inception(images: int, threads: int, batch: int) -> dict:
     import torch
 
     from fm.inception import inception_features, load_inception
-    from pipelines.features import FeatureNet, feature_stage
+    from pipelines.batch.features import FeatureNet, feature_stage
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:

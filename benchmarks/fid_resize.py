@@ -23,8 +23,8 @@ def _images(manifest, split: str, n: int) -> torch.Tensor:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.features import in_subset
-    from pipelines.images import decode_rows
+    from pipelines.batch.features import in_subset
+    from pipelines.core.cells import decode_rows
 
     table = pa.concat_tables([pq.read_table(p, columns=["id", "image"]) for p in manifest.shard_paths(split)])
     keep = in_subset(table["id"].to_pylist(), min(1.0, 1.2 * n / len(table)))
@@ -45,7 +45,7 @@ def _features(net, x: torch.Tensor, resize) -> torch.Tensor:
 def main() -> None:
     from fm.inception import load_inception, tf_legacy_resize
     from fm.metrics import frechet_distance_from_features
-    from pipelines.manifest import Manifest
+    from pipelines.core.manifest import Manifest
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/fashion-mnist")

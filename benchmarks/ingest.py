@@ -64,20 +64,20 @@ def _child(mode: str, folder: str, resolution: int, parallelism: int, out: str) 
     """One measurement in a fresh process."""
     start = time.perf_counter()
     if mode == "baseline":
-        from pipelines.ingest import Settings, _declared_format, ingest_part
-        from pipelines.sources import list_source
+        from pipelines.ingest.run import Settings, declared_format, ingest_part
+        from pipelines.ingest.sources import list_source
 
         # the clock starts after the imports, where the Ray runs' job clock does (after imports and init_ray)
         t0 = time.perf_counter()
         listing = list_source(f"folder:{folder}", 4, 20_000)
-        channels, size = _declared_format(listing, 3, resolution)
+        channels, size = declared_format(listing, 3, resolution)
         with tempfile.TemporaryDirectory() as staging:
             s = Settings(channels, size, "center-crop", 0, 0.1, False, staging, len(listing.parts))
             rows = sum(ingest_part(p, s)["rows"] for p in listing.parts)
         result = {"rows": rows, "job_s": round(time.perf_counter() - t0, 2)}
     else:
-        from pipelines.ingest import ingest
-        from pipelines.runtime import init_ray
+        from pipelines.core.runtime import init_ray
+        from pipelines.ingest.run import ingest
 
         init_ray()  # started apart, so that the job's own time can be told from Ray's start-up
         ray_start = time.perf_counter() - start
@@ -164,11 +164,11 @@ def datapath(seconds: float, rows: int, windows: list[int]) -> dict:
     import torch
 
     from fm.models import build_model
-    from pipelines.config import load_config, model_kwargs
-    from pipelines.ingest import ingest
-    from pipelines.manifest import DataSpec, Manifest
-    from pipelines.runtime import init_ray
-    from pipelines.stream import iter_pairs, stream_spec
+    from pipelines.core.manifest import DataSpec, Manifest
+    from pipelines.core.runtime import init_ray
+    from pipelines.ingest.run import ingest
+    from pipelines.train.config import load_config, model_kwargs
+    from pipelines.train.stream import iter_pairs, stream_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         images = np.random.default_rng(0).integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8)

@@ -24,7 +24,7 @@ import torch
 def random_checkpoint(directory: Path) -> Path:
     from fm.ema import EMA
     from fm.models import UNet
-    from pipelines.checkpoint import save_checkpoint
+    from pipelines.core.checkpoint import save_checkpoint
 
     kwargs = {"image_size": 8, "in_channels": 1, "model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
               "attention_resolutions": [4], "num_heads": 2, "num_classes": None, "dropout": 0.0}
@@ -47,7 +47,7 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     torch.set_num_threads(a.threads)
-    from pipelines.sample import SampleConfig, Sampler, run_sampling
+    from pipelines.batch.sample import SampleConfig, Sampler, run_sampling
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(a.checkpoint) if a.checkpoint else random_checkpoint(Path(tmp) / "ckpt")

@@ -27,9 +27,9 @@ def baseline(shards: Path, cfg, steps: int, threads: int) -> dict:
     from fm.methods import make_method
     from fm.models import build_model
     from fm.training import train_step
-    from pipelines.config import method_kwargs, model_kwargs
-    from pipelines.images import decode_rows
-    from pipelines.ingest import load_manifest, shard_paths
+    from pipelines.core.cells import decode_rows
+    from pipelines.ingest.run import load_manifest, shard_paths
+    from pipelines.train.config import method_kwargs, model_kwargs
 
     torch.set_num_threads(threads)
     manifest = load_manifest(shards)
@@ -53,7 +53,7 @@ def baseline(shards: Path, cfg, steps: int, threads: int) -> dict:
 
 
 def pipeline(cfg) -> dict:
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     start = time.perf_counter()
     res = run_training(cfg)
@@ -71,8 +71,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))  # Ray workers get the same thread count
-    from pipelines.config import load_config
-    from pipelines.ingest import ingest
+    from pipelines.ingest.run import ingest
+    from pipelines.train.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "digits"

@@ -23,7 +23,7 @@ def _train(args: tuple) -> float:
     import torch
 
     from fm.models import build_model
-    from pipelines.config import load_config
+    from pipelines.train.config import load_config
 
     if threads:
         torch.set_num_threads(threads)

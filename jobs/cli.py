@@ -24,8 +24,7 @@ def add_common(p: argparse.ArgumentParser, tracking: bool = True, overrides: boo
 def tracking_and_checkpoint(args: argparse.Namespace) -> tuple[str, str]:
     """The tracking URI of a batch job (checked to answer, before any Ray work, when it will be used) and its
     checkpoint directory (a path, runs:/ID or models:/NAME/VERSION|@ALIAS resolved through MLflow)."""
-    from pipelines.config import tracking_uri
-    from pipelines.tracking import check_tracking_uri, resolve_checkpoint
+    from pipelines.core.tracking import check_tracking_uri, resolve_checkpoint, tracking_uri
 
     uri = args.tracking_uri or tracking_uri()
     if not args.no_mlflow or args.checkpoint.startswith(("runs:/", "models:/")):
@@ -36,9 +35,8 @@ def tracking_and_checkpoint(args: argparse.Namespace) -> tuple[str, str]:
 def run_job(name: str, args: argparse.Namespace, body: Callable[[], Any]) -> Any:
     """Run a job's body; a `ConfigError` (every input error derives from it) ends it with status 2, SIGINT or
     SIGTERM with one line saying what was kept, Ray stopped, and status 130 or 143."""
-    from pipelines.config import ConfigError
-    from pipelines.errors import JobStopped
-    from pipelines.runtime import default_signals, set_verbose, stop_on_signals
+    from pipelines.core.errors import ConfigError, JobStopped
+    from pipelines.core.runtime import default_signals, set_verbose, stop_on_signals
 
     set_verbose(getattr(args, "verbose", False))
     stop_on_signals()

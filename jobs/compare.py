@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _compare(a) -> dict:
     from pipelines.compare import collect, markdown, plot_nfe_vs_fd, table, write_csv
-    from pipelines.config import ConfigError, tracking_uri
+    from pipelines.core.errors import ConfigError
+    from pipelines.core.tracking import tracking_uri
 
     uri = a.tracking_uri or tracking_uri()
     records = collect(uri, a.experiment, a.filter)
@@ -41,7 +42,7 @@ def _compare(a) -> dict:
     csv_path = write_csv(rows, out / f"{a.experiment}.csv")
     (out / f"{a.experiment}.md").write_text(md + "\n")
     plot = plot_nfe_vs_fd(rows, out / f"{a.experiment}-nfe-vs-fd.png")
-    from pipelines.tracking import SafeLogger, start_child_run
+    from pipelines.core.tracking import SafeLogger, start_child_run
 
     run_id = None
     if not a.no_mlflow:

@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _demo(a) -> dict:
+    from pipelines.batch.config import EvalConfig, SampleConfig
     from pipelines.chain import ensure_ingested, train_sample_evaluate
     from pipelines.compare import collect, markdown, table
-    from pipelines.config import EvalConfig, SampleConfig, load_config
+    from pipelines.train.config import load_config
 
     start = time.perf_counter()
     cfg = load_config(a.config, a.overrides)

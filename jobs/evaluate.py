@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _evaluate(a) -> dict:
-    from pipelines.config import EvalConfig, apply_overrides, validate_eval_config
-    from pipelines.evaluate import log_evaluation_run, run_evaluation
+    from pipelines.batch.config import EvalConfig, validate_eval_config
+    from pipelines.batch.evaluate import log_evaluation_run, run_evaluation
+    from pipelines.core.settings import apply_overrides
 
     cfg = EvalConfig()
     apply_overrides(cfg, "eval", a.overrides)

@@ -31,7 +31,7 @@ from fm.metrics import wasserstein2
 from fm.models import MLP
 from fm.riemannian import geodesic_wasserstein2, manifold_log_likelihood, manifold_ode_sample
 from fm.training import fit
-from pipelines.images import save_figure, save_points_figure
+from pipelines.core.figures import save_figure, save_points_figure
 
 AM_METHODS = ("am", "snapshot_icfm", "snapshot_otcfm")
 AM_DATA = "rotating-gmm"

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _ingest(a) -> dict:
-    from pipelines.ingest import ingest
+    from pipelines.ingest.run import ingest
 
     res = ingest(a.source, a.out, a.shards, a.test_fraction, a.seed, a.channels, a.resolution, a.max_bad_fraction,
                  transform=a.transform, parallelism=a.parallelism, max_rows_per_shard=a.max_rows_per_shard,

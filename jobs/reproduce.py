@@ -103,7 +103,7 @@ def _reproduce(a) -> dict:
     out = Path(a.out) / experiment
 
     from pipelines.chain import ensure_ingested, train_sample_evaluate
-    from pipelines.config import load_config
+    from pipelines.train.config import load_config
 
     # One config per method, validated in full before anything runs.
     configs = {}
@@ -117,8 +117,8 @@ def _reproduce(a) -> dict:
             configs[(method, seed)] = load_config(preset.config, sets)
     ensure_ingested(preset.source, data)
 
+    from pipelines.batch.config import EvalConfig, SampleConfig
     from pipelines.compare import collect, markdown, plot_nfe_vs_fd, table, write_csv
-    from pipelines.config import EvalConfig, SampleConfig
 
     start = time.perf_counter()
     timings = []

@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _sample(a) -> dict:
-    from pipelines.config import SampleConfig, apply_overrides, validate_sample_config
-    from pipelines.sample import log_sampling_run, run_sampling
+    from pipelines.batch.config import SampleConfig, validate_sample_config
+    from pipelines.batch.sample import log_sampling_run, run_sampling
+    from pipelines.core.settings import apply_overrides
 
     cfg = SampleConfig(num_samples=a.num_samples)
     apply_overrides(cfg, "sample", a.overrides)

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def _train(a) -> dict | None:
-    from pipelines.config import check_data, dump, load_config
+    from pipelines.core.settings import dump
+    from pipelines.train.config import check_data, load_config
 
     cfg = load_config(a.config, a.overrides)
     if a.dry_run:
@@ -38,10 +39,10 @@ def _train(a) -> dict | None:
         return None
     check_data(cfg)  # data errors before Ray starts (shard footers and row counts are always checked)
     if a.verify:
-        from pipelines.manifest import Manifest
+        from pipelines.core.manifest import Manifest
 
         Manifest.load(cfg.data.shards, verify=True)
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     result = run_training(cfg)
     print(json.dumps(result))

@@ -7,11 +7,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipelines import storage
-from pipelines.config import Config, EvalConfig, SampleConfig
-from pipelines.ingest import ingest
-from pipelines.manifest import MANIFEST, Manifest
-from pipelines.runtime import stage
+from pipelines.batch.config import EvalConfig, SampleConfig
+from pipelines.batch.evaluate import log_evaluation_run, run_evaluation, sample_quality
+from pipelines.batch.sample import log_sampling_run, run_sampling
+from pipelines.batch.samples import sampling_settings
+from pipelines.core import storage
+from pipelines.core.manifest import MANIFEST, Manifest
+from pipelines.core.runtime import stage
+from pipelines.ingest.run import ingest
+from pipelines.train.config import Config
+from pipelines.train.driver import run_training
 
 
 def ensure_ingested(source: str, shards: str | Path, num_shards: int = 4) -> None:
@@ -35,8 +40,6 @@ def sample_and_evaluate(trained: dict, shards: str, solves: list[SampleConfig], 
     """For a trained model (a `run_training` result): sample with every sampler into samples_root/<tag>, and
     evaluate: bits/dim once (with the first sampler's run), sample quality for each. Returns one record per
     sampler with its sampling and evaluation results and MLflow run ids."""
-    from pipelines.evaluate import log_evaluation_run, run_evaluation, sample_quality
-    from pipelines.sample import log_sampling_run, run_sampling, sampling_settings
 
     uri, ckpt = trained["tracking_uri"], trained["checkpoint"]
     records, first, manifest = [], None, Manifest.load(shards)
@@ -60,7 +63,6 @@ def sample_and_evaluate(trained: dict, shards: str, solves: list[SampleConfig], 
 def train_sample_evaluate(cfg: Config, solves: list[SampleConfig], ecfg: EvalConfig,
                           samples_root: str | Path) -> dict:
     """Train per `cfg`, then `sample_and_evaluate` the final model; returns {"train": ..., "solves": [...]}."""
-    from pipelines.train import run_training
 
     trained = run_training(cfg)
     return {"train": trained, "solves": sample_and_evaluate(trained, cfg.data.shards, solves, ecfg,

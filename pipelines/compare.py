@@ -11,7 +11,8 @@ from pathlib import Path
 
 from fm.methods import describe
 from fm.solvers import is_adaptive
-from pipelines.images import save_figure
+from pipelines.core.errors import ConfigError
+from pipelines.core.figures import save_figure
 
 COLUMNS = ["method", "path", "coupling", "solver", "sample_steps", "train_steps", "runs", "bpd", "fd", "fd_matched",
            "fd_floor",
@@ -28,8 +29,6 @@ def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        from pipelines.config import ConfigError
-
         names = [e.name for e in client.search_experiments()]
         raise ConfigError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {', '.join(names)}")
     query = "tags.`flowray.kind` = 'evaluate'" + (f" and {filter_string}" if filter_string else "")

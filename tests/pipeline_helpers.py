@@ -7,8 +7,8 @@ import torch
 
 from fm.ema import EMA
 from fm.models import UNet
-from pipelines.checkpoint import save_checkpoint
-from pipelines.config import load_config
+from pipelines.core.checkpoint import save_checkpoint
+from pipelines.train.config import load_config
 
 TINY = [
     "model.model_channels=8", "model.num_heads=1", "model.attention_resolutions=[]", "train.batch_size=16",

@@ -16,11 +16,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from pipeline_helpers import free_port, kill_tree, make_checkpoint, start_mlflow_server, tiny_config
 
-from pipelines.checkpoint import load_meta
-from pipelines.ingest import ingest
-from pipelines.reaper import alive
-from pipelines.sample import SampleConfig, run_sampling
-from pipelines.train import run_training
+from pipelines.batch.sample import SampleConfig, run_sampling
+from pipelines.core.checkpoint import load_meta
+from pipelines.core.reaper import alive
+from pipelines.ingest.run import ingest
+from pipelines.train.driver import run_training
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -83,7 +83,7 @@ def _assert_one_value_per_step_from_the_checkpoints(client, run_id, run_dir: Pat
     """MLflow holds each logged step once, with the values that the registered checkpoints' reports carried."""
     from ray.train import Result
 
-    from pipelines.train import WINDOWS
+    from pipelines.train.metrics import WINDOWS
 
     loss = _history(client, run_id, "loss")
     assert [s for s, _ in loss] == steps
@@ -99,7 +99,7 @@ def _assert_one_value_per_step_from_the_checkpoints(client, run_id, run_dir: Pat
 def test_a_training_worker_killed_by_pid_resumes_with_one_value_per_step(digits, tmp_path):
     import ray
 
-    from pipelines.runtime import init_ray
+    from pipelines.core.runtime import init_ray
 
     init_ray()
     try:
@@ -129,7 +129,7 @@ def _sample_table(out: Path):
 def test_a_sampler_actor_killed_by_pid_gives_the_same_samples(tmp_path):
     import ray
 
-    from pipelines.runtime import init_ray
+    from pipelines.core.runtime import init_ray
 
     ckpt = make_checkpoint(tmp_path / "ckpt")
     base = dict(num_samples=192, solver="euler", steps=200, block_size=8, seed=5, actors=1)
@@ -321,7 +321,7 @@ def test_reaper_unit_stops_an_orphaned_tree(tmp_path):
     _wait_for(lambda: len(psutil.Process(driver.pid).children(recursive=True)) == 2, 30, "the children")
     tree = psutil.Process(driver.pid).children(recursive=True)
     child = [p for p in tree if p.ppid() == driver.pid]
-    reaper = subprocess.Popen([sys.executable, "-m", "pipelines.reaper", str(driver.pid), str(child[0].pid)],
+    reaper = subprocess.Popen([sys.executable, "-m", "pipelines.core.reaper", str(driver.pid), str(child[0].pid)],
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     time.sleep(1)
     assert all(alive(p) for p in tree)  # nothing is touched while the driver lives
@@ -334,7 +334,7 @@ def test_reaper_unit_stops_an_orphaned_tree(tmp_path):
 
 def test_reaper_exits_quietly_after_a_normal_shutdown():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
-    reaper = subprocess.Popen([sys.executable, "-m", "pipelines.reaper", str(os.getpid()), str(child.pid)],
+    reaper = subprocess.Popen([sys.executable, "-m", "pipelines.core.reaper", str(os.getpid()), str(child.pid)],
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     child.wait()
     _, err = reaper.communicate(timeout=15)

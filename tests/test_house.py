@@ -15,7 +15,9 @@ from pipeline_helpers import make_checkpoint
 from fm.methods import METHODS, make_method, methods_markdown
 from fm.metrics import wasserstein2
 from fm.models import MLP
-from pipelines.config import ConfigError, EvalConfig, SampleConfig, load_config, validate_eval_config
+from pipelines.batch.config import EvalConfig, SampleConfig, validate_eval_config
+from pipelines.core.errors import ConfigError
+from pipelines.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +35,7 @@ def _ray_started() -> bool:
     ("icfm", 0.1, 0.5, "method 'icfm' has no Gaussian marginal path"),
 ])
 def test_sde_settings_a_method_cannot_take_are_refused_before_ray(tmp_path, method, sigma, sde_g, message):
-    from pipelines.sample import run_sampling
+    from pipelines.batch.sample import run_sampling
 
     ckpt = make_checkpoint(tmp_path / "ckpt", method=method)
     if sigma is not None:  # checkpoints store the method's arguments
@@ -74,8 +76,8 @@ def test_eval_solver_settings_are_checked_before_ray(tmp_path, capsys):
 
 
 def test_the_classifier_cache_is_keyed_by_its_settings(tmp_path):
-    from pipelines.evaluate import get_classifier
-    from pipelines.ingest import ingest, load_manifest
+    from pipelines.batch.classifier import get_classifier
+    from pipelines.ingest.run import ingest, load_manifest
 
     ingest("digits", tmp_path / "digits", shards=1)
     manifest = load_manifest(tmp_path / "digits")
@@ -154,8 +156,8 @@ def test_a_job_run_from_a_clean_checkout_writes_only_under_outputs(tmp_path):
 
 
 def test_the_manifest_is_read_once_into_a_checked_type(tmp_path):
-    from pipelines.ingest import ingest
-    from pipelines.manifest import Manifest, ManifestError
+    from pipelines.core.manifest import Manifest, ManifestError
+    from pipelines.ingest.run import ingest
 
     ingest("digits", tmp_path / "d", shards=2)
     m = Manifest.load(tmp_path / "d")
@@ -170,6 +172,6 @@ def test_the_manifest_is_read_once_into_a_checked_type(tmp_path):
     with pytest.raises(ManifestError, match="manifest.json: not valid JSON"):
         Manifest.load(tmp_path / "d")
     with pytest.raises(ConfigError, match="data.shards: .*manifest.json: not valid JSON"):
-        from pipelines.config import check_data
+        from pipelines.train.config import check_data
 
         check_data(load_config("configs/digits-cpu.yaml", [f"data.shards={tmp_path / 'd'}"]))

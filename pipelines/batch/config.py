@@ -1,0 +1,122 @@
+"""The batch stages' sections: `sample.*` (jobs.sample) and `eval.*` (jobs.evaluate), with their checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fm.methods import METHODS, make_method
+from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS, check_solver
+from pipelines.core.errors import ConfigError
+from pipelines.core.settings import PRECISIONS, check
+
+SOLVERS = ADAPTIVE_METHODS + FIXED_METHODS + ("sde",)
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 1000
+    solver: str = "dopri5"  # any torchdiffeq method, or "sde" (Euler–Maruyama)
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    steps: int = 100  # fixed-step methods and sde
+    sde_g: float = 0.0  # diffusion of the flow SDE; 0 means the VP reverse SDE's g(t) = sqrt(beta) (VP methods)
+    cfg_scale: float = 1.0
+    label: int = -1  # class for conditional models; -1 cycles through the classes by id
+    seed: int = 0
+    block_size: int = 64
+    blocks_per_call: int = 1  # Ray batch size, in blocks
+    actors: int = 0  # 0: as many as the cluster's cores (or GPUs) and memory hold (`pipelines.runtime.actor_pool`)
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+    write_png: bool = False
+    fail_at_block: int = -1  # test hook: the actor raises once when it reaches this block
+    # the network's evaluations under autocast: fp32 | bf16 | fp16 (GPU actors only); the ODE state stays fp32
+    precision: str = "fp32"
+
+
+def validate_sample_config(c: SampleConfig, method: str | None = None, method_kwargs: dict | None = None) -> None:
+    """Check every sample.* value; with the checkpoint's method, also that the solver suits it."""
+    check(c.num_samples >= 1, "sample.num_samples", c.num_samples, "must be >= 1")
+    check(c.solver in SOLVERS, "sample.solver", c.solver, f"allowed: {', '.join(SOLVERS)}")
+    check(c.atol > 0 and c.rtol > 0, "sample.atol/rtol", (c.atol, c.rtol), "must be > 0")
+    check(c.steps >= 1, "sample.steps", c.steps, "must be >= 1")
+    check(c.sde_g >= 0, "sample.sde_g", c.sde_g, "must be >= 0")
+    check(c.block_size >= 1, "sample.block_size", c.block_size, "must be >= 1")
+    check(c.blocks_per_call >= 1, "sample.blocks_per_call", c.blocks_per_call, "must be >= 1")
+    check(c.actors >= 0, "sample.actors", c.actors, "must be >= 1, or 0 for as many as the cluster holds")
+    check(c.cpus_per_actor > 0, "sample.cpus_per_actor", c.cpus_per_actor, "must be > 0")
+    check(c.gpus_per_actor >= 0, "sample.gpus_per_actor", c.gpus_per_actor, "must be >= 0")
+    check(c.precision in PRECISIONS[1:], "sample.precision", c.precision, f"allowed: {', '.join(PRECISIONS[1:])}")
+    check(c.precision != "fp16" or c.gpus_per_actor > 0, "sample.precision", c.precision,
+           "fp16 needs GPU actors (sample.gpus_per_actor > 0); use fp32 or bf16 on CPU")
+    if method in METHODS and METHODS[method].kind == "riemannian" and c.solver in FIXED_METHODS:
+        from fm.riemannian import MANIFOLD_SOLVERS
+
+        check(c.solver in MANIFOLD_SOLVERS, "sample.solver", c.solver,
+               f"a fixed-step solver on a manifold must be one of {', '.join(MANIFOLD_SOLVERS)} (or use an "
+               "adaptive one)")
+    if c.solver == "sde" and method is not None:
+        try:
+            make_method(**(method_kwargs or {"name": method})).sde_diffusion(c.sde_g)
+        except ValueError as err:
+            raise ConfigError(f"sample.sde_g: {c.sde_g!r} is not allowed with sample.solver=sde for this "
+                              f"{method} checkpoint: {err}") from None
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    max_images: int = 0  # 0: the whole split
+    draws: int = 1  # K dequantization draws
+    divergence: str = "hutchinson"  # or "exact"
+    probes: int = 1  # H Hutchinson probes
+    probe_kind: str = "rademacher"  # or "gaussian"
+    solver: str = "dopri5"  # the likelihood ODE: any torchdiffeq method
+    steps: int | None = None  # fixed-step solvers only
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    batch_size: int = 64  # the likelihood's fixed blocks: rows solved together (an adaptive solver shares its steps)
+    blocks_per_call: int = 1  # Ray batch size, in blocks (changes nothing but scheduling)
+    actors: int = 0  # 0: as many as the cluster's cores (or GPUs) and memory hold (`pipelines.runtime.actor_pool`)
+    cpus_per_actor: float = 0.5
+    seed: int = 0
+    classifier_epochs: int = 15
+    features: str = "auto"  # inception (FID), classifier, or auto: inception from 16x16 up, else the classifier
+    reference_split: str = "train"  # FID/FD against this split (the papers' convention)
+    reference_max: int = 0  # 0: the whole reference split; else about this many of its images (by id hash)
+    floor_split: str = "test"  # held-out real images scored against the reference: the floor ("": none)
+    subset_size: int = 2000  # features kept for KID and precision/recall
+    feature_batch: int = 64
+    gpus_per_actor: float = 0.0
+
+
+FEATURES = ("auto", "inception", "classifier")
+
+
+def validate_eval_config(c: EvalConfig) -> None:
+    """Check every eval.* value, solver settings included, before any Ray work."""
+    check(c.draws >= 1, "eval.draws", c.draws, "must be >= 1")
+    check(c.divergence in ("exact", "hutchinson"), "eval.divergence", c.divergence, "allowed: exact, hutchinson")
+    check(c.probes >= 1, "eval.probes", c.probes, "must be >= 1")
+    check(c.draws == 1 or c.divergence == "exact", "eval.draws", c.draws,
+           "K > 1 dequantization draws need eval.divergence=exact (Hutchinson estimates make their "
+           "log-mean-exp biased low)")
+    check(c.probe_kind in ("rademacher", "gaussian"), "eval.probe_kind", c.probe_kind,
+           "allowed: rademacher, gaussian")
+    check(c.batch_size >= 1, "eval.batch_size", c.batch_size, "must be >= 1")
+    check(c.blocks_per_call >= 1, "eval.blocks_per_call", c.blocks_per_call, "must be >= 1")
+    check(c.actors >= 0, "eval.actors", c.actors, "must be >= 1, or 0 for as many as the cluster holds")
+    check(c.cpus_per_actor > 0, "eval.cpus_per_actor", c.cpus_per_actor, "must be > 0")
+    check(c.max_images >= 0, "eval.max_images", c.max_images, "must be >= 0")
+    check(c.classifier_epochs >= 1, "eval.classifier_epochs", c.classifier_epochs, "must be >= 1")
+    check(c.features in FEATURES, "eval.features", c.features, f"allowed: {', '.join(FEATURES)}")
+    check(c.reference_max == 0 or c.reference_max >= 10, "eval.reference_max", c.reference_max,
+           "must be 0 (the whole split) or >= 10")
+    check(c.subset_size >= 10, "eval.subset_size", c.subset_size, "must be >= 10")
+    check(c.feature_batch >= 1, "eval.feature_batch", c.feature_batch, "must be >= 1")
+    check(c.gpus_per_actor >= 0, "eval.gpus_per_actor", c.gpus_per_actor, "must be >= 0")
+    try:
+        check_solver(c.solver, c.steps, c.atol, c.rtol)
+    except ValueError as err:
+        key = "eval.steps" if "steps" in str(err) else "eval.atol/rtol" if "atol" in str(err) else "eval.solver"
+        raise ConfigError(f"{key}: {err}") from None

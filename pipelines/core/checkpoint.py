@@ -1,0 +1,150 @@
+"""Checkpoint directories: state dicts (model, EMA, optimizer) plus meta.json (step, model and method arguments,
+resolved config), so that a model is rebuilt from the checkpoint alone. Loaded with weights_only=True.
+
+A checkpoint is read where it lies: a local folder, or an object-store prefix (`s3://bucket/runs/x/checkpoint_...`,
+as Ray Train writes them to an object-store `train.storage_path`), through `pipelines.storage`; every actor that
+loads one reads it itself, so no node needs a copy on its disk."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from fm.methods import Method, make_method
+from fm.models import build_model
+from pipelines.core import storage
+from pipelines.core.errors import ConfigError
+
+META = "meta.json"
+
+
+class CheckpointError(ConfigError):
+    """A missing, incomplete or mismatched checkpoint."""
+
+
+def save_checkpoint(directory: str | Path, *, step: int, model: nn.Module, ema_state: dict,
+                    optimizer: torch.optim.Optimizer | None, model_name: str, model_kwargs: dict,
+                    method_kwargs: dict, config: dict, extra: dict | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
+    """Write a checkpoint directory. `model` must be the unwrapped module (no DDP prefixes); `scaler` (fp16
+    training) is kept so that a resumed run continues with the loss scale it had."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), d / "model.pt")
+    torch.save(ema_state, d / "ema.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), d / "optimizer.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), d / "scaler.pt")
+    meta = {"step": step, "model": {"name": model_name, "kwargs": model_kwargs}, "method": method_kwargs,
+            "config": config, **(extra or {})}
+    (d / META).write_text(json.dumps(meta, indent=1))
+    return d
+
+
+def load_meta(directory: str | Path) -> dict:
+    """A checkpoint's meta.json, checked: a directory, valid JSON, with step, model and method."""
+
+    d = str(directory)
+    if storage.is_file(d):
+        raise CheckpointError(f"{d} is a file; a checkpoint is a directory holding {META}, model.pt and ema.pt")
+    if not storage.exists(d):
+        raise CheckpointError(f"checkpoint directory {d} does not exist")
+    path = storage.join(d, META)
+    if not storage.is_file(path):
+        raise CheckpointError(f"{d} is not a checkpoint: {META} is missing")
+    try:
+        meta = json.loads(storage.read_text(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object; got {type(meta).__name__}")
+    for key, kind in (("step", int), ("model", dict), ("method", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path}: key {key!r} must be {'an integer' if kind is int else 'a mapping'}; "
+                                  f"got {meta.get(key)!r}")
+    if not isinstance(meta["model"].get("name"), str) or not isinstance(meta["model"].get("kwargs"), dict):
+        raise CheckpointError(f"{path}: 'model' needs a 'name' and a 'kwargs' mapping")
+    if not isinstance(meta["method"].get("name"), str):
+        raise CheckpointError(f"{path}: 'method' needs a 'name'")
+    return meta
+
+
+def check_files(directory: str | Path) -> None:
+    """Every weights file of a checkpoint opens as a torch archive. Only the zip directory at the file's end is
+    read (ranged reads of an object), so this is cheap: a truncated or overwritten file is named here, before Ray
+    starts, and the full load (`load_state`, weights_only=True) comes later."""
+    import zipfile
+
+
+    for name in ("model.pt", "ema.pt", "optimizer.pt", "scaler.pt"):
+        path = storage.join(str(directory), name)
+        if not storage.is_file(path):
+            continue
+        fs, inner = storage.resolve(path)
+        try:
+            with fs.open_input_file(inner) as f:
+                zipfile.ZipFile(f).close()
+        except (zipfile.BadZipFile, OSError, pa.ArrowException):  # pyarrow: a seek before the start of a short file
+            raise CheckpointError(f"{path}: not a readable torch file (truncated or corrupt)") from None
+
+
+def load_state(directory: str | Path, name: str) -> dict:
+    """A state dict from <directory>/<name>.pt with weights_only=True; refused or unreadable files are said in
+    words (CheckpointError naming the file)."""
+    import pickle
+
+
+    path = storage.join(str(directory), f"{name}.pt")
+    if not storage.is_file(path):
+        raise CheckpointError(f"checkpoint {directory} has no {name}.pt")
+    try:
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain containers, "
+                              f"which are not loaded (torch.load with weights_only=True): "
+                              f"{str(err).splitlines()[-1][:200]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable torch file (truncated or corrupt): "
+                              f"{str(err).splitlines()[0][:200]}") from None
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    method: Method
+    meta: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def load_model(directory: str | Path, use_ema: bool = True, expect: dict | None = None) -> LoadedModel:
+    """Rebuild the model (EMA weights by default) and its method from a checkpoint directory alone.
+
+    Args:
+        expect: optional model kwargs the caller requires (e.g. image size); a mismatch raises CheckpointError.
+    """
+    meta = load_meta(directory)
+    check_files(directory)
+    name, kwargs = meta["model"]["name"], dict(meta["model"]["kwargs"])
+    for key, value in (expect or {}).items():
+        if kwargs.get(key) != value:
+            raise CheckpointError(f"checkpoint {directory} was trained with model.{key}={kwargs.get(key)!r}, "
+                                  f"but {value!r} is required here")
+    model = build_model(name, **kwargs)
+    state = load_state(directory, "ema")["module"] if use_ema else load_state(directory, "model")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {directory}: weights do not fit model {name} {kwargs}: "
+                              f"{str(err).splitlines()[0]}") from None
+    return LoadedModel(model.eval(), make_method(**meta["method"]), meta)

@@ -1,0 +1,286 @@
+"""The Ray runtime every stage shares: joining a cluster or starting a local one, and how loud the console is.
+
+By default the console shows Ray's warnings and errors, the project's own one line per stage, one line per
+training logging window, and Ray Data's progress bars; `--verbose` (or `set_verbose(True)`) restores Ray's full
+INFO logging (operator plans, controller state changes, worker start-up).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import psutil
+
+from pipelines.core.errors import JobStopped
+
+_state = {"verbose": False, "stop_on_signals": False, "local_ray": None}
+
+
+def set_verbose(verbose: bool) -> None:
+    """Choose the console's loudness for this process (before `init_ray`)."""
+    _state["verbose"] = bool(verbose)
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow"):
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        # read by MLflow when it is first imported, and by Ray Train's workers (which inherit this environment
+        # from a local Ray): without the print patch a worker's print reaches the driver once, as Ray prints it
+        for key, value in (("MLFLOW_LOGGING_LEVEL", "WARNING"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
+                           ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")):
+            os.environ.setdefault(key, value)
+
+
+def is_verbose() -> bool:
+    return _state["verbose"]
+
+
+def use_cpu_share(cpus: float) -> int:
+    """Give this Ray worker or actor as many torch threads as the CPUs it reserved (at least one), and return that.
+
+    Ray does not set the thread count of a Train worker, and torch's default is every core of the node: two
+    workers on two cores then run four threads that wait on each other, about 3x slower than one thread each
+    (measured on a 2-core machine: 41 against 114 images/s per worker, `benchmarks.train_overhead` in BENCHMARKS.md).
+    """
+    import torch
+
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def init_ray(address: str | None = None, local_cpus: int = 4) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS, as under `ray job submit`), else start a local one.
+
+    A local Ray gets at least `local_cpus` logical CPUs: Ray Data's read tasks ask for a whole CPU, and on a
+    2-core host the train workers and preprocessing actors would otherwise leave none, hanging the job.
+    A local Ray listens on 127.0.0.1 only (GCS, raylet, workers, agents, dashboard), and a watchdog
+    (`pipelines.reaper`) stops its processes should this driver die without shutting it down.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = not is_verbose()
+    set_verbose(not quiet)
+    kwargs = {"log_to_driver": True}
+    if quiet:
+        # the level of Ray's own loggers in every worker and actor (Ray Data's operator plans, Train's
+        # controller); prints of the project's workers (the training progress lines) still reach the driver
+        kwargs["logging_level"] = logging.WARNING
+        kwargs["logging_config"] = ray.LoggingConfig(log_level="WARNING")
+    if quiet:
+        # Ray Data configures its own logger in every process from this variable (workers inherit it from a local
+        # Ray; on a cluster only this driver's logger is quietened)
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray Train on one machine: no node can be preempted, so no preemption-watcher actor (a process of its
+        # own per fit), and the controller sees a finished worker group within 0.5 s instead of 2 (both together
+        # measured 4 to 9 s less per TorchTrainer.fit of a tiny 2-worker run on 2 cores: 38-52 s against 43-56)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        _loopback_only()
+        before = {p.pid for p in psutil.Process().children()}
+        _init_local(ray, num_cpus=max(os.cpu_count() or 1, local_cpus), dashboard_host="127.0.0.1", **kwargs)
+        # the GCS of the local Ray this process started: its node has os.cpu_count() real cores under its CPUs
+        _state["local_ray"] = ray.get_runtime_context().gcs_address
+        _start_reaper([p.pid for p in psutil.Process().children() if p.pid not in before])
+    _quiet_ray_data(quiet)
+    if _state["stop_on_signals"]:  # again after ray.init, whose core worker installs a SIGTERM handler of its own
+        stop_on_signals()
+
+
+def actor_pool(actors: int, cpus: float, gpus: float = 0.0, memory: int = 0, work: int = 0) -> tuple[int, int]:
+    """An actor stage's pool (after `init_ray`): (how many actors, the memory each declares to Ray).
+
+    The count is `actors` when it is set (> 0). Auto (0): one per `gpus` of the cluster's GPUs for GPU actors; for
+    CPU actors, one per `max(1, int(cpus))` cores (an actor's torch threads, `use_cpu_share`) of the cores the
+    stage may take: a local Ray's real cores (its logical CPUs are more, for Ray Data's read tasks), or every
+    node's CPUs less one (left to those tasks); either way no more than the cluster's memory resource holds at
+    `memory` bytes each, nor than the stage's `work` items (blocks, batches) when given, and at least one.
+    The declared memory is `memory`, or the largest node's memory resource when that is less (an actor that no
+    node could place would wait forever; `pipelines.memory.check_fits` has already refused what this machine
+    cannot hold)."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    memory = min(memory, int(max(node.get("memory", 0) for node in nodes)))
+    if actors > 0:
+        return actors, memory
+    if gpus > 0:
+        n = int(ray.cluster_resources().get("GPU", 0) // gpus)
+    else:
+        local = _state["local_ray"] == ray.get_runtime_context().gcs_address
+        cores = (os.cpu_count() or 1) if local else sum(max(0, int(node.get("CPU", 0)) - 1) for node in nodes)
+        n = cores // max(1, int(cpus))
+    if memory > 0:
+        n = min(n, int(ray.available_resources().get("memory", 0) // memory))
+    if work > 0:  # an actor without an input would only load the model
+        n = min(n, work)
+    return max(1, n), memory
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise `JobStopped` in the main thread, so that the running stage can mark its MLflow run
+    KILLED, say what it keeps and stop Ray. A second signal while stopping ends the process at once. For jobs
+    (`jobs.cli.run_job`); from then on `init_ray` installs the handlers again over Ray's."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _state["stop_on_signals"] = True
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_stopped)
+
+
+def default_signals() -> None:
+    """Undo `stop_on_signals` (when a job run in process returns): Python's SIGINT, the default SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _state["stop_on_signals"] = False
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def interruptible(fn, *args):
+    """`fn(*args)` in a thread of its own while this, the main thread, waits for it: there a signal's `JobStopped`
+    is raised at once, where a blocking Ray call (`ray.get` inside `TorchTrainer.fit`) would hold it back until it
+    returns. Without `stop_on_signals` (a library caller) or off the main thread, `fn` simply runs here."""
+    if not _state["stop_on_signals"] or threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as err:  # re-raised in the caller's thread, traceback and all
+            box["error"] = err
+
+    worker = threading.Thread(target=target, name="flowray-stage", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise JobStopped(signum)
+
+
+def _init_local(ray, attempts: int = 3, **kwargs) -> None:
+    """Start a local Ray, again after a node start-up timeout: Ray waits a fixed 30 s for its raylet to register,
+    which a machine busy with other work (another Ray, a build) can exceed; the processes of the failed start are
+    stopped before the next."""
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in psutil.Process().children()}
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as err:
+            if "timed out during startup" not in str(err) or attempt == attempts:
+                raise
+            ray.shutdown()
+            started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+            for p in started:
+                p.kill()
+            psutil.wait_procs(started, timeout=10)
+            stage(f"local Ray did not start within Ray's 30 s (a busy machine?); starting it again "
+                  f"({attempt + 1} of {attempts})")
+
+
+def _loopback_only() -> None:
+    """Make a local Ray's node address 127.0.0.1, so that every server of it binds loopback only.
+
+    Ray's servers bind the node's address, and `ray.init` replaces a loopback `_node_ip_address` by the host's
+    routable one unless Ray clusters are off for this host, as Ray does by default on macOS and Windows. The
+    variable reaches the processes Ray starts; the constant is already read if ray was imported before.
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1` in the environment keeps Ray's own behaviour.
+    """
+    from ray._private import ray_constants
+
+    os.environ.setdefault(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] not in ("0", "false")
+
+
+def _start_reaper(root_pids: list[int]) -> None:
+    """The watchdog that stops this local Ray's processes if the driver dies without `ray.shutdown()`."""
+    import subprocess
+
+    if root_pids:
+        subprocess.Popen([sys.executable, "-m", "pipelines.core.reaper", str(os.getpid()), *map(str, root_pids)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _quiet_ray_data(quiet: bool) -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = True  # tqdm bars on the driver's terminal; logged at INFO (--verbose) otherwise
+    # in other processes (actors, Train workers) bars would be relayed line by line to the driver's log
+    ctx.use_ray_tqdm = not quiet
+    ctx.print_on_execution_start = not quiet  # the operator plan of every dataset
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker (quiet mode): Train V2 logs every report at INFO through a logger named by its file
+    path, outside the `ray.train` hierarchy that `train_logging_config` sets, so it is quietened by name; the
+    worker's own Ray Data stream (`pipelines.stream`) logs its start and end at INFO, which the driver's log would
+    show late, after the job's JSON result."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quieten
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_logging_config():
+    """Ray Train's own log level on the console: warnings by default, INFO with --verbose."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")
+
+
+def spread(ds, rows: int, batch_size: int, actors: int):
+    """Split a split's few large blocks (one per shard) so that every actor of the pool gets batches."""
+    blocks = min(max(1, -(-rows // batch_size)), 4 * actors)
+    return ds.repartition(blocks) if blocks > 1 else ds
+
+
+def stage(message: str) -> None:
+    """One console line for a stage of a job (flushed, on stderr, so stdout's last line stays the JSON result)."""
+    print(f"[flowray {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A progress line with rate and ETA for a stage that completes `total` units (blocks, batches, images): at
+    most one line every `every` seconds, and one at the end. Works the same on a terminal and in a log file."""
+
+    def __init__(self, what: str, total: int, unit: str, every: float = 10.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start  # the first line after `every` seconds: the first unit includes start-up
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.done < self.total and now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        stage(f"{self.what}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, "
+              + (f"ETA {eta:.0f} s" if self.done < self.total else f"done in {elapsed:.0f} s"))

@@ -1,0 +1,600 @@
+"""Ingest any image source into sharded parquet with a manifest, as a Ray Data job in bounded memory.
+
+    listing (driver: checks, parts) -> Ray Data map_batches tasks, one part each: read, decode, convert the mode,
+    resize, validate, split by id hash, stream parquet shards -> driver: gather counts, checksums, quarantine,
+    conversions -> manifest.json
+
+Rows are raw uint8 HWC bytes (float32 for 2-D points) with a label and a stable id (see `pipelines.images`).
+Sources and their parts: `pipelines.sources`. The output is a function of the source and the settings, never of
+the parallelism: parts come from the listing, the train/test split from a hash of (seed, id), and every part
+writes its own shards. Rows that cannot be used are quarantined with their id and reason in manifest.json; the job
+fails when their fraction exceeds `max_bad_fraction`. Shards are written into a staging folder and moved into
+place with the manifest only when the job succeeds.
+
+`--out` may be an object-store URI (`s3://bucket/data/x`). Objects cannot be renamed, so there the shards are
+written straight to a folder of their own (`shards-<ingest id>/`, never one an earlier manifest lists), the
+manifest is put last in one request (readers see the old data set or the new one, whole), and only then are the
+shards of the manifest it replaced deleted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.core import storage
+from pipelines.core.manifest import MANIFEST, SCHEMA, Manifest, row_format, sha256, shard_schema
+from pipelines.core.memory import gib
+from pipelines.core.runtime import Progress, init_ray, stage
+from pipelines.ingest.sources import IngestError, Listing, Part, Record, list_source, read_part, stable_hash
+
+__all__ = ["IngestError", "IngestResult", "ingest", "load_manifest", "shard_paths", "Settings", "SCHEMA"]
+
+TRANSFORMS = ("center-crop", "resize")
+WRITE_ROWS = 512  # rows a task buffers before appending a row group
+WRITE_BYTES = 64 << 20  # ... or fewer, when they would hold more bytes than this (large images)
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS): the default of --max-pixels
+TASK_BASE_BYTES = 512 << 20  # a Ray worker with pyarrow, numpy and PIL loaded, before any row
+MAX_ROWS_PER_SHARD = 20_000
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every task needs besides its part: the declared row format and the split rule."""
+
+    channels: int | None  # 1 or 3 (None for points)
+    resolution: int | None  # H = W; None for points
+    transform: str | None  # None: wrong sizes are quarantined
+    seed: int
+    test_fraction: float
+    points: bool
+    staging: str  # where the tasks write shards (a location of `pipelines.storage`)
+    num_parts: int
+    manifold: str | None = None  # points must lie on it (`fm.manifolds.get_manifold`)
+    file_prefix: str = ""  # what the manifest puts before a shard's name: "" (moved into --out), "shards-<id>/"
+    max_pixels: int = MAX_PIXELS  # an encoded image that decodes to more pixels is quarantined, never decoded
+
+    @property
+    def row_bytes(self) -> int:
+        return 8 if self.points else self.resolution * self.resolution * self.channels  # points: a few floats
+
+    @property
+    def group_rows(self) -> int:
+        """Rows per row group: `WRITE_ROWS`, fewer for large rows, so that a task's buffer stays near WRITE_BYTES."""
+        return max(1, min(WRITE_ROWS, WRITE_BYTES // max(1, self.row_bytes)))
+
+    def task_memory(self, encoded: bool) -> int:
+        """Bytes one ingest task holds at most: its row group twice (the rows and the arrow table written from
+        them), one decoded image of up to `max_pixels` (RGBA) and its converted copy, and the worker itself."""
+        decoded = 2 * 4 * self.max_pixels if encoded else 0
+        return TASK_BASE_BYTES + 2 * self.group_rows * self.row_bytes + decoded
+
+
+# --- one image to the declared format ------------------------------------------------------------------------
+
+
+def convert_mode(im, target: str):
+    """A PIL image in mode `target` ("L" or "RGB") and the conversion made ("RGBA->RGB", None when none).
+
+    Alpha is dropped (not composited), palettes expanded, CMYK converted by PIL's rule, grey replicated, RGB to grey
+    by ITU-R 601 luma, and 16- or 32-bit grey scaled to 8 bits (x / 257), not clipped."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode == target:
+        return im, None
+    if mode.startswith("I"):  # 16-bit PNGs open as I;16 or I: scale 0..65535 to 0..255
+        arr = np.asarray(im).astype(np.float64)
+        im = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        raise ValueError("floating-point image (mode F): no 8-bit meaning")
+    elif mode == "P":  # via RGBA: a palette with a transparent index keeps its colours
+        im = im.convert("RGBA")
+    return (im if im.mode == target else im.convert(target)), f"{mode}->{target}"
+
+
+def _resize(im, size: int, transform: str):
+    """EDM dataset_tool's transforms with a Lanczos (antialiasing) filter: "center-crop" scales the shorter side to
+    `size` and keeps the centre square; "resize" stretches to size x size."""
+    from PIL import Image
+
+    if transform == "resize":
+        return im.resize((size, size), Image.Resampling.LANCZOS)
+    w, h = im.size
+    scale = size / min(w, h)
+    w2, h2 = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((w2, h2), Image.Resampling.LANCZOS)
+    left, top = (w2 - size) // 2, (h2 - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def _from_array(array: np.ndarray):
+    """A uint8 HW / HWC array as a PIL image ("L", "LA", "RGB", "RGBA" by channel count)."""
+    from PIL import Image
+
+    if array.dtype != np.uint8:
+        raise ValueError(f"pixel dtype {array.dtype} is not uint8")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    modes = {2: "L", 3: {2: "LA", 3: "RGB", 4: "RGBA"}}
+    mode = modes.get(array.ndim)
+    mode = mode.get(array.shape[2]) if isinstance(mode, dict) else mode
+    if mode is None:
+        raise ValueError(f"wrong channel count: an image array of shape {list(array.shape)} (allowed: HW, or HWC "
+                         "with C in 1, 2, 3, 4)")
+    return Image.fromarray(np.ascontiguousarray(array), mode)
+
+
+class _TooLarge(Exception):
+    """An image above the pixel limit (raised before PIL decodes it)."""
+
+
+def _open(encoded: bytes, max_pixels: int = MAX_PIXELS):
+    """A decoded PIL image; ValueError with the reason when the bytes are empty, undecodable, or would decode to
+    more than `max_pixels` pixels (checked from the header, before any pixel is decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not encoded:
+        raise ValueError("empty file (0 bytes)")
+    Image.MAX_IMAGE_PIXELS = None  # the limit is ours (`max_pixels`), checked below; PIL's would raise its own error
+    try:
+        im = Image.open(io.BytesIO(encoded))
+        w, h = im.size
+        if w * h > max_pixels:
+            raise _TooLarge(f"decodes to {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
+                            "(--max-pixels; a decompression bomb, or a photo larger than the limit allows)")
+        im.load()
+        return im
+    except _TooLarge as err:
+        raise ValueError(str(err)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # the same reason in every process
+        raise ValueError(f"undecodable image bytes ({type(err).__name__}: {why})") from None
+
+
+def prepare(record: Record, s: Settings) -> tuple[np.ndarray, str | None, bool]:
+    """A record as the declared uint8 [H, W, C] array (float32 [D] for points), the mode conversion made and
+    whether it was resized; raises ValueError with the reason it cannot be used."""
+    if record.error:
+        raise ValueError(record.error)
+    if s.points:
+        point = np.asarray(record.array, dtype=np.float32)
+        if s.manifold:
+            _check_on_manifold(point, s.manifold)
+        return point, None, False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's decompression-bomb and palette notes: the row is checked below
+        im = _open(record.encoded, s.max_pixels) if record.array is None else _from_array(record.array)
+        im, conversion = convert_mode(im, "L" if s.channels == 1 else "RGB")
+        resized = False
+        if im.size != (s.resolution, s.resolution):
+            if s.transform is None:
+                w, h = im.size
+                raise ValueError(f"wrong size {h}x{w}, expected {s.resolution}x{s.resolution} (--transform "
+                                 "center-crop or resize makes it fit)")
+            im, resized = _resize(im, s.resolution, s.transform), True
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr.reshape(s.resolution, s.resolution, s.channels), conversion, resized
+
+
+def _check_on_manifold(point: np.ndarray, manifold: str) -> None:
+    """Raise ValueError with the reason a point row is not on the manifold (shape, norm or angle range)."""
+    import torch
+
+    from fm.manifolds import get_manifold
+
+    m = get_manifold(manifold)
+    x = torch.from_numpy(point.reshape(1, -1))
+    if x.shape[1] != m.ambient_dim:
+        m.check_points(x, "point")  # names the shape
+    bad, what = m.outside(x)
+    if bad.any():
+        raise ValueError(f"point: {point.tolist()} {what}")
+
+
+def split_of(record: Record, s: Settings) -> str:
+    """The source's own split, else "test" for a fraction of ids by a hash of (seed, id): the same row lands in the
+    same split whatever the order, the batching or the parallelism."""
+    if record.split:
+        return record.split
+    return "test" if stable_hash(f"{s.seed}/{record.id}") < s.test_fraction else "train"
+
+
+# --- one part, in a Ray task ---------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """Streams one split's rows of one part into staging/<split>-<part>-of-<parts>.parquet, a row group at a time."""
+
+    def __init__(self, s: Settings, split: str, part: int, shape: tuple[int, ...]):
+        self.name = f"{split}-{part:05d}-of-{s.num_parts:05d}.parquet"
+        self.path = storage.join(s.staging, self.name)
+        self.file = s.file_prefix + self.name
+        self.schema = shard_schema(row_format("points" if s.points else "image", list(shape)), split)
+        self.writer, self.rows, self.buffer, self.group_rows = None, 0, [], s.group_rows
+
+    def add(self, rid: str, label: int, cell: bytes) -> None:
+        self.buffer.append((rid, label, cell))
+        if len(self.buffer) >= self.group_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        ids, labels, cells = zip(*self.buffer, strict=True)
+        table = pa.table({"id": list(ids), "label": list(labels), "image": list(cells)}, schema=SCHEMA)
+        self.writer = self.writer or storage.parquet_writer(self.path, self.schema)
+        self.writer.write_table(table)
+        self.rows += len(self.buffer)
+        self.buffer = []
+
+    def close(self) -> dict | None:
+        self.flush()
+        if self.writer is None:
+            return None
+        self.writer.close()
+        return {"file": self.file, "rows": self.rows, "sha256": sha256(self.path)}
+
+
+def ingest_part(part: Part, s: Settings) -> dict:
+    """Read, convert, validate and write one part; returns its summary (shards, counts, quarantine)."""
+    writers: dict[str, _ShardWriter] = {}
+    quarantine, conversions, resized, rows, labels, shape = [], Counter(), 0, 0, set(), None
+    for record in read_part(part):
+        rows += 1
+        try:
+            arr, conversion, was_resized = prepare(record, s)
+            if record.label < 0:
+                raise ValueError(f"label {record.label} is negative")
+        except ValueError as err:
+            quarantine.append({"id": record.id, "reason": str(err)})
+            continue
+        if s.points and shape is not None and tuple(arr.shape) != shape:
+            quarantine.append({"id": record.id, "reason": f"point has shape {list(arr.shape)}, expected {list(shape)}"})
+            continue
+        shape = tuple(arr.shape)
+        conversions[conversion] += conversion is not None
+        resized += was_resized
+        labels.add(record.label)
+        split = split_of(record, s)
+        if split not in writers:
+            writers[split] = _ShardWriter(s, split, part.index, shape)
+        writers[split].add(record.id, record.label, arr.tobytes())
+    shards = {split: w.close() for split, w in writers.items()}
+    return {"part": part.index, "rows": rows, "quarantine": quarantine, "shards": shards,
+            "conversions": {k: v for k, v in conversions.items() if k and v}, "resized": resized,
+            "max_label": max(labels) if labels else -1, "shape": list(shape) if shape else None}
+
+
+def _ingest_batch(batch: dict, settings: dict) -> dict:
+    """Ray Data map_batches task: parts (JSON, one per row of the listing dataset) -> their summaries (JSON)."""
+    out = []
+    for text in batch["part"]:
+        p = json.loads(text)
+        out.append(json.dumps(ingest_part(Part(p["index"], p["reader"], p["args"], p["rows"]), Settings(**settings))))
+    return {"summary": np.array(out, dtype=object)}
+
+
+# --- the driver ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IngestResult:
+    out: Path
+    manifest: dict
+
+
+def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0.1, seed: int = 0,
+           channels: int | None = None, image_size: int | None = None, max_bad_fraction: float = 0.01,
+           transform: str | None = None, parallelism: int | None = None,
+           max_rows_per_shard: int = MAX_ROWS_PER_SHARD, unlabelled: bool = False,
+           manifold: str | None = None, max_pixels: int = MAX_PIXELS) -> IngestResult:
+    """Ingest a source into parquet shards and manifest.json on Ray Data (a local Ray unless one is running or
+    RAY_ADDRESS is set).
+
+    Args:
+        spec: the source (`pipelines.sources`). out: output directory.
+        shards: parts the source is cut into at least (each writes one shard per split); more when a part would
+            exceed `max_rows_per_shard` rows.
+        test_fraction: held-out fraction (by id hash) where the source has no split of its own. seed: split seed.
+        channels: 1 or 3 (default: 1 for the grey array sources, else that of the first listed image).
+        image_size: the resolution H = W (default: that of the first listed image).
+        max_bad_fraction: quarantined fraction that fails the job.
+        transform: None (images of another size are quarantined), "center-crop" or "resize" (Lanczos).
+        parallelism: at most this many parts at once (default: as many as the cluster's CPUs allow).
+        unlabelled: accept a source without labels (parquet without a 'label' column, npz without labels, tar
+            without .cls members or class folders); the manifest says so and class-conditional training refuses it.
+        manifold: the manifold point rows lie on ("sphere2", "torus2"; `manifold:NAME` sources declare their own):
+            recorded in the manifest; rows off it are quarantined.
+        max_pixels: an encoded image whose header says it decodes to more pixels is quarantined undecoded.
+    """
+    _check_arguments(shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism,
+                     max_rows_per_shard)
+    if max_pixels < 1:
+        raise IngestError(f"--max-pixels must be >= 1; got {max_pixels}")
+    out = storage.check_writable(str(out), "--out")
+    listing = list_source(spec, shards, max_rows_per_shard)
+    if not listing.labelled and not unlabelled:
+        raise IngestError(f"source {spec!r} has no labels; pass --unlabelled to ingest it without classes "
+                          "(class-conditional training will refuse it)")
+    if listing.labelled and unlabelled:
+        raise IngestError(f"source {spec!r} has labels; --unlabelled is only for sources without them")
+    listing.manifold = _declared_manifold(listing, manifold)
+    channels, image_size = declared_format(listing, channels, image_size, max_pixels)
+    _check_task_memory(Settings(channels, image_size, transform, seed, test_fraction, listing.points, "", 1,
+                                max_pixels=max_pixels), listing, image_size)
+    if storage.is_uri(out):
+        return _ingest_to_object_store(listing, out, channels, image_size, transform, seed, test_fraction,
+                                       max_bad_fraction, parallelism, max_pixels)
+    out = Path(out)
+    staging = out / f".ingest-staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    settings = Settings(channels, image_size, transform, seed, test_fraction, listing.points, str(staging.resolve()),
+                        len(listing.parts), listing.manifold, max_pixels=max_pixels)
+    try:
+        summaries = _run_parts(listing, settings, parallelism)
+        manifest = _manifest(listing, settings, summaries, max_bad_fraction)
+        _publish(out, staging, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return IngestResult(out, manifest)
+
+
+def _ingest_to_object_store(listing: Listing, out: str, channels, image_size, transform, seed, test_fraction,
+                            max_bad_fraction, parallelism, max_pixels) -> IngestResult:
+    """The shards straight into `out/shards-<id>/`, then the manifest in one PUT, then the replaced shards go.
+    A failed job leaves only its own unlisted folder behind (removed here when it can be)."""
+    folder = f"shards-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    settings = Settings(channels, image_size, transform, seed, test_fraction, listing.points,
+                        storage.join(out, folder), len(listing.parts), listing.manifold, file_prefix=folder + "/",
+                        max_pixels=max_pixels)
+    old = _listed_files(out)
+    try:
+        summaries = _run_parts(listing, settings, parallelism)
+        manifest = _manifest(listing, settings, summaries, max_bad_fraction)
+    except BaseException:
+        storage.delete_dir(settings.staging)
+        raise
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1), "--out")
+    new = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    for name in old - new:
+        storage.delete(storage.join(out, name))
+    return IngestResult(out, manifest)
+
+
+def _listed_files(out: str) -> set[str]:
+    """The shard files an existing manifest in `out` lists (none when there is none, or it cannot be read)."""
+    path = storage.join(out, MANIFEST)
+    if not storage.is_file(path):
+        return set()
+    try:
+        return {s["file"] for split in json.loads(storage.read_text(path))["splits"].values() for s in split["shards"]}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return set()
+
+
+def _declared_manifold(listing: Listing, manifold: str | None) -> str | None:
+    """The manifold of the rows: the source's own, or --manifold for point sources (checked against the rows'
+    dimension)."""
+    if manifold is None:
+        return listing.manifold
+    from fm.manifolds import get_manifold
+
+    try:
+        m = get_manifold(manifold)
+    except ValueError as err:
+        raise IngestError(f"--manifold: {err}") from None
+    if not listing.points:
+        raise IngestError(f"--manifold {manifold}: source {listing.spec!r} holds images; only point rows lie on a "
+                          "manifold")
+    if listing.manifold not in (None, manifold):
+        raise IngestError(f"--manifold {manifold}: source {listing.spec!r} lies on {listing.manifold}")
+    if listing.element_shape is not None and tuple(listing.element_shape) != (m.ambient_dim,):
+        raise IngestError(f"--manifold {manifold}: points on {m.label} have {m.ambient_dim} coordinates; "
+                          f"{listing.spec!r} has rows of shape {list(listing.element_shape)}")
+    return manifold
+
+
+def _check_arguments(shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism,
+                     max_rows_per_shard) -> None:
+    if shards < 1:
+        raise IngestError(f"--shards must be >= 1; got {shards}")
+    if not 0 <= test_fraction < 1:
+        raise IngestError(f"--test-fraction must be in [0, 1); got {test_fraction}")
+    if channels not in (None, 1, 3):
+        raise IngestError(f"--channels must be 1 or 3; got {channels}")
+    if image_size is not None and image_size < 1:
+        raise IngestError(f"--resolution must be >= 1; got {image_size}")
+    if transform not in (None, *TRANSFORMS):
+        raise IngestError(f"--transform {transform!r} is not allowed; allowed: {', '.join(TRANSFORMS)}")
+    if transform and image_size is None:
+        raise IngestError(f"--transform {transform} needs --resolution N (the size to resize to)")
+    if not 0 <= max_bad_fraction <= 1:
+        raise IngestError(f"--max-bad-fraction must be in [0, 1]; got {max_bad_fraction}")
+    if parallelism is not None and parallelism < 1:
+        raise IngestError(f"--parallelism must be >= 1; got {parallelism}")
+    if max_rows_per_shard < 1:
+        raise IngestError(f"--max-rows-per-shard must be >= 1; got {max_rows_per_shard}")
+
+
+def declared_format(listing: Listing, channels: int | None, size: int | None,
+                     max_pixels: int = MAX_PIXELS) -> tuple[int | None, int | None]:
+    """Channels and resolution: given, or fixed by the source, or by the first listed image that decodes (read
+    on the driver, so the choice does not depend on which task runs first)."""
+    if listing.points:
+        return None, None
+    if listing.element_shape is not None:  # array sources: the array says
+        shape = listing.element_shape
+        channels = channels or (1 if len(shape) == 2 or shape[2] <= 2 else 3)
+        return channels, size or shape[0]
+    if channels is not None and size is not None:
+        return channels, size
+    for i, record in enumerate(read_part(listing.parts[0])):
+        if i >= 100:
+            break
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                im = _open(record.encoded, max_pixels) if record.error is None else None
+        except ValueError:
+            continue
+        if im is not None:
+            return channels or (1 if im.mode in GREY_MODES else 3), size or max(im.size)
+    raise IngestError(f"{listing.spec}: none of the first 100 listed images could be decoded; pass --channels and "
+                      "--resolution, or check the source")
+
+
+def _check_task_memory(s: Settings, listing: Listing, resolution: int | None) -> None:
+    """Refuse, before Ray starts, a row format one ingest task could not hold in this machine's memory (each task
+    declares its estimate to Ray, so that the scheduler, not the out-of-memory killer, bounds how many run)."""
+    import psutil
+
+    need, total = s.task_memory(listing.encoded), psutil.virtual_memory().total
+    if need > total:
+        raise IngestError(
+            f"--resolution {resolution}: one ingest task would hold about {gib(need)} (row groups of "
+            f"{s.group_rows} row(s) of {resolution}x{resolution}x{s.channels} = {gib(s.row_bytes)} each, twice "
+            f"while written" + (f", one decoded image of up to --max-pixels {s.max_pixels:,}" if listing.encoded
+                                else "") + f", and the worker), more than this machine's {gib(total)} of memory; "
+            "lower --resolution")
+
+
+def _run_parts(listing: Listing, s: Settings, parallelism: int | None) -> list[dict]:
+    import ray
+
+
+    started = not ray.is_initialized()
+    init_ray()
+    try:
+        return _stream_parts(listing, s, parallelism)
+    finally:
+        if started:  # leave Ray as it was found: a job that ingests first starts its own stages afresh
+            ray.shutdown()
+
+
+def _stream_parts(listing: Listing, s: Settings, parallelism: int | None) -> list[dict]:
+    import ray.data
+
+
+    need = s.task_memory(listing.encoded)
+    offered = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    if need > offered:  # a task Ray could never place would wait forever
+        raise IngestError(f"one ingest task declares {gib(need)} of memory, but the largest node of this Ray offers "
+                          f"{gib(offered)}; lower --max-pixels or --resolution, or add memory")
+    stage(f"ingest {listing.spec}: {listing.rows} rows listed in {len(listing.parts)} part(s)"
+          + (f", at most {parallelism} at once" if parallelism else ""))
+    items = [{"part": json.dumps(asdict(p))} for p in listing.parts]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # one task per part: the cluster's CPUs (or `parallelism`) bound how many run at once, a part bounds memory
+    ds = ds.map_batches(_ingest_batch, fn_kwargs={"settings": asdict(s)}, batch_size=1, batch_format="numpy",
+                        num_cpus=1, memory=need,
+                        compute=ray.data.TaskPoolStrategy(size=parallelism))
+    progress = Progress(f"ingest {listing.spec}", listing.rows, "rows")
+    summaries = []
+    for row in ds.iter_rows():
+        summaries.append(json.loads(row["summary"]))
+        progress.update(summaries[-1]["rows"])
+    return sorted(summaries, key=lambda d: d["part"])
+
+
+def _manifest(listing: Listing, s: Settings, summaries: list[dict], max_bad_fraction: float) -> dict:
+    total = sum(d["rows"] for d in summaries)
+    quarantine = [q for d in summaries for q in d["quarantine"]]
+    bad = len(quarantine) / total if total else 1.0
+    if bad > max_bad_fraction:
+        first = "; ".join(f"{q['id']}: {q['reason']}" for q in quarantine[:5])
+        raise IngestError(f"{len(quarantine)} of {total} rows ({bad:.1%}) could not be used, above "
+                          f"max_bad_fraction={max_bad_fraction:.1%}. First: {first}")
+    shapes = {tuple(d["shape"]) for d in summaries if d["shape"]}
+    if len(shapes) > 1:  # only points can differ (images are all made the declared size)
+        raise IngestError(f"{listing.spec}: rows of different shapes {sorted(shapes)}")
+    shape = next(iter(shapes), None)
+    shape_out = list(shape) if shape else ([s.resolution, s.resolution, s.channels] if not s.points else [2])
+    conversions = Counter()
+    for d in summaries:
+        conversions.update(d["conversions"])
+    splits = {}
+    for split in ("train", "test"):
+        files = [d["shards"][split] for d in summaries if d["shards"].get(split)]
+        if not files:  # an empty split still gets a (schema-only) shard: readers need not special-case it
+            files = [_empty_shard(s, split, row_format("points" if s.points else "image", shape_out))]
+        splits[split] = {"count": sum(f["rows"] for f in files), "shards": files}
+    max_label = max(d["max_label"] for d in summaries)
+    return {
+        "format": 1,
+        "source": listing.spec,
+        "kind": "points" if s.points else "image",
+        **row_format("points" if s.points else "image", shape_out),
+        "labelled": listing.labelled,
+        "num_classes": (listing.num_classes or len(listing.class_names) or max_label + 1) if listing.labelled else 0,
+        "class_names": listing.class_names,
+        **({"manifold": listing.manifold} if listing.manifold else {}),
+        **({"times": listing.times} if listing.times else {}),
+        "seed": s.seed,
+        "test_fraction": s.test_fraction,
+        "split_rule": "the source's own" if any(r.args.get("split") for r in listing.parts)
+        else "sha256(seed/id) < test_fraction",
+        "transform": s.transform,
+        "resized": sum(d["resized"] for d in summaries),
+        "conversions": dict(sorted(conversions.items())),
+        "max_bad_fraction": max_bad_fraction,
+        "rows_read": total,
+        "quarantined": len(quarantine),
+        "quarantine": quarantine,
+        "ignored": listing.ignored,  # entries that are not rows (files not named as images, folder links)
+        "splits": splits,
+    }
+
+
+def _empty_shard(s: Settings, split: str, fmt: dict) -> dict:
+    name = f"{split}-00000-of-00001.parquet"
+    path = storage.join(s.staging, name)
+    with storage.parquet_writer(path, shard_schema(fmt, split)) as writer:
+        writer.write_table(shard_schema(fmt, split).empty_table())
+    return {"file": s.file_prefix + name, "rows": 0, "sha256": sha256(path)}
+
+
+def _publish(out: Path, staging: Path, manifest: dict) -> None:
+    """Move the new shards into `out` and write the manifest last (atomically); shards of an earlier ingest into
+    the same folder that the new manifest does not list are removed."""
+    old = []
+    if (out / MANIFEST).exists():
+        try:
+            old = [s["file"] for split in json.loads((out / MANIFEST).read_text())["splits"].values()
+                   for s in split["shards"]]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            old = []
+    new = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            os.replace(staging / shard["file"], out / shard["file"])
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    for name in old:
+        if name not in new and "/" not in name:
+            (out / name).unlink(missing_ok=True)
+
+
+def load_manifest(directory: str | Path, verify: bool = False) -> Manifest:
+    """The typed manifest of an ingest output (see `pipelines.manifest`); with verify, checks every checksum."""
+    return Manifest.load(directory, verify)
+
+
+def shard_paths(directory: str | Path, split: str) -> list[str]:
+    """Absolute paths of a split's shards, from the manifest."""
+    return Manifest.load(directory).shard_paths(split)

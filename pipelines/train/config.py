@@ -1,0 +1,262 @@
+"""The training config: one dataclass per concern (data, model, method, optim, train, ray, mlflow), loaded from YAML,
+overridden by `section.key=value`, validated in full before any Ray work starts, and checked against the data's
+manifest. Errors name the key, the bad value and what is allowed (`pipelines.core.settings`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fm.methods import METHODS, make_method
+from fm.models import MODELS
+from fm.training import SCHEDULES
+from pipelines.core.errors import ConfigError
+from pipelines.core.manifest import Manifest
+from pipelines.core.memory import check_fits, model_item_bytes
+from pipelines.core.settings import PRECISIONS, check, load_sections
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/digits"  # an ingest output directory (holds manifest.json)
+    split: str = "train"
+    hflip: bool = False  # random horizontal flips in preprocessing
+    buffer_batches: int = 96  # paired steps a worker's reader thread keeps ready on its device
+    shuffle_window: int = 65_536  # rows shuffled together in each pass, after the row groups are (pipelines.stream)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet"
+    model_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 1
+    attention_resolutions: list[int] = field(default_factory=lambda: [4])
+    dropout: float = 0.0
+    num_heads: int = 2
+    class_conditional: bool = False
+    label_dropout: float = 0.1  # probability of the null label in training, for classifier-free guidance
+    hidden: int = 256  # mlp only
+    depth: int = 3  # mlp only
+
+
+@dataclass
+class MethodConfig:
+    name: str = "fm_ot"
+    sigma_min: float = 1e-4
+    sigma: float | None = None  # straight-line path noise; null: the method's default (fm.methods.METHODS)
+    ot_scope: str = "local"  # otcfm: "local" (per worker) or "global" (one plan over all workers' batches)
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    schedule: str = "constant"  # after warm-up: constant, cosine or polynomial decay (fm.training.lr_at)
+    decay_steps: int | None = None  # the step at which the decay reaches min_lr; null: train.steps
+    min_lr: float = 0.0
+    power: float = 1.0  # polynomial decay exponent
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 64  # per worker
+    seed: int = 0
+    checkpoint_every: int = 250
+    log_every: int = 25
+    sample_every: int = 250  # sample grid to MLflow every M steps (0: only at the end)
+    grid_size: int = 64
+    grid_steps: int = 20  # Euler steps for the sample grid
+    max_nonfinite: int = 5  # abort after this many non-finite losses in a row
+    fail_at_step: int | None = None  # test hook: one worker raises once at this step
+    fail_rank: int = 1
+    run_name: str = "digits-cpu"
+    storage_path: str = "outputs/ray_results"  # a local folder, or an object-store URI (s3://, gs://)
+    num_to_keep: int = 2
+    # autocast of the forward pass: auto (bf16 on a GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GPU only, GradScaler)
+    precision: str = "auto"
+    compile: bool = False  # torch.compile the training model (after the DDP wrapper; the checkpoint is unchanged)
+    channels_last: bool = False  # NHWC memory format for the UNet and its batches (faster convolutions on GPUs)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: join a running cluster if RAY_ADDRESS is set, else start a local one
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional so Ray Data's read tasks keep a CPU on small machines
+    gpus_per_worker: float = 1.0
+    preprocess_cpus: float = 0.25  # per pairing task of the training stream (it reads, preprocesses and pairs)
+    preprocess_actors: int = 0  # most pairing tasks at once per worker's stream; 0: the spare CPUs / workers
+    prefetch_batches: int = 2
+    max_failures: int = 2  # a crashed worker (or node) is recovered from the last checkpoint, twice
+    local_cpus: int = 4  # logical CPUs of a local Ray (at least the host's count); see pipelines.train.init_ray
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = "flowray"
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/outputs/mlflow.db
+    register_as: str | None = None  # register the final model in the MLflow Model Registry under this name
+    flush_timeout_s: float = 120.0  # at the end of training, how long to wait for metrics queued in an outage
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """section.key -> value, for MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or defaults when path is None), apply `section.key=value` overrides, validate."""
+    cfg = load_sections(Config(), path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check every value; raise ConfigError naming the first bad key."""
+    m, meth, o, t, r = cfg.model, cfg.method, cfg.optim, cfg.train, cfg.ray
+    check(cfg.data.shuffle_window >= 1, "data.shuffle_window", cfg.data.shuffle_window,
+           "must be >= 1 (rows; a window is at least one row group)")
+    check(cfg.data.buffer_batches >= 0, "data.buffer_batches", cfg.data.buffer_batches, "must be >= 0")
+    check(m.name in MODELS, "model.name", m.name, f"allowed: {', '.join(MODELS)}")
+    check(m.model_channels >= 1, "model.model_channels", m.model_channels, "must be >= 1")
+    check(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult), "model.channel_mult",
+           m.channel_mult, "must be a non-empty list of integers >= 1")
+    check(m.num_res_blocks >= 1, "model.num_res_blocks", m.num_res_blocks, "must be >= 1")
+    check(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
+    check(0 <= m.label_dropout < 1, "model.label_dropout", m.label_dropout, "must be in [0, 1)")
+    check(m.num_heads >= 1 and m.model_channels % m.num_heads == 0, "model.num_heads", m.num_heads,
+           "must be >= 1 and divide model.model_channels")
+    check(meth.name in METHODS, "method.name", meth.name, f"allowed: {', '.join(METHODS)}")
+    check(meth.ot_scope in ("local", "global"), "method.ot_scope", meth.ot_scope, "allowed: local, global")
+    check(0 <= meth.sigma_min < 1, "method.sigma_min", meth.sigma_min, "must be in [0, 1)")
+    check(meth.sigma is None or meth.sigma >= 0, "method.sigma", meth.sigma, "must be null or >= 0")
+    if METHODS[meth.name].kind == "euclidean":  # the other kinds need the data's manifold or times (check_data)
+        try:
+            make_method(**method_kwargs(cfg))  # the parts' own checks (e.g. sbcfm needs sigma > 0)
+        except ValueError as err:
+            raise ConfigError(f"method: {err}") from None
+    check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"allowed: {', '.join(SCHEDULES)}")
+    check(o.decay_steps is None or o.decay_steps > o.warmup_steps, "optim.decay_steps", o.decay_steps,
+           f"must be null or > optim.warmup_steps={o.warmup_steps}")
+    check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    check(o.power > 0, "optim.power", o.power, "must be > 0")
+    check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
+    check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
+    check(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2")
+    check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
+    check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    check(t.sample_every >= 0, "train.sample_every", t.sample_every, "must be >= 0")
+    check(t.grid_size >= 1, "train.grid_size", t.grid_size, "must be >= 1")
+    check(t.max_nonfinite >= 1, "train.max_nonfinite", t.max_nonfinite, "must be >= 1")
+    check(t.fail_at_step is None or 1 <= t.fail_at_step <= t.steps, "train.fail_at_step", t.fail_at_step,
+           f"must be null or in [1, train.steps={t.steps}]")
+    check(bool(t.run_name) and "/" not in t.run_name, "train.run_name", t.run_name, "must be a non-empty name")
+    check(t.precision in PRECISIONS, "train.precision", t.precision, f"allowed: {', '.join(PRECISIONS)}")
+    check(t.precision != "fp16" or r.use_gpu, "train.precision", t.precision,
+           "fp16 needs a GPU (ray.use_gpu=true): CPUs have no fast fp16 and its gradients need a scaler; use fp32 "
+           "or bf16 on CPU")
+    check(not t.channels_last or m.name == "unet", "train.channels_last", t.channels_last,
+           f"a memory format of image batches: it needs model.name=unet, not {m.name}")
+    check(r.num_workers >= 1, "ray.num_workers", r.num_workers, "must be >= 1")
+    check(t.fail_at_step is None or 0 <= t.fail_rank < r.num_workers, "train.fail_rank", t.fail_rank,
+           f"must be a worker rank in [0, {r.num_workers - 1}]")
+    check(r.cpus_per_worker > 0, "ray.cpus_per_worker", r.cpus_per_worker, "must be > 0")
+    check(r.preprocess_cpus > 0, "ray.preprocess_cpus", r.preprocess_cpus, "must be > 0")
+    check(r.preprocess_actors >= 0, "ray.preprocess_actors", r.preprocess_actors,
+           "must be >= 0 (0: as many as the CPUs the train workers leave)")
+    check(r.max_failures >= -1, "ray.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
+    check(bool(cfg.mlflow.experiment), "mlflow.experiment", cfg.mlflow.experiment, "must be non-empty")
+
+
+def check_data(cfg: Config):
+    """Validate the data section against the ingest manifest (before Ray starts); returns the `Manifest`."""
+    try:
+        manifest = Manifest.load(cfg.data.shards)
+    except ConfigError as err:
+        raise ConfigError(f"data.shards: {err}") from None
+    check(cfg.data.split in manifest.splits, "data.split", cfg.data.split,
+           f"splits in {cfg.data.shards}: {', '.join(manifest.splits)}")
+    if manifest.data.is_image:
+        size = manifest.data.shape[0]
+        levels = len(cfg.model.channel_mult)
+        check(cfg.model.name == "unet", "model.name", cfg.model.name, "image data needs the unet")
+        check(size % (2 ** (levels - 1)) == 0, "model.channel_mult", cfg.model.channel_mult,
+               f"{levels} levels need the image size {size} divisible by {2 ** (levels - 1)}")
+    else:
+        check(cfg.model.name == "mlp", "model.name", cfg.model.name, "point data needs the mlp")
+    try:  # the method suits the data: Riemannian methods need a manifold, snapshot methods snapshots
+        make_method(**method_kwargs(cfg, manifest.data))
+    except ValueError as err:
+        raise ConfigError(f"method.name: {err} ({cfg.data.shards} holds {manifest.data.source})") from None
+    if cfg.model.class_conditional:
+        check(manifest.raw.get("labelled", True) and manifest.data.num_classes > 0, "model.class_conditional",
+               True, f"{cfg.data.shards} was ingested unlabelled (no classes to condition on)")
+    count = manifest.count(cfg.data.split)
+    check(count >= cfg.train.batch_size * cfg.ray.num_workers, "train.batch_size", cfg.train.batch_size,
+           f"the {cfg.data.split} split has {count} rows, fewer than batch_size x num_workers")
+    # a batch one Train worker could not hold: its activations, and the paired steps its reader keeps ready
+    cells = 2 * 4 * int(np.prod(manifest.data.model_shape))  # x_0 and x_1 of one item, float32
+    check_fits("train.batch_size", cfg.train.batch_size,
+               model_item_bytes(cfg.model.name, model_kwargs(cfg, manifest.data), training=True)
+               + cfg.data.buffer_batches * cells, "one Train worker",
+               hint=": activations estimated from the model's feature maps, and data.buffer_batches "
+                    f"({cfg.data.buffer_batches}) paired steps kept ready")
+    return manifest
+
+
+def model_kwargs(cfg: Config, data) -> dict:
+    """Arguments that rebuild the model with `fm.models.build_model` (stored in every checkpoint), for the rows of
+    a `pipelines.manifest.DataSpec`."""
+    m = cfg.model
+    num_classes = data.num_classes if m.class_conditional else None
+    if m.name == "mlp":
+        kwargs = {"dim": int(data.shape[0]), "hidden": m.hidden, "depth": m.depth, "num_classes": num_classes}
+        if getattr(data, "manifold", None):
+            kwargs["manifold"] = data.manifold  # a tangent field on the data's manifold
+        if METHODS[cfg.method.name].prediction == "action":
+            # a scalar action, whose time derivative is part of its loss: smooth time features
+            kwargs.update(out_dim=1, time_scale=1.0)
+        return kwargs
+    h, _, c = data.shape
+    return {"image_size": h, "in_channels": c, "model_channels": m.model_channels,
+            "channel_mult": list(m.channel_mult), "num_res_blocks": m.num_res_blocks,
+            "attention_resolutions": list(m.attention_resolutions), "dropout": m.dropout, "num_heads": m.num_heads,
+            "num_classes": num_classes}
+
+
+def method_kwargs(cfg: Config, data=None) -> dict:
+    """Arguments of `fm.methods.make_method`; with the rows' `DataSpec`, also their manifold or snapshot times."""
+    kwargs = dict(dataclasses.asdict(cfg.method))
+    if data is not None and data.manifold:
+        kwargs["manifold"] = data.manifold
+    if data is not None and data.times:
+        kwargs["times"] = list(data.times)
+    return kwargs

@@ -1,0 +1,195 @@
+"""The training driver: validate config and data, open (or continue) the MLflow run, resolve the stream, build the
+TorchTrainer, fit, log the final model. Everything a user can get wrong is refused here before Ray starts; the
+workers' loop is `pipelines.train.worker`."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pipelines.core import storage
+from pipelines.core.checkpoint import check_files, load_meta
+from pipelines.core.errors import JobStopped
+from pipelines.core.runtime import init_ray, interruptible, is_verbose, stage, train_logging_config
+from pipelines.core.tracking import SafeLogger, check_tracking_uri, create_run, find_run, log_final_model, tracking_uri
+from pipelines.train.config import Config, check_data, model_kwargs
+from pipelines.train.metrics import WINDOWS, CheckpointedMetrics, replay_windows
+from pipelines.train.resume import check_resumable
+from pipelines.train.stream import stream_spec
+from pipelines.train.worker import TrainJob, train_loop_per_worker
+
+
+def run_training(cfg: Config) -> dict:
+    """Train per the config; returns the job's key results (run id, checkpoint path, final metrics)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    manifest = check_data(cfg)  # every config and data error surfaces before Ray starts
+    uri = tracking_uri(cfg.mlflow.tracking_uri)
+    check_tracking_uri(uri)
+    # a local folder or an object-store URI, which Ray Train writes to through the same pyarrow file system
+    root = storage.check_writable(cfg.train.storage_path, "train.storage_path")
+    run_dir = storage.join(root, cfg.train.run_name)
+    exists = storage.exists(run_dir, "train.storage_path")
+    previous = _registered_checkpoints(run_dir) if exists else None
+    meta = _resume_meta(previous)
+    if meta is not None:  # before MLflow or Ray is touched: a refused attempt changes nothing
+        check_resumable(cfg, manifest.data, meta, run_dir)
+    tags = {"flowray.kind": "train", "flowray.method": cfg.method.name, "flowray.data": manifest.data.source,
+            "flowray.storage": run_dir}
+    run_id, resumed, done, replay_after = _open_run(cfg, uri, tags, meta, exists)
+    if done is not None:
+        stage(f"run {cfg.train.run_name} already finished at step {meta['step']} (MLflow run {done.info.run_id}); "
+              "nothing to train. Raise train.steps to continue it, or set train.run_name for a new run")
+        return _finished_result(cfg, uri, root, run_dir, previous, done, manifest.data.is_image)
+    if meta is not None:
+        how = f"MLflow run {run_id}" if resumed else f"new MLflow run {run_id}"
+        stage(f"continuing run {cfg.train.run_name} from step {meta['step']} ({how})")
+    init_ray(cfg.ray.address, cfg.ray.local_cpus)
+    if resumed and previous is not None:
+        replay_windows(uri, run_id, previous, after_step=replay_after)
+    kwargs = model_kwargs(cfg, manifest.data)
+    job = TrainJob(cfg, kwargs, manifest.data, uri, run_id,
+                   storage.join(run_dir, f".fault_injected_step_{cfg.train.fail_at_step}"),
+                   stream_spec(cfg, manifest, kwargs, _pair_tasks(cfg)), is_verbose())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=_resources(cfg)),
+        run_config=RunConfig(name=cfg.train.run_name, **_storage_args(root),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+                             callbacks=[CheckpointedMetrics(uri, run_id, cfg.train.steps,
+                                                            cfg.mlflow.flush_timeout_s)],
+                             logging_config=train_logging_config()),
+    )
+    stage(f"training {cfg.method.name} for {cfg.train.steps} steps on {cfg.ray.num_workers} worker(s) "
+          f"({'resuming' if resumed else 'new'} MLflow run {run_id}, experiment {cfg.mlflow.experiment})")
+    start = time.perf_counter()
+    try:
+        result = interruptible(trainer.fit)
+    except Exception:
+        SafeLogger(uri, run_id).finish("FAILED")
+        raise
+    except JobStopped as stop:  # SIGINT / SIGTERM: the run is KILLED, and a rerun resumes it
+        SafeLogger(uri, run_id).finish("KILLED")
+        stop.kept = _kept(run_dir, run_id)
+        raise
+    ckpt = storage.location_of(root, result.checkpoint.path) if result.checkpoint else None
+    model = {}
+    if result.checkpoint:
+        with result.checkpoint.as_directory() as local:  # a download when the checkpoint is in an object store
+            model = log_final_model(uri, run_id, local, cfg.mlflow.register_as)
+    logger = SafeLogger(uri, run_id)
+    logger.tags({f"flowray.{k}": v for k, v in model.items() if v})  # what a rerun of a finished run returns
+    logger.finish("FINISHED")
+    stage(f"training finished in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")
+    return {
+        "run_id": run_id, "experiment": cfg.mlflow.experiment, "tracking_uri": uri, "resumed": resumed,
+        "checkpoint": ckpt, "run_dir": str(run_dir), "metrics": _plain(result.metrics or {}),
+        "wall_s": round(time.perf_counter() - start, 1), **model,
+        "sample_grid": f"runs:/{run_id}/samples" if manifest.data.is_image else None,
+    }
+
+
+def _kept(run_dir: str, run_id: str) -> str:
+    """What a stopped training run keeps: its last registered checkpoint (read from Ray's record)."""
+    previous = _registered_checkpoints(run_dir)
+    if previous is None or previous.checkpoint is None:
+        return f"no checkpoint was registered yet (MLflow run {run_id} is KILLED)"
+    with previous.checkpoint.as_directory() as local:
+        step = load_meta(local)["step"]
+    return f"the last checkpoint is step {step} in {run_dir} (MLflow run {run_id} is KILLED)"
+
+
+def _storage_args(root: str) -> dict:
+    """RunConfig's storage: a local folder by path; an object store by its pyarrow file system and the path in it
+    (the endpoint, region and timeouts of `pipelines.storage`, which Ray Train then uses on every worker)."""
+    if not storage.is_uri(root):
+        return {"storage_path": root}
+    fs, path = storage.resolve(root, "train.storage_path")
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
+def _registered_checkpoints(run_dir: str):
+    """Ray Train's record of the checkpoints a run has registered (a `ray.train.Result`), read once before a resumed
+    run starts; None when the run never registered one."""
+    if not storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"), "train.storage_path"):
+        return None
+    from ray.train import Result
+
+    if not storage.is_uri(run_dir):
+        return Result.from_path(run_dir)
+    fs, path = storage.resolve(run_dir, "train.storage_path")
+    return Result.from_path(path, storage_filesystem=fs)
+
+
+def _resume_meta(previous) -> dict | None:
+    """The meta.json of the checkpoint a resumed run will start from (Ray's latest registered one), checked whole
+    before Ray starts; None when there is none."""
+    if previous is None or previous.checkpoint is None:
+        return None
+    with previous.checkpoint.as_directory() as local:  # in place when local; a download from an object store
+        meta = load_meta(local)
+        check_files(local)
+    return meta
+
+
+def _open_run(cfg: Config, uri: str, tags: dict, meta: dict | None, exists: bool):
+    """The MLflow run this attempt logs to: (run_id, resumed, done, replay_after).
+
+    An interrupted run (RUNNING, FAILED, KILLED) with Ray state to resume from is continued in place, so that its
+    history has one value per step. A FINISHED run is never changed: at its step target already, `done` is that
+    run and nothing is trained; past it, the continuation gets a new run tagged `flowray.continues` (and the step
+    it continues from: the windows up to it are the finished run's, `replay_after`, never copied into the new one)."""
+    from mlflow.tracking import MlflowClient
+
+    name, experiment = cfg.train.run_name, cfg.mlflow.experiment
+    found = find_run(uri, experiment, name, tags["flowray.storage"]) if exists else None
+    if found is None:
+        return create_run(uri, experiment, name, tags), False, None, 0
+    if found.info.status != "FINISHED":
+        MlflowClient(uri).update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id, True, None, int(found.data.tags.get("flowray.continues_from_step", 0))
+    if meta is not None and meta["step"] >= cfg.train.steps:
+        return found.info.run_id, True, found, 0
+    step = meta["step"] if meta is not None else 0
+    tags = {**tags, "flowray.continues": found.info.run_id, "flowray.continues_from_step": str(step)}
+    return create_run(uri, experiment, name, tags), False, None, step
+
+
+def _finished_result(cfg: Config, uri: str, root: str, run_dir: str, previous, run, is_image: bool) -> dict:
+    """`run_training`'s result for a run that had already finished, read from Ray's record and the MLflow run."""
+    return {
+        "run_id": run.info.run_id, "experiment": cfg.mlflow.experiment, "tracking_uri": uri, "resumed": True,
+        "checkpoint": storage.location_of(root, previous.checkpoint.path), "run_dir": str(run_dir),
+        "metrics": _plain({k: v for k, v in (previous.metrics or {}).items() if k != WINDOWS}), "wall_s": 0.0,
+        "mlflow_model": run.data.tags.get("flowray.mlflow_model"),
+        "registered_model": run.data.tags.get("flowray.registered_model"), "already_finished": True,
+        "sample_grid": f"runs:/{run.info.run_id}/samples" if is_image else None,
+    }
+
+
+def _pair_tasks(cfg: Config) -> int:
+    """Most pairing tasks at once per worker's stream: `ray.preprocess_actors`, or by default the cluster's CPUs
+    left beside the train workers (less one), shared among the workers' streams."""
+    import ray
+
+    if cfg.ray.preprocess_actors:
+        return cfg.ray.preprocess_actors
+    spare = ray.cluster_resources().get("CPU", 1) - cfg.ray.num_workers * cfg.ray.cpus_per_worker - 1
+    return max(1, int(spare / cfg.ray.num_workers))  # a task runs one thread: about a CPU while it pairs
+
+
+def _resources(cfg: Config) -> dict:
+    res = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        res["GPU"] = cfg.ray.gpus_per_worker
+    return res
+
+
+def _plain(d: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in d.items()
+            if isinstance(v, (int, float, str, np.floating))}

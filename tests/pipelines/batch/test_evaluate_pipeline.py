@@ -1,0 +1,244 @@
+"""Evaluation stage on real Ray and MLflow: closed-form bits/dim, classifier-feature metrics, the compare table."""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fm.ema import EMA
+from fm.models import GaussianOTFlow
+from pipelines.batch.config import EvalConfig
+from pipelines.batch.evaluate import EvaluationError, run_evaluation, sample_quality
+from pipelines.batch.samples import SAMPLE_SCHEMA, SETTINGS, SamplingError
+from pipelines.core.checkpoint import save_checkpoint
+from pipelines.core.errors import ConfigError
+from pipelines.ingest.run import ingest, load_manifest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from pipelines.core.runtime import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+def gaussian_checkpoint(directory, shape):
+    flow = GaussianOTFlow(mu=0.1, std=0.4)
+    manifest = {"source": "npz:x", "kind": "image", "shape": shape, "num_classes": 1, "class_names": []}
+    return save_checkpoint(directory, step=0, model=flow, ema_state=EMA(flow).state_dict(), optimizer=None,
+                           model_name="gaussian_ot", model_kwargs={"mu": 0.1, "std": 0.4},
+                           method_kwargs={"name": "fm_ot", "sigma_min": 0.0}, config={},
+                           extra={"manifest": manifest})
+
+
+def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local):
+    rng = np.random.default_rng(0)
+    images = np.clip(rng.normal(140, 25, (40, 4, 4, 1)), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "g.npz", images=images, labels=np.zeros(40, dtype=np.int64))
+    ingest(f"npz:{tmp_path / 'g.npz'}", tmp_path / "data", shards=2, test_fraction=0.5)
+    ckpt = gaussian_checkpoint(tmp_path / "ckpt", [4, 4, 1])
+    test = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "data").glob("test-*.parquet"))])
+    x = torch.from_numpy(np.frombuffer(b"".join(test["image"].to_pylist()), np.uint8).reshape(-1, 1, 4, 4).copy())
+    exact = GaussianOTFlow(mu=0.1, std=0.4).bits_per_dim_exact(x).mean().item()
+
+    cfg = EvalConfig(draws=32, divergence="exact", batch_size=8, actors=2, atol=1e-7, rtol=1e-7)
+    res = run_evaluation(str(ckpt), str(tmp_path / "data"), None, cfg)["likelihood"]
+    assert res["n"] == len(x) and res["unit"] == "bits/dim" and res["draws"] == 32
+    assert res["mean"] == pytest.approx(exact, abs=5e-3)
+    # Hutchinson with one Gaussian probe is noisy per image but unbiased for the one-draw bound: its mean
+    # agrees with the exact divergence's within its standard error (same dequantization noise, K = 1)
+    one = dict(draws=1, batch_size=8, atol=1e-7, rtol=1e-7)
+    exact_1 = run_evaluation(str(ckpt), str(tmp_path / "data"), None,
+                             EvalConfig(divergence="exact", **one))["likelihood"]
+    hutch = run_evaluation(str(ckpt), str(tmp_path / "data"), None,
+                           EvalConfig(divergence="hutchinson", probes=1, probe_kind="gaussian", **one))["likelihood"]
+    assert abs(hutch["mean"] - exact_1["mean"]) < 3 * hutch["stderr"]
+    assert hutch["stderr"] > exact_1["stderr"]
+
+
+def test_per_image_bits_per_dim_do_not_depend_on_actors_or_blocks_per_call(tmp_path, ray_local):
+    from pipelines.batch.evaluate import likelihood_rows, likelihood_values
+
+    rng = np.random.default_rng(1)
+    images = np.clip(rng.normal(140, 25, (80, 4, 4, 1)), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "g.npz", images=images, labels=np.zeros(80, dtype=np.int64))
+    ingest(f"npz:{tmp_path / 'g.npz'}", tmp_path / "data", shards=3, test_fraction=0.5)
+    manifest = load_manifest(tmp_path / "data")
+    ckpt = str(gaussian_checkpoint(tmp_path / "ckpt", [4, 4, 1]))
+    base = EvalConfig(max_images=29, batch_size=4, divergence="hutchinson", probes=2, seed=5)
+    rows, ref, _, _ = likelihood_values(ckpt, manifest, replace(base, actors=1, blocks_per_call=1))
+    # max_images: a uniform draw over the whole split from the seed, in row order
+    assert rows.tolist() == likelihood_rows(manifest.count("test"), 29, 5).tolist() == sorted(set(rows.tolist()))
+    assert rows.max() > 29  # not simply the first rows
+    again_rows, again, _, _ = likelihood_values(ckpt, manifest, replace(base, actors=2, blocks_per_call=3))
+    assert np.array_equal(again_rows, rows) and np.array_equal(again, ref)
+
+
+def _fake_samples(directory, images: np.ndarray, checkpoint):
+    directory.mkdir(parents=True)
+    n = len(images)
+    table = pa.table({"id": np.arange(n), "seed": np.arange(n), "label": np.full(n, -1), "nfe": np.full(n, 1),
+                      "image": [im.tobytes() for im in images]}, schema=SAMPLE_SCHEMA)
+    pq.write_table(table, directory / "block-00000000.parquet")
+    (directory / SETTINGS).write_text(f'{{"checkpoint": "{checkpoint}", "solver": "euler", "steps": 1}}')
+
+
+def test_auto_actor_pools_fill_the_cores_within_the_memory_resource(ray_local):
+    import os
+
+    import ray
+
+    from pipelines.core.runtime import actor_pool
+
+    cores = os.cpu_count()
+    # one actor per core its threads take (a local Ray's logical CPUs are more than its cores: not counted)
+    assert actor_pool(0, 0.5)[0] == cores and actor_pool(0, 1.0)[0] == cores
+    assert actor_pool(0, 2.0)[0] == max(1, cores // 2) and actor_pool(0, 4 * cores)[0] == 1
+    assert actor_pool(3, 0.5, memory=1 << 30) == (3, 1 << 30)  # a set count is kept, the memory declared
+    memory = ray.available_resources()["memory"]
+    assert actor_pool(0, 0.5, memory=int(memory / 1.5))[0] == 1  # as many as the memory resource holds
+    # more than any node has: declared as the node's whole memory resource (Ray would wait forever for more)
+    node_memory = int(max(n["Resources"]["memory"] for n in ray.nodes() if n["Alive"]))
+    assert actor_pool(0, 0.5, memory=2 * node_memory) == (1, node_memory)
+    assert actor_pool(0, 0.5, gpus=1.0)[0] == 1  # no GPUs here: at least one
+    assert actor_pool(0, 0.5, work=1)[0] == 1 and actor_pool(3, 0.5, work=1)[0] == 3  # auto: no idle actors
+
+
+@pytest.mark.heavy  # about 5 minutes on an AVX2-only 2-core machine: `make heavy`, which CI runs
+def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
+    from fm.metrics import gaussian_stats
+    from pipelines.batch.evaluate import feature_net
+    from pipelines.batch.features import extract, feature_stage, in_subset, load_network, split_stats
+
+    data = tmp_path / "digits"
+    ingest("digits", data, shards=2, test_fraction=0.2)
+    test = pa.concat_tables([pq.read_table(p) for p in sorted(data.glob("test-*.parquet"))])
+    real = np.frombuffer(b"".join(test["image"].to_pylist()[:300]), np.uint8).reshape(-1, 8, 8, 1)
+    noise = np.random.default_rng(0).integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
+    _fake_samples(tmp_path / "real", real, tmp_path)
+    _fake_samples(tmp_path / "noise", noise, tmp_path)
+    cfg = EvalConfig(classifier_epochs=10, subset_size=200, actors=2)
+    good = sample_quality(load_manifest(data), str(tmp_path / "real"), cfg)
+    bad = sample_quality(load_manifest(data), str(tmp_path / "noise"), cfg)
+    assert good["fd_label"] == "FD (digits classifier)" and good["fid"] is None and good["features"] == "classifier"
+    assert "Inception-v3 features of 8x8 images" in good["fid_note"]
+    assert good["classifier_test_accuracy"] > 0.9
+    assert good["fd"] < 0.1 * bad["fd"] and good["kid"] < bad["kid"]
+    assert good["precision"] > 0.5 > bad["precision"] and good["recall"] > bad["recall"]
+    # against the training split (the papers' convention), with the floor of held-out real images beside it
+    m = load_manifest(data)
+    n_train, n_test = m.count("train"), m.count("test")
+    assert n_test > 300 and (good["reference_split"], good["num_reference"], good["floor_split"]) == \
+        ("train", n_train, "test")
+    # the floor uses about as many held-out images as there are samples (an id-hashed subset), since the
+    # distance's bias depends on the count
+    test_ids = pa.concat_tables([pq.read_table(p) for p in m.shard_paths("test")])["id"].to_pylist()
+    assert good["num_floor"] == int(in_subset(test_ids, 300 / n_test).sum())
+    assert abs(good["num_floor"] - 300) < 40 and good["fd_floor"] < 0.1 * bad["fd"]
+    assert good["num_samples"] == 300 and good["num_matched"] == 300
+    assert good["fd_matched"] == pytest.approx(good["fd"])
+    # more samples than held-out images: the floor takes them all, the model is also scored on as many samples
+    train = pa.concat_tables([pq.read_table(p) for p in sorted(data.glob("train-*.parquet"))])
+    many = np.frombuffer(b"".join(train["image"].to_pylist()[:500]), np.uint8).reshape(-1, 8, 8, 1)
+    _fake_samples(tmp_path / "many", many, tmp_path)
+    more = sample_quality(load_manifest(data), str(tmp_path / "many"), cfg)
+    assert (more["num_samples"], more["num_floor"], more["num_matched"]) == (500, n_test, n_test)
+    assert more["fd_matched"] != more["fd"]
+    assert (data / "classifier" / "epochs10-seed0" / "model.pt").exists()  # trained once, then cached
+    cached = sorted((data / "feature_stats").glob("classifier-*.npz"))
+    # reference statistics are cached, the capped floor's apart from the whole split's
+    assert [p.name.split("-")[2:4] for p in cached][:2] == [["test", cached[0].name.split("-")[3]], ["test", "max300"]]
+    assert len(cached) == 3 and cached[2].name.split("-")[2] == "train"
+    # eval.reference_max: about that many reference images, the same id-hashed ones every time
+    train_ids = train["id"].to_pylist()
+    capped = sample_quality(load_manifest(data), str(tmp_path / "real"), replace(cfg, reference_max=500))
+    assert capped["num_reference"] == int(in_subset(train_ids, 500 / n_train).sum())
+    assert abs(capped["num_reference"] - 500) < 60 and capped["fd"] != good["fd"]
+    again = sample_quality(load_manifest(data), str(tmp_path / "real"), cfg)
+    assert again["fd"] == pytest.approx(good["fd"]) and again["fd_floor"] == good["fd_floor"]
+    # the streamed statistics of the Ray stage are those of all features in one process
+    net, _, _ = feature_net(load_manifest(data), cfg)
+    model = load_network(net, torch.device("cpu"))
+    direct = extract(net, model, torch.from_numpy(real).permute(0, 3, 1, 2), torch.device("cpu")).double()
+    staged = feature_stage([str(tmp_path / "real" / "block-00000000.parquet")], [8, 8, 1], net, 300,
+                           batch_size=7, actors=2)
+    mean, cov = staged.stats.mean_cov()
+    ref_mean, ref_cov = gaussian_stats(direct)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cov, ref_cov, rtol=1e-4, atol=1e-5)
+    assert split_stats(load_manifest(data), "train", net).cached
+    # the KID / precision-recall subset: the same ids (by id hash, in id order) with 1 or 2 actors and any batch size
+    one = feature_stage([str(tmp_path / "real" / "block-00000000.parquet")], [8, 8, 1], net, 300, subset_size=50,
+                        batch_size=32, actors=1)
+    two = feature_stage([str(tmp_path / "real" / "block-00000000.parquet")], [8, 8, 1], net, 300, subset_size=50,
+                        batch_size=7, actors=2)
+    assert len(one.subset_ids) == 50 and one.subset_ids.tolist() == sorted(one.subset_ids.tolist())
+    assert one.subset_ids.tolist() == two.subset_ids.tolist()
+    torch.testing.assert_close(one.subset, two.subset, rtol=1e-5, atol=1e-5)  # float32 kernels of other batch sizes
+    torch.testing.assert_close(one.subset, direct[one.subset_ids].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_evaluation_input(tmp_path):
+    ingest("digits", tmp_path / "digits", shards=1)
+    ckpt = gaussian_checkpoint(tmp_path / "ckpt", [4, 4, 1])
+    with pytest.raises(EvaluationError, match=r"trained on shape \[4, 4, 1\], but .* holds \[8, 8, 1\]"):
+        run_evaluation(str(ckpt), str(tmp_path / "digits"), None, EvalConfig())
+    with pytest.raises(ConfigError, match="eval.draws: 0 is not allowed"):
+        run_evaluation(str(ckpt), str(tmp_path / "digits"), None, EvalConfig(draws=0))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / SETTINGS).write_text("{}")
+    ckpt8 = gaussian_checkpoint(tmp_path / "ckpt8", [8, 8, 1])
+    with pytest.raises(SamplingError, match="holds no sample shards"):
+        run_evaluation(str(ckpt8), str(tmp_path / "digits"), str(tmp_path / "empty"), EvalConfig())
+
+
+def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
+    from jobs.compare import main
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("cmp", artifact_location=(tmp_path / "art").as_uri())
+    fixtures = [("fm_ot", 3.1, 20.0, 98), ("fm_ot", 3.3, 22.0, 102), ("otcfm", 3.0, 15.0, 60)]  # 2 seeds of fm_ot
+    for method, bpd, fd, nfe in fixtures:
+        train = client.create_run(exp, tags={"flowray.kind": "train"}).info.run_id
+        client.log_param(train, "method.name", method)
+        client.log_param(train, "train.steps", "500")
+        client.log_param(train, "method.ot_scope", "global")
+        sample = client.create_run(exp, tags={"flowray.kind": "sample"}).info.run_id
+        client.log_metric(sample, "mean_nfe", nfe)
+        ev = client.create_run(exp, tags={"flowray.kind": "evaluate", "flowray.train_run_id": train,
+                                          "flowray.sample_run_id": sample, "flowray.method": method,
+                                          "flowray.sample_solver": "dopri5", "flowray.sample_steps": "100",
+                                          "flowray.fd_label": "FD (digits classifier)"}).info.run_id
+        client.log_metric(ev, "bpd", bpd)
+        client.log_metric(ev, "fd", fd)
+        client.log_metric(ev, "fd_floor", 2.0)
+        client.log_metric(ev, "fd_matched", fd + 1)
+        client.log_metric(ev, "likelihood_nfe", 2 * nfe)
+    result = main(["--experiment", "cmp", "--tracking-uri", uri, "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| fm_ot") or line.startswith("| otcfm")]
+    assert len(lines) == 2
+    sd_bpd, sd_fd = math.sqrt(0.02), math.sqrt(2.0)
+    assert lines[0].startswith(f"| fm_ot | OT (sigma_min) | independent | dopri5 | adaptive | 500 | 2 | "
+                               f"3.200 ± {sd_bpd:.3f} | 21.000 ± {sd_fd:.3f} | 22.000 ± {sd_fd:.3f} | 2.000 | "
+                               "100 ± 3 | 200 ± 6 |")
+    assert lines[1].startswith("| otcfm | straight line | exact OT (global batch) | dopri5 | adaptive | 500 | 1 | "
+                               "3.000 | 15.000 | 16.000 | 2.000 | 60 | 120 |")
+    assert "| FD (digits classifier) at the floor's count | floor (real vs real) |" in out
+    assert "FD (digits classifier)" in out
+    assert result["rows"] == 2 and (tmp_path / "out" / "cmp.csv").exists()
+    assert (tmp_path / "out" / "cmp-nfe-vs-fd.png").exists()
+    arts = {a.path for a in client.list_artifacts(result["compare_run_id"])}
+    assert arts == {"cmp.csv", "cmp.md", "cmp-nfe-vs-fd.png"}

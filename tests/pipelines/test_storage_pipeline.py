@@ -1,0 +1,103 @@
+"""Training with the data and Ray Train's storage in a bucket of a real S3-compatible server on 127.0.0.1 (moto):
+`jobs.train` reads the shards from `s3://`, Ray Train writes its checkpoints there, a second run resumes from
+them, and the job writes nothing to the local disk but the MLflow store it was given."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from conftest import S3_ENV
+
+from pipelines.batch.samples import shard_name
+from pipelines.core import storage
+from pipelines.core.checkpoint import load_model
+from pipelines.core.manifest import Manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["model.model_channels=8", "model.num_heads=1", "model.attention_resolutions=[]", "train.batch_size=16",
+        "train.log_every=4", "train.checkpoint_every=4", "train.sample_every=0", "optim.warmup_steps=2"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(600)]
+
+
+def _job(module: str, args: list[str], cwd: Path, env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_train_from_and_to_a_bucket_and_resume(tmp_path, s3_server, s3_bucket):
+    env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": s3_server, "PYTHONPATH": str(ROOT),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # ingest straight into the bucket, twice: the second manifest replaces the first's shards, which then go
+    data = f"{s3_bucket}/data/digits"
+    first_ingest = _job("jobs.ingest", ["--source", "digits", "--out", data, "--shards", "3"], ROOT, env)
+    old = {s["file"] for split in Manifest.load(data).splits.values() for s in split["shards"]}
+    _job("jobs.ingest", ["--source", "digits", "--out", data, "--shards", "2"], ROOT, env)
+    _job("jobs.ingest", ["--source", "digits", "--out", str(tmp_path / "digits"), "--shards", "2"], ROOT, env)
+    there, here = Manifest.load(data, verify=True), Manifest.load(tmp_path / "digits")
+    assert first_ingest["counts"] == {s: v["count"] for s, v in there.splits.items()}
+    assert [s["sha256"] for s in there.splits["train"]["shards"]] == [s["sha256"] for s in
+                                                                       here.splits["train"]["shards"]]
+    assert all(f.startswith("shards-") and "/" in f for f in old)  # each ingest its own folder
+    assert not any(storage.exists(storage.join(data, f)) for f in old)  # the replaced shards are gone
+
+    work = tmp_path / "work"  # the job's working directory: it must stay empty
+    work.mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [f"data.shards={data}", f"train.storage_path={s3_bucket}/runs",
+            f"mlflow.tracking_uri={uri}", "train.run_name=s3-run", *TINY]
+    args = ["--config", str(ROOT / "configs/digits-cpu.yaml"), *[x for s in sets for x in ("--set", s)]]
+    first = _job("jobs.train", [*args, "--set", "train.steps=8"], work, env)
+    assert first["checkpoint"].startswith(f"{s3_bucket}/runs/s3-run/checkpoint_") and not first["resumed"]
+    assert first["run_dir"] == f"{s3_bucket}/runs/s3-run"
+    assert storage.is_file(storage.join(first["checkpoint"], "meta.json"))
+
+    # past a finished run's steps: Ray resumes from the checkpoint in the bucket, into a new MLflow run (a finished
+    # run is never changed) that holds only the steps after it
+    more = _job("jobs.train", [*args, "--set", "train.steps=12"], work, env)
+    assert more["run_id"] != first["run_id"] and more["metrics"]["step"] == 12
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    assert client.get_run(more["run_id"]).data.tags["flowray.continues"] == first["run_id"]
+    assert [m.step for m in client.get_metric_history(more["run_id"], "loss")] == [12]  # not trained from step 0
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    fs, path = storage.resolve(more["checkpoint"])
+    pafs.copy_files(path, str(local), source_filesystem=fs)
+    assert load_model(local).step == 12
+    assert load_model(more["checkpoint"]).step == 12  # read where it lies, as every sampling actor reads it
+
+    # sampling and evaluation from the checkpoint in the bucket; evaluation reads the data there and keeps its
+    # caches (the feature classifier, the reference statistics) beside the shards in the bucket
+    track = ["--tracking-uri", uri]
+    samples = f"{s3_bucket}/samples"
+    sample_args = ["--checkpoint", more["checkpoint"], "--num-samples", "32", "--out", samples, *track,
+                   *[x for s in ("sample.solver=euler", "sample.steps=2", "sample.block_size=8") for x in ("--set", s)]]
+    sampled = _job("jobs.sample", sample_args, work, env)
+    assert sampled["num_samples"] == 32 and sampled["blocks_sampled"] == 4
+    blocks = [storage.join(samples, shard_name(b)) for b in range(4)]
+    assert all(storage.is_file(b) for b in blocks)
+    whole = storage.read_bytes(blocks[1])
+    storage.delete(blocks[2])  # a block an interrupted run never wrote
+    storage.write_bytes(blocks[1], whole[: len(whole) // 2])  # and one that does not verify
+    again = _job("jobs.sample", sample_args, work, env)
+    assert (again["blocks_reused"], again["blocks_sampled"]) == (2, 2)
+    assert storage.read_bytes(blocks[1]) == whole  # the same samples: every sample's noise comes from its id
+    evaluated = _job("jobs.evaluate", ["--checkpoint", more["checkpoint"], "--data", data, "--samples", samples,
+                                       *track,
+                                       *[x for s in ("eval.max_images=20", "eval.solver=euler", "eval.steps=4",
+                                                     "eval.classifier_epochs=1") for x in ("--set", s)]], work, env)
+    assert evaluated["likelihood"]["n"] == 20 and evaluated["quality"]["num_samples"] == 32
+    assert storage.is_file(f"{data}/classifier/epochs1-seed0/info.json")
+    fs, path = storage.resolve(f"{data}/feature_stats")
+    cached = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))]  # the reference and the floor's
+    assert len(cached) == 2 and all(n.endswith(".npz") for n in cached) and any("-train-" in n for n in cached)
+    assert list(work.iterdir()) == []  # data, checkpoints, Ray Train's run state and caches all went to the bucket

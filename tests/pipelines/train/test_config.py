@@ -1,0 +1,73 @@
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.core.errors import ConfigError
+from pipelines.ingest.run import ingest
+from pipelines.train.config import check_data, load_config
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    cfg = load_config("configs/digits-cpu.yaml", ["train.steps=7", "model.channel_mult=[1, 1]", "ray.use_gpu=true"])
+    assert cfg.train.steps == 7 and cfg.model.channel_mult == [1, 1] and cfg.ray.use_gpu is True
+    assert cfg.flat()["method.name"] == "fm_ot"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.name=fm", "method.name: 'fm' is not allowed; allowed: fm_ot, fm_vp, score_vp, icfm, otcfm, sbcfm"),
+    ("train.steps=0", "train.steps: 0 is not allowed; must be >= 1"),
+    ("train.steps=ten", "train.steps: 'ten' is not a valid int"),
+    ("optim.lr=-1", "optim.lr: -1.0 is not allowed; must be > 0"),
+    ("train.bogus=1", "unknown key train.bogus; allowed in train: steps, batch_size"),
+    ("trian.steps=1", "unknown section 'trian'; allowed: data, model"),
+    ("method.ot_scope=world", "method.ot_scope: 'world' is not allowed; allowed: local, global"),
+    ("train.fail_at_step=2 train.fail_rank=5", "train.fail_rank: 5 is not allowed; must be a worker rank in [0, 1]"),
+    ("steps=3", "override 'steps=3' must look like section.key=value"),
+    ("train.precision=fp8", "train.precision: 'fp8' is not allowed; allowed: auto, fp32, bf16, fp16"),
+    ("train.precision=fp16", "train.precision: 'fp16' is not allowed; fp16 needs a GPU (ray.use_gpu=true): CPUs "
+                             "have no fast fp16 and its gradients need a scaler; use fp32 or bf16 on CPU"),
+    ("train.channels_last=true model.name=mlp", "train.channels_last: True is not allowed; a memory format of image "
+                                                "batches: it needs model.name=unet, not mlp"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/digits-cpu.yaml", override.split(" "))
+    assert message in str(err.value)
+
+
+def test_data_checks_before_ray(tmp_path):
+    ingest("digits", tmp_path / "d", shards=2)
+    cfg = load_config(None, [f"data.shards={tmp_path / 'd'}", "model.channel_mult=[1, 2, 2, 2, 2]"])
+    with pytest.raises(ConfigError, match=r"model.channel_mult: .*5 levels need the image size 8 divisible by 16"):
+        check_data(cfg)
+    cfg = load_config(None, [f"data.shards={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match="data.shards: .*manifest.json not found"):
+        check_data(cfg)
+
+
+def test_cli_dry_run_and_error_exit(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "configs/digits-cpu.yaml", "--dry-run",
+                          "--set", "train.steps=3"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and '"steps": 3' in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "configs/digits-cpu.yaml",
+                          "--set", "method.name=nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "training failed: method.name: 'nope' is not allowed" in bad.stderr
+    assert "ray" not in bad.stderr.lower().replace("array", "")  # it failed before Ray was started
+
+
+def test_every_preset_loads():
+    from pathlib import Path
+
+    names = sorted(p.stem for p in Path("configs").glob("*.yaml"))
+    assert names == ["cifar10", "digits-cpu", "fashion-mnist", "fashion-mnist-cpu", "snapshots", "sphere", "torus",
+                     "toy2d"]
+    for name in names:
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.train.run_name
+        assert cfg.ray.max_failures >= 2  # a crashed worker is recovered, in every preset
+    cifar = load_config("configs/cifar10.yaml")
+    assert cifar.model.model_channels == 256
+    # Lipman et al. Table 3: lr 5e-4, polynomial decay after 45k warm-up steps
+    assert (cifar.optim.lr, cifar.optim.warmup_steps, cifar.optim.schedule) == (5e-4, 45000, "polynomial")

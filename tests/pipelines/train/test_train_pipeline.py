@@ -1,0 +1,223 @@
+"""Ray Train integration: a real local Ray, real MLflow stores (sqlite and an `mlflow server` over HTTP)."""
+
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from pipeline_helpers import free_port, kill_tree, start_mlflow_server, tiny_config
+
+from pipelines.core.checkpoint import CheckpointError, load_meta, load_model
+from pipelines.core.errors import ConfigError
+from pipelines.core.runtime import init_ray
+from pipelines.ingest.run import ingest
+from pipelines.train.driver import run_training
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    ingest("digits", out, shards=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+def _history(client, run_id, key):
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def _snapshot(client, run_id) -> dict:
+    """Everything MLflow holds of a run: info (status, times), params, tags, every metric's history, and every
+    artifact with its size."""
+    run = client.get_run(run_id)
+
+    def artifacts(path=None):
+        out = []
+        for a in client.list_artifacts(run_id, path):
+            out += artifacts(a.path) if a.is_dir else [(a.path, a.file_size)]
+        return out
+
+    return {"run": run.to_dictionary(), "artifacts": sorted(artifacts()),
+            "history": {k: _history(client, run_id, k) for k in sorted(run.data.metrics)}}
+
+
+def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_cluster):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=8"))
+    assert res["metrics"]["step"] == 8 and not res["resumed"]
+    loaded = load_model(res["checkpoint"])
+    assert loaded.step == 8 and loaded.meta["model"]["kwargs"]["model_channels"] == 8
+    client = MlflowClient(uri)
+    run = client.get_run(res["run_id"])
+    assert run.data.params["method.name"] == "fm_ot" and run.data.params["ray.num_workers"] == "2"
+    assert [s for s, _ in _history(client, res["run_id"], "loss")] == [4, 8]
+    for key in ("grad_norm", "lr", "images_per_s", "data_wait_fraction", "ot_solve_s"):
+        assert key in run.data.metrics
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(res["run_id"], "samples")}
+    assert artifacts == {"samples/step_000004.png", "samples/step_000008.png"}
+    model_files = {a.path for a in client.list_artifacts(res["run_id"], "model")}
+    assert {"model/meta.json", "model/ema.pt", "model/model.pt"} <= model_files
+    local = client.download_artifacts(res["run_id"], "model", str(tmp_path / "dl"))
+    assert load_model(local).step == 8  # the logged final model rebuilds from the artifact alone
+
+    finished = _snapshot(client, res["run_id"])
+
+    # another model width under the same run name is refused before Ray or MLflow is touched
+    with pytest.raises(ConfigError, match=r"train.run_name='resume-me' already has a checkpoint at step 8 .*"
+                                          r"cannot resume with this one: model.model_channels was 8, now 16\. "
+                                          r"Set train.run_name to a new name"):
+        run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=12",
+                                 "model.model_channels=16"))
+    # the same config again: the run is done; nothing is trained and the result is the finished run's
+    again = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=8"))
+    assert again["already_finished"] and again["run_id"] == res["run_id"]
+    assert again["checkpoint"] == res["checkpoint"] and again["metrics"]["step"] == 8
+    assert again["mlflow_model"] == res["mlflow_model"]
+
+    # continuing past the finished run's steps is a new MLflow run; this attempt fails (no retries)
+    with pytest.raises(Exception, match="injected failure"):
+        run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=12",
+                                 "train.fail_at_step=10", "ray.max_failures=0"))
+    failed = client.search_runs([run.info.experiment_id], f"tags.`flowray.continues` = '{res['run_id']}'")
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    # the rerun resumes the interrupted continuation (same MLflow run) from the finished run's checkpoint
+    more = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=12"))
+    assert more["resumed"]
+    assert more["run_id"] == failed[0].info.run_id and more["run_id"] != res["run_id"]
+    assert more["metrics"]["step"] == 12 and load_meta(more["checkpoint"])["step"] == 12
+    assert [s for s, _ in _history(client, more["run_id"], "loss")] == [12]
+    # a refused, an already-finished, a failed and a continued attempt later, the finished run is as it was
+    assert _snapshot(client, res["run_id"]) == finished
+
+    # a damaged checkpoint to resume from is named before any training starts
+    (Path(more["checkpoint"]) / "model.pt").write_bytes(b"PK\x03\x04 overwritten")
+    with pytest.raises(CheckpointError, match=r"model.pt: not a readable torch file \(truncated or corrupt\)"):
+        run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=16"))
+
+
+def test_injected_worker_failure_resumes_to_the_target_step(digits, tmp_path, ray_cluster):
+    import torch
+
+    from pipelines.core.checkpoint import load_state
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # OT-CFM with the coupling solved over the global batch of both workers, dropout on
+    common = ("train.steps=8", "train.sample_every=0", "method.name=otcfm", "method.ot_scope=global",
+              "model.dropout=0.3")
+    cfg = tiny_config(digits, tmp_path / "runs", uri, "faulty", *common, "train.fail_at_step=6",
+                      "train.fail_rank=1", "ray.max_failures=1")
+    res = run_training(cfg)
+    # the resumed run ends with the weights of a run that never failed, bit for bit: the same rows, flips, noise,
+    # pairs and dropout masks at every step
+    straight = run_training(tiny_config(digits, tmp_path / "runs", uri, "straight", *common))
+    for name in ("model", "ema", "optimizer"):
+        a, b = load_state(res["checkpoint"], name), load_state(straight["checkpoint"], name)
+        flat_a, flat_b = _tensors(a), _tensors(b)
+        assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), name
+    assert res["metrics"]["step"] == 8 and load_meta(res["checkpoint"])["step"] == 8
+    assert (tmp_path / "runs" / "faulty" / ".fault_injected_step_6").exists()
+    client = MlflowClient(uri)
+    # steps 5..8 were redone from the step-4 checkpoint: step 8 is logged once, nothing before 4 again
+    assert [s for s, _ in _history(client, res["run_id"], "loss")] == [4, 8]
+    assert all(v > 0 for _, v in _history(client, res["run_id"], "ot_solve_s"))
+    assert client.get_run(res["run_id"]).data.params["method.ot_scope"] == "global"
+
+
+def _tensors(state, prefix="") -> dict:
+    """Every tensor of a (nested) state dict by its path."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list | tuple) else []
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
+@pytest.mark.heavy
+def test_bf16_autocast_and_channels_last_train_and_checkpoint(digits, tmp_path, ray_cluster):
+    """train.precision=bf16 (CPU autocast) with NHWC batches: finite losses, and a checkpoint in fp32 that
+    rebuilds the model (the memory format is not part of the weights)."""
+    import torch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = run_training(tiny_config(digits, tmp_path / "runs", uri, "bf16", "train.steps=4", "train.sample_every=0",
+                                   "train.precision=bf16", "train.channels_last=true"))
+    assert res["metrics"]["step"] == 4 and res["metrics"]["nonfinite_total"] == 0
+    loaded = load_model(res["checkpoint"])
+    assert loaded.meta["config"]["train"]["precision"] == "bf16"
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    assert MlflowClient(uri).get_run(res["run_id"]).data.params["train.precision"] == "bf16"
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    proc = start_mlflow_server(port, tmp_path)
+    yield f"http://127.0.0.1:{port}"
+    kill_tree(proc)
+
+
+@pytest.mark.heavy  # about 90 s with its server: in `make heavy`, so that `make test` stays under 20 minutes
+def test_logging_to_a_real_mlflow_server(digits, tmp_path, ray_cluster, mlflow_server):
+    import mlflow
+    import torch
+
+    from jobs.sample import main as sample_main
+    from pipelines.core.checkpoint import CheckpointError
+    from pipelines.core.tracking import resolve_checkpoint
+
+    res = run_training(tiny_config(digits, tmp_path / "runs", mlflow_server, "over-http", "train.steps=4",
+                                   "ray.num_workers=1", "mlflow.register_as=tiny-digits"))
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(res["run_id"])
+    assert run.data.params["train.steps"] == "4" and "loss" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(res["run_id"], "samples")} == {"samples/step_000004.png"}
+    # the final model is an MLflow Model in the registry, and the batch stages take it by name
+    assert res["registered_model"] == "models:/tiny-digits/1"
+    client.set_registered_model_alias("tiny-digits", "champion", "1")
+    for i, spec in enumerate(("models:/tiny-digits/1", "models:/tiny-digits@champion")):
+        out = sample_main(["--checkpoint", spec, "--num-samples", "4", "--out", str(tmp_path / f"s{i}"),
+                           "--tracking-uri", mlflow_server, "--set", "sample.solver=euler", "--set",
+                           "sample.steps=2"])
+        assert out["blocks_sampled"] == 1 and out["train_run_id"] == res["run_id"]
+        assert client.get_run(out["mlflow_run_id"]).data.tags["flowray.train_run_id"] == res["run_id"]
+    # the exported network (pt2, no pickled code) computes what the checkpoint's EMA network computes
+    loaded = load_model(resolve_checkpoint("models:/tiny-digits/1", mlflow_server, cache=tmp_path / "cache"))
+    mlflow.set_tracking_uri(mlflow_server)
+    exported = mlflow.pytorch.load_model("models:/tiny-digits/1")
+    x, t = torch.randn(3, 1, 8, 8), torch.rand(3)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x, t), loaded.model(x, t))
+    signature = mlflow.models.get_model_info("models:/tiny-digits/1").signature
+    assert [s.name for s in signature.inputs.inputs] == ["x_t", "t"]
+    assert signature.outputs.inputs[0].shape == (-1, 1, 8, 8)
+    with pytest.raises(CheckpointError, match="cannot fetch registered model models:/nope/1"):
+        resolve_checkpoint("models:/nope/1", mlflow_server, cache=tmp_path / "cache")
+
+
+def test_tracking_outage_queues_without_blocking_and_counts_what_is_lost(monkeypatch):
+    from pipelines.core.tracking import SafeLogger
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    logger = SafeLogger(f"http://127.0.0.1:{free_port()}", "0" * 32, max_queue=3)  # nothing listens there
+    start = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match="logging queue full"):
+        for step in range(5):
+            assert logger.metrics({"loss": 1.0, "lr": 0.1}, step=step) is True
+    assert time.perf_counter() - start < 0.5  # queued, not sent: the caller is not held back
+    with pytest.warns(RuntimeWarning, match=r"10 metric value\(s\) were not logged to run 0{32}"):
+        assert logger.close(timeout=1.5) is False
+    assert logger.lost_points == 10 and logger.retries >= 1 and logger.failures == 0
+    assert logger.metrics({"loss": 1.0}, step=6) is False and logger.lost_points == 11  # closed: counted
