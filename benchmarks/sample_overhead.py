@@ -47,7 +47,8 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     torch.set_num_threads(a.threads)
-    from pipelines.batch.sample import SampleConfig, Sampler, run_sampling
+    from pipelines.batch.config import SampleConfig
+    from pipelines.batch.sample import Sampler, run_sampling
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(a.checkpoint) if a.checkpoint else random_checkpoint(Path(tmp) / "ckpt")
@@ -65,10 +66,10 @@ def main() -> None:
         stage = run_sampling(str(ckpt), Path(tmp) / "stage", cfg)
     out = {"num_samples": a.num_samples, "block_size": a.block_size, "solver": a.solver, "steps": a.steps,
            "threads": a.threads, "baseline_samples_per_s": round(base_rate, 1),
-           "stage_samples_per_s_steady": round(stage["samples_per_actor_s"], 1),
-           "ratio": round(stage["samples_per_actor_s"] / base_rate, 3),
-           "stage_wall_s": round(stage["wall_s"], 1),
-           "stage_startup_s": round(stage["wall_s"] - a.num_samples / stage["samples_per_actor_s"], 1)}
+           "stage_samples_per_s_steady": round(stage.samples_per_actor_s, 1),
+           "ratio": round(stage.samples_per_actor_s / base_rate, 3),
+           "stage_wall_s": round(stage.wall_s, 1),
+           "stage_startup_s": round(stage.wall_s - a.num_samples / stage.samples_per_actor_s, 1)}
     print(json.dumps(out))
 
 

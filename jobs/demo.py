@@ -41,10 +41,8 @@ def _demo(a) -> dict:
     result, solve = chain["train"], chain["solves"][0]
     rows = table(collect(result["tracking_uri"], result["experiment"],
                          f"tags.`flowray.train_run_id` = '{result['run_id']}'"))
-    quality = solve["evaluation"]["quality"]
-    result["chain"] = {"sample": solve["sample"], "sample_run_id": solve["sample_run_id"],
-                       "eval_run_id": solve["eval_run_id"], "evaluation": solve["evaluation"],
-                       "table": markdown(rows)}
+    quality = solve.evaluation.quality
+    result["chain"] = {**solve.to_dict(), "table": markdown(rows)}
     artifacts = _artifact_dir(result)
     print(f"\n=== demo finished in {time.perf_counter() - start:.0f} s ===")
     print(f"MLflow run id:    {result['run_id']} (experiment {result['experiment']}, {result['tracking_uri']})")
@@ -53,15 +51,15 @@ def _demo(a) -> dict:
     print(f"checkpoint:       {result['checkpoint']}")
     print(f"MLflow model:     {result.get('mlflow_model')}")
     print(f"sample grids:     {result['sample_grid']}" + (f" -> {artifacts}/samples" if artifacts else ""))
-    print(f"training:         {result['wall_s']:.0f} s; sampling and evaluation {solve['seconds']:.0f} s")
-    print(f"samples:          {solve['sample']['out']} (MLflow run {solve['sample_run_id']})")
-    print(f"evaluation run:   {solve['eval_run_id']}")
-    print(f"sample quality:   {quality['fd_label']} {quality['fd']:.3f} against the {quality['reference_split']} split "
-          f"({quality['num_samples']} samples, {quality['num_reference']} reference images); precision "
-          f"{quality['precision']:.3f}, recall {quality['recall']:.3f}")
-    print(f"                  at {quality['num_matched']} images: the model {quality['fd_matched']:.3f}, held-out "
-          f"real {quality['floor_split']} images (the floor) {quality['fd_floor']:.3f}")
-    print(f"                  {quality['fid_note']}")
+    print(f"training:         {result['wall_s']:.0f} s; sampling and evaluation {solve.seconds:.0f} s")
+    print(f"samples:          {solve.sample.out} (MLflow run {solve.sample.mlflow_run_id})")
+    print(f"evaluation run:   {solve.evaluation.mlflow_run_id}")
+    print(f"sample quality:   {quality.fd_label} {quality.fd:.3f} against the {quality.reference_split} split "
+          f"({quality.num_samples} samples, {quality.num_reference} reference images); precision "
+          f"{quality.precision:.3f}, recall {quality.recall:.3f}")
+    print(f"                  at {quality.num_matched} images: the model {quality.fd_matched:.3f}, held-out "
+          f"real {quality.floor_split} images (the floor) {quality.fd_floor:.3f}")
+    print(f"                  {quality.fid_note}")
     print("compare runs:     mlflow ui --backend-store-uri " + result["tracking_uri"] + " (binds 127.0.0.1)")
     print("\n" + result["chain"]["table"])
     result["demo_s"] = round(time.perf_counter() - start, 1)

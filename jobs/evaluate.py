@@ -45,33 +45,30 @@ def _evaluate(a) -> dict:
     validate_eval_config(cfg)
     uri, checkpoint = tracking_and_checkpoint(a)
     result = run_evaluation(checkpoint, a.data, a.samples, cfg)
-    if "transport" in result:
-        tr = result["transport"]
-        for t, w, f in zip(tr["times"], tr["w2"], tr["w2_floor"], strict=True):
-            print(f"t={t}: W2 {w:.4f} from {tr['n_start']} transported first-snapshot rows to the held-out rows; "
+    tr, lik, q = result.transport, result.likelihood, result.quality
+    if tr is not None:
+        for t, w, f in zip(tr.times, tr.w2, tr.w2_floor, strict=True):
+            print(f"t={t}: W2 {w:.4f} from {tr.n_start} transported first-snapshot rows to the held-out rows; "
                   f"floor (training rows) {f:.4f}")
     else:
-        lik = result["likelihood"]
-        print(f"{lik['metric']}: {lik['mean']:.4f} ± {lik['stderr']:.4f} {lik['unit']} over {lik['n']} rows "
-              f"(K={lik['draws']} dequantization draws, divergence={lik['divergence']}"
-              + (f", H={lik['probes']} probes" if lik["probes"] else "") + f"; mean NFE {lik['mean_nfe']:.0f})")
-    q = result.get("quality")
-    if q and "fd" in q:
-        floor = f"; floor {q['fd_floor']:.3f} ({q['num_floor']} held-out {q['floor_split']} images)" \
-            if "fd_floor" in q else ""
-        print(f"{q['fd_label']}: {q['fd']:.3f} ({q['num_samples']} samples against {q['num_reference']} "
-              f"{q['reference_split']} images){floor}; KID {q['kid']:.4f} ± {q['kid_std']:.4f}; precision "
-              f"{q['precision']:.3f}, recall {q['recall']:.3f} (k=3, subsets {q['pr_subset']}); {q['fid_note']}")
-    elif q and "w2_floor" in q:
-        print(f"geodesic W2 to {q['num_reference']} test rows: {q['w2']:.4f}; floor (as many training rows) "
-              f"{q['w2_floor']:.4f}")
-    elif q:
-        print(f"W2 to fresh data: {q['w2']:.4f}")
+        print(f"{lik.metric}: {lik.mean:.4f} ± {lik.stderr:.4f} {lik.unit} over {lik.n} rows "
+              f"(K={lik.draws} dequantization draws, divergence={lik.divergence}"
+              + (f", H={lik.probes} probes" if lik.probes else "") + f"; mean NFE {lik.mean_nfe:.0f})")
+    if q is not None and q.fd is not None:
+        floor = f"; floor {q.fd_floor:.3f} ({q.num_floor} held-out {q.floor_split} images)" \
+            if q.fd_floor is not None else ""
+        print(f"{q.fd_label}: {q.fd:.3f} ({q.num_samples} samples against {q.num_reference} "
+              f"{q.reference_split} images){floor}; KID {q.kid:.4f} ± {q.kid_std:.4f}; precision "
+              f"{q.precision:.3f}, recall {q.recall:.3f} (k=3, subsets {q.pr_subset}); {q.fid_note}")
+    elif q is not None and q.w2_floor is not None:
+        print(f"geodesic W2 to {q.num_reference} test rows: {q.w2:.4f}; floor (as many training rows) "
+              f"{q.w2_floor:.4f}")
+    elif q is not None:
+        print(f"W2 to fresh data: {q.w2:.4f}")
     if not a.no_mlflow:
-        result["mlflow_run_id"] = log_evaluation_run(result, cfg, uri)
-    print(json.dumps(result))
-    return result
-
+        log_evaluation_run(result, cfg, uri)
+    print(json.dumps(result.to_dict()))
+    return result.to_dict()
 
 if __name__ == "__main__":
     main()

@@ -39,9 +39,9 @@ def _sample(a) -> dict:
     uri, checkpoint = tracking_and_checkpoint(a)
     result = run_sampling(checkpoint, a.out, cfg)
     if not a.no_mlflow:
-        result["mlflow_run_id"] = log_sampling_run(result, asdict(cfg), uri)
-    print(json.dumps(result))
-    return result
+        log_sampling_run(result, asdict(cfg), uri)
+    print(json.dumps(result.to_dict()))
+    return result.to_dict()
 
 
 if __name__ == "__main__":

@@ -37,14 +37,12 @@ def _train(a) -> dict | None:
     if a.dry_run:
         print(dump(cfg))
         return None
-    check_data(cfg)  # data errors before Ray starts (shard footers and row counts are always checked)
+    manifest = check_data(cfg)  # data errors before Ray starts (shard footers and row counts are always checked)
     if a.verify:
-        from pipelines.core.manifest import Manifest
-
-        Manifest.load(cfg.data.shards, verify=True)
+        manifest.verify()
     from pipelines.train.driver import run_training
 
-    result = run_training(cfg)
+    result = run_training(cfg, manifest)
     print(json.dumps(result))
     return result
 

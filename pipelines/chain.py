@@ -4,18 +4,18 @@ bits/dim once per model and sample quality for every sampler, each stage logged 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipelines.batch.config import EvalConfig, SampleConfig
-from pipelines.batch.evaluate import log_evaluation_run, run_evaluation, sample_quality
+from pipelines.batch.evaluate import EvaluationResult, log_evaluation_run, run_evaluation, sample_quality
 from pipelines.batch.sample import log_sampling_run, run_sampling
-from pipelines.batch.samples import sampling_settings
+from pipelines.batch.samples import SamplingResult
 from pipelines.core import storage
 from pipelines.core.manifest import MANIFEST, Manifest
 from pipelines.core.runtime import stage
 from pipelines.ingest.run import ingest
-from pipelines.train.config import Config
+from pipelines.train.config import Config, check_data
 from pipelines.train.driver import run_training
 
 
@@ -35,35 +35,44 @@ def solver_tag(scfg: SampleConfig) -> str:
     return scfg.solver if is_adaptive(scfg.solver) else f"{scfg.solver}{scfg.steps}"
 
 
-def sample_and_evaluate(trained: dict, shards: str, solves: list[SampleConfig], ecfg: EvalConfig,
-                        samples_root: str | Path) -> list[dict]:
-    """For a trained model (a `run_training` result): sample with every sampler into samples_root/<tag>, and
-    evaluate: bits/dim once (with the first sampler's run), sample quality for each. Returns one record per
-    sampler with its sampling and evaluation results and MLflow run ids."""
+@dataclass
+class SolveRecord:
+    """One sampler of a chain: its samples and their evaluation (each with its MLflow run id), and the seconds the
+    two took."""
 
+    solver: str  # `solver_tag`
+    sample: SamplingResult
+    evaluation: EvaluationResult
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_and_evaluate(trained: dict, manifest: Manifest, solves: list[SampleConfig], ecfg: EvalConfig,
+                        samples_root: str | Path) -> list[SolveRecord]:
+    """For a trained model (a `run_training` result) on the data of `manifest`: sample with every sampler into
+    samples_root/<tag>, and evaluate: bits/dim once (with the first sampler's run), sample quality for each."""
     uri, ckpt = trained["tracking_uri"], trained["checkpoint"]
-    records, first, manifest = [], None, Manifest.load(shards)
+    records, first = [], None
     for scfg in solves:
         start = time.perf_counter()
         samples = run_sampling(ckpt, Path(samples_root) / solver_tag(scfg), scfg)
-        sample_run = log_sampling_run(samples, asdict(scfg), uri)
+        log_sampling_run(samples, asdict(scfg), uri)
         if first is None:
-            ev = first = run_evaluation(ckpt, shards, samples["out"], ecfg)
+            ev = first = run_evaluation(ckpt, manifest, samples.out, ecfg)
         else:  # the likelihood does not depend on the sampler: reuse it, measure quality only
-            ev = {k: v for k, v in first.items() if k not in ("quality", "sample_run_id", "sample_settings")}
-            ev["quality"] = sample_quality(manifest, samples["out"], ecfg)
-            ev["sample_run_id"] = sample_run
-            ev["sample_settings"] = sampling_settings(samples["out"])
-        eval_run = log_evaluation_run(ev, ecfg, uri)
-        records.append({"solver": solver_tag(scfg), "sample": samples, "sample_run_id": sample_run, "evaluation": ev,
-                        "eval_run_id": eval_run, "seconds": round(time.perf_counter() - start, 1)})
+            ev = first.with_samples(sample_quality(manifest, samples.out, ecfg), samples.out)
+        log_evaluation_run(ev, ecfg, uri)
+        records.append(SolveRecord(solver_tag(scfg), samples, ev, round(time.perf_counter() - start, 1)))
     return records
 
 
 def train_sample_evaluate(cfg: Config, solves: list[SampleConfig], ecfg: EvalConfig,
                           samples_root: str | Path) -> dict:
-    """Train per `cfg`, then `sample_and_evaluate` the final model; returns {"train": ..., "solves": [...]}."""
-
-    trained = run_training(cfg)
-    return {"train": trained, "solves": sample_and_evaluate(trained, cfg.data.shards, solves, ecfg,
+    """Train per `cfg`, then `sample_and_evaluate` the final model; returns {"train": the `run_training` result,
+    "solves": [SolveRecord, ...]}. The manifest is read (and checked against the config) once."""
+    manifest = check_data(cfg)
+    trained = run_training(cfg, manifest)
+    return {"train": trained, "solves": sample_and_evaluate(trained, manifest, solves, ecfg,
                                                             Path(samples_root) / trained["run_id"])}

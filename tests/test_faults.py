@@ -16,7 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from pipeline_helpers import free_port, kill_tree, make_checkpoint, start_mlflow_server, tiny_config
 
-from pipelines.batch.sample import SampleConfig, run_sampling
+from pipelines.batch.config import SampleConfig
+from pipelines.batch.sample import run_sampling
 from pipelines.core.checkpoint import load_meta
 from pipelines.core.reaper import alive
 from pipelines.ingest.run import ingest
@@ -143,7 +144,7 @@ def test_a_sampler_actor_killed_by_pid_gives_the_same_samples(tmp_path):
     finally:
         ray.shutdown()
     assert "pid" in kill, "a Sampler actor was killed mid-run"
-    assert ref["blocks_sampled"] == res["blocks_sampled"] + res["blocks_reused"] == 24
+    assert ref.blocks_sampled == res.blocks_sampled + res.blocks_reused == 24
     ids, images = _sample_table(out)
     ref_ids, ref_images = _sample_table(tmp_path / "ref")
     assert ids.tolist() == list(range(192)) and ids.tolist() == ref_ids.tolist()
@@ -410,7 +411,7 @@ def test_a_worker_node_killed_mid_sampling_gives_the_same_samples(tmp_path, thre
     res = run_sampling(str(ckpt), out, SampleConfig(**base))
     kill["thread"].join(1)
     assert "raylet" in kill, "a worker node was killed mid-run"
-    assert ref["blocks_sampled"] == res["blocks_sampled"] + res["blocks_reused"] == 24
+    assert ref.blocks_sampled == res.blocks_sampled + res.blocks_reused == 24
     ids, images = _sample_table(out)
     ref_ids, ref_images = _sample_table(tmp_path / "ref")
     assert ids.tolist() == list(range(192)) and ids.tolist() == ref_ids.tolist()

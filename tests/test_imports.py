@@ -130,3 +130,26 @@ def test_fm_does_not_import_ray_or_mlflow():
            "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _defined(path: Path) -> set[str]:
+    """Names a module defines itself (functions, classes, assignments), not those it imports."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for target in node.targets for t in ast.walk(target) if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def test_every_name_is_imported_from_the_module_that_defines_it():
+    # one home per name: no module re-exports another's (a moved name breaks its importers, not a shim)
+    files = [*MODULES.values(), *sorted((ROOT / "tests").rglob("*.py"))]
+    borrowed = [f"{path.relative_to(ROOT)}:{line}: {written}.{names[0]}"
+                for path in files for target, line, _, names, written in _imports(path)
+                if names and target == written and written.startswith("pipelines")
+                and names[0] not in _defined(MODULES[written])]
+    assert borrowed == []

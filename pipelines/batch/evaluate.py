@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +30,95 @@ from pipelines.core.tracking import SafeLogger, start_child_run
 
 class EvaluationError(ConfigError):
     """Bad evaluation request."""
+
+
+@dataclass
+class LikelihoodResult:
+    """Bits/dim of images (or NLL in nats of points) over a split, with the estimator's settings."""
+
+    metric: str  # "bpd" or "nll": the MLflow metric name
+    unit: str  # "bits/dim" or "nats"
+    mean: float
+    stderr: float
+    n: int  # rows scored
+    mean_nfe: float
+    draws: int  # K dequantization draws
+    divergence: str  # "exact" or "hutchinson"
+    probes: int | None  # H Hutchinson probes; None for the exact divergence
+    images_per_s: float
+    wall_s: float
+
+
+@dataclass
+class TransportResult:
+    """Snapshot methods: W2 at every observed time between the transported first snapshot and the held-out rows,
+    beside the floor (as many training rows of that time)."""
+
+    times: list[float]
+    n_start: int
+    wall_s: float
+    mean_nfe: float
+    w2: list[float] = field(default_factory=list)
+    w2_floor: list[float] = field(default_factory=list)
+
+
+@dataclass
+class QualityResult:
+    """Sample quality. Images: a Fréchet distance in a feature network's features (FID for Inception) against a
+    reference split, its floor (held-out real images), KID and precision/recall. Points: W2 (geodesic on a manifold)
+    to the data. A field is None where it does not apply."""
+
+    num_samples: int
+    # points
+    w2: float | None = None
+    w2_floor: float | None = None
+    w2_kind: str | None = None  # "geodesic" on a manifold
+    num_reference: int | None = None
+    # images
+    fd_label: str | None = None  # "FID", or "FD (<data> classifier)"
+    features: str | None = None  # "inception" or "classifier"
+    fd: float | None = None
+    fid: float | None = None  # fd, when the features are Inception's
+    fid_note: str | None = None
+    kid: float | None = None
+    kid_std: float | None = None
+    kid_subset: int | None = None
+    precision: float | None = None
+    recall: float | None = None
+    pr_subset: list[int] | None = None  # reference and sample subset sizes for KID and precision/recall
+    reference_split: str | None = None
+    feature_images_per_s: float | None = None
+    classifier_test_accuracy: float | None = None
+    classifier_path: str | None = None
+    fd_floor: float | None = None  # the reference against held-out real images: what a perfect model would score
+    floor_split: str | None = None
+    num_floor: int | None = None
+    fd_matched: float | None = None  # the model on as many samples as there are held-out images
+    num_matched: int | None = None
+
+
+@dataclass
+class EvaluationResult:
+    """What an evaluation of one checkpoint found: likelihood (or transport, for snapshot methods), sample quality
+    when samples were given, and the runs it belongs to."""
+
+    method: str
+    checkpoint_step: int
+    train_run_id: str | None = None
+    likelihood: LikelihoodResult | None = None
+    transport: TransportResult | None = None
+    quality: QualityResult | None = None
+    sample_run_id: str | None = None  # the MLflow run that logged the samples
+    sample_settings: dict | None = None  # the settings the samples were made with (`_sampling.json`)
+    mlflow_run_id: str | None = None  # the evaluation run, once logged (`log_evaluation_run`)
+
+    def with_samples(self, quality: QualityResult, samples_dir: str) -> EvaluationResult:
+        """The same model's result for another sampling output: its quality, the likelihood kept."""
+        return replace(self, quality=quality, sample_run_id=sampling_run_id(samples_dir),
+                       sample_settings=sampling_settings(samples_dir), mlflow_run_id=None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class _ModelActor:
@@ -149,15 +238,15 @@ def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig,
     return rows[order], values[order], nfes[order], wall
 
 
-def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> dict:
+def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> LikelihoodResult:
     """Bits/dim (or NLL in nats for points) over a split (`likelihood_values`); mean ± stderr, NFE."""
     _, values, nfes, wall = likelihood_values(checkpoint, manifest, cfg, memory)
     mean, stderr = mean_and_stderr(torch.from_numpy(values))
     unit = "bits/dim" if manifest.data.is_image else "nats"
-    return {"metric": "bpd" if unit == "bits/dim" else "nll", "unit": unit, "mean": mean, "stderr": stderr,
-            "n": len(values), "mean_nfe": float(nfes.mean()), "draws": cfg.draws,
-            "divergence": cfg.divergence, "probes": cfg.probes if cfg.divergence == "hutchinson" else None,
-            "images_per_s": len(values) / wall, "wall_s": wall}
+    return LikelihoodResult(metric="bpd" if unit == "bits/dim" else "nll", unit=unit, mean=mean, stderr=stderr,
+                            n=len(values), mean_nfe=float(nfes.mean()), draws=cfg.draws, divergence=cfg.divergence,
+                            probes=cfg.probes if cfg.divergence == "hutchinson" else None,
+                            images_per_s=len(values) / wall, wall_s=wall)
 
 
 INCEPTION_MIN_SIZE = 16  # below this, Inception features of images upsampled to 299 x 299 mean little
@@ -178,7 +267,7 @@ def feature_net(manifest: Manifest, cfg: EvalConfig) -> tuple[FeatureNet, dict |
     return net, info, why + f"the Fréchet distance is in the features of a {manifest.data.name} classifier"
 
 
-def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dict:
+def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> QualityResult:
     """Fréchet distance (FID, or FD in a classifier's features), its floor, KID and precision/recall between a
     reference split (training by default) and the samples, each on the Ray feature stage with bounded memory."""
     from fm.metrics import frechet_distance_from_stats, kid, precision_recall
@@ -202,27 +291,26 @@ def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> dic
     m = min(1000, len(ref.subset), len(fake.subset))
     kid_mean, kid_std = kid(ref.subset, fake.subset, subsets=50, subset_size=m, generator=g)
     precision, recall = precision_recall(ref.subset, fake.subset, k=3)
-    out = {"fd_label": net.label, "features": net.kind, "fd": frechet_distance_from_stats(ref.stats, fake.stats),
-           "kid": kid_mean, "kid_std": kid_std, "kid_subset": m, "precision": precision, "recall": recall,
-           "pr_subset": [len(ref.subset), len(fake.subset)], "num_samples": fake.n,
-           "reference_split": cfg.reference_split, "num_reference": ref.n,
-           "feature_images_per_s": fake.images_per_s, "fid": None, "fid_note": note}
-    if net.kind == "inception":
-        out["fid"] = out["fd"]
+    fd = frechet_distance_from_stats(ref.stats, fake.stats)
+    out = QualityResult(num_samples=fake.n, fd_label=net.label, features=net.kind, fd=fd,
+                        fid=fd if net.kind == "inception" else None, fid_note=note, kid=kid_mean, kid_std=kid_std,
+                        kid_subset=m, precision=precision, recall=recall, pr_subset=[len(ref.subset), len(fake.subset)],
+                        reference_split=cfg.reference_split, num_reference=ref.n,
+                        feature_images_per_s=fake.images_per_s)
     if info:
-        out.update(classifier_test_accuracy=info["test_accuracy"], classifier_path=info["path"])
+        out.classifier_test_accuracy, out.classifier_path = info["test_accuracy"], info["path"]
     if floor:
         # the same metric between the reference and held-out real images: what a perfect model would score
         # (about as many held-out images as samples when the split is larger: the distance's bias depends on n)
         held = split_stats(manifest, cfg.floor_split, net, limit=num_samples, **kw)
         matched = fake.prefix_stats if fake.prefix_stats is not None else fake.stats
-        out.update(fd_floor=frechet_distance_from_stats(ref.stats, held.stats), floor_split=cfg.floor_split,
-                   num_floor=held.n, fd_matched=frechet_distance_from_stats(ref.stats, matched),
-                   num_matched=matched.n)
+        out.fd_floor, out.floor_split, out.num_floor = frechet_distance_from_stats(ref.stats, held.stats), \
+            cfg.floor_split, held.n
+        out.fd_matched, out.num_matched = frechet_distance_from_stats(ref.stats, matched), matched.n
     return out
 
 
-def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> dict:
+def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> TransportResult:
     """Snapshot methods: the split's first-snapshot rows carried to every observed time on an actor stage; per time,
     W2 to the split's rows of that time, beside the floor: W2 from as many training rows of that time."""
     import ray.data
@@ -253,13 +341,13 @@ def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory
                                   memory=memory)
                    .iter_batches(batch_size=None))
     wall = time.perf_counter() - t0
-    out = {"times": list(times), "n_start": len(start_rows), "wall_s": wall,
-           "mean_nfe": float(np.mean(np.concatenate([b["nfe"] for b in batches]))), "w2": [], "w2_floor": []}
+    out = TransportResult(times=list(times), n_start=len(start_rows), wall_s=wall,
+                          mean_nfe=float(np.mean(np.concatenate([b["nfe"] for b in batches]))))
     for k in range(len(times)):
         moved = torch.from_numpy(np.concatenate([np.stack(list(b[f"x_{k}"])) for b in batches]))
         n = min(len(held[k]), len(train.get(k, [])))
-        out["w2"].append(wasserstein2(moved, held[k]))
-        out["w2_floor"].append(wasserstein2(train[k][:n], held[k]) if n else float("nan"))
+        out.w2.append(wasserstein2(moved, held[k]))
+        out.w2_floor.append(wasserstein2(train[k][:n], held[k]) if n else float("nan"))
     return out
 
 
@@ -272,10 +360,9 @@ def _points_by_label(manifest: Manifest, split: str) -> dict[int, torch.Tensor]:
     return {int(k): x[labels == k] for k in labels.unique()}
 
 
-def _toy_quality(manifest: Manifest, samples_dir: str) -> dict:
+def _toy_quality(manifest: Manifest, samples_dir: str) -> QualityResult:
     """W2 from the samples to point data: for 2-D toy sets to fresh draws of the set; on a manifold the geodesic W2
     to the test split, beside its floor (as many training rows to the test split)."""
-
     data = manifest.data
     _, raw, _ = read_samples(samples_dir)
     x = decode_rows(raw, data.shape, "points")
@@ -289,18 +376,22 @@ def _toy_quality(manifest: Manifest, samples_dir: str) -> dict:
         train = torch.cat(list(_points_by_label(manifest, "train").values()))[: len(test)]
         if len(test) == 0:
             raise EvaluationError(f"{manifest.directory} has no test rows to compare the samples with")
-        return {"w2": geodesic_wasserstein2(manifold, x[: len(test)], test),
-                "w2_floor": geodesic_wasserstein2(manifold, train, test), "w2_kind": "geodesic",
-                "num_samples": len(x), "num_reference": len(test)}
+        return QualityResult(num_samples=len(x), w2=geodesic_wasserstein2(manifold, x[: len(test)], test),
+                             w2_floor=geodesic_wasserstein2(manifold, train, test), w2_kind="geodesic",
+                             num_reference=len(test))
     from fm.data import sample_toy
     from fm.metrics import wasserstein2
 
     n = min(len(x), 2000)
     ref = sample_toy(data.name, n, torch.Generator().manual_seed(12345))
-    return {"w2": wasserstein2(x[:n], ref), "num_samples": len(x)}
+    return QualityResult(num_samples=len(x), w2=wasserstein2(x[:n], ref))
 
 
-def run_evaluation(checkpoint: str, shards: str, samples: str | None, cfg: EvalConfig) -> dict:
+def run_evaluation(checkpoint: str, shards: str | Manifest, samples: str | None,
+                   cfg: EvalConfig) -> EvaluationResult:
+    """Score a checkpoint on an ingest output (`shards`: its location, or its `Manifest` already read): bits/dim (or
+    NLL, or transport W2 for snapshot methods) and, with a sampling output, sample quality. Every input is checked
+    before Ray starts."""
     validate_eval_config(cfg)
     meta = load_meta(checkpoint)
     load_model(checkpoint)  # unreadable or refused weights fail here, before Ray starts
@@ -309,74 +400,71 @@ def run_evaluation(checkpoint: str, shards: str, samples: str | None, cfg: EvalC
                         model_item_bytes(meta["model"]["name"], meta["model"]["kwargs"], training=True),
                         "one likelihood call", hint=" (batch_size x blocks_per_call rows; activations and their "
                                                     "gradients estimated from the model's feature maps)")
-    manifest = Manifest.load(shards)  # read once, passed on
+    manifest = shards if isinstance(shards, Manifest) else Manifest.load(shards)  # read once, passed on
     manifest.check_split(cfg.split, "eval.split")
     trained_on = meta.get("manifest", {}).get("shape")
     if trained_on is not None and trained_on != manifest.data.shape:
-        raise EvaluationError(f"checkpoint was trained on shape {trained_on}, but {shards} holds "
+        raise EvaluationError(f"checkpoint was trained on shape {trained_on}, but {manifest.directory} holds "
                               f"{manifest.data.shape}")
     if samples is not None:
         sample_shards(samples)  # foreign or empty sample directories fail before Ray starts (metadata only)
-    result = {"train_run_id": meta.get("mlflow_run_id"), "checkpoint_step": meta["step"],
-              "method": meta["method"]["name"]}
+    result = EvaluationResult(method=meta["method"]["name"], checkpoint_step=meta["step"],
+                              train_run_id=meta.get("mlflow_run_id"))
     if manifest.data.times:  # snapshot methods have no prior density: they move data from time to time
         if samples is not None:
             raise EvaluationError("--samples: a snapshot method is scored by carrying the data's first snapshot "
                                   "through the observed times; it has no samples to score")
-        result["transport"] = transport_stage(checkpoint, manifest, cfg, memory)
+        result.transport = transport_stage(checkpoint, manifest, cfg, memory)
         return result
-    result["likelihood"] = likelihood_stage(checkpoint, manifest, cfg, memory)
-    if samples is not None:
-        result["quality"] = sample_quality(manifest, samples, cfg)
-
-        run_id = sampling_run_id(samples)
-        if run_id:
-            result["sample_run_id"] = run_id
-        result["sample_settings"] = sampling_settings(samples)
-    return result
+    result.likelihood = likelihood_stage(checkpoint, manifest, cfg, memory)
+    if samples is None:
+        return result
+    return result.with_samples(sample_quality(manifest, samples, cfg), samples)
 
 
-def log_evaluation_run(result: dict, cfg: EvalConfig, uri: str) -> str:
-    run_id = start_child_run(uri, result.get("train_run_id"), "evaluate", "evaluate")
+def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str) -> str:
+    """An MLflow run nested under the training run: the evaluation settings, every figure as a metric, and what they
+    were measured on as tags. Returns its id, also kept in `result.mlflow_run_id`."""
+    run_id = start_child_run(uri, result.train_run_id, "evaluate", "evaluate")
+    result.mlflow_run_id = run_id
     log = SafeLogger(uri, run_id)
     log.params({f"eval.{k}": v for k, v in asdict(cfg).items()})
-    tags = {"flowray.method": result["method"], "flowray.checkpoint_step": str(result["checkpoint_step"])}
-    if "transport" in result:  # snapshot methods: W2 and its floor at every observed time, and the worst ratio
-        tr = result["transport"]
-        metrics = {"transport_nfe": tr["mean_nfe"], "w2_ratio_max": max(
-            w / f for w, f in zip(tr["w2"][1:], tr["w2_floor"][1:], strict=True))}
-        for k, (w, f) in enumerate(zip(tr["w2"], tr["w2_floor"], strict=True)):
+    tags = {"flowray.method": result.method, "flowray.checkpoint_step": str(result.checkpoint_step)}
+    tr = result.transport
+    if tr is not None:  # snapshot methods: W2 and its floor at every observed time, and the worst ratio
+        metrics = {"transport_nfe": tr.mean_nfe, "w2_ratio_max": max(
+            w / f for w, f in zip(tr.w2[1:], tr.w2_floor[1:], strict=True))}
+        for k, (w, f) in enumerate(zip(tr.w2, tr.w2_floor, strict=True)):
             metrics.update({f"w2_t{k}": w, f"w2_floor_t{k}": f})
-        tags["flowray.times"] = ",".join(str(t) for t in tr["times"])
+        tags["flowray.times"] = ",".join(str(t) for t in tr.times)
         log.metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=0)
         log.tags(tags)
         log.finish()
         return run_id
-    lik = result["likelihood"]
-    metrics = {lik["metric"]: lik["mean"], f"{lik['metric']}_stderr": lik["stderr"], "likelihood_nfe": lik["mean_nfe"],
-               "likelihood_images_per_s": lik["images_per_s"]}
-    q = result.get("quality")
-    if q:
+    lik = result.likelihood
+    metrics = {lik.metric: lik.mean, f"{lik.metric}_stderr": lik.stderr, "likelihood_nfe": lik.mean_nfe,
+               "likelihood_images_per_s": lik.images_per_s}
+    q = result.quality
+    if q is not None:
         for key in ("fd", "fid", "fd_floor", "fd_matched", "kid", "kid_std", "precision", "recall", "w2", "w2_floor",
                     "classifier_test_accuracy"):
-            if q.get(key) is not None:
-                metrics[key] = q[key]
-        if "fd_label" in q:
-            tags.update({"flowray.fd_label": q["fd_label"], "flowray.fid": q["fid_note"],
-                         "flowray.features": q["features"], "flowray.reference_split": q["reference_split"],
-                         "flowray.quality_counts": f"{q['num_samples']} samples, {q['num_reference']} reference"
-                         + (f", {q['num_floor']} held-out ({q['floor_split']}) for the floor" if "fd_floor" in q
-                            else "") + f"; KID and precision/recall (k=3) on subsets of {q['pr_subset']}"})
-        s = result["sample_settings"]
+            metrics[key] = getattr(q, key)
+        if q.fd_label is not None:
+            tags.update({"flowray.fd_label": q.fd_label, "flowray.fid": q.fid_note, "flowray.features": q.features,
+                         "flowray.reference_split": q.reference_split,
+                         "flowray.quality_counts": f"{q.num_samples} samples, {q.num_reference} reference"
+                         + (f", {q.num_floor} held-out ({q.floor_split}) for the floor" if q.fd_floor is not None
+                            else "") + f"; KID and precision/recall (k=3) on subsets of {q.pr_subset}"})
+        s = result.sample_settings
         tags.update({"flowray.sample_solver": s["solver"], "flowray.sample_steps": str(s["steps"])})
-        if result.get("sample_run_id"):
-            tags["flowray.sample_run_id"] = result["sample_run_id"]
-        if q.get("classifier_path"):
-            with storage.local_copy(q["classifier_path"]) as local:  # a download when it is cached in a bucket
+        if result.sample_run_id:
+            tags["flowray.sample_run_id"] = result.sample_run_id
+        if q.classifier_path:
+            with storage.local_copy(q.classifier_path) as local:  # a download when it is cached in a bucket
                 log.artifact(local, "classifier")
-    if lik.get("probes") is not None:
-        tags["flowray.hutchinson_probes"] = str(lik["probes"])
-    tags["flowray.dequantization_draws"] = str(lik["draws"])
+    if lik.probes is not None:
+        tags["flowray.hutchinson_probes"] = str(lik.probes)
+    tags["flowray.dequantization_draws"] = str(lik.draws)
     log.metrics({k: v for k, v in metrics.items() if v is not None and not math.isnan(v)}, step=0)
     log.tags(tags)
     log.finish()

@@ -31,6 +31,7 @@ from pipelines.batch.samples import (
     SHARD_PREFIX,
     SHARD_SUFFIX,
     SamplingError,
+    SamplingResult,
     block_ids,
     sample_shards,
     sampling_settings,
@@ -172,7 +173,7 @@ def prepare_output(out: str, cfg: SampleConfig, checkpoint: str) -> str:
     return out
 
 
-def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
+def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> SamplingResult:
     """Sample cfg.num_samples images with an actor pool; returns counts, NFE and throughput."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -223,35 +224,36 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> dict:
     nfe = [int(r["nfe"]) for r in stats]
     busy = sum(float(r["seconds"]) for r in stats)
     made = sum(int(r["rows"]) for r in stats)
-    return {"out": out, "num_samples": cfg.num_samples, "blocks": n_blocks, "blocks_reused": len(done),
-            "blocks_sampled": len(todo), "mean_nfe": float(np.mean(nfe)) if nfe else None,
-            "max_nfe": max(nfe) if nfe else None, "samples_per_s": made / wall if made else None,
-            "samples_per_actor_s": made / busy if busy else None, "wall_s": wall,
-            "train_run_id": meta.get("mlflow_run_id")}
+    return SamplingResult(out=out, num_samples=cfg.num_samples, blocks=n_blocks, blocks_reused=len(done),
+                          blocks_sampled=len(todo), wall_s=wall, mean_nfe=float(np.mean(nfe)) if nfe else None,
+                          max_nfe=max(nfe) if nfe else None, samples_per_s=made / wall if made else None,
+                          samples_per_actor_s=made / busy if busy else None, train_run_id=meta.get("mlflow_run_id"))
 
 
-def log_sampling_run(result: dict, cfg: dict, uri: str) -> str:
-    """An MLflow run nested under the training run: settings, NFE, throughput, a grid, the output location."""
+def log_sampling_run(result: SamplingResult, cfg: dict, uri: str) -> str:
+    """An MLflow run nested under the training run: settings, NFE, throughput, a grid, the output location. Returns
+    its id, also kept in `result.mlflow_run_id` and in the output's `_mlflow.json`."""
     import tempfile
 
 
-    run_id = start_child_run(uri, result.get("train_run_id"), "sample", f"sample-{cfg['solver']}")
+    run_id = start_child_run(uri, result.train_run_id, "sample", f"sample-{cfg['solver']}")
     log = SafeLogger(uri, run_id)
     log.params({f"sample.{k}": v for k, v in cfg.items()})
-    log.metrics({k: result[k] for k in ("mean_nfe", "max_nfe", "samples_per_s", "samples_per_actor_s", "wall_s")
-                 if result.get(k) is not None}, step=0)
-    log.tags({"flowray.samples_dir": result["out"]})
+    metrics = {"mean_nfe": result.mean_nfe, "max_nfe": result.max_nfe, "samples_per_s": result.samples_per_s,
+               "samples_per_actor_s": result.samples_per_actor_s, "wall_s": result.wall_s}
+    log.metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
+    log.tags({"flowray.samples_dir": result.out})
     with tempfile.TemporaryDirectory() as tmp:
-        log.artifact(_preview(result["out"], Path(tmp)))
+        log.artifact(_preview(result.out, Path(tmp)))
     log.finish()
-    storage.write_text(storage.join(result["out"], RUN_FILE), json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    storage.write_text(storage.join(result.out, RUN_FILE), json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    result.mlflow_run_id = run_id
     return run_id
 
 
 def _preview(out: str, tmp: Path) -> Path:
     """samples.png: a grid of the first 64 images, or a scatter of the first 5,000 points (on S^2 in an equal-area
     projection); read from the first shards only (block files are in id order)."""
-
     settings = sampling_settings(out)
     data = DataSpec.from_dict(load_meta(settings["checkpoint"]).get("manifest"), "checkpoint manifest")
     want = 64 if data.is_image else 5000

@@ -5,6 +5,7 @@ run that logged them (`_mlflow.json`)."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,27 @@ SHARD_PREFIX, SHARD_SUFFIX = "block-", ".parquet"
 
 class SamplingError(ConfigError):
     """Bad sampling request or output directory."""
+
+
+@dataclass
+class SamplingResult:
+    """What a sampling job made: where, how many blocks were new, NFE and throughput, and its MLflow runs."""
+
+    out: str  # the output location (absolute when local)
+    num_samples: int
+    blocks: int
+    blocks_reused: int  # blocks a rerun found whole and kept
+    blocks_sampled: int
+    wall_s: float
+    mean_nfe: float | None = None  # None when every block was reused
+    max_nfe: int | None = None
+    samples_per_s: float | None = None  # wall-clock rate of the stage
+    samples_per_actor_s: float | None = None  # rate per second of actor busy time
+    train_run_id: str | None = None  # the MLflow run that trained the checkpoint
+    mlflow_run_id: str | None = None  # the sampling run, once logged (`log_sampling_run`)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def block_ids(block: int, block_size: int, n: int) -> np.ndarray:

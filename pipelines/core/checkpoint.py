@@ -50,7 +50,6 @@ def save_checkpoint(directory: str | Path, *, step: int, model: nn.Module, ema_s
 
 def load_meta(directory: str | Path) -> dict:
     """A checkpoint's meta.json, checked: a directory, valid JSON, with step, model and method."""
-
     d = str(directory)
     if storage.is_file(d):
         raise CheckpointError(f"{d} is a file; a checkpoint is a directory holding {META}, model.pt and ema.pt")

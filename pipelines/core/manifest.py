@@ -138,7 +138,6 @@ class Manifest:
     @classmethod
     def load(cls, directory: str | Path, verify: bool = False, key: str = "") -> Manifest:
         """Read and check manifest.json; with verify, also every shard's sha256."""
-
         directory = storage.check_location(str(directory), key)
         if not storage.is_uri(directory):
             directory = str(Path(directory).resolve())
@@ -168,7 +167,6 @@ class Manifest:
 
     def path(self, *parts: str) -> str:
         """A location inside the ingest output (a shard, a cache beside the shards)."""
-
         return storage.join(self.directory, *parts)
 
     def check_split(self, split: str, key: str = "split") -> None:
@@ -194,7 +192,6 @@ class Manifest:
         """The cheap check, before any Ray work: every shard exists, has a readable parquet footer, the row count
         the manifest says, and records the manifest's row format (kind, shape, layout, dtype) and its split (a
         truncated or foreign file, or a manifest edited by hand, fails here, named)."""
-
         for name, split in self.splits.items():
             for shard in split["shards"]:
                 path = self.path(str(shard.get("file")))
@@ -233,7 +230,6 @@ class Manifest:
 
 def sha256(location: str | Path) -> str:
     """The sha256 of a local file or an object, streamed in 1 MiB reads."""
-
     fs, path = storage.resolve(str(location))
     h = hashlib.sha256()
     with fs.open_input_stream(path) as f:

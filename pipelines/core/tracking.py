@@ -381,7 +381,6 @@ def _log_mlflow_model(uri: str, run_id: str, loaded, ckpt: Path, register_as: st
 def resolve_checkpoint(spec: str, uri: str, cache: str | Path = "outputs/checkpoints") -> str:
     """A checkpoint directory from a path, `runs:/RUN_ID` (the training run's logged checkpoint), or a registered
     model `models:/NAME/VERSION` or `models:/NAME@ALIAS` (its extra files hold the checkpoint)."""
-
     if spec.startswith("models:/"):
         import re
 

@@ -11,6 +11,7 @@ import numpy as np
 from pipelines.core import storage
 from pipelines.core.checkpoint import check_files, load_meta
 from pipelines.core.errors import JobStopped
+from pipelines.core.manifest import Manifest
 from pipelines.core.runtime import init_ray, interruptible, is_verbose, stage, train_logging_config
 from pipelines.core.tracking import SafeLogger, check_tracking_uri, create_run, find_run, log_final_model, tracking_uri
 from pipelines.train.config import Config, check_data, model_kwargs
@@ -20,12 +21,14 @@ from pipelines.train.stream import stream_spec
 from pipelines.train.worker import TrainJob, train_loop_per_worker
 
 
-def run_training(cfg: Config) -> dict:
-    """Train per the config; returns the job's key results (run id, checkpoint path, final metrics)."""
+def run_training(cfg: Config, manifest: Manifest | None = None) -> dict:
+    """Train per the config; returns the job's key results (run id, checkpoint path, final metrics). `manifest`: the
+    data's manifest as `check_data(cfg)` returned it, when the caller has checked it already."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    manifest = check_data(cfg)  # every config and data error surfaces before Ray starts
+    if manifest is None:
+        manifest = check_data(cfg)  # every config and data error surfaces before Ray starts
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     check_tracking_uri(uri)
     # a local folder or an object-store URI, which Ray Train writes to through the same pyarrow file system

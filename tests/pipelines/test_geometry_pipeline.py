@@ -16,7 +16,8 @@ from jobs import sample as sample_job
 from jobs import train as train_job
 from pipelines.batch.samples import read_samples
 from pipelines.core.manifest import Manifest
-from pipelines.ingest.run import IngestError, ingest
+from pipelines.ingest.run import ingest
+from pipelines.ingest.sources import IngestError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -53,18 +53,18 @@ def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local
     exact = GaussianOTFlow(mu=0.1, std=0.4).bits_per_dim_exact(x).mean().item()
 
     cfg = EvalConfig(draws=32, divergence="exact", batch_size=8, actors=2, atol=1e-7, rtol=1e-7)
-    res = run_evaluation(str(ckpt), str(tmp_path / "data"), None, cfg)["likelihood"]
-    assert res["n"] == len(x) and res["unit"] == "bits/dim" and res["draws"] == 32
-    assert res["mean"] == pytest.approx(exact, abs=5e-3)
+    res = run_evaluation(str(ckpt), str(tmp_path / "data"), None, cfg).likelihood
+    assert res.n == len(x) and res.unit == "bits/dim" and res.draws == 32
+    assert res.mean == pytest.approx(exact, abs=5e-3)
     # Hutchinson with one Gaussian probe is noisy per image but unbiased for the one-draw bound: its mean
     # agrees with the exact divergence's within its standard error (same dequantization noise, K = 1)
     one = dict(draws=1, batch_size=8, atol=1e-7, rtol=1e-7)
     exact_1 = run_evaluation(str(ckpt), str(tmp_path / "data"), None,
-                             EvalConfig(divergence="exact", **one))["likelihood"]
+                             EvalConfig(divergence="exact", **one)).likelihood
     hutch = run_evaluation(str(ckpt), str(tmp_path / "data"), None,
-                           EvalConfig(divergence="hutchinson", probes=1, probe_kind="gaussian", **one))["likelihood"]
-    assert abs(hutch["mean"] - exact_1["mean"]) < 3 * hutch["stderr"]
-    assert hutch["stderr"] > exact_1["stderr"]
+                           EvalConfig(divergence="hutchinson", probes=1, probe_kind="gaussian", **one)).likelihood
+    assert abs(hutch.mean - exact_1.mean) < 3 * hutch.stderr
+    assert hutch.stderr > exact_1.stderr
 
 
 def test_per_image_bits_per_dim_do_not_depend_on_actors_or_blocks_per_call(tmp_path, ray_local):
@@ -131,30 +131,30 @@ def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     cfg = EvalConfig(classifier_epochs=10, subset_size=200, actors=2)
     good = sample_quality(load_manifest(data), str(tmp_path / "real"), cfg)
     bad = sample_quality(load_manifest(data), str(tmp_path / "noise"), cfg)
-    assert good["fd_label"] == "FD (digits classifier)" and good["fid"] is None and good["features"] == "classifier"
-    assert "Inception-v3 features of 8x8 images" in good["fid_note"]
-    assert good["classifier_test_accuracy"] > 0.9
-    assert good["fd"] < 0.1 * bad["fd"] and good["kid"] < bad["kid"]
-    assert good["precision"] > 0.5 > bad["precision"] and good["recall"] > bad["recall"]
+    assert good.fd_label == "FD (digits classifier)" and good.fid is None and good.features == "classifier"
+    assert "Inception-v3 features of 8x8 images" in good.fid_note
+    assert good.classifier_test_accuracy > 0.9
+    assert good.fd < 0.1 * bad.fd and good.kid < bad.kid
+    assert good.precision > 0.5 > bad.precision and good.recall > bad.recall
     # against the training split (the papers' convention), with the floor of held-out real images beside it
     m = load_manifest(data)
     n_train, n_test = m.count("train"), m.count("test")
-    assert n_test > 300 and (good["reference_split"], good["num_reference"], good["floor_split"]) == \
+    assert n_test > 300 and (good.reference_split, good.num_reference, good.floor_split) == \
         ("train", n_train, "test")
     # the floor uses about as many held-out images as there are samples (an id-hashed subset), since the
     # distance's bias depends on the count
     test_ids = pa.concat_tables([pq.read_table(p) for p in m.shard_paths("test")])["id"].to_pylist()
-    assert good["num_floor"] == int(in_subset(test_ids, 300 / n_test).sum())
-    assert abs(good["num_floor"] - 300) < 40 and good["fd_floor"] < 0.1 * bad["fd"]
-    assert good["num_samples"] == 300 and good["num_matched"] == 300
-    assert good["fd_matched"] == pytest.approx(good["fd"])
+    assert good.num_floor == int(in_subset(test_ids, 300 / n_test).sum())
+    assert abs(good.num_floor - 300) < 40 and good.fd_floor < 0.1 * bad.fd
+    assert good.num_samples == 300 and good.num_matched == 300
+    assert good.fd_matched == pytest.approx(good.fd)
     # more samples than held-out images: the floor takes them all, the model is also scored on as many samples
     train = pa.concat_tables([pq.read_table(p) for p in sorted(data.glob("train-*.parquet"))])
     many = np.frombuffer(b"".join(train["image"].to_pylist()[:500]), np.uint8).reshape(-1, 8, 8, 1)
     _fake_samples(tmp_path / "many", many, tmp_path)
     more = sample_quality(load_manifest(data), str(tmp_path / "many"), cfg)
-    assert (more["num_samples"], more["num_floor"], more["num_matched"]) == (500, n_test, n_test)
-    assert more["fd_matched"] != more["fd"]
+    assert (more.num_samples, more.num_floor, more.num_matched) == (500, n_test, n_test)
+    assert more.fd_matched != more.fd
     assert (data / "classifier" / "epochs10-seed0" / "model.pt").exists()  # trained once, then cached
     cached = sorted((data / "feature_stats").glob("classifier-*.npz"))
     # reference statistics are cached, the capped floor's apart from the whole split's
@@ -163,10 +163,10 @@ def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     # eval.reference_max: about that many reference images, the same id-hashed ones every time
     train_ids = train["id"].to_pylist()
     capped = sample_quality(load_manifest(data), str(tmp_path / "real"), replace(cfg, reference_max=500))
-    assert capped["num_reference"] == int(in_subset(train_ids, 500 / n_train).sum())
-    assert abs(capped["num_reference"] - 500) < 60 and capped["fd"] != good["fd"]
+    assert capped.num_reference == int(in_subset(train_ids, 500 / n_train).sum())
+    assert abs(capped.num_reference - 500) < 60 and capped.fd != good.fd
     again = sample_quality(load_manifest(data), str(tmp_path / "real"), cfg)
-    assert again["fd"] == pytest.approx(good["fd"]) and again["fd_floor"] == good["fd_floor"]
+    assert again.fd == pytest.approx(good.fd) and again.fd_floor == good.fd_floor
     # the streamed statistics of the Ray stage are those of all features in one process
     net, _, _ = feature_net(load_manifest(data), cfg)
     model = load_network(net, torch.device("cpu"))

@@ -36,11 +36,11 @@ def test_bit_identical_across_actors_and_batch_sizes_and_resume(tmp_path, ray_lo
     ckpt = make_checkpoint(tmp_path / "ckpt")
     base = dict(num_samples=50, solver="euler", steps=4, block_size=8, seed=3)
     ref = run_sampling(str(ckpt), tmp_path / "a", SampleConfig(**base, actors=1, blocks_per_call=1))
-    assert ref["blocks"] == 7 and ref["blocks_sampled"] == 7 and ref["mean_nfe"] == 4
+    assert ref.blocks == 7 and ref.blocks_sampled == 7 and ref.mean_nfe == 4
     ids, images = _all(tmp_path / "a")
     assert ids.tolist() == list(range(50))
     two = run_sampling(str(ckpt), tmp_path / "b", SampleConfig(**base, actors=2, blocks_per_call=2))
-    assert two["blocks_sampled"] == 7
+    assert two.blocks_sampled == 7
     ids_b, images_b = _all(tmp_path / "b")
     assert ids_b.tolist() == ids.tolist() and all(x == y for x, y in zip(images, images_b, strict=True))
 
@@ -48,7 +48,7 @@ def test_bit_identical_across_actors_and_batch_sizes_and_resume(tmp_path, ray_lo
     with pytest.raises(Exception, match="injected sampling failure at block 3"):
         run_sampling(str(ckpt), tmp_path / "c", SampleConfig(**base, fail_at_block=3))
     rerun = run_sampling(str(ckpt), tmp_path / "c", SampleConfig(**base, fail_at_block=3))
-    assert rerun["blocks_reused"] + rerun["blocks_sampled"] == 7 and rerun["blocks_sampled"] >= 1
+    assert rerun.blocks_reused + rerun.blocks_sampled == 7 and rerun.blocks_sampled >= 1
     ids_c, images_c = _all(tmp_path / "c")
     assert ids_c.tolist() == ids.tolist() and all(x == y for x, y in zip(images, images_c, strict=True))
 
@@ -57,7 +57,7 @@ def test_bit_identical_across_actors_and_batch_sizes_and_resume(tmp_path, ray_lo
     shard.write_bytes(shard.read_bytes()[:100])
     (tmp_path / "c" / ".block-00000005.parquet.123.tmp").write_bytes(b"half")
     again = run_sampling(str(ckpt), tmp_path / "c", SampleConfig(**base))
-    assert again["blocks_sampled"] == 1 and again["blocks_reused"] == 6
+    assert again.blocks_sampled == 1 and again.blocks_reused == 6
     ids_d, images_d = _all(tmp_path / "c")
     assert ids_d.tolist() == ids.tolist() and all(x == y for x, y in zip(images, images_d, strict=True))
     assert not list((tmp_path / "c").glob(".block-*"))
@@ -72,7 +72,7 @@ def test_sde_sampler_and_mlflow_lineage(tmp_path, ray_local):
     ckpt = make_checkpoint(tmp_path / "ckpt", run_id=train_run)
     cfg = SampleConfig(num_samples=12, solver="sde", steps=5, block_size=4, sde_g=0.5)
     res = run_sampling(str(ckpt), tmp_path / "s", cfg)
-    assert res["mean_nfe"] == 5 and res["train_run_id"] == train_run
+    assert res.mean_nfe == 5 and res.train_run_id == train_run
     from dataclasses import asdict
 
     run_id = log_sampling_run(res, asdict(cfg), uri)

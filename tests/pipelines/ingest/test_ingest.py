@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from pipelines.core.manifest import ManifestError
-from pipelines.ingest.run import IngestError, ingest, load_manifest, shard_paths
-from pipelines.ingest.sources import stable_hash
+from pipelines.ingest.run import ingest, load_manifest, shard_paths
+from pipelines.ingest.sources import IngestError, stable_hash
 
 
 @pytest.fixture(scope="module", autouse=True)
