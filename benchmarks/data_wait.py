@@ -1,5 +1,5 @@
 """Data wait of a whole training run, and OT-CFM's step against I-CFM's, in the Ray pipeline: every worker fed by
-its own Ray Data stream that pairs each step in tasks on CPU workers (`pipelines.stream`).
+its own Ray Data stream that pairs each step in tasks on CPU workers (`pipelines.train.stream`).
 
     python -m benchmarks.data_wait [--steps 600] [--buffer 96]
     python -m benchmarks.data_wait --methods icfm,otcfm [--steps 600] [--set method.ot_scope=global]

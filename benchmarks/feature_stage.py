@@ -4,7 +4,7 @@
     python -m benchmarks.feature_stage inception [--images 512 --threads CORES --batch 64]
 
 memory: for each size, a fresh process writes that many random 8x8 digit-shaped samples as sampling shards (blocks
-of 1,000) and runs `pipelines.features.feature_stage` with the digits classifier's features (1 actor); its peak
+of 1,000) and runs `pipelines.batch.features.feature_stage` with the digits classifier's features (1 actor); its peak
 RSS (ru_maxrss) is reported, and the growth from the smallest to the largest size in MB. Goal: at most 20 MB, where
 keeping every feature row in the driver would add 100 MB (195,000 more rows x 128 float32) and more for its
 copies. `--hoard` patches the stage to keep every row (as arrival-order code did), to show the goal catches it.

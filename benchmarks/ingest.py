@@ -15,7 +15,7 @@ memory: the same kind of folder at each size, with smaller photos (24..48 px: th
 the larger sizes hard-link the files of the first 20k, so they are listed, read and decoded like distinct files),
 ingested in a fresh process; peak RSS of the driver (ru_maxrss) and the largest peak RSS (VmHWM) of the Ray
 workers that ran ingest tasks, polled from /proc while the job runs.
-datapath: 32x32x3 rows through the training data path (`pipelines.stream`: parquet rows read by step -> flips,
+datapath: 32x32x3 rows through the training data path (`pipelines.train.stream`: parquet rows read by step -> flips,
 noise and the cifar10 preset's coupling in Ray Data tasks -> `iter_batches`, no model): images/s per CPU of the
 host, and from it the CPUs per GPU needed to feed the cifar10 preset at an assumed GPU rate (its FLOPs per image,
 counted here, at an assumed 35% of a 989 TFLOP/s bf16 dense peak: no GPU was measured).

@@ -1,4 +1,5 @@
-"""Why every Ray worker and actor sets its torch threads to the CPUs it reserved (`pipelines.runtime.use_cpu_share`).
+"""Why every Ray worker and actor sets its torch threads to the CPUs it reserved
+(`pipelines.core.runtime.use_cpu_share`).
 
     python -m benchmarks.worker_threads [--procs 2] [--steps 8] [--config configs/fashion-mnist-cpu.yaml] [--ddp]
 

@@ -41,7 +41,8 @@ def generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generato
 
 def draw_device(generator: torch.Generator | None, device: torch.device | str) -> torch.device:
     """Where a draw for data on `device` is made: on the generator's own device, then moved. A step paired on a CPU
-    worker (`pipelines.stream`) hands its CPU generator to a trainer on any device, and the loss continues from it."""
+    worker (`pipelines.train.stream`) hands its CPU generator to a trainer on any device, and the loss continues
+    from it."""
     return torch.device(device) if generator is None else generator.device
 
 

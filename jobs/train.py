@@ -20,6 +20,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file (defaults apply when omitted)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
+    p.add_argument("--schema", action="store_true",
+                   help="print the JSON Schema of a config file (configs/train.schema.json) and exit")
     add_common(p, tracking=False)
     return p
 
@@ -31,8 +33,11 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 def _train(a) -> dict | None:
     from pipelines.core.settings import dump
-    from pipelines.train.config import check_data, load_config
+    from pipelines.train.config import check_data, load_config, schema
 
+    if a.schema:
+        print(json.dumps(schema(), indent=1))
+        return None
     cfg = load_config(a.config, a.overrides)
     if a.dry_run:
         print(dump(cfg))

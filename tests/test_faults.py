@@ -181,7 +181,7 @@ def test_a_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(digits, tmp
         try:
             _wait_for(lambda: len(_checkpoints(run_dir)) >= 1, 300, "the first checkpoint", driver, log)
             ray_procs = [p for p in psutil.Process(driver.pid).children(recursive=True)
-                         if "pipelines.reaper" not in " ".join(p.cmdline())]
+                         if "pipelines.core.reaper" not in " ".join(p.cmdline())]
             assert any("raylet" in p.name() for p in ray_procs)
             killed_at = time.monotonic()
             driver.send_signal(signal.SIGKILL)
@@ -208,7 +208,7 @@ def _stop_by_signal(cmd: list[str], signum: int, ready, log: Path, what: str) ->
         try:
             _wait_for(ready, 300, what, job, log)
             ray_procs = [p for p in psutil.Process(job.pid).children(recursive=True)
-                         if "pipelines.reaper" not in " ".join(p.cmdline())]
+                         if "pipelines.core.reaper" not in " ".join(p.cmdline())]
             assert any("raylet" in p.name() for p in ray_procs)
             signalled = time.monotonic()
             job.send_signal(signum)

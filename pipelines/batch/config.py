@@ -25,7 +25,7 @@ class SampleConfig:
     seed: int = 0
     block_size: int = 64
     blocks_per_call: int = 1  # Ray batch size, in blocks
-    actors: int = 0  # 0: as many as the cluster's cores (or GPUs) and memory hold (`pipelines.runtime.actor_pool`)
+    actors: int = 0  # 0: as many as the cluster's cores (or GPUs) and memory hold (`pipelines.core.runtime.actor_pool`)
     cpus_per_actor: float = 0.5
     gpus_per_actor: float = 0.0
     write_png: bool = False
@@ -77,7 +77,7 @@ class EvalConfig:
     rtol: float = 1e-5
     batch_size: int = 64  # the likelihood's fixed blocks: rows solved together (an adaptive solver shares its steps)
     blocks_per_call: int = 1  # Ray batch size, in blocks (changes nothing but scheduling)
-    actors: int = 0  # 0: as many as the cluster's cores (or GPUs) and memory hold (`pipelines.runtime.actor_pool`)
+    actors: int = 0  # 0: as many as the cluster's cores (or GPUs) and memory hold (`pipelines.core.runtime.actor_pool`)
     cpus_per_actor: float = 0.5
     seed: int = 0
     classifier_epochs: int = 15

@@ -76,7 +76,7 @@ def sample_shards(directory: str | Path) -> tuple[list[str], int, int]:
 
 def read_samples(directory: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """All samples of a sampling output in memory, as (ids [N], raw image bytes [N] objects, settings); for small
-    outputs and tests (the evaluation streams shards through `pipelines.features` instead)."""
+    outputs and tests (the evaluation streams shards through `pipelines.batch.features` instead)."""
     paths, _, _ = sample_shards(directory)
     table = pa.concat_tables([storage.read_table(p) for p in paths])
     return np.asarray(table["id"].to_pylist()), np.asarray(table["image"].to_pylist(), dtype=object), \

@@ -2,7 +2,7 @@
 resolved config), so that a model is rebuilt from the checkpoint alone. Loaded with weights_only=True.
 
 A checkpoint is read where it lies: a local folder, or an object-store prefix (`s3://bucket/runs/x/checkpoint_...`,
-as Ray Train writes them to an object-store `train.storage_path`), through `pipelines.storage`; every actor that
+as Ray Train writes them to an object-store `train.storage_path`), through `pipelines.core.storage`; every actor that
 loads one reads it itself, so no node needs a copy on its disk."""
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class ManifestError(ConfigError):
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The rows' format: images are uint8 [H, W, C] cells, points float32 [D] cells (see `pipelines.images`).
+    """The rows' format: images are uint8 [H, W, C] cells, points float32 [D] cells (see `pipelines.core.cells`).
 
     Points may lie on a manifold (`manifold`, a `fm.manifolds.get_manifold` spec such as "sphere2": Riemannian
     methods only), or be snapshots of a dynamics observed at `times`, each row's label its snapshot index
@@ -128,7 +128,7 @@ class DataSpec:
 @dataclass(frozen=True)
 class Manifest:
     """An ingest output's manifest: the data spec, the splits and their shards, the rest as read. `directory` is a
-    location of `pipelines.storage`: a local folder (absolute) or an object-store prefix (`s3://bucket/data`)."""
+    location of `pipelines.core.storage`: a local folder (absolute) or an object-store prefix (`s3://bucket/data`)."""
 
     directory: str
     data: DataSpec

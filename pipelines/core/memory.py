@@ -39,7 +39,7 @@ def model_item_bytes(model_name: str, kwargs: dict, training: bool) -> int:
 
 
 def feature_actor_bytes(kind: str, batch: int) -> int:
-    """What a feature actor (`pipelines.features.FeatureActor`) holds with `batch` images per call: the memory its
+    """What a feature actor (`pipelines.batch.features.FeatureActor`) holds with `batch` images per call: the memory its
     stage declares to Ray."""
     if kind == "inception":
         return INCEPTION_BYTES + batch * INCEPTION_ITEM_BYTES

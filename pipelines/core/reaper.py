@@ -1,7 +1,7 @@
 """A watchdog for the local Ray a driver starts: when the driver dies without shutting Ray down (SIGKILL, OOM
 killer), Ray's agents and workers would outlive it; the watchdog stops them within a few seconds.
 
-`init_ray` starts it (`python -m pipelines.reaper DRIVER_PID ROOT_PID...`) in a session of its own, so that a
+`init_ray` starts it (`python -m pipelines.core.reaper DRIVER_PID ROOT_PID...`) in a session of its own, so that a
 terminal's Ctrl-C or a kill of the driver's process group does not reach it. It follows the processes Ray started
 (the roots and all their descendants, refreshed while the driver lives) and exits by itself once they are gone,
 as after `ray.shutdown()`. What it stops is listed in one line on stderr (kept in the log file it is given).

@@ -59,7 +59,7 @@ def init_ray(address: str | None = None, local_cpus: int = 4) -> None:
     A local Ray gets at least `local_cpus` logical CPUs: Ray Data's read tasks ask for a whole CPU, and on a
     2-core host the train workers and preprocessing actors would otherwise leave none, hanging the job.
     A local Ray listens on 127.0.0.1 only (GCS, raylet, workers, agents, dashboard), and a watchdog
-    (`pipelines.reaper`) stops its processes should this driver die without shutting it down.
+    (`pipelines.core.reaper`) stops its processes should this driver die without shutting it down.
     """
     import ray
 
@@ -108,7 +108,7 @@ def actor_pool(actors: int, cpus: float, gpus: float = 0.0, memory: int = 0, wor
     node's CPUs less one (left to those tasks); either way no more than the cluster's memory resource holds at
     `memory` bytes each, nor than the stage's `work` items (blocks, batches) when given, and at least one.
     The declared memory is `memory`, or the largest node's memory resource when that is less (an actor that no
-    node could place would wait forever; `pipelines.memory.check_fits` has already refused what this machine
+    node could place would wait forever; `pipelines.core.memory.check_fits` has already refused what this machine
     cannot hold)."""
     import ray
 
@@ -236,7 +236,7 @@ def _quiet_ray_data(quiet: bool) -> None:
 def quiet_train_worker() -> None:
     """In a Ray Train worker (quiet mode): Train V2 logs every report at INFO through a logger named by its file
     path, outside the `ray.train` hierarchy that `train_logging_config` sets, so it is quietened by name; the
-    worker's own Ray Data stream (`pipelines.stream`) logs its start and end at INFO, which the driver's log would
+    worker's own Ray Data stream (`pipelines.train.stream`) logs its start and end at INFO, which the driver's log would
     show late, after the job's JSON result."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:

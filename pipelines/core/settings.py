@@ -145,3 +145,58 @@ def check(ok: bool, key: str, value: Any, allowed: str) -> None:
 def dump(cfg) -> str:
     """A config of sections as indented JSON (what `--dry-run` prints)."""
     return json.dumps(asdict(cfg), indent=1)
+
+
+def _comments(cls) -> dict[str, str]:
+    """The trailing comment of each field line in a dataclass's source: its documentation."""
+    import inspect
+    import io
+    import tokenize
+
+    out, line_field = {}, {}
+    source = inspect.getsource(cls)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_field:
+            line_field[tok.start[0]] = tok.string
+        elif tok.type == tokenize.COMMENT and tok.start[0] in line_field:
+            out[line_field[tok.start[0]]] = tok.string.lstrip("# ").strip()
+    return out
+
+
+def _field_schema(typ: str, default: Any) -> dict:
+    """JSON Schema of one field from its annotation: int, float, bool, str, list[int], each maybe `| None`."""
+    base = {"int": {"type": "integer"}, "float": {"type": "number"}, "bool": {"type": "boolean"},
+            "str": {"type": "string"}, "list[int]": {"type": "array", "items": {"type": "integer"}}}
+    parts = [p.strip() for p in typ.split("|")]
+    kinds = [base[p] for p in parts if p != "None"]
+    if len(kinds) != 1:
+        raise TypeError(f"no JSON Schema for the annotation {typ!r}")
+    schema = dict(kinds[0])
+    if "None" in parts:
+        schema = {"anyOf": [schema, {"type": "null"}]}
+    return {**schema, "default": default}
+
+
+def json_schema(cfg, title: str, choices: dict[str, list] | None = None) -> dict:
+    """A JSON Schema (draft 2020-12) of a config of sections, for editors that validate YAML: one object per
+    section, each key with its type, default, description (the field's comment) and, from `choices`
+    ("section.key" -> allowed values), an enum. Unknown sections and keys are refused, as `load_sections` does."""
+    choices = choices or {}
+    sections = {}
+    for section in fields(cfg):
+        obj = getattr(cfg, section.name)
+        notes = _comments(type(obj))
+        props = {}
+        for f in fields(obj):
+            prop = _field_schema(str(f.type), getattr(obj, f.name))
+            if f"{section.name}.{f.name}" in choices:
+                prop["enum"] = list(choices[f"{section.name}.{f.name}"])
+            if f.name in notes:
+                prop["description"] = notes[f.name]
+            props[f.name] = prop
+        doc = (type(obj).__doc__ or "").strip()
+        sections[section.name] = {"type": "object", "additionalProperties": False, "properties": props,
+                                  **({"description": doc} if doc and not doc.startswith(type(obj).__name__ + "(")
+                                     else {})}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title, "type": "object",
+            "additionalProperties": False, "properties": sections}

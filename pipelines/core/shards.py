@@ -1,5 +1,5 @@
 """Rows of a split by index, read whole row groups at a time from its parquet shards (the `image` cell format of
-`pipelines.images`), for every stage that addresses rows by number: the training stream and evaluation's fixed
+`pipelines.core.cells`), for every stage that addresses rows by number: the training stream and evaluation's fixed
 blocks.
 
 The groups read are kept in this process, least recently used out past `cache_rows` rows, since consecutive requests

@@ -4,8 +4,8 @@
     resize, validate, split by id hash, stream parquet shards -> driver: gather counts, checksums, quarantine,
     conversions -> manifest.json
 
-Rows are raw uint8 HWC bytes (float32 for 2-D points) with a label and a stable id (see `pipelines.images`).
-Sources and their parts: `pipelines.sources`. The output is a function of the source and the settings, never of
+Rows are raw uint8 HWC bytes (float32 for 2-D points) with a label and a stable id (see `pipelines.core.cells`).
+Sources and their parts: `pipelines.ingest.sources`. The output is a function of the source and the settings, never of
 the parallelism: parts come from the listing, the train/test split from a hash of (seed, id), and every part
 writes its own shards. Rows that cannot be used are quarantined with their id and reason in manifest.json; the job
 fails when their fraction exceeds `max_bad_fraction`. Shards are written into a staging folder and moved into
@@ -61,7 +61,7 @@ class Settings:
     seed: int
     test_fraction: float
     points: bool
-    staging: str  # where the tasks write shards (a location of `pipelines.storage`)
+    staging: str  # where the tasks write shards (a location of `pipelines.core.storage`)
     num_parts: int
     manifold: str | None = None  # points must lie on it (`fm.manifolds.get_manifold`)
     file_prefix: str = ""  # what the manifest puts before a shard's name: "" (moved into --out), "shards-<id>/"
@@ -306,7 +306,7 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
     RAY_ADDRESS is set).
 
     Args:
-        spec: the source (`pipelines.sources`). out: output directory.
+        spec: the source (`pipelines.ingest.sources`). out: output directory.
         shards: parts the source is cut into at least (each writes one shard per split); more when a part would
             exceed `max_rows_per_shard` rows.
         test_fraction: held-out fraction (by id hash) where the source has no split of its own. seed: split seed.
@@ -591,7 +591,7 @@ def _publish(out: Path, staging: Path, manifest: dict) -> None:
 
 
 def load_manifest(directory: str | Path, verify: bool = False) -> Manifest:
-    """The typed manifest of an ingest output (see `pipelines.manifest`); with verify, checks every checksum."""
+    """The typed manifest of an ingest output (see `pipelines.core.manifest`); with verify, checks every checksum."""
     return Manifest.load(directory, verify)
 
 

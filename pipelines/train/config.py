@@ -17,20 +17,24 @@ from fm.training import SCHEDULES
 from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import Manifest
 from pipelines.core.memory import check_fits, model_item_bytes
-from pipelines.core.settings import PRECISIONS, check, load_sections
+from pipelines.core.settings import PRECISIONS, check, json_schema, load_sections
 
 
 @dataclass
 class DataConfig:
+    """The ingest output to train on and how its rows are read."""
+
     shards: str = "data/digits"  # an ingest output directory (holds manifest.json)
     split: str = "train"
     hflip: bool = False  # random horizontal flips in preprocessing
     buffer_batches: int = 96  # paired steps a worker's reader thread keeps ready on its device
-    shuffle_window: int = 65_536  # rows shuffled together in each pass, after the row groups are (pipelines.stream)
+    shuffle_window: int = 65_536  # rows shuffled together in a pass, after the row groups (pipelines.train.stream)
 
 
 @dataclass
 class ModelConfig:
+    """The network (`fm.models`): a UNet for images, an MLP for points."""
+
     name: str = "unet"
     model_channels: int = 32
     channel_mult: list[int] = field(default_factory=lambda: [1, 2])
@@ -46,6 +50,8 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
+    """The flow-matching method (`fm.methods`): path, coupling and their parameters."""
+
     name: str = "fm_ot"
     sigma_min: float = 1e-4
     sigma: float | None = None  # straight-line path noise; null: the method's default (fm.methods.METHODS)
@@ -56,6 +62,8 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW, its learning-rate schedule, gradient clipping and the EMA."""
+
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 100
@@ -69,6 +77,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """Steps, batch, seeds, cadences of checkpoints, logs and sample grids, precision."""
+
     steps: int = 500
     batch_size: int = 64  # per worker
     seed: int = 0
@@ -91,6 +101,8 @@ class TrainConfig:
 
 @dataclass
 class RayConfig:
+    """The Ray cluster and the resources of the Train workers and the stream's pairing tasks."""
+
     address: str | None = None  # None: join a running cluster if RAY_ADDRESS is set, else start a local one
     num_workers: int = 2
     use_gpu: bool = False
@@ -105,6 +117,8 @@ class RayConfig:
 
 @dataclass
 class MlflowConfig:
+    """Where runs are tracked and registered."""
+
     experiment: str = "flowray"
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/outputs/mlflow.db
     register_as: str | None = None  # register the final model in the MLflow Model Registry under this name
@@ -134,6 +148,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg = load_sections(Config(), path, overrides)
     validate(cfg)
     return cfg
+
+
+def schema() -> dict:
+    """The JSON Schema of a training config file (`configs/train.schema.json`, which `python -m jobs.train --schema`
+    writes), with the allowed values of the keys that name a registry entry."""
+    choices = {"model.name": list(MODELS), "method.name": list(METHODS), "method.ot_scope": ["local", "global"],
+               "optim.schedule": list(SCHEDULES), "train.precision": list(PRECISIONS)}
+    return json_schema(Config(), "flowray training config (python -m jobs.train --config FILE)", choices)
 
 
 def validate(cfg: Config) -> None:
@@ -234,7 +256,7 @@ def check_data(cfg: Config):
 
 def model_kwargs(cfg: Config, data) -> dict:
     """Arguments that rebuild the model with `fm.models.build_model` (stored in every checkpoint), for the rows of
-    a `pipelines.manifest.DataSpec`."""
+    a `pipelines.core.manifest.DataSpec`."""
     m = cfg.model
     num_classes = data.num_classes if m.class_conditional else None
     if m.name == "mlp":

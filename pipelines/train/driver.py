@@ -109,7 +109,7 @@ def _kept(run_dir: str, run_id: str) -> str:
 
 def _storage_args(root: str) -> dict:
     """RunConfig's storage: a local folder by path; an object store by its pyarrow file system and the path in it
-    (the endpoint, region and timeouts of `pipelines.storage`, which Ray Train then uses on every worker)."""
+    (the endpoint, region and timeouts of `pipelines.core.storage`, which Ray Train then uses on every worker)."""
     if not storage.is_uri(root):
         return {"storage_path": root}
     fs, path = storage.resolve(root, "train.storage_path")

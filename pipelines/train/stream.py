@@ -101,7 +101,7 @@ class StreamSpec:
 
 
 def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int) -> StreamSpec:
-    """The `StreamSpec` of a training config (`pipelines.config.Config`) over its split of `manifest`, with at
+    """The `StreamSpec` of a training config (`pipelines.train.config.Config`) over its split of `manifest`, with at
     most `tasks` pairing tasks at once per worker's stream."""
     split, data = cfg.data.split, manifest.data
     files = tuple(manifest.shard_paths(split))

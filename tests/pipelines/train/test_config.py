@@ -1,11 +1,12 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pipelines.core.errors import ConfigError
 from pipelines.ingest.run import ingest
-from pipelines.train.config import check_data, load_config
+from pipelines.train.config import Config, check_data, load_config
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -71,3 +72,29 @@ def test_every_preset_loads():
     assert cifar.model.model_channels == 256
     # Lipman et al. Table 3: lr 5e-4, polynomial decay after 45k warm-up steps
     assert (cifar.optim.lr, cifar.optim.warmup_steps, cifar.optim.schedule) == (5e-4, 45000, "polynomial")
+
+
+def test_the_published_json_schema_is_the_config_s_and_every_preset_passes_it():
+    import json
+
+    import jsonschema
+    import yaml
+
+    from pipelines.train.config import schema
+
+    root = Path(__file__).resolve().parents[3]
+    published = json.loads((root / "configs" / "train.schema.json").read_text())
+    assert published == schema(), "regenerate: python -m jobs.train --schema > configs/train.schema.json"
+    validator = jsonschema.Draft202012Validator(published)
+    presets = sorted((root / "configs").glob("*.yaml"))
+    assert len(presets) >= 8
+    for preset in presets:
+        assert preset.read_text().startswith("# yaml-language-server: $schema=train.schema.json\n"), preset
+        validator.validate(yaml.safe_load(preset.read_text()))
+        load_config(preset)  # and the loader agrees
+    # what the loader refuses, the schema refuses too: an unknown key, a wrong type, a name outside its registry
+    for bad in ({"train": {"stepz": 3}}, {"train": {"steps": "many"}}, {"method": {"name": "nope"}},
+                {"trian": {"steps": 3}}, {"model": {"channel_mult": [1, "x"]}}):
+        assert not validator.is_valid(bad), bad
+    assert validator.is_valid({"method": {"sigma": None}, "model": {"channel_mult": [1, 2, 2]}})
+    assert published["properties"]["train"]["properties"]["steps"]["default"] == Config().train.steps

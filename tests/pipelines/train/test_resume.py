@@ -1,4 +1,4 @@
-"""What a run may change when it resumes (`pipelines.resume`), checked against a checkpoint's meta.json."""
+"""What a run may change when it resumes (`pipelines.train.resume`), checked against a checkpoint's meta.json."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""The training stream (`pipelines.stream`): which rows each step reads, the pairs its CPU stage makes against an
+"""The training stream (`pipelines.train.stream`): which rows each step reads, the pairs its CPU stage makes against an
 independent in-process reference, and the same pairs through a real local Ray Data pipeline."""
 
 from dataclasses import replace
