@@ -26,12 +26,13 @@ from torch import Tensor, nn
 
 from fm.action_matching import action_matching_loss, action_velocity, snapshot_cfm_loss, snapshot_pairs
 from fm.couplings import COUPLINGS, Coupling, IndependentCoupling
+from fm.likelihood import LikelihoodResult, LikelihoodSettings, log_likelihood
 from fm.losses import cfm_loss, dsm_loss, sample_time
 from fm.manifolds import Manifold, get_manifold
 from fm.paths import PATHS, AffinePath, CondOTScheduler, NoisyLinearPath, VPScheduler
-from fm.riemannian import rfm_loss
+from fm.riemannian import manifold_log_likelihood, manifold_ode_sample, rfm_loss
 from fm.seeding import SeedStack
-from fm.solvers import VelocityFn, constant_diffusion, velocity_fn, vp_diffusion
+from fm.solvers import SampleResult, VelocityFn, constant_diffusion, ode_sample, velocity_fn, vp_diffusion
 
 __all__ = ["METHODS", "MethodPreset", "MethodParams", "Method", "RiemannianMethod", "SnapshotMethod", "AnyMethod",
            "make_method", "methods_markdown"]
@@ -102,10 +103,21 @@ class Method:
     t_max: float = 1.0
     kind = "euclidean"
     t_0 = 0.0
+    draws_noise = True  # sampling starts from `draw_x0` (snapshot methods start from data instead)
 
     def draw_x0(self, seeds: SeedStack, shape: list[int] | tuple[int, ...]) -> Tensor:
         """The starting points of sampling [len(seeds), *shape], row k from seed k alone: standard normal."""
         return seeds.randn(shape)
+
+    def sample(self, fn: VelocityFn, x_0: Tensor, solver: str = "dopri5", steps: int | None = None,
+               atol: float = 1e-5, rtol: float = 1e-5) -> SampleResult:
+        """Integrate the sampling ODE from x_0 [B, ...] at t_0 to t_max in the method's space, counting NFE."""
+        return ode_sample(fn, x_0, solver, steps, atol, rtol, t_1=self.t_max, t_limit=self.t_limit)
+
+    def log_likelihood(self, fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings,
+                       generator: SeedStack | torch.Generator | None = None) -> LikelihoodResult:
+        """log p_1(x_1) [B] of points under the flow, by the change of variables of the method's space."""
+        return log_likelihood(fn, x_1, settings, generator)
 
     def loss(self, model: nn.Module, x_1: Tensor, y: Tensor | None = None,
              generator: torch.Generator | None = None) -> Tensor:
@@ -197,6 +209,7 @@ class RiemannianMethod(_NonGaussianMethod):
 
     kind = "riemannian"
     prediction = "velocity"
+    draws_noise = True  # from the uniform prior on the manifold
     t_0, t_max, t_limit = 0.0, 1.0, None
 
     def __init__(self, name: str, manifold: Manifold, coupling: Coupling):
@@ -205,6 +218,16 @@ class RiemannianMethod(_NonGaussianMethod):
     def draw_x0(self, seeds: SeedStack, shape: list[int] | tuple[int, ...]) -> Tensor:
         """Uniform points on the manifold [len(seeds), D], row k from seed k alone."""
         return torch.cat([self.manifold.random_uniform(1, g) for g in seeds.generators]).to(seeds.device)
+
+    def sample(self, fn: VelocityFn, x_0: Tensor, solver: str = "dopri5", steps: int | None = None,
+               atol: float = 1e-5, rtol: float = 1e-5) -> SampleResult:
+        """Integrate the tangent field on the manifold (projected steps), counting NFE."""
+        return manifold_ode_sample(fn, self.manifold, x_0, solver, steps, atol, rtol)
+
+    def log_likelihood(self, fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings,
+                       generator: SeedStack | torch.Generator | None = None) -> LikelihoodResult:
+        """log p_1(x_1) [B] on the manifold: the Riemannian change of variables from the uniform prior."""
+        return manifold_log_likelihood(fn, self.manifold, x_1, settings, generator)
 
     def pair(self, x_1: Tensor, y: Tensor | None = None,
              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -229,6 +252,7 @@ class SnapshotMethod(_NonGaussianMethod):
 
     kind = "snapshots"
     t_limit = None
+    draws_noise = False  # it carries the first snapshot's rows through the observed times (`fm.action_matching`)
 
     def __init__(self, name: str, times: list[float], coupling: Coupling, prediction: str):
         if len(times) < 2 or any(b <= a for a, b in zip(times[:-1], times[1:], strict=True)):

@@ -19,11 +19,13 @@ import argparse
 import json
 
 from jobs.cli import add_common, run_job
+from pipelines.ingest.sources import SOURCES
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True)
+    p.add_argument("--source", required=True, metavar="SPEC",
+                   help="one of: " + ", ".join(source.usage(kind) for kind, source in SOURCES.items()))
     p.add_argument("--out", required=True)
     p.add_argument("--resolution", "--image-size", dest="resolution", type=int, default=None,
                    help="H = W of every row (default: the first image's)")

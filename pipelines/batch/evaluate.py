@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from fm.likelihood import LikelihoodSettings, bits_per_dim, log_likelihood, mean_and_stderr
+from fm.likelihood import LikelihoodSettings, bits_per_dim, mean_and_stderr
 from fm.seeding import SeedStack, derive_seed
 from pipelines.batch.classifier import get_classifier
 from pipelines.batch.config import EvalConfig, validate_eval_config
@@ -179,12 +179,7 @@ class LikelihoodActor(_ModelActor):
                                settings=settings)
             return res.bpd.numpy(), res.nfe
         x = decode_rows(raw, self.data.shape, "points")
-        if method.kind == "riemannian":  # the Riemannian change of variables, uniform prior
-            from fm.riemannian import manifold_log_likelihood
-
-            res = manifold_log_likelihood(fn, method.manifold, x, settings, seeds)
-        else:
-            res = log_likelihood(fn, x, settings, seeds)
+        res = method.log_likelihood(fn, x, settings, seeds)  # in the method's space (on a manifold: Riemannian)
         return (-res.log_p).numpy(), res.nfe
 
 

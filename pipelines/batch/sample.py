@@ -85,7 +85,7 @@ class Sampler:
 
     def sample_block(self, block: int) -> int:
         from fm.data import to_uint8
-        from fm.solvers import autocast_field, ode_sample, sde_sample
+        from fm.solvers import autocast_field, sde_sample
 
         c = self.cfg
         if block == c.fail_at_block:
@@ -105,13 +105,8 @@ class Sampler:
                 steps_noise = SeedStack([derive_seed(c.seed, int(i), SDE_NOISE_STREAM) for i in ids], self.device)
                 res = sde_sample(fn, self.method.gaussian_path, self.method.sde_diffusion(c.sde_g), x_0, c.steps,
                                  t_1=min(self.method.t_max, 1 - 1e-3), noise=lambda k: steps_noise.randn(self.shape))
-            elif self.method.kind == "riemannian":
-                from fm.riemannian import manifold_ode_sample
-
-                res = manifold_ode_sample(fn, self.method.manifold, x_0, c.solver, c.steps, c.atol, c.rtol)
-            else:
-                res = ode_sample(fn, x_0, c.solver, c.steps, c.atol, c.rtol, t_1=self.method.t_max,
-                                 t_limit=self.method.t_limit)
+            else:  # in the method's own space: Euclidean, or on its manifold
+                res = self.method.sample(fn, x_0, c.solver, c.steps, c.atol, c.rtol)
         x = res.x_1.cpu()
         payload = encode_rows(to_uint8(x), "image") if self.layout == "HWC" else encode_rows(x, "points")
         table = pa.table({"id": ids, "seed": seeds,
@@ -181,7 +176,7 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> Samplin
 
     meta = load_meta(checkpoint)  # fails clearly before Ray starts, as do unreadable or refused weights below
     validate_sample_config(cfg, meta["method"]["name"], meta["method"])
-    if load_model(checkpoint).method.kind == "snapshots":
+    if not load_model(checkpoint).method.draws_noise:
         raise SamplingError(f"{checkpoint} holds a {meta['method']['name']} model, which moves data from its first "
                             "snapshot rather than sampling noise; `python -m jobs.evaluate --checkpoint ... --data "
                             "SHARDS` carries the held-out first snapshot through every observed time")

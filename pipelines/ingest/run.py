@@ -284,7 +284,7 @@ def _ingest_batch(batch: dict, settings: dict) -> dict:
     out = []
     for text in batch["part"]:
         p = json.loads(text)
-        out.append(json.dumps(ingest_part(Part(p["index"], p["reader"], p["args"], p["rows"]), Settings(**settings))))
+        out.append(json.dumps(ingest_part(Part(p["index"], p["source"], p["args"], p["rows"]), Settings(**settings))))
     return {"summary": np.array(out, dtype=object)}
 
 

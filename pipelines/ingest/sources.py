@@ -21,7 +21,7 @@ import stat
 import struct
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +34,6 @@ from pipelines.core.errors import ConfigError
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
-SOURCE_KINDS = ("digits", "fashion-mnist", "idx", "folder", "parquet", "npz", "toy2d", "imagenet", "tar", "manifold",
-                "snapshots")
-ALLOWED = ("digits, fashion-mnist[:DIR], idx:DIR, folder:DIR, parquet:GLOB, npz:FILE, toy2d:NAME, imagenet:DIR, "
-           "tar:GLOB, manifold:NAME, snapshots:NAME")
 FOLDER_LINK = "symbolic link to a folder (not followed: it could loop)"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 READ_ROWS = 1024  # rows an array reader holds at once
@@ -63,10 +59,11 @@ class Record:
 
 @dataclass(frozen=True)
 class Part:
-    """Rows one task reads: `reader` names the function of `READERS`, `args` its JSON-able arguments."""
+    """Rows one task reads: `source` names the entry of `SOURCES` whose reader reads it, `args` are the reader's
+    JSON-able arguments."""
 
     index: int
-    reader: str
+    source: str
     args: dict
     rows: int  # rows listed (images, before validation)
 
@@ -93,15 +90,41 @@ class Listing:
         return sum(p.rows for p in self.parts)
 
 
+@dataclass(frozen=True)
+class ListRequest:
+    """What a lister is asked: the SPEC, its kind and argument, and how to cut it into parts."""
+
+    spec: str
+    kind: str
+    arg: str | None
+    min_parts: int  # at least this many parts where the source has the rows
+    max_rows: int  # at most this many rows per part
+
+
+@dataclass(frozen=True)
+class Source:
+    """One kind of source: how the driver lists it (checks what it can and cuts the rows into parts) and how a Ray
+    task reads one part, in bounded memory and a fixed order."""
+
+    list: Callable[[ListRequest], Listing]
+    read: Callable[..., Iterator[Record]]
+    argument: str | None  # what follows "KIND:" (DIR, GLOB, FILE, NAME); None: no argument
+    optional: bool = False  # the argument may be left out (fashion-mnist: Debian's folder)
+
+    def usage(self, kind: str) -> str:
+        if self.argument is None:
+            return kind
+        return f"{kind}[:{self.argument}]" if self.optional else f"{kind}:{self.argument}"
+
+
 def parse_source(spec: str) -> tuple[str, str | None]:
     """SPEC -> (kind, argument); raises IngestError naming what is allowed."""
     kind, _, arg = spec.partition(":")
-    if kind not in SOURCE_KINDS:
-        raise IngestError(f"unknown source {spec!r}; allowed: {ALLOWED}")
-    if kind not in ("digits", "fashion-mnist") and not arg:
-        named = ("toy2d", "manifold", "snapshots")
-        what = "NAME" if kind in named else "GLOB" if kind in ("parquet", "tar") else "PATH"
-        raise IngestError(f"source {kind!r} needs an argument: {kind}:{what}")
+    if kind not in SOURCES:
+        raise IngestError(f"unknown source {spec!r}; allowed: {', '.join(s.usage(k) for k, s in SOURCES.items())}")
+    source = SOURCES[kind]
+    if source.argument is not None and not source.optional and not arg:
+        raise IngestError(f"source {kind!r} needs an argument: {source.usage(kind)}")
     return kind, arg or None
 
 
@@ -125,29 +148,27 @@ def list_source(spec: str, min_parts: int = 4, max_rows_per_part: int = 20_000) 
     """Check a source from the driver and split it into parts of at most `max_rows_per_part` rows (and at least
     `min_parts` parts where it has the rows). Raises IngestError for a source that cannot be read at all."""
     kind, arg = parse_source(spec)
-    listers = {"digits": _list_digits, "fashion-mnist": _list_idx, "idx": _list_idx, "folder": _list_folder,
-               "parquet": _list_parquet, "npz": _list_npz, "toy2d": _list_toy, "imagenet": _list_imagenet,
-               "tar": _list_tar, "manifold": _list_manifold, "snapshots": _list_snapshots}
-    listing = listers[kind](spec, kind, arg, min_parts, max_rows_per_part)
+    listing = SOURCES[kind].list(ListRequest(spec, kind, arg, min_parts, max_rows_per_part))
     if listing.rows == 0:
         raise IngestError(f"source {spec!r} holds no rows")
     # number the parts in listing order: file names and manifest order follow it
-    listing.parts = [Part(i, p.reader, p.args, p.rows) for i, p in enumerate(listing.parts)]
+    listing.parts = [Part(i, p.source, p.args, p.rows) for i, p in enumerate(listing.parts)]
     return listing
 
 
 def read_part(part: Part) -> Iterator[Record]:
     """The records of one part, in a fixed order (runs in a Ray task)."""
-    return READERS[part.reader](**part.args)
+    return SOURCES[part.source].read(**part.args)
 
 
 # --- scikit-learn digits and 2-D toy sets --------------------------------------------------------------------
 
 
-def _list_digits(spec, kind, arg, min_parts, max_rows):
+def _list_digits(req: ListRequest) -> Listing:
     n = 1797
-    parts = [Part(0, "digits", {"start": a, "stop": b}, b - a) for a, b in _ranges(n, _count(n, min_parts, max_rows))]
-    return Listing(spec, kind, parts, [str(i) for i in range(10)], element_shape=(8, 8))
+    parts = [Part(0, "digits", {"start": a, "stop": b}, b - a)
+             for a, b in _ranges(n, _count(n, req.min_parts, req.max_rows))]
+    return Listing(req.spec, req.kind, parts, [str(i) for i in range(10)], element_shape=(8, 8))
 
 
 def _read_digits(start: int, stop: int) -> Iterator[Record]:
@@ -159,14 +180,14 @@ def _read_digits(start: int, stop: int) -> Iterator[Record]:
         yield Record(f"digits-{i}", int(d.target[i]), array=images[i])
 
 
-def _list_toy(spec, kind, arg, min_parts, max_rows):
+def _list_toy(req: ListRequest) -> Listing:
     from fm.data import TOY_SETS
 
-    if arg not in TOY_SETS:
-        raise IngestError(f"unknown toy2d set {arg!r}; allowed: {', '.join(TOY_SETS)}")
-    parts = [Part(0, "toy2d", {"name": arg, "start": a, "stop": b}, b - a)
-             for a, b in _ranges(TOY_ROWS, _count(TOY_ROWS, min_parts, max_rows))]
-    return Listing(spec, kind, parts, element_shape=(2,), points=True)
+    if req.arg not in TOY_SETS:
+        raise IngestError(f"unknown toy2d set {req.arg!r}; allowed: {', '.join(TOY_SETS)}")
+    parts = [Part(0, "toy2d", {"name": req.arg, "start": a, "stop": b}, b - a)
+             for a, b in _ranges(TOY_ROWS, _count(TOY_ROWS, req.min_parts, req.max_rows))]
+    return Listing(req.spec, req.kind, parts, element_shape=(2,), points=True)
 
 
 def _read_toy(name: str, start: int, stop: int) -> Iterator[Record]:
@@ -179,15 +200,15 @@ def _read_toy(name: str, start: int, stop: int) -> Iterator[Record]:
         yield Record(f"{name}-{i}", 0, array=points[i])
 
 
-def _list_manifold(spec, kind, arg, min_parts, max_rows):
+def _list_manifold(req: ListRequest) -> Listing:
     from fm.manifold_data import MANIFOLD_SETS, manifold_of
 
-    if arg not in MANIFOLD_SETS:
-        raise IngestError(f"unknown manifold set {arg!r}; allowed: {', '.join(MANIFOLD_SETS)}")
-    parts = [Part(0, "manifold", {"name": arg, "start": a, "stop": b}, b - a)
-             for a, b in _ranges(TOY_ROWS, _count(TOY_ROWS, min_parts, max_rows))]
-    return Listing(spec, kind, parts, element_shape=(manifold_of(arg).ambient_dim,), points=True,
-                   manifold=MANIFOLD_SETS[arg])
+    if req.arg not in MANIFOLD_SETS:
+        raise IngestError(f"unknown manifold set {req.arg!r}; allowed: {', '.join(MANIFOLD_SETS)}")
+    parts = [Part(0, "manifold", {"name": req.arg, "start": a, "stop": b}, b - a)
+             for a, b in _ranges(TOY_ROWS, _count(TOY_ROWS, req.min_parts, req.max_rows))]
+    return Listing(req.spec, req.kind, parts, element_shape=(manifold_of(req.arg).ambient_dim,), points=True,
+                   manifold=MANIFOLD_SETS[req.arg])
 
 
 def _read_manifold(name: str, start: int, stop: int) -> Iterator[Record]:
@@ -200,16 +221,16 @@ def _read_manifold(name: str, start: int, stop: int) -> Iterator[Record]:
         yield Record(f"{name}-{i}", 0, array=points[i])
 
 
-def _list_snapshots(spec, kind, arg, min_parts, max_rows):
+def _list_snapshots(req: ListRequest) -> Listing:
     from fm.dynamics import DYNAMICS, OBSERVED_TIMES
 
-    if arg not in DYNAMICS:
-        raise IngestError(f"unknown dynamics {arg!r}; allowed: {', '.join(DYNAMICS)}")
+    if req.arg not in DYNAMICS:
+        raise IngestError(f"unknown dynamics {req.arg!r}; allowed: {', '.join(DYNAMICS)}")
     n = SNAPSHOT_ROWS * len(OBSERVED_TIMES)
-    parts = [Part(0, "snapshots", {"name": arg, "start": a, "stop": b}, b - a)
-             for a, b in _ranges(n, _count(n, min_parts, max_rows))]
-    return Listing(spec, kind, parts, [f"t={t}" for t in OBSERVED_TIMES], element_shape=(DYNAMICS[arg].dim,),
-                   points=True, times=list(OBSERVED_TIMES))
+    parts = [Part(0, "snapshots", {"name": req.arg, "start": a, "stop": b}, b - a)
+             for a, b in _ranges(n, _count(n, req.min_parts, req.max_rows))]
+    return Listing(req.spec, req.kind, parts, [f"t={t}" for t in OBSERVED_TIMES],
+                   element_shape=(DYNAMICS[req.arg].dim,), points=True, times=list(OBSERVED_TIMES))
 
 
 def _read_snapshots(name: str, start: int, stop: int) -> Iterator[Record]:
@@ -268,8 +289,8 @@ def _find_idx(directory: Path, prefix: str) -> tuple[Path, Path] | None:
     return None
 
 
-def _list_idx(spec, kind, arg, min_parts, max_rows):
-    directory = Path(arg or FASHION_MNIST_DIR)
+def _list_idx(req: ListRequest) -> Listing:
+    directory = Path(req.arg or FASHION_MNIST_DIR)
     if not directory.is_dir():
         raise IngestError(f"IDX directory {directory} does not exist")
     pairs = [(prefix, split, _find_idx(directory, prefix)) for prefix, split in (("train", "train"), ("t10k", "test"))]
@@ -287,12 +308,12 @@ def _list_idx(spec, kind, arg, min_parts, max_rows):
     parts = []
     for prefix, split, (images, labels) in pairs:
         n = dims[images][0]
-        for a, b in _ranges(n, round(_count(total, min_parts, max_rows) * n / total) or 1):
+        for a, b in _ranges(n, round(_count(total, req.min_parts, req.max_rows) * n / total) or 1):
+            split_of = split if req.kind == "fashion-mnist" else None
             parts.append(Part(0, "idx", {"images": str(images), "labels": str(labels), "prefix": prefix,
-                                         "split": split if kind == "fashion-mnist" else None, "start": a, "stop": b},
-                              b - a))
-    names = FASHION_MNIST_CLASSES if kind == "fashion-mnist" else []
-    return Listing(spec, kind, parts, names, element_shape=tuple(dims[pairs[0][2][0]][1:]))
+                                         "split": split_of, "start": a, "stop": b}, b - a))
+    names = FASHION_MNIST_CLASSES if req.kind == "fashion-mnist" else []
+    return Listing(req.spec, req.kind, parts, names, element_shape=tuple(dims[pairs[0][2][0]][1:]))
 
 
 def _idx_rows(path: Path, start: int, stop: int) -> np.ndarray:
@@ -349,8 +370,8 @@ def _npy_rows(file: str, key: str, start: int, stop: int) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape(-1, *shape[1:])
 
 
-def _list_npz(spec, kind, arg, min_parts, max_rows):
-    file = Path(arg)
+def _list_npz(req: ListRequest) -> Listing:
+    file = Path(req.arg)
     if not file.exists():
         raise IngestError(f"npz file {file} does not exist")
     members = _npz_members(file)
@@ -367,8 +388,8 @@ def _list_npz(spec, kind, arg, min_parts, max_rows):
     if yk and members[yk][0][:1] != shape[:1]:
         raise IngestError(f"{file}: {shape[0]} images but {members[yk][0][0] if members[yk][0] else 0} labels")
     parts = [Part(0, "npz", {"file": str(file), "images": xk, "labels": yk, "start": a, "stop": b}, b - a)
-             for a, b in _ranges(shape[0], _count(shape[0], min_parts, max_rows))]
-    return Listing(spec, kind, parts, element_shape=tuple(shape[1:]), labelled=yk is not None,
+             for a, b in _ranges(shape[0], _count(shape[0], req.min_parts, req.max_rows))]
+    return Listing(req.spec, req.kind, parts, element_shape=tuple(shape[1:]), labelled=yk is not None,
                    points=len(shape) == 2)
 
 
@@ -385,10 +406,10 @@ def _read_npz(file: str, images: str, labels: str | None, start: int, stop: int)
 IMAGENET_FILES = re.compile(r"^(train_data_batch_(\d+)|val_data)(\.npz)?$")
 
 
-def _list_imagenet(spec, kind, arg, min_parts, max_rows):
+def _list_imagenet(req: ListRequest) -> Listing:
     """The downsampled ImageNet release (Chrabaszcz et al. 2017): train_data_batch_1..10 and val_data, each an
     .npz with `data` [N, 3*H*W] uint8 (CHW order) and `labels` in 1..1000."""
-    directory = Path(arg)
+    directory = Path(req.arg)
     if not directory.is_dir():
         raise IngestError(f"ImageNet directory {directory} does not exist")
     files = sorted((m for m in (IMAGENET_FILES.match(p.name) for p in directory.iterdir()) if m),
@@ -419,10 +440,10 @@ def _list_imagenet(spec, kind, arg, min_parts, max_rows):
     total = sum(n for _, _, n in infos)
     parts = []
     for path, split, n in infos:
-        for a, b in _ranges(n, round(_count(total, min_parts, max_rows) * n / total) or 1):
+        for a, b in _ranges(n, round(_count(total, req.min_parts, req.max_rows) * n / total) or 1):
             parts.append(Part(0, "imagenet", {"file": str(path), "split": split, "side": width, "start": a,
                                               "stop": b}, b - a))
-    return Listing(spec, kind, parts, num_classes=1000, element_shape=(width, width, 3))
+    return Listing(req.spec, req.kind, parts, num_classes=1000, element_shape=(width, width, 3))
 
 
 def _read_imagenet(file: str, split: str, side: int, start: int, stop: int) -> Iterator[Record]:
@@ -442,8 +463,8 @@ def _read_imagenet(file: str, split: str, side: int, start: int, stop: int) -> I
 # --- encoded image files: folders, parquet, tar archives -----------------------------------------------------
 
 
-def _list_folder(spec, kind, arg, min_parts, max_rows):
-    directory = Path(arg)
+def _list_folder(req: ListRequest) -> Listing:
+    directory = Path(req.arg)
     if not directory.is_dir():
         raise IngestError(f"image folder {directory} does not exist")
     classes = sorted(p.name for p in directory.iterdir() if p.is_dir())
@@ -464,9 +485,9 @@ def _list_folder(spec, kind, arg, min_parts, max_rows):
                 items.append([rel, label] + ([problem] if problem else []))
     # a hashed order mixes the classes within and across shards (the training stream reads shards in order)
     items.sort(key=lambda it: stable_hash(it[0]))
-    n = _count(len(items), min_parts, max_rows)
-    parts = [Part(0, "files", {"root": str(directory), "items": items[k::n]}, len(items[k::n])) for k in range(n)]
-    return Listing(spec, kind, [p for p in parts if p.rows], classes, encoded=True, ignored=ignored)
+    n = _count(len(items), req.min_parts, req.max_rows)
+    parts = [Part(0, "folder", {"root": str(directory), "items": items[k::n]}, len(items[k::n])) for k in range(n)]
+    return Listing(req.spec, req.kind, [p for p in parts if p.rows], classes, encoded=True, ignored=ignored)
 
 
 def _entry_problem(path: Path) -> str | None:
@@ -502,10 +523,10 @@ def _read_files(root: str, items: list) -> Iterator[Record]:
             yield Record(rel, int(label), error=f"unreadable file ({err.strerror or err})")
 
 
-def _list_parquet(spec, kind, arg, min_parts, max_rows):
-    files = sorted(glob.glob(arg))
+def _list_parquet(req: ListRequest) -> Listing:
+    files = sorted(glob.glob(req.arg))
     if not files:
-        raise IngestError(f"no parquet files match {arg!r}")
+        raise IngestError(f"no parquet files match {req.arg!r}")
     groups, labelled = [], set()  # groups: (file, row group, first row of the group in its file, rows)
     for file in files:
         try:
@@ -526,7 +547,7 @@ def _list_parquet(spec, kind, arg, min_parts, max_rows):
             groups.append((file, g, first, rows))
             first += rows
     total = sum(g[3] for g in groups)
-    budget = max(1, -(-total // _count(total, min_parts, max_rows)))
+    budget = max(1, -(-total // _count(total, req.min_parts, req.max_rows)))
     parts, current, size = [], [], 0
     for g in groups:  # consecutive row groups, up to `budget` rows per part
         if current and size + g[3] > budget:
@@ -536,9 +557,9 @@ def _list_parquet(spec, kind, arg, min_parts, max_rows):
         size += g[3]
     parts.append(Part(0, "parquet", {"groups": current}, size))
     if len(labelled) > 1:
-        raise IngestError(f"{arg}: some files have a 'label' column and some do not; "
+        raise IngestError(f"{req.arg}: some files have a 'label' column and some do not; "
                           f"without: {[f for f in files if 'label' not in pq.read_schema(f).names][:3]}")
-    return Listing(spec, kind, parts, encoded=True, labelled=labelled == {True})
+    return Listing(req.spec, req.kind, parts, encoded=True, labelled=labelled == {True})
 
 
 def _read_parquet(groups: list) -> Iterator[Record]:
@@ -574,12 +595,12 @@ def _tar_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), (dot + ext).lower()
 
 
-def _list_tar(spec, kind, arg, min_parts, max_rows):
+def _list_tar(req: ListRequest) -> Listing:
     """One part per archive (WebDataset shards are written to be read whole). Labels come from a `.cls` member
     beside each image when the archives have them, else from the image's folder inside the archive."""
-    files = sorted(glob.glob(arg))
+    files = sorted(glob.glob(req.arg))
     if not files:
-        raise IngestError(f"no tar archives match {arg!r}")
+        raise IngestError(f"no tar archives match {req.arg!r}")
     parts, folders, has_cls = [], set(), False
     for file in files:
         try:
@@ -593,11 +614,11 @@ def _list_tar(spec, kind, arg, min_parts, max_rows):
         parts.append(Part(0, "tar", {"file": file}, len(images)))
     classes = [] if has_cls else sorted(f for f in folders if f)
     if not has_cls and "" in folders and classes:
-        raise IngestError(f"{arg}: some images sit in a class folder and some at the archive root; give every image "
-                          "a folder or a .cls member")
+        raise IngestError(f"{req.arg}: some images sit in a class folder and some at the archive root; give every "
+                          "image a folder or a .cls member")
     for p in parts:
         p.args.update(classes=classes, use_cls=has_cls)
-    return Listing(spec, kind, parts, classes, encoded=True, labelled=has_cls or bool(classes))
+    return Listing(req.spec, req.kind, parts, classes, encoded=True, labelled=has_cls or bool(classes))
 
 
 def _read_tar(file: str, classes: list[str], use_cls: bool) -> Iterator[Record]:
@@ -636,6 +657,17 @@ def _read_tar(file: str, classes: list[str], use_cls: bool) -> Iterator[Record]:
             yield from emit(last, pending.pop(last))
 
 
-READERS = {"digits": _read_digits, "toy2d": _read_toy, "manifold": _read_manifold, "snapshots": _read_snapshots,
-           "idx": _read_idx, "npz": _read_npz, "imagenet": _read_imagenet, "files": _read_files,
-           "parquet": _read_parquet, "tar": _read_tar}
+# every source kind, in the order `--help` and errors list them
+SOURCES: dict[str, Source] = {
+    "digits": Source(_list_digits, _read_digits, None),
+    "fashion-mnist": Source(_list_idx, _read_idx, "DIR", optional=True),
+    "idx": Source(_list_idx, _read_idx, "DIR"),
+    "folder": Source(_list_folder, _read_files, "DIR"),
+    "parquet": Source(_list_parquet, _read_parquet, "GLOB"),
+    "npz": Source(_list_npz, _read_npz, "FILE"),
+    "toy2d": Source(_list_toy, _read_toy, "NAME"),
+    "imagenet": Source(_list_imagenet, _read_imagenet, "DIR"),
+    "tar": Source(_list_tar, _read_tar, "GLOB"),
+    "manifold": Source(_list_manifold, _read_manifold, "NAME"),
+    "snapshots": Source(_list_snapshots, _read_snapshots, "NAME"),
+}

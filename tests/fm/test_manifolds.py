@@ -186,3 +186,31 @@ def test_rfm_loss_is_zero_for_the_geodesic_velocity_and_positive_otherwise(manif
     # half the speed: the loss is the squared error (|dx_t| / 2)^2 averaged over coordinates, |dx_t| = d(x_0, x_1)
     want = (manifold.dist(x_0, x_1) / 2) ** 2 / x_0.shape[1]
     torch.testing.assert_close(rfm_loss(TowardX1(0.5), manifold, x_0, x_1, t=t), want, rtol=1e-8, atol=1e-10)
+
+
+def test_a_method_samples_and_scores_in_its_own_space():
+    # the batch stages ask the method, never its kind: on the sphere its steps stay on the sphere and its
+    # likelihood is the Riemannian one; a Euclidean method's is torchdiffeq's; snapshot methods draw no noise
+    from fm.likelihood import log_likelihood
+    from fm.solvers import ode_sample
+
+    def rotate(x, t):  # a tangent field of S^2: rotation about the z axis, divergence 0
+        return torch.stack([-x[:, 1], x[:, 0], torch.zeros_like(x[:, 0])], dim=1)
+
+    sphere = make_method("rfm", manifold="sphere2")
+    x_0 = sphere.draw_x0(SeedStack([1, 2, 3, 4]), [3]).double()
+    moved = sphere.sample(rotate, x_0, "rk4", steps=20)
+    torch.testing.assert_close(moved.x_1.norm(dim=1), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(moved.x_1, manifold_ode_sample(rotate, get_manifold("sphere2"), x_0, "rk4", 20).x_1)
+    settings = LikelihoodSettings("exact", method="rk4", steps=20)
+    log_p = sphere.log_likelihood(rotate, x_0, settings).log_p  # measure-preserving: the uniform density 1/(4 pi)
+    torch.testing.assert_close(log_p, torch.full((4,), -math.log(4 * math.pi), dtype=torch.float64))
+
+    flat = make_method("fm_ot")
+    x = torch.randn(5, 2, dtype=torch.float64)
+    field = lambda x, t: -x  # noqa: E731
+    torch.testing.assert_close(flat.sample(field, x, "euler", steps=10).x_1,
+                               ode_sample(field, x, "euler", steps=10, t_1=flat.t_max).x_1)
+    torch.testing.assert_close(flat.log_likelihood(field, x, settings).log_p, log_likelihood(field, x, settings).log_p)
+    assert sphere.draws_noise and flat.draws_noise
+    assert not make_method("am", times=[0.0, 0.5, 1.0]).draws_noise
