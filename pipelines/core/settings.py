@@ -5,6 +5,8 @@ to its field's type, and checks whose errors name the key, the bad value and wha
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -14,41 +16,71 @@ import yaml
 from pipelines.core.errors import ConfigError
 
 
+def _parts(typ: Any) -> tuple[Any, bool]:
+    """(the type, whether None is allowed) of an annotation such as `int`, `float | None` or `list[int]`."""
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"a setting must have one type (or it and None); got {typ}")
+        return rest[0], True
+    return typ, False
+
+
+def type_name(typ: Any) -> str:
+    """How errors and the schema name a setting's type: int, float | None, list[int]."""
+    base, optional = _parts(typ)
+    name = str(base) if typing.get_origin(base) is list else base.__name__
+    return f"{name} | None" if optional else name
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise TypeError
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError  # YAML's true is not 1, and 2.5 is not 2
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError
+    return float(value)
+
+
+def _to_int_list(value: Any) -> list[int]:
+    if isinstance(value, str):  # a `--set` list written inline: [1, 2]
+        value = yaml.safe_load(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list):
+        raise TypeError
+    return [_to_int(v) for v in value]
+
+
+# the types a setting may have, each with how a YAML or `--set` value becomes one
+COERCE = {bool: _to_bool, int: _to_int, float: _to_float, str: str, list[int]: _to_int_list}
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Coerce a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
-    t = str(typ)
+    """Coerce a YAML/CLI value to the field's type (a real annotation), or raise ConfigError naming the key."""
+    base, optional = _parts(typ)
     if value is None:
-        if "None" in t:
+        if optional:
             return None
-        raise ConfigError(f"{key}: null is not allowed (expected {t})")
+        raise ConfigError(f"{key}: null is not allowed (expected {type_name(typ)})")
     try:
-        if t.startswith("list"):
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            if isinstance(value, int):
-                value = [value]
-            if not isinstance(value, list):
-                raise TypeError
-            return [int(v) for v in value]
-        if t.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise TypeError
-        if t.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if t.startswith("float"):
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        return str(value)
+        return COERCE[base](value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}: {value!r} is not a valid {t}") from None
+        raise ConfigError(f"{key}: {value!r} is not a valid {type_name(typ)}") from None
 
 
 def _parse_value(key: str, text: str) -> Any:
@@ -61,10 +93,16 @@ def _parse_value(key: str, text: str) -> Any:
 
 def _set(obj, section: str, key: str, value: Any) -> None:
     """Set one field of a config dataclass, coerced to its type; raise ConfigError naming the key."""
-    types = {f.name: f.type for f in fields(obj)}
-    if key not in types:
-        raise ConfigError(f"unknown key {section}.{key}; allowed in {section}: {', '.join(types)}")
-    setattr(obj, key, _coerce(f"{section}.{key}", value, types[key]))
+    hints = field_types(type(obj))
+    if key not in hints:
+        raise ConfigError(f"unknown key {section}.{key}; allowed in {section}: {', '.join(hints)}")
+    setattr(obj, key, _coerce(f"{section}.{key}", value, hints[key]))
+
+
+def field_types(cls) -> dict[str, Any]:
+    """A config dataclass's fields and their types, evaluated (the modules use postponed annotations)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
 
 
 def _apply(cfg, section: str, key: str, value: Any) -> None:
@@ -163,16 +201,12 @@ def _comments(cls) -> dict[str, str]:
     return out
 
 
-def _field_schema(typ: str, default: Any) -> dict:
-    """JSON Schema of one field from its annotation: int, float, bool, str, list[int], each maybe `| None`."""
-    base = {"int": {"type": "integer"}, "float": {"type": "number"}, "bool": {"type": "boolean"},
-            "str": {"type": "string"}, "list[int]": {"type": "array", "items": {"type": "integer"}}}
-    parts = [p.strip() for p in typ.split("|")]
-    kinds = [base[p] for p in parts if p != "None"]
-    if len(kinds) != 1:
-        raise TypeError(f"no JSON Schema for the annotation {typ!r}")
-    schema = dict(kinds[0])
-    if "None" in parts:
+def _field_schema(typ: Any, default: Any) -> dict:
+    """JSON Schema of one field from its type: bool, int, float, str, list[int], each maybe `| None`."""
+    base, optional = _parts(typ)
+    schema = {bool: {"type": "boolean"}, int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
+              list[int]: {"type": "array", "items": {"type": "integer"}}}[base]
+    if optional:
         schema = {"anyOf": [schema, {"type": "null"}]}
     return {**schema, "default": default}
 
@@ -187,13 +221,13 @@ def json_schema(cfg, title: str, choices: dict[str, list] | None = None) -> dict
         obj = getattr(cfg, section.name)
         notes = _comments(type(obj))
         props = {}
-        for f in fields(obj):
-            prop = _field_schema(str(f.type), getattr(obj, f.name))
-            if f"{section.name}.{f.name}" in choices:
-                prop["enum"] = list(choices[f"{section.name}.{f.name}"])
-            if f.name in notes:
-                prop["description"] = notes[f.name]
-            props[f.name] = prop
+        for name, typ in field_types(type(obj)).items():
+            prop = _field_schema(typ, getattr(obj, name))
+            if f"{section.name}.{name}" in choices:
+                prop["enum"] = list(choices[f"{section.name}.{name}"])
+            if name in notes:
+                prop["description"] = notes[name]
+            props[name] = prop
         doc = (type(obj).__doc__ or "").strip()
         sections[section.name] = {"type": "object", "additionalProperties": False, "properties": props,
                                   **({"description": doc} if doc and not doc.startswith(type(obj).__name__ + "(")

@@ -98,3 +98,30 @@ def test_the_published_json_schema_is_the_config_s_and_every_preset_passes_it():
         assert not validator.is_valid(bad), bad
     assert validator.is_valid({"method": {"sigma": None}, "model": {"channel_mult": [1, 2, 2]}})
     assert published["properties"]["train"]["properties"]["steps"]["default"] == Config().train.steps
+
+
+@pytest.mark.parametrize("item, value", [
+    ("train.steps=12", 12), ("train.steps=12.0", 12), ("optim.lr=1e-3", 1e-3), ("optim.lr=3", 3.0),
+    ("data.hflip=yes", True), ("data.hflip=0", False), ("method.sigma=null", None), ("method.sigma=0.5", 0.5),
+    ("optim.decay_steps=400", 400), ("model.channel_mult=[1, 2, 2]", [1, 2, 2]), ("model.channel_mult=3", [3]),
+    ("train.run_name=123", "123"),
+])
+def test_values_are_coerced_by_the_field_s_type(item, value):
+    section, key = item.split("=")[0].split(".")
+    got = getattr(getattr(load_config(None, [item]), section), key)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.steps=2.5", "train.steps: 2.5 is not a valid int"),
+    ("train.steps=true", "train.steps: True is not a valid int"),
+    ("optim.lr=false", "optim.lr: False is not a valid float"),
+    ("data.hflip=maybe", "data.hflip: 'maybe' is not a valid bool"),
+    ("method.sigma=high", "method.sigma: 'high' is not a valid float | None"),
+    ("model.channel_mult=[1, x]", "model.channel_mult: [1, 'x'] is not a valid list[int]"),
+    ("train.steps=null", "train.steps: null is not allowed (expected int)"),
+])
+def test_values_of_the_wrong_type_are_named_with_the_type(item, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [item])
+    assert str(err.value) == message
