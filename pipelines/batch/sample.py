@@ -22,7 +22,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from fm.data import to_uint8
 from fm.seeding import SeedStack, derive_seed
+from fm.solvers import SampleResult, autocast_field, sde_sample
 from pipelines.batch.config import SampleConfig, validate_sample_config
 from pipelines.batch.samples import (
     RUN_FILE,
@@ -55,7 +57,6 @@ class Sampler:
     """Ray Data actor: loads the model once, then samples whole blocks and writes one shard per block."""
 
     def __init__(self, checkpoint: str, out: str, cfg: dict, shape: list[int], layout: str):
-
         self.cfg, self.out, self.layout = SampleConfig(**cfg), out, layout
         use_cpu_share(self.cfg.cpus_per_actor)
         self.loaded = load_model(checkpoint)
@@ -84,38 +85,46 @@ class Sampler:
         return torch.from_numpy(ids % self.num_classes)
 
     def sample_block(self, block: int) -> int:
-        from fm.data import to_uint8
-        from fm.solvers import autocast_field, sde_sample
-
-        c = self.cfg
-        if block == c.fail_at_block:
-            marker = storage.join(self.out, f".fault_injected_block_{block}")
-            if not storage.exists(marker):
-                storage.write_text(marker, "injected\n")
-                raise RuntimeError(f"injected sampling failure at block {block}")
-        ids = block_ids(block, c.block_size, c.num_samples)
-        seeds = [derive_seed(c.seed, int(i)) for i in ids]  # sample i's starting noise, recorded in its row
-        x_0 = self.method.draw_x0(SeedStack(seeds, self.device), self.shape)
+        """Sample one block of ids and write its shard; returns the block's NFE."""
+        self._maybe_inject_fault(block)
+        ids = block_ids(block, self.cfg.block_size, self.cfg.num_samples)
+        seeds = [derive_seed(self.cfg.seed, int(i)) for i in ids]  # sample i's starting noise, recorded in its row
         y = self.labels(ids)
+        res = self.solve(ids, self.method.draw_x0(SeedStack(seeds, self.device), self.shape), y)
+        self.write(block, ids, seeds, y, res.x_1.cpu(), res.nfe)
+        return res.nfe
+
+    def solve(self, ids: np.ndarray, x_0: torch.Tensor, y: torch.Tensor | None) -> SampleResult:
+        """x_0 [B, *shape] to samples: the SDE with per-sample noise, or the method's ODE in its own space."""
+        c = self.cfg
         fn = autocast_field(self.method.velocity(self.model, None if y is None else y.to(self.device), c.cfg_scale),
                             autocast_dtype(c.precision, self.device.type), self.device.type)
         with torch.no_grad():
-            if c.solver == "sde":
-                # per-sample noise streams, so a sample's path does not depend on its block's other samples
-                steps_noise = SeedStack([derive_seed(c.seed, int(i), SDE_NOISE_STREAM) for i in ids], self.device)
-                res = sde_sample(fn, self.method.gaussian_path, self.method.sde_diffusion(c.sde_g), x_0, c.steps,
-                                 t_1=min(self.method.t_max, 1 - 1e-3), noise=lambda k: steps_noise.randn(self.shape))
-            else:  # in the method's own space: Euclidean, or on its manifold
-                res = self.method.sample(fn, x_0, c.solver, c.steps, c.atol, c.rtol)
-        x = res.x_1.cpu()
+            if c.solver != "sde":
+                return self.method.sample(fn, x_0, c.solver, c.steps, c.atol, c.rtol)
+            # per-sample noise streams, so a sample's path does not depend on its block's other samples
+            noise = SeedStack([derive_seed(c.seed, int(i), SDE_NOISE_STREAM) for i in ids], self.device)
+            return sde_sample(fn, self.method.gaussian_path, self.method.sde_diffusion(c.sde_g), x_0, c.steps,
+                              t_1=min(self.method.t_max, 1 - 1e-3), noise=lambda k: noise.randn(self.shape))
+
+    def write(self, block: int, ids: np.ndarray, seeds: list[int], y: torch.Tensor | None, x: torch.Tensor,
+              nfe: int) -> None:
+        """The block's shard, one object (or a temporary file renamed), in the sample-shard contract."""
         payload = encode_rows(to_uint8(x), "image") if self.layout == "HWC" else encode_rows(x, "points")
-        table = pa.table({"id": ids, "seed": seeds,
-                          "label": (y.numpy() if y is not None else np.full(len(ids), -1)),
-                          "nfe": np.full(len(ids), res.nfe), "image": payload}, schema=SAMPLE_SCHEMA)
+        table = pa.table({"id": ids, "seed": seeds, "label": y.numpy() if y is not None else np.full(len(ids), -1),
+                          "nfe": np.full(len(ids), nfe), "image": payload}, schema=SAMPLE_SCHEMA)
         storage.write_parquet(table, storage.join(self.out, shard_name(block)))
-        if c.write_png and self.layout == "HWC":
+        if self.cfg.write_png and self.layout == "HWC":
             _write_pngs(to_uint8(x), ids, storage.join(self.out, "png"))
-        return res.nfe
+
+    def _maybe_inject_fault(self, block: int) -> None:
+        """Test hook: raise once when sampling reaches `sample.fail_at_block` (a marker makes it once per output)."""
+        if block != self.cfg.fail_at_block:
+            return
+        marker = storage.join(self.out, f".fault_injected_block_{block}")
+        if not storage.exists(marker):
+            storage.write_text(marker, "injected\n")
+            raise RuntimeError(f"injected sampling failure at block {block}")
 
 
 def _write_pngs(images: torch.Tensor, ids: np.ndarray, directory: str) -> None:
