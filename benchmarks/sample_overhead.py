@@ -15,7 +15,6 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -56,7 +55,7 @@ def main() -> None:
                            actors=1, cpus_per_actor=1)
         base_out = Path(tmp) / "base"
         base_out.mkdir()
-        sampler = Sampler(str(ckpt), str(base_out), asdict(cfg), [1, 8, 8], "HWC")
+        sampler = Sampler(str(ckpt), str(base_out), cfg, [1, 8, 8], "HWC")
         blocks = -(-a.num_samples // a.block_size)
         sampler.sample_block(0)  # warm-up, as the stage's first call
         start = time.perf_counter()

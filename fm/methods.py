@@ -30,9 +30,17 @@ from fm.likelihood import LikelihoodResult, LikelihoodSettings, log_likelihood
 from fm.losses import cfm_loss, dsm_loss, sample_time
 from fm.manifolds import Manifold, get_manifold
 from fm.paths import PATHS, AffinePath, CondOTScheduler, NoisyLinearPath, VPScheduler
-from fm.riemannian import manifold_log_likelihood, manifold_ode_sample, rfm_loss
+from fm.riemannian import MANIFOLD_SOLVERS, manifold_log_likelihood, manifold_ode_sample, rfm_loss
 from fm.seeding import SeedStack
-from fm.solvers import SampleResult, VelocityFn, constant_diffusion, ode_sample, velocity_fn, vp_diffusion
+from fm.solvers import (
+    FIXED_METHODS,
+    SampleResult,
+    VelocityFn,
+    constant_diffusion,
+    ode_sample,
+    velocity_fn,
+    vp_diffusion,
+)
 
 __all__ = ["METHODS", "MethodPreset", "MethodParams", "Method", "RiemannianMethod", "SnapshotMethod", "AnyMethod",
            "make_method", "methods_markdown"]
@@ -67,6 +75,16 @@ class MethodPreset:
     sigma: float = 0.0
     summary: str = ""
     kind: str = "euclidean"  # or "riemannian", "snapshots" (module docstring)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether building it needs the data's manifold or observed times (so only the data can check it)."""
+        return self.kind != "euclidean"
+
+    @property
+    def fixed_step_solvers(self) -> tuple[str, ...]:
+        """The fixed-step solvers its sampling takes: torchdiffeq's, or on a manifold the projected ones."""
+        return tuple(MANIFOLD_SOLVERS) if self.kind == "riemannian" else FIXED_METHODS
 
 
 METHODS: dict[str, MethodPreset] = {

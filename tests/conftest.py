@@ -15,6 +15,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for a test module, started as every job starts it (`init_ray`), stopped after the module."""
+    import ray
+
+    from pipelines.core.runtime import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto) on 127.0.0.1, for the session: its endpoint URL."""

@@ -49,12 +49,10 @@ def validate_sample_config(c: SampleConfig, method: str | None = None, method_kw
     check(c.precision in PRECISIONS[1:], "sample.precision", c.precision, f"allowed: {', '.join(PRECISIONS[1:])}")
     check(c.precision != "fp16" or c.gpus_per_actor > 0, "sample.precision", c.precision,
            "fp16 needs GPU actors (sample.gpus_per_actor > 0); use fp32 or bf16 on CPU")
-    if method in METHODS and METHODS[method].kind == "riemannian" and c.solver in FIXED_METHODS:
-        from fm.riemannian import MANIFOLD_SOLVERS
-
-        check(c.solver in MANIFOLD_SOLVERS, "sample.solver", c.solver,
-               f"a fixed-step solver on a manifold must be one of {', '.join(MANIFOLD_SOLVERS)} (or use an "
-               "adaptive one)")
+    if method in METHODS and c.solver in FIXED_METHODS:
+        allowed = METHODS[method].fixed_step_solvers
+        check(c.solver in allowed, "sample.solver", c.solver,
+              f"a fixed-step solver on a manifold must be one of {', '.join(allowed)} (or use an adaptive one)")
     if c.solver == "sde" and method is not None:
         try:
             make_method(**(method_kwargs or {"name": method})).sde_diffusion(c.sde_g)

@@ -124,8 +124,8 @@ class EvaluationResult:
 class _ModelActor:
     """A Ray Data actor that loads the checkpoint's model once and keeps the evaluation settings and data spec."""
 
-    def __init__(self, checkpoint: str, cfg: dict, data: DataSpec):
-        self.cfg, self.data = EvalConfig(**cfg), data
+    def __init__(self, checkpoint: str, cfg: EvalConfig, data: DataSpec):
+        self.cfg, self.data = cfg, data
         use_cpu_share(self.cfg.cpus_per_actor)
         self.loaded = load_model(checkpoint)
 
@@ -152,7 +152,8 @@ class LikelihoodActor(_ModelActor):
     takes, or on the order blocks arrive. (An adaptive solver's steps are shared by a block, so the block size is
     part of the setting, like the solver tolerance.)"""
 
-    def __init__(self, checkpoint: str, cfg: dict, data: DataSpec, files: tuple, groups: tuple, count: int):
+    def __init__(self, checkpoint: str, cfg: EvalConfig, data: DataSpec, files: tuple, groups: tuple,
+                 count: int):
         super().__init__(checkpoint, cfg, data)
         self.rows = likelihood_rows(count, self.cfg.max_images, self.cfg.seed)
         self.reader = ShardRows(files, groups, tuple(data.shape), data.kind)
@@ -215,7 +216,7 @@ def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig,
     actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, 0.0, memory, work=-(-blocks // cfg.blocks_per_call))
     stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence) "
           f"on {actors} actor(s)")
-    actor_args = (checkpoint, asdict(cfg), manifest.data, files, group_rows(files), count)
+    actor_args = (checkpoint, cfg, manifest.data, files, group_rows(files), count)
     start = time.perf_counter()
     progress = Progress("bits/dim" if manifest.data.is_image else "NLL", total, "images")
     rows, values, nfes = [], [], []
@@ -330,7 +331,7 @@ def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory
     ds = spread(ds.filter(expr="label == 0").select_columns(["id", "image"]), len(start_rows), cfg.batch_size,
                 actors)
     t0 = time.perf_counter()
-    batches = list(ds.map_batches(TransportActor, fn_constructor_args=(checkpoint, asdict(cfg), manifest.data),
+    batches = list(ds.map_batches(TransportActor, fn_constructor_args=(checkpoint, cfg, manifest.data),
                                   batch_size=cfg.batch_size, batch_format="numpy",
                                   compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
                                   memory=memory)

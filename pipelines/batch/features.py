@@ -90,7 +90,6 @@ class FeatureActor:
 
     def __init__(self, net: FeatureNet, shape: list[int], use_gpu: bool = False, keep: float = 1.0,
                  cpus: float = 1.0):
-
         use_cpu_share(cpus)
         self.net, self.shape, self.keep = net, list(shape), keep
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")

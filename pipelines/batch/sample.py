@@ -56,8 +56,8 @@ SDE_NOISE_STREAM = 1  # sample i's SDE noise comes from derive_seed(seed, i, 1),
 class Sampler:
     """Ray Data actor: loads the model once, then samples whole blocks and writes one shard per block."""
 
-    def __init__(self, checkpoint: str, out: str, cfg: dict, shape: list[int], layout: str):
-        self.cfg, self.out, self.layout = SampleConfig(**cfg), out, layout
+    def __init__(self, checkpoint: str, out: str, cfg: SampleConfig, shape: list[int], layout: str):
+        self.cfg, self.out, self.layout = cfg, out, layout
         use_cpu_share(self.cfg.cpus_per_actor)
         self.loaded = load_model(checkpoint)
         self.model, self.method = self.loaded.model, self.loaded.method
@@ -208,7 +208,7 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> Samplin
         stage(f"sampling {cfg.num_samples} samples ({len(todo)} blocks of {cfg.block_size}, {len(done)} reused) "
               f"with {cfg.solver} on {actors} actor(s) into {out}")
         ds = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=min(len(todo), 200))
-        ds = ds.map_batches(Sampler, fn_constructor_args=(str(checkpoint), out, asdict(cfg), model_shape, layout),
+        ds = ds.map_batches(Sampler, fn_constructor_args=(str(checkpoint), out, cfg, model_shape, layout),
                             batch_size=cfg.blocks_per_call, batch_format="numpy",
                             compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
                             num_gpus=cfg.gpus_per_actor or None, memory=memory)

@@ -177,7 +177,7 @@ def validate(cfg: Config) -> None:
     check(meth.ot_scope in ("local", "global"), "method.ot_scope", meth.ot_scope, "allowed: local, global")
     check(0 <= meth.sigma_min < 1, "method.sigma_min", meth.sigma_min, "must be in [0, 1)")
     check(meth.sigma is None or meth.sigma >= 0, "method.sigma", meth.sigma, "must be null or >= 0")
-    if METHODS[meth.name].kind == "euclidean":  # the other kinds need the data's manifold or times (check_data)
+    if not METHODS[meth.name].needs_data:  # a method on a manifold or snapshots is checked with the data
         try:
             make_method(**method_kwargs(cfg))  # the parts' own checks (e.g. sbcfm needs sigma > 0)
         except ValueError as err:

@@ -25,17 +25,6 @@ SMALL = ["model.hidden=64", "train.batch_size=128", "train.log_every=50", "train
          "optim.warmup_steps=10", "optim.lr=0.003", "ray.num_workers=2"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from pipelines.core.runtime import init_ray
-
-    init_ray()
-    yield
-    ray.shutdown()
-
-
 def _last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 

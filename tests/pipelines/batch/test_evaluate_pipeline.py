@@ -22,17 +22,6 @@ from pipelines.ingest.run import ingest, load_manifest
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from pipelines.core.runtime import init_ray
-
-    init_ray()
-    yield
-    ray.shutdown()
-
-
 def gaussian_checkpoint(directory, shape):
     flow = GaussianOTFlow(mu=0.1, std=0.4)
     manifest = {"source": "npz:x", "kind": "image", "shape": shape, "num_classes": 1, "class_names": []}

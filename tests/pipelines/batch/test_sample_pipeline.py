@@ -15,17 +15,6 @@ from pipelines.core.errors import ConfigError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from pipelines.core.runtime import init_ray
-
-    init_ray()
-    yield
-    ray.shutdown()
-
-
 def _all(out):
     ids, images, _ = read_samples(out)
     order = np.argsort(ids)

@@ -13,17 +13,8 @@ from pipelines.core.manifest import ManifestError
 from pipelines.ingest.run import ingest, load_manifest, shard_paths
 from pipelines.ingest.sources import IngestError, stable_hash
 
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    """One local Ray for the module: ingest leaves a running Ray up (and stops one it started itself)."""
-    import ray
-
-    from pipelines.core.runtime import init_ray
-
-    init_ray()
-    yield
-    ray.shutdown()
+# one local Ray for the module: ingest leaves a running Ray up (and stops one it started itself)
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def _encode(im: Image.Image, fmt: str) -> bytes:

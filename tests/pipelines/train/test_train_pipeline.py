@@ -9,7 +9,6 @@ from pipeline_helpers import free_port, kill_tree, start_mlflow_server, tiny_con
 
 from pipelines.core.checkpoint import CheckpointError, load_meta, load_model
 from pipelines.core.errors import ConfigError
-from pipelines.core.runtime import init_ray
 from pipelines.ingest.run import ingest
 from pipelines.train.driver import run_training
 
@@ -21,15 +20,6 @@ def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     ingest("digits", out, shards=2)
     return out
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    init_ray()
-    yield
-    ray.shutdown()
 
 
 def _history(client, run_id, key):
@@ -51,7 +41,7 @@ def _snapshot(client, run_id) -> dict:
             "history": {k: _history(client, run_id, k) for k in sorted(run.data.metrics)}}
 
 
-def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_cluster):
+def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_local):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     res = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=8"))
     assert res["metrics"]["step"] == 8 and not res["resumed"]
@@ -106,7 +96,7 @@ def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_cluster
         run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=16"))
 
 
-def test_injected_worker_failure_resumes_to_the_target_step(digits, tmp_path, ray_cluster):
+def test_injected_worker_failure_resumes_to_the_target_step(digits, tmp_path, ray_local):
     import torch
 
     from pipelines.core.checkpoint import load_state
@@ -145,7 +135,7 @@ def _tensors(state, prefix="") -> dict:
 
 
 @pytest.mark.heavy
-def test_bf16_autocast_and_channels_last_train_and_checkpoint(digits, tmp_path, ray_cluster):
+def test_bf16_autocast_and_channels_last_train_and_checkpoint(digits, tmp_path, ray_local):
     """train.precision=bf16 (CPU autocast) with NHWC batches: finite losses, and a checkpoint in fp32 that
     rebuilds the model (the memory format is not part of the weights)."""
     import torch
@@ -169,7 +159,7 @@ def mlflow_server(tmp_path):
 
 
 @pytest.mark.heavy  # about 90 s with its server: in `make heavy`, so that `make test` stays under 20 minutes
-def test_logging_to_a_real_mlflow_server(digits, tmp_path, ray_cluster, mlflow_server):
+def test_logging_to_a_real_mlflow_server(digits, tmp_path, ray_local, mlflow_server):
     import mlflow
     import torch
 
