@@ -130,8 +130,8 @@ def test_rayjob_entrypoint_parses_with_the_jobs_own_parser(tmp_path):
     from pipelines.train.config import load_config
 
     argv = shlex.split(_rayjob()["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "jobs.train"]
-    args = parser().parse_args(argv[3:])
+    assert argv[:2] == ["flowray", "train"]  # the image installs the project, and with it the console script
+    args = parser().parse_args(argv[2:])
     cfg = load_config(REPO / args.config, args.overrides)  # every --set key and value is validated here
     assert cfg.train.storage_path == "/mnt/shared/ray_results" and cfg.data.shards == "/mnt/shared/data/cifar10"
 

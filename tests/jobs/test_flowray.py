@@ -1,0 +1,39 @@
+"""The `flowray` console script: every job under one command, with the jobs' own flags and exit statuses."""
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from jobs.flowray import COMMANDS
+
+ROOT = Path(__file__).resolve().parents[2]
+FLOWRAY = Path(sys.executable).parent / "flowray"  # installed by `pip install -e .` ([project.scripts])
+
+
+def _flowray(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(FLOWRAY), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_every_job_is_a_command():
+    jobs = {p.stem for p in (ROOT / "jobs").glob("*.py")} - {"__init__", "cli", "flowray"}
+    assert {module.removeprefix("jobs.") for module, _, _ in COMMANDS.values()} == jobs
+    for module, _, example in COMMANDS.values():
+        assert callable(importlib.import_module(module).main)
+        assert example.startswith("flowray ")
+    out = _flowray("--help")
+    assert out.returncode == 0 and all(f"  {name} " in out.stdout for name in COMMANDS)
+
+
+def test_a_command_takes_its_job_s_flags_and_exit_statuses():
+    dry = _flowray("train", "--config", "configs/digits-cpu.yaml", "--set", "train.steps=7", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["train"]["steps"] == 7
+    helped = _flowray("train", "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: flowray train ")
+    bad = _flowray("train", "--set", "train.steps=zero")
+    assert bad.returncode == 2 and bad.stderr.strip() == "training failed: train.steps: 'zero' is not a valid int"
+    unknown = _flowray("tran")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("flowray: unknown command 'tran'; commands: ingest,")
+    assert "Traceback" not in bad.stderr + unknown.stderr
