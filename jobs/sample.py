@@ -5,7 +5,8 @@
 
 Keys (sample.*): solver (dopri5 | euler | midpoint | rk4 | ... | sde), atol, rtol, steps, sde_g, cfg_scale,
 label, seed, block_size, blocks_per_call, actors, cpus_per_actor, gpus_per_actor, write_png.
-Uses the EMA weights. A rerun into the same --out finishes only the missing shards. Logs an MLflow run nested
+Uses the EMA weights. A rerun into the same --out finishes only the missing shards, and a larger --num-samples
+there samples only the new blocks (other settings must match). Logs an MLflow run nested
 under the training run. The last stdout line is one JSON object.
 """
 

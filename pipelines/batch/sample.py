@@ -161,7 +161,9 @@ def complete_blocks(out: str, cfg: SampleConfig) -> set[int]:
 
 def prepare_output(out: str, cfg: SampleConfig, checkpoint: str) -> str:
     """Create the output folder (or check the prefix writable), or check that an existing one was made with the
-    same settings; returns the output location (absolute when local)."""
+    same settings; returns the output location (absolute when local). An output may grow: a larger `num_samples`
+    keeps every whole block of the old count (only the old last block, if partial, is redone), and the result is the
+    same as a fresh run at the larger count."""
     settings = {"checkpoint": str(checkpoint), **{k: v for k, v in asdict(cfg).items()
                                                   if k not in ("actors", "blocks_per_call", "cpus_per_actor",
                                                                "gpus_per_actor", "fail_at_block", "write_png")}}
@@ -169,9 +171,15 @@ def prepare_output(out: str, cfg: SampleConfig, checkpoint: str) -> str:
     path = storage.join(out, SETTINGS)
     if storage.is_file(path):
         old = json.loads(storage.read_text(path))
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        diff = {k: (old.get(k), v) for k, v in settings.items() if k != "num_samples" and old.get(k) != v}
         if diff:
             raise SamplingError(f"{out} holds samples made with other settings {diff}; use a new --out")
+        had = old.get("num_samples", 0)
+        if cfg.num_samples < had:
+            raise SamplingError(f"{out} holds {had} samples; --num-samples {cfg.num_samples} would shrink it: ask for "
+                                f"{had} or more (a larger count samples only the new blocks), or use a new --out")
+        if cfg.num_samples > had:
+            storage.write_text(path, json.dumps(settings, indent=1))  # grown: the blocks past the old end are new
     else:
         storage.write_text(path, json.dumps(settings, indent=1))
     return out

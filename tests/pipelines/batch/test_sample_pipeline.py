@@ -15,6 +15,7 @@ from pipelines.core.errors import ConfigError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
+
 def _all(out):
     ids, images, _ = read_samples(out)
     order = np.argsort(ids)
@@ -50,6 +51,21 @@ def test_bit_identical_across_actors_and_batch_sizes_and_resume(tmp_path, ray_lo
     ids_d, images_d = _all(tmp_path / "c")
     assert ids_d.tolist() == ids.tolist() and all(x == y for x, y in zip(images, images_d, strict=True))
     assert not list((tmp_path / "c").glob(".block-*"))
+
+    # the output grows: 50 -> 75 keeps the 6 whole blocks, redoes the partial 7th, adds 3; as a fresh run at 75
+    grown = run_sampling(str(ckpt), tmp_path / "c", SampleConfig(**{**base, "num_samples": 75}))
+    assert (grown.blocks, grown.blocks_reused, grown.blocks_sampled) == (10, 6, 4)
+    fresh = run_sampling(str(ckpt), tmp_path / "e", SampleConfig(**{**base, "num_samples": 75}, actors=2))
+    ids_g, images_g = _all(tmp_path / "c")
+    ids_f, images_f = _all(tmp_path / "e")
+    assert ids_g.tolist() == ids_f.tolist() == list(range(75)) and fresh.blocks_sampled == 10
+    assert all(x == y for x, y in zip(images_g, images_f, strict=True))
+    assert all(x == y for x, y in zip(images[:48], images_g[:48], strict=True))  # the kept blocks, untouched
+    with pytest.raises(SamplingError, match=r"holds 75 samples; --num-samples 60 would shrink it: ask for 75 or more"):
+        run_sampling(str(ckpt), tmp_path / "c", SampleConfig(**{**base, "num_samples": 60}))
+    with pytest.raises(SamplingError, match=r"holds samples made with other settings \{'seed': \(3, 4\)\}; use a new"):
+        run_sampling(str(ckpt), tmp_path / "c", SampleConfig(**{**base, "num_samples": 80, "seed": 4}))
+    assert _all(tmp_path / "c")[0].tolist() == list(range(75))  # a refused request changes nothing
 
 
 def test_sde_sampler_and_mlflow_lineage(tmp_path, ray_local):
@@ -125,5 +141,5 @@ def test_bad_sampling_input(tmp_path):
     from pipelines.batch.sample import prepare_output
 
     prepare_output(tmp_path / "made", SampleConfig(num_samples=10), str(ckpt))
-    with pytest.raises(SamplingError, match="holds samples made with other settings .*num_samples"):
-        prepare_output(tmp_path / "made", SampleConfig(num_samples=20), str(ckpt))
+    with pytest.raises(SamplingError, match="holds samples made with other settings .*solver"):
+        prepare_output(tmp_path / "made", SampleConfig(num_samples=20, solver="euler"), str(ckpt))
