@@ -3,6 +3,8 @@ classifier trained on the same data set (cached next to the shards)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +27,7 @@ from pipelines.core.manifest import DataSpec, Manifest
 from pipelines.core.memory import check_fits, model_item_bytes
 from pipelines.core.runtime import Progress, actor_pool, init_ray, spread, stage, use_cpu_share
 from pipelines.core.shards import ShardRows, group_rows
-from pipelines.core.tracking import SafeLogger, start_child_run
+from pipelines.core.tracking import SafeLogger, dataset_input, start_child_run
 
 
 class EvaluationError(ConfigError):
@@ -95,6 +97,7 @@ class QualityResult:
     num_floor: int | None = None
     fd_matched: float | None = None  # the model on as many samples as there are held-out images
     num_matched: int | None = None
+    datasets: list[dict] = field(default_factory=list)  # what was read: reference, floor, samples (`dataset_input`)
 
 
 @dataclass
@@ -110,6 +113,7 @@ class EvaluationResult:
     quality: QualityResult | None = None
     sample_run_id: str | None = None  # the MLflow run that logged the samples
     sample_settings: dict | None = None  # the settings the samples were made with (`_sampling.json`)
+    split_dataset: dict | None = None  # the split the likelihood (or transport) read (`Manifest.dataset`)
     mlflow_run_id: str | None = None  # the evaluation run, once logged (`log_evaluation_run`)
 
     def with_samples(self, quality: QualityResult, samples_dir: str) -> EvaluationResult:
@@ -293,6 +297,8 @@ def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> Qua
                         kid_subset=m, precision=precision, recall=recall, pr_subset=[len(ref.subset), len(fake.subset)],
                         reference_split=cfg.reference_split, num_reference=ref.n,
                         feature_images_per_s=fake.images_per_s)
+    out.datasets = [{**manifest.dataset(cfg.reference_split), "context": "reference"},
+                    samples_dataset(samples_dir, num_samples)]
     if info:
         out.classifier_test_accuracy, out.classifier_path = info["test_accuracy"], info["path"]
     if floor:
@@ -303,7 +309,17 @@ def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> Qua
         out.fd_floor, out.floor_split, out.num_floor = frechet_distance_from_stats(ref.stats, held.stats), \
             cfg.floor_split, held.n
         out.fd_matched, out.num_matched = frechet_distance_from_stats(ref.stats, matched), matched.n
+        out.datasets.append({**manifest.dataset(cfg.floor_split), "context": "floor"})
     return out
+
+
+def samples_dataset(samples_dir: str, count: int) -> dict:
+    """A sampling output as an MLflow dataset input: named by its solver, with a digest of its settings and count."""
+    settings = sampling_settings(samples_dir)
+    digest = hashlib.sha256(json.dumps({**settings, "count": count}, sort_keys=True).encode()).hexdigest()[:16]
+    return {"name": f"samples/{settings['solver']}", "digest": digest, "location": samples_dir, "context": "samples",
+            "profile": {"num_samples": count, "solver": settings["solver"], "steps": settings.get("steps"),
+                        "seed": settings.get("seed"), "checkpoint": settings.get("checkpoint")}}
 
 
 def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> TransportResult:
@@ -405,7 +421,8 @@ def run_evaluation(checkpoint: str, shards: str | Manifest, samples: str | None,
     if samples is not None:
         sample_shards(samples)  # foreign or empty sample directories fail before Ray starts (metadata only)
     result = EvaluationResult(method=meta["method"]["name"], checkpoint_step=meta["step"],
-                              train_run_id=meta.get("mlflow_run_id"))
+                              train_run_id=meta.get("mlflow_run_id"),
+                              split_dataset={**manifest.dataset(cfg.split), "context": "evaluation"})
     if manifest.data.times:  # snapshot methods have no prior density: they move data from time to time
         if samples is not None:
             raise EvaluationError("--samples: a snapshot method is scored by carrying the data's first snapshot "
@@ -425,6 +442,9 @@ def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str) -> s
     result.mlflow_run_id = run_id
     log = SafeLogger(uri, run_id)
     log.params({f"eval.{k}": v for k, v in asdict(cfg).items()})
+    read = [result.split_dataset] if result.split_dataset else []
+    read += result.quality.datasets if result.quality else []
+    log.inputs([dataset_input(**d) for d in read])  # the data and samples it read: MLflow's lineage
     tags = {"flowray.method": result.method, "flowray.checkpoint_step": str(result.checkpoint_step)}
     tr = result.transport
     if tr is not None:  # snapshot methods: W2 and its floor at every observed time, and the worst ratio

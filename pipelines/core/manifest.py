@@ -165,6 +165,20 @@ class Manifest:
             manifest.verify()
         return manifest
 
+    def digest(self, split: str) -> str:
+        """A content digest of one split (16 hex digits): sha256 over the row format and the split's shard checksums,
+        so a re-ingest of the same rows gives the same digest wherever it is written."""
+        shards = sorted(str(s.get("sha256")) for s in self.splits[split]["shards"])
+        text = json.dumps({"format": row_format(self.data.kind, self.data.shape), "split": split, "shards": shards},
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def dataset(self, split: str) -> dict:
+        """How MLflow names one split as a run's input: {name, digest, location, profile} for `dataset_input`."""
+        return {"name": f"{self.data.name}/{split}", "digest": self.digest(split), "location": self.directory,
+                "profile": {"split": split, "num_rows": self.count(split), "shape": list(self.data.shape),
+                            "num_classes": self.data.num_classes, "source": self.data.source}}
+
     def path(self, *parts: str) -> str:
         """A location inside the ingest output (a shard, a cache beside the shards)."""
         return storage.join(self.directory, *parts)

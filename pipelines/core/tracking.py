@@ -219,6 +219,10 @@ class SafeLogger:
         batch = [RunTag(k, str(v)) for k, v in values.items()]
         return self._put(_Record("set tags", lambda c: c.log_batch(self.run_id, tags=batch)))
 
+    def inputs(self, datasets: list) -> bool:
+        """Queue MLflow dataset inputs (`mlflow.entities.DatasetInput`s from `dataset_input`): the run's lineage."""
+        return self._put(_Record("log inputs", lambda c: c.log_inputs(self.run_id, datasets=list(datasets))))
+
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> bool:
         """Queue a file or folder; it is copied first, so the caller may delete it at once."""
         src = Path(path)
@@ -432,3 +436,17 @@ def start_child_run(uri: str, train_run_id: str | None, kind: str, run_name: str
     if exp_id is None:
         exp_id = get_or_create_experiment(client, experiment or "flowray", uri)
     return client.create_run(exp_id, tags=tags, run_name=run_name).info.run_id
+
+
+def dataset_input(name: str, digest: str, location: str, context: str, profile: dict | None = None):
+    """An MLflow dataset input: the rows a run read (a split of an ingest output, or a sampling output), named, with
+    a content digest, where they lie, and the run's use of them as context ("train", "evaluation", "reference",
+    "floor", "samples"), so that MLflow's lineage view and the runs table show which data a run used."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    scheme = location.split("://", 1)[0] if "://" in location else "local"
+    dataset = Dataset(name=name, digest=digest, source_type=scheme, source=json.dumps({"uri": location}),
+                      profile=json.dumps(profile) if profile else None)
+    return DatasetInput(dataset, [InputTag("mlflow.data.context", context)])

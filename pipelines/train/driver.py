@@ -13,7 +13,15 @@ from pipelines.core.checkpoint import check_files, load_meta
 from pipelines.core.errors import JobStopped
 from pipelines.core.manifest import Manifest
 from pipelines.core.runtime import init_ray, interruptible, is_verbose, stage, train_logging_config
-from pipelines.core.tracking import SafeLogger, check_tracking_uri, create_run, find_run, log_final_model, tracking_uri
+from pipelines.core.tracking import (
+    SafeLogger,
+    check_tracking_uri,
+    create_run,
+    dataset_input,
+    find_run,
+    log_final_model,
+    tracking_uri,
+)
 from pipelines.train.config import Config, check_data, model_kwargs
 from pipelines.train.metrics import WINDOWS, CheckpointedMetrics, replay_windows
 from pipelines.train.resume import check_resumable
@@ -49,6 +57,9 @@ def run_training(cfg: Config, manifest: Manifest | None = None) -> dict:
     if meta is not None:
         how = f"MLflow run {run_id}" if resumed else f"new MLflow run {run_id}"
         stage(f"continuing run {cfg.train.run_name} from step {meta['step']} ({how})")
+    lineage = SafeLogger(uri, run_id)  # the split this run reads, as the run's MLflow dataset input
+    lineage.inputs([dataset_input(**manifest.dataset(cfg.data.split), context="train")])
+    lineage.close()
     init_ray(cfg.ray.address, cfg.ray.local_cpus)
     if resumed and previous is not None:
         replay_windows(uri, run_id, previous, after_step=replay_after)

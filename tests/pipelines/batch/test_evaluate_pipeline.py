@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from fm.ema import EMA
 from fm.models import GaussianOTFlow
 from pipelines.batch.config import EvalConfig
-from pipelines.batch.evaluate import EvaluationError, run_evaluation, sample_quality
+from pipelines.batch.evaluate import EvaluationError, log_evaluation_run, run_evaluation, sample_quality
 from pipelines.batch.samples import SAMPLE_SCHEMA, SETTINGS, SamplingError
 from pipelines.core.checkpoint import save_checkpoint
 from pipelines.core.errors import ConfigError
@@ -42,9 +42,17 @@ def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local
     exact = GaussianOTFlow(mu=0.1, std=0.4).bits_per_dim_exact(x).mean().item()
 
     cfg = EvalConfig(draws=32, divergence="exact", batch_size=8, actors=2, atol=1e-7, rtol=1e-7)
-    res = run_evaluation(str(ckpt), str(tmp_path / "data"), None, cfg).likelihood
+    evaluated = run_evaluation(str(ckpt), str(tmp_path / "data"), None, cfg)
+    res = evaluated.likelihood
     assert res.n == len(x) and res.unit == "bits/dim" and res.draws == 32
     assert res.mean == pytest.approx(exact, abs=5e-3)
+    # the evaluation run in MLflow: its figures, and the split it read as its dataset input (lineage)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = MlflowClient(uri).get_run(log_evaluation_run(evaluated, cfg, uri))
+    assert run.data.metrics["bpd"] == pytest.approx(res.mean) and evaluated.mlflow_run_id == run.info.run_id
+    (read,) = run.inputs.dataset_inputs
+    assert (read.dataset.name, read.dataset.digest) == ("npz/test", load_manifest(tmp_path / "data").digest("test"))
+    assert [(tag.key, tag.value) for tag in read.tags] == [("mlflow.data.context", "evaluation")]
     # Hutchinson with one Gaussian probe is noisy per image but unbiased for the one-draw bound: its mean
     # agrees with the exact divergence's within its standard error (same dequantization noise, K = 1)
     one = dict(draws=1, batch_size=8, atol=1e-7, rtol=1e-7)

@@ -294,6 +294,10 @@ def test_shards_and_split_do_not_depend_on_the_parallelism(image_folder, tmp_pat
     assert one["splits"] == two["splits"]  # same files, rows and sha256 checksums
     assert one["quarantine"] == two["quarantine"]
     assert len(one["splits"]["train"]["shards"]) == 3
+    # the content digest MLflow gets as the data's identity: the same rows in another folder, another per split
+    m1, m2 = load_manifest(tmp_path / "p1"), load_manifest(tmp_path / "p2")
+    assert m1.digest("train") == m2.digest("train") != m1.digest("test") and len(m1.digest("train")) == 16
+    assert m1.dataset("train")["name"] == m1.dataset("train")["profile"]["source"].split(":")[0] + "/train"
     test_ids = _read_rows(tmp_path / "p1", "test")["id"]
     assert test_ids and all(stable_hash(f"5/{i}") < 0.3 for i in test_ids)
     # re-ingesting into the same folder with fewer parts replaces the old shards

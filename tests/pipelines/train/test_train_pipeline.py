@@ -9,7 +9,7 @@ from pipeline_helpers import free_port, kill_tree, start_mlflow_server, tiny_con
 
 from pipelines.core.checkpoint import CheckpointError, load_meta, load_model
 from pipelines.core.errors import ConfigError
-from pipelines.ingest.run import ingest
+from pipelines.ingest.run import ingest, load_manifest
 from pipelines.train.driver import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -54,6 +54,9 @@ def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_local):
     for key in ("grad_norm", "lr", "images_per_s", "data_wait_fraction", "ot_solve_s"):
         assert key in run.data.metrics
     assert run.info.status == "FINISHED"
+    (read,) = run.inputs.dataset_inputs  # the split it trained on, by content digest: MLflow's lineage
+    assert (read.dataset.name, read.dataset.digest) == ("digits/train", load_manifest(digits).digest("train"))
+    assert [(tag.key, tag.value) for tag in read.tags] == [("mlflow.data.context", "train")]
     artifacts = {a.path for a in client.list_artifacts(res["run_id"], "samples")}
     assert artifacts == {"samples/step_000004.png", "samples/step_000008.png"}
     model_files = {a.path for a in client.list_artifacts(res["run_id"], "model")}
