@@ -1,6 +1,7 @@
 """Compare evaluated runs in one MLflow experiment.
 
     python -m jobs.compare --experiment NAME [--filter "tags.flowray.method = 'fm_ot'"] [--out outputs/compare]
+    python -m jobs.compare --models NAME    (the registry's versions of NAME, with their latest evaluation)
 
 Prints the paper-style table (method / path / coupling × bits/dim × FD × NFE × steps; mean ± std over runs) as
 markdown, saves it as CSV, plots FD against sampling NFE, and logs both to a "compare" run in the experiment.
@@ -18,7 +19,9 @@ from jobs.cli import add_common, run_job
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experiment", required=True)
+    p.add_argument("--experiment", default=None, help="the experiment whose evaluated runs to compare")
+    p.add_argument("--models", default=None, metavar="NAME",
+                   help="list the versions of this registered model (description, latest evaluation) instead")
     p.add_argument("--filter", default="", help="an extra MLflow search_runs filter, ANDed with kind = evaluate")
     p.add_argument("--out", default="outputs/compare")
     add_common(p, overrides=False)
@@ -27,11 +30,21 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _compare(a) -> dict:
-    from pipelines.compare import collect, markdown, plot_nfe_vs_fd, table, write_csv
+    from pipelines.compare import collect, markdown, model_versions, plot_nfe_vs_fd, table, versions_markdown, write_csv
     from pipelines.core.errors import ConfigError
     from pipelines.core.tracking import tracking_uri
 
     uri = a.tracking_uri or tracking_uri()
+    if a.models:
+        versions = model_versions(uri, a.models)
+        if not versions:
+            raise ConfigError(f"--models: no registered model {a.models!r} with versions at {uri}")
+        print(versions_markdown(versions))
+        result = {"model": a.models, "versions": versions}
+        print(json.dumps(result))
+        return result
+    if not a.experiment:
+        raise ConfigError("give --experiment NAME (runs to compare) or --models NAME (registry versions to list)")
     records = collect(uri, a.experiment, a.filter)
     if not records:
         raise ConfigError(f"no evaluation runs in experiment {a.experiment!r} at {uri}")

@@ -39,6 +39,7 @@ def _evaluate(a) -> dict:
     from pipelines.batch.config import EvalConfig, validate_eval_config
     from pipelines.batch.evaluate import log_evaluation_run, run_evaluation
     from pipelines.core.settings import apply_overrides
+    from pipelines.core.tracking import tag_model_version
 
     cfg = EvalConfig()
     apply_overrides(cfg, "eval", a.overrides)
@@ -67,6 +68,9 @@ def _evaluate(a) -> dict:
         print(f"W2 to fresh data: {q.w2:.4f}")
     if not a.no_mlflow:
         log_evaluation_run(result, cfg, uri)
+        version = tag_model_version(uri, a.checkpoint, result.headline())  # a registry version: its latest scores
+        if version:
+            print(f"tagged model version {version} with this evaluation")
     print(json.dumps(result.to_dict()))
     return result.to_dict()
 

@@ -164,3 +164,37 @@ def plot_nfe_vs_fd(rows: list[dict], path: str | Path) -> Path | None:
     ax.set_ylabel(rows[0]["fd_label"])
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+VERSION_TAGS = ("method", "path", "coupling", "train_steps", "data", "bpd", "nll", "fd_label", "fd", "fd_floor",
+                "likelihood_nfe", "evaluated_step")
+
+
+def model_versions(uri: str, name: str) -> list[dict]:
+    """Every version of a registered model, newest first: version, aliases, description and its `flowray.*` tags
+    (what training described and the latest evaluation set)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.search_model_versions(f"name = '{name}'")
+    if not found:
+        return []
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (client.get_registered_model(name).aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for v in sorted(found, key=lambda v: int(v.version), reverse=True):
+        tags = {k.removeprefix("flowray."): val for k, val in (v.tags or {}).items() if k.startswith("flowray.")}
+        rows.append({"version": int(v.version), "aliases": ",".join(sorted(aliases.get(str(v.version), []))),
+                     "description": v.description or "", **tags})
+    return rows
+
+
+def versions_markdown(rows: list[dict]) -> str:
+    """The registry versions as a markdown table: the version, its aliases, and the tags of `VERSION_TAGS` it has."""
+    keys = [k for k in VERSION_TAGS if any(k in r for r in rows)]
+    lines = ["| version | aliases | " + " | ".join(keys) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+    for r in rows:
+        lines.append(f"| {r['version']} | {r['aliases']} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
+    return "\n".join(lines)

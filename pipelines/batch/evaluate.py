@@ -121,6 +121,19 @@ class EvaluationResult:
         return replace(self, quality=quality, sample_run_id=sampling_run_id(samples_dir),
                        sample_settings=sampling_settings(samples_dir), mlflow_run_id=None)
 
+    def headline(self) -> dict[str, object]:
+        """The figures a registry version carries as its latest evaluation (None where they do not apply)."""
+        lik, q, tr = self.likelihood, self.quality, self.transport
+        out: dict[str, object] = {"evaluation_run": self.mlflow_run_id, "evaluated_step": self.checkpoint_step}
+        if lik is not None:
+            out.update({lik.metric: round(lik.mean, 4), "likelihood_nfe": round(lik.mean_nfe, 1)})
+        if q is not None:
+            out.update({"fd_label": q.fd_label, "fd": q.fd, "fd_floor": q.fd_floor, "fid": q.fid, "w2": q.w2,
+                        "sample_solver": (self.sample_settings or {}).get("solver")})
+        if tr is not None:
+            out["w2_ratio_max"] = max(w / f for w, f in zip(tr.w2[1:], tr.w2_floor[1:], strict=True))
+        return out
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -326,7 +326,8 @@ class SafeLogger:
             delay = min(2 * delay, 10.0)
 
 
-def log_final_model(uri: str, run_id: str, checkpoint: str, register_as: str | None = None) -> dict:
+def log_final_model(uri: str, run_id: str, checkpoint: str, register_as: str | None = None,
+                    data: dict | None = None) -> dict:
     """Log the final checkpoint to the training run, and the EMA network as an MLflow Model.
 
     The run gets the checkpoint directory as artifact `model` (without the optimizer state), which `runs:/RUN_ID`
@@ -354,7 +355,57 @@ def log_final_model(uri: str, run_id: str, checkpoint: str, register_as: str | N
     out["mlflow_model"] = info.model_uri
     if register_as:
         out["registered_model"] = f"models:/{register_as}/{info.registered_model_version}"
+        try:
+            describe_model_version(uri, register_as, str(info.registered_model_version), checkpoint, data)
+        except Exception as err:  # the version exists; its description is a convenience
+            warnings.warn(f"model version not described: {type(err).__name__}: {str(err)[:300]}", RuntimeWarning,
+                          stacklevel=2)
     return out
+
+
+def describe_model_version(uri: str, name: str, version: str, checkpoint: str, data: dict | None = None) -> None:
+    """What a registry browser should see of a version without opening its run: a one-paragraph description (method,
+    path, coupling, model and size, training steps, data set and digest) and the same as `flowray.*` tags."""
+    from mlflow.tracking import MlflowClient
+
+    from fm.methods import describe
+
+    loaded = load_model(checkpoint)
+    meta, method = loaded.meta, loaded.meta["method"]
+    path, coupling = describe(method["name"], method.get("ot_scope", "local"))
+    size = sum(p.numel() for p in loaded.model.parameters())
+    tags = {"flowray.method": method["name"], "flowray.path": path, "flowray.coupling": coupling,
+            "flowray.model": meta["model"]["name"], "flowray.parameters": str(size),
+            "flowray.train_steps": str(meta["step"])}
+    text = (f"{method['name']}: {path} path, {coupling} coupling; a {meta['model']['name']} of {size:,} parameters "
+            f"trained {meta['step']} steps")
+    if data:
+        tags.update({"flowray.data": data["name"], "flowray.data_digest": data["digest"]})
+        text += f" on {data['name']} ({data['profile']['num_rows']} rows, digest {data['digest']})"
+    client = MlflowClient(uri)
+    client.update_model_version(name, version, description=text + ".")
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def tag_model_version(uri: str, spec: str, values: dict[str, object]) -> str | None:
+    """Set `flowray.*` tags (the latest evaluation's figures) on the registry version a `models:/NAME/VERSION` or
+    `models:/NAME@ALIAS` spec names; returns "NAME/VERSION", or None for any other checkpoint spec."""
+    from mlflow.tracking import MlflowClient
+
+    if not spec.startswith("models:/"):
+        return None
+    client = MlflowClient(uri)
+    ref = spec.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        name, version = ref.rsplit("/", 1)
+    for key, value in values.items():
+        if value is not None:
+            client.set_model_version_tag(name, str(version), f"flowray.{key}", str(value))
+    return f"{name}/{version}"
 
 
 def _log_mlflow_model(uri: str, run_id: str, loaded, ckpt: Path, register_as: str | None):

@@ -95,7 +95,7 @@ def run_training(cfg: Config, manifest: Manifest | None = None) -> dict:
     model = {}
     if result.checkpoint:
         with result.checkpoint.as_directory() as local:  # a download when the checkpoint is in an object store
-            model = log_final_model(uri, run_id, local, cfg.mlflow.register_as)
+            model = log_final_model(uri, run_id, local, cfg.mlflow.register_as, manifest.dataset(cfg.data.split))
     logger = SafeLogger(uri, run_id)
     logger.tags({f"flowray.{k}": v for k, v in model.items() if v})  # what a rerun of a finished run returns
     logger.finish("FINISHED")
