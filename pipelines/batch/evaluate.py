@@ -451,7 +451,9 @@ def run_evaluation(checkpoint: str, shards: str | Manifest, samples: str | None,
 def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str) -> str:
     """An MLflow run nested under the training run: the evaluation settings, every figure as a metric, and what they
     were measured on as tags. Returns its id, also kept in `result.mlflow_run_id`."""
-    run_id = start_child_run(uri, result.train_run_id, "evaluate", "evaluate")
+    what = "transport W2" if result.transport else "likelihood" + (" and sample quality" if result.quality else "")
+    run_id = start_child_run(uri, result.train_run_id, "evaluate", "evaluate",
+                             description=f"{what} of {result.method} at step {result.checkpoint_step}")
     result.mlflow_run_id = run_id
     log = SafeLogger(uri, run_id)
     log.params({f"eval.{k}": v for k, v in asdict(cfg).items()})

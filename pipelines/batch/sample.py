@@ -24,7 +24,7 @@ import torch
 
 from fm.data import to_uint8
 from fm.seeding import SeedStack, derive_seed
-from fm.solvers import SampleResult, autocast_field, sde_sample
+from fm.solvers import ADAPTIVE_METHODS, SampleResult, autocast_field, sde_sample
 from pipelines.batch.config import SampleConfig, validate_sample_config
 from pipelines.batch.samples import (
     RUN_FILE,
@@ -248,7 +248,9 @@ def log_sampling_run(result: SamplingResult, cfg: dict, uri: str) -> str:
     import tempfile
 
 
-    run_id = start_child_run(uri, result.train_run_id, "sample", f"sample-{cfg['solver']}")
+    steps = "adaptive" if cfg["solver"] in ADAPTIVE_METHODS else f"{cfg['steps']} steps"
+    run_id = start_child_run(uri, result.train_run_id, "sample", f"sample-{cfg['solver']}",
+                             description=f"{result.num_samples} samples, {cfg['solver']} ({steps})")
     log = SafeLogger(uri, run_id)
     log.params({f"sample.{k}": v for k, v in cfg.items()})
     metrics = {"mean_nfe": result.mean_nfe, "max_nfe": result.max_nfe, "samples_per_s": result.samples_per_s,

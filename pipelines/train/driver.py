@@ -48,7 +48,9 @@ def run_training(cfg: Config, manifest: Manifest | None = None) -> dict:
     if meta is not None:  # before MLflow or Ray is touched: a refused attempt changes nothing
         check_resumable(cfg, manifest.data, meta, run_dir)
     tags = {"flowray.kind": "train", "flowray.method": cfg.method.name, "flowray.data": manifest.data.source,
-            "flowray.storage": run_dir}
+            "flowray.storage": run_dir,
+            "mlflow.note.content": f"{cfg.method.name} on {manifest.data.name}/{cfg.data.split}, {cfg.train.steps} "
+                                   f"steps of {cfg.train.batch_size} x {cfg.ray.num_workers} workers"}
     run_id, resumed, done, replay_after = _open_run(cfg, uri, tags, meta, exists)
     if done is not None:
         stage(f"run {cfg.train.run_name} already finished at step {meta['step']} (MLflow run {done.info.run_id}); "

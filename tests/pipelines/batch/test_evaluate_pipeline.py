@@ -53,6 +53,7 @@ def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local
     (read,) = run.inputs.dataset_inputs
     assert (read.dataset.name, read.dataset.digest) == ("npz/test", load_manifest(tmp_path / "data").digest("test"))
     assert [(tag.key, tag.value) for tag in read.tags] == [("mlflow.data.context", "evaluation")]
+    assert run.data.tags["mlflow.note.content"] == "likelihood of fm_ot at step 0"
     # Hutchinson with one Gaussian probe is noisy per image but unbiased for the one-draw bound: its mean
     # agrees with the exact divergence's within its standard error (same dequantization noise, K = 1)
     one = dict(draws=1, batch_size=8, atol=1e-7, rtol=1e-7)

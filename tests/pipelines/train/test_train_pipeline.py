@@ -54,6 +54,11 @@ def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_local):
     for key in ("grad_norm", "lr", "images_per_s", "data_wait_fraction", "ot_solve_s"):
         assert key in run.data.metrics
     assert run.info.status == "FINISHED"
+    # what MLflow's UI shows: the model-training view, a description, the source, the user and the commit
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.data.tags["mlflow.note.content"].startswith("fm_ot on digits/train, 8 steps of ")
+    assert run.data.tags["mlflow.source.name"] and run.data.tags["mlflow.user"]
+    assert len(run.data.tags.get("mlflow.source.git.commit", "x" * 40)) == 40
     (read,) = run.inputs.dataset_inputs  # the split it trained on, by content digest: MLflow's lineage
     assert (read.dataset.name, read.dataset.digest) == ("digits/train", load_manifest(digits).digest("train"))
     assert [(tag.key, tag.value) for tag in read.tags] == [("mlflow.data.context", "train")]
