@@ -12,6 +12,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -540,3 +541,26 @@ def dataset_input(name: str, digest: str, location: str, context: str, profile: 
     dataset = Dataset(name=name, digest=digest, source_type=scheme, source=json.dumps({"uri": location}),
                       profile=json.dumps(profile) if profile else None)
     return DatasetInput(dataset, [InputTag("mlflow.data.context", context)])
+
+
+@contextmanager
+def system_metrics(uri: str, run_id: str | None, enabled: bool = True, node_id: str | None = None):
+    """MLflow system metrics of this node (CPU, memory, disk, network; GPUs where pynvml is installed) logged to the
+    run every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10) while the block runs, continuing the run's own
+    system steps after a restart. `node_id` names the node (`system/<node_id>/...`) where several log to one run."""
+    monitor = None
+    if enabled and run_id is not None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, resume_logging=True, node_id=node_id, tracking_uri=uri)
+            monitor.start()
+        except Exception as err:  # a convenience: the job goes on without it
+            warnings.warn(f"MLflow system metrics not logged: {type(err).__name__}: {str(err)[:200]}",
+                          RuntimeWarning, stacklevel=3)
+            monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()

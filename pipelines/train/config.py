@@ -123,6 +123,7 @@ class MlflowConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/outputs/mlflow.db
     register_as: str | None = None  # register the final model in the MLflow Model Registry under this name
     flush_timeout_s: float = 120.0  # at the end of training, how long to wait for metrics queued in an outage
+    system_metrics: bool = True  # MLflow system metrics (CPU, memory, disk, network, GPU) of every node
 
 
 @dataclass

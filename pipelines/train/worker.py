@@ -30,7 +30,7 @@ from pipelines.core.figures import save_grid
 from pipelines.core.manifest import DataSpec
 from pipelines.core.runtime import quiet_train_worker, use_cpu_share
 from pipelines.core.settings import autocast_dtype
-from pipelines.core.tracking import SafeLogger
+from pipelines.core.tracking import SafeLogger, system_metrics
 from pipelines.train.config import Config, method_kwargs
 from pipelines.train.metrics import WINDOWS, quick_http_failures
 from pipelines.train.stream import DROPOUT_STREAM, StreamSpec, iter_pairs
@@ -100,11 +100,21 @@ class MetricWindow:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """One Ray Train worker: restore, then batch -> fault hook -> labels -> lr -> step -> bookkeeping -> log."""
+    """One Ray Train worker: restore, then batch -> fault hook -> labels -> lr -> step -> bookkeeping -> log; the
+    first worker of each node logs the node's system metrics to the run meanwhile."""
+    import ray.train
 
     job: TrainJob = loop_config["job"]
     if not job.verbose:
         quiet_train_worker()
+    ctx = ray.train.get_context()
+    one_node = ctx.get_local_world_size() == ctx.get_world_size()
+    with system_metrics(job.tracking_uri, job.run_id, job.config.mlflow.system_metrics and ctx.get_local_rank() == 0,
+                        None if one_node else f"node{ctx.get_node_rank()}"):
+        _train(job)
+
+
+def _train(job: TrainJob) -> None:
     cfg = job.config
     use_cpu_share(cfg.ray.cpus_per_worker)
     t = cfg.train

@@ -15,6 +15,15 @@ from pipelines.train.driver import run_training
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _system_metrics_every_second():
+    """MLflow samples system metrics every 10 s by default, longer than these tiny runs: every second here (set
+    before the module's Ray starts, whose workers inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
@@ -59,6 +68,7 @@ def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_local):
     assert run.data.tags["mlflow.note.content"].startswith("fm_ot on digits/train, 8 steps of ")
     assert run.data.tags["mlflow.source.name"] and run.data.tags["mlflow.user"]
     assert len(run.data.tags.get("mlflow.source.git.commit", "x" * 40)) == 40
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     (read,) = run.inputs.dataset_inputs  # the split it trained on, by content digest: MLflow's lineage
     assert (read.dataset.name, read.dataset.digest) == ("digits/train", load_manifest(digits).digest("train"))
     assert [(tag.key, tag.value) for tag in read.tags] == [("mlflow.data.context", "train")]
