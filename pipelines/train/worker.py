@@ -107,6 +107,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     job: TrainJob = loop_config["job"]
     if not job.verbose:
         quiet_train_worker()
+    quick_http_failures()  # before any MLflow client of this process: a tracking outage fails fast here
     ctx = ray.train.get_context()
     one_node = ctx.get_local_world_size() == ctx.get_world_size()
     with system_metrics(job.tracking_uri, job.run_id, job.config.mlflow.system_metrics and ctx.get_local_rank() == 0,
@@ -207,7 +208,6 @@ def _rank0_logger(job: TrainJob, state: WorkerState) -> SafeLogger | None:
     not. Metrics go through the checkpoint reports (`_report`)."""
     if state.rank != 0:
         return None
-    quick_http_failures()
     logger = SafeLogger(job.tracking_uri, job.run_id)
     if state.step == 0:
         logger.params(job.config.flat())
