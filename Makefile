@@ -31,7 +31,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not faults and not heavy"
 
 # the longest end-to-end cases (a tiny reproduce chain, the feature stage's every option, `ray job submit`, the
-# S3 chain, RFM and Action Matching through the CLIs, bf16 training, a real MLflow server over HTTP): ~31 min
+# S3 chain, RFM and Action Matching through the CLIs, bf16 training, a real MLflow server over HTTP, the README's
+# Python snippet): ~31 min
 heavy: $(STAMP)
 	$(PY) -m pytest -q -m heavy
 
