@@ -63,6 +63,11 @@ class TransportResult:
     w2: list[float] = field(default_factory=list)
     w2_floor: list[float] = field(default_factory=list)
 
+    @property
+    def w2_ratio_max(self) -> float:
+        """The worst W2 / floor over the observed times after the first (the start itself is the data)."""
+        return max(w / f for w, f in zip(self.w2[1:], self.w2_floor[1:], strict=True))
+
 
 @dataclass
 class QualityResult:
@@ -131,7 +136,7 @@ class EvaluationResult:
             out.update({"fd_label": q.fd_label, "fd": q.fd, "fd_floor": q.fd_floor, "fid": q.fid, "w2": q.w2,
                         "sample_solver": (self.sample_settings or {}).get("solver")})
         if tr is not None:
-            out["w2_ratio_max"] = max(w / f for w, f in zip(tr.w2[1:], tr.w2_floor[1:], strict=True))
+            out["w2_ratio_max"] = tr.w2_ratio_max
         return out
 
     def to_dict(self) -> dict:
@@ -223,7 +228,6 @@ def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig,
     NLL [n], NFE [n], wall seconds)."""
     import ray.data
     from ray.data import ActorPoolStrategy
-
 
     init_ray()
     files = tuple(manifest.shard_paths(cfg.split))
@@ -463,8 +467,7 @@ def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str) -> s
     tags = {"flowray.method": result.method, "flowray.checkpoint_step": str(result.checkpoint_step)}
     tr = result.transport
     if tr is not None:  # snapshot methods: W2 and its floor at every observed time, and the worst ratio
-        metrics = {"transport_nfe": tr.mean_nfe, "w2_ratio_max": max(
-            w / f for w, f in zip(tr.w2[1:], tr.w2_floor[1:], strict=True))}
+        metrics = {"transport_nfe": tr.mean_nfe, "w2_ratio_max": tr.w2_ratio_max}
         for k, (w, f) in enumerate(zip(tr.w2, tr.w2_floor, strict=True)):
             metrics.update({f"w2_t{k}": w, f"w2_floor_t{k}": f})
         tags["flowray.times"] = ",".join(str(t) for t in tr.times)

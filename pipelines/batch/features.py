@@ -143,7 +143,6 @@ def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: in
     import ray.data
     from ray.data import ActorPoolStrategy
 
-
     init_ray()
     # declared, so that Ray places actors by what they hold (and its memory detector has nothing to say)
     actors, memory = actor_pool(actors, cpus_per_actor, gpus_per_actor, feature_actor_bytes(net.kind, batch_size),

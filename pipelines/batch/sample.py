@@ -110,12 +110,13 @@ class Sampler:
     def write(self, block: int, ids: np.ndarray, seeds: list[int], y: torch.Tensor | None, x: torch.Tensor,
               nfe: int) -> None:
         """The block's shard, one object (or a temporary file renamed), in the sample-shard contract."""
-        payload = encode_rows(to_uint8(x), "image") if self.layout == "HWC" else encode_rows(x, "points")
+        images = to_uint8(x) if self.layout == "HWC" else None
+        payload = encode_rows(images, "image") if images is not None else encode_rows(x, "points")
         table = pa.table({"id": ids, "seed": seeds, "label": y.numpy() if y is not None else np.full(len(ids), -1),
                           "nfe": np.full(len(ids), nfe), "image": payload}, schema=SAMPLE_SCHEMA)
         storage.write_parquet(table, storage.join(self.out, shard_name(block)))
-        if self.cfg.write_png and self.layout == "HWC":
-            _write_pngs(to_uint8(x), ids, storage.join(self.out, "png"))
+        if self.cfg.write_png and images is not None:
+            _write_pngs(images, ids, storage.join(self.out, "png"))
 
     def _maybe_inject_fault(self, block: int) -> None:
         """Test hook: raise once when sampling reaches `sample.fail_at_block` (a marker makes it once per output)."""
@@ -190,7 +191,6 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> Samplin
     import ray
     from ray.data import ActorPoolStrategy
 
-
     meta = load_meta(checkpoint)  # fails clearly before Ray starts, as do unreadable or refused weights below
     validate_sample_config(cfg, meta["method"]["name"], meta["method"])
     if not load_model(checkpoint).method.draws_noise:
@@ -246,7 +246,6 @@ def log_sampling_run(result: SamplingResult, cfg: dict, uri: str) -> str:
     """An MLflow run nested under the training run: settings, NFE, throughput, a grid, the output location. Returns
     its id, also kept in `result.mlflow_run_id` and in the output's `_mlflow.json`."""
     import tempfile
-
 
     steps = "adaptive" if cfg["solver"] in ADAPTIVE_METHODS else f"{cfg['steps']} steps"
     run_id = start_child_run(uri, result.train_run_id, "sample", f"sample-{cfg['solver']}",

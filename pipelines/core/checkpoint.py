@@ -81,7 +81,6 @@ def check_files(directory: str | Path) -> None:
     starts, and the full load (`load_state`, weights_only=True) comes later."""
     import zipfile
 
-
     for name in ("model.pt", "ema.pt", "optimizer.pt", "scaler.pt"):
         path = storage.join(str(directory), name)
         if not storage.is_file(path):
@@ -98,7 +97,6 @@ def load_state(directory: str | Path, name: str) -> dict:
     """A state dict from <directory>/<name>.pt with weights_only=True; refused or unreadable files are said in
     words (CheckpointError naming the file)."""
     import pickle
-
 
     path = storage.join(str(directory), f"{name}.pt")
     if not storage.is_file(path):

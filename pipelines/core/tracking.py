@@ -3,6 +3,7 @@ sends in the background, so that a tracking outage neither crashes nor stalls a 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -62,7 +63,6 @@ def check_tracking_uri(uri: str, key: str = "mlflow.tracking_uri", timeout: floa
     import urllib.error
     import urllib.request
 
-
     parsed = urlparse(uri)
     scheme = parsed.scheme.split("+", 1)[0]
     if scheme and len(scheme) > 1 and scheme not in TRACKING_SCHEMES:
@@ -107,30 +107,39 @@ def get_or_create_experiment(client, name: str, uri: str) -> str:
                                     tags=EXPERIMENT_KIND)
 
 
-def source_tags(description: str | None = None) -> dict[str, str]:
-    """What MLflow's run page shows as the run's source: the command that ran it, the user, the project's git commit
-    (when the project is a git checkout) and a one-line description."""
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@functools.cache
+def _who_and_which_commit() -> dict[str, str]:
+    """The user and the project's git commit (when it is a git checkout): the same for every run of a process."""
     import getpass
     import subprocess
-    import sys
 
-    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
-    jobs_dir = Path(__file__).resolve().parents[2] / "jobs"
-    entry = f"python -m jobs.{argv0.stem}" if argv0.resolve().parent == jobs_dir else argv0.name
-    tags = {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL"}
+    tags = {}
     try:
         tags["mlflow.user"] = getpass.getuser()
     except Exception:  # no user name in this environment (some containers)
         pass
-    root = Path(__file__).resolve().parents[2]
-    if (root / ".git").exists():
+    if (PROJECT_ROOT / ".git").exists():
         try:
-            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    timeout=5).stdout.strip()
+            commit = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, timeout=5).stdout.strip()
             if len(commit) == 40:
                 tags["mlflow.source.git.commit"] = commit
         except (OSError, subprocess.SubprocessError):
             pass
+    return tags
+
+
+def source_tags(description: str | None = None) -> dict[str, str]:
+    """What MLflow's run page shows as the run's source: the command that ran it, the user, the project's git commit
+    (when the project is a git checkout) and a one-line description."""
+    import sys
+
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    entry = f"python -m jobs.{argv0.stem}" if argv0.resolve().parent == PROJECT_ROOT / "jobs" else argv0.name
+    tags = {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL", **_who_and_which_commit()}
     if description:
         tags["mlflow.note.content"] = description
     return tags

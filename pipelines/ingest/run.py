@@ -476,7 +476,6 @@ def _check_task_memory(s: Settings, listing: Listing, resolution: int | None) ->
 def _run_parts(listing: Listing, s: Settings, parallelism: int | None) -> list[dict]:
     import ray
 
-
     started = not ray.is_initialized()
     init_ray()
     try:
@@ -488,7 +487,6 @@ def _run_parts(listing: Listing, s: Settings, parallelism: int | None) -> list[d
 
 def _stream_parts(listing: Listing, s: Settings, parallelism: int | None) -> list[dict]:
     import ray.data
-
 
     need = s.task_memory(listing.encoded)
     offered = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
