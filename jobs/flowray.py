@@ -17,6 +17,8 @@ COMMANDS = {
                "flowray ingest --source fashion-mnist --out data/fashion-mnist"),
     "train": ("jobs.train", "Ray Train (DDP workers) on the shards, logged to MLflow",
               "flowray train --config configs/digits-cpu.yaml --set train.steps=600"),
+    "sweep": ("jobs.sweep", "a grid of training configs on Ray Tune (ASHA optional), nested MLflow runs",
+              "flowray sweep --config configs/digits-cpu.yaml --name lr --param optim.lr=2e-3,5e-4 --seeds 0,1"),
     "sample": ("jobs.sample", "samples from a checkpoint on an actor pool, one parquet shard per block",
                "flowray sample --checkpoint runs:/RUN_ID --num-samples 10000 --out outputs/samples/run"),
     "evaluate": ("jobs.evaluate", "bits/dim and sample quality (FID or FD, floor, KID, precision/recall)",

@@ -5,6 +5,7 @@ NFE-against-quality plot. Runs on points add their own columns where any has the
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -198,3 +199,67 @@ def versions_markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['version']} | {r['aliases']} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
     return "\n".join(lines)
+
+
+def sweep_trials(uri: str, parent_run_id: str, metric: str = "val_loss", mode: str = "min") -> list[dict]:
+    """The trials of a sweep (the MLflow runs nested under its run), best first by the best value of `metric` over
+    each trial's checkpoints: name, swept values, seed, outcome, steps trained, last loss, last and best metric."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], max_results=5000,
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    rows = []
+    for run in runs:
+        tags = run.data.tags
+        history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
+        losses = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+        values = [m.value for m in history]
+        best = (min if mode == "min" else max)(values) if values else None
+        rows.append({"trial": tags.get("mlflow.runName", run.info.run_id), **json.loads(tags.get(
+            "flowray.sweep.values", "{}")), "seed": tags.get("flowray.sweep.seed", ""),
+            "status": tags.get("flowray.sweep.status", run.info.status.lower()),
+            "steps": max([m.step for m in losses + history], default=0),
+            "loss": losses[-1].value if losses else None, metric: values[-1] if values else None,
+            f"best_{metric}": best, "run_id": run.info.run_id})
+    sign = 1 if mode == "min" else -1
+    return sorted(rows, key=lambda r: (r[f"best_{metric}"] is None, sign * (r[f"best_{metric}"] or 0.0)))
+
+
+def sweep_markdown(rows: list[dict]) -> str:
+    """A sweep's trials as a markdown table, its columns those of `sweep_trials` (numbers to 4 significant digits)."""
+    if not rows:
+        return "(no trials)"
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cell = lambda v: "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(uri: str, rows: list[dict], metric: str, path: str | Path) -> Path | None:
+    """`metric` against step for each trial of `sweep_trials` (dashed: a trial that did not finish)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = 0
+    for r in rows:
+        history = sorted(client.get_metric_history(r["run_id"], metric), key=lambda m: m.step)
+        if not history:
+            continue
+        ax.plot([m.step for m in history], [m.value for m in history], "o-" if r["status"] == "finished" else "o--",
+                label=f"{r['trial']} ({r['status']})")
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)

@@ -312,6 +312,16 @@ def check_writable(location: str, key: str) -> str:
     return location
 
 
+def ray_storage(root: str, key: str) -> dict:
+    """The storage arguments of a Ray Train or Tune `RunConfig` for `root`: a local folder by path; an object store
+    by its pyarrow file system and the path in it (the endpoint, region and timeouts above, which Ray then uses on
+    every worker)."""
+    if not is_uri(root):
+        return {"storage_path": root}
+    fs, path = resolve(root, key)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
 def describe(err: OSError) -> str:
     """The useful part of an AWS SDK error, in words a user acts on."""
     text = str(err)

@@ -288,6 +288,11 @@ class SafeLogger:
         self._put(_Record("end run", lambda c: c.set_terminated(self.run_id, status)))
         return self.close(timeout)
 
+    def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for what is queued now to be sent, and go on logging; True when it was."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not (self._queue or self._busy), timeout)
+
     def close(self, timeout: float = 60.0) -> bool:
         """Wait up to `timeout` s for the queue to be sent; what is left is counted as lost. True if none was."""
         deadline = time.monotonic() + timeout

@@ -97,6 +97,10 @@ class TrainConfig:
     precision: str = "auto"
     compile: bool = False  # torch.compile the training model (after the DDP wrapper; the checkpoint is unchanged)
     channels_last: bool = False  # NHWC memory format for the UNet and its batches (faster convolutions on GPUs)
+    # the EMA model's loss on this many fixed rows of val_split at every checkpoint (val_loss; 0: off), the metric a
+    # sweep's early stopping compares (pipelines.train.validation)
+    val_rows: int = 0
+    val_split: str = "test"
 
 
 @dataclass
@@ -208,6 +212,9 @@ def validate(cfg: Config) -> None:
            "or bf16 on CPU")
     check(not t.channels_last or m.name == "unet", "train.channels_last", t.channels_last,
            f"a memory format of image batches: it needs model.name=unet, not {m.name}")
+    check(t.val_rows >= 0, "train.val_rows", t.val_rows, "must be >= 0 (0: no validation loss)")
+    check(t.val_rows == 0 or METHODS[meth.name].prediction != "action", "train.val_rows", t.val_rows,
+           f"{meth.name}'s loss differentiates the model, which the validation loss (no gradients) cannot: set 0")
     check(r.num_workers >= 1, "ray.num_workers", r.num_workers, "must be >= 1")
     check(t.fail_at_step is None or 0 <= t.fail_rank < r.num_workers, "train.fail_rank", t.fail_rank,
            f"must be a worker rank in [0, {r.num_workers - 1}]")
@@ -242,6 +249,9 @@ def check_data(cfg: Config):
     if cfg.model.class_conditional:
         check(manifest.raw.get("labelled", True) and manifest.data.num_classes > 0, "model.class_conditional",
                True, f"{cfg.data.shards} was ingested unlabelled (no classes to condition on)")
+    if cfg.train.val_rows:
+        check(cfg.train.val_split in manifest.splits, "train.val_split", cfg.train.val_split,
+               f"splits in {cfg.data.shards}: {', '.join(manifest.splits)}")
     count = manifest.count(cfg.data.split)
     check(count >= cfg.train.batch_size * cfg.ray.num_workers, "train.batch_size", cfg.train.batch_size,
            f"the {cfg.data.split} split has {count} rows, fewer than batch_size x num_workers")

@@ -5,6 +5,7 @@ workers' loop is `pipelines.train.worker`."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,12 +27,16 @@ from pipelines.train.config import Config, check_data, model_kwargs
 from pipelines.train.metrics import WINDOWS, CheckpointedMetrics, replay_windows
 from pipelines.train.resume import check_resumable
 from pipelines.train.stream import stream_spec
+from pipelines.train.validation import validation_set
 from pipelines.train.worker import TrainJob, train_loop_per_worker
 
 
-def run_training(cfg: Config, manifest: Manifest | None = None) -> dict:
+def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, str] | None = None,
+                 callbacks: Sequence = ()) -> dict:
     """Train per the config; returns the job's key results (run id, checkpoint path, final metrics). `manifest`: the
-    data's manifest as `check_data(cfg)` returned it, when the caller has checked it already."""
+    data's manifest as `check_data(cfg)` returned it, when the caller has checked it already. `tags`: more tags of a
+    new MLflow run (`mlflow.parentRunId` nests it under a sweep's run); `callbacks`: more Ray Train `UserCallback`s
+    on the controller (a sweep's report to Ray Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -47,8 +52,8 @@ def run_training(cfg: Config, manifest: Manifest | None = None) -> dict:
     meta = _resume_meta(previous)
     if meta is not None:  # before MLflow or Ray is touched: a refused attempt changes nothing
         check_resumable(cfg, manifest.data, meta, run_dir)
-    tags = {"flowray.kind": "train", "flowray.method": cfg.method.name, "flowray.data": manifest.data.source,
-            "flowray.storage": run_dir,
+    tags = {**(tags or {}), "flowray.kind": "train", "flowray.method": cfg.method.name,
+            "flowray.data": manifest.data.source, "flowray.storage": run_dir,
             "mlflow.note.content": f"{cfg.method.name} on {manifest.data.name}/{cfg.data.split}, {cfg.train.steps} "
                                    f"steps of {cfg.train.batch_size} x {cfg.ray.num_workers} workers"}
     run_id, resumed, done, replay_after = _open_run(cfg, uri, tags, meta, exists)
@@ -66,19 +71,22 @@ def run_training(cfg: Config, manifest: Manifest | None = None) -> dict:
     if resumed and previous is not None:
         replay_windows(uri, run_id, previous, after_step=replay_after)
     kwargs = model_kwargs(cfg, manifest.data)
+    labels = "data" if manifest.data.times else "classes" if kwargs.get("num_classes") else "none"
     job = TrainJob(cfg, kwargs, manifest.data, uri, run_id,
                    storage.join(run_dir, f".fault_injected_step_{cfg.train.fail_at_step}"),
-                   stream_spec(cfg, manifest, kwargs, _pair_tasks(cfg)), is_verbose())
+                   stream_spec(cfg, manifest, kwargs, _pair_tasks(cfg)), is_verbose(),
+                   validation_set(manifest, cfg.train.val_split, cfg.train.val_rows, labels))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=_resources(cfg)),
-        run_config=RunConfig(name=cfg.train.run_name, **_storage_args(root),
+        run_config=RunConfig(name=cfg.train.run_name, **storage.ray_storage(root, "train.storage_path"),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-                             callbacks=[CheckpointedMetrics(uri, run_id, cfg.train.steps,
-                                                            cfg.mlflow.flush_timeout_s)],
+                             # a callback after it may stop the run: each checkpoint's windows are sent first
+                             callbacks=[CheckpointedMetrics(uri, run_id, cfg.train.steps, cfg.mlflow.flush_timeout_s,
+                                                            drain_s=30.0 if callbacks else 0.0), *callbacks],
                              logging_config=train_logging_config()),
     )
     stage(f"training {cfg.method.name} for {cfg.train.steps} steps on {cfg.ray.num_workers} worker(s) "
@@ -118,15 +126,6 @@ def _kept(run_dir: str, run_id: str) -> str:
     with previous.checkpoint.as_directory() as local:
         step = load_meta(local)["step"]
     return f"the last checkpoint is step {step} in {run_dir} (MLflow run {run_id} is KILLED)"
-
-
-def _storage_args(root: str) -> dict:
-    """RunConfig's storage: a local folder by path; an object store by its pyarrow file system and the path in it
-    (the endpoint, region and timeouts of `pipelines.core.storage`, which Ray Train then uses on every worker)."""
-    if not storage.is_uri(root):
-        return {"storage_path": root}
-    fs, path = storage.resolve(root, "train.storage_path")
-    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def _registered_checkpoints(run_dir: str):

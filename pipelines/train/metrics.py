@@ -29,10 +29,13 @@ def quick_http_failures() -> None:
 
 class CheckpointedMetrics(UserCallback):
     """On the Ray Train controller: send the logging windows of each registered checkpoint to the MLflow run; at
-    the last step, the run's final counters, then wait up to `flush_timeout_s` for what an outage queued."""
+    the last step, the run's final counters, then wait up to `flush_timeout_s` for what an outage queued. With
+    `drain_s`, each checkpoint's windows are sent (or `drain_s` passes) before the callbacks after this one run: one
+    of them may end the run (a sweep's scheduler stopping a trial), which would lose what is still queued."""
 
-    def __init__(self, uri: str, run_id: str, steps: int, flush_timeout_s: float):
+    def __init__(self, uri: str, run_id: str, steps: int, flush_timeout_s: float, drain_s: float = 0.0):
         self.uri, self.run_id, self.steps, self.flush_timeout_s = uri, run_id, steps, flush_timeout_s
+        self.drain_s = drain_s
         self._logger: SafeLogger | None = None
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
@@ -44,6 +47,8 @@ class CheckpointedMetrics(UserCallback):
         for step, values in metrics[0].get(WINDOWS, []):
             self._logger.metrics(values, step)
         step = metrics[0].get("step")
+        if self.drain_s and step != self.steps:
+            self._logger.drain(self.drain_s)
         if step == self.steps:
             self._logger.metrics({"final_step": step, "tracking_lost_points": self._logger.lost_points,
                                   "tracking_failures": self._logger.failures}, step)

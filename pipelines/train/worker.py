@@ -34,6 +34,7 @@ from pipelines.core.tracking import SafeLogger, system_metrics
 from pipelines.train.config import Config, method_kwargs
 from pipelines.train.metrics import WINDOWS, quick_http_failures
 from pipelines.train.stream import DROPOUT_STREAM, StreamSpec, iter_pairs
+from pipelines.train.validation import ValidationSet, validation_loss
 
 
 class TrainingError(RuntimeError):
@@ -54,6 +55,7 @@ class TrainJob:
     fault_marker: str
     stream: StreamSpec
     verbose: bool = False
+    validation: ValidationSet | None = None  # train.val_rows held-out rows, scored at every checkpoint
 
 
 @dataclass
@@ -274,6 +276,9 @@ def _report(job: TrainJob, state: WorkerState) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if state.rank == 0:
+            if job.validation is not None:  # in the report (a sweep's scheduler reads it) and in MLflow at this step
+                metrics["val_loss"] = validation_loss(state.method, state.ema.module, job.validation, state.device)
+                state.pending.append((state.step, {"val_loss": metrics["val_loss"]}))
             _save(job, state, tmp)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
             metrics[WINDOWS] = state.pending
