@@ -4,6 +4,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from pipeline_helpers import free_port, kill_tree, start_mlflow_server, tiny_config
 
@@ -11,6 +12,7 @@ from pipelines.core.checkpoint import CheckpointError, load_meta, load_model
 from pipelines.core.errors import ConfigError
 from pipelines.ingest.run import ingest, load_manifest
 from pipelines.train.driver import run_training
+from pipelines.train.validation import validation_loss, validation_set
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -52,12 +54,20 @@ def _snapshot(client, run_id) -> dict:
 
 def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_local):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    res = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=8"))
+    res = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=8",
+                                   "train.val_rows=40"))
     assert res["metrics"]["step"] == 8 and not res["resumed"]
     loaded = load_model(res["checkpoint"])
     assert loaded.step == 8 and loaded.meta["model"]["kwargs"]["model_channels"] == 8
     client = MlflowClient(uri)
     run = client.get_run(res["run_id"])
+    # the validation loss at each checkpoint is the EMA model's loss on the fixed held-out rows, recomputed here
+    # from the checkpoint alone (float32 kernels of another thread count: a relative 1e-4)
+    assert [s for s, _ in _history(client, res["run_id"], "val_loss")] == [4, 8]
+    held_out = validation_set(load_manifest(digits), "test", 40, "none")
+    assert res["metrics"]["val_loss"] == pytest.approx(
+        validation_loss(loaded.method, loaded.model, held_out, torch.device("cpu")), rel=1e-4)
+    assert _history(client, res["run_id"], "val_loss")[-1][1] == pytest.approx(res["metrics"]["val_loss"])
     assert run.data.params["method.name"] == "fm_ot" and run.data.params["ray.num_workers"] == "2"
     assert [s for s, _ in _history(client, res["run_id"], "loss")] == [4, 8]
     for key in ("grad_norm", "lr", "images_per_s", "data_wait_fraction", "ot_solve_s"):
@@ -115,7 +125,6 @@ def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_local):
 
 
 def test_injected_worker_failure_resumes_to_the_target_step(digits, tmp_path, ray_local):
-    import torch
 
     from pipelines.core.checkpoint import load_state
 
@@ -144,7 +153,6 @@ def test_injected_worker_failure_resumes_to_the_target_step(digits, tmp_path, ra
 
 def _tensors(state, prefix="") -> dict:
     """Every tensor of a (nested) state dict by its path."""
-    import torch
 
     if isinstance(state, torch.Tensor):
         return {prefix: state}
@@ -156,7 +164,6 @@ def _tensors(state, prefix="") -> dict:
 def test_bf16_autocast_and_channels_last_train_and_checkpoint(digits, tmp_path, ray_local):
     """train.precision=bf16 (CPU autocast) with NHWC batches: finite losses, and a checkpoint in fp32 that
     rebuilds the model (the memory format is not part of the weights)."""
-    import torch
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     res = run_training(tiny_config(digits, tmp_path / "runs", uri, "bf16", "train.steps=4", "train.sample_every=0",
@@ -179,7 +186,6 @@ def mlflow_server(tmp_path):
 @pytest.mark.heavy  # about 90 s with its server: in `make heavy`, so that `make test` stays under 20 minutes
 def test_logging_to_a_real_mlflow_server(digits, tmp_path, ray_local, mlflow_server):
     import mlflow
-    import torch
 
     from jobs.sample import main as sample_main
     from pipelines.core.checkpoint import CheckpointError
