@@ -19,6 +19,8 @@ def add_common(p: argparse.ArgumentParser, tracking: bool = True, overrides: boo
         p.add_argument("--tracking-uri", default=None,
                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
         p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
+        p.add_argument("--no-system-metrics", action="store_true",
+                       help="no MLflow system metrics (CPU, memory, disk, network, GPU) in the job's run")
 
 
 def tracking_and_checkpoint(args: argparse.Namespace) -> tuple[str, str]:

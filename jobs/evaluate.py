@@ -37,15 +37,17 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _evaluate(a) -> dict:
     from pipelines.batch.config import EvalConfig, validate_eval_config
-    from pipelines.batch.evaluate import log_evaluation_run, run_evaluation
+    from pipelines.batch.evaluate import log_evaluation_run, open_evaluation_run, run_evaluation
     from pipelines.core.settings import apply_overrides
-    from pipelines.core.tracking import tag_model_version
+    from pipelines.core.tracking import monitored_run, tag_model_version
 
     cfg = EvalConfig()
     apply_overrides(cfg, "eval", a.overrides)
     validate_eval_config(cfg)
     uri, checkpoint = tracking_and_checkpoint(a)
-    result = run_evaluation(checkpoint, a.data, a.samples, cfg)
+    run_id = None if a.no_mlflow else open_evaluation_run(uri, checkpoint)
+    with monitored_run(uri, run_id, not a.no_system_metrics):
+        result = run_evaluation(checkpoint, a.data, a.samples, cfg)
     tr, lik, q = result.transport, result.likelihood, result.quality
     if tr is not None:
         for t, w, f in zip(tr.times, tr.w2, tr.w2_floor, strict=True):
@@ -67,7 +69,7 @@ def _evaluate(a) -> dict:
     elif q is not None:
         print(f"W2 to fresh data: {q.w2:.4f}")
     if not a.no_mlflow:
-        log_evaluation_run(result, cfg, uri)
+        log_evaluation_run(result, cfg, uri, run_id)
         version = tag_model_version(uri, a.checkpoint, result.headline())  # a registry version: its latest scores
         if version:
             print(f"tagged model version {version} with this evaluation")

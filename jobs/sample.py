@@ -31,16 +31,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _sample(a) -> dict:
     from pipelines.batch.config import SampleConfig, validate_sample_config
-    from pipelines.batch.sample import log_sampling_run, run_sampling
+    from pipelines.batch.sample import log_sampling_run, open_sampling_run, run_sampling
     from pipelines.core.settings import apply_overrides
+    from pipelines.core.tracking import monitored_run
 
     cfg = SampleConfig(num_samples=a.num_samples)
     apply_overrides(cfg, "sample", a.overrides)
     validate_sample_config(cfg)
     uri, checkpoint = tracking_and_checkpoint(a)
-    result = run_sampling(checkpoint, a.out, cfg)
-    if not a.no_mlflow:
-        log_sampling_run(result, asdict(cfg), uri)
+    run_id = None if a.no_mlflow else open_sampling_run(uri, checkpoint, asdict(cfg))
+    with monitored_run(uri, run_id, not a.no_system_metrics):
+        result = run_sampling(checkpoint, a.out, cfg)
+    if run_id:
+        log_sampling_run(result, asdict(cfg), uri, run_id)
     print(json.dumps(result.to_dict()))
     return result.to_dict()
 

@@ -8,12 +8,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipelines.batch.config import EvalConfig, SampleConfig
-from pipelines.batch.evaluate import EvaluationResult, log_evaluation_run, run_evaluation, sample_quality
-from pipelines.batch.sample import log_sampling_run, run_sampling
+from pipelines.batch.evaluate import (
+    EvaluationResult,
+    log_evaluation_run,
+    open_evaluation_run,
+    run_evaluation,
+    sample_quality,
+)
+from pipelines.batch.sample import log_sampling_run, open_sampling_run, run_sampling
 from pipelines.batch.samples import SamplingResult
 from pipelines.core import storage
 from pipelines.core.manifest import MANIFEST, Manifest
 from pipelines.core.runtime import stage
+from pipelines.core.tracking import monitored_run
 from pipelines.ingest.run import ingest
 from pipelines.train.config import Config, check_data
 from pipelines.train.driver import run_training
@@ -50,20 +57,25 @@ class SolveRecord:
 
 
 def sample_and_evaluate(trained: dict, manifest: Manifest, solves: list[SampleConfig], ecfg: EvalConfig,
-                        samples_root: str | Path) -> list[SolveRecord]:
+                        samples_root: str | Path, system_metrics: bool = True) -> list[SolveRecord]:
     """For a trained model (a `run_training` result) on the data of `manifest`: sample with every sampler into
-    samples_root/<tag>, and evaluate: bits/dim once (with the first sampler's run), sample quality for each."""
+    samples_root/<tag>, and evaluate: bits/dim once (with the first sampler's run), sample quality for each. Each
+    stage's MLflow run holds its system metrics (`system_metrics`)."""
     uri, ckpt = trained["tracking_uri"], trained["checkpoint"]
     records, first = [], None
     for scfg in solves:
         start = time.perf_counter()
-        samples = run_sampling(ckpt, Path(samples_root) / solver_tag(scfg), scfg)
-        log_sampling_run(samples, asdict(scfg), uri)
-        if first is None:
-            ev = first = run_evaluation(ckpt, manifest, samples.out, ecfg)
-        else:  # the likelihood does not depend on the sampler: reuse it, measure quality only
-            ev = first.with_samples(sample_quality(manifest, samples.out, ecfg), samples.out)
-        log_evaluation_run(ev, ecfg, uri)
+        run_id = open_sampling_run(uri, ckpt, asdict(scfg))
+        with monitored_run(uri, run_id, system_metrics):
+            samples = run_sampling(ckpt, Path(samples_root) / solver_tag(scfg), scfg)
+        log_sampling_run(samples, asdict(scfg), uri, run_id)
+        run_id = open_evaluation_run(uri, ckpt)
+        with monitored_run(uri, run_id, system_metrics):
+            if first is None:
+                ev = first = run_evaluation(ckpt, manifest, samples.out, ecfg)
+            else:  # the likelihood does not depend on the sampler: reuse it, measure quality only
+                ev = first.with_samples(sample_quality(manifest, samples.out, ecfg), samples.out)
+        log_evaluation_run(ev, ecfg, uri, run_id)
         records.append(SolveRecord(solver_tag(scfg), samples, ev, round(time.perf_counter() - start, 1)))
     return records
 
@@ -75,4 +87,5 @@ def train_sample_evaluate(cfg: Config, solves: list[SampleConfig], ecfg: EvalCon
     manifest = check_data(cfg)
     trained = run_training(cfg, manifest)
     return {"train": trained, "solves": sample_and_evaluate(trained, manifest, solves, ecfg,
-                                                            Path(samples_root) / trained["run_id"])}
+                                                            Path(samples_root) / trained["run_id"],
+                                                            cfg.mlflow.system_metrics)}

@@ -452,14 +452,21 @@ def run_evaluation(checkpoint: str, shards: str | Manifest, samples: str | None,
     return result.with_samples(sample_quality(manifest, samples, cfg), samples)
 
 
-def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str) -> str:
-    """An MLflow run nested under the training run: the evaluation settings, every figure as a metric, and what they
-    were measured on as tags. Returns its id, also kept in `result.mlflow_run_id`."""
+def open_evaluation_run(uri: str, checkpoint: str) -> str:
+    """The evaluation run, nested under the checkpoint's training run, opened before the stages run (so that their
+    system metrics land in it); `log_evaluation_run` fills it."""
+    meta = load_meta(checkpoint)
+    return start_child_run(uri, meta.get("mlflow_run_id"), "evaluate", "evaluate",
+                           description=f"evaluation of {meta['method']['name']} at step {meta['step']}")
+
+
+def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str, run_id: str) -> str:
+    """Fill the evaluation run (`open_evaluation_run`): the evaluation settings, every figure as a metric, and what
+    they were measured on as tags. Returns its id, also kept in `result.mlflow_run_id`."""
     what = "transport W2" if result.transport else "likelihood" + (" and sample quality" if result.quality else "")
-    run_id = start_child_run(uri, result.train_run_id, "evaluate", "evaluate",
-                             description=f"{what} of {result.method} at step {result.checkpoint_step}")
     result.mlflow_run_id = run_id
     log = SafeLogger(uri, run_id)
+    log.tags({"mlflow.note.content": f"{what} of {result.method} at step {result.checkpoint_step}"})
     log.params({f"eval.{k}": v for k, v in asdict(cfg).items()})
     read = [result.split_dataset] if result.split_dataset else []
     read += result.quality.datasets if result.quality else []

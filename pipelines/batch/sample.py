@@ -242,14 +242,19 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> Samplin
                           samples_per_actor_s=made / busy if busy else None, train_run_id=meta.get("mlflow_run_id"))
 
 
-def log_sampling_run(result: SamplingResult, cfg: dict, uri: str) -> str:
-    """An MLflow run nested under the training run: settings, NFE, throughput, a grid, the output location. Returns
+def open_sampling_run(uri: str, checkpoint: str, cfg: dict) -> str:
+    """The sampling run, nested under the checkpoint's training run, opened before the samples are drawn (so that
+    the stage's system metrics land in it); `log_sampling_run` fills it."""
+    steps = "adaptive" if cfg["solver"] in ADAPTIVE_METHODS else f"{cfg['steps']} steps"
+    return start_child_run(uri, load_meta(checkpoint).get("mlflow_run_id"), "sample", f"sample-{cfg['solver']}",
+                           description=f"{cfg['num_samples']} samples, {cfg['solver']} ({steps})")
+
+
+def log_sampling_run(result: SamplingResult, cfg: dict, uri: str, run_id: str) -> str:
+    """Fill the sampling run (`open_sampling_run`): settings, NFE, throughput, a grid, the output location. Returns
     its id, also kept in `result.mlflow_run_id` and in the output's `_mlflow.json`."""
     import tempfile
 
-    steps = "adaptive" if cfg["solver"] in ADAPTIVE_METHODS else f"{cfg['steps']} steps"
-    run_id = start_child_run(uri, result.train_run_id, "sample", f"sample-{cfg['solver']}",
-                             description=f"{result.num_samples} samples, {cfg['solver']} ({steps})")
     log = SafeLogger(uri, run_id)
     log.params({f"sample.{k}": v for k, v in cfg.items()})
     metrics = {"mean_nfe": result.mean_nfe, "max_nfe": result.max_nfe, "samples_per_s": result.samples_per_s,

@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pipelines.core.checkpoint import META, CheckpointError, load_model
-from pipelines.core.errors import ConfigError
+from pipelines.core.errors import ConfigError, JobStopped
 
 log = logging.getLogger(__name__)
 
@@ -578,3 +578,27 @@ def system_metrics(uri: str, run_id: str | None, enabled: bool = True, node_id: 
     finally:
         if monitor is not None:
             monitor.finish()
+
+
+@contextmanager
+def monitored_run(uri: str, run_id: str | None, system: bool = True):
+    """A batch stage's MLflow run while the stage runs: the system metrics of this node (the driver's; `system`),
+    and its end when the stage does not finish: KILLED when stopped by a signal, FAILED on an error, and deleted
+    when the input was refused before any work (a refused attempt leaves no run behind). None: nothing to do."""
+    if run_id is None:
+        yield
+        return
+    try:
+        with system_metrics(uri, run_id, system):
+            yield
+    except ConfigError:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(uri).delete_run(run_id)
+        raise
+    except JobStopped:
+        SafeLogger(uri, run_id).finish("KILLED")
+        raise
+    except BaseException:
+        SafeLogger(uri, run_id).finish("FAILED")
+        raise

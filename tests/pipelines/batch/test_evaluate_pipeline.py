@@ -13,7 +13,13 @@ from mlflow.tracking import MlflowClient
 from fm.ema import EMA
 from fm.models import GaussianOTFlow
 from pipelines.batch.config import EvalConfig
-from pipelines.batch.evaluate import EvaluationError, log_evaluation_run, run_evaluation, sample_quality
+from pipelines.batch.evaluate import (
+    EvaluationError,
+    log_evaluation_run,
+    open_evaluation_run,
+    run_evaluation,
+    sample_quality,
+)
 from pipelines.batch.samples import SAMPLE_SCHEMA, SETTINGS, SamplingError
 from pipelines.core.checkpoint import save_checkpoint
 from pipelines.core.errors import ConfigError
@@ -48,7 +54,7 @@ def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local
     assert res.mean == pytest.approx(exact, abs=5e-3)
     # the evaluation run in MLflow: its figures, and the split it read as its dataset input (lineage)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run = MlflowClient(uri).get_run(log_evaluation_run(evaluated, cfg, uri))
+    run = MlflowClient(uri).get_run(log_evaluation_run(evaluated, cfg, uri, open_evaluation_run(uri, str(ckpt))))
     assert run.data.metrics["bpd"] == pytest.approx(res.mean) and evaluated.mlflow_run_id == run.info.run_id
     (read,) = run.inputs.dataset_inputs
     assert (read.dataset.name, read.dataset.digest) == ("npz/test", load_manifest(tmp_path / "data").digest("test"))

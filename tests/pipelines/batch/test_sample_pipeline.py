@@ -69,7 +69,7 @@ def test_bit_identical_across_actors_and_batch_sizes_and_resume(tmp_path, ray_lo
 
 
 def test_sde_sampler_and_mlflow_lineage(tmp_path, ray_local):
-    from pipelines.batch.sample import log_sampling_run
+    from pipelines.batch.sample import log_sampling_run, open_sampling_run
     from pipelines.core.tracking import find_or_create_run
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
@@ -80,13 +80,40 @@ def test_sde_sampler_and_mlflow_lineage(tmp_path, ray_local):
     assert res.mean_nfe == 5 and res.train_run_id == train_run
     from dataclasses import asdict
 
-    run_id = log_sampling_run(res, asdict(cfg), uri)
+    run_id = log_sampling_run(res, asdict(cfg), uri, open_sampling_run(uri, str(ckpt), asdict(cfg)))
     run = MlflowClient(uri).get_run(run_id)
     assert run.data.tags["flowray.train_run_id"] == train_run
     assert run.data.tags["mlflow.parentRunId"] == train_run
     assert run.data.params["sample.solver"] == "sde" and run.data.metrics["mean_nfe"] == 5
     assert run.data.tags["flowray.samples_dir"] == str((tmp_path / "s").resolve())
     assert [a.path for a in MlflowClient(uri).list_artifacts(run_id)] == ["samples.png"]
+
+
+def test_the_sampling_job_logs_system_metrics_and_a_refused_one_leaves_no_run(tmp_path, ray_local, monkeypatch):
+    """`flowray sample`'s run is opened before the stage, so MLflow's system metrics of the stage land in it (every
+    second here); a request refused inside the stage (a block too large for memory) ends the job with status 2 and
+    deletes the run it had opened."""
+    from jobs.sample import main
+    from pipelines.core.tracking import find_or_create_run
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    train_run, _ = find_or_create_run(uri, "sysmetrics", "train-run")
+    ckpt = make_checkpoint(tmp_path / "ckpt", run_id=train_run)
+    result = main(["--checkpoint", str(ckpt), "--num-samples", "64", "--out", str(tmp_path / "s"),
+                   "--tracking-uri", uri, "--set", "sample.solver=dopri5", "--set", "sample.block_size=16"])
+    client = MlflowClient(uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == train_run
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    exp = run.info.experiment_id
+    before = {r.info.run_id for r in client.search_runs([exp])}
+    with pytest.raises(SystemExit) as stop:
+        main(["--checkpoint", str(ckpt), "--num-samples", "64", "--out", str(tmp_path / "big"), "--tracking-uri", uri,
+              "--set", "sample.block_size=100000000"])
+    assert stop.value.code == 2
+    assert {r.info.run_id for r in client.search_runs([exp])} == before
 
 
 def test_sample_cli_errors(tmp_path, capsys):
