@@ -27,7 +27,15 @@ from pipelines.core import storage
 from pipelines.core.errors import ConfigError, JobStopped
 from pipelines.core.runtime import init_ray, interruptible, stage
 from pipelines.core.settings import check
-from pipelines.core.tracking import SafeLogger, check_tracking_uri, find_or_create_run, find_run, tracking_uri
+from pipelines.core.tracking import (
+    SafeLogger,
+    check_tracking_uri,
+    find_or_create_run,
+    find_run,
+    source_tags,
+    tracking_uri,
+    ui_hint,
+)
 from pipelines.train.config import Config, check_data, load_config
 from pipelines.train.driver import run_training
 
@@ -229,7 +237,8 @@ def _tuner(p: Plan, parent: str):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, configs=p.configs, parent=parent), {"cpu": TRIAL_CPUS})
+        tune.with_parameters(_run_trial, configs=p.configs, parent=parent, source=source_tags()),
+        {"cpu": TRIAL_CPUS})
     tune_dir = storage.join(p.root, "tune")
     if tune.Tuner.can_restore(tune_dir):
         stage(f"restoring sweep {p.spec.name} from {tune_dir}")
@@ -264,13 +273,14 @@ def _trial_name(trial) -> str:
     return trial.config["trial"]["name"]
 
 
-def _run_trial(config: dict, configs: dict[str, Config], parent: str) -> None:
+def _run_trial(config: dict, configs: dict[str, Config], parent: str, source: dict[str, str]) -> None:
     """A Tune trial: one Ray Train run of the trial's config (resolved by the sweep's driver), nested under the sweep's
-    MLflow run, whose controller sends each checkpoint's metrics to Tune."""
+    MLflow run, whose controller sends each checkpoint's metrics to Tune. `source`: the driver's source tags (the
+    sweep's command, user and commit; this process is a Ray worker)."""
     trial = Trial(**config["trial"])
     cfg = configs[trial.name]
-    tags = {"mlflow.parentRunId": parent, "flowray.sweep": parent, "flowray.sweep.values": json.dumps(trial.values),
-            "flowray.sweep.seed": str(trial.seed)}
+    tags = {**source, "mlflow.parentRunId": parent, "flowray.sweep": parent,
+            "flowray.sweep.values": json.dumps(trial.values), "flowray.sweep.seed": str(trial.seed)}
     result = run_training(cfg, check_data(cfg), tags=tags, callbacks=[_report_to_tune()])
     if result.get("already_finished"):  # a restored sweep whose state missed this trial's end: report that end
         from ray import tune
@@ -341,6 +351,7 @@ def _finish(p: Plan, parent: str, statuses: dict[str, str]) -> dict:
         log.finish("FAILED" if statuses and failed == len(statuses) else "FINISHED")
     stage(f"sweep {spec.name}: {sum(s == 'finished' for s in statuses.values())} finished, "
           f"{sum(s.startswith('stopped') for s in statuses.values())} stopped early, {failed} failed")
+    stage(ui_hint(p.uri, parent))
     return {"sweep": spec.name, "parent_run_id": parent, "experiment": p.base.mlflow.experiment,
             "tracking_uri": p.uri, "storage": p.root, "trials": rows, "statuses": statuses,
             "table": f"runs:/{parent}/trials.md"}

@@ -37,6 +37,25 @@ def tracking_uri(configured: str | None = None) -> str:
     return f"sqlite:///{store}"
 
 
+def ui_link(uri: str, run_id: str) -> str:
+    """Where MLflow's UI shows a run: on the tracking server for an HTTP URI, else on `mlflow ui` at its default
+    address over the same store. The query selects the model-training view: MLflow 3's UI takes the view from the
+    link's `workflowType`, else from the browser's last choice (GenAI at first), whatever the experiment's kind."""
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+
+
+def ui_hint(uri: str, run_id: str) -> str:
+    """One console line saying where to see a run in MLflow's UI (with the command that serves a local store)."""
+    link = ui_link(uri, run_id)
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow: {link}"
+    return f"MLflow: {link} (after `mlflow ui --backend-store-uri {uri}`)"
+
+
 def artifact_root(uri: str) -> str | None:
     """Absolute artifact location for file-backed stores; None (server default) for HTTP tracking.
 

@@ -22,6 +22,7 @@ from pipelines.core.tracking import (
     find_run,
     log_final_model,
     tracking_uri,
+    ui_hint,
 )
 from pipelines.train.config import Config, check_data, model_kwargs
 from pipelines.train.metrics import WINDOWS, CheckpointedMetrics, replay_windows
@@ -110,6 +111,7 @@ def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, 
     logger.tags({f"flowray.{k}": v for k, v in model.items() if v})  # what a rerun of a finished run returns
     logger.finish("FINISHED")
     stage(f"training finished in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")
+    stage(ui_hint(uri, run_id))
     return {
         "run_id": run_id, "experiment": cfg.mlflow.experiment, "tracking_uri": uri, "resumed": resumed,
         "checkpoint": ckpt, "run_dir": str(run_dir), "metrics": _plain(result.metrics or {}),
