@@ -45,9 +45,10 @@ def _train(a) -> dict | None:
     manifest = check_data(cfg)  # data errors before Ray starts (shard footers and row counts are always checked)
     if a.verify:
         manifest.verify()
+    from pipelines.chain import quality_callbacks
     from pipelines.train.driver import run_training
 
-    result = run_training(cfg, manifest)
+    result = run_training(cfg, manifest, callbacks=quality_callbacks(cfg, manifest))
     print(json.dumps(result))
     return result
 

@@ -3,11 +3,16 @@ bits/dim once per model and sample quality for every sampler, each stage logged 
 
 from __future__ import annotations
 
+import math
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipelines.batch.config import EvalConfig, SampleConfig
+from ray.train import UserCallback
+
+from pipelines.batch.config import EvalConfig, SampleConfig, validate_eval_config, validate_sample_config
 from pipelines.batch.evaluate import (
     EvaluationResult,
     log_evaluation_run,
@@ -18,9 +23,10 @@ from pipelines.batch.evaluate import (
 from pipelines.batch.sample import log_sampling_run, open_sampling_run, run_sampling
 from pipelines.batch.samples import SamplingResult
 from pipelines.core import storage
+from pipelines.core.checkpoint import load_meta
 from pipelines.core.manifest import MANIFEST, Manifest
 from pipelines.core.runtime import stage
-from pipelines.core.tracking import monitored_run
+from pipelines.core.tracking import SafeLogger, monitored_run, tracking_uri
 from pipelines.ingest.run import ingest
 from pipelines.train.config import Config, check_data
 from pipelines.train.driver import run_training
@@ -85,7 +91,81 @@ def train_sample_evaluate(cfg: Config, solves: list[SampleConfig], ecfg: EvalCon
     """Train per `cfg`, then `sample_and_evaluate` the final model; returns {"train": the `run_training` result,
     "solves": [SolveRecord, ...]}. The manifest is read (and checked against the config) once."""
     manifest = check_data(cfg)
-    trained = run_training(cfg, manifest)
+    trained = run_training(cfg, manifest, callbacks=quality_callbacks(cfg, manifest))
     return {"train": trained, "solves": sample_and_evaluate(trained, manifest, solves, ecfg,
                                                             Path(samples_root) / trained["run_id"],
                                                             cfg.mlflow.system_metrics)}
+
+
+# --- sample quality while training -------------------------------------------------------------------------------
+
+
+def quality_configs(cfg: Config) -> tuple[SampleConfig, EvalConfig]:
+    """The sampling and evaluation settings of `train.eval_*`: those of `flowray sample --num-samples
+    train.eval_samples --set sample.solver=... ` and `flowray evaluate --set eval.max_images=train.eval_rows`, one
+    actor each (the stages share the cluster with the trainers)."""
+    t = cfg.train
+    return (SampleConfig(num_samples=t.eval_samples, solver=t.eval_solver, steps=t.eval_steps, actors=1),
+            EvalConfig(max_images=t.eval_rows, actors=1))
+
+
+def quality_callbacks(cfg: Config, manifest: Manifest) -> list:
+    """The Ray Train callbacks that score a training run's checkpoints while it trains (`train.eval_every`), checked
+    before Ray starts; none when it is 0."""
+    if not cfg.train.eval_every:
+        return []
+    scfg, ecfg = quality_configs(cfg)
+    validate_sample_config(scfg, cfg.method.name)
+    validate_eval_config(ecfg)
+    manifest.check_split(ecfg.split, "train.eval_rows (the test split)")
+    return [QualityWhileTraining(cfg, manifest, tracking_uri(cfg.mlflow.tracking_uri))]
+
+
+def score_checkpoint(checkpoint: str, manifest: Manifest, scfg: SampleConfig, ecfg: EvalConfig, uri: str) -> dict:
+    """Sample and evaluate one checkpoint of a training run (a local copy: Ray Train may delete the original when
+    later ones are registered) and log the figures to the training run at the checkpoint's step, as `eval/...`.
+    Returns them."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # the training's console is the trainers' lines
+    with storage.local_copy(checkpoint) as remote_or_local, tempfile.TemporaryDirectory(prefix="flowray-q-") as tmp:
+        local = shutil.copytree(remote_or_local, Path(tmp, "checkpoint"))
+        meta = load_meta(local)
+        samples = run_sampling(str(local), Path(tmp, "samples"), scfg)
+        ev = run_evaluation(str(local), manifest, samples.out, ecfg)
+    q, lik = ev.quality, ev.likelihood
+    figures = {"eval/bpd": lik.mean, "eval/sample_nfe": samples.mean_nfe, "eval/fd": q.fd, "eval/fd_floor": q.fd_floor,
+               "eval/kid": q.kid, "eval/precision": q.precision, "eval/recall": q.recall}
+    figures = {k: float(v) for k, v in figures.items() if v is not None and not math.isnan(v)}
+    log = SafeLogger(uri, meta["mlflow_run_id"])
+    log.metrics(figures, int(meta["step"]))
+    log.close(60.0)
+    return {"step": int(meta["step"]), **figures}
+
+
+class QualityWhileTraining(UserCallback):
+    """On the Ray Train controller: each registered checkpoint at a multiple of `train.eval_every` (and the last) is
+    scored by `score_checkpoint` in a Ray task beside the trainers, off the step's critical path; at the last step
+    the controller waits for every score, so that the run ends with all of them logged."""
+
+    def __init__(self, cfg: Config, manifest: Manifest, uri: str):
+        self.cfg, self.manifest, self.uri = cfg, manifest, uri
+        self.pending: list = []
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        import ray
+
+        if checkpoint is None or not metrics:
+            return
+        step, t = metrics[0].get("step"), self.cfg.train
+        if step % t.eval_every == 0 or step == t.steps:
+            scfg, ecfg = quality_configs(self.cfg)
+            task = ray.remote(num_cpus=0.01)(score_checkpoint)  # it waits on the stages it starts
+            self.pending.append(task.remote(checkpoint.path, self.manifest, scfg, ecfg, self.uri))
+        if step == t.steps:
+            for ref in self.pending:  # one failed score is said, and the run goes on to finish
+                try:
+                    ray.get(ref)
+                except Exception as err:
+                    stage(f"sample quality while training: a checkpoint could not be scored: {err}")
+            self.pending = []

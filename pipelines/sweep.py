@@ -281,7 +281,8 @@ def _run_trial(config: dict, configs: dict[str, Config], parent: str, source: di
     cfg = configs[trial.name]
     tags = {**source, "mlflow.parentRunId": parent, "flowray.sweep": parent,
             "flowray.sweep.values": json.dumps(trial.values), "flowray.sweep.seed": str(trial.seed)}
-    result = run_training(cfg, check_data(cfg), tags=tags, callbacks=[_report_to_tune()])
+    # Tune may end the trial on any report: each checkpoint's metrics reach MLflow first
+    result = run_training(cfg, check_data(cfg), tags=tags, callbacks=[_report_to_tune()], drain_s=30.0)
     if result.get("already_finished"):  # a restored sweep whose state missed this trial's end: report that end
         from ray import tune
 

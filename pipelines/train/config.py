@@ -13,6 +13,7 @@ import numpy as np
 
 from fm.methods import METHODS, make_method
 from fm.models import MODELS
+from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS
 from fm.training import SCHEDULES
 from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import Manifest
@@ -101,6 +102,15 @@ class TrainConfig:
     # sweep's early stopping compares (pipelines.train.validation)
     val_rows: int = 0
     val_split: str = "test"
+    # sample quality while training (pipelines.chain.QualityWhileTraining, from `flowray train`): every eval_every
+    # steps (a multiple of checkpoint_every; 0: off) the checkpoint is sampled (eval_samples, eval_solver with
+    # eval_steps when fixed-step) and evaluated (FD / FID with its floor; bits/dim on eval_rows test rows, 0: the
+    # whole split) in a Ray task beside the trainers, as `flowray sample` and `flowray evaluate` would
+    eval_every: int = 0
+    eval_samples: int = 500
+    eval_solver: str = "dopri5"
+    eval_steps: int = 20
+    eval_rows: int = 200
 
 
 @dataclass
@@ -215,6 +225,13 @@ def validate(cfg: Config) -> None:
     check(t.val_rows >= 0, "train.val_rows", t.val_rows, "must be >= 0 (0: no validation loss)")
     check(t.val_rows == 0 or METHODS[meth.name].prediction != "action", "train.val_rows", t.val_rows,
            f"{meth.name}'s loss differentiates the model, which the validation loss (no gradients) cannot: set 0")
+    check(t.eval_every >= 0 and t.eval_every % t.checkpoint_every == 0, "train.eval_every", t.eval_every,
+           f"must be 0 (off) or a multiple of train.checkpoint_every={t.checkpoint_every} (a checkpoint is scored)")
+    check(t.eval_samples >= 2, "train.eval_samples", t.eval_samples, "must be >= 2 (a covariance needs two)")
+    check(t.eval_solver in (*ADAPTIVE_METHODS, *FIXED_METHODS), "train.eval_solver", t.eval_solver,
+           f"allowed: {', '.join((*ADAPTIVE_METHODS, *FIXED_METHODS))}")
+    check(t.eval_steps >= 1, "train.eval_steps", t.eval_steps, "must be >= 1")
+    check(t.eval_rows >= 0, "train.eval_rows", t.eval_rows, "must be >= 0 (0: the whole test split)")
     check(r.num_workers >= 1, "ray.num_workers", r.num_workers, "must be >= 1")
     check(t.fail_at_step is None or 0 <= t.fail_rank < r.num_workers, "train.fail_rank", t.fail_rank,
            f"must be a worker rank in [0, {r.num_workers - 1}]")

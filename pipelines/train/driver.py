@@ -33,11 +33,12 @@ from pipelines.train.worker import TrainJob, train_loop_per_worker
 
 
 def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, str] | None = None,
-                 callbacks: Sequence = ()) -> dict:
+                 callbacks: Sequence = (), drain_s: float = 0.0) -> dict:
     """Train per the config; returns the job's key results (run id, checkpoint path, final metrics). `manifest`: the
     data's manifest as `check_data(cfg)` returned it, when the caller has checked it already. `tags`: more tags of a
     new MLflow run (`mlflow.parentRunId` nests it under a sweep's run); `callbacks`: more Ray Train `UserCallback`s
-    on the controller (a sweep's report to Ray Tune)."""
+    on the controller (a sweep's report to Ray Tune, sample quality while training); `drain_s`: how long each
+    checkpoint's metrics may take to reach MLflow before those callbacks run (one that may end the run needs it)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -85,9 +86,8 @@ def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, 
         run_config=RunConfig(name=cfg.train.run_name, **storage.ray_storage(root, "train.storage_path"),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-                             # a callback after it may stop the run: each checkpoint's windows are sent first
                              callbacks=[CheckpointedMetrics(uri, run_id, cfg.train.steps, cfg.mlflow.flush_timeout_s,
-                                                            drain_s=30.0 if callbacks else 0.0), *callbacks],
+                                                            drain_s), *callbacks],
                              logging_config=train_logging_config()),
     )
     stage(f"training {cfg.method.name} for {cfg.train.steps} steps on {cfg.ray.num_workers} worker(s) "
