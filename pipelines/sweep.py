@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipelines.chain import quality_callbacks
 from pipelines.compare import plot_curves, sweep_markdown, sweep_trials, write_csv
 from pipelines.core import storage
 from pipelines.core.errors import ConfigError, JobStopped
@@ -167,7 +168,7 @@ def plan(spec: SweepSpec) -> Plan:
     for trial in grid:
         try:
             cfg = configs[trial.name] = load_config(spec.config, [*sets, *trial.sets()])
-            check_data(cfg)
+            quality_callbacks(cfg, check_data(cfg))  # train.eval_* checked here too
         except ConfigError as err:
             raise ConfigError(f"trial {trial.name}: {err}") from None
         if steps is not None and cfg.train.steps != steps:
@@ -281,8 +282,11 @@ def _run_trial(config: dict, configs: dict[str, Config], parent: str, source: di
     cfg = configs[trial.name]
     tags = {**source, "mlflow.parentRunId": parent, "flowray.sweep": parent,
             "flowray.sweep.values": json.dumps(trial.values), "flowray.sweep.seed": str(trial.seed)}
-    # Tune may end the trial on any report: each checkpoint's metrics reach MLflow first
-    result = run_training(cfg, check_data(cfg), tags=tags, callbacks=[_report_to_tune()], drain_s=30.0)
+    manifest = check_data(cfg)
+    # sample quality while training (train.eval_every) before the report to Tune, which may end the trial on any
+    # report: each checkpoint's metrics reach MLflow first
+    result = run_training(cfg, manifest, tags=tags, callbacks=[*quality_callbacks(cfg, manifest), _report_to_tune()],
+                          drain_s=30.0)
     if result.get("already_finished"):  # a restored sweep whose state missed this trial's end: report that end
         from ray import tune
 

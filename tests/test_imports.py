@@ -60,7 +60,7 @@ ALLOWED = {
     **{stage: {"fm", "core", stage} for stage in STAGES},
     "chain": {"fm", "core", *STAGES, "chain"},  # the only modules that combine stages (with jobs/)
     "compare": {"fm", "core", "compare"},
-    "sweep": {"fm", "core", "train", "compare", "sweep"},  # Ray Tune over training runs
+    "sweep": {"fm", "core", "train", "chain", "compare", "sweep"},  # Ray Tune over training runs
     "pipelines": set(),  # no re-export shims in pipelines/__init__.py
     "jobs": {"fm", "core", *STAGES, "chain", "compare", "sweep", "jobs"},
     "benchmarks": {"fm", "core", *STAGES, "chain", "compare", "sweep", "jobs", "benchmarks"},
