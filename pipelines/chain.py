@@ -4,7 +4,6 @@ bits/dim once per model and sample quality for every sampler, each stage logged 
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -121,18 +120,21 @@ def quality_callbacks(cfg: Config, manifest: Manifest) -> list:
     return [QualityWhileTraining(cfg, manifest, tracking_uri(cfg.mlflow.tracking_uri))]
 
 
-def score_checkpoint(checkpoint: str, manifest: Manifest, scfg: SampleConfig, ecfg: EvalConfig, uri: str) -> dict:
-    """Sample and evaluate one checkpoint of a training run (a local copy: Ray Train may delete the original when
-    later ones are registered) and log the figures to the training run at the checkpoint's step, as `eval/...`.
-    Returns them."""
+def score_checkpoint(staged: str, filesystem, manifest: Manifest, scfg: SampleConfig, ecfg: EvalConfig,
+                     uri: str) -> dict:
+    """Sample and evaluate one checkpoint of a training run (`staged`: its copy in the run's storage, in
+    `filesystem`; removed once read) and log the figures to the training run at the checkpoint's step, as
+    `eval/...`. Returns them."""
     from ray.data import DataContext
+    from ray.train import Checkpoint
 
     DataContext.get_current().enable_progress_bars = False  # the training's console is the trainers' lines
-    with storage.local_copy(checkpoint) as remote_or_local, tempfile.TemporaryDirectory(prefix="flowray-q-") as tmp:
-        local = shutil.copytree(remote_or_local, Path(tmp, "checkpoint"))
+    with tempfile.TemporaryDirectory(prefix="flowray-q-") as tmp:
+        local = Checkpoint(staged, filesystem).to_directory(str(Path(tmp, "checkpoint")))
+        filesystem.delete_dir(staged)
         meta = load_meta(local)
-        samples = run_sampling(str(local), Path(tmp, "samples"), scfg)
-        ev = run_evaluation(str(local), manifest, samples.out, ecfg)
+        samples = run_sampling(local, Path(tmp, "samples"), scfg)
+        ev = run_evaluation(local, manifest, samples.out, ecfg)
     q, lik = ev.quality, ev.likelihood
     figures = {"eval/bpd": lik.mean, "eval/sample_nfe": samples.mean_nfe, "eval/fd": q.fd, "eval/fd_floor": q.fd_floor,
                "eval/kid": q.kid, "eval/precision": q.precision, "eval/recall": q.recall}
@@ -143,25 +145,44 @@ def score_checkpoint(checkpoint: str, manifest: Manifest, scfg: SampleConfig, ec
     return {"step": int(meta["step"]), **figures}
 
 
+class _Scorer:
+    """One per training run: scores checkpoints one at a time, in order (a queue of calls on one Ray actor), so that
+    scoring never takes more of the cluster than one sampling and one evaluation stage."""
+
+    def score(self, *args) -> dict:
+        return score_checkpoint(*args)
+
+
 class QualityWhileTraining(UserCallback):
     """On the Ray Train controller: each registered checkpoint at a multiple of `train.eval_every` (and the last) is
-    scored by `score_checkpoint` in a Ray task beside the trainers, off the step's critical path; at the last step
-    the controller waits for every score, so that the run ends with all of them logged."""
+    copied beside the run's checkpoints (Ray Train deletes old ones as new ones arrive) and queued on the run's
+    scorer actor, off the step's critical path; at the last step the controller waits for every score, so that the
+    run ends with all of them logged."""
 
     def __init__(self, cfg: Config, manifest: Manifest, uri: str):
         self.cfg, self.manifest, self.uri = cfg, manifest, uri
+        self.scorer = None
         self.pending: list = []
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        import posixpath
+
+        import pyarrow.fs as pafs
         import ray
 
         if checkpoint is None or not metrics:
             return
         step, t = metrics[0].get("step"), self.cfg.train
         if step % t.eval_every == 0 or step == t.steps:
+            if self.scorer is None:  # it waits on the stages it starts: almost no CPU of its own
+                self.scorer = ray.remote(num_cpus=0.01, max_concurrency=1)(_Scorer).remote()
+            staged = posixpath.join(posixpath.dirname(checkpoint.path), ".quality", f"step_{step:09d}")
+            checkpoint.filesystem.create_dir(staged)
+            pafs.copy_files(checkpoint.path, staged, source_filesystem=checkpoint.filesystem,
+                            destination_filesystem=checkpoint.filesystem)
             scfg, ecfg = quality_configs(self.cfg)
-            task = ray.remote(num_cpus=0.01)(score_checkpoint)  # it waits on the stages it starts
-            self.pending.append(task.remote(checkpoint.path, self.manifest, scfg, ecfg, self.uri))
+            self.pending.append(self.scorer.score.remote(staged, checkpoint.filesystem, self.manifest, scfg, ecfg,
+                                                         self.uri))
         if step == t.steps:
             for ref in self.pending:  # one failed score is said, and the run goes on to finish
                 try:
@@ -169,3 +190,6 @@ class QualityWhileTraining(UserCallback):
                 except Exception as err:
                     stage(f"sample quality while training: a checkpoint could not be scored: {err}")
             self.pending = []
+            if self.scorer is not None:
+                ray.kill(self.scorer)
+                self.scorer = None
