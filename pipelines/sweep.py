@@ -247,8 +247,7 @@ def _tuner(p: Plan, parent: str):
                                   **_filesystem(tune_dir))
     spec = p.spec
     if spec.scheduler == "asha":
-        # max_t past the last step: ASHA stops a trial that reaches max_t, which would cut off the end of its run
-        # (the final model logged, the MLflow run finished); a trial ends by itself at train.steps
+        # max_t past the last step: ASHA stops a trial that reaches max_t; a trial ends by itself at train.steps
         scheduler = ASHAScheduler(time_attr="step", max_t=p.steps + 1, grace_period=spec.grace_steps or
                                   p.base.train.checkpoint_every, reduction_factor=spec.reduction_factor)
     else:
@@ -285,20 +284,25 @@ def _run_trial(config: dict, configs: dict[str, Config], parent: str, source: di
     manifest = check_data(cfg)
     # sample quality while training (train.eval_every) before the report to Tune, which may end the trial on any
     # report: each checkpoint's metrics reach MLflow first
-    result = run_training(cfg, manifest, tags=tags, callbacks=[*quality_callbacks(cfg, manifest), _report_to_tune()],
-                          drain_s=30.0)
-    if result.get("already_finished"):  # a restored sweep whose state missed this trial's end: report that end
-        from ray import tune
+    result = run_training(cfg, manifest, tags=tags, callbacks=[*quality_callbacks(cfg, manifest),
+                                                                _report_to_tune(cfg.train.steps)], drain_s=30.0)
+    # the last step's report goes to Tune only now that the run has ended (its model logged, its MLflow run
+    # FINISHED): a scheduler that stopped the trial on that report would have cut the run's end off. A restored
+    # sweep whose state missed this trial's end gets it the same way.
+    from ray import tune
 
-        tune.report({k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))})
+    tune.report({k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))})
 
 
-def _report_to_tune():
-    """Ray Tune's report callback for a Train run, sending only the scalar metrics (not rank 0's MLflow windows)."""
+def _report_to_tune(steps: int):
+    """Ray Tune's report callback for a Train run, sending only the scalar metrics (not rank 0's MLflow windows), and
+    every checkpoint's but the last step's (`_run_trial` reports that one once the run has ended)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ScalarReport(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
+            if not metrics or metrics[0].get("step") == steps:
+                return
             scalars = [{k: v for k, v in m.items() if not k.startswith("_") and isinstance(v, (int, float))}
                        for m in metrics]
             super().after_report(run_context, scalars, checkpoint)

@@ -1,18 +1,28 @@
-"""Sample quality while training (`train.eval_every`): each scored checkpoint's FD and bits/dim in the training run at
-its step, the last equal to what `flowray sample` + `flowray evaluate` give on the same checkpoint and settings."""
+"""A tiny training run with sample quality while training (`train.eval_every`) and a sampling run nested under it:
+each scored checkpoint's FD and bits/dim in the training run at its step, the last equal to what `flowray sample` +
+`flowray evaluate` give on the same checkpoint and settings; then MLflow's own UI over that store, rendered by a real
+browser (Debian's headless Chromium) from a real `mlflow server`: what a user opening the link a job prints sees."""
+
+import re
+import shutil
+import subprocess
+import tempfile
 
 import pytest
 from mlflow.tracking import MlflowClient
-from pipeline_helpers import TINY
+from pipeline_helpers import TINY, free_port, kill_tree, start_mlflow_server
 
+from jobs.sample import main as sample_main
 from jobs.train import main as train_main
 from pipelines.batch.evaluate import run_evaluation
-from pipelines.batch.sample import run_sampling
 from pipelines.chain import quality_configs
 from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import Manifest
-from pipelines.ingest.run import ingest
+from pipelines.core.tracking import ui_link
+from pipelines.ingest.run import ingest, load_manifest
 from pipelines.train.config import load_config
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -26,29 +36,93 @@ def test_bad_quality_settings_are_refused(sets, message):
         load_config("configs/digits-cpu.yaml", sets)
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ray_local):
+    """Ingest, `flowray train` (8 steps, scored at steps 4 and 8) and `flowray sample` of the final checkpoint (the
+    settings `train.eval_*` stand for), all logged to server.db (the name `start_mlflow_server` serves)."""
+    tmp = tmp_path_factory.mktemp("quality")
+    digits = tmp / "digits"
+    ingest("digits", digits, shards=2)
+    uri = f"sqlite:///{tmp / 'server.db'}"
+    sets = [*TINY, f"data.shards={digits}", f"train.storage_path={tmp / 'runs'}", f"mlflow.tracking_uri={uri}",
+            "train.run_name=quality", "mlflow.experiment=tests", "train.steps=8", "train.checkpoint_every=4",
+            "train.eval_every=4", "train.eval_samples=32", "train.eval_rows=16", "train.sample_every=0",
+            "train.val_rows=40"]
+    result = train_main(["--config", "configs/digits-cpu.yaml", *[a for s in sets for a in ("--set", s)]])
+    scfg, ecfg = quality_configs(load_config("configs/digits-cpu.yaml", sets))
+    sampled = sample_main(["--checkpoint", result["checkpoint"], "--num-samples", str(scfg.num_samples), "--out",
+                           str(tmp / "samples"), "--tracking-uri", uri, "--set", f"sample.solver={scfg.solver}",
+                           "--set", f"sample.block_size={scfg.block_size}"])
+    return {"tmp": tmp, "digits": digits, "uri": uri, "train": result, "sample": sampled, "eval_config": ecfg}
+
+
 @pytest.mark.slow
 @pytest.mark.heavy
 @pytest.mark.timeout(900)
-def test_quality_is_logged_at_each_scored_step_and_agrees_with_the_batch_jobs(tmp_path, ray_local):
-    digits = tmp_path / "digits"
-    ingest("digits", digits, shards=2)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = [*TINY, f"data.shards={digits}", f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={uri}",
-            "train.run_name=quality", "mlflow.experiment=tests", "train.steps=8", "train.checkpoint_every=4",
-            "train.eval_every=4", "train.eval_samples=32", "train.eval_rows=16", "train.sample_every=0"]
-    result = train_main(["--config", "configs/digits-cpu.yaml", *[a for s in sets for a in ("--set", s)]])
-    client = MlflowClient(uri)
-    history = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(result["run_id"], key),
-                                                        key=lambda m: m.step)]
+def test_quality_is_logged_at_each_scored_step_and_agrees_with_the_batch_jobs(trained):
+    client, run_id = MlflowClient(trained["uri"]), trained["train"]["run_id"]
+    history = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
                for key in ("eval/fd", "eval/fd_floor", "eval/bpd", "eval/sample_nfe")}
     assert [s for s, _ in history["eval/fd"]] == [4, 8] and [s for s, _ in history["eval/bpd"]] == [4, 8]
-    assert client.get_run(result["run_id"]).info.status == "FINISHED"
-    # the same checkpoint through the batch jobs' functions, with the settings `train.eval_*` stand for
-    scfg, ecfg = quality_configs(load_config("configs/digits-cpu.yaml", sets))
-    samples = run_sampling(result["checkpoint"], tmp_path / "samples", scfg)
-    ev = run_evaluation(result["checkpoint"], Manifest.load(str(digits)), samples.out, ecfg)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    # the same checkpoint's samples (`flowray sample`) through `flowray evaluate`'s function and settings
+    ev = run_evaluation(trained["train"]["checkpoint"], Manifest.load(str(trained["digits"])),
+                        trained["sample"]["out"], trained["eval_config"])
     assert history["eval/fd"][-1][1] == pytest.approx(ev.quality.fd, rel=1e-4)
     assert history["eval/fd_floor"][-1][1] == pytest.approx(ev.quality.fd_floor, rel=1e-4)
     assert history["eval/bpd"][-1][1] == pytest.approx(ev.likelihood.mean, rel=1e-4)
-    assert history["eval/sample_nfe"][-1][1] == samples.mean_nfe
+    assert history["eval/sample_nfe"][-1][1] == trained["sample"]["mean_nfe"]
+
+
+def _page(url: str) -> tuple[str, str]:
+    """The DOM after the page's scripts ran (25 s of virtual time), and its visible text in one line, in a fresh
+    browser profile (the UI keeps choices such as its view in the browser's storage)."""
+    with tempfile.TemporaryDirectory() as profile:
+        out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+                              "--virtual-time-budget=25000", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", out.stdout))
+    return out.stdout, text
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_run_page_shows_dataset_source_child_runs_and_charts(trained):
+    uri, digits, sampled, store = trained["uri"], trained["digits"], trained["sample"], trained["tmp"]
+    trained = trained["train"]
+    run = MlflowClient(uri).get_run(trained["run_id"])
+    server = start_mlflow_server(port := free_port(), store)  # it serves store/server.db
+    try:
+        base = f"http://127.0.0.1:{port}"
+        link = ui_link(base, trained["run_id"])
+        assert link.endswith(f"/runs/{trained['run_id']}?workflowType=machine_learning")
+        _, text = _page(link)
+        digest = load_manifest(digits).digest("train")[:8]
+        assert "Datasets digits/train" in text and digest in text  # the MLflow dataset input, by digest
+        assert f"Source {run.data.tags['mlflow.source.name']}" in text
+        assert "Child runs sample-dopri5" in text  # the sampling run, nested under the training run
+        assert "Description fm_ot on digits/train, 8 steps of 16 x 2 workers" in text
+        assert f"Created by {run.data.tags['mlflow.user']}" in text and "Status Finished" in text
+        assert sampled["mlflow_run_id"] in {r.info.run_id for r in MlflowClient(uri).search_runs(
+            [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{trained['run_id']}'")}
+
+        # the metric charts render (Plotly's figures) in the model-training view the link selects; a fresh browser
+        # without it is in the GenAI view, which draws none
+        dom, text = _page(link.replace("?", "/model-metrics?"))
+        assert dom.count('class="main-svg"') >= 2 and "Model metrics" in text
+        dom, _ = _page(link.split("?")[0] + "/model-metrics")
+        assert dom.count('class="main-svg"') == 0
+
+        # the experiment opens on its runs table in the model-training view when the link says so; without it, a
+        # fresh browser gets the GenAI overview, whatever the experiment's kind tag says (MLflow 3.17)
+        experiment = f"{base}/#/experiments/{run.info.experiment_id}"
+        _, text = _page(f"{experiment}?workflowType=machine_learning")
+        assert "Runs - Experiment" in text and "quality" in text and "matching runs" in text
+        _, text = _page(experiment)
+        assert "Traces" in text and "matching runs" not in text
+    finally:
+        kill_tree(server)
 
