@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from fm.action_matching import action_matching_loss, action_velocity, snapshot_cfm_loss, snapshot_pairs
 from fm.couplings import COUPLINGS, Coupling, IndependentCoupling
 from fm.likelihood import LikelihoodResult, LikelihoodSettings, log_likelihood
-from fm.losses import cfm_loss, dsm_loss, sample_time
+from fm.losses import UNIFORM, TimeSampling, cfm_loss, dsm_loss, sample_time
 from fm.manifolds import Manifold, get_manifold
 from fm.paths import PATHS, AffinePath, CondOTScheduler, NoisyLinearPath, VPScheduler
 from fm.riemannian import MANIFOLD_SOLVERS, manifold_log_likelihood, manifold_ode_sample, rfm_loss
@@ -119,6 +119,7 @@ class Method:
     coupling: Coupling
     prediction: str = "velocity"
     t_max: float = 1.0
+    time_sampling: TimeSampling = UNIFORM  # the density of training times (`fm.losses.TimeSampling`)
     kind = "euclidean"
     t_0 = 0.0
     draws_noise = True  # sampling starts from `draw_x0` (snapshot methods start from data instead)
@@ -157,7 +158,7 @@ class Method:
     def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
                       generator: torch.Generator | None = None) -> Tensor:
         """The second half of `loss`: times, path sample and per-sample loss [B] for paired (x_0, x_1, y)."""
-        t = sample_time(x_1.shape[0], self.t_max, generator, x_1.device).to(x_1.dtype)
+        t = sample_time(x_1.shape[0], self.t_max, generator, x_1.device, self.time_sampling).to(x_1.dtype)
         if self.prediction == "epsilon":
             return dsm_loss(model, self.path, x_0, x_1, t, y)
         return cfm_loss(model, self.path.sample(x_0, x_1, t, generator), y)
@@ -309,7 +310,8 @@ AnyMethod = Method | RiemannianMethod | SnapshotMethod
 
 def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, ot_scope: str = "local",
                 beta_min: float = 0.1, beta_max: float = 20.0, manifold: str | None = None,
-                times: list[float] | None = None) -> AnyMethod:
+                times: list[float] | None = None, time_sampling: str = "uniform", time_loc: float = 0.0,
+                time_scale: float = 1.0) -> AnyMethod:
     """Build a method preset by name from its registered parts.
 
     Args:
@@ -320,12 +322,18 @@ def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, 
         beta_min, beta_max: the VP schedule (fm_vp, score_vp).
         manifold: the data's manifold ("sphere2", "torus2"); required by, and only allowed for, riemannian methods.
         times: the snapshots' observation times; required by, and only allowed for, snapshot methods.
+        time_sampling, time_loc, time_scale: the density of training times (`fm.losses.TimeSampling`: "uniform",
+            or "logit_normal" with its loc and scale); Euclidean methods only.
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
     if ot_scope not in ("local", "global"):
         raise ValueError(f"unknown ot_scope {ot_scope!r}; allowed: local, global")
     preset = METHODS[name]
+    times_drawn = TimeSampling(time_sampling, time_loc, time_scale)
+    if times_drawn != UNIFORM and preset.kind != "euclidean":
+        raise ValueError(f"time sampling {time_sampling!r} is for Euclidean methods; {name!r} is {preset.kind} "
+                         "and draws t uniformly")
     if (manifold is not None) != (preset.kind == "riemannian"):
         raise ValueError(f"method {name!r} needs data on a manifold (allowed: rfm)" if manifold is None else
                          f"data on the manifold {manifold!r} need a Riemannian method (rfm); {name!r} is "
@@ -344,7 +352,8 @@ def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, 
     path_spec = PATHS[preset.path]
     path = path_spec.build(**{k: getattr(params, k) for k in path_spec.params})
     coupling_spec = COUPLINGS[coupling_name(name, ot_scope)]
-    return Method(name, path, coupling_spec.cls(**coupling_spec.args(params)), preset.prediction, preset.t_max)
+    return Method(name, path, coupling_spec.cls(**coupling_spec.args(params)), preset.prediction, preset.t_max,
+                  times_drawn)
 
 
 def coupling_name(method: str, ot_scope: str = "local") -> str:

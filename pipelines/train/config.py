@@ -5,12 +5,14 @@ manifest. Errors name the key, the bad value and what is allowed (`pipelines.cor
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fm.losses import TIME_SAMPLINGS
 from fm.methods import METHODS, make_method
 from fm.models import MODELS
 from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS
@@ -59,6 +61,9 @@ class MethodConfig:
     ot_scope: str = "local"  # otcfm: "local" (per worker) or "global" (one plan over all workers' batches)
     beta_min: float = 0.1
     beta_max: float = 20.0
+    time_sampling: str = "uniform"  # training t: "uniform" or "logit_normal" (fm.losses.TimeSampling)
+    time_loc: float = 0.0  # logit_normal: t = sigmoid(time_loc + time_scale * n), n ~ N(0, 1)
+    time_scale: float = 1.0
 
 
 @dataclass
@@ -169,6 +174,7 @@ def schema() -> dict:
     """The JSON Schema of a training config file (`configs/train.schema.json`, which `python -m jobs.train --schema`
     writes), with the allowed values of the keys that name a registry entry."""
     choices = {"model.name": list(MODELS), "method.name": list(METHODS), "method.ot_scope": ["local", "global"],
+               "method.time_sampling": list(TIME_SAMPLINGS),
                "optim.schedule": list(SCHEDULES), "train.precision": list(PRECISIONS)}
     return json_schema(Config(), "flowray training config (python -m jobs.train --config FILE)", choices)
 
@@ -192,6 +198,18 @@ def validate(cfg: Config) -> None:
     check(meth.ot_scope in ("local", "global"), "method.ot_scope", meth.ot_scope, "allowed: local, global")
     check(0 <= meth.sigma_min < 1, "method.sigma_min", meth.sigma_min, "must be in [0, 1)")
     check(meth.sigma is None or meth.sigma >= 0, "method.sigma", meth.sigma, "must be null or >= 0")
+    check(meth.time_sampling in TIME_SAMPLINGS, "method.time_sampling", meth.time_sampling,
+          f"allowed: {', '.join(TIME_SAMPLINGS)}")
+    check(meth.time_sampling == "uniform" or METHODS[meth.name].kind == "euclidean", "method.time_sampling",
+          meth.time_sampling, f"{meth.name} is {METHODS[meth.name].kind} and draws t uniformly; allowed: uniform")
+    logit_normal = meth.time_sampling == "logit_normal"
+    check(logit_normal or meth.time_loc == 0.0, "method.time_loc", meth.time_loc,
+          "only method.time_sampling=logit_normal reads it (with uniform: keep 0.0)")
+    check(logit_normal or meth.time_scale == 1.0, "method.time_scale", meth.time_scale,
+          "only method.time_sampling=logit_normal reads it (with uniform: keep 1.0)")
+    check(math.isfinite(meth.time_loc), "method.time_loc", meth.time_loc, "must be finite")
+    check(math.isfinite(meth.time_scale) and meth.time_scale > 0, "method.time_scale", meth.time_scale,
+          "must be > 0")
     if not METHODS[meth.name].needs_data:  # a method on a manifold or snapshots is checked with the data
         try:
             make_method(**method_kwargs(cfg))  # the parts' own checks (e.g. sbcfm needs sigma > 0)

@@ -25,6 +25,10 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("method.ot_scope=world", "method.ot_scope: 'world' is not allowed; allowed: local, global"),
     ("train.fail_at_step=2 train.fail_rank=5", "train.fail_rank: 5 is not allowed; must be a worker rank in [0, 1]"),
     ("steps=3", "override 'steps=3' must look like section.key=value"),
+    ("method.time_sampling=beta", "method.time_sampling: 'beta' is not allowed; allowed: uniform, logit_normal"),
+    ("method.time_loc=0.5", "method.time_loc: 0.5 is not allowed; only method.time_sampling=logit_normal reads it "
+                            "(with uniform: keep 0.0)"),
+    ("method.time_sampling=logit_normal method.time_scale=0", "method.time_scale: 0.0 is not allowed; must be > 0"),
     ("train.precision=fp8", "train.precision: 'fp8' is not allowed; allowed: auto, fp32, bf16, fp16"),
     ("train.precision=fp16", "train.precision: 'fp16' is not allowed; fp16 needs a GPU (ray.use_gpu=true): CPUs "
                              "have no fast fp16 and its gradients need a scaler; use fp32 or bf16 on CPU"),
