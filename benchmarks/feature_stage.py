@@ -34,7 +34,7 @@ def _write_samples(directory: Path, n: int, shape: tuple[int, ...] = (8, 8, 1), 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.batch.samples import SAMPLE_SCHEMA
+    from pipelines.core.samples import SAMPLE_SCHEMA
 
     rng = np.random.default_rng(0)
     directory.mkdir(parents=True, exist_ok=True)

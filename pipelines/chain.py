@@ -20,11 +20,11 @@ from pipelines.batch.evaluate import (
     sample_quality,
 )
 from pipelines.batch.sample import log_sampling_run, open_sampling_run, run_sampling
-from pipelines.batch.samples import SamplingResult
 from pipelines.core import storage
 from pipelines.core.checkpoint import load_meta
 from pipelines.core.manifest import MANIFEST, Manifest
 from pipelines.core.runtime import stage
+from pipelines.core.samples import SamplingResult
 from pipelines.core.tracking import SafeLogger, monitored_run, tracking_uri
 from pipelines.ingest.run import ingest
 from pipelines.train.config import Config, check_data
@@ -138,6 +138,8 @@ def score_checkpoint(staged: str, filesystem, manifest: Manifest, scfg: SampleCo
     q, lik = ev.quality, ev.likelihood
     figures = {"eval/bpd": lik.mean, "eval/sample_nfe": samples.mean_nfe, "eval/fd": q.fd, "eval/fd_floor": q.fd_floor,
                "eval/kid": q.kid, "eval/precision": q.precision, "eval/recall": q.recall}
+    if ev.straightness is not None:
+        figures["eval/straightness"] = ev.straightness.straightness
     figures = {k: float(v) for k, v in figures.items() if v is not None and not math.isnan(v)}
     log = SafeLogger(uri, meta["mlflow_run_id"])
     log.metrics(figures, int(meta["step"]))

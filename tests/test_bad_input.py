@@ -269,7 +269,7 @@ def test_a_corrupt_model_file_is_named_before_ray(tmp_path, capsys):
 def test_damaged_sample_shards(tmp_path, digits, capsys):
     """A truncated block of a sampling output is named, with the rerun that redoes it, before Ray starts."""
     from jobs.evaluate import main
-    from pipelines.batch.samples import SAMPLE_SCHEMA, SETTINGS
+    from pipelines.core.samples import SAMPLE_SCHEMA, SETTINGS
 
     ckpt = make_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "samples with spaces ü"  # unicode and spaces in a path are named as they are

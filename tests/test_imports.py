@@ -120,7 +120,7 @@ def test_package_inits_hold_no_code():
 
 def test_the_rules_catch_a_stage_importing_another(tmp_path):
     # the checks above read real files: a stage module that reaches into a sibling stage is reported
-    (tmp_path / "x.py").write_text("from pipelines.batch.samples import sample_shards\n")
+    (tmp_path / "x.py").write_text("from pipelines.batch.evaluate import run_evaluation\n")
     found = _imports(tmp_path / "x.py")
     assert [(_room(t), top) for t, _, top, _, _ in found] == [("batch", True)]
     assert "batch" not in ALLOWED["train"] and "train" not in ALLOWED["core"]

@@ -86,6 +86,8 @@ class EvalConfig:
     subset_size: int = 2000  # features kept for KID and precision/recall
     feature_batch: int = 64
     gpus_per_actor: float = 0.0
+    straightness_samples: int = 64  # trajectories whose straightness is measured (fm.straightness); 0: none
+    straightness_steps: int = 16  # their RK4 steps
 
 
 FEATURES = ("auto", "inception", "classifier")
@@ -113,6 +115,8 @@ def validate_eval_config(c: EvalConfig) -> None:
     check(c.subset_size >= 10, "eval.subset_size", c.subset_size, "must be >= 10")
     check(c.feature_batch >= 1, "eval.feature_batch", c.feature_batch, "must be >= 1")
     check(c.gpus_per_actor >= 0, "eval.gpus_per_actor", c.gpus_per_actor, "must be >= 0")
+    check(c.straightness_samples >= 0, "eval.straightness_samples", c.straightness_samples, "must be >= 0 (0: none)")
+    check(c.straightness_steps >= 1, "eval.straightness_steps", c.straightness_steps, "must be >= 1")
     try:
         check_solver(c.solver, c.steps, c.atol, c.rtol)
     except ValueError as err:

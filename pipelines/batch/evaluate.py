@@ -18,7 +18,6 @@ from fm.seeding import SeedStack, derive_seed
 from pipelines.batch.classifier import get_classifier
 from pipelines.batch.config import EvalConfig, validate_eval_config
 from pipelines.batch.features import FeatureNet, feature_stage, split_stats
-from pipelines.batch.samples import read_samples, sample_shards, sampling_run_id, sampling_settings
 from pipelines.core import storage
 from pipelines.core.cells import decode_rows
 from pipelines.core.checkpoint import load_meta, load_model
@@ -26,6 +25,7 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import DataSpec, Manifest
 from pipelines.core.memory import check_fits, model_item_bytes
 from pipelines.core.runtime import Progress, actor_pool, init_ray, spread, stage, use_cpu_share
+from pipelines.core.samples import read_samples, sample_shards, sampling_run_id, sampling_settings
 from pipelines.core.shards import ShardRows, group_rows
 from pipelines.core.tracking import SafeLogger, dataset_input, start_child_run
 
@@ -106,6 +106,20 @@ class QualityResult:
 
 
 @dataclass
+class StraightnessResult:
+    """How straight the model's sampling trajectories are (`fm.straightness`): means over `samples` trajectories
+    from the noise of seeds derive_seed(eval.seed, 3, i), solved with `steps` RK4 steps."""
+
+    samples: int
+    steps: int
+    straightness: float  # Liu et al. 2022, Eq. 6, per dimension
+    straightness_relative: float  # over the squared chord length per dimension
+    chord_deviation: float
+    nfe: int
+    wall_s: float
+
+
+@dataclass
 class EvaluationResult:
     """What an evaluation of one checkpoint found: likelihood (or transport, for snapshot methods), sample quality
     when samples were given, and the runs it belongs to."""
@@ -116,6 +130,7 @@ class EvaluationResult:
     likelihood: LikelihoodResult | None = None
     transport: TransportResult | None = None
     quality: QualityResult | None = None
+    straightness: StraightnessResult | None = None  # Euclidean methods, with eval.straightness_samples > 0
     sample_run_id: str | None = None  # the MLflow run that logged the samples
     sample_settings: dict | None = None  # the settings the samples were made with (`_sampling.json`)
     split_dataset: dict | None = None  # the split the likelihood (or transport) read (`Manifest.dataset`)
@@ -137,6 +152,8 @@ class EvaluationResult:
                         "sample_solver": (self.sample_settings or {}).get("solver")})
         if tr is not None:
             out["w2_ratio_max"] = tr.w2_ratio_max
+        if self.straightness is not None:
+            out["straightness"] = round(self.straightness.straightness, 6)
         return out
 
     def to_dict(self) -> dict:
@@ -154,6 +171,7 @@ class _ModelActor:
 
 LIKELIHOOD_STREAM = 1  # row r's dequantization noise and probes come from derive_seed(eval.seed, 1, r)
 SUBSET_STREAM = 2  # the rows of a split that eval.max_images keeps: a permutation from derive_seed(eval.seed, 2)
+STRAIGHTNESS_STREAM = 3  # trajectory i of the straightness starts from the noise of derive_seed(eval.seed, 3, i)
 
 
 def likelihood_rows(count: int, max_images: int, seed: int) -> np.ndarray:
@@ -267,6 +285,36 @@ def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memor
 
 
 INCEPTION_MIN_SIZE = 16  # below this, Inception features of images upsampled to 299 x 299 mean little
+
+
+def trajectory_straightness(checkpoint: str, cfg: EvalConfig, shape: list[int]) -> StraightnessResult:
+    """The straightness of `eval.straightness_samples` sampling trajectories of the checkpoint's model (class
+    i % classes for trajectory i of a class-conditional model), where it runs (a Ray task: a GPU when
+    eval.gpus_per_actor asks for one)."""
+    from fm.straightness import straightness
+
+    use_cpu_share(cfg.cpus_per_actor)
+    loaded = load_model(checkpoint)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
+    model, method = loaded.model.to(device), loaded.method
+    n = cfg.straightness_samples
+    x_0 = method.draw_x0(SeedStack([derive_seed(cfg.seed, STRAIGHTNESS_STREAM, i) for i in range(n)], device), shape)
+    classes = getattr(model, "num_classes", None)
+    y = torch.arange(n, device=device) % classes if classes else None
+    start = time.perf_counter()
+    got = straightness(method.velocity(model, y), x_0, cfg.straightness_steps, method.t_0, method.t_max)
+    return StraightnessResult(samples=n, steps=cfg.straightness_steps, nfe=got.nfe,
+                              wall_s=time.perf_counter() - start, **got.summary())
+
+
+def straightness_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> StraightnessResult:
+    """`trajectory_straightness` as one Ray task with an actor's share of the cluster."""
+    import ray
+
+    init_ray()
+    stage(f"straightness of {cfg.straightness_samples} trajectories ({cfg.straightness_steps} RK4 steps)")
+    task = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)(trajectory_straightness)
+    return ray.get(task.remote(checkpoint, cfg, list(manifest.data.shape)))
 
 
 def feature_net(manifest: Manifest, cfg: EvalConfig) -> tuple[FeatureNet, dict | None, str]:
@@ -447,6 +495,8 @@ def run_evaluation(checkpoint: str, shards: str | Manifest, samples: str | None,
         result.transport = transport_stage(checkpoint, manifest, cfg, memory)
         return result
     result.likelihood = likelihood_stage(checkpoint, manifest, cfg, memory)
+    if cfg.straightness_samples and not manifest.data.manifold:  # a chord is a straight line in R^D only
+        result.straightness = straightness_stage(checkpoint, manifest, cfg)
     if samples is None:
         return result
     return result.with_samples(sample_quality(manifest, samples, cfg), samples)
@@ -503,6 +553,11 @@ def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str, run_
         if q.classifier_path:
             with storage.local_copy(q.classifier_path) as local:  # a download when it is cached in a bucket
                 log.artifact(local, "classifier")
+    st = result.straightness
+    if st is not None:
+        metrics.update({"straightness": st.straightness, "straightness_relative": st.straightness_relative,
+                        "chord_deviation": st.chord_deviation})
+        tags["flowray.straightness"] = f"{st.samples} trajectories, {st.steps} RK4 steps"
     if lik.probes is not None:
         tags["flowray.hutchinson_probes"] = str(lik.probes)
     tags["flowray.dequantization_draws"] = str(lik.draws)

@@ -26,7 +26,15 @@ from fm.data import to_uint8
 from fm.seeding import SeedStack, derive_seed
 from fm.solvers import ADAPTIVE_METHODS, SampleResult, autocast_field, sde_sample
 from pipelines.batch.config import SampleConfig, validate_sample_config
-from pipelines.batch.samples import (
+from pipelines.core import storage
+from pipelines.core.cells import decode_rows, encode_rows
+from pipelines.core.checkpoint import load_meta, load_model
+from pipelines.core.errors import JobStopped
+from pipelines.core.figures import save_grid, save_points_figure
+from pipelines.core.manifest import DataSpec
+from pipelines.core.memory import check_fits, model_item_bytes
+from pipelines.core.runtime import Progress, actor_pool, init_ray, interruptible, stage, use_cpu_share
+from pipelines.core.samples import (
     RUN_FILE,
     SAMPLE_SCHEMA,
     SETTINGS,
@@ -39,14 +47,6 @@ from pipelines.batch.samples import (
     sampling_settings,
     shard_name,
 )
-from pipelines.core import storage
-from pipelines.core.cells import decode_rows, encode_rows
-from pipelines.core.checkpoint import load_meta, load_model
-from pipelines.core.errors import JobStopped
-from pipelines.core.figures import save_grid, save_points_figure
-from pipelines.core.manifest import DataSpec
-from pipelines.core.memory import check_fits, model_item_bytes
-from pipelines.core.runtime import Progress, actor_pool, init_ray, interruptible, stage, use_cpu_share
 from pipelines.core.settings import autocast_dtype
 from pipelines.core.tracking import SafeLogger, start_child_run
 

@@ -23,7 +23,7 @@ def test_the_draws_follow_the_density(sampling):
     counts = torch.histc(t, bins=20, min=0, max=1) / n
     mids = torch.linspace(0, 1, 2001, dtype=torch.float64)[1:-1]  # the density integrated per bin, trapezoids
     expected = torch.stack([torch.trapezoid(sampling.density(g), g) for g in
-                            (mids[(mids >= a) & (mids <= b)] for a, b in zip(edges[:-1], edges[1:]))])
+                            (mids[(mids >= a) & (mids <= b)] for a, b in zip(edges[:-1], edges[1:], strict=True))])
     assert torch.allclose(counts, expected, atol=0.004)
 
 

@@ -14,8 +14,8 @@ from jobs import evaluate as evaluate_job
 from jobs import ingest as ingest_job
 from jobs import sample as sample_job
 from jobs import train as train_job
-from pipelines.batch.samples import read_samples
 from pipelines.core.manifest import Manifest
+from pipelines.core.samples import read_samples
 from pipelines.ingest.run import ingest
 from pipelines.ingest.sources import IngestError
 

@@ -62,7 +62,7 @@ def trained(tmp_path_factory, ray_local):
 def test_quality_is_logged_at_each_scored_step_and_agrees_with_the_batch_jobs(trained):
     client, run_id = MlflowClient(trained["uri"]), trained["train"]["run_id"]
     history = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-               for key in ("eval/fd", "eval/fd_floor", "eval/bpd", "eval/sample_nfe")}
+               for key in ("eval/fd", "eval/fd_floor", "eval/bpd", "eval/sample_nfe", "eval/straightness")}
     assert [s for s, _ in history["eval/fd"]] == [4, 8] and [s for s, _ in history["eval/bpd"]] == [4, 8]
     assert client.get_run(run_id).info.status == "FINISHED"
     # the same checkpoint's samples (`flowray sample`) through `flowray evaluate`'s function and settings
@@ -72,6 +72,7 @@ def test_quality_is_logged_at_each_scored_step_and_agrees_with_the_batch_jobs(tr
     assert history["eval/fd_floor"][-1][1] == pytest.approx(ev.quality.fd_floor, rel=1e-4)
     assert history["eval/bpd"][-1][1] == pytest.approx(ev.likelihood.mean, rel=1e-4)
     assert history["eval/sample_nfe"][-1][1] == trained["sample"]["mean_nfe"]
+    assert history["eval/straightness"][-1][1] == pytest.approx(ev.straightness.straightness, rel=1e-4)
 
 
 def _page(url: str, budget_s: int = 25) -> tuple[str, str]:

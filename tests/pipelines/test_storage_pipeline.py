@@ -12,10 +12,10 @@ import pyarrow.fs as pafs
 import pytest
 from conftest import S3_ENV
 
-from pipelines.batch.samples import shard_name
 from pipelines.core import storage
 from pipelines.core.checkpoint import load_model
 from pipelines.core.manifest import Manifest
+from pipelines.core.samples import shard_name
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.model_channels=8", "model.num_heads=1", "model.attention_resolutions=[]", "train.batch_size=16",

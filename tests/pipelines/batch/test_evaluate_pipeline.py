@@ -20,9 +20,9 @@ from pipelines.batch.evaluate import (
     run_evaluation,
     sample_quality,
 )
-from pipelines.batch.samples import SAMPLE_SCHEMA, SETTINGS, SamplingError
 from pipelines.core.checkpoint import save_checkpoint
 from pipelines.core.errors import ConfigError
+from pipelines.core.samples import SAMPLE_SCHEMA, SETTINGS, SamplingError
 from pipelines.ingest.run import ingest, load_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -60,6 +60,13 @@ def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local
     assert (read.dataset.name, read.dataset.digest) == ("npz/test", load_manifest(tmp_path / "data").digest("test"))
     assert [(tag.key, tag.value) for tag in read.tags] == [("mlflow.data.context", "evaluation")]
     assert run.data.tags["mlflow.note.content"] == "likelihood of fm_ot at step 0"
+    # the Gaussian OT flow's trajectories are straight lines at constant speed, x_t = (1 - t + t std) x_0 + t mu:
+    # straightness 0 but for float32 RK4 rounding, on 64 trajectories of 16 steps (the defaults)
+    st = evaluated.straightness
+    assert (st.samples, st.steps, st.nfe) == (64, 16, 16 * 4 + 17)
+    assert st.straightness < 1e-9 and st.straightness_relative < 1e-8 and st.chord_deviation < 1e-4
+    assert run.data.metrics["straightness"] == pytest.approx(st.straightness, rel=1e-6, abs=1e-15)
+    assert run.data.tags["flowray.straightness"] == "64 trajectories, 16 RK4 steps"
     # Hutchinson with one Gaussian probe is noisy per image but unbiased for the one-draw bound: its mean
     # agrees with the exact divergence's within its standard error (same dequantization noise, K = 1)
     one = dict(draws=1, batch_size=8, atol=1e-7, rtol=1e-7)

@@ -9,9 +9,9 @@ from pipeline_helpers import make_checkpoint
 
 from pipelines.batch.config import SampleConfig
 from pipelines.batch.sample import run_sampling
-from pipelines.batch.samples import SamplingError, read_samples
 from pipelines.core.checkpoint import CheckpointError, load_model
 from pipelines.core.errors import ConfigError
+from pipelines.core.samples import SamplingError, read_samples
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
