@@ -26,6 +26,7 @@ __all__ = [
     "ExactOTCoupling",
     "EntropicOTCoupling",
     "GlobalOTCoupling",
+    "GivenCoupling",
     "COUPLINGS",
     "CouplingSpec",
     "make_coupling",
@@ -63,6 +64,11 @@ class Coupling:
 
 class IndependentCoupling(Coupling):
     """q(x_0, x_1) = q(x_0) q(x_1): I-CFM."""
+
+
+class GivenCoupling(Coupling):
+    """The pairs as they come: each x_0 with the x_1 it was made into (Rectified Flow's reflow, where x_1 is the
+    trained flow's ODE solution from x_0). It draws no noise: the pairs come with the data."""
 
 
 def _uniform(n: int) -> np.ndarray:
@@ -265,11 +271,12 @@ COUPLINGS: dict[str, CouplingSpec] = {
     "exact_ot": CouplingSpec(ExactOTCoupling, "exact OT"),
     "entropic_ot": CouplingSpec(EntropicOTCoupling, "entropic OT", lambda p: {"reg": 2 * p.sigma**2}),
     "global_ot": CouplingSpec(GlobalOTCoupling, "exact OT (global batch)"),
+    "given": CouplingSpec(GivenCoupling, "given pairs"),
 }
 
 
 def make_coupling(name: str, **kwargs) -> Coupling:
-    """Build a coupling by name ("independent", "exact_ot", "entropic_ot", "global_ot")."""
+    """Build a coupling by name ("independent", "exact_ot", "entropic_ot", "global_ot", "given")."""
     if name not in COUPLINGS:
         raise ValueError(f"unknown coupling {name!r}; allowed: {', '.join(COUPLINGS)}")
     return COUPLINGS[name].cls(**kwargs)

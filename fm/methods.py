@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fm.action_matching import action_matching_loss, action_velocity, snapshot_cfm_loss, snapshot_pairs
-from fm.couplings import COUPLINGS, Coupling, IndependentCoupling
+from fm.couplings import COUPLINGS, Coupling, GivenCoupling, IndependentCoupling
 from fm.likelihood import LikelihoodResult, LikelihoodSettings, log_likelihood
 from fm.losses import UNIFORM, TimeSampling, cfm_loss, dsm_loss, sample_time
 from fm.manifolds import Manifold, get_manifold
@@ -96,6 +96,9 @@ METHODS: dict[str, MethodPreset] = {
     "otcfm": MethodPreset("straight", "exact_ot", summary="OT-CFM: minibatch exact OT pairs (Tong et al. 2023)"),
     "sbcfm": MethodPreset("brownian", "entropic_ot", sigma=1.0,
                           summary="SB-CFM: entropic OT (reg = 2 sigma^2) and a Brownian bridge (Tong et al. 2023)"),
+    "reflow": MethodPreset("straight", "given",
+                           summary="Rectified Flow's reflow: straight paths between a trained flow's own pairs "
+                                   "(x_0, x_1 = ODE(x_0)) from a `samples:DIR` source (Liu et al. 2022)"),
     "rfm": MethodPreset("geodesic", "independent", kind="riemannian",
                         summary="Riemannian FM on the data's manifold, uniform prior (Chen and Lipman 2023)"),
     "am": MethodPreset("snapshot_interpolant", "exact_ot", "action", kind="snapshots",
@@ -149,7 +152,15 @@ class Method:
         """The first half of `loss`: noise x_0 [B, ...] drawn from `generator` and paired with x_1 (and its labels
         y) by the coupling. Can run ahead of the step (`fm.training.read_ahead`); `loss_on_pairs` then continues
         with the same generator."""
+        if self.pairs_given:
+            raise ValueError(f"method {self.name!r} trains on given pairs (x_0, x_1): its x_0 comes with each row of "
+                             "a pairs source (`samples:DIR`), not from fresh noise")
         return self.coupling(self.noise(x_1, generator), x_1, y, generator)
+
+    @property
+    def pairs_given(self) -> bool:
+        """Whether the method trains on pairs that come with the data (reflow) rather than drawing its noise."""
+        return isinstance(self.coupling, GivenCoupling)
 
     def noise(self, x_1: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A training step's noise x_0 ~ N(0, I) [B, ...] for data x_1 [B, ...], drawn from `generator`."""

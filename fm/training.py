@@ -15,8 +15,8 @@ from fm.data import sample_toy
 from fm.ema import EMA
 from fm.methods import Method
 
-__all__ = ["StepResult", "Pairs", "pair_step", "pair_global_step", "read_ahead", "train_step", "SCHEDULES", "lr_at",
-           "fit", "fit_toy"]
+__all__ = ["StepResult", "Pairs", "pair_step", "given_pair_step", "pair_global_step", "read_ahead", "train_step",
+           "SCHEDULES", "lr_at", "fit", "fit_toy"]
 
 T, U = TypeVar("T"), TypeVar("U")
 
@@ -68,6 +68,16 @@ def pair_step(method: Method, x_1: Tensor, y: Tensor | None, generator: torch.Ge
     """Draw a step's noise and solve its coupling, as `method.loss` would at the start of the step."""
     x_0, x_1, y = method.pair(x_1, y, generator)
     return Pairs(x_0, x_1, y, generator, method.coupling.last_solve_seconds)
+
+
+def given_pair_step(method: Method, x_0: Tensor, x_1: Tensor, y: Tensor | None,
+                    generator: torch.Generator) -> Pairs:
+    """A step of pairs that come with the data (reflow: x_0 [B, ...] regenerated from each row's seed, x_1 [B, ...]
+    its sample), kept as given; the loss continues from `generator` (times and path noise)."""
+    if not method.pairs_given:
+        raise ValueError(f"method {method.name!r} pairs its own noise; given pairs are for reflow")
+    x_0, x_1, y = method.coupling(x_0, x_1, y, generator)
+    return Pairs(x_0, x_1, y, generator, 0.0)
 
 
 def pair_global_step(method: Method, x_1: list[Tensor], y: list[Tensor] | None,

@@ -23,6 +23,8 @@ COMMANDS = {
                "flowray sample --checkpoint runs:/RUN_ID --num-samples 10000 --out outputs/samples/run"),
     "evaluate": ("jobs.evaluate", "bits/dim and sample quality (FID or FD, floor, KID, precision/recall)",
                  "flowray evaluate --checkpoint runs:/RUN_ID --data data/digits --samples outputs/samples/run"),
+    "reflow": ("jobs.reflow", "Rectified Flow's reflow: a model's own pairs -> the next model, evaluated per round",
+               "flowray reflow --checkpoint runs:/RUN_ID --data data/digits --num-pairs 5000"),
     "compare": ("jobs.compare", "the paper-style table and plot from an MLflow experiment",
                 "flowray compare --experiment flowray-digits"),
     "reproduce": ("jobs.reproduce", "the paper's comparison in miniature: methods x seeds through the chain",

@@ -61,9 +61,10 @@ ALLOWED = {
     "chain": {"fm", "core", *STAGES, "chain"},  # the only modules that combine stages (with jobs/)
     "compare": {"fm", "core", "compare"},
     "sweep": {"fm", "core", "train", "chain", "compare", "sweep"},  # Ray Tune over training runs
+    "reflow": {"fm", "core", *STAGES, "chain", "reflow"},  # sample -> ingest pairs -> train -> evaluate, k rounds
     "pipelines": set(),  # no re-export shims in pipelines/__init__.py
-    "jobs": {"fm", "core", *STAGES, "chain", "compare", "sweep", "jobs"},
-    "benchmarks": {"fm", "core", *STAGES, "chain", "compare", "sweep", "jobs", "benchmarks"},
+    "jobs": {"fm", "core", *STAGES, "chain", "compare", "sweep", "reflow", "jobs"},
+    "benchmarks": {"fm", "core", *STAGES, "chain", "compare", "sweep", "reflow", "jobs", "benchmarks"},
 }
 
 

@@ -314,7 +314,7 @@ def straightness_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> 
     init_ray()
     stage(f"straightness of {cfg.straightness_samples} trajectories ({cfg.straightness_steps} RK4 steps)")
     task = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)(trajectory_straightness)
-    return ray.get(task.remote(checkpoint, cfg, list(manifest.data.shape)))
+    return ray.get(task.remote(checkpoint, cfg, list(manifest.data.model_shape)))
 
 
 def feature_net(manifest: Manifest, cfg: EvalConfig) -> tuple[FeatureNet, dict | None, str]:

@@ -43,6 +43,7 @@ from pipelines.core.samples import (
     SamplingError,
     SamplingResult,
     block_ids,
+    sample_seeds,
     sample_shards,
     sampling_settings,
     shard_name,
@@ -88,7 +89,7 @@ class Sampler:
         """Sample one block of ids and write its shard; returns the block's NFE."""
         self._maybe_inject_fault(block)
         ids = block_ids(block, self.cfg.block_size, self.cfg.num_samples)
-        seeds = [derive_seed(self.cfg.seed, int(i)) for i in ids]  # sample i's starting noise, recorded in its row
+        seeds = sample_seeds(self.cfg.seed, ids)  # sample i's starting noise, recorded in its row
         y = self.labels(ids)
         res = self.solve(ids, self.method.draw_x0(SeedStack(seeds, self.device), self.shape), y)
         self.write(block, ids, seeds, y, res.x_1.cpu(), res.nfe)

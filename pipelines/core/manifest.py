@@ -56,6 +56,9 @@ class DataSpec:
     class_names: list[str] = field(default_factory=list)
     manifold: str | None = None
     times: list[float] | None = None
+    # a sampling output's (x_0, x_1) pairs (`samples:DIR`): row id i's x_0 is the standard normal draw of
+    # derive_seed(pairs["seed"], i); also the generating checkpoint, method, solver and sample count
+    pairs: dict | None = None
 
     @property
     def is_image(self) -> bool:
@@ -79,6 +82,8 @@ class DataSpec:
             d["manifold"] = self.manifold
         if self.times is not None:
             d["times"] = list(self.times)
+        if self.pairs is not None:
+            d["pairs"] = dict(self.pairs)
         return d
 
     @classmethod
@@ -120,9 +125,14 @@ class DataSpec:
             if kind != "points" or num_classes != len(times):
                 raise ManifestError(f"{where}: snapshots at {len(times)} times need point rows labelled by "
                                     f"snapshot index (num_classes {len(times)}); got {kind!r}, {num_classes}")
+        pairs = d.get("pairs")
+        if pairs is not None and not (isinstance(pairs, dict) and isinstance(pairs.get("seed"), int)
+                                      and isinstance(pairs.get("checkpoint"), str)):
+            raise ManifestError(f"{where}: pairs {pairs!r} must be a mapping with the sampling seed (an integer) and "
+                                "the generating checkpoint")
         return cls(str(d["source"]), kind, list(shape), num_classes, list(d.get("class_names") or []),
                    None if manifold is None else str(manifold),
-                   None if times is None else [float(t) for t in times])
+                   None if times is None else [float(t) for t in times], pairs)
 
 
 @dataclass(frozen=True)

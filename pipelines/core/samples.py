@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
+from fm.seeding import SeedStack, derive_seed
 from pipelines.core import storage
 from pipelines.core.errors import ConfigError
 
@@ -43,6 +45,17 @@ class SamplingResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def sample_seeds(seed: int, ids) -> list[int]:
+    """The seed of each sample id's starting noise (recorded in its row): derive_seed(sample.seed, id)."""
+    return [derive_seed(seed, int(i)) for i in ids]
+
+
+def sample_noise(seed: int, ids, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """x_0 [len(ids), *shape] of sample ids `ids` of an output sampled with `seed`, on the CPU, bit for bit what the
+    sampler drew (standard normal from each id's seed alone: `fm.seeding.SeedStack`)."""
+    return SeedStack(sample_seeds(seed, ids)).randn(shape)
 
 
 def block_ids(block: int, block_size: int, n: int) -> np.ndarray:

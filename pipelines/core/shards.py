@@ -55,6 +55,23 @@ class ShardRows:
             raw[sel], labels[sel] = group_raw[local], group_labels[local]
         return raw, labels
 
+    def ids(self, rows: np.ndarray) -> np.ndarray:
+        """The row ids of split rows `rows` as int64 [len(rows)], for sources whose ids are numbers (a sampling
+        output's pairs: the sample ids, from which their noise is regenerated)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        group = np.searchsorted(self.start, rows, side="right") - 1
+        out = np.empty(len(rows), dtype=np.int64)
+        for g in np.unique(group):
+            f, k = self.where[int(g)]
+            path = self.files[f]
+            key = (path, storage.file_stamp(path), k, "id")
+            if key not in _GROUPS:
+                column = storage.parquet_file(path).read_row_group(k, columns=["id"]).column("id").to_pylist()
+                _GROUPS[key] = (None, np.asarray(column, dtype=np.int64))
+            sel = group == g
+            out[sel] = _GROUPS[key][1][rows[sel] - self.start[g]]
+        return out
+
     def _group(self, g: int) -> tuple[np.ndarray, np.ndarray]:
         f, k = self.where[g]
         path = self.files[f]

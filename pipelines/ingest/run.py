@@ -333,6 +333,11 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
     if listing.labelled and unlabelled:
         raise IngestError(f"source {spec!r} has labels; --unlabelled is only for sources without them")
     listing.manifold = _declared_manifold(listing, manifold)
+    if listing.pairs and (transform or (image_size or listing.element_shape[0]) != listing.element_shape[0]
+                          or (channels or listing.element_shape[-1]) != listing.element_shape[-1]):
+        raise IngestError(f"source {spec!r} holds pairs (x_0, x_1 = ODE(x_0)) at {list(listing.element_shape)}: "
+                          "--channels, --image-size and --transform would change x_1 and break each pair; leave "
+                          "them out")
     channels, image_size = declared_format(listing, channels, image_size, max_pixels)
     _check_task_memory(Settings(channels, image_size, transform, seed, test_fraction, listing.points, "", 1,
                                 max_pixels=max_pixels), listing, image_size)
@@ -542,6 +547,7 @@ def _manifest(listing: Listing, s: Settings, summaries: list[dict], max_bad_frac
         "class_names": listing.class_names,
         **({"manifold": listing.manifold} if listing.manifold else {}),
         **({"times": listing.times} if listing.times else {}),
+        **({"pairs": listing.pairs} if listing.pairs else {}),
         "seed": s.seed,
         "test_fraction": s.test_fraction,
         "split_rule": "the source's own" if any(r.args.get("split") for r in listing.parts)

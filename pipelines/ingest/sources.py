@@ -1,7 +1,7 @@
 """Ingest sources: parse a SPEC, check on the driver what can be checked there, and list the work as parts.
 
 SPEC: digits | fashion-mnist[:DIR] | idx:DIR | folder:DIR | parquet:GLOB | npz:FILE | toy2d:NAME | imagenet:DIR |
-tar:GLOB | manifold:NAME | snapshots:NAME.
+tar:GLOB | manifold:NAME | snapshots:NAME | samples:DIR (a sampling output as reflow's (x_0, x_1) pairs).
 
 A `Part` is a small JSON-able description of some rows (a row range of an array file, a list of image files, some
 parquet row groups, one tar archive) that a Ray task reads alone with `read_part`, in bounded memory. The listing
@@ -29,7 +29,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fm.methods import METHODS
+from fm.seeding import derive_seed
+from pipelines.core import storage
+from pipelines.core.checkpoint import load_meta
 from pipelines.core.errors import ConfigError
+from pipelines.core.samples import sample_shards, sampling_settings
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -83,6 +88,7 @@ class Listing:
     labelled: bool = True  # False: the source has no labels (every row gets label 0)
     manifold: str | None = None  # points on this manifold (`fm.manifolds.get_manifold`); rows off it are quarantined
     times: list[float] | None = None  # snapshots: observation times, a row's label its snapshot index
+    pairs: dict | None = None  # a sampling output: what made the pairs (`DataSpec.pairs`)
     ignored: list[dict] = field(default_factory=list)  # entries that are not rows: {"id", "reason"} (folders)
 
     @property
@@ -658,6 +664,63 @@ def _read_tar(file: str, classes: list[str], use_cls: bool) -> Iterator[Record]:
 
 
 # every source kind, in the order `--help` and errors list them
+# --- a sampling output as (x_0, x_1) pairs (Rectified Flow's reflow) -----------------------------------------
+
+# the settings of `_sampling.json` that fix what a sample is, given its noise: all must be recorded
+PAIR_SETTINGS = ("checkpoint", "solver", "steps", "atol", "rtol", "cfg_scale", "label", "seed", "num_samples")
+
+
+def _list_samples(req: ListRequest) -> Listing:
+    """A sampling output (`flowray sample --out DIR`): row i is sample i, x_1 its image, its label the class it was
+    sampled for; its x_0 is not stored but regenerated from derive_seed(seed, i), as the sampler drew it. Refused:
+    an output without its settings, an incomplete one, a stochastic (SDE) sampler, a generating checkpoint that
+    cannot be read or whose method does not start from standard normal noise."""
+    files, total, _ = sample_shards(req.arg)
+    settings = sampling_settings(req.arg)
+    missing = [k for k in PAIR_SETTINGS if k not in settings]
+    if missing:
+        raise IngestError(f"{req.spec}: its _sampling.json lacks {', '.join(missing)}: the pairs cannot be "
+                          "regenerated; sample again with this version's `flowray sample`")
+    if settings["solver"] == "sde":
+        raise IngestError(f"{req.spec}: sampled with the SDE solver, whose samples are not a function of their noise; "
+                          "reflow needs an ODE's pairs (sample with dopri5, or a fixed-step ODE solver)")
+    if total != settings["num_samples"]:
+        raise IngestError(f"{req.spec}: holds {total} of its {settings['num_samples']} samples; finish it first "
+                          f"(run `flowray sample` again with the same --out)")
+    try:
+        meta = load_meta(settings["checkpoint"])
+    except ConfigError as err:
+        raise IngestError(f"{req.spec}: its generating checkpoint cannot be read ({err})") from None
+    method, data = meta["method"], meta.get("manifest") or {}
+    if METHODS.get(method["name"]) is None or METHODS[method["name"]].kind != "euclidean":
+        raise IngestError(f"{req.spec}: sampled from a {method['name']!r} model, which does not start from standard "
+                          "normal noise; pairs need a Euclidean method")
+    shape, kind = list(data["shape"]), data["kind"]
+    parts = [Part(0, "samples", {"file": f, "shape": shape, "kind": kind, "seed": int(settings["seed"])},
+                  storage.parquet_metadata(f).num_rows) for f in files]
+    pairs = {**{k: settings[k] for k in PAIR_SETTINGS}, "samples": req.arg, "method": method["name"],
+             "model": meta["model"], "step": meta["step"]}
+    # a class-conditional model's samples carry the class they were drawn for; an unconditional model's carry none
+    labelled = bool(meta["model"]["kwargs"].get("num_classes"))
+    return Listing(req.spec, req.kind, parts, list(data.get("class_names") or []) if labelled else [],
+                   num_classes=data.get("num_classes") if labelled else None, element_shape=tuple(shape),
+                   points=kind == "points", labelled=labelled, pairs=pairs)
+
+
+def _read_samples(file: str, shape: list[int], kind: str, seed: int) -> Iterator[Record]:
+    """One sample shard's rows; a row whose recorded seed is not derive_seed(seed, id) is refused (not this output's
+    noise, so its pair could not be regenerated)."""
+    table = storage.read_table(file, ["id", "seed", "label", "image"])
+    dtype = np.float32 if kind == "points" else np.uint8
+    for i, s, label, cell in zip(*(table[c].to_pylist() for c in ("id", "seed", "label", "image")), strict=True):
+        want = derive_seed(seed, i)
+        if s != want:
+            yield Record(str(i), max(label, 0), error=f"sample {i} records seed {s}, but this output's noise for "
+                                                      f"it is derive_seed({seed}, {i}) = {want}")
+            continue
+        yield Record(str(i), max(label, 0), array=np.frombuffer(cell, dtype=dtype).reshape(shape))
+
+
 SOURCES: dict[str, Source] = {
     "digits": Source(_list_digits, _read_digits, None),
     "fashion-mnist": Source(_list_idx, _read_idx, "DIR", optional=True),
@@ -670,4 +733,5 @@ SOURCES: dict[str, Source] = {
     "tar": Source(_list_tar, _read_tar, "GLOB"),
     "manifold": Source(_list_manifold, _read_manifold, "NAME"),
     "snapshots": Source(_list_snapshots, _read_snapshots, "NAME"),
+    "samples": Source(_list_samples, _read_samples, "DIR"),
 }

@@ -5,6 +5,7 @@ manifest. Errors name the key, the bad value and what is allowed (`pipelines.cor
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from fm.methods import METHODS, make_method
 from fm.models import MODELS
 from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS
 from fm.training import SCHEDULES
+from pipelines.core.checkpoint import load_meta
 from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import Manifest
 from pipelines.core.memory import check_fits, model_item_bytes
@@ -103,6 +105,9 @@ class TrainConfig:
     precision: str = "auto"
     compile: bool = False  # torch.compile the training model (after the DDP wrapper; the checkpoint is unchanged)
     channels_last: bool = False  # NHWC memory format for the UNet and its batches (faster convolutions on GPUs)
+    # a checkpoint (folder or object-store prefix) whose EMA weights start the run instead of a random init (reflow's
+    # warm start from the generating model); its model must be the one this config builds. "": random init
+    init_from: str = ""
     # the EMA model's loss on this many fixed rows of val_split at every checkpoint (val_loss; 0: off), the metric a
     # sweep's early stopping compares (pipelines.train.validation)
     val_rows: int = 0
@@ -281,6 +286,17 @@ def check_data(cfg: Config):
         make_method(**method_kwargs(cfg, manifest.data))
     except ValueError as err:
         raise ConfigError(f"method.name: {err} ({cfg.data.shards} holds {manifest.data.source})") from None
+    given, pairs = METHODS[cfg.method.name].coupling == "given", manifest.data.pairs is not None
+    check(not given or pairs, "method.name", cfg.method.name,
+          f"it trains on a sampling output's pairs (x_0, x_1 = ODE(x_0)), but {cfg.data.shards} holds "
+          f"{manifest.data.source}; ingest pairs with `flowray ingest --source samples:DIR`, or run `flowray reflow`")
+    check(given or not pairs, "method.name", cfg.method.name,
+          f"{cfg.data.shards} holds a sampling output's pairs (x_0, x_1 = ODE(x_0)), which {cfg.method.name} would "
+          "re-pair with fresh noise; train on them with method.name=reflow")
+    check(not (pairs and cfg.data.hflip), "data.hflip", True,
+          "a flipped x_1 is not the sample of its x_0: pairs need data.hflip=false")
+    if cfg.train.init_from:
+        check_init_from(cfg, manifest.data)
     if cfg.model.class_conditional:
         check(manifest.raw.get("labelled", True) and manifest.data.num_classes > 0, "model.class_conditional",
                True, f"{cfg.data.shards} was ingested unlabelled (no classes to condition on)")
@@ -298,6 +314,24 @@ def check_data(cfg: Config):
                hint=": activations estimated from the model's feature maps, and data.buffer_batches "
                     f"({cfg.data.buffer_batches}) paired steps kept ready")
     return manifest
+
+
+def check_init_from(cfg: Config, data) -> None:
+    """`train.init_from` names a readable checkpoint of the model this config builds on these rows."""
+    try:
+        meta = load_meta(cfg.train.init_from)
+    except ConfigError as err:
+        raise ConfigError(f"train.init_from: {err}") from None
+    want = {"name": cfg.model.name, "kwargs": model_kwargs(cfg, data)}
+    have = {"name": meta["model"]["name"], "kwargs": meta["model"]["kwargs"]}
+    if have["name"] != want["name"]:
+        raise ConfigError(f"train.init_from: {cfg.train.init_from} holds a {have['name']} model; this config builds "
+                          f"a {want['name']}")
+    diff = [f"{k}={have['kwargs'].get(k)!r} (this config: {v!r})" for k, v in want["kwargs"].items()
+            if json.loads(json.dumps(have["kwargs"].get(k))) != json.loads(json.dumps(v))]
+    if diff:
+        raise ConfigError(f"train.init_from: {cfg.train.init_from} was trained with another model shape: "
+                          f"{', '.join(diff)}; set the model.* keys to its values (or leave init_from empty)")
 
 
 def model_kwargs(cfg: Config, data) -> dict:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipelines.core import storage
-from pipelines.core.checkpoint import check_files, load_meta
+from pipelines.core.checkpoint import check_files, load_meta, load_state
 from pipelines.core.errors import JobStopped
 from pipelines.core.manifest import Manifest
 from pipelines.core.runtime import init_ray, interruptible, is_verbose, stage, train_logging_config
@@ -77,7 +77,8 @@ def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, 
     job = TrainJob(cfg, kwargs, manifest.data, uri, run_id,
                    storage.join(run_dir, f".fault_injected_step_{cfg.train.fail_at_step}"),
                    stream_spec(cfg, manifest, kwargs, _pair_tasks(cfg)), is_verbose(),
-                   validation_set(manifest, cfg.train.val_split, cfg.train.val_rows, labels))
+                   validation_set(manifest, cfg.train.val_split, cfg.train.val_rows, labels),
+                   load_state(cfg.train.init_from, "ema")["module"] if cfg.train.init_from else None)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},

@@ -32,8 +32,9 @@ import torch
 from fm.data import to_model_space
 from fm.methods import coupling_name, make_method
 from fm.seeding import derive_seed, generator
-from fm.training import Pairs, pair_global_step, pair_step
+from fm.training import Pairs, given_pair_step, pair_global_step, pair_step
 from pipelines.core.cells import decode_rows, row_bytes
+from pipelines.core.samples import sample_noise
 from pipelines.core.shards import ShardRows, group_rows
 from pipelines.train.config import method_kwargs
 
@@ -66,6 +67,7 @@ class StreamSpec:
     tasks: int  # most pairing tasks at once per worker's stream
     prefetch_batches: int
     shuffle_window: int = 65_536  # rows shuffled together within a pass (whole row groups; data.shuffle_window)
+    pairs_seed: int | None = None  # a pairs source's sampling seed: row id i's x_0 is regenerated from it (reflow)
 
     @property
     def global_batch(self) -> int:
@@ -109,7 +111,7 @@ def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int) -> StreamSpec:
                       cfg.ray.num_workers, cfg.train.steps, cfg.train.seed, cfg.data.hflip,
                       method_kwargs(cfg, data), model_kwargs.get("num_classes"), cfg.model.label_dropout,
                       bool(data.times), cfg.ray.preprocess_cpus, tasks, cfg.ray.prefetch_batches,
-                      cfg.data.shuffle_window)
+                      cfg.data.shuffle_window, data.pairs["seed"] if data.pairs else None)
 
 
 # --- order -----------------------------------------------------------------------------------------------------
@@ -157,13 +159,16 @@ class _Order:
 def read_steps(batch: dict[str, np.ndarray], spec: StreamSpec, rank: int, first_step: int) -> dict[str, np.ndarray]:
     """Ray Data map stage: step ids (0 = `first_step`) -> one row per step: step, the split rows it reads
     row int64 [rows], raw uint8 [rows, row_bytes] and label int64 [rows] (rank `rank`'s part, or every part for the
-    global plan, in rank order)."""
+    global plan, in rank order); for a pairs source also the rows' sample ids, sample_id int64 [rows]."""
     order, steps = _Order(spec), first_step + batch["id"].astype(np.int64)
     # the groups of about CACHE_WINDOWS shuffle windows stay in the process: a window's steps draw on them
     reader = ShardRows(spec.files, spec.group_rows, spec.shape, spec.kind, CACHE_WINDOWS * spec.shuffle_window)
     rows = [order.rows(np.concatenate([spec.positions(int(s), part) for part in spec.parts(rank)])) for s in steps]
     raw, labels = zip(*(reader.take(r) for r in rows), strict=True)
-    return {"step": steps, "row": np.stack(rows), "raw": np.stack(raw), "label": np.stack(labels)}
+    out = {"step": steps, "row": np.stack(rows), "raw": np.stack(raw), "label": np.stack(labels)}
+    if spec.pairs_seed is not None:
+        out["sample_id"] = np.stack([reader.ids(r) for r in rows])
+    return out
 
 
 # --- pair ------------------------------------------------------------------------------------------------------
@@ -186,8 +191,9 @@ class PairSteps:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"step": [], "x_0": [], "x_1": [], "y": [], "state": [], "solve_s": []}
-        for step, raw, labels in zip(batch["step"], batch["raw"], batch["label"], strict=True):
-            pairs = self.pair(int(step), raw, labels)
+        ids = batch["sample_id"] if "sample_id" in batch else [None] * len(batch["step"])
+        for step, raw, labels, sample_ids in zip(batch["step"], batch["raw"], batch["label"], ids, strict=True):
+            pairs = self.pair(int(step), raw, labels, sample_ids)
             out["step"].append(int(step))
             out["x_0"].append(pairs.x_0.numpy())
             out["x_1"].append(pairs.x_1.numpy())
@@ -198,8 +204,9 @@ class PairSteps:
             del out["y"]
         return {k: _column(v) for k, v in out.items()}
 
-    def pair(self, step: int, raw: np.ndarray, labels: np.ndarray) -> Pairs:
-        """The pairs rank `rank` trains on at `step`, from the rows the step reads ([parts x b, row_bytes])."""
+    def pair(self, step: int, raw: np.ndarray, labels: np.ndarray, sample_ids: np.ndarray | None = None) -> Pairs:
+        """The pairs rank `rank` trains on at `step`, from the rows the step reads ([parts x b, row_bytes]); with a
+        pairs source, each row's x_0 regenerated from its sample id."""
         spec, b = self.spec, self.spec.batch_size
         parts = spec.parts(self.rank)
         x_1, y = [], []
@@ -212,6 +219,9 @@ class PairSteps:
                 y.append(drop_labels(lab, spec.num_classes, spec.label_dropout,
                                      generator(spec.seed, part, step, LABEL_STREAM)))
         gens = [generator(spec.seed, part, step) for part in parts]
+        if spec.pairs_seed is not None:
+            x_0 = sample_noise(spec.pairs_seed, sample_ids, x_1[0].shape[1:])
+            return given_pair_step(self.method, x_0, x_1[0], y[0] if y else None, gens[0])
         if spec.global_plan:
             return pair_global_step(self.method, x_1, y or None, gens)[parts.index(self.rank)]
         return pair_step(self.method, x_1[0], y[0] if y else None, gens[0])

@@ -18,6 +18,7 @@ from fm.methods import Method
 from fm.seeding import generator
 from pipelines.core.cells import decode_rows
 from pipelines.core.manifest import Manifest
+from pipelines.core.samples import sample_noise
 from pipelines.core.shards import ShardRows, group_rows
 
 VALIDATION_SEED = 20_240_917  # the fixed seed of the rows and draws: the same for every run, whatever train.seed
@@ -25,10 +26,12 @@ VALIDATION_SEED = 20_240_917  # the fixed seed of the rows and draws: the same f
 
 @dataclass(frozen=True)
 class ValidationSet:
-    """x_1 [n, ...] in model space and its labels y [n] (None when the model takes none)."""
+    """x_1 [n, ...] in model space and its labels y [n] (None when the model takes none); for a pairs source, each
+    row's x_0 [n, ...] (else None: the loss draws it)."""
 
     x_1: torch.Tensor
     y: torch.Tensor | None
+    x_0: torch.Tensor | None = None
 
 
 def validation_set(manifest: Manifest, split: str, rows: int, labels: str) -> ValidationSet | None:
@@ -40,11 +43,13 @@ def validation_set(manifest: Manifest, split: str, rows: int, labels: str) -> Va
     files = tuple(manifest.shard_paths(split))
     count = manifest.count(split)
     picked = np.sort(np.random.default_rng(VALIDATION_SEED).permutation(count)[:rows])
-    raw, y = ShardRows(files, group_rows(files), tuple(data.shape), data.kind).take(picked)
+    reader = ShardRows(files, group_rows(files), tuple(data.shape), data.kind)
+    raw, y = reader.take(picked)
     x_1 = decode_rows(raw, list(data.shape), data.kind)
     if data.kind == "image":
         x_1 = to_model_space(x_1)
-    return ValidationSet(x_1, None if labels == "none" else torch.from_numpy(y))
+    x_0 = sample_noise(data.pairs["seed"], reader.ids(picked), data.model_shape) if data.pairs else None
+    return ValidationSet(x_1, None if labels == "none" else torch.from_numpy(y), x_0)
 
 
 @torch.no_grad()
@@ -61,7 +66,10 @@ def validation_loss(method: Method, model: torch.nn.Module, vset: ValidationSet,
             x_1 = vset.x_1[start:start + batch_size]
             y = None if vset.y is None else vset.y[start:start + batch_size]
             # the draws on the CPU generator, the model on the device: the same value on any device
-            x_0, x_1, y = method.pair(x_1, y, g)
+            if vset.x_0 is None:
+                x_0, x_1, y = method.pair(x_1, y, g)
+            else:
+                x_0, x_1, y = method.coupling(vset.x_0[start:start + batch_size], x_1, y, g)
             loss = method.loss_on_pairs(_Remote(model, device), x_0, x_1, y, g)
             total += float(loss.double().sum())
     finally:

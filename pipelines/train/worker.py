@@ -56,6 +56,7 @@ class TrainJob:
     stream: StreamSpec
     verbose: bool = False
     validation: ValidationSet | None = None  # train.val_rows held-out rows, scored at every checkpoint
+    init_weights: dict | None = None  # train.init_from's EMA weights, read by the driver: a fresh run starts from them
 
 
 @dataclass
@@ -178,7 +179,10 @@ def _build_state(job: TrainJob) -> WorkerState:
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-    model = build_model(cfg.model.name, **job.model_kwargs).to(device)
+    model = build_model(cfg.model.name, **job.model_kwargs)
+    if job.init_weights is not None:
+        model.load_state_dict(job.init_weights)  # replaced below by the run's own checkpoint when it resumes
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     ema = EMA(model, cfg.optim.ema_decay)
     step, nonfinite_total = 0, 0
