@@ -1,6 +1,7 @@
 """Compare runs from MLflow: the paper-style table (method / path / coupling × bits/dim × FD × NFE × steps) and an
-NFE-against-quality plot. Runs on points add their own columns where any has them: NLL in nats, W2 with its floor
-(geodesic on a manifold), and the worst W2 / floor over a snapshot method's observed times."""
+NFE-against-quality plot. Some runs add their own columns where any has them: on points NLL in nats, W2 with its
+floor (geodesic on a manifold) and the worst W2 / floor over a snapshot method's observed times; Euclidean methods
+the straightness of their trajectories (`fm.straightness`), which is what few-step sampling depends on."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ COLUMNS = ["method", "path", "coupling", "solver", "sample_steps", "train_steps"
            "fd_floor",
            "fd_label",
            "sample_nfe", "likelihood_nfe", "train_run_ids", "eval_run_ids"]
-# (metric, header) of the columns that only runs on points have; a column shows when some run has its metric
-POINT_COLUMNS = [("nll", "NLL (nats)"), ("w2", "W2"), ("w2_floor", "W2 floor"), ("w2_ratio_max", "worst W2 / floor")]
+# (metric, header) of the columns that only some runs have; a column shows when some run has its metric
+OPTIONAL_COLUMNS = [("nll", "NLL (nats)"), ("w2", "W2"), ("w2_floor", "W2 floor"), ("w2_ratio_max", "worst W2 / floor"),
+                    ("straightness", "straightness")]
 
 
 def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
@@ -51,7 +53,7 @@ def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
             "fd_label": tags.get("flowray.fd_label", "FD"),
             "sample_nfe": sample.data.metrics.get("mean_nfe") if sample else None,
             "likelihood_nfe": metrics.get("likelihood_nfe"),
-            **{key: metrics.get(key) for key, _ in POINT_COLUMNS},
+            **{key: metrics.get(key) for key, _ in OPTIONAL_COLUMNS},
             "train_run_id": train.info.run_id if train else "", "eval_run_id": run.info.run_id,
         })
     return records
@@ -84,7 +86,7 @@ def table(records: list[dict]) -> list[dict]:
     for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][3], str(kv[0][4]).zfill(6))):
         row = dict(zip(["method", "path", "coupling", "solver", "sample_steps", "train_steps"], key, strict=True))
         row["runs"] = len(rs)
-        for col in ("bpd", "fd", "fd_matched", "fd_floor", "sample_nfe", "likelihood_nfe", *dict(POINT_COLUMNS)):
+        for col in ("bpd", "fd", "fd_matched", "fd_floor", "sample_nfe", "likelihood_nfe", *dict(OPTIONAL_COLUMNS)):
             row[col], row[f"{col}_std"] = _mean_std([r[col] for r in rs])
         row["fd_label"] = rs[0]["fd_label"]
         row["train_run_ids"] = " ".join(sorted({r["train_run_id"] for r in rs if r["train_run_id"]}))
@@ -101,7 +103,7 @@ def _fmt(mean, std, digits=3) -> str:
 
 def markdown(rows: list[dict]) -> str:
     fd_label = rows[0]["fd_label"] if rows else "FD"
-    extra = [(key, header) for key, header in POINT_COLUMNS if any(r.get(key) is not None for r in rows)]
+    extra = [(key, header) for key, header in OPTIONAL_COLUMNS if any(r.get(key) is not None for r in rows)]
     head = ["method", "path", "coupling", "solver", "steps", "train steps", "runs", "bits/dim", fd_label,
             f"{fd_label} at the floor's count", "floor (real vs real)", *[h for _, h in extra], "sample NFE",
             "likelihood NFE", "training runs"]

@@ -248,6 +248,7 @@ def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
         client.log_metric(ev, "fd_floor", 2.0)
         client.log_metric(ev, "fd_matched", fd + 1)
         client.log_metric(ev, "likelihood_nfe", 2 * nfe)
+        client.log_metric(ev, "straightness", {"fm_ot": 0.3, "otcfm": 0.1}[method] + (bpd - 3.1) / 10)
     result = main(["--experiment", "cmp", "--tracking-uri", uri, "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("| fm_ot") or line.startswith("| otcfm")]
@@ -255,9 +256,10 @@ def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
     sd_bpd, sd_fd = math.sqrt(0.02), math.sqrt(2.0)
     assert lines[0].startswith(f"| fm_ot | OT (sigma_min) | independent | dopri5 | adaptive | 500 | 2 | "
                                f"3.200 ± {sd_bpd:.3f} | 21.000 ± {sd_fd:.3f} | 22.000 ± {sd_fd:.3f} | 2.000 | "
-                               "100 ± 3 | 200 ± 6 |")
+                               f"0.310 ± {math.sqrt(0.0002):.3f} | 100 ± 3 | 200 ± 6 |")
     assert lines[1].startswith("| otcfm | straight line | exact OT (global batch) | dopri5 | adaptive | 500 | 1 | "
-                               "3.000 | 15.000 | 16.000 | 2.000 | 60 | 120 |")
+                               "3.000 | 15.000 | 16.000 | 2.000 | 0.090 | 60 | 120 |")
+    assert "| floor (real vs real) | straightness | sample NFE |" in out
     assert "| FD (digits classifier) at the floor's count | floor (real vs real) |" in out
     assert "FD (digits classifier)" in out
     assert result["rows"] == 2 and (tmp_path / "out" / "cmp.csv").exists()
