@@ -11,8 +11,8 @@ A trained flow's own coupling is sampled at scale and becomes the next model's t
 k rounds give the k-rectified flow. The chain is one MLflow run (`flowray.kind` reflow) with each round's training
 run nested under it (their sampling and evaluation runs nested under those, as everywhere); with the baseline, the
 generating model is sampled and evaluated with the same solvers first, so the table compares like with like. Every
-input is checked before Ray starts; a rerun of the same command continues where it stopped (sampling finishes its
-missing blocks, an ingested round is kept, training resumes its run).
+input is checked before Ray starts; a rerun of the same command reuses what was finished (sampling redoes only its
+missing blocks, an ingested round is kept, training resumes its run from its checkpoint) and evaluates again.
 """
 
 from __future__ import annotations
