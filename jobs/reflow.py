@@ -11,7 +11,8 @@ warm-started from the last model unless --from-scratch), then samples M images w
 evaluates them on the real data (--data: FD with its floor, bits/dim, straightness). With the baseline (the
 default), the generating model is sampled and evaluated with the same solvers first. One MLflow run holds the
 chain, each round's training run nested under it, and the table (reflow.md). The same command again reuses what a
-stopped chain finished (sampled blocks, an ingested round, a round's training run) and evaluates again. The last stdout line is one JSON object.
+stopped chain finished (sampled blocks, an ingested round, a round's training run) and evaluates again.
+The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
