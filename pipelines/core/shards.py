@@ -15,7 +15,7 @@ import numpy as np
 from pipelines.core import storage
 from pipelines.core.cells import row_bytes
 
-_GROUPS: OrderedDict = OrderedDict()  # (file, stamp, group) -> (raw [rows, row_bytes], labels): this process's
+_GROUPS: OrderedDict = OrderedDict()  # (file, stamp, group, what) -> (raw, labels) or (None, ids): this process's
 
 
 def group_rows(files: list[str] | tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
@@ -43,15 +43,10 @@ class ShardRows:
     def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw uint8 [len(rows), row_bytes] and labels int64 [len(rows)] of split rows `rows` (any order)."""
         rows = np.asarray(rows, dtype=np.int64)
-        if len(rows) and (rows.min() < 0 or rows.max() >= self.start[-1]):
-            raise IndexError(f"rows must be in [0, {int(self.start[-1])}); got [{rows.min()}, {rows.max()}]")
-        group = np.searchsorted(self.start, rows, side="right") - 1
         raw = np.empty((len(rows), self.row_bytes), dtype=np.uint8)
         labels = np.empty(len(rows), dtype=np.int64)
-        for g in np.unique(group):
-            sel = group == g
-            group_raw, group_labels = self._group(int(g))
-            local = rows[sel] - self.start[g]
+        for g, sel, local in self._by_group(rows):
+            group_raw, group_labels = self._group(g, "image", self._read_cells)
             raw[sel], labels[sel] = group_raw[local], group_labels[local]
         return raw, labels
 
@@ -59,33 +54,47 @@ class ShardRows:
         """The row ids of split rows `rows` as int64 [len(rows)], for sources whose ids are numbers (a sampling
         output's pairs: the sample ids, from which their noise is regenerated)."""
         rows = np.asarray(rows, dtype=np.int64)
-        group = np.searchsorted(self.start, rows, side="right") - 1
         out = np.empty(len(rows), dtype=np.int64)
-        for g in np.unique(group):
-            f, k = self.where[int(g)]
-            path = self.files[f]
-            key = (path, storage.file_stamp(path), k, "id")
-            if key not in _GROUPS:
-                column = storage.parquet_file(path).read_row_group(k, columns=["id"]).column("id").to_pylist()
-                _GROUPS[key] = (None, np.asarray(column, dtype=np.int64))
-            sel = group == g
-            out[sel] = _GROUPS[key][1][rows[sel] - self.start[g]]
+        for g, sel, local in self._by_group(rows):
+            out[sel] = self._group(g, "id", self._read_ids)[1][local]
         return out
 
-    def _group(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+    def _by_group(self, rows: np.ndarray):
+        """(group, mask of `rows` in it, their rows within the group) for each row group `rows` [N] touch."""
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.start[-1]):
+            raise IndexError(f"rows must be in [0, {int(self.start[-1])}); got [{rows.min()}, {rows.max()}]")
+        group = np.searchsorted(self.start, rows, side="right") - 1
+        for g in np.unique(group):
+            sel = group == g
+            yield int(g), sel, rows[sel] - self.start[g]
+
+    def _group(self, g: int, what: str, read) -> tuple:
+        """Group g's `what` columns, `read(g)` once and then kept in this process (LRU; each entry's second
+        element is a per-row array, which the capacity counts)."""
         f, k = self.where[g]
         path = self.files[f]
-        key = (path, storage.file_stamp(path), k)  # a local shard rewritten in place is read again
+        key = (path, storage.file_stamp(path), k, what)  # a local shard rewritten in place is read again
         if key in _GROUPS:
             _GROUPS.move_to_end(key)
             return _GROUPS[key]
-        table = storage.parquet_file(path).read_row_group(k, columns=["image", "label"])
-        value = (self._raw(table.column("image").combine_chunks(), f, int(self.start[g] - self.file_first[f])),
-                 table.column("label").to_numpy(zero_copy_only=False).astype(np.int64))
+        value = read(g)
         _GROUPS[key] = value
         while len(_GROUPS) > 1 and sum(len(v[1]) for v in _GROUPS.values()) > self.capacity:
             _GROUPS.popitem(last=False)
         return value
+
+    def _read_cells(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """Group g's raw cells [rows, row_bytes] and labels [rows]."""
+        f, k = self.where[g]
+        table = storage.parquet_file(self.files[f]).read_row_group(k, columns=["image", "label"])
+        return (self._raw(table.column("image").combine_chunks(), f, int(self.start[g] - self.file_first[f])),
+                table.column("label").to_numpy(zero_copy_only=False).astype(np.int64))
+
+    def _read_ids(self, g: int) -> tuple[None, np.ndarray]:
+        """Group g's ids as int64 [rows]."""
+        f, k = self.where[g]
+        table = storage.parquet_file(self.files[f]).read_row_group(k, columns=["id"])
+        return None, np.asarray(table.column("id").to_pylist(), dtype=np.int64)
 
     def _raw(self, cells, f: int, first: int) -> np.ndarray:
         """A group's binary cells as uint8 [rows, row_bytes], every row's size checked (`first`: the group's first

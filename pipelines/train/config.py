@@ -5,7 +5,6 @@ manifest. Errors name the key, the bad value and what is allowed (`pipelines.cor
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -328,7 +327,7 @@ def check_init_from(cfg: Config, data) -> None:
         raise ConfigError(f"train.init_from: {cfg.train.init_from} holds a {have['name']} model; this config builds "
                           f"a {want['name']}")
     diff = [f"{k}={have['kwargs'].get(k)!r} (this config: {v!r})" for k, v in want["kwargs"].items()
-            if json.loads(json.dumps(have["kwargs"].get(k))) != json.loads(json.dumps(v))]
+            if have["kwargs"].get(k) != v]  # both JSON's types: model_kwargs gives lists, not tuples
     if diff:
         raise ConfigError(f"train.init_from: {cfg.train.init_from} was trained with another model shape: "
                           f"{', '.join(diff)}; set the model.* keys to its values (or leave init_from empty)")
