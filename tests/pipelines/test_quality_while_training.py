@@ -120,20 +120,16 @@ def test_the_run_page_shows_dataset_source_child_runs_and_charts(trained):
         assert sampled["mlflow_run_id"] in {r.info.run_id for r in MlflowClient(uri).search_runs(
             [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{trained['run_id']}'")}
 
-        # the metric charts render (Plotly's figures) in the model-training view the link selects; a fresh browser
-        # without it is in the GenAI view, which draws none
+        # the metric charts render (Plotly's figures) in the model-training view the link selects. What a link
+        # without `workflowType` shows is MLflow's choice (the GenAI view here, the training view on CI's machine):
+        # not asserted, it is not ours
         charts, text = _charts(link.replace("?", "/model-metrics?"))
         assert charts >= 2 and "Model metrics" in text, text[-3000:]
-        dom, _ = _page(link.split("?")[0] + "/model-metrics")
-        assert dom.count('class="main-svg"') == 0
 
-        # the experiment opens on its runs table in the model-training view when the link says so; without it, a
-        # fresh browser gets the GenAI overview, whatever the experiment's kind tag says (MLflow 3.17)
+        # the experiment opens on its runs table in the model-training view when the link says so
         experiment = f"{base}/#/experiments/{run.info.experiment_id}"
         _, text = _page(f"{experiment}?workflowType=machine_learning")
         assert "Runs - Experiment" in text and "quality" in text and "matching runs" in text
-        _, text = _page(experiment)
-        assert "Traces" in text and "matching runs" not in text
     finally:
         kill_tree(server)
 
