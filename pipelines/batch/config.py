@@ -88,6 +88,10 @@ class EvalConfig:
     gpus_per_actor: float = 0.0
     straightness_samples: int = 64  # trajectories whose straightness is measured (fm.straightness); 0: none
     straightness_steps: int = 16  # their RK4 steps
+    # the likelihood's network evaluations under autocast: fp32 | bf16 | fp16 (GPU actors only). The ODE state, the
+    # probes and the log-density integral stay fp32; the divergence is the vector-Jacobian product of that same
+    # autocast forward (an fp32 divergence would need an fp32 forward, which is what fp32 is)
+    precision: str = "fp32"
 
 
 FEATURES = ("auto", "inception", "classifier")
@@ -117,6 +121,9 @@ def validate_eval_config(c: EvalConfig) -> None:
     check(c.gpus_per_actor >= 0, "eval.gpus_per_actor", c.gpus_per_actor, "must be >= 0")
     check(c.straightness_samples >= 0, "eval.straightness_samples", c.straightness_samples, "must be >= 0 (0: none)")
     check(c.straightness_steps >= 1, "eval.straightness_steps", c.straightness_steps, "must be >= 1")
+    check(c.precision in PRECISIONS[1:], "eval.precision", c.precision, f"allowed: {', '.join(PRECISIONS[1:])}")
+    check(c.precision != "fp16" or c.gpus_per_actor > 0, "eval.precision", c.precision,
+           "fp16 needs GPU actors (eval.gpus_per_actor > 0); use fp32 or bf16 on CPU")
     try:
         check_solver(c.solver, c.steps, c.atol, c.rtol)
     except ValueError as err:

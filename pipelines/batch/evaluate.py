@@ -15,6 +15,7 @@ import torch
 
 from fm.likelihood import LikelihoodSettings, bits_per_dim, mean_and_stderr
 from fm.seeding import SeedStack, derive_seed
+from fm.solvers import autocast_field
 from pipelines.batch.classifier import get_classifier
 from pipelines.batch.config import EvalConfig, validate_eval_config
 from pipelines.batch.features import FeatureNet, feature_stage, split_stats
@@ -26,6 +27,7 @@ from pipelines.core.manifest import DataSpec, Manifest
 from pipelines.core.memory import check_fits, model_item_bytes
 from pipelines.core.runtime import Progress, actor_pool, init_ray, spread, stage, use_cpu_share
 from pipelines.core.samples import read_samples, sample_shards, sampling_run_id, sampling_settings
+from pipelines.core.settings import autocast_dtype
 from pipelines.core.shards import ShardRows, group_rows
 from pipelines.core.tracking import SafeLogger, dataset_input, start_child_run
 
@@ -49,6 +51,7 @@ class LikelihoodResult:
     probes: int | None  # H Hutchinson probes; None for the exact divergence
     images_per_s: float
     wall_s: float
+    precision: str = "fp32"  # eval.precision: the network's autocast dtype
 
 
 @dataclass
@@ -197,6 +200,8 @@ class LikelihoodActor(_ModelActor):
         super().__init__(checkpoint, cfg, data)
         self.rows = likelihood_rows(count, self.cfg.max_images, self.cfg.seed)
         self.reader = ShardRows(files, groups, tuple(data.shape), data.kind)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
+        self.loaded.model.to(self.device)
 
     def __call__(self, batch: dict) -> dict:
         out = {"row": [], "value": [], "nfe": []}
@@ -210,18 +215,20 @@ class LikelihoodActor(_ModelActor):
 
     def score(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
         c, method = self.cfg, self.loaded.method
-        fn = method.velocity(self.loaded.model)
+        fn = autocast_field(method.velocity(self.loaded.model), autocast_dtype(c.precision, self.device.type),
+                            self.device.type)
+        # the draws come from CPU generators (the same numbers on any device), then move to the rows' device
         seeds = SeedStack([derive_seed(c.seed, LIKELIHOOD_STREAM, int(r)) for r in rows])
         settings = LikelihoodSettings(c.divergence, c.probes, c.probe_kind, c.solver, c.atol, c.rtol, c.steps,
                                       t_1=method.t_max)
         raw, _ = self.reader.take(rows)
         if self.data.is_image:
-            res = bits_per_dim(fn, decode_rows(raw, self.data.shape).float(), draws=c.draws, generator=seeds,
-                               settings=settings)
-            return res.bpd.numpy(), res.nfe
-        x = decode_rows(raw, self.data.shape, "points")
+            res = bits_per_dim(fn, decode_rows(raw, self.data.shape).float().to(self.device), draws=c.draws,
+                               generator=seeds, settings=settings)
+            return res.bpd.cpu().numpy(), res.nfe
+        x = decode_rows(raw, self.data.shape, "points").to(self.device)
         res = method.log_likelihood(fn, x, settings, seeds)  # in the method's space (on a manifold: Riemannian)
-        return (-res.log_p).numpy(), res.nfe
+        return (-res.log_p).cpu().numpy(), res.nfe
 
 
 class TransportActor(_ModelActor):
@@ -252,16 +259,18 @@ def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig,
     count = manifest.count(cfg.split)
     total = len(likelihood_rows(count, cfg.max_images, cfg.seed))
     blocks = -(-total // cfg.batch_size)
-    actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, 0.0, memory, work=-(-blocks // cfg.blocks_per_call))
-    stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence) "
-          f"on {actors} actor(s)")
+    actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, memory,
+                                work=-(-blocks // cfg.blocks_per_call))
+    stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence, "
+          f"{cfg.precision}) on {actors} actor(s)")
     actor_args = (checkpoint, cfg, manifest.data, files, group_rows(files), count)
     start = time.perf_counter()
     progress = Progress("bits/dim" if manifest.data.is_image else "NLL", total, "images")
     rows, values, nfes = [], [], []
     ds = ray.data.range(blocks, override_num_blocks=min(blocks, 4 * actors)).map_batches(
         LikelihoodActor, fn_constructor_args=actor_args, batch_size=cfg.blocks_per_call, batch_format="numpy",
-        compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor, memory=memory)
+        compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
+        memory=memory)
     for batch in ds.iter_batches(batch_size=None):
         rows.append(np.asarray(batch["row"], dtype=np.int64))
         values.append(np.asarray(batch["value"], dtype=np.float64))
@@ -281,7 +290,7 @@ def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memor
     return LikelihoodResult(metric="bpd" if unit == "bits/dim" else "nll", unit=unit, mean=mean, stderr=stderr,
                             n=len(values), mean_nfe=float(nfes.mean()), draws=cfg.draws, divergence=cfg.divergence,
                             probes=cfg.probes if cfg.divergence == "hutchinson" else None,
-                            images_per_s=len(values) / wall, wall_s=wall)
+                            images_per_s=len(values) / wall, wall_s=wall, precision=cfg.precision)
 
 
 INCEPTION_MIN_SIZE = 16  # below this, Inception features of images upsampled to 299 x 299 mean little

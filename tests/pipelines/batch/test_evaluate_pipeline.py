@@ -211,6 +211,38 @@ def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     torch.testing.assert_close(one.subset, direct[one.subset_ids].float(), rtol=1e-5, atol=1e-5)
 
 
+def test_eval_precision_runs_the_likelihood_network_under_autocast(tmp_path):
+    """eval.precision=bf16: the likelihood actor's network runs under bf16 autocast, its NLLs move by bf16's rounding
+    and no more, and the default is fp32; fp16 on CPU actors is refused before Ray."""
+    from fm.models import MLP
+    from pipelines.batch.evaluate import LikelihoodActor
+    from pipelines.core.shards import group_rows
+
+    torch.manual_seed(0)
+    manifest = load_manifest(ingest("toy2d:moons", tmp_path / "moons", shards=1).out)
+    net = MLP(dim=2, hidden=64, depth=2)
+    ckpt = save_checkpoint(tmp_path / "ckpt", step=0, model=net, ema_state=EMA(net).state_dict(), optimizer=None,
+                           model_name="mlp", model_kwargs={"dim": 2, "hidden": 64, "depth": 2},
+                           method_kwargs={"name": "fm_ot", "sigma_min": 0.0}, config={},
+                           extra={"manifest": {"source": "toy2d:moons", "kind": "points", "shape": [2],
+                                               "num_classes": 1, "class_names": []}})
+    files = tuple(manifest.shard_paths("test"))
+    nll, dtypes, threads = {}, set(), torch.get_num_threads()
+    for precision in ("fp32", "bf16"):
+        cfg = EvalConfig(max_images=16, batch_size=16, solver="rk4", steps=8, precision=precision)
+        actor = LikelihoodActor(str(ckpt), cfg, manifest.data, files, group_rows(files), manifest.count("test"))
+        actor.loaded.model.out.register_forward_hook(lambda m, i, out, p=precision: dtypes.add((p, out.dtype)))
+        nll[precision], nfe = actor.score(actor.rows)
+        assert nfe == 8 * 4 and np.isfinite(nll[precision]).all()
+    torch.set_num_threads(threads)  # the actor took its share of the threads: the suite goes on as it was
+    assert dtypes == {("fp32", torch.float32), ("bf16", torch.bfloat16)}
+    assert 0 < np.abs(nll["bf16"] - nll["fp32"]).max() < 0.1  # nats; bf16 keeps 8 bits of mantissa
+    assert EvalConfig().precision == "fp32"
+    with pytest.raises(ConfigError, match=r"^eval.precision: 'fp16' is not allowed; fp16 needs GPU actors "
+                                          r"\(eval.gpus_per_actor > 0\); use fp32 or bf16 on CPU$"):
+        run_evaluation(str(ckpt), manifest, None, EvalConfig(precision="fp16"))
+
+
 def test_bad_evaluation_input(tmp_path):
     ingest("digits", tmp_path / "digits", shards=1)
     ckpt = gaussian_checkpoint(tmp_path / "ckpt", [4, 4, 1])
