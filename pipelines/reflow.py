@@ -8,11 +8,12 @@ A trained flow's own coupling is sampled at scale and becomes the next model's t
               from model r-1 unless from scratch)  ->  sample with every evaluation solver and evaluate on the real
               data (FD with its floor, bits/dim, straightness)
 
-k rounds give the k-rectified flow. The chain is one MLflow run (`flowray.kind` reflow) with each round's training
-run nested under it (their sampling and evaluation runs nested under those, as everywhere); with the baseline, the
-generating model is sampled and evaluated with the same solvers first, so the table compares like with like. Every
-input is checked before Ray starts; a rerun of the same command reuses what was finished (sampling redoes only its
-missing blocks, an ingested round is kept, training resumes its run from its checkpoint) and evaluates again.
+k rounds give the (k+1)-rectified flow (Liu et al.'s numbering: the generating model is the 1-rectified one). The
+chain is one MLflow run (`flowray.kind` reflow) with each round's training run nested under it (their sampling and
+evaluation runs nested under those, as everywhere); with the baseline, the generating model is sampled and evaluated
+with the same solvers first, so the table compares like with like. Every input is checked before Ray starts; a rerun
+of the same command reuses what was finished (sampling redoes only its missing blocks, an ingested round is kept,
+training resumes its run from its checkpoint) and evaluates again.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class ReflowSpec:
     num_pairs: int
     config: str | None = None  # the training config of every round (method.name is set to reflow)
     overrides: list[str] = field(default_factory=list)  # its --set section.key=value
-    rounds: int = 1  # k: the k-rectified flow
+    rounds: int = 1  # k reflows: the (k+1)-rectified flow (Liu et al.: the first trained flow is 1-rectified)
     warm_start: bool = True  # start round r from model r-1's weights; False: a random init
     pair_sampler: SampleConfig = field(default_factory=lambda: SampleConfig(solver="dopri5"))
     solves: list[SampleConfig] = field(default_factory=list)  # evaluation samplers (num_samples each)
@@ -114,8 +115,8 @@ def run_reflow(spec: ReflowSpec) -> dict:
     parent, resumed = find_or_create_run(
         p.uri, p.configs[0].mlflow.experiment, spec.name,
         {"flowray.kind": "reflow", "flowray.storage": storage.join(spec.out, spec.name),
-         "mlflow.note.content": f"{spec.rounds}-rectified flow from {spec.checkpoint}: {spec.num_pairs} pairs a round "
-                                f"({p.pair_sampler.solver}), {'warm' if spec.warm_start else 'cold'} start"})
+         "mlflow.note.content": f"{spec.rounds + 1}-rectified flow from {spec.checkpoint}: {spec.num_pairs} pairs a "
+                                f"round ({p.pair_sampler.solver}), {'warm' if spec.warm_start else 'cold'} start"})
     log = SafeLogger(p.uri, parent)
     if not resumed:
         log.params({"reflow.checkpoint": spec.checkpoint, "reflow.num_pairs": spec.num_pairs,
@@ -197,7 +198,7 @@ def reflow_markdown(baseline: list[SolveRecord] | None, rounds: list[dict]) -> s
     lines = [head, "|" + " --- |" * (len(records) + 4)]
     if baseline:
         lines.append(_row("generating model", baseline))
-    lines += [_row(f"{r['round']}-rectified", r["records"]) for r in rounds]
+    lines += [_row(f"{r['round'] + 1}-rectified", r["records"]) for r in rounds]
     if floor is not None:
         lines.append(f"\n{label} floor (held-out real images against the reference): {floor:.3f}")
     return "\n".join(lines)

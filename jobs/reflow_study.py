@@ -1,0 +1,196 @@
+"""Few-step sampling at equal training steps: trained flows against their 2-rectified flows (Rectified Flow's reflow),
+and uniform against logit-normal time sampling, through the real pipeline.
+
+    flowray reflow-study --config configs/digits-cpu.yaml --data data/digits [--source digits]
+        [--methods icfm,otcfm,otcfm:logit_normal] [--reflow-from otcfm] [--seeds 0,1] [--steps 600]
+        [--reflow-at 300] [--num-pairs 3000] [--solvers euler:1,euler:2,euler:4,euler:8,dopri5]
+        [--num-samples 500] [--name reflow-study] [--out outputs/reflow-study] [--set section.key=value ...]
+
+Every row trains the same model on the same data for `--steps` steps in all. A method row (METHOD, or
+METHOD:logit_normal for logit-normal t with loc 0 and scale 1) trains `--steps` steps, keeping its checkpoint at
+`--reflow-at`. A reflow row (`--reflow-from`) takes that step-`--reflow-at` checkpoint of the same run, samples
+`--num-pairs` pairs from it with dopri5 (the batch stage; each pair's noise regenerated from its seed), and trains
+the 2-rectified flow on them for the remaining `--steps` - `--reflow-at` steps, warm-started from it (`flowray
+reflow`'s chain, one round). Each trained model is sampled with every `--solvers` entry and evaluated on the real
+data: FD (or FID) with its floor, bits/dim, straightness. The table (mean ± std over seeds) goes to
+OUT/NAME/table.md, every figure to OUT/NAME/result.json, and every run to one MLflow experiment (NAME).
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from jobs.cli import add_common, run_job
+
+TIME_VARIANTS = ("uniform", "logit_normal")
+
+
+def parse(argv):
+    from fm.methods import METHODS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/digits-cpu.yaml", help="the training config of every row (YAML)")
+    p.add_argument("--data", default="data/digits", help="the real data's shards (ingested from --source if absent)")
+    p.add_argument("--source", default="digits", help="what to ingest into --data when it holds no manifest")
+    p.add_argument("--methods", default="icfm,otcfm", help="METHOD or METHOD:logit_normal, comma-separated")
+    p.add_argument("--reflow-from", default="otcfm", help="methods whose 2-rectified flow is trained ('' for none)")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--steps", type=int, default=600, help="training steps of every row, in all")
+    p.add_argument("--reflow-at", type=int, default=300, help="the generating checkpoint's step")
+    p.add_argument("--num-pairs", type=int, default=3000)
+    p.add_argument("--solvers", default="euler:1,euler:2,euler:4,euler:8,dopri5")
+    p.add_argument("--num-samples", type=int, default=500, help="samples per solver")
+    p.add_argument("--name", default="reflow-study")
+    p.add_argument("--out", default="outputs/reflow-study")
+    add_common(p, tracking=False)
+    a = p.parse_args(argv)
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    a.variants = [tuple(m.partition(":")[::2]) for m in a.methods.split(",")]
+    a.reflow_from = [m for m in a.reflow_from.split(",") if m]
+    for method, timing in a.variants:
+        if method not in METHODS:
+            p.error(f"--methods: unknown method {method!r}; allowed: {', '.join(METHODS)}")
+        if timing not in ("", *TIME_VARIANTS):
+            p.error(f"--methods: {method}:{timing}: unknown time sampling; allowed: {', '.join(TIME_VARIANTS)}")
+    for method in a.reflow_from:
+        if (method, "") not in a.variants:
+            p.error(f"--reflow-from: {method!r} is not one of --methods' uniform-time methods")
+    if not 0 < a.reflow_at < a.steps:
+        p.error(f"--reflow-at: {a.reflow_at} must be between 0 and --steps ({a.steps}), exclusive")
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse(argv)
+    return run_job("reflow_study", a, lambda: _study(a))
+
+
+def _label(method: str, timing: str) -> str:
+    return f"{method} ({timing or 'uniform'} t)"
+
+
+def _study(a) -> dict:
+    from pipelines.batch.config import EvalConfig
+    from pipelines.chain import ensure_ingested, train_sample_evaluate
+    from pipelines.reflow import ReflowSpec, run_reflow, solves_from
+    from pipelines.train.config import load_config
+
+    out = Path(a.out) / a.name
+    common = [f"data.shards={a.data}", f"mlflow.experiment={a.name}", f"train.storage_path={out / 'ray_results'}",
+              "train.sample_every=0", "train.log_every=50", *a.overrides]
+    configs = {}
+    for method, timing in a.variants:  # every config checked before anything runs
+        for seed in a.seeds:
+            sets = [*common, f"method.name={method}", f"train.steps={a.steps}", f"train.seed={seed}",
+                    f"train.checkpoint_every={a.reflow_at}", "train.num_to_keep=1000",
+                    f"train.run_name={a.name}-{method}{'-' + timing if timing else ''}-s{seed}"]
+            sets += ["method.ot_scope=global"] if method == "otcfm" else []
+            sets += [f"method.time_sampling={timing}"] if timing else []
+            configs[(method, timing, seed)] = load_config(a.config, sets)
+    ensure_ingested(a.source, a.data)
+
+    ecfg = EvalConfig(divergence="hutchinson", probes=1, batch_size=60, actors=2)
+    rows: dict[str, list[dict]] = {}
+    start = time.perf_counter()
+    for (method, timing, seed), cfg in configs.items():
+        solves = solves_from(a.solvers, a.num_samples, {"seed": seed, "block_size": 100, "actors": 2})
+        chain = train_sample_evaluate(cfg, solves, ecfg, out / "samples" / f"{method}{timing}-s{seed}")
+        rows.setdefault(_label(method, timing), []).append(_figures(chain["solves"], seed, chain["train"]["wall_s"]))
+        print(json.dumps({"progress": [method, timing, seed, rows[_label(method, timing)][-1]]}), flush=True)
+        if timing or method not in a.reflow_from:
+            continue
+        generator = _checkpoint_at(chain["train"]["run_dir"], a.reflow_at)
+        spec = ReflowSpec(checkpoint=generator, data=a.data, num_pairs=a.num_pairs, config=a.config,
+                          overrides=[*common, f"train.steps={a.steps - a.reflow_at}", f"train.seed={seed}"],
+                          rounds=1, solves=solves, eval_config=ecfg, out=str(out / "reflow"),
+                          name=f"{a.name}-{method}-s{seed}-reflow", baseline=False,
+                          pair_sampler=solves_from("dopri5", a.num_pairs,
+                                                   {"seed": seed, "block_size": 100, "actors": 2})[0])
+        (r,) = run_reflow(spec)["rounds"]
+        figures = _figures(r["records"], seed, r["train"]["wall_s"])
+        figures.update(pairs_per_s=r["pairs"]["samples_per_s"], pairs_wall_s=r["pairs"]["wall_s"],
+                       pairs_and_ingest_s=r["pairs_and_ingest_s"], pairs_nfe=r["pairs"]["mean_nfe"])
+        rows.setdefault(f"2-rectified from {method}", []).append(figures)
+        print(json.dumps({"progress": [method, "reflow", seed, figures]}), flush=True)
+    tags = [s.strip() for s in a.solvers.split(",") if s.strip()]
+    table = markdown(rows, tags, a)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table + "\n")
+    result = {"name": a.name, "config": a.config, "data": a.data, "seeds": a.seeds, "steps": a.steps,
+              "reflow_at": a.reflow_at, "num_pairs": a.num_pairs, "num_samples": a.num_samples, "solvers": tags,
+              "wall_s": round(time.perf_counter() - start, 1), "rows": rows, "table_md": str(out / "table.md")}
+    (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    print(table)
+    print(json.dumps(result, default=str))
+    return result
+
+
+def _checkpoint_at(run_dir: str, step: int) -> str:
+    """The checkpoint of `step` among a run's kept ones (Ray Train's `checkpoint_*` folders)."""
+    import pyarrow.fs as pafs
+
+    from pipelines.core import storage
+    from pipelines.core.checkpoint import load_meta
+
+    fs, path = storage.resolve(run_dir)
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            folder = storage.join(run_dir, info.base_name)
+            if load_meta(folder)["step"] == step:
+                return folder
+    raise RuntimeError(f"{run_dir} kept no checkpoint of step {step}")
+
+
+def _figures(records, seed: int, train_s: float) -> dict:
+    """One trained model's figures: FD at each solver, the last solver's NFE, straightness, bits/dim."""
+    ev = records[0].evaluation
+    q = ev.quality
+    return {"seed": seed, "train_s": train_s, "fd_label": q.fd_label, "fd_floor": q.fd_floor,
+            "fd": {r.solver: r.evaluation.quality.fd for r in records},
+            "nfe": {r.solver: r.sample.mean_nfe for r in records},
+            "straightness": ev.straightness.straightness if ev.straightness else None,
+            "bpd": ev.likelihood.mean if ev.likelihood else None}
+
+
+def _cell(values: list[float], digits: int = 2) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def markdown(rows: dict[str, list[dict]], tags: list[str], a) -> str:
+    """FD at every solver, the adaptive solver's NFE, straightness and bits/dim: mean ± std over seeds."""
+    first = next(iter(rows.values()))[0]
+    solver_keys = list(first["fd"])
+    head = ("| model | " + " | ".join(f"{first['fd_label']} {t}" for t in tags)
+            + f" | NFE ({tags[-1]}) | straightness | bits/dim | seeds |")
+    lines = [head, "|" + " --- |" * (len(tags) + 5)]
+    for label, figs in rows.items():
+        cells = [_cell([f["fd"][k] for f in figs]) for k in solver_keys]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell([f['nfe'][solver_keys[-1]] for f in figs], 0)}"
+                     f" | {_cell([f['straightness'] for f in figs], 4)} | {_cell([f['bpd'] for f in figs], 3)} | "
+                     f"{len(figs)} |")
+    floors = [f["fd_floor"] for figs in rows.values() for f in figs if f["fd_floor"] is not None]
+    if floors:
+        lines.append(f"\n{first['fd_label']} floor (held-out real images against the reference): {floors[0]:.3f}")
+    pairs = [f for figs in rows.values() for f in figs if "pairs_per_s" in f]
+    if pairs:
+        lines.append(f"\nPairs (dopri5, {a.num_pairs} per reflow): "
+                     f"{_cell([f['pairs_per_s'] for f in pairs], 1)} samples/s on the batch stage, "
+                     f"{_cell([f['pairs_wall_s'] for f in pairs], 0)} s sampling, "
+                     f"{_cell([f['pairs_and_ingest_s'] for f in pairs], 0)} s with ingest, mean NFE "
+                     f"{_cell([f['pairs_nfe'] for f in pairs], 0)}; training {a.steps} steps in all per row "
+                     f"(reflow rows: {a.reflow_at} + {a.steps - a.reflow_at}).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
