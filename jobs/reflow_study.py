@@ -157,13 +157,14 @@ def _figures(records, seed: int, train_s: float) -> dict:
             "bpd": ev.likelihood.mean if ev.likelihood else None}
 
 
-def _cell(values: list[float], digits: int = 2) -> str:
+def _cell(values: list[float], fmt: str = ".2f") -> str:
+    """Mean ± sample standard deviation (n - 1) of one cell's values over seeds; the value alone for one seed."""
     values = [v for v in values if v is not None]
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
 def markdown(rows: dict[str, list[dict]], tags: list[str], a) -> str:
@@ -175,19 +176,20 @@ def markdown(rows: dict[str, list[dict]], tags: list[str], a) -> str:
     lines = [head, "|" + " --- |" * (len(tags) + 5)]
     for label, figs in rows.items():
         cells = [_cell([f["fd"][k] for f in figs]) for k in solver_keys]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell([f['nfe'][solver_keys[-1]] for f in figs], 0)}"
-                     f" | {_cell([f['straightness'] for f in figs], 4)} | {_cell([f['bpd'] for f in figs], 3)} | "
-                     f"{len(figs)} |")
+        cells += [_cell([f["nfe"][solver_keys[-1]] for f in figs], ".0f"),
+                  _cell([f["straightness"] for f in figs], ".3g"), _cell([f["bpd"] for f in figs], ".3f"),
+                  str(len(figs))]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     floors = [f["fd_floor"] for figs in rows.values() for f in figs if f["fd_floor"] is not None]
     if floors:
         lines.append(f"\n{first['fd_label']} floor (held-out real images against the reference): {floors[0]:.3f}")
     pairs = [f for figs in rows.values() for f in figs if "pairs_per_s" in f]
     if pairs:
         lines.append(f"\nPairs (dopri5, {a.num_pairs} per reflow): "
-                     f"{_cell([f['pairs_per_s'] for f in pairs], 1)} samples/s on the batch stage, "
-                     f"{_cell([f['pairs_wall_s'] for f in pairs], 0)} s sampling, "
-                     f"{_cell([f['pairs_and_ingest_s'] for f in pairs], 0)} s with ingest, mean NFE "
-                     f"{_cell([f['pairs_nfe'] for f in pairs], 0)}; training {a.steps} steps in all per row "
+                     f"{_cell([f['pairs_per_s'] for f in pairs], '.1f')} samples/s on the batch stage, "
+                     f"{_cell([f['pairs_wall_s'] for f in pairs], '.0f')} s sampling, "
+                     f"{_cell([f['pairs_and_ingest_s'] for f in pairs], '.0f')} s with ingest, mean NFE "
+                     f"{_cell([f['pairs_nfe'] for f in pairs], '.0f')}; training {a.steps} steps in all per row "
                      f"(reflow rows: {a.reflow_at} + {a.steps - a.reflow_at}).")
     return "\n".join(lines)
 
