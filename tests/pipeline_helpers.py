@@ -17,8 +17,11 @@ TINY = [
 ]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def tiny_config(shards: Path, storage: Path, tracking_uri: str, run_name: str, *extra: str):
-    return load_config("configs/digits-cpu.yaml", [
+    return load_config(str(ROOT / "configs/digits-cpu.yaml"), [
         *TINY, f"data.shards={shards}", f"train.storage_path={storage}", f"mlflow.tracking_uri={tracking_uri}",
         f"train.run_name={run_name}", "mlflow.experiment=tests", *extra])
 

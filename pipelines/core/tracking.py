@@ -28,9 +28,13 @@ DEFAULT_STORE = Path("outputs") / "mlflow.db"  # artifacts beside it in outputs/
 
 def tracking_uri(configured: str | None = None) -> str:
     """The MLflow tracking URI: the configured one (`mlflow.tracking_uri`), else $MLFLOW_TRACKING_URI, else sqlite at
-    outputs/mlflow.db (created)."""
+    outputs/mlflow.db (created). A relative sqlite path is made absolute here, on the driver: Ray Train runs its
+    workers in another folder (the Ray session's artifacts/<run name>/), where it would name another store."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        path = uri.removeprefix("sqlite:///")
+        if uri.startswith("sqlite:///") and not path.startswith(("/", ":memory:")):
+            return f"sqlite:///{(Path.cwd() / path).resolve()}"
         return uri
     store = (Path.cwd() / DEFAULT_STORE).resolve()
     store.parent.mkdir(parents=True, exist_ok=True)

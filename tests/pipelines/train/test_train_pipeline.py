@@ -52,14 +52,18 @@ def _snapshot(client, run_id) -> dict:
             "history": {k: _history(client, run_id, k) for k in sorted(run.data.metrics)}}
 
 
-def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_local):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_local, monkeypatch):
+    # a store named relative to the current folder, as a user types it: the workers (which Ray Train runs in
+    # another folder) log into the same one
+    monkeypatch.chdir(tmp_path)
+    uri = "sqlite:///mlflow.db"
     res = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=8",
                                    "train.val_rows=40"))
     assert res["metrics"]["step"] == 8 and not res["resumed"]
+    assert res["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     loaded = load_model(res["checkpoint"])
     assert loaded.step == 8 and loaded.meta["model"]["kwargs"]["model_channels"] == 8
-    client = MlflowClient(uri)
+    client = MlflowClient(res["tracking_uri"])
     run = client.get_run(res["run_id"])
     # the validation loss at each checkpoint is the EMA model's loss on the fixed held-out rows, recomputed here
     # from the checkpoint alone (float32 kernels of another thread count: a relative 1e-4)
