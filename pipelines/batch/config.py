@@ -34,6 +34,13 @@ class SampleConfig:
     precision: str = "fp32"
 
 
+def _check_precision(section: str, precision: str, gpus_per_actor: float) -> None:
+    """A batch stage's autocast setting: fp32, bf16, or fp16 on GPU actors only."""
+    check(precision in PRECISIONS[1:], f"{section}.precision", precision, f"allowed: {', '.join(PRECISIONS[1:])}")
+    check(precision != "fp16" or gpus_per_actor > 0, f"{section}.precision", precision,
+          f"fp16 needs GPU actors ({section}.gpus_per_actor > 0); use fp32 or bf16 on CPU")
+
+
 def validate_sample_config(c: SampleConfig, method: str | None = None, method_kwargs: dict | None = None) -> None:
     """Check every sample.* value; with the checkpoint's method, also that the solver suits it."""
     check(c.num_samples >= 1, "sample.num_samples", c.num_samples, "must be >= 1")
@@ -46,9 +53,7 @@ def validate_sample_config(c: SampleConfig, method: str | None = None, method_kw
     check(c.actors >= 0, "sample.actors", c.actors, "must be >= 1, or 0 for as many as the cluster holds")
     check(c.cpus_per_actor > 0, "sample.cpus_per_actor", c.cpus_per_actor, "must be > 0")
     check(c.gpus_per_actor >= 0, "sample.gpus_per_actor", c.gpus_per_actor, "must be >= 0")
-    check(c.precision in PRECISIONS[1:], "sample.precision", c.precision, f"allowed: {', '.join(PRECISIONS[1:])}")
-    check(c.precision != "fp16" or c.gpus_per_actor > 0, "sample.precision", c.precision,
-           "fp16 needs GPU actors (sample.gpus_per_actor > 0); use fp32 or bf16 on CPU")
+    _check_precision("sample", c.precision, c.gpus_per_actor)
     if method in METHODS and c.solver in FIXED_METHODS:
         allowed = METHODS[method].fixed_step_solvers
         check(c.solver in allowed, "sample.solver", c.solver,
@@ -121,9 +126,7 @@ def validate_eval_config(c: EvalConfig) -> None:
     check(c.gpus_per_actor >= 0, "eval.gpus_per_actor", c.gpus_per_actor, "must be >= 0")
     check(c.straightness_samples >= 0, "eval.straightness_samples", c.straightness_samples, "must be >= 0 (0: none)")
     check(c.straightness_steps >= 1, "eval.straightness_steps", c.straightness_steps, "must be >= 1")
-    check(c.precision in PRECISIONS[1:], "eval.precision", c.precision, f"allowed: {', '.join(PRECISIONS[1:])}")
-    check(c.precision != "fp16" or c.gpus_per_actor > 0, "eval.precision", c.precision,
-           "fp16 needs GPU actors (eval.gpus_per_actor > 0); use fp32 or bf16 on CPU")
+    _check_precision("eval", c.precision, c.gpus_per_actor)
     try:
         check_solver(c.solver, c.steps, c.atol, c.rtol)
     except ValueError as err:

@@ -25,7 +25,7 @@ from pipelines.core.checkpoint import load_meta, load_model
 from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import DataSpec, Manifest
 from pipelines.core.memory import check_fits, model_item_bytes
-from pipelines.core.runtime import Progress, actor_pool, init_ray, spread, stage, use_cpu_share
+from pipelines.core.runtime import Progress, actor_device, actor_pool, init_ray, spread, stage, use_cpu_share
 from pipelines.core.samples import read_samples, sample_shards, sampling_run_id, sampling_settings
 from pipelines.core.settings import autocast_dtype
 from pipelines.core.shards import ShardRows, group_rows
@@ -200,7 +200,7 @@ class LikelihoodActor(_ModelActor):
         super().__init__(checkpoint, cfg, data)
         self.rows = likelihood_rows(count, self.cfg.max_images, self.cfg.seed)
         self.reader = ShardRows(files, groups, tuple(data.shape), data.kind)
-        self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
+        self.device = actor_device(cfg.gpus_per_actor)
         self.loaded.model.to(self.device)
 
     def __call__(self, batch: dict) -> dict:
@@ -304,7 +304,7 @@ def trajectory_straightness(checkpoint: str, cfg: EvalConfig, shape: list[int]) 
 
     use_cpu_share(cfg.cpus_per_actor)
     loaded = load_model(checkpoint)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
+    device = actor_device(cfg.gpus_per_actor)
     model, method = loaded.model.to(device), loaded.method
     n = cfg.straightness_samples
     x_0 = method.draw_x0(SeedStack([derive_seed(cfg.seed, STRAIGHTNESS_STREAM, i) for i in range(n)], device), shape)

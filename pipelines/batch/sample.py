@@ -33,7 +33,7 @@ from pipelines.core.errors import JobStopped
 from pipelines.core.figures import save_grid, save_points_figure
 from pipelines.core.manifest import DataSpec
 from pipelines.core.memory import check_fits, model_item_bytes
-from pipelines.core.runtime import Progress, actor_pool, init_ray, interruptible, stage, use_cpu_share
+from pipelines.core.runtime import Progress, actor_device, actor_pool, init_ray, interruptible, stage, use_cpu_share
 from pipelines.core.samples import (
     RUN_FILE,
     SAMPLE_SCHEMA,
@@ -63,7 +63,7 @@ class Sampler:
         self.loaded = load_model(checkpoint)
         self.model, self.method = self.loaded.model, self.loaded.method
         self.shape = tuple(shape)  # model input shape without batch: [C, H, W] or [D]
-        self.device = torch.device("cuda" if torch.cuda.is_available() and self.cfg.gpus_per_actor > 0 else "cpu")
+        self.device = actor_device(self.cfg.gpus_per_actor)
         self.model.to(self.device)
         self.num_classes = self.model.num_classes if hasattr(self.model, "num_classes") else None
 

@@ -39,6 +39,14 @@ def is_verbose() -> bool:
     return _state["verbose"]
 
 
+def actor_device(gpus: float):
+    """Where an actor or task that reserved `gpus` GPUs runs torch: its GPU when it asked for one and one is
+    visible, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
+
+
 def use_cpu_share(cpus: float) -> int:
     """Give this Ray worker or actor as many torch threads as the CPUs it reserved (at least one), and return that.
 
