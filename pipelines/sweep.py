@@ -311,8 +311,8 @@ def _report_to_tune(steps: int):
 
 
 def _close_trial_runs(p: Plan, grid) -> dict[str, str]:
-    """Each trial's outcome (finished / stopped at step N / failed), tagged on its MLflow run; a stopped trial's run,
-    left RUNNING when Tune ended its actor, is ended KILLED."""
+    """Each trial's outcome (finished / stopped at step N / failed), tagged on its MLflow run; a stopped trial's run
+    ends KILLED, a failed one's FAILED."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(p.uri)
@@ -331,8 +331,11 @@ def _close_trial_runs(p: Plan, grid) -> dict[str, str]:
         if run is None:
             continue
         client.set_tag(run.info.run_id, "flowray.sweep.status", status)
-        if status != "finished" and run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "KILLED" if status.startswith("stopped") else "FAILED")
+        # Tune ends a stopped trial's actor while its Ray Train run is mid-step: the run is left RUNNING, or, when
+        # the trainer saw its controller go first, ended FAILED by the trial itself. The sweep knows it was a stop.
+        end = "KILLED" if status.startswith("stopped") else "FAILED"
+        if status != "finished" and run.info.status not in ("FINISHED", end):
+            client.set_terminated(run.info.run_id, end)
     return statuses
 
 

@@ -88,6 +88,37 @@ def test_a_bad_trial_config_is_refused_naming_the_trial(tmp_path):
 # --- real sweeps --------------------------------------------------------------------------------------------------
 
 
+def test_trial_runs_end_as_the_sweep_saw_them(tmp_path):
+    """A trial's MLflow run ends by what Tune did to it, whatever state the dying trial left it in: a stopped trial
+    KILLED (also when its trainer saw the stop as an error and ended the run FAILED), a failed one FAILED, a finished
+    one as it was. Each is tagged with its outcome."""
+    from types import SimpleNamespace
+
+    from pipelines.core.tracking import create_run
+    from pipelines.sweep import _close_trial_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    root = str(tmp_path / "sweep")
+    left = {"stopped-running": "RUNNING", "stopped-failed": "FAILED", "failed": "RUNNING", "finished": "FINISHED"}
+    ids = {}
+    for name, status in left.items():
+        ids[name] = create_run(uri, "sweep-close", name, {"flowray.storage": f"{root}/runs/{name}"})
+        if status != "RUNNING":
+            client.set_terminated(ids[name], status)
+    p = SimpleNamespace(uri=uri, root=root, steps=60, base=SimpleNamespace(mlflow=SimpleNamespace(
+        experiment="sweep-close")))
+    grid = [SimpleNamespace(config={"trial": {"name": name}}, metrics={"step": step}, error=error)
+            for name, step, error in [("stopped-running", 20, None), ("stopped-failed", 20, None),
+                                      ("failed", 40, RuntimeError("boom")), ("finished", 60, None)]]
+    assert _close_trial_runs(p, grid) == {"stopped-running": "stopped at step 20", "stopped-failed":
+                                          "stopped at step 20", "failed": "failed", "finished": "finished"}
+    ended = {name: client.get_run(i) for name, i in ids.items()}
+    assert {name: run.info.status for name, run in ended.items()} == {
+        "stopped-running": "KILLED", "stopped-failed": "KILLED", "failed": "FAILED", "finished": "FINISHED"}
+    assert ended["stopped-failed"].data.tags["flowray.sweep.status"] == "stopped at step 20"
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
