@@ -28,18 +28,18 @@ demo-geometry: $(STAMP)
 	$(PY) -m jobs.geometry --seeds 0
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not faults and not heavy"
+	$(PY) -m pytest -q -m "not faults and not heavy" --durations=25
 
 # the longest end-to-end cases (a tiny reproduce chain, the feature stage's every option, `ray job submit`, the
 # S3 chain, RFM and Action Matching through the CLIs, bf16 training, a real MLflow server over HTTP, the README's
 # Python snippet): ~31 min
 heavy: $(STAMP)
-	$(PY) -m pytest -q -m heavy
+	$(PY) -m pytest -q -m heavy --durations=0
 
 # processes killed by PID: a training worker, a sampler actor, the driver, the MLflow server, a worker node; SIGTERM
 # and SIGINT to a training and a sampling driver
 faults: $(STAMP)
-	$(PY) -m pytest -q -m faults
+	$(PY) -m pytest -q -m faults --durations=0
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

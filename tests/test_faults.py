@@ -90,7 +90,7 @@ def _assert_one_value_per_step_from_the_checkpoints(client, run_id, run_dir: Pat
     assert [s for s, _ in loss] == steps
     saved = {}
     for _, metrics in Result.from_path(str(run_dir)).best_checkpoints:
-        saved.update({s: m for s, m in metrics[WINDOWS]})
+        saved.update({s: m for s, m, _ in metrics[WINDOWS]})
     assert saved, "the checkpoints' reports hold the logging windows they cover"
     by_step = dict(loss)
     for step, values in saved.items():

@@ -251,16 +251,18 @@ class SafeLogger:
 
     # --- what callers queue -----------------------------------------------------------------------------------
 
-    def metrics(self, values: dict[str, float], step: int) -> bool:
+    def metrics(self, values: dict[str, float], step: int, timestamp_ms: int | None = None) -> bool:
+        """Queue `values` at `step`, stamped `timestamp_ms` (when they were measured; default now)."""
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
+        ts = int(timestamp_ms) if timestamp_ms is not None else int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step) for k, v in values.items()]
         return self._put(_Record("log metrics", lambda c: c.log_batch(self.run_id, metrics=batch), len(batch)))
 
-    def replay(self, entries: list[tuple[int, dict[str, float]]], key: str = "loss") -> bool:
-        """Queue (step, metrics) entries that an earlier attempt may have sent already: when the record's turn
-        comes, only those above the last step MLflow holds for `key` are sent, so no step is logged twice."""
+    def replay(self, entries: list[tuple], key: str = "loss") -> bool:
+        """Queue (step, metrics[, timestamp in ms]) entries that an earlier attempt may have sent already: when the
+        record's turn comes, only those above the last step MLflow holds for `key` are sent, so no step is logged
+        twice."""
         from mlflow.entities import Metric
 
         def send(client) -> None:
@@ -271,9 +273,9 @@ class SafeLogger:
             if batch:
                 client.log_batch(self.run_id, metrics=batch)
 
-        ts = int(time.time() * 1000)
-        stamped = [(step, values, ts) for step, values in entries]
-        return self._put(_Record("replay metrics", send, sum(len(v) for _, v in entries)))
+        now = int(time.time() * 1000)
+        stamped = [(step, values, int(when[0]) if when else now) for step, values, *when in entries]
+        return self._put(_Record("replay metrics", send, sum(len(e[1]) for e in entries)))
 
     def params(self, values: dict) -> bool:
         from mlflow.entities import Param

@@ -16,7 +16,10 @@ from ray.train import UserCallback
 
 from pipelines.core.tracking import SafeLogger
 
-WINDOWS = "_mlflow_windows"  # the report key under which rank 0 hands its logging windows to the controller
+# the report key under which rank 0 hands its logging windows to the controller: (step, metrics, wall time in ms
+# when the window closed), so that MLflow's time axis shows when each step was reached, not when its checkpoint was
+# registered (a window of a checkpoint written before timestamps were recorded is (step, metrics))
+WINDOWS = "_mlflow_windows"
 
 
 def quick_http_failures() -> None:
@@ -44,8 +47,8 @@ class CheckpointedMetrics(UserCallback):
         if self._logger is None:
             quick_http_failures()
             self._logger = SafeLogger(self.uri, self.run_id)
-        for step, values in metrics[0].get(WINDOWS, []):
-            self._logger.metrics(values, step)
+        for step, values, *when in metrics[0].get(WINDOWS, []):
+            self._logger.metrics(values, step, *when)
         step = metrics[0].get("step")
         if self.drain_s and step != self.steps:
             self._logger.drain(self.drain_s)
@@ -62,7 +65,7 @@ def replay_windows(uri: str, run_id: str, previous, timeout: float = 60.0, after
     finished one holds only its own). Returns how many windows are sent or already there."""
     windows = []
     for _, metrics in previous.best_checkpoints:
-        windows += [(int(step), values) for step, values in (metrics or {}).get(WINDOWS, [])
+        windows += [(int(step), values, *when) for step, values, *when in (metrics or {}).get(WINDOWS, [])
                     if int(step) > after_step]
     if windows:
         logger = SafeLogger(uri, run_id)

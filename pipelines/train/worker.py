@@ -260,10 +260,15 @@ def _log_window(logger: SafeLogger | None, state: WorkerState, steps: int, secon
     if logger is None:
         return
     m = state.last_metrics
-    state.pending.append((state.step, dict(m)))
+    state.pending.append((state.step, dict(m), _now_ms()))
     eta = seconds_per_step * (steps - state.step)
     print(f"step {state.step}/{steps}  loss {m['loss']:.4f}  {m['images_per_s']:.0f} images/s  data wait "
           f"{100 * m['data_wait_fraction']:.1f}%  ETA {_duration(eta)}", flush=True)
+
+
+def _now_ms() -> int:
+    """Wall-clock time in ms, as MLflow stamps a metric."""
+    return int(time.time() * 1000)
 
 
 def _duration(seconds: float) -> str:
@@ -282,7 +287,7 @@ def _report(job: TrainJob, state: WorkerState) -> None:
         if state.rank == 0:
             if job.validation is not None:  # in the report (a sweep's scheduler reads it) and in MLflow at this step
                 metrics["val_loss"] = validation_loss(state.method, state.ema.module, job.validation, state.device)
-                state.pending.append((state.step, {"val_loss": metrics["val_loss"]}))
+                state.pending.append((state.step, {"val_loss": metrics["val_loss"]}, _now_ms()))
             _save(job, state, tmp)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
             metrics[WINDOWS] = state.pending

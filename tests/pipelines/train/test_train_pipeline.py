@@ -58,7 +58,7 @@ def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_local, 
     monkeypatch.chdir(tmp_path)
     uri = "sqlite:///mlflow.db"
     res = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=8",
-                                   "train.val_rows=40"))
+                                   "train.val_rows=40", "train.log_every=2"))
     assert res["metrics"]["step"] == 8 and not res["resumed"]
     assert res["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     loaded = load_model(res["checkpoint"])
@@ -73,7 +73,11 @@ def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_local, 
         validation_loss(loaded.method, loaded.model, held_out, torch.device("cpu")), rel=1e-4)
     assert _history(client, res["run_id"], "val_loss")[-1][1] == pytest.approx(res["metrics"]["val_loss"])
     assert run.data.params["method.name"] == "fm_ot" and run.data.params["ray.num_workers"] == "2"
-    assert [s for s, _ in _history(client, res["run_id"], "loss")] == [4, 8]
+    loss = sorted(client.get_metric_history(res["run_id"], "loss"), key=lambda m: m.step)
+    assert [m.step for m in loss] == [2, 4, 6, 8]
+    # each window stamped when it closed, not when its checkpoint reached MLflow (two windows per checkpoint)
+    stamps = [m.timestamp for m in loss]
+    assert stamps == sorted(set(stamps)), stamps
     for key in ("grad_norm", "lr", "images_per_s", "data_wait_fraction", "ot_solve_s"):
         assert key in run.data.metrics
     assert run.info.status == "FINISHED"
@@ -222,6 +226,33 @@ def test_logging_to_a_real_mlflow_server(digits, tmp_path, ray_local, mlflow_ser
     assert signature.outputs.inputs[0].shape == (-1, 1, 8, 8)
     with pytest.raises(CheckpointError, match="cannot fetch registered model models:/nope/1"):
         resolve_checkpoint("models:/nope/1", mlflow_server, cache=tmp_path / "cache")
+
+
+def test_logging_windows_reach_mlflow_stamped_when_they_closed(tmp_path):
+    """The controller's callback logs each window at its step with the time the worker closed it; a window from a
+    checkpoint written before windows were stamped is logged now; a resume's replay keeps the stamps."""
+    from types import SimpleNamespace
+
+    from pipelines.core.tracking import create_run
+    from pipelines.train.metrics import WINDOWS, CheckpointedMetrics, replay_windows
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = create_run(uri, "stamps", "stamps")
+    callback = CheckpointedMetrics(uri, run_id, steps=8, flush_timeout_s=30)
+    callback.after_report(None, [{"step": 4, WINDOWS: [(2, {"loss": 1.0}, 1_000_000), [4, {"loss": 0.5}, 2_000_000]]}],
+                          checkpoint=object())
+    before = int(time.time() * 1000)
+    callback.after_report(None, [{"step": 8, WINDOWS: [(8, {"loss": 0.25})]}], checkpoint=object())
+    loss = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in loss] == [(2, 1.0), (4, 0.5), (8, 0.25)]
+    assert [m.timestamp for m in loss[:2]] == [1_000_000, 2_000_000] and loss[2].timestamp >= before
+
+    resumed = create_run(uri, "stamps", "stamps-resumed")
+    previous = SimpleNamespace(best_checkpoints=[(None, {WINDOWS: [[2, {"loss": 1.0}, 1_000_000]]}),
+                                                 (None, {WINDOWS: [[4, {"loss": 0.5}, 2_000_000]]})])
+    assert replay_windows(uri, resumed, previous, after_step=2) == 1
+    assert [(m.step, m.timestamp) for m in client.get_metric_history(resumed, "loss")] == [(4, 2_000_000)]
 
 
 def test_tracking_outage_queues_without_blocking_and_counts_what_is_lost(monkeypatch):
