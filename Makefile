@@ -37,7 +37,8 @@ heavy: $(STAMP)
 	$(PY) -m pytest -q -m heavy --durations=0
 
 # processes killed by PID: a training worker, a sampler actor, the driver, the MLflow server, a worker node; SIGTERM
-# and SIGINT to a training and a sampling driver
+# and SIGINT to a training and a sampling driver; an injected worker failure, resumed to the uninterrupted run's
+# weights bit for bit
 faults: $(STAMP)
 	$(PY) -m pytest -q -m faults --durations=0
 

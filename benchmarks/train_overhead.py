@@ -90,7 +90,7 @@ class CpuSampler:
                     threads = {th.id: th.user_time + th.system_time for th in proc.threads()}
                 except (psutil.Error, TypeError):
                     continue
-                name = " ".join(proc.info["cmdline"] or [proc.info["name"] or "?"])[:60]
+                name = _label(proc.info["cmdline"] or [proc.info["name"] or "?"])
                 snap[proc.info["pid"]] = (name, t.user + t.system, threads)
             self.samples.append((time.time(), snap))
             self._stop.wait(self.every)
@@ -105,6 +105,15 @@ class CpuSampler:
         return b_t - a_t, out
 
 
+def _label(cmdline: list[str]) -> str:
+    """A process's short name: `ray::Name` as Ray titles its workers, else the program (and a python's script)."""
+    head = Path(cmdline[0]).name
+    if head.startswith("python") and len(cmdline) > 1:
+        script = next((a for a in cmdline[1:] if not a.startswith("-")), "")
+        return f"python {Path(script).name}"[:40]
+    return head.split(" ")[0][:40]
+
+
 def cpu_account(sampler: CpuSampler, history: list, batch: int, log_every: int) -> dict:
     """The steady windows' CPU: the Train worker's per step (and its busiest threads'), the rest's in cores."""
     seconds, procs = sampler.between(history[0].timestamp / 1000, history[-1].timestamp / 1000)
@@ -114,7 +123,7 @@ def cpu_account(sampler: CpuSampler, history: list, batch: int, log_every: int) 
     others = defaultdict(float)
     for pid, (name, cpu, _) in procs.items():
         if worker is None or pid != worker[0]:
-            key = "this driver" if pid == me else name.split(" ")[0].split("/")[-1]
+            key = "this driver" if pid == me else name
             others[key] += cpu
     top = sorted(others.items(), key=lambda kv: -kv[1])[:8]
     out = {"seconds": round(seconds, 1), "steps": steps,
@@ -170,6 +179,7 @@ def main() -> None:
             "train.run_name=bench"])
         first = baseline(shards, cfg, a.steps, a.threads)
         pipe = pipeline(cfg)
+        time.sleep(10)  # Ray's processes exit after ray.shutdown returns: the second baseline runs on a quiet machine
         last = baseline(shards, cfg, a.steps, a.threads)
     before, after = first["images_per_s"], last["images_per_s"]
     base = (before + after) / 2

@@ -28,6 +28,25 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def _digits_once(tmp_path_factory):
+    """scikit-learn's digits ingested once for the session (2 train shards, the default split; each ingest starts
+    and stops a local Ray of its own, about 10 s): copy it with `digits_copy`, never write into it."""
+    from pipelines.ingest.run import ingest
+
+    out = tmp_path_factory.mktemp("digits-once") / "digits"
+    ingest("digits", out, shards=2)
+    return out
+
+
+@pytest.fixture
+def digits_copy(_digits_once, tmp_path):
+    """A private copy of the session's ingested digits (`tmp_path/digits`): the test may change or break it."""
+    import shutil
+
+    return shutil.copytree(_digits_once, tmp_path / "digits")
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto) on 127.0.0.1, for the session: its endpoint URL."""
     import logging

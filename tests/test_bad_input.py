@@ -3,6 +3,7 @@ and before Ray starts."""
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -14,8 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from pipeline_helpers import free_port, make_checkpoint
-
-from pipelines.ingest.run import ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,10 +34,8 @@ def _fails(main, args, message, capsys):
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "digits"
-    ingest("digits", out, shards=2)
-    return out
+def digits(_digits_once, tmp_path_factory):
+    return shutil.copytree(_digits_once, tmp_path_factory.mktemp("data") / "digits")
 
 
 def test_bad_sources(tmp_path, capsys):

@@ -3,6 +3,7 @@ MLflow server, and a worker node of a three-node cluster on this machine. RELIAB
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,17 +21,14 @@ from pipelines.batch.config import SampleConfig
 from pipelines.batch.sample import run_sampling
 from pipelines.core.checkpoint import load_meta
 from pipelines.core.reaper import alive
-from pipelines.ingest.run import ingest
 from pipelines.train.driver import run_training
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ingest("digits", out, shards=2)
-    return out
+def digits(_digits_once, tmp_path_factory):
+    return shutil.copytree(_digits_once, tmp_path_factory.mktemp("data") / "digits")
 
 
 def _ray_processes(title: str) -> list[psutil.Process]:

@@ -75,12 +75,11 @@ def test_eval_solver_settings_are_checked_before_ray(tmp_path, capsys):
     assert not _ray_started()
 
 
-def test_the_classifier_cache_is_keyed_by_its_settings(tmp_path):
+def test_the_classifier_cache_is_keyed_by_its_settings(digits_copy):
     from pipelines.batch.classifier import get_classifier
-    from pipelines.ingest.run import ingest, load_manifest
+    from pipelines.ingest.run import load_manifest
 
-    ingest("digits", tmp_path / "digits", shards=1)
-    manifest = load_manifest(tmp_path / "digits")
+    manifest = load_manifest(digits_copy)
     _, one = get_classifier(manifest, epochs=1, seed=0)
     _, two = get_classifier(manifest, epochs=2, seed=0)
     _, seeded = get_classifier(manifest, epochs=1, seed=1)
@@ -155,11 +154,10 @@ def test_a_job_run_from_a_clean_checkout_writes_only_under_outputs(tmp_path):
     assert status.strip() == "A  .gitignore"
 
 
-def test_the_manifest_is_read_once_into_a_checked_type(tmp_path):
+def test_the_manifest_is_read_once_into_a_checked_type(tmp_path, digits_copy):
     from pipelines.core.manifest import Manifest, ManifestError
-    from pipelines.ingest.run import ingest
 
-    ingest("digits", tmp_path / "d", shards=2)
+    digits_copy.rename(tmp_path / "d")
     m = Manifest.load(tmp_path / "d")
     assert (m.data.kind, m.data.shape, m.data.model_shape, m.data.name) == ("image", [8, 8, 1], [1, 8, 8], "digits")
     assert m.count("train") + m.count("test") == 1797 and len(m.shard_paths("train")) == 2

@@ -16,8 +16,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 from pipeline_helpers import LOOPBACK, TINY, free_port, listening_addresses
 
-from pipelines.ingest.run import ingest
-
 pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(600)]  # `make heavy` (CI runs it)
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,9 +86,8 @@ def _kill_processes_mentioning(text: str, grace: float = 10.0) -> None:
             time.sleep(0.5)
 
 
-def test_ray_job_submit_runs_training(ray_head, tmp_path):
+def test_ray_job_submit_runs_training(ray_head, tmp_path, digits_copy):
     ray, address, env, temp = ray_head
-    ingest("digits", tmp_path / "digits", shards=2)
     db = tmp_path / "mlflow.db"
     job_id = f"flowray-test-{uuid.uuid4().hex[:8]}"
     sets = [*TINY, f"data.shards={tmp_path / 'digits'}", f"train.storage_path={tmp_path / 'runs'}",

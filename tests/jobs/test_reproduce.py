@@ -8,14 +8,12 @@ from pipeline_helpers import TINY
 pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(900)]  # `make heavy` (CI runs it)
 
 
-def test_tiny_reproduce_fills_every_column(tmp_path, monkeypatch):
+def test_tiny_reproduce_fills_every_column(tmp_path, monkeypatch, digits_copy):
     import ray
 
     from jobs.reproduce import main
-    from pipelines.ingest.run import ingest
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
-    ingest("digits", tmp_path / "digits", shards=2)
     sets = []
     for s in TINY + ["ray.num_workers=1", "train.checkpoint_every=4"]:
         sets += ["--set", s]

@@ -118,7 +118,7 @@ def test_action_matching_on_snapshots_through_the_clis(tmp_path, ray_local, caps
     assert metrics["w2_t4"] == pytest.approx(tr["w2"][-1]) and "w2_ratio_max" in metrics
 
 
-def test_methods_and_data_must_suit_each_other(tmp_path, capsys):
+def test_methods_and_data_must_suit_each_other(tmp_path, capsys, ray_local):
     ingest("manifold:dihedral", tmp_path / "torus", shards=1)
     ingest("toy2d:moons", tmp_path / "moons", shards=1)
     cases = [("configs/torus.yaml", tmp_path / "torus", ["method.name=otcfm"],
@@ -131,11 +131,11 @@ def test_methods_and_data_must_suit_each_other(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             train_job.main(["--config", config, *_sets(f"data.shards={shards}", *extra)])
         err = capsys.readouterr().err
-        # check_data raises before run_training reaches init_ray (ingest above has already started Ray here)
+        # check_data raises before run_training starts any training (the module's Ray serves the ingests above)
         assert exit_.value.code == 2 and message in err and "Traceback" not in err and "steps on" not in err, err
 
 
-def test_ingest_checks_points_against_the_declared_manifold(tmp_path):
+def test_ingest_checks_points_against_the_declared_manifold(tmp_path, ray_local):
     x = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     x[7] *= 2.0  # off the sphere

@@ -19,7 +19,7 @@ from pipelines.chain import quality_configs
 from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import Manifest
 from pipelines.core.tracking import ui_link
-from pipelines.ingest.run import ingest, load_manifest
+from pipelines.ingest.run import load_manifest
 from pipelines.train.config import load_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -37,12 +37,11 @@ def test_bad_quality_settings_are_refused(sets, message):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_local):
+def trained(tmp_path_factory, ray_local, _digits_once):
     """Ingest, `flowray train` (8 steps, scored at steps 4 and 8) and `flowray sample` of the final checkpoint (the
     settings `train.eval_*` stand for), all logged to server.db (the name `start_mlflow_server` serves)."""
     tmp = tmp_path_factory.mktemp("quality")
-    digits = tmp / "digits"
-    ingest("digits", digits, shards=2)
+    digits = shutil.copytree(_digits_once, tmp / "digits")
     uri = f"sqlite:///{tmp / 'server.db'}"
     sets = [*TINY, f"data.shards={digits}", f"train.storage_path={tmp / 'runs'}", f"mlflow.tracking_uri={uri}",
             "train.run_name=quality", "mlflow.experiment=tests", "train.steps=8", "train.checkpoint_every=4",

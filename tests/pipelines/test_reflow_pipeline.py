@@ -86,7 +86,7 @@ def test_the_training_stream_keeps_each_row_with_its_own_noise(pairs):
         assert torch.equal(torch.from_numpy(step["x_1"][k]), x_1)
 
 
-def test_bad_pairs_are_refused_in_words(pairs, tmp_path):
+def test_bad_pairs_are_refused_in_words(pairs, tmp_path, digits_copy):
     data, samples = pairs["data"], pairs["samples"]
     base = [f"data.shards={data}", "model.channel_mult=[1]", "model.model_channels=8", "model.num_heads=1",
             "model.attention_resolutions=[]", "train.batch_size=8", "ray.num_workers=1"]
@@ -123,7 +123,6 @@ def test_bad_pairs_are_refused_in_words(pairs, tmp_path):
     with pytest.raises(IngestError, match="--channels, --image-size and --transform would change x_1 and break each "
                                           "pair; leave them out"):
         ingest(f"samples:{samples}", tmp_path / "y", unlabelled=True, image_size=8, transform="resize")
-    ingest("digits", tmp_path / "digits", shards=2)
     with pytest.raises(ConfigError, match=r"method.name: 'reflow' is not allowed; it trains on a sampling output's "
                                           r"pairs .* ingest pairs with `flowray ingest --source samples:DIR`"):
         check_data(load_config("configs/digits-cpu.yaml", [*TINY, f"data.shards={tmp_path / 'digits'}",
@@ -131,9 +130,8 @@ def test_bad_pairs_are_refused_in_words(pairs, tmp_path):
 
 
 @pytest.mark.heavy
-def test_flowray_reflow_runs_its_chain_on_digits(tmp_path, ray_local):
-    digits = tmp_path / "digits"
-    ingest("digits", digits, shards=2)
+def test_flowray_reflow_runs_its_chain_on_digits(tmp_path, ray_local, digits_copy):
+    digits = digits_copy
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     gen = make_checkpoint(tmp_path / "generator")
     sets = [*TINY, f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={uri}", "mlflow.experiment=tests",

@@ -3,6 +3,7 @@ sweep whose driver is killed, resumed with its finished trial kept (faults)."""
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,6 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.core.errors import ConfigError
 from pipelines.core.reaper import alive
-from pipelines.ingest.run import ingest
 from pipelines.sweep import SweepSpec, Trial, load_space, parse_param, plan, trials
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,10 +120,8 @@ def test_trial_runs_end_as_the_sweep_saw_them(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ingest("digits", out, shards=2)
-    return out
+def digits(_digits_once, tmp_path_factory):
+    return shutil.copytree(_digits_once, tmp_path_factory.mktemp("data") / "digits")
 
 
 def _sweep_command(digits, tmp_path, name, *flags, sets=()):

@@ -243,8 +243,7 @@ def test_eval_precision_runs_the_likelihood_network_under_autocast(tmp_path):
         run_evaluation(str(ckpt), manifest, None, EvalConfig(precision="fp16"))
 
 
-def test_bad_evaluation_input(tmp_path):
-    ingest("digits", tmp_path / "digits", shards=1)
+def test_bad_evaluation_input(tmp_path, digits_copy):
     ckpt = gaussian_checkpoint(tmp_path / "ckpt", [4, 4, 1])
     with pytest.raises(EvaluationError, match=r"trained on shape \[4, 4, 1\], but .* holds \[8, 8, 1\]"):
         run_evaluation(str(ckpt), str(tmp_path / "digits"), None, EvalConfig())

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from pipelines.core.errors import ConfigError
-from pipelines.ingest.run import ingest
 from pipelines.train.config import Config, check_data, load_config
 
 
@@ -41,8 +40,8 @@ def test_bad_values_name_the_key(override, message):
     assert message in str(err.value)
 
 
-def test_data_checks_before_ray(tmp_path):
-    ingest("digits", tmp_path / "d", shards=2)
+def test_data_checks_before_ray(tmp_path, digits_copy):
+    digits_copy.rename(tmp_path / "d")
     cfg = load_config(None, [f"data.shards={tmp_path / 'd'}", "model.channel_mult=[1, 2, 2, 2, 2]"])
     with pytest.raises(ConfigError, match=r"model.channel_mult: .*5 levels need the image size 8 divisible by 16"):
         check_data(cfg)

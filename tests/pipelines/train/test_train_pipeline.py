@@ -1,5 +1,6 @@
 """Ray Train integration: a real local Ray, real MLflow stores (sqlite and an `mlflow server` over HTTP)."""
 
+import shutil
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from pipeline_helpers import free_port, kill_tree, start_mlflow_server, tiny_con
 
 from pipelines.core.checkpoint import CheckpointError, load_meta, load_model
 from pipelines.core.errors import ConfigError
-from pipelines.ingest.run import ingest, load_manifest
+from pipelines.ingest.run import load_manifest
 from pipelines.train.driver import run_training
 from pipelines.train.validation import validation_loss, validation_set
 
@@ -27,10 +28,8 @@ def _system_metrics_every_second():
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ingest("digits", out, shards=2)
-    return out
+def digits(_digits_once, tmp_path_factory):
+    return shutil.copytree(_digits_once, tmp_path_factory.mktemp("data") / "digits")
 
 
 def _history(client, run_id, key):
@@ -132,8 +131,8 @@ def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_local, 
         run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=16"))
 
 
+@pytest.mark.faults  # two 2-worker runs, about 90 s: in `make faults` (CI runs it), so that `make test` stays fast
 def test_injected_worker_failure_resumes_to_the_target_step(digits, tmp_path, ray_local):
-
     from pipelines.core.checkpoint import load_state
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
