@@ -19,21 +19,21 @@ def test_tiny_reproduce_fills_every_column(tmp_path, monkeypatch, digits_copy):
         sets += ["--set", s]
     try:
         result = main(["--preset", "digits", "--seeds", "0", "--methods", "fm_ot,score_vp", "--steps", "4",
-                       "--num-samples", "20", "--euler-steps", "2,4", "--experiment", "tiny", "--out",
+                       "--num-samples", "20", "--euler-steps", "2", "--experiment", "tiny", "--out",
                        str(tmp_path / "out"), "--data", str(tmp_path / "digits"), "--eval-max-images", "24",
                        *sets])
     finally:
         ray.shutdown()
     rows = result["rows"]
-    # fm_ot: dopri5, euler 2, euler 4; score_vp: the same plus its reverse SDE
+    # fm_ot: dopri5, euler 2; score_vp: the same plus its reverse SDE (one Euler step count: each row is a sampling
+    # and an evaluation stage of its own, about 40 s here)
     assert sorted((r["method"], r["solver"], str(r["sample_steps"])) for r in rows) == [
-        ("fm_ot", "dopri5", "adaptive"), ("fm_ot", "euler", "2"), ("fm_ot", "euler", "4"),
-        ("score_vp", "dopri5", "adaptive"), ("score_vp", "euler", "2"), ("score_vp", "euler", "4"),
-        ("score_vp", "sde", "100")]
+        ("fm_ot", "dopri5", "adaptive"), ("fm_ot", "euler", "2"),
+        ("score_vp", "dopri5", "adaptive"), ("score_vp", "euler", "2"), ("score_vp", "sde", "100")]
     for r in rows:
         for col in ("bpd", "fd", "sample_nfe", "likelihood_nfe", "train_steps", "path", "coupling"):
             assert r[col] not in (None, ""), (r, col)
     md = (tmp_path / "out" / "tiny" / "table.md").read_text()
-    assert md.count("\n| fm_ot") + md.count("\n| score_vp") == 7 and "–" not in md
+    assert md.count("\n| fm_ot") + md.count("\n| score_vp") == 5 and "–" not in md
     saved = json.loads((tmp_path / "out" / "tiny" / "result.json").read_text())
     assert saved["train_steps"] == 4 and saved["seeds"] == [0]
