@@ -114,7 +114,7 @@ def _label(cmdline: list[str]) -> str:
     return head.split(" ")[0][:40]
 
 
-def cpu_account(sampler: CpuSampler, history: list, batch: int, log_every: int) -> dict:
+def cpu_account(sampler: CpuSampler, history: list, log_every: int) -> dict:
     """The steady windows' CPU: the Train worker's per step (and its busiest threads'), the rest's in cores."""
     seconds, procs = sampler.between(history[0].timestamp / 1000, history[-1].timestamp / 1000)
     steps = (history[-1].step - history[0].step) or log_every
@@ -155,7 +155,7 @@ def pipeline(cfg) -> dict:
     return {"images_per_s": rate, "windows": [round(r, 1) for r in windows],
             "data_wait_fraction": res["metrics"]["data_wait_fraction"], "wall_s": wall,
             "startup_s": wall - steps_time,
-            "cpu": cpu_account(sampler, history, cfg.train.batch_size, cfg.train.log_every)}
+            "cpu": cpu_account(sampler, history, cfg.train.log_every)}
 
 
 def main() -> None:

@@ -38,6 +38,14 @@ def _digits_once(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def digits(_digits_once, tmp_path_factory):
+    """A copy of the session's ingested digits for one test module (its tests share it and may not break it)."""
+    import shutil
+
+    return shutil.copytree(_digits_once, tmp_path_factory.mktemp("data") / "digits")
+
+
 @pytest.fixture
 def digits_copy(_digits_once, tmp_path):
     """A private copy of the session's ingested digits (`tmp_path/digits`): the test may change or break it."""

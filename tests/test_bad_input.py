@@ -33,11 +33,6 @@ def _fails(main, args, message, capsys):
     return err
 
 
-@pytest.fixture(scope="module")
-def digits(_digits_once, tmp_path_factory):
-    return shutil.copytree(_digits_once, tmp_path_factory.mktemp("data") / "digits")
-
-
 def test_bad_sources(tmp_path, capsys):
     from jobs.ingest import main
 
@@ -143,7 +138,6 @@ def _http_server(status: int):
 
 
 def test_damaged_data(tmp_path, digits, capsys):
-    import shutil
 
     from jobs.train import main
 
@@ -224,7 +218,6 @@ def read_only_dir(tmp_path):
     """A directory this process cannot write to: mode 0555, and for root (whom modes do not stop) the immutable
     attribute as well."""
     import os
-    import shutil
 
     d = tmp_path / "read-only"
     d.mkdir()

@@ -3,7 +3,6 @@ MLflow server, and a worker node of a three-node cluster on this machine. RELIAB
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,11 +23,6 @@ from pipelines.core.reaper import alive
 from pipelines.train.driver import run_training
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-@pytest.fixture(scope="module")
-def digits(_digits_once, tmp_path_factory):
-    return shutil.copytree(_digits_once, tmp_path_factory.mktemp("data") / "digits")
 
 
 def _ray_processes(title: str) -> list[psutil.Process]:

@@ -225,6 +225,11 @@ def _transient(err: Exception) -> bool:
     return not isinstance(err, MlflowException) or err.get_http_status_code() >= 500
 
 
+def now_ms() -> int:
+    """Wall-clock time in ms, as MLflow stamps a metric."""
+    return int(time.time() * 1000)
+
+
 class SafeLogger:
     """Logs to one MLflow run from a background thread: a tracking outage never holds the caller back.
 
@@ -255,7 +260,7 @@ class SafeLogger:
         """Queue `values` at `step`, stamped `timestamp_ms` (when they were measured; default now)."""
         from mlflow.entities import Metric
 
-        ts = int(timestamp_ms) if timestamp_ms is not None else int(time.time() * 1000)
+        ts = int(timestamp_ms) if timestamp_ms is not None else now_ms()
         batch = [Metric(k, float(v), ts, step) for k, v in values.items()]
         return self._put(_Record("log metrics", lambda c: c.log_batch(self.run_id, metrics=batch), len(batch)))
 
@@ -273,7 +278,7 @@ class SafeLogger:
             if batch:
                 client.log_batch(self.run_id, metrics=batch)
 
-        now = int(time.time() * 1000)
+        now = now_ms()
         stamped = [(step, values, int(when[0]) if when else now) for step, values, *when in entries]
         return self._put(_Record("replay metrics", send, sum(len(e[1]) for e in entries)))
 

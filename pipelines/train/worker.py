@@ -30,7 +30,7 @@ from pipelines.core.figures import save_grid
 from pipelines.core.manifest import DataSpec
 from pipelines.core.runtime import quiet_train_worker, use_cpu_share
 from pipelines.core.settings import autocast_dtype
-from pipelines.core.tracking import SafeLogger, system_metrics
+from pipelines.core.tracking import SafeLogger, now_ms, system_metrics
 from pipelines.train.config import Config, method_kwargs
 from pipelines.train.metrics import WINDOWS, quick_http_failures
 from pipelines.train.stream import DROPOUT_STREAM, StreamSpec, iter_pairs
@@ -260,15 +260,10 @@ def _log_window(logger: SafeLogger | None, state: WorkerState, steps: int, secon
     if logger is None:
         return
     m = state.last_metrics
-    state.pending.append((state.step, dict(m), _now_ms()))
+    state.pending.append((state.step, dict(m), now_ms()))
     eta = seconds_per_step * (steps - state.step)
     print(f"step {state.step}/{steps}  loss {m['loss']:.4f}  {m['images_per_s']:.0f} images/s  data wait "
           f"{100 * m['data_wait_fraction']:.1f}%  ETA {_duration(eta)}", flush=True)
-
-
-def _now_ms() -> int:
-    """Wall-clock time in ms, as MLflow stamps a metric."""
-    return int(time.time() * 1000)
 
 
 def _duration(seconds: float) -> str:
@@ -287,7 +282,7 @@ def _report(job: TrainJob, state: WorkerState) -> None:
         if state.rank == 0:
             if job.validation is not None:  # in the report (a sweep's scheduler reads it) and in MLflow at this step
                 metrics["val_loss"] = validation_loss(state.method, state.ema.module, job.validation, state.device)
-                state.pending.append((state.step, {"val_loss": metrics["val_loss"]}, _now_ms()))
+                state.pending.append((state.step, {"val_loss": metrics["val_loss"]}, now_ms()))
             _save(job, state, tmp)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
             metrics[WINDOWS] = state.pending

@@ -37,11 +37,10 @@ def test_bad_quality_settings_are_refused(sets, message):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_local, _digits_once):
+def trained(tmp_path_factory, ray_local, digits):
     """Ingest, `flowray train` (8 steps, scored at steps 4 and 8) and `flowray sample` of the final checkpoint (the
     settings `train.eval_*` stand for), all logged to server.db (the name `start_mlflow_server` serves)."""
     tmp = tmp_path_factory.mktemp("quality")
-    digits = shutil.copytree(_digits_once, tmp / "digits")
     uri = f"sqlite:///{tmp / 'server.db'}"
     sets = [*TINY, f"data.shards={digits}", f"train.storage_path={tmp / 'runs'}", f"mlflow.tracking_uri={uri}",
             "train.run_name=quality", "mlflow.experiment=tests", "train.steps=8", "train.checkpoint_every=4",

@@ -3,7 +3,6 @@ sweep whose driver is killed, resumed with its finished trial kept (faults)."""
 
 import csv
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -117,11 +116,6 @@ def test_trial_runs_end_as_the_sweep_saw_them(tmp_path):
     assert {name: run.info.status for name, run in ended.items()} == {
         "stopped-running": "KILLED", "stopped-failed": "KILLED", "failed": "FAILED", "finished": "FINISHED"}
     assert ended["stopped-failed"].data.tags["flowray.sweep.status"] == "stopped at step 20"
-
-
-@pytest.fixture(scope="module")
-def digits(_digits_once, tmp_path_factory):
-    return shutil.copytree(_digits_once, tmp_path_factory.mktemp("data") / "digits")
 
 
 def _sweep_command(digits, tmp_path, name, *flags, sets=()):

@@ -1,6 +1,5 @@
 """Ray Train integration: a real local Ray, real MLflow stores (sqlite and an `mlflow server` over HTTP)."""
 
-import shutil
 import time
 from pathlib import Path
 
@@ -25,11 +24,6 @@ def _system_metrics_every_second():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
         yield
-
-
-@pytest.fixture(scope="module")
-def digits(_digits_once, tmp_path_factory):
-    return shutil.copytree(_digits_once, tmp_path_factory.mktemp("data") / "digits")
 
 
 def _history(client, run_id, key):
