@@ -6,7 +6,8 @@
 A task reads its steps' rows from the parquet shards (`read_steps`), then decodes, flips, drops labels, draws the
 noise and solves the coupling (`PairSteps`). The minibatch OT plan (or any coupling) is solved on CPU workers while
 the trainers compute, so it is off the step's critical path. The stream spans the whole run (no Ray Data epochs,
-so no stall at an epoch boundary).
+so no stall at an epoch boundary), read as consecutive datasets of a few pairing tasks each, the next one started
+while the current one is read (`_records`: a dataset's executor turns in the worker while it has work left).
 
 Which rows a step reads: the run is one endless sequence of rows, pass after pass over the split, each pass in a
 fresh order drawn from (train.seed, pass) (`pass_order`): the split's row groups shuffled, then the rows within
@@ -43,6 +44,7 @@ FLIP_STREAM = 2  # its random horizontal flips from derive_seed(seed, rank, step
 DROPOUT_STREAM = 3  # the model's dropout masks from derive_seed(seed, rank, step, DROPOUT_STREAM)
 ORDER_STREAM = 4  # pass p's row order from derive_seed(seed, ORDER_STREAM, p, window)
 BYTES_PER_TASK = 32 << 20  # a pairing task covers about this many bytes of rows in and pairs out (whole steps)
+CHUNK_TASKS = 8  # a stream reads consecutive datasets of this many pairing tasks each (`_records`)
 CACHE_WINDOWS = 2  # a pairing process keeps the row groups of about this many shuffle windows (LRU)
 
 
@@ -259,8 +261,16 @@ def pair_steps(batch: dict[str, np.ndarray], spec: StreamSpec, rank: int, first_
     return PairSteps(spec, rank)(read_steps(batch, spec, rank, first_step))
 
 
-def build_stream(spec: StreamSpec, rank: int, first_step: int):
-    """Rank `rank`'s Ray Data stream of paired steps `first_step` ... `spec.steps` - 1, in order.
+def steps_per_task(spec: StreamSpec, rank: int) -> int:
+    """How many steps one pairing task of rank `rank`'s stream pairs: about `BYTES_PER_TASK` of rows in and pairs
+    out, at most 64."""
+    rows = len(spec.parts(rank)) * spec.batch_size
+    pairs_out = 2 * spec.batch_size * int(np.prod(spec.shape)) * 4  # float32 x_0 and x_1
+    return max(1, min(64, BYTES_PER_TASK // (rows * spec.row_bytes + pairs_out)))
+
+
+def build_stream(spec: StreamSpec, rank: int, first_step: int, end: int | None = None):
+    """Rank `rank`'s Ray Data dataset of paired steps `first_step` ... `end` - 1 (default: to `spec.steps`), in order.
 
     Tasks rather than an actor pool: the method is cheap to build, and restartable actors started from a Train
     worker print Ray's warning about their constructor arguments into the job's log. A failed task is retried by
@@ -270,24 +280,57 @@ def build_stream(spec: StreamSpec, rank: int, first_step: int):
     from ray.data import DataContext, TaskPoolStrategy
 
     DataContext.get_current().execution_options.preserve_order = True  # steps arrive in order
-    n = spec.steps - first_step
-    rows = len(spec.parts(rank)) * spec.batch_size
-    pairs_out = 2 * spec.batch_size * int(np.prod(spec.shape)) * 4  # float32 x_0 and x_1
-    step_bytes = rows * spec.row_bytes + pairs_out
-    per_task = max(1, min(64, BYTES_PER_TASK // step_bytes))
+    n = (spec.steps if end is None else end) - first_step
     return ray.data.range(n).map_batches(  # Ray sizes the blocks of step ids; a task pairs `per_task` steps
-        pair_steps, fn_kwargs={"spec": spec, "rank": rank, "first_step": first_step}, batch_size=per_task,
-        batch_format="numpy", num_cpus=spec.cpus, compute=TaskPoolStrategy(size=spec.tasks))
+        pair_steps, fn_kwargs={"spec": spec, "rank": rank, "first_step": first_step},
+        batch_size=steps_per_task(spec, rank), batch_format="numpy", num_cpus=spec.cpus,
+        compute=TaskPoolStrategy(size=spec.tasks))
 
 
 def iter_pairs(spec: StreamSpec, rank: int, first_step: int, device: torch.device):
     """(step, `Pairs` on `device`) for steps `first_step`, ..., in order, from rank `rank`'s stream."""
-    if first_step >= spec.steps:  # a finished run started again: nothing left to read
-        return
-    for rec in build_stream(spec, rank, first_step).iter_batches(batch_size=1, batch_format="numpy",
-                                                                 prefetch_batches=spec.prefetch_batches):
+    for rec in _records(spec, rank, first_step):
         g = torch.Generator()
         g.set_state(torch.tensor(rec["state"][0]))  # copies: Ray Data's arrays are read-only
         y = torch.tensor(rec["y"][0], device=device) if "y" in rec else None
         yield int(rec["step"][0]), Pairs(torch.tensor(rec["x_0"][0], device=device),
                                          torch.tensor(rec["x_1"][0], device=device), y, g, float(rec["solve_s"][0]))
+
+
+def _records(spec: StreamSpec, rank: int, first_step: int):
+    """Rank `rank`'s paired steps from `first_step` on (one-row numpy batches), read from consecutive datasets of
+    `CHUNK_TASKS` pairing tasks each; the next one starts when half of the current one is read.
+
+    Why not one dataset for the whole run: a dataset's streaming executor runs in the process that iterates it (the
+    Train worker), and while it has work left its scheduling loop turns continually (a backpressured stream's
+    ready outputs end every wait at once) and takes the GIL from the training step: on 2 cores the two workers of
+    the `fashion-mnist-cpu` preset trained at 59-72 images/s against 183-213 with chunks (BENCHMARKS.md). A
+    chunk's executor stops once its few tasks are done, so it runs for a fraction of the time it takes to read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunk = CHUNK_TASKS * steps_per_task(spec, rank)
+
+    def start(a: int):
+        ds = build_stream(spec, rank, a, min(a + chunk, spec.steps))
+        it = iter(ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=spec.prefetch_batches))
+        return it, next(it, None)  # the first record: the chunk's execution has started
+
+    if first_step >= spec.steps:  # a finished run started again: nothing left to read
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="flowray-stream-next")
+    try:
+        pending = pool.submit(start, first_step)
+        for a in range(first_step, spec.steps, chunk):
+            it, rec = pending.result()
+            pending = None
+            read = 0
+            while rec is not None:
+                yield rec
+                read += 1
+                if read == chunk // 2 and a + chunk < spec.steps:
+                    pending = pool.submit(start, a + chunk)
+                rec = next(it, None)
+            if pending is None and a + chunk < spec.steps:  # a chunk of one step
+                pending = pool.submit(start, a + chunk)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
