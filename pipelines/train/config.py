@@ -134,6 +134,7 @@ class RayConfig:
     preprocess_cpus: float = 0.25  # per pairing task of the training stream (it reads, preprocesses and pairs)
     preprocess_actors: int = 0  # most pairing tasks at once per worker's stream; 0: the spare CPUs / workers
     prefetch_batches: int = 2
+    stream_chunk_tasks: int = 8  # a worker reads its stream as datasets of this many pairing tasks; 0: one dataset
     max_failures: int = 2  # a crashed worker (or node) is recovered from the last checkpoint, twice
     local_cpus: int = 4  # logical CPUs of a local Ray (at least the host's count); see pipelines.train.init_ray
 
@@ -261,6 +262,8 @@ def validate(cfg: Config) -> None:
     check(r.preprocess_cpus > 0, "ray.preprocess_cpus", r.preprocess_cpus, "must be > 0")
     check(r.preprocess_actors >= 0, "ray.preprocess_actors", r.preprocess_actors,
            "must be >= 0 (0: as many as the CPUs the train workers leave)")
+    check(r.stream_chunk_tasks >= 0, "ray.stream_chunk_tasks", r.stream_chunk_tasks,
+           "must be >= 0 (0: one dataset for the whole run)")
     check(r.max_failures >= -1, "ray.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
     check(bool(cfg.mlflow.experiment), "mlflow.experiment", cfg.mlflow.experiment, "must be non-empty")
 

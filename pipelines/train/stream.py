@@ -44,7 +44,6 @@ FLIP_STREAM = 2  # its random horizontal flips from derive_seed(seed, rank, step
 DROPOUT_STREAM = 3  # the model's dropout masks from derive_seed(seed, rank, step, DROPOUT_STREAM)
 ORDER_STREAM = 4  # pass p's row order from derive_seed(seed, ORDER_STREAM, p, window)
 BYTES_PER_TASK = 32 << 20  # a pairing task covers about this many bytes of rows in and pairs out (whole steps)
-CHUNK_TASKS = 8  # a stream reads consecutive datasets of this many pairing tasks each (`_records`)
 CACHE_WINDOWS = 2  # a pairing process keeps the row groups of about this many shuffle windows (LRU)
 
 
@@ -70,6 +69,7 @@ class StreamSpec:
     prefetch_batches: int
     shuffle_window: int = 65_536  # rows shuffled together within a pass (whole row groups; data.shuffle_window)
     pairs_seed: int | None = None  # a pairs source's sampling seed: row id i's x_0 is regenerated from it (reflow)
+    chunk_tasks: int = 8  # the worker reads consecutive datasets of this many pairing tasks (0: one; `_records`)
 
     @property
     def global_batch(self) -> int:
@@ -113,7 +113,7 @@ def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int) -> StreamSpec:
                       cfg.ray.num_workers, cfg.train.steps, cfg.train.seed, cfg.data.hflip,
                       method_kwargs(cfg, data), model_kwargs.get("num_classes"), cfg.model.label_dropout,
                       bool(data.times), cfg.ray.preprocess_cpus, tasks, cfg.ray.prefetch_batches,
-                      cfg.data.shuffle_window, data.pairs["seed"] if data.pairs else None)
+                      cfg.data.shuffle_window, data.pairs["seed"] if data.pairs else None, cfg.ray.stream_chunk_tasks)
 
 
 # --- order -----------------------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def iter_pairs(spec: StreamSpec, rank: int, first_step: int, device: torch.devic
 
 def _records(spec: StreamSpec, rank: int, first_step: int):
     """Rank `rank`'s paired steps from `first_step` on (one-row numpy batches), read from consecutive datasets of
-    `CHUNK_TASKS` pairing tasks each; the next one starts when half of the current one is read.
+    `spec.chunk_tasks` pairing tasks each (0: one dataset); the next one starts when half of the current one is read.
 
     Why not one dataset for the whole run: a dataset's streaming executor runs in the process that iterates it (the
     Train worker), and while it has work left its scheduling loop turns continually (a backpressured stream's
@@ -308,7 +308,7 @@ def _records(spec: StreamSpec, rank: int, first_step: int):
     chunk's executor stops once its few tasks are done, so it runs for a fraction of the time it takes to read."""
     from concurrent.futures import ThreadPoolExecutor
 
-    chunk = CHUNK_TASKS * steps_per_task(spec, rank)
+    chunk = spec.chunk_tasks * steps_per_task(spec, rank) or spec.steps - first_step
 
     def start(a: int):
         ds = build_stream(spec, rank, a, min(a + chunk, spec.steps))

@@ -24,6 +24,8 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("method.ot_scope=world", "method.ot_scope: 'world' is not allowed; allowed: local, global"),
     ("train.fail_at_step=2 train.fail_rank=5", "train.fail_rank: 5 is not allowed; must be a worker rank in [0, 1]"),
     ("steps=3", "override 'steps=3' must look like section.key=value"),
+    ("ray.stream_chunk_tasks=-1", "ray.stream_chunk_tasks: -1 is not allowed; must be >= 0 (0: one dataset for the "
+                                  "whole run)"),
     ("method.time_sampling=beta", "method.time_sampling: 'beta' is not allowed; allowed: uniform, logit_normal"),
     ("method.time_loc=0.5", "method.time_loc: 0.5 is not allowed; only method.time_sampling=logit_normal reads it "
                             "(with uniform: keep 0.0)"),
