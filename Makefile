@@ -51,6 +51,7 @@ reproduce: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.train_overhead
 	$(PY) -m benchmarks.worker_threads
+	$(PY) -m benchmarks.stream_chunks
 	$(PY) -m benchmarks.sample_overhead
 	$(PY) -m benchmarks.likelihood_throughput
 	$(PY) -m benchmarks.feature_stage memory
