@@ -269,8 +269,8 @@ def steps_per_task(spec: StreamSpec, rank: int) -> int:
     return max(1, min(64, BYTES_PER_TASK // (rows * spec.row_bytes + pairs_out)))
 
 
-def build_stream(spec: StreamSpec, rank: int, first_step: int, end: int | None = None):
-    """Rank `rank`'s Ray Data dataset of paired steps `first_step` ... `end` - 1 (default: to `spec.steps`), in order.
+def build_stream(spec: StreamSpec, rank: int, first_step: int, end: int):
+    """Rank `rank`'s Ray Data dataset of paired steps `first_step` ... `end` - 1, in order.
 
     Tasks rather than an actor pool: the method is cheap to build, and restartable actors started from a Train
     worker print Ray's warning about their constructor arguments into the job's log. A failed task is retried by
@@ -280,8 +280,8 @@ def build_stream(spec: StreamSpec, rank: int, first_step: int, end: int | None =
     from ray.data import DataContext, TaskPoolStrategy
 
     DataContext.get_current().execution_options.preserve_order = True  # steps arrive in order
-    n = (spec.steps if end is None else end) - first_step
-    return ray.data.range(n).map_batches(  # Ray sizes the blocks of step ids; a task pairs `per_task` steps
+    # Ray sizes the blocks of step ids; a task pairs `steps_per_task` of them
+    return ray.data.range(end - first_step).map_batches(
         pair_steps, fn_kwargs={"spec": spec, "rank": rank, "first_step": first_step},
         batch_size=steps_per_task(spec, rank), batch_format="numpy", num_cpus=spec.cpus,
         compute=TaskPoolStrategy(size=spec.tasks))
@@ -304,7 +304,7 @@ def _records(spec: StreamSpec, rank: int, first_step: int):
     Why not one dataset for the whole run: a dataset's streaming executor runs in the process that iterates it (the
     Train worker), and while it has work left its scheduling loop turns continually (a backpressured stream's
     ready outputs end every wait at once) and takes the GIL from the training step: on 2 cores the two workers of
-    the `fashion-mnist-cpu` preset trained at 59-72 images/s against 183-213 with chunks (BENCHMARKS.md). A
+    the `fashion-mnist-cpu` preset trained at 74 images/s against 161 with chunks (`benchmarks.stream_chunks`). A
     chunk's executor stops once its few tasks are done, so it runs for a fraction of the time it takes to read."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -322,15 +322,12 @@ def _records(spec: StreamSpec, rank: int, first_step: int):
         pending = pool.submit(start, first_step)
         for a in range(first_step, spec.steps, chunk):
             it, rec = pending.result()
-            pending = None
             read = 0
             while rec is not None:
                 yield rec
                 read += 1
-                if read == chunk // 2 and a + chunk < spec.steps:
+                if read == max(1, chunk // 2) and a + chunk < spec.steps:
                     pending = pool.submit(start, a + chunk)
                 rec = next(it, None)
-            if pending is None and a + chunk < spec.steps:  # a chunk of one step
-                pending = pool.submit(start, a + chunk)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
