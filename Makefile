@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.coupling solve
 	$(PY) -m benchmarks.coupling step
 	$(PY) -m benchmarks.data_wait
+	$(PY) -m benchmarks.worker_imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache mlflow.db mlruns outputs

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import ot
 import torch
 from torch import Tensor
 
@@ -87,6 +86,8 @@ class ExactOTCoupling(Coupling):
 
     def plan_indices(self, x_0: Tensor, x_1: Tensor,
                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        import ot  # here, not at the top: see `fm.metrics.w2_from_cost`
+
         cost = squared_cost(x_0, x_1).cpu().numpy()
         n_0, n_1 = cost.shape
         plan = ot.emd(_uniform(n_0), _uniform(n_1), cost, numItermax=10_000_000)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
 from fm.seeding import SeedStack
 from fm.solvers import VelocityFn, integration_times
@@ -176,6 +175,8 @@ def log_likelihood(fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings | N
         else:
             v, div = divergence_hutchinson(fn, x, tb, probes)
         return v, div
+
+    from torchdiffeq import odeint  # here, not at the top: see `fm.solvers.ode_sample`
 
     delta_1 = torch.zeros(x_1.shape[0], device=x_1.device, dtype=x_1.dtype)
     xs, deltas = odeint(rhs, (x_1, delta_1), ts, method=s.method, atol=s.atol, rtol=s.rtol)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import ot
 import torch
 from torch import Tensor
 
@@ -138,8 +137,18 @@ def wasserstein2(x: Tensor, y: Tensor) -> float:
     _check_features(x, y)
     # detach and move to the CPU: the solver is numpy (inputs may live on a GPU or carry gradients)
     cost = torch.cdist(x.detach().double(), y.detach().double()).pow(2).cpu().numpy()
-    a, b = np.full(x.shape[0], 1 / x.shape[0]), np.full(y.shape[0], 1 / y.shape[0])
-    return float(np.sqrt(ot.emd2(a, b, cost, numItermax=10_000_000)))
+    return w2_from_cost(cost)
+
+
+def w2_from_cost(cost: np.ndarray) -> float:
+    """sqrt of the exact optimal transport cost between uniform weights on the rows and on the columns of the
+    squared-distance matrix `cost` [N, M] (POT's network simplex)."""
+    # POT is imported where it is used: it pulls in scipy.stats and scikit-learn (~2.5 s), which every Ray worker
+    # that imports fm would otherwise pay at start
+    import ot
+
+    n, m = cost.shape
+    return float(np.sqrt(ot.emd2(np.full(n, 1 / n), np.full(m, 1 / m), cost, numItermax=10_000_000)))
 
 
 def mmd(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.1, 0.5, 1.0, 2.0, 5.0)) -> float:

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
-import ot
 import torch
 from torch import Tensor, nn
 
 from fm.likelihood import LikelihoodResult, LikelihoodSettings, log_likelihood
 from fm.losses import sample_time
 from fm.manifolds import Manifold
+from fm.metrics import w2_from_cost
 from fm.solvers import FIXED_METHODS, SampleResult, VelocityFn, ode_sample
 
 __all__ = ["rfm_loss", "manifold_ode_sample", "manifold_log_likelihood", "geodesic_wasserstein2",
@@ -116,5 +115,4 @@ def geodesic_wasserstein2(manifold: Manifold, x: Tensor, y: Tensor) -> float:
     as the cost (POT's network simplex)."""
     x, y = x.detach().double().cpu(), y.detach().double().cpu()
     cost = manifold.dist(x[:, None, :], y[None, :, :]).pow(2).numpy()
-    a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
-    return float(np.sqrt(ot.emd2(a, b, cost, numItermax=10_000_000)))
+    return w2_from_cost(cost)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq import odeint
 
 from fm.paths import AffinePath, VPScheduler
 
@@ -141,6 +140,10 @@ def ode_sample(fn: VelocityFn, x_0: Tensor, method: str = "dopri5", steps: int |
     Returns:
         `SampleResult` with the end points and the exact NFE (calls of fn on the batch).
     """
+    # torchdiffeq is imported where it is used: it pulls in scipy.integrate (~0.8 s), which every training and data
+    # worker that imports fm but never integrates would otherwise pay at start
+    from torchdiffeq import odeint
+
     ts = integration_times(method, steps, t_0, t_1, atol, rtol, x_0)
     nfe = 0
 
