@@ -9,9 +9,9 @@ set's classifier features). For the first seed also an Euler-steps curve (FD aga
 matching, reverse-SDE samples. Everything goes into one MLflow experiment; `jobs.compare` prints the table
 (mean ± std over seeds). The last stdout line is one JSON object.
 
-Presets: digits (8x8, a CPU budget of under an hour on 2 cores), fashion-mnist-cpu (28x28, at most 15 minutes of
-training per method on 2 cores, FID of 2,000 samples), fashion-mnist (28x28, a long CPU run), cifar10 (the paper's
-settings, for a GPU cluster through cluster.yaml and `ray job submit`).
+Presets: digits (8x8, a CPU budget of under an hour on 2 cores), fashion-mnist-cpu (28x28, 12 to 35 minutes of
+training per method on 2 cores, by host; FID of 2,000 samples), fashion-mnist (28x28, a long CPU run), cifar10
+(the paper's settings, for a GPU cluster through cluster.yaml and `ray job submit`).
 """
 
 from __future__ import annotations
@@ -47,13 +47,14 @@ PRESETS = {
                      euler_steps=[2, 5, 10, 20, 50], sde_steps=100, eval_draws=1, eval_max_images=0,
                      overrides=["train.sample_every=0", "train.checkpoint_every=300", "train.log_every=50"],
                      budget="digits: under 60 min on 2 CPU cores"),
-    # 2 CPU cores: each method trains for at most 15 minutes; FID of 2,000 dopri5 samples against ~5,000 training
-    # images (Inception runs at ~7 images/s on 2 cores: the whole 60k split would take over 2 hours)
+    # 2 CPU cores: each method trains for 12 (the 2026-11-29 host) to 35 minutes (the 2026-12-03 one, 160-219
+    # images/s); FID of 2,000 dopri5 samples against ~5,000 training images (Inception runs at 5-11 images/s on 2
+    # cores: the whole 60k split would take 1.5 to 3 hours)
     "fashion-mnist-cpu": Preset("configs/fashion-mnist-cpu.yaml", "fashion-mnist", "data/fashion-mnist",
                                 steps=3000, num_samples=2000, euler_steps=[], sde_steps=0, eval_draws=1,
                                 eval_max_images=200, reference_max=5000,
-                                budget="fashion-mnist-cpu: about 20 min per method on 2 CPU cores, at most 15 "
-                                       "of them training"),
+                                budget="fashion-mnist-cpu: 25 to 60 min per method on 2 CPU cores by host, 12 "
+                                       "to 35 of them training"),
     "fashion-mnist": Preset("configs/fashion-mnist.yaml", "fashion-mnist", "data/fashion-mnist", steps=20000,
                             num_samples=5000, euler_steps=[2, 5, 10, 20, 50, 100], sde_steps=200, eval_draws=1,
                             eval_max_images=1000),
