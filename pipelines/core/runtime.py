@@ -290,5 +290,7 @@ class Progress:
         elapsed = now - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        stage(f"{self.what}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, "
+        # a slow stage (dopri5 blocks of a stiff model: one every 20-40 s) reads per minute, not "0.0 blocks/s"
+        speed = f"{rate:.1f} {self.unit}/s" if rate >= 1 else f"{60 * rate:.1f} {self.unit}/min"
+        stage(f"{self.what}: {self.done}/{self.total} {self.unit}, {speed}, "
               + (f"ETA {eta:.0f} s" if self.done < self.total else f"done in {elapsed:.0f} s"))
