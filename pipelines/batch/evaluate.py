@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +54,12 @@ class LikelihoodResult:
     images_per_s: float
     wall_s: float
     precision: str = "fp32"  # eval.precision: the network's autocast dtype
+    # per row, in the split's row order: which rows, their values and solves' NFE. Logged as the evaluation run's
+    # artifact `likelihood/<metric>_per_row.csv` (two methods scored on the same rows compare pairwise), kept out of
+    # the job's JSON line
+    rows: list[int] = field(default_factory=list, repr=False)
+    values: list[float] = field(default_factory=list, repr=False)
+    nfes: list[float] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -160,7 +168,10 @@ class EvaluationResult:
         return out
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        for key in ("rows", "values", "nfes"):  # per-row values are an MLflow artifact, not part of the JSON line
+            (out["likelihood"] or {}).pop(key, None)
+        return out
 
 
 class _ModelActor:
@@ -284,13 +295,24 @@ def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig,
 
 def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> LikelihoodResult:
     """Bits/dim (or NLL in nats for points) over a split (`likelihood_values`); mean ± stderr, NFE."""
-    _, values, nfes, wall = likelihood_values(checkpoint, manifest, cfg, memory)
+    rows, values, nfes, wall = likelihood_values(checkpoint, manifest, cfg, memory)
     mean, stderr = mean_and_stderr(torch.from_numpy(values))
     unit = "bits/dim" if manifest.data.is_image else "nats"
     return LikelihoodResult(metric="bpd" if unit == "bits/dim" else "nll", unit=unit, mean=mean, stderr=stderr,
                             n=len(values), mean_nfe=float(nfes.mean()), draws=cfg.draws, divergence=cfg.divergence,
                             probes=cfg.probes if cfg.divergence == "hutchinson" else None,
-                            images_per_s=len(values) / wall, wall_s=wall, precision=cfg.precision)
+                            images_per_s=len(values) / wall, wall_s=wall, precision=cfg.precision,
+                            rows=rows.tolist(), values=values.tolist(), nfes=nfes.tolist())
+
+
+def write_per_row(lik: LikelihoodResult, directory: Path) -> Path:
+    """`<metric>_per_row.csv` in `directory`: one line per scored row (its index in the split, its bits/dim or
+    NLL, its solve's NFE), in row order, at full float64 precision."""
+    path = directory / f"{lik.metric}_per_row.csv"
+    lines = [f"row,{lik.metric},nfe"] + [f"{r},{v!r},{n!r}" for r, v, n in zip(lik.rows, lik.values, lik.nfes,
+                                                                               strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 INCEPTION_MIN_SIZE = 16  # below this, Inception features of images upsampled to 299 x 299 mean little
@@ -570,6 +592,9 @@ def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str, run_
     if lik.probes is not None:
         tags["flowray.hutchinson_probes"] = str(lik.probes)
     tags["flowray.dequantization_draws"] = str(lik.draws)
+    if lik.rows:
+        with tempfile.TemporaryDirectory() as tmp:  # SafeLogger copies the file before it returns
+            log.artifact(write_per_row(lik, Path(tmp)), "likelihood")
     log.metrics({k: v for k, v in metrics.items() if v is not None and not math.isnan(v)}, step=0)
     log.tags(tags)
     log.finish()

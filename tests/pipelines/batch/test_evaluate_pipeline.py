@@ -61,6 +61,16 @@ def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local
     assert (read.dataset.name, read.dataset.digest) == ("npz/test", load_manifest(tmp_path / "data").digest("test"))
     assert [(tag.key, tag.value) for tag in read.tags] == [("mlflow.data.context", "evaluation")]
     assert run.data.tags["mlflow.note.content"] == "likelihood of fm_ot at step 0"
+    # every row's value, as an artifact that pairs methods scored on the same rows: rows in order, float64 exact,
+    # their mean the logged metric; the job's JSON line stays free of them
+    per_row = MlflowClient(uri).download_artifacts(run.info.run_id, "likelihood/bpd_per_row.csv", str(tmp_path))
+    lines = open(per_row).read().splitlines()
+    assert lines[0] == "row,bpd,nfe" and len(lines) == 1 + res.n
+    rows, values, nfes = zip(*[line.split(",") for line in lines[1:]], strict=True)
+    assert [int(r) for r in rows] == res.rows == sorted(res.rows)
+    assert [float(v) for v in values] == res.values and [float(n) for n in nfes] == res.nfes
+    assert np.mean([float(v) for v in values]) == pytest.approx(run.data.metrics["bpd"], rel=1e-12)
+    assert "values" not in evaluated.to_dict()["likelihood"]
     # straightness, against the closed form: the flow moves x_0 to x_t = t mu + S_t x_0, S_t^2 = (1 - t)^2 + t^2 std^2,
     # so the chord is mu + (std - 1) x_0 and S = mean(x_0^2) (int S_t'^2 dt - (std - 1)^2); the farthest grid point
     # from the chord is max_k |S_t - (1 - t + t std)| ||x_0|| / ||chord||. Its 64 trajectories start from the noise of
