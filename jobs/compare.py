@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _compare(a) -> dict:
-    from pipelines.compare import collect, markdown, model_versions, plot_nfe_vs_fd, table, versions_markdown, write_csv
+    from pipelines.compare import COLUMNS, collect, markdown, model_versions, plot_nfe_vs_fd, table, versions_markdown
     from pipelines.core.errors import ConfigError
+    from pipelines.core.figures import write_csv
     from pipelines.core.tracking import tracking_uri
 
     uri = a.tracking_uri or tracking_uri()
@@ -52,7 +53,7 @@ def _compare(a) -> dict:
     md = markdown(rows)
     print(md)
     out = Path(a.out)
-    csv_path = write_csv(rows, out / f"{a.experiment}.csv")
+    csv_path = write_csv(rows, out / f"{a.experiment}.csv", COLUMNS)
     (out / f"{a.experiment}.md").write_text(md + "\n")
     plot = plot_nfe_vs_fd(rows, out / f"{a.experiment}-nfe-vs-fd.png")
     from pipelines.core.tracking import SafeLogger, start_child_run

@@ -119,7 +119,8 @@ def _reproduce(a) -> dict:
     ensure_ingested(preset.source, data)
 
     from pipelines.batch.config import EvalConfig, SampleConfig
-    from pipelines.compare import collect, markdown, plot_nfe_vs_fd, table, write_csv
+    from pipelines.compare import COLUMNS, collect, markdown, plot_nfe_vs_fd, table
+    from pipelines.core.figures import write_csv
 
     start = time.perf_counter()
     timings = []
@@ -142,7 +143,7 @@ def _reproduce(a) -> dict:
         print(json.dumps({"progress": timings[-1]}), flush=True)
     rows = table(collect(uri, experiment))
     md = markdown(rows)
-    csv_path = write_csv(rows, out / "table.csv")
+    csv_path = write_csv(rows, out / "table.csv", COLUMNS)
     (out / "table.md").write_text(md + "\n")
     plot = plot_nfe_vs_fd(rows, out / "nfe-vs-fd.png")
     print(md)

@@ -5,7 +5,6 @@ the straightness of their trajectories (`fm.straightness`), which is what few-st
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections import defaultdict
@@ -117,17 +116,6 @@ def markdown(rows: list[dict]) -> str:
             _fmt(r["likelihood_nfe"], r["likelihood_nfe_std"], 0),
             r["train_run_ids"]]) + " |")
     return "\n".join(lines)
-
-
-def write_csv(rows: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = [k for k in rows[0]] if rows else COLUMNS
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def plot_series(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:

@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipelines.chain import quality_callbacks
-from pipelines.compare import plot_curves, sweep_markdown, sweep_trials, write_csv
+from pipelines.compare import plot_curves, sweep_markdown, sweep_trials
 from pipelines.core import storage
 from pipelines.core.errors import ConfigError, JobStopped
+from pipelines.core.figures import write_csv
 from pipelines.core.runtime import init_ray, interruptible, stage
 from pipelines.core.settings import check
 from pipelines.core.tracking import (

@@ -25,6 +25,7 @@ from pipelines.core import storage
 from pipelines.core.cells import decode_rows
 from pipelines.core.checkpoint import load_meta, load_model
 from pipelines.core.errors import ConfigError
+from pipelines.core.figures import write_csv
 from pipelines.core.manifest import DataSpec, Manifest
 from pipelines.core.memory import check_fits, model_item_bytes
 from pipelines.core.runtime import Progress, actor_device, actor_pool, init_ray, spread, stage, use_cpu_share
@@ -308,11 +309,8 @@ def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memor
 def write_per_row(lik: LikelihoodResult, directory: Path) -> Path:
     """`<metric>_per_row.csv` in `directory`: one line per scored row (its index in the split, its bits/dim or
     NLL, its solve's NFE), in row order, at full float64 precision."""
-    path = directory / f"{lik.metric}_per_row.csv"
-    lines = [f"row,{lik.metric},nfe"] + [f"{r},{v!r},{n!r}" for r, v, n in zip(lik.rows, lik.values, lik.nfes,
-                                                                               strict=True)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    rows = [{"row": r, lik.metric: v, "nfe": n} for r, v, n in zip(lik.rows, lik.values, lik.nfes, strict=True)]
+    return write_csv(rows, directory / f"{lik.metric}_per_row.csv", ["row", lik.metric, "nfe"])
 
 
 INCEPTION_MIN_SIZE = 16  # below this, Inception features of images upsampled to 299 x 299 mean little

@@ -1,7 +1,9 @@
-"""Figures for MLflow artifacts: image grids, point scatters, and any matplotlib figure written to a PNG."""
+"""Figures and tables for MLflow artifacts: image grids, point scatters, any matplotlib figure written to a PNG,
+and rows written to a CSV."""
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -63,4 +65,16 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+    return path
+
+
+def write_csv(rows: list[dict], path: str | Path, columns: list[str] | None = None) -> Path:
+    """`rows` as a CSV with a header (the first row's keys; `columns` when there are no rows), floats at repr."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(rows[0]) if rows else list(columns or [])
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
     return path
