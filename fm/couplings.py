@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fm.paths import check_pair
+from fm.seeding import seeded_generator
 
 __all__ = [
     "Coupling",
@@ -184,7 +185,7 @@ class EntropicOTCoupling(Coupling):
             raise FloatingPointError(f"Sinkhorn produced an invalid plan with reg={self.reg}; increase reg")
         g = generator if generator is not None else self.generator
         if g is not None and g.device.type != "cpu":  # the plan lives on the CPU; derive a CPU generator from g
-            g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)))
+            g = seeded_generator(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)))
         flat = torch.multinomial(p / p.sum(), x_0.shape[0], replacement=True, generator=g)
         n1 = cost.shape[1]
         return (flat // n1).to(x_0.device), (flat % n1).to(x_0.device)

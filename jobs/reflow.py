@@ -1,11 +1,13 @@
 """Rectified Flow's reflow: a trained flow's own pairs (x_0, x_1 = ODE(x_0)) become the next model's training data.
 
     flowray reflow --checkpoint DIR|runs:/RUN_ID --data SHARDS --num-pairs N [--config FILE] [--rounds K]
-                   [--from-scratch] [--pair-solver dopri5] [--solvers euler:1,euler:2,dopri5] [--num-samples M]
+                   [--from-scratch] [--pair-solver dopri5] [--pair-seed S] [--solvers euler:1,euler:2,dopri5]
+                   [--num-samples M]
                    [--no-baseline] [--name reflow] [--out outputs/reflow]
                    [--set section.key=value ...] [--sample-set sample.key=value ...] [--eval-set eval.key=value ...]
 
-Each round samples N pairs from the last model (--pair-solver; each sample's noise is regenerated from its seed),
+Each round samples N pairs from the last model (--pair-solver; each sample's noise is regenerated from its seed,
+--pair-seed, which the evaluation samplers never share: models are scored on fresh noise),
 ingests them as a `samples:DIR` source, trains method `reflow` on them with the training config (--config and --set;
 warm-started from the last model unless --from-scratch), then samples M images with every --solvers entry and
 evaluates them on the real data (--data: FD with its floor, bits/dim, straightness). With the baseline (the
@@ -32,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1, help="K reflows: the (K+1)-rectified flow")
     p.add_argument("--from-scratch", action="store_true", help="start each round from a random init")
     p.add_argument("--pair-solver", default="dopri5", help="the ODE solver of the pairs (SOLVER or SOLVER:STEPS)")
+    p.add_argument("--pair-seed", type=int, default=None,
+                   help="the pairs' noise seed (default: sample.seed + 1; never the evaluation samplers' seed)")
     p.add_argument("--solvers", default="euler:1,euler:2,dopri5",
                    help="evaluation samplers, comma-separated SOLVER or SOLVER:STEPS")
     p.add_argument("--num-samples", type=int, default=1000, help="samples per evaluation sampler")
@@ -71,7 +75,9 @@ def _reflow(a) -> dict:
     uri = tracking_uri(load_config(a.config, a.overrides).mlflow.tracking_uri)
     spec = ReflowSpec(checkpoint=resolve_checkpoint(a.checkpoint, uri), data=a.data, num_pairs=a.num_pairs,
                       config=a.config, overrides=a.overrides, rounds=a.rounds, warm_start=not a.from_scratch,
-                      pair_sampler=replace(pair, num_samples=a.num_pairs), solves=solves, eval_config=ecfg,
+                      pair_sampler=replace(pair, num_samples=a.num_pairs,
+                                           seed=base.seed + 1 if a.pair_seed is None else a.pair_seed),
+                      solves=solves, eval_config=ecfg,
                       out=a.out, name=a.name, baseline=not a.no_baseline, system_metrics=not a.no_system_metrics)
     result = run_reflow(spec)
     out = {k: v for k, v in result.items() if k != "rounds"}

@@ -9,10 +9,13 @@ and uniform against logit-normal time sampling, through the real pipeline.
 Every row trains the same model on the same data for `--steps` steps in all. A method row (METHOD, or
 METHOD:logit_normal for logit-normal t with loc 0 and scale 1) trains `--steps` steps, keeping its checkpoint at
 `--reflow-at`. A reflow row (`--reflow-from`) takes that step-`--reflow-at` checkpoint of the same run, samples
-`--num-pairs` pairs from it with dopri5 (the batch stage; each pair's noise regenerated from its seed), and trains
+`--num-pairs` pairs from it with dopri5 (the batch stage; each pair's noise regenerated from its seed, the row's seed
++ 1000, so that no model is evaluated on the noise of its own training pairs), and trains
 the 2-rectified flow on them for the remaining `--steps` - `--reflow-at` steps, warm-started from it (`flowray
 reflow`'s chain, one round). Each trained model is sampled with every `--solvers` entry and evaluated on the real
-data: FD (or FID) with its floor, bits/dim, straightness. The table (mean ± std over seeds) goes to
+data: FD (or FID) with its floor, bits/dim, straightness, every sampler starting from the row's seed's noise. A
+second table gives each FD at the floor's image count (`fd_matched`: as many samples as held-out images), the one
+figure a floor can be compared with. The tables (mean ± std over seeds) go to
 OUT/NAME/table.md, every figure to OUT/NAME/result.json, and every run to one MLflow experiment (NAME).
 The last stdout line is one JSON object.
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 from jobs.cli import add_common, run_job
 
 TIME_VARIANTS = ("uniform", "logit_normal")
+PAIR_SEED_OFFSET = 1000  # the pairs of seed s draw their noise from seed s + 1000; evaluation samplers from s
 
 
 def parse(argv):
@@ -109,8 +113,8 @@ def _study(a) -> dict:
                           overrides=[*common, f"train.steps={a.steps - a.reflow_at}", f"train.seed={seed}"],
                           rounds=1, solves=solves, eval_config=ecfg, out=str(out / "reflow"),
                           name=f"{a.name}-{method}-s{seed}-reflow", baseline=False,
-                          pair_sampler=solves_from("dopri5", a.num_pairs,
-                                                   {"seed": seed, "block_size": 100, "actors": 2})[0])
+                          pair_sampler=solves_from("dopri5", a.num_pairs, {"seed": seed + PAIR_SEED_OFFSET,
+                                                                           "block_size": 100, "actors": 2})[0])
         (r,) = run_reflow(spec)["rounds"]
         figures = _figures(r["records"], seed, r["train"]["wall_s"])
         figures.update(pairs_per_s=r["pairs"]["samples_per_s"], pairs_wall_s=r["pairs"]["wall_s"],
@@ -152,6 +156,7 @@ def _figures(records, seed: int, train_s: float) -> dict:
     q = ev.quality
     return {"seed": seed, "train_s": train_s, "fd_label": q.fd_label, "fd_floor": q.fd_floor,
             "fd": {r.solver: r.evaluation.quality.fd for r in records},
+            "fd_matched": {r.solver: r.evaluation.quality.fd_matched for r in records}, "num_matched": q.num_matched,
             "nfe": {r.solver: r.sample.mean_nfe for r in records},
             "straightness": ev.straightness.straightness if ev.straightness else None,
             "bpd": ev.likelihood.mean if ev.likelihood else None}
@@ -183,6 +188,14 @@ def markdown(rows: dict[str, list[dict]], tags: list[str], a) -> str:
     floors = [f["fd_floor"] for figs in rows.values() for f in figs if f["fd_floor"] is not None]
     if floors:
         lines.append(f"\n{first['fd_label']} floor (held-out real images against the reference): {floors[0]:.3f}")
+    if first.get("num_matched"):  # a Fréchet distance falls with its sample count: the floor's count beside it
+        lines += [f"\nAt the floor's count ({first['num_matched']} samples against the reference, as the floor's "
+                  f"{first['num_matched']} held-out images are):", "",
+                  "| model | " + " | ".join(f"{first['fd_label']} {t}" for t in tags) + " | floor |",
+                  "|" + " --- |" * (len(tags) + 2)]
+        for label, figs in rows.items():
+            cells = [_cell([f["fd_matched"][k] for f in figs]) for k in solver_keys]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell([f['fd_floor'] for f in figs], '.3f')} |")
     pairs = [f for figs in rows.values() for f in figs if "pairs_per_s" in f]
     if pairs:
         lines.append(f"\nPairs (dopri5, {a.num_pairs} per reflow): "

@@ -8,6 +8,9 @@ A trained flow's own coupling is sampled at scale and becomes the next model's t
               from model r-1 unless from scratch)  ->  sample with every evaluation solver and evaluate on the real
               data (FD with its floor, bits/dim, straightness)
 
+The pairs draw their noise from a seed of their own, which no evaluation sampler may share: every model is scored on
+fresh noise, never on the x_0 it was trained on (`plan` refuses otherwise).
+
 k rounds give the (k+1)-rectified flow (Liu et al.'s numbering: the generating model is the 1-rectified one). The
 chain is one MLflow run (`flowray.kind` reflow) with each round's training run nested under it (their sampling and
 evaluation runs nested under those, as everywhere); with the baseline, the generating model is sampled and evaluated
@@ -90,6 +93,11 @@ def plan(spec: ReflowSpec) -> Plan:
           "the pairs are an ODE's: (x_0, x_1 = ODE(x_0)); use dopri5 or a fixed-step ODE solver")
     for s in spec.solves:
         validate_sample_config(s, "reflow")
+        # sample i of seed s starts from the noise derive_seed(s, i): with the pairs' seed, the evaluation samples
+        # would start from the x_0 of the reflowed model's own training pairs, and score it on what it was fit to
+        check(s.seed != pair_sampler.seed, "--pair-seed", pair_sampler.seed,
+              f"the evaluation samplers draw their noise from sample.seed={s.seed} too, so the reflowed models would "
+              "be scored on the x_0 of their own training pairs; give the pairs a seed of their own")
     validate_eval_config(spec.eval_config)
     configs = []
     for r in range(1, spec.rounds + 1):

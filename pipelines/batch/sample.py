@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from fm.data import to_uint8
-from fm.seeding import SeedStack, derive_seed
+from fm.seeding import SEEDING_VERSION, SeedStack, derive_seed
 from fm.solvers import ADAPTIVE_METHODS, SampleResult, autocast_field, sde_sample
 from pipelines.batch.config import SampleConfig, validate_sample_config
 from pipelines.core import storage
@@ -168,11 +168,16 @@ def prepare_output(out: str, cfg: SampleConfig, checkpoint: str) -> str:
     same as a fresh run at the larger count."""
     settings = {"checkpoint": str(checkpoint), **{k: v for k, v in asdict(cfg).items()
                                                   if k not in ("actors", "blocks_per_call", "cpus_per_actor",
-                                                               "gpus_per_actor", "fail_at_block", "write_png")}}
+                                                               "gpus_per_actor", "fail_at_block", "write_png")},
+                "seeding": SEEDING_VERSION}
     out = storage.check_writable(str(out), "--out")
     path = storage.join(out, SETTINGS)
     if storage.is_file(path):
         old = json.loads(storage.read_text(path))
+        if old.get("seeding", 1) != SEEDING_VERSION:  # outputs before the version was recorded are version 1
+            raise SamplingError(f"{out} holds samples whose noise was seeded by version {old.get('seeding', 1)} (the "
+                                f"low 32 bits of each seed); this version seeds by version {SEEDING_VERSION} (all 63 "
+                                "bits) and does not add its samples to them; use a new --out")
         diff = {k: (old.get(k), v) for k, v in settings.items() if k != "num_samples" and old.get(k) != v}
         if diff:
             raise SamplingError(f"{out} holds samples made with other settings {diff}; use a new --out")

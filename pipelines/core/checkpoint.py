@@ -18,6 +18,7 @@ from torch import nn
 
 from fm.methods import Method, make_method
 from fm.models import build_model
+from fm.seeding import SEEDING_VERSION
 from pipelines.core import storage
 from pipelines.core.errors import ConfigError
 
@@ -43,7 +44,7 @@ def save_checkpoint(directory: str | Path, *, step: int, model: nn.Module, ema_s
     if scaler is not None:
         torch.save(scaler.state_dict(), d / "scaler.pt")
     meta = {"step": step, "model": {"name": model_name, "kwargs": model_kwargs}, "method": method_kwargs,
-            "config": config, **(extra or {})}
+            "config": config, "seeding": SEEDING_VERSION, **(extra or {})}
     (d / META).write_text(json.dumps(meta, indent=1))
     return d
 

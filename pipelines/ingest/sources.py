@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fm.methods import METHODS
-from fm.seeding import derive_seed
+from fm.seeding import SEEDING_VERSION, derive_seed
 from pipelines.core import storage
 from pipelines.core.checkpoint import load_meta
 from pipelines.core.errors import ConfigError
@@ -681,6 +681,10 @@ def _list_samples(req: ListRequest) -> Listing:
     if missing:
         raise IngestError(f"{req.spec}: its _sampling.json lacks {', '.join(missing)}: the pairs cannot be "
                           "regenerated; sample again with this version's `flowray sample`")
+    if settings.get("seeding", 1) != SEEDING_VERSION:
+        raise IngestError(f"{req.spec}: its noise was seeded by version {settings.get('seeding', 1)} (the low 32 bits "
+                          f"of each seed), and this version (seeding {SEEDING_VERSION}) would regenerate other x_0 for "
+                          "its samples: the pairs would be wrong; sample again with this version's `flowray sample`")
     if settings["solver"] == "sde":
         raise IngestError(f"{req.spec}: sampled with the SDE solver, whose samples are not a function of their noise; "
                           "reflow needs an ODE's pairs (sample with dopri5, or a fixed-step ODE solver)")
@@ -699,7 +703,7 @@ def _list_samples(req: ListRequest) -> Listing:
     parts = [Part(0, "samples", {"file": f, "shape": shape, "kind": kind, "seed": int(settings["seed"])},
                   storage.parquet_metadata(f).num_rows) for f in files]
     pairs = {**{k: settings[k] for k in PAIR_SETTINGS}, "samples": req.arg, "method": method["name"],
-             "model": meta["model"], "step": meta["step"]}
+             "model": meta["model"], "step": meta["step"], "seeding": SEEDING_VERSION}
     # a class-conditional model's samples carry the class they were drawn for; an unconditional model's carry none
     labelled = bool(meta["model"]["kwargs"].get("num_classes"))
     return Listing(req.spec, req.kind, parts, list(data.get("class_names") or []) if labelled else [],

@@ -15,6 +15,7 @@ import numpy as np
 from fm.losses import TIME_SAMPLINGS
 from fm.methods import METHODS, make_method
 from fm.models import MODELS
+from fm.seeding import SEEDING_VERSION
 from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS
 from fm.training import SCHEDULES
 from pipelines.core.checkpoint import load_meta
@@ -295,6 +296,10 @@ def check_data(cfg: Config):
     check(given or not pairs, "method.name", cfg.method.name,
           f"{cfg.data.shards} holds a sampling output's pairs (x_0, x_1 = ODE(x_0)), which {cfg.method.name} would "
           "re-pair with fresh noise; train on them with method.name=reflow")
+    seeding = (manifest.data.pairs or {}).get("seeding", 1)
+    check(not pairs or seeding == SEEDING_VERSION, "data.shards", str(cfg.data.shards),
+          f"its pairs were ingested from samples seeded by version {seeding} (the low 32 bits of each seed); this "
+          f"version (seeding {SEEDING_VERSION}) would regenerate other x_0 for them; sample and ingest the pairs again")
     check(not (pairs and cfg.data.hflip), "data.hflip", True,
           "a flipped x_1 is not the sample of its x_0: pairs need data.hflip=false")
     if cfg.train.init_from:

@@ -76,7 +76,7 @@ def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, 
     labels = "data" if manifest.data.times else "classes" if kwargs.get("num_classes") else "none"
     job = TrainJob(cfg, kwargs, manifest.data, uri, run_id,
                    storage.join(run_dir, f".fault_injected_step_{cfg.train.fail_at_step}"),
-                   stream_spec(cfg, manifest, kwargs, _pair_tasks(cfg)), is_verbose(),
+                   stream_spec(cfg, manifest, kwargs, _pair_tasks(cfg), resume=meta), is_verbose(),
                    validation_set(manifest, cfg.train.val_split, cfg.train.val_rows, labels),
                    load_state(cfg.train.init_from, "ema")["module"] if cfg.train.init_from else None)
     trainer = TorchTrainer(

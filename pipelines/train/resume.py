@@ -5,13 +5,15 @@ model, so what built it and what it is trained on must be what its checkpoints w
 method, the data's kind, shape and classes, the split, and the stream's identity (`train.seed`,
 `train.batch_size`). Everything else may change on resume: the step target, the learning-rate schedule, clipping
 and EMA decay, logging, sampling and checkpoint cadence, precision, and every `ray.*` and `mlflow.*` key (the
-worker count among them).
+worker count among them: the stream continues from the rows the checkpoint had consumed, `stream.resume_position`),
+and `data.shuffle_window` (which orders the passes after the one under way).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from fm.seeding import SEEDING_VERSION
 from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import DataSpec
 from pipelines.train.config import Config, model_kwargs
@@ -44,6 +46,11 @@ def differences(cfg: Config, data: DataSpec, meta: dict) -> list[str]:
         old, new = saved_data.get(name), data_now.get(name)
         if name in saved_data and _plain(old) != _plain(new):
             out.append(f"the data's {name} was {old!r}, now {new!r}")
+    seeding = meta.get("seeding", 1)  # checkpoints before the seeding was recorded used version 1
+    if seeding != SEEDING_VERSION:
+        out.append(f"its noise, pairing and dropout streams were seeded by version {seeding} (the low 32 bits of "
+                   f"each seed), this version seeds by version {SEEDING_VERSION} (all 63 bits), and one run does not "
+                   "mix the two")
     return out
 
 

@@ -13,18 +13,21 @@ Which rows a step reads: the run is one endless sequence of rows, pass after pas
 fresh order drawn from (train.seed, pass) (`pass_order`): the split's row groups shuffled, then the rows within
 windows of about `data.shuffle_window` rows of consecutive (shuffled) groups shuffled, as streaming loaders do
 (WebDataset's shard shuffle and buffer, MosaicML streaming's shuffle blocks), so reads stay whole row groups.
-Step s takes positions [s B, (s + 1) B) of the sequence (B = batch_size x workers), rank r its part
-[s B + r b, s B + (r + 1) b): every row is read once per pass, and the rows a pass cannot fill a last batch with
-start the next step, which runs on into the next pass. Everything random about a step comes from seeds derived from
-(train.seed, rank, step) (flips, label dropout, noise, coupling), so a step is the same on any number of CPU
-workers, after a restart, and as `fm.training.pair_step` makes it in process. With `method.ot_scope=global` a rank's
-stream reads the step's whole global batch and solves the one plan over it (`fm.training.pair_global_step`),
-keeping its own part: every rank's stream does this work, off the trainers.
+Step s takes positions [c + (s - s0) B, c + (s - s0 + 1) B) of the sequence (B = batch_size x workers), rank r its
+part [.. + r b, .. + (r + 1) b), where c is the cursor (rows consumed) that the run's checkpoint of step s0 recorded
+(0 and 0 for a new run): every row is read once per pass, and the rows a pass cannot fill a last batch with start the
+next step, which runs on into the next pass. A resume with another worker count continues the same pass order from
+the same row; a resume with another `data.shuffle_window` keeps the old window until the pass under way ends, and
+the new one orders the passes after it (`StreamSpec.windows`). Everything random about a step comes from seeds
+derived from (train.seed, rank, step) (flips, label dropout, noise, coupling), so a step is the same on any number
+of CPU workers, after a restart, and as `fm.training.pair_step` makes it in process. With `method.ot_scope=global`
+a rank's stream reads the step's whole global batch and solves the one plan over it
+(`fm.training.pair_global_step`), keeping its own part: every rank's stream does this work, off the trainers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -70,6 +73,10 @@ class StreamSpec:
     shuffle_window: int = 65_536  # rows shuffled together within a pass (whole row groups; data.shuffle_window)
     pairs_seed: int | None = None  # a pairs source's sampling seed: row id i's x_0 is regenerated from it (reflow)
     chunk_tasks: int = 8  # the worker reads consecutive datasets of this many pairing tasks (0: one; `_records`)
+    origin_step: int = 0  # the step the run resumed at, and the rows consumed before it (the checkpoint's cursor)
+    origin_position: int = 0
+    # the run's window schedule: (first pass, window) in pass order (empty: `shuffle_window` orders every pass)
+    windows: tuple[tuple[int, int], ...] = ()
 
     @property
     def global_batch(self) -> int:
@@ -94,26 +101,58 @@ class StreamSpec:
         """The ranks whose rows rank `rank`'s stream reads: its own, or every rank's for the global plan."""
         return list(range(self.world)) if self.global_plan else [rank]
 
+    def cursor(self, step: int) -> int:
+        """Rows of the endless sequence consumed before `step` (what a checkpoint of `step` records)."""
+        return self.origin_position + (step - self.origin_step) * self.global_batch
+
     def positions(self, step: int, part: int) -> np.ndarray:
         """Positions [b] in the run's endless row sequence that rank `part` trains on at `step`."""
-        start = step * self.global_batch + part * self.batch_size
+        start = self.cursor(step) + part * self.batch_size
         return np.arange(start, start + self.batch_size, dtype=np.int64)
+
+    def window(self, p: int) -> int:
+        """The shuffle window that orders pass p: that of the last entry of `windows` starting at or before p."""
+        return next((w for first, w in reversed(self.windows) if first <= p), self.shuffle_window)
 
     @property
     def row_bytes(self) -> int:
         return row_bytes(self.shape, self.kind)
 
 
-def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int) -> StreamSpec:
+def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int, resume: dict | None = None) -> StreamSpec:
     """The `StreamSpec` of a training config (`pipelines.train.config.Config`) over its split of `manifest`, with at
-    most `tasks` pairing tasks at once per worker's stream."""
+    most `tasks` pairing tasks at once per worker's stream; `resume`: the meta.json of the checkpoint the run
+    continues from, whose stream position it continues (`resume_position`)."""
     split, data = cfg.data.split, manifest.data
     files = tuple(manifest.shard_paths(split))
-    return StreamSpec(files, group_rows(files), tuple(data.shape), data.kind, cfg.train.batch_size,
+    spec = StreamSpec(files, group_rows(files), tuple(data.shape), data.kind, cfg.train.batch_size,
                       cfg.ray.num_workers, cfg.train.steps, cfg.train.seed, cfg.data.hflip,
                       method_kwargs(cfg, data), model_kwargs.get("num_classes"), cfg.model.label_dropout,
                       bool(data.times), cfg.ray.preprocess_cpus, tasks, cfg.ray.prefetch_batches,
                       cfg.data.shuffle_window, data.pairs["seed"] if data.pairs else None, cfg.ray.stream_chunk_tasks)
+    return spec if resume is None else resume_position(spec, resume)
+
+
+def resume_position(spec: StreamSpec, meta: dict) -> StreamSpec:
+    """`spec` continuing from a checkpoint (its meta.json): from the rows it had consumed and with its window
+    schedule, whatever its worker count was. A window that differs from the schedule's last orders the passes from
+    the next whole one on: the pass under way keeps the order it started with. A checkpoint written before the
+    cursor was recorded consumed step x batch_size x its workers rows, all ordered by its config's window."""
+    step, stream, saved = int(meta["step"]), meta.get("stream"), meta.get("config") or {}
+    if stream is not None:
+        cursor, windows = int(stream["cursor"]), [tuple(map(int, w)) for w in stream["windows"]]
+    else:
+        workers = saved.get("ray", {}).get("num_workers", spec.world)
+        cursor = step * saved.get("train", {}).get("batch_size", spec.batch_size) * workers
+        windows = [(0, int(saved.get("data", {}).get("shuffle_window", spec.shuffle_window)))]
+    if windows[-1][1] != spec.shuffle_window:
+        windows.append((-(-cursor // spec.num_rows), spec.shuffle_window))
+    return replace(spec, origin_step=step, origin_position=cursor, windows=tuple(windows))
+
+
+def stream_record(spec: StreamSpec, step: int) -> dict:
+    """What a checkpoint of `step` records of the stream (meta.json's `stream`): rows consumed, window schedule."""
+    return {"cursor": spec.cursor(step), "windows": [list(w) for w in spec.windows] or [[0, spec.shuffle_window]]}
 
 
 # --- order -----------------------------------------------------------------------------------------------------
@@ -122,14 +161,14 @@ def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int) -> StreamSpec:
 def pass_order(spec: StreamSpec, p: int) -> np.ndarray:
     """Pass p's order of the split's rows [N]: a permutation from (seed, p) alone, shuffled the way a streaming loader
     can read it: the row groups in a random order, cut into windows of consecutive groups holding at least
-    `shuffle_window` rows, the rows of each window in a random order."""
-    start, n = spec.group_start[:-1], np.diff(spec.group_start)
+    `spec.window(p)` rows, the rows of each window in a random order."""
+    start, n, size = spec.group_start[:-1], np.diff(spec.group_start), spec.window(p)
     groups = np.random.default_rng(derive_seed(spec.seed, ORDER_STREAM, p, -1)).permutation(len(n))
     out, window, rows = [], [], 0
     for k, g in enumerate(groups):
         window.append(np.arange(start[g], start[g] + n[g]))
         rows += int(n[g])
-        if rows >= spec.shuffle_window or k == len(groups) - 1:
+        if rows >= size or k == len(groups) - 1:
             rng = np.random.default_rng(derive_seed(spec.seed, ORDER_STREAM, p, len(out)))
             out.append(rng.permutation(np.concatenate(window)))
             window, rows = [], 0
@@ -164,7 +203,8 @@ def read_steps(batch: dict[str, np.ndarray], spec: StreamSpec, rank: int, first_
     global plan, in rank order); for a pairs source also the rows' sample ids, sample_id int64 [rows]."""
     order, steps = _Order(spec), first_step + batch["id"].astype(np.int64)
     # the groups of about CACHE_WINDOWS shuffle windows stay in the process: a window's steps draw on them
-    reader = ShardRows(spec.files, spec.group_rows, spec.shape, spec.kind, CACHE_WINDOWS * spec.shuffle_window)
+    widest = max([spec.shuffle_window, *(w for _, w in spec.windows)])
+    reader = ShardRows(spec.files, spec.group_rows, spec.shape, spec.kind, CACHE_WINDOWS * widest)
     rows = [order.rows(np.concatenate([spec.positions(int(s), part) for part in spec.parts(rank)])) for s in steps]
     raw, labels = zip(*(reader.take(r) for r in rows), strict=True)
     out = {"step": steps, "row": np.stack(rows), "raw": np.stack(raw), "label": np.stack(labels)}

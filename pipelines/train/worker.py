@@ -21,7 +21,7 @@ from fm.data import to_uint8
 from fm.ema import EMA
 from fm.methods import Method, make_method
 from fm.models import build_model
-from fm.seeding import derive_seed, generator
+from fm.seeding import derive_seed, generator, seed_default_generator
 from fm.solvers import ode_sample
 from fm.training import StepResult, lr_at, read_ahead, train_step
 from pipelines.core import storage
@@ -33,7 +33,7 @@ from pipelines.core.settings import autocast_dtype
 from pipelines.core.tracking import SafeLogger, now_ms, system_metrics
 from pipelines.train.config import Config, method_kwargs
 from pipelines.train.metrics import WINDOWS, quick_http_failures
-from pipelines.train.stream import DROPOUT_STREAM, StreamSpec, iter_pairs
+from pipelines.train.stream import DROPOUT_STREAM, StreamSpec, iter_pairs, stream_record
 from pipelines.train.validation import ValidationSet, validation_loss
 
 
@@ -139,7 +139,7 @@ def _train(job: TrainJob) -> None:
                                 cfg.optim.decay_steps or t.steps, cfg.optim.min_lr, cfg.optim.power)
         # dropout (the only draw of the global generator) from this rank and step alone: masks differ across ranks
         # and a restarted run draws the masks the uninterrupted one did
-        torch.manual_seed(derive_seed(t.seed, state.rank, state.step, DROPOUT_STREAM))
+        seed_default_generator(derive_seed(t.seed, state.rank, state.step, DROPOUT_STREAM))
         if cfg.train.channels_last:
             pairs = _channels_last(pairs)
         res = train_step(state.ddp_model, state.method, state.optimizer, pairs.x_1, grad_clip=cfg.optim.grad_clip,
@@ -302,7 +302,7 @@ def _save(job: TrainJob, state: WorkerState, directory: str) -> None:
                     model_kwargs=job.model_kwargs,
                     method_kwargs=method_kwargs(job.config, job.data), config=job.config.to_dict(),
                     extra={"mlflow_run_id": job.run_id, "manifest": job.data.to_dict(),
-                           "nonfinite_total": state.nonfinite_total})
+                           "nonfinite_total": state.nonfinite_total, "stream": stream_record(job.stream, state.step)})
 
 
 def _log_grid(logger: SafeLogger, job: TrainJob, state: WorkerState) -> None:

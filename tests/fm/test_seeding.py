@@ -32,3 +32,42 @@ def test_a_million_tuples_give_a_million_seeds():
     tuples |= {(s, a) for s in range(4) for a in range(100_000)}
     seeds = {derive_seed(*t) for t in tuples}
     assert len(seeds) == len(tuples)
+
+
+def test_the_generator_uses_the_whole_seed():
+    import torch
+
+    from fm.seeding import SeedStack, generator, seeded_generator
+
+    # sample ids 36030 and 37394 of sample.seed=0: their 63-bit seeds agree in the low 32 bits, which is all that
+    # torch.Generator.manual_seed keeps on the CPU, so under the old seeding both started from the same noise
+    a, b = derive_seed(0, 36030), derive_seed(0, 37394)
+    assert a != b and a % 2**32 == b % 2**32
+    old = [torch.randn(8, generator=torch.Generator().manual_seed(s)) for s in (a, b)]
+    assert torch.equal(*old)
+    x = SeedStack([a, b]).randn([1, 8, 8])
+    assert not torch.equal(x[0], x[1])
+    assert not torch.equal(torch.randn(8, generator=generator(0, 36030)), torch.randn(8, generator=generator(0, 37394)))
+    # seeds equal in their low 32 bits, and in their high ones
+    for s in (5, 2**40 + 7, 2**62 - 1):
+        seeds = {s + k * 2**32 for k in range(4)} | {s ^ (1 << bit) for bit in range(32, 63)}
+        draws = {tuple(torch.rand(4, generator=seeded_generator(seed)).tolist()) for seed in seeds}
+        assert len(draws) == len(seeds) >= 33
+    # the same seed gives the same stream, and the generator records the seed it was given
+    g = seeded_generator(2**61 + 3)
+    assert g.initial_seed() == 2**61 + 3
+    assert torch.equal(torch.randn(5, generator=g), torch.randn(5, generator=seeded_generator(2**61 + 3)))
+
+
+def test_a_million_sample_ids_start_from_a_million_distinct_noises():
+    import torch
+
+    from pipelines.core.samples import sample_noise
+
+    seen, n, chunk = set(), 1_000_000, 20_000
+    for start in range(0, n, chunk):
+        # the starting noise of each id as the sampler draws it (sample.seed=0); two values each: one float32 value
+        # alone repeats by chance (a million draws from about 2^25 likely values)
+        x = sample_noise(0, torch.arange(start, start + chunk).numpy(), [2])
+        seen.update(map(tuple, x.view(torch.int32).tolist()))
+    assert len(seen) == n

@@ -8,8 +8,8 @@ from jobs.reflow_study import markdown, parse
 
 def _figures(seed, fd1, fd2, nfe, s, bpd, **extra):
     return {"seed": seed, "train_s": 1.0, "fd_label": "FD (digits classifier)", "fd_floor": 0.25,
-            "fd": {"euler1": fd1, "dopri5": fd2}, "nfe": {"euler1": 1, "dopri5": nfe}, "straightness": s,
-            "bpd": bpd, **extra}
+            "fd": {"euler1": fd1, "dopri5": fd2}, "fd_matched": {"euler1": fd1 + 1, "dopri5": fd2 + 0.5},
+            "num_matched": 170, "nfe": {"euler1": 1, "dopri5": nfe}, "straightness": s, "bpd": bpd, **extra}
 
 
 def test_the_table_gives_mean_and_sample_std_over_seeds_and_the_pairs_cost():
@@ -25,6 +25,14 @@ def test_the_table_gives_mean_and_sample_std_over_seeds_and_the_pairs_cost():
                         "| 2 |")
     assert table[3] == "| 2-rectified from otcfm | 3.00 | 2.50 | 40 | 0.1 | 5.200 | 1 |"
     assert "FD (digits classifier) floor (held-out real images against the reference): 0.250" in table
+    # each FD again at the floor's image count, beside the floor: the comparison a Fréchet distance allows
+    at = table.index("At the floor's count (170 samples against the reference, as the floor's 170 held-out images "
+                     "are):")
+    assert table[at + 2:at + 6] == [
+        "| model | FD (digits classifier) euler:1 | FD (digits classifier) dopri5 | floor |",
+        "| --- | --- | --- | --- |",
+        "| otcfm (uniform t) | 12.00 ± 1.41 | 3.50 ± 1.41 | 0.250 ± 0.000 |",
+        "| 2-rectified from otcfm | 4.00 | 3.00 | 0.250 |"]
     assert table[-1] == ("Pairs (dopri5, 100 per reflow): 50.0 samples/s on the batch stage, 2 s sampling, 5 s with "
                          "ingest, mean NFE 98; training 600 steps in all per row (reflow rows: 300 + 300).")
 

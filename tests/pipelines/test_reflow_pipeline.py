@@ -86,7 +86,7 @@ def test_the_training_stream_keeps_each_row_with_its_own_noise(pairs):
         assert torch.equal(torch.from_numpy(step["x_1"][k]), x_1)
 
 
-def test_bad_pairs_are_refused_in_words(pairs, tmp_path, digits_copy):
+def test_bad_pairs_are_refused_in_words(pairs, tmp_path, digits_copy, capsys):
     data, samples = pairs["data"], pairs["samples"]
     base = [f"data.shards={data}", "model.channel_mult=[1]", "model.model_channels=8", "model.num_heads=1",
             "model.attention_resolutions=[]", "train.batch_size=8", "ray.num_workers=1"]
@@ -127,6 +127,30 @@ def test_bad_pairs_are_refused_in_words(pairs, tmp_path, digits_copy):
                                           r"pairs .* ingest pairs with `flowray ingest --source samples:DIR`"):
         check_data(load_config("configs/digits-cpu.yaml", [*TINY, f"data.shards={tmp_path / 'digits'}",
                                                            "method.name=reflow"]))
+    # pairs whose noise the evaluation samplers would draw again: the reflowed model scored on its training noise
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        reflow_main(["--checkpoint", str(tmp_path / "digits-model"), "--data", str(digits_copy), "--num-pairs", "64",
+                     "--sample-set", "sample.seed=3", "--pair-seed", "3", "--out", str(tmp_path / "never")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == (
+        "reflow failed: --pair-seed: 3 is not allowed; the evaluation samplers draw their noise from sample.seed=3 "
+        "too, so the reflowed models would be scored on the x_0 of their own training pairs; give the pairs a seed "
+        "of their own")
+    # a pairs source sampled before the seeding used the whole seed: its x_0 cannot be regenerated
+    (tmp_path / "cut" / "_sampling.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "seeding"}))
+    with pytest.raises(IngestError, match=r"its noise was seeded by version 1 \(the low 32 bits of each seed\), and "
+                                          r"this version \(seeding 2\) would regenerate other x_0"):
+        ingest(f"samples:{tmp_path / 'cut'}", tmp_path / "z", unlabelled=True)
+    assert not (tmp_path / "never").exists()
+    # pairs ingested from such an output by an older version: refused before training
+    shutil.copytree(data, tmp_path / "old-pairs")
+    path = tmp_path / "old-pairs" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["pairs"]["seeding"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"data.shards: '.*old-pairs' is not allowed; its pairs were ingested from "
+                                          r"samples seeded by version 1 \(the low 32 bits of each seed\)"):
+        check_data(load_config(None, [*base, "method.name=reflow", f"data.shards={tmp_path / 'old-pairs'}"]))
 
 
 @pytest.mark.heavy

@@ -1,5 +1,6 @@
 """The Ray Data sampling stage: determinism across actors and batch sizes, resume after failure, bad input."""
 
+import json
 import shutil
 
 import numpy as np
@@ -66,6 +67,13 @@ def test_bit_identical_across_actors_and_batch_sizes_and_resume(tmp_path, ray_lo
     with pytest.raises(SamplingError, match=r"holds samples made with other settings \{'seed': \(3, 4\)\}; use a new"):
         run_sampling(str(ckpt), tmp_path / "c", SampleConfig(**{**base, "num_samples": 80, "seed": 4}))
     assert _all(tmp_path / "c")[0].tolist() == list(range(75))  # a refused request changes nothing
+    # an output sampled before the seeding used the whole seed (no version recorded) is not added to
+    settings = tmp_path / "c" / "_sampling.json"
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "seeding"}))
+    with pytest.raises(SamplingError, match=r"holds samples whose noise was seeded by version 1 \(the low 32 bits of "
+                                            r"each seed\); this version seeds by version 2 \(all 63 bits\) and does "
+                                            r"not add its samples to them; use a new --out"):
+        run_sampling(str(ckpt), tmp_path / "c", SampleConfig(**{**base, "num_samples": 80}))
 
 
 def test_sde_sampler_and_mlflow_lineage(tmp_path, ray_local):
