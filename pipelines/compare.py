@@ -44,6 +44,9 @@ def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
         path, coupling = describe(method, train.data.params.get("method.ot_scope", "local") if train else "local")
         records.append({
             "method": method, "path": path, "coupling": coupling,
+            # every method key the training run set (the coupling's scope is the coupling column already)
+            "method_keys": {k.removeprefix("method."): v for k, v in (train.data.params if train else {}).items()
+                            if k.startswith("method.") and k not in ("method.name", "method.ot_scope")},
             "solver": solver, "sample_steps": "adaptive" if is_adaptive(solver) else tags.get(
                 "flowray.sample_steps", ""),
             "train_steps": train.data.params.get("train.steps", "") if train else "",
@@ -76,11 +79,27 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return mean, std
 
 
-def table(records: list[dict]) -> list[dict]:
-    """Rows grouped by (method, coupling, solver, steps, train steps): mean and std over runs (seeds)."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+def variants(records: list[dict]) -> list[str]:
+    """Each record's method label: its name, and in brackets every method key whose value differs between runs of
+    that method (e.g. `otcfm (time_sampling=logit_normal)`), so that runs of models that differ never share a row."""
+    varying: dict[str, set[str]] = defaultdict(set)
+    for name in {r["method"] for r in records}:
+        mine = [r.get("method_keys") or {} for r in records if r["method"] == name]
+        varying[name] = {k for keys in mine for k in keys if len({str(m.get(k)) for m in mine}) > 1}
+    out = []
     for r in records:
-        groups[(r["method"], r["path"], r["coupling"], r["solver"], r["sample_steps"], r["train_steps"])].append(r)
+        keys = r.get("method_keys") or {}
+        differ = ", ".join(f"{k}={keys.get(k, '–')}" for k in sorted(varying[r["method"]]))
+        out.append(f"{r['method']} ({differ})" if differ else r["method"])
+    return out
+
+
+def table(records: list[dict]) -> list[dict]:
+    """Rows grouped by (method and every method key that differs between its runs, path, coupling, solver, steps,
+    train steps): mean and std over runs (seeds)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r, method in zip(records, variants(records), strict=True):
+        groups[(method, r["path"], r["coupling"], r["solver"], r["sample_steps"], r["train_steps"])].append(r)
     rows = []
     for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][3], str(kv[0][4]).zfill(6))):
         row = dict(zip(["method", "path", "coupling", "solver", "sample_steps", "train_steps"], key, strict=True))

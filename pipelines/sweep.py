@@ -154,6 +154,12 @@ def plan(spec: SweepSpec) -> Plan:
     for key in spec.space:
         check(key not in SET_BY_SWEEP, "--param", key,
               f"is set by the sweep for every trial ({', '.join(SET_BY_SWEEP)}); use --seeds for seeds")
+        # the ranked losses are the method's own: its path, coupling, time density and target define them
+        check(not key.startswith("method."), "--param", key,
+              f"the sweep ranks its trials on {spec.metric}, which each trial computes under its own method.* "
+              "settings (path, coupling, time density, target), so trials that differ in one would be ranked on "
+              "different losses; sweep one method setting at a time, and compare methods on FD and bits/dim "
+              "(`flowray reproduce`, `flowray compare`)")
     base = load_config(spec.config, spec.overrides)
     uri = tracking_uri(base.mlflow.tracking_uri)
     check_tracking_uri(uri)

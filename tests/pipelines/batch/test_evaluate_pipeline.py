@@ -272,12 +272,15 @@ def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("cmp", artifact_location=(tmp_path / "art").as_uri())
-    fixtures = [("fm_ot", 3.1, 20.0, 98), ("fm_ot", 3.3, 22.0, 102), ("otcfm", 3.0, 15.0, 60)]  # 2 seeds of fm_ot
-    for method, bpd, fd, nfe in fixtures:
+    # 2 seeds of fm_ot; otcfm with uniform and with logit-normal t: another model, so another row
+    fixtures = [("fm_ot", 3.1, 20.0, 98, "uniform"), ("fm_ot", 3.3, 22.0, 102, "uniform"),
+                ("otcfm", 3.0, 15.0, 60, "uniform"), ("otcfm", 3.05, 14.0, 58, "logit_normal")]
+    for method, bpd, fd, nfe, timing in fixtures:
         train = client.create_run(exp, tags={"flowray.kind": "train"}).info.run_id
         client.log_param(train, "method.name", method)
         client.log_param(train, "train.steps", "500")
         client.log_param(train, "method.ot_scope", "global")
+        client.log_param(train, "method.time_sampling", timing)
         sample = client.create_run(exp, tags={"flowray.kind": "sample"}).info.run_id
         client.log_metric(sample, "mean_nfe", nfe)
         ev = client.create_run(exp, tags={"flowray.kind": "evaluate", "flowray.train_run_id": train,
@@ -293,17 +296,19 @@ def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
     result = main(["--experiment", "cmp", "--tracking-uri", uri, "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("| fm_ot") or line.startswith("| otcfm")]
-    assert len(lines) == 2
+    assert len(lines) == 3
     sd_bpd, sd_fd = math.sqrt(0.02), math.sqrt(2.0)
     assert lines[0].startswith(f"| fm_ot | OT (sigma_min) | independent | dopri5 | adaptive | 500 | 2 | "
                                f"3.200 ± {sd_bpd:.3f} | 21.000 ± {sd_fd:.3f} | 22.000 ± {sd_fd:.3f} | 2.000 | "
                                f"0.310 ± {math.sqrt(0.0002):.3f} | 100 ± 3 | 200 ± 6 |")
-    assert lines[1].startswith("| otcfm | straight line | exact OT (global batch) | dopri5 | adaptive | 500 | 1 | "
-                               "3.000 | 15.000 | 16.000 | 2.000 | 0.090 | 60 | 120 |")
+    assert lines[1].startswith("| otcfm (time_sampling=logit_normal) | straight line | exact OT (global batch) | "
+                               "dopri5 | adaptive | 500 | 1 | 3.050 | 14.000 | 15.000 | 2.000 | 0.095 | 58 | 116 |")
+    assert lines[2].startswith("| otcfm (time_sampling=uniform) | straight line | exact OT (global batch) | dopri5 | "
+                               "adaptive | 500 | 1 | 3.000 | 15.000 | 16.000 | 2.000 | 0.090 | 60 | 120 |")
     assert "| floor (real vs real) | straightness | sample NFE |" in out
     assert "| FD (digits classifier) at the floor's count | floor (real vs real) |" in out
     assert "FD (digits classifier)" in out
-    assert result["rows"] == 2 and (tmp_path / "out" / "cmp.csv").exists()
+    assert result["rows"] == 3 and (tmp_path / "out" / "cmp.csv").exists()
     assert (tmp_path / "out" / "cmp-nfe-vs-fd.png").exists()
     arts = {a.path for a in client.list_artifacts(result["compare_run_id"])}
     assert arts == {"cmp.csv", "cmp.md", "cmp-nfe-vs-fd.png"}
