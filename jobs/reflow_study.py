@@ -81,10 +81,11 @@ def _label(method: str, timing: str) -> str:
 def _study(a) -> dict:
     from pipelines.batch.config import EvalConfig
     from pipelines.chain import ensure_ingested, train_sample_evaluate
+    from pipelines.core.storage import check_name
     from pipelines.reflow import ReflowSpec, run_reflow, solves_from
     from pipelines.train.config import load_config
 
-    out = Path(a.out) / a.name
+    out = Path(a.out) / check_name(a.name, "--name")
     common = [f"data.shards={a.data}", f"mlflow.experiment={a.name}", f"train.storage_path={out / 'ray_results'}",
               "train.sample_every=0", "train.log_every=50", *a.overrides]
     configs = {}

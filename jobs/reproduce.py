@@ -94,11 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _reproduce(a) -> dict:
+    from pipelines.core.storage import check_name
+
     preset = PRESETS[a.preset]
     steps = a.steps or preset.steps
     num_samples = a.num_samples or preset.num_samples
     euler = [int(s) for s in a.euler_steps.split(",")] if a.euler_steps else preset.euler_steps
-    experiment = a.experiment or f"reproduce-{a.preset}"
+    experiment = check_name(a.experiment or f"reproduce-{a.preset}", "--experiment")  # a folder under --out
     data = a.data or preset.data
     max_images = preset.eval_max_images if a.eval_max_images is None else a.eval_max_images
     out = Path(a.out) / experiment

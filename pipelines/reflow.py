@@ -76,6 +76,7 @@ def round_dir(spec: ReflowSpec, r: int) -> str:
 
 def plan(spec: ReflowSpec) -> Plan:
     """Every round's config and every sampler checked against the generating model and the real data, before Ray."""
+    storage.check_name(spec.name, "--name")  # the chain's folder under --out
     check(spec.rounds >= 1, "--rounds", spec.rounds, "must be >= 1")
     check(spec.num_pairs >= 2, "--num-pairs", spec.num_pairs, "must be >= 2")
     try:

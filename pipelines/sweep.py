@@ -143,7 +143,7 @@ class Plan:
 
 def plan(spec: SweepSpec) -> Plan:
     """Check the sweep's settings, and every trial's full config against the data, before any Ray work."""
-    check(bool(spec.name) and "/" not in spec.name, "--name", spec.name, "must be a non-empty name without '/'")
+    storage.check_name(spec.name, "--name")  # the sweep's folder under train.storage_path
     check(spec.scheduler in SCHEDULERS, "--scheduler", spec.scheduler, f"allowed: {', '.join(SCHEDULERS)}")
     check(spec.metric in METRICS, "--metric", spec.metric, f"allowed: {', '.join(METRICS)}")
     check(spec.mode in ("min", "max"), "--mode", spec.mode, "allowed: min, max")

@@ -274,3 +274,68 @@ def test_damaged_sample_shards(tmp_path, digits, capsys):
                  f"{damaged}: not a readable sample shard (truncated or corrupt: ", capsys)
     assert f"rerun the sampling job with --out {out}: it redoes every block that does not read back whole" in err
     assert "ArrowInvalid" not in err
+
+
+NAME_RULE = ("is not allowed; a name must be one path component: 1 to 128 characters, no '/' '\\\\'")
+
+
+def test_a_name_is_one_path_component():
+    from pipelines.core.errors import ConfigError
+    from pipelines.core.storage import check_name
+
+    for good in ("digits-cpu", "sweep-optim.lr=1e-3-s0", "...", "x" * 128, "ünï"):
+        assert check_name(good, "k") == good
+    for bad in ("", ".", "..", "a/b", "a\\b", "tab\there", "nl\n", "del\x7f", " lead", "trail ", "x" * 129, None):
+        with pytest.raises(ConfigError, match=r"^k: .* is not allowed; a name must be one path component"):
+            check_name(bad, "k")
+    with pytest.raises(ConfigError, match=r"no '/' '\\\\' ':'"):
+        check_name("a:b", "k", also=":")
+
+
+@pytest.mark.parametrize("bad", ["..", "a/b"])
+def test_every_name_that_becomes_a_path_stays_in_its_folder(bad, tmp_path, digits, capsys):
+    """Run, sweep, chain, experiment and registered-model names: one path component, checked before anything is
+    written (nothing appears beside or above the storage folder)."""
+    from jobs.reflow import main as reflow
+    from jobs.reflow_study import main as study
+    from jobs.reproduce import main as reproduce
+    from jobs.sweep import main as sweep
+    from jobs.train import main as train
+
+    store = tmp_path / "store" / "inner"
+    sets = ["--config", "configs/digits-cpu.yaml", "--set", f"data.shards={digits}", "--set",
+            f"train.storage_path={store}", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    _fails(train, [*sets, "--set", f"train.run_name={bad}"], f"train.run_name: {bad!r} {NAME_RULE}", capsys)
+    _fails(train, [*sets, "--set", f"mlflow.experiment={bad}"], f"mlflow.experiment: {bad!r} {NAME_RULE}", capsys)
+    _fails(train, [*sets, "--set", f"mlflow.register_as={bad}"], f"mlflow.register_as: {bad!r} {NAME_RULE}", capsys)
+    _fails(sweep, [*sets, "--name", bad, "--param", "optim.lr=1e-3"], f"--name: {bad!r} {NAME_RULE}", capsys)
+    ckpt = str(make_checkpoint(tmp_path / "ckpt"))
+    _fails(reflow, ["--checkpoint", ckpt, "--data", str(digits), "--num-pairs", "64", "--name", bad, "--out",
+                    str(store)], f"--name: {bad!r} {NAME_RULE}", capsys)
+    _fails(study, ["--name", bad, "--out", str(store)], f"--name: {bad!r} {NAME_RULE}", capsys)
+    _fails(reproduce, ["--experiment", bad, "--out", str(store)], f"--experiment: {bad!r} {NAME_RULE}", capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no store, no database, nothing else
+
+
+def test_a_hostile_registry_uri_deletes_nothing(tmp_path, capsys, monkeypatch):
+    """`models:/..` once emptied outputs/checkpoints (the cache's rmtree ran on a path built from the URI)."""
+    from jobs.sample import main
+
+    monkeypatch.chdir(tmp_path)
+    sentinel = tmp_path / "outputs" / "checkpoints" / "keep-me"
+    sentinel.parent.mkdir(parents=True)
+    sentinel.write_text("a file the job did not write")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    for spec, message in [
+        ("models:/..", "--checkpoint: 'models:/..' is not a registered model URI; expected models:/NAME/VERSION or "
+                       "models:/NAME@ALIAS"),
+        ("models:/../1", f"--checkpoint (registered model name): '..' {NAME_RULE}"),
+        ("models:/x/..", f"--checkpoint (version): '..' {NAME_RULE}"),
+        ("models:/..@..", f"--checkpoint (registered model name): '..' {NAME_RULE}"),
+        ("models:/x@..", f"--checkpoint (alias): '..' {NAME_RULE}"),
+        ("runs:/..", f"--checkpoint (run id): '..' {NAME_RULE}"),
+    ]:
+        _fails(main, ["--checkpoint", spec, "--num-samples", "4", "--out", str(tmp_path / "s"), "--tracking-uri",
+                      uri], message, capsys)
+    assert sentinel.read_text() == "a file the job did not write"
+    assert sorted(p.name for p in (tmp_path / "outputs" / "checkpoints").iterdir()) == ["keep-me"]

@@ -52,6 +52,25 @@ def is_uri(location: str) -> bool:
     return bool(scheme(location))
 
 
+NAME_MAX = 128  # characters of a name that becomes one path component or object key
+
+
+def check_name(value, key: str, also: str = "") -> str:
+    """A user-given name that becomes one path component or object key (a run, sweep, experiment or registered
+    model name, an alias, a run id): the name itself, or ConfigError naming the key, the value and the allowed form.
+    One component means no separator, not `.` or `..`, no control character, and at most `NAME_MAX` characters;
+    `also` adds characters that the name's owner refuses (MLflow's registry refuses ':')."""
+    bad = "/\\" + also
+    ok = (isinstance(value, str) and 0 < len(value) <= NAME_MAX and value not in (".", "..")
+          and value.strip() == value and not any(c in bad or ord(c) < 32 or ord(c) == 127 for c in value))
+    if not ok:
+        shown = " ".join(repr(c) for c in bad)
+        raise ConfigError(f"{key}: {value!r} is not allowed; a name must be one path component: 1 to {NAME_MAX} "
+                          f"characters, no {shown}, no control characters, no leading or trailing space, and not "
+                          "'.' or '..'")
+    return value
+
+
 def check_location(location: str, key: str) -> str:
     """The location itself, or StorageError naming the key when its scheme is not one this layer knows."""
     s = scheme(location)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pipelines.core import storage
 from pipelines.core.checkpoint import META, CheckpointError, load_model
 from pipelines.core.errors import ConfigError, JobStopped
 
@@ -480,12 +481,9 @@ def tag_model_version(uri: str, spec: str, values: dict[str, object]) -> str | N
     if not spec.startswith("models:/"):
         return None
     client = MlflowClient(uri)
-    ref = spec.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias).version
-    else:
-        name, version = ref.rsplit("/", 1)
+    name, version = parse_model_uri(spec)
+    if version.startswith("@"):
+        version = client.get_model_version_by_alias(name, version[1:]).version
     for key, value in values.items():
         if value is not None:
             client.set_model_version_tag(name, str(version), f"flowray.{key}", str(value))
@@ -517,15 +515,36 @@ def _log_mlflow_model(uri: str, run_id: str, loaded, ckpt: Path, register_as: st
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
+def parse_model_uri(spec: str) -> tuple[str, str]:
+    """`models:/NAME/VERSION` or `models:/NAME@ALIAS` -> (NAME, "VERSION" or "@ALIAS"), each part checked as one
+    name (`storage.check_name`): they name the registry cache's folders, so neither may reach outside it."""
+    rest = spec[len("models:/"):]
+    name, at, alias = rest.partition("@")
+    if not at:
+        name, slash, version = rest.rpartition("/")
+        if not slash:
+            raise CheckpointError(f"--checkpoint: {spec!r} is not a registered model URI; expected "
+                                  "models:/NAME/VERSION or models:/NAME@ALIAS")
+    storage.check_name(name, "--checkpoint (registered model name)", also=":")
+    if at:
+        storage.check_name(alias, "--checkpoint (alias)", also=":@")
+        return name, f"@{alias}"
+    return name, storage.check_name(version, "--checkpoint (version)", also=":@")
+
+
 def resolve_checkpoint(spec: str, uri: str, cache: str | Path = "outputs/checkpoints") -> str:
     """A checkpoint directory from a path, `runs:/RUN_ID` (the training run's logged checkpoint), or a registered
-    model `models:/NAME/VERSION` or `models:/NAME@ALIAS` (its extra files hold the checkpoint)."""
+    model `models:/NAME/VERSION` or `models:/NAME@ALIAS` (its extra files hold the checkpoint). Downloads go to
+    `cache`; a registered model's folder there is replaced on every call (an alias may have moved), and only after
+    its path is proven to lie inside the cache's own `models` folder."""
     if spec.startswith("models:/"):
-        import re
-
         from mlflow.artifacts import download_artifacts
 
-        dst = Path(cache) / "models" / re.sub(r"[^A-Za-z0-9_.@-]+", "_", spec[len("models:/"):])
+        name, which = parse_model_uri(spec)
+        models = (Path(cache) / "models").resolve()
+        dst = (models / name / which).resolve()
+        if dst.parent.parent != models:  # two components under the cache's models folder, or nothing is deleted
+            raise CheckpointError(f"--checkpoint: {spec!r} would be cached outside {models}")
         shutil.rmtree(dst, ignore_errors=True)  # an alias may have moved since the last download
         dst.mkdir(parents=True)
         try:
@@ -541,7 +560,7 @@ def resolve_checkpoint(spec: str, uri: str, cache: str | Path = "outputs/checkpo
         return spec
     from mlflow.tracking import MlflowClient
 
-    run_id = spec[len("runs:/"):].strip("/").split("/")[0]
+    run_id = storage.check_name(spec[len("runs:/"):].strip("/").split("/")[0], "--checkpoint (run id)")
     dst = Path(cache) / run_id
     if not (dst / "model" / META).exists():
         dst.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import Manifest
 from pipelines.core.memory import check_fits, model_item_bytes
 from pipelines.core.settings import PRECISIONS, check, json_schema, load_sections
+from pipelines.core.storage import check_name
 
 
 @dataclass
@@ -239,7 +240,7 @@ def validate(cfg: Config) -> None:
     check(t.max_nonfinite >= 1, "train.max_nonfinite", t.max_nonfinite, "must be >= 1")
     check(t.fail_at_step is None or 1 <= t.fail_at_step <= t.steps, "train.fail_at_step", t.fail_at_step,
            f"must be null or in [1, train.steps={t.steps}]")
-    check(bool(t.run_name) and "/" not in t.run_name, "train.run_name", t.run_name, "must be a non-empty name")
+    check_name(t.run_name, "train.run_name")  # the run's folder under train.storage_path
     check(t.precision in PRECISIONS, "train.precision", t.precision, f"allowed: {', '.join(PRECISIONS)}")
     check(t.precision != "fp16" or r.use_gpu, "train.precision", t.precision,
            "fp16 needs a GPU (ray.use_gpu=true): CPUs have no fast fp16 and its gradients need a scaler; use fp32 "
@@ -266,7 +267,9 @@ def validate(cfg: Config) -> None:
     check(r.stream_chunk_tasks >= 0, "ray.stream_chunk_tasks", r.stream_chunk_tasks,
            "must be >= 0 (0: one dataset for the whole run)")
     check(r.max_failures >= -1, "ray.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
-    check(bool(cfg.mlflow.experiment), "mlflow.experiment", cfg.mlflow.experiment, "must be non-empty")
+    check_name(cfg.mlflow.experiment, "mlflow.experiment")  # its artifacts' folder under the store's artifact root
+    if cfg.mlflow.register_as is not None:
+        check_name(cfg.mlflow.register_as, "mlflow.register_as", also=":")  # MLflow's registry refuses ':' too
 
 
 def check_data(cfg: Config):
