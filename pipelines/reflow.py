@@ -29,7 +29,7 @@ from pathlib import Path
 from pipelines.batch.config import EvalConfig, SampleConfig, validate_eval_config, validate_sample_config
 from pipelines.batch.sample import log_sampling_run, open_sampling_run, run_sampling
 from pipelines.chain import SolveRecord, quality_callbacks, sample_and_evaluate, solver_tag
-from pipelines.core import storage
+from pipelines.core import lease, storage
 from pipelines.core.checkpoint import load_meta
 from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import MANIFEST, Manifest
@@ -121,6 +121,12 @@ def plan(spec: ReflowSpec) -> Plan:
 def run_reflow(spec: ReflowSpec) -> dict:
     """Run (or continue) the chain; returns every round's pairs, training and evaluations, and the parent run."""
     p = plan(spec)
+    with lease.acquire(storage.join(spec.out, spec.name), f"reflow chain {spec.name!r}", "--name"):
+        return _reflow(p)
+
+
+def _reflow(p: Plan) -> dict:
+    spec = p.spec
     parent, resumed = find_or_create_run(
         p.uri, p.configs[0].mlflow.experiment, spec.name,
         {"flowray.kind": "reflow", "flowray.storage": storage.join(spec.out, spec.name),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipelines.chain import quality_callbacks
 from pipelines.compare import plot_curves, sweep_markdown, sweep_trials
-from pipelines.core import storage
+from pipelines.core import lease, storage
 from pipelines.core.errors import ConfigError, JobStopped
 from pipelines.core.figures import write_csv
 from pipelines.core.runtime import init_ray, interruptible, stage
@@ -160,6 +160,10 @@ def plan(spec: SweepSpec) -> Plan:
               "settings (path, coupling, time density, target), so trials that differ in one would be ranked on "
               "different losses; sweep one method setting at a time, and compare methods on FD and bits/dim "
               "(`flowray reproduce`, `flowray compare`)")
+    names = [t.name for t in trials(spec)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    check(not twice, "--param", " ".join(f"{k}={','.join(v)}" for k, v in spec.space.items()),
+          f"repeats a value: trials {', '.join(twice)} would be one run trained twice at once; give each value once")
     base = load_config(spec.config, spec.overrides)
     uri = tracking_uri(base.mlflow.tracking_uri)
     check_tracking_uri(uri)
@@ -191,6 +195,12 @@ def plan(spec: SweepSpec) -> Plan:
 def run_sweep(spec: SweepSpec) -> dict:
     """Run (or resume) the sweep; returns its parent run id, the trials' table and where it was logged."""
     p = plan(spec)
+    with lease.acquire(p.root, f"sweep {spec.name!r}", "--name"):  # one driver per sweep
+        return _sweep(p)
+
+
+def _sweep(p: Plan) -> dict:
+    spec = p.spec
     _check_same_sweep(p)
     parent, resumed = find_or_create_run(
         p.uri, p.base.mlflow.experiment, spec.name,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipelines.core import storage
+from pipelines.core import lease, storage
 from pipelines.core.checkpoint import check_files, load_meta, load_state
 from pipelines.core.errors import JobStopped
 from pipelines.core.manifest import Manifest
@@ -39,9 +39,6 @@ def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, 
     new MLflow run (`mlflow.parentRunId` nests it under a sweep's run); `callbacks`: more Ray Train `UserCallback`s
     on the controller (a sweep's report to Ray Tune, sample quality while training); `drain_s`: how long each
     checkpoint's metrics may take to reach MLflow before those callbacks run (one that may end the run needs it)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     if manifest is None:
         manifest = check_data(cfg)  # every config and data error surfaces before Ray starts
     uri = tracking_uri(cfg.mlflow.tracking_uri)
@@ -50,6 +47,17 @@ def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, 
     root = storage.check_writable(cfg.train.storage_path, "train.storage_path")
     run_dir = storage.join(root, cfg.train.run_name)
     exists = storage.exists(run_dir, "train.storage_path")
+    # one job per run: a second job of this run name is refused while this one lives
+    with lease.acquire(run_dir, f"training run {cfg.train.run_name!r}", "train.run_name"):
+        return _train(cfg, manifest, tags, callbacks, drain_s, uri, root, run_dir, exists)
+
+
+def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbacks: Sequence, drain_s: float,
+           uri: str, root: str, run_dir: str, exists: bool) -> dict:
+    """`run_training` under the run's lease: resume or start, train, log the final model."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     previous = _registered_checkpoints(run_dir) if exists else None
     meta = _resume_meta(previous)
     if meta is not None:  # before MLflow or Ray is touched: a refused attempt changes nothing

@@ -68,6 +68,9 @@ def test_a_yaml_space_gives_params_and_seeds(tmp_path):
     (SweepSpec("s", max_concurrent=0), r"--max-concurrent: 0 is not allowed; must be >= 1"),
     (SweepSpec("s", seeds=[0, 0]), r"--seeds: \[0, 0\] is not allowed; must be distinct integers"),
     (SweepSpec("a/b"), r"--name: 'a/b' is not allowed"),
+    (SweepSpec("s", space={"optim.lr": ["1e-3", "5e-4", "1e-3"]}),
+     r"--param: 'optim.lr=1e-3,5e-4,1e-3' is not allowed; repeats a value: trials s-optim.lr=1e-3-s0 would be one "
+     r"run trained twice at once; give each value once"),
     (SweepSpec("s", space={"method.time_sampling": ["uniform", "logit_normal"]}),
      r"--param: 'method.time_sampling' is not allowed; the sweep ranks its trials on val_loss, which each trial "
      r"computes under its own method.\* settings"),
