@@ -23,6 +23,27 @@ def add_common(p: argparse.ArgumentParser, tracking: bool = True, overrides: boo
                        help="no MLflow system metrics (CPU, memory, disk, network, GPU) in the job's run")
 
 
+def int_list(text: str) -> list[int]:
+    """An argparse `type`: "0,1,2" -> [0, 1, 2]. An empty list, an empty item or a non-integer is a usage error
+    (exit status 2, before any work), as every other bad flag is."""
+    items = [t.strip() for t in str(text).split(",")]
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values:
+        raise argparse.ArgumentTypeError("an empty list; give at least one integer")
+    return values
+
+
+def name_list(text: str) -> list[str]:
+    """An argparse `type`: "a,b" -> ["a", "b"]; an empty list or an empty item is a usage error."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item; expected comma-separated names")
+    return items
+
+
 def tracking_and_checkpoint(args: argparse.Namespace) -> tuple[str, str]:
     """The tracking URI of a batch job (checked to answer, before any Ray work, when it will be used) and its
     checkpoint directory (a path, runs:/ID or models:/NAME/VERSION|@ALIAS resolved through MLflow)."""

@@ -31,6 +31,7 @@ from fm.metrics import wasserstein2
 from fm.models import MLP
 from fm.riemannian import geodesic_wasserstein2, manifold_log_likelihood, manifold_ode_sample
 from fm.training import fit
+from jobs.cli import int_list
 from pipelines.core.figures import save_figure, save_points_figure
 
 AM_METHODS = ("am", "snapshot_icfm", "snapshot_otcfm")
@@ -40,7 +41,7 @@ AM_DATA = "rotating-gmm"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", default="all", choices=("rfm", "am", "all"))
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma-separated training seeds")
     p.add_argument("--rfm-steps", type=int, default=4000)
     p.add_argument("--am-steps", type=int, default=8000)
     p.add_argument("--batch", type=int, default=512)
@@ -52,10 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--am-methods", default=",".join(AM_METHODS), help="comma-separated, from " + ", ".join(AM_METHODS))
     p.add_argument("--out", default="outputs/geometry")
     args = p.parse_args(argv)
-    try:
-        args.seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        p.error(f"--seeds: expected comma-separated integers; got {args.seeds!r}")
     args.am_methods = args.am_methods.split(",")
     for m in args.am_methods:
         if m not in AM_METHODS:

@@ -28,7 +28,7 @@ import statistics
 import time
 from pathlib import Path
 
-from jobs.cli import add_common, run_job
+from jobs.cli import add_common, int_list, name_list, run_job
 
 TIME_VARIANTS = ("uniform", "logit_normal")
 PAIR_SEED_OFFSET = 1000  # the pairs of seed s draw their noise from seed s + 1000; evaluation samplers from s
@@ -41,9 +41,10 @@ def parse(argv):
     p.add_argument("--config", default="configs/digits-cpu.yaml", help="the training config of every row (YAML)")
     p.add_argument("--data", default="data/digits", help="the real data's shards (ingested from --source if absent)")
     p.add_argument("--source", default="digits", help="what to ingest into --data when it holds no manifest")
-    p.add_argument("--methods", default="icfm,otcfm", help="METHOD or METHOD:logit_normal, comma-separated")
+    p.add_argument("--methods", type=name_list, default=["icfm", "otcfm"],
+                   help="METHOD or METHOD:logit_normal, comma-separated")
     p.add_argument("--reflow-from", default="otcfm", help="methods whose 2-rectified flow is trained ('' for none)")
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--seeds", type=int_list, default=[0, 1])
     p.add_argument("--steps", type=int, default=600, help="training steps of every row, in all")
     p.add_argument("--reflow-at", type=int, default=300, help="the generating checkpoint's step")
     p.add_argument("--num-pairs", type=int, default=3000)
@@ -53,8 +54,7 @@ def parse(argv):
     p.add_argument("--out", default="outputs/reflow-study")
     add_common(p, tracking=False)
     a = p.parse_args(argv)
-    a.seeds = [int(s) for s in a.seeds.split(",")]
-    a.variants = [tuple(m.partition(":")[::2]) for m in a.methods.split(",")]
+    a.variants = [tuple(m.partition(":")[::2]) for m in a.methods]
     a.reflow_from = [m for m in a.reflow_from.split(",") if m]
     for method, timing in a.variants:
         if method not in METHODS:

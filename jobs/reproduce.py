@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fm.methods import METHODS
-from jobs.cli import add_common, run_job
+from jobs.cli import add_common, int_list, name_list, run_job
 
 
 @dataclass
@@ -69,19 +69,18 @@ DEFAULT_METHODS = ["fm_ot", "fm_vp", "score_vp", "icfm", "otcfm"]
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="digits", choices=sorted(PRESETS))
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--seeds", type=int_list, default=[0, 1, 2])
+    p.add_argument("--methods", type=name_list, default=DEFAULT_METHODS)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--num-samples", type=int, default=None)
-    p.add_argument("--euler-steps", default=None, help="comma-separated Euler step counts for the curve")
+    p.add_argument("--euler-steps", type=int_list, default=None, help="comma-separated Euler step counts for the "
+                   "curve")
     p.add_argument("--experiment", default=None)
     p.add_argument("--data", default=None, help="ingest output directory (default: the preset's)")
     p.add_argument("--eval-max-images", type=int, default=None, help="cap the test images for bits/dim")
     p.add_argument("--out", default="outputs/reproduce")
     add_common(p, tracking=False)
     a = p.parse_args(argv)
-    a.seeds = [int(s) for s in a.seeds.split(",")]
-    a.methods = a.methods.split(",")
     for m in a.methods:
         if m not in METHODS:
             p.error(f"--methods: unknown method {m!r}; allowed: {', '.join(METHODS)}")
@@ -99,7 +98,7 @@ def _reproduce(a) -> dict:
     preset = PRESETS[a.preset]
     steps = a.steps or preset.steps
     num_samples = a.num_samples or preset.num_samples
-    euler = [int(s) for s in a.euler_steps.split(",")] if a.euler_steps else preset.euler_steps
+    euler = a.euler_steps or preset.euler_steps
     experiment = check_name(a.experiment or f"reproduce-{a.preset}", "--experiment")  # a folder under --out
     data = a.data or preset.data
     max_images = preset.eval_max_images if a.eval_max_images is None else a.eval_max_images

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.cli import add_common, run_job
+from jobs.cli import add_common, int_list, run_job
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="SECTION.KEY=V1,V2",
                    help="a swept key and its values (repeat for a grid)")
     p.add_argument("--space", default=None, help="a YAML search space (params:, seeds:) instead of --param")
-    p.add_argument("--seeds", default=None, help="comma-separated train.seed values of every grid point (default 0)")
+    p.add_argument("--seeds", type=int_list, default=None,
+                   help="comma-separated train.seed values of every grid point (default 0)")
     p.add_argument("--scheduler", default="fifo", help="fifo (every trial runs to the end) or asha")
     p.add_argument("--metric", default="val_loss", help="what the scheduler and the table rank: val_loss or loss")
     p.add_argument("--mode", default="min", help="min or max")
@@ -58,10 +59,7 @@ def _sweep(a) -> dict:
             raise ConfigError(f"--param {key} is given twice")
         space[key] = values
     if a.seeds is not None:
-        try:
-            seeds = [int(s) for s in a.seeds.split(",")]
-        except ValueError:
-            raise ConfigError(f"--seeds: {a.seeds!r} is not a comma-separated list of integers") from None
+        seeds = a.seeds
     spec = SweepSpec(a.name, a.config, a.overrides, space, seeds or [0], a.scheduler, a.metric, a.mode,
                      a.max_concurrent, a.grace_steps, a.reduction_factor)
     result = run_sweep(spec)

@@ -19,17 +19,23 @@ from pipeline_helpers import free_port, make_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _no_ray(*args, **kwargs):
+    raise AssertionError("the job started or joined a Ray cluster before refusing its input")
+
+
 def _fails(main, args, message, capsys):
-    """Run a job's main in process: exit status 2, the message on stderr, and Ray never started."""
+    """Run a job's main in process: exit status 2, the message on stderr, and no Ray work: for the call, Ray looks
+    not started and `ray.init` fails the test (so it holds whether or not the session's Ray is up)."""
     import ray
 
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_:
+        patch.setattr(ray, "is_initialized", lambda: False)
+        patch.setattr(ray, "init", _no_ray)
         main(args)
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
     assert message in err, err
     assert "Traceback" not in err
-    assert not ray.is_initialized()
     return err
 
 
@@ -339,3 +345,123 @@ def test_a_hostile_registry_uri_deletes_nothing(tmp_path, capsys, monkeypatch):
                       uri], message, capsys)
     assert sentinel.read_text() == "a file the job did not write"
     assert sorted(p.name for p in (tmp_path / "outputs" / "checkpoints").iterdir()) == ["keep-me"]
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("reproduce", ["--seeds", "0,,1"], "argument --seeds: '0,,1' is not a comma-separated list of integers"),
+    ("reproduce", ["--euler-steps", "two"], "argument --euler-steps: 'two' is not a comma-separated list of integers"),
+    ("reproduce", ["--methods", "fm_ot,"], "argument --methods: 'fm_ot,' has an empty item"),
+    ("reflow_study", ["--seeds", ""], "argument --seeds: '' is not a comma-separated list of integers"),
+    ("sweep", ["--name", "s", "--seeds", "1.5"], "argument --seeds: '1.5' is not a comma-separated list of integers"),
+    ("geometry", ["--seeds", "x"], "argument --seeds: 'x' is not a comma-separated list of integers"),
+])
+def test_every_job_s_list_flags_are_checked(module, args, message, capsys):
+    import importlib
+
+    job = importlib.import_module(f"jobs.{module}")
+    _fails(job.main if hasattr(job, "main") else job.parse_args, args, message, capsys)
+
+
+def test_places_and_resources_that_cannot_work_are_refused_in_words(tmp_path, digits, capsys):
+    from jobs.train import main
+
+    sets = ["--config", "configs/digits-cpu.yaml", "--set", f"data.shards={digits}", "--set",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    runs = [*sets, "--set", f"train.storage_path={tmp_path / 'runs'}"]
+    # an object-store URI with one slash would have become a local folder named 's3:'
+    _fails(main, [*sets, "--set", "train.storage_path=s3:/bucket/runs"],
+           "train.storage_path: 's3:/bucket/runs' is not a URI: an object-store URI is written s3://bucket/path", capsys)
+    assert not (ROOT / "s3:").exists()
+    # an MLflow store that is not a database
+    (tmp_path / "notes.db").write_text("my notes, not a database")
+    _fails(main, [*runs, "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'notes.db'}"],
+           f"mlflow.tracking_uri: {tmp_path / 'notes.db'} is not a sqlite database (its first bytes are "
+           "b'my notes, no')", capsys)
+    assert (tmp_path / "notes.db").read_text() == "my notes, not a database"
+    # more than this machine's local Ray has, and a GPU that is not there
+    _fails(main, [*runs, "--set", "ray.num_workers=8"],
+           "ray.num_workers=8, ray.cpus_per_worker=0.5, ray.use_gpu=False: 8 Train worker(s) ask for 4 CPU and the "
+           "work beside them 0.25 CPU in all, but this machine's local Ray (4 logical CPUs: ray.local_cpus=4 on", capsys)
+    import torch
+
+    if not torch.cuda.is_available():
+        _fails(main, [*runs, "--set", "ray.use_gpu=true", "--set", "ray.num_workers=1"],
+               "each Train worker asks for 0.5 CPU, 1 GPU, which no node of this machine's local Ray", capsys)
+    # a cluster address where nothing listens: named within ray.address's wait, no MLflow run left behind
+    start = time.perf_counter()
+    _fails(main, [*runs, "--set", f"ray.address=127.0.0.1:{free_port()}"],
+           "ray.address: nothing accepts a connection at 127.0.0.1:", capsys)
+    assert time.perf_counter() - start < 30
+    assert not (tmp_path / "m.db").exists() or _runs(f"sqlite:///{tmp_path / 'm.db'}") == []
+
+
+def _runs(uri: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_an_actor_no_node_can_hold_is_refused_before_the_stage(tmp_path, capsys, ray_local):
+    from jobs.sample import main
+
+    ckpt = str(make_checkpoint(tmp_path / "ckpt"))
+    err = _fails_with_ray(main, ["--checkpoint", ckpt, "--num-samples", "4", "--out", str(tmp_path / "o"),
+                                 "--no-mlflow", "--set", "sample.cpus_per_actor=64"], capsys)
+    assert "sample.actors=0, sample.cpus_per_actor=64, sample.gpus_per_actor=0: each actor asks for 64 CPU, which " \
+           "no node of this Ray's 1 node(s)" in err, err
+
+
+def _fails_with_ray(main, args, capsys) -> str:
+    """Like `_fails`, for a stage refused once Ray is up (the module's Ray serves it)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+def test_checkpoints_whose_meta_does_not_describe_their_weights(tmp_path, digits, capsys):
+    from types import SimpleNamespace
+
+    from ray.train import Checkpoint
+
+    from jobs.train import main
+    from pipelines.core.checkpoint import CheckpointError
+    from pipelines.train.driver import _resume_meta
+
+    other = make_checkpoint(tmp_path / "other", model_channels=16)  # a 16-channel UNet whose meta.json says 8
+    (other / "meta.json").write_text((other / "meta.json").read_text().replace('"model_channels": 16',
+                                                                                '"model_channels": 8'))
+    _fails(main, ["--config", "configs/digits-cpu.yaml", "--set", f"data.shards={digits}", "--set",
+                  f"train.storage_path={tmp_path / 'runs'}", "--set", "model.model_channels=8", "--set",
+                  "model.num_heads=1", "--set", "model.attention_resolutions=[]", "--set", f"train.init_from={other}"],
+           f"train.init_from: checkpoint {other}: weights do not fit model unet", capsys)
+    # the checkpoint a run would resume from: refused before Ray, not after the workers' retries
+    previous = SimpleNamespace(checkpoint=Checkpoint.from_directory(str(other)))
+    with pytest.raises(CheckpointError, match="weights do not fit model unet"):
+        _resume_meta(previous)
+
+
+@pytest.mark.parametrize("what", ["an object store that does not answer", "a cluster address that does not"])
+def test_a_signal_ends_a_bounded_wait_at_once(what, tmp_path, digits):
+    """SIGTERM during a storage probe of a gs:// path with no credentials or network, and during the wait for a
+    cluster address where nothing listens: the job ends within seconds with one line and status 143."""
+    import signal
+
+    setting = ("train.storage_path=gs://flowray-nowhere/runs" if "object" in what
+               else f"ray.address=127.0.0.1:{free_port()}")
+    cmd = [sys.executable, "-m", "jobs.train", "--config", "configs/digits-cpu.yaml", "--set",
+           f"data.shards={digits}", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", "--set", setting]
+    if "object" not in what:
+        cmd += ["--set", f"train.storage_path={tmp_path / 'runs'}"]
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("GOOGLE_", "RAY_ADDRESS"))}
+    job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(6)  # imports and config checks done: in the wait
+    assert job.poll() is None, job.communicate()[1][-2000:]
+    sent = time.monotonic()
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=30)
+    assert job.returncode == 143 and time.monotonic() - sent < 5, err[-2000:]
+    assert err.strip().splitlines()[-1] == "training stopped by SIGTERM; rerun the same command to resume", err
+    assert "Traceback" not in err

@@ -272,7 +272,7 @@ def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig,
     total = len(likelihood_rows(count, cfg.max_images, cfg.seed))
     blocks = -(-total // cfg.batch_size)
     actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, memory,
-                                work=-(-blocks // cfg.blocks_per_call))
+                                work=-(-blocks // cfg.blocks_per_call), section="eval")
     stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence, "
           f"{cfg.precision}) on {actors} actor(s)")
     actor_args = (checkpoint, cfg, manifest.data, files, group_rows(files), count)
@@ -433,7 +433,7 @@ def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory
                               f"it has snapshots {sorted(held)} of 0..{len(times) - 1}")
     init_ray()
     actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, 0.0, memory,
-                                work=-(-len(start_rows) // cfg.batch_size))
+                                work=-(-len(start_rows) // cfg.batch_size), section="eval")
     stage(f"transporting {len(start_rows)} rows of the first snapshot through times {times} ({cfg.solver}) on "
           f"{actors} actor(s)")
     paths, fs = storage.ray_paths(manifest.shard_paths(cfg.split))

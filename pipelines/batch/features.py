@@ -146,7 +146,7 @@ def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: in
     init_ray()
     # declared, so that Ray places actors by what they hold (and its memory detector has nothing to say)
     actors, memory = actor_pool(actors, cpus_per_actor, gpus_per_actor, feature_actor_bytes(net.kind, batch_size),
-                                work=-(-total // batch_size))
+                                work=-(-total // batch_size), section="eval")
     keep = min(1.0, limit / max(total, 1)) if limit > 0 else 1.0
     # rates relative to the whole set: the KID subset of a capped set lies inside it, whatever the stream order
     rate = min(1.0, subset_size / max(total * keep, 1)) * keep

@@ -218,7 +218,7 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> Samplin
     if todo:
         init_ray()
         actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, memory,
-                                     work=-(-len(todo) // cfg.blocks_per_call))
+                                     work=-(-len(todo) // cfg.blocks_per_call), section="sample")
         stage(f"sampling {cfg.num_samples} samples ({len(todo)} blocks of {cfg.block_size}, {len(done)} reused) "
               f"with {cfg.solver} on {actors} actor(s) into {out}")
         ds = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=min(len(todo), 200))

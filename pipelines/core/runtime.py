@@ -8,6 +8,7 @@ INFO logging (operator plans, controller state changes, worker start-up).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ import time
 
 import psutil
 
-from pipelines.core.errors import JobStopped
+from pipelines.core.errors import ConfigError, JobStopped
 
 _state = {"verbose": False, "stop_on_signals": False, "local_ray": None}
 
@@ -61,6 +62,40 @@ def use_cpu_share(cpus: float) -> int:
     return threads
 
 
+ADDRESS_TIMEOUT_S = 10.0  # how long a cluster's address may take to accept a connection
+
+
+def check_address(address: str | None, key: str = "ray.address", timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """Fail in seconds, naming the key, on a cluster address where nothing accepts a connection: `ray.init` would
+    retry for minutes. `auto`, `local` and an empty address (a local Ray) are not probed. SIGINT and SIGTERM end the
+    wait at once (`interruptible`)."""
+    import socket
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{key}: {address!r} is not a cluster address; expected HOST:PORT (the head's GCS, as "
+                          "`ray start --head` prints it), ray://HOST:PORT, or auto")
+
+    def connect() -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection((host, int(port)), timeout=max(0.1, deadline - time.monotonic())):
+                    return
+            except OSError as err:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(f"{key}: nothing accepts a connection at {hostport} within {timeout:.0f} s "
+                                      f"({err.strerror or err}); start the cluster's head (`ray start --head`) or "
+                                      "correct the address, or leave ray.address empty for a local Ray") from None
+                time.sleep(0.5)
+
+    interruptible(connect)
+
+
 def init_ray(address: str | None = None, local_cpus: int = 4) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS, as under `ray job submit`), else start a local one.
 
@@ -88,6 +123,7 @@ def init_ray(address: str | None = None, local_cpus: int = 4) -> None:
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_address(address)
         ray.init(address=address, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -107,19 +143,85 @@ def init_ray(address: str | None = None, local_cpus: int = 4) -> None:
         stop_on_signals()
 
 
-def actor_pool(actors: int, cpus: float, gpus: float = 0.0, memory: int = 0, work: int = 0) -> tuple[int, int]:
+def _shapes(address: str | None, local_cpus: int) -> tuple[list[dict], dict[str, float], str]:
+    """What a stage's resource requests are checked against: (node shapes, total resources, the cluster in words).
+    A local Ray not started yet is this machine as `init_ray` will start it (its logical CPUs, its GPUs); a running
+    Ray is its live nodes, plus the node types its autoscaler may add (total: at their max counts) where it has one."""
+    import ray
+
+    if not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
+        import torch
+
+        cores = os.cpu_count() or 1
+        node = {"CPU": float(max(cores, local_cpus)), "GPU": float(torch.cuda.device_count())}
+        return [node], dict(node), (f"this machine's local Ray ({node['CPU']:g} logical CPUs: ray.local_cpus="
+                                    f"{local_cpus} on {cores} cores; {node['GPU']:g} GPUs)")
+    nodes = [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
+    totals: dict[str, float] = {}
+    for n in nodes:
+        for r, v in n.items():
+            totals[r] = totals.get(r, 0.0) + v
+    where = f"this Ray's {len(nodes)} node(s) ({', '.join(_fmt(n, ('CPU', 'GPU')) for n in nodes)})"
+    try:  # an autoscaling cluster: the node types it may start (a private API of Ray's; absent on a local Ray)
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        for group in (config.node_group_configs if config is not None else []):
+            shape = {r: float(v) for r, v in group.resources.items()}
+            nodes.append(shape)
+            for r, v in shape.items():
+                totals[r] = totals.get(r, 0.0) + (math.inf if group.max_count < 0 else v * group.max_count)
+            where += f"; node type {group.name} ({_fmt(shape, ('CPU', 'GPU'))}, up to {group.max_count})"
+    except Exception:
+        pass
+    return nodes, totals, where
+
+
+def _fmt(res: dict, keys=None) -> str:
+    return ", ".join(f"{res.get(r, 0.0):g} {r}" for r in (keys or res))
+
+
+def check_resources(bundle: dict[str, float], count: int, what: str, keys: str, address: str | None = None,
+                    local_cpus: int = 4, beside: dict[str, float] | None = None) -> None:
+    """Refuse, before a stage starts, `count` requests of `bundle` (e.g. {"CPU": 0.5, "GPU": 0}) that the cluster
+    cannot give: one that fits no node, or more in all (with `beside`, what other work needs next to them) than it
+    has. Ray would wait for them for ever (no node can take the work) or loop on its start-up timeouts. `what` names
+    one request, `keys` the settings that size them. A cluster at `address` is joined to read its nodes."""
+    import ray
+
+    if not ray.is_initialized() and (address or os.environ.get("RAY_ADDRESS")):
+        init_ray(address)
+    need = {r: float(v) for r, v in bundle.items() if v > 0}
+    nodes, totals, where = _shapes(address, local_cpus)
+    if not any(all(n.get(r, 0.0) >= v for r, v in need.items()) for n in nodes):
+        raise ConfigError(f"{keys}: each {what} asks for {_fmt(need)}, which no node of {where} has; lower the "
+                          "request, or run on a cluster with such nodes (ray.address)")
+    want = {r: need.get(r, 0.0) * count + (beside or {}).get(r, 0.0) for r in {*need, *(beside or {})}}
+    short = [r for r, v in want.items() if totals.get(r, 0.0) < v]
+    if short:
+        raise ConfigError(f"{keys}: {count} {what}(s) ask for {_fmt({r: need.get(r, 0.0) * count for r in short})}"
+                          + (f" and the work beside them {_fmt({r: beside.get(r, 0.0) for r in short})}" if beside
+                             else "") + f" in all, but {where} has {_fmt(totals, short)}; lower the count or the "
+                          "request, or add nodes")
+
+
+def actor_pool(actors: int, cpus: float, gpus: float = 0.0, memory: int = 0, work: int = 0,
+               section: str = "") -> tuple[int, int]:
     """An actor stage's pool (after `init_ray`): (how many actors, the memory each declares to Ray).
 
     The count is `actors` when it is set (> 0). Auto (0): one per `gpus` of the cluster's GPUs for GPU actors; for
     CPU actors, one per `max(1, int(cpus))` cores (an actor's torch threads, `use_cpu_share`) of the cores the
     stage may take: a local Ray's real cores (its logical CPUs are more, for Ray Data's read tasks), or every
     node's CPUs less one (left to those tasks); either way no more than the cluster's memory resource holds at
-    `memory` bytes each, nor than the stage's `work` items (blocks, batches) when given, and at least one.
+    `memory` bytes each, nor than the stage's `work` items (blocks, batches) when given, and at least one. A
+    request the cluster cannot give is refused first (`check_resources`; `section` names the settings).
     The declared memory is `memory`, or the largest node's memory resource when that is less (an actor that no
     node could place would wait forever; `pipelines.core.memory.check_fits` has already refused what this machine
     cannot hold)."""
     import ray
 
+    keys = f"{section}.actors={actors}, {section}.cpus_per_actor={cpus:g}, {section}.gpus_per_actor={gpus:g}"
+    check_resources({"CPU": cpus, "GPU": gpus}, max(actors, 1), "actor", keys)
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     memory = min(memory, int(max(node.get("memory", 0) for node in nodes)))
     if actors > 0:

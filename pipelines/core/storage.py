@@ -72,7 +72,12 @@ def check_name(value, key: str, also: str = "") -> str:
 
 
 def check_location(location: str, key: str) -> str:
-    """The location itself, or StorageError naming the key when its scheme is not one this layer knows."""
+    """The location itself, or StorageError naming the key when its scheme is not one this layer knows, or when it
+    looks like a URI written with one slash (`s3:/bucket`), which would otherwise become a local folder `s3:`."""
+    head, colon, rest = str(location).partition(":")
+    if colon and head.lower() in SCHEMES and not rest.startswith("//"):
+        raise StorageError(f"{_prefix(key)}{location!r} is not a URI: an object-store URI is written "
+                           f"{head.lower()}://bucket/path (two slashes); a local folder may not start with '{head}:'")
     s = scheme(location)
     if s and s not in SCHEMES:
         raise StorageError(f"{_prefix(key)}{location!r} has the scheme {s}://, which is not supported; use a local "
@@ -97,13 +102,21 @@ def _s3_for(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
                              retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS), **kwargs)
 
 
+@functools.lru_cache(maxsize=1)
+def _gcs() -> pafs.GcsFileSystem:
+    """GCS with bounded retries: without credentials or network, pyarrow's client otherwise retries with no end."""
+    from datetime import timedelta
+
+    return pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=REQUEST_TIMEOUT_S / 4))
+
+
 def resolve(location: str, key: str = "") -> tuple[pafs.FileSystem, str]:
     """(file system, path inside it): `bucket/key` for an object store, an absolute path for a local one."""
     s = scheme(check_location(location, key))
     if s == "s3":
         return _s3(), str(location).split("://", 1)[1].rstrip("/")
     if s == "gs":
-        return pafs.GcsFileSystem(), str(location).split("://", 1)[1].rstrip("/")
+        return _gcs(), str(location).split("://", 1)[1].rstrip("/")
     return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
 
 
@@ -320,6 +333,13 @@ def check_writable(location: str, key: str) -> str:
         except OSError as err:
             raise StorageError(f"{_prefix(key)}cannot write to {p} ({err.strerror or err})") from None
         return str(p.resolve())
+    from pipelines.core.runtime import interruptible
+
+    # a bounded wait (the clients' timeouts), in a thread of its own so that SIGINT / SIGTERM end the job at once
+    return interruptible(_probe, location, key)
+
+
+def _probe(location: str, key: str) -> str:
     probe = join(location, f".flowray-probe-{uuid.uuid4().hex[:12]}")
     fs, path = resolve(probe, key)
     try:
@@ -351,7 +371,10 @@ def describe(err: OSError) -> str:
              ("INVALID_ACCESS_KEY_ID", "the access key is not known to the server (AWS_ACCESS_KEY_ID)"),
              ("SIGNATURE_DOES_NOT_MATCH", "the secret key does not match (AWS_SECRET_ACCESS_KEY)"),
              ("MISSING_AUTHENTICATION_TOKEN", "no credentials were found (AWS_ACCESS_KEY_ID / "
-                                              "AWS_SECRET_ACCESS_KEY, a profile, or the node's role)")]
+                                              "AWS_SECRET_ACCESS_KEY, a profile, or the node's role)"),
+             ("OAuth2 access token", "no Google credentials could be used, or Google's servers do not answer "
+                                     "(GOOGLE_APPLICATION_CREDENTIALS, `gcloud auth application-default login`, or "
+                                     "the node's service account; the client gave up after its retry limit)")]
     words = next((w for code, w in known if code in text), text.splitlines()[0][:200])
     if "AWS Error" in text and not _aws_credentials_visible():
         words += ("; no AWS credentials were found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "

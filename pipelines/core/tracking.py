@@ -99,6 +99,14 @@ def check_tracking_uri(uri: str, key: str = "mlflow.tracking_uri", timeout: floa
         if not db.parent.is_dir():
             raise ConfigError(f"{key}: the folder of the sqlite database {db} does not exist; create it, or point "
                               "the key (or $MLFLOW_TRACKING_URI) elsewhere")
+        if db.is_dir():
+            raise ConfigError(f"{key}: {db} is a folder, not a sqlite database file; write sqlite:///path/to/mlflow.db")
+        if db.is_file() and db.stat().st_size:  # an empty file becomes a new database; anything else must be one
+            with open(db, "rb") as f:
+                head = f.read(16)
+            if head != b"SQLite format 3\x00":
+                raise ConfigError(f"{key}: {db} is not a sqlite database (its first bytes are {head[:12]!r}); point "
+                                  "the key (or $MLFLOW_TRACKING_URI) at an MLflow database or a new file")
     if scheme not in ("http", "https"):
         return
     try:

@@ -18,7 +18,7 @@ from fm.models import MODELS
 from fm.seeding import SEEDING_VERSION
 from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS
 from fm.training import SCHEDULES
-from pipelines.core.checkpoint import load_meta
+from pipelines.core.checkpoint import load_meta, load_model
 from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import Manifest
 from pipelines.core.memory import check_fits, model_item_bytes
@@ -215,6 +215,9 @@ def validate(cfg: Config) -> None:
     check(logit_normal or meth.time_scale == 1.0, "method.time_scale", meth.time_scale,
           "only method.time_sampling=logit_normal reads it (with uniform: keep 1.0)")
     check(math.isfinite(meth.time_loc), "method.time_loc", meth.time_loc, "must be finite")
+    check(meth.beta_min > 0, "method.beta_min", meth.beta_min, "must be > 0")
+    check(meth.beta_max > meth.beta_min and math.isfinite(meth.beta_max), "method.beta_max", meth.beta_max,
+          f"must be finite and > method.beta_min={meth.beta_min}")
     check(math.isfinite(meth.time_scale) and meth.time_scale > 0, "method.time_scale", meth.time_scale,
           "must be > 0")
     if not METHODS[meth.name].needs_data:  # a method on a manifold or snapshots is checked with the data
@@ -230,6 +233,7 @@ def validate(cfg: Config) -> None:
     check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
     check(o.power > 0, "optim.power", o.power, "must be > 0")
     check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    check(0 <= o.weight_decay < math.inf, "optim.weight_decay", o.weight_decay, "must be finite and >= 0")
     check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
     check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     check(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2")
@@ -237,6 +241,8 @@ def validate(cfg: Config) -> None:
     check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     check(t.sample_every >= 0, "train.sample_every", t.sample_every, "must be >= 0")
     check(t.grid_size >= 1, "train.grid_size", t.grid_size, "must be >= 1")
+    check(t.grid_steps >= 1, "train.grid_steps", t.grid_steps, "must be >= 1 (Euler steps of the sample grid)")
+    check(t.num_to_keep >= 1, "train.num_to_keep", t.num_to_keep, "must be >= 1 (checkpoints kept; a resume needs one)")
     check(t.max_nonfinite >= 1, "train.max_nonfinite", t.max_nonfinite, "must be >= 1")
     check(t.fail_at_step is None or 1 <= t.fail_at_step <= t.steps, "train.fail_at_step", t.fail_at_step,
            f"must be null or in [1, train.steps={t.steps}]")
@@ -267,6 +273,11 @@ def validate(cfg: Config) -> None:
     check(r.stream_chunk_tasks >= 0, "ray.stream_chunk_tasks", r.stream_chunk_tasks,
            "must be >= 0 (0: one dataset for the whole run)")
     check(r.max_failures >= -1, "ray.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
+    check(r.prefetch_batches >= 0, "ray.prefetch_batches", r.prefetch_batches, "must be >= 0")
+    check(r.local_cpus >= 1, "ray.local_cpus", r.local_cpus, "must be >= 1")
+    check(not r.use_gpu or r.gpus_per_worker > 0, "ray.gpus_per_worker", r.gpus_per_worker,
+          "must be > 0 with ray.use_gpu=true")
+    check(cfg.mlflow.flush_timeout_s >= 0, "mlflow.flush_timeout_s", cfg.mlflow.flush_timeout_s, "must be >= 0")
     check_name(cfg.mlflow.experiment, "mlflow.experiment")  # its artifacts' folder under the store's artifact root
     if cfg.mlflow.register_as is not None:
         check_name(cfg.mlflow.register_as, "mlflow.register_as", also=":")  # MLflow's registry refuses ':' too
@@ -342,6 +353,10 @@ def check_init_from(cfg: Config, data) -> None:
     if diff:
         raise ConfigError(f"train.init_from: {cfg.train.init_from} was trained with another model shape: "
                           f"{', '.join(diff)}; set the model.* keys to its values (or leave init_from empty)")
+    try:  # its meta.json against its weights, here rather than in the workers after their retries
+        load_model(cfg.train.init_from)
+    except ConfigError as err:
+        raise ConfigError(f"train.init_from: {err}") from None
 
 
 def model_kwargs(cfg: Config, data) -> dict:

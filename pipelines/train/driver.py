@@ -10,10 +10,18 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipelines.core import lease, storage
-from pipelines.core.checkpoint import check_files, load_meta, load_state
+from pipelines.core.checkpoint import check_files, load_meta, load_model, load_state
 from pipelines.core.errors import JobStopped
 from pipelines.core.manifest import Manifest
-from pipelines.core.runtime import init_ray, interruptible, is_verbose, stage, train_logging_config
+from pipelines.core.runtime import (
+    check_address,
+    check_resources,
+    init_ray,
+    interruptible,
+    is_verbose,
+    stage,
+    train_logging_config,
+)
 from pipelines.core.tracking import (
     SafeLogger,
     check_tracking_uri,
@@ -43,6 +51,12 @@ def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, 
         manifest = check_data(cfg)  # every config and data error surfaces before Ray starts
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     check_tracking_uri(uri)
+    check_address(cfg.ray.address)  # before an MLflow run is opened: an address where nothing answers leaves none
+    r = cfg.ray
+    # the workers, and beside them at least one of the stream's pairing tasks (without it no step is ever read)
+    check_resources({"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker if r.use_gpu else 0.0}, r.num_workers,
+                    "Train worker", f"ray.num_workers={r.num_workers}, ray.cpus_per_worker={r.cpus_per_worker:g}, "
+                    f"ray.use_gpu={r.use_gpu}", r.address, r.local_cpus, beside={"CPU": r.preprocess_cpus})
     # a local folder or an object-store URI, which Ray Train writes to through the same pyarrow file system
     root = storage.check_writable(cfg.train.storage_path, "train.storage_path")
     run_dir = storage.join(root, cfg.train.run_name)
@@ -160,6 +174,8 @@ def _resume_meta(previous) -> dict | None:
     with previous.checkpoint.as_directory() as local:  # in place when local; a download from an object store
         meta = load_meta(local)
         check_files(local)
+        for ema in (False, True):  # a meta.json that does not describe its weights fails here, not in the workers
+            load_model(local, use_ema=ema)
     return meta
 
 
