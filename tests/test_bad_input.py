@@ -370,7 +370,8 @@ def test_places_and_resources_that_cannot_work_are_refused_in_words(tmp_path, di
     runs = [*sets, "--set", f"train.storage_path={tmp_path / 'runs'}"]
     # an object-store URI with one slash would have become a local folder named 's3:'
     _fails(main, [*sets, "--set", "train.storage_path=s3:/bucket/runs"],
-           "train.storage_path: 's3:/bucket/runs' is not a URI: an object-store URI is written s3://bucket/path", capsys)
+           "train.storage_path: 's3:/bucket/runs' is not a URI: an object-store URI is written s3://bucket/path",
+           capsys)
     assert not (ROOT / "s3:").exists()
     # an MLflow store that is not a database
     (tmp_path / "notes.db").write_text("my notes, not a database")
@@ -381,7 +382,8 @@ def test_places_and_resources_that_cannot_work_are_refused_in_words(tmp_path, di
     # more than this machine's local Ray has, and a GPU that is not there
     _fails(main, [*runs, "--set", "ray.num_workers=8"],
            "ray.num_workers=8, ray.cpus_per_worker=0.5, ray.use_gpu=False: 8 Train worker(s) ask for 4 CPU and the "
-           "work beside them 0.25 CPU in all, but this machine's local Ray (4 logical CPUs: ray.local_cpus=4 on", capsys)
+           "work beside them 0.25 CPU in all, but this machine's local Ray (4 logical CPUs: ray.local_cpus=4 on",
+           capsys)
     import torch
 
     if not torch.cuda.is_available():
