@@ -1,7 +1,17 @@
+"""The session's shared, expensive parts: one local Ray, one ingest of the digits, one trained checkpoint with the
+MLflow store that holds its run, one S3-compatible server. The suite is bound by start-up: each local Ray costs
+about 10 s, each Ray Train fit 30 to 60 s before its first step (tests/README.md)."""
+
+import os
+
 import pytest
 import torch
 
 from fm.models import GaussianOTFlow
+
+# MLflow samples system metrics every 10 s by default, longer than the suite's tiny runs: every second, in every
+# process of the session (set before the session's Ray starts, whose workers inherit the environment)
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
 
 
 @pytest.fixture
@@ -15,22 +25,47 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for a test module, started as every job starts it (`init_ray`), stopped after the module."""
-    import ray
-
+def _start_ray() -> None:
     from pipelines.core.runtime import init_ray
 
     init_ray()
+
+
+@pytest.fixture(scope="session")
+def _session_ray():
+    """Stops the session's Ray at the end of the session (if it is up then)."""
     yield
+    import ray
+
     ray.shutdown()
 
 
 @pytest.fixture(scope="session")
-def _digits_once(tmp_path_factory):
-    """scikit-learn's digits ingested once for the session (2 train shards, the default split; each ingest starts
-    and stops a local Ray of its own, about 10 s): copy it with `digits_copy`, never write into it."""
+def ray_local(_session_ray):
+    """The session's one local Ray, started as every job starts it (`init_ray`) on first use and stopped at the
+    session's end; every integration test that does not need a cluster of its own shares it (jobs run in process
+    join it). A test that needs its own Ray takes `own_ray`, which stops this one and starts it again after."""
+    _start_ray()
+
+
+@pytest.fixture
+def own_ray(_session_ray):
+    """For a test that starts a Ray of its own (a multi-node cluster, a job that stops Ray when it ends): the
+    session's Ray is stopped first, and started again afterwards if the session had it up."""
+    import ray
+
+    was_up = ray.is_initialized()
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if was_up:
+        _start_ray()
+
+
+@pytest.fixture(scope="session")
+def _digits_once(tmp_path_factory, ray_local):
+    """scikit-learn's digits ingested once for the session (2 train shards, the default split), on the session's
+    Ray: copy it with `digits_copy`, never write into it."""
     from pipelines.ingest.run import ingest
 
     out = tmp_path_factory.mktemp("digits-once") / "digits"
@@ -86,3 +121,45 @@ def s3_bucket(s3_server, monkeypatch, request):
     name = (re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8])
     pafs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True).create_dir(name)
     return f"s3://{name}"
+
+
+TRAINED_RUN = "tiny"
+
+
+@pytest.fixture(scope="session")
+def trained_digits(_digits_once, ray_local, tmp_path_factory):
+    """One tiny training run for the session, as `flowray train` runs it, and the sqlite MLflow store (server.db,
+    the name `start_mlflow_server` serves) that holds it: 8 steps of 16 x 2 workers on the digits, a checkpoint and
+    a sample grid at steps 4 and 8 (every checkpoint kept), the loss every 2 steps, the validation loss on 40
+    held-out rows, sample quality while training at steps 4 and 8; then `flowray sample` of the final checkpoint
+    with the settings that scoring stands for (a run nested under the training run). The store is named relative to
+    the current folder, as a user types it. Tests read it; only the training story continues the run (checkpoints
+    after step 8, in a new MLflow run), which changes nothing the others read."""
+    import shutil
+
+    from pipeline_helpers import TINY
+
+    from jobs.sample import main as sample_main
+    from jobs.train import main as train_main
+    from pipelines.chain import quality_configs
+    from pipelines.train.config import load_config
+
+    tmp = tmp_path_factory.mktemp("trained")
+    digits = shutil.copytree(_digits_once, tmp / "digits")
+    sets = [*TINY, f"data.shards={digits}", f"train.storage_path={tmp / 'runs'}", "mlflow.tracking_uri=sqlite:///"
+            "server.db", f"train.run_name={TRAINED_RUN}", "mlflow.experiment=tests", "train.steps=8",
+            "train.log_every=2", "train.val_rows=40", "train.num_to_keep=100", "train.eval_every=4",
+            "train.eval_samples=32", "train.eval_rows=16"]
+    here = os.getcwd()
+    os.chdir(tmp)
+    try:
+        result = train_main(["--config", os.path.join(here, "configs/digits-cpu.yaml"),
+                             *[a for s in sets for a in ("--set", s)]])
+        scfg, ecfg = quality_configs(load_config(os.path.join(here, "configs/digits-cpu.yaml"), sets))
+        sampled = sample_main(["--checkpoint", result["checkpoint"], "--num-samples", str(scfg.num_samples), "--out",
+                               str(tmp / "samples"), "--tracking-uri", result["tracking_uri"], "--set",
+                               f"sample.solver={scfg.solver}", "--set", f"sample.block_size={scfg.block_size}"])
+    finally:
+        os.chdir(here)
+    return {"tmp": tmp, "digits": digits, "uri": result["tracking_uri"], "train": result, "sample": sampled,
+            "eval_config": ecfg, "sets": sets}

@@ -9,13 +9,11 @@ import subprocess
 import tempfile
 
 import pytest
+from conftest import TRAINED_RUN
 from mlflow.tracking import MlflowClient
-from pipeline_helpers import TINY, free_port, kill_tree, start_mlflow_server
+from pipeline_helpers import free_port, kill_tree, start_mlflow_server
 
-from jobs.sample import main as sample_main
-from jobs.train import main as train_main
 from pipelines.batch.evaluate import run_evaluation
-from pipelines.chain import quality_configs
 from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import Manifest
 from pipelines.core.tracking import ui_link
@@ -37,21 +35,10 @@ def test_bad_quality_settings_are_refused(sets, message):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_local, digits):
-    """Ingest, `flowray train` (8 steps, scored at steps 4 and 8) and `flowray sample` of the final checkpoint (the
-    settings `train.eval_*` stand for), all logged to server.db (the name `start_mlflow_server` serves)."""
-    tmp = tmp_path_factory.mktemp("quality")
-    uri = f"sqlite:///{tmp / 'server.db'}"
-    sets = [*TINY, f"data.shards={digits}", f"train.storage_path={tmp / 'runs'}", f"mlflow.tracking_uri={uri}",
-            "train.run_name=quality", "mlflow.experiment=tests", "train.steps=8", "train.checkpoint_every=4",
-            "train.eval_every=4", "train.eval_samples=32", "train.eval_rows=16", "train.sample_every=0",
-            "train.val_rows=40"]
-    result = train_main(["--config", "configs/digits-cpu.yaml", *[a for s in sets for a in ("--set", s)]])
-    scfg, ecfg = quality_configs(load_config("configs/digits-cpu.yaml", sets))
-    sampled = sample_main(["--checkpoint", result["checkpoint"], "--num-samples", str(scfg.num_samples), "--out",
-                           str(tmp / "samples"), "--tracking-uri", uri, "--set", f"sample.solver={scfg.solver}",
-                           "--set", f"sample.block_size={scfg.block_size}"])
-    return {"tmp": tmp, "digits": digits, "uri": uri, "train": result, "sample": sampled, "eval_config": ecfg}
+def trained(trained_digits):
+    """The session's trained run (`trained_digits`): `flowray train` of 8 steps scored at steps 4 and 8, and
+    `flowray sample` of its final checkpoint with the settings `train.eval_*` stand for, all in server.db."""
+    return trained_digits
 
 
 @pytest.mark.slow
@@ -127,7 +114,7 @@ def test_the_run_page_shows_dataset_source_child_runs_and_charts(trained):
         # the experiment opens on its runs table in the model-training view when the link says so
         experiment = f"{base}/#/experiments/{run.info.experiment_id}"
         _, text = _page(f"{experiment}?workflowType=machine_learning")
-        assert "Runs - Experiment" in text and "quality" in text and "matching runs" in text
+        assert "Runs - Experiment" in text and TRAINED_RUN in text and "matching runs" in text
     finally:
         kill_tree(server)
 

@@ -5,25 +5,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TRAINED_RUN
 from mlflow.tracking import MlflowClient
-from pipeline_helpers import free_port, kill_tree, start_mlflow_server, tiny_config
+from pipeline_helpers import ROOT, free_port, kill_tree, start_mlflow_server, tiny_config
 
 from pipelines.core.checkpoint import CheckpointError, load_meta, load_model
 from pipelines.core.errors import ConfigError
 from pipelines.ingest.run import load_manifest
+from pipelines.train.config import load_config
 from pipelines.train.driver import run_training
 from pipelines.train.validation import validation_loss, validation_set
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _system_metrics_every_second():
-    """MLflow samples system metrics every 10 s by default, longer than these tiny runs: every second here (set
-    before the module's Ray starts, whose workers inherit it)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
-        yield
 
 
 def _history(client, run_id, key):
@@ -45,15 +38,20 @@ def _snapshot(client, run_id) -> dict:
             "history": {k: _history(client, run_id, k) for k in sorted(run.data.metrics)}}
 
 
-def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_local, monkeypatch):
-    # a store named relative to the current folder, as a user types it: the workers (which Ray Train runs in
-    # another folder) log into the same one
-    monkeypatch.chdir(tmp_path)
-    uri = "sqlite:///mlflow.db"
-    res = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=8",
-                                   "train.val_rows=40", "train.log_every=2"))
+def _continue(trained: dict, *extra: str):
+    """The session's trained run's config (its store by absolute URI) with `extra` overrides: another attempt at the
+    same run name."""
+    sets = [s if not s.startswith("mlflow.tracking_uri=") else f"mlflow.tracking_uri={trained['uri']}"
+            for s in trained["sets"]]
+    return load_config(str(ROOT / "configs/digits-cpu.yaml"), [*sets, *extra])
+
+
+def test_two_workers_checkpoints_mlflow_and_resume(trained_digits, tmp_path):
+    # the session's run: `flowray train` with a store named relative to the current folder, as a user types it (the
+    # workers, which Ray Train runs in another folder, logged into the same one)
+    res, digits = trained_digits["train"], trained_digits["digits"]
     assert res["metrics"]["step"] == 8 and not res["resumed"]
-    assert res["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert res["tracking_uri"] == f"sqlite:///{trained_digits['tmp'].resolve() / 'server.db'}"
     loaded = load_model(res["checkpoint"])
     assert loaded.step == 8 and loaded.meta["model"]["kwargs"]["model_channels"] == 8
     client = MlflowClient(res["tracking_uri"])
@@ -89,40 +87,43 @@ def test_two_workers_checkpoints_mlflow_and_resume(digits, tmp_path, ray_local, 
     assert {"model/meta.json", "model/ema.pt", "model/model.pt"} <= model_files
     local = client.download_artifacts(res["run_id"], "model", str(tmp_path / "dl"))
     assert load_model(local).step == 8  # the logged final model rebuilds from the artifact alone
+    assert load_meta(res["checkpoint"])["stream"]["cursor"] == 8 * 16 * 2  # rows consumed: 8 steps of 16 x 2
 
     finished = _snapshot(client, res["run_id"])
+    name, run_dir = TRAINED_RUN, res["run_dir"]
 
     # another model width under the same run name is refused before Ray or MLflow is touched
-    with pytest.raises(ConfigError, match=r"train.run_name='resume-me' already has a checkpoint at step 8 .*"
+    with pytest.raises(ConfigError, match=rf"train.run_name='{name}' already has a checkpoint at step 8 .*"
                                           r"cannot resume with this one: model.model_channels was 8, now 16\. "
                                           r"Set train.run_name to a new name"):
-        run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=12",
-                                 "model.model_channels=16"))
+        run_training(_continue(trained_digits, "train.steps=12", "model.model_channels=16"))
     # the same config again: the run is done; nothing is trained and the result is the finished run's
-    again = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=8"))
+    again = run_training(_continue(trained_digits))
     assert again["already_finished"] and again["run_id"] == res["run_id"]
     assert again["checkpoint"] == res["checkpoint"] and again["metrics"]["step"] == 8
     assert again["mlflow_model"] == res["mlflow_model"]
 
     # continuing past the finished run's steps is a new MLflow run; this attempt fails (no retries)
     with pytest.raises(Exception, match="injected failure"):
-        run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=12",
-                                 "train.fail_at_step=10", "ray.max_failures=0"))
+        run_training(_continue(trained_digits, "train.steps=12", "train.fail_at_step=10", "ray.max_failures=0"))
     failed = client.search_runs([run.info.experiment_id], f"tags.`flowray.continues` = '{res['run_id']}'")
     assert len(failed) == 1 and failed[0].info.status == "FAILED"
-    # the rerun resumes the interrupted continuation (same MLflow run) from the finished run's checkpoint
-    more = run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=12"))
+    # the rerun, on one worker instead of two, resumes the interrupted continuation (same MLflow run) from the
+    # finished run's checkpoint, from the row the two workers had reached
+    more = run_training(_continue(trained_digits, "train.steps=12", "ray.num_workers=1"))
     assert more["resumed"]
     assert more["run_id"] == failed[0].info.run_id and more["run_id"] != res["run_id"]
     assert more["metrics"]["step"] == 12 and load_meta(more["checkpoint"])["step"] == 12
-    assert [s for s, _ in _history(client, more["run_id"], "loss")] == [12]
+    assert load_meta(more["checkpoint"])["stream"]["cursor"] == 8 * 16 * 2 + 4 * 16
+    assert [s for s, _ in _history(client, more["run_id"], "loss")] == [10, 12]
     # a refused, an already-finished, a failed and a continued attempt later, the finished run is as it was
     assert _snapshot(client, res["run_id"]) == finished
 
     # a damaged checkpoint to resume from is named before any training starts
     (Path(more["checkpoint"]) / "model.pt").write_bytes(b"PK\x03\x04 overwritten")
     with pytest.raises(CheckpointError, match=r"model.pt: not a readable torch file \(truncated or corrupt\)"):
-        run_training(tiny_config(digits, tmp_path / "runs", uri, "resume-me", "train.steps=16"))
+        run_training(_continue(trained_digits, "train.steps=16"))
+    assert Path(run_dir).is_dir()
 
 
 @pytest.mark.faults  # two 2-worker runs, about 90 s: in `make faults` (CI runs it), so that `make test` stays fast
