@@ -25,7 +25,7 @@ COMMANDS = {
                  "flowray evaluate --checkpoint runs:/RUN_ID --data data/digits --samples outputs/samples/run"),
     "reflow": ("jobs.reflow", "Rectified Flow's reflow: a model's own pairs -> the next model, evaluated per round",
                "flowray reflow --checkpoint runs:/RUN_ID --data data/digits --num-pairs 5000"),
-    "reflow-study": ("jobs.reflow_study", "trained flows against their 2-rectified flows, and logit-normal t, "
+    "reflow-study": ("jobs.reflow_study", "trained flows against their reflows, and logit-normal t, "
                      "at equal training steps", "flowray reflow-study --methods icfm,otcfm --reflow-from otcfm"),
     "compare": ("jobs.compare", "the paper-style table and plot from an MLflow experiment",
                 "flowray compare --experiment flowray-digits"),

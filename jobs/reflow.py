@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the real data's shards (what the models are evaluated on)")
     p.add_argument("--num-pairs", type=int, required=True, help="pairs sampled each round")
     p.add_argument("--config", default=None, help="the training config of every round (YAML)")
-    p.add_argument("--rounds", type=int, default=1, help="K reflows: the (K+1)-rectified flow")
+    p.add_argument("--rounds", type=int, default=1, help="K reflows (the (K+1)-rectified flow of a generator trained "
+                   "on independent pairs)")
     p.add_argument("--from-scratch", action="store_true", help="start each round from a random init")
     p.add_argument("--pair-solver", default="dopri5", help="the ODE solver of the pairs (SOLVER or SOLVER:STEPS)")
     p.add_argument("--pair-seed", type=int, default=None,

@@ -1,4 +1,4 @@
-"""Few-step sampling at equal training steps: trained flows against their 2-rectified flows (Rectified Flow's reflow),
+"""Few-step sampling at equal training steps: trained flows against their reflows (Rectified Flow's reflow),
 and uniform against logit-normal time sampling, through the real pipeline.
 
     flowray reflow-study --config configs/digits-cpu.yaml --data data/digits [--source digits]
@@ -11,7 +11,7 @@ METHOD:logit_normal for logit-normal t with loc 0 and scale 1) trains `--steps` 
 `--reflow-at`. A reflow row (`--reflow-from`) takes that step-`--reflow-at` checkpoint of the same run, samples
 `--num-pairs` pairs from it with dopri5 (the batch stage; each pair's noise regenerated from its seed, the row's seed
 + 1000, so that no model is evaluated on the noise of its own training pairs), and trains
-the 2-rectified flow on them for the remaining `--steps` - `--reflow-at` steps, warm-started from it (`flowray
+the reflowed model on them for the remaining `--steps` - `--reflow-at` steps, warm-started from it (`flowray
 reflow`'s chain, one round). Each trained model is sampled with every `--solvers` entry and evaluated on the real
 data: FD (or FID) with its floor, bits/dim, straightness, every sampler starting from the row's seed's noise. A
 second table gives each FD at the floor's image count (`fd_matched`: as many samples as held-out images), the one
@@ -43,7 +43,7 @@ def parse(argv):
     p.add_argument("--source", default="digits", help="what to ingest into --data when it holds no manifest")
     p.add_argument("--methods", type=name_list, default=["icfm", "otcfm"],
                    help="METHOD or METHOD:logit_normal, comma-separated")
-    p.add_argument("--reflow-from", default="otcfm", help="methods whose 2-rectified flow is trained ('' for none)")
+    p.add_argument("--reflow-from", default="otcfm", help="methods whose reflow is trained ('' for none)")
     p.add_argument("--seeds", type=int_list, default=[0, 1])
     p.add_argument("--steps", type=int, default=600, help="training steps of every row, in all")
     p.add_argument("--reflow-at", type=int, default=300, help="the generating checkpoint's step")
@@ -120,7 +120,7 @@ def _study(a) -> dict:
         figures = _figures(r["records"], seed, r["train"]["wall_s"])
         figures.update(pairs_per_s=r["pairs"]["samples_per_s"], pairs_wall_s=r["pairs"]["wall_s"],
                        pairs_and_ingest_s=r["pairs_and_ingest_s"], pairs_nfe=r["pairs"]["mean_nfe"])
-        rows.setdefault(f"2-rectified from {method}", []).append(figures)
+        rows.setdefault(f"reflow of {method}", []).append(figures)
         print(json.dumps({"progress": [method, "reflow", seed, figures]}), flush=True)
     tags = [s.strip() for s in a.solvers.split(",") if s.strip()]
     table = markdown(rows, tags, a)

@@ -11,7 +11,9 @@ A trained flow's own coupling is sampled at scale and becomes the next model's t
 The pairs draw their noise from a seed of their own, which no evaluation sampler may share: every model is scored on
 fresh noise, never on the x_0 it was trained on (`plan` refuses otherwise).
 
-k rounds give the (k+1)-rectified flow (Liu et al.'s numbering: the generating model is the 1-rectified one). The
+k rounds give the model of reflow k; with a generating model trained on independent pairs (I-CFM, FM-OT: Liu et
+al.'s 1-rectified flow) that is the (k+1)-rectified flow, while a generator trained on other pairs (OT-CFM's minibatch
+OT couplings) has no place in that numbering, so the table names rounds "reflow k", never "k-rectified". The
 chain is one MLflow run (`flowray.kind` reflow) with each round's training run nested under it (their sampling and
 evaluation runs nested under those, as everywhere); with the baseline, the generating model is sampled and evaluated
 with the same solvers first, so the table compares like with like. Every input is checked before Ray starts; a rerun
@@ -50,7 +52,7 @@ class ReflowSpec:
     num_pairs: int
     config: str | None = None  # the training config of every round (method.name is set to reflow)
     overrides: list[str] = field(default_factory=list)  # its --set section.key=value
-    rounds: int = 1  # k reflows: the (k+1)-rectified flow (Liu et al.: the first trained flow is 1-rectified)
+    rounds: int = 1  # k reflows (the (k+1)-rectified flow when the generator was trained on independent pairs)
     warm_start: bool = True  # start round r from model r-1's weights; False: a random init
     pair_sampler: SampleConfig = field(default_factory=lambda: SampleConfig(solver="dopri5"))
     solves: list[SampleConfig] = field(default_factory=list)  # evaluation samplers (num_samples each)
@@ -130,7 +132,7 @@ def _reflow(p: Plan) -> dict:
     parent, resumed = find_or_create_run(
         p.uri, p.configs[0].mlflow.experiment, spec.name,
         {"flowray.kind": "reflow", "flowray.storage": storage.join(spec.out, spec.name),
-         "mlflow.note.content": f"{spec.rounds + 1}-rectified flow from {spec.checkpoint}: {spec.num_pairs} pairs a "
+         "mlflow.note.content": f"{spec.rounds} reflow round(s) of {spec.checkpoint}: {spec.num_pairs} pairs a "
                                 f"round ({p.pair_sampler.solver}), {'warm' if spec.warm_start else 'cold'} start"})
     log = SafeLogger(p.uri, parent)
     if not resumed:
@@ -213,7 +215,7 @@ def reflow_markdown(baseline: list[SolveRecord] | None, rounds: list[dict]) -> s
     lines = [head, "|" + " --- |" * (len(records) + 4)]
     if baseline:
         lines.append(_row("generating model", baseline))
-    lines += [_row(f"{r['round'] + 1}-rectified", r["records"]) for r in rounds]
+    lines += [_row(f"reflow {r['round']}", r["records"]) for r in rounds]
     if floor is not None:
         lines.append(f"\n{label} floor (held-out real images against the reference): {floor:.3f}")
     return "\n".join(lines)

@@ -179,5 +179,5 @@ def test_flowray_reflow_runs_its_chain_on_digits(tmp_path, ray_local, digits_cop
     pairs = load_manifest(rnd["data"]).data.pairs
     assert (pairs["checkpoint"], pairs["num_samples"], pairs["solver"]) == (str(gen), 64, "dopri5")
     # the table names every model and solver, and is the parent's artifact
-    assert "| generating model |" in result["table"] and "| 2-rectified |" in result["table"]
+    assert "| generating model |" in result["table"] and "| reflow 1 |" in result["table"]
     assert "reflow.md" in {f.path for f in client.list_artifacts(parent.info.run_id)}
