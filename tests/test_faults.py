@@ -89,24 +89,16 @@ def _assert_one_value_per_step_from_the_checkpoints(client, run_id, run_dir: Pat
         assert by_step[step] == pytest.approx(values["loss"], rel=1e-12, nan_ok=True)
 
 
-def test_a_training_worker_killed_by_pid_resumes_with_one_value_per_step(digits, tmp_path):
-    import ray
-
-    from pipelines.core.runtime import init_ray
-
-    init_ray()
-    try:
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        run_dir = tmp_path / "runs" / "killed-worker"
-        # metrics every step, a checkpoint every 5: at the kill, up to 4 windows wait that the restart redoes
-        kill = _kill_when(lambda: len(_checkpoints(run_dir)) >= 2, "RayTrainWorker")
-        cfg = tiny_config(digits, tmp_path / "runs", uri, "killed-worker", "train.steps=40", "train.log_every=1",
-                          "train.checkpoint_every=5", "train.num_to_keep=100", "train.sample_every=0",
-                          "ray.max_failures=2")
-        res = run_training(cfg)
-        kill["thread"].join(1)
-    finally:
-        ray.shutdown()
+def test_a_training_worker_killed_by_pid_resumes_with_one_value_per_step(digits, tmp_path, ray_local):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "runs" / "killed-worker"
+    # metrics every step, a checkpoint every 5: at the kill, up to 4 windows wait that the restart redoes
+    kill = _kill_when(lambda: len(_checkpoints(run_dir)) >= 2, "RayTrainWorker")
+    cfg = tiny_config(digits, tmp_path / "runs", uri, "killed-worker", "train.steps=40", "train.log_every=1",
+                      "train.checkpoint_every=5", "train.num_to_keep=100", "train.sample_every=0",
+                      "ray.max_failures=2")
+    res = run_training(cfg)
+    kill["thread"].join(1)
     assert "pid" in kill, "the worker was killed mid-run"
     assert res["metrics"]["step"] == 40 and load_meta(res["checkpoint"])["step"] == 40
     client = MlflowClient(uri)
@@ -119,22 +111,14 @@ def _sample_table(out: Path):
     return table["id"].to_numpy(), table["image"].to_pylist()
 
 
-def test_a_sampler_actor_killed_by_pid_gives_the_same_samples(tmp_path):
-    import ray
-
-    from pipelines.core.runtime import init_ray
-
+def test_a_sampler_actor_killed_by_pid_gives_the_same_samples(tmp_path, ray_local):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     base = dict(num_samples=192, solver="euler", steps=200, block_size=8, seed=5, actors=1)
-    init_ray()
-    try:
-        ref = run_sampling(str(ckpt), tmp_path / "ref", SampleConfig(**base))
-        out = tmp_path / "killed"
-        kill = _kill_when(lambda: len(list(out.glob("block-*.parquet"))) >= 2, "Sampler")
-        res = run_sampling(str(ckpt), out, SampleConfig(**base))
-        kill["thread"].join(1)
-    finally:
-        ray.shutdown()
+    ref = run_sampling(str(ckpt), tmp_path / "ref", SampleConfig(**base))
+    out = tmp_path / "killed"
+    kill = _kill_when(lambda: len(list(out.glob("block-*.parquet"))) >= 2, "Sampler")
+    res = run_sampling(str(ckpt), out, SampleConfig(**base))
+    kill["thread"].join(1)
     assert "pid" in kill, "a Sampler actor was killed mid-run"
     assert ref.blocks_sampled == res.blocks_sampled + res.blocks_reused == 24
     ids, images = _sample_table(out)
@@ -338,8 +322,9 @@ def test_reaper_exits_quietly_after_a_normal_shutdown():
 
 
 @pytest.fixture
-def three_nodes():
-    """A head that runs no work (0 CPUs, as in cluster.yaml) and two worker nodes of 2 CPUs each."""
+def three_nodes(own_ray):
+    """A head that runs no work (0 CPUs, as in cluster.yaml) and two worker nodes of 2 CPUs each (a cluster of its own:
+    the session's local Ray is stopped meanwhile)."""
     import ray
     from ray.cluster_utils import Cluster
 

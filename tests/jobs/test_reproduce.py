@@ -8,22 +8,16 @@ from pipeline_helpers import TINY
 pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(900)]  # `make heavy` (CI runs it)
 
 
-def test_tiny_reproduce_fills_every_column(tmp_path, monkeypatch, digits_copy):
-    import ray
-
+def test_tiny_reproduce_fills_every_column(tmp_path, monkeypatch, digits_copy, ray_local):
     from jobs.reproduce import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     sets = []
     for s in TINY + ["ray.num_workers=1", "train.checkpoint_every=4"]:
         sets += ["--set", s]
-    try:
-        result = main(["--preset", "digits", "--seeds", "0", "--methods", "fm_ot,score_vp", "--steps", "4",
-                       "--num-samples", "20", "--euler-steps", "2", "--experiment", "tiny", "--out",
-                       str(tmp_path / "out"), "--data", str(tmp_path / "digits"), "--eval-max-images", "24",
-                       *sets])
-    finally:
-        ray.shutdown()
+    result = main(["--preset", "digits", "--seeds", "0", "--methods", "fm_ot,score_vp", "--steps", "4",
+                   "--num-samples", "20", "--euler-steps", "2", "--experiment", "tiny", "--out",
+                   str(tmp_path / "out"), "--data", str(tmp_path / "digits"), "--eval-max-images", "24", *sets])
     rows = result["rows"]
     # fm_ot: dopri5, euler 2; score_vp: the same plus its reverse SDE (one Euler step count: each row is a sampling
     # and an evaluation stage of its own, about 40 s here)

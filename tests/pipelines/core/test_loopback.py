@@ -9,30 +9,20 @@ from pipeline_helpers import LOOPBACK, free_port, kill_tree, listening_addresses
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-DRIVER = """
-import os, psutil, ray
-from pipelines.core.runtime import init_ray
-init_ray()
-ray.get([ray.remote(lambda: os.getpid()).remote() for _ in range(4)])
-ray.data.range(64).map_batches(lambda b: b, concurrency=2).materialize()  # Ray Data's actors too
-procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
-print(" ".join(str(p.pid) for p in procs), flush=True)
-input()  # the test lists the sockets, then lets the driver shut Ray down
-"""
+def test_the_embedded_local_ray_listens_on_loopback_only(ray_local):
+    """The session's Ray, started by this process as every job starts it (`init_ray`): with tasks and Ray Data's
+    actors running, every socket this process and its descendants listen on is on loopback."""
+    import os
 
+    import ray
 
-def test_the_embedded_local_ray_listens_on_loopback_only():
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        pids = {int(p) for p in driver.stdout.readline().split()}
-        sockets = listening_addresses(pids)
-        names = {name for _, _, name in sockets}
-        assert {"gcs_server", "raylet"} <= names and len(sockets) >= 8  # GCS, raylet, agents, workers, dashboard
-        assert {s for s in sockets if s[0] not in LOOPBACK} == set()
-    finally:
-        driver.communicate("\n", timeout=60)
-    assert driver.returncode == 0
+    ray.get([ray.remote(lambda: os.getpid()).remote() for _ in range(4)])
+    ray.data.range(64).map_batches(lambda b: b, concurrency=2).materialize()  # Ray Data's actors too
+    pids = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
+    sockets = listening_addresses(pids)
+    names = {name for _, _, name in sockets}
+    assert {"gcs_server", "raylet"} <= names and len(sockets) >= 8  # GCS, raylet, agents, workers, dashboard
+    assert {s for s in sockets if s[0] not in LOOPBACK} == set()
 
 
 def test_mlflow_ui_as_the_readme_starts_it_listens_on_loopback_only(tmp_path):

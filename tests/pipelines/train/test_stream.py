@@ -219,27 +219,20 @@ def test_the_global_plan_is_one_exact_plan_over_every_ranks_batch_split_by_rank(
 
 
 @pytest.mark.timeout(300)
-def test_a_real_ray_data_stream_gives_the_in_process_pairs_in_order_from_any_step(shards, monkeypatch):
+def test_a_real_ray_data_stream_gives_the_in_process_pairs_in_order_from_any_step(shards, monkeypatch, ray_local):
     """Read across chunks (the worker reads its stream as consecutive datasets): one step per task, three tasks per
     chunk in the first case, so steps 3..19 span six datasets, each started while the one before is read; one
     dataset for the whole run in the second (ray.stream_chunk_tasks=0)."""
-    import ray
-
-    from pipelines.core.runtime import init_ray
     from pipelines.train import stream
     from pipelines.train.stream import iter_pairs
 
-    init_ray()
-    try:
-        for scope, rank, first, chunk_tasks, task_bytes in [("local", 1, 3, 3, 1), ("global", 0, 15, 0, 32 << 20)]:
-            monkeypatch.setattr(stream, "BYTES_PER_TASK", task_bytes)
-            spec = replace(_spec(shards, scope, hflip=True, steps=20), chunk_tasks=chunk_tasks)
-            got = list(iter_pairs(spec, rank, first, torch.device("cpu")))
-            assert [step for step, _ in got] == list(range(first, 20))
-            for step, pairs in got:
-                want = _stage(spec, rank, step)[1]
-                for a, b in [(pairs.x_0, want.x_0), (pairs.x_1, want.x_1), (pairs.y, want.y)]:
-                    assert torch.equal(a, b)
-                assert torch.equal(pairs.generator.get_state(), want.generator.get_state())
-    finally:
-        ray.shutdown()
+    for scope, rank, first, chunk_tasks, task_bytes in [("local", 1, 3, 3, 1), ("global", 0, 15, 0, 32 << 20)]:
+        monkeypatch.setattr(stream, "BYTES_PER_TASK", task_bytes)
+        spec = replace(_spec(shards, scope, hflip=True, steps=20), chunk_tasks=chunk_tasks)
+        got = list(iter_pairs(spec, rank, first, torch.device("cpu")))
+        assert [step for step, _ in got] == list(range(first, 20))
+        for step, pairs in got:
+            want = _stage(spec, rank, step)[1]
+            for a, b in [(pairs.x_0, want.x_0), (pairs.x_1, want.x_1), (pairs.y, want.y)]:
+                assert torch.equal(a, b)
+            assert torch.equal(pairs.generator.get_state(), want.generator.get_state())
