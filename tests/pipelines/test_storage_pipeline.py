@@ -37,8 +37,9 @@ def _job(module: str, args: list[str], cwd: Path, env: dict) -> dict:
 @pytest.fixture
 def three_nodes(own_ray, s3_bucket, tmp_path, monkeypatch):
     """A head with no CPUs (as in cluster.yaml) and two worker nodes of 3 CPUs (a cluster of its own: the session's
-    local Ray is stopped meanwhile), started in an empty folder that is every node's working directory (a node writing a relative path would show there), with the S3 endpoint and
-    credentials in their environment (`s3_bucket` sets them first): (the cluster, its worker nodes' ids)."""
+    local Ray is stopped meanwhile), started in an empty folder that is every node's working directory (a node
+    writing a relative path would show there), with the S3 endpoint and credentials in their environment
+    (`s3_bucket` sets them first): (the cluster, its worker nodes' ids)."""
     import ray
     from ray.cluster_utils import Cluster
 
