@@ -11,7 +11,7 @@ import tempfile
 import pytest
 from conftest import TRAINED_RUN
 from mlflow.tracking import MlflowClient
-from pipeline_helpers import free_port, kill_tree, start_mlflow_server
+from pipeline_helpers import LOOPBACK, free_port, kill_tree, listening_addresses, wait_until_healthy
 
 from pipelines.batch.evaluate import run_evaluation
 from pipelines.core.errors import ConfigError
@@ -82,39 +82,62 @@ def _charts(url: str) -> tuple[int, str]:
     return dom.count('class="main-svg"'), text
 
 
+@pytest.fixture(scope="module")
+def mlflow_ui(trained):
+    """`mlflow ui` over the trained run's store, started as the README starts it (no --host): its URL and process."""
+    import sys
+
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+                           f"sqlite:///{trained['tmp'] / 'server.db'}", "--port", str(port)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_until_healthy(f"http://127.0.0.1:{port}", ui, "mlflow ui")
+    yield f"http://127.0.0.1:{port}", ui
+    kill_tree(ui)
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_mlflow_ui_as_the_readme_starts_it_listens_on_loopback_only(mlflow_ui):
+    import psutil
+
+    url, ui = mlflow_ui
+    port = int(url.rsplit(":", 1)[1])
+    sockets = listening_addresses({ui.pid, *(p.pid for p in psutil.Process(ui.pid).children(recursive=True))})
+    assert any(port == p for _, p, _ in sockets)
+    assert {s for s in sockets if s[0] not in LOOPBACK} == set()
+
+
 @pytest.mark.slow
 @pytest.mark.heavy
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_the_run_page_shows_dataset_source_child_runs_and_charts(trained):
-    uri, digits, sampled, store = trained["uri"], trained["digits"], trained["sample"], trained["tmp"]
+def test_the_run_page_shows_dataset_source_child_runs_and_charts(trained, mlflow_ui):
+    uri, digits, sampled = trained["uri"], trained["digits"], trained["sample"]
     trained = trained["train"]
     run = MlflowClient(uri).get_run(trained["run_id"])
-    server = start_mlflow_server(port := free_port(), store)  # it serves store/server.db
-    try:
-        base = f"http://127.0.0.1:{port}"
-        link = ui_link(base, trained["run_id"])
-        assert link.endswith(f"/runs/{trained['run_id']}?workflowType=machine_learning")
-        _, text = _page(link)
-        digest = load_manifest(digits).digest("train")[:8]
-        assert "Datasets digits/train" in text and digest in text  # the MLflow dataset input, by digest
-        assert f"Source {run.data.tags['mlflow.source.name']}" in text
-        assert "Child runs sample-dopri5" in text  # the sampling run, nested under the training run
-        assert "Description fm_ot on digits/train, 8 steps of 16 x 2 workers" in text
-        assert f"Created by {run.data.tags['mlflow.user']}" in text and "Status Finished" in text
-        assert sampled["mlflow_run_id"] in {r.info.run_id for r in MlflowClient(uri).search_runs(
-            [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{trained['run_id']}'")}
+    base, _ = mlflow_ui
+    link = ui_link(base, trained["run_id"])
+    assert link.endswith(f"/runs/{trained['run_id']}?workflowType=machine_learning")
+    _, text = _page(link)
+    digest = load_manifest(digits).digest("train")[:8]
+    assert "Datasets digits/train" in text and digest in text  # the MLflow dataset input, by digest
+    assert f"Source {run.data.tags['mlflow.source.name']}" in text
+    assert "Child runs sample-dopri5" in text  # the sampling run, nested under the training run
+    assert "Description fm_ot on digits/train, 8 steps of 16 x 2 workers" in text
+    assert f"Created by {run.data.tags['mlflow.user']}" in text and "Status Finished" in text
+    assert sampled["mlflow_run_id"] in {r.info.run_id for r in MlflowClient(uri).search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{trained['run_id']}'")}
 
-        # the metric charts render (Plotly's figures) in the model-training view the link selects. What a link
-        # without `workflowType` shows is MLflow's choice (the GenAI view here, the training view on CI's machine):
-        # not asserted, it is not ours
-        charts, text = _charts(link.replace("?", "/model-metrics?"))
-        assert charts >= 2 and "Model metrics" in text, text[-3000:]
+    # the metric charts render (Plotly's figures) in the model-training view the link selects. What a link
+    # without `workflowType` shows is MLflow's choice (the GenAI view here, the training view on CI's machine):
+    # not asserted, it is not ours
+    charts, text = _charts(link.replace("?", "/model-metrics?"))
+    assert charts >= 2 and "Model metrics" in text, text[-3000:]
 
-        # the experiment opens on its runs table in the model-training view when the link says so
-        experiment = f"{base}/#/experiments/{run.info.experiment_id}"
-        _, text = _page(f"{experiment}?workflowType=machine_learning")
-        assert "Runs - Experiment" in text and TRAINED_RUN in text and "matching runs" in text
-    finally:
-        kill_tree(server)
+    # the experiment opens on its runs table in the model-training view when the link says so
+    experiment = f"{base}/#/experiments/{run.info.experiment_id}"
+    _, text = _page(f"{experiment}?workflowType=machine_learning")
+    assert "Runs - Experiment" in text and TRAINED_RUN in text and "matching runs" in text
+
 

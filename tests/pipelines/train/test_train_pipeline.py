@@ -162,21 +162,6 @@ def _tensors(state, prefix="") -> dict:
     return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
 
 
-@pytest.mark.heavy
-def test_bf16_autocast_and_channels_last_train_and_checkpoint(digits, tmp_path, ray_local):
-    """train.precision=bf16 (CPU autocast) with NHWC batches: finite losses, and a checkpoint in fp32 that
-    rebuilds the model (the memory format is not part of the weights)."""
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    res = run_training(tiny_config(digits, tmp_path / "runs", uri, "bf16", "train.steps=4", "train.sample_every=0",
-                                   "train.precision=bf16", "train.channels_last=true"))
-    assert res["metrics"]["step"] == 4 and res["metrics"]["nonfinite_total"] == 0
-    loaded = load_model(res["checkpoint"])
-    assert loaded.meta["config"]["train"]["precision"] == "bf16"
-    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
-    assert MlflowClient(uri).get_run(res["run_id"]).data.params["train.precision"] == "bf16"
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = free_port()
@@ -185,8 +170,11 @@ def mlflow_server(tmp_path):
     kill_tree(proc)
 
 
-@pytest.mark.heavy  # about 90 s with its server: in `make heavy`, so that `make test` stays under 20 minutes
-def test_logging_to_a_real_mlflow_server(digits, tmp_path, ray_local, mlflow_server):
+@pytest.mark.heavy  # about 90 s with its server: in `make heavy`, so that `make test` stays within its budget
+def test_bf16_training_logged_to_a_real_mlflow_server_and_sampled_by_registered_name(digits, tmp_path, ray_local,
+                                                                                     mlflow_server):
+    """One run: train.precision=bf16 (CPU autocast) with NHWC batches, logged over HTTP to a real `mlflow server`,
+    registered, and sampled by its registered name and alias."""
     import mlflow
 
     from jobs.sample import main as sample_main
@@ -194,9 +182,16 @@ def test_logging_to_a_real_mlflow_server(digits, tmp_path, ray_local, mlflow_ser
     from pipelines.core.tracking import resolve_checkpoint
 
     res = run_training(tiny_config(digits, tmp_path / "runs", mlflow_server, "over-http", "train.steps=4",
-                                   "ray.num_workers=1", "mlflow.register_as=tiny-digits"))
+                                   "ray.num_workers=1", "mlflow.register_as=tiny-digits", "train.precision=bf16",
+                                   "train.channels_last=true"))
+    # bf16: finite losses, and a checkpoint in fp32 that rebuilds the model (the memory format is not part of it)
+    assert res["metrics"]["step"] == 4 and res["metrics"]["nonfinite_total"] == 0
+    ckpt = load_model(res["checkpoint"])
+    assert ckpt.meta["config"]["train"]["precision"] == "bf16"
+    assert all(p.dtype == torch.float32 for p in ckpt.model.parameters())
     client = MlflowClient(mlflow_server)
     run = client.get_run(res["run_id"])
+    assert run.data.params["train.precision"] == "bf16"
     assert run.data.params["train.steps"] == "4" and "loss" in run.data.metrics
     assert {a.path for a in client.list_artifacts(res["run_id"], "samples")} == {"samples/step_000004.png"}
     # the final model is an MLflow Model in the registry, and the batch stages take it by name
