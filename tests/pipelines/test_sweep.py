@@ -144,7 +144,7 @@ def _steps(client, run_id, key):
 @pytest.mark.slow
 @pytest.mark.heavy
 @pytest.mark.timeout(900)
-def test_an_asha_sweep_stops_the_bad_trials_and_logs_a_tree_of_runs(digits, tmp_path):
+def test_an_asha_sweep_stops_the_bad_trials_and_logs_a_tree_of_runs(digits, tmp_path, own_ray):
     """4 trials (lr 2e-3 and 1e-6, seeds 0 and 1), 2 at a time, ASHA on the validation loss with rungs at steps 20
     and 40: the trials at lr 1e-6, far behind on val_loss at step 20, are stopped there; the first trial to reach
     each rung always goes on, so one at lr 2e-3 finishes. Every trial is an MLflow run nested under the sweep's."""
@@ -196,7 +196,7 @@ def test_an_asha_sweep_stops_the_bad_trials_and_logs_a_tree_of_runs(digits, tmp_
 @pytest.mark.slow
 @pytest.mark.faults
 @pytest.mark.timeout(900)
-def test_a_killed_sweep_resumes_with_its_finished_trial_kept(digits, tmp_path):
+def test_a_killed_sweep_resumes_with_its_finished_trial_kept(digits, tmp_path, own_ray):
     """Two trials one at a time; the driver is SIGKILLed while the second trains. The same command again restores
     the sweep (Tune's restore): the finished trial is not trained again (one MLflow run, one value per step), the
     second continues its Ray Train run and MLflow run from its last checkpoint, and the sweep's run is the same."""
