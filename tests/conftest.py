@@ -44,22 +44,29 @@ def _session_ray():
 def ray_local(_session_ray):
     """The session's one local Ray, started as every job starts it (`init_ray`) on first use and stopped at the
     session's end; every integration test that does not need a cluster of its own shares it (jobs run in process
-    join it). A test that needs its own Ray takes `own_ray`, which stops this one and starts it again after."""
+    join it). A test that needs its own Ray takes `own_ray`, which stops this one; the next test that asks for
+    `ray_local` starts it again (and any stage run in process starts it itself, as jobs do)."""
     _start_ray()
+
+
+@pytest.fixture(autouse=True)
+def _ray_up_when_asked(request):
+    if "ray_local" in request.fixturenames:
+        import ray
+
+        if not ray.is_initialized():
+            _start_ray()
 
 
 @pytest.fixture
 def own_ray(_session_ray):
-    """For a test that starts a Ray of its own (a multi-node cluster, a job that stops Ray when it ends): the
-    session's Ray is stopped first, and started again afterwards if the session had it up."""
+    """For a test that starts a Ray of its own (a multi-node cluster, a job in a process of its own): the session's
+    Ray is stopped first (and this process's connection to the test's cluster after it)."""
     import ray
 
-    was_up = ray.is_initialized()
     ray.shutdown()
     yield
     ray.shutdown()
-    if was_up:
-        _start_ray()
 
 
 @pytest.fixture(scope="session")
