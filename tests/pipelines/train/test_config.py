@@ -35,6 +35,17 @@ def test_defaults_yaml_and_overrides(tmp_path):
                              "have no fast fp16 and its gradients need a scaler; use fp32 or bf16 on CPU"),
     ("train.channels_last=true model.name=mlp", "train.channels_last: True is not allowed; a memory format of image "
                                                 "batches: it needs model.name=unet, not mlp"),
+    # bounds of keys that could otherwise only fail after Ray started, or after training
+    ("train.num_to_keep=0", "train.num_to_keep: 0 is not allowed; must be >= 1 (checkpoints kept; a resume needs one)"),
+    ("train.grid_steps=0", "train.grid_steps: 0 is not allowed; must be >= 1 (Euler steps of the sample grid)"),
+    ("method.beta_min=0", "method.beta_min: 0.0 is not allowed; must be > 0"),
+    ("method.beta_max=0.05", "method.beta_max: 0.05 is not allowed; must be finite and > method.beta_min=0.1"),
+    ("optim.weight_decay=-1", "optim.weight_decay: -1.0 is not allowed; must be finite and >= 0"),
+    ("ray.prefetch_batches=-1", "ray.prefetch_batches: -1 is not allowed; must be >= 0"),
+    ("ray.local_cpus=0", "ray.local_cpus: 0 is not allowed; must be >= 1"),
+    ("ray.use_gpu=true ray.gpus_per_worker=0", "ray.gpus_per_worker: 0.0 is not allowed; must be > 0 with "
+                                               "ray.use_gpu=true"),
+    ("mlflow.flush_timeout_s=-5", "mlflow.flush_timeout_s: -5.0 is not allowed; must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
