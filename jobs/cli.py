@@ -59,9 +59,10 @@ def run_job(name: str, args: argparse.Namespace, body: Callable[[], Any]) -> Any
     """Run a job's body; a `ConfigError` (every input error derives from it) ends it with status 2, SIGINT or
     SIGTERM with one line saying what was kept, Ray stopped, and status 130 or 143."""
     from pipelines.core.errors import ConfigError, JobStopped
-    from pipelines.core.runtime import default_signals, set_verbose, stop_on_signals
+    from pipelines.core.runtime import default_signals, filter_console_noise, set_verbose, stop_on_signals
 
     set_verbose(getattr(args, "verbose", False))
+    filter_console_noise()  # Ray's known non-errors (runtime.KNOWN_NOISE); a job run in process keeps its stderr
     stop_on_signals()
     try:
         return body()

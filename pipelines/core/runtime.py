@@ -328,9 +328,10 @@ def _start_reaper(root_pids: list[int]) -> None:
     import subprocess
 
     if root_pids:
+        # its one line goes to the real stderr, not through the console filter, which dies with the driver
         subprocess.Popen([sys.executable, "-m", "pipelines.core.reaper", str(os.getpid()), *map(str, root_pids)],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=_state.get("console_fd"),
+                         start_new_session=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _quiet_ray_data(quiet: bool) -> None:
@@ -396,3 +397,90 @@ class Progress:
         speed = f"{rate:.1f} {self.unit}/s" if rate >= 1 else f"{60 * rate:.1f} {self.unit}/min"
         stage(f"{self.what}: {self.done}/{self.total} {self.unit}, {speed}, "
               + (f"ETA {eta:.0f} s" if self.done < self.total else f"done in {elapsed:.0f} s"))
+
+
+# --- the console: Ray's known noise filtered out ------------------------------------------------------------------
+
+# Lines Ray prints on a successful run that are not failures of this project's, each matched by a fragment that
+# only it contains: Ray Data always passes a map stage's callable (and its constructor arguments) to the actor pool
+# through the object store, which Ray's core worker reports as an error line for every restartable actor (ray#53727);
+# GCS reports killing an actor that was never created when a stage's pool is torn down. `--verbose` shows them.
+KNOWN_NOISE = (b"has constructor arguments in the object store and max_restarts > 0",
+               b"Failed to kill actor NIL_ID")
+# a traceback block from Ray Train's placement-group cleaner when two local Rays run on one machine (RELIABILITY.md)
+NOISE_BLOCK = (b"Exception in thread PlacementGroupCleanerMonitor", b"Found multiple active Ray instances", 40)
+
+
+def is_noise(line: bytes) -> bool:
+    return any(fragment in line for fragment in KNOWN_NOISE)
+
+
+class NoiseFilter:
+    """Forwards what is written to it, line by line, dropping `KNOWN_NOISE` lines and `NOISE_BLOCK` blocks. A partial
+    line is forwarded as soon as it ends in a carriage return (a progress bar redrawing itself)."""
+
+    def __init__(self, write):
+        self.write, self.buffer, self.skipping = write, b"", 0
+
+    def feed(self, data: bytes) -> None:
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        kept = [line for line in lines if self._keep(line)]
+        if kept:
+            self.write(b"".join(line + b"\n" for line in kept))
+        cut = self.buffer.rfind(b"\r")
+        if cut >= 0 and not self.skipping:
+            self.write(self.buffer[:cut + 1])
+            self.buffer = self.buffer[cut + 1:]
+
+    def flush(self) -> None:
+        if self.buffer and self._keep(self.buffer):
+            self.write(self.buffer)
+        self.buffer = b""
+
+    def _keep(self, line: bytes) -> bool:
+        start, end, most = NOISE_BLOCK
+        if self.skipping:
+            self.skipping -= 1
+            if end in line:
+                self.skipping = 0
+            return False
+        if start in line:
+            self.skipping = most
+            return False
+        return not is_noise(line)
+
+
+def filter_console_noise() -> None:
+    """Route this process's stderr (file descriptor 2: Python's and Ray's C++ logging alike) through `NoiseFilter`.
+    Only for a job run as its own process (not when a caller or a test captures stderr), once; restored at exit,
+    after everything written was forwarded."""
+    import atexit
+
+    if _state.get("noise_filter") or is_verbose() or sys.stderr is not sys.__stderr__:
+        return
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    read, write = os.pipe()
+    os.dup2(write, fd)
+    os.close(write)
+    out = NoiseFilter(lambda data: os.write(saved, data))
+
+    def pump() -> None:
+        while chunk := os.read(read, 65536):
+            out.feed(chunk)
+        out.flush()
+
+    thread = threading.Thread(target=pump, name="flowray-console", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(saved, fd)  # the pipe's last writer is gone: the pump reads to its end and stops
+        thread.join(timeout=5)
+
+    atexit.register(restore)
+    _state["noise_filter"], _state["console_fd"] = True, saved
