@@ -114,3 +114,27 @@ def kill_tree(proc) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=10)
+
+
+def _no_ray(*args, **kwargs):
+    raise AssertionError("the code under test started or joined a Ray cluster before refusing its input")
+
+
+def before_ray():
+    """A context in which Ray looks not started and `ray.init` fails the test: what runs inside it must refuse its
+    input before any Ray work, whether or not the test session's Ray is up."""
+    import pytest
+    import ray
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(ray, "is_initialized", lambda: False)
+    patch.setattr(ray, "init", _no_ray)
+
+    class _Context:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            patch.undo()
+
+    return _Context()

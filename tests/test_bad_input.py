@@ -14,23 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from pipeline_helpers import free_port, make_checkpoint
+from pipeline_helpers import before_ray, free_port, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _no_ray(*args, **kwargs):
-    raise AssertionError("the job started or joined a Ray cluster before refusing its input")
-
-
 def _fails(main, args, message, capsys):
-    """Run a job's main in process: exit status 2, the message on stderr, and no Ray work: for the call, Ray looks
-    not started and `ray.init` fails the test (so it holds whether or not the session's Ray is up)."""
-    import ray
-
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_:
-        patch.setattr(ray, "is_initialized", lambda: False)
-        patch.setattr(ray, "init", _no_ray)
+    """Run a job's main in process: exit status 2, the message on stderr, and no Ray work (`before_ray`: it holds
+    whether or not the session's Ray is up)."""
+    with before_ray(), pytest.raises(SystemExit) as exit_:
         main(args)
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err

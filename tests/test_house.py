@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_helpers import make_checkpoint
+from pipeline_helpers import before_ray, make_checkpoint
 
 from fm.methods import METHODS, make_method, methods_markdown
 from fm.metrics import wasserstein2
@@ -21,12 +21,6 @@ from pipelines.core.errors import ConfigError
 from pipelines.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _ray_started() -> bool:
-    import ray
-
-    return ray.is_initialized()
 
 
 @pytest.mark.parametrize("method, sigma, sde_g, message", [
@@ -42,10 +36,10 @@ def test_sde_settings_a_method_cannot_take_are_refused_before_ray(tmp_path, meth
     if sigma is not None:  # checkpoints store the method's arguments
         meta = (ckpt / "meta.json").read_text().replace(f'"name": "{method}"', f'"name": "{method}", "sigma": {sigma}')
         (ckpt / "meta.json").write_text(meta)
-    with pytest.raises(ConfigError, match=f"sample.sde_g: {sde_g} is not allowed with sample.solver=sde for this "
-                                          f"{method} checkpoint: {message}"):
+    with before_ray(), pytest.raises(ConfigError, match=f"sample.sde_g: {sde_g} is not allowed with "
+                                                        f"sample.solver=sde for this {method} checkpoint: {message}"):
         run_sampling(str(ckpt), tmp_path / "out", SampleConfig(num_samples=4, solver="sde", sde_g=sde_g))
-    assert not _ray_started() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_one_method_answers_which_diffusions_it_takes():
@@ -70,10 +64,9 @@ def test_eval_solver_settings_are_checked_before_ray(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     for override, message in [("eval.method=euler", "unknown key eval.method; allowed in eval: split"),
                               ("eval.solver=euler", "eval.steps: fixed-step method 'euler' needs steps")]:
-        with pytest.raises(SystemExit) as exit_:
+        with before_ray(), pytest.raises(SystemExit) as exit_:
             main(["--checkpoint", str(ckpt), "--data", str(tmp_path), "--no-mlflow", "--set", override])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
-    assert not _ray_started()
 
 
 def test_the_classifier_cache_is_keyed_by_its_settings(digits_copy):

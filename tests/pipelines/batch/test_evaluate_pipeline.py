@@ -136,14 +136,20 @@ def test_auto_actor_pools_fill_the_cores_within_the_memory_resource(ray_local):
     cores = os.cpu_count()
     # one actor per core its threads take (a local Ray's logical CPUs are more than its cores: not counted)
     assert actor_pool(0, 0.5)[0] == cores and actor_pool(0, 1.0)[0] == cores
-    assert actor_pool(0, 2.0)[0] == max(1, cores // 2) and actor_pool(0, 4 * cores)[0] == 1
+    assert actor_pool(0, 2.0)[0] == max(1, cores // 2)
+    node_cpus = ray.cluster_resources()["CPU"]
+    with pytest.raises(ConfigError, match=rf"each actor asks for {4 * cores} CPU, which no node of this Ray's 1 "
+                                          rf"node\(s\) \({node_cpus:g} CPU, 0 GPU\) has"):
+        actor_pool(0, 4 * cores)  # no node could place it: refused, rather than waited for for ever
     assert actor_pool(3, 0.5, memory=1 << 30) == (3, 1 << 30)  # a set count is kept, the memory declared
     memory = ray.available_resources()["memory"]
     assert actor_pool(0, 0.5, memory=int(memory / 1.5))[0] == 1  # as many as the memory resource holds
     # more than any node has: declared as the node's whole memory resource (Ray would wait forever for more)
     node_memory = int(max(n["Resources"]["memory"] for n in ray.nodes() if n["Alive"]))
     assert actor_pool(0, 0.5, memory=2 * node_memory) == (1, node_memory)
-    assert actor_pool(0, 0.5, gpus=1.0)[0] == 1  # no GPUs here: at least one
+    if not ray.cluster_resources().get("GPU"):  # GPU actors where no node has a GPU: refused, not waited for
+        with pytest.raises(ConfigError, match=r"each actor asks for 0.5 CPU, 1 GPU, which no node"):
+            actor_pool(0, 0.5, gpus=1.0)
     assert actor_pool(0, 0.5, work=1)[0] == 1 and actor_pool(3, 0.5, work=1)[0] == 3  # auto: no idle actors
 
 
