@@ -2,7 +2,7 @@
 run nested under it): each scored checkpoint's FD and bits/dim in the training run at its step, the last equal to
 what `flowray sample` + `flowray evaluate` give on the same checkpoint and settings; then MLflow's own UI over that
 store, `mlflow ui` as the README starts it (on loopback only), rendered by a real browser (Debian's headless
-Chromium): what a user opening the link a job prints sees. In `make test`, beside the training story, which reads the
+Chromium): what a user opening the link a job prints sees. In `make heavy`, beside the training story, which reads the
 same run: it is trained once."""
 
 import re
@@ -44,6 +44,7 @@ def trained(trained_digits):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.timeout(900)
 def test_quality_is_logged_at_each_scored_step_and_agrees_with_the_batch_jobs(trained):
     client, run_id = MlflowClient(trained["uri"]), trained["train"]["run_id"]
@@ -98,6 +99,7 @@ def mlflow_ui(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_mlflow_ui_as_the_readme_starts_it_listens_on_loopback_only(mlflow_ui):
     import psutil
 
@@ -109,6 +111,7 @@ def test_mlflow_ui_as_the_readme_starts_it_listens_on_loopback_only(mlflow_ui):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_the_run_page_shows_dataset_source_child_runs_and_charts(trained, mlflow_ui):

@@ -46,6 +46,8 @@ def _continue(trained: dict, *extra: str):
     return load_config(str(ROOT / "configs/digits-cpu.yaml"), [*sets, *extra])
 
 
+@pytest.mark.heavy  # reads the session's trained run, as the quality and UI checks of `make heavy` do
+@pytest.mark.timeout(900)
 def test_two_workers_checkpoints_mlflow_and_resume(trained_digits, tmp_path):
     # the session's run: `flowray train` with a store named relative to the current folder, as a user types it (the
     # workers, which Ray Train runs in another folder, logged into the same one)
