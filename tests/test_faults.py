@@ -200,8 +200,8 @@ def test_sigterm_then_sigkill_to_a_training_driver_and_each_rerun_resumes(digits
     with open(log, "w") as errors:
         driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors)
         try:
-            _wait_for(lambda: len(_checkpoints(run_dir)) >= 2 and _last_step(run_dir) > step, 300,
-                      "a checkpoint after the stop", driver, log)
+            _wait_for(lambda: _registered_step(run_dir) > step, 300, "a checkpoint registered after the stop", driver,
+                      log)
             ray_procs = [p for p in psutil.Process(driver.pid).children(recursive=True)
                          if "pipelines.core.reaper" not in " ".join(p.cmdline())]
             assert any("raylet" in p.name() for p in ray_procs)
@@ -230,17 +230,15 @@ def test_sigterm_then_sigkill_to_a_training_driver_and_each_rerun_resumes(digits
     assert [s for s, _ in _history(MlflowClient(uri), run_id, "loss")] == list(range(5, killed_step + 6, 5))
 
 
-def _last_step(run_dir: Path) -> int:
-    """The step of a run's newest checkpoint folder that holds its meta.json (0 when none does yet)."""
-    steps = [load_meta(c)["step"] for c in _checkpoints(run_dir) if (c / "meta.json").exists()]
-    return max(steps, default=0)
-
-
 def _registered_step(run_dir: Path) -> int:
-    """The step of the last checkpoint Ray Train registered for a run (a folder written after it is not one)."""
+    """The step of the last checkpoint Ray Train registered for a run (a folder written after it is not one); 0
+    while there is none, or while Ray is rewriting its record."""
     from ray.train import Result
 
-    return load_meta(Result.from_path(str(run_dir)).checkpoint.path)["step"]
+    try:
+        return load_meta(Result.from_path(str(run_dir)).checkpoint.path)["step"]
+    except Exception:
+        return 0
 
 
 def test_sigint_stops_a_sampling_job_cleanly_and_the_rerun_samples_only_the_rest(tmp_path, own_ray):
@@ -273,7 +271,7 @@ def test_the_mlflow_server_killed_mid_run_loses_nothing_and_holds_nothing_back(d
     uri = f"http://127.0.0.1:{port}"
     server = start_mlflow_server(port, tmp_path)
     run_dir = tmp_path / "runs" / "outage"
-    cmd = _train_command(digits, tmp_path / "runs", uri, "outage", "train.steps=100", "train.checkpoint_every=5",
+    cmd = _train_command(digits, tmp_path / "runs", uri, "outage", "train.steps=60", "train.checkpoint_every=5",
                          "train.log_every=5", "train.num_to_keep=100")
     log = tmp_path / "driver.log"
     try:
@@ -282,7 +280,7 @@ def test_the_mlflow_server_killed_mid_run_loses_nothing_and_holds_nothing_back(d
             _wait_for(lambda: len(_checkpoints(run_dir)) >= 1, 300, "the first checkpoint", driver, log)
             kill_tree(server)
             down_at, checkpoints_at_kill = time.time(), len(_checkpoints(run_dir))
-            time.sleep(20)  # the outage
+            time.sleep(12)  # the outage: checkpoints go on (a tiny step takes milliseconds)
             checkpoints_in_outage = len(_checkpoints(run_dir)) - checkpoints_at_kill
             server = start_mlflow_server(port, tmp_path)  # the same store, back on the same port
             up_at = time.time()
@@ -295,7 +293,7 @@ def test_the_mlflow_server_killed_mid_run_loses_nothing_and_holds_nothing_back(d
         result = json.loads(stdout.strip().splitlines()[-1])
         client = MlflowClient(uri)
         loss = client.get_metric_history(result["run_id"], "loss")
-        assert [m.step for m in loss] == list(range(5, 101, 5))  # every point, once
+        assert [m.step for m in loss] == list(range(5, 61, 5))  # every point, once
         assert checkpoints_in_outage >= 1  # training went on while the server was down
         # points queued during the outage carry their time, and reached the server after it came back
         assert any(down_at * 1000 < m.timestamp < up_at * 1000 for m in loss)

@@ -32,9 +32,12 @@ def ray_head(tmp_path):
     ray = shutil.which("ray", path=env["PATH"])
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Unix socket paths must stay short
     gcs = free_port()
+    # the agent's port too (the README's command leaves it at Ray's fixed default, 52365): the test session's own
+    # local Ray holds that one, and a head whose job agent cannot bind it never accepts a job
     subprocess.run([ray, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={temp}",
-                    "--include-dashboard=true"], env=env, check=True, capture_output=True, timeout=180)
+                    f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4",
+                    f"--temp-dir={temp}", "--include-dashboard=true"], env=env, check=True, capture_output=True,
+                   timeout=180)
     yield ray, f"http://127.0.0.1:{dash}", env, temp
     # `ray stop` would stop every Ray on the machine (a user's own, another test run's): stop this head's
     # processes only, found by its temp dir on their command lines
