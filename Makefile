@@ -31,14 +31,15 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not faults and not heavy" --durations=25
 
 # the longest end-to-end cases (a tiny reproduce chain, the feature stage's every option, `ray job submit`, the
-# S3 chain, RFM and Action Matching through the CLIs, bf16 training, a real MLflow server over HTTP, the README's
-# Python snippet): ~31 min
+# S3 chain, RFM and Action Matching through the CLIs, bf16 training logged to a real MLflow server over HTTP, the
+# README's Python snippet, the training story and quality while training on one trained run, the UI): ~17 min
+# (tests/README.md has every tier's budget)
 heavy: $(STAMP)
 	$(PY) -m pytest -q -m heavy --durations=0
 
 # processes killed by PID: a training worker, a sampler actor, the driver, the MLflow server, a worker node; SIGTERM
 # and SIGINT to a training and a sampling driver; an injected worker failure, resumed to the uninterrupted run's
-# weights bit for bit
+# weights bit for bit: ~10 min
 faults: $(STAMP)
 	$(PY) -m pytest -q -m faults --durations=0
 
