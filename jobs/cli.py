@@ -58,7 +58,7 @@ def tracking_and_checkpoint(args: argparse.Namespace) -> tuple[str, str]:
 def run_job(name: str, args: argparse.Namespace, body: Callable[[], Any]) -> Any:
     """Run a job's body; a `ConfigError` (every input error derives from it) ends it with status 2, SIGINT or
     SIGTERM with one line saying what was kept, Ray stopped, and status 130 or 143."""
-    from pipelines.core.errors import ConfigError, JobStopped
+    from pipelines.core.errors import ConfigError, JobFailed, JobStopped
     from pipelines.core.runtime import default_signals, filter_console_noise, set_verbose, stop_on_signals
 
     set_verbose(getattr(args, "verbose", False))
@@ -69,6 +69,10 @@ def run_job(name: str, args: argparse.Namespace, body: Callable[[], Any]) -> Any
     except ConfigError as err:
         print(f"{name} failed: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except JobFailed as err:  # not the input: a failure the job explains in one line
+        _stop_ray()
+        print(f"{name} failed: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     except JobStopped as stop:
         _stop_ray()
         kept = f"; {stop.kept}" if stop.kept else ""

@@ -408,3 +408,62 @@ def test_a_worker_node_killed_mid_sampling_gives_the_same_samples(tmp_path, thre
     ref_ids, ref_images = _sample_table(tmp_path / "ref")
     assert ids.tolist() == list(range(192)) and ids.tolist() == ref_ids.tolist()
     assert images == ref_images  # bitwise
+
+
+def test_the_object_store_killed_mid_training_ends_the_job_in_one_line(digits, tmp_path, own_ray):
+    """A real S3-compatible server (moto, a process of its own) holds the run's checkpoints and is killed by PID after
+    the run's third checkpoint: the job ends with exit status 1 and one last line that says what failed, where, what
+    is kept and how to go on (it ended in Ray Train's ControllerError traceback), and its MLflow run is FAILED."""
+    import re
+
+    import pyarrow.fs as pafs
+    from conftest import S3_ENV
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, access_key="testing", secret_key="testing",
+                               region="us-east-1", allow_bucket_creation=True)
+        _wait_for(lambda: _answers(fs), 60, "the S3 server", server)
+        fs.create_dir("runs-bucket")
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        cmd = _train_command(digits, "s3://runs-bucket/runs", uri, "dies", "train.steps=400",
+                             "train.checkpoint_every=4", "ray.num_workers=1")
+        log = tmp_path / "train.log"
+        with open(log, "w") as err:
+            job = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                done = lambda: sum(i.base_name.startswith("checkpoint_") for i in fs.get_file_info(  # noqa: E731
+                    pafs.FileSelector("runs-bucket/runs/dies", allow_not_found=True))) >= 3
+                _wait_for(done, 300, "three checkpoints in the bucket", job, log)
+                server.kill()
+                status = job.wait(timeout=300)
+            finally:
+                job.kill()
+    finally:
+        server.kill()
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    assert status == 1, text[-3000:]
+    match = re.fullmatch(r"training failed: train.storage_path: the object store at s3://runs-bucket/runs stopped "
+                         r"answering during training \(the server does not answer \(check AWS_ENDPOINT_URL and the "
+                         r"network\)\); the last registered checkpoint cannot be read while the store does not answer "
+                         r"\(MLflow run (\w+) is FAILED\); rerun the same command once it answers to resume from "
+                         r"there", last)
+    assert match, text[-3000:]
+    assert MlflowClient(uri).get_run(match.group(1)).info.status == "FAILED"
+
+
+def _answers(fs) -> bool:
+    """Whether an S3 file system's server answers (it lists its buckets)."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs.get_file_info(pafs.FileSelector("", recursive=False))
+        return True
+    except OSError:
+        return False

@@ -24,3 +24,8 @@ class JobStopped(BaseException):
     @property
     def exit_status(self) -> int:
         return 128 + self.signum
+
+
+class JobFailed(Exception):
+    """A failure that is not the user's input but that the job can explain in one line (an object store that stopped
+    answering): the job prints it and exits with status 1, without a traceback."""

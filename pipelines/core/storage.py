@@ -361,6 +361,26 @@ def ray_storage(root: str, key: str) -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
+OUTAGE_MARKERS = ("NETWORK_CONNECTION", "curlCode", "Could not connect to server", "Connection refused",
+                  "Retry policy exhausted", "UNAVAILABLE")
+
+
+def outage_in(err: BaseException) -> OSError | None:
+    """The object-store error (an OSError saying the server could not be reached) inside a failure, looked for in
+    its causes and in what Ray Train wraps (a controller's failure, each worker's), or None."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and any(m in str(e) for m in OUTAGE_MARKERS):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None),
+                 *getattr(e, "worker_failures", {}).values()]
+    return None
+
+
 def describe(err: OSError) -> str:
     """The useful part of an AWS SDK error, in words a user acts on."""
     text = str(err)

@@ -11,7 +11,7 @@ import numpy as np
 
 from pipelines.core import lease, storage
 from pipelines.core.checkpoint import check_files, load_meta, load_model, load_state
-from pipelines.core.errors import JobStopped
+from pipelines.core.errors import JobFailed, JobStopped
 from pipelines.core.manifest import Manifest
 from pipelines.core.runtime import (
     check_address,
@@ -118,9 +118,21 @@ def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbac
     start = time.perf_counter()
     try:
         result = interruptible(trainer.fit)
-    except Exception:
+    except Exception as err:
         SafeLogger(uri, run_id).finish("FAILED")
-        raise
+        outage = storage.outage_in(err) if storage.is_uri(root) else None
+        if outage is None:
+            raise
+        # the store went away mid-run: one line, what is kept and how to go on (a checkpoint whose upload failed
+        # was never reported, so Ray Train never registered it)
+        try:
+            kept = _kept(run_dir, run_id, "FAILED")
+        except Exception:
+            kept = (f"the last registered checkpoint cannot be read while the store does not answer (MLflow run "
+                    f"{run_id} is FAILED)")
+        raise JobFailed(f"train.storage_path: the object store at {root} stopped answering during training "
+                        f"({storage.describe(outage)}); {kept}; rerun the same command once it answers to resume "
+                        "from there") from None
     except JobStopped as stop:  # SIGINT / SIGTERM: the run is KILLED, and a rerun resumes it
         SafeLogger(uri, run_id).finish("KILLED")
         stop.kept = _kept(run_dir, run_id)
@@ -143,14 +155,14 @@ def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbac
     }
 
 
-def _kept(run_dir: str, run_id: str) -> str:
-    """What a stopped training run keeps: its last registered checkpoint (read from Ray's record)."""
+def _kept(run_dir: str, run_id: str, status: str = "KILLED") -> str:
+    """What a stopped or failed training run keeps: its last registered checkpoint (read from Ray's record)."""
     previous = _registered_checkpoints(run_dir)
     if previous is None or previous.checkpoint is None:
-        return f"no checkpoint was registered yet (MLflow run {run_id} is KILLED)"
+        return f"no checkpoint was registered yet (MLflow run {run_id} is {status})"
     with previous.checkpoint.as_directory() as local:
         step = load_meta(local)["step"]
-    return f"the last checkpoint is step {step} in {run_dir} (MLflow run {run_id} is KILLED)"
+    return f"the last checkpoint is step {step} in {run_dir} (MLflow run {run_id} is {status})"
 
 
 def _registered_checkpoints(run_dir: str):
