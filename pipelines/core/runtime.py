@@ -401,18 +401,20 @@ class Progress:
 
 # --- the console: Ray's known noise filtered out ------------------------------------------------------------------
 
-# Lines Ray prints on a successful run that are not failures of this project's, each matched by a fragment that
-# only it contains: Ray Data always passes a map stage's callable (and its constructor arguments) to the actor pool
+# Lines Ray prints on a successful run that are not failures of this project's, each matched by fragments that only
+# it contains: Ray Data always passes a map stage's callable (and its constructor arguments) to the actor pool
 # through the object store, which Ray's core worker reports as an error line for every restartable actor (ray#53727);
-# GCS reports killing an actor that was never created when a stage's pool is torn down. `--verbose` shows them.
-KNOWN_NOISE = (b"has constructor arguments in the object store and max_restarts > 0",
-               b"Failed to kill actor NIL_ID")
+# GCS reports that it could not kill an actor that was never created (NIL_ID) or whose process had already exited
+# ("Socket closed") when a stage's pool is torn down. `--verbose` shows them.
+KNOWN_NOISE = ((b"has constructor arguments in the object store and max_restarts > 0",),
+               (b"gcs_actor_scheduler.cc", b"Failed to kill actor NIL_ID"),
+               (b"gcs_actor_scheduler.cc", b"Failed to kill actor", b"KillActor RPC failed", b"Socket closed"))
 # a traceback block from Ray Train's placement-group cleaner when two local Rays run on one machine (RELIABILITY.md)
 NOISE_BLOCK = (b"Exception in thread PlacementGroupCleanerMonitor", b"Found multiple active Ray instances", 40)
 
 
 def is_noise(line: bytes) -> bool:
-    return any(fragment in line for fragment in KNOWN_NOISE)
+    return any(all(fragment in line for fragment in fragments) for fragments in KNOWN_NOISE)
 
 
 class NoiseFilter:
