@@ -410,10 +410,13 @@ def test_a_worker_node_killed_mid_sampling_gives_the_same_samples(tmp_path, thre
     assert images == ref_images  # bitwise
 
 
-def test_the_object_store_killed_mid_training_ends_the_job_in_one_line(digits, tmp_path, own_ray):
-    """A real S3-compatible server (moto, a process of its own) holds the run's checkpoints and is killed by PID after
-    the run's third checkpoint: the job ends with exit status 1 and one last line that says what failed, where, what
-    is kept and how to go on (it ended in Ray Train's ControllerError traceback), and its MLflow run is FAILED."""
+def test_the_object_store_lost_mid_training_ends_the_job_in_one_line_and_the_rerun_resumes(digits, tmp_path,
+                                                                                             own_ray):
+    """A real S3-compatible server (moto, a process of its own) holds the run's checkpoints. Paused (SIGSTOP) after the
+    run's third checkpoint, past the clients' request timeout (2 s here, FLOWRAY_S3_REQUEST_TIMEOUT_S): the job ends
+    with exit status 1 and one last line saying what failed, where, what is kept and how to go on (it ended in Ray
+    Train's ControllerError traceback), its MLflow run FAILED. Resumed (SIGCONT), the same command continues the run
+    from its last registered checkpoint, whole in the bucket. Then killed by PID mid-run: the same line."""
     import re
 
     import pyarrow.fs as pafs
@@ -421,41 +424,77 @@ def test_the_object_store_killed_mid_training_ends_the_job_in_one_line(digits, t
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+    env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint, "FLOWRAY_S3_REQUEST_TIMEOUT_S": "2"}
     env.pop("MLFLOW_TRACKING_URI", None)
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    line = (r"training failed: train.storage_path: the object store at s3://runs-bucket/runs stopped answering "
+            r"during training \(.*\); (the last checkpoint is step \d+ in s3://runs-bucket/runs/lost|the last "
+            r"registered checkpoint cannot be read while the store does not answer) \(MLflow run (\w+) is FAILED\); "
+            r"rerun the same command once it answers to resume from there")
+
+    def train_until_lost(steps: int, lose) -> tuple[int, str]:
+        """Run the job; once the bucket holds three more checkpoints, `lose` the server; the job's status, stderr."""
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, access_key="testing", secret_key="testing",
+                               region="us-east-1")
+        before = set(_s3_checkpoints(fs))  # names: the run keeps a bounded number, so their count stops growing
+        cmd = _train_command(digits, "s3://runs-bucket/runs", uri, "lost", f"train.steps={steps}",
+                             "train.checkpoint_every=4", "ray.num_workers=1")
+        log = tmp_path / f"train-{steps}.log"
+        with open(log, "w") as err:
+            job = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                _wait_for(lambda: len(set(_s3_checkpoints(fs)) - before) >= 3, 300, "three checkpoints in the bucket",
+                          job, log)
+                lose()
+                status = job.wait(timeout=300)
+            finally:
+                job.kill()
+        return status, log.read_text()
+
     try:
         fs = pafs.S3FileSystem(endpoint_override=endpoint, access_key="testing", secret_key="testing",
                                region="us-east-1", allow_bucket_creation=True)
         _wait_for(lambda: _answers(fs), 60, "the S3 server", server)
         fs.create_dir("runs-bucket")
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        cmd = _train_command(digits, "s3://runs-bucket/runs", uri, "dies", "train.steps=400",
+        status, text = train_until_lost(400, lambda: server.send_signal(signal.SIGSTOP))
+        server.send_signal(signal.SIGCONT)
+        match = re.fullmatch(line, text.strip().splitlines()[-1])
+        assert status == 1 and match, text[-3000:]
+        assert MlflowClient(uri).get_run(match.group(2)).info.status == "FAILED"
+        # the store answers again: the run continues from its last registered checkpoint (whole in the bucket: a
+        # checkpoint whose upload or registration the outage cut is not one), as Ray's record in the bucket says
+        from ray.train import Result
+
+        registered = Result.from_path("runs-bucket/runs/lost", storage_filesystem=fs).checkpoint.path
+        with fs.open_input_stream(f"{registered}/meta.json") as f:
+            kept = json.loads(f.read())["step"]
+        cmd = _train_command(digits, "s3://runs-bucket/runs", uri, "lost", "train.steps=16",
                              "train.checkpoint_every=4", "ray.num_workers=1")
-        log = tmp_path / "train.log"
-        with open(log, "w") as err:
-            job = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-            try:
-                done = lambda: sum(i.base_name.startswith("checkpoint_") for i in fs.get_file_info(  # noqa: E731
-                    pafs.FileSelector("runs-bucket/runs/dies", allow_not_found=True))) >= 3
-                _wait_for(done, 300, "three checkpoints in the bucket", job, log)
-                server.kill()
-                status = job.wait(timeout=300)
-            finally:
-                job.kill()
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        first = re.search(r"continuing run lost from step (\d+) \(MLflow run (\w+)\)", rerun.stderr.splitlines()[0])
+        assert first and int(first.group(1)) == kept >= 4 and first.group(2) == match.group(2), rerun.stderr[-3000:]
+        result = json.loads(rerun.stdout.strip().splitlines()[-1])
+        assert result["resumed"] and result["metrics"]["step"] == 16
+        # killed by PID mid-run: the same one line
+        status, text = train_until_lost(400, server.kill)
+        assert status == 1 and re.fullmatch(line, text.strip().splitlines()[-1]), text[-3000:]
     finally:
+        server.send_signal(signal.SIGCONT)
         server.kill()
-    text = log.read_text()
-    last = text.strip().splitlines()[-1]
-    assert status == 1, text[-3000:]
-    match = re.fullmatch(r"training failed: train.storage_path: the object store at s3://runs-bucket/runs stopped "
-                         r"answering during training \(the server does not answer \(check AWS_ENDPOINT_URL and the "
-                         r"network\)\); the last registered checkpoint cannot be read while the store does not answer "
-                         r"\(MLflow run (\w+) is FAILED\); rerun the same command once it answers to resume from "
-                         r"there", last)
-    assert match, text[-3000:]
-    assert MlflowClient(uri).get_run(match.group(1)).info.status == "FAILED"
+
+
+def _s3_checkpoints(fs) -> list:
+    import pyarrow.fs as pafs
+
+    try:
+        return [i.base_name for i in fs.get_file_info(pafs.FileSelector("runs-bucket/runs/lost",
+                                                                        allow_not_found=True))
+                if i.base_name.startswith("checkpoint_")]
+    except OSError:
+        return []
 
 
 def _answers(fs) -> bool:

@@ -88,17 +88,31 @@ def check_location(location: str, key: str) -> str:
 
 
 def _s3() -> pafs.S3FileSystem:
-    return _s3_for(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
-                   os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+    env = os.environ
+    return _s3_for(env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+                   env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"), _request_timeout())
+
+
+def _request_timeout() -> float:
+    raw = os.environ.get("FLOWRAY_S3_REQUEST_TIMEOUT_S") or str(REQUEST_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= 3600:
+        raise ConfigError(f"FLOWRAY_S3_REQUEST_TIMEOUT_S={raw!r}: expected seconds in (0, 3600]")
+    return seconds
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_for(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
-    """One client per endpoint and region in a process (a client holds connections; readers call this per file)."""
+def _s3_for(endpoint: str | None, region: str | None, request_timeout: float) -> pafs.S3FileSystem:
+    """One client per endpoint, region and timeout in a process (a client holds connections; readers call this per
+    file). `FLOWRAY_S3_REQUEST_TIMEOUT_S` shortens the wait for a server that accepts connections but does not
+    answer (a paused one), which is otherwise S3_ATTEMPTS times REQUEST_TIMEOUT_S per call."""
     kwargs = {"endpoint_override": endpoint} if endpoint else {}
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
+    return pafs.S3FileSystem(connect_timeout=CONNECT_TIMEOUT_S, request_timeout=request_timeout,
                              retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS), **kwargs)
 
 

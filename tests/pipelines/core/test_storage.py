@@ -56,6 +56,14 @@ def test_a_location_this_layer_cannot_use_is_named(location, message):
     assert str(err.value) == message
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "1e9"])
+def test_a_request_timeout_that_cannot_work_is_named(value, monkeypatch):
+    monkeypatch.setenv("FLOWRAY_S3_REQUEST_TIMEOUT_S", value)
+    with pytest.raises(storage.ConfigError) as err:
+        storage.check_writable("s3://bucket/runs", "train.storage_path")
+    assert str(err.value) == f"FLOWRAY_S3_REQUEST_TIMEOUT_S={value!r}: expected seconds in (0, 3600]"
+
+
 def test_a_missing_bucket_and_a_silent_server_fail_fast_and_named(s3_bucket, monkeypatch):
     with pytest.raises(storage.StorageError) as err:
         storage.check_writable("s3://no-such-bucket-here/runs", "train.storage_path")
