@@ -143,24 +143,42 @@ def posthoc_coefficients(t: Tensor, gamma: Tensor, t_target: float, gamma_target
     return torch.linalg.lstsq(a, b[:, None], driver="gelsd").solution[:, 0]
 
 
-def combine_states(states, coefficients: Tensor) -> dict[str, Tensor]:
-    """sum_k coefficients[k] * states[k], key by key, accumulated in float64 and returned in each tensor's own
-    dtype; `states` is an iterable of state dicts, read one at a time (a long run's snapshots need not fit in memory
-    together). Tensors that are not floating point (counters) are taken from the last state."""
-    total: dict[str, Tensor] = {}
+def profile_fit_error(t: Tensor, gamma: Tensor, x: Tensor, t_target: float, gamma_target: float) -> float:
+    """||sum_i x_i p_i - p_target|| / ||p_target|| in L2(tau): how well the snapshots' profiles (steps t [S],
+    exponents gamma [S], weights x [S]) represent the target. Near 0 inside the tracked range; it grows for a length
+    far outside it, or a target step far from every snapshot's."""
+    t, gamma, x = (torch.as_tensor(v, dtype=torch.float64) for v in (t, gamma, x))
+    a = profile_inner(t[:, None], gamma[:, None], t[None, :], gamma[None, :])
+    target = torch.tensor(float(t_target)), torch.tensor(float(gamma_target))
+    b = profile_inner(t, gamma, *target)
+    c = profile_inner(*target, *target)
+    return float(torch.sqrt(torch.clamp(x @ a @ x - 2 * x @ b + c, min=0.0) / c))
+
+
+def combine_states(states, coefficients: Tensor) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    """sum_s coefficients[s] * states[s], key by key, accumulated in float64 and returned in each tensor's own
+    dtype. `states` is an iterable of S state dicts, read once and one at a time (a long run's snapshots need not
+    fit in memory together); coefficients [S] give one state dict, [S, T] a list of T (several targets in one
+    pass). Tensors that are not floating point (counters) are taken from the last state."""
+    coefficients = torch.as_tensor(coefficients, dtype=torch.float64)
+    if coefficients.ndim == 1:
+        return combine_states(states, coefficients[:, None])[0]
+    totals: list[dict[str, Tensor]] = [{} for _ in range(coefficients.shape[1])]
     dtypes: dict[str, torch.dtype] = {}
     count = 0
-    for k, state in enumerate(states):
-        c = float(coefficients[k])
+    for s, state in enumerate(states):
+        if s >= coefficients.shape[0]:
+            raise ValueError(f"{coefficients.shape[0]} coefficients for more states")
         for key, value in state.items():
             dtypes[key] = value.dtype
-            if not value.is_floating_point():
-                total[key] = value.clone()
-            elif key in total:
-                total[key].add_(value.double(), alpha=c)
-            else:
-                total[key] = value.double() * c
+            for total, c in zip(totals, coefficients[s].tolist(), strict=True):
+                if not value.is_floating_point():
+                    total[key] = value.clone()
+                elif key in total:
+                    total[key].add_(value.double(), alpha=c)
+                else:
+                    total[key] = value.double() * c
         count += 1
-    if count != len(coefficients):
-        raise ValueError(f"{len(coefficients)} coefficients for {count} states")
-    return {key: value.to(dtypes[key]) for key, value in total.items()}
+    if count != coefficients.shape[0]:
+        raise ValueError(f"{coefficients.shape[0]} coefficients for {count} states")
+    return [{key: value.to(dtypes[key]) for key, value in total.items()} for total in totals]

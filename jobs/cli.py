@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable
@@ -26,13 +27,25 @@ def add_common(p: argparse.ArgumentParser, tracking: bool = True, overrides: boo
 def int_list(text: str) -> list[int]:
     """An argparse `type`: "0,1,2" -> [0, 1, 2]. An empty list, an empty item or a non-integer is a usage error
     (exit status 2, before any work), as every other bad flag is."""
+    return _number_list(text, int, "integers")
+
+
+def float_list(text: str) -> list[float]:
+    """An argparse `type`: "0.05,0.1" -> [0.05, 0.1], checked as `int_list` is (finite numbers only)."""
+    values = _number_list(text, float, "numbers")
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} holds a value that is not a finite number")
+    return values
+
+
+def _number_list(text: str, kind: type, what: str) -> list:
     items = [t.strip() for t in str(text).split(",")]
     try:
-        values = [int(t) for t in items]
+        values = [kind(t) for t in items]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
     if not values:
-        raise argparse.ArgumentTypeError("an empty list; give at least one integer")
+        raise argparse.ArgumentTypeError(f"an empty list; give at least one of the {what}")
     return values
 
 

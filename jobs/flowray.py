@@ -17,6 +17,8 @@ COMMANDS = {
                "flowray ingest --source fashion-mnist --out data/fashion-mnist"),
     "train": ("jobs.train", "Ray Train (DDP workers) on the shards, logged to MLflow",
               "flowray train --config configs/digits-cpu.yaml --set train.steps=600"),
+    "ema": ("jobs.ema", "post-hoc EMA: a run's EMA snapshots -> checkpoints of other EMA lengths (EDM2)",
+            "flowray ema --run outputs/ray_results/digits-cpu --sigma-rel 0.03,0.08"),
     "sweep": ("jobs.sweep", "a grid of training configs on Ray Tune (ASHA optional), nested MLflow runs",
               "flowray sweep --config configs/digits-cpu.yaml --name lr --param optim.lr=2e-3,5e-4 --seeds 0,1"),
     "sample": ("jobs.sample", "samples from a checkpoint on an actor pool, one parquet shard per block",

@@ -156,7 +156,7 @@ def trained_digits(_digits_once, ray_local, tmp_path_factory):
     sets = [*TINY, f"data.shards={digits}", f"train.storage_path={tmp / 'runs'}", "mlflow.tracking_uri=sqlite:///"
             "server.db", f"train.run_name={TRAINED_RUN}", "mlflow.experiment=tests", "train.steps=8",
             "train.log_every=2", "train.val_rows=40", "train.num_to_keep=100", "train.eval_every=4",
-            "train.eval_samples=32", "train.eval_rows=16"]
+            "train.eval_samples=32", "train.eval_rows=16", "train.ema_snapshot_every=2"]
     here = os.getcwd()
     os.chdir(tmp)
     try:

@@ -56,18 +56,21 @@ def _to_float(value: Any) -> float:
     return float(value)
 
 
-def _to_int_list(value: Any) -> list[int]:
-    if isinstance(value, str):  # a `--set` list written inline: [1, 2]
-        value = yaml.safe_load(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, list):
-        raise TypeError
-    return [_to_int(v) for v in value]
+def _list_of(item):
+    def to_list(value: Any) -> list:
+        if isinstance(value, str):  # a `--set` list written inline: [1, 2]
+            value = yaml.safe_load(value)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise TypeError
+        return [item(v) for v in value]
+    return to_list
 
 
 # the types a setting may have, each with how a YAML or `--set` value becomes one
-COERCE = {bool: _to_bool, int: _to_int, float: _to_float, str: str, list[int]: _to_int_list}
+COERCE = {bool: _to_bool, int: _to_int, float: _to_float, str: str, list[int]: _list_of(_to_int),
+          list[float]: _list_of(_to_float)}
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -202,10 +205,11 @@ def _comments(cls) -> dict[str, str]:
 
 
 def _field_schema(typ: Any, default: Any) -> dict:
-    """JSON Schema of one field from its type: bool, int, float, str, list[int], each maybe `| None`."""
+    """JSON Schema of one field from its type: bool, int, float, str, list[int], list[float], each maybe `| None`."""
     base, optional = _parts(typ)
     schema = {bool: {"type": "boolean"}, int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
-              list[int]: {"type": "array", "items": {"type": "integer"}}}[base]
+              list[int]: {"type": "array", "items": {"type": "integer"}},
+              list[float]: {"type": "array", "items": {"type": "number"}}}[base]
     if optional:
         schema = {"anyOf": [schema, {"type": "null"}]}
     return {**schema, "default": default}

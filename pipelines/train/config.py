@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from fm.ema import SIGMA_REL_MAX
 from fm.losses import TIME_SAMPLINGS
 from fm.methods import METHODS, make_method
 from fm.models import MODELS
@@ -24,6 +25,8 @@ from pipelines.core.manifest import Manifest
 from pipelines.core.memory import check_fits, model_item_bytes
 from pipelines.core.settings import PRECISIONS, check, json_schema, load_sections
 from pipelines.core.storage import check_name
+
+MAX_EMA_SNAPSHOTS = 1000  # per run: a snapshot holds one model per optim.ema_sigma_rels entry
 
 
 @dataclass
@@ -82,6 +85,9 @@ class OptimConfig:
     power: float = 1.0  # polynomial decay exponent
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    # post-hoc EMA (EDM2): the power-function EMA profiles kept beside the EMA when train.ema_snapshot_every > 0,
+    # as their relative standard deviations (fm.ema.PowerEMA); `flowray ema` rebuilds any other length from them
+    ema_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
 
 
 @dataclass
@@ -102,6 +108,9 @@ class TrainConfig:
     run_name: str = "digits-cpu"
     storage_path: str = "outputs/ray_results"  # a local folder, or an object-store URI (s3://, gs://)
     num_to_keep: int = 2
+    # snapshots of the post-hoc EMA profiles (optim.ema_sigma_rels) every this many steps, kept in the run's folder
+    # (ema_snapshots/), at most MAX_EMA_SNAPSHOTS per run; 0: no profiles, no snapshots
+    ema_snapshot_every: int = 0
     # autocast of the forward pass: auto (bf16 on a GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GPU only, GradScaler)
     precision: str = "auto"
     compile: bool = False  # torch.compile the training model (after the DDP wrapper; the checkpoint is unchanged)
@@ -235,6 +244,9 @@ def validate(cfg: Config) -> None:
     check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
     check(0 <= o.weight_decay < math.inf, "optim.weight_decay", o.weight_decay, "must be finite and >= 0")
     check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
+    check(len(o.ema_sigma_rels) >= 1 and len(set(o.ema_sigma_rels)) == len(o.ema_sigma_rels)
+          and all(0 < s < SIGMA_REL_MAX for s in o.ema_sigma_rels), "optim.ema_sigma_rels", o.ema_sigma_rels,
+          f"must be a non-empty list of distinct values in (0, {SIGMA_REL_MAX:.4f})")
     check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     check(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2")
     check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
@@ -244,6 +256,11 @@ def validate(cfg: Config) -> None:
     check(t.grid_steps >= 1, "train.grid_steps", t.grid_steps, "must be >= 1 (Euler steps of the sample grid)")
     check(t.num_to_keep >= 1, "train.num_to_keep", t.num_to_keep, "must be >= 1 (checkpoints kept; a resume needs one)")
     check(t.max_nonfinite >= 1, "train.max_nonfinite", t.max_nonfinite, "must be >= 1")
+    check(t.ema_snapshot_every >= 0, "train.ema_snapshot_every", t.ema_snapshot_every, "must be >= 0 (0: off)")
+    check(t.ema_snapshot_every == 0 or t.steps // t.ema_snapshot_every <= MAX_EMA_SNAPSHOTS,
+          "train.ema_snapshot_every", t.ema_snapshot_every,
+          f"gives {t.steps // max(t.ema_snapshot_every, 1)} snapshots of {t.steps} steps; at most "
+          f"{MAX_EMA_SNAPSHOTS} are kept per run: take at least {-(-t.steps // MAX_EMA_SNAPSHOTS)}")
     check(t.fail_at_step is None or 1 <= t.fail_at_step <= t.steps, "train.fail_at_step", t.fail_at_step,
            f"must be null or in [1, train.steps={t.steps}]")
     check_name(t.run_name, "train.run_name")  # the run's folder under train.storage_path

@@ -100,7 +100,7 @@ def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbac
                    storage.join(run_dir, f".fault_injected_step_{cfg.train.fail_at_step}"),
                    stream_spec(cfg, manifest, kwargs, _pair_tasks(cfg), resume=meta), is_verbose(),
                    validation_set(manifest, cfg.train.val_split, cfg.train.val_rows, labels),
-                   load_state(cfg.train.init_from, "ema")["module"] if cfg.train.init_from else None)
+                   load_state(cfg.train.init_from, "ema")["module"] if cfg.train.init_from else None, run_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},

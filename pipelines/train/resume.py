@@ -4,7 +4,8 @@ A run name (`train.run_name` under `train.storage_path`) names one model in trai
 model, so what built it and what it is trained on must be what its checkpoints were trained with: the model, the
 method, the data's kind, shape and classes, the split, and the stream's identity (`train.seed`,
 `train.batch_size`). Everything else may change on resume: the step target, the learning-rate schedule, clipping
-and EMA decay, logging, sampling and checkpoint cadence, precision, and every `ray.*` and `mlflow.*` key (the
+and EMA decay, logging, sampling, checkpoint and EMA snapshot cadence (not whether the post-hoc EMA profiles are
+kept, nor their lengths), precision, and every `ray.*` and `mlflow.*` key (the
 worker count among them: the stream continues from the rows the checkpoint had consumed, `stream.resume_position`),
 and `data.shuffle_window` (which orders the passes after the one under way).
 """
@@ -46,12 +47,23 @@ def differences(cfg: Config, data: DataSpec, meta: dict) -> list[str]:
         old, new = saved_data.get(name), data_now.get(name)
         if name in saved_data and _plain(old) != _plain(new):
             out.append(f"the data's {name} was {old!r}, now {new!r}")
+    if _profiles(saved) != _profiles(now):
+        out.append(f"its post-hoc EMA profiles (optim.ema_sigma_rels with train.ema_snapshot_every > 0) were "
+                   f"{_profiles(saved)}, now {_profiles(now)}: they average the run from its first step, so a run "
+                   "keeps them or not, and the same ones, throughout")
     seeding = meta.get("seeding", 1)  # checkpoints before the seeding was recorded used version 1
     if seeding != SEEDING_VERSION:
         out.append(f"its noise, pairing and dropout streams were seeded by version {seeding} (the low 32 bits of "
                    f"each seed), this version seeds by version {SEEDING_VERSION} (all 63 bits), and one run does not "
                    "mix the two")
     return out
+
+
+def _profiles(config: dict) -> list[float] | None:
+    """The post-hoc EMA profiles a run keeps (None: none; checkpoints before them kept none)."""
+    if not config.get("train", {}).get("ema_snapshot_every"):
+        return None
+    return [float(v) for v in config["optim"]["ema_sigma_rels"]]
 
 
 def check_resumable(cfg: Config, data: DataSpec, meta: dict, run_dir: str) -> None:

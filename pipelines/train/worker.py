@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from fm.data import to_uint8
-from fm.ema import EMA
+from fm.ema import EMA, PowerEMA
 from fm.methods import Method, make_method
 from fm.models import build_model
-from fm.seeding import derive_seed, generator, seed_default_generator
+from fm.seeding import SEEDING_VERSION, derive_seed, generator, seed_default_generator
 from fm.solvers import ode_sample
 from fm.training import StepResult, lr_at, read_ahead, train_step
 from pipelines.core import storage
@@ -35,6 +35,8 @@ from pipelines.train.config import Config, method_kwargs
 from pipelines.train.metrics import WINDOWS, quick_http_failures
 from pipelines.train.stream import DROPOUT_STREAM, StreamSpec, iter_pairs, stream_record
 from pipelines.train.validation import ValidationSet, validation_loss
+
+EMA_SNAPSHOTS = "ema_snapshots"  # the folder of a run's post-hoc EMA snapshots
 
 
 class TrainingError(RuntimeError):
@@ -57,6 +59,7 @@ class TrainJob:
     verbose: bool = False
     validation: ValidationSet | None = None  # train.val_rows held-out rows, scored at every checkpoint
     init_weights: dict | None = None  # train.init_from's EMA weights, read by the driver: a fresh run starts from them
+    run_dir: str = ""  # the run's folder (local or object store): its post-hoc EMA snapshots go to ema_snapshots/
 
 
 @dataclass
@@ -80,6 +83,7 @@ class WorkerState:
     # rank 0: logging windows (step, metrics) not yet covered by a checkpoint; they go to MLflow once one is, so
     # that a restart from that checkpoint never leaves a second value for a step in the run's history
     pending: list = field(default_factory=list)
+    power_ema: PowerEMA | None = None  # post-hoc EMA profiles (train.ema_snapshot_every > 0)
 
 
 class MetricWindow:
@@ -146,6 +150,8 @@ def _train(job: TrainJob) -> None:
                          autocast_dtype=state.autocast_dtype, pairs=pairs, scaler=state.scaler)
         _count_nonfinite(state, res, t.max_nonfinite)
         state.step += 1
+        if t.ema_snapshot_every and state.step % t.ema_snapshot_every == 0 and state.rank == 0:
+            _save_ema_snapshot(job, state)
         t_total = time.perf_counter() - t_start
         window.add(res, t_data, t_total, pairs.solve_seconds)
         if state.step == start_step + 1:  # the stream's start-up, apart from the waits of a running stream
@@ -185,6 +191,9 @@ def _build_state(job: TrainJob) -> WorkerState:
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     ema = EMA(model, cfg.optim.ema_decay)
+    # rank 0 alone keeps the post-hoc EMA profiles: it alone saves checkpoints and snapshots
+    keep_profiles = cfg.train.ema_snapshot_every and ctx.get_world_rank() == 0
+    power_ema = PowerEMA(model, cfg.optim.ema_sigma_rels) if keep_profiles else None
     step, nonfinite_total = 0, 0
     dtype = autocast_dtype(cfg.train.precision, device.type)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -193,6 +202,8 @@ def _build_state(job: TrainJob) -> WorkerState:
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_state(d, "model"))
             ema.load_state_dict(load_state(d, "ema"))
+            if power_ema is not None:  # the resume check made sure the run kept these profiles from its start
+                power_ema.load_state_dict(load_state(d, "power_ema"))
             optimizer.load_state_dict(load_state(d, "optimizer"))
             if scaler is not None and Path(d, "scaler.pt").exists():
                 scaler.load_state_dict(load_state(d, "scaler"))
@@ -206,7 +217,7 @@ def _build_state(job: TrainJob) -> WorkerState:
         ddp_model = torch.compile(ddp_model)  # after DDP, as torch's DDP + compile guide does
     return WorkerState(model, ddp_model, method, optimizer, ema, device, ctx.get_world_rank(), ctx.get_world_size(),
                        step, nonfinite_total=nonfinite_total, last_metrics={"step": step}, autocast_dtype=dtype,
-                       scaler=scaler)
+                       scaler=scaler, power_ema=power_ema)
 
 
 def _rank0_logger(job: TrainJob, state: WorkerState) -> SafeLogger | None:
@@ -247,6 +258,8 @@ def _count_nonfinite(state: WorkerState, res: StepResult, limit: int) -> None:
     if res.finite:
         state.nonfinite_run = 0
         state.ema.update(state.model)
+        if state.power_ema is not None:
+            state.power_ema.update(state.model)
         return
     state.nonfinite_run += 1
     state.nonfinite_total += 1
@@ -303,6 +316,26 @@ def _save(job: TrainJob, state: WorkerState, directory: str) -> None:
                     method_kwargs=method_kwargs(job.config, job.data), config=job.config.to_dict(),
                     extra={"mlflow_run_id": job.run_id, "manifest": job.data.to_dict(),
                            "nonfinite_total": state.nonfinite_total, "stream": stream_record(job.stream, state.step)})
+    if state.power_ema is not None:
+        torch.save(state.power_ema.state_dict(), Path(directory) / "power_ema.pt")
+
+
+def _save_ema_snapshot(job: TrainJob, state: WorkerState) -> None:
+    """Rank 0: the post-hoc EMA profiles at this step, with what rebuilds the model, as one object
+    `ema_snapshots/step_XXXXXXXX.pt` in the run's folder (`flowray ema` reads them). A restart from an earlier
+    checkpoint writes the same bytes again: the profiles are restored with the weights."""
+    import io
+    import json
+
+    p = state.power_ema
+    meta = {"model": {"name": job.config.model.name, "kwargs": job.model_kwargs},
+            "method": method_kwargs(job.config, job.data), "config": job.config.to_dict(), "seeding": SEEDING_VERSION,
+            "mlflow_run_id": job.run_id, "manifest": job.data.to_dict()}
+    buf = io.BytesIO()
+    torch.save({"step": state.step, "sigma_rels": list(p.sigma_rels), "gammas": list(p.gammas),
+                "modules": [m.state_dict() for m in p.modules], "meta": json.dumps(meta)}, buf)
+    storage.write_bytes(storage.join(job.run_dir, EMA_SNAPSHOTS, f"step_{state.step:08d}.pt"), buf.getvalue(),
+                        "train.storage_path")
 
 
 def _log_grid(logger: SafeLogger, job: TrainJob, state: WorkerState) -> None:

@@ -13,6 +13,7 @@ from fm.ema import (
     combine_states,
     gamma_to_sigma_rel,
     posthoc_coefficients,
+    profile_fit_error,
     sigma_rel_to_gamma,
 )
 
@@ -112,6 +113,8 @@ def test_other_lengths_match_their_closed_form_average(sigma_rel, step):
     direct = (_weights(step, gamma)[:, None] * thetas[:step]).sum(0)
     spread = thetas[:step].max(0).values - thetas[:step].min(0).values
     error = ((rebuilt - direct).abs() / spread).max().item()
+    x = posthoc_coefficients(steps, gammas, step, gamma)
+    assert profile_fit_error(steps, gammas, x, step, gamma) < 0.03  # the profile itself is fitted (0.002 to 0.026)
     assert error < 2e-3, (rebuilt, direct)
     tracked = min(((states[k]["theta"] - direct).abs() / spread).max().item() for k in (-2, -1))
     assert error < tracked / 10  # far closer than either tracked profile at that step
@@ -124,3 +127,15 @@ def test_bad_inputs_are_named():
         posthoc_coefficients(torch.tensor([1.0, 2.0]), torch.tensor([1.0]), 2.0, 1.0)
     with pytest.raises(ValueError, match="2 coefficients for 1 states"):
         combine_states([{"a": torch.ones(1)}], torch.ones(2))
+
+
+def test_several_targets_in_one_pass_equal_one_at_a_time():
+    _, snapshots, _ = _run(300, (0.05, 0.10), every=30)
+    steps, gammas, states = _flatten(snapshots)
+    xs = torch.stack([posthoc_coefficients(steps, gammas, 300, sigma_rel_to_gamma(s)) for s in (0.04, 0.12)], 1)
+    together = combine_states(iter(states), xs)  # an iterator: read once
+    for k in range(2):
+        assert torch.equal(together[k]["theta"], combine_states(states, xs[:, k])["theta"])
+    # far outside the tracked lengths the fit says so
+    far = sigma_rel_to_gamma(0.28)
+    assert profile_fit_error(steps, gammas, posthoc_coefficients(steps, gammas, 300, far), 300, far) > 0.1

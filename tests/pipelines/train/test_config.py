@@ -38,6 +38,16 @@ def test_defaults_yaml_and_overrides(tmp_path):
     # bounds of keys that could otherwise only fail after Ray started, or after training
     ("train.num_to_keep=0", "train.num_to_keep: 0 is not allowed; must be >= 1 (checkpoints kept; a resume needs one)"),
     ("train.grid_steps=0", "train.grid_steps: 0 is not allowed; must be >= 1 (Euler steps of the sample grid)"),
+    ("train.ema_snapshot_every=-1", "train.ema_snapshot_every: -1 is not allowed; must be >= 0 (0: off)"),
+    ("train.ema_snapshot_every=1 train.steps=5000", "train.ema_snapshot_every: 1 is not allowed; gives 5000 "
+                                                    "snapshots of 5000 steps; at most 1000 are kept per run: take at "
+                                                    "least 5"),
+    ("optim.ema_sigma_rels=[0.05,0.3]", "optim.ema_sigma_rels: [0.05, 0.3] is not allowed; must be a non-empty list "
+                                        "of distinct values in (0, 0.2887)"),
+    ("optim.ema_sigma_rels=[0.1,0.1]", "optim.ema_sigma_rels: [0.1, 0.1] is not allowed; must be a non-empty list "
+                                       "of distinct values in (0, 0.2887)"),
+    ("optim.ema_sigma_rels=[]", "optim.ema_sigma_rels: [] is not allowed; must be a non-empty list of distinct "
+                                "values in (0, 0.2887)"),
     ("method.beta_min=0", "method.beta_min: 0.0 is not allowed; must be > 0"),
     ("method.beta_max=0.05", "method.beta_max: 0.05 is not allowed; must be finite and > method.beta_min=0.1"),
     ("optim.weight_decay=-1", "optim.weight_decay: -1.0 is not allowed; must be finite and >= 0"),
