@@ -85,7 +85,7 @@ def test_the_chain_on_three_nodes_through_a_bucket(tmp_path, s3_server, s3_bucke
     # 2 of a node's 3 CPUs per worker: the two workers cannot share a node, and each node keeps a CPU for the
     # stream's reading and pairing tasks
     sets = [f"data.shards={data}", f"train.storage_path={s3_bucket}/runs", "ray.cpus_per_worker=2",
-            f"mlflow.tracking_uri={uri}", "train.run_name=s3-run", *TINY]
+            f"mlflow.tracking_uri={uri}", "train.run_name=s3-run", "train.ema_snapshot_every=4", *TINY]
     args = ["--config", str(ROOT / "configs/digits-cpu.yaml"), *[x for s in sets for x in ("--set", s)]]
     first = _job("jobs.train", [*args, "--set", "train.steps=8"])
     assert first["checkpoint"].startswith(f"{s3_bucket}/runs/s3-run/checkpoint_") and not first["resumed"]
@@ -108,6 +108,11 @@ def test_the_chain_on_three_nodes_through_a_bucket(tmp_path, s3_server, s3_bucke
     pafs.copy_files(path, str(local), source_filesystem=fs)
     assert load_model(local).step == 12
     assert load_model(more["checkpoint"]).step == 12  # read where it lies, as every sampling actor reads it
+    # post-hoc EMA: rank 0 (on a worker node) kept its snapshots in the bucket, across the continuation; the
+    # rebuilt length is written beside them and reads where it lies
+    rebuilt = _job("jobs.ema", ["--run", more["run_dir"], "--sigma-rel", "0.07", "--tracking-uri", uri])["rebuilt"]
+    assert rebuilt[0]["snapshots"] == 3 and rebuilt[0]["checkpoint"].startswith(f"{more['run_dir']}/posthoc_ema/")
+    assert load_model(rebuilt[0]["checkpoint"]).meta["posthoc_ema"]["snapshot_steps"] == [4, 8, 12]
 
     # sampling and evaluation from the checkpoint in the bucket; evaluation reads the data there and keeps its
     # caches (the feature classifier, the reference statistics) beside the shards in the bucket
