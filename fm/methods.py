@@ -5,9 +5,10 @@ prediction kind (`fm.paths.PREDICTIONS`; "epsilon" trains by denoising score mat
 named methods are presets of those parts in `METHODS`, the one place to add a method; config validation, the
 comparison table's labels and the table below (`methods_markdown()`, checked against the README) all read it.
 
-Every method gives a velocity field for ODE sampling and likelihood; the score model through its probability-flow
-ODE. Three kinds share the interface (`pair`, `loss_on_pairs`, `loss`, `velocity`, `draw_x0`):
-- "euclidean" (`Method`): noise to data in R^D;
+Every method but MeanFlow gives a velocity field for ODE sampling and likelihood; the score model through its
+probability-flow ODE. Three kinds share the interface (`pair`, `loss_on_pairs`, `loss`, `velocity`, `draw_x0`):
+- "euclidean" (`Method`): noise to data in R^D; `MeanFlowMethod` among them models the average velocity over an
+  interval instead (`fm.meanflow`), sampled in jumps, and refuses ODE solvers and the likelihood;
 - "riemannian" (`RiemannianMethod`): the uniform prior to data on a manifold along geodesics (`fm.riemannian`);
   the data's manifold is a parameter (`manifold="sphere2"`);
 - "snapshots" (`SnapshotMethod`): from the first to the last of unpaired snapshots at observed `times`, whose
@@ -29,6 +30,7 @@ from fm.couplings import COUPLINGS, Coupling, GivenCoupling, IndependentCoupling
 from fm.likelihood import LikelihoodResult, LikelihoodSettings, log_likelihood
 from fm.losses import UNIFORM, TimeSampling, cfm_loss, dsm_loss, sample_time
 from fm.manifolds import Manifold, get_manifold
+from fm.meanflow import MeanFlowSettings, average_velocity_fn, jump_sample, meanflow_loss, sample_interval
 from fm.paths import PATHS, AffinePath, CondOTScheduler, NoisyLinearPath, VPScheduler
 from fm.riemannian import MANIFOLD_SOLVERS, manifold_log_likelihood, manifold_ode_sample, rfm_loss
 from fm.seeding import SeedStack
@@ -42,8 +44,10 @@ from fm.solvers import (
     vp_diffusion,
 )
 
-__all__ = ["METHODS", "MethodPreset", "MethodParams", "Method", "RiemannianMethod", "SnapshotMethod", "AnyMethod",
-           "make_method", "methods_markdown"]
+__all__ = ["METHODS", "MethodPreset", "MethodParams", "Method", "MeanFlowMethod", "RiemannianMethod",
+           "SnapshotMethod", "AnyMethod", "make_method", "methods_markdown"]
+
+JUMP = "jump"  # the sampler of an average-velocity model (fm.meanflow.jump_sample): not an ODE solver
 
 # sigma_1 = 0 on the VP path, where its velocity and score targets diverge: train and sample on t <= 1 - eps.
 VP_T_MAX = 1.0 - 1e-5
@@ -83,7 +87,10 @@ class MethodPreset:
 
     @property
     def fixed_step_solvers(self) -> tuple[str, ...]:
-        """The fixed-step solvers its sampling takes: torchdiffeq's, or on a manifold the projected ones."""
+        """The fixed-step solvers its sampling takes: torchdiffeq's, on a manifold the projected ones, and for an
+        average-velocity model its jumps."""
+        if self.prediction == "mean_velocity":
+            return (JUMP,)
         return tuple(MANIFOLD_SOLVERS) if self.kind == "riemannian" else FIXED_METHODS
 
 
@@ -96,6 +103,9 @@ METHODS: dict[str, MethodPreset] = {
     "otcfm": MethodPreset("straight", "exact_ot", summary="OT-CFM: minibatch exact OT pairs (Tong et al. 2023)"),
     "sbcfm": MethodPreset("brownian", "entropic_ot", sigma=1.0,
                           summary="SB-CFM: entropic OT (reg = 2 sigma^2) and a Brownian bridge (Tong et al. 2023)"),
+    "meanflow": MethodPreset("straight", "independent", "mean_velocity",
+                             summary="MeanFlow: the average velocity over an interval, one-step sampling "
+                                     "(Geng et al. 2025); in process only for now (fm.meanflow)"),
     "reflow": MethodPreset("straight", "given",
                            summary="Rectified Flow's reflow: straight paths between a trained flow's own pairs "
                                    "(x_0, x_1 = ODE(x_0)) from a `samples:DIR` source (Liu et al. 2022)"),
@@ -212,6 +222,45 @@ class Method:
         return velocity_fn(model, y, cfg_scale, self.prediction, path)
 
 
+@dataclass
+class MeanFlowMethod(Method):
+    """MeanFlow (`fm.meanflow`): a two-time model u(x, t, r) of the average velocity on the straight path between
+    noise and data, trained with the MeanFlow identity and sampled in jumps (solver "jump", 1 step or more). Its
+    model is not a velocity field, so ODE solvers, SDE sampling and the likelihood are refused in words."""
+
+    settings: MeanFlowSettings = MeanFlowSettings()
+
+    def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """Intervals (t, r) from `generator`, then the per-sample MeanFlow loss [B]."""
+        t, r = sample_interval(x_1.shape[0], generator, x_1.device, self.settings)
+        return meanflow_loss(model, x_0, x_1, t, r, y, self.settings)
+
+    def sample(self, fn, x_0: Tensor, solver: str = JUMP, steps: int | None = None, atol: float = 1e-5,
+               rtol: float = 1e-5) -> SampleResult:
+        """`steps` jumps (1 by default) of the average velocity from x_0 [B, ...] at t = 0 to t = 1."""
+        if solver != JUMP:
+            raise ValueError(f"method {self.name!r} samples in jumps of its average velocity (solver {JUMP!r} with "
+                             f"steps 1, 2, 4, ...); {solver!r} integrates a velocity field, which its model is not")
+        return jump_sample(fn, x_0, steps or 1)
+
+    def velocity(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0):
+        """The average-velocity field u(x, t, r) of the two-time model (what `sample` takes)."""
+        if cfg_scale != 1.0:
+            raise ValueError(f"method {self.name!r} has no classifier-free guidance; cfg_scale must be 1")
+        return average_velocity_fn(model, y)
+
+    def log_likelihood(self, fn, x_1: Tensor, settings: LikelihoodSettings,
+                       generator: SeedStack | torch.Generator | None = None) -> LikelihoodResult:
+        raise ValueError(f"method {self.name!r} models average velocities over intervals, not a velocity field, so "
+                         "it has no change of variables to give a likelihood; evaluate its samples instead")
+
+    @property
+    def gaussian_path(self) -> AffinePath:
+        raise ValueError(f"method {self.name!r} models average velocities, not a score: it has no SDE sampling; "
+                         f"use solver {JUMP!r}")
+
+
 class _NonGaussianMethod:
     """The training loss of the kinds beyond `Method`, and their refusal of SDE sampling (no Gaussian path, so no
     score); a subclass says why in `_not_gaussian`."""
@@ -316,13 +365,13 @@ class SnapshotMethod(_NonGaussianMethod):
     _not_gaussian = "moves data between snapshots"
 
 
-AnyMethod = Method | RiemannianMethod | SnapshotMethod
+AnyMethod = Method | MeanFlowMethod | RiemannianMethod | SnapshotMethod
 
 
 def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, ot_scope: str = "local",
                 beta_min: float = 0.1, beta_max: float = 20.0, manifold: str | None = None,
                 times: list[float] | None = None, time_sampling: str = "uniform", time_loc: float = 0.0,
-                time_scale: float = 1.0) -> AnyMethod:
+                time_scale: float = 1.0, meanflow_ratio: float = 0.25, meanflow_p: float = 1.0) -> AnyMethod:
     """Build a method preset by name from its registered parts.
 
     Args:
@@ -335,6 +384,8 @@ def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, 
         times: the snapshots' observation times; required by, and only allowed for, snapshot methods.
         time_sampling, time_loc, time_scale: the density of training times (`fm.losses.TimeSampling`: "uniform",
             or "logit_normal" with its loc and scale); Euclidean methods only.
+        meanflow_ratio, meanflow_p: MeanFlow's fraction of intervals with r != t and its adaptive loss weight's
+            power (`fm.meanflow.MeanFlowSettings`).
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
@@ -363,6 +414,9 @@ def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, 
     path_spec = PATHS[preset.path]
     path = path_spec.build(**{k: getattr(params, k) for k in path_spec.params})
     coupling_spec = COUPLINGS[coupling_name(name, ot_scope)]
+    if preset.prediction == "mean_velocity":
+        return MeanFlowMethod(name, path, coupling_spec.cls(**coupling_spec.args(params)), preset.prediction,
+                              preset.t_max, times_drawn, MeanFlowSettings(meanflow_ratio, times_drawn, meanflow_p))
     return Method(name, path, coupling_spec.cls(**coupling_spec.args(params)), preset.prediction, preset.t_max,
                   times_drawn)
 
@@ -390,7 +444,8 @@ def methods_markdown() -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, p in METHODS.items():
         path, coupling = describe(name)
-        loss = {"epsilon": "DSM", "action": "AM"}.get(p.prediction, "RFM" if p.kind == "riemannian" else "CFM")
+        loss = {"epsilon": "DSM", "action": "AM", "mean_velocity": "MeanFlow"}.get(
+            p.prediction, "RFM" if p.kind == "riemannian" else "CFM")
         sigma = str(p.sigma) if p.path in PATHS and "sigma" in PATHS[p.path].params else "–"
         lines.append(f"| `{name}` | {path} | {coupling} | {p.prediction} | {loss} | {sigma} | {p.summary} |")
     return "\n".join(lines)

@@ -116,7 +116,7 @@ def test_sbcfm_draws_its_pairs_from_the_step_generator_and_has_a_default():
 
 def test_the_registry_is_the_readme_s_table():
     assert methods_markdown() in (ROOT / "README.md").read_text()
-    assert set(METHODS) == {"fm_ot", "fm_vp", "score_vp", "icfm", "otcfm", "sbcfm", "reflow", "rfm", "am",
+    assert set(METHODS) == {"fm_ot", "fm_vp", "score_vp", "icfm", "otcfm", "sbcfm", "meanflow", "reflow", "rfm", "am",
                             "snapshot_icfm", "snapshot_otcfm"}
 
 

@@ -45,6 +45,16 @@ def check_time(x: Tensor, t: Tensor) -> Tensor:
     return t.to(device=x.device, dtype=x.dtype)
 
 
+def with_interval(cond: Tensor, embed: TimeEmbedding | None, x: Tensor, t: Tensor, r: Tensor | None) -> Tensor:
+    """t's embedding `cond` [B, D] plus a two-time model's embedding of the interval r - t (r = None: r = t, the
+    instantaneous velocity); a one-time model (embed None) returns `cond` itself and refuses an r."""
+    if embed is None:
+        if r is not None:
+            raise ValueError("this model takes one time; build it with two_times=True to give it an interval end r")
+        return cond
+    return cond + embed(torch.zeros_like(t) if r is None else check_time(x, r) - t)
+
+
 def labels_or_null(y: Tensor | None, batch: int, num_classes: int, device: torch.device) -> Tensor:
     """Class labels [B] as long; None means the null (unconditional) class, index num_classes."""
     if y is None:

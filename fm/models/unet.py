@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fm.models.embeddings import TimeEmbedding, check_time, labels_or_null
+from fm.models.embeddings import TimeEmbedding, check_time, labels_or_null, with_interval
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -100,12 +100,16 @@ class UNet(nn.Module):
         num_heads: attention heads.
         num_classes: if set, class conditioning with a null class (index num_classes) for classifier-free
             guidance; y = None selects the null class.
+        two_times: a second time r [B] (MeanFlow's end of the interval, `fm.meanflow`), embedded as r - t beside t;
+            r = None means r = t. Off, the model is unchanged and refuses r.
+        time_scale: the time features' scale (`fm.models.embeddings.sinusoidal_embedding`); a MeanFlow model, whose
+            time derivative its target takes, trains better with smooth features (e.g. 1; `fm.meanflow`).
     """
 
     def __init__(self, image_size: int = 32, in_channels: int = 3, model_channels: int = 128,
                  channel_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1, num_heads: int = 4,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, two_times: bool = False, time_scale: float = 1000.0):
         super().__init__()
         levels = len(channel_mult)
         if levels < 1 or image_size % (2 ** (levels - 1)):
@@ -115,7 +119,8 @@ class UNet(nn.Module):
             raise ValueError(f"need model_channels, num_res_blocks >= 1; got {model_channels}, {num_res_blocks}")
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         emb_dim = 4 * model_channels
-        self.time_embed = TimeEmbedding(model_channels, emb_dim)
+        self.time_embed = TimeEmbedding(model_channels, emb_dim, time_scale)
+        self.interval_embed = TimeEmbedding(model_channels, emb_dim, time_scale) if two_times else None
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.inp = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
@@ -151,11 +156,12 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[-1] != self.image_size:
             raise ValueError(f"UNet expects [B, {self.in_channels}, {self.image_size}, {self.image_size}]; "
                              f"got {tuple(x.shape)}")
-        emb = self.time_embed(check_time(x, t)).to(x.dtype)
+        t = check_time(x, t)
+        emb = with_interval(self.time_embed(t), self.interval_embed, x, t, r).to(x.dtype)
         if self.class_embed is not None:
             emb = emb + self.class_embed(labels_or_null(y, x.shape[0], self.num_classes, x.device)).to(x.dtype)
         h = self.inp(x)

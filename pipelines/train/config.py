@@ -211,6 +211,9 @@ def validate(cfg: Config) -> None:
     check(m.num_heads >= 1 and m.model_channels % m.num_heads == 0, "model.num_heads", m.num_heads,
            "must be >= 1 and divide model.model_channels")
     check(meth.name in METHODS, "method.name", meth.name, f"allowed: {', '.join(METHODS)}")
+    check(METHODS[meth.name].prediction != "mean_velocity", "method.name", meth.name,
+          "MeanFlow trains and samples in process for now (fm.methods.MeanFlowMethod with a two-time model, "
+          "fm.meanflow); the Ray pipeline does not take it yet")
     check(meth.ot_scope in ("local", "global"), "method.ot_scope", meth.ot_scope, "allowed: local, global")
     check(0 <= meth.sigma_min < 1, "method.sigma_min", meth.sigma_min, "must be in [0, 1)")
     check(meth.sigma is None or meth.sigma >= 0, "method.sigma", meth.sigma, "must be null or >= 0")

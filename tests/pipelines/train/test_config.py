@@ -38,6 +38,9 @@ def test_defaults_yaml_and_overrides(tmp_path):
     # bounds of keys that could otherwise only fail after Ray started, or after training
     ("train.num_to_keep=0", "train.num_to_keep: 0 is not allowed; must be >= 1 (checkpoints kept; a resume needs one)"),
     ("train.grid_steps=0", "train.grid_steps: 0 is not allowed; must be >= 1 (Euler steps of the sample grid)"),
+    ("method.name=meanflow", "method.name: 'meanflow' is not allowed; MeanFlow trains and samples in process for "
+                             "now (fm.methods.MeanFlowMethod with a two-time model, fm.meanflow); the Ray pipeline "
+                             "does not take it yet"),
     ("train.ema_snapshot_every=-1", "train.ema_snapshot_every: -1 is not allowed; must be >= 0 (0: off)"),
     ("train.ema_snapshot_every=1 train.steps=5000", "train.ema_snapshot_every: 1 is not allowed; gives 5000 "
                                                     "snapshots of 5000 steps; at most 1000 are kept per run: take at "
