@@ -98,11 +98,27 @@ def meanflow_loss(model: nn.Module, x_0: Tensor, x_1: Tensor, t: Tensor, r: Tens
 
 def meanflow_target(model: nn.Module, x_t: Tensor, t: Tensor, r: Tensor, v: Tensor,
                     y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(u_theta(x_t, t, r), its detached target v + (r - t) d/dt u_theta) [B, ...]: one forward-mode product along
-    the tangent (v, 1, 0) in (x_t, t, r) gives the model's output and its total time derivative together."""
-    u, du_dt = torch.func.jvp(lambda z, tt, rr: model(z, tt, y, rr), (x_t, t, r),
-                              (v, torch.ones_like(t), torch.zeros_like(r)))
-    return u, (v + (r - t).view((-1,) + (1,) * (v.dim() - 1)) * du_dt).detach()
+    """(u_theta(x_t, t, r) [B, ...] with gradients, its target v + (r - t) d/dt u_theta [B, ...] without).
+
+    d/dt u_theta is one forward-mode product (`torch.func.jvp`) along the tangent (v, 1, 0) in (x_t, t, r), taken
+    without gradients on the module itself: a DDP or torch.compile wrapper serves the backward pass, which the
+    target (stop-gradient) has none of, so the wrapper sees only the ordinary forward that gives u. One forward more
+    than reading u off the JVP, and no forward-mode AD through DDP's hooks.
+    """
+    inner = _unwrapped(model)
+    with torch.no_grad():
+        _, du_dt = torch.func.jvp(lambda z, tt, rr: inner(z, tt, y, rr), (x_t, t, r),
+                                  (v, torch.ones_like(t), torch.zeros_like(r)))
+    u = model(x_t, t, y, r)
+    return u, v + (r - t).view((-1,) + (1,) * (v.dim() - 1)) * du_dt
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile's and DDP's wrappers (their `_orig_mod` and `module`)."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) or (
+            type(model).__name__ == "DistributedDataParallel"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
 
 
 class AverageVelocityFn:

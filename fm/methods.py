@@ -86,6 +86,12 @@ class MethodPreset:
         return self.kind != "euclidean"
 
     @property
+    def velocity_field(self) -> bool:
+        """Whether its model gives a velocity field (ODE solvers, the likelihood, straightness): all but MeanFlow's
+        average velocity."""
+        return self.prediction != "mean_velocity"
+
+    @property
     def fixed_step_solvers(self) -> tuple[str, ...]:
         """The fixed-step solvers its sampling takes: torchdiffeq's, on a manifold the projected ones, and for an
         average-velocity model its jumps."""

@@ -38,9 +38,9 @@ def autocast_field(fn: VelocityFn, dtype: torch.dtype | None, device_type: str) 
     if dtype is None:
         return fn
 
-    def field(x: Tensor, t: Tensor) -> Tensor:
+    def field(x: Tensor, t: Tensor, *more: Tensor) -> Tensor:  # more: an average-velocity field's interval end
         with torch.autocast(device_type, dtype=dtype):
-            return fn(x, t).to(x.dtype)
+            return fn(x, t, *more).to(x.dtype)
 
     return field
 

@@ -53,7 +53,7 @@ def _evaluate(a) -> dict:
         for t, w, f in zip(tr.times, tr.w2, tr.w2_floor, strict=True):
             print(f"t={t}: W2 {w:.4f} from {tr.n_start} transported first-snapshot rows to the held-out rows; "
                   f"floor (training rows) {f:.4f}")
-    else:
+    elif lik is not None:  # None: a MeanFlow model, which has no likelihood
         print(f"{lik.metric}: {lik.mean:.4f} ± {lik.stderr:.4f} {lik.unit} over {lik.n} rows "
               f"(K={lik.draws} dequantization draws, divergence={lik.divergence}"
               + (f", H={lik.probes} probes" if lik.probes else "") + f"; mean NFE {lik.mean_nfe:.0f})")

@@ -136,7 +136,8 @@ def score_checkpoint(staged: str, filesystem, manifest: Manifest, scfg: SampleCo
         samples = run_sampling(local, Path(tmp, "samples"), scfg)
         ev = run_evaluation(local, manifest, samples.out, ecfg)
     q, lik = ev.quality, ev.likelihood
-    figures = {"eval/bpd": lik.mean, "eval/sample_nfe": samples.mean_nfe, "eval/fd": q.fd, "eval/fd_floor": q.fd_floor,
+    figures = {"eval/bpd": None if lik is None else lik.mean, "eval/sample_nfe": samples.mean_nfe, "eval/fd": q.fd,
+               "eval/fd_floor": q.fd_floor,
                "eval/kid": q.kid, "eval/precision": q.precision, "eval/recall": q.recall}
     if ev.straightness is not None:
         figures["eval/straightness"] = ev.straightness.straightness

@@ -85,7 +85,8 @@ def variants(records: list[dict]) -> list[str]:
     varying: dict[str, set[str]] = defaultdict(set)
     for name in {r["method"] for r in records}:
         mine = [r.get("method_keys") or {} for r in records if r["method"] == name]
-        varying[name] = {k for keys in mine for k in keys if len({str(m.get(k)) for m in mine}) > 1}
+        # a key some runs do not record (they predate it) differs only where the runs that record it differ
+        varying[name] = {k for keys in mine for k in keys if len({str(m[k]) for m in mine if k in m}) > 1}
     out = []
     for r in records:
         keys = r.get("method_keys") or {}

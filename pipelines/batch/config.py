@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fm.methods import METHODS, make_method
+from fm.methods import JUMP, METHODS, make_method
 from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS, check_solver
 from pipelines.core.errors import ConfigError
 from pipelines.core.settings import PRECISIONS, check
 
-SOLVERS = ADAPTIVE_METHODS + FIXED_METHODS + ("sde",)
+SOLVERS = ADAPTIVE_METHODS + FIXED_METHODS + ("sde", JUMP)
 
 
 @dataclass
 class SampleConfig:
     num_samples: int = 1000
-    solver: str = "dopri5"  # any torchdiffeq method, or "sde" (Euler–Maruyama)
+    solver: str = "dopri5"  # any torchdiffeq method, "sde" (Euler–Maruyama), or "jump" (meanflow, `steps` jumps)
     atol: float = 1e-5
     rtol: float = 1e-5
     steps: int = 100  # fixed-step methods and sde
@@ -54,6 +54,12 @@ def validate_sample_config(c: SampleConfig, method: str | None = None, method_kw
     check(c.cpus_per_actor > 0, "sample.cpus_per_actor", c.cpus_per_actor, "must be > 0")
     check(c.gpus_per_actor >= 0, "sample.gpus_per_actor", c.gpus_per_actor, "must be >= 0")
     _check_precision("sample", c.precision, c.gpus_per_actor)
+    if method in METHODS:
+        field = METHODS[method].velocity_field
+        check((c.solver == JUMP) != field, "sample.solver", c.solver,
+              f"{method} models average velocities: it samples in {JUMP!r}s (sample.steps of them: 1, 2, 4, ...), "
+              "not with an ODE or SDE solver" if not field else
+              f"{JUMP!r} is MeanFlow's sampler; {method} gives a velocity field: use an ODE solver or sde")
     if method in METHODS and c.solver in FIXED_METHODS:
         allowed = METHODS[method].fixed_step_solvers
         check(c.solver in allowed, "sample.solver", c.solver,

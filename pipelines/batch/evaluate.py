@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from fm.likelihood import LikelihoodSettings, bits_per_dim, mean_and_stderr
+from fm.methods import METHODS
 from fm.seeding import SeedStack, derive_seed
 from fm.solvers import autocast_field
 from pipelines.batch.classifier import get_classifier
@@ -523,6 +524,9 @@ def run_evaluation(checkpoint: str, shards: str | Manifest, samples: str | None,
                                   "through the observed times; it has no samples to score")
         result.transport = transport_stage(checkpoint, manifest, cfg, memory)
         return result
+    if not METHODS[meta["method"]["name"]].velocity_field:  # MeanFlow: no field to integrate or take the
+        stage(f"{meta['method']['name']} models average velocities: no likelihood or straightness, its samples only")
+        return result if samples is None else result.with_samples(sample_quality(manifest, samples, cfg), samples)
     result.likelihood = likelihood_stage(checkpoint, manifest, cfg, memory)
     if cfg.straightness_samples and not manifest.data.manifold:  # a chord is a straight line in R^D only
         result.straightness = straightness_stage(checkpoint, manifest, cfg)
@@ -561,9 +565,9 @@ def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str, run_
         log.tags(tags)
         log.finish()
         return run_id
-    lik = result.likelihood
-    metrics = {lik.metric: lik.mean, f"{lik.metric}_stderr": lik.stderr, "likelihood_nfe": lik.mean_nfe,
-               "likelihood_images_per_s": lik.images_per_s}
+    lik = result.likelihood  # None for MeanFlow, which has no likelihood
+    metrics = {} if lik is None else {lik.metric: lik.mean, f"{lik.metric}_stderr": lik.stderr,
+                                      "likelihood_nfe": lik.mean_nfe, "likelihood_images_per_s": lik.images_per_s}
     q = result.quality
     if q is not None:
         for key in ("fd", "fid", "fd_floor", "fd_matched", "kid", "kid_std", "precision", "recall", "w2", "w2_floor",
@@ -587,10 +591,11 @@ def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str, run_
         metrics.update({"straightness": st.straightness, "straightness_relative": st.straightness_relative,
                         "chord_deviation": st.chord_deviation})
         tags["flowray.straightness"] = f"{st.samples} trajectories, {st.steps} RK4 steps"
-    if lik.probes is not None:
+    if lik is not None and lik.probes is not None:
         tags["flowray.hutchinson_probes"] = str(lik.probes)
-    tags["flowray.dequantization_draws"] = str(lik.draws)
-    if lik.rows:
+    if lik is not None:
+        tags["flowray.dequantization_draws"] = str(lik.draws)
+    if lik is not None and lik.rows:
         with tempfile.TemporaryDirectory() as tmp:  # SafeLogger copies the file before it returns
             log.artifact(write_per_row(lik, Path(tmp)), "likelihood")
     log.metrics({k: v for k, v in metrics.items() if v is not None and not math.isnan(v)}, step=0)

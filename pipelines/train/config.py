@@ -14,7 +14,7 @@ import numpy as np
 
 from fm.ema import SIGMA_REL_MAX
 from fm.losses import TIME_SAMPLINGS
-from fm.methods import METHODS, make_method
+from fm.methods import JUMP, METHODS, make_method
 from fm.models import MODELS
 from fm.seeding import SEEDING_VERSION
 from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS
@@ -70,6 +70,10 @@ class MethodConfig:
     time_sampling: str = "uniform"  # training t: "uniform" or "logit_normal" (fm.losses.TimeSampling)
     time_loc: float = 0.0  # logit_normal: t = sigmoid(time_loc + time_scale * n), n ~ N(0, 1)
     time_scale: float = 1.0
+    # meanflow (fm.meanflow): the fraction of training intervals with r != t, and the adaptive loss weight's power p
+    # (w = 1 / (||Delta||^2 + 1e-3)^p; 0: the plain squared error); the paper's defaults
+    meanflow_ratio: float = 0.25
+    meanflow_p: float = 1.0
 
 
 @dataclass
@@ -211,9 +215,13 @@ def validate(cfg: Config) -> None:
     check(m.num_heads >= 1 and m.model_channels % m.num_heads == 0, "model.num_heads", m.num_heads,
            "must be >= 1 and divide model.model_channels")
     check(meth.name in METHODS, "method.name", meth.name, f"allowed: {', '.join(METHODS)}")
-    check(METHODS[meth.name].prediction != "mean_velocity", "method.name", meth.name,
-          "MeanFlow trains and samples in process for now (fm.methods.MeanFlowMethod with a two-time model, "
-          "fm.meanflow); the Ray pipeline does not take it yet")
+    meanflow = meth.name in METHODS and METHODS[meth.name].prediction == "mean_velocity"
+    check(0 <= meth.meanflow_ratio <= 1 and (meanflow or meth.meanflow_ratio == 0.25), "method.meanflow_ratio",
+          meth.meanflow_ratio, "must be in [0, 1], and only method.name=meanflow reads it (otherwise keep 0.25)")
+    check(0 <= meth.meanflow_p < math.inf and (meanflow or meth.meanflow_p == 1.0), "method.meanflow_p",
+          meth.meanflow_p, "must be finite and >= 0, and only method.name=meanflow reads it (otherwise keep 1.0)")
+    check(not meanflow or m.dropout == 0, "model.dropout", m.dropout,
+          "must be 0 with meanflow: its target's forward pass and its loss's would draw different dropout masks")
     check(meth.ot_scope in ("local", "global"), "method.ot_scope", meth.ot_scope, "allowed: local, global")
     check(0 <= meth.sigma_min < 1, "method.sigma_min", meth.sigma_min, "must be in [0, 1)")
     check(meth.sigma is None or meth.sigma >= 0, "method.sigma", meth.sigma, "must be null or >= 0")
@@ -279,8 +287,11 @@ def validate(cfg: Config) -> None:
     check(t.eval_every >= 0 and t.eval_every % t.checkpoint_every == 0, "train.eval_every", t.eval_every,
            f"must be 0 (off) or a multiple of train.checkpoint_every={t.checkpoint_every} (a checkpoint is scored)")
     check(t.eval_samples >= 2, "train.eval_samples", t.eval_samples, "must be >= 2 (a covariance needs two)")
-    check(t.eval_solver in (*ADAPTIVE_METHODS, *FIXED_METHODS), "train.eval_solver", t.eval_solver,
-           f"allowed: {', '.join((*ADAPTIVE_METHODS, *FIXED_METHODS))}")
+    check(t.eval_solver in (*ADAPTIVE_METHODS, *FIXED_METHODS, JUMP), "train.eval_solver", t.eval_solver,
+           f"allowed: {', '.join((*ADAPTIVE_METHODS, *FIXED_METHODS, JUMP))}")
+    check(t.eval_every == 0 or (t.eval_solver == JUMP) == meanflow, "train.eval_solver", t.eval_solver,
+          f"{meth.name} samples in {JUMP!r}s (train.eval_steps of them)" if meanflow else
+          f"{JUMP!r} is MeanFlow's sampler; {meth.name} gives a velocity field: use an ODE solver")
     check(t.eval_steps >= 1, "train.eval_steps", t.eval_steps, "must be >= 1")
     check(t.eval_rows >= 0, "train.eval_rows", t.eval_rows, "must be >= 0 (0: the whole test split)")
     check(r.num_workers >= 1, "ray.num_workers", r.num_workers, "must be >= 1")
@@ -391,12 +402,18 @@ def model_kwargs(cfg: Config, data) -> dict:
         if METHODS[cfg.method.name].prediction == "action":
             # a scalar action, whose time derivative is part of its loss: smooth time features
             kwargs.update(out_dim=1, time_scale=1.0)
-        return kwargs
+        return {**kwargs, **_two_times(cfg)}
     h, _, c = data.shape
     return {"image_size": h, "in_channels": c, "model_channels": m.model_channels,
             "channel_mult": list(m.channel_mult), "num_res_blocks": m.num_res_blocks,
             "attention_resolutions": list(m.attention_resolutions), "dropout": m.dropout, "num_heads": m.num_heads,
-            "num_classes": num_classes}
+            "num_classes": num_classes, **_two_times(cfg)}
+
+
+def _two_times(cfg: Config) -> dict:
+    """MeanFlow's model takes the interval's end r too, with smooth time features: its target holds the model's time
+    derivative (`fm.meanflow`; the high-frequency default trains far worse, tests/fm/test_meanflow.py)."""
+    return {"two_times": True, "time_scale": 1.0} if METHODS[cfg.method.name].prediction == "mean_velocity" else {}
 
 
 def method_kwargs(cfg: Config, data=None) -> dict:

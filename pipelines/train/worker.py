@@ -19,10 +19,9 @@ import torch
 
 from fm.data import to_uint8
 from fm.ema import EMA, PowerEMA
-from fm.methods import Method, make_method
+from fm.methods import METHODS, Method, make_method
 from fm.models import build_model
 from fm.seeding import SEEDING_VERSION, derive_seed, generator, seed_default_generator
-from fm.solvers import ode_sample
 from fm.training import StepResult, lr_at, read_ahead, train_step
 from pipelines.core import storage
 from pipelines.core.checkpoint import load_meta, load_state, save_checkpoint
@@ -338,6 +337,12 @@ def _save_ema_snapshot(job: TrainJob, state: WorkerState) -> None:
                         "train.storage_path")
 
 
+def _grid_solver(job: TrainJob) -> str:
+    """The sample grid's solver: Euler for a velocity field, jumps for MeanFlow's average velocity."""
+    preset = METHODS[job.config.method.name]
+    return "euler" if preset.velocity_field else preset.fixed_step_solvers[0]
+
+
 def _log_grid(logger: SafeLogger, job: TrainJob, state: WorkerState) -> None:
     """Sample a grid with the EMA model (Euler, fixed noise) and log it as samples/step_XXXXXX.png."""
     if not job.data.is_image:
@@ -348,7 +353,7 @@ def _log_grid(logger: SafeLogger, job: TrainJob, state: WorkerState) -> None:
     num_classes = job.model_kwargs.get("num_classes")
     y = torch.arange(t.grid_size, device=state.device) % num_classes if num_classes else None
     with torch.no_grad():
-        x = ode_sample(state.method.velocity(state.ema.module, y), x_0, "euler", steps=t.grid_steps,
-                       t_1=state.method.t_max).x_1
+        x = state.method.sample(state.method.velocity(state.ema.module, y), x_0, _grid_solver(job),
+                                t.grid_steps).x_1
     with tempfile.TemporaryDirectory() as tmp:
         logger.artifact(save_grid(to_uint8(x), Path(tmp) / f"step_{state.step:06d}.png"), "samples")

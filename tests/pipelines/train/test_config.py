@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.core.errors import ConfigError
-from pipelines.train.config import Config, check_data, load_config
+from pipelines.core.manifest import DataSpec
+from pipelines.train.config import Config, check_data, load_config, model_kwargs
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -38,9 +39,17 @@ def test_defaults_yaml_and_overrides(tmp_path):
     # bounds of keys that could otherwise only fail after Ray started, or after training
     ("train.num_to_keep=0", "train.num_to_keep: 0 is not allowed; must be >= 1 (checkpoints kept; a resume needs one)"),
     ("train.grid_steps=0", "train.grid_steps: 0 is not allowed; must be >= 1 (Euler steps of the sample grid)"),
-    ("method.name=meanflow", "method.name: 'meanflow' is not allowed; MeanFlow trains and samples in process for "
-                             "now (fm.methods.MeanFlowMethod with a two-time model, fm.meanflow); the Ray pipeline "
-                             "does not take it yet"),
+    ("method.meanflow_ratio=0.5", "method.meanflow_ratio: 0.5 is not allowed; must be in [0, 1], and only "
+                                  "method.name=meanflow reads it (otherwise keep 0.25)"),
+    ("method.name=meanflow method.meanflow_ratio=1.5", "method.meanflow_ratio: 1.5 is not allowed; must be in [0, 1]"),
+    ("method.name=meanflow method.meanflow_p=-1", "method.meanflow_p: -1.0 is not allowed; must be finite and >= 0"),
+    ("method.name=meanflow model.dropout=0.1", "model.dropout: 0.1 is not allowed; must be 0 with meanflow: its "
+                                               "target's forward pass and its loss's would draw different dropout "
+                                               "masks"),
+    ("method.name=meanflow train.eval_every=200", "train.eval_solver: 'dopri5' is not allowed; meanflow samples in "
+                                                  "'jump's (train.eval_steps of them)"),
+    ("train.eval_every=200 train.eval_solver=jump", "train.eval_solver: 'jump' is not allowed; 'jump' is MeanFlow's "
+                                                    "sampler; fm_ot gives a velocity field: use an ODE solver"),
     ("train.ema_snapshot_every=-1", "train.ema_snapshot_every: -1 is not allowed; must be >= 0 (0: off)"),
     ("train.ema_snapshot_every=1 train.steps=5000", "train.ema_snapshot_every: 1 is not allowed; gives 5000 "
                                                     "snapshots of 5000 steps; at most 1000 are kept per run: take at "
@@ -154,3 +163,21 @@ def test_values_of_the_wrong_type_are_named_with_the_type(item, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [item])
     assert str(err.value) == message
+
+
+def test_meanflow_samples_in_jumps_and_nothing_else():
+    from pipelines.batch.config import SampleConfig, validate_sample_config
+
+    validate_sample_config(SampleConfig(solver="jump", steps=2), "meanflow")
+    for solver in ("dopri5", "euler", "sde"):
+        with pytest.raises(ConfigError, match=rf"sample.solver: '{solver}' is not allowed; meanflow models average "
+                                              r"velocities: it samples in 'jump's \(sample.steps of them"):
+            validate_sample_config(SampleConfig(solver=solver), "meanflow")
+    with pytest.raises(ConfigError, match=r"'jump' is MeanFlow's sampler; otcfm gives a velocity field"):
+        validate_sample_config(SampleConfig(solver="jump"), "otcfm")
+    # its model takes the interval's end, with smooth time features; other methods' models are as they were
+    cfg = load_config("configs/digits-cpu.yaml", ["method.name=meanflow"])
+    digits = DataSpec("digits", "image", [8, 8, 1])
+    kwargs = model_kwargs(cfg, digits)
+    assert kwargs["two_times"] is True and kwargs["time_scale"] == 1.0
+    assert "two_times" not in model_kwargs(load_config("configs/digits-cpu.yaml", []), digits)
