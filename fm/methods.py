@@ -110,8 +110,8 @@ METHODS: dict[str, MethodPreset] = {
     "sbcfm": MethodPreset("brownian", "entropic_ot", sigma=1.0,
                           summary="SB-CFM: entropic OT (reg = 2 sigma^2) and a Brownian bridge (Tong et al. 2023)"),
     "meanflow": MethodPreset("straight", "independent", "mean_velocity",
-                             summary="MeanFlow: the average velocity over an interval, one-step sampling "
-                                     "(Geng et al. 2025); in process only for now (fm.meanflow)"),
+                             summary="MeanFlow: the average velocity over an interval, sampled in 1 to k jumps "
+                                     "(`sample.solver=jump`; Geng et al. 2025)"),
     "reflow": MethodPreset("straight", "given",
                            summary="Rectified Flow's reflow: straight paths between a trained flow's own pairs "
                                    "(x_0, x_1 = ODE(x_0)) from a `samples:DIR` source (Liu et al. 2022)"),
