@@ -4,7 +4,6 @@ network call each), and evaluation scores its samples without a likelihood, whic
 
 import pytest
 from mlflow.tracking import MlflowClient
-
 from pipeline_helpers import TINY
 
 
