@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fm.methods import METHODS
+from fm.methods import JUMP, METHODS
 from jobs.cli import add_common, int_list, name_list, run_job
 
 
@@ -129,7 +129,10 @@ def _reproduce(a) -> dict:
         t0 = time.perf_counter()
         solves = [SampleConfig(num_samples=num_samples, solver="dopri5", atol=1e-5, rtol=1e-5, seed=seed,
                                block_size=100, actors=2)]
-        if seed == a.seeds[0]:
+        if not METHODS[method].velocity_field:  # MeanFlow: one jump for every seed, 2 and 4 for the first
+            solves = [SampleConfig(num_samples=num_samples, solver=JUMP, steps=n, seed=seed, block_size=100,
+                                   actors=2) for n in ([1, 2, 4] if seed == a.seeds[0] else [1])]
+        elif seed == a.seeds[0]:
             solves += [SampleConfig(num_samples=num_samples, solver="euler", steps=n, seed=seed, block_size=100,
                                     actors=2) for n in euler]
             if method == "score_vp" and preset.sde_steps:

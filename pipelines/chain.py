@@ -90,6 +90,8 @@ def train_sample_evaluate(cfg: Config, solves: list[SampleConfig], ecfg: EvalCon
     """Train per `cfg`, then `sample_and_evaluate` the final model; returns {"train": the `run_training` result,
     "solves": [SolveRecord, ...]}. The manifest is read (and checked against the config) once."""
     manifest = check_data(cfg)
+    for scfg in solves:  # a sampler the method cannot take is refused before training, not after it
+        validate_sample_config(scfg, cfg.method.name)
     trained = run_training(cfg, manifest, callbacks=quality_callbacks(cfg, manifest))
     return {"train": trained, "solves": sample_and_evaluate(trained, manifest, solves, ecfg,
                                                             Path(samples_root) / trained["run_id"],
