@@ -95,7 +95,7 @@ class MethodPreset:
     def fixed_step_solvers(self) -> tuple[str, ...]:
         """The fixed-step solvers its sampling takes: torchdiffeq's, on a manifold the projected ones, and for an
         average-velocity model its jumps."""
-        if self.prediction == "mean_velocity":
+        if not self.velocity_field:
             return (JUMP,)
         return tuple(MANIFOLD_SOLVERS) if self.kind == "riemannian" else FIXED_METHODS
 
@@ -420,7 +420,7 @@ def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, 
     path_spec = PATHS[preset.path]
     path = path_spec.build(**{k: getattr(params, k) for k in path_spec.params})
     coupling_spec = COUPLINGS[coupling_name(name, ot_scope)]
-    if preset.prediction == "mean_velocity":
+    if not preset.velocity_field:
         return MeanFlowMethod(name, path, coupling_spec.cls(**coupling_spec.args(params)), preset.prediction,
                               preset.t_max, times_drawn, MeanFlowSettings(meanflow_ratio, times_drawn, meanflow_p))
     return Method(name, path, coupling_spec.cls(**coupling_spec.args(params)), preset.prediction, preset.t_max,

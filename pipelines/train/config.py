@@ -215,7 +215,7 @@ def validate(cfg: Config) -> None:
     check(m.num_heads >= 1 and m.model_channels % m.num_heads == 0, "model.num_heads", m.num_heads,
            "must be >= 1 and divide model.model_channels")
     check(meth.name in METHODS, "method.name", meth.name, f"allowed: {', '.join(METHODS)}")
-    meanflow = meth.name in METHODS and METHODS[meth.name].prediction == "mean_velocity"
+    meanflow = meth.name in METHODS and not METHODS[meth.name].velocity_field
     check(0 <= meth.meanflow_ratio <= 1 and (meanflow or meth.meanflow_ratio == 0.25), "method.meanflow_ratio",
           meth.meanflow_ratio, "must be in [0, 1], and only method.name=meanflow reads it (otherwise keep 0.25)")
     check(0 <= meth.meanflow_p < math.inf and (meanflow or meth.meanflow_p == 1.0), "method.meanflow_p",
@@ -413,7 +413,7 @@ def model_kwargs(cfg: Config, data) -> dict:
 def _two_times(cfg: Config) -> dict:
     """MeanFlow's model takes the interval's end r too, with smooth time features: its target holds the model's time
     derivative (`fm.meanflow`; the high-frequency default trains far worse, tests/fm/test_meanflow.py)."""
-    return {"two_times": True, "time_scale": 1.0} if METHODS[cfg.method.name].prediction == "mean_velocity" else {}
+    return {} if METHODS[cfg.method.name].velocity_field else {"two_times": True, "time_scale": 1.0}
 
 
 def method_kwargs(cfg: Config, data=None) -> dict:
