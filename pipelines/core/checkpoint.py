@@ -43,10 +43,16 @@ def save_checkpoint(directory: str | Path, *, step: int, model: nn.Module, ema_s
         torch.save(optimizer.state_dict(), d / "optimizer.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), d / "scaler.pt")
-    meta = {"step": step, "model": {"name": model_name, "kwargs": model_kwargs}, "method": method_kwargs,
-            "config": config, "seeding": SEEDING_VERSION, **(extra or {})}
+    meta = checkpoint_meta(step, model_name, model_kwargs, method_kwargs, config, extra)
     (d / META).write_text(json.dumps(meta, indent=1))
     return d
+
+
+def checkpoint_meta(step: int, model_name: str, model_kwargs: dict, method_kwargs: dict, config: dict,
+                    extra: dict | None = None) -> dict:
+    """What a checkpoint's meta.json holds: enough to rebuild its model and method alone."""
+    return {"step": step, "model": {"name": model_name, "kwargs": model_kwargs}, "method": method_kwargs,
+            "config": config, "seeding": SEEDING_VERSION, **(extra or {})}
 
 
 def load_meta(directory: str | Path) -> dict:

@@ -21,10 +21,10 @@ from fm.data import to_uint8
 from fm.ema import EMA, PowerEMA
 from fm.methods import METHODS, Method, make_method
 from fm.models import build_model
-from fm.seeding import SEEDING_VERSION, derive_seed, generator, seed_default_generator
+from fm.seeding import derive_seed, generator, seed_default_generator
 from fm.training import StepResult, lr_at, read_ahead, train_step
 from pipelines.core import storage
-from pipelines.core.checkpoint import load_meta, load_state, save_checkpoint
+from pipelines.core.checkpoint import checkpoint_meta, load_meta, load_state, save_checkpoint
 from pipelines.core.figures import save_grid
 from pipelines.core.manifest import DataSpec
 from pipelines.core.runtime import quiet_train_worker, use_cpu_share
@@ -327,9 +327,8 @@ def _save_ema_snapshot(job: TrainJob, state: WorkerState) -> None:
     import json
 
     p = state.power_ema
-    meta = {"model": {"name": job.config.model.name, "kwargs": job.model_kwargs},
-            "method": method_kwargs(job.config, job.data), "config": job.config.to_dict(), "seeding": SEEDING_VERSION,
-            "mlflow_run_id": job.run_id, "manifest": job.data.to_dict()}
+    meta = checkpoint_meta(state.step, job.config.model.name, job.model_kwargs, method_kwargs(job.config, job.data),
+                           job.config.to_dict(), {"mlflow_run_id": job.run_id, "manifest": job.data.to_dict()})
     buf = io.BytesIO()
     torch.save({"step": state.step, "sigma_rels": list(p.sigma_rels), "gammas": list(p.gammas),
                 "modules": [m.state_dict() for m in p.modules], "meta": json.dumps(meta)}, buf)
