@@ -43,8 +43,10 @@ heavy: $(STAMP)
 faults: $(STAMP)
 	$(PY) -m pytest -q -m faults --durations=0
 
+# ruff, and the type checker over fm/, pipelines/ and jobs/ (pyproject.toml's [tool.mypy]; tests/README.md, "Types")
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 reproduce: $(STAMP)
 	$(PY) -m jobs.reproduce --preset digits

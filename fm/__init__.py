@@ -4,7 +4,7 @@ Never imports ray or mlflow. Convention: t = 0 is noise (x_0), t = 1 is data (x_
 """
 
 from fm.couplings import make_coupling
-from fm.methods import METHODS, Method, make_method
+from fm.methods import METHODS, FlowMethod, Method, make_method
 from fm.models import build_model
 from fm.paths import AffinePath, GeneralPath, NoisyLinearPath, PathSample, make_path
 from fm.solvers import ode_sample, sde_sample, velocity_fn
@@ -13,6 +13,7 @@ __all__ = [
     "AffinePath",
     "GeneralPath",
     "METHODS",
+    "FlowMethod",
     "Method",
     "NoisyLinearPath",
     "PathSample",

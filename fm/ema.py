@@ -30,7 +30,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
-        ema_params = list(self.module.parameters())
+        ema_params: list[Tensor] = list(self.module.parameters())
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         for b_ema, b in zip(self.module.buffers(), model.buffers(), strict=True):
@@ -162,7 +162,12 @@ def combine_states(states, coefficients: Tensor) -> dict[str, Tensor] | list[dic
     pass). Tensors that are not floating point (counters) are taken from the last state."""
     coefficients = torch.as_tensor(coefficients, dtype=torch.float64)
     if coefficients.ndim == 1:
-        return combine_states(states, coefficients[:, None])[0]
+        return _combine(states, coefficients[:, None])[0]
+    return _combine(states, coefficients)
+
+
+def _combine(states, coefficients: Tensor) -> list[dict[str, Tensor]]:
+    """`combine_states` for coefficients [S, T]: T state dicts."""
     totals: list[dict[str, Tensor]] = [{} for _ in range(coefficients.shape[1])]
     dtypes: dict[str, torch.dtype] = {}
     count = 0

@@ -29,6 +29,7 @@ time derivative, smooth time features (`time_scale=1`) train far better than the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -108,7 +109,7 @@ def meanflow_target(model: nn.Module, x_t: Tensor, t: Tensor, r: Tensor, v: Tens
     inner = _unwrapped(model)
     with torch.no_grad():
         _, du_dt = torch.func.jvp(lambda z, tt, rr: inner(z, tt, y, rr), (x_t, t, r),
-                                  (v, torch.ones_like(t), torch.zeros_like(r)))
+                                  (v, torch.ones_like(t), torch.zeros_like(r)))[:2]
     u = model(x_t, t, y, r)
     return u, v + (r - t).view((-1,) + (1,) * (v.dim() - 1)) * du_dt
 
@@ -117,7 +118,7 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     """The module inside torch.compile's and DDP's wrappers (their `_orig_mod` and `module`)."""
     while isinstance(getattr(model, "_orig_mod", None), nn.Module) or (
             type(model).__name__ == "DistributedDataParallel"):
-        model = getattr(model, "_orig_mod", None) or model.module
+        model = cast(nn.Module, getattr(model, "_orig_mod", None) or model.module)
     return model
 
 

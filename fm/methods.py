@@ -19,8 +19,10 @@ probability-flow ODE. Three kinds share the interface (`pair`, `loss_on_pairs`, 
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +47,7 @@ from fm.solvers import (
 )
 
 __all__ = ["METHODS", "MethodPreset", "MethodParams", "Method", "MeanFlowMethod", "RiemannianMethod",
-           "SnapshotMethod", "AnyMethod", "make_method", "methods_markdown"]
+           "SnapshotMethod", "FlowMethod", "make_method", "methods_markdown"]
 
 JUMP = "jump"  # the sampler of an average-velocity model (fm.meanflow.jump_sample): not an ODE solver
 
@@ -57,11 +59,12 @@ VP_T_MAX = 1.0 - 1e-5
 class MethodParams:
     """The parameters of the parts; each part reads the ones it needs (`PathSpec.params`, `CouplingSpec.args`).
 
-    sigma None means the preset's default (0 for I-CFM and OT-CFM, 1 for SB-CFM as in torchcfm).
+    sigma: the straight-line paths' noise (`make_method` puts the preset's default for None: 0 for I-CFM and OT-CFM,
+    1 for SB-CFM as in torchcfm).
     """
 
     sigma_min: float = 1e-4
-    sigma: float | None = None
+    sigma: float = 0.0
     ot_scope: str = "local"
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -129,6 +132,75 @@ METHODS: dict[str, MethodPreset] = {
 OTHER_PATHS = {"geodesic": "geodesic (manifold)", "snapshot_interpolant": "snapshot interpolant"}
 
 
+class FlowMethod(Protocol):
+    """What training (`fm.training`), the Train worker and the batch actors use of a method, whatever its kind
+    (module docstring): `Method` and `MeanFlowMethod` (Euclidean), `RiemannianMethod`, `SnapshotMethod`. Each
+    member is documented here once; a kind that cannot do something (an SDE without a Gaussian path, noise for
+    snapshots) raises ValueError saying why. Shapes: B rows of data of shape [...] (an image [C, H, W], a point
+    [D])."""
+
+    name: str  # the METHODS key
+    coupling: Coupling  # pairs x_0 with x_1 (`fm.couplings`); its last_solve_seconds times a step's pairing
+
+    @property
+    def kind(self) -> str:
+        """ "euclidean", "riemannian" or "snapshots"."""
+
+    @property
+    def prediction(self) -> str:
+        """What the model outputs: "velocity", "epsilon", "mean_velocity" or "action" (`fm.paths.PREDICTIONS`)."""
+
+    @property
+    def draws_noise(self) -> bool:
+        """Whether sampling starts from `draw_x0` (snapshot methods start from data of the first snapshot)."""
+
+    @property
+    def t_0(self) -> float:
+        """The time sampling starts at."""
+
+    @property
+    def t_max(self) -> float:
+        """The time sampling ends at (below 1 on the VP path, whose sigma_1 = 0)."""
+
+    @property
+    def t_limit(self) -> float | None:
+        """The largest time the sampling field is defined at (`fm.solvers.ode_sample`), or None."""
+
+    def draw_x0(self, seeds: SeedStack, shape: list[int] | tuple[int, ...]) -> Tensor:
+        """Sampling's start [len(seeds), *shape], row k from seed k alone."""
+
+    def pair(self, x_1: Tensor, y: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A step's (x_0 [B, ...], x_1 [B, ...], y [B] or None), paired by the coupling, from `generator`."""
+
+    def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """The per-sample loss [B] of paired rows; times and path noise from `generator`."""
+
+    def loss(self, model: nn.Module, x_1: Tensor, y: Tensor | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+        """`pair`, then `loss_on_pairs`: the per-sample loss [B] for data x_1 [B, ...]."""
+
+    def sample(self, fn: VelocityFn, x_0: Tensor, solver: str = "dopri5", steps: int | None = None,
+               atol: float = 1e-5, rtol: float = 1e-5) -> SampleResult:
+        """From x_0 [B, ...] at t_0 to t_max along `fn` (`velocity`), with an ODE solver of `fm.solvers` (MeanFlow:
+        in jumps), counting NFE."""
+
+    def log_likelihood(self, fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings,
+                       generator: SeedStack | torch.Generator | None = None) -> LikelihoodResult:
+        """log p_1(x_1) [B] by the change of variables in the method's space (`fm.likelihood`)."""
+
+    def velocity(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0) -> VelocityFn:
+        """The field a trained model gives for sampling (fn(t, x) -> [B, ...])."""
+
+    @property
+    def gaussian_path(self) -> AffinePath:
+        """The Gaussian marginal path that converts the model to a score (SDE sampling); raises where none is."""
+
+    def sde_diffusion(self, g: float) -> Callable[[Tensor], Tensor]:
+        """The diffusion g(t) [B] -> [B] of the SDE this method may be sampled with (`Method.sde_diffusion`)."""
+
+
 @dataclass
 class Method:
     """A path, a coupling and the model's prediction kind, with the training loss and the sampling field."""
@@ -186,8 +258,8 @@ class Method:
                       generator: torch.Generator | None = None) -> Tensor:
         """The second half of `loss`: times, path sample and per-sample loss [B] for paired (x_0, x_1, y)."""
         t = sample_time(x_1.shape[0], self.t_max, generator, x_1.device, self.time_sampling).to(x_1.dtype)
-        if self.prediction == "epsilon":
-            return dsm_loss(model, self.path, x_0, x_1, t, y)
+        if self.prediction == "epsilon":  # the score model's path is VP's, an AffinePath (`METHODS`)
+            return dsm_loss(model, self.gaussian_path, x_0, x_1, t, y)
         return cfm_loss(model, self.path.sample(x_0, x_1, t, generator), y)
 
     @property
@@ -267,12 +339,22 @@ class MeanFlowMethod(Method):
                          f"use solver {JUMP!r}")
 
 
-class _NonGaussianMethod:
+class _NonGaussianMethod(ABC):
     """The training loss of the kinds beyond `Method`, and their refusal of SDE sampling (no Gaussian path, so no
     score); a subclass says why in `_not_gaussian`."""
 
     name: str
     _not_gaussian: str
+
+    @abstractmethod
+    def pair(self, x_1: Tensor, y: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """`FlowMethod.pair`."""
+
+    @abstractmethod
+    def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """`FlowMethod.loss_on_pairs`."""
 
     def loss(self, model: nn.Module, x_1: Tensor, y: Tensor | None = None,
              generator: torch.Generator | None = None) -> Tensor:
@@ -299,6 +381,7 @@ class RiemannianMethod(_NonGaussianMethod):
 
     def __init__(self, name: str, manifold: Manifold, coupling: Coupling):
         self.name, self.manifold, self.coupling = name, manifold, coupling
+        self._not_gaussian = f"lives on {manifold.label}"
 
     def draw_x0(self, seeds: SeedStack, shape: list[int] | tuple[int, ...]) -> Tensor:
         """Uniform points on the manifold [len(seeds), D], row k from seed k alone."""
@@ -326,10 +409,6 @@ class RiemannianMethod(_NonGaussianMethod):
     def velocity(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0) -> VelocityFn:
         return velocity_fn(model, y, cfg_scale)
 
-    @property
-    def _not_gaussian(self) -> str:
-        return f"lives on {self.manifold.label}"
-
 
 class SnapshotMethod(_NonGaussianMethod):
     """Action Matching, or CFM, from unpaired snapshots at observed `times` (`fm.action_matching`). A batch holds
@@ -349,6 +428,17 @@ class SnapshotMethod(_NonGaussianMethod):
     def draw_x0(self, seeds: SeedStack, shape: list[int] | tuple[int, ...]) -> Tensor:
         raise ValueError(f"method {self.name!r} starts from data of the first snapshot, not from noise")
 
+    def sample(self, fn: VelocityFn, x_0: Tensor, solver: str = "dopri5", steps: int | None = None,
+               atol: float = 1e-5, rtol: float = 1e-5) -> SampleResult:
+        """Carry x_0 [B, D], rows of the first snapshot, from t_0 to the last observed time t_max, counting NFE (every
+        observed time on the way: `fm.action_matching.transport`)."""
+        return ode_sample(fn, x_0, solver, steps, atol, rtol, t_0=self.t_0, t_1=self.t_max)
+
+    def log_likelihood(self, fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings,
+                       generator: SeedStack | torch.Generator | None = None) -> LikelihoodResult:
+        raise ValueError(f"method {self.name!r} moves data between snapshots from no prior density, so it has no "
+                         "likelihood; its evaluation is the distance to each held-out snapshot")
+
     def pair(self, x_1: Tensor, y: Tensor | None = None,
              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(a, b, segment): rows of consecutive snapshots paired; y holds every row's snapshot index."""
@@ -361,6 +451,8 @@ class SnapshotMethod(_NonGaussianMethod):
 
     def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
                       generator: torch.Generator | None = None) -> Tensor:
+        if y is None:
+            raise ValueError(f"method {self.name!r} needs the pairs' segment index (`pair`'s third value) as y")
         loss = action_matching_loss if self.prediction == "action" else snapshot_cfm_loss
         return loss(model, x_0, x_1, y, self.times, generator)
 
@@ -371,13 +463,12 @@ class SnapshotMethod(_NonGaussianMethod):
     _not_gaussian = "moves data between snapshots"
 
 
-AnyMethod = Method | MeanFlowMethod | RiemannianMethod | SnapshotMethod
 
 
 def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, ot_scope: str = "local",
                 beta_min: float = 0.1, beta_max: float = 20.0, manifold: str | None = None,
                 times: list[float] | None = None, time_sampling: str = "uniform", time_loc: float = 0.0,
-                time_scale: float = 1.0, meanflow_ratio: float = 0.25, meanflow_p: float = 1.0) -> AnyMethod:
+                time_scale: float = 1.0, meanflow_ratio: float = 0.25, meanflow_p: float = 1.0) -> FlowMethod:
     """Build a method preset by name from its registered parts.
 
     Args:
@@ -410,9 +501,9 @@ def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, 
         snapshot_methods = ", ".join(k for k, p in METHODS.items() if p.kind == "snapshots")
         raise ValueError(f"method {name!r} needs snapshot data with observation times" if times is None else
                          f"snapshot data need a snapshot method ({snapshot_methods}); {name!r} is {preset.kind}")
-    if preset.kind == "riemannian":
+    if preset.kind == "riemannian" and manifold is not None:  # (checked above: a Riemannian method has one)
         return RiemannianMethod(name, get_manifold(manifold), COUPLINGS[preset.coupling].cls())
-    if preset.kind == "snapshots":
+    if preset.kind == "snapshots" and times is not None:  # (checked above: a snapshot method has them)
         return SnapshotMethod(name, list(times), COUPLINGS[preset.coupling].cls(), preset.prediction)
     params = MethodParams(sigma_min, preset.sigma if sigma is None else sigma, ot_scope, beta_min, beta_max)
     if preset.coupling == "entropic_ot" and params.sigma <= 0:

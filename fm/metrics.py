@@ -158,7 +158,7 @@ def mmd(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.1, 0.5, 1.0, 2.
 
     def k(a: Tensor, b: Tensor) -> Tensor:
         d2 = torch.cdist(a, b).pow(2)
-        return sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)
+        return sum((torch.exp(-d2 / (2 * h * h)) for h in bandwidths), torch.zeros_like(d2))
 
     return _mmd2_unbiased(k(x, x), k(y, y), k(x, y)).item()
 

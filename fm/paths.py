@@ -205,7 +205,8 @@ class AffinePath:
 
     def _coeffs(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         s = self.scheduler(t)
-        return tuple(_expand(v, x_t) for v in (s.alpha_t, s.sigma_t, s.d_alpha_t, s.d_sigma_t))
+        return (_expand(s.alpha_t, x_t), _expand(s.sigma_t, x_t), _expand(s.d_alpha_t, x_t),
+                _expand(s.d_sigma_t, x_t))
 
     def to_epsilon(self, pred: Tensor, kind: str, x_t: Tensor, t: Tensor) -> Tensor:
         """Convert a prediction of the given kind to E[x_0 | x_t] (epsilon), shape of x_t."""
@@ -294,7 +295,7 @@ class GeneralPath:
         """Draw x_t = T_t(x_0, x_1) and dx_t [B, ...] (deterministic; `generator` is unused)."""
         check_pair(x_0, x_1)
         check_t(t, x_0.shape[0])
-        x_t, dx_t = torch.func.jvp(lambda tt: self.transform(x_0, x_1, tt), (t,), (torch.ones_like(t),))
+        x_t, dx_t = torch.func.jvp(lambda tt: self.transform(x_0, x_1, tt), (t,), (torch.ones_like(t),))[:2]
         return PathSample(x_0, x_1, t, x_t, dx_t)
 
 

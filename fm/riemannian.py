@@ -29,6 +29,7 @@ from fm.likelihood import LikelihoodResult, LikelihoodSettings, log_likelihood
 from fm.losses import sample_time
 from fm.manifolds import Manifold
 from fm.metrics import w2_from_cost
+from fm.seeding import SeedStack
 from fm.solvers import FIXED_METHODS, SampleResult, VelocityFn, ode_sample
 
 __all__ = ["rfm_loss", "manifold_ode_sample", "manifold_log_likelihood", "geodesic_wasserstein2",
@@ -67,8 +68,8 @@ def manifold_ode_sample(fn: VelocityFn, manifold: Manifold, x_0: Tensor, method:
             raise ValueError(f"solver {method!r} steps off the manifold; fixed-step solvers on a manifold: "
                              f"{', '.join(MANIFOLD_SOLVERS)}, or an adaptive torchdiffeq solver (e.g. dopri5)")
         res = ode_sample(fn, x_0, method, steps, atol, rtol, t_0, t_1, return_trajectory)
-        traj = manifold.projx(res.trajectory) if res.trajectory is not None else None
-        return SampleResult(manifold.projx(res.x_1), res.nfe, traj)
+        projected = manifold.projx(res.trajectory) if res.trajectory is not None else None
+        return SampleResult(manifold.projx(res.x_1), res.nfe, projected)
     if steps is None or steps < 1:
         raise ValueError(f"solver {method!r} needs steps >= 1; got {steps}")
     h = (t_1 - t_0) / steps
@@ -100,7 +101,8 @@ def manifold_ode_sample(fn: VelocityFn, manifold: Manifold, x_0: Tensor, method:
 
 
 def manifold_log_likelihood(fn: VelocityFn, manifold: Manifold, x_1: Tensor,
-                            settings: LikelihoodSettings | None = None, generator: torch.Generator | None = None,
+                            settings: LikelihoodSettings | None = None,
+                            generator: SeedStack | torch.Generator | None = None,
                             log_p0: Callable[[Tensor], Tensor] | None = None) -> LikelihoodResult:
     """log p_1(x_1) [B] on the manifold, by the Riemannian change of variables (see the module docstring), with
     the uniform prior unless `log_p0` is given; x_0 of the result is projected onto the manifold."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -79,13 +80,16 @@ def velocity_fn(model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.
     def raw(x: Tensor, t: Tensor) -> Tensor:
         if cfg_scale == 1.0:
             return model(x, t, y)
-        null = torch.full_like(y, model.num_classes)
+        assert y is not None  # checked above: guidance has labels
+        null = torch.full_like(y, cast(int, model.num_classes))
         both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         v_y, v_null = both.chunk(2)
         return v_null + cfg_scale * (v_y - v_null)
 
     if prediction == "velocity":
         return raw
+    if path is None:
+        raise ValueError(f"a model that predicts {prediction!r} needs its Gaussian path to give a velocity")
     return lambda x, t: path.convert(raw(x, t), prediction, "velocity", x, t)
 
 
@@ -117,7 +121,7 @@ def integration_times(method: str, steps: int | None, t_0: float, t_1: float, at
                       like: Tensor) -> Tensor:
     """Validate solver settings and return the times handed to odeint: the fixed grid, or just [t_0, t_1]."""
     check_solver(method, steps, atol, rtol)
-    if method in FIXED_METHODS:
+    if method in FIXED_METHODS and steps is not None:  # (check_solver: a fixed-step solver has its steps)
         return time_grid(steps, t_0, t_1, like.device).to(like.dtype)
     return torch.tensor([t_0, t_1], device=like.device, dtype=like.dtype)
 

@@ -60,6 +60,7 @@ def straightness(fn: VelocityFn, x_0: Tensor, steps: int = 16, t_0: float = 0.0,
         raise ValueError(f"straightness needs steps >= 1; got {steps}")
     solved = ode_sample(fn, x_0, "rk4", steps, t_0=t_0, t_1=t_1, return_trajectory=True)
     path = solved.trajectory  # [steps + 1, B, ...]
+    assert path is not None  # asked for with return_trajectory
     ts = time_grid(steps, t_0, t_1, x_0.device).to(x_0.dtype)
     b = x_0.shape[0]
     with torch.no_grad():

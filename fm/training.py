@@ -13,12 +13,13 @@ from torch import Tensor, nn
 from fm.couplings import GlobalOTCoupling
 from fm.data import sample_toy
 from fm.ema import EMA
-from fm.methods import Method
+from fm.methods import FlowMethod, Method
 
 __all__ = ["StepResult", "Pairs", "pair_step", "given_pair_step", "pair_global_step", "read_ahead", "train_step",
            "SCHEDULES", "lr_at", "fit", "fit_toy"]
 
-T, U = TypeVar("T"), TypeVar("U")
+T = TypeVar("T")
+U = TypeVar("U")
 
 SCHEDULES = ("constant", "cosine", "polynomial")
 
@@ -64,28 +65,28 @@ class Pairs:
     solve_seconds: float
 
 
-def pair_step(method: Method, x_1: Tensor, y: Tensor | None, generator: torch.Generator) -> Pairs:
+def pair_step(method: FlowMethod, x_1: Tensor, y: Tensor | None, generator: torch.Generator) -> Pairs:
     """Draw a step's noise and solve its coupling, as `method.loss` would at the start of the step."""
     x_0, x_1, y = method.pair(x_1, y, generator)
     return Pairs(x_0, x_1, y, generator, method.coupling.last_solve_seconds)
 
 
-def given_pair_step(method: Method, x_0: Tensor, x_1: Tensor, y: Tensor | None,
+def given_pair_step(method: FlowMethod, x_0: Tensor, x_1: Tensor, y: Tensor | None,
                     generator: torch.Generator) -> Pairs:
     """A step of pairs that come with the data (reflow: x_0 [B, ...] regenerated from each row's seed, x_1 [B, ...]
     its sample), kept as given; the loss continues from `generator` (times and path noise)."""
-    if not method.pairs_given:
+    if not isinstance(method, Method) or not method.pairs_given:
         raise ValueError(f"method {method.name!r} pairs its own noise; given pairs are for reflow")
     x_0, x_1, y = method.coupling(x_0, x_1, y, generator)
     return Pairs(x_0, x_1, y, generator, 0.0)
 
 
-def pair_global_step(method: Method, x_1: list[Tensor], y: list[Tensor] | None,
+def pair_global_step(method: FlowMethod, x_1: list[Tensor], y: list[Tensor] | None,
                      generators: list[torch.Generator]) -> list[Pairs]:
     """Every rank's `pair_step` under the global-batch coupling (`fm.couplings.GlobalOTCoupling`), made in one
     process: rank r's noise from generators[r] for its batch x_1[r] [b, ...] (labels y[r] [b]), one plan over the
     step's global batch, split afterwards. The pairs each rank of a process group gets from `pair_step`."""
-    if not isinstance(method.coupling, GlobalOTCoupling):
+    if not isinstance(method, Method) or not isinstance(method.coupling, GlobalOTCoupling):
         raise ValueError(f"method {method.name!r} does not couple over the global batch (its coupling is "
                          f"{type(method.coupling).__name__})")
     x_0 = [method.noise(x, g) for x, g in zip(x_1, generators, strict=True)]
@@ -125,7 +126,7 @@ def read_ahead(items: Iterator[T], fn: Callable[[T], U], buffer: int) -> Iterato
         yield out
 
 
-def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x_1: Tensor,
+def train_step(model: nn.Module, method: FlowMethod, optimizer: torch.optim.Optimizer, x_1: Tensor,
                y: Tensor | None = None, generator: torch.Generator | None = None, grad_clip: float = 1.0,
                autocast_dtype: torch.dtype | None = None, pairs: Pairs | None = None,
                scaler: torch.amp.GradScaler | None = None) -> StepResult:
@@ -167,7 +168,7 @@ def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimize
     return StepResult(loss.item(), grad_norm.item(), True)
 
 
-def fit(model: nn.Module, method: Method, batch: Callable[[torch.Generator], tuple[Tensor, Tensor | None]],
+def fit(model: nn.Module, method: FlowMethod, batch: Callable[[torch.Generator], tuple[Tensor, Tensor | None]],
         steps: int = 2000, lr: float = 1e-3, ema_decay: float = 0.999, seed: int = 0, schedule: str = "constant",
         warmup_steps: int | None = None) -> tuple[EMA, list[float]]:
     """Train a model in process on batches drawn by `batch(generator) -> (x_1 [B, ...], y [B] or None)`; returns
@@ -189,7 +190,7 @@ def fit(model: nn.Module, method: Method, batch: Callable[[torch.Generator], tup
     return ema, losses
 
 
-def fit_toy(model: nn.Module, method: Method, data: str, steps: int = 2000, batch: int = 256, lr: float = 1e-3,
+def fit_toy(model: nn.Module, method: FlowMethod, data: str, steps: int = 2000, batch: int = 256, lr: float = 1e-3,
             ema_decay: float = 0.999, seed: int = 0) -> tuple[EMA, list[float]]:
     """Train a model on a toy 2-D set in process; returns the EMA of the weights and the loss history."""
     return fit(model, method, lambda g: (sample_toy(data, batch, g), None), steps, lr, ema_decay, seed)

@@ -38,7 +38,7 @@ def _demo(a) -> dict:
     scfg = SampleConfig(num_samples=a.num_samples, solver="dopri5", atol=1e-5, rtol=1e-5, block_size=125, actors=2)
     ecfg = EvalConfig(draws=1, divergence="hutchinson", probes=1, batch_size=60, actors=2)
     chain = train_sample_evaluate(cfg, [scfg], ecfg, "outputs/samples")
-    result, solve = chain["train"], chain["solves"][0]
+    result, solve = chain.train.to_dict(), chain.solves[0]
     rows = table(collect(result["tracking_uri"], result["experiment"],
                          f"tags.`flowray.train_run_id` = '{result['run_id']}'"))
     quality = solve.evaluation.quality

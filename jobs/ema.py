@@ -43,10 +43,9 @@ def _ema(a) -> dict:
     for r in rebuilt:
         print(f"[flowray] sigma_rel {r.sigma_rel:g} (gamma {r.gamma:.2f}) at step {r.step} from {r.snapshots} "
               f"snapshots, profile fit error {r.fit_error:.2e}: {r.checkpoint}", flush=True)
-    runs = [] if a.no_mlflow else [_log(uri, r) for r in rebuilt]
+    runs: list[str | None] = [None] * len(rebuilt) if a.no_mlflow else [_log(uri, r) for r in rebuilt]
     result = {"run_dir": run_dir, "rebuilt": [dict(r.to_dict(), mlflow_run_id=run_id)
-                                              for r, run_id in zip(rebuilt, runs or [None] * len(rebuilt),
-                                                                   strict=True)]}
+                                              for r, run_id in zip(rebuilt, runs, strict=True)]}
     print(json.dumps(result))
     return result
 
@@ -57,12 +56,12 @@ def _log(uri: str, r) -> str:
     from pipelines.core.tracking import SafeLogger, start_child_run
 
     meta = load_meta(r.checkpoint)
-    run_id = start_child_run(uri, meta.get("mlflow_run_id"), "ema", f"ema-{r.sigma_rel:g}-step{r.step}")
+    run_id = start_child_run(uri, meta.mlflow_run_id, "ema", f"ema-{r.sigma_rel:g}-step{r.step}")
     log = SafeLogger(uri, run_id)
     log.params({"sigma_rel": r.sigma_rel, "gamma": r.gamma, "step": r.step, "snapshots": r.snapshots,
-                "profiles": meta["posthoc_ema"]["profiles"]})
+                "profiles": (meta.posthoc_ema or {})["profiles"]})
     log.metrics({"fit_error": r.fit_error}, step=r.step)
-    log.tags({"flowray.checkpoint": r.checkpoint, "flowray.method": meta["method"]["name"]})
+    log.tags({"flowray.checkpoint": r.checkpoint, "flowray.method": meta.method_name})
     log.finish()
     return run_id
 

@@ -68,7 +68,7 @@ def _evaluate(a) -> dict:
               f"{q.w2_floor:.4f}")
     elif q is not None:
         print(f"W2 to fresh data: {q.w2:.4f}")
-    if not a.no_mlflow:
+    if run_id is not None:  # (None with --no-mlflow)
         log_evaluation_run(result, cfg, uri, run_id)
         version = tag_model_version(uri, a.checkpoint, result.headline())  # a registry version: its latest scores
         if version:

@@ -120,7 +120,7 @@ def run_am(method_name: str, seed: int, args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(2000 + seed)
     m = args.n * args.repeats
     x_0 = dyn.sample(OBSERVED_TIMES[0], m, g)
-    path, nfe = transport(method.velocity(ema.module.eval()), x_0, OBSERVED_TIMES, "rk4", steps=20)
+    path, nfe = transport(method.velocity(ema.module.eval()), x_0, list(OBSERVED_TIMES), "rk4", steps=20)
     w2, floor = [], []
     for t, x_t in zip(OBSERVED_TIMES, path, strict=True):
         held_out, other = dyn.sample(t, m, g), dyn.sample(t, m, g)

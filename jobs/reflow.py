@@ -82,7 +82,8 @@ def _reflow(a) -> dict:
                       out=a.out, name=a.name, baseline=not a.no_baseline, system_metrics=not a.no_system_metrics)
     result = run_reflow(spec)
     out = {k: v for k, v in result.items() if k != "rounds"}
-    out["rounds"] = [{k: v for k, v in r.items() if k != "records"} for r in result["rounds"]]
+    out["rounds"] = [{k: v.to_dict() if k == "train" else v for k, v in r.items() if k != "records"}
+                     for r in result["rounds"]]
     print(json.dumps(out, default=str))
     return out
 

@@ -105,11 +105,11 @@ def _study(a) -> dict:
     for (method, timing, seed), cfg in configs.items():
         solves = solves_from(a.solvers, a.num_samples, {"seed": seed, "block_size": 100, "actors": 2})
         chain = train_sample_evaluate(cfg, solves, ecfg, out / "samples" / f"{method}{timing}-s{seed}")
-        rows.setdefault(_label(method, timing), []).append(_figures(chain["solves"], seed, chain["train"]["wall_s"]))
+        rows.setdefault(_label(method, timing), []).append(_figures(chain.solves, seed, chain.train.wall_s))
         print(json.dumps({"progress": [method, timing, seed, rows[_label(method, timing)][-1]]}), flush=True)
         if timing or method not in a.reflow_from:
             continue
-        generator = _checkpoint_at(chain["train"]["run_dir"], a.reflow_at)
+        generator = _checkpoint_at(chain.train.run_dir, a.reflow_at)
         spec = ReflowSpec(checkpoint=generator, data=a.data, num_pairs=a.num_pairs, config=a.config,
                           overrides=[*common, f"train.steps={a.steps - a.reflow_at}", f"train.seed={seed}"],
                           rounds=1, solves=solves, eval_config=ecfg, out=str(out / "reflow"),
@@ -117,7 +117,7 @@ def _study(a) -> dict:
                           pair_sampler=solves_from("dopri5", a.num_pairs, {"seed": seed + PAIR_SEED_OFFSET,
                                                                            "block_size": 100, "actors": 2})[0])
         (r,) = run_reflow(spec)["rounds"]
-        figures = _figures(r["records"], seed, r["train"]["wall_s"])
+        figures = _figures(r["records"], seed, r["train"].wall_s)
         figures.update(pairs_per_s=r["pairs"]["samples_per_s"], pairs_wall_s=r["pairs"]["wall_s"],
                        pairs_and_ingest_s=r["pairs_and_ingest_s"], pairs_nfe=r["pairs"]["mean_nfe"])
         rows.setdefault(f"reflow of {method}", []).append(figures)
@@ -146,7 +146,7 @@ def _checkpoint_at(run_dir: str, step: int) -> str:
     for info in fs.get_file_info(pafs.FileSelector(path)):
         if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
             folder = storage.join(run_dir, info.base_name)
-            if load_meta(folder)["step"] == step:
+            if load_meta(folder).step == step:
                 return folder
     raise RuntimeError(f"{run_dir} kept no checkpoint of step {step}")
 

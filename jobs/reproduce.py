@@ -141,8 +141,8 @@ def _reproduce(a) -> dict:
         ecfg = EvalConfig(draws=preset.eval_draws, divergence="hutchinson", probes=1, batch_size=60, actors=2,
                           max_images=max_images, seed=seed, reference_max=preset.reference_max)
         chain = train_sample_evaluate(cfg, solves, ecfg, out / "samples" / f"{method}-s{seed}")
-        uri = chain["train"]["tracking_uri"]
-        timings.append({"method": method, "seed": seed, "train_s": chain["train"]["wall_s"],
+        uri = chain.train.tracking_uri
+        timings.append({"method": method, "seed": seed, "train_s": chain.train.wall_s,
                         "total_s": round(time.perf_counter() - t0, 1)})
         print(json.dumps({"progress": timings[-1]}), flush=True)
     rows = table(collect(uri, experiment))

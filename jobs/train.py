@@ -48,7 +48,7 @@ def _train(a) -> dict | None:
     from pipelines.chain import quality_callbacks
     from pipelines.train.driver import run_training
 
-    result = run_training(cfg, manifest, callbacks=quality_callbacks(cfg, manifest))
+    result = run_training(cfg, manifest, callbacks=quality_callbacks(cfg, manifest)).to_dict()
     print(json.dumps(result))
     return result
 

@@ -28,7 +28,7 @@ from pipelines.core.samples import SamplingResult
 from pipelines.core.tracking import SafeLogger, monitored_run, tracking_uri
 from pipelines.ingest.run import ingest
 from pipelines.train.config import Config, check_data
-from pipelines.train.driver import run_training
+from pipelines.train.driver import TrainResult, run_training
 
 
 def ensure_ingested(source: str, shards: str | Path, num_shards: int = 4) -> None:
@@ -61,12 +61,11 @@ class SolveRecord:
         return asdict(self)
 
 
-def sample_and_evaluate(trained: dict, manifest: Manifest, solves: list[SampleConfig], ecfg: EvalConfig,
+def sample_and_evaluate(uri: str, ckpt: str, manifest: Manifest, solves: list[SampleConfig], ecfg: EvalConfig,
                         samples_root: str | Path, system_metrics: bool = True) -> list[SolveRecord]:
-    """For a trained model (a `run_training` result) on the data of `manifest`: sample with every sampler into
+    """For a checkpoint `ckpt` of a model trained on the data of `manifest`: sample with every sampler into
     samples_root/<tag>, and evaluate: bits/dim once (with the first sampler's run), sample quality for each. Each
-    stage's MLflow run holds its system metrics (`system_metrics`)."""
-    uri, ckpt = trained["tracking_uri"], trained["checkpoint"]
+    stage's MLflow run (tracking URI `uri`) holds its system metrics (`system_metrics`)."""
     records, first = [], None
     for scfg in solves:
         start = time.perf_counter()
@@ -85,17 +84,25 @@ def sample_and_evaluate(trained: dict, manifest: Manifest, solves: list[SampleCo
     return records
 
 
+@dataclass
+class ChainResult:
+    """A trained model and its samplers' records (`train_sample_evaluate`)."""
+
+    train: TrainResult
+    solves: list[SolveRecord]
+
+
 def train_sample_evaluate(cfg: Config, solves: list[SampleConfig], ecfg: EvalConfig,
-                          samples_root: str | Path) -> dict:
-    """Train per `cfg`, then `sample_and_evaluate` the final model; returns {"train": the `run_training` result,
-    "solves": [SolveRecord, ...]}. The manifest is read (and checked against the config) once."""
+                          samples_root: str | Path) -> ChainResult:
+    """Train per `cfg`, then `sample_and_evaluate` the final model. The manifest is read (and checked against the
+    config) once."""
     manifest = check_data(cfg)
     for scfg in solves:  # a sampler the method cannot take is refused before training, not after it
         validate_sample_config(scfg, cfg.method.name)
     trained = run_training(cfg, manifest, callbacks=quality_callbacks(cfg, manifest))
-    return {"train": trained, "solves": sample_and_evaluate(trained, manifest, solves, ecfg,
-                                                            Path(samples_root) / trained["run_id"],
-                                                            cfg.mlflow.system_metrics)}
+    solved = sample_and_evaluate(trained.tracking_uri, trained.final_checkpoint, manifest, solves, ecfg,
+                                 Path(samples_root) / trained.run_id, cfg.mlflow.system_metrics)
+    return ChainResult(trained, solved)
 
 
 # --- sample quality while training -------------------------------------------------------------------------------
@@ -144,10 +151,10 @@ def score_checkpoint(staged: str, filesystem, manifest: Manifest, scfg: SampleCo
     if ev.straightness is not None:
         figures["eval/straightness"] = ev.straightness.straightness
     figures = {k: float(v) for k, v in figures.items() if v is not None and not math.isnan(v)}
-    log = SafeLogger(uri, meta["mlflow_run_id"])
-    log.metrics(figures, int(meta["step"]))
+    log = SafeLogger(uri, meta.mlflow_run_id)
+    log.metrics(figures, meta.step)
     log.close(60.0)
-    return {"step": int(meta["step"]), **figures}
+    return {"step": meta.step, **figures}
 
 
 class _Scorer:

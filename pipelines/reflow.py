@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from pipelines.batch.config import EvalConfig, SampleConfig, validate_eval_config, validate_sample_config
 from pipelines.batch.sample import log_sampling_run, open_sampling_run, run_sampling
@@ -86,12 +87,12 @@ def plan(spec: ReflowSpec) -> Plan:
     except ConfigError as err:
         raise ConfigError(f"--checkpoint: {err}") from None
     manifest = Manifest.load(spec.data, key="--data")
-    trained_on = (meta.get("manifest") or {}).get("shape")
+    trained_on = meta.data_shape
     if trained_on != manifest.data.shape:
         raise ConfigError(f"--checkpoint: the generating model was trained on rows of shape {trained_on}, but --data "
                           f"{manifest.directory} holds {manifest.data.shape}")
     pair_sampler = replace(spec.pair_sampler, num_samples=spec.num_pairs)
-    validate_sample_config(pair_sampler, meta["method"]["name"], meta["method"])
+    validate_sample_config(pair_sampler, meta.method_name, meta.method)
     check(pair_sampler.solver != "sde", "sample.solver", "sde",
           "the pairs are an ODE's: (x_0, x_1 = ODE(x_0)); use dopri5 or a fixed-step ODE solver")
     for s in spec.solves:
@@ -144,13 +145,12 @@ def _reflow(p: Plan) -> dict:
     baseline = None
     if spec.baseline and spec.solves:
         stage(f"reflow {spec.name}: the generating model with the evaluation solvers (the baseline)")
-        gen = {"tracking_uri": p.uri, "checkpoint": spec.checkpoint}
-        baseline = sample_and_evaluate(gen, p.manifest, spec.solves, spec.eval_config,
+        baseline = sample_and_evaluate(p.uri, spec.checkpoint, p.manifest, spec.solves, spec.eval_config,
                                        storage.join(spec.out, spec.name, "round-0", "samples"), spec.system_metrics)
     checkpoint = spec.checkpoint
     for r, cfg in enumerate(p.configs, start=1):
         rounds.append(_round(p, parent, r, cfg, checkpoint))
-        checkpoint = rounds[-1]["train"]["checkpoint"]
+        checkpoint = rounds[-1]["train"].final_checkpoint
     table = reflow_markdown(baseline, rounds)
     print(table, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,7 +174,7 @@ def _round(p: Plan, parent: str, r: int, cfg: Config, generator: str) -> dict:
     log_sampling_run(pairs, asdict(p.pair_sampler), p.uri, run_id)
     data = storage.join(where, "data")
     if not storage.is_file(storage.join(data, MANIFEST)):  # a rerun keeps a round already ingested
-        conditional = bool(load_meta(generator)["model"]["kwargs"].get("num_classes"))
+        conditional = bool(load_meta(generator).model_kwargs.get("num_classes"))
         ingest(f"samples:{pairs.out}", data, unlabelled=not conditional)
     pairs_s = time.perf_counter() - start
     if spec.warm_start:
@@ -183,7 +183,7 @@ def _round(p: Plan, parent: str, r: int, cfg: Config, generator: str) -> dict:
     trained = run_training(cfg, manifest, tags={"mlflow.parentRunId": parent, "flowray.reflow": parent,
                                                 "flowray.reflow.round": str(r)},
                            callbacks=quality_callbacks(cfg, p.manifest))
-    solves = sample_and_evaluate(trained, p.manifest, spec.solves, spec.eval_config,
+    solves = sample_and_evaluate(p.uri, trained.final_checkpoint, p.manifest, spec.solves, spec.eval_config,
                                  storage.join(where, "samples"), spec.system_metrics) if spec.solves else []
     return {"round": r, "generator": generator, "pairs": pairs.to_dict(), "pairs_and_ingest_s": round(pairs_s, 1),
             "data": data, "train": trained, "solves": [s.to_dict() for s in solves], "records": solves}
@@ -245,7 +245,7 @@ def solves_from(text: str, num_samples: int, overrides: dict | None = None) -> l
     for item in filter(None, (t.strip() for t in text.split(","))):
         solver, _, steps = item.partition(":")
         try:
-            kwargs = {"steps": int(steps)} if steps else {}
+            kwargs: dict[str, Any] = {"steps": int(steps)} if steps else {}
         except ValueError:
             raise ConfigError(f"--solvers: {item!r}: steps must be an integer (SOLVER or SOLVER:STEPS)") from None
         out.append(SampleConfig(num_samples=num_samples, solver=solver, **kwargs, **(overrides or {})))

@@ -186,10 +186,11 @@ def plan(spec: SweepSpec) -> Plan:
             raise ConfigError(f"--param train.steps: every trial of a sweep trains the same steps (the scheduler "
                               f"compares them at the same step); got {steps} and {cfg.train.steps}")
         steps = cfg.train.steps
+    steps = base.train.steps if steps is None else steps
     if spec.scheduler == "asha":
         grace = spec.grace_steps or base.train.checkpoint_every
         check(1 <= grace < steps, "--grace-steps", grace, f"must be in [1, train.steps={steps})")
-    return Plan(spec, base, uri, root, sets, grid, configs, steps)
+    return Plan(spec, base, uri, root, sets, grid, configs, base.train.steps if steps is None else steps)
 
 
 def run_sweep(spec: SweepSpec) -> dict:
@@ -263,6 +264,7 @@ def _tuner(p: Plan, parent: str):
         return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True,
                                   **_filesystem(tune_dir))
     spec = p.spec
+    scheduler: FIFOScheduler | ASHAScheduler
     if spec.scheduler == "asha":
         # max_t past the last step: ASHA stops a trial that reaches max_t; a trial ends by itself at train.steps
         scheduler = ASHAScheduler(time_attr="step", max_t=p.steps + 1, grace_period=spec.grace_steps or
@@ -308,7 +310,7 @@ def _run_trial(config: dict, configs: dict[str, Config], parent: str, source: di
     # sweep whose state missed this trial's end gets it the same way.
     from ray import tune
 
-    tune.report({k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))})
+    tune.report({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
 
 
 def _report_to_tune(steps: int):

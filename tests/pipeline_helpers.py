@@ -46,7 +46,7 @@ def make_checkpoint(directory, run_id=None, method="fm_ot", **overrides):
         torch.nn.init.normal_(p, std=0.05)
     return save_checkpoint(directory, step=1, model=model, ema_state=EMA(model).state_dict(), optimizer=None,
                            model_name="unet", model_kwargs=kwargs, method_kwargs={"name": method}, config={},
-                           extra={"manifest": MANIFEST, "mlflow_run_id": run_id})
+                           manifest=MANIFEST, mlflow_run_id=run_id)
 
 
 def listening_addresses(pids: set[int]) -> set[tuple[str, int, str]]:

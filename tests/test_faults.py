@@ -100,10 +100,10 @@ def test_a_training_worker_killed_by_pid_resumes_with_one_value_per_step(digits,
     res = run_training(cfg)
     kill["thread"].join(1)
     assert "pid" in kill, "the worker was killed mid-run"
-    assert res["metrics"]["step"] == 40 and load_meta(res["checkpoint"])["step"] == 40
+    assert res.metrics["step"] == 40 and load_meta(res.checkpoint).step == 40
     client = MlflowClient(uri)
-    _assert_one_value_per_step_from_the_checkpoints(client, res["run_id"], run_dir, list(range(1, 41)))
-    assert client.get_run(res["run_id"]).info.status == "FINISHED"
+    _assert_one_value_per_step_from_the_checkpoints(client, res.run_id, run_dir, list(range(1, 41)))
+    assert client.get_run(res.run_id).info.status == "FINISHED"
 
 
 def _sample_table(out: Path):
@@ -236,7 +236,7 @@ def _registered_step(run_dir: Path) -> int:
     from ray.train import Result
 
     try:
-        return load_meta(Result.from_path(str(run_dir)).checkpoint.path)["step"]
+        return load_meta(Result.from_path(str(run_dir)).checkpoint.path).step
     except Exception:
         return 0
 
@@ -388,9 +388,9 @@ def test_a_worker_node_killed_mid_training_resumes_on_the_nodes_that_remain(digi
     kill["thread"].join(1)
     assert "raylet" in kill, "a worker node was killed mid-run"
     assert sum(n["Alive"] for n in ray.nodes()) == 2  # the head and the node that remained
-    assert res["metrics"]["step"] == 40 and load_meta(res["checkpoint"])["step"] == 40
+    assert res.metrics["step"] == 40 and load_meta(res.checkpoint).step == 40
     client = MlflowClient(uri)
-    _assert_one_value_per_step_from_the_checkpoints(client, res["run_id"], run_dir, list(range(5, 41, 5)))
+    _assert_one_value_per_step_from_the_checkpoints(client, res.run_id, run_dir, list(range(5, 41, 5)))
 
 
 def test_a_worker_node_killed_mid_sampling_gives_the_same_samples(tmp_path, three_nodes):

@@ -55,8 +55,10 @@ def with_interval(cond: Tensor, embed: TimeEmbedding | None, x: Tensor, t: Tenso
     return cond + embed(torch.zeros_like(t) if r is None else check_time(x, r) - t)
 
 
-def labels_or_null(y: Tensor | None, batch: int, num_classes: int, device: torch.device) -> Tensor:
+def labels_or_null(y: Tensor | None, batch: int, num_classes: int | None, device: torch.device) -> Tensor:
     """Class labels [B] as long; None means the null (unconditional) class, index num_classes."""
+    if num_classes is None:
+        raise ValueError("an unconditional model takes no class labels")
     if y is None:
         return torch.full((batch,), num_classes, dtype=torch.long, device=device)
     if y.numel() and (y.min() < 0 or y.max() > num_classes):

@@ -11,6 +11,13 @@ from torch import Tensor, nn
 from fm.models.embeddings import TimeEmbedding, check_time, labels_or_null, with_interval
 
 
+def _zero(layer: nn.Conv1d | nn.Conv2d) -> None:
+    """Weights and bias to 0: the layer outputs 0 until trained (a block starts as the identity)."""
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 def _norm(channels: int) -> nn.GroupNorm:
     # 32 groups as in ADM when the width allows it; otherwise the largest divisor that does.
     groups = math.gcd(32, channels)
@@ -26,8 +33,7 @@ class ResBlock(nn.Module):
         self.emb = nn.Linear(emb_dim, 2 * c_out)
         self.norm2, self.drop = _norm(c_out), nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
-        nn.init.zeros_(self.conv2.bias)
+        _zero(self.conv2)  # each block starts as the identity
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -48,8 +54,7 @@ class AttentionBlock(nn.Module):
         self.norm, self.heads = _norm(channels), num_heads
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj = nn.Conv1d(channels, channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        _zero(self.proj)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         b, c, h, w = x.shape
@@ -152,9 +157,9 @@ class UNet(nn.Module):
                     blocks.append(Upsample(ch))
                     res *= 2
                 self.up.append(_Stage(blocks))
-        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
+        last = nn.Conv2d(ch, in_channels, 3, padding=1)
+        _zero(last)
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), last)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[-1] != self.image_size:

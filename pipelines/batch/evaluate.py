@@ -41,7 +41,7 @@ class EvaluationError(ConfigError):
 
 
 @dataclass
-class LikelihoodResult:
+class SplitLikelihood:
     """Bits/dim of images (or NLL in nats of points) over a split, with the estimator's settings."""
 
     metric: str  # "bpd" or "nll": the MLflow metric name
@@ -140,7 +140,7 @@ class EvaluationResult:
     method: str
     checkpoint_step: int
     train_run_id: str | None = None
-    likelihood: LikelihoodResult | None = None
+    likelihood: SplitLikelihood | None = None
     transport: TransportResult | None = None
     quality: QualityResult | None = None
     straightness: StraightnessResult | None = None  # Euclidean methods, with eval.straightness_samples > 0
@@ -295,19 +295,19 @@ def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig,
     return rows[order], values[order], nfes[order], wall
 
 
-def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> LikelihoodResult:
+def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> SplitLikelihood:
     """Bits/dim (or NLL in nats for points) over a split (`likelihood_values`); mean ± stderr, NFE."""
     rows, values, nfes, wall = likelihood_values(checkpoint, manifest, cfg, memory)
     mean, stderr = mean_and_stderr(torch.from_numpy(values))
     unit = "bits/dim" if manifest.data.is_image else "nats"
-    return LikelihoodResult(metric="bpd" if unit == "bits/dim" else "nll", unit=unit, mean=mean, stderr=stderr,
+    return SplitLikelihood(metric="bpd" if unit == "bits/dim" else "nll", unit=unit, mean=mean, stderr=stderr,
                             n=len(values), mean_nfe=float(nfes.mean()), draws=cfg.draws, divergence=cfg.divergence,
                             probes=cfg.probes if cfg.divergence == "hutchinson" else None,
                             images_per_s=len(values) / wall, wall_s=wall, precision=cfg.precision,
                             rows=rows.tolist(), values=values.tolist(), nfes=nfes.tolist())
 
 
-def write_per_row(lik: LikelihoodResult, directory: Path) -> Path:
+def write_per_row(lik: SplitLikelihood, directory: Path) -> Path:
     """`<metric>_per_row.csv` in `directory`: one line per scored row (its index in the split, its bits/dim or
     NLL, its solve's NFE), in row order, at full float64 precision."""
     rows = [{"row": r, lik.metric: v, "nfe": n} for r, v, n in zip(lik.rows, lik.values, lik.nfes, strict=True)]
@@ -504,19 +504,19 @@ def run_evaluation(checkpoint: str, shards: str | Manifest, samples: str | None,
     load_model(checkpoint)  # unreadable or refused weights fail here, before Ray starts
     # the likelihood's divergence needs gradients through the model: a training-like footprint per row
     memory = check_fits("eval.batch_size", cfg.batch_size * cfg.blocks_per_call,
-                        model_item_bytes(meta["model"]["name"], meta["model"]["kwargs"], training=True),
+                        model_item_bytes(meta.model_name, meta.model_kwargs, training=True),
                         "one likelihood call", hint=" (batch_size x blocks_per_call rows; activations and their "
                                                     "gradients estimated from the model's feature maps)")
     manifest = shards if isinstance(shards, Manifest) else Manifest.load(shards)  # read once, passed on
     manifest.check_split(cfg.split, "eval.split")
-    trained_on = meta.get("manifest", {}).get("shape")
+    trained_on = meta.data_shape
     if trained_on is not None and trained_on != manifest.data.shape:
         raise EvaluationError(f"checkpoint was trained on shape {trained_on}, but {manifest.directory} holds "
                               f"{manifest.data.shape}")
     if samples is not None:
         sample_shards(samples)  # foreign or empty sample directories fail before Ray starts (metadata only)
-    result = EvaluationResult(method=meta["method"]["name"], checkpoint_step=meta["step"],
-                              train_run_id=meta.get("mlflow_run_id"),
+    result = EvaluationResult(method=meta.method_name, checkpoint_step=meta.step,
+                              train_run_id=meta.mlflow_run_id,
                               split_dataset={**manifest.dataset(cfg.split), "context": "evaluation"})
     if manifest.data.times:  # snapshot methods have no prior density: they move data from time to time
         if samples is not None:
@@ -524,8 +524,8 @@ def run_evaluation(checkpoint: str, shards: str | Manifest, samples: str | None,
                                   "through the observed times; it has no samples to score")
         result.transport = transport_stage(checkpoint, manifest, cfg, memory)
         return result
-    if not METHODS[meta["method"]["name"]].velocity_field:  # MeanFlow: no field to integrate or take the
-        stage(f"{meta['method']['name']} models average velocities: no likelihood or straightness, its samples only")
+    if not METHODS[meta.method_name].velocity_field:  # MeanFlow: no field to integrate or take the
+        stage(f"{meta.method_name} models average velocities: no likelihood or straightness, its samples only")
         return result if samples is None else result.with_samples(sample_quality(manifest, samples, cfg), samples)
     result.likelihood = likelihood_stage(checkpoint, manifest, cfg, memory)
     if cfg.straightness_samples and not manifest.data.manifold:  # a chord is a straight line in R^D only
@@ -539,8 +539,8 @@ def open_evaluation_run(uri: str, checkpoint: str) -> str:
     """The evaluation run, nested under the checkpoint's training run, opened before the stages run (so that their
     system metrics land in it); `log_evaluation_run` fills it."""
     meta = load_meta(checkpoint)
-    return start_child_run(uri, meta.get("mlflow_run_id"), "evaluate", "evaluate",
-                           description=f"evaluation of {meta['method']['name']} at step {meta['step']}")
+    return start_child_run(uri, meta.mlflow_run_id, "evaluate", "evaluate",
+                           description=f"evaluation of {meta.method_name} at step {meta.step}")
 
 
 def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str, run_id: str) -> str:

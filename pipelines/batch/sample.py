@@ -198,14 +198,14 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> Samplin
     from ray.data import ActorPoolStrategy
 
     meta = load_meta(checkpoint)  # fails clearly before Ray starts, as do unreadable or refused weights below
-    validate_sample_config(cfg, meta["method"]["name"], meta["method"])
+    validate_sample_config(cfg, meta.method_name, meta.method)
     if not load_model(checkpoint).method.draws_noise:
-        raise SamplingError(f"{checkpoint} holds a {meta['method']['name']} model, which moves data from its first "
+        raise SamplingError(f"{checkpoint} holds a {meta.method_name} model, which moves data from its first "
                             "snapshot rather than sampling noise; `python -m jobs.evaluate --checkpoint ... --data "
                             "SHARDS` carries the held-out first snapshot through every observed time")
-    data = DataSpec.from_dict(meta.get("manifest"), f"{checkpoint}/meta.json: manifest")
+    data = DataSpec.from_dict(meta.manifest, f"{checkpoint}/meta.json: manifest")
     memory = check_fits("sample.block_size", cfg.block_size * cfg.blocks_per_call,
-                        model_item_bytes(meta["model"]["name"], meta["model"]["kwargs"], training=False),
+                        model_item_bytes(meta.model_name, meta.model_kwargs, training=False),
                         "one Sampler call", hint=" (block_size x blocks_per_call items per call; activations and "
                                                  "solver state estimated from the model's feature maps)")
     layout, model_shape = ("HWC" if data.is_image else "D"), data.model_shape
@@ -245,14 +245,14 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> Samplin
     return SamplingResult(out=out, num_samples=cfg.num_samples, blocks=n_blocks, blocks_reused=len(done),
                           blocks_sampled=len(todo), wall_s=wall, mean_nfe=float(np.mean(nfe)) if nfe else None,
                           max_nfe=max(nfe) if nfe else None, samples_per_s=made / wall if made else None,
-                          samples_per_actor_s=made / busy if busy else None, train_run_id=meta.get("mlflow_run_id"))
+                          samples_per_actor_s=made / busy if busy else None, train_run_id=meta.mlflow_run_id)
 
 
 def open_sampling_run(uri: str, checkpoint: str, cfg: dict) -> str:
     """The sampling run, nested under the checkpoint's training run, opened before the samples are drawn (so that
     the stage's system metrics land in it); `log_sampling_run` fills it."""
     steps = "adaptive" if cfg["solver"] in ADAPTIVE_METHODS else f"{cfg['steps']} steps"
-    return start_child_run(uri, load_meta(checkpoint).get("mlflow_run_id"), "sample", f"sample-{cfg['solver']}",
+    return start_child_run(uri, load_meta(checkpoint).mlflow_run_id, "sample", f"sample-{cfg['solver']}",
                            description=f"{cfg['num_samples']} samples, {cfg['solver']} ({steps})")
 
 
@@ -279,7 +279,7 @@ def _preview(out: str, tmp: Path) -> Path:
     """samples.png: a grid of the first 64 images, or a scatter of the first 5,000 points (on S^2 in an equal-area
     projection); read from the first shards only (block files are in id order)."""
     settings = sampling_settings(out)
-    data = DataSpec.from_dict(load_meta(settings["checkpoint"]).get("manifest"), "checkpoint manifest")
+    data = DataSpec.from_dict(load_meta(settings["checkpoint"]).manifest, "checkpoint manifest")
     want = 64 if data.is_image else 5000
     paths, _, _ = sample_shards(out)
     raw = []

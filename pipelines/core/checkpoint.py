@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import torch
 from torch import nn
 
-from fm.methods import Method, make_method
+from fm.methods import FlowMethod, make_method
 from fm.models import build_model
 from fm.seeding import SEEDING_VERSION
 from pipelines.core import storage
@@ -31,10 +32,11 @@ class CheckpointError(ConfigError):
 
 def save_checkpoint(directory: str | Path, *, step: int, model: nn.Module, ema_state: dict,
                     optimizer: torch.optim.Optimizer | None, model_name: str, model_kwargs: dict,
-                    method_kwargs: dict, config: dict, extra: dict | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> Path:
+                    method_kwargs: dict, config: dict, scaler: torch.amp.GradScaler | None = None,
+                    **provenance: Any) -> Path:
     """Write a checkpoint directory. `model` must be the unwrapped module (no DDP prefixes); `scaler` (fp16
-    training) is kept so that a resumed run continues with the loss scale it had."""
+    training) is kept so that a resumed run continues with the loss scale it had; `provenance`: CheckpointMeta's
+    mlflow_run_id, manifest, nonfinite_total and stream."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), d / "model.pt")
@@ -43,19 +45,80 @@ def save_checkpoint(directory: str | Path, *, step: int, model: nn.Module, ema_s
         torch.save(optimizer.state_dict(), d / "optimizer.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), d / "scaler.pt")
-    meta = checkpoint_meta(step, model_name, model_kwargs, method_kwargs, config, extra)
-    (d / META).write_text(json.dumps(meta, indent=1))
+    meta = checkpoint_meta(step, model_name, model_kwargs, method_kwargs, config, **provenance)
+    (d / META).write_text(json.dumps(meta.to_dict(), indent=1))
     return d
 
 
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint's meta.json holds: enough to rebuild its model and method alone, and where it came from.
+
+    The file's layout is `to_dict()`; `load_meta` is the one reader. Keys this version does not know (those of a
+    newer writer) are kept in `extra` and written back unchanged."""
+
+    step: int
+    model_name: str
+    model_kwargs: dict[str, Any]
+    method: dict[str, Any]  # make_method's arguments, "name" included
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved Config.to_dict() it was trained with
+    seeding: int = 1  # checkpoints written before the seeding version was recorded used version 1
+    mlflow_run_id: str | None = None  # the training run's
+    manifest: dict[str, Any] | None = None  # the DataSpec it was trained on
+    nonfinite_total: int = 0  # steps skipped for a non-finite loss or gradient, up to this one
+    stream: dict[str, Any] | None = None  # the training stream's position (pipelines.train.stream.stream_record)
+    posthoc_ema: dict[str, Any] | None = None  # a model rebuilt by `flowray ema`: its sigma_rel, snapshots, fit
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method_name(self) -> str:
+        return str(self.method["name"])
+
+    @property
+    def data_shape(self) -> list[int] | None:
+        """The (H, W, C) or (D,) shape of the data it was trained on (None for a checkpoint without its manifest)."""
+        return (self.manifest or {}).get("shape")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"step": self.step, "model": {"name": self.model_name, "kwargs": self.model_kwargs},
+               "method": self.method, "config": self.config, "seeding": self.seeding}
+        for key in ("mlflow_run_id", "manifest", "nonfinite_total", "stream", "posthoc_ema"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, meta: Any, where: str) -> CheckpointMeta:
+        """Checked: a mapping with an integer step, model {name, kwargs} and method {name}; `where` names the file
+        in errors."""
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{where}: expected a JSON object; got {type(meta).__name__}")
+        for key, kind in (("step", int), ("model", dict), ("method", dict)):
+            if not isinstance(meta.get(key), kind):
+                raise CheckpointError(f"{where}: key {key!r} must be {'an integer' if kind is int else 'a mapping'}; "
+                                      f"got {meta.get(key)!r}")
+        if not isinstance(meta["model"].get("name"), str) or not isinstance(meta["model"].get("kwargs"), dict):
+            raise CheckpointError(f"{where}: 'model' needs a 'name' and a 'kwargs' mapping")
+        if not isinstance(meta["method"].get("name"), str):
+            raise CheckpointError(f"{where}: 'method' needs a 'name'")
+        known = {"step", "model", "method", "config", "seeding", "mlflow_run_id", "manifest", "nonfinite_total",
+                 "stream", "posthoc_ema"}
+        return cls(step=meta["step"], model_name=meta["model"]["name"], model_kwargs=meta["model"]["kwargs"],
+                   method=meta["method"], config=meta.get("config") or {}, seeding=meta.get("seeding", 1),
+                   mlflow_run_id=meta.get("mlflow_run_id"), manifest=meta.get("manifest"),
+                   nonfinite_total=meta.get("nonfinite_total", 0), stream=meta.get("stream"),
+                   posthoc_ema=meta.get("posthoc_ema"), extra={k: v for k, v in meta.items() if k not in known})
+
+
 def checkpoint_meta(step: int, model_name: str, model_kwargs: dict, method_kwargs: dict, config: dict,
-                    extra: dict | None = None) -> dict:
-    """What a checkpoint's meta.json holds: enough to rebuild its model and method alone."""
-    return {"step": step, "model": {"name": model_name, "kwargs": model_kwargs}, "method": method_kwargs,
-            "config": config, "seeding": SEEDING_VERSION, **(extra or {})}
+                    **provenance: Any) -> CheckpointMeta:
+    """A new checkpoint's meta, written by this version's seeding; `provenance`: mlflow_run_id, manifest,
+    nonfinite_total, stream (CheckpointMeta's fields)."""
+    return CheckpointMeta(step=step, model_name=model_name, model_kwargs=model_kwargs, method=method_kwargs,
+                          config=config, seeding=SEEDING_VERSION, **provenance)
 
 
-def load_meta(directory: str | Path) -> dict:
+def load_meta(directory: str | Path) -> CheckpointMeta:
     """A checkpoint's meta.json, checked: a directory, valid JSON, with step, model and method."""
     d = str(directory)
     if storage.is_file(d):
@@ -69,17 +132,7 @@ def load_meta(directory: str | Path) -> dict:
         meta = json.loads(storage.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object; got {type(meta).__name__}")
-    for key, kind in (("step", int), ("model", dict), ("method", dict)):
-        if not isinstance(meta.get(key), kind):
-            raise CheckpointError(f"{path}: key {key!r} must be {'an integer' if kind is int else 'a mapping'}; "
-                                  f"got {meta.get(key)!r}")
-    if not isinstance(meta["model"].get("name"), str) or not isinstance(meta["model"].get("kwargs"), dict):
-        raise CheckpointError(f"{path}: 'model' needs a 'name' and a 'kwargs' mapping")
-    if not isinstance(meta["method"].get("name"), str):
-        raise CheckpointError(f"{path}: 'method' needs a 'name'")
-    return meta
+    return CheckpointMeta.from_dict(meta, path)
 
 
 def check_files(directory: str | Path) -> None:
@@ -123,12 +176,12 @@ def load_state(directory: str | Path, name: str) -> dict:
 @dataclass
 class LoadedModel:
     model: nn.Module
-    method: Method
-    meta: dict
+    method: FlowMethod
+    meta: CheckpointMeta
 
     @property
     def step(self) -> int:
-        return int(self.meta["step"])
+        return self.meta.step
 
 
 def load_model(directory: str | Path, use_ema: bool = True, expect: dict | None = None) -> LoadedModel:
@@ -139,7 +192,7 @@ def load_model(directory: str | Path, use_ema: bool = True, expect: dict | None 
     """
     meta = load_meta(directory)
     check_files(directory)
-    name, kwargs = meta["model"]["name"], dict(meta["model"]["kwargs"])
+    name, kwargs = meta.model_name, dict(meta.model_kwargs)
     for key, value in (expect or {}).items():
         if kwargs.get(key) != value:
             raise CheckpointError(f"checkpoint {directory} was trained with model.{key}={kwargs.get(key)!r}, "
@@ -151,4 +204,4 @@ def load_model(directory: str | Path, use_ema: bool = True, expect: dict | None 
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {directory}: weights do not fit model {name} {kwargs}: "
                               f"{str(err).splitlines()[0]}") from None
-    return LoadedModel(model.eval(), make_method(**meta["method"]), meta)
+    return LoadedModel(model.eval(), make_method(**meta.method), meta)

@@ -93,7 +93,7 @@ def read_samples(directory: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     paths, _, _ = sample_shards(directory)
     table = pa.concat_tables([storage.read_table(p) for p in paths])
     return np.asarray(table["id"].to_pylist()), np.asarray(table["image"].to_pylist(), dtype=object), \
-        sampling_settings(directory)
+        sampling_settings(str(directory))
 
 
 def sampling_settings(directory: str) -> dict:

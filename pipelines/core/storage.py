@@ -390,8 +390,8 @@ def outage_in(err: BaseException) -> OSError | None:
         seen.add(id(e))
         if isinstance(e, OSError) and any(m in str(e) for m in OUTAGE_MARKERS):
             return e
-        todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None),
-                 *getattr(e, "worker_failures", {}).values()]
+        todo += [c for c in (e.__cause__, e.__context__, getattr(e, "controller_failure", None),
+                             *getattr(e, "worker_failures", {}).values()) if c is not None]
     return None
 
 

@@ -464,14 +464,14 @@ def describe_model_version(uri: str, name: str, version: str, checkpoint: str, d
     from fm.methods import describe
 
     loaded = load_model(checkpoint)
-    meta, method = loaded.meta, loaded.meta["method"]
+    meta, method = loaded.meta, loaded.meta.method
     path, coupling = describe(method["name"], method.get("ot_scope", "local"))
     size = sum(p.numel() for p in loaded.model.parameters())
     tags = {"flowray.method": method["name"], "flowray.path": path, "flowray.coupling": coupling,
-            "flowray.model": meta["model"]["name"], "flowray.parameters": str(size),
-            "flowray.train_steps": str(meta["step"])}
-    text = (f"{method['name']}: {path} path, {coupling} coupling; a {meta['model']['name']} of {size:,} parameters "
-            f"trained {meta['step']} steps")
+            "flowray.model": meta.model_name, "flowray.parameters": str(size),
+            "flowray.train_steps": str(meta.step)}
+    text = (f"{method['name']}: {path} path, {coupling} coupling; a {meta.model_name} of {size:,} parameters "
+            f"trained {meta.step} steps")
     if data:
         tags.update({"flowray.data": data["name"], "flowray.data_digest": data["digest"]})
         text += f" on {data['name']} ({data['profile']['num_rows']} rows, digest {data['digest']})"
@@ -506,7 +506,7 @@ def _log_mlflow_model(uri: str, run_id: str, loaded, ckpt: Path, register_as: st
     from mlflow.types import Schema, TensorSpec
 
     model = loaded.model.float().eval()
-    kw = loaded.meta["model"]["kwargs"]
+    kw = loaded.meta.model_kwargs
     shape = [kw["in_channels"], kw["image_size"], kw["image_size"]] if "image_size" in kw else [kw["dim"]]
     f32 = np.dtype(np.float32)
     inputs = [TensorSpec(f32, (-1, *shape), "x_t"), TensorSpec(f32, (-1,), "t")]

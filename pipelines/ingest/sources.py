@@ -695,7 +695,7 @@ def _list_samples(req: ListRequest) -> Listing:
         meta = load_meta(settings["checkpoint"])
     except ConfigError as err:
         raise IngestError(f"{req.spec}: its generating checkpoint cannot be read ({err})") from None
-    method, data = meta["method"], meta.get("manifest") or {}
+    method, data = meta.method, meta.manifest or {}
     if METHODS.get(method["name"]) is None or METHODS[method["name"]].kind != "euclidean":
         raise IngestError(f"{req.spec}: sampled from a {method['name']!r} model, which does not start from standard "
                           "normal noise; pairs need a Euclidean method")
@@ -703,9 +703,10 @@ def _list_samples(req: ListRequest) -> Listing:
     parts = [Part(0, "samples", {"file": f, "shape": shape, "kind": kind, "seed": int(settings["seed"])},
                   storage.parquet_metadata(f).num_rows) for f in files]
     pairs = {**{k: settings[k] for k in PAIR_SETTINGS}, "samples": req.arg, "method": method["name"],
-             "model": meta["model"], "step": meta["step"], "seeding": SEEDING_VERSION}
+             "model": {"name": meta.model_name, "kwargs": meta.model_kwargs}, "step": meta.step,
+             "seeding": SEEDING_VERSION}
     # a class-conditional model's samples carry the class they were drawn for; an unconditional model's carry none
-    labelled = bool(meta["model"]["kwargs"].get("num_classes"))
+    labelled = bool(meta.model_kwargs.get("num_classes"))
     return Listing(req.spec, req.kind, parts, list(data.get("class_names") or []) if labelled else [],
                    num_classes=data.get("num_classes") if labelled else None, element_shape=tuple(shape),
                    points=kind == "points", labelled=labelled, pairs=pairs)

@@ -374,13 +374,11 @@ def check_init_from(cfg: Config, data) -> None:
         meta = load_meta(cfg.train.init_from)
     except ConfigError as err:
         raise ConfigError(f"train.init_from: {err}") from None
-    want = {"name": cfg.model.name, "kwargs": model_kwargs(cfg, data)}
-    have = {"name": meta["model"]["name"], "kwargs": meta["model"]["kwargs"]}
-    if have["name"] != want["name"]:
-        raise ConfigError(f"train.init_from: {cfg.train.init_from} holds a {have['name']} model; this config builds "
-                          f"a {want['name']}")
-    diff = [f"{k}={have['kwargs'].get(k)!r} (this config: {v!r})" for k, v in want["kwargs"].items()
-            if have["kwargs"].get(k) != v]  # both JSON's types: model_kwargs gives lists, not tuples
+    if meta.model_name != cfg.model.name:
+        raise ConfigError(f"train.init_from: {cfg.train.init_from} holds a {meta.model_name} model; this config "
+                          f"builds a {cfg.model.name}")
+    diff = [f"{k}={meta.model_kwargs.get(k)!r} (this config: {v!r})" for k, v in model_kwargs(cfg, data).items()
+            if meta.model_kwargs.get(k) != v]  # both JSON's types: model_kwargs gives lists, not tuples
     if diff:
         raise ConfigError(f"train.init_from: {cfg.train.init_from} was trained with another model shape: "
                           f"{', '.join(diff)}; set the model.* keys to its values (or leave init_from empty)")

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from pipelines.core import lease, storage
-from pipelines.core.checkpoint import check_files, load_meta, load_model, load_state
+from pipelines.core.checkpoint import CheckpointMeta, check_files, load_meta, load_model, load_state
 from pipelines.core.errors import JobFailed, JobStopped
 from pipelines.core.manifest import Manifest
 from pipelines.core.runtime import (
@@ -40,9 +42,41 @@ from pipelines.train.validation import validation_set
 from pipelines.train.worker import TrainJob, train_loop_per_worker
 
 
+@dataclass(frozen=True)
+class TrainResult:
+    """What `run_training` returns (and `flowray train` prints as its JSON line, `to_dict`)."""
+
+    run_id: str  # the MLflow run
+    experiment: str
+    tracking_uri: str
+    resumed: bool  # continued an interrupted or finished run
+    checkpoint: str | None  # the last registered checkpoint: a folder, or an object-store prefix
+    run_dir: str  # the run's folder under train.storage_path (Ray Train's record, checkpoints, EMA snapshots)
+    metrics: dict[str, float | str]  # the last checkpoint's report
+    wall_s: float  # the fit's wall time (0 for a run that had already finished)
+    mlflow_model: str | None = None  # runs:/.../mlflow_model
+    registered_model: str | None = None  # models:/NAME/VERSION
+    sample_grid: str | None = None  # runs:/RUN_ID/samples for image data
+    already_finished: bool = False  # at its step target before this call: nothing was trained
+
+    @property
+    def final_checkpoint(self) -> str:
+        """The checkpoint to sample from; a run that registered none cannot be sampled (JobFailed)."""
+        if self.checkpoint is None:
+            raise JobFailed(f"training run {self.run_id} registered no checkpoint (train.checkpoint_every past "
+                            "train.steps?), so there is no model to sample")
+        return self.checkpoint
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if not self.already_finished:
+            del out["already_finished"]
+        return out
+
+
 def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, str] | None = None,
-                 callbacks: Sequence = (), drain_s: float = 0.0) -> dict:
-    """Train per the config; returns the job's key results (run id, checkpoint path, final metrics). `manifest`: the
+                 callbacks: Sequence = (), drain_s: float = 0.0) -> TrainResult:
+    """Train per the config; returns the run, its last checkpoint and final metrics (`TrainResult`). `manifest`: the
     data's manifest as `check_data(cfg)` returned it, when the caller has checked it already. `tags`: more tags of a
     new MLflow run (`mlflow.parentRunId` nests it under a sweep's run); `callbacks`: more Ray Train `UserCallback`s
     on the controller (a sweep's report to Ray Tune, sample quality while training); `drain_s`: how long each
@@ -67,7 +101,7 @@ def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, 
 
 
 def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbacks: Sequence, drain_s: float,
-           uri: str, root: str, run_dir: str, exists: bool) -> dict:
+           uri: str, root: str, run_dir: str, exists: bool) -> TrainResult:
     """`run_training` under the run's lease: resume or start, train, log the final model."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -81,13 +115,13 @@ def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbac
             "mlflow.note.content": f"{cfg.method.name} on {manifest.data.name}/{cfg.data.split}, {cfg.train.steps} "
                                    f"steps of {cfg.train.batch_size} x {cfg.ray.num_workers} workers"}
     run_id, resumed, done, replay_after = _open_run(cfg, uri, tags, meta, exists)
-    if done is not None:
-        stage(f"run {cfg.train.run_name} already finished at step {meta['step']} (MLflow run {done.info.run_id}); "
+    if done is not None and meta is not None:  # (a finished run is only `done` with a checkpoint at its target)
+        stage(f"run {cfg.train.run_name} already finished at step {meta.step} (MLflow run {done.info.run_id}); "
               "nothing to train. Raise train.steps to continue it, or set train.run_name for a new run")
         return _finished_result(cfg, uri, root, run_dir, previous, done, manifest.data.is_image)
     if meta is not None:
         how = f"MLflow run {run_id}" if resumed else f"new MLflow run {run_id}"
-        stage(f"continuing run {cfg.train.run_name} from step {meta['step']} ({how})")
+        stage(f"continuing run {cfg.train.run_name} from step {meta.step} ({how})")
     lineage = SafeLogger(uri, run_id)  # the split this run reads, as the run's MLflow dataset input
     lineage.inputs([dataset_input(**manifest.dataset(cfg.data.split), context="train")])
     lineage.close()
@@ -101,6 +135,7 @@ def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbac
                    stream_spec(cfg, manifest, kwargs, _pair_tasks(cfg), resume=meta), is_verbose(),
                    validation_set(manifest, cfg.train.val_split, cfg.train.val_rows, labels),
                    load_state(cfg.train.init_from, "ema")["module"] if cfg.train.init_from else None, run_dir)
+    # (the type ignores below: the stubs are Ray Train v1's RunConfig and Callback; RAY_TRAIN_V2_ENABLED runs v2's)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -109,9 +144,9 @@ def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbac
         run_config=RunConfig(name=cfg.train.run_name, **storage.ray_storage(root, "train.storage_path"),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-                             callbacks=[CheckpointedMetrics(uri, run_id, cfg.train.steps, cfg.mlflow.flush_timeout_s,
-                                                            drain_s), *callbacks],
-                             logging_config=train_logging_config()),
+                             callbacks=[CheckpointedMetrics(uri, run_id, cfg.train.steps,  # type: ignore[list-item]
+                                                            cfg.mlflow.flush_timeout_s, drain_s), *callbacks],
+                             logging_config=train_logging_config()),  # type: ignore[call-arg]
     )
     stage(f"training {cfg.method.name} for {cfg.train.steps} steps on {cfg.ray.num_workers} worker(s) "
           f"({'resuming' if resumed else 'new'} MLflow run {run_id}, experiment {cfg.mlflow.experiment})")
@@ -147,12 +182,11 @@ def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbac
     logger.finish("FINISHED")
     stage(f"training finished in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")
     stage(ui_hint(uri, run_id))
-    return {
-        "run_id": run_id, "experiment": cfg.mlflow.experiment, "tracking_uri": uri, "resumed": resumed,
-        "checkpoint": ckpt, "run_dir": str(run_dir), "metrics": _plain(result.metrics or {}),
-        "wall_s": round(time.perf_counter() - start, 1), **model,
-        "sample_grid": f"runs:/{run_id}/samples" if manifest.data.is_image else None,
-    }
+    return TrainResult(run_id=run_id, experiment=cfg.mlflow.experiment, tracking_uri=uri, resumed=resumed,
+                       checkpoint=ckpt, run_dir=str(run_dir), metrics=_plain(result.metrics or {}),
+                       wall_s=round(time.perf_counter() - start, 1), mlflow_model=model.get("mlflow_model"),
+                       registered_model=model.get("registered_model"),
+                       sample_grid=f"runs:/{run_id}/samples" if manifest.data.is_image else None)
 
 
 def _kept(run_dir: str, run_id: str, status: str = "KILLED") -> str:
@@ -161,7 +195,7 @@ def _kept(run_dir: str, run_id: str, status: str = "KILLED") -> str:
     if previous is None or previous.checkpoint is None:
         return f"no checkpoint was registered yet (MLflow run {run_id} is {status})"
     with previous.checkpoint.as_directory() as local:
-        step = load_meta(local)["step"]
+        step = load_meta(local).step
     return f"the last checkpoint is step {step} in {run_dir} (MLflow run {run_id} is {status})"
 
 
@@ -178,7 +212,7 @@ def _registered_checkpoints(run_dir: str):
     return Result.from_path(path, storage_filesystem=fs)
 
 
-def _resume_meta(previous) -> dict | None:
+def _resume_meta(previous) -> CheckpointMeta | None:
     """The meta.json of the checkpoint a resumed run will start from (Ray's latest registered one), checked whole
     before Ray starts; None when there is none."""
     if previous is None or previous.checkpoint is None:
@@ -191,7 +225,7 @@ def _resume_meta(previous) -> dict | None:
     return meta
 
 
-def _open_run(cfg: Config, uri: str, tags: dict, meta: dict | None, exists: bool):
+def _open_run(cfg: Config, uri: str, tags: dict, meta: CheckpointMeta | None, exists: bool):
     """The MLflow run this attempt logs to: (run_id, resumed, done, replay_after).
 
     An interrupted run (RUNNING, FAILED, KILLED) with Ray state to resume from is continued in place, so that its
@@ -207,23 +241,21 @@ def _open_run(cfg: Config, uri: str, tags: dict, meta: dict | None, exists: bool
     if found.info.status != "FINISHED":
         MlflowClient(uri).update_run(found.info.run_id, status="RUNNING")
         return found.info.run_id, True, None, int(found.data.tags.get("flowray.continues_from_step", 0))
-    if meta is not None and meta["step"] >= cfg.train.steps:
+    if meta is not None and meta.step >= cfg.train.steps:
         return found.info.run_id, True, found, 0
-    step = meta["step"] if meta is not None else 0
+    step = meta.step if meta is not None else 0
     tags = {**tags, "flowray.continues": found.info.run_id, "flowray.continues_from_step": str(step)}
     return create_run(uri, experiment, name, tags), False, None, step
 
 
-def _finished_result(cfg: Config, uri: str, root: str, run_dir: str, previous, run, is_image: bool) -> dict:
+def _finished_result(cfg: Config, uri: str, root: str, run_dir: str, previous, run, is_image: bool) -> TrainResult:
     """`run_training`'s result for a run that had already finished, read from Ray's record and the MLflow run."""
-    return {
-        "run_id": run.info.run_id, "experiment": cfg.mlflow.experiment, "tracking_uri": uri, "resumed": True,
-        "checkpoint": storage.location_of(root, previous.checkpoint.path), "run_dir": str(run_dir),
-        "metrics": _plain({k: v for k, v in (previous.metrics or {}).items() if k != WINDOWS}), "wall_s": 0.0,
-        "mlflow_model": run.data.tags.get("flowray.mlflow_model"),
-        "registered_model": run.data.tags.get("flowray.registered_model"), "already_finished": True,
-        "sample_grid": f"runs:/{run.info.run_id}/samples" if is_image else None,
-    }
+    return TrainResult(run_id=run.info.run_id, experiment=cfg.mlflow.experiment, tracking_uri=uri, resumed=True,
+                       checkpoint=storage.location_of(root, previous.checkpoint.path), run_dir=str(run_dir),
+                       metrics=_plain({k: v for k, v in (previous.metrics or {}).items() if k != WINDOWS}),
+                       wall_s=0.0, mlflow_model=run.data.tags.get("flowray.mlflow_model"),
+                       registered_model=run.data.tags.get("flowray.registered_model"), already_finished=True,
+                       sample_grid=f"runs:/{run.info.run_id}/samples" if is_image else None)
 
 
 def _pair_tasks(cfg: Config) -> int:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from fm.ema import SIGMA_REL_MAX, combine_states, posthoc_coefficients, profile_fit_error, sigma_rel_to_gamma
 from pipelines.core import storage
-from pipelines.core.checkpoint import META, CheckpointError
+from pipelines.core.checkpoint import META, CheckpointError, CheckpointMeta
 from pipelines.core.errors import ConfigError
 from pipelines.train.worker import EMA_SNAPSHOTS
 
@@ -102,27 +102,28 @@ def rebuild(run_dir: str, sigma_rels: list[float], step: int | None = None, out:
                                       f"where the run's others hold {profiles}: snapshots of two runs are mixed")
             yield from data["modules"]
 
-    weights = combine_states(states(), x)
-    meta = json.loads(first["meta"])
+    weights = combine_states(states(), x)  # x [S, T]: T state dicts
+    assert isinstance(weights, list)
+    meta = CheckpointMeta.from_dict(json.loads(first["meta"]), f"{used[-1].location}: meta")
     results = []
     for k, (sigma_rel, gamma) in enumerate(zip(sigma_rels, targets, strict=True)):
         fit = profile_fit_error(ts, gammas, x[:, k], step, gamma)
         folder = storage.join(out, f"sigma_rel_{sigma_rel:.4f}-step_{step:08d}")
-        _write(folder, weights[k], {**meta, "step": step, "posthoc_ema": {
+        _write(folder, weights[k], replace(meta, step=step, posthoc_ema={
             "sigma_rel": sigma_rel, "gamma": gamma, "profiles": profiles, "snapshot_steps": [s.step for s in used],
-            "fit_error": fit, "run_dir": run_dir}})
+            "fit_error": fit, "run_dir": run_dir}))
         results.append(Rebuilt(sigma_rel, gamma, step, folder, len(used), fit))
     return results
 
 
-def _write(folder: str, weights: dict, meta: dict) -> None:
+def _write(folder: str, weights: dict, meta: CheckpointMeta) -> None:
     """A checkpoint folder the batch jobs load: the weights as its EMA (and its model), meta.json last."""
-    for name, state in (("ema", {"module": weights, "num_updates": meta["step"], "decay": 0.0}),
+    for name, state in (("ema", {"module": weights, "num_updates": meta.step, "decay": 0.0}),
                         ("model", weights)):
         buf = io.BytesIO()
         torch.save(state, buf)
         storage.write_bytes(storage.join(folder, f"{name}.pt"), buf.getvalue(), "--out")
-    storage.write_text(storage.join(folder, META), json.dumps(meta, indent=1), "--out")
+    storage.write_text(storage.join(folder, META), json.dumps(meta.to_dict(), indent=1), "--out")
 
 
 def run_folder(spec: str, uri: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from fm.seeding import SEEDING_VERSION
+from pipelines.core.checkpoint import CheckpointMeta
 from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import DataSpec
 from pipelines.train.config import Config, model_kwargs
@@ -32,17 +33,17 @@ def fixed_keys(cfg: Config, data: DataSpec) -> list[str]:
     return model + [f"method.{k}" for k in cfg.to_dict()["method"]] + list(FIXED_KEYS)
 
 
-def differences(cfg: Config, data: DataSpec, meta: dict) -> list[str]:
+def differences(cfg: Config, data: DataSpec, meta: CheckpointMeta) -> list[str]:
     """What differs between this config and data and the checkpoint's (`meta.json`): one line per key, both values.
     Keys an older checkpoint does not record are not compared."""
-    now, saved = cfg.to_dict(), meta.get("config") or {}
+    now, saved = cfg.to_dict(), meta.config
     out = []
     for key in fixed_keys(cfg, data):
         section, name = key.split(".", 1)
         old = saved.get(section, {}).get(name, _ABSENT)
         if old is not _ABSENT and _plain(old) != _plain(now[section][name]):
             out.append(f"{key} was {old!r}, now {now[section][name]!r}")
-    saved_data, data_now = meta.get("manifest") or {}, data.to_dict()
+    saved_data, data_now = meta.manifest or {}, data.to_dict()
     for name in DATA_FIELDS:
         old, new = saved_data.get(name), data_now.get(name)
         if name in saved_data and _plain(old) != _plain(new):
@@ -51,7 +52,7 @@ def differences(cfg: Config, data: DataSpec, meta: dict) -> list[str]:
         out.append(f"its post-hoc EMA profiles (optim.ema_sigma_rels with train.ema_snapshot_every > 0) were "
                    f"{_profiles(saved)}, now {_profiles(now)}: they average the run from its first step, so a run "
                    "keeps them or not, and the same ones, throughout")
-    seeding = meta.get("seeding", 1)  # checkpoints before the seeding was recorded used version 1
+    seeding = meta.seeding
     if seeding != SEEDING_VERSION:
         out.append(f"its noise, pairing and dropout streams were seeded by version {seeding} (the low 32 bits of "
                    f"each seed), this version seeds by version {SEEDING_VERSION} (all 63 bits), and one run does not "
@@ -66,12 +67,12 @@ def _profiles(config: dict) -> list[float] | None:
     return [float(v) for v in config["optim"]["ema_sigma_rels"]]
 
 
-def check_resumable(cfg: Config, data: DataSpec, meta: dict, run_dir: str) -> None:
+def check_resumable(cfg: Config, data: DataSpec, meta: CheckpointMeta, run_dir: str) -> None:
     """Refuse to resume a run whose checkpoint was trained with another model, method, data or stream."""
     diffs = differences(cfg, data, meta)
     if diffs:
         raise ConfigError(
-            f"train.run_name={cfg.train.run_name!r} already has a checkpoint at step {meta.get('step')} in "
+            f"train.run_name={cfg.train.run_name!r} already has a checkpoint at step {meta.step} in "
             f"{run_dir}, trained with another config, and cannot resume with this one: {'; '.join(diffs)}. "
             f"Set train.run_name to a new name to start a new run, or remove {run_dir} to train this name again "
             "from step 0 (what may change on resume: README, 'Resuming a run')")

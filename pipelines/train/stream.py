@@ -38,6 +38,7 @@ from fm.methods import coupling_name, make_method
 from fm.seeding import derive_seed, generator
 from fm.training import Pairs, given_pair_step, pair_global_step, pair_step
 from pipelines.core.cells import decode_rows, row_bytes
+from pipelines.core.checkpoint import CheckpointMeta
 from pipelines.core.samples import sample_noise
 from pipelines.core.shards import ShardRows, group_rows
 from pipelines.train.config import method_kwargs
@@ -119,7 +120,7 @@ class StreamSpec:
         return row_bytes(self.shape, self.kind)
 
 
-def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int, resume: dict | None = None) -> StreamSpec:
+def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int, resume: CheckpointMeta | None = None) -> StreamSpec:
     """The `StreamSpec` of a training config (`pipelines.train.config.Config`) over its split of `manifest`, with at
     most `tasks` pairing tasks at once per worker's stream; `resume`: the meta.json of the checkpoint the run
     continues from, whose stream position it continues (`resume_position`)."""
@@ -133,14 +134,14 @@ def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int, resume: dict | No
     return spec if resume is None else resume_position(spec, resume)
 
 
-def resume_position(spec: StreamSpec, meta: dict) -> StreamSpec:
+def resume_position(spec: StreamSpec, meta: CheckpointMeta) -> StreamSpec:
     """`spec` continuing from a checkpoint (its meta.json): from the rows it had consumed and with its window
     schedule, whatever its worker count was. A window that differs from the schedule's last orders the passes from
     the next whole one on: the pass under way keeps the order it started with. A checkpoint written before the
     cursor was recorded consumed step x batch_size x its workers rows, all ordered by its config's window."""
-    step, stream, saved = int(meta["step"]), meta.get("stream"), meta.get("config") or {}
+    step, stream, saved = meta.step, meta.stream, meta.config
     if stream is not None:
-        cursor, windows = int(stream["cursor"]), [tuple(map(int, w)) for w in stream["windows"]]
+        cursor, windows = int(stream["cursor"]), [(int(w[0]), int(w[1])) for w in stream["windows"]]
     else:
         workers = saved.get("ray", {}).get("num_workers", spec.world)
         cursor = step * saved.get("train", {}).get("batch_size", spec.batch_size) * workers
@@ -164,7 +165,9 @@ def pass_order(spec: StreamSpec, p: int) -> np.ndarray:
     `spec.window(p)` rows, the rows of each window in a random order."""
     start, n, size = spec.group_start[:-1], np.diff(spec.group_start), spec.window(p)
     groups = np.random.default_rng(derive_seed(spec.seed, ORDER_STREAM, p, -1)).permutation(len(n))
-    out, window, rows = [], [], 0
+    out: list[np.ndarray] = []
+    window: list[np.ndarray] = []
+    rows = 0
     for k, g in enumerate(groups):
         window.append(np.arange(start[g], start[g] + n[g]))
         rows += int(n[g])
@@ -179,7 +182,8 @@ class _Order:
     """Split rows at positions of the run's endless sequence (pass = position // N), each pass's order drawn once."""
 
     def __init__(self, spec: StreamSpec):
-        self.spec, self.orders = spec, {}
+        self.spec = spec
+        self.orders: dict[int, np.ndarray] = {}  # pass -> its row order
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
         n = self.spec.num_rows
@@ -320,9 +324,10 @@ def build_stream(spec: StreamSpec, rank: int, first_step: int, end: int):
     from ray.data import DataContext, TaskPoolStrategy
 
     DataContext.get_current().execution_options.preserve_order = True  # steps arrive in order
-    # Ray sizes the blocks of step ids; a task pairs `steps_per_task` of them
+    # Ray sizes the blocks of step ids; a task pairs `steps_per_task` of them (Ray's stubs type a batch function of
+    # one argument: fn_kwargs gives pair_steps the others)
     return ray.data.range(end - first_step).map_batches(
-        pair_steps, fn_kwargs={"spec": spec, "rank": rank, "first_step": first_step},
+        pair_steps, fn_kwargs={"spec": spec, "rank": rank, "first_step": first_step},  # type: ignore[arg-type]
         batch_size=steps_per_task(spec, rank), batch_format="numpy", num_cpus=spec.cpus,
         compute=TaskPoolStrategy(size=spec.tasks))
 

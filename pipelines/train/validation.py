@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fm.data import to_model_space
-from fm.methods import Method
+from fm.methods import FlowMethod
 from fm.seeding import generator
 from pipelines.core.cells import decode_rows
 from pipelines.core.manifest import Manifest
@@ -53,7 +53,7 @@ def validation_set(manifest: Manifest, split: str, rows: int, labels: str) -> Va
 
 
 @torch.no_grad()
-def validation_loss(method: Method, model: torch.nn.Module, vset: ValidationSet, device: torch.device,
+def validation_loss(method: FlowMethod, model: torch.nn.Module, vset: ValidationSet, device: torch.device,
                     batch_size: int = 256) -> float:
     """The mean per-sample loss of `model` on the set, every draw from the one fixed generator (batch by batch in
     order, so the value does not depend on the device's memory)."""

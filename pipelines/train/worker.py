@@ -13,13 +13,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
+from torch import nn
 
 from fm.data import to_uint8
 from fm.ema import EMA, PowerEMA
-from fm.methods import METHODS, Method, make_method
+from fm.methods import METHODS, FlowMethod, make_method
 from fm.models import build_model
 from fm.seeding import derive_seed, generator, seed_default_generator
 from fm.training import StepResult, lr_at, read_ahead, train_step
@@ -67,7 +69,7 @@ class WorkerState:
 
     model: torch.nn.Module
     ddp_model: torch.nn.Module
-    method: Method
+    method: FlowMethod
     optimizer: torch.optim.Optimizer
     ema: EMA
     device: torch.device
@@ -149,8 +151,9 @@ def _train(job: TrainJob) -> None:
                          autocast_dtype=state.autocast_dtype, pairs=pairs, scaler=state.scaler)
         _count_nonfinite(state, res, t.max_nonfinite)
         state.step += 1
-        if t.ema_snapshot_every and state.step % t.ema_snapshot_every == 0 and state.rank == 0:
-            _save_ema_snapshot(job, state)
+        if state.power_ema is not None and t.ema_snapshot_every and state.step % t.ema_snapshot_every == 0 \
+                and state.rank == 0:
+            _save_ema_snapshot(job, state, state.power_ema)
         t_total = time.perf_counter() - t_start
         window.add(res, t_data, t_total, pairs.solve_seconds)
         if state.step == start_step + 1:  # the stream's start-up, apart from the waits of a running stream
@@ -207,13 +210,13 @@ def _build_state(job: TrainJob) -> WorkerState:
             if scaler is not None and Path(d, "scaler.pt").exists():
                 scaler.load_state_dict(load_state(d, "scaler"))
             meta = load_meta(d)
-            step, nonfinite_total = meta["step"], meta.get("nonfinite_total", 0)
+            step, nonfinite_total = meta.step, meta.nonfinite_total
     method = make_method(**method_kwargs(cfg, job.data))
     if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (not in torch's stubs)
     ddp_model = ray.train.torch.prepare_model(model)
     if cfg.train.compile:
-        ddp_model = torch.compile(ddp_model)  # after DDP, as torch's DDP + compile guide does
+        ddp_model = cast(nn.Module, torch.compile(ddp_model))  # after DDP, as torch's DDP + compile guide does
     return WorkerState(model, ddp_model, method, optimizer, ema, device, ctx.get_world_rank(), ctx.get_world_size(),
                        step, nonfinite_total=nonfinite_total, last_metrics={"step": step}, autocast_dtype=dtype,
                        scaler=scaler, power_ema=power_ema)
@@ -313,25 +316,25 @@ def _save(job: TrainJob, state: WorkerState, directory: str) -> None:
                     optimizer=state.optimizer, scaler=state.scaler, model_name=job.config.model.name,
                     model_kwargs=job.model_kwargs,
                     method_kwargs=method_kwargs(job.config, job.data), config=job.config.to_dict(),
-                    extra={"mlflow_run_id": job.run_id, "manifest": job.data.to_dict(),
-                           "nonfinite_total": state.nonfinite_total, "stream": stream_record(job.stream, state.step)})
+                    mlflow_run_id=job.run_id, manifest=job.data.to_dict(), nonfinite_total=state.nonfinite_total,
+                    stream=stream_record(job.stream, state.step))
     if state.power_ema is not None:
         torch.save(state.power_ema.state_dict(), Path(directory) / "power_ema.pt")
 
 
-def _save_ema_snapshot(job: TrainJob, state: WorkerState) -> None:
+def _save_ema_snapshot(job: TrainJob, state: WorkerState, p: PowerEMA) -> None:
     """Rank 0: the post-hoc EMA profiles at this step, with what rebuilds the model, as one object
     `ema_snapshots/step_XXXXXXXX.pt` in the run's folder (`flowray ema` reads them). A restart from an earlier
     checkpoint writes the same bytes again: the profiles are restored with the weights."""
     import io
     import json
 
-    p = state.power_ema
     meta = checkpoint_meta(state.step, job.config.model.name, job.model_kwargs, method_kwargs(job.config, job.data),
-                           job.config.to_dict(), {"mlflow_run_id": job.run_id, "manifest": job.data.to_dict()})
+                           job.config.to_dict(), mlflow_run_id=job.run_id, manifest=job.data.to_dict(),
+                           nonfinite_total=state.nonfinite_total)
     buf = io.BytesIO()
     torch.save({"step": state.step, "sigma_rels": list(p.sigma_rels), "gammas": list(p.gammas),
-                "modules": [m.state_dict() for m in p.modules], "meta": json.dumps(meta)}, buf)
+                "modules": [m.state_dict() for m in p.modules], "meta": json.dumps(meta.to_dict())}, buf)
     storage.write_bytes(storage.join(job.run_dir, EMA_SNAPSHOTS, f"step_{state.step:08d}.pt"), buf.getvalue(),
                         "train.storage_path")
 

@@ -38,7 +38,7 @@ def _gaussian_checkpoint(directory):
     return str(save_checkpoint(directory, step=3, model=flow, ema_state=EMA(flow).state_dict(), optimizer=None,
                                model_name="gaussian_ot", model_kwargs={"mu": 0.1, "std": 0.4},
                                method_kwargs={"name": "fm_ot", "sigma_min": 0.0}, config={},
-                               extra={"manifest": manifest}))
+                               manifest=manifest))
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,7 @@ def test_the_chain_on_three_nodes_through_a_bucket(tmp_path, s3_server, s3_bucke
     # rebuilt length is written beside them and reads where it lies
     rebuilt = _job("jobs.ema", ["--run", more["run_dir"], "--sigma-rel", "0.07", "--tracking-uri", uri])["rebuilt"]
     assert rebuilt[0]["snapshots"] == 3 and rebuilt[0]["checkpoint"].startswith(f"{more['run_dir']}/posthoc_ema/")
-    assert load_model(rebuilt[0]["checkpoint"]).meta["posthoc_ema"]["snapshot_steps"] == [4, 8, 12]
+    assert load_model(rebuilt[0]["checkpoint"]).meta.posthoc_ema["snapshot_steps"] == [4, 8, 12]
 
     # sampling and evaluation from the checkpoint in the bucket; evaluation reads the data there and keeps its
     # caches (the feature classifier, the reference statistics) beside the shards in the bucket

@@ -35,7 +35,7 @@ def gaussian_checkpoint(directory, shape):
     return save_checkpoint(directory, step=0, model=flow, ema_state=EMA(flow).state_dict(), optimizer=None,
                            model_name="gaussian_ot", model_kwargs={"mu": 0.1, "std": 0.4},
                            method_kwargs={"name": "fm_ot", "sigma_min": 0.0}, config={},
-                           extra={"manifest": manifest})
+                           manifest=manifest)
 
 
 def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local):
@@ -240,8 +240,8 @@ def test_eval_precision_runs_the_likelihood_network_under_autocast(tmp_path):
     ckpt = save_checkpoint(tmp_path / "ckpt", step=0, model=net, ema_state=EMA(net).state_dict(), optimizer=None,
                            model_name="mlp", model_kwargs={"dim": 2, "hidden": 64, "depth": 2},
                            method_kwargs={"name": "fm_ot", "sigma_min": 0.0}, config={},
-                           extra={"manifest": {"source": "toy2d:moons", "kind": "points", "shape": [2],
-                                               "num_classes": 1, "class_names": []}})
+                           manifest={"source": "toy2d:moons", "kind": "points", "shape": [2], "num_classes": 1,
+                                     "class_names": []})
     files = tuple(manifest.shard_paths("test"))
     nll, dtypes, threads = {}, set(), torch.get_num_threads()
     for precision in ("fp32", "bf16"):

@@ -22,7 +22,7 @@ def test_meanflow_trains_on_two_workers_and_samples_in_jumps(digits, tmp_path, r
     trained = train_main(["--config", "configs/digits-cpu.yaml", *[a for s in sets for a in ("--set", s)]])
     assert trained["metrics"]["step"] == 8
     loaded = load_model(trained["checkpoint"])
-    assert loaded.meta["model"]["kwargs"]["two_times"] and loaded.meta["method"]["meanflow_ratio"] == 0.25
+    assert loaded.meta.model_kwargs["two_times"] and loaded.meta.method["meanflow_ratio"] == 0.25
     client = MlflowClient(uri)
     run = client.get_run(trained["run_id"])
     assert run.data.metrics["loss"] > 0 and "eval/fd" in run.data.metrics and "eval/bpd" not in run.data.metrics

@@ -49,8 +49,8 @@ def test_flowray_ema_rebuilds_lengths_that_sample(trained_digits, tmp_path):
     # another length is a mix of the snapshots, a checkpoint that loads as any other, with its lineage in meta.json
     assert other["gamma"] == pytest.approx(sigma_rel_to_gamma(0.08)) and other["fit_error"] < 0.1
     loaded = load_model(other["checkpoint"])
-    assert loaded.step == 8 and loaded.meta["posthoc_ema"]["snapshot_steps"] == [2, 4, 6, 8]
-    assert loaded.meta["method"] == load_meta(res["checkpoint"])["method"]
+    assert loaded.step == 8 and loaded.meta.posthoc_ema["snapshot_steps"] == [2, 4, 6, 8]
+    assert loaded.meta.method == load_meta(res["checkpoint"]).method
     # nested under the training run in MLflow
     client = MlflowClient(uri)
     child = client.get_run(other["mlflow_run_id"])

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from pipelines.core.checkpoint import CheckpointMeta
 from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import DataSpec
 from pipelines.train.config import load_config
@@ -12,10 +13,16 @@ from pipelines.train.resume import check_resumable, differences
 DATA = DataSpec("digits", "image", [8, 8, 1], 10, [str(i) for i in range(10)])
 
 
-def _meta(*sets: str) -> dict:
+def _raw(*sets: str) -> dict:
     """meta.json as training writes it (JSON round trip: tuples become lists) for the digits config + `sets`."""
     cfg = load_config("configs/digits-cpu.yaml", list(sets))
-    return json.loads(json.dumps({"step": 40, "config": cfg.to_dict(), "manifest": DATA.to_dict(), "seeding": 2}))
+    return json.loads(json.dumps({"step": 40, "model": {"name": cfg.model.name, "kwargs": {}},
+                                  "method": {"name": cfg.method.name}, "config": cfg.to_dict(),
+                                  "manifest": DATA.to_dict(), "seeding": 2}))
+
+
+def _meta(*sets: str) -> CheckpointMeta:
+    return CheckpointMeta.from_dict(_raw(*sets), "meta.json")
 
 
 def test_what_may_change_on_resume_is_accepted():
@@ -44,14 +51,15 @@ def test_what_must_stay_is_named_with_both_values():
 
 def test_keys_an_older_checkpoint_does_not_record_are_not_compared():
     meta = _meta()
-    del meta["config"]["model"]["label_dropout"], meta["config"]["train"]["batch_size"]
+    del meta.config["model"]["label_dropout"], meta.config["train"]["batch_size"]
     now = load_config("configs/digits-cpu.yaml", ["model.label_dropout=0.5", "train.batch_size=8"])
     assert differences(now, DATA, meta) == []
 
 
 def test_a_run_seeded_the_old_way_is_not_continued_with_the_new_seeding():
-    meta = _meta()
-    del meta["seeding"]  # written before the seeding was recorded: version 1, the low 32 bits of each seed
+    raw = _raw()
+    del raw["seeding"]  # written before the seeding was recorded: version 1, the low 32 bits of each seed
+    meta = CheckpointMeta.from_dict(raw, "meta.json")
     assert differences(load_config("configs/digits-cpu.yaml"), DATA, meta) == [
         "its noise, pairing and dropout streams were seeded by version 1 (the low 32 bits of each seed), this version "
         "seeds by version 2 (all 63 bits), and one run does not mix the two"]

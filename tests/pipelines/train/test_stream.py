@@ -13,6 +13,7 @@ from scipy.optimize import linear_sum_assignment
 
 from fm.data import to_model_space
 from fm.seeding import generator
+from pipelines.core.checkpoint import CheckpointMeta
 from pipelines.train.stream import PairSteps, StreamSpec, pass_order, read_steps, resume_position, stream_record
 
 FILE_ROWS = (40, 25, 35)  # 100 rows in 3 shards, row groups of 16: steps cross files, groups and passes
@@ -113,16 +114,22 @@ def _rows_read(spec: StreamSpec, first: int, end: int) -> np.ndarray:
     return np.concatenate([np.concatenate([rows[k] for rows in per_rank]) for k in range(end - first)])
 
 
+def _meta(fields: dict) -> CheckpointMeta:
+    """A checkpoint's meta.json with these fields (the model and method are not read here)."""
+    return CheckpointMeta.from_dict({"model": {"name": "mlp", "kwargs": {}}, "method": {"name": "icfm"}, **fields},
+                                    "meta.json")
+
+
 def test_restarts_with_2_then_1_then_3_workers_read_every_row_of_every_pass_once(shards):
     # 2 workers for steps 0-8 (144 rows: pass 1 under way), 1 worker for steps 9-19 (88 rows), 3 workers for steps
     # 20-29 (240 rows), the last restart also widening the shuffle window (40 -> 100 rows): 472 rows, 4 whole passes
     two = _spec(shards, steps=30)
     read = [_rows_read(two, 0, 9)]
-    meta = {"step": 9, "stream": stream_record(two, 9), "config": {}}
-    assert meta["stream"] == {"cursor": 144, "windows": [[0, WINDOW]]}
+    meta = _meta({"step": 9, "stream": stream_record(two, 9), "config": {}})
+    assert meta.stream == {"cursor": 144, "windows": [[0, WINDOW]]}
     one = resume_position(replace(two, world=1), meta)
     read.append(_rows_read(one, 9, 20))
-    meta = {"step": 20, "stream": json.loads(json.dumps(stream_record(one, 20))), "config": {}}  # as meta.json holds it
+    meta = _meta({"step": 20, "stream": json.loads(json.dumps(stream_record(one, 20))), "config": {}})  # as meta.json
     three = resume_position(replace(two, world=3, shuffle_window=N), meta)
     # the pass under way when the window changed (pass 2: rows 200-299) keeps its window; pass 3 on is ordered by N
     assert stream_record(three, 30) == {"cursor": 144 + 88 + 240, "windows": [[0, WINDOW], [3, N]]}
@@ -134,7 +141,8 @@ def test_restarts_with_2_then_1_then_3_workers_read_every_row_of_every_pass_once
     assert np.array_equal(seq[200:300], pass_order(two, 2))  # the old window's order, to the end of its pass
     assert np.array_equal(seq[300:400], pass_order(replace(two, shuffle_window=N), 3))
     # a checkpoint from before the cursor was recorded: step x batch x its workers rows, its config's window
-    old = {"step": 9, "config": {"ray": {"num_workers": 2}, "train": {"batch_size": 8}, "data": {"shuffle_window": 40}}}
+    old = _meta({"step": 9, "config": {"ray": {"num_workers": 2}, "train": {"batch_size": 8},
+                                       "data": {"shuffle_window": 40}}})
     assert resume_position(replace(two, world=1), old) == one
     # what the stream did before: step s read positions s x B, so 1 worker from step 9 re-read rows and skipped others
     naive = _rows_read(replace(two, world=1), 9, 20)

@@ -55,7 +55,7 @@ def test_two_workers_checkpoints_mlflow_and_resume(trained_digits, tmp_path):
     assert res["metrics"]["step"] == 8 and not res["resumed"]
     assert res["tracking_uri"] == f"sqlite:///{trained_digits['tmp'].resolve() / 'server.db'}"
     loaded = load_model(res["checkpoint"])
-    assert loaded.step == 8 and loaded.meta["model"]["kwargs"]["model_channels"] == 8
+    assert loaded.step == 8 and loaded.meta.model_kwargs["model_channels"] == 8
     client = MlflowClient(res["tracking_uri"])
     run = client.get_run(res["run_id"])
     # the validation loss at each checkpoint is the EMA model's loss on the fixed held-out rows, recomputed here
@@ -89,7 +89,7 @@ def test_two_workers_checkpoints_mlflow_and_resume(trained_digits, tmp_path):
     assert {"model/meta.json", "model/ema.pt", "model/model.pt"} <= model_files
     local = client.download_artifacts(res["run_id"], "model", str(tmp_path / "dl"))
     assert load_model(local).step == 8  # the logged final model rebuilds from the artifact alone
-    assert load_meta(res["checkpoint"])["stream"]["cursor"] == 8 * 16 * 2  # rows consumed: 8 steps of 16 x 2
+    assert load_meta(res["checkpoint"]).stream["cursor"] == 8 * 16 * 2  # rows consumed: 8 steps of 16 x 2
 
     finished = _snapshot(client, res["run_id"])
     name, run_dir = TRAINED_RUN, res["run_dir"]
@@ -101,9 +101,9 @@ def test_two_workers_checkpoints_mlflow_and_resume(trained_digits, tmp_path):
         run_training(_continue(trained_digits, "train.steps=12", "model.model_channels=16"))
     # the same config again: the run is done; nothing is trained and the result is the finished run's
     again = run_training(_continue(trained_digits))
-    assert again["already_finished"] and again["run_id"] == res["run_id"]
-    assert again["checkpoint"] == res["checkpoint"] and again["metrics"]["step"] == 8
-    assert again["mlflow_model"] == res["mlflow_model"]
+    assert again.already_finished and again.run_id == res["run_id"]
+    assert again.checkpoint == res["checkpoint"] and again.metrics["step"] == 8
+    assert again.mlflow_model == res["mlflow_model"]
 
     # continuing past the finished run's steps is a new MLflow run; this attempt fails (no retries)
     with pytest.raises(Exception, match="injected failure"):
@@ -113,16 +113,16 @@ def test_two_workers_checkpoints_mlflow_and_resume(trained_digits, tmp_path):
     # the rerun, on one worker instead of two, resumes the interrupted continuation (same MLflow run) from the
     # finished run's checkpoint, from the row the two workers had reached
     more = run_training(_continue(trained_digits, "train.steps=12", "ray.num_workers=1"))
-    assert more["resumed"]
-    assert more["run_id"] == failed[0].info.run_id and more["run_id"] != res["run_id"]
-    assert more["metrics"]["step"] == 12 and load_meta(more["checkpoint"])["step"] == 12
-    assert load_meta(more["checkpoint"])["stream"]["cursor"] == 8 * 16 * 2 + 4 * 16
-    assert [s for s, _ in _history(client, more["run_id"], "loss")] == [10, 12]
+    assert more.resumed
+    assert more.run_id == failed[0].info.run_id and more.run_id != res["run_id"]
+    assert more.metrics["step"] == 12 and load_meta(more.checkpoint).step == 12
+    assert load_meta(more.checkpoint).stream["cursor"] == 8 * 16 * 2 + 4 * 16
+    assert [s for s, _ in _history(client, more.run_id, "loss")] == [10, 12]
     # a refused, an already-finished, a failed and a continued attempt later, the finished run is as it was
     assert _snapshot(client, res["run_id"]) == finished
 
     # a damaged checkpoint to resume from is named before any training starts
-    (Path(more["checkpoint"]) / "model.pt").write_bytes(b"PK\x03\x04 overwritten")
+    (Path(more.checkpoint) / "model.pt").write_bytes(b"PK\x03\x04 overwritten")
     with pytest.raises(CheckpointError, match=r"model.pt: not a readable torch file \(truncated or corrupt\)"):
         run_training(_continue(trained_digits, "train.steps=16"))
     assert Path(run_dir).is_dir()
@@ -143,16 +143,16 @@ def test_injected_worker_failure_resumes_to_the_target_step(digits, tmp_path, ra
     # pairs and dropout masks at every step
     straight = run_training(tiny_config(digits, tmp_path / "runs", uri, "straight", *common))
     for name in ("model", "ema", "optimizer"):
-        a, b = load_state(res["checkpoint"], name), load_state(straight["checkpoint"], name)
+        a, b = load_state(res.checkpoint, name), load_state(straight.checkpoint, name)
         flat_a, flat_b = _tensors(a), _tensors(b)
         assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), name
-    assert res["metrics"]["step"] == 8 and load_meta(res["checkpoint"])["step"] == 8
+    assert res.metrics["step"] == 8 and load_meta(res.checkpoint).step == 8
     assert (tmp_path / "runs" / "faulty" / ".fault_injected_step_6").exists()
     client = MlflowClient(uri)
     # steps 5..8 were redone from the step-4 checkpoint: step 8 is logged once, nothing before 4 again
-    assert [s for s, _ in _history(client, res["run_id"], "loss")] == [4, 8]
-    assert all(v > 0 for _, v in _history(client, res["run_id"], "ot_solve_s"))
-    assert client.get_run(res["run_id"]).data.params["method.ot_scope"] == "global"
+    assert [s for s, _ in _history(client, res.run_id, "loss")] == [4, 8]
+    assert all(v > 0 for _, v in _history(client, res.run_id, "ot_solve_s"))
+    assert client.get_run(res.run_id).data.params["method.ot_scope"] == "global"
 
 
 def _tensors(state, prefix="") -> dict:
@@ -187,24 +187,24 @@ def test_bf16_training_logged_to_a_real_mlflow_server_and_sampled_by_registered_
                                    "ray.num_workers=1", "mlflow.register_as=tiny-digits", "train.precision=bf16",
                                    "train.channels_last=true"))
     # bf16: finite losses, and a checkpoint in fp32 that rebuilds the model (the memory format is not part of it)
-    assert res["metrics"]["step"] == 4 and res["metrics"]["nonfinite_total"] == 0
-    ckpt = load_model(res["checkpoint"])
-    assert ckpt.meta["config"]["train"]["precision"] == "bf16"
+    assert res.metrics["step"] == 4 and res.metrics["nonfinite_total"] == 0
+    ckpt = load_model(res.checkpoint)
+    assert ckpt.meta.config["train"]["precision"] == "bf16"
     assert all(p.dtype == torch.float32 for p in ckpt.model.parameters())
     client = MlflowClient(mlflow_server)
-    run = client.get_run(res["run_id"])
+    run = client.get_run(res.run_id)
     assert run.data.params["train.precision"] == "bf16"
     assert run.data.params["train.steps"] == "4" and "loss" in run.data.metrics
-    assert {a.path for a in client.list_artifacts(res["run_id"], "samples")} == {"samples/step_000004.png"}
+    assert {a.path for a in client.list_artifacts(res.run_id, "samples")} == {"samples/step_000004.png"}
     # the final model is an MLflow Model in the registry, and the batch stages take it by name
-    assert res["registered_model"] == "models:/tiny-digits/1"
+    assert res.registered_model == "models:/tiny-digits/1"
     client.set_registered_model_alias("tiny-digits", "champion", "1")
     for i, spec in enumerate(("models:/tiny-digits/1", "models:/tiny-digits@champion")):
         out = sample_main(["--checkpoint", spec, "--num-samples", "4", "--out", str(tmp_path / f"s{i}"),
                            "--tracking-uri", mlflow_server, "--set", "sample.solver=euler", "--set",
                            "sample.steps=2"])
-        assert out["blocks_sampled"] == 1 and out["train_run_id"] == res["run_id"]
-        assert client.get_run(out["mlflow_run_id"]).data.tags["flowray.train_run_id"] == res["run_id"]
+        assert out["blocks_sampled"] == 1 and out["train_run_id"] == res.run_id
+        assert client.get_run(out["mlflow_run_id"]).data.tags["flowray.train_run_id"] == res.run_id
     # the exported network (pt2, no pickled code) computes what the checkpoint's EMA network computes
     loaded = load_model(resolve_checkpoint("models:/tiny-digits/1", mlflow_server, cache=tmp_path / "cache"))
     mlflow.set_tracking_uri(mlflow_server)
