@@ -33,10 +33,10 @@ def main() -> None:
     x = torch.randint(0, 256, (a.batch, 1, 8, 8)).float()
     out = {"batch": a.batch, "threads": a.threads, "solver": f"rk4, {a.steps} steps", "draws": 1}
     for name, div in (("exact", "exact"), ("hutchinson_1_probe", "hutchinson")):
-        bits_per_dim(model, x[:4], settings=LikelihoodSettings(div, method="rk4", steps=2))  # warm-up
+        bits_per_dim(model, x[:4], settings=LikelihoodSettings(div, solver="rk4", steps=2))  # warm-up
         start = time.perf_counter()
         res = bits_per_dim(model, x, generator=torch.Generator().manual_seed(0),
-                           settings=LikelihoodSettings(div, method="rk4", steps=a.steps))
+                           settings=LikelihoodSettings(div, solver="rk4", steps=a.steps))
         out[f"{name}_images_per_s"] = round(a.batch / (time.perf_counter() - start), 2)
         out[f"{name}_nfe"] = res.nfe
     out["hutchinson_over_exact"] = round(out["hutchinson_1_probe_images_per_s"] / out["exact_images_per_s"], 2)

@@ -118,16 +118,16 @@ def action_velocity(model: nn.Module) -> VelocityFn:
     return fn
 
 
-def transport(fn: VelocityFn, x: Tensor, times: Tensor | list[float], method: str = "rk4", steps: int = 20,
+def transport(fn: VelocityFn, x: Tensor, times: Tensor | list[float], solver: str = "rk4", steps: int = 20,
               atol: float = 1e-5, rtol: float = 1e-5) -> tuple[list[Tensor], int]:
     """Carry points x [B, D] observed at times[0] to every later observed time along fn.
 
-    Returns ([x at times[0], x at times[1], ...], total NFE); a fixed-step method takes `steps` steps per segment.
+    Returns ([x at times[0], x at times[1], ...], total NFE); a fixed-step solver takes `steps` steps per segment.
     """
     times = [float(t) for t in times]
     out, nfe = [x], 0
     for t_a, t_b in zip(times[:-1], times[1:], strict=True):
-        res = ode_sample(fn, out[-1], method, steps, atol, rtol, t_0=t_a, t_1=t_b)
+        res = ode_sample(fn, out[-1], solver, steps, atol, rtol, t_0=t_a, t_1=t_b)
         out.append(res.x_1)
         nfe += res.nfe
     return out, nfe

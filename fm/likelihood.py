@@ -127,7 +127,7 @@ class LikelihoodSettings:
     """How a log-density is computed.
 
     divergence: "exact" (D vector-Jacobian products) or "hutchinson" (num_probes probes of probe_kind, fixed
-    along the path). method, atol, rtol, steps: the torchdiffeq solve (dopri5 at 1e-5 by default; steps for a
+    along the path). solver, atol, rtol, steps: the torchdiffeq solve (dopri5 at 1e-5 by default; steps for a
     fixed-step method). t_1: the data end (just below 1 for the VP path, whose field diverges at t = 1).
     chunk: basis vectors per batched product of the exact divergence.
     """
@@ -135,7 +135,7 @@ class LikelihoodSettings:
     divergence: str = "exact"
     num_probes: int = 1
     probe_kind: str = "rademacher"
-    method: str = "dopri5"
+    solver: str = "dopri5"
     atol: float = 1e-5
     rtol: float = 1e-5
     steps: int | None = None
@@ -160,7 +160,7 @@ def log_likelihood(fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings | N
     s = settings or LikelihoodSettings()
     if s.divergence not in ("exact", "hutchinson"):
         raise ValueError(f"unknown divergence {s.divergence!r}; allowed: exact, hutchinson")
-    ts = integration_times(s.method, s.steps, s.t_1, 0.0, s.atol, s.rtol, x_1)
+    ts = integration_times(s.solver, s.steps, s.t_1, 0.0, s.atol, s.rtol, x_1)
     probes = make_probes(x_1, s.num_probes, s.probe_kind, generator) if s.divergence == "hutchinson" else None
     t_1 = s.t_1
     nfe = 0
@@ -179,7 +179,7 @@ def log_likelihood(fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings | N
     from torchdiffeq import odeint  # here, not at the top: see `fm.solvers.ode_sample`
 
     delta_1 = torch.zeros(x_1.shape[0], device=x_1.device, dtype=x_1.dtype)
-    xs, deltas = odeint(rhs, (x_1, delta_1), ts, method=s.method, atol=s.atol, rtol=s.rtol)
+    xs, deltas = odeint(rhs, (x_1, delta_1), ts, method=s.solver, atol=s.atol, rtol=s.rtol)
     # d(delta)/dt = div v from t_1 (delta = 0) to t = 0 gives delta(0) = -int_0^t_1 div dt.
     x_0 = xs[-1]
     return LikelihoodResult(log_p0(x_0) + deltas[-1], x_0, nfe)

@@ -50,7 +50,7 @@ def rfm_loss(model: nn.Module, manifold: Manifold, x_0: Tensor, x_1: Tensor, y: 
     return (v - dx_t).pow(2).mean(1)
 
 
-def manifold_ode_sample(fn: VelocityFn, manifold: Manifold, x_0: Tensor, method: str = "rk4",
+def manifold_ode_sample(fn: VelocityFn, manifold: Manifold, x_0: Tensor, solver: str = "rk4",
                         steps: int | None = 100, atol: float = 1e-5, rtol: float = 1e-5, t_0: float = 0.0,
                         t_1: float = 1.0, return_trajectory: bool = False) -> SampleResult:
     """Integrate a tangent field on the manifold from t_0 to t_1 (either direction), counting NFE.
@@ -58,20 +58,20 @@ def manifold_ode_sample(fn: VelocityFn, manifold: Manifold, x_0: Tensor, method:
     Args:
         fn: the field fn(x [B, D], t [B]) -> tangent vectors [B, D].
         x_0: starting points on the manifold [B, D].
-        method: "euler" (exponential-map steps), "midpoint" or "rk4" (retracted after every step), `steps` of them;
-            or any adaptive torchdiffeq method (ambient coordinates, projected onto the manifold at the end).
+        solver: "euler" (exponential-map steps), "midpoint" or "rk4" (retracted after every step), `steps` of them;
+            or any adaptive torchdiffeq solver (ambient coordinates, projected onto the manifold at the end).
     Returns:
         `SampleResult` (end points on the manifold, exact NFE, the trajectory [steps + 1, B, D] if asked).
     """
-    if method not in MANIFOLD_SOLVERS:
-        if method in FIXED_METHODS:
-            raise ValueError(f"solver {method!r} steps off the manifold; fixed-step solvers on a manifold: "
+    if solver not in MANIFOLD_SOLVERS:
+        if solver in FIXED_METHODS:
+            raise ValueError(f"solver {solver!r} steps off the manifold; fixed-step solvers on a manifold: "
                              f"{', '.join(MANIFOLD_SOLVERS)}, or an adaptive torchdiffeq solver (e.g. dopri5)")
-        res = ode_sample(fn, x_0, method, steps, atol, rtol, t_0, t_1, return_trajectory)
+        res = ode_sample(fn, x_0, solver, steps, atol, rtol, t_0, t_1, return_trajectory)
         projected = manifold.projx(res.trajectory) if res.trajectory is not None else None
         return SampleResult(manifold.projx(res.x_1), res.nfe, projected)
     if steps is None or steps < 1:
-        raise ValueError(f"solver {method!r} needs steps >= 1; got {steps}")
+        raise ValueError(f"solver {solver!r} needs steps >= 1; got {steps}")
     h = (t_1 - t_0) / steps
     x, nfe, traj = manifold.projx(x_0), 0, [x_0]
 
@@ -84,10 +84,10 @@ def manifold_ode_sample(fn: VelocityFn, manifold: Manifold, x_0: Tensor, method:
         for k in range(steps):
             t = t_0 + k * h
             k1 = f(x, t)
-            if method == "euler":
+            if solver == "euler":
                 x = manifold.expmap(x, h * k1)  # a geodesic step
             else:  # the stages in ambient coordinates (the field is tangent there too), then back onto the manifold
-                if method == "midpoint":
+                if solver == "midpoint":
                     step = f(x + 0.5 * h * k1, t + 0.5 * h)
                 else:
                     k2 = f(x + 0.5 * h * k1, t + 0.5 * h)

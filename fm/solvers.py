@@ -100,33 +100,33 @@ def time_grid(steps: int, t_0: float = 0.0, t_1: float = 1.0, device: torch.devi
     return torch.linspace(t_0, t_1, steps + 1, device=device)
 
 
-def is_adaptive(method: str) -> bool:
-    """Whether a torchdiffeq method chooses its own steps (its NFE is then a result, not a setting)."""
-    return method in ADAPTIVE_METHODS
+def is_adaptive(solver: str) -> bool:
+    """Whether a torchdiffeq solver chooses its own steps (its NFE is then a result, not a setting)."""
+    return solver in ADAPTIVE_METHODS
 
 
-def check_solver(method: str, steps: int | None, atol: float, rtol: float) -> None:
-    """Raise ValueError unless these are valid settings of an ODE solve: a known method, steps >= 1 for a
-    fixed-step method, positive tolerances for an adaptive one."""
+def check_solver(solver: str, steps: int | None, atol: float, rtol: float) -> None:
+    """Raise ValueError unless these are valid settings of an ODE solve: a known solver, steps >= 1 for a
+    fixed-step solver, positive tolerances for an adaptive one."""
     methods = ADAPTIVE_METHODS + FIXED_METHODS
-    if method not in methods:
-        raise ValueError(f"unknown ODE method {method!r}; allowed: {', '.join(methods)}")
-    if method in FIXED_METHODS and (steps is None or steps < 1):
-        raise ValueError(f"fixed-step method {method!r} needs steps (an integer >= 1); got {steps}")
-    if is_adaptive(method) and (atol <= 0 or rtol <= 0):
+    if solver not in methods:
+        raise ValueError(f"unknown ODE method {solver!r}; allowed: {', '.join(methods)}")
+    if solver in FIXED_METHODS and (steps is None or steps < 1):
+        raise ValueError(f"fixed-step method {solver!r} needs steps (an integer >= 1); got {steps}")
+    if is_adaptive(solver) and (atol <= 0 or rtol <= 0):
         raise ValueError(f"atol and rtol must be > 0; got atol={atol}, rtol={rtol}")
 
 
-def integration_times(method: str, steps: int | None, t_0: float, t_1: float, atol: float, rtol: float,
+def integration_times(solver: str, steps: int | None, t_0: float, t_1: float, atol: float, rtol: float,
                       like: Tensor) -> Tensor:
     """Validate solver settings and return the times handed to odeint: the fixed grid, or just [t_0, t_1]."""
-    check_solver(method, steps, atol, rtol)
-    if method in FIXED_METHODS and steps is not None:  # (check_solver: a fixed-step solver has its steps)
+    check_solver(solver, steps, atol, rtol)
+    if solver in FIXED_METHODS and steps is not None:  # (check_solver: a fixed-step solver has its steps)
         return time_grid(steps, t_0, t_1, like.device).to(like.dtype)
     return torch.tensor([t_0, t_1], device=like.device, dtype=like.dtype)
 
 
-def ode_sample(fn: VelocityFn, x_0: Tensor, method: str = "dopri5", steps: int | None = None,
+def ode_sample(fn: VelocityFn, x_0: Tensor, solver: str = "dopri5", steps: int | None = None,
                atol: float = 1e-5, rtol: float = 1e-5, t_0: float = 0.0, t_1: float = 1.0,
                return_trajectory: bool = False, t_limit: float | None = None) -> SampleResult:
     """Integrate dx/dt = v(x, t) from t_0 to t_1 with torchdiffeq.
@@ -134,9 +134,9 @@ def ode_sample(fn: VelocityFn, x_0: Tensor, method: str = "dopri5", steps: int |
     Args:
         fn: velocity function fn(x [B, ...], t [B]).
         x_0: starting points [B, ...] (noise when sampling).
-        method: any torchdiffeq method; adaptive ones use atol/rtol, fixed-step ones need `steps`.
-        steps: number of steps of a fixed-step method (the grid has steps + 1 times).
-        atol, rtol: tolerances of an adaptive method.
+        solver: any torchdiffeq solver; adaptive ones use atol/rtol, fixed-step ones need `steps`.
+        steps: number of steps of a fixed-step solver (the grid has steps + 1 times).
+        atol, rtol: tolerances of an adaptive solver.
         return_trajectory: also return x at every grid time (fixed-step) or at t_0 and t_1 (adaptive).
         t_limit: the largest time at which fn is defined (the VP path's t_max); an adaptive step that overshoots
             it sees the field at t_limit. None (every other path) leaves the field alone, as torchdiffeq and the
@@ -148,7 +148,7 @@ def ode_sample(fn: VelocityFn, x_0: Tensor, method: str = "dopri5", steps: int |
     # worker that imports fm but never integrates would otherwise pay at start
     from torchdiffeq import odeint
 
-    ts = integration_times(method, steps, t_0, t_1, atol, rtol, x_0)
+    ts = integration_times(solver, steps, t_0, t_1, atol, rtol, x_0)
     nfe = 0
 
     def rhs(t: Tensor, x: Tensor) -> Tensor:
@@ -159,7 +159,7 @@ def ode_sample(fn: VelocityFn, x_0: Tensor, method: str = "dopri5", steps: int |
         return fn(x, t.expand(x.shape[0]))
 
     with torch.no_grad():
-        traj = odeint(rhs, x_0, ts, method=method, atol=atol, rtol=rtol)
+        traj = odeint(rhs, x_0, ts, method=solver, atol=atol, rtol=rtol)
     return SampleResult(traj[-1], nfe, traj if return_trajectory else None)
 
 

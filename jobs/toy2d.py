@@ -99,7 +99,7 @@ def _plot(figs, ref, path: Path) -> None:
     xx, yy = torch.meshgrid(grid, grid, indexing="xy")
     pts = torch.stack([xx.flatten(), yy.flatten()], 1)
     for row, (name, fn, samples, traj, t_1) in zip(axes, figs, strict=True):
-        log_p = log_likelihood(fn, pts, LikelihoodSettings(method="rk4", steps=20, t_1=t_1)).log_p
+        log_p = log_likelihood(fn, pts, LikelihoodSettings(solver="rk4", steps=20, t_1=t_1)).log_p
         row[0].imshow(log_p.exp().reshape(60, 60).numpy(), extent=(-lim, lim, -lim, lim), origin="lower")
         row[0].set_title(f"{name}: model density (rk4, 20 steps)")
         row[1].scatter(ref[:, 0], ref[:, 1], s=1, alpha=0.3, label="data")

@@ -119,7 +119,7 @@ def test_per_row_generators_make_a_rows_bits_per_dim_independent_of_its_batch(ga
     from fm.seeding import SeedStack
 
     x = torch.randint(0, 256, (6, 1, 3, 3)).float()
-    settings = LikelihoodSettings("hutchinson", num_probes=2, method="rk4", steps=8)  # fixed steps: no shared step size
+    settings = LikelihoodSettings("hutchinson", num_probes=2, solver="rk4", steps=8)  # fixed steps: no shared step size
     full = bits_per_dim(gaussian_field, x, generator=SeedStack(range(10, 16)), settings=settings).bpd
     part = bits_per_dim(gaussian_field, x[2:5], generator=SeedStack(range(12, 15)), settings=settings).bpd
     torch.testing.assert_close(part, full[2:5], rtol=1e-6, atol=1e-6)

@@ -202,7 +202,7 @@ def test_a_method_samples_and_scores_in_its_own_space():
     moved = sphere.sample(rotate, x_0, "rk4", steps=20)
     torch.testing.assert_close(moved.x_1.norm(dim=1), torch.ones(4, dtype=torch.float64))
     torch.testing.assert_close(moved.x_1, manifold_ode_sample(rotate, get_manifold("sphere2"), x_0, "rk4", 20).x_1)
-    settings = LikelihoodSettings("exact", method="rk4", steps=20)
+    settings = LikelihoodSettings("exact", solver="rk4", steps=20)
     log_p = sphere.log_likelihood(rotate, x_0, settings).log_p  # measure-preserving: the uniform density 1/(4 pi)
     torch.testing.assert_close(log_p, torch.full((4,), -math.log(4 * math.pi), dtype=torch.float64))
 

@@ -8,15 +8,15 @@ from fm.solvers import constant_diffusion, ode_sample, sde_sample, velocity_fn
 
 def test_ode_sample_hits_the_gaussian_mean_and_std(gaussian_field):
     x_0 = torch.randn(20_000, 2, dtype=torch.float64)
-    res = ode_sample(gaussian_field, x_0, method="dopri5", atol=1e-7, rtol=1e-7)
+    res = ode_sample(gaussian_field, x_0, solver="dopri5", atol=1e-7, rtol=1e-7)
     assert res.x_1.mean().item() == pytest.approx(1.5, abs=0.02)
     assert res.x_1.std().item() == pytest.approx(0.5, abs=0.01)
     assert res.nfe > 6
 
 
-@pytest.mark.parametrize("method,steps,per_step", [("euler", 7, 1), ("midpoint", 5, 2), ("rk4", 4, 4)])
-def test_fixed_step_nfe_is_exact(gaussian_field, method, steps, per_step):
-    res = ode_sample(gaussian_field, torch.randn(8, 2, dtype=torch.float64), method=method, steps=steps)
+@pytest.mark.parametrize("solver,steps,per_step", [("euler", 7, 1), ("midpoint", 5, 2), ("rk4", 4, 4)])
+def test_fixed_step_nfe_is_exact(gaussian_field, solver, steps, per_step):
+    res = ode_sample(gaussian_field, torch.randn(8, 2, dtype=torch.float64), solver=solver, steps=steps)
     assert res.nfe == steps * per_step
 
 
@@ -24,9 +24,9 @@ def test_rk4_is_accurate_and_euler_converges(gaussian_field):
     x_0 = torch.randn(100, 2, dtype=torch.float64)
     # The exact flow of the linear field maps each x_0 to mu + S_1 / S_0 (x_0 - 0) = mu + s x_0.
     exact = 1.5 + 0.5 * x_0
-    rk4 = ode_sample(gaussian_field, x_0, method="rk4", steps=20).x_1
+    rk4 = ode_sample(gaussian_field, x_0, solver="rk4", steps=20).x_1
     assert (rk4 - exact).abs().max() < 1e-6
-    err = [(ode_sample(gaussian_field, x_0, method="euler", steps=n).x_1 - exact).abs().max() for n in (10, 20, 40)]
+    err = [(ode_sample(gaussian_field, x_0, solver="euler", steps=n).x_1 - exact).abs().max() for n in (10, 20, 40)]
     assert err[0] > err[1] > err[2]
     assert err[1] / err[2] == pytest.approx(2.0, rel=0.15)  # first order
 
@@ -54,11 +54,11 @@ def test_cfg_scale_combines_conditional_and_null():
 def test_bad_solver_input(gaussian_field):
     x = torch.randn(4, 2)
     with pytest.raises(ValueError, match="unknown ODE method 'rk45'; allowed: dopri5"):
-        ode_sample(gaussian_field, x, method="rk45")
+        ode_sample(gaussian_field, x, solver="rk45")
     with pytest.raises(ValueError, match="fixed-step method 'euler' needs steps"):
-        ode_sample(gaussian_field, x, method="euler")
+        ode_sample(gaussian_field, x, solver="euler")
     with pytest.raises(ValueError, match=r"needs steps \(an integer >= 1\); got 0"):
-        ode_sample(gaussian_field, x, method="euler", steps=0)
+        ode_sample(gaussian_field, x, solver="euler", steps=0)
     with pytest.raises(ValueError, match="needs class labels y"):
         velocity_fn(MLP(num_classes=2), None, cfg_scale=2.0)
 
