@@ -23,7 +23,7 @@ from pipelines.batch.sample import log_sampling_run, open_sampling_run, run_samp
 from pipelines.core import storage
 from pipelines.core.checkpoint import load_meta
 from pipelines.core.manifest import MANIFEST, Manifest
-from pipelines.core.runtime import stage
+from pipelines.core.runtime import configure_ray_data, stage
 from pipelines.core.samples import SamplingResult
 from pipelines.core.tracking import SafeLogger, monitored_run, tracking_uri
 from pipelines.ingest.run import ingest
@@ -134,10 +134,9 @@ def score_checkpoint(staged: str, filesystem, manifest: Manifest, scfg: SampleCo
     """Sample and evaluate one checkpoint of a training run (`staged`: its copy in the run's storage, in
     `filesystem`; removed once read) and log the figures to the training run at the checkpoint's step, as
     `eval/...`. Returns them."""
-    from ray.data import DataContext
     from ray.train import Checkpoint
 
-    DataContext.get_current().enable_progress_bars = False  # the training's console is the trainers' lines
+    configure_ray_data("scoring")
     with tempfile.TemporaryDirectory(prefix="flowray-q-") as tmp:
         local = Checkpoint(staged, filesystem).to_directory(str(Path(tmp, "checkpoint")))
         filesystem.delete_dir(staged)

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Literal
 
 import psutil
 
@@ -138,7 +139,7 @@ def init_ray(address: str | None = None, local_cpus: int = 4) -> None:
         # the GCS of the local Ray this process started: its node has os.cpu_count() real cores under its CPUs
         _state["local_ray"] = ray.get_runtime_context().gcs_address
         _start_reaper([p.pid for p in psutil.Process().children() if p.pid not in before])
-    _quiet_ray_data(quiet)
+    configure_ray_data("driver", quiet)
     if _state["stop_on_signals"]:  # again after ray.init, whose core worker installs a SIGTERM handler of its own
         stop_on_signals()
 
@@ -334,14 +335,28 @@ def _start_reaper(root_pids: list[int]) -> None:
                          start_new_session=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _quiet_ray_data(quiet: bool) -> None:
+def configure_ray_data(purpose: Literal["driver", "train_stream", "scoring"], quiet: bool = True) -> None:
+    """This process's Ray Data `DataContext`, set here and nowhere else, for what the process runs:
+
+    - "driver" (`init_ray`): tqdm bars on the driver's terminal (logged at INFO with --verbose otherwise); `quiet`:
+      no bars relayed line by line from other processes (actors, Train workers) into the driver's log, and no
+      operator plan of every dataset;
+    - "train_stream" (a Train worker's stream, `pipelines.train.stream.build_stream`): the steps arrive in order;
+    - "scoring" (sample quality while training, on the controller): no bars, the console is the trainers' lines.
+    """
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = True  # tqdm bars on the driver's terminal; logged at INFO (--verbose) otherwise
-    # in other processes (actors, Train workers) bars would be relayed line by line to the driver's log
-    ctx.use_ray_tqdm = not quiet
-    ctx.print_on_execution_start = not quiet  # the operator plan of every dataset
+    if purpose == "driver":
+        ctx.enable_progress_bars = True
+        ctx.use_ray_tqdm = not quiet
+        ctx.print_on_execution_start = not quiet
+    elif purpose == "train_stream":
+        ctx.execution_options.preserve_order = True
+    elif purpose == "scoring":
+        ctx.enable_progress_bars = False
+    else:
+        raise ValueError(f"unknown Ray Data purpose {purpose!r}; allowed: driver, train_stream, scoring")
 
 
 def quiet_train_worker() -> None:

@@ -39,6 +39,7 @@ from fm.seeding import derive_seed, generator
 from fm.training import Pairs, given_pair_step, pair_global_step, pair_step
 from pipelines.core.cells import decode_rows, row_bytes
 from pipelines.core.checkpoint import CheckpointMeta
+from pipelines.core.runtime import configure_ray_data
 from pipelines.core.samples import sample_noise
 from pipelines.core.shards import ShardRows, group_rows
 from pipelines.train.config import method_kwargs
@@ -321,9 +322,9 @@ def build_stream(spec: StreamSpec, rank: int, first_step: int, end: int):
     Ray Data; a worker that loses its stream fails, and Ray Train resumes from the last checkpoint (the stream
     starts again at that step)."""
     import ray.data
-    from ray.data import DataContext, TaskPoolStrategy
+    from ray.data import TaskPoolStrategy
 
-    DataContext.get_current().execution_options.preserve_order = True  # steps arrive in order
+    configure_ray_data("train_stream")  # steps arrive in order
     # Ray sizes the blocks of step ids; a task pairs `steps_per_task` of them (Ray's stubs type a batch function of
     # one argument: fn_kwargs gives pair_steps the others)
     return ray.data.range(end - first_step).map_batches(
