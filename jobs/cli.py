@@ -60,7 +60,8 @@ def name_list(text: str) -> list[str]:
 def tracking_and_checkpoint(args: argparse.Namespace) -> tuple[str, str]:
     """The tracking URI of a batch job (checked to answer, before any Ray work, when it will be used) and its
     checkpoint directory (a path, runs:/ID or models:/NAME/VERSION|@ALIAS resolved through MLflow)."""
-    from pipelines.core.tracking import check_tracking_uri, resolve_checkpoint, tracking_uri
+    from pipelines.core.registry import resolve_checkpoint
+    from pipelines.core.tracking import check_tracking_uri, tracking_uri
 
     uri = args.tracking_uri or tracking_uri()
     if not args.no_mlflow or args.checkpoint.startswith(("runs:/", "models:/")):

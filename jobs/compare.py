@@ -56,7 +56,8 @@ def _compare(a) -> dict:
     csv_path = write_csv(rows, out / f"{a.experiment}.csv", COLUMNS)
     (out / f"{a.experiment}.md").write_text(md + "\n")
     plot = plot_nfe_vs_fd(rows, out / f"{a.experiment}-nfe-vs-fd.png")
-    from pipelines.core.tracking import SafeLogger, start_child_run
+    from pipelines.core.run_logger import SafeLogger
+    from pipelines.core.tracking import start_child_run
 
     run_id = None
     if not a.no_mlflow:

@@ -53,7 +53,8 @@ def _ema(a) -> dict:
 def _log(uri: str, r) -> str:
     """A run nested under the training run: the length, its fit, and where its checkpoint lies."""
     from pipelines.core.checkpoint import load_meta
-    from pipelines.core.tracking import SafeLogger, start_child_run
+    from pipelines.core.run_logger import SafeLogger
+    from pipelines.core.tracking import start_child_run
 
     meta = load_meta(r.checkpoint)
     run_id = start_child_run(uri, meta.mlflow_run_id, "ema", f"ema-{r.sigma_rel:g}-step{r.step}")

@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
 def _evaluate(a) -> dict:
     from pipelines.batch.config import EvalConfig, validate_eval_config
     from pipelines.batch.evaluate import log_evaluation_run, open_evaluation_run, run_evaluation
+    from pipelines.core.registry import tag_model_version
     from pipelines.core.settings import apply_overrides
-    from pipelines.core.tracking import monitored_run, tag_model_version
+    from pipelines.core.system_metrics import monitored_run
 
     cfg = EvalConfig()
     apply_overrides(cfg, "eval", a.overrides)

@@ -60,8 +60,9 @@ def _reflow(a) -> dict:
     from dataclasses import replace
 
     from pipelines.batch.config import EvalConfig, SampleConfig
+    from pipelines.core.registry import resolve_checkpoint
     from pipelines.core.settings import apply_overrides
-    from pipelines.core.tracking import resolve_checkpoint, tracking_uri
+    from pipelines.core.tracking import tracking_uri
     from pipelines.reflow import ReflowSpec, run_reflow, solves_from
     from pipelines.train.config import load_config
 

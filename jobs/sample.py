@@ -33,7 +33,7 @@ def _sample(a) -> dict:
     from pipelines.batch.config import SampleConfig, validate_sample_config
     from pipelines.batch.sample import log_sampling_run, open_sampling_run, run_sampling
     from pipelines.core.settings import apply_overrides
-    from pipelines.core.tracking import monitored_run
+    from pipelines.core.system_metrics import monitored_run
 
     cfg = SampleConfig(num_samples=a.num_samples)
     apply_overrides(cfg, "sample", a.overrides)

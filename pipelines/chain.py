@@ -23,9 +23,11 @@ from pipelines.batch.sample import log_sampling_run, open_sampling_run, run_samp
 from pipelines.core import storage
 from pipelines.core.checkpoint import load_meta
 from pipelines.core.manifest import MANIFEST, Manifest
+from pipelines.core.run_logger import SafeLogger
 from pipelines.core.runtime import configure_ray_data, stage
 from pipelines.core.samples import SamplingResult
-from pipelines.core.tracking import SafeLogger, monitored_run, tracking_uri
+from pipelines.core.system_metrics import monitored_run
+from pipelines.core.tracking import tracking_uri
 from pipelines.ingest.run import ingest
 from pipelines.train.config import Config, check_data
 from pipelines.train.driver import TrainResult, run_training

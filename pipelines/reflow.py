@@ -36,9 +36,11 @@ from pipelines.core import lease, storage
 from pipelines.core.checkpoint import load_meta
 from pipelines.core.errors import ConfigError
 from pipelines.core.manifest import MANIFEST, Manifest
+from pipelines.core.run_logger import SafeLogger
 from pipelines.core.runtime import stage
 from pipelines.core.settings import check
-from pipelines.core.tracking import SafeLogger, find_or_create_run, monitored_run, tracking_uri, ui_hint
+from pipelines.core.system_metrics import monitored_run
+from pipelines.core.tracking import find_or_create_run, tracking_uri, ui_hint
 from pipelines.ingest.run import ingest
 from pipelines.train.config import Config, check_data, check_init_from, load_config
 from pipelines.train.driver import run_training

@@ -27,17 +27,10 @@ from pipelines.compare import plot_curves, sweep_markdown, sweep_trials
 from pipelines.core import lease, storage
 from pipelines.core.errors import ConfigError, JobStopped
 from pipelines.core.figures import write_csv
+from pipelines.core.run_logger import SafeLogger
 from pipelines.core.runtime import init_ray, interruptible, stage
 from pipelines.core.settings import check
-from pipelines.core.tracking import (
-    SafeLogger,
-    check_tracking_uri,
-    find_or_create_run,
-    find_run,
-    source_tags,
-    tracking_uri,
-    ui_hint,
-)
+from pipelines.core.tracking import check_tracking_uri, find_or_create_run, find_run, source_tags, tracking_uri, ui_hint
 from pipelines.train.config import Config, check_data, load_config
 from pipelines.train.driver import run_training
 

@@ -29,11 +29,12 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.figures import write_csv
 from pipelines.core.manifest import DataSpec, Manifest
 from pipelines.core.memory import check_fits, model_item_bytes
+from pipelines.core.run_logger import SafeLogger
 from pipelines.core.runtime import Progress, actor_device, actor_pool, init_ray, spread, stage, use_cpu_share
 from pipelines.core.samples import read_samples, sample_shards, sampling_run_id, sampling_settings
 from pipelines.core.settings import autocast_dtype
 from pipelines.core.shards import ShardRows, group_rows
-from pipelines.core.tracking import SafeLogger, dataset_input, start_child_run
+from pipelines.core.tracking import dataset_input, start_child_run
 
 
 class EvaluationError(ConfigError):

@@ -33,6 +33,7 @@ from pipelines.core.errors import JobStopped
 from pipelines.core.figures import save_grid, save_points_figure
 from pipelines.core.manifest import DataSpec
 from pipelines.core.memory import check_fits, model_item_bytes
+from pipelines.core.run_logger import SafeLogger
 from pipelines.core.runtime import Progress, actor_device, actor_pool, init_ray, interruptible, stage, use_cpu_share
 from pipelines.core.samples import (
     RUN_FILE,
@@ -49,7 +50,7 @@ from pipelines.core.samples import (
     shard_name,
 )
 from pipelines.core.settings import autocast_dtype
-from pipelines.core.tracking import SafeLogger, start_child_run
+from pipelines.core.tracking import start_child_run
 
 SDE_NOISE_STREAM = 1  # sample i's SDE noise comes from derive_seed(seed, i, 1), its starting noise from (seed, i)
 

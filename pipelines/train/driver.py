@@ -15,6 +15,8 @@ from pipelines.core import lease, storage
 from pipelines.core.checkpoint import CheckpointMeta, check_files, load_meta, load_model, load_state
 from pipelines.core.errors import JobFailed, JobStopped
 from pipelines.core.manifest import Manifest
+from pipelines.core.registry import log_final_model
+from pipelines.core.run_logger import SafeLogger
 from pipelines.core.runtime import (
     check_address,
     check_resources,
@@ -24,16 +26,7 @@ from pipelines.core.runtime import (
     stage,
     train_logging_config,
 )
-from pipelines.core.tracking import (
-    SafeLogger,
-    check_tracking_uri,
-    create_run,
-    dataset_input,
-    find_run,
-    log_final_model,
-    tracking_uri,
-    ui_hint,
-)
+from pipelines.core.tracking import check_tracking_uri, create_run, dataset_input, find_run, tracking_uri, ui_hint
 from pipelines.train.config import Config, check_data, model_kwargs
 from pipelines.train.metrics import WINDOWS, CheckpointedMetrics, replay_windows
 from pipelines.train.resume import check_resumable

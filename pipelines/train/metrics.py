@@ -14,7 +14,7 @@ import os
 
 from ray.train import UserCallback
 
-from pipelines.core.tracking import SafeLogger
+from pipelines.core.run_logger import SafeLogger
 
 # the report key under which rank 0 hands its logging windows to the controller: (step, metrics, wall time in ms
 # when the window closed), so that MLflow's time axis shows when each step was reached, not when its checkpoint was

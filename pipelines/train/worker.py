@@ -29,9 +29,10 @@ from pipelines.core import storage
 from pipelines.core.checkpoint import checkpoint_meta, load_meta, load_state, save_checkpoint
 from pipelines.core.figures import save_grid
 from pipelines.core.manifest import DataSpec
+from pipelines.core.run_logger import SafeLogger, now_ms
 from pipelines.core.runtime import quiet_train_worker, use_cpu_share
 from pipelines.core.settings import autocast_dtype
-from pipelines.core.tracking import SafeLogger, now_ms, system_metrics
+from pipelines.core.system_metrics import system_metrics
 from pipelines.train.config import Config, method_kwargs
 from pipelines.train.metrics import WINDOWS, quick_http_failures
 from pipelines.train.stream import DROPOUT_STREAM, StreamSpec, iter_pairs, stream_record

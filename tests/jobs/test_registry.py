@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 from pipeline_helpers import make_checkpoint
 
 from pipelines.core.checkpoint import load_model
-from pipelines.core.tracking import describe_model_version, tag_model_version
+from pipelines.core.registry import describe_model_version, tag_model_version
 
 
 def test_a_version_carries_its_description_and_latest_evaluation(tmp_path, capsys):

@@ -181,7 +181,7 @@ def test_bf16_training_logged_to_a_real_mlflow_server_and_sampled_by_registered_
 
     from jobs.sample import main as sample_main
     from pipelines.core.checkpoint import CheckpointError
-    from pipelines.core.tracking import resolve_checkpoint
+    from pipelines.core.registry import resolve_checkpoint
 
     res = run_training(tiny_config(digits, tmp_path / "runs", mlflow_server, "over-http", "train.steps=4",
                                    "ray.num_workers=1", "mlflow.register_as=tiny-digits", "train.precision=bf16",
@@ -247,7 +247,7 @@ def test_logging_windows_reach_mlflow_stamped_when_they_closed(tmp_path):
 
 
 def test_tracking_outage_queues_without_blocking_and_counts_what_is_lost(monkeypatch):
-    from pipelines.core.tracking import SafeLogger
+    from pipelines.core.run_logger import SafeLogger
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
