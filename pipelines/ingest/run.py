@@ -38,7 +38,8 @@ from pipelines.core import storage
 from pipelines.core.manifest import MANIFEST, SCHEMA, Manifest, row_format, sha256, shard_schema
 from pipelines.core.memory import gib
 from pipelines.core.runtime import Progress, init_ray, stage
-from pipelines.ingest.sources import IngestError, Listing, Part, Record, list_source, read_part, stable_hash
+from pipelines.ingest.parts import IngestError, Listing, Part, Record, stable_hash
+from pipelines.ingest.sources import list_source, read_part
 
 __all__ = ["IngestError", "IngestResult", "ingest", "load_manifest", "shard_paths", "Settings", "SCHEMA"]
 

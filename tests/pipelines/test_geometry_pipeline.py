@@ -16,8 +16,8 @@ from jobs import sample as sample_job
 from jobs import train as train_job
 from pipelines.core.manifest import Manifest
 from pipelines.core.samples import read_samples
+from pipelines.ingest.parts import IngestError
 from pipelines.ingest.run import ingest
-from pipelines.ingest.sources import IngestError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

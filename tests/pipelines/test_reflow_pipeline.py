@@ -22,8 +22,8 @@ from pipelines.batch.sample import run_sampling
 from pipelines.core.checkpoint import save_checkpoint
 from pipelines.core.errors import ConfigError
 from pipelines.core.samples import sample_noise
+from pipelines.ingest.parts import IngestError
 from pipelines.ingest.run import ingest, load_manifest
-from pipelines.ingest.sources import IngestError
 from pipelines.train.config import check_data, load_config
 from pipelines.train.stream import PairSteps, read_steps, stream_spec
 

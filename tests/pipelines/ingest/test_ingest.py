@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from pipelines.core.manifest import ManifestError
+from pipelines.ingest.parts import IngestError, stable_hash
 from pipelines.ingest.run import ingest, load_manifest, shard_paths
-from pipelines.ingest.sources import IngestError, stable_hash
 
 # one local Ray for the module: ingest leaves a running Ray up (and stops one it started itself)
 pytestmark = pytest.mark.usefixtures("ray_local")
