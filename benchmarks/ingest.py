@@ -64,7 +64,8 @@ def _child(mode: str, folder: str, resolution: int, parallelism: int, out: str) 
     """One measurement in a fresh process."""
     start = time.perf_counter()
     if mode == "baseline":
-        from pipelines.ingest.run import Settings, declared_format, ingest_part
+        from pipelines.ingest.rows import Settings
+        from pipelines.ingest.run import declared_format, ingest_part
         from pipelines.ingest.sources import list_source
 
         # the clock starts after the imports, where the Ray runs' job clock does (after imports and init_ray)

@@ -12,13 +12,8 @@ from pathlib import Path
 from ray.train import UserCallback
 
 from pipelines.batch.config import EvalConfig, SampleConfig, validate_eval_config, validate_sample_config
-from pipelines.batch.evaluate import (
-    EvaluationResult,
-    log_evaluation_run,
-    open_evaluation_run,
-    run_evaluation,
-    sample_quality,
-)
+from pipelines.batch.evaluate import log_evaluation_run, open_evaluation_run, run_evaluation, sample_quality
+from pipelines.batch.results import EvaluationResult
 from pipelines.batch.sample import log_sampling_run, open_sampling_run, run_sampling
 from pipelines.core import storage
 from pipelines.core.checkpoint import load_meta

@@ -58,18 +58,18 @@ def test_learning_rate_schedules():
 def test_a_run_of_non_finite_steps_stops_training_naming_the_limit():
     from fm.ema import EMA
     from fm.training import StepResult
-    from pipelines.train.worker import TrainingError, WorkerState, _count_nonfinite
+    from pipelines.train.worker import TrainingError, WorkerState
 
     model = MLP(2, 16, 1)
     state = WorkerState(model, model, make_method("fm_ot"), torch.optim.Adam(model.parameters()), EMA(model),
                         torch.device("cpu"), rank=0, world=1, step=41)
     bad, good = StepResult(math.nan, math.nan, False), StepResult(1.0, 1.0, True)
-    _count_nonfinite(state, bad, limit=3)
-    _count_nonfinite(state, good, limit=3)  # a finite step resets the run, not the total
-    _count_nonfinite(state, bad, limit=3)
-    _count_nonfinite(state, bad, limit=3)
+    state.count_nonfinite(bad, limit=3)
+    state.count_nonfinite(good, limit=3)  # a finite step resets the run, not the total
+    state.count_nonfinite(bad, limit=3)
+    state.count_nonfinite(bad, limit=3)
     with pytest.raises(TrainingError, match=r"3 non-finite losses in a row at step 42 \(train.max_nonfinite=3\)"):
-        _count_nonfinite(state, bad, limit=3)
+        state.count_nonfinite(bad, limit=3)
     assert state.nonfinite_total == 4
 
 

@@ -14,13 +14,8 @@ from fm.ema import EMA
 from fm.models import GaussianOTFlow
 from fm.seeding import SeedStack, derive_seed
 from pipelines.batch.config import EvalConfig
-from pipelines.batch.evaluate import (
-    EvaluationError,
-    log_evaluation_run,
-    open_evaluation_run,
-    run_evaluation,
-    sample_quality,
-)
+from pipelines.batch.evaluate import log_evaluation_run, open_evaluation_run, run_evaluation, sample_quality
+from pipelines.batch.results import EvaluationError
 from pipelines.core.checkpoint import save_checkpoint
 from pipelines.core.errors import ConfigError
 from pipelines.core.samples import SAMPLE_SCHEMA, SETTINGS, SamplingError

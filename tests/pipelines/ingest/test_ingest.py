@@ -345,7 +345,7 @@ def test_every_folder_entry_is_accounted_for(tmp_path):
     images: each is quarantined (a row that cannot be used) or ignored (not a row), by path and reason."""
     import os
 
-    from pipelines.ingest.run import _open
+    from pipelines.ingest.rows import open_image as _open
 
     rng = np.random.default_rng(0)
     root = tmp_path / "photos"
@@ -394,7 +394,8 @@ def test_a_resolution_no_task_can_hold_is_refused_before_ray(image_folder, tmp_p
 def test_a_file_removed_after_listing_is_quarantined_and_bad_limits_are_refused(image_folder, tmp_path):
     """A source that changes while it is ingested: a listed image removed before its task reads it is a
     quarantined row with the reason, not a failed task."""
-    from pipelines.ingest.run import Settings, ingest_part
+    from pipelines.ingest.rows import Settings
+    from pipelines.ingest.run import ingest_part
     from pipelines.ingest.sources import list_source
 
     listing = list_source(f"folder:{image_folder}", 1)
