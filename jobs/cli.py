@@ -24,6 +24,16 @@ def add_common(p: argparse.ArgumentParser, tracking: bool = True, overrides: boo
                        help="no MLflow system metrics (CPU, memory, disk, network, GPU) in the job's run")
 
 
+def key_list(section: str, config: Any) -> str:
+    """The `--set` keys of one config section, from its dataclass (so that the list never drifts from the code):
+    "Keys (SECTION.*, default in brackets): name [default], ...", for a job's --help."""
+    import dataclasses
+    import textwrap
+
+    keys = ", ".join(f"{f.name} [{getattr(config, f.name)!r}]" for f in dataclasses.fields(config))
+    return textwrap.fill(f"Keys ({section}.*, default in brackets): {keys}", 118)
+
+
 def int_list(text: str) -> list[int]:
     """An argparse `type`: "0,1,2" -> [0, 1, 2]. An empty list, an empty item or a non-integer is a usage error
     (exit status 2, before any work), as every other bad flag is."""
@@ -76,7 +86,7 @@ def run_job(name: str, args: argparse.Namespace, body: Callable[[], Any]) -> Any
     from pipelines.core.runtime import default_signals, filter_console_noise, set_verbose, stop_on_signals
 
     set_verbose(getattr(args, "verbose", False))
-    filter_console_noise()  # Ray's known non-errors (runtime.KNOWN_NOISE); a job run in process keeps its stderr
+    filter_console_noise()  # Ray's known non-errors (console.KNOWN_NOISE); a job run in process keeps its stderr
     stop_on_signals()
     try:
         return body()

@@ -3,9 +3,9 @@
     python -m jobs.evaluate --checkpoint DIR|runs:/RUN_ID|models:/NAME/VERSION --data SHARDS [--samples DIR]
                             [--set eval.key=value ...] [--verbose]
 
-Keys (eval.*): split, max_images, draws (K dequantization draws), divergence (exact | hutchinson), probes,
-probe_kind, solver (any torchdiffeq method), steps (fixed-step solvers), atol, rtol, batch_size, actors,
-cpus_per_actor, seed, classifier_epochs. Solver settings are checked before Ray starts.
+The eval.* keys and their defaults are listed below (from `pipelines.batch.config.EvalConfig`): draws are the K
+dequantization draws, divergence is exact or hutchinson (with probes), solver any torchdiffeq solver (steps for a
+fixed-step one). Solver settings are checked before Ray starts.
 Sample quality (eval.features): FID in the TF-FID Inception-v3 features (images from 16x16 up), or the Fréchet
 distance in the features of a small classifier trained on the same data set (cached in
 SHARDS/classifier/epochs<E>-seed<S>/), labelled "FD (<dataset> classifier)"; both against eval.reference_split
@@ -22,11 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.cli import add_common, run_job, tracking_and_checkpoint
+from jobs.cli import add_common, key_list, run_job, tracking_and_checkpoint
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from pipelines.batch.config import EvalConfig
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=key_list("eval", EvalConfig()))
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="an ingest output directory")
     p.add_argument("--samples", default=None, help="a jobs.sample output directory")

@@ -3,11 +3,11 @@
     python -m jobs.sample --checkpoint DIR|runs:/RUN_ID|models:/NAME/VERSION|models:/NAME@ALIAS --num-samples N
                           --out DIR [--set sample.key=value ...] [--verbose]
 
-Keys (sample.*): solver (dopri5 | euler | midpoint | rk4 | ... | sde), atol, rtol, steps, sde_g, cfg_scale,
-label, seed, block_size, blocks_per_call, actors, cpus_per_actor, gpus_per_actor, write_png.
-Uses the EMA weights. A rerun into the same --out finishes only the missing shards, and a larger --num-samples
-there samples only the new blocks (other settings must match). Logs an MLflow run nested
-under the training run. The last stdout line is one JSON object.
+The sample.* keys and their defaults are listed below (from `pipelines.batch.config.SampleConfig`); the solver is
+dopri5, euler, midpoint, rk4, another torchdiffeq solver, sde, or jump for MeanFlow. Uses the EMA weights. A
+rerun into the same --out finishes only the missing shards, and a larger --num-samples there samples only the new
+blocks (other settings must match). Logs an MLflow run nested under the training run. The last stdout line is one
+JSON object.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import argparse
 import json
 from dataclasses import asdict
 
-from jobs.cli import add_common, run_job, tracking_and_checkpoint
+from jobs.cli import add_common, key_list, run_job, tracking_and_checkpoint
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from pipelines.batch.config import SampleConfig
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=key_list("sample", SampleConfig()))
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--out", required=True)

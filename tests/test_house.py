@@ -142,7 +142,7 @@ def test_a_job_run_from_a_clean_checkout_writes_only_under_outputs(tmp_path):
                           "--out", "outputs/samples", "--set", "sample.solver=euler", "--set", "sample.steps=2"],
                          cwd=work, env=env, capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stderr[-2000:]
-    # a successful run prints no error line (Ray's known non-errors are filtered: pipelines.core.runtime.KNOWN_NOISE)
+    # a successful run prints no error line (Ray's known non-errors are filtered: pipelines.core.console.KNOWN_NOISE)
     assert not re.search(r"^\[[^\]]* [EF] \d+ \d+\]", out.stderr, re.M), out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     assert sorted(p.name for p in work.iterdir()) == [".git", ".gitignore", "outputs"]

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from jobs.flowray import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,3 +39,20 @@ def test_a_command_takes_its_job_s_flags_and_exit_statuses():
     unknown = _flowray("tran")
     assert unknown.returncode == 2 and unknown.stderr.startswith("flowray: unknown command 'tran'; commands: ingest,")
     assert "Traceback" not in bad.stderr + unknown.stderr
+
+
+@pytest.mark.parametrize("job,section,config", [("sample", "sample", "SampleConfig"),
+                                                ("evaluate", "eval", "EvalConfig")])
+def test_a_jobs_help_lists_every_key_of_its_section_with_its_default(job, section, config, capsys):
+    """The key list of --help comes from the section's dataclass, so it cannot drift from the code."""
+    import dataclasses
+
+    import pipelines.batch.config as batch_config
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"jobs.{job}").main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = getattr(batch_config, config)()
+    listed = text.split(f"Keys ({section}.*, default in brackets): ", 1)[1]
+    for f in dataclasses.fields(defaults):
+        assert f"{f.name} [{getattr(defaults, f.name)!r}]" in listed, f.name

@@ -1,7 +1,7 @@
 """The console filter of a job run as its own process: exactly Ray's known non-errors are dropped, everything else
 (progress bars included) goes through as written."""
 
-from pipelines.core.runtime import KNOWN_NOISE, NoiseFilter
+from pipelines.core.console import KNOWN_NOISE, NoiseFilter
 
 CORE_WORKER = (b"[2026-12-05 10:01:02,345 E 1234 5678] core_worker.cc:2876: Actor with class name: "
                b"'MapWorker(MapBatches(Sampler))' and ID: '0b1c...' has constructor arguments in the object store and "
