@@ -116,6 +116,6 @@ def _stop_ray() -> None:
     # Ray on its next call (Ray's auto-init), and its complaints about the Ray that went away are not news
     hook = sys.modules.get("ray._private.auto_init_hook")
     if hook is not None:
-        hook.enable_auto_connect = False
+        setattr(hook, "enable_auto_connect", False)  # noqa: B010  (a module attribute the stubs do not declare)
     logging.disable(logging.CRITICAL)
     ray.shutdown()

@@ -87,7 +87,7 @@ class DataSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "manifest") -> DataSpec:
+    def from_dict(cls, d: dict | None, where: str = "manifest") -> DataSpec:
         """Build and check; raise ManifestError naming `where` and the bad key."""
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: expected a mapping with source, kind and shape; got {type(d).__name__}")

@@ -207,9 +207,11 @@ def _comments(cls) -> dict[str, str]:
 def _field_schema(typ: Any, default: Any) -> dict:
     """JSON Schema of one field from its type: bool, int, float, str, list[int], list[float], each maybe `| None`."""
     base, optional = _parts(typ)
-    schema = {bool: {"type": "boolean"}, int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
-              list[int]: {"type": "array", "items": {"type": "integer"}},
-              list[float]: {"type": "array", "items": {"type": "number"}}}[base]
+    schemas: dict[Any, dict[str, Any]] = {
+        bool: {"type": "boolean"}, int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
+        list[int]: {"type": "array", "items": {"type": "integer"}},
+        list[float]: {"type": "array", "items": {"type": "number"}}}
+    schema = schemas[base]
     if optional:
         schema = {"anyOf": [schema, {"type": "null"}]}
     return {**schema, "default": default}
