@@ -42,6 +42,8 @@ def _demo(a) -> dict:
     rows = table(collect(result["tracking_uri"], result["experiment"],
                          f"tags.`flowray.train_run_id` = '{result['run_id']}'"))
     quality = solve.evaluation.quality
+    if quality is None:  # the demo evaluates its samples: a quality is always there
+        raise RuntimeError("internal: the demo's evaluation returned no sample quality")
     result["chain"] = {**solve.to_dict(), "table": markdown(rows)}
     artifacts = _artifact_dir(result)
     print(f"\n=== demo finished in {time.perf_counter() - start:.0f} s ===")

@@ -39,13 +39,20 @@ class FeatureNet:
     classifier_dir: str | None = None
 
     @property
+    def classifier_folder(self) -> str:
+        """The classifier's folder (model.pt, info.json); only a "classifier" net has one."""
+        if self.classifier_dir is None:
+            raise ValueError(f"the {self.kind} features have no classifier folder")
+        return self.classifier_dir
+
+    @property
     def key(self) -> str:
         """A cache key that changes when the network changes."""
         if self.kind == "inception":
             from fm.inception import INCEPTION_NAME
 
             return "inception-" + hashlib.sha256(INCEPTION_NAME.encode()).hexdigest()[:8]
-        weights = storage.read_bytes(storage.join(self.classifier_dir, "model.pt"))
+        weights = storage.read_bytes(storage.join(self.classifier_folder, "model.pt"))
         return "classifier-" + hashlib.sha256(weights).hexdigest()[:12]
 
 
@@ -115,9 +122,9 @@ def load_network(net: FeatureNet, device: torch.device):
         return load_inception(device=device)
     from fm.models.classifier import SmallCNN
 
-    info = json.loads(storage.read_text(storage.join(net.classifier_dir, "info.json")))
+    info = json.loads(storage.read_text(storage.join(net.classifier_folder, "info.json")))
     model = SmallCNN(**info["kwargs"])
-    weights = io.BytesIO(storage.read_bytes(storage.join(net.classifier_dir, "model.pt")))
+    weights = io.BytesIO(storage.read_bytes(storage.join(net.classifier_folder, "model.pt")))
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval().to(device)
 
@@ -170,6 +177,7 @@ def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: in
         progress.update(len(f))
     if stats is None:
         raise ValueError(f"no images in {len(paths)} shard(s)")
+    assert first is not None  # set with the first features, as `stats` is
     kept_ids, kept = pick_subset(np.concatenate(subset_ids), torch.cat(subset), subset_size)
     steady = time.perf_counter() - first[0]
     images_per_s = (stats.n - first[1]) / steady if stats.n > first[1] and steady > 0 else None
@@ -191,6 +199,6 @@ def split_stats(manifest, split: str, net: FeatureNet, limit: int = 0, **stage_k
                         what=f"{net.label} features of the {split} split" + (f" (~{limit} images)" if limit else ""),
                         **stage_kwargs)
     buf = io.BytesIO()
-    np.savez(buf, subset=res.subset.numpy(), **res.stats.to_arrays())
+    np.savez(buf, subset=res.subset.numpy(), **res.stats.to_arrays())  # type: ignore[arg-type]  # (**arrays)
     storage.write_bytes(path, buf.getvalue())  # a half-written cache never carries the final name
     return res

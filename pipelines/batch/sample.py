@@ -69,7 +69,7 @@ class Sampler:
         self.num_classes = self.model.num_classes if hasattr(self.model, "num_classes") else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = {"block": [], "rows": [], "nfe": [], "seconds": []}
+        rows: dict[str, list] = {"block": [], "rows": [], "nfe": [], "seconds": []}
         for block in batch["block"].tolist():
             start = time.perf_counter()
             nfe = self.sample_block(int(block))
@@ -222,7 +222,8 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> Samplin
                                      work=-(-len(todo) // cfg.blocks_per_call), section="sample")
         stage(f"sampling {cfg.num_samples} samples ({len(todo)} blocks of {cfg.block_size}, {len(done)} reused) "
               f"with {cfg.solver} on {actors} actor(s) into {out}")
-        ds = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=min(len(todo), 200))
+        ds: ray.data.Dataset = ray.data.from_items([{"block": b} for b in todo],
+                                                   override_num_blocks=min(len(todo), 200))
         ds = ds.map_batches(Sampler, fn_constructor_args=(str(checkpoint), out, cfg, model_shape, layout),
                             batch_size=cfg.blocks_per_call, batch_format="numpy",
                             compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
@@ -283,12 +284,12 @@ def _preview(out: str, tmp: Path) -> Path:
     data = DataSpec.from_dict(load_meta(settings["checkpoint"]).manifest, "checkpoint manifest")
     want = 64 if data.is_image else 5000
     paths, _, _ = sample_shards(out)
-    raw = []
+    cells: list[bytes] = []
     for p in paths:
-        raw += storage.read_table(p, ["image"])["image"].to_pylist()
-        if len(raw) >= want:
+        cells += storage.read_table(p, ["image"])["image"].to_pylist()
+        if len(cells) >= want:
             break
-    raw = np.asarray(raw[:want], dtype=object)
+    raw = np.asarray(cells[:want], dtype=object)
     if data.is_image:
         return save_grid(decode_rows(raw, data.shape), tmp / "samples.png")
     x = decode_rows(raw, data.shape, "points").numpy()
