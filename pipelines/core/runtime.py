@@ -14,14 +14,14 @@ import signal
 import sys
 import threading
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import psutil
 
 from pipelines.core.console import NoiseFilter
 from pipelines.core.errors import ConfigError, JobStopped
 
-_state = {"verbose": False, "stop_on_signals": False, "local_ray": None}
+_state: dict[str, Any] = {"verbose": False, "stop_on_signals": False, "local_ray": None}
 
 
 def set_verbose(verbose: bool) -> None:
@@ -113,7 +113,7 @@ def init_ray(address: str | None = None, local_cpus: int = 4) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet = not is_verbose()
     set_verbose(not quiet)
-    kwargs = {"log_to_driver": True}
+    kwargs: dict[str, Any] = {"log_to_driver": True}
     if quiet:
         # the level of Ray's own loggers in every worker and actor (Ray Data's operator plans, Train's
         # controller); prints of the project's workers (the training progress lines) still reach the driver
@@ -424,13 +424,14 @@ def filter_console_noise() -> None:
     after everything written was forwarded."""
     import atexit
 
-    if _state.get("noise_filter") or is_verbose() or sys.stderr is not sys.__stderr__:
+    stderr = sys.stderr
+    if _state.get("noise_filter") or is_verbose() or stderr is not sys.__stderr__ or stderr is None:
         return
     try:
-        fd = sys.stderr.fileno()
+        fd = stderr.fileno()
     except (AttributeError, OSError, ValueError):
         return
-    sys.stderr.flush()
+    stderr.flush()
     saved = os.dup(fd)
     read, write = os.pipe()
     os.dup2(write, fd)
