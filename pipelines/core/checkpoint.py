@@ -24,6 +24,8 @@ from pipelines.core import storage
 from pipelines.core.errors import ConfigError
 
 META = "meta.json"
+# meta.json's optional keys, each a CheckpointMeta field of the same name (written when not None)
+PROVENANCE = ("mlflow_run_id", "manifest", "nonfinite_total", "stream", "posthoc_ema")
 
 
 class CheckpointError(ConfigError):
@@ -82,7 +84,7 @@ class CheckpointMeta:
     def to_dict(self) -> dict[str, Any]:
         out = {"step": self.step, "model": {"name": self.model_name, "kwargs": self.model_kwargs},
                "method": self.method, "config": self.config, "seeding": self.seeding}
-        for key in ("mlflow_run_id", "manifest", "nonfinite_total", "stream", "posthoc_ema"):
+        for key in PROVENANCE:
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return {**out, **self.extra}
@@ -101,13 +103,11 @@ class CheckpointMeta:
             raise CheckpointError(f"{where}: 'model' needs a 'name' and a 'kwargs' mapping")
         if not isinstance(meta["method"].get("name"), str):
             raise CheckpointError(f"{where}: 'method' needs a 'name'")
-        known = {"step", "model", "method", "config", "seeding", "mlflow_run_id", "manifest", "nonfinite_total",
-                 "stream", "posthoc_ema"}
+        known = {"step", "model", "method", "config", "seeding", *PROVENANCE}
         return cls(step=meta["step"], model_name=meta["model"]["name"], model_kwargs=meta["model"]["kwargs"],
                    method=meta["method"], config=meta.get("config") or {}, seeding=meta.get("seeding", 1),
-                   mlflow_run_id=meta.get("mlflow_run_id"), manifest=meta.get("manifest"),
-                   nonfinite_total=meta.get("nonfinite_total", 0), stream=meta.get("stream"),
-                   posthoc_ema=meta.get("posthoc_ema"), extra={k: v for k, v in meta.items() if k not in known})
+                   **{k: meta[k] for k in PROVENANCE if k in meta},  # absent: the field's default
+                   extra={k: v for k, v in meta.items() if k not in known})
 
 
 def checkpoint_meta(step: int, model_name: str, model_kwargs: dict, method_kwargs: dict, config: dict,
