@@ -43,9 +43,11 @@ heavy: $(STAMP)
 faults: $(STAMP)
 	$(PY) -m pytest -q -m faults --durations=0
 
-# ruff, and the type checker over fm/, pipelines/ and jobs/ (pyproject.toml's [tool.mypy]; tests/README.md, "Types")
+# ruff's linter and formatter (`ruff format .` fixes what the check reports), and the type checker over fm/, pipelines/
+# and jobs/ (pyproject.toml's [tool.mypy]; tests/README.md, "Types")
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 reproduce: $(STAMP)

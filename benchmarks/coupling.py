@@ -48,12 +48,22 @@ def measure(name: str, x_1: torch.Tensor, reg: float, repeats: int, g: torch.Gen
     n = x_1.shape[0]
     exact_ms = _median_ms(lambda: exact(x_0, x_1, generator=g), repeats)
     ours_ms = _median_ms(lambda: entropic(x_0, x_1, generator=g), repeats)
-    pot_ms = _median_ms(lambda: ot.sinkhorn(ot.unif(n), ot.unif(n), cost, reg=reg, method="sinkhorn_log",
-                                            numItermax=10_000), max(3, repeats // 10))
-    return {"data": name, "batch": n, "reg": reg, "exact_ot_ms": round(exact_ms, 2),
-            "sbcfm_ms": round(ours_ms, 2), "sbcfm_iterations": entropic.last_iterations,
-            "sbcfm_marginal_error": entropic.last_marginal_error, "pot_sinkhorn_log_ms": round(pot_ms, 2),
-            "sbcfm_over_exact": round(ours_ms / exact_ms, 3), "pot_sinkhorn_over_exact": round(pot_ms / exact_ms, 3)}
+    pot_ms = _median_ms(
+        lambda: ot.sinkhorn(ot.unif(n), ot.unif(n), cost, reg=reg, method="sinkhorn_log", numItermax=10_000),
+        max(3, repeats // 10),
+    )
+    return {
+        "data": name,
+        "batch": n,
+        "reg": reg,
+        "exact_ot_ms": round(exact_ms, 2),
+        "sbcfm_ms": round(ours_ms, 2),
+        "sbcfm_iterations": entropic.last_iterations,
+        "sbcfm_marginal_error": entropic.last_marginal_error,
+        "pot_sinkhorn_log_ms": round(pot_ms, 2),
+        "sbcfm_over_exact": round(ours_ms / exact_ms, 3),
+        "pot_sinkhorn_over_exact": round(pot_ms / exact_ms, 3),
+    }
 
 
 def steps(batch: int, n_steps: int, buffer: int) -> dict:
@@ -72,8 +82,12 @@ def steps(batch: int, n_steps: int, buffer: int) -> dict:
         if ahead is None:
             items = ((None, x_1, generator(0, 0, k)) for k, x_1 in enumerate(data))
         else:
-            items = ((p, None, None) for p in read_ahead(enumerate(data), lambda it: pair_step(
-                method, it[1], None, generator(0, 0, it[0])), ahead))
+            items = (
+                (p, None, None)
+                for p in read_ahead(
+                    enumerate(data), lambda it: pair_step(method, it[1], None, generator(0, 0, it[0])), ahead
+                )
+            )
         start = 0.0
         for k, (pairs, x_1, gen) in enumerate(items):
             if k == 20:
@@ -83,10 +97,17 @@ def steps(batch: int, n_steps: int, buffer: int) -> dict:
 
     icfm, icfm_ahead = run("icfm", None), run("icfm", buffer)
     in_step, ahead = run("otcfm", None), run("otcfm", buffer)
-    return {"batch": batch, "steps": n_steps, "buffer": buffer, "icfm_in_step_ms": round(icfm, 3),
-            "icfm_ahead_ms": round(icfm_ahead, 3), "otcfm_in_step_ms": round(in_step, 3),
-            "otcfm_ahead_ms": round(ahead, 3), "otcfm_over_icfm_in_step": round(in_step / icfm, 3),
-            "otcfm_over_icfm_ahead": round(ahead / icfm_ahead, 3)}
+    return {
+        "batch": batch,
+        "steps": n_steps,
+        "buffer": buffer,
+        "icfm_in_step_ms": round(icfm, 3),
+        "icfm_ahead_ms": round(icfm_ahead, 3),
+        "otcfm_in_step_ms": round(in_step, 3),
+        "otcfm_ahead_ms": round(ahead, 3),
+        "otcfm_over_icfm_in_step": round(in_step / icfm, 3),
+        "otcfm_over_icfm_ahead": round(ahead / icfm_ahead, 3),
+    }
 
 
 def main() -> None:

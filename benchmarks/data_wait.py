@@ -28,8 +28,14 @@ def main() -> None:
     p.add_argument("--source", default="digits", help="the ingest source of the config's data")
     p.add_argument("--buffer", type=int, default=96)
     p.add_argument("--methods", default=None, help="comma-separated methods to compare at --buffer")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="a config override for every run, e.g. method.ot_scope=global")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a config override for every run, e.g. method.ot_scope=global",
+    )
     args = p.parse_args()
     import ray
     from mlflow.tracking import MlflowClient
@@ -44,26 +50,44 @@ def main() -> None:
         ingest(args.source, Path(tmp) / "data", shards=2)
         init_ray()
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
-        runs = [(m, args.buffer) for m in args.methods.split(",")] if args.methods else \
-            [("fm_ot", args.buffer), ("fm_ot", 0)]
+        runs = (
+            [(m, args.buffer) for m in args.methods.split(",")]
+            if args.methods
+            else [("fm_ot", args.buffer), ("fm_ot", 0)]
+        )
         for method, buffer in runs:
-            cfg = load_config(args.config, [
-                f"data.shards={Path(tmp) / 'data'}", f"train.steps={args.steps}", f"data.buffer_batches={buffer}",
-                f"train.storage_path={Path(tmp) / 'runs'}", f"train.run_name={method}-buffer-{buffer}",
-                "train.sample_every=0", f"method.name={method}", f"mlflow.tracking_uri={uri}",
-                "mlflow.experiment=bench", *args.overrides])
+            cfg = load_config(
+                args.config,
+                [
+                    f"data.shards={Path(tmp) / 'data'}",
+                    f"train.steps={args.steps}",
+                    f"data.buffer_batches={buffer}",
+                    f"train.storage_path={Path(tmp) / 'runs'}",
+                    f"train.run_name={method}-buffer-{buffer}",
+                    "train.sample_every=0",
+                    f"method.name={method}",
+                    f"mlflow.tracking_uri={uri}",
+                    "mlflow.experiment=bench",
+                    *args.overrides,
+                ],
+            )
             res = run_training(cfg)
             m = res["metrics"]
             ips = [x.value for x in MlflowClient(uri).get_metric_history(res["run_id"], "images_per_s")][1:]
             global_batch = cfg.train.batch_size * cfg.ray.num_workers
-            rows.append({"method": method, "buffer_batches": buffer,
-                         "data_wait_fraction_run": round(m["data_wait_fraction_run"], 4),
-                         "data_startup_s": round(m["data_startup_s"], 2), "training_wall_s": res["wall_s"],
-                         "mean_images_per_s": round(sum(ips) / len(ips), 1),
-                         "step_ms": round(1e3 * global_batch * len(ips) / sum(ips), 2)})
+            rows.append(
+                {
+                    "method": method,
+                    "buffer_batches": buffer,
+                    "data_wait_fraction_run": round(m["data_wait_fraction_run"], 4),
+                    "data_startup_s": round(m["data_startup_s"], 2),
+                    "training_wall_s": res["wall_s"],
+                    "mean_images_per_s": round(sum(ips) / len(ips), 1),
+                    "step_ms": round(1e3 * global_batch * len(ips) / sum(ips), 2),
+                }
+            )
         ray.shutdown()
-    print(json.dumps({"config": args.config, "steps": args.steps, "overrides": args.overrides, "rows": rows},
-                     indent=1))
+    print(json.dumps({"config": args.config, "steps": args.steps, "overrides": args.overrides, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

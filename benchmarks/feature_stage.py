@@ -42,8 +42,16 @@ def _write_samples(directory: Path, n: int, shape: tuple[int, ...] = (8, 8, 1), 
     for b, start in enumerate(range(0, n, block)):
         ids = np.arange(start, min(start + block, n))
         images = rng.integers(0, 256, (len(ids), *shape), dtype=np.uint8)
-        table = pa.table({"id": ids, "seed": ids, "label": np.full(len(ids), -1), "nfe": np.ones(len(ids), int),
-                          "image": [im.tobytes() for im in images]}, schema=SAMPLE_SCHEMA)
+        table = pa.table(
+            {
+                "id": ids,
+                "seed": ids,
+                "label": np.full(len(ids), -1),
+                "nfe": np.ones(len(ids), int),
+                "image": [im.tobytes() for im in images],
+            },
+            schema=SAMPLE_SCHEMA,
+        )
         path = directory / f"block-{b:08d}.parquet"
         pq.write_table(table, path)
         paths.append(str(path))
@@ -54,8 +62,8 @@ def _memory_child(n: int, shards: str, out: str, hoard: bool) -> None:
     """One measurement in a fresh process: peak RSS of the driver after the stage over n samples."""
     from pipelines.batch import features
     from pipelines.batch.config import EvalConfig
-    from pipelines.batch.evaluate import feature_net
     from pipelines.batch.features import feature_stage
+    from pipelines.batch.quality import feature_net
     from pipelines.core.manifest import Manifest
 
     if hoard:  # the broken variant the goal must catch: every row kept for the subset
@@ -68,8 +76,16 @@ def _memory_child(n: int, shards: str, out: str, hoard: bool) -> None:
         start = time.perf_counter()
         res = feature_stage(paths, [8, 8, 1], net, n, batch_size=500, actors=1)
         wall = time.perf_counter() - start
-    Path(out).write_text(json.dumps({"n": res.n, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                     / 1024, "wall_s": round(wall, 1), "subset": len(res.subset)}))
+    Path(out).write_text(
+        json.dumps(
+            {
+                "n": res.n,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "wall_s": round(wall, 1),
+                "subset": len(res.subset),
+            }
+        )
+    )
 
 
 def memory(sizes: list[int], hoard: bool = False) -> dict:
@@ -80,12 +96,20 @@ def memory(sizes: list[int], hoard: bool = False) -> dict:
     rows = []
     for n in sizes:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            subprocess.run([sys.executable, "-m", "benchmarks.feature_stage", "_child", str(n), shards, f.name,
-                            str(int(hoard))], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "benchmarks.feature_stage", "_child", str(n), shards, f.name, str(int(hoard))],
+                check=True,
+            )
             rows.append(json.loads(Path(f.name).read_text()))
     growth = rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]
-    return {"features": "digits classifier", "hoard": hoard, "runs": rows, "peak_rss_growth_mb": round(growth, 1),
-            "peak_rss_ratio": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3), "goal_met": growth <= 20}
+    return {
+        "features": "digits classifier",
+        "hoard": hoard,
+        "runs": rows,
+        "peak_rss_growth_mb": round(growth, 1),
+        "peak_rss_ratio": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3),
+        "goal_met": growth <= 20,
+    }
 
 
 def inception(images: int, threads: int, batch: int) -> dict:
@@ -107,9 +131,15 @@ def inception(images: int, threads: int, batch: int) -> dict:
         start = time.perf_counter()
         res = feature_stage(paths, [32, 32, 3], FeatureNet("inception", "FID"), images, batch_size=batch)
         wall = time.perf_counter() - start
-    return {"images": images, "batch": batch, "loop_threads": threads, "loop_images_per_s": round(loop_rate, 2),
-            "stage_images_per_s": round(res.images_per_s, 2), "stage_wall_s": round(wall, 1),
-            "ratio_stage_to_loop": round(res.images_per_s / loop_rate, 3)}
+    return {
+        "images": images,
+        "batch": batch,
+        "loop_threads": threads,
+        "loop_images_per_s": round(loop_rate, 2),
+        "stage_images_per_s": round(res.images_per_s, 2),
+        "stage_wall_s": round(wall, 1),
+        "ratio_stage_to_loop": round(res.images_per_s / loop_rate, 3),
+    }
 
 
 def main() -> None:

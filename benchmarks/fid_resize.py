@@ -55,17 +55,24 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     manifest = Manifest.load(a.data)
     train, test = _images(manifest, "train", a.images), _images(manifest, "test", a.images)
-    resizes = {"tf1_legacy": lambda y: tf_legacy_resize(y, (299, 299)),
-               "half_pixel": lambda y: F.interpolate(y, size=(299, 299), mode="bilinear", align_corners=False)}
+    resizes = {
+        "tf1_legacy": lambda y: tf_legacy_resize(y, (299, 299)),
+        "half_pixel": lambda y: F.interpolate(y, size=(299, 299), mode="bilinear", align_corners=False),
+    }
     net, out = load_inception(), {"data": a.data, "train_images": len(train), "test_images": len(test)}
     start = time.perf_counter()
     for name, resize in resizes.items():
-        out[f"fid_{name}"] = round(frechet_distance_from_features(_features(net, train, resize),
-                                                                  _features(net, test, resize)), 3)
+        out[f"fid_{name}"] = round(
+            frechet_distance_from_features(_features(net, train, resize), _features(net, test, resize)), 3
+        )
     sample = test[:32].float()
     diff = (resizes["tf1_legacy"](sample) - resizes["half_pixel"](sample)).abs()
-    out.update(max_grey_diff=round(float(diff.max()), 1), mean_grey_diff=round(float(diff.mean()), 2),
-               wall_s=round(time.perf_counter() - start, 1), threads=a.threads)
+    out.update(
+        max_grey_diff=round(float(diff.max()), 1),
+        mean_grey_diff=round(float(diff.mean()), 2),
+        wall_s=round(time.perf_counter() - start, 1),
+        threads=a.threads,
+    )
     print(json.dumps(out))
 
 

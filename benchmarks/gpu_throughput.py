@@ -31,8 +31,16 @@ def cifar_unet():
     """The cifar10 preset's UNet (`configs/cifar10.yaml`), on the CPU."""
     from fm.models import UNet
 
-    return UNet(image_size=32, in_channels=3, model_channels=256, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                attention_resolutions=(16,), dropout=0.1, num_heads=4)
+    return UNet(
+        image_size=32,
+        in_channels=3,
+        model_channels=256,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        dropout=0.1,
+        num_heads=4,
+    )
 
 
 def inception_rate(batch: int, reps: int = 10) -> dict:
@@ -66,8 +74,9 @@ def _time_steps(step, batch_at, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def step_variants(model_fn, shape: tuple[int, ...], batch: int, steps: int, device: torch.device,
-                  compile_model: bool = True) -> dict:
+def step_variants(
+    model_fn, shape: tuple[int, ...], batch: int, steps: int, device: torch.device, compile_model: bool = True
+) -> dict:
     """Seconds per training step of a fresh model from `model_fn()` on data [batch, *shape]: I-CFM eager,
     channels-last and compiled (the fastest layout kept), then OT-CFM solving in the step and OT-CFM on pairs made
     ahead on the CPU, with their ratios to I-CFM."""
@@ -90,8 +99,12 @@ def step_variants(model_fn, shape: tuple[int, ...], batch: int, steps: int, devi
         method = make_method(method_name)
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         xs = [x.to(device).contiguous(memory_format=fmt) for x in data]
-        return _time_steps(lambda x: train_step(model, method, opt, x, generator=generator(1, device=device),
-                                                autocast_dtype=autocast), lambda k: xs[k % 4], steps, device)
+        return _time_steps(
+            lambda x: train_step(model, method, opt, x, generator=generator(1, device=device), autocast_dtype=autocast),
+            lambda k: xs[k % 4],
+            steps,
+            device,
+        )
 
     out = {"icfm_eager_s": in_step("icfm", "eager"), "icfm_channels_last_s": in_step("icfm", "channels_last")}
     if compile_model:
@@ -102,11 +115,15 @@ def step_variants(model_fn, shape: tuple[int, ...], batch: int, steps: int, devi
     # pairs made ahead on the CPU, moved to the device: the training stream's CPU stage, in one process here
     model, opt = build(layout)
     method = make_method("otcfm")
-    pairs = read_ahead(iter(range(steps + 3)), lambda k: _on(pair_step(method, data[k % 4], None, generator(2, k)),
-                                                             device), buffer=8)
-    out["otcfm_ahead_s"] = _time_steps(lambda p: train_step(model, method, opt, p.x_1, pairs=p,
-                                                            autocast_dtype=autocast),
-                                       lambda k: next(pairs), steps, device)
+    pairs = read_ahead(
+        iter(range(steps + 3)), lambda k: _on(pair_step(method, data[k % 4], None, generator(2, k)), device), buffer=8
+    )
+    out["otcfm_ahead_s"] = _time_steps(
+        lambda p: train_step(model, method, opt, p.x_1, pairs=p, autocast_dtype=autocast),
+        lambda k: next(pairs),
+        steps,
+        device,
+    )
     best = out[f"icfm_{layout}_s"]
     out["otcfm_in_step_ratio"] = out["otcfm_in_step_s"] / best
     out["otcfm_ahead_ratio"] = out["otcfm_ahead_s"] / best
@@ -117,8 +134,13 @@ def _on(pairs, device: torch.device):
     """Pairs moved to `device` (their generator stays on the CPU, as the stream hands it over)."""
     from fm.training import Pairs
 
-    return Pairs(pairs.x_0.to(device, non_blocking=True), pairs.x_1.to(device, non_blocking=True), pairs.y,
-                 pairs.generator, pairs.solve_seconds)
+    return Pairs(
+        pairs.x_0.to(device, non_blocking=True),
+        pairs.x_1.to(device, non_blocking=True),
+        pairs.y,
+        pairs.generator,
+        pairs.solve_seconds,
+    )
 
 
 def main() -> None:
@@ -165,14 +187,24 @@ def main() -> None:
         sample_s = time.perf_counter() - start
     inception = inception_rate(a.batch)
     variants = step_variants(cifar_unet, (3, 32, 32), a.batch, a.steps, torch.device("cuda"))
-    print(json.dumps({
-        **inception, "step_variants": variants,
-        "device": torch.cuda.get_device_name(), "batch": a.batch, "params_m": sum(p.numel() for p in
-                                                                                    model.parameters()) / 1e6,
-        "train_images_per_s": a.batch / step_s, "train_step_tflops": flops / step_s / 1e12,
-        "bf16_matmul_peak_tflops": peak / 1e12, "fraction_of_peak": flops / step_s / peak,
-        "sampling_images_per_s": a.batch * 4 / sample_s, "sampling_solver": f"euler {a.sample_steps} steps",
-        "sampling_nfe": res.nfe}))
+    print(
+        json.dumps(
+            {
+                **inception,
+                "step_variants": variants,
+                "device": torch.cuda.get_device_name(),
+                "batch": a.batch,
+                "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                "train_images_per_s": a.batch / step_s,
+                "train_step_tflops": flops / step_s / 1e12,
+                "bf16_matmul_peak_tflops": peak / 1e12,
+                "fraction_of_peak": flops / step_s / peak,
+                "sampling_images_per_s": a.batch * 4 / sample_s,
+                "sampling_solver": f"euler {a.sample_steps} steps",
+                "sampling_nfe": res.nfe,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

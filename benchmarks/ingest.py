@@ -64,8 +64,9 @@ def _child(mode: str, folder: str, resolution: int, parallelism: int, out: str) 
     """One measurement in a fresh process."""
     start = time.perf_counter()
     if mode == "baseline":
+        from pipelines.ingest.part_writer import ingest_part
         from pipelines.ingest.rows import Settings
-        from pipelines.ingest.run import declared_format, ingest_part
+        from pipelines.ingest.run import declared_format
         from pipelines.ingest.sources import list_source
 
         # the clock starts after the imports, where the Ray runs' job clock does (after imports and init_ray)
@@ -85,14 +86,27 @@ def _child(mode: str, folder: str, resolution: int, parallelism: int, out: str) 
         peak = _WorkerPeak()
         with tempfile.TemporaryDirectory() as target:
             t0 = time.perf_counter()
-            m = ingest(f"folder:{folder}", target, image_size=resolution, channels=3, transform="center-crop",
-                       parallelism=parallelism).manifest
+            m = ingest(
+                f"folder:{folder}",
+                target,
+                image_size=resolution,
+                channels=3,
+                transform="center-crop",
+                parallelism=parallelism,
+            ).manifest
             job = time.perf_counter() - t0
-        result = {"rows": m["rows_read"], "quarantined": m["quarantined"], "resized": m["resized"],
-                  "worker_peak_rss_mb": round(peak.stop() / 1024, 1), "ray_start_s": round(ray_start, 2),
-                  "job_s": round(job, 2)}
-    result.update(wall_s=round(time.perf_counter() - start, 2),
-                  driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+        result = {
+            "rows": m["rows_read"],
+            "quarantined": m["quarantined"],
+            "resized": m["resized"],
+            "worker_peak_rss_mb": round(peak.stop() / 1024, 1),
+            "ray_start_s": round(ray_start, 2),
+            "job_s": round(job, 2),
+        }
+    result.update(
+        wall_s=round(time.perf_counter() - start, 2),
+        driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    )
     Path(out).write_text(json.dumps(result))
 
 
@@ -111,7 +125,7 @@ class _WorkerPeak:
                 if not pid.isdigit():
                     continue
                 try:
-                    if b"_ingest_batch" not in Path(f"/proc/{pid}/cmdline").read_bytes()[:300]:
+                    if b"ingest_batch" not in Path(f"/proc/{pid}/cmdline").read_bytes()[:300]:
                         continue
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                         if line.startswith("VmHWM:"):
@@ -128,8 +142,21 @@ class _WorkerPeak:
 
 def _measure(mode: str, folder: Path, resolution: int, parallelism: int = 0) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        subprocess.run([sys.executable, "-m", "benchmarks.ingest", "_child", mode, str(folder), str(resolution),
-                        str(parallelism), f.name], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.ingest",
+                "_child",
+                mode,
+                str(folder),
+                str(resolution),
+                str(parallelism),
+                f.name,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         return json.loads(Path(f.name).read_text())
 
 
@@ -138,15 +165,23 @@ def throughput(images: int, resolution: int) -> dict:
         t0 = time.perf_counter()
         folder = make_folder(Path(tmp) / "photos", images)
         made = time.perf_counter() - t0
-        runs = {"one process (baseline)": _measure("baseline", folder, resolution),
-                "Ray Data, 1 part at once": _measure("ray", folder, resolution, 1),
-                "Ray Data, 2 parts at once": _measure("ray", folder, resolution, 2)}
+        runs = {
+            "one process (baseline)": _measure("baseline", folder, resolution),
+            "Ray Data, 1 part at once": _measure("ray", folder, resolution, 1),
+            "Ray Data, 2 parts at once": _measure("ray", folder, resolution, 2),
+        }
     base = runs["one process (baseline)"]
     for r in runs.values():  # the job's time: the baseline's whole run, the Ray job without Ray's start-up
         r["images_per_s"] = round(r["rows"] / r.get("job_s", r["wall_s"]), 1)
         r["ratio_to_baseline"] = round(r["images_per_s"] / (base["rows"] / base["job_s"]), 3)
-    return {"mode": "throughput", "images": images, "resolution": resolution, "generate_s": round(made, 1),
-            "cpus": os.cpu_count(), "runs": runs}
+    return {
+        "mode": "throughput",
+        "images": images,
+        "resolution": resolution,
+        "generate_s": round(made, 1),
+        "cpus": os.cpu_count(),
+        "runs": runs,
+    }
 
 
 def memory(sizes: list[int], resolution: int) -> dict:
@@ -156,9 +191,13 @@ def memory(sizes: list[int], resolution: int) -> dict:
             folder = make_folder(Path(tmp) / "photos", n, sides=(24, 48))  # small files: rows, not pixels, matter
             runs[n] = _measure("ray", folder, resolution, 2)
     small, large = runs[min(sizes)], runs[max(sizes)]
-    return {"mode": "memory", "resolution": resolution, "runs": runs,
-            "driver_ratio": round(large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 3),
-            "worker_ratio": round(large["worker_peak_rss_mb"] / small["worker_peak_rss_mb"], 3)}
+    return {
+        "mode": "memory",
+        "resolution": resolution,
+        "runs": runs,
+        "driver_ratio": round(large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 3),
+        "worker_ratio": round(large["worker_peak_rss_mb"] / small["worker_peak_rss_mb"], 3),
+    }
 
 
 def datapath(seconds: float, rows: int, windows: list[int]) -> dict:
@@ -175,9 +214,17 @@ def datapath(seconds: float, rows: int, windows: list[int]) -> dict:
         images = np.random.default_rng(0).integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8)
         np.savez(Path(tmp) / "x.npz", images=images, labels=np.arange(rows) % 10)
         ingest(f"npz:{tmp}/x.npz", Path(tmp) / "data", test_fraction=0.0)
-        cfg = load_config("configs/cifar10.yaml", [f"data.shards={tmp}/data", "data.hflip=true",
-                                                   "ray.num_workers=1", "ray.use_gpu=false", "train.batch_size=128",
-                                                   "ray.preprocess_cpus=0.25"])
+        cfg = load_config(
+            "configs/cifar10.yaml",
+            [
+                f"data.shards={tmp}/data",
+                "data.hflip=true",
+                "ray.num_workers=1",
+                "ray.use_gpu=false",
+                "train.batch_size=128",
+                "ray.preprocess_cpus=0.25",
+            ],
+        )
         init_ray()
         manifest = Manifest.load(cfg.data.shards)
         spec = stream_spec(cfg, manifest, model_kwargs(cfg, manifest.data), tasks=max(1, (os.cpu_count() or 2) - 1))
@@ -203,12 +250,21 @@ def datapath(seconds: float, rows: int, windows: list[int]) -> dict:
     flops = counter.get_total_flops() / 2
     gpu_rate = 0.35 * 989e12 / flops
     cpus = os.cpu_count()
-    return {"mode": "datapath", "method": cfg.method.name, "rows": rows, "seconds": seconds, "host_cpus": cpus,
-            "images_per_s": round(rate, 1), "shuffle_window": windows[-1],
-            "images_per_s_by_window": {w: round(r, 1) for w, r in rates.items()},
-            "ratio_to_smallest_window": round(rate / rates[windows[0]], 3),
-            "images_per_s_per_cpu": round(rate / cpus, 1), "cifar10_train_gflop_per_image": round(flops / 1e9, 2),
-            "assumed_gpu_images_per_s": round(gpu_rate), "cpus_per_gpu": round(gpu_rate / (rate / cpus), 2)}
+    return {
+        "mode": "datapath",
+        "method": cfg.method.name,
+        "rows": rows,
+        "seconds": seconds,
+        "host_cpus": cpus,
+        "images_per_s": round(rate, 1),
+        "shuffle_window": windows[-1],
+        "images_per_s_by_window": {w: round(r, 1) for w, r in rates.items()},
+        "ratio_to_smallest_window": round(rate / rates[windows[0]], 3),
+        "images_per_s_per_cpu": round(rate / cpus, 1),
+        "cifar10_train_gflop_per_image": round(flops / 1e9, 2),
+        "assumed_gpu_images_per_s": round(gpu_rate),
+        "cpus_per_gpu": round(gpu_rate / (rate / cpus), 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:

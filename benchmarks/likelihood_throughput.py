@@ -26,8 +26,15 @@ def main() -> None:
     from fm.models import UNet
 
     torch.manual_seed(0)
-    model = UNet(image_size=8, in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                 attention_resolutions=(4,), num_heads=2).eval()
+    model = UNet(
+        image_size=8,
+        in_channels=1,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_heads=2,
+    ).eval()
     for p_ in model.parameters():
         torch.nn.init.normal_(p_, std=0.02)
     x = torch.randint(0, 256, (a.batch, 1, 8, 8)).float()
@@ -35,8 +42,12 @@ def main() -> None:
     for name, div in (("exact", "exact"), ("hutchinson_1_probe", "hutchinson")):
         bits_per_dim(model, x[:4], settings=LikelihoodSettings(div, solver="rk4", steps=2))  # warm-up
         start = time.perf_counter()
-        res = bits_per_dim(model, x, generator=torch.Generator().manual_seed(0),
-                           settings=LikelihoodSettings(div, solver="rk4", steps=a.steps))
+        res = bits_per_dim(
+            model,
+            x,
+            generator=torch.Generator().manual_seed(0),
+            settings=LikelihoodSettings(div, solver="rk4", steps=a.steps),
+        )
         out[f"{name}_images_per_s"] = round(a.batch / (time.perf_counter() - start), 2)
         out[f"{name}_nfe"] = res.nfe
     out["hutchinson_over_exact"] = round(out["hutchinson_1_probe_images_per_s"] / out["exact_images_per_s"], 2)

@@ -22,21 +22,41 @@ def run(shards: Path, tmp: str, name: str, steps: int, every: int, sets: list[st
     from mlflow.tracking import MlflowClient
 
     from pipelines.chain import quality_callbacks
-    from pipelines.train.config import check_data, load_config
+    from pipelines.train.against_data import check_data
+    from pipelines.train.config import load_config
     from pipelines.train.driver import run_training
 
     uri = f"sqlite:///{tmp}/m.db"
-    cfg = load_config("configs/digits-cpu.yaml", [
-        f"data.shards={shards}", f"train.storage_path={tmp}/runs", f"mlflow.tracking_uri={uri}", f"train.steps={steps}",
-        "ray.num_workers=1", "ray.cpus_per_worker=1", "train.log_every=50", f"train.checkpoint_every={every}",
-        "train.sample_every=0", f"train.run_name={name}", "mlflow.system_metrics=false", *sets])
+    cfg = load_config(
+        "configs/digits-cpu.yaml",
+        [
+            f"data.shards={shards}",
+            f"train.storage_path={tmp}/runs",
+            f"mlflow.tracking_uri={uri}",
+            f"train.steps={steps}",
+            "ray.num_workers=1",
+            "ray.cpus_per_worker=1",
+            "train.log_every=50",
+            f"train.checkpoint_every={every}",
+            "train.sample_every=0",
+            f"train.run_name={name}",
+            "mlflow.system_metrics=false",
+            *sets,
+        ],
+    )
     manifest = check_data(cfg)
     res = run_training(cfg, manifest, callbacks=quality_callbacks(cfg, manifest))
-    rates = [m.value for m in sorted(MlflowClient(uri).get_metric_history(res["run_id"], "images_per_s"),
-                                     key=lambda m: m.step)][1:]
+    rates = [
+        m.value
+        for m in sorted(MlflowClient(uri).get_metric_history(res["run_id"], "images_per_s"), key=lambda m: m.step)
+    ][1:]
     fd = MlflowClient(uri).get_metric_history(res["run_id"], "eval/fd")
-    return {"images_per_s": sum(rates) / len(rates), "windows": len(rates), "wall_s": res["wall_s"],
-            "scored_steps": sorted(m.step for m in fd)}
+    return {
+        "images_per_s": sum(rates) / len(rates),
+        "windows": len(rates),
+        "wall_s": res["wall_s"],
+        "scored_steps": sorted(m.step for m in fd),
+    }
 
 
 def main() -> None:
@@ -53,15 +73,35 @@ def main() -> None:
         shards = Path(tmp) / "digits"
         ingest("digits", shards, shards=4)
         off = run(shards, tmp, "off", a.steps, a.eval_every, [])
-        on = run(shards, tmp, "on", a.steps, a.eval_every, [
-            f"train.eval_every={a.eval_every}", f"train.eval_samples={a.eval_samples}",
-            f"train.eval_rows={a.eval_rows}"])
-    print(json.dumps({"steps": a.steps, "eval_every": a.eval_every, "eval_samples": a.eval_samples,
-                      "eval_rows": a.eval_rows, "cpus": os.cpu_count(),
-                      "off_images_per_s": round(off["images_per_s"], 1),
-                      "on_images_per_s": round(on["images_per_s"], 1),
-                      "ratio": round(on["images_per_s"] / off["images_per_s"], 3), "off_wall_s": off["wall_s"],
-                      "on_wall_s": on["wall_s"], "scored_steps": on["scored_steps"]}))
+        on = run(
+            shards,
+            tmp,
+            "on",
+            a.steps,
+            a.eval_every,
+            [
+                f"train.eval_every={a.eval_every}",
+                f"train.eval_samples={a.eval_samples}",
+                f"train.eval_rows={a.eval_rows}",
+            ],
+        )
+    print(
+        json.dumps(
+            {
+                "steps": a.steps,
+                "eval_every": a.eval_every,
+                "eval_samples": a.eval_samples,
+                "eval_rows": a.eval_rows,
+                "cpus": os.cpu_count(),
+                "off_images_per_s": round(off["images_per_s"], 1),
+                "on_images_per_s": round(on["images_per_s"], 1),
+                "ratio": round(on["images_per_s"] / off["images_per_s"], 3),
+                "off_wall_s": off["wall_s"],
+                "on_wall_s": on["wall_s"],
+                "scored_steps": on["scored_steps"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

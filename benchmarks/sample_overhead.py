@@ -25,14 +25,32 @@ def random_checkpoint(directory: Path) -> Path:
     from fm.models import UNet
     from pipelines.core.checkpoint import save_checkpoint
 
-    kwargs = {"image_size": 8, "in_channels": 1, "model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
-              "attention_resolutions": [4], "num_heads": 2, "num_classes": None, "dropout": 0.0}
+    kwargs = {
+        "image_size": 8,
+        "in_channels": 1,
+        "model_channels": 32,
+        "channel_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attention_resolutions": [4],
+        "num_heads": 2,
+        "num_classes": None,
+        "dropout": 0.0,
+    }
     torch.manual_seed(0)
     model = UNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
     manifest = {"source": "digits", "kind": "image", "shape": [8, 8, 1], "num_classes": 10, "class_names": []}
-    return save_checkpoint(directory, step=0, model=model, ema_state=EMA(model).state_dict(), optimizer=None,
-                           model_name="unet", model_kwargs=kwargs, method_kwargs={"name": "fm_ot"}, config={},
-                           extra={"manifest": manifest})
+    return save_checkpoint(
+        directory,
+        step=0,
+        model=model,
+        ema_state=EMA(model).state_dict(),
+        optimizer=None,
+        model_name="unet",
+        model_kwargs=kwargs,
+        method_kwargs={"name": "fm_ot"},
+        config={},
+        extra={"manifest": manifest},
+    )
 
 
 def main() -> None:
@@ -51,8 +69,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(a.checkpoint) if a.checkpoint else random_checkpoint(Path(tmp) / "ckpt")
-        cfg = SampleConfig(num_samples=a.num_samples, solver=a.solver, steps=a.steps, block_size=a.block_size,
-                           actors=1, cpus_per_actor=1)
+        cfg = SampleConfig(
+            num_samples=a.num_samples,
+            solver=a.solver,
+            steps=a.steps,
+            block_size=a.block_size,
+            actors=1,
+            cpus_per_actor=1,
+        )
         base_out = Path(tmp) / "base"
         base_out.mkdir()
         sampler = Sampler(str(ckpt), str(base_out), cfg, [1, 8, 8], "HWC")
@@ -63,12 +87,18 @@ def main() -> None:
             sampler.sample_block(b)
         base_rate = a.num_samples / (time.perf_counter() - start)
         stage = run_sampling(str(ckpt), Path(tmp) / "stage", cfg)
-    out = {"num_samples": a.num_samples, "block_size": a.block_size, "solver": a.solver, "steps": a.steps,
-           "threads": a.threads, "baseline_samples_per_s": round(base_rate, 1),
-           "stage_samples_per_s_steady": round(stage.samples_per_actor_s, 1),
-           "ratio": round(stage.samples_per_actor_s / base_rate, 3),
-           "stage_wall_s": round(stage.wall_s, 1),
-           "stage_startup_s": round(stage.wall_s - a.num_samples / stage.samples_per_actor_s, 1)}
+    out = {
+        "num_samples": a.num_samples,
+        "block_size": a.block_size,
+        "solver": a.solver,
+        "steps": a.steps,
+        "threads": a.threads,
+        "baseline_samples_per_s": round(base_rate, 1),
+        "stage_samples_per_s_steady": round(stage.samples_per_actor_s, 1),
+        "ratio": round(stage.samples_per_actor_s / base_rate, 3),
+        "stage_wall_s": round(stage.wall_s, 1),
+        "stage_startup_s": round(stage.wall_s - a.num_samples / stage.samples_per_actor_s, 1),
+    }
     print(json.dumps(out))
 
 

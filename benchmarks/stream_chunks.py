@@ -29,9 +29,21 @@ def run(config: str, chunk_tasks: int, steps: int, tmp: Path) -> list[float]:
     """images/s of each logged window after step 50, up to `steps`."""
     out = tmp / f"chunks-{chunk_tasks}-{time.monotonic_ns()}"
     out.mkdir()
-    cmd = [sys.executable, "-m", "jobs.train", "--config", config, "--set", f"ray.stream_chunk_tasks={chunk_tasks}",
-           "--set", "train.log_every=25", "--set", f"train.storage_path={out / 'runs'}",
-           "--set", f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        "--config",
+        config,
+        "--set",
+        f"ray.stream_chunk_tasks={chunk_tasks}",
+        "--set",
+        "train.log_every=25",
+        "--set",
+        f"train.storage_path={out / 'runs'}",
+        "--set",
+        f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+    ]
     rates = []
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -68,8 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
     for r in runs:
         by_setting.setdefault(r["chunk_tasks"], []).append(r["images_per_s"])
     mean = {c: round(sum(v) / len(v), 1) for c, v in by_setting.items()}
-    result = {"config": a.config, "steps": a.steps, "runs": runs, "images_per_s": mean,
-              "ratio_to_one_dataset": {c: round(v / mean[0], 3) for c, v in mean.items() if c and 0 in mean}}
+    result = {
+        "config": a.config,
+        "steps": a.steps,
+        "runs": runs,
+        "images_per_s": mean,
+        "ratio_to_one_dataset": {c: round(v / mean[0], 3) for c, v in mean.items() if c and 0 in mean},
+    }
     print(json.dumps(result))
     return result
 

@@ -41,8 +41,16 @@ def main() -> None:
     from fm.training import train_step
 
     torch.manual_seed(0)
-    model = UNet(image_size=8, in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                 attention_resolutions=(4,), num_heads=2, dropout=0.0)
+    model = UNet(
+        image_size=8,
+        in_channels=1,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_heads=2,
+        dropout=0.0,
+    )
     method = make_method("fm_ot")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ema = EMA(model, 0.995)
@@ -65,12 +73,24 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             step()
-    top = [{"op": e.key, "self_cpu_ms_per_step": round(e.self_cpu_time_total / 5 / 1000, 3)}
-           for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]]
-    print(json.dumps({"batch": a.batch, "threads": a.threads, "flops_per_step": flops,
-                      "step_ms": round(step_s * 1000, 2), "achieved_gflops": round(flops / step_s / 1e9, 2),
-                      "fp32_matmul_gflops": round(rate / 1e9, 2), "fraction_of_matmul_rate":
-                      round(flops / step_s / rate, 3), "top_ops": top}))
+    top = [
+        {"op": e.key, "self_cpu_ms_per_step": round(e.self_cpu_time_total / 5 / 1000, 3)}
+        for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+    ]
+    print(
+        json.dumps(
+            {
+                "batch": a.batch,
+                "threads": a.threads,
+                "flops_per_step": flops,
+                "step_ms": round(step_s * 1000, 2),
+                "achieved_gflops": round(flops / step_s / 1e9, 2),
+                "fp32_matmul_gflops": round(rate / 1e9, 2),
+                "fraction_of_matmul_rate": round(flops / step_s / rate, 3),
+                "top_ops": top,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

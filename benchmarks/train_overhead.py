@@ -60,8 +60,10 @@ def baseline(shards: Path, cfg, steps: int, threads: int) -> dict:
         idx = torch.randint(0, x.shape[0], (b,), generator=g)
         train_step(model, method, opt, x[idx], None, g, cfg.optim.grad_clip)
         ema.update(model)
-    return {"images_per_s": steps * b / (time.perf_counter() - start),
-            "cpu_ms_per_step": 1000 * (time.process_time() - cpu) / steps}
+    return {
+        "images_per_s": steps * b / (time.perf_counter() - start),
+        "cpu_ms_per_step": 1000 * (time.process_time() - cpu) / steps,
+    }
 
 
 class CpuSampler:
@@ -126,15 +128,19 @@ def cpu_account(sampler: CpuSampler, history: list, log_every: int) -> dict:
             key = "this driver" if pid == me else name
             others[key] += cpu
     top = sorted(others.items(), key=lambda kv: -kv[1])[:8]
-    out = {"seconds": round(seconds, 1), "steps": steps,
-           "others_cores": round(sum(others.values()) / seconds, 3),
-           "others_top_cores": {k: round(v / seconds, 3) for k, v in top}}
+    out = {
+        "seconds": round(seconds, 1),
+        "steps": steps,
+        "others_cores": round(sum(others.values()) / seconds, 3),
+        "others_top_cores": {k: round(v / seconds, 3) for k, v in top},
+    }
     if worker is not None:
         _, (name, cpu, threads) = worker
         out["worker_cpu_ms_per_step"] = round(1000 * cpu / steps, 2)
         out["worker_cores"] = round(cpu / seconds, 3)
-        out["worker_threads_ms_per_step"] = sorted((round(1000 * v / steps, 2) for v in threads.values()),
-                                                   reverse=True)[:4]
+        out["worker_threads_ms_per_step"] = sorted(
+            (round(1000 * v / steps, 2) for v in threads.values()), reverse=True
+        )[:4]
     return out
 
 
@@ -147,15 +153,20 @@ def pipeline(cfg) -> dict:
     with CpuSampler() as sampler:
         res = run_training(cfg)
     wall = time.perf_counter() - start
-    history = sorted(MlflowClient(res["tracking_uri"]).get_metric_history(res["run_id"], "images_per_s"),
-                     key=lambda m: m.step)
+    history = sorted(
+        MlflowClient(res["tracking_uri"]).get_metric_history(res["run_id"], "images_per_s"), key=lambda m: m.step
+    )
     windows = [m.value for m in history[1:]] or [history[-1].value]
     rate = len(windows) / sum(1 / r for r in windows)  # equal steps per window: the harmonic mean is the aggregate
     steps_time = cfg.train.steps * cfg.train.batch_size / rate
-    return {"images_per_s": rate, "windows": [round(r, 1) for r in windows],
-            "data_wait_fraction": res["metrics"]["data_wait_fraction"], "wall_s": wall,
-            "startup_s": wall - steps_time,
-            "cpu": cpu_account(sampler, history, cfg.train.log_every)}
+    return {
+        "images_per_s": rate,
+        "windows": [round(r, 1) for r in windows],
+        "data_wait_fraction": res["metrics"]["data_wait_fraction"],
+        "wall_s": wall,
+        "startup_s": wall - steps_time,
+        "cpu": cpu_account(sampler, history, cfg.train.log_every),
+    }
 
 
 def main() -> None:
@@ -172,28 +183,46 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "digits"
         ingest("digits", shards, shards=4)
-        cfg = load_config("configs/digits-cpu.yaml", [
-            f"data.shards={shards}", f"train.storage_path={tmp}/runs", f"mlflow.tracking_uri=sqlite:///{tmp}/m.db",
-            f"train.steps={a.steps}", f"train.batch_size={a.batch}", "ray.num_workers=1", "ray.cpus_per_worker=1",
-            f"train.log_every={a.steps // a.windows}", f"train.checkpoint_every={a.steps}", "train.sample_every=0",
-            "train.run_name=bench"])
+        cfg = load_config(
+            "configs/digits-cpu.yaml",
+            [
+                f"data.shards={shards}",
+                f"train.storage_path={tmp}/runs",
+                f"mlflow.tracking_uri=sqlite:///{tmp}/m.db",
+                f"train.steps={a.steps}",
+                f"train.batch_size={a.batch}",
+                "ray.num_workers=1",
+                "ray.cpus_per_worker=1",
+                f"train.log_every={a.steps // a.windows}",
+                f"train.checkpoint_every={a.steps}",
+                "train.sample_every=0",
+                "train.run_name=bench",
+            ],
+        )
         first = baseline(shards, cfg, a.steps, a.threads)
         pipe = pipeline(cfg)
         time.sleep(10)  # Ray's processes exit after ray.shutdown returns: the second baseline runs on a quiet machine
         last = baseline(shards, cfg, a.steps, a.threads)
     before, after = first["images_per_s"], last["images_per_s"]
     base = (before + after) / 2
-    out = {"steps": a.steps, "batch": a.batch, "threads": a.threads, "model": "digits-cpu UNet",
-           "baseline_images_per_s": round(base, 1),
-           "baseline_before_after": [round(before, 1), round(after, 1)],
-           "pipeline_images_per_s": round(pipe["images_per_s"], 1), "pipeline_windows": pipe["windows"],
-           "ratio": round(pipe["images_per_s"] / base, 3),
-           "pipeline_data_wait_fraction": round(pipe["data_wait_fraction"], 4),
-           "pipeline_startup_s": round(pipe["startup_s"], 1), "pipeline_wall_s": round(pipe["wall_s"], 1),
-           "baseline_cpu_ms_per_step": round((first["cpu_ms_per_step"] + last["cpu_ms_per_step"]) / 2, 2),
-           "baseline_wall_ms_per_step": round(1000 * a.batch / base, 2),
-           "pipeline_wall_ms_per_step": round(1000 * a.batch / pipe["images_per_s"], 2),
-           "pipeline_cpu": pipe["cpu"]}
+    out = {
+        "steps": a.steps,
+        "batch": a.batch,
+        "threads": a.threads,
+        "model": "digits-cpu UNet",
+        "baseline_images_per_s": round(base, 1),
+        "baseline_before_after": [round(before, 1), round(after, 1)],
+        "pipeline_images_per_s": round(pipe["images_per_s"], 1),
+        "pipeline_windows": pipe["windows"],
+        "ratio": round(pipe["images_per_s"] / base, 3),
+        "pipeline_data_wait_fraction": round(pipe["data_wait_fraction"], 4),
+        "pipeline_startup_s": round(pipe["startup_s"], 1),
+        "pipeline_wall_s": round(pipe["wall_s"], 1),
+        "baseline_cpu_ms_per_step": round((first["cpu_ms_per_step"] + last["cpu_ms_per_step"]) / 2, 2),
+        "baseline_wall_ms_per_step": round(1000 * a.batch / base, 2),
+        "pipeline_wall_ms_per_step": round(1000 * a.batch / pipe["images_per_s"], 2),
+        "pipeline_cpu": pipe["cpu"],
+    }
     print(json.dumps(out))
 
 

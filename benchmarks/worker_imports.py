@@ -49,10 +49,18 @@ def main(argv: list[str] | None = None) -> dict:
     result = {}
     for kind, t in times.items():
         lazy, eager = statistics.median(t["lazy"]), statistics.median(t["eager"])
-        result[kind] = {"module": MODULES[kind][0], "lazy_s": round(lazy, 3), "eager_s": round(eager, 3),
-                        "eager_over_lazy": round(eager / lazy, 3)}
-    out = {"benchmark": "worker_imports", "repeats": args.repeats, "import_torch_alone_s": round(floor, 3),
-           "results": result}
+        result[kind] = {
+            "module": MODULES[kind][0],
+            "lazy_s": round(lazy, 3),
+            "eager_s": round(eager, 3),
+            "eager_over_lazy": round(eager / lazy, 3),
+        }
+    out = {
+        "benchmark": "worker_imports",
+        "repeats": args.repeats,
+        "import_torch_alone_s": round(floor, 3),
+        "results": result,
+    }
     print(json.dumps(out, indent=1))
     return out
 

@@ -30,10 +30,18 @@ def _train(args: tuple) -> float:
         torch.set_num_threads(threads)
     cfg = load_config(config)
     m = cfg.model
-    model = build_model(m.name, image_size=28, in_channels=1, model_channels=m.model_channels,
-                        channel_mult=list(m.channel_mult), num_res_blocks=m.num_res_blocks,
-                        attention_resolutions=list(m.attention_resolutions), num_heads=m.num_heads, num_classes=None,
-                        dropout=m.dropout)
+    model = build_model(
+        m.name,
+        image_size=28,
+        in_channels=1,
+        model_channels=m.model_channels,
+        channel_mult=list(m.channel_mult),
+        num_res_blocks=m.num_res_blocks,
+        attention_resolutions=list(m.attention_resolutions),
+        num_heads=m.num_heads,
+        num_classes=None,
+        dropout=m.dropout,
+    )
     if port:  # DDP over gloo among the pool's processes, as Ray Train's prepare_model wraps a CPU model
         import torch.distributed as dist
 
@@ -72,19 +80,26 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
-    out = {"procs": a.procs, "batch": a.batch, "steps": a.steps, "config": a.config,
-           "default_threads": torch.get_num_threads()}
+    out = {
+        "procs": a.procs,
+        "batch": a.batch,
+        "steps": a.steps,
+        "config": a.config,
+        "default_threads": torch.get_num_threads(),
+    }
     ctx = mp.get_context("spawn")
     settings = [("default", 0, 0), ("one_thread", 1, 0)] + ([("one_thread_ddp", 1, _free_port())] if a.ddp else [])
     for label, threads, port in settings:
         with ctx.Pool(a.procs) as pool:
             rates = pool.map(_train, [(a.config, threads, a.steps, a.batch, r, a.procs, port) for r in range(a.procs)])
         out[f"{label}_images_per_s_per_proc"] = round(sum(rates) / len(rates), 1)
-    out["ratio_one_thread_to_default"] = round(out["one_thread_images_per_s_per_proc"]
-                                               / out["default_images_per_s_per_proc"], 2)
+    out["ratio_one_thread_to_default"] = round(
+        out["one_thread_images_per_s_per_proc"] / out["default_images_per_s_per_proc"], 2
+    )
     if a.ddp:
-        out["ratio_ddp_to_one_thread"] = round(out["one_thread_ddp_images_per_s_per_proc"]
-                                               / out["one_thread_images_per_s_per_proc"], 3)
+        out["ratio_ddp_to_one_thread"] = round(
+            out["one_thread_ddp_images_per_s_per_proc"] / out["one_thread_images_per_s_per_proc"], 3
+        )
     print(json.dumps(out))
 
 

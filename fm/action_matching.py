@@ -29,12 +29,19 @@ from fm.couplings import Coupling, IndependentCoupling
 from fm.seeding import draw_device
 from fm.solvers import VelocityFn, ode_sample
 
-__all__ = ["snapshot_pairs", "segment_times", "action_matching_loss", "snapshot_cfm_loss", "action_velocity",
-           "transport"]
+__all__ = [
+    "snapshot_pairs",
+    "segment_times",
+    "action_matching_loss",
+    "snapshot_cfm_loss",
+    "action_velocity",
+    "transport",
+]
 
 
-def snapshot_pairs(x: Tensor, k: Tensor, num_times: int, generator: torch.Generator | None = None,
-                   coupling: Coupling | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def snapshot_pairs(
+    x: Tensor, k: Tensor, num_times: int, generator: torch.Generator | None = None, coupling: Coupling | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Pairs of consecutive snapshots within a batch.
 
     Every row of snapshot k < K is paired with a row of snapshot k + 1 of the same batch: drawn uniformly (with
@@ -77,14 +84,16 @@ def segment_times(times: Tensor, segment: Tensor, tau: Tensor) -> tuple[Tensor, 
 
 
 def _interpolate(a: Tensor, b: Tensor, times: Tensor, segment: Tensor, generator: torch.Generator | None):
-    tau = torch.rand(a.shape[0], generator=generator, device=draw_device(generator, a.device),
-                     dtype=a.dtype).to(a.device)
+    tau = torch.rand(a.shape[0], generator=generator, device=draw_device(generator, a.device), dtype=a.dtype).to(
+        a.device
+    )
     t_a, t_b, t = segment_times(times.to(a.device, a.dtype), segment, tau)
     return (1 - tau[:, None]) * a + tau[:, None] * b, t_a, t_b, t
 
 
-def action_matching_loss(model: nn.Module, a: Tensor, b: Tensor, segment: Tensor, times: Tensor,
-                         generator: torch.Generator | None = None) -> Tensor:
+def action_matching_loss(
+    model: nn.Module, a: Tensor, b: Tensor, segment: Tensor, times: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
     """Per-pair Action Matching loss [P] (module docstring) for the scalar model s(x [P, D], t [P]) -> [P, 1];
     its batch mean estimates L(s) / K for K segments of equal weight."""
     x_tau, t_a, t_b, t = _interpolate(a, b, times, segment, generator)
@@ -97,8 +106,9 @@ def action_matching_loss(model: nn.Module, a: Tensor, b: Tensor, segment: Tensor
     return ends + (t_b - t_a) * (0.5 * grad_x.pow(2).sum(1) + d_t)
 
 
-def snapshot_cfm_loss(model: nn.Module, a: Tensor, b: Tensor, segment: Tensor, times: Tensor,
-                      generator: torch.Generator | None = None) -> Tensor:
+def snapshot_cfm_loss(
+    model: nn.Module, a: Tensor, b: Tensor, segment: Tensor, times: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
     """Per-pair CFM loss [P] on the same interpolant: || v(x_tau, t) - (b - a) / (t_k+1 - t_k) ||^2 averaged over
     coordinates, as `fm.losses.cfm_loss`."""
     x_tau, t_a, t_b, t = _interpolate(a, b, times, segment, generator)
@@ -118,8 +128,15 @@ def action_velocity(model: nn.Module) -> VelocityFn:
     return fn
 
 
-def transport(fn: VelocityFn, x: Tensor, times: Tensor | list[float], solver: str = "rk4", steps: int = 20,
-              atol: float = 1e-5, rtol: float = 1e-5) -> tuple[list[Tensor], int]:
+def transport(
+    fn: VelocityFn,
+    x: Tensor,
+    times: Tensor | list[float],
+    solver: str = "rk4",
+    steps: int | None = 20,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+) -> tuple[list[Tensor], int]:
     """Carry points x [B, D] observed at times[0] to every later observed time along fn.
 
     Returns ([x at times[0], x at times[1], ...], total NFE); a fixed-step solver takes `steps` steps per segment.

@@ -45,15 +45,15 @@ class Coupling:
 
     last_solve_seconds: float = 0.0
 
-    def plan_indices(self, x_0: Tensor, x_1: Tensor,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def plan_indices(self, x_0: Tensor, x_1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Return index tensors (i, j), each [B]: x_0[i] is paired with x_1[j]. A random plan draws its pairs
         from `generator` (so a training step's pairing depends only on the step's seed)."""
         idx = torch.arange(x_0.shape[0], device=x_0.device)
         return idx, idx
 
-    def __call__(self, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def __call__(
+        self, x_0: Tensor, x_1: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Return the re-paired (x_0, x_1, y)."""
         check_pair(x_0, x_1)
         start = time.perf_counter()
@@ -85,8 +85,7 @@ class ExactOTCoupling(Coupling):
     keeping each row's largest partner would leave some rows of the larger side out altogether.
     """
 
-    def plan_indices(self, x_0: Tensor, x_1: Tensor,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def plan_indices(self, x_0: Tensor, x_1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         import ot  # here, not at the top: see `fm.metrics.w2_from_cost`
 
         cost = squared_cost(x_0, x_1).cpu().numpy()
@@ -98,8 +97,9 @@ class ExactOTCoupling(Coupling):
         return torch.arange(n_0, device=x_0.device), j
 
 
-def _systematic_pairs(plan: Tensor, count: int, generator: torch.Generator | None, device: torch.device
-                      ) -> tuple[Tensor, Tensor]:
+def _systematic_pairs(
+    plan: Tensor, count: int, generator: torch.Generator | None, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """`count` pairs (i, j) from a plan [B0, B1] by systematic resampling: points (u + m) / count, m < count, of one
     uniform u, located in the plan's cumulative mass; an entry of mass w gets floor or ceil of w * count pairs."""
     u = torch.rand(1, generator=generator, device=generator.device if generator is not None else "cpu").cpu()
@@ -114,8 +114,9 @@ def _systematic_pairs(plan: Tensor, count: int, generator: torch.Generator | Non
 _KERNEL_RANGE = 200.0
 
 
-def sinkhorn_log(cost: Tensor, reg: float, tol: float = 1e-4, max_iter: int = 2000,
-                 check_every: int = 5) -> tuple[Tensor, int, float]:
+def sinkhorn_log(
+    cost: Tensor, reg: float, tol: float = 1e-4, max_iter: int = 2000, check_every: int = 5
+) -> tuple[Tensor, int, float]:
     """Entropic OT between uniform marginals by Sinkhorn iterations, run until converged.
 
     Args:
@@ -168,18 +169,17 @@ class EntropicOTCoupling(Coupling):
     to the call (else the one given here, else torch's global generator).
     """
 
-    def __init__(self, reg: float = 0.5, generator: torch.Generator | None = None, tol: float = 1e-4,
-                 max_iter: int = 2000):
+    def __init__(
+        self, reg: float = 0.5, generator: torch.Generator | None = None, tol: float = 1e-4, max_iter: int = 2000
+    ):
         if reg <= 0:
             raise ValueError(f"entropic regularisation reg must be > 0; got {reg}")
         self.reg, self.generator, self.tol, self.max_iter = reg, generator, tol, max_iter
         self.last_iterations, self.last_marginal_error = 0, math.inf
 
-    def plan_indices(self, x_0: Tensor, x_1: Tensor,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def plan_indices(self, x_0: Tensor, x_1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         cost = squared_cost(x_0, x_1).cpu()
-        log_plan, self.last_iterations, self.last_marginal_error = sinkhorn_log(cost, self.reg, self.tol,
-                                                                                self.max_iter)
+        log_plan, self.last_iterations, self.last_marginal_error = sinkhorn_log(cost, self.reg, self.tol, self.max_iter)
         p = log_plan.flatten().exp()
         if not torch.isfinite(p).all() or p.sum() <= 0:
             raise FloatingPointError(f"Sinkhorn produced an invalid plan with reg={self.reg}; increase reg")
@@ -205,8 +205,9 @@ class GlobalOTCoupling(Coupling):
     def __init__(self, group=None):
         self._local, self.group = ExactOTCoupling(), group
 
-    def __call__(self, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def __call__(
+        self, x_0: Tensor, x_1: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -229,8 +230,9 @@ class GlobalOTCoupling(Coupling):
         self.last_solve_seconds = time.perf_counter() - start
         return _rank_part(j, rank, b, x_0.to(device), all_x1.to(device), None if all_y is None else all_y.to(device))
 
-    def split(self, x_0: list[Tensor], x_1: list[Tensor], y: list[Tensor] | None = None
-              ) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+    def split(
+        self, x_0: list[Tensor], x_1: list[Tensor], y: list[Tensor] | None = None
+    ) -> list[tuple[Tensor, Tensor, Tensor | None]]:
         """Every rank's pairs without a process group, from the batches x_0[r], x_1[r] [b, ...] (and y[r] [b]) of
         each rank r: one exact plan over the joined batch, then rank r's x_0 rows with their matched x_1 partners.
         The same as `__call__` gives rank r in a group (a CPU worker pairs a whole step this way)."""
@@ -242,8 +244,9 @@ class GlobalOTCoupling(Coupling):
         return [_rank_part(j, r, b, x_0[r], all_x1, all_y) for r in range(len(x_0))]
 
 
-def _rank_part(j: Tensor, rank: int, b: int, x_0: Tensor, all_x1: Tensor, all_y: Tensor | None
-               ) -> tuple[Tensor, Tensor, Tensor | None]:
+def _rank_part(
+    j: Tensor, rank: int, b: int, x_0: Tensor, all_x1: Tensor, all_y: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Rank `rank`'s x_0 [b, ...] and the partners the global plan j [W * b] gives its rows."""
     mine = j[rank * b : (rank + 1) * b].to(all_x1.device)
     return x_0, all_x1[mine], None if all_y is None else all_y[mine]

@@ -11,8 +11,16 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["TOY_SETS", "TOY_DENSITIES", "gaussian_centres", "sample_toy", "toy_log_prob", "toy_entropy",
-           "to_model_space", "to_uint8"]
+__all__ = [
+    "TOY_SETS",
+    "TOY_DENSITIES",
+    "gaussian_centres",
+    "sample_toy",
+    "toy_log_prob",
+    "toy_entropy",
+    "to_model_space",
+    "to_uint8",
+]
 
 TOY_SETS = ("8gaussians", "moons", "checkerboard", "rings", "spirals")
 TOY_DENSITIES = ("8gaussians", "checkerboard", "rings")
@@ -64,8 +72,11 @@ def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> T
     elif name == "moons":
         ang = rand(n) * math.pi
         upper = torch.randint(0, 2, (n,), generator=g).bool()
-        x = torch.where(upper[:, None], torch.stack([torch.cos(ang), torch.sin(ang)], 1),
-                        torch.stack([1 - torch.cos(ang), 0.5 - torch.sin(ang)], 1))
+        x = torch.where(
+            upper[:, None],
+            torch.stack([torch.cos(ang), torch.sin(ang)], 1),
+            torch.stack([1 - torch.cos(ang), 0.5 - torch.sin(ang)], 1),
+        )
         x = (x - torch.tensor([0.5, 0.25], dtype=torch.float64)) * 2 + 0.1 * randn(n, 2)
     else:  # spirals
         u = torch.sqrt(rand(n)) * 3 * math.pi
@@ -85,13 +96,14 @@ def toy_log_prob(name: str, x: Tensor) -> Tensor:
     if name == "checkerboard":
         inside = (x[:, 0] >= -2) & (x[:, 0] < 2) & (x[:, 1] >= -2) & (x[:, 1] < 2)
         parity = (torch.floor(x[:, 0]) + torch.floor(x[:, 1])) % 2 == 0
-        return torch.where(inside & parity, torch.full_like(x[:, 0], -math.log(8.0)),
-                           torch.full_like(x[:, 0], -math.inf))
+        return torch.where(
+            inside & parity, torch.full_like(x[:, 0], -math.log(8.0)), torch.full_like(x[:, 0], -math.inf)
+        )
     if name == "rings":
         # density of r times the uniform angle's 1 / (2 pi r); negative radii (P < 1e-20) are ignored
         r = x.norm(dim=1).clamp_min(1e-12)
         radii = torch.tensor(_RING_RADII, dtype=torch.float64, device=x.device)
-        log_r = (-(r[:, None] - radii).pow(2) / (2 * _RING_STD**2) - 0.5 * math.log(2 * math.pi * _RING_STD**2))
+        log_r = -(r[:, None] - radii).pow(2) / (2 * _RING_STD**2) - 0.5 * math.log(2 * math.pi * _RING_STD**2)
         return torch.logsumexp(log_r, 1) - math.log(len(_RING_RADII)) - torch.log(2 * math.pi * r)
     raise ValueError(f"toy set {name!r} has no closed-form density; sets with one: {', '.join(TOY_DENSITIES)}")
 

@@ -76,8 +76,7 @@ class GaussianMixtureDynamics:
 
 _THIRDS = tuple((2.5 * math.cos(a), 2.5 * math.sin(a)) for a in (0.0, 2 * math.pi / 3, 4 * math.pi / 3))
 DYNAMICS: dict[str, GaussianMixtureDynamics] = {
-    "rotating-gmm": GaussianMixtureDynamics(_THIRDS, (0.5, 0.3, 0.2), turn=math.pi / 2, std_0=0.25,
-                                            std_growth=0.35),
+    "rotating-gmm": GaussianMixtureDynamics(_THIRDS, (0.5, 0.3, 0.2), turn=math.pi / 2, std_0=0.25, std_growth=0.35),
     "translation": GaussianMixtureDynamics(((-1.0, 0.0),), (1.0,), drift=(2.0, 1.0)),
     "ou": GaussianMixtureDynamics(((2.0, -1.0),), (1.0,), decay=2.0, std_0=math.sqrt(0.1), ou_sigma=1.0),
 }
@@ -89,8 +88,9 @@ def get_dynamics(name: str) -> GaussianMixtureDynamics:
     return DYNAMICS[name]
 
 
-def snapshots(name: str, n: int, times: tuple[float, ...] = OBSERVED_TIMES,
-              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def snapshots(
+    name: str, n: int, times: tuple[float, ...] = OBSERVED_TIMES, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """n independent points at each observed time: (x [n K, D] float32, snapshot index [n K] int64)."""
     dyn = get_dynamics(name)
     xs = [dyn.sample(t, n, generator) for t in times]

@@ -60,11 +60,13 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     answer. sigma_rel must be in (0, SIGMA_REL_MAX): SIGMA_REL_MAX is gamma = 0's, the flat average of all steps.
     """
     if not 0.0 < sigma_rel < SIGMA_REL_MAX:
-        raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}) (the flat average of every step); "
-                         f"got {sigma_rel}")
-    s = sigma_rel ** -2
-    roots = torch.linalg.eigvals(torch.tensor([[-7.0, s - 16.0, s - 12.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
-                                              dtype=torch.float64))  # the companion matrix's eigenvalues
+        raise ValueError(
+            f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}) (the flat average of every step); got {sigma_rel}"
+        )
+    s = sigma_rel**-2
+    roots = torch.linalg.eigvals(
+        torch.tensor([[-7.0, s - 16.0, s - 12.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    )  # the companion matrix's eigenvalues
     return float(roots.real[roots.imag.abs() < 1e-9].max())
 
 
@@ -105,13 +107,17 @@ class PowerEMA:
                 b_ema.copy_(b)
 
     def state_dict(self) -> dict:
-        return {"sigma_rels": list(self.sigma_rels), "num_updates": self.num_updates,
-                "modules": [m.state_dict() for m in self.modules]}
+        return {
+            "sigma_rels": list(self.sigma_rels),
+            "num_updates": self.num_updates,
+            "modules": [m.state_dict() for m in self.modules],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if [float(s) for s in state["sigma_rels"]] != list(self.sigma_rels):
-            raise ValueError(f"the saved power EMAs have sigma_rel {state['sigma_rels']}, this run "
-                             f"{list(self.sigma_rels)}")
+            raise ValueError(
+                f"the saved power EMAs have sigma_rel {state['sigma_rels']}, this run {list(self.sigma_rels)}"
+            )
         for module, saved in zip(self.modules, state["modules"], strict=True):
             module.load_state_dict(saved)
         self.num_updates = int(state["num_updates"])
@@ -122,8 +128,14 @@ def profile_inner(t_a: Tensor, gamma_a: Tensor, t_b: Tensor, gamma_b: Tensor) ->
     broadcast shapes). In logs, since t^gamma overflows for long runs and narrow profiles."""
     t_a, gamma_a, t_b, gamma_b = (torch.as_tensor(v, dtype=torch.float64) for v in (t_a, gamma_a, t_b, gamma_b))
     g = gamma_a + gamma_b + 1.0
-    log = (torch.log(gamma_a + 1) + torch.log(gamma_b + 1) - torch.log(g) + g * torch.log(torch.minimum(t_a, t_b))
-           - (gamma_a + 1) * torch.log(t_a) - (gamma_b + 1) * torch.log(t_b))
+    log = (
+        torch.log(gamma_a + 1)
+        + torch.log(gamma_b + 1)
+        - torch.log(g)
+        + g * torch.log(torch.minimum(t_a, t_b))
+        - (gamma_a + 1) * torch.log(t_a)
+        - (gamma_b + 1) * torch.log(t_b)
+    )
     return torch.exp(log)
 
 
@@ -134,8 +146,9 @@ def posthoc_coefficients(t: Tensor, gamma: Tensor, t_target: float, gamma_target
     equal to one snapshot's profile gives that snapshot alone."""
     t, gamma = torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(gamma, dtype=torch.float64)
     if t.ndim != 1 or t.shape != gamma.shape or len(t) == 0:
-        raise ValueError(f"expected steps and exponents of the same length >= 1; got {tuple(t.shape)} and "
-                         f"{tuple(gamma.shape)}")
+        raise ValueError(
+            f"expected steps and exponents of the same length >= 1; got {tuple(t.shape)} and {tuple(gamma.shape)}"
+        )
     if bool((t <= 0).any()) or t_target <= 0:
         raise ValueError("snapshot and target steps must be positive")
     a = profile_inner(t[:, None], gamma[:, None], t[None, :], gamma[None, :])

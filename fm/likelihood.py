@@ -104,8 +104,11 @@ def make_probes(x: Tensor, num_probes: int, kind: str = "rademacher", generator:
         draws = draws.transpose(0, 1).to(device=x.device)
     else:
         shape = (num_probes, *x.shape)
-        draws = (torch.randint(0, 2, shape, generator=generator, device=x.device) if kind == "rademacher"
-                 else torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype))
+        draws = (
+            torch.randint(0, 2, shape, generator=generator, device=x.device)
+            if kind == "rademacher"
+            else torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+        )
     return draws.to(x.dtype) * 2 - 1 if kind == "rademacher" else draws.to(x.dtype)
 
 
@@ -143,9 +146,13 @@ class LikelihoodSettings:
     chunk: int = 256
 
 
-def log_likelihood(fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings | None = None,
-                   generator: Draws = None,
-                   log_p0: Callable[[Tensor], Tensor] = standard_normal_log_prob) -> LikelihoodResult:
+def log_likelihood(
+    fn: VelocityFn,
+    x_1: Tensor,
+    settings: LikelihoodSettings | None = None,
+    generator: Draws = None,
+    log_p0: Callable[[Tensor], Tensor] = standard_normal_log_prob,
+) -> LikelihoodResult:
     """log p_1(x_1) of the flow dx/dt = v(x, t), with x_0 ~ p_0 at t = 0.
 
     Args:
@@ -193,8 +200,9 @@ def dequantize(x_uint8: Tensor, u: Tensor) -> Tensor:
     return (x_uint8.to(u.dtype) + u) / 127.5 - 1.0
 
 
-def bits_per_dim(fn: VelocityFn, x_uint8: Tensor, draws: int = 1, generator: Draws = None,
-                 settings: LikelihoodSettings | None = None) -> BitsPerDimResult:
+def bits_per_dim(
+    fn: VelocityFn, x_uint8: Tensor, draws: int = 1, generator: Draws = None, settings: LikelihoodSettings | None = None
+) -> BitsPerDimResult:
     """Bits/dim of 8-bit images with uniform dequantization and K importance-weighted draws.
 
     log P(x) >= log (1/K) sum_k p(y_k) + D log(1/127.5), y_k = dequantize(x, u_k), u_k ~ U[0, 1)^D,
@@ -213,8 +221,10 @@ def bits_per_dim(fn: VelocityFn, x_uint8: Tensor, draws: int = 1, generator: Dra
     if draws > 1 and s.divergence == "hutchinson":
         # log-mean-exp of K unbiased but noisy log-density estimates is biased upward (Jensen), so the "bound"
         # comes out below the true one; K > 1 needs the exact divergence
-        raise ValueError(f"K={draws} dequantization draws need the exact divergence: with Hutchinson estimates "
-                         "their log-mean-exp is biased (bits/dim too low); use draws=1 or divergence='exact'")
+        raise ValueError(
+            f"K={draws} dequantization draws need the exact divergence: with Hutchinson estimates "
+            "their log-mean-exp is biased (bits/dim too low); use draws=1 or divergence='exact'"
+        )
     if x_uint8.dtype == torch.uint8:
         x_uint8 = x_uint8.float()
     if x_uint8.numel() and (x_uint8.min() < 0 or x_uint8.max() > 255):

@@ -34,10 +34,12 @@ class TimeSampling:
     def __post_init__(self):
         if self.name not in TIME_SAMPLINGS:
             raise ValueError(f"unknown time sampling {self.name!r}; allowed: {', '.join(TIME_SAMPLINGS)}")
-        if self.name == "logit_normal" and not (math.isfinite(self.loc) and math.isfinite(self.scale)
-                                                and self.scale > 0):
-            raise ValueError(f"logit-normal time sampling needs a finite loc and a scale > 0; got loc={self.loc}, "
-                             f"scale={self.scale}")
+        if self.name == "logit_normal" and not (
+            math.isfinite(self.loc) and math.isfinite(self.scale) and self.scale > 0
+        ):
+            raise ValueError(
+                f"logit-normal time sampling needs a finite loc and a scale > 0; got loc={self.loc}, scale={self.scale}"
+            )
 
     def density(self, t: Tensor) -> Tensor:
         """The density of t on (0, 1), [N] -> [N] (before scaling by t_max)."""
@@ -58,8 +60,13 @@ class TimeSampling:
 UNIFORM = TimeSampling()
 
 
-def sample_time(batch: int, t_max: float = 1.0, generator: torch.Generator | None = None,
-                device: torch.device | str = "cpu", sampling: TimeSampling = UNIFORM) -> Tensor:
+def sample_time(
+    batch: int,
+    t_max: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    sampling: TimeSampling = UNIFORM,
+) -> Tensor:
     """Training times in [0, t_max], shape [batch], drawn from `generator` with the density of `sampling`
     (uniform by default: the draws of every run before the option existed, bit for bit)."""
     where = draw_device(generator, device)
@@ -84,8 +91,9 @@ def cfm_loss(model: nn.Module, sample: PathSample, y: Tensor | None = None) -> T
     return (v - sample.dx_t).pow(2).flatten(1).mean(1)
 
 
-def dsm_loss(model: nn.Module, path: AffinePath, x_0: Tensor, x_1: Tensor, t: Tensor,
-             y: Tensor | None = None) -> Tensor:
+def dsm_loss(
+    model: nn.Module, path: AffinePath, x_0: Tensor, x_1: Tensor, t: Tensor, y: Tensor | None = None
+) -> Tensor:
     """Denoising score matching on the VP SDE (the score-matching baseline of Lipman et al., Table 1).
 
     The network predicts epsilon, so score = -eps_theta / sigma_t; with the weighting lambda(t) = sigma_t^2

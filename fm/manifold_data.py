@@ -44,8 +44,11 @@ def manifold_of(name: str) -> Manifold:
 
 def _vmf_params() -> tuple[Tensor, Tensor, Tensor]:
     mu = torch.tensor(_VMF_MEANS, dtype=torch.float64)
-    return mu / mu.norm(dim=1, keepdim=True), torch.tensor(_VMF_KAPPA, dtype=torch.float64), \
-        torch.tensor(_VMF_WEIGHTS, dtype=torch.float64)
+    return (
+        mu / mu.norm(dim=1, keepdim=True),
+        torch.tensor(_VMF_KAPPA, dtype=torch.float64),
+        torch.tensor(_VMF_WEIGHTS, dtype=torch.float64),
+    )
 
 
 def _sample_vmf_s2(mu: Tensor, kappa: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -56,8 +59,11 @@ def _sample_vmf_s2(mu: Tensor, kappa: Tensor, generator: torch.Generator | None)
     w = 1 + torch.log(u + (1 - u) * torch.exp(-2 * kappa)) / kappa
     phi = torch.rand(n, generator=generator, dtype=torch.float64) * 2 * math.pi
     # an orthonormal pair (e1, e2) perpendicular to mu
-    helper = torch.where(mu[:, :1].abs() < 0.9, torch.tensor([1.0, 0, 0], dtype=torch.float64),
-                         torch.tensor([0, 1.0, 0], dtype=torch.float64))
+    helper = torch.where(
+        mu[:, :1].abs() < 0.9,
+        torch.tensor([1.0, 0, 0], dtype=torch.float64),
+        torch.tensor([0, 1.0, 0], dtype=torch.float64),
+    )
     e1 = helper - (helper * mu).sum(1, keepdim=True) * mu
     e1 = e1 / e1.norm(dim=1, keepdim=True)
     e2 = torch.linalg.cross(mu, e1)
@@ -94,8 +100,9 @@ def manifold_set_log_prob(name: str, x: Tensor) -> Tensor:
     means, stds = torch.tensor(_WN_MEANS, dtype=torch.float64), torch.tensor(_WN_STDS, dtype=torch.float64)
     shifts = 2 * math.pi * torch.arange(-_WRAPS, _WRAPS + 1, dtype=torch.float64)
     d = wrap(x[:, None, :] - means[None])[..., None] + shifts  # [n, K, 2, wraps]
-    log_1d = -0.5 * (d / stds[None, :, :, None]).pow(2) - torch.log(stds)[None, :, :, None] \
-        - 0.5 * math.log(2 * math.pi)
+    log_1d = (
+        -0.5 * (d / stds[None, :, :, None]).pow(2) - torch.log(stds)[None, :, :, None] - 0.5 * math.log(2 * math.pi)
+    )
     log_comp = torch.logsumexp(log_1d, 3).sum(2)  # [n, K]: product of the two wrapped normals
     return torch.logsumexp(log_comp + torch.log(torch.tensor(_WN_WEIGHTS, dtype=torch.float64)), 1)
 

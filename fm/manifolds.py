@@ -71,8 +71,9 @@ class Manifold:
     def features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def random_uniform(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32,
-                       device=None) -> Tensor:
+    def random_uniform(
+        self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None
+    ) -> Tensor:
         raise NotImplementedError
 
     def log_volume(self) -> float:
@@ -90,8 +91,7 @@ class Manifold:
     def check_points(self, x: Tensor, where: str = "points", atol: float = 1e-3) -> None:
         """Raise ValueError naming the first row that is not a point of the manifold (shape, norm or range)."""
         if x.ndim != 2 or x.shape[1] != self.ambient_dim:
-            raise ValueError(f"{where}: points on {self.label} need shape [N, {self.ambient_dim}]; got "
-                             f"{list(x.shape)}")
+            raise ValueError(f"{where}: points on {self.label} need shape [N, {self.ambient_dim}]; got {list(x.shape)}")
         bad, what = self.outside(x, atol)
         if bad.any():
             i = int(bad.nonzero()[0])
@@ -223,8 +223,10 @@ def get_manifold(spec: str) -> Manifold:
     """A manifold from its spec "sphere2" / "torus2" (name and intrinsic dimension); raises ValueError naming what
     is allowed."""
     name = spec.rstrip("0123456789")
-    digits = spec[len(name):]
+    digits = spec[len(name) :]
     if name not in MANIFOLDS or not digits or int(digits) < 1:
-        raise ValueError(f"unknown manifold {spec!r}; allowed: {', '.join(k + 'D' for k in MANIFOLDS)} with D >= 1 "
-                         "(e.g. sphere2, torus2)")
+        raise ValueError(
+            f"unknown manifold {spec!r}; allowed: {', '.join(k + 'D' for k in MANIFOLDS)} with D >= 1 "
+            "(e.g. sphere2, torus2)"
+        )
     return MANIFOLDS[name](int(digits))

@@ -38,8 +38,15 @@ from fm.losses import UNIFORM, TimeSampling, sample_time
 from fm.seeding import draw_device
 from fm.solvers import SampleResult
 
-__all__ = ["MeanFlowSettings", "AverageVelocityFn", "sample_interval", "meanflow_loss", "meanflow_target",
-           "jump_sample", "average_velocity_fn"]
+__all__ = [
+    "MeanFlowSettings",
+    "AverageVelocityFn",
+    "sample_interval",
+    "meanflow_loss",
+    "meanflow_target",
+    "jump_sample",
+    "average_velocity_fn",
+]
 
 
 @dataclass(frozen=True)
@@ -63,12 +70,14 @@ class MeanFlowSettings:
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"meanflow ratio (the fraction of draws with r != t) must be in [0, 1]; got {self.ratio}")
         if self.adaptive_p < 0 or self.adaptive_c <= 0:
-            raise ValueError(f"meanflow's adaptive weight needs p >= 0 and c > 0; got p={self.adaptive_p}, "
-                             f"c={self.adaptive_c}")
+            raise ValueError(
+                f"meanflow's adaptive weight needs p >= 0 and c > 0; got p={self.adaptive_p}, c={self.adaptive_c}"
+            )
 
 
-def sample_interval(batch: int, generator: torch.Generator | None, device: torch.device | str,
-                    settings: MeanFlowSettings) -> tuple[Tensor, Tensor]:
+def sample_interval(
+    batch: int, generator: torch.Generator | None, device: torch.device | str, settings: MeanFlowSettings
+) -> tuple[Tensor, Tensor]:
     """Training intervals (t [B], r [B]) with 0 <= t <= r <= 1: two draws of the time density, ordered, and r set
     to t in a fraction 1 - ratio of the rows (a mask drawn from `generator` too)."""
     a = sample_time(batch, 1.0, generator, device, settings.time_sampling)
@@ -78,8 +87,15 @@ def sample_interval(batch: int, generator: torch.Generator | None, device: torch
     return t, torch.where(equal, t, r)
 
 
-def meanflow_loss(model: nn.Module, x_0: Tensor, x_1: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None,
-                  settings: MeanFlowSettings = MeanFlowSettings()) -> Tensor:
+def meanflow_loss(
+    model: nn.Module,
+    x_0: Tensor,
+    x_1: Tensor,
+    t: Tensor,
+    r: Tensor,
+    y: Tensor | None = None,
+    settings: MeanFlowSettings = MeanFlowSettings(),
+) -> Tensor:
     """The per-sample MeanFlow loss [B] for pairs x_0, x_1 [B, ...] and intervals t <= r [B].
 
     u_theta(x_t, t, r) and d/dt u_theta come from one `torch.func.jvp` along (v, 1, 0); the target
@@ -97,8 +113,9 @@ def meanflow_loss(model: nn.Module, x_0: Tensor, x_1: Tensor, t: Tensor, r: Tens
     return weight * squared / v[0].numel()
 
 
-def meanflow_target(model: nn.Module, x_t: Tensor, t: Tensor, r: Tensor, v: Tensor,
-                    y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def meanflow_target(
+    model: nn.Module, x_t: Tensor, t: Tensor, r: Tensor, v: Tensor, y: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(u_theta(x_t, t, r) [B, ...] with gradients, its target v + (r - t) d/dt u_theta [B, ...] without).
 
     d/dt u_theta is one forward-mode product (`torch.func.jvp`) along the tangent (v, 1, 0) in (x_t, t, r), taken
@@ -108,8 +125,9 @@ def meanflow_target(model: nn.Module, x_t: Tensor, t: Tensor, r: Tensor, v: Tens
     """
     inner = _unwrapped(model)
     with torch.no_grad():
-        _, du_dt = torch.func.jvp(lambda z, tt, rr: inner(z, tt, y, rr), (x_t, t, r),
-                                  (v, torch.ones_like(t), torch.zeros_like(r)))[:2]
+        _, du_dt = torch.func.jvp(
+            lambda z, tt, rr: inner(z, tt, y, rr), (x_t, t, r), (v, torch.ones_like(t), torch.zeros_like(r))
+        )[:2]
     u = model(x_t, t, y, r)
     return u, v + (r - t).view((-1,) + (1,) * (v.dim() - 1)) * du_dt
 
@@ -117,7 +135,8 @@ def meanflow_target(model: nn.Module, x_t: Tensor, t: Tensor, r: Tensor, v: Tens
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The module inside torch.compile's and DDP's wrappers (their `_orig_mod` and `module`)."""
     while isinstance(getattr(model, "_orig_mod", None), nn.Module) or (
-            type(model).__name__ == "DistributedDataParallel"):
+        type(model).__name__ == "DistributedDataParallel"
+    ):
         model = cast(nn.Module, getattr(model, "_orig_mod", None) or model.module)
     return model
 

@@ -46,8 +46,18 @@ from fm.solvers import (
     vp_diffusion,
 )
 
-__all__ = ["METHODS", "MethodPreset", "MethodParams", "Method", "MeanFlowMethod", "RiemannianMethod",
-           "SnapshotMethod", "FlowMethod", "make_method", "methods_markdown"]
+__all__ = [
+    "METHODS",
+    "MethodPreset",
+    "MethodParams",
+    "Method",
+    "MeanFlowMethod",
+    "RiemannianMethod",
+    "SnapshotMethod",
+    "FlowMethod",
+    "make_method",
+    "methods_markdown",
+]
 
 JUMP = "jump"  # the sampler of an average-velocity model (fm.meanflow.jump_sample): not an ODE solver
 
@@ -106,26 +116,59 @@ class MethodPreset:
 METHODS: dict[str, MethodPreset] = {
     "fm_ot": MethodPreset("ot", "independent", summary="Flow Matching on the OT path (Lipman et al. 2022)"),
     "fm_vp": MethodPreset("vp", "independent", t_max=VP_T_MAX, summary="Flow Matching on the VP diffusion path"),
-    "score_vp": MethodPreset("vp", "independent", "epsilon", VP_T_MAX,
-                             summary="denoising score matching on the VP SDE (the paper's baseline)"),
+    "score_vp": MethodPreset(
+        "vp",
+        "independent",
+        "epsilon",
+        VP_T_MAX,
+        summary="denoising score matching on the VP SDE (the paper's baseline)",
+    ),
     "icfm": MethodPreset("straight", "independent", summary="I-CFM (Tong et al. 2023)"),
     "otcfm": MethodPreset("straight", "exact_ot", summary="OT-CFM: minibatch exact OT pairs (Tong et al. 2023)"),
-    "sbcfm": MethodPreset("brownian", "entropic_ot", sigma=1.0,
-                          summary="SB-CFM: entropic OT (reg = 2 sigma^2) and a Brownian bridge (Tong et al. 2023)"),
-    "meanflow": MethodPreset("straight", "independent", "mean_velocity",
-                             summary="MeanFlow: the average velocity over an interval, sampled in 1 to k jumps "
-                                     "(`sample.solver=jump`; Geng et al. 2025)"),
-    "reflow": MethodPreset("straight", "given",
-                           summary="Rectified Flow's reflow: straight paths between a trained flow's own pairs "
-                                   "(x_0, x_1 = ODE(x_0)) from a `samples:DIR` source (Liu et al. 2022)"),
-    "rfm": MethodPreset("geodesic", "independent", kind="riemannian",
-                        summary="Riemannian FM on the data's manifold, uniform prior (Chen and Lipman 2023)"),
-    "am": MethodPreset("snapshot_interpolant", "exact_ot", "action", kind="snapshots",
-                       summary="Action Matching from unpaired snapshots (Neklyudov et al. 2022)"),
-    "snapshot_icfm": MethodPreset("snapshot_interpolant", "independent", kind="snapshots",
-                                  summary="CFM on independent pairs of consecutive snapshots (AM's baseline)"),
-    "snapshot_otcfm": MethodPreset("snapshot_interpolant", "exact_ot", kind="snapshots",
-                                   summary="CFM on minibatch-OT pairs of consecutive snapshots"),
+    "sbcfm": MethodPreset(
+        "brownian",
+        "entropic_ot",
+        sigma=1.0,
+        summary="SB-CFM: entropic OT (reg = 2 sigma^2) and a Brownian bridge (Tong et al. 2023)",
+    ),
+    "meanflow": MethodPreset(
+        "straight",
+        "independent",
+        "mean_velocity",
+        summary="MeanFlow: the average velocity over an interval, sampled in 1 to k jumps "
+        "(`sample.solver=jump`; Geng et al. 2025)",
+    ),
+    "reflow": MethodPreset(
+        "straight",
+        "given",
+        summary="Rectified Flow's reflow: straight paths between a trained flow's own pairs "
+        "(x_0, x_1 = ODE(x_0)) from a `samples:DIR` source (Liu et al. 2022)",
+    ),
+    "rfm": MethodPreset(
+        "geodesic",
+        "independent",
+        kind="riemannian",
+        summary="Riemannian FM on the data's manifold, uniform prior (Chen and Lipman 2023)",
+    ),
+    "am": MethodPreset(
+        "snapshot_interpolant",
+        "exact_ot",
+        "action",
+        kind="snapshots",
+        summary="Action Matching from unpaired snapshots (Neklyudov et al. 2022)",
+    ),
+    "snapshot_icfm": MethodPreset(
+        "snapshot_interpolant",
+        "independent",
+        kind="snapshots",
+        summary="CFM on independent pairs of consecutive snapshots (AM's baseline)",
+    ),
+    "snapshot_otcfm": MethodPreset(
+        "snapshot_interpolant",
+        "exact_ot",
+        kind="snapshots",
+        summary="CFM on minibatch-OT pairs of consecutive snapshots",
+    ),
 }
 
 # the paths of the other kinds, which the Euclidean registry `fm.paths.PATHS` does not build
@@ -169,25 +212,45 @@ class FlowMethod(Protocol):
     def draw_x0(self, seeds: SeedStack, shape: list[int] | tuple[int, ...]) -> Tensor:
         """Sampling's start [len(seeds), *shape], row k from seed k alone."""
 
-    def pair(self, x_1: Tensor, y: Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def pair(
+        self, x_1: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """A step's (x_0 [B, ...], x_1 [B, ...], y [B] or None), paired by the coupling, from `generator`."""
 
-    def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
-                      generator: torch.Generator | None = None) -> Tensor:
+    def loss_on_pairs(
+        self,
+        model: nn.Module,
+        x_0: Tensor,
+        x_1: Tensor,
+        y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """The per-sample loss [B] of paired rows; times and path noise from `generator`."""
 
-    def loss(self, model: nn.Module, x_1: Tensor, y: Tensor | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
+    def loss(
+        self, model: nn.Module, x_1: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """`pair`, then `loss_on_pairs`: the per-sample loss [B] for data x_1 [B, ...]."""
 
-    def sample(self, fn: VelocityFn, x_0: Tensor, solver: str = "dopri5", steps: int | None = None,
-               atol: float = 1e-5, rtol: float = 1e-5) -> SampleResult:
+    def sample(
+        self,
+        fn: VelocityFn,
+        x_0: Tensor,
+        solver: str = "dopri5",
+        steps: int | None = None,
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+    ) -> SampleResult:
         """From x_0 [B, ...] at t_0 to t_max along `fn` (`velocity`), with an ODE solver of `fm.solvers` (MeanFlow:
         in jumps), counting NFE."""
 
-    def log_likelihood(self, fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings,
-                       generator: SeedStack | torch.Generator | None = None) -> LikelihoodResult:
+    def log_likelihood(
+        self,
+        fn: VelocityFn,
+        x_1: Tensor,
+        settings: LikelihoodSettings,
+        generator: SeedStack | torch.Generator | None = None,
+    ) -> LikelihoodResult:
         """log p_1(x_1) [B] by the change of variables in the method's space (`fm.likelihood`)."""
 
     def velocity(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0) -> VelocityFn:
@@ -219,30 +282,46 @@ class Method:
         """The starting points of sampling [len(seeds), *shape], row k from seed k alone: standard normal."""
         return seeds.randn(shape)
 
-    def sample(self, fn: VelocityFn, x_0: Tensor, solver: str = "dopri5", steps: int | None = None,
-               atol: float = 1e-5, rtol: float = 1e-5) -> SampleResult:
+    def sample(
+        self,
+        fn: VelocityFn,
+        x_0: Tensor,
+        solver: str = "dopri5",
+        steps: int | None = None,
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+    ) -> SampleResult:
         """Integrate the sampling ODE from x_0 [B, ...] at t_0 to t_max in the method's space, counting NFE."""
         return ode_sample(fn, x_0, solver, steps, atol, rtol, t_1=self.t_max, t_limit=self.t_limit)
 
-    def log_likelihood(self, fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings,
-                       generator: SeedStack | torch.Generator | None = None) -> LikelihoodResult:
+    def log_likelihood(
+        self,
+        fn: VelocityFn,
+        x_1: Tensor,
+        settings: LikelihoodSettings,
+        generator: SeedStack | torch.Generator | None = None,
+    ) -> LikelihoodResult:
         """log p_1(x_1) [B] of points under the flow, by the change of variables of the method's space."""
         return log_likelihood(fn, x_1, settings, generator)
 
-    def loss(self, model: nn.Module, x_1: Tensor, y: Tensor | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
+    def loss(
+        self, model: nn.Module, x_1: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Per-sample training loss [B] for data x_1 [B, ...]; the noise, pairing, times and path noise all come
         from `generator`, so a step is repeated exactly from its seed."""
         return self.loss_on_pairs(model, *self.pair(x_1, y, generator), generator)
 
-    def pair(self, x_1: Tensor, y: Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def pair(
+        self, x_1: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The first half of `loss`: noise x_0 [B, ...] drawn from `generator` and paired with x_1 (and its labels
         y) by the coupling. Can run ahead of the step (`fm.training.read_ahead`); `loss_on_pairs` then continues
         with the same generator."""
         if self.pairs_given:
-            raise ValueError(f"method {self.name!r} trains on given pairs (x_0, x_1): its x_0 comes with each row of "
-                             "a pairs source (`samples:DIR`), not from fresh noise")
+            raise ValueError(
+                f"method {self.name!r} trains on given pairs (x_0, x_1): its x_0 comes with each row of "
+                "a pairs source (`samples:DIR`), not from fresh noise"
+            )
         return self.coupling(self.noise(x_1, generator), x_1, y, generator)
 
     @property
@@ -254,8 +333,14 @@ class Method:
         """A training step's noise x_0 ~ N(0, I) [B, ...] for data x_1 [B, ...], drawn from `generator`."""
         return torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)
 
-    def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
-                      generator: torch.Generator | None = None) -> Tensor:
+    def loss_on_pairs(
+        self,
+        model: nn.Module,
+        x_0: Tensor,
+        x_1: Tensor,
+        y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """The second half of `loss`: times, path sample and per-sample loss [B] for paired (x_0, x_1, y)."""
         t = sample_time(x_1.shape[0], self.t_max, generator, x_1.device, self.time_sampling).to(x_1.dtype)
         if self.prediction == "epsilon":  # the score model's path is VP's, an AffinePath (`METHODS`)
@@ -269,8 +354,10 @@ class Method:
             return self.path
         if self.path.sigma == 0 and isinstance(self.coupling, IndependentCoupling):
             return AffinePath(CondOTScheduler(0.0))
-        raise ValueError(f"method {self.name!r} has no Gaussian marginal path, so it has no score for SDE "
-                         "sampling; use an ODE solver")
+        raise ValueError(
+            f"method {self.name!r} has no Gaussian marginal path, so it has no score for SDE "
+            "sampling; use an ODE solver"
+        )
 
     def sde_diffusion(self, g: float) -> Callable[[Tensor], Tensor]:
         """The diffusion g(t) [B] -> [B] for `fm.solvers.sde_sample` that this method may be sampled with.
@@ -285,8 +372,10 @@ class Method:
             return constant_diffusion(g)
         if isinstance(path.scheduler, VPScheduler):
             return vp_diffusion(path.scheduler)
-        raise ValueError(f"g = 0 selects the reverse VP SDE, but method {self.name!r} is not on the VP path; "
-                         "give a constant diffusion g > 0")
+        raise ValueError(
+            f"g = 0 selects the reverse VP SDE, but method {self.name!r} is not on the VP path; "
+            "give a constant diffusion g > 0"
+        )
 
     @property
     def t_limit(self) -> float | None:
@@ -308,18 +397,27 @@ class MeanFlowMethod(Method):
 
     settings: MeanFlowSettings = MeanFlowSettings()
 
-    def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
-                      generator: torch.Generator | None = None) -> Tensor:
+    def loss_on_pairs(
+        self,
+        model: nn.Module,
+        x_0: Tensor,
+        x_1: Tensor,
+        y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Intervals (t, r) from `generator`, then the per-sample MeanFlow loss [B]."""
         t, r = sample_interval(x_1.shape[0], generator, x_1.device, self.settings)
         return meanflow_loss(model, x_0, x_1, t, r, y, self.settings)
 
-    def sample(self, fn, x_0: Tensor, solver: str = JUMP, steps: int | None = None, atol: float = 1e-5,
-               rtol: float = 1e-5) -> SampleResult:
+    def sample(
+        self, fn, x_0: Tensor, solver: str = JUMP, steps: int | None = None, atol: float = 1e-5, rtol: float = 1e-5
+    ) -> SampleResult:
         """`steps` jumps (1 by default) of the average velocity from x_0 [B, ...] at t = 0 to t = 1."""
         if solver != JUMP:
-            raise ValueError(f"method {self.name!r} samples in jumps of its average velocity (solver {JUMP!r} with "
-                             f"steps 1, 2, 4, ...); {solver!r} integrates a velocity field, which its model is not")
+            raise ValueError(
+                f"method {self.name!r} samples in jumps of its average velocity (solver {JUMP!r} with "
+                f"steps 1, 2, 4, ...); {solver!r} integrates a velocity field, which its model is not"
+            )
         return jump_sample(fn, x_0, steps or 1)
 
     def velocity(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0):
@@ -328,15 +426,19 @@ class MeanFlowMethod(Method):
             raise ValueError(f"method {self.name!r} has no classifier-free guidance; cfg_scale must be 1")
         return average_velocity_fn(model, y)
 
-    def log_likelihood(self, fn, x_1: Tensor, settings: LikelihoodSettings,
-                       generator: SeedStack | torch.Generator | None = None) -> LikelihoodResult:
-        raise ValueError(f"method {self.name!r} models average velocities over intervals, not a velocity field, so "
-                         "it has no change of variables to give a likelihood; evaluate its samples instead")
+    def log_likelihood(
+        self, fn, x_1: Tensor, settings: LikelihoodSettings, generator: SeedStack | torch.Generator | None = None
+    ) -> LikelihoodResult:
+        raise ValueError(
+            f"method {self.name!r} models average velocities over intervals, not a velocity field, so "
+            "it has no change of variables to give a likelihood; evaluate its samples instead"
+        )
 
     @property
     def gaussian_path(self) -> AffinePath:
-        raise ValueError(f"method {self.name!r} models average velocities, not a score: it has no SDE sampling; "
-                         f"use solver {JUMP!r}")
+        raise ValueError(
+            f"method {self.name!r} models average velocities, not a score: it has no SDE sampling; use solver {JUMP!r}"
+        )
 
 
 class _NonGaussianMethod(ABC):
@@ -347,24 +449,33 @@ class _NonGaussianMethod(ABC):
     _not_gaussian: str
 
     @abstractmethod
-    def pair(self, x_1: Tensor, y: Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def pair(
+        self, x_1: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """`FlowMethod.pair`."""
 
     @abstractmethod
-    def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
-                      generator: torch.Generator | None = None) -> Tensor:
+    def loss_on_pairs(
+        self,
+        model: nn.Module,
+        x_0: Tensor,
+        x_1: Tensor,
+        y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """`FlowMethod.loss_on_pairs`."""
 
-    def loss(self, model: nn.Module, x_1: Tensor, y: Tensor | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
+    def loss(
+        self, model: nn.Module, x_1: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Per-sample loss [B]: `pair`, then `loss_on_pairs`, as `Method.loss`."""
         return self.loss_on_pairs(model, *self.pair(x_1, y, generator), generator)
 
     @property
     def gaussian_path(self):
-        raise ValueError(f"method {self.name!r} {self._not_gaussian}: it has no Gaussian path for SDE sampling; use "
-                         "an ODE solver")
+        raise ValueError(
+            f"method {self.name!r} {self._not_gaussian}: it has no Gaussian path for SDE sampling; use an ODE solver"
+        )
 
     def sde_diffusion(self, g: float):
         return self.gaussian_path  # raises
@@ -387,23 +498,42 @@ class RiemannianMethod(_NonGaussianMethod):
         """Uniform points on the manifold [len(seeds), D], row k from seed k alone."""
         return torch.cat([self.manifold.random_uniform(1, g) for g in seeds.generators]).to(seeds.device)
 
-    def sample(self, fn: VelocityFn, x_0: Tensor, solver: str = "dopri5", steps: int | None = None,
-               atol: float = 1e-5, rtol: float = 1e-5) -> SampleResult:
+    def sample(
+        self,
+        fn: VelocityFn,
+        x_0: Tensor,
+        solver: str = "dopri5",
+        steps: int | None = None,
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+    ) -> SampleResult:
         """Integrate the tangent field on the manifold (projected steps), counting NFE."""
         return manifold_ode_sample(fn, self.manifold, x_0, solver, steps, atol, rtol)
 
-    def log_likelihood(self, fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings,
-                       generator: SeedStack | torch.Generator | None = None) -> LikelihoodResult:
+    def log_likelihood(
+        self,
+        fn: VelocityFn,
+        x_1: Tensor,
+        settings: LikelihoodSettings,
+        generator: SeedStack | torch.Generator | None = None,
+    ) -> LikelihoodResult:
         """log p_1(x_1) [B] on the manifold: the Riemannian change of variables from the uniform prior."""
         return manifold_log_likelihood(fn, self.manifold, x_1, settings, generator)
 
-    def pair(self, x_1: Tensor, y: Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def pair(
+        self, x_1: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         x_0 = self.manifold.random_uniform(x_1.shape[0], generator, x_1.dtype, x_1.device)
         return self.coupling(x_0, self.manifold.projx(x_1), y, generator)
 
-    def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
-                      generator: torch.Generator | None = None) -> Tensor:
+    def loss_on_pairs(
+        self,
+        model: nn.Module,
+        x_0: Tensor,
+        x_1: Tensor,
+        y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         return rfm_loss(model, self.manifold, x_0, x_1, y, generator)
 
     def velocity(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0) -> VelocityFn:
@@ -428,19 +558,34 @@ class SnapshotMethod(_NonGaussianMethod):
     def draw_x0(self, seeds: SeedStack, shape: list[int] | tuple[int, ...]) -> Tensor:
         raise ValueError(f"method {self.name!r} starts from data of the first snapshot, not from noise")
 
-    def sample(self, fn: VelocityFn, x_0: Tensor, solver: str = "dopri5", steps: int | None = None,
-               atol: float = 1e-5, rtol: float = 1e-5) -> SampleResult:
+    def sample(
+        self,
+        fn: VelocityFn,
+        x_0: Tensor,
+        solver: str = "dopri5",
+        steps: int | None = None,
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+    ) -> SampleResult:
         """Carry x_0 [B, D], rows of the first snapshot, from t_0 to the last observed time t_max, counting NFE (every
         observed time on the way: `fm.action_matching.transport`)."""
         return ode_sample(fn, x_0, solver, steps, atol, rtol, t_0=self.t_0, t_1=self.t_max)
 
-    def log_likelihood(self, fn: VelocityFn, x_1: Tensor, settings: LikelihoodSettings,
-                       generator: SeedStack | torch.Generator | None = None) -> LikelihoodResult:
-        raise ValueError(f"method {self.name!r} moves data between snapshots from no prior density, so it has no "
-                         "likelihood; its evaluation is the distance to each held-out snapshot")
+    def log_likelihood(
+        self,
+        fn: VelocityFn,
+        x_1: Tensor,
+        settings: LikelihoodSettings,
+        generator: SeedStack | torch.Generator | None = None,
+    ) -> LikelihoodResult:
+        raise ValueError(
+            f"method {self.name!r} moves data between snapshots from no prior density, so it has no "
+            "likelihood; its evaluation is the distance to each held-out snapshot"
+        )
 
-    def pair(self, x_1: Tensor, y: Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def pair(
+        self, x_1: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(a, b, segment): rows of consecutive snapshots paired; y holds every row's snapshot index."""
         if y is None:
             raise ValueError(f"method {self.name!r} needs each row's snapshot index as its label")
@@ -449,8 +594,14 @@ class SnapshotMethod(_NonGaussianMethod):
         self.coupling.last_solve_seconds = time.perf_counter() - start
         return out
 
-    def loss_on_pairs(self, model: nn.Module, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
-                      generator: torch.Generator | None = None) -> Tensor:
+    def loss_on_pairs(
+        self,
+        model: nn.Module,
+        x_0: Tensor,
+        x_1: Tensor,
+        y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         if y is None:
             raise ValueError(f"method {self.name!r} needs the pairs' segment index (`pair`'s third value) as y")
         loss = action_matching_loss if self.prediction == "action" else snapshot_cfm_loss
@@ -463,12 +614,21 @@ class SnapshotMethod(_NonGaussianMethod):
     _not_gaussian = "moves data between snapshots"
 
 
-
-
-def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, ot_scope: str = "local",
-                beta_min: float = 0.1, beta_max: float = 20.0, manifold: str | None = None,
-                times: list[float] | None = None, time_sampling: str = "uniform", time_loc: float = 0.0,
-                time_scale: float = 1.0, meanflow_ratio: float = 0.25, meanflow_p: float = 1.0) -> FlowMethod:
+def make_method(
+    name: str,
+    sigma_min: float = 1e-4,
+    sigma: float | None = None,
+    ot_scope: str = "local",
+    beta_min: float = 0.1,
+    beta_max: float = 20.0,
+    manifold: str | None = None,
+    times: list[float] | None = None,
+    time_sampling: str = "uniform",
+    time_loc: float = 0.0,
+    time_scale: float = 1.0,
+    meanflow_ratio: float = 0.25,
+    meanflow_p: float = 1.0,
+) -> FlowMethod:
     """Build a method preset by name from its registered parts.
 
     Args:
@@ -491,16 +651,22 @@ def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, 
     preset = METHODS[name]
     times_drawn = TimeSampling(time_sampling, time_loc, time_scale)
     if times_drawn != UNIFORM and preset.kind != "euclidean":
-        raise ValueError(f"time sampling {time_sampling!r} is for Euclidean methods; {name!r} is {preset.kind} "
-                         "and draws t uniformly")
+        raise ValueError(
+            f"time sampling {time_sampling!r} is for Euclidean methods; {name!r} is {preset.kind} and draws t uniformly"
+        )
     if (manifold is not None) != (preset.kind == "riemannian"):
-        raise ValueError(f"method {name!r} needs data on a manifold (allowed: rfm)" if manifold is None else
-                         f"data on the manifold {manifold!r} need a Riemannian method (rfm); {name!r} is "
-                         f"{preset.kind}")
+        raise ValueError(
+            f"method {name!r} needs data on a manifold (allowed: rfm)"
+            if manifold is None
+            else f"data on the manifold {manifold!r} need a Riemannian method (rfm); {name!r} is {preset.kind}"
+        )
     if (times is not None) != (preset.kind == "snapshots"):
         snapshot_methods = ", ".join(k for k, p in METHODS.items() if p.kind == "snapshots")
-        raise ValueError(f"method {name!r} needs snapshot data with observation times" if times is None else
-                         f"snapshot data need a snapshot method ({snapshot_methods}); {name!r} is {preset.kind}")
+        raise ValueError(
+            f"method {name!r} needs snapshot data with observation times"
+            if times is None
+            else f"snapshot data need a snapshot method ({snapshot_methods}); {name!r} is {preset.kind}"
+        )
     if preset.kind == "riemannian" and manifold is not None:  # (checked above: a Riemannian method has one)
         return RiemannianMethod(name, get_manifold(manifold), COUPLINGS[preset.coupling].cls())
     if preset.kind == "snapshots" and times is not None:  # (checked above: a snapshot method has them)
@@ -512,10 +678,18 @@ def make_method(name: str, sigma_min: float = 1e-4, sigma: float | None = None, 
     path = path_spec.build(**{k: getattr(params, k) for k in path_spec.params})
     coupling_spec = COUPLINGS[coupling_name(name, ot_scope)]
     if not preset.velocity_field:
-        return MeanFlowMethod(name, path, coupling_spec.cls(**coupling_spec.args(params)), preset.prediction,
-                              preset.t_max, times_drawn, MeanFlowSettings(meanflow_ratio, times_drawn, meanflow_p))
-    return Method(name, path, coupling_spec.cls(**coupling_spec.args(params)), preset.prediction, preset.t_max,
-                  times_drawn)
+        return MeanFlowMethod(
+            name,
+            path,
+            coupling_spec.cls(**coupling_spec.args(params)),
+            preset.prediction,
+            preset.t_max,
+            times_drawn,
+            MeanFlowSettings(meanflow_ratio, times_drawn, meanflow_p),
+        )
+    return Method(
+        name, path, coupling_spec.cls(**coupling_spec.args(params)), preset.prediction, preset.t_max, times_drawn
+    )
 
 
 def coupling_name(method: str, ot_scope: str = "local") -> str:
@@ -537,12 +711,15 @@ def describe(method: str, ot_scope: str = "local") -> tuple[str, str]:
 
 def methods_markdown() -> str:
     """The registry as a markdown table (the README's list of methods)."""
-    lines = ["| method | path | coupling | model predicts | loss | default sigma | what it is |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | path | coupling | model predicts | loss | default sigma | what it is |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, p in METHODS.items():
         path, coupling = describe(name)
         loss = {"epsilon": "DSM", "action": "AM", "mean_velocity": "MeanFlow"}.get(
-            p.prediction, "RFM" if p.kind == "riemannian" else "CFM")
+            p.prediction, "RFM" if p.kind == "riemannian" else "CFM"
+        )
         sigma = str(p.sigma) if p.path in PATHS and "sigma" in PATHS[p.path].params else "–"
         lines.append(f"| `{name}` | {path} | {coupling} | {p.prediction} | {loss} | {sigma} | {p.summary} |")
     return "\n".join(lines)

@@ -6,8 +6,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["gaussian_stats", "frechet_distance", "frechet_distance_from_features", "FeatureStats",
-           "frechet_distance_from_stats", "kid", "precision_recall", "wasserstein2", "mmd"]
+__all__ = [
+    "gaussian_stats",
+    "frechet_distance",
+    "frechet_distance_from_features",
+    "FeatureStats",
+    "frechet_distance_from_stats",
+    "kid",
+    "precision_recall",
+    "wasserstein2",
+    "mmd",
+]
 
 
 def _check_features(a: Tensor, b: Tensor) -> None:
@@ -111,8 +120,9 @@ def _mmd2_unbiased(k_xx: Tensor, k_yy: Tensor, k_xy: Tensor) -> Tensor:
     return sum_xx + sum_yy - 2 * k_xy.mean()
 
 
-def kid(f_1: Tensor, f_2: Tensor, subsets: int = 100, subset_size: int = 1000,
-        generator: torch.Generator | None = None) -> tuple[float, float]:
+def kid(
+    f_1: Tensor, f_2: Tensor, subsets: int = 100, subset_size: int = 1000, generator: torch.Generator | None = None
+) -> tuple[float, float]:
     """Kernel distance (unbiased MMD^2, cubic polynomial kernel (x.y / D + 1)^3) over random subsets.
 
     Returns (mean, std) over subsets.
@@ -172,8 +182,9 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
     """
     _check_features(real, fake)
     if min(real.shape[0], fake.shape[0]) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} points per set; got {real.shape[0]} "
-                         f"and {fake.shape[0]}")
+        raise ValueError(
+            f"precision/recall with k={k} needs more than {k} points per set; got {real.shape[0]} and {fake.shape[0]}"
+        )
     r, f = real.double(), fake.double()
 
     def radii(x: Tensor) -> Tensor:

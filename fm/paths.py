@@ -205,8 +205,7 @@ class AffinePath:
 
     def _coeffs(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         s = self.scheduler(t)
-        return (_expand(s.alpha_t, x_t), _expand(s.sigma_t, x_t), _expand(s.d_alpha_t, x_t),
-                _expand(s.d_sigma_t, x_t))
+        return (_expand(s.alpha_t, x_t), _expand(s.sigma_t, x_t), _expand(s.d_alpha_t, x_t), _expand(s.d_sigma_t, x_t))
 
     def to_epsilon(self, pred: Tensor, kind: str, x_t: Tensor, t: Tensor) -> Tensor:
         """Convert a prediction of the given kind to E[x_0 | x_t] (epsilon), shape of x_t."""
@@ -271,8 +270,9 @@ class NoisyLinearPath:
         te = _expand(t, x_1)
         x_t, dx_t = te * x_1 + (1 - te) * x_0, x_1 - x_0
         if self.sigma > 0:
-            eps = torch.randn(x_0.shape, generator=generator, device=draw_device(generator, x_0.device),
-                              dtype=x_0.dtype).to(x_0.device)
+            eps = torch.randn(
+                x_0.shape, generator=generator, device=draw_device(generator, x_0.device), dtype=x_0.dtype
+            ).to(x_0.device)
             if self.noise == "constant":
                 x_t = x_t + self.sigma * eps
             else:
@@ -321,8 +321,11 @@ class PathSpec:
 # The one place to add a path: an entry here, then a method preset in fm.methods.METHODS that uses it.
 PATHS: dict[str, PathSpec] = {
     "ot": PathSpec("OT (sigma_min)", lambda sigma_min=0.0: AffinePath(CondOTScheduler(sigma_min)), ("sigma_min",)),
-    "vp": PathSpec("VP diffusion", lambda beta_min=0.1, beta_max=20.0: AffinePath(VPScheduler(beta_min, beta_max)),
-                   ("beta_min", "beta_max")),
+    "vp": PathSpec(
+        "VP diffusion",
+        lambda beta_min=0.1, beta_max=20.0: AffinePath(VPScheduler(beta_min, beta_max)),
+        ("beta_min", "beta_max"),
+    ),
     "ve": PathSpec("VE diffusion", lambda **kw: AffinePath(VEScheduler(**kw))),
     "cosine": PathSpec("cosine", lambda: AffinePath(CosineScheduler())),
     "polynomial": PathSpec("polynomial", lambda **kw: AffinePath(PolynomialScheduler(**kw))),

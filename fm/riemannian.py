@@ -32,15 +32,21 @@ from fm.metrics import w2_from_cost
 from fm.seeding import SeedStack
 from fm.solvers import FIXED_METHODS, SampleResult, VelocityFn, ode_sample
 
-__all__ = ["rfm_loss", "manifold_ode_sample", "manifold_log_likelihood", "geodesic_wasserstein2",
-           "MANIFOLD_SOLVERS"]
+__all__ = ["rfm_loss", "manifold_ode_sample", "manifold_log_likelihood", "geodesic_wasserstein2", "MANIFOLD_SOLVERS"]
 
 # fixed-step solvers that stay on the manifold (number of field evaluations per step)
 MANIFOLD_SOLVERS = {"euler": 1, "midpoint": 2, "rk4": 4}
 
 
-def rfm_loss(model: nn.Module, manifold: Manifold, x_0: Tensor, x_1: Tensor, y: Tensor | None = None,
-             generator: torch.Generator | None = None, t: Tensor | None = None) -> Tensor:
+def rfm_loss(
+    model: nn.Module,
+    manifold: Manifold,
+    x_0: Tensor,
+    x_1: Tensor,
+    y: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    t: Tensor | None = None,
+) -> Tensor:
     """Riemannian CFM loss per sample [B] for prior points x_0 and data x_1 [B, D] (times drawn from `generator`
     unless given); averaged over the coordinates, as `fm.losses.cfm_loss`."""
     if t is None:
@@ -50,9 +56,18 @@ def rfm_loss(model: nn.Module, manifold: Manifold, x_0: Tensor, x_1: Tensor, y: 
     return (v - dx_t).pow(2).mean(1)
 
 
-def manifold_ode_sample(fn: VelocityFn, manifold: Manifold, x_0: Tensor, solver: str = "rk4",
-                        steps: int | None = 100, atol: float = 1e-5, rtol: float = 1e-5, t_0: float = 0.0,
-                        t_1: float = 1.0, return_trajectory: bool = False) -> SampleResult:
+def manifold_ode_sample(
+    fn: VelocityFn,
+    manifold: Manifold,
+    x_0: Tensor,
+    solver: str = "rk4",
+    steps: int | None = 100,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    t_0: float = 0.0,
+    t_1: float = 1.0,
+    return_trajectory: bool = False,
+) -> SampleResult:
     """Integrate a tangent field on the manifold from t_0 to t_1 (either direction), counting NFE.
 
     Args:
@@ -65,8 +80,10 @@ def manifold_ode_sample(fn: VelocityFn, manifold: Manifold, x_0: Tensor, solver:
     """
     if solver not in MANIFOLD_SOLVERS:
         if solver in FIXED_METHODS:
-            raise ValueError(f"solver {solver!r} steps off the manifold; fixed-step solvers on a manifold: "
-                             f"{', '.join(MANIFOLD_SOLVERS)}, or an adaptive torchdiffeq solver (e.g. dopri5)")
+            raise ValueError(
+                f"solver {solver!r} steps off the manifold; fixed-step solvers on a manifold: "
+                f"{', '.join(MANIFOLD_SOLVERS)}, or an adaptive torchdiffeq solver (e.g. dopri5)"
+            )
         res = ode_sample(fn, x_0, solver, steps, atol, rtol, t_0, t_1, return_trajectory)
         projected = manifold.projx(res.trajectory) if res.trajectory is not None else None
         return SampleResult(manifold.projx(res.x_1), res.nfe, projected)
@@ -100,15 +117,18 @@ def manifold_ode_sample(fn: VelocityFn, manifold: Manifold, x_0: Tensor, solver:
     return SampleResult(x, nfe, torch.stack(traj) if return_trajectory else None)
 
 
-def manifold_log_likelihood(fn: VelocityFn, manifold: Manifold, x_1: Tensor,
-                            settings: LikelihoodSettings | None = None,
-                            generator: SeedStack | torch.Generator | None = None,
-                            log_p0: Callable[[Tensor], Tensor] | None = None) -> LikelihoodResult:
+def manifold_log_likelihood(
+    fn: VelocityFn,
+    manifold: Manifold,
+    x_1: Tensor,
+    settings: LikelihoodSettings | None = None,
+    generator: SeedStack | torch.Generator | None = None,
+    log_p0: Callable[[Tensor], Tensor] | None = None,
+) -> LikelihoodResult:
     """log p_1(x_1) [B] on the manifold, by the Riemannian change of variables (see the module docstring), with
     the uniform prior unless `log_p0` is given; x_0 of the result is projected onto the manifold."""
     prior = log_p0 or manifold.uniform_log_prob
-    res = log_likelihood(fn, manifold.projx(x_1), settings, generator,
-                         log_p0=lambda x: prior(manifold.projx(x)))
+    res = log_likelihood(fn, manifold.projx(x_1), settings, generator, log_p0=lambda x: prior(manifold.projx(x)))
     return LikelihoodResult(res.log_p, manifold.projx(res.x_0), res.nfe)
 
 

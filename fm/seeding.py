@@ -21,8 +21,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SEEDING_VERSION", "derive_seed", "seeded_generator", "generator", "seed_default_generator",
-           "draw_device", "SeedStack"]
+__all__ = [
+    "SEEDING_VERSION",
+    "derive_seed",
+    "seeded_generator",
+    "generator",
+    "seed_default_generator",
+    "draw_device",
+    "SeedStack",
+]
 
 SEEDING_VERSION = 2  # 1: manual_seed (the low 32 bits of each seed); 2: the whole seed (`seeded_generator`)
 _MOD = 2**63 - 1  # keep seeds positive int64
@@ -73,7 +80,7 @@ def _twister_states(seeds: Sequence[int]) -> np.ndarray:
     head = np.empty((len(s), 3), dtype=np.uint64)  # seed; left = 1, seeded = 1 (two int32); next = 0
     head[:, 0], head[:, 1], head[:, 2] = s[:, 0], 1 | (1 << 32), 0
     out[:, :_STATE_AT] = head.view(np.uint8)
-    out[:, _STATE_AT:_STATE_AT + 8 * _WORDS] = words.view(np.uint8)
+    out[:, _STATE_AT : _STATE_AT + 8 * _WORDS] = words.view(np.uint8)
     return out
 
 
@@ -126,14 +133,17 @@ class SeedStack:
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
         """Standard normal draws [len(seeds), *shape]."""
         return torch.stack([torch.randn(tuple(shape), generator=g, dtype=dtype) for g in self.generators]).to(
-            self.device)
+            self.device
+        )
 
     def randint(self, low: int, high: int, shape: Sequence[int]) -> Tensor:
         """Integer draws in [low, high) [len(seeds), *shape] (int64)."""
         return torch.stack([torch.randint(low, high, tuple(shape), generator=g) for g in self.generators]).to(
-            self.device)
+            self.device
+        )
 
     def rand(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
         """Uniform [0, 1) draws [len(seeds), *shape]."""
         return torch.stack([torch.rand(tuple(shape), generator=g, dtype=dtype) for g in self.generators]).to(
-            self.device)
+            self.device
+        )

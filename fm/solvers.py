@@ -33,6 +33,7 @@ __all__ = [
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
+
 def autocast_field(fn: VelocityFn, dtype: torch.dtype | None, device_type: str) -> VelocityFn:
     """The field evaluated under autocast (bf16 or fp16 network arithmetic), its output cast back to the state's
     dtype, so that the solver's state, error estimates and steps stay in fp32. `dtype` None: `fn` itself."""
@@ -59,8 +60,13 @@ class SampleResult:
     trajectory: Tensor | None = None
 
 
-def velocity_fn(model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0,
-                prediction: str = "velocity", path: AffinePath | None = None) -> VelocityFn:
+def velocity_fn(
+    model: nn.Module,
+    y: Tensor | None = None,
+    cfg_scale: float = 1.0,
+    prediction: str = "velocity",
+    path: AffinePath | None = None,
+) -> VelocityFn:
     """Turn a model into a velocity function fn(x, t).
 
     Args:
@@ -117,8 +123,9 @@ def check_solver(solver: str, steps: int | None, atol: float, rtol: float) -> No
         raise ValueError(f"atol and rtol must be > 0; got atol={atol}, rtol={rtol}")
 
 
-def integration_times(solver: str, steps: int | None, t_0: float, t_1: float, atol: float, rtol: float,
-                      like: Tensor) -> Tensor:
+def integration_times(
+    solver: str, steps: int | None, t_0: float, t_1: float, atol: float, rtol: float, like: Tensor
+) -> Tensor:
     """Validate solver settings and return the times handed to odeint: the fixed grid, or just [t_0, t_1]."""
     check_solver(solver, steps, atol, rtol)
     if solver in FIXED_METHODS and steps is not None:  # (check_solver: a fixed-step solver has its steps)
@@ -126,9 +133,18 @@ def integration_times(solver: str, steps: int | None, t_0: float, t_1: float, at
     return torch.tensor([t_0, t_1], device=like.device, dtype=like.dtype)
 
 
-def ode_sample(fn: VelocityFn, x_0: Tensor, solver: str = "dopri5", steps: int | None = None,
-               atol: float = 1e-5, rtol: float = 1e-5, t_0: float = 0.0, t_1: float = 1.0,
-               return_trajectory: bool = False, t_limit: float | None = None) -> SampleResult:
+def ode_sample(
+    fn: VelocityFn,
+    x_0: Tensor,
+    solver: str = "dopri5",
+    steps: int | None = None,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    t_0: float = 0.0,
+    t_1: float = 1.0,
+    return_trajectory: bool = False,
+    t_limit: float | None = None,
+) -> SampleResult:
     """Integrate dx/dt = v(x, t) from t_0 to t_1 with torchdiffeq.
 
     Args:
@@ -173,9 +189,16 @@ def constant_diffusion(g: float) -> Callable[[Tensor], Tensor]:
     return lambda t: torch.full_like(t, g)
 
 
-def sde_sample(fn: VelocityFn, path: AffinePath, diffusion: Callable[[Tensor], Tensor], x_0: Tensor,
-               steps: int, t_1: float = 1.0 - 1e-3, noise: Callable[[int], Tensor] | None = None,
-               generator: torch.Generator | None = None) -> SampleResult:
+def sde_sample(
+    fn: VelocityFn,
+    path: AffinePath,
+    diffusion: Callable[[Tensor], Tensor],
+    x_0: Tensor,
+    steps: int,
+    t_1: float = 1.0 - 1e-3,
+    noise: Callable[[int], Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> SampleResult:
     """Euler–Maruyama for dx = [v(x, t) + g(t)^2 / 2 * score(x, t)] dt + g(t) dW, from t = 0 to t_1.
 
     For any g this SDE has the same marginals as the ODE dx = v dt (the Fokker–Planck terms of the added drift
@@ -202,7 +225,10 @@ def sde_sample(fn: VelocityFn, path: AffinePath, diffusion: Callable[[Tensor], T
             g = diffusion(t).reshape(-1, *([1] * (x.dim() - 1)))
             x = x + (v + 0.5 * g**2 * score) * dt
             if k < steps - 1:
-                z = noise(k) if noise is not None else torch.randn(x.shape, generator=generator,
-                                                                   device=x.device, dtype=x.dtype)
+                z = (
+                    noise(k)
+                    if noise is not None
+                    else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                )
                 x = x + g * torch.sqrt(dt) * z
     return SampleResult(x, steps)

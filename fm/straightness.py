@@ -41,8 +41,11 @@ class Straightness:
         """Means over the trajectories: `straightness`, `straightness_relative` (mean S over mean chord length
         squared) and `chord_deviation`."""
         s, c = self.straightness.mean().item(), self.chord_sq.mean().item()
-        return {"straightness": s, "straightness_relative": s / c if c > 0 else float("nan"),
-                "chord_deviation": self.chord_deviation.mean().item()}
+        return {
+            "straightness": s,
+            "straightness_relative": s / c if c > 0 else float("nan"),
+            "chord_deviation": self.chord_deviation.mean().item(),
+        }
 
 
 def straightness(fn: VelocityFn, x_0: Tensor, steps: int = 16, t_0: float = 0.0, t_1: float = 1.0) -> Straightness:
@@ -74,5 +77,10 @@ def straightness(fn: VelocityFn, x_0: Tensor, steps: int = 16, t_0: float = 0.0,
     along = ((ts - t_0) / (t_1 - t_0)).view(-1, *([1] * x_0.dim()))
     off = (path - (path[0] + along * chord)).flatten(2).norm(dim=2)  # [steps + 1, B]
     length = chord.flatten(1).norm(dim=1)
-    return Straightness(s, chord.pow(2).flatten(1).sum(1) / dims, off.max(0).values / length.clamp_min(1e-12),
-                        steps, solved.nfe + steps + 1)
+    return Straightness(
+        s,
+        chord.pow(2).flatten(1).sum(1) / dims,
+        off.max(0).values / length.clamp_min(1e-12),
+        steps,
+        solved.nfe + steps + 1,
+    )

@@ -15,8 +15,19 @@ from fm.data import sample_toy
 from fm.ema import EMA
 from fm.methods import FlowMethod, Method
 
-__all__ = ["StepResult", "Pairs", "pair_step", "given_pair_step", "pair_global_step", "read_ahead", "train_step",
-           "SCHEDULES", "lr_at", "fit", "fit_toy"]
+__all__ = [
+    "StepResult",
+    "Pairs",
+    "pair_step",
+    "given_pair_step",
+    "pair_global_step",
+    "read_ahead",
+    "train_step",
+    "SCHEDULES",
+    "lr_at",
+    "fit",
+    "fit_toy",
+]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -33,8 +44,15 @@ class StepResult:
     finite: bool
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int = 0, schedule: str = "constant",
-          total_steps: int | None = None, min_lr: float = 0.0, power: float = 1.0) -> float:
+def lr_at(
+    step: int,
+    base_lr: float,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    total_steps: int | None = None,
+    min_lr: float = 0.0,
+    power: float = 1.0,
+) -> float:
     """The learning rate of 0-based step `step`: linear warm-up to base_lr over warmup_steps, then constant,
     cosine or polynomial decay to min_lr at total_steps (Lipman et al. Table 3: polynomial after 45k warm-up).
 
@@ -71,8 +89,9 @@ def pair_step(method: FlowMethod, x_1: Tensor, y: Tensor | None, generator: torc
     return Pairs(x_0, x_1, y, generator, method.coupling.last_solve_seconds)
 
 
-def given_pair_step(method: FlowMethod, x_0: Tensor, x_1: Tensor, y: Tensor | None,
-                    generator: torch.Generator) -> Pairs:
+def given_pair_step(
+    method: FlowMethod, x_0: Tensor, x_1: Tensor, y: Tensor | None, generator: torch.Generator
+) -> Pairs:
     """A step of pairs that come with the data (reflow: x_0 [B, ...] regenerated from each row's seed, x_1 [B, ...]
     its sample), kept as given; the loss continues from `generator` (times and path noise)."""
     if not isinstance(method, Method) or not method.pairs_given:
@@ -81,14 +100,17 @@ def given_pair_step(method: FlowMethod, x_0: Tensor, x_1: Tensor, y: Tensor | No
     return Pairs(x_0, x_1, y, generator, 0.0)
 
 
-def pair_global_step(method: FlowMethod, x_1: list[Tensor], y: list[Tensor] | None,
-                     generators: list[torch.Generator]) -> list[Pairs]:
+def pair_global_step(
+    method: FlowMethod, x_1: list[Tensor], y: list[Tensor] | None, generators: list[torch.Generator]
+) -> list[Pairs]:
     """Every rank's `pair_step` under the global-batch coupling (`fm.couplings.GlobalOTCoupling`), made in one
     process: rank r's noise from generators[r] for its batch x_1[r] [b, ...] (labels y[r] [b]), one plan over the
     step's global batch, split afterwards. The pairs each rank of a process group gets from `pair_step`."""
     if not isinstance(method, Method) or not isinstance(method.coupling, GlobalOTCoupling):
-        raise ValueError(f"method {method.name!r} does not couple over the global batch (its coupling is "
-                         f"{type(method.coupling).__name__})")
+        raise ValueError(
+            f"method {method.name!r} does not couple over the global batch (its coupling is "
+            f"{type(method.coupling).__name__})"
+        )
     x_0 = [method.noise(x, g) for x, g in zip(x_1, generators, strict=True)]
     parts = method.coupling.split(x_0, x_1, y)
     seconds = method.coupling.last_solve_seconds
@@ -126,10 +148,18 @@ def read_ahead(items: Iterator[T], fn: Callable[[T], U], buffer: int) -> Iterato
         yield out
 
 
-def train_step(model: nn.Module, method: FlowMethod, optimizer: torch.optim.Optimizer, x_1: Tensor,
-               y: Tensor | None = None, generator: torch.Generator | None = None, grad_clip: float = 1.0,
-               autocast_dtype: torch.dtype | None = None, pairs: Pairs | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> StepResult:
+def train_step(
+    model: nn.Module,
+    method: FlowMethod,
+    optimizer: torch.optim.Optimizer,
+    x_1: Tensor,
+    y: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    grad_clip: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+    pairs: Pairs | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> StepResult:
     """Compute the method's loss on x_1 [B, ...], backpropagate, clip and step.
 
     With `pairs` (made by `pair_step` ahead of the step, from this step's generator) x_1, y and generator are
@@ -168,9 +198,17 @@ def train_step(model: nn.Module, method: FlowMethod, optimizer: torch.optim.Opti
     return StepResult(loss.item(), grad_norm.item(), True)
 
 
-def fit(model: nn.Module, method: FlowMethod, batch: Callable[[torch.Generator], tuple[Tensor, Tensor | None]],
-        steps: int = 2000, lr: float = 1e-3, ema_decay: float = 0.999, seed: int = 0, schedule: str = "constant",
-        warmup_steps: int | None = None) -> tuple[EMA, list[float]]:
+def fit(
+    model: nn.Module,
+    method: FlowMethod,
+    batch: Callable[[torch.Generator], tuple[Tensor, Tensor | None]],
+    steps: int = 2000,
+    lr: float = 1e-3,
+    ema_decay: float = 0.999,
+    seed: int = 0,
+    schedule: str = "constant",
+    warmup_steps: int | None = None,
+) -> tuple[EMA, list[float]]:
     """Train a model in process on batches drawn by `batch(generator) -> (x_1 [B, ...], y [B] or None)`; returns
     the EMA of the weights and the loss history. Warm-up defaults to min(100, steps / 10) steps."""
     g = torch.Generator().manual_seed(seed)
@@ -190,7 +228,15 @@ def fit(model: nn.Module, method: FlowMethod, batch: Callable[[torch.Generator],
     return ema, losses
 
 
-def fit_toy(model: nn.Module, method: FlowMethod, data: str, steps: int = 2000, batch: int = 256, lr: float = 1e-3,
-            ema_decay: float = 0.999, seed: int = 0) -> tuple[EMA, list[float]]:
+def fit_toy(
+    model: nn.Module,
+    method: FlowMethod,
+    data: str,
+    steps: int = 2000,
+    batch: int = 256,
+    lr: float = 1e-3,
+    ema_decay: float = 0.999,
+    seed: int = 0,
+) -> tuple[EMA, list[float]]:
     """Train a model on a toy 2-D set in process; returns the EMA of the weights and the loss history."""
     return fit(model, method, lambda g: (sample_toy(data, batch, g), None), steps, lr, ema_decay, seed)

@@ -17,11 +17,17 @@ def add_common(p: argparse.ArgumentParser, tracking: bool = True, overrides: boo
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--verbose", action="store_true", help="show Ray's full INFO logging")
     if tracking:
-        p.add_argument("--tracking-uri", default=None,
-                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
+        p.add_argument(
+            "--tracking-uri",
+            default=None,
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)",
+        )
         p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
-        p.add_argument("--no-system-metrics", action="store_true",
-                       help="no MLflow system metrics (CPU, memory, disk, network, GPU) in the job's run")
+        p.add_argument(
+            "--no-system-metrics",
+            action="store_true",
+            help="no MLflow system metrics (CPU, memory, disk, network, GPU) in the job's run",
+        )
 
 
 def key_list(section: str, config: Any) -> str:
@@ -100,8 +106,11 @@ def run_job(name: str, args: argparse.Namespace, body: Callable[[], Any]) -> Any
     except JobStopped as stop:
         _stop_ray()
         kept = f"; {stop.kept}" if stop.kept else ""
-        print(f"{name} stopped by {signal.Signals(stop.signum).name}{kept}; rerun the same command to resume",
-              file=sys.stderr, flush=True)
+        print(
+            f"{name} stopped by {signal.Signals(stop.signum).name}{kept}; rerun the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(stop.exit_status) from None
     finally:
         default_signals()  # a job run in process (a test, a notebook) leaves the signals as Python has them

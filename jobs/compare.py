@@ -20,8 +20,12 @@ from jobs.cli import add_common, run_job
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default=None, help="the experiment whose evaluated runs to compare")
-    p.add_argument("--models", default=None, metavar="NAME",
-                   help="list the versions of this registered model (description, latest evaluation) instead")
+    p.add_argument(
+        "--models",
+        default=None,
+        metavar="NAME",
+        help="list the versions of this registered model (description, latest evaluation) instead",
+    )
     p.add_argument("--filter", default="", help="an extra MLflow search_runs filter, ANDed with kind = evaluate")
     p.add_argument("--out", default="outputs/compare")
     add_common(p, overrides=False)
@@ -67,8 +71,13 @@ def _compare(a) -> dict:
             if path:
                 log.artifact(path)
         log.finish()
-    result = {"experiment": a.experiment, "rows": len(rows), "csv": str(csv_path),
-              "plot": str(plot) if plot else None, "compare_run_id": run_id}
+    result = {
+        "experiment": a.experiment,
+        "rows": len(rows),
+        "csv": str(csv_path),
+        "plot": str(plot) if plot else None,
+        "compare_run_id": run_id,
+    }
     print(json.dumps(result))
     return result
 

@@ -39,8 +39,9 @@ def _demo(a) -> dict:
     ecfg = EvalConfig(draws=1, divergence="hutchinson", probes=1, batch_size=60, actors=2)
     chain = train_sample_evaluate(cfg, [scfg], ecfg, "outputs/samples")
     result, solve = chain.train.to_dict(), chain.solves[0]
-    rows = table(collect(result["tracking_uri"], result["experiment"],
-                         f"tags.`flowray.train_run_id` = '{result['run_id']}'"))
+    rows = table(
+        collect(result["tracking_uri"], result["experiment"], f"tags.`flowray.train_run_id` = '{result['run_id']}'")
+    )
     quality = solve.evaluation.quality
     if quality is None:  # the demo evaluates its samples: a quality is always there
         raise RuntimeError("internal: the demo's evaluation returned no sample quality")
@@ -48,19 +49,25 @@ def _demo(a) -> dict:
     artifacts = _artifact_dir(result)
     print(f"\n=== demo finished in {time.perf_counter() - start:.0f} s ===")
     print(f"MLflow run id:    {result['run_id']} (experiment {result['experiment']}, {result['tracking_uri']})")
-    print(f"final loss:       {result['metrics'].get('loss', float('nan')):.4f} at step "
-          f"{int(result['metrics'].get('step', 0))}")
+    print(
+        f"final loss:       {result['metrics'].get('loss', float('nan')):.4f} at step "
+        f"{int(result['metrics'].get('step', 0))}"
+    )
     print(f"checkpoint:       {result['checkpoint']}")
     print(f"MLflow model:     {result.get('mlflow_model')}")
     print(f"sample grids:     {result['sample_grid']}" + (f" -> {artifacts}/samples" if artifacts else ""))
     print(f"training:         {result['wall_s']:.0f} s; sampling and evaluation {solve.seconds:.0f} s")
     print(f"samples:          {solve.sample.out} (MLflow run {solve.sample.mlflow_run_id})")
     print(f"evaluation run:   {solve.evaluation.mlflow_run_id}")
-    print(f"sample quality:   {quality.fd_label} {quality.fd:.3f} against the {quality.reference_split} split "
-          f"({quality.num_samples} samples, {quality.num_reference} reference images); precision "
-          f"{quality.precision:.3f}, recall {quality.recall:.3f}")
-    print(f"                  at {quality.num_matched} images: the model {quality.fd_matched:.3f}, held-out "
-          f"real {quality.floor_split} images (the floor) {quality.fd_floor:.3f}")
+    print(
+        f"sample quality:   {quality.fd_label} {quality.fd:.3f} against the {quality.reference_split} split "
+        f"({quality.num_samples} samples, {quality.num_reference} reference images); precision "
+        f"{quality.precision:.3f}, recall {quality.recall:.3f}"
+    )
+    print(
+        f"                  at {quality.num_matched} images: the model {quality.fd_matched:.3f}, held-out "
+        f"real {quality.floor_split} images (the floor) {quality.fd_floor:.3f}"
+    )
     print(f"                  {quality.fid_note}")
     print("compare runs:     mlflow ui --backend-store-uri " + result["tracking_uri"] + " (binds 127.0.0.1)")
     print("\n" + result["chain"]["table"])

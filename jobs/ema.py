@@ -21,10 +21,19 @@ from jobs.cli import add_common, float_list, run_job
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="the training run's folder, or runs:/RUN_ID")
-    p.add_argument("--sigma-rel", required=True, type=float_list, metavar="S[,S...]",
-                   help="the EMA lengths to rebuild, each in (0, 0.2887)")
-    p.add_argument("--step", type=int, default=None, help="the run as it stood at this step (default: its last "
-                   "snapshot); snapshots after it are not used")
+    p.add_argument(
+        "--sigma-rel",
+        required=True,
+        type=float_list,
+        metavar="S[,S...]",
+        help="the EMA lengths to rebuild, each in (0, 0.2887)",
+    )
+    p.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="the run as it stood at this step (default: its last snapshot); snapshots after it are not used",
+    )
     p.add_argument("--out", default=None, help="the folder of the rebuilt checkpoints (default: RUN/posthoc_ema)")
     add_common(p, overrides=False)
     a = p.parse_args(argv)
@@ -41,11 +50,16 @@ def _ema(a) -> dict:
     run_dir = run_folder(a.run, uri)
     rebuilt = rebuild(run_dir, a.sigma_rel, a.step, a.out)
     for r in rebuilt:
-        print(f"[flowray] sigma_rel {r.sigma_rel:g} (gamma {r.gamma:.2f}) at step {r.step} from {r.snapshots} "
-              f"snapshots, profile fit error {r.fit_error:.2e}: {r.checkpoint}", flush=True)
+        print(
+            f"[flowray] sigma_rel {r.sigma_rel:g} (gamma {r.gamma:.2f}) at step {r.step} from {r.snapshots} "
+            f"snapshots, profile fit error {r.fit_error:.2e}: {r.checkpoint}",
+            flush=True,
+        )
     runs: list[str | None] = [None] * len(rebuilt) if a.no_mlflow else [_log(uri, r) for r in rebuilt]
-    result = {"run_dir": run_dir, "rebuilt": [dict(r.to_dict(), mlflow_run_id=run_id)
-                                              for r, run_id in zip(rebuilt, runs, strict=True)]}
+    result = {
+        "run_dir": run_dir,
+        "rebuilt": [dict(r.to_dict(), mlflow_run_id=run_id) for r, run_id in zip(rebuilt, runs, strict=True)],
+    }
     print(json.dumps(result))
     return result
 
@@ -59,8 +73,15 @@ def _log(uri: str, r) -> str:
     meta = load_meta(r.checkpoint)
     run_id = start_child_run(uri, meta.mlflow_run_id, "ema", f"ema-{r.sigma_rel:g}-step{r.step}")
     log = SafeLogger(uri, run_id)
-    log.params({"sigma_rel": r.sigma_rel, "gamma": r.gamma, "step": r.step, "snapshots": r.snapshots,
-                "profiles": (meta.posthoc_ema or {})["profiles"]})
+    log.params(
+        {
+            "sigma_rel": r.sigma_rel,
+            "gamma": r.gamma,
+            "step": r.step,
+            "snapshots": r.snapshots,
+            "profiles": (meta.posthoc_ema or {})["profiles"],
+        }
+    )
     log.metrics({"fit_error": r.fit_error}, step=r.step)
     log.tags({"flowray.checkpoint": r.checkpoint, "flowray.method": meta.method_name})
     log.finish()

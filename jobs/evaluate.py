@@ -28,8 +28,9 @@ from jobs.cli import add_common, key_list, run_job, tracking_and_checkpoint
 def main(argv: list[str] | None = None) -> dict:
     from pipelines.batch.config import EvalConfig
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=key_list("eval", EvalConfig()))
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=key_list("eval", EvalConfig())
+    )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="an ingest output directory")
     p.add_argument("--samples", default=None, help="a jobs.sample output directory")
@@ -55,21 +56,30 @@ def _evaluate(a) -> dict:
     tr, lik, q = result.transport, result.likelihood, result.quality
     if tr is not None:
         for t, w, f in zip(tr.times, tr.w2, tr.w2_floor, strict=True):
-            print(f"t={t}: W2 {w:.4f} from {tr.n_start} transported first-snapshot rows to the held-out rows; "
-                  f"floor (training rows) {f:.4f}")
+            print(
+                f"t={t}: W2 {w:.4f} from {tr.n_start} transported first-snapshot rows to the held-out rows; "
+                f"floor (training rows) {f:.4f}"
+            )
     elif lik is not None:  # None: a MeanFlow model, which has no likelihood
-        print(f"{lik.metric}: {lik.mean:.4f} ± {lik.stderr:.4f} {lik.unit} over {lik.n} rows "
-              f"(K={lik.draws} dequantization draws, divergence={lik.divergence}"
-              + (f", H={lik.probes} probes" if lik.probes else "") + f"; mean NFE {lik.mean_nfe:.0f})")
+        print(
+            f"{lik.metric}: {lik.mean:.4f} ± {lik.stderr:.4f} {lik.unit} over {lik.n} rows "
+            f"(K={lik.draws} dequantization draws, divergence={lik.divergence}"
+            + (f", H={lik.probes} probes" if lik.probes else "")
+            + f"; mean NFE {lik.mean_nfe:.0f})"
+        )
     if q is not None and q.fd is not None:
-        floor = f"; floor {q.fd_floor:.3f} ({q.num_floor} held-out {q.floor_split} images)" \
-            if q.fd_floor is not None else ""
-        print(f"{q.fd_label}: {q.fd:.3f} ({q.num_samples} samples against {q.num_reference} "
-              f"{q.reference_split} images){floor}; KID {q.kid:.4f} ± {q.kid_std:.4f}; precision "
-              f"{q.precision:.3f}, recall {q.recall:.3f} (k=3, subsets {q.pr_subset}); {q.fid_note}")
+        floor = (
+            f"; floor {q.fd_floor:.3f} ({q.num_floor} held-out {q.floor_split} images)"
+            if q.fd_floor is not None
+            else ""
+        )
+        print(
+            f"{q.fd_label}: {q.fd:.3f} ({q.num_samples} samples against {q.num_reference} "
+            f"{q.reference_split} images){floor}; KID {q.kid:.4f} ± {q.kid_std:.4f}; precision "
+            f"{q.precision:.3f}, recall {q.recall:.3f} (k=3, subsets {q.pr_subset}); {q.fid_note}"
+        )
     elif q is not None and q.w2_floor is not None:
-        print(f"geodesic W2 to {q.num_reference} test rows: {q.w2:.4f}; floor (as many training rows) "
-              f"{q.w2_floor:.4f}")
+        print(f"geodesic W2 to {q.num_reference} test rows: {q.w2:.4f}; floor (as many training rows) {q.w2_floor:.4f}")
     elif q is not None:
         print(f"W2 to fresh data: {q.w2:.4f}")
     if run_id is not None:  # (None with --no-mlflow)
@@ -79,6 +89,7 @@ def _evaluate(a) -> dict:
             print(f"tagged model version {version} with this evaluation")
     print(json.dumps(result.to_dict()))
     return result.to_dict()
+
 
 if __name__ == "__main__":
     main()

@@ -13,32 +13,67 @@ import sys
 
 # command -> (module, what it does, an example)
 COMMANDS = {
-    "ingest": ("jobs.ingest", "a source -> sharded parquet with a manifest (Ray Data tasks)",
-               "flowray ingest --source fashion-mnist --out data/fashion-mnist"),
-    "train": ("jobs.train", "Ray Train (DDP workers) on the shards, logged to MLflow",
-              "flowray train --config configs/digits-cpu.yaml --set train.steps=600"),
-    "ema": ("jobs.ema", "post-hoc EMA: a run's EMA snapshots -> checkpoints of other EMA lengths (EDM2)",
-            "flowray ema --run outputs/ray_results/digits-cpu --sigma-rel 0.03,0.08"),
-    "sweep": ("jobs.sweep", "a grid of training configs on Ray Tune (ASHA optional), nested MLflow runs",
-              "flowray sweep --config configs/digits-cpu.yaml --name lr --param optim.lr=2e-3,5e-4 --seeds 0,1"),
-    "sample": ("jobs.sample", "samples from a checkpoint on an actor pool, one parquet shard per block",
-               "flowray sample --checkpoint runs:/RUN_ID --num-samples 10000 --out outputs/samples/run"),
-    "evaluate": ("jobs.evaluate", "bits/dim and sample quality (FID or FD, floor, KID, precision/recall)",
-                 "flowray evaluate --checkpoint runs:/RUN_ID --data data/digits --samples outputs/samples/run"),
-    "reflow": ("jobs.reflow", "Rectified Flow's reflow: a model's own pairs -> the next model, evaluated per round",
-               "flowray reflow --checkpoint runs:/RUN_ID --data data/digits --num-pairs 5000"),
-    "reflow-study": ("jobs.reflow_study", "trained flows against their reflows, and logit-normal t, "
-                     "at equal training steps", "flowray reflow-study --methods icfm,otcfm --reflow-from otcfm"),
-    "compare": ("jobs.compare", "the paper-style table and plot from an MLflow experiment",
-                "flowray compare --experiment flowray-digits"),
-    "reproduce": ("jobs.reproduce", "the paper's comparison in miniature: methods x seeds through the chain",
-                  "flowray reproduce --preset digits --seeds 0,1"),
-    "demo": ("jobs.demo", "ingest -> train -> sample -> evaluate -> table on digits, on a local Ray",
-             "flowray demo"),
-    "toy2d": ("jobs.toy2d", "the fm core in process on a 2-D set: FM-OT against OT-CFM",
-              "flowray toy2d --data checkerboard"),
-    "geometry": ("jobs.geometry", "Riemannian FM on S^2 and T^2, Action Matching on snapshots, in process",
-                 "flowray geometry --seeds 0"),
+    "ingest": (
+        "jobs.ingest",
+        "a source -> sharded parquet with a manifest (Ray Data tasks)",
+        "flowray ingest --source fashion-mnist --out data/fashion-mnist",
+    ),
+    "train": (
+        "jobs.train",
+        "Ray Train (DDP workers) on the shards, logged to MLflow",
+        "flowray train --config configs/digits-cpu.yaml --set train.steps=600",
+    ),
+    "ema": (
+        "jobs.ema",
+        "post-hoc EMA: a run's EMA snapshots -> checkpoints of other EMA lengths (EDM2)",
+        "flowray ema --run outputs/ray_results/digits-cpu --sigma-rel 0.03,0.08",
+    ),
+    "sweep": (
+        "jobs.sweep",
+        "a grid of training configs on Ray Tune (ASHA optional), nested MLflow runs",
+        "flowray sweep --config configs/digits-cpu.yaml --name lr --param optim.lr=2e-3,5e-4 --seeds 0,1",
+    ),
+    "sample": (
+        "jobs.sample",
+        "samples from a checkpoint on an actor pool, one parquet shard per block",
+        "flowray sample --checkpoint runs:/RUN_ID --num-samples 10000 --out outputs/samples/run",
+    ),
+    "evaluate": (
+        "jobs.evaluate",
+        "bits/dim and sample quality (FID or FD, floor, KID, precision/recall)",
+        "flowray evaluate --checkpoint runs:/RUN_ID --data data/digits --samples outputs/samples/run",
+    ),
+    "reflow": (
+        "jobs.reflow",
+        "Rectified Flow's reflow: a model's own pairs -> the next model, evaluated per round",
+        "flowray reflow --checkpoint runs:/RUN_ID --data data/digits --num-pairs 5000",
+    ),
+    "reflow-study": (
+        "jobs.reflow_study",
+        "trained flows against their reflows, and logit-normal t, at equal training steps",
+        "flowray reflow-study --methods icfm,otcfm --reflow-from otcfm",
+    ),
+    "compare": (
+        "jobs.compare",
+        "the paper-style table and plot from an MLflow experiment",
+        "flowray compare --experiment flowray-digits",
+    ),
+    "reproduce": (
+        "jobs.reproduce",
+        "the paper's comparison in miniature: methods x seeds through the chain",
+        "flowray reproduce --preset digits --seeds 0,1",
+    ),
+    "demo": ("jobs.demo", "ingest -> train -> sample -> evaluate -> table on digits, on a local Ray", "flowray demo"),
+    "toy2d": (
+        "jobs.toy2d",
+        "the fm core in process on a 2-D set: FM-OT against OT-CFM",
+        "flowray toy2d --data checkerboard",
+    ),
+    "geometry": (
+        "jobs.geometry",
+        "Riemannian FM on S^2 and T^2, Action Matching on snapshots, in process",
+        "flowray geometry --seeds 0",
+    ),
 }
 
 

@@ -47,9 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--n", type=int, default=2000, help="points on each side of one W2 (and held-out points for NLL)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="independent draws each W2 and its floor are averaged over (a mixture's W2 at a few thousand "
-                        "points is dominated by the draw's component counts)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="independent draws each W2 and its floor are averaged over (a mixture's W2 at a few thousand "
+        "points is dominated by the draw's component counts)",
+    )
     p.add_argument("--am-methods", default=",".join(AM_METHODS), help="comma-separated, from " + ", ".join(AM_METHODS))
     p.add_argument("--out", default="outputs/geometry")
     args = p.parse_args(argv)
@@ -79,8 +83,16 @@ def run_rfm(name: str, seed: int, args: argparse.Namespace) -> dict:
     train = sample_manifold_set(name, 50_000, torch.Generator().manual_seed(1000 + seed))
     model = MLP(manifold.ambient_dim, args.hidden, 3, manifold=MANIFOLD_SETS[name])
     start = time.perf_counter()
-    ema, losses = fit(model, method, lambda g: (train[torch.randint(len(train), (args.batch,), generator=g)], None),
-                      args.rfm_steps, lr=1e-3, ema_decay=0.999, seed=seed, schedule="cosine")
+    ema, losses = fit(
+        model,
+        method,
+        lambda g: (train[torch.randint(len(train), (args.batch,), generator=g)], None),
+        args.rfm_steps,
+        lr=1e-3,
+        ema_decay=0.999,
+        seed=seed,
+        schedule="cosine",
+    )
     train_s = time.perf_counter() - start
     net = ema.module.eval()
     m = args.n * args.repeats
@@ -95,10 +107,19 @@ def run_rfm(name: str, seed: int, args: argparse.Namespace) -> dict:
     def w2(a, b):
         return geodesic_wasserstein2(manifold, a, b)
 
-    return {"data": name, "seed": seed, "nll": nll, "nll_stderr": lik.log_p.std().item() / math.sqrt(args.n),
-            "likelihood_nfe": lik.nfe, "w2": _mean_w2(w2, samples.x_1, fresh, args.repeats),
-            "w2_floor": _mean_w2(w2, held_out, fresh, args.repeats), "sample_nfe": samples.nfe,
-            "final_loss": float(np.mean(losses[-100:])), "train_s": train_s, "samples": samples.x_1[: args.n]}
+    return {
+        "data": name,
+        "seed": seed,
+        "nll": nll,
+        "nll_stderr": lik.log_p.std().item() / math.sqrt(args.n),
+        "likelihood_nfe": lik.nfe,
+        "w2": _mean_w2(w2, samples.x_1, fresh, args.repeats),
+        "w2_floor": _mean_w2(w2, held_out, fresh, args.repeats),
+        "sample_nfe": samples.nfe,
+        "final_loss": float(np.mean(losses[-100:])),
+        "train_s": train_s,
+        "samples": samples.x_1[: args.n],
+    }
 
 
 def run_am(method_name: str, seed: int, args: argparse.Namespace) -> dict:
@@ -126,46 +147,69 @@ def run_am(method_name: str, seed: int, args: argparse.Namespace) -> dict:
         held_out, other = dyn.sample(t, m, g), dyn.sample(t, m, g)
         w2.append(_mean_w2(wasserstein2, x_t, held_out, args.repeats))
         floor.append(_mean_w2(wasserstein2, other, held_out, args.repeats))
-    return {"method": method_name, "seed": seed, "w2": w2, "w2_floor": floor, "nfe": nfe, "train_s": train_s,
-            "final_loss": float(np.mean(losses[-100:])), "path": [p[: args.n].detach() for p in path]}
+    return {
+        "method": method_name,
+        "seed": seed,
+        "w2": w2,
+        "w2_floor": floor,
+        "nfe": nfe,
+        "train_s": train_s,
+        "final_loss": float(np.mean(losses[-100:])),
+        "path": [p[: args.n].detach() for p in path],
+    }
 
 
 def rfm_table(results: list[dict], entropies: dict) -> str:
-    lines = ["| data | manifold | seeds | NLL (nats) | true entropy | NLL - entropy | geodesic W2 | W2 floor | "
-             "W2 / floor | likelihood NFE | train s |", "| " + " | ".join(["---"] * 11) + " |"]
+    lines = [
+        "| data | manifold | seeds | NLL (nats) | true entropy | NLL - entropy | geodesic W2 | W2 floor | "
+        "W2 / floor | likelihood NFE | train s |",
+        "| " + " | ".join(["---"] * 11) + " |",
+    ]
     for name in MANIFOLD_SETS:
         rows = [r for r in results if r["data"] == name]
         if not rows:
             continue
         ent = entropies[name][0]
-        lines.append(f"| {name} | {manifold_of(name).label} | {len(rows)} | {_mean_std([r['nll'] for r in rows])} | "
-                     f"{ent:.3f} ± {entropies[name][1]:.3f} | {_mean_std([r['nll'] - ent for r in rows])} | "
-                     f"{_mean_std([r['w2'] for r in rows])} | {_mean_std([r['w2_floor'] for r in rows])} | "
-                     f"{_mean_std([r['w2'] / r['w2_floor'] for r in rows])} | "
-                     f"{np.mean([r['likelihood_nfe'] for r in rows]):.0f} | "
-                     f"{np.mean([r['train_s'] for r in rows]):.0f} |")
+        lines.append(
+            f"| {name} | {manifold_of(name).label} | {len(rows)} | {_mean_std([r['nll'] for r in rows])} | "
+            f"{ent:.3f} ± {entropies[name][1]:.3f} | {_mean_std([r['nll'] - ent for r in rows])} | "
+            f"{_mean_std([r['w2'] for r in rows])} | {_mean_std([r['w2_floor'] for r in rows])} | "
+            f"{_mean_std([r['w2'] / r['w2_floor'] for r in rows])} | "
+            f"{np.mean([r['likelihood_nfe'] for r in rows]):.0f} | "
+            f"{np.mean([r['train_s'] for r in rows]):.0f} |"
+        )
     return "\n".join(lines)
 
 
 def am_table(results: list[dict]) -> str:
     times = OBSERVED_TIMES[1:]
-    lines = ["| method | seeds | " + " | ".join(f"W2 / floor at t={t}" for t in times) + " | worst W2 / floor | "
-             "train s |", "| " + " | ".join(["---"] * (len(times) + 4)) + " |"]
+    lines = [
+        "| method | seeds | " + " | ".join(f"W2 / floor at t={t}" for t in times) + " | worst W2 / floor | train s |",
+        "| " + " | ".join(["---"] * (len(times) + 4)) + " |",
+    ]
     for name in AM_METHODS:
         rows = [r for r in results if r["method"] == name]
         if not rows:
             continue
         ratios = np.array([[w / f for w, f in zip(r["w2"][1:], r["w2_floor"][1:], strict=True)] for r in rows])
         cells = [_mean_std(list(ratios[:, i])) for i in range(len(times))]
-        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + f" | {_mean_std(list(ratios.max(1)))} | "
-                     f"{np.mean([r['train_s'] for r in rows]):.0f} |")
+        lines.append(
+            f"| {name} | {len(rows)} | " + " | ".join(cells) + f" | {_mean_std(list(ratios.max(1)))} | "
+            f"{np.mean([r['train_s'] for r in rows]):.0f} |"
+        )
     floor = np.array([r["w2_floor"][1:] for r in results])
     w2 = {name: np.array([r["w2"][1:] for r in results if r["method"] == name]) for name in AM_METHODS}
-    lines += ["", "| W2 at t | " + " | ".join(str(t) for t in times) + " |",
-              "| " + " | ".join(["---"] * (len(times) + 1)) + " |",
-              "| data-to-data floor | " + " | ".join(_mean_std(list(floor[:, i])) for i in range(len(times))) + " |"]
-    lines += [f"| {name} | " + " | ".join(_mean_std(list(v[:, i])) for i in range(len(times))) + " |"
-              for name, v in w2.items() if len(v)]
+    lines += [
+        "",
+        "| W2 at t | " + " | ".join(str(t) for t in times) + " |",
+        "| " + " | ".join(["---"] * (len(times) + 1)) + " |",
+        "| data-to-data floor | " + " | ".join(_mean_std(list(floor[:, i])) for i in range(len(times))) + " |",
+    ]
+    lines += [
+        f"| {name} | " + " | ".join(_mean_std(list(v[:, i])) for i in range(len(times))) + " |"
+        for name, v in w2.items()
+        if len(v)
+    ]
     return "\n".join(lines)
 
 
@@ -186,8 +230,9 @@ def save_figures(rfm: list[dict], am: list[dict], out: Path) -> list[str]:
     rows = [r for r in am if r["seed"] == am[0]["seed"]] if am else []
     if rows:
         dyn = get_dynamics(AM_DATA)
-        fig, axes = plt.subplots(len(rows) + 1, len(OBSERVED_TIMES), figsize=(3 * len(OBSERVED_TIMES),
-                                                                                 3 * (len(rows) + 1)))
+        fig, axes = plt.subplots(
+            len(rows) + 1, len(OBSERVED_TIMES), figsize=(3 * len(OBSERVED_TIMES), 3 * (len(rows) + 1))
+        )
         for j, t in enumerate(OBSERVED_TIMES):
             pts = dyn.sample(t, 2000, torch.Generator().manual_seed(6)).numpy()
             axes[0, j].scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, color="k")
@@ -212,24 +257,33 @@ def main(argv: list[str] | None = None) -> dict:
             for seed in args.seeds:
                 r = run_rfm(name, seed, args)
                 rfm.append(r)
-                print(f"[geometry] rfm {name} seed {seed}: NLL {r['nll']:.3f} (entropy {entropies[name][0]:.3f}), "
-                      f"W2 {r['w2']:.3f} (floor {r['w2_floor']:.3f}), {r['train_s']:.0f} s", flush=True)
+                print(
+                    f"[geometry] rfm {name} seed {seed}: NLL {r['nll']:.3f} (entropy {entropies[name][0]:.3f}), "
+                    f"W2 {r['w2']:.3f} (floor {r['w2_floor']:.3f}), {r['train_s']:.0f} s",
+                    flush=True,
+                )
     if args.part in ("am", "all"):
         for name in args.am_methods:
             for seed in args.seeds:
                 r = run_am(name, seed, args)
                 am.append(r)
-                print(f"[geometry] {name} seed {seed}: W2 / floor " + ", ".join(
-                    f"{w / f:.2f}" for w, f in zip(r["w2"][1:], r["w2_floor"][1:], strict=True))
-                    + f", {r['train_s']:.0f} s", flush=True)
+                print(
+                    f"[geometry] {name} seed {seed}: W2 / floor "
+                    + ", ".join(f"{w / f:.2f}" for w, f in zip(r["w2"][1:], r["w2_floor"][1:], strict=True))
+                    + f", {r['train_s']:.0f} s",
+                    flush=True,
+                )
     figures = save_figures(rfm, am, Path(args.out))
     if rfm:
         print("\n" + rfm_table(rfm, entropies))
     if am:
         print("\n" + am_table(am))
-    summary = {"rfm": [{k: v for k, v in r.items() if k != "samples"} for r in rfm],
-               "am": [{k: v for k, v in r.items() if k != "path"} for r in am],
-               "entropies": entropies, "figures": figures}
+    summary = {
+        "rfm": [{k: v for k, v in r.items() if k != "samples"} for r in rfm],
+        "am": [{k: v for k, v in r.items() if k != "path"} for r in am],
+        "entropies": entropies,
+        "figures": figures,
+    }
     print(json.dumps(summary))
     return summary
 

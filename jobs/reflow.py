@@ -31,20 +31,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the real data's shards (what the models are evaluated on)")
     p.add_argument("--num-pairs", type=int, required=True, help="pairs sampled each round")
     p.add_argument("--config", default=None, help="the training config of every round (YAML)")
-    p.add_argument("--rounds", type=int, default=1, help="K reflows (the (K+1)-rectified flow of a generator trained "
-                   "on independent pairs)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="K reflows (the (K+1)-rectified flow of a generator trained on independent pairs)",
+    )
     p.add_argument("--from-scratch", action="store_true", help="start each round from a random init")
     p.add_argument("--pair-solver", default="dopri5", help="the ODE solver of the pairs (SOLVER or SOLVER:STEPS)")
-    p.add_argument("--pair-seed", type=int, default=None,
-                   help="the pairs' noise seed (default: sample.seed + 1; never the evaluation samplers' seed)")
-    p.add_argument("--solvers", default="euler:1,euler:2,dopri5",
-                   help="evaluation samplers, comma-separated SOLVER or SOLVER:STEPS")
+    p.add_argument(
+        "--pair-seed",
+        type=int,
+        default=None,
+        help="the pairs' noise seed (default: sample.seed + 1; never the evaluation samplers' seed)",
+    )
+    p.add_argument(
+        "--solvers",
+        default="euler:1,euler:2,dopri5",
+        help="evaluation samplers, comma-separated SOLVER or SOLVER:STEPS",
+    )
     p.add_argument("--num-samples", type=int, default=1000, help="samples per evaluation sampler")
     p.add_argument("--no-baseline", action="store_true", help="do not evaluate the generating model first")
     p.add_argument("--name", default="reflow", help="the chain's MLflow run and its folder under --out")
     p.add_argument("--out", default="outputs/reflow", help="pairs, their shards and the samples, per round")
-    p.add_argument("--sample-set", action="append", default=[], metavar="sample.KEY=VALUE",
-                   help="a sampling setting of every sampler (block_size, actors, seed, ...)")
+    p.add_argument(
+        "--sample-set",
+        action="append",
+        default=[],
+        metavar="sample.KEY=VALUE",
+        help="a sampling setting of every sampler (block_size, actors, seed, ...)",
+    )
     p.add_argument("--eval-set", action="append", default=[], metavar="eval.KEY=VALUE", help="an evaluation setting")
     p.add_argument("--no-system-metrics", action="store_true", help="no MLflow system metrics in the stages' runs")
     add_common(p, tracking=False)
@@ -68,23 +84,47 @@ def _reflow(a) -> dict:
 
     base = SampleConfig()
     apply_overrides(base, "sample", a.sample_set)
-    shared = {k: getattr(base, k) for k in ("block_size", "blocks_per_call", "actors", "cpus_per_actor",
-                                             "gpus_per_actor", "seed", "precision", "atol", "rtol", "cfg_scale")}
+    shared = {
+        k: getattr(base, k)
+        for k in (
+            "block_size",
+            "blocks_per_call",
+            "actors",
+            "cpus_per_actor",
+            "gpus_per_actor",
+            "seed",
+            "precision",
+            "atol",
+            "rtol",
+            "cfg_scale",
+        )
+    }
     (pair,) = solves_from(a.pair_solver, 1, shared)
     solves = solves_from(a.solvers, a.num_samples, shared)
     ecfg = EvalConfig()
     apply_overrides(ecfg, "eval", a.eval_set)
     uri = tracking_uri(load_config(a.config, a.overrides).mlflow.tracking_uri)
-    spec = ReflowSpec(checkpoint=resolve_checkpoint(a.checkpoint, uri), data=a.data, num_pairs=a.num_pairs,
-                      config=a.config, overrides=a.overrides, rounds=a.rounds, warm_start=not a.from_scratch,
-                      pair_sampler=replace(pair, num_samples=a.num_pairs,
-                                           seed=base.seed + 1 if a.pair_seed is None else a.pair_seed),
-                      solves=solves, eval_config=ecfg,
-                      out=a.out, name=a.name, baseline=not a.no_baseline, system_metrics=not a.no_system_metrics)
+    spec = ReflowSpec(
+        checkpoint=resolve_checkpoint(a.checkpoint, uri),
+        data=a.data,
+        num_pairs=a.num_pairs,
+        config=a.config,
+        overrides=a.overrides,
+        rounds=a.rounds,
+        warm_start=not a.from_scratch,
+        pair_sampler=replace(pair, num_samples=a.num_pairs, seed=base.seed + 1 if a.pair_seed is None else a.pair_seed),
+        solves=solves,
+        eval_config=ecfg,
+        out=a.out,
+        name=a.name,
+        baseline=not a.no_baseline,
+        system_metrics=not a.no_system_metrics,
+    )
     result = run_reflow(spec)
     out = {k: v for k, v in result.items() if k != "rounds"}
-    out["rounds"] = [{k: v.to_dict() if k == "train" else v for k, v in r.items() if k != "records"}
-                     for r in result["rounds"]]
+    out["rounds"] = [
+        {k: v.to_dict() if k == "train" else v for k, v in r.items() if k != "records"} for r in result["rounds"]
+    ]
     print(json.dumps(out, default=str))
     return out
 

@@ -41,8 +41,9 @@ def parse(argv):
     p.add_argument("--config", default="configs/digits-cpu.yaml", help="the training config of every row (YAML)")
     p.add_argument("--data", default="data/digits", help="the real data's shards (ingested from --source if absent)")
     p.add_argument("--source", default="digits", help="what to ingest into --data when it holds no manifest")
-    p.add_argument("--methods", type=name_list, default=["icfm", "otcfm"],
-                   help="METHOD or METHOD:logit_normal, comma-separated")
+    p.add_argument(
+        "--methods", type=name_list, default=["icfm", "otcfm"], help="METHOD or METHOD:logit_normal, comma-separated"
+    )
     p.add_argument("--reflow-from", default="otcfm", help="methods whose reflow is trained ('' for none)")
     p.add_argument("--seeds", type=int_list, default=[0, 1])
     p.add_argument("--steps", type=int, default=600, help="training steps of every row, in all")
@@ -86,14 +87,26 @@ def _study(a) -> dict:
     from pipelines.train.config import load_config
 
     out = Path(a.out) / check_name(a.name, "--name")
-    common = [f"data.shards={a.data}", f"mlflow.experiment={a.name}", f"train.storage_path={out / 'ray_results'}",
-              "train.sample_every=0", "train.log_every=50", *a.overrides]
+    common = [
+        f"data.shards={a.data}",
+        f"mlflow.experiment={a.name}",
+        f"train.storage_path={out / 'ray_results'}",
+        "train.sample_every=0",
+        "train.log_every=50",
+        *a.overrides,
+    ]
     configs = {}
     for method, timing in a.variants:  # every config checked before anything runs
         for seed in a.seeds:
-            sets = [*common, f"method.name={method}", f"train.steps={a.steps}", f"train.seed={seed}",
-                    f"train.checkpoint_every={a.reflow_at}", "train.num_to_keep=1000",
-                    f"train.run_name={a.name}-{method}{'-' + timing if timing else ''}-s{seed}"]
+            sets = [
+                *common,
+                f"method.name={method}",
+                f"train.steps={a.steps}",
+                f"train.seed={seed}",
+                f"train.checkpoint_every={a.reflow_at}",
+                "train.num_to_keep=1000",
+                f"train.run_name={a.name}-{method}{'-' + timing if timing else ''}-s{seed}",
+            ]
             sets += ["method.ot_scope=global"] if method == "otcfm" else []
             sets += [f"method.time_sampling={timing}"] if timing else []
             configs[(method, timing, seed)] = load_config(a.config, sets)
@@ -110,25 +123,50 @@ def _study(a) -> dict:
         if timing or method not in a.reflow_from:
             continue
         generator = _checkpoint_at(chain.train.run_dir, a.reflow_at)
-        spec = ReflowSpec(checkpoint=generator, data=a.data, num_pairs=a.num_pairs, config=a.config,
-                          overrides=[*common, f"train.steps={a.steps - a.reflow_at}", f"train.seed={seed}"],
-                          rounds=1, solves=solves, eval_config=ecfg, out=str(out / "reflow"),
-                          name=f"{a.name}-{method}-s{seed}-reflow", baseline=False,
-                          pair_sampler=solves_from("dopri5", a.num_pairs, {"seed": seed + PAIR_SEED_OFFSET,
-                                                                           "block_size": 100, "actors": 2})[0])
+        spec = ReflowSpec(
+            checkpoint=generator,
+            data=a.data,
+            num_pairs=a.num_pairs,
+            config=a.config,
+            overrides=[*common, f"train.steps={a.steps - a.reflow_at}", f"train.seed={seed}"],
+            rounds=1,
+            solves=solves,
+            eval_config=ecfg,
+            out=str(out / "reflow"),
+            name=f"{a.name}-{method}-s{seed}-reflow",
+            baseline=False,
+            pair_sampler=solves_from(
+                "dopri5", a.num_pairs, {"seed": seed + PAIR_SEED_OFFSET, "block_size": 100, "actors": 2}
+            )[0],
+        )
         (r,) = run_reflow(spec)["rounds"]
         figures = _figures(r["records"], seed, r["train"].wall_s)
-        figures.update(pairs_per_s=r["pairs"]["samples_per_s"], pairs_wall_s=r["pairs"]["wall_s"],
-                       pairs_and_ingest_s=r["pairs_and_ingest_s"], pairs_nfe=r["pairs"]["mean_nfe"])
+        figures.update(
+            pairs_per_s=r["pairs"]["samples_per_s"],
+            pairs_wall_s=r["pairs"]["wall_s"],
+            pairs_and_ingest_s=r["pairs_and_ingest_s"],
+            pairs_nfe=r["pairs"]["mean_nfe"],
+        )
         rows.setdefault(f"reflow of {method}", []).append(figures)
         print(json.dumps({"progress": [method, "reflow", seed, figures]}), flush=True)
     tags = [s.strip() for s in a.solvers.split(",") if s.strip()]
     table = markdown(rows, tags, a)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
-    result = {"name": a.name, "config": a.config, "data": a.data, "seeds": a.seeds, "steps": a.steps,
-              "reflow_at": a.reflow_at, "num_pairs": a.num_pairs, "num_samples": a.num_samples, "solvers": tags,
-              "wall_s": round(time.perf_counter() - start, 1), "rows": rows, "table_md": str(out / "table.md")}
+    result = {
+        "name": a.name,
+        "config": a.config,
+        "data": a.data,
+        "seeds": a.seeds,
+        "steps": a.steps,
+        "reflow_at": a.reflow_at,
+        "num_pairs": a.num_pairs,
+        "num_samples": a.num_samples,
+        "solvers": tags,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "rows": rows,
+        "table_md": str(out / "table.md"),
+    }
     (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     print(table)
     print(json.dumps(result, default=str))
@@ -155,12 +193,18 @@ def _figures(records, seed: int, train_s: float) -> dict:
     """One trained model's figures: FD at each solver, the last solver's NFE, straightness, bits/dim."""
     ev = records[0].evaluation
     q = ev.quality
-    return {"seed": seed, "train_s": train_s, "fd_label": q.fd_label, "fd_floor": q.fd_floor,
-            "fd": {r.solver: r.evaluation.quality.fd for r in records},
-            "fd_matched": {r.solver: r.evaluation.quality.fd_matched for r in records}, "num_matched": q.num_matched,
-            "nfe": {r.solver: r.sample.mean_nfe for r in records},
-            "straightness": ev.straightness.straightness if ev.straightness else None,
-            "bpd": ev.likelihood.mean if ev.likelihood else None}
+    return {
+        "seed": seed,
+        "train_s": train_s,
+        "fd_label": q.fd_label,
+        "fd_floor": q.fd_floor,
+        "fd": {r.solver: r.evaluation.quality.fd for r in records},
+        "fd_matched": {r.solver: r.evaluation.quality.fd_matched for r in records},
+        "num_matched": q.num_matched,
+        "nfe": {r.solver: r.sample.mean_nfe for r in records},
+        "straightness": ev.straightness.straightness if ev.straightness else None,
+        "bpd": ev.likelihood.mean if ev.likelihood else None,
+    }
 
 
 def _cell(values: list[float], fmt: str = ".2f") -> str:
@@ -177,34 +221,45 @@ def markdown(rows: dict[str, list[dict]], tags: list[str], a) -> str:
     """FD at every solver, the adaptive solver's NFE, straightness and bits/dim: mean ± std over seeds."""
     first = next(iter(rows.values()))[0]
     solver_keys = list(first["fd"])
-    head = ("| model | " + " | ".join(f"{first['fd_label']} {t}" for t in tags)
-            + f" | NFE ({tags[-1]}) | straightness | bits/dim | seeds |")
+    head = (
+        "| model | "
+        + " | ".join(f"{first['fd_label']} {t}" for t in tags)
+        + f" | NFE ({tags[-1]}) | straightness | bits/dim | seeds |"
+    )
     lines = [head, "|" + " --- |" * (len(tags) + 5)]
     for label, figs in rows.items():
         cells = [_cell([f["fd"][k] for f in figs]) for k in solver_keys]
-        cells += [_cell([f["nfe"][solver_keys[-1]] for f in figs], ".0f"),
-                  _cell([f["straightness"] for f in figs], ".3g"), _cell([f["bpd"] for f in figs], ".3f"),
-                  str(len(figs))]
+        cells += [
+            _cell([f["nfe"][solver_keys[-1]] for f in figs], ".0f"),
+            _cell([f["straightness"] for f in figs], ".3g"),
+            _cell([f["bpd"] for f in figs], ".3f"),
+            str(len(figs)),
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     floors = [f["fd_floor"] for figs in rows.values() for f in figs if f["fd_floor"] is not None]
     if floors:
         lines.append(f"\n{first['fd_label']} floor (held-out real images against the reference): {floors[0]:.3f}")
     if first.get("num_matched"):  # a Fréchet distance falls with its sample count: the floor's count beside it
-        lines += [f"\nAt the floor's count ({first['num_matched']} samples against the reference, as the floor's "
-                  f"{first['num_matched']} held-out images are):", "",
-                  "| model | " + " | ".join(f"{first['fd_label']} {t}" for t in tags) + " | floor |",
-                  "|" + " --- |" * (len(tags) + 2)]
+        lines += [
+            f"\nAt the floor's count ({first['num_matched']} samples against the reference, as the floor's "
+            f"{first['num_matched']} held-out images are):",
+            "",
+            "| model | " + " | ".join(f"{first['fd_label']} {t}" for t in tags) + " | floor |",
+            "|" + " --- |" * (len(tags) + 2),
+        ]
         for label, figs in rows.items():
             cells = [_cell([f["fd_matched"][k] for f in figs]) for k in solver_keys]
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell([f['fd_floor'] for f in figs], '.3f')} |")
     pairs = [f for figs in rows.values() for f in figs if "pairs_per_s" in f]
     if pairs:
-        lines.append(f"\nPairs (dopri5, {a.num_pairs} per reflow): "
-                     f"{_cell([f['pairs_per_s'] for f in pairs], '.1f')} samples/s on the batch stage, "
-                     f"{_cell([f['pairs_wall_s'] for f in pairs], '.0f')} s sampling, "
-                     f"{_cell([f['pairs_and_ingest_s'] for f in pairs], '.0f')} s with ingest, mean NFE "
-                     f"{_cell([f['pairs_nfe'] for f in pairs], '.0f')}; training {a.steps} steps in all per row "
-                     f"(reflow rows: {a.reflow_at} + {a.steps - a.reflow_at}).")
+        lines.append(
+            f"\nPairs (dopri5, {a.num_pairs} per reflow): "
+            f"{_cell([f['pairs_per_s'] for f in pairs], '.1f')} samples/s on the batch stage, "
+            f"{_cell([f['pairs_wall_s'] for f in pairs], '.0f')} s sampling, "
+            f"{_cell([f['pairs_and_ingest_s'] for f in pairs], '.0f')} s with ingest, mean NFE "
+            f"{_cell([f['pairs_nfe'] for f in pairs], '.0f')}; training {a.steps} steps in all per row "
+            f"(reflow rows: {a.reflow_at} + {a.steps - a.reflow_at})."
+        )
     return "\n".join(lines)
 
 

@@ -43,25 +43,58 @@ class Preset:
 
 
 PRESETS = {
-    "digits": Preset("configs/digits-cpu.yaml", "digits", "data/digits", steps=300, num_samples=300,
-                     euler_steps=[2, 5, 10, 20, 50], sde_steps=100, eval_draws=1, eval_max_images=0,
-                     overrides=["train.sample_every=0", "train.checkpoint_every=300", "train.log_every=50"],
-                     budget="digits: under 60 min on 2 CPU cores"),
+    "digits": Preset(
+        "configs/digits-cpu.yaml",
+        "digits",
+        "data/digits",
+        steps=300,
+        num_samples=300,
+        euler_steps=[2, 5, 10, 20, 50],
+        sde_steps=100,
+        eval_draws=1,
+        eval_max_images=0,
+        overrides=["train.sample_every=0", "train.checkpoint_every=300", "train.log_every=50"],
+        budget="digits: under 60 min on 2 CPU cores",
+    ),
     # 2 CPU cores: each method trains for 12 (the 2026-11-29 host) to 35 minutes (the 2026-12-03 one, 160-219
     # images/s); FID of 2,000 dopri5 samples against ~5,000 training images (Inception runs at 5-11 images/s on 2
     # cores: the whole 60k split would take 1.5 to 3 hours)
-    "fashion-mnist-cpu": Preset("configs/fashion-mnist-cpu.yaml", "fashion-mnist", "data/fashion-mnist",
-                                steps=3000, num_samples=2000, euler_steps=[], sde_steps=0, eval_draws=1,
-                                eval_max_images=200, reference_max=5000,
-                                budget="fashion-mnist-cpu: 25 to 60 min per method on 2 CPU cores by host, 12 "
-                                       "to 35 of them training"),
-    "fashion-mnist": Preset("configs/fashion-mnist.yaml", "fashion-mnist", "data/fashion-mnist", steps=20000,
-                            num_samples=5000, euler_steps=[2, 5, 10, 20, 50, 100], sde_steps=200, eval_draws=1,
-                            eval_max_images=1000),
-    "cifar10": Preset("configs/cifar10.yaml", "parquet:/mnt/shared/data/cifar10-src/*.parquet",
-                      "/mnt/shared/data/cifar10", steps=391000, num_samples=50000,
-                      euler_steps=[2, 5, 10, 20, 50, 100], sde_steps=1000, eval_draws=1, eval_max_images=0,
-                      overrides=["ray.use_gpu=true"]),
+    "fashion-mnist-cpu": Preset(
+        "configs/fashion-mnist-cpu.yaml",
+        "fashion-mnist",
+        "data/fashion-mnist",
+        steps=3000,
+        num_samples=2000,
+        euler_steps=[],
+        sde_steps=0,
+        eval_draws=1,
+        eval_max_images=200,
+        reference_max=5000,
+        budget="fashion-mnist-cpu: 25 to 60 min per method on 2 CPU cores by host, 12 to 35 of them training",
+    ),
+    "fashion-mnist": Preset(
+        "configs/fashion-mnist.yaml",
+        "fashion-mnist",
+        "data/fashion-mnist",
+        steps=20000,
+        num_samples=5000,
+        euler_steps=[2, 5, 10, 20, 50, 100],
+        sde_steps=200,
+        eval_draws=1,
+        eval_max_images=1000,
+    ),
+    "cifar10": Preset(
+        "configs/cifar10.yaml",
+        "parquet:/mnt/shared/data/cifar10-src/*.parquet",
+        "/mnt/shared/data/cifar10",
+        steps=391000,
+        num_samples=50000,
+        euler_steps=[2, 5, 10, 20, 50, 100],
+        sde_steps=1000,
+        eval_draws=1,
+        eval_max_images=0,
+        overrides=["ray.use_gpu=true"],
+    ),
 }
 DEFAULT_METHODS = ["fm_ot", "fm_vp", "score_vp", "icfm", "otcfm"]
 
@@ -73,8 +106,7 @@ def parse(argv):
     p.add_argument("--methods", type=name_list, default=DEFAULT_METHODS)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--num-samples", type=int, default=None)
-    p.add_argument("--euler-steps", type=int_list, default=None, help="comma-separated Euler step counts for the "
-                   "curve")
+    p.add_argument("--euler-steps", type=int_list, default=None, help="comma-separated Euler step counts for the curve")
     p.add_argument("--experiment", default=None)
     p.add_argument("--data", default=None, help="ingest output directory (default: the preset's)")
     p.add_argument("--eval-max-images", type=int, default=None, help="cap the test images for bits/dim")
@@ -111,9 +143,17 @@ def _reproduce(a) -> dict:
     configs = {}
     for method in a.methods:
         for seed in a.seeds:
-            sets = [*preset.overrides, f"data.shards={data}", f"train.steps={steps}", f"train.seed={seed}",
-                    f"method.name={method}", f"train.run_name={experiment}-{method}-s{seed}",
-                    f"train.storage_path={out / 'ray_results'}", f"mlflow.experiment={experiment}", *a.overrides]
+            sets = [
+                *preset.overrides,
+                f"data.shards={data}",
+                f"train.steps={steps}",
+                f"train.seed={seed}",
+                f"method.name={method}",
+                f"train.run_name={experiment}-{method}-s{seed}",
+                f"train.storage_path={out / 'ray_results'}",
+                f"mlflow.experiment={experiment}",
+                *a.overrides,
+            ]
             if method == "otcfm":
                 sets.append("method.ot_scope=global")
             configs[(method, seed)] = load_config(preset.config, sets)
@@ -127,23 +167,52 @@ def _reproduce(a) -> dict:
     timings = []
     for (method, seed), cfg in configs.items():
         t0 = time.perf_counter()
-        solves = [SampleConfig(num_samples=num_samples, solver="dopri5", atol=1e-5, rtol=1e-5, seed=seed,
-                               block_size=100, actors=2)]
+        solves = [
+            SampleConfig(
+                num_samples=num_samples, solver="dopri5", atol=1e-5, rtol=1e-5, seed=seed, block_size=100, actors=2
+            )
+        ]
         if not METHODS[method].velocity_field:  # MeanFlow: one jump for every seed, 2 and 4 for the first
-            solves = [SampleConfig(num_samples=num_samples, solver=JUMP, steps=n, seed=seed, block_size=100,
-                                   actors=2) for n in ([1, 2, 4] if seed == a.seeds[0] else [1])]
+            solves = [
+                SampleConfig(num_samples=num_samples, solver=JUMP, steps=n, seed=seed, block_size=100, actors=2)
+                for n in ([1, 2, 4] if seed == a.seeds[0] else [1])
+            ]
         elif seed == a.seeds[0]:
-            solves += [SampleConfig(num_samples=num_samples, solver="euler", steps=n, seed=seed, block_size=100,
-                                    actors=2) for n in euler]
+            solves += [
+                SampleConfig(num_samples=num_samples, solver="euler", steps=n, seed=seed, block_size=100, actors=2)
+                for n in euler
+            ]
             if method == "score_vp" and preset.sde_steps:
-                solves.append(SampleConfig(num_samples=num_samples, solver="sde", steps=preset.sde_steps,
-                                           seed=seed, block_size=100, actors=2))
-        ecfg = EvalConfig(draws=preset.eval_draws, divergence="hutchinson", probes=1, batch_size=60, actors=2,
-                          max_images=max_images, seed=seed, reference_max=preset.reference_max)
+                solves.append(
+                    SampleConfig(
+                        num_samples=num_samples,
+                        solver="sde",
+                        steps=preset.sde_steps,
+                        seed=seed,
+                        block_size=100,
+                        actors=2,
+                    )
+                )
+        ecfg = EvalConfig(
+            draws=preset.eval_draws,
+            divergence="hutchinson",
+            probes=1,
+            batch_size=60,
+            actors=2,
+            max_images=max_images,
+            seed=seed,
+            reference_max=preset.reference_max,
+        )
         chain = train_sample_evaluate(cfg, solves, ecfg, out / "samples" / f"{method}-s{seed}")
         uri = chain.train.tracking_uri
-        timings.append({"method": method, "seed": seed, "train_s": chain.train.wall_s,
-                        "total_s": round(time.perf_counter() - t0, 1)})
+        timings.append(
+            {
+                "method": method,
+                "seed": seed,
+                "train_s": chain.train.wall_s,
+                "total_s": round(time.perf_counter() - t0, 1),
+            }
+        )
         print(json.dumps({"progress": timings[-1]}), flush=True)
     rows = table(collect(uri, experiment))
     md = markdown(rows)
@@ -151,11 +220,24 @@ def _reproduce(a) -> dict:
     (out / "table.md").write_text(md + "\n")
     plot = plot_nfe_vs_fd(rows, out / "nfe-vs-fd.png")
     print(md)
-    result = {"experiment": experiment, "budget": preset.budget, "tracking_uri": uri, "preset": a.preset,
-              "seeds": a.seeds, "methods": a.methods, "train_steps": steps, "num_samples": num_samples,
-              "euler_steps": euler, "eval_draws": preset.eval_draws, "wall_s": round(time.perf_counter() - start, 1),
-              "timings": timings, "table_md": str(out / "table.md"), "table_csv": str(csv_path),
-              "plot": str(plot) if plot else None, "rows": rows}
+    result = {
+        "experiment": experiment,
+        "budget": preset.budget,
+        "tracking_uri": uri,
+        "preset": a.preset,
+        "seeds": a.seeds,
+        "methods": a.methods,
+        "train_steps": steps,
+        "num_samples": num_samples,
+        "euler_steps": euler,
+        "eval_draws": preset.eval_draws,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "timings": timings,
+        "table_md": str(out / "table.md"),
+        "table_csv": str(csv_path),
+        "plot": str(plot) if plot else None,
+        "rows": rows,
+    }
     (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps(result, default=str))
     return result

@@ -22,8 +22,11 @@ from jobs.cli import add_common, key_list, run_job, tracking_and_checkpoint
 def main(argv: list[str] | None = None) -> dict:
     from pipelines.batch.config import SampleConfig
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=key_list("sample", SampleConfig()))
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=key_list("sample", SampleConfig()),
+    )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--out", required=True)

@@ -26,11 +26,17 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="the base training config (YAML)")
     p.add_argument("--name", required=True, help="the sweep's name: its MLflow run and its folder in storage")
-    p.add_argument("--param", action="append", default=[], metavar="SECTION.KEY=V1,V2",
-                   help="a swept key and its values (repeat for a grid)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=V1,V2",
+        help="a swept key and its values (repeat for a grid)",
+    )
     p.add_argument("--space", default=None, help="a YAML search space (params:, seeds:) instead of --param")
-    p.add_argument("--seeds", type=int_list, default=None,
-                   help="comma-separated train.seed values of every grid point (default 0)")
+    p.add_argument(
+        "--seeds", type=int_list, default=None, help="comma-separated train.seed values of every grid point (default 0)"
+    )
     p.add_argument("--scheduler", default="fifo", help="fifo (every trial runs to the end) or asha")
     p.add_argument("--metric", default="val_loss", help="what the scheduler and the table rank: val_loss or loss")
     p.add_argument("--mode", default="min", help="min or max")
@@ -60,8 +66,19 @@ def _sweep(a) -> dict:
         space[key] = values
     if a.seeds is not None:
         seeds = a.seeds
-    spec = SweepSpec(a.name, a.config, a.overrides, space, seeds or [0], a.scheduler, a.metric, a.mode,
-                     a.max_concurrent, a.grace_steps, a.reduction_factor)
+    spec = SweepSpec(
+        a.name,
+        a.config,
+        a.overrides,
+        space,
+        seeds or [0],
+        a.scheduler,
+        a.metric,
+        a.mode,
+        a.max_concurrent,
+        a.grace_steps,
+        a.reduction_factor,
+    )
     result = run_sweep(spec)
     print(json.dumps(result, default=str))
     return result

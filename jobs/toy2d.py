@@ -55,8 +55,9 @@ def run(args: argparse.Namespace) -> dict:
     for name in args.methods:
         start = time.perf_counter()
         method = make_method(name)
-        ema, losses = fit_toy(MLP(2, 128, 3), method, args.data, args.steps, args.batch, lr=2e-3, ema_decay=0.99,
-                              seed=args.seed)
+        ema, losses = fit_toy(
+            MLP(2, 128, 3), method, args.data, args.steps, args.batch, lr=2e-3, ema_decay=0.99, seed=args.seed
+        )
         train_s = time.perf_counter() - start
         fn = method.velocity(ema.module)
         x_0 = torch.randn(args.samples, 2, generator=torch.Generator().manual_seed(args.seed + 300))
@@ -64,24 +65,36 @@ def run(args: argparse.Namespace) -> dict:
         traj = ode_sample(fn, x_0[:64], "rk4", steps=20, t_1=method.t_max, return_trajectory=True).trajectory
         lik = log_likelihood(fn, test, LikelihoodSettings(t_1=method.t_max))
         nll, nll_se = mean_and_stderr(-lik.log_p)
-        rows.append({
-            "method": name, "train_s": round(train_s, 1), "final_loss": sum(losses[-100:]) / 100,
-            "w2": wasserstein2(sample.x_1, ref), "nll": nll, "nll_stderr": nll_se,
-            "nll_gap": None if entropy is None else nll - entropy, "sample_nfe": sample.nfe, "nll_nfe": lik.nfe,
-        })
+        rows.append(
+            {
+                "method": name,
+                "train_s": round(train_s, 1),
+                "final_loss": sum(losses[-100:]) / 100,
+                "w2": wasserstein2(sample.x_1, ref),
+                "nll": nll,
+                "nll_stderr": nll_se,
+                "nll_gap": None if entropy is None else nll - entropy,
+                "sample_nfe": sample.nfe,
+                "nll_nfe": lik.nfe,
+            }
+        )
         figs.append((name, fn, sample.x_1, traj, method.t_max))
     figure = out / f"{args.data}.png"
     _plot(figs, ref, figure)
     w2_ref = wasserstein2(sample_toy(args.data, args.samples, torch.Generator().manual_seed(args.seed + 400)), ref)
-    print(f"\n{args.data}: {args.steps} steps, batch {args.batch}, MLP(2, 128, 3); dopri5 atol=rtol=1e-5; "
-          f"W2 on {args.samples} samples (data vs data: {w2_ref:.3f}); NLL on 1000 test points, in nats"
-          + (f"; true entropy {entropy:.3f}" if entropy is not None else ""))
+    print(
+        f"\n{args.data}: {args.steps} steps, batch {args.batch}, MLP(2, 128, 3); dopri5 atol=rtol=1e-5; "
+        f"W2 on {args.samples} samples (data vs data: {w2_ref:.3f}); NLL on 1000 test points, in nats"
+        + (f"; true entropy {entropy:.3f}" if entropy is not None else "")
+    )
     print("| method | train s | loss | W2 | NLL ± se | NLL - entropy | NFE sample | NFE NLL |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         gap = "n/a" if r["nll_gap"] is None else f"{r['nll_gap']:.3f}"
-        print(f"| {r['method']} | {r['train_s']} | {r['final_loss']:.3f} | {r['w2']:.3f} | {r['nll']:.3f} ± "
-              f"{r['nll_stderr']:.3f} | {gap} | {r['sample_nfe']} | {r['nll_nfe']} |")
+        print(
+            f"| {r['method']} | {r['train_s']} | {r['final_loss']:.3f} | {r['w2']:.3f} | {r['nll']:.3f} ± "
+            f"{r['nll_stderr']:.3f} | {gap} | {r['sample_nfe']} | {r['nll_nfe']} |"
+        )
     print(f"figure: {figure}")
     return {"data": args.data, "entropy": entropy, "w2_data_vs_data": w2_ref, "figure": str(figure), "rows": rows}
 

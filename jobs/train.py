@@ -20,8 +20,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file (defaults apply when omitted)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
-    p.add_argument("--schema", action="store_true",
-                   help="print the JSON Schema of a config file (configs/train.schema.json) and exit")
+    p.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the JSON Schema of a config file (configs/train.schema.json) and exit",
+    )
     add_common(p, tracking=False)
     return p
 
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 def _train(a) -> dict | None:
     from pipelines.core.settings import dump
-    from pipelines.train.config import check_data, load_config, schema
+    from pipelines.train.against_data import check_data
+    from pipelines.train.config import load_config, schema
 
     if a.schema:
         print(json.dumps(schema(), indent=1))

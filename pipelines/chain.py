@@ -8,11 +8,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ray.train import UserCallback
 
 from pipelines.batch.config import EvalConfig, SampleConfig, validate_eval_config, validate_sample_config
-from pipelines.batch.evaluate import log_evaluation_run, open_evaluation_run, run_evaluation, sample_quality
+from pipelines.batch.evaluate import log_evaluation_run, open_evaluation_run, run_evaluation
+from pipelines.batch.quality import sample_quality
 from pipelines.batch.results import EvaluationResult
 from pipelines.batch.sample import log_sampling_run, open_sampling_run, run_sampling
 from pipelines.core import storage
@@ -24,7 +26,8 @@ from pipelines.core.samples import SamplingResult
 from pipelines.core.system_metrics import monitored_run
 from pipelines.core.tracking import tracking_uri
 from pipelines.ingest.run import ingest
-from pipelines.train.config import Config, check_data
+from pipelines.train.against_data import check_data
+from pipelines.train.config import Config
 from pipelines.train.driver import TrainResult, run_training
 
 
@@ -58,8 +61,15 @@ class SolveRecord:
         return asdict(self)
 
 
-def sample_and_evaluate(uri: str, ckpt: str, manifest: Manifest, solves: list[SampleConfig], ecfg: EvalConfig,
-                        samples_root: str | Path, system_metrics: bool = True) -> list[SolveRecord]:
+def sample_and_evaluate(
+    uri: str,
+    ckpt: str,
+    manifest: Manifest,
+    solves: list[SampleConfig],
+    ecfg: EvalConfig,
+    samples_root: str | Path,
+    system_metrics: bool = True,
+) -> list[SolveRecord]:
     """For a checkpoint `ckpt` of a model trained on the data of `manifest`: sample with every sampler into
     samples_root/<tag>, and evaluate: bits/dim once (with the first sampler's run), sample quality for each. Each
     stage's MLflow run (tracking URI `uri`) holds its system metrics (`system_metrics`)."""
@@ -89,16 +99,24 @@ class ChainResult:
     solves: list[SolveRecord]
 
 
-def train_sample_evaluate(cfg: Config, solves: list[SampleConfig], ecfg: EvalConfig,
-                          samples_root: str | Path) -> ChainResult:
+def train_sample_evaluate(
+    cfg: Config, solves: list[SampleConfig], ecfg: EvalConfig, samples_root: str | Path
+) -> ChainResult:
     """Train per `cfg`, then `sample_and_evaluate` the final model. The manifest is read (and checked against the
     config) once."""
     manifest = check_data(cfg)
     for scfg in solves:  # a sampler the method cannot take is refused before training, not after it
         validate_sample_config(scfg, cfg.method.name)
     trained = run_training(cfg, manifest, callbacks=quality_callbacks(cfg, manifest))
-    solved = sample_and_evaluate(trained.tracking_uri, trained.final_checkpoint, manifest, solves, ecfg,
-                                 Path(samples_root) / trained.run_id, cfg.mlflow.system_metrics)
+    solved = sample_and_evaluate(
+        trained.tracking_uri,
+        trained.final_checkpoint,
+        manifest,
+        solves,
+        ecfg,
+        Path(samples_root) / trained.run_id,
+        cfg.mlflow.system_metrics,
+    )
     return ChainResult(trained, solved)
 
 
@@ -110,8 +128,10 @@ def quality_configs(cfg: Config) -> tuple[SampleConfig, EvalConfig]:
     train.eval_samples --set sample.solver=... ` and `flowray evaluate --set eval.max_images=train.eval_rows`, one
     actor each (the stages share the cluster with the trainers)."""
     t = cfg.train
-    return (SampleConfig(num_samples=t.eval_samples, solver=t.eval_solver, steps=t.eval_steps, actors=1),
-            EvalConfig(max_images=t.eval_rows, actors=1))
+    return (
+        SampleConfig(num_samples=t.eval_samples, solver=t.eval_solver, steps=t.eval_steps, actors=1),
+        EvalConfig(max_images=t.eval_rows, actors=1),
+    )
 
 
 def quality_callbacks(cfg: Config, manifest: Manifest) -> list:
@@ -126,8 +146,9 @@ def quality_callbacks(cfg: Config, manifest: Manifest) -> list:
     return [QualityWhileTraining(cfg, manifest, tracking_uri(cfg.mlflow.tracking_uri))]
 
 
-def score_checkpoint(staged: str, filesystem, manifest: Manifest, scfg: SampleConfig, ecfg: EvalConfig,
-                     uri: str) -> dict:
+def score_checkpoint(
+    staged: str, filesystem, manifest: Manifest, scfg: SampleConfig, ecfg: EvalConfig, uri: str
+) -> dict:
     """Sample and evaluate one checkpoint of a training run (`staged`: its copy in the run's storage, in
     `filesystem`; removed once read) and log the figures to the training run at the checkpoint's step, as
     `eval/...`. Returns them."""
@@ -141,12 +162,20 @@ def score_checkpoint(staged: str, filesystem, manifest: Manifest, scfg: SampleCo
         samples = run_sampling(local, Path(tmp, "samples"), scfg)
         ev = run_evaluation(local, manifest, samples.out, ecfg)
     q, lik = ev.quality, ev.likelihood
-    figures = {"eval/bpd": None if lik is None else lik.mean, "eval/sample_nfe": samples.mean_nfe, "eval/fd": q.fd,
-               "eval/fd_floor": q.fd_floor,
-               "eval/kid": q.kid, "eval/precision": q.precision, "eval/recall": q.recall}
+    assert q is not None  # run_evaluation scores the samples it is given
+    raw: dict[str, float | None] = {
+        "eval/bpd": None if lik is None else lik.mean,
+        "eval/sample_nfe": samples.mean_nfe,
+        "eval/fd": q.fd,
+        "eval/fd_floor": q.fd_floor,
+        "eval/kid": q.kid,
+        "eval/precision": q.precision,
+        "eval/recall": q.recall,
+    }
     if ev.straightness is not None:
-        figures["eval/straightness"] = ev.straightness.straightness
-    figures = {k: float(v) for k, v in figures.items() if v is not None and not math.isnan(v)}
+        raw["eval/straightness"] = ev.straightness.straightness
+    figures = {k: float(v) for k, v in raw.items() if v is not None and not math.isnan(v)}
+    assert meta.mlflow_run_id is not None  # a training run's checkpoints name their MLflow run
     log = SafeLogger(uri, meta.mlflow_run_id)
     log.metrics(figures, meta.step)
     log.close(60.0)
@@ -169,7 +198,7 @@ class QualityWhileTraining(UserCallback):
 
     def __init__(self, cfg: Config, manifest: Manifest, uri: str):
         self.cfg, self.manifest, self.uri = cfg, manifest, uri
-        self.scorer = None
+        self.scorer: Any = None  # the run's _Scorer actor, started with the first score
         self.pending: list = []
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
@@ -180,17 +209,23 @@ class QualityWhileTraining(UserCallback):
 
         if checkpoint is None or not metrics:
             return
-        step, t = metrics[0].get("step"), self.cfg.train
+        step, t = int(metrics[0]["step"]), self.cfg.train
         if step % t.eval_every == 0 or step == t.steps:
             if self.scorer is None:  # it waits on the stages it starts: almost no CPU of its own
-                self.scorer = ray.remote(num_cpus=0.01, max_concurrency=1)(_Scorer).remote()
+                # (Ray's stubs type `ray.remote(...)` for functions only: an actor's max_concurrency is not in them)
+                self.scorer = ray.remote(num_cpus=0.01, max_concurrency=1)(_Scorer).remote()  # type: ignore[call-overload]
             staged = posixpath.join(posixpath.dirname(checkpoint.path), ".quality", f"step_{step:09d}")
             checkpoint.filesystem.create_dir(staged)
-            pafs.copy_files(checkpoint.path, staged, source_filesystem=checkpoint.filesystem,
-                            destination_filesystem=checkpoint.filesystem)
+            pafs.copy_files(
+                checkpoint.path,
+                staged,
+                source_filesystem=checkpoint.filesystem,
+                destination_filesystem=checkpoint.filesystem,
+            )
             scfg, ecfg = quality_configs(self.cfg)
-            self.pending.append(self.scorer.score.remote(staged, checkpoint.filesystem, self.manifest, scfg, ecfg,
-                                                         self.uri))
+            self.pending.append(
+                self.scorer.score.remote(staged, checkpoint.filesystem, self.manifest, scfg, ecfg, self.uri)
+            )
         if step == t.steps:
             for ref in self.pending:  # one failed score is said, and the run goes on to finish
                 try:

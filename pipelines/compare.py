@@ -15,13 +15,32 @@ from fm.solvers import is_adaptive
 from pipelines.core.errors import ConfigError
 from pipelines.core.figures import save_figure
 
-COLUMNS = ["method", "path", "coupling", "solver", "sample_steps", "train_steps", "runs", "bpd", "fd", "fd_matched",
-           "fd_floor",
-           "fd_label",
-           "sample_nfe", "likelihood_nfe", "train_run_ids", "eval_run_ids"]
+COLUMNS = [
+    "method",
+    "path",
+    "coupling",
+    "solver",
+    "sample_steps",
+    "train_steps",
+    "runs",
+    "bpd",
+    "fd",
+    "fd_matched",
+    "fd_floor",
+    "fd_label",
+    "sample_nfe",
+    "likelihood_nfe",
+    "train_run_ids",
+    "eval_run_ids",
+]
 # (metric, header) of the columns that only some runs have; a column shows when some run has its metric
-OPTIONAL_COLUMNS = [("nll", "NLL (nats)"), ("w2", "W2"), ("w2_floor", "W2 floor"), ("w2_ratio_max", "worst W2 / floor"),
-                    ("straightness", "straightness")]
+OPTIONAL_COLUMNS = [
+    ("nll", "NLL (nats)"),
+    ("w2", "W2"),
+    ("w2_floor", "W2 floor"),
+    ("w2_ratio_max", "worst W2 / floor"),
+    ("straightness", "straightness"),
+]
 
 
 def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
@@ -42,22 +61,32 @@ def collect(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
         sample = _get(client, tags.get("flowray.sample_run_id"))
         method = tags.get("flowray.method") or (train.data.params.get("method.name") if train else "?")
         path, coupling = describe(method, train.data.params.get("method.ot_scope", "local") if train else "local")
-        records.append({
-            "method": method, "path": path, "coupling": coupling,
-            # every method key the training run set (the coupling's scope is the coupling column already)
-            "method_keys": {k.removeprefix("method."): v for k, v in (train.data.params if train else {}).items()
-                            if k.startswith("method.") and k not in ("method.name", "method.ot_scope")},
-            "solver": solver, "sample_steps": "adaptive" if is_adaptive(solver) else tags.get(
-                "flowray.sample_steps", ""),
-            "train_steps": train.data.params.get("train.steps", "") if train else "",
-            "bpd": metrics.get("bpd"), "fd": metrics.get("fd"), "fd_floor": metrics.get("fd_floor"),
-            "fd_matched": metrics.get("fd_matched"),
-            "fd_label": tags.get("flowray.fd_label", "FD"),
-            "sample_nfe": sample.data.metrics.get("mean_nfe") if sample else None,
-            "likelihood_nfe": metrics.get("likelihood_nfe"),
-            **{key: metrics.get(key) for key, _ in OPTIONAL_COLUMNS},
-            "train_run_id": train.info.run_id if train else "", "eval_run_id": run.info.run_id,
-        })
+        records.append(
+            {
+                "method": method,
+                "path": path,
+                "coupling": coupling,
+                # every method key the training run set (the coupling's scope is the coupling column already)
+                "method_keys": {
+                    k.removeprefix("method."): v
+                    for k, v in (train.data.params if train else {}).items()
+                    if k.startswith("method.") and k not in ("method.name", "method.ot_scope")
+                },
+                "solver": solver,
+                "sample_steps": "adaptive" if is_adaptive(solver) else tags.get("flowray.sample_steps", ""),
+                "train_steps": train.data.params.get("train.steps", "") if train else "",
+                "bpd": metrics.get("bpd"),
+                "fd": metrics.get("fd"),
+                "fd_floor": metrics.get("fd_floor"),
+                "fd_matched": metrics.get("fd_matched"),
+                "fd_label": tags.get("flowray.fd_label", "FD"),
+                "sample_nfe": sample.data.metrics.get("mean_nfe") if sample else None,
+                "likelihood_nfe": metrics.get("likelihood_nfe"),
+                **{key: metrics.get(key) for key, _ in OPTIONAL_COLUMNS},
+                "train_run_id": train.info.run_id if train else "",
+                "eval_run_id": run.info.run_id,
+            }
+        )
     return records
 
 
@@ -123,18 +152,48 @@ def _fmt(mean, std, digits=3) -> str:
 def markdown(rows: list[dict]) -> str:
     fd_label = rows[0]["fd_label"] if rows else "FD"
     extra = [(key, header) for key, header in OPTIONAL_COLUMNS if any(r.get(key) is not None for r in rows)]
-    head = ["method", "path", "coupling", "solver", "steps", "train steps", "runs", "bits/dim", fd_label,
-            f"{fd_label} at the floor's count", "floor (real vs real)", *[h for _, h in extra], "sample NFE",
-            "likelihood NFE", "training runs"]
+    head = [
+        "method",
+        "path",
+        "coupling",
+        "solver",
+        "steps",
+        "train steps",
+        "runs",
+        "bits/dim",
+        fd_label,
+        f"{fd_label} at the floor's count",
+        "floor (real vs real)",
+        *[h for _, h in extra],
+        "sample NFE",
+        "likelihood NFE",
+        "training runs",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([
-            r["method"], r["path"], r["coupling"], r["solver"], str(r["sample_steps"]), str(r["train_steps"]),
-            str(r["runs"]), _fmt(r["bpd"], r["bpd_std"]), _fmt(r["fd"], r["fd_std"]),
-            _fmt(r["fd_matched"], r["fd_matched_std"]), _fmt(r["fd_floor"], r["fd_floor_std"]),
-            *[_fmt(r[key], r[f"{key}_std"]) for key, _ in extra], _fmt(r["sample_nfe"], r["sample_nfe_std"], 0),
-            _fmt(r["likelihood_nfe"], r["likelihood_nfe_std"], 0),
-            r["train_run_ids"]]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["method"],
+                    r["path"],
+                    r["coupling"],
+                    r["solver"],
+                    str(r["sample_steps"]),
+                    str(r["train_steps"]),
+                    str(r["runs"]),
+                    _fmt(r["bpd"], r["bpd_std"]),
+                    _fmt(r["fd"], r["fd_std"]),
+                    _fmt(r["fd_matched"], r["fd_matched_std"]),
+                    _fmt(r["fd_floor"], r["fd_floor_std"]),
+                    *[_fmt(r[key], r[f"{key}_std"]) for key, _ in extra],
+                    _fmt(r["sample_nfe"], r["sample_nfe_std"], 0),
+                    _fmt(r["likelihood_nfe"], r["likelihood_nfe_std"], 0),
+                    r["train_run_ids"],
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -145,9 +204,10 @@ def plot_series(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
     series: dict[str, dict[str, list[dict]]] = {}
     for method in sorted({r["method"] for r in pts}):
         mine = [r for r in pts if r["method"] == method]
-        series[method] = {"fixed": sorted((r for r in mine if not is_adaptive(r["solver"])),
-                                          key=lambda r: r["sample_nfe"]),
-                          "adaptive": [r for r in mine if is_adaptive(r["solver"])]}
+        series[method] = {
+            "fixed": sorted((r for r in mine if not is_adaptive(r["solver"])), key=lambda r: r["sample_nfe"]),
+            "adaptive": [r for r in mine if is_adaptive(r["solver"])],
+        }
     return series
 
 
@@ -166,8 +226,13 @@ def plot_nfe_vs_fd(rows: list[dict], path: str | Path) -> Path | None:
         color = f"C{i}"
         fixed = parts["fixed"]
         if fixed:
-            ax.plot([r["sample_nfe"] for r in fixed], [r["fd"] for r in fixed], "o-", color=color,
-                    label=f"{method} ({fixed[0]['solver']})")
+            ax.plot(
+                [r["sample_nfe"] for r in fixed],
+                [r["fd"] for r in fixed],
+                "o-",
+                color=color,
+                label=f"{method} ({fixed[0]['solver']})",
+            )
         for r in parts["adaptive"]:
             ax.plot(r["sample_nfe"], r["fd"], "*", ms=14, color=color, label=f"{method} {r['solver']}")
     ax.set_xscale("log")
@@ -177,8 +242,20 @@ def plot_nfe_vs_fd(rows: list[dict], path: str | Path) -> Path | None:
     return save_figure(fig, path)
 
 
-VERSION_TAGS = ("method", "path", "coupling", "train_steps", "data", "bpd", "nll", "fd_label", "fd", "fd_floor",
-                "likelihood_nfe", "evaluated_step")
+VERSION_TAGS = (
+    "method",
+    "path",
+    "coupling",
+    "train_steps",
+    "data",
+    "bpd",
+    "nll",
+    "fd_label",
+    "fd",
+    "fd_floor",
+    "likelihood_nfe",
+    "evaluated_step",
+)
 
 
 def model_versions(uri: str, name: str) -> list[dict]:
@@ -196,16 +273,24 @@ def model_versions(uri: str, name: str) -> list[dict]:
     rows = []
     for v in sorted(found, key=lambda v: int(v.version), reverse=True):
         tags = {k.removeprefix("flowray."): val for k, val in (v.tags or {}).items() if k.startswith("flowray.")}
-        rows.append({"version": int(v.version), "aliases": ",".join(sorted(aliases.get(str(v.version), []))),
-                     "description": v.description or "", **tags})
+        rows.append(
+            {
+                "version": int(v.version),
+                "aliases": ",".join(sorted(aliases.get(str(v.version), []))),
+                "description": v.description or "",
+                **tags,
+            }
+        )
     return rows
 
 
 def versions_markdown(rows: list[dict]) -> str:
     """The registry versions as a markdown table: the version, its aliases, and the tags of `VERSION_TAGS` it has."""
     keys = [k for k in VERSION_TAGS if any(k in r for r in rows)]
-    lines = ["| version | aliases | " + " | ".join(keys) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+    lines = [
+        "| version | aliases | " + " | ".join(keys) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in keys) + " |",
+    ]
     for r in rows:
         lines.append(f"| {r['version']} | {r['aliases']} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
     return "\n".join(lines)
@@ -218,8 +303,9 @@ def sweep_trials(uri: str, parent_run_id: str, metric: str = "val_loss", mode: s
 
     client = MlflowClient(uri)
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id], max_results=5000,
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    runs = client.search_runs(
+        [parent.info.experiment_id], max_results=5000, filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
     rows = []
     for run in runs:
         tags = run.data.tags
@@ -227,12 +313,19 @@ def sweep_trials(uri: str, parent_run_id: str, metric: str = "val_loss", mode: s
         losses = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
         values = [m.value for m in history]
         best = (min if mode == "min" else max)(values) if values else None
-        rows.append({"trial": tags.get("mlflow.runName", run.info.run_id), **json.loads(tags.get(
-            "flowray.sweep.values", "{}")), "seed": tags.get("flowray.sweep.seed", ""),
-            "status": tags.get("flowray.sweep.status", run.info.status.lower()),
-            "steps": max([m.step for m in losses + history], default=0),
-            "loss": losses[-1].value if losses else None, metric: values[-1] if values else None,
-            f"best_{metric}": best, "run_id": run.info.run_id})
+        rows.append(
+            {
+                "trial": tags.get("mlflow.runName", run.info.run_id),
+                **json.loads(tags.get("flowray.sweep.values", "{}")),
+                "seed": tags.get("flowray.sweep.seed", ""),
+                "status": tags.get("flowray.sweep.status", run.info.status.lower()),
+                "steps": max([m.step for m in losses + history], default=0),
+                "loss": losses[-1].value if losses else None,
+                metric: values[-1] if values else None,
+                f"best_{metric}": best,
+                "run_id": run.info.run_id,
+            }
+        )
     sign = 1 if mode == "min" else -1
     return sorted(rows, key=lambda r: (r[f"best_{metric}"] is None, sign * (r[f"best_{metric}"] or 0.0)))
 
@@ -263,8 +356,12 @@ def plot_curves(uri: str, rows: list[dict], metric: str, path: str | Path) -> Pa
         history = sorted(client.get_metric_history(r["run_id"], metric), key=lambda m: m.step)
         if not history:
             continue
-        ax.plot([m.step for m in history], [m.value for m in history], "o-" if r["status"] == "finished" else "o--",
-                label=f"{r['trial']} ({r['status']})")
+        ax.plot(
+            [m.step for m in history],
+            [m.value for m in history],
+            "o-" if r["status"] == "finished" else "o--",
+            label=f"{r['trial']} ({r['status']})",
+        )
         drawn += 1
     if not drawn:
         plt.close(fig)

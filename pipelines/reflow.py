@@ -42,7 +42,8 @@ from pipelines.core.settings import check
 from pipelines.core.system_metrics import monitored_run
 from pipelines.core.tracking import find_or_create_run, tracking_uri, ui_hint
 from pipelines.ingest.run import ingest
-from pipelines.train.config import Config, check_data, check_init_from, load_config
+from pipelines.train.against_data import check_data, check_init_from
+from pipelines.train.config import Config, load_config
 from pipelines.train.driver import run_training
 
 
@@ -91,34 +92,51 @@ def plan(spec: ReflowSpec) -> Plan:
     manifest = Manifest.load(spec.data, key="--data")
     trained_on = meta.data_shape
     if trained_on != manifest.data.shape:
-        raise ConfigError(f"--checkpoint: the generating model was trained on rows of shape {trained_on}, but --data "
-                          f"{manifest.directory} holds {manifest.data.shape}")
+        raise ConfigError(
+            f"--checkpoint: the generating model was trained on rows of shape {trained_on}, but --data "
+            f"{manifest.directory} holds {manifest.data.shape}"
+        )
     pair_sampler = replace(spec.pair_sampler, num_samples=spec.num_pairs)
     validate_sample_config(pair_sampler, meta.method_name, meta.method)
-    check(pair_sampler.solver != "sde", "sample.solver", "sde",
-          "the pairs are an ODE's: (x_0, x_1 = ODE(x_0)); use dopri5 or a fixed-step ODE solver")
+    check(
+        pair_sampler.solver != "sde",
+        "sample.solver",
+        "sde",
+        "the pairs are an ODE's: (x_0, x_1 = ODE(x_0)); use dopri5 or a fixed-step ODE solver",
+    )
     for s in spec.solves:
         validate_sample_config(s, "reflow")
         # sample i of seed s starts from the noise derive_seed(s, i): with the pairs' seed, the evaluation samples
         # would start from the x_0 of the reflowed model's own training pairs, and score it on what it was fit to
-        check(s.seed != pair_sampler.seed, "--pair-seed", pair_sampler.seed,
-              f"the evaluation samplers draw their noise from sample.seed={s.seed} too, so the reflowed models would "
-              "be scored on the x_0 of their own training pairs; give the pairs a seed of their own")
+        check(
+            s.seed != pair_sampler.seed,
+            "--pair-seed",
+            pair_sampler.seed,
+            f"the evaluation samplers draw their noise from sample.seed={s.seed} too, so the reflowed models would "
+            "be scored on the x_0 of their own training pairs; give the pairs a seed of their own",
+        )
     validate_eval_config(spec.eval_config)
     configs = []
     for r in range(1, spec.rounds + 1):
         # train.init_from is set when the round starts: round r > 1 warm-starts from round r - 1's final model
-        forced = ["method.name=reflow", "data.hflip=false", f"data.shards={round_dir(spec, r)}/data",
-                  f"train.run_name={spec.name}-round{r}"]
+        forced = [
+            "method.name=reflow",
+            "data.hflip=false",
+            f"data.shards={round_dir(spec, r)}/data",
+            f"train.run_name={spec.name}-round{r}",
+        ]
         configs.append(load_config(spec.config, [*spec.overrides, *forced]))
     if spec.warm_start:  # the first round starts from the generating model: the config must build it
-        check_init_from(replace(configs[0], train=replace(configs[0].train, init_from=spec.checkpoint)),
-                        manifest.data)
+        check_init_from(replace(configs[0], train=replace(configs[0].train, init_from=spec.checkpoint)), manifest.data)
     cfg = configs[0]
     need = cfg.train.batch_size * cfg.ray.num_workers
-    check(spec.num_pairs * 0.8 >= need, "--num-pairs", spec.num_pairs,
-          f"the pairs' train split (about 90% of them) must fill a global batch of {need} (train.batch_size x "
-          "ray.num_workers)")
+    check(
+        spec.num_pairs * 0.8 >= need,
+        "--num-pairs",
+        spec.num_pairs,
+        f"the pairs' train split (about 90% of them) must fill a global batch of {need} (train.batch_size x "
+        "ray.num_workers)",
+    )
     quality_callbacks(cfg, manifest)  # train.eval_* checked against the real data
     return Plan(spec, manifest, configs, tracking_uri(cfg.mlflow.tracking_uri), pair_sampler)
 
@@ -133,22 +151,42 @@ def run_reflow(spec: ReflowSpec) -> dict:
 def _reflow(p: Plan) -> dict:
     spec = p.spec
     parent, resumed = find_or_create_run(
-        p.uri, p.configs[0].mlflow.experiment, spec.name,
-        {"flowray.kind": "reflow", "flowray.storage": storage.join(spec.out, spec.name),
-         "mlflow.note.content": f"{spec.rounds} reflow round(s) of {spec.checkpoint}: {spec.num_pairs} pairs a "
-                                f"round ({p.pair_sampler.solver}), {'warm' if spec.warm_start else 'cold'} start"})
+        p.uri,
+        p.configs[0].mlflow.experiment,
+        spec.name,
+        {
+            "flowray.kind": "reflow",
+            "flowray.storage": storage.join(spec.out, spec.name),
+            "mlflow.note.content": f"{spec.rounds} reflow round(s) of {spec.checkpoint}: {spec.num_pairs} pairs a "
+            f"round ({p.pair_sampler.solver}), {'warm' if spec.warm_start else 'cold'} start",
+        },
+    )
     log = SafeLogger(p.uri, parent)
     if not resumed:
-        log.params({"reflow.checkpoint": spec.checkpoint, "reflow.num_pairs": spec.num_pairs,
-                    "reflow.rounds": spec.rounds, "reflow.warm_start": spec.warm_start,
-                    "reflow.pair_solver": p.pair_sampler.solver, "reflow.data": spec.data,
-                    "reflow.solvers": ",".join(solver_tag(s) for s in spec.solves)})
+        log.params(
+            {
+                "reflow.checkpoint": spec.checkpoint,
+                "reflow.num_pairs": spec.num_pairs,
+                "reflow.rounds": spec.rounds,
+                "reflow.warm_start": spec.warm_start,
+                "reflow.pair_solver": p.pair_sampler.solver,
+                "reflow.data": spec.data,
+                "reflow.solvers": ",".join(solver_tag(s) for s in spec.solves),
+            }
+        )
     rounds: list[dict] = []
     baseline = None
     if spec.baseline and spec.solves:
         stage(f"reflow {spec.name}: the generating model with the evaluation solvers (the baseline)")
-        baseline = sample_and_evaluate(p.uri, spec.checkpoint, p.manifest, spec.solves, spec.eval_config,
-                                       storage.join(spec.out, spec.name, "round-0", "samples"), spec.system_metrics)
+        baseline = sample_and_evaluate(
+            p.uri,
+            spec.checkpoint,
+            p.manifest,
+            spec.solves,
+            spec.eval_config,
+            storage.join(spec.out, spec.name, "round-0", "samples"),
+            spec.system_metrics,
+        )
     checkpoint = spec.checkpoint
     for r, cfg in enumerate(p.configs, start=1):
         rounds.append(_round(p, parent, r, cfg, checkpoint))
@@ -161,8 +199,14 @@ def _reflow(p: Plan) -> dict:
         log.metrics(_figures(baseline, rounds), step=0)
         log.finish("FINISHED")
     stage(ui_hint(p.uri, parent))
-    return {"parent_run_id": parent, "tracking_uri": p.uri, "experiment": p.configs[0].mlflow.experiment,
-            "baseline": [s.to_dict() for s in baseline] if baseline else None, "rounds": rounds, "table": table}
+    return {
+        "parent_run_id": parent,
+        "tracking_uri": p.uri,
+        "experiment": p.configs[0].mlflow.experiment,
+        "baseline": [s.to_dict() for s in baseline] if baseline else None,
+        "rounds": rounds,
+        "table": table,
+    }
 
 
 def _round(p: Plan, parent: str, r: int, cfg: Config, generator: str) -> dict:
@@ -182,13 +226,35 @@ def _round(p: Plan, parent: str, r: int, cfg: Config, generator: str) -> dict:
     if spec.warm_start:
         cfg = replace(cfg, train=replace(cfg.train, init_from=generator))
     manifest = check_data(cfg)
-    trained = run_training(cfg, manifest, tags={"mlflow.parentRunId": parent, "flowray.reflow": parent,
-                                                "flowray.reflow.round": str(r)},
-                           callbacks=quality_callbacks(cfg, p.manifest))
-    solves = sample_and_evaluate(p.uri, trained.final_checkpoint, p.manifest, spec.solves, spec.eval_config,
-                                 storage.join(where, "samples"), spec.system_metrics) if spec.solves else []
-    return {"round": r, "generator": generator, "pairs": pairs.to_dict(), "pairs_and_ingest_s": round(pairs_s, 1),
-            "data": data, "train": trained, "solves": [s.to_dict() for s in solves], "records": solves}
+    trained = run_training(
+        cfg,
+        manifest,
+        tags={"mlflow.parentRunId": parent, "flowray.reflow": parent, "flowray.reflow.round": str(r)},
+        callbacks=quality_callbacks(cfg, p.manifest),
+    )
+    solves = (
+        sample_and_evaluate(
+            p.uri,
+            trained.final_checkpoint,
+            p.manifest,
+            spec.solves,
+            spec.eval_config,
+            storage.join(where, "samples"),
+            spec.system_metrics,
+        )
+        if spec.solves
+        else []
+    )
+    return {
+        "round": r,
+        "generator": generator,
+        "pairs": pairs.to_dict(),
+        "pairs_and_ingest_s": round(pairs_s, 1),
+        "data": data,
+        "train": trained,
+        "solves": [s.to_dict() for s in solves],
+        "records": solves,
+    }
 
 
 def _row(label: str, records: list[SolveRecord]) -> str:
@@ -200,8 +266,10 @@ def _row(label: str, records: list[SolveRecord]) -> str:
     st = ev.straightness if ev is not None else None
     bpd = ev.likelihood.mean if ev is not None and ev.likelihood is not None else None
     nfe = records[-1].sample.mean_nfe if records else None
-    return (f"| {label} | " + " | ".join(cells) + f" | {'' if nfe is None else f'{nfe:.0f}'} | "
-            f"{'' if st is None else f'{st.straightness:.4g}'} | {'' if bpd is None else f'{bpd:.3f}'} |")
+    return (
+        f"| {label} | " + " | ".join(cells) + f" | {'' if nfe is None else f'{nfe:.0f}'} | "
+        f"{'' if st is None else f'{st.straightness:.4g}'} | {'' if bpd is None else f'{bpd:.3f}'} |"
+    )
 
 
 def reflow_markdown(baseline: list[SolveRecord] | None, rounds: list[dict]) -> str:
@@ -212,8 +280,11 @@ def reflow_markdown(baseline: list[SolveRecord] | None, rounds: list[dict]) -> s
         return "(no evaluation solvers: nothing to compare)"
     label = records[0].evaluation.quality.fd_label if records[0].evaluation.quality else "FD"
     floor = records[0].evaluation.quality.fd_floor if records[0].evaluation.quality else None
-    head = ("| model | " + " | ".join(f"{label} {r.solver}" for r in records)
-            + f" | NFE ({records[-1].solver}) | straightness | bits/dim |")
+    head = (
+        "| model | "
+        + " | ".join(f"{label} {r.solver}" for r in records)
+        + f" | NFE ({records[-1].solver}) | straightness | bits/dim |"
+    )
     lines = [head, "|" + " --- |" * (len(records) + 4)]
     if baseline:
         lines.append(_row("generating model", baseline))

@@ -31,7 +31,8 @@ from pipelines.core.run_logger import SafeLogger
 from pipelines.core.runtime import init_ray, interruptible, stage
 from pipelines.core.settings import check
 from pipelines.core.tracking import check_tracking_uri, find_or_create_run, find_run, source_tags, tracking_uri, ui_hint
-from pipelines.train.config import Config, check_data, load_config
+from pipelines.train.against_data import check_data
+from pipelines.train.config import Config, load_config
 from pipelines.train.driver import run_training
 
 SCHEDULERS = ("fifo", "asha")
@@ -67,8 +68,7 @@ class Trial:
     seed: int
 
     def sets(self) -> list[str]:
-        return [*(f"{k}={v}" for k, v in self.values.items()), f"train.seed={self.seed}",
-                f"train.run_name={self.name}"]
+        return [*(f"{k}={v}" for k, v in self.values.items()), f"train.seed={self.seed}", f"train.run_name={self.name}"]
 
 
 def parse_param(text: str) -> tuple[str, list[str]]:
@@ -142,29 +142,46 @@ def plan(spec: SweepSpec) -> Plan:
     check(spec.mode in ("min", "max"), "--mode", spec.mode, "allowed: min, max")
     check(spec.max_concurrent >= 1, "--max-concurrent", spec.max_concurrent, "must be >= 1")
     check(spec.reduction_factor >= 2, "--reduction-factor", spec.reduction_factor, "must be >= 2")
-    check(len(set(spec.seeds)) == len(spec.seeds) and bool(spec.seeds), "--seeds", spec.seeds,
-          "must be distinct integers")
+    check(
+        len(set(spec.seeds)) == len(spec.seeds) and bool(spec.seeds), "--seeds", spec.seeds, "must be distinct integers"
+    )
     for key in spec.space:
-        check(key not in SET_BY_SWEEP, "--param", key,
-              f"is set by the sweep for every trial ({', '.join(SET_BY_SWEEP)}); use --seeds for seeds")
+        check(
+            key not in SET_BY_SWEEP,
+            "--param",
+            key,
+            f"is set by the sweep for every trial ({', '.join(SET_BY_SWEEP)}); use --seeds for seeds",
+        )
         # the ranked losses are the method's own: its path, coupling, time density and target define them
-        check(not key.startswith("method."), "--param", key,
-              f"the sweep ranks its trials on {spec.metric}, which each trial computes under its own method.* "
-              "settings (path, coupling, time density, target), so trials that differ in one would be ranked on "
-              "different losses; sweep one method setting at a time, and compare methods on FD and bits/dim "
-              "(`flowray reproduce`, `flowray compare`)")
+        check(
+            not key.startswith("method."),
+            "--param",
+            key,
+            f"the sweep ranks its trials on {spec.metric}, which each trial computes under its own method.* "
+            "settings (path, coupling, time density, target), so trials that differ in one would be ranked on "
+            "different losses; sweep one method setting at a time, and compare methods on FD and bits/dim "
+            "(`flowray reproduce`, `flowray compare`)",
+        )
     names = [t.name for t in trials(spec)]
     twice = sorted({n for n in names if names.count(n) > 1})
-    check(not twice, "--param", " ".join(f"{k}={','.join(v)}" for k, v in spec.space.items()),
-          f"repeats a value: trials {', '.join(twice)} would be one run trained twice at once; give each value once")
+    check(
+        not twice,
+        "--param",
+        " ".join(f"{k}={','.join(v)}" for k, v in spec.space.items()),
+        f"repeats a value: trials {', '.join(twice)} would be one run trained twice at once; give each value once",
+    )
     base = load_config(spec.config, spec.overrides)
     uri = tracking_uri(base.mlflow.tracking_uri)
     check_tracking_uri(uri)
     root = storage.join(storage.check_writable(base.train.storage_path, "train.storage_path"), spec.name)
     # absolute locations: a trial runs in a Tune actor, whose working directory is not the caller's
     shards = base.data.shards if storage.is_uri(base.data.shards) else str(Path(base.data.shards).resolve())
-    sets = [*spec.overrides, f"data.shards={shards}", f"train.storage_path={storage.join(root, 'runs')}",
-            f"mlflow.tracking_uri={uri}"]
+    sets = [
+        *spec.overrides,
+        f"data.shards={shards}",
+        f"train.storage_path={storage.join(root, 'runs')}",
+        f"mlflow.tracking_uri={uri}",
+    ]
     if spec.metric == "val_loss" and base.train.val_rows == 0:
         sets.append("train.val_rows=256")  # the fixed held-out set the scheduler compares trials on
     grid = trials(spec)
@@ -176,8 +193,10 @@ def plan(spec: SweepSpec) -> Plan:
         except ConfigError as err:
             raise ConfigError(f"trial {trial.name}: {err}") from None
         if steps is not None and cfg.train.steps != steps:
-            raise ConfigError(f"--param train.steps: every trial of a sweep trains the same steps (the scheduler "
-                              f"compares them at the same step); got {steps} and {cfg.train.steps}")
+            raise ConfigError(
+                f"--param train.steps: every trial of a sweep trains the same steps (the scheduler "
+                f"compares them at the same step); got {steps} and {cfg.train.steps}"
+            )
         steps = cfg.train.steps
     steps = base.train.steps if steps is None else steps
     if spec.scheduler == "asha":
@@ -197,23 +216,40 @@ def _sweep(p: Plan) -> dict:
     spec = p.spec
     _check_same_sweep(p)
     parent, resumed = find_or_create_run(
-        p.uri, p.base.mlflow.experiment, spec.name,
-        {"flowray.kind": "sweep", "flowray.storage": p.root,
-         "mlflow.note.content": f"sweep of {len(p.trials)} trials over {', '.join(spec.space) or 'seeds'} "
-                                f"({spec.scheduler}, {spec.metric} {spec.mode})"})
+        p.uri,
+        p.base.mlflow.experiment,
+        spec.name,
+        {
+            "flowray.kind": "sweep",
+            "flowray.storage": p.root,
+            "mlflow.note.content": f"sweep of {len(p.trials)} trials over {', '.join(spec.space) or 'seeds'} "
+            f"({spec.scheduler}, {spec.metric} {spec.mode})",
+        },
+    )
     if not resumed:
         log = SafeLogger(p.uri, parent)
-        log.params({"sweep.space": json.dumps(spec.space), "sweep.seeds": ",".join(map(str, spec.seeds)),
-                    "sweep.scheduler": spec.scheduler, "sweep.metric": spec.metric, "sweep.mode": spec.mode,
-                    "sweep.max_concurrent": spec.max_concurrent, "sweep.trials": len(p.trials),
-                    "sweep.config": spec.config or "", "sweep.overrides": " ".join(spec.overrides)})
+        log.params(
+            {
+                "sweep.space": json.dumps(spec.space),
+                "sweep.seeds": ",".join(map(str, spec.seeds)),
+                "sweep.scheduler": spec.scheduler,
+                "sweep.metric": spec.metric,
+                "sweep.mode": spec.mode,
+                "sweep.max_concurrent": spec.max_concurrent,
+                "sweep.trials": len(p.trials),
+                "sweep.config": spec.config or "",
+                "sweep.overrides": " ".join(spec.overrides),
+            }
+        )
         log.close()
     cfg = p.base
     per_trial = math.ceil(cfg.ray.num_workers * cfg.ray.cpus_per_worker + 1)  # its workers, and its stream's reads
     init_ray(cfg.ray.address, max(cfg.ray.local_cpus, spec.max_concurrent * per_trial + 1))
     tuner = _tuner(p, parent)
-    stage(f"sweep {spec.name}: {len(p.trials)} trials, {spec.max_concurrent} at a time, {spec.scheduler} on "
-          f"{spec.metric} ({'resumed' if resumed else 'new'} MLflow run {parent}, experiment {cfg.mlflow.experiment})")
+    stage(
+        f"sweep {spec.name}: {len(p.trials)} trials, {spec.max_concurrent} at a time, {spec.scheduler} on "
+        f"{spec.metric} ({'resumed' if resumed else 'new'} MLflow run {parent}, experiment {cfg.mlflow.experiment})"
+    )
     try:
         grid = interruptible(tuner.fit)
     except JobStopped as stop:
@@ -231,14 +267,21 @@ def _check_same_sweep(p: Plan) -> None:
     """A sweep resumed under the same name must be the same sweep: its trials, scheduler and metric."""
     record = storage.join(p.root, "sweep.json")
     spec = p.spec
-    mine = {"trials": [asdict(t) for t in p.trials], "scheduler": spec.scheduler, "metric": spec.metric,
-            "mode": spec.mode, "sets": p.sets}
+    mine = {
+        "trials": [asdict(t) for t in p.trials],
+        "scheduler": spec.scheduler,
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "sets": p.sets,
+    }
     if storage.exists(record, "train.storage_path"):
         theirs = json.loads(storage.read_text(record, "train.storage_path"))
         if theirs != mine:
             diff = [k for k in mine if theirs.get(k) != mine[k]]
-            raise ConfigError(f"sweep {spec.name} at {p.root} was started with other {', '.join(diff)}; rerun it "
-                              "with the same flags to resume it, or give a new --name")
+            raise ConfigError(
+                f"sweep {spec.name} at {p.root} was started with other {', '.join(diff)}; rerun it "
+                "with the same flags to resume it, or give a new --name"
+            )
     else:
         storage.write_text(record, json.dumps(mine, indent=1), "train.storage_path")
 
@@ -249,29 +292,43 @@ def _tuner(p: Plan, parent: str):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, configs=p.configs, parent=parent, source=source_tags()),
-        {"cpu": TRIAL_CPUS})
+        tune.with_parameters(_run_trial, configs=p.configs, parent=parent, source=source_tags()), {"cpu": TRIAL_CPUS}
+    )
     tune_dir = storage.join(p.root, "tune")
     if tune.Tuner.can_restore(tune_dir):
         stage(f"restoring sweep {p.spec.name} from {tune_dir}")
-        return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True,
-                                  **_filesystem(tune_dir))
+        return tune.Tuner.restore(
+            tune_dir, trainable, resume_unfinished=True, resume_errored=True, **_filesystem(tune_dir)
+        )
     spec = p.spec
     scheduler: FIFOScheduler | ASHAScheduler
     if spec.scheduler == "asha":
         # max_t past the last step: ASHA stops a trial that reaches max_t; a trial ends by itself at train.steps
-        scheduler = ASHAScheduler(time_attr="step", max_t=p.steps + 1, grace_period=spec.grace_steps or
-                                  p.base.train.checkpoint_every, reduction_factor=spec.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            max_t=p.steps + 1,
+            grace_period=spec.grace_steps or p.base.train.checkpoint_every,
+            reduction_factor=spec.reduction_factor,
+        )
     else:
         scheduler = FIFOScheduler()
     return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([asdict(t) for t in p.trials])},
-        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
-                                    max_concurrent_trials=spec.max_concurrent, trial_name_creator=_trial_name,
-                                    trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(name="tune", **storage.ray_storage(p.root, "train.storage_path"),
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            scheduler=scheduler,
+            max_concurrent_trials=spec.max_concurrent,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            **storage.ray_storage(p.root, "train.storage_path"),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
     )
 
 
@@ -291,13 +348,23 @@ def _run_trial(config: dict, configs: dict[str, Config], parent: str, source: di
     sweep's command, user and commit; this process is a Ray worker)."""
     trial = Trial(**config["trial"])
     cfg = configs[trial.name]
-    tags = {**source, "mlflow.parentRunId": parent, "flowray.sweep": parent,
-            "flowray.sweep.values": json.dumps(trial.values), "flowray.sweep.seed": str(trial.seed)}
+    tags = {
+        **source,
+        "mlflow.parentRunId": parent,
+        "flowray.sweep": parent,
+        "flowray.sweep.values": json.dumps(trial.values),
+        "flowray.sweep.seed": str(trial.seed),
+    }
     manifest = check_data(cfg)
     # sample quality while training (train.eval_every) before the report to Tune, which may end the trial on any
     # report: each checkpoint's metrics reach MLflow first
-    result = run_training(cfg, manifest, tags=tags, callbacks=[*quality_callbacks(cfg, manifest),
-                                                                _report_to_tune(cfg.train.steps)], drain_s=30.0)
+    result = run_training(
+        cfg,
+        manifest,
+        tags=tags,
+        callbacks=[*quality_callbacks(cfg, manifest), _report_to_tune(cfg.train.steps)],
+        drain_s=30.0,
+    )
     # the last step's report goes to Tune only now that the run has ended (its model logged, its MLflow run
     # FINISHED): a scheduler that stopped the trial on that report would have cut the run's end off. A restored
     # sweep whose state missed this trial's end gets it the same way.
@@ -315,8 +382,9 @@ def _report_to_tune(steps: int):
         def after_report(self, run_context, metrics, checkpoint):
             if not metrics or metrics[0].get("step") == steps:
                 return
-            scalars = [{k: v for k, v in m.items() if not k.startswith("_") and isinstance(v, (int, float))}
-                       for m in metrics]
+            scalars = [
+                {k: v for k, v in m.items() if not k.startswith("_") and isinstance(v, (int, float))} for m in metrics
+            ]
             super().after_report(run_context, scalars, checkpoint)
 
     return ScalarReport()
@@ -373,9 +441,18 @@ def _finish(p: Plan, parent: str, statuses: dict[str, str]) -> dict:
             log.tags({"flowray.sweep.best_trial": best["trial"]})
         failed = sum(s == "failed" for s in statuses.values())
         log.finish("FAILED" if statuses and failed == len(statuses) else "FINISHED")
-    stage(f"sweep {spec.name}: {sum(s == 'finished' for s in statuses.values())} finished, "
-          f"{sum(s.startswith('stopped') for s in statuses.values())} stopped early, {failed} failed")
+    stage(
+        f"sweep {spec.name}: {sum(s == 'finished' for s in statuses.values())} finished, "
+        f"{sum(s.startswith('stopped') for s in statuses.values())} stopped early, {failed} failed"
+    )
     stage(ui_hint(p.uri, parent))
-    return {"sweep": spec.name, "parent_run_id": parent, "experiment": p.base.mlflow.experiment,
-            "tracking_uri": p.uri, "storage": p.root, "trials": rows, "statuses": statuses,
-            "table": f"runs:/{parent}/trials.md"}
+    return {
+        "sweep": spec.name,
+        "parent_run_id": parent,
+        "experiment": p.base.mlflow.experiment,
+        "tracking_uri": p.uri,
+        "storage": p.root,
+        "trials": rows,
+        "statuses": statuses,
+        "table": f"runs:/{parent}/trials.md",
+    }

@@ -111,8 +111,12 @@ def s3_server():
     server.stop()
 
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-          "AWS_EC2_METADATA_DISABLED": "true"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 @pytest.fixture
@@ -125,7 +129,7 @@ def s3_bucket(s3_server, monkeypatch, request):
 
     for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}.items():
         monkeypatch.setenv(key, value)
-    name = (re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8])
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     pafs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True).create_dir(name)
     return f"s3://{name}"
 
@@ -153,20 +157,53 @@ def trained_digits(_digits_once, ray_local, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("trained")
     digits = shutil.copytree(_digits_once, tmp / "digits")
-    sets = [*TINY, f"data.shards={digits}", f"train.storage_path={tmp / 'runs'}", "mlflow.tracking_uri=sqlite:///"
-            "server.db", f"train.run_name={TRAINED_RUN}", "mlflow.experiment=tests", "train.steps=8",
-            "train.log_every=2", "train.val_rows=40", "train.num_to_keep=100", "train.eval_every=4",
-            "train.eval_samples=32", "train.eval_rows=16", "train.ema_snapshot_every=2"]
+    sets = [
+        *TINY,
+        f"data.shards={digits}",
+        f"train.storage_path={tmp / 'runs'}",
+        "mlflow.tracking_uri=sqlite:///server.db",
+        f"train.run_name={TRAINED_RUN}",
+        "mlflow.experiment=tests",
+        "train.steps=8",
+        "train.log_every=2",
+        "train.val_rows=40",
+        "train.num_to_keep=100",
+        "train.eval_every=4",
+        "train.eval_samples=32",
+        "train.eval_rows=16",
+        "train.ema_snapshot_every=2",
+    ]
     here = os.getcwd()
     os.chdir(tmp)
     try:
-        result = train_main(["--config", os.path.join(here, "configs/digits-cpu.yaml"),
-                             *[a for s in sets for a in ("--set", s)]])
+        result = train_main(
+            ["--config", os.path.join(here, "configs/digits-cpu.yaml"), *[a for s in sets for a in ("--set", s)]]
+        )
         scfg, ecfg = quality_configs(load_config(os.path.join(here, "configs/digits-cpu.yaml"), sets))
-        sampled = sample_main(["--checkpoint", result["checkpoint"], "--num-samples", str(scfg.num_samples), "--out",
-                               str(tmp / "samples"), "--tracking-uri", result["tracking_uri"], "--set",
-                               f"sample.solver={scfg.solver}", "--set", f"sample.block_size={scfg.block_size}"])
+        sampled = sample_main(
+            [
+                "--checkpoint",
+                result["checkpoint"],
+                "--num-samples",
+                str(scfg.num_samples),
+                "--out",
+                str(tmp / "samples"),
+                "--tracking-uri",
+                result["tracking_uri"],
+                "--set",
+                f"sample.solver={scfg.solver}",
+                "--set",
+                f"sample.block_size={scfg.block_size}",
+            ]
+        )
     finally:
         os.chdir(here)
-    return {"tmp": tmp, "digits": digits, "uri": result["tracking_uri"], "train": result, "sample": sampled,
-            "eval_config": ecfg, "sets": sets}
+    return {
+        "tmp": tmp,
+        "digits": digits,
+        "uri": result["tracking_uri"],
+        "train": result,
+        "sample": sampled,
+        "eval_config": ecfg,
+        "sets": sets,
+    }

@@ -11,9 +11,16 @@ from pipelines.core.checkpoint import save_checkpoint
 from pipelines.train.config import load_config
 
 TINY = [
-    "model.model_channels=8", "model.num_heads=1", "model.attention_resolutions=[]", "train.batch_size=16",
-    "train.log_every=4", "train.checkpoint_every=4", "train.sample_every=4", "train.grid_size=4",
-    "train.grid_steps=2", "optim.warmup_steps=2",
+    "model.model_channels=8",
+    "model.num_heads=1",
+    "model.attention_resolutions=[]",
+    "train.batch_size=16",
+    "train.log_every=4",
+    "train.checkpoint_every=4",
+    "train.sample_every=4",
+    "train.grid_size=4",
+    "train.grid_steps=2",
+    "optim.warmup_steps=2",
 ]
 
 
@@ -21,9 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(shards: Path, storage: Path, tracking_uri: str, run_name: str, *extra: str):
-    return load_config(str(ROOT / "configs/digits-cpu.yaml"), [
-        *TINY, f"data.shards={shards}", f"train.storage_path={storage}", f"mlflow.tracking_uri={tracking_uri}",
-        f"train.run_name={run_name}", "mlflow.experiment=tests", *extra])
+    return load_config(
+        str(ROOT / "configs/digits-cpu.yaml"),
+        [
+            *TINY,
+            f"data.shards={shards}",
+            f"train.storage_path={storage}",
+            f"mlflow.tracking_uri={tracking_uri}",
+            f"train.run_name={run_name}",
+            "mlflow.experiment=tests",
+            *extra,
+        ],
+    )
 
 
 def free_port() -> int:
@@ -32,8 +48,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-KWARGS = {"image_size": 8, "in_channels": 1, "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-          "attention_resolutions": [], "num_heads": 1, "num_classes": None, "dropout": 0.0}
+KWARGS = {
+    "image_size": 8,
+    "in_channels": 1,
+    "model_channels": 8,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attention_resolutions": [],
+    "num_heads": 1,
+    "num_classes": None,
+    "dropout": 0.0,
+}
 MANIFEST = {"source": "digits", "kind": "image", "shape": [8, 8, 1], "num_classes": 10, "class_names": []}
 
 
@@ -44,9 +69,19 @@ def make_checkpoint(directory, run_id=None, method="fm_ot", **overrides):
     model = UNet(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()})
     for p in model.parameters():  # a fresh UNet predicts 0 (zero-initialised output); make it non-trivial
         torch.nn.init.normal_(p, std=0.05)
-    return save_checkpoint(directory, step=1, model=model, ema_state=EMA(model).state_dict(), optimizer=None,
-                           model_name="unet", model_kwargs=kwargs, method_kwargs={"name": method}, config={},
-                           manifest=MANIFEST, mlflow_run_id=run_id)
+    return save_checkpoint(
+        directory,
+        step=1,
+        model=model,
+        ema_state=EMA(model).state_dict(),
+        optimizer=None,
+        model_name="unet",
+        model_kwargs=kwargs,
+        method_kwargs={"name": method},
+        config={},
+        manifest=MANIFEST,
+        mlflow_run_id=run_id,
+    )
 
 
 def listening_addresses(pids: set[int]) -> set[tuple[str, int, str]]:
@@ -92,10 +127,27 @@ def start_mlflow_server(port: int, store: Path):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{store / 'server.db'}",
-                             "--artifacts-destination", str(store / "server-artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{store / 'server.db'}",
+            "--artifacts-destination",
+            str(store / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     wait_until_healthy(f"http://127.0.0.1:{port}", proc, "mlflow server")
     return proc
 

@@ -94,9 +94,18 @@ def test_a_training_worker_killed_by_pid_resumes_with_one_value_per_step(digits,
     run_dir = tmp_path / "runs" / "killed-worker"
     # metrics every step, a checkpoint every 5: at the kill, up to 4 windows wait that the restart redoes
     kill = _kill_when(lambda: len(_checkpoints(run_dir)) >= 2, "RayTrainWorker")
-    cfg = tiny_config(digits, tmp_path / "runs", uri, "killed-worker", "train.steps=40", "train.log_every=1",
-                      "train.checkpoint_every=5", "train.num_to_keep=100", "train.sample_every=0",
-                      "ray.max_failures=2")
+    cfg = tiny_config(
+        digits,
+        tmp_path / "runs",
+        uri,
+        "killed-worker",
+        "train.steps=40",
+        "train.log_every=1",
+        "train.checkpoint_every=5",
+        "train.num_to_keep=100",
+        "train.sample_every=0",
+        "ray.max_failures=2",
+    )
     res = run_training(cfg)
     kill["thread"].join(1)
     assert "pid" in kill, "the worker was killed mid-run"
@@ -130,10 +139,24 @@ def test_a_sampler_actor_killed_by_pid_gives_the_same_samples(tmp_path, ray_loca
 def _train_command(digits: Path, storage: Path, uri: str, name: str, *extra: str) -> list[str]:
     from pipeline_helpers import TINY
 
-    sets = [*TINY, f"data.shards={digits}", f"train.storage_path={storage}", f"train.run_name={name}",
-            "mlflow.experiment=tests", "train.sample_every=0", f"mlflow.tracking_uri={uri}", *extra]
-    return [sys.executable, "-m", "jobs.train", "--config", "configs/digits-cpu.yaml",
-            *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        *TINY,
+        f"data.shards={digits}",
+        f"train.storage_path={storage}",
+        f"train.run_name={name}",
+        "mlflow.experiment=tests",
+        "train.sample_every=0",
+        f"mlflow.tracking_uri={uri}",
+        *extra,
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        "--config",
+        "configs/digits-cpu.yaml",
+        *[a for s in sets for a in ("--set", s)],
+    ]
 
 
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -153,8 +176,11 @@ def _stop_by_signal(cmd: list[str], signum: int, ready, log: Path, what: str) ->
         job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         try:
             _wait_for(ready, 300, what, job, log)
-            ray_procs = [p for p in psutil.Process(job.pid).children(recursive=True)
-                         if "pipelines.core.reaper" not in " ".join(p.cmdline())]
+            ray_procs = [
+                p
+                for p in psutil.Process(job.pid).children(recursive=True)
+                if "pipelines.core.reaper" not in " ".join(p.cmdline())
+            ]
             assert any("raylet" in p.name() for p in ray_procs)
             signalled = time.monotonic()
             job.send_signal(signum)
@@ -184,12 +210,16 @@ def test_sigterm_then_sigkill_to_a_training_driver_and_each_rerun_resumes(digits
     extra = ("train.checkpoint_every=5", "train.log_every=5")
     cmd = _train_command(digits, tmp_path / "runs", uri, "stopped", "train.steps=2000", *extra)
     registered = run_dir / "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
-    status, err, seconds = _stop_by_signal(cmd, signal.SIGTERM, registered.exists, tmp_path / "train.log",
-                                           "the first registered checkpoint")
+    status, err, seconds = _stop_by_signal(
+        cmd, signal.SIGTERM, registered.exists, tmp_path / "train.log", "the first registered checkpoint"
+    )
     assert status == 143 and seconds < 20, err[-3000:]
     last = err.strip().splitlines()[-1]
-    match = re.fullmatch(rf"training stopped by SIGTERM; the last checkpoint is step (\d+) in {run_dir} \(MLflow "
-                         r"run (\w+) is KILLED\); rerun the same command to resume", last)
+    match = re.fullmatch(
+        rf"training stopped by SIGTERM; the last checkpoint is step (\d+) in {run_dir} \(MLflow "
+        r"run (\w+) is KILLED\); rerun the same command to resume",
+        last,
+    )
     assert match, err[-3000:]
     assert "SIGTERM received" not in err and "Traceback" not in err
     step, run_id = int(match.group(1)), match.group(2)
@@ -200,10 +230,14 @@ def test_sigterm_then_sigkill_to_a_training_driver_and_each_rerun_resumes(digits
     with open(log, "w") as errors:
         driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors)
         try:
-            _wait_for(lambda: _registered_step(run_dir) > step, 300, "a checkpoint registered after the stop", driver,
-                      log)
-            ray_procs = [p for p in psutil.Process(driver.pid).children(recursive=True)
-                         if "pipelines.core.reaper" not in " ".join(p.cmdline())]
+            _wait_for(
+                lambda: _registered_step(run_dir) > step, 300, "a checkpoint registered after the stop", driver, log
+            )
+            ray_procs = [
+                p
+                for p in psutil.Process(driver.pid).children(recursive=True)
+                if "pipelines.core.reaper" not in " ".join(p.cmdline())
+            ]
             assert any("raylet" in p.name() for p in ray_procs)
             killed_at = time.monotonic()
             driver.send_signal(signal.SIGKILL)
@@ -222,8 +256,9 @@ def test_sigterm_then_sigkill_to_a_training_driver_and_each_rerun_resumes(digits
     cmd = _train_command(digits, tmp_path / "runs", uri, "stopped", f"train.steps={killed_step + 5}", *extra)
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert rerun.stderr.splitlines()[0].endswith(f"continuing run stopped from step {killed_step} (MLflow run "
-                                                 f"{run_id})")
+    assert rerun.stderr.splitlines()[0].endswith(
+        f"continuing run stopped from step {killed_step} (MLflow run {run_id})"
+    )
     result = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert result["run_id"] == run_id and result["resumed"] and result["metrics"]["step"] == killed_step + 5
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
@@ -248,15 +283,33 @@ def test_sigint_stops_a_sampling_job_cleanly_and_the_rerun_samples_only_the_rest
 
     ckpt = make_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "samples"
-    cmd = [sys.executable, "-m", "jobs.sample", "--checkpoint", str(ckpt), "--num-samples", "96", "--out", str(out),
-           "--no-mlflow", *[a for s in ("solver=euler", "steps=400", "block_size=8", "actors=1")
-                            for a in ("--set", s)]]
-    status, err, seconds = _stop_by_signal(cmd, signal.SIGINT, lambda: len(list(out.glob("block-*.parquet"))) >= 2,
-                                           tmp_path / "sample.log", "two finished blocks")
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.sample",
+        "--checkpoint",
+        str(ckpt),
+        "--num-samples",
+        "96",
+        "--out",
+        str(out),
+        "--no-mlflow",
+        *[a for s in ("solver=euler", "steps=400", "block_size=8", "actors=1") for a in ("--set", s)],
+    ]
+    status, err, seconds = _stop_by_signal(
+        cmd,
+        signal.SIGINT,
+        lambda: len(list(out.glob("block-*.parquet"))) >= 2,
+        tmp_path / "sample.log",
+        "two finished blocks",
+    )
     assert status == 130 and seconds < 20, err[-3000:]
     last = err.strip().splitlines()[-1]
-    match = re.fullmatch(rf"sampling stopped by SIGINT; (\d+) of 12 sample blocks are written in {out}; rerun the "
-                         "same command to resume", last)
+    match = re.fullmatch(
+        rf"sampling stopped by SIGINT; (\d+) of 12 sample blocks are written in {out}; rerun the "
+        "same command to resume",
+        last,
+    )
     assert match and "Traceback" not in err, err[-3000:]
     written = int(match.group(1))
     assert 2 <= written < 12 and len(list(out.glob("block-*.parquet"))) == written
@@ -271,8 +324,16 @@ def test_the_mlflow_server_killed_mid_run_loses_nothing_and_holds_nothing_back(d
     uri = f"http://127.0.0.1:{port}"
     server = start_mlflow_server(port, tmp_path)
     run_dir = tmp_path / "runs" / "outage"
-    cmd = _train_command(digits, tmp_path / "runs", uri, "outage", "train.steps=60", "train.checkpoint_every=5",
-                         "train.log_every=5", "train.num_to_keep=100")
+    cmd = _train_command(
+        digits,
+        tmp_path / "runs",
+        uri,
+        "outage",
+        "train.steps=60",
+        "train.checkpoint_every=5",
+        "train.log_every=5",
+        "train.num_to_keep=100",
+    )
     log = tmp_path / "driver.log"
     try:
         with open(log, "w") as err:
@@ -305,16 +366,22 @@ def test_the_mlflow_server_killed_mid_run_loses_nothing_and_holds_nothing_back(d
 
 def test_reaper_unit_stops_an_orphaned_tree(tmp_path):
     """The watchdog alone: a 'driver' that dies leaves a child and a grandchild, which are stopped."""
-    script = ("import subprocess, sys, time; "
-              "subprocess.Popen([sys.executable, '-c', 'import subprocess, sys, time; "
-              "subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(600)\"]); time.sleep(600)']); "
-              "time.sleep(600)")
+    script = (
+        "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import subprocess, sys, time; "
+        'subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]); time.sleep(600)\']); '
+        "time.sleep(600)"
+    )
     driver = subprocess.Popen([sys.executable, "-c", script])
     _wait_for(lambda: len(psutil.Process(driver.pid).children(recursive=True)) == 2, 30, "the children")
     tree = psutil.Process(driver.pid).children(recursive=True)
     child = [p for p in tree if p.ppid() == driver.pid]
-    reaper = subprocess.Popen([sys.executable, "-m", "pipelines.core.reaper", str(driver.pid), str(child[0].pid)],
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    reaper = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.core.reaper", str(driver.pid), str(child[0].pid)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     time.sleep(1)
     assert all(alive(p) for p in tree)  # nothing is touched while the driver lives
     driver.kill()
@@ -326,8 +393,12 @@ def test_reaper_unit_stops_an_orphaned_tree(tmp_path):
 
 def test_reaper_exits_quietly_after_a_normal_shutdown():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
-    reaper = subprocess.Popen([sys.executable, "-m", "pipelines.core.reaper", str(os.getpid()), str(child.pid)],
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    reaper = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.core.reaper", str(os.getpid()), str(child.pid)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     child.wait()
     _, err = reaper.communicate(timeout=15)
     assert reaper.returncode == 0 and err == ""
@@ -381,9 +452,20 @@ def test_a_worker_node_killed_mid_training_resumes_on_the_nodes_that_remain(digi
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "shared" / "node-loss"  # checkpoints on storage every node sees
     kill = _remove_node_when(cluster, workers, lambda: len(_checkpoints(run_dir)) >= 2, "RayTrainWorker")
-    cfg = tiny_config(digits, tmp_path / "shared", uri, "node-loss", "train.steps=40", "train.log_every=5",
-                      "train.checkpoint_every=5", "train.num_to_keep=100", "train.sample_every=0",
-                      "ray.num_workers=1", "ray.max_failures=2", f"ray.address={cluster.address}")
+    cfg = tiny_config(
+        digits,
+        tmp_path / "shared",
+        uri,
+        "node-loss",
+        "train.steps=40",
+        "train.log_every=5",
+        "train.checkpoint_every=5",
+        "train.num_to_keep=100",
+        "train.sample_every=0",
+        "ray.num_workers=1",
+        "ray.max_failures=2",
+        f"ray.address={cluster.address}",
+    )
     res = run_training(cfg)
     kill["thread"].join(1)
     assert "raylet" in kill, "a worker node was killed mid-run"
@@ -410,8 +492,7 @@ def test_a_worker_node_killed_mid_sampling_gives_the_same_samples(tmp_path, thre
     assert images == ref_images  # bitwise
 
 
-def test_the_object_store_lost_mid_training_ends_the_job_in_one_line_and_the_rerun_resumes(digits, tmp_path,
-                                                                                             own_ray):
+def test_the_object_store_lost_mid_training_ends_the_job_in_one_line_and_the_rerun_resumes(digits, tmp_path, own_ray):
     """A real S3-compatible server (moto, a process of its own) holds the run's checkpoints. Paused (SIGSTOP) after the
     run's third checkpoint, past the clients' request timeout (2 s here, FLOWRAY_S3_REQUEST_TIMEOUT_S): the job ends
     with exit status 1 and one last line saying what failed, where, what is kept and how to go on (it ended in Ray
@@ -426,27 +507,46 @@ def test_the_object_store_lost_mid_training_ends_the_job_in_one_line_and_the_rer
     endpoint = f"http://127.0.0.1:{port}"
     env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint, "FLOWRAY_S3_REQUEST_TIMEOUT_S": "2"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    line = (r"training failed: train.storage_path: the object store at s3://runs-bucket/runs stopped answering "
-            r"during training \(.*\); (the last checkpoint is step \d+ in s3://runs-bucket/runs/lost|the last "
-            r"registered checkpoint cannot be read while the store does not answer) \(MLflow run (\w+) is FAILED\); "
-            r"rerun the same command once it answers to resume from there")
+    line = (
+        r"training failed: train.storage_path: the object store at s3://runs-bucket/runs stopped answering "
+        r"during training \(.*\); (the last checkpoint is step \d+ in s3://runs-bucket/runs/lost|the last "
+        r"registered checkpoint cannot be read while the store does not answer) \(MLflow run (\w+) is FAILED\); "
+        r"rerun the same command once it answers to resume from there"
+    )
 
     def train_until_lost(steps: int, lose) -> tuple[int, str]:
         """Run the job; once the bucket holds three more checkpoints, `lose` the server; the job's status, stderr."""
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, access_key="testing", secret_key="testing",
-                               region="us-east-1")
+        fs = pafs.S3FileSystem(
+            endpoint_override=endpoint, access_key="testing", secret_key="testing", region="us-east-1"
+        )
         before = set(_s3_checkpoints(fs))  # names: the run keeps a bounded number, so their count stops growing
-        cmd = _train_command(digits, "s3://runs-bucket/runs", uri, "lost", f"train.steps={steps}",
-                             "train.checkpoint_every=4", "ray.num_workers=1")
+        cmd = _train_command(
+            digits,
+            "s3://runs-bucket/runs",
+            uri,
+            "lost",
+            f"train.steps={steps}",
+            "train.checkpoint_every=4",
+            "ray.num_workers=1",
+        )
         log = tmp_path / f"train-{steps}.log"
         with open(log, "w") as err:
             job = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
             try:
-                _wait_for(lambda: len(set(_s3_checkpoints(fs)) - before) >= 3, 300, "three checkpoints in the bucket",
-                          job, log)
+                _wait_for(
+                    lambda: len(set(_s3_checkpoints(fs)) - before) >= 3,
+                    300,
+                    "three checkpoints in the bucket",
+                    job,
+                    log,
+                )
                 lose()
                 status = job.wait(timeout=300)
             finally:
@@ -454,8 +554,13 @@ def test_the_object_store_lost_mid_training_ends_the_job_in_one_line_and_the_rer
         return status, log.read_text()
 
     try:
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, access_key="testing", secret_key="testing",
-                               region="us-east-1", allow_bucket_creation=True)
+        fs = pafs.S3FileSystem(
+            endpoint_override=endpoint,
+            access_key="testing",
+            secret_key="testing",
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
         _wait_for(lambda: _answers(fs), 60, "the S3 server", server)
         fs.create_dir("runs-bucket")
         status, text = train_until_lost(400, lambda: server.send_signal(signal.SIGSTOP))
@@ -470,8 +575,15 @@ def test_the_object_store_lost_mid_training_ends_the_job_in_one_line_and_the_rer
         registered = Result.from_path("runs-bucket/runs/lost", storage_filesystem=fs).checkpoint.path
         with fs.open_input_stream(f"{registered}/meta.json") as f:
             kept = json.loads(f.read())["step"]
-        cmd = _train_command(digits, "s3://runs-bucket/runs", uri, "lost", "train.steps=16",
-                             "train.checkpoint_every=4", "ray.num_workers=1")
+        cmd = _train_command(
+            digits,
+            "s3://runs-bucket/runs",
+            uri,
+            "lost",
+            "train.steps=16",
+            "train.checkpoint_every=4",
+            "ray.num_workers=1",
+        )
         rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         first = re.search(r"continuing run lost from step (\d+) \(MLflow run (\w+)\)", rerun.stderr.splitlines()[0])
@@ -490,9 +602,11 @@ def _s3_checkpoints(fs) -> list:
     import pyarrow.fs as pafs
 
     try:
-        return [i.base_name for i in fs.get_file_info(pafs.FileSelector("runs-bucket/runs/lost",
-                                                                        allow_not_found=True))
-                if i.base_name.startswith("checkpoint_")]
+        return [
+            i.base_name
+            for i in fs.get_file_info(pafs.FileSelector("runs-bucket/runs/lost", allow_not_found=True))
+            if i.base_name.startswith("checkpoint_")
+        ]
     except OSError:
         return []
 

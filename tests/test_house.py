@@ -23,12 +23,15 @@ from pipelines.train.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("method, sigma, sde_g, message", [
-    ("fm_ot", None, 0.0, "g = 0 selects the reverse VP SDE, but method 'fm_ot' is not on the VP path"),
-    ("otcfm", None, 0.5, "method 'otcfm' has no Gaussian marginal path"),
-    ("sbcfm", None, 0.5, "method 'sbcfm' has no Gaussian marginal path"),
-    ("icfm", 0.1, 0.5, "method 'icfm' has no Gaussian marginal path"),
-])
+@pytest.mark.parametrize(
+    "method, sigma, sde_g, message",
+    [
+        ("fm_ot", None, 0.0, "g = 0 selects the reverse VP SDE, but method 'fm_ot' is not on the VP path"),
+        ("otcfm", None, 0.5, "method 'otcfm' has no Gaussian marginal path"),
+        ("sbcfm", None, 0.5, "method 'sbcfm' has no Gaussian marginal path"),
+        ("icfm", 0.1, 0.5, "method 'icfm' has no Gaussian marginal path"),
+    ],
+)
 def test_sde_settings_a_method_cannot_take_are_refused_before_ray(tmp_path, method, sigma, sde_g, message):
     from pipelines.batch.sample import run_sampling
 
@@ -36,8 +39,14 @@ def test_sde_settings_a_method_cannot_take_are_refused_before_ray(tmp_path, meth
     if sigma is not None:  # checkpoints store the method's arguments
         meta = (ckpt / "meta.json").read_text().replace(f'"name": "{method}"', f'"name": "{method}", "sigma": {sigma}')
         (ckpt / "meta.json").write_text(meta)
-    with before_ray(), pytest.raises(ConfigError, match=f"sample.sde_g: {sde_g} is not allowed with "
-                                                        f"sample.solver=sde for this {method} checkpoint: {message}"):
+    with (
+        before_ray(),
+        pytest.raises(
+            ConfigError,
+            match=f"sample.sde_g: {sde_g} is not allowed with "
+            f"sample.solver=sde for this {method} checkpoint: {message}",
+        ),
+    ):
         run_sampling(str(ckpt), tmp_path / "out", SampleConfig(num_samples=4, solver="sde", sde_g=sde_g))
     assert not (tmp_path / "out").exists()
 
@@ -62,8 +71,10 @@ def test_eval_solver_settings_are_checked_before_ray(tmp_path, capsys):
     from jobs.evaluate import main
 
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    for override, message in [("eval.method=euler", "unknown key eval.method; allowed in eval: split"),
-                              ("eval.solver=euler", "eval.steps: fixed-step method 'euler' needs steps")]:
+    for override, message in [
+        ("eval.method=euler", "unknown key eval.method; allowed in eval: split"),
+        ("eval.solver=euler", "eval.steps: fixed-step method 'euler' needs steps"),
+    ]:
         with before_ray(), pytest.raises(SystemExit) as exit_:
             main(["--checkpoint", str(ckpt), "--data", str(tmp_path), "--no-mlflow", "--set", override])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
@@ -86,8 +97,10 @@ def test_the_classifier_cache_is_keyed_by_its_settings(digits_copy):
 def test_every_adaptive_solver_is_a_point_in_the_plot():
     from pipelines.compare import plot_series
 
-    rows = [{"method": "fm_ot", "solver": s, "sample_nfe": n, "fd": 1.0, "fd_label": "FD"}
-            for s, n in [("euler", 10), ("euler", 2), ("bosh3", 40), ("dopri5", 60)]]
+    rows = [
+        {"method": "fm_ot", "solver": s, "sample_nfe": n, "fd": 1.0, "fd_label": "FD"}
+        for s, n in [("euler", 10), ("euler", 2), ("bosh3", 40), ("dopri5", 60)]
+    ]
     series = plot_series(rows)["fm_ot"]
     assert [r["sample_nfe"] for r in series["fixed"]] == [2, 10]
     assert [r["solver"] for r in series["adaptive"]] == ["bosh3", "dopri5"]
@@ -116,14 +129,27 @@ def test_sbcfm_draws_its_pairs_from_the_step_generator_and_has_a_default():
 
 def test_the_registry_is_the_readme_s_table():
     assert methods_markdown() in (ROOT / "README.md").read_text()
-    assert set(METHODS) == {"fm_ot", "fm_vp", "score_vp", "icfm", "otcfm", "sbcfm", "meanflow", "reflow", "rfm", "am",
-                            "snapshot_icfm", "snapshot_otcfm"}
+    assert set(METHODS) == {
+        "fm_ot",
+        "fm_vp",
+        "score_vp",
+        "icfm",
+        "otcfm",
+        "sbcfm",
+        "meanflow",
+        "reflow",
+        "rfm",
+        "am",
+        "snapshot_icfm",
+        "snapshot_otcfm",
+    }
 
 
 def test_no_run_output_is_tracked():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    run_output = [f for f in files if f.endswith((".pt", ".db", ".ckpt")) or f.startswith(("mlartifacts/", "mlruns/",
-                                                                                             "outputs/"))]
+    run_output = [
+        f for f in files if f.endswith((".pt", ".db", ".ckpt")) or f.startswith(("mlartifacts/", "mlruns/", "outputs/"))
+    ]
     assert run_output == []
 
 
@@ -138,9 +164,28 @@ def test_a_job_run_from_a_clean_checkout_writes_only_under_outputs(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    out = subprocess.run([sys.executable, "-m", "jobs.sample", "--checkpoint", str(ckpt), "--num-samples", "8",
-                          "--out", "outputs/samples", "--set", "sample.solver=euler", "--set", "sample.steps=2"],
-                         cwd=work, env=env, capture_output=True, text=True, timeout=280)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.sample",
+            "--checkpoint",
+            str(ckpt),
+            "--num-samples",
+            "8",
+            "--out",
+            "outputs/samples",
+            "--set",
+            "sample.solver=euler",
+            "--set",
+            "sample.steps=2",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     # a successful run prints no error line (Ray's known non-errors are filtered: pipelines.core.console.KNOWN_NOISE)
     assert not re.search(r"^\[[^\]]* [EF] \d+ \d+\]", out.stderr, re.M), out.stderr[-3000:]
@@ -167,6 +212,6 @@ def test_the_manifest_is_read_once_into_a_checked_type(tmp_path, digits_copy):
     with pytest.raises(ManifestError, match="manifest.json: not valid JSON"):
         Manifest.load(tmp_path / "d")
     with pytest.raises(ConfigError, match="data.shards: .*manifest.json: not valid JSON"):
-        from pipelines.train.config import check_data
+        from pipelines.train.against_data import check_data
 
         check_data(load_config("configs/digits-cpu.yaml", [f"data.shards={tmp_path / 'd'}"]))

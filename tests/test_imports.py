@@ -37,8 +37,7 @@ def _imports(path: Path) -> list[tuple[str, int, bool, list[str], str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
             for alias in node.names:
-                out.append((_target(node.module, alias.name), node.lineno, id(node) in top, [alias.name],
-                            node.module))
+                out.append((_target(node.module, alias.name), node.lineno, id(node) in top, [alias.name], node.module))
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] in PACKAGES:
@@ -69,9 +68,12 @@ ALLOWED = {
 
 
 def test_each_room_imports_only_the_rooms_below_it():
-    wrong = [f"{path.relative_to(ROOT)}:{line}: {_room(module)} imports {target}"
-             for module, path in MODULES.items() for target, line, _, _, _ in _imports(path)
-             if _room(target) not in ALLOWED[_room(module)]]
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line}: {_room(module)} imports {target}"
+        for module, path in MODULES.items()
+        for target, line, _, _, _ in _imports(path)
+        if _room(target) not in ALLOWED[_room(module)]
+    ]
     assert wrong == []
 
 
@@ -83,7 +85,7 @@ def test_no_import_circles():
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"
@@ -99,16 +101,22 @@ def test_no_lazy_import_of_a_module_also_imported_at_the_top():
     for path in MODULES.values():
         found = _imports(path)
         top = {written for _, _, at_top, _, written in found if at_top}
-        twice += [f"{path.relative_to(ROOT)}:{line}: {written}" for _, line, at_top, _, written in found
-                  if not at_top and written in top]
+        twice += [
+            f"{path.relative_to(ROOT)}:{line}: {written}"
+            for _, line, at_top, _, written in found
+            if not at_top and written in top
+        ]
     assert twice == []
 
 
 def test_jobs_and_benchmarks_use_public_names_only():
-    private = [f"{path.relative_to(ROOT)}:{line}: {target}.{names[0]}"
-               for module, path in MODULES.items() if _room(module) in ("jobs", "benchmarks")
-               for target, line, _, names, written in _imports(path)
-               if names and names[0].startswith("_") and _room(written) != _room(module)]
+    private = [
+        f"{path.relative_to(ROOT)}:{line}: {target}.{names[0]}"
+        for module, path in MODULES.items()
+        if _room(module) in ("jobs", "benchmarks")
+        for target, line, _, names, written in _imports(path)
+        if names and names[0].startswith("_") and _room(written) != _room(module)
+    ]
     assert private == []
 
 
@@ -128,8 +136,10 @@ def test_the_rules_catch_a_stage_importing_another(tmp_path):
 
 
 def test_fm_does_not_import_ray_or_mlflow():
-    code = "import sys, fm, fm.likelihood, fm.metrics, fm.data, fm.ema; " \
-           "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))"
+    code = (
+        "import sys, fm, fm.likelihood, fm.metrics, fm.data, fm.ema; "
+        "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -150,8 +160,13 @@ def _defined(path: Path) -> set[str]:
 def test_every_name_is_imported_from_the_module_that_defines_it():
     # one home per name: no module re-exports another's (a moved name breaks its importers, not a shim)
     files = [*MODULES.values(), *sorted((ROOT / "tests").rglob("*.py"))]
-    borrowed = [f"{path.relative_to(ROOT)}:{line}: {written}.{names[0]}"
-                for path in files for target, line, _, names, written in _imports(path)
-                if names and target == written and written.startswith("pipelines")
-                and names[0] not in _defined(MODULES[written])]
+    borrowed = [
+        f"{path.relative_to(ROOT)}:{line}: {written}.{names[0]}"
+        for path in files
+        for target, line, _, names, written in _imports(path)
+        if names
+        and target == written
+        and written.startswith("pipelines")
+        and names[0] not in _defined(MODULES[written])
+    ]
     assert borrowed == []

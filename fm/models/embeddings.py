@@ -62,6 +62,8 @@ def labels_or_null(y: Tensor | None, batch: int, num_classes: int | None, device
     if y is None:
         return torch.full((batch,), num_classes, dtype=torch.long, device=device)
     if y.numel() and (y.min() < 0 or y.max() > num_classes):
-        raise ValueError(f"labels must be in [0, {num_classes}] ({num_classes} is the null class); "
-                         f"got values in [{y.min().item()}, {y.max().item()}]")
+        raise ValueError(
+            f"labels must be in [0, {num_classes}] ({num_classes} is the null class); "
+            f"got values in [{y.min().item()}, {y.max().item()}]"
+        )
     return y.long()

@@ -24,17 +24,28 @@ class MLP(nn.Module):
             added to t's; r = None means r = t. Off, the model is unchanged and refuses r.
     """
 
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, time_dim: int = 64,
-                 num_classes: int | None = None, manifold: str | None = None, out_dim: int | None = None,
-                 time_scale: float = 1000.0, two_times: bool = False):
+    def __init__(
+        self,
+        dim: int = 2,
+        hidden: int = 256,
+        depth: int = 3,
+        time_dim: int = 64,
+        num_classes: int | None = None,
+        manifold: str | None = None,
+        out_dim: int | None = None,
+        time_scale: float = 1000.0,
+        two_times: bool = False,
+    ):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"MLP needs dim, hidden, depth >= 1; got {dim}, {hidden}, {depth}")
         self.dim, self.num_classes = dim, num_classes
         self.manifold = get_manifold(manifold) if manifold else None
         if self.manifold is not None and (self.manifold.ambient_dim != dim or out_dim not in (None, dim)):
-            raise ValueError(f"an MLP on {self.manifold.label} needs dim = out_dim = {self.manifold.ambient_dim}; "
-                             f"got dim={dim}, out_dim={out_dim}")
+            raise ValueError(
+                f"an MLP on {self.manifold.label} needs dim = out_dim = {self.manifold.ambient_dim}; "
+                f"got dim={dim}, out_dim={out_dim}"
+            )
         self.time_embed = TimeEmbedding(time_dim, hidden, time_scale)
         self.interval_embed = TimeEmbedding(time_dim, hidden, time_scale) if two_times else None
         self.class_embed = nn.Embedding(num_classes + 1, hidden) if num_classes else None
@@ -53,4 +64,3 @@ class MLP(nn.Module):
             h = layer(self.act(h + cond))
         out = self.out(self.act(h))
         return self.manifold.proju(x, out) if self.manifold else out
-

@@ -111,15 +111,26 @@ class UNet(nn.Module):
             time derivative its target takes, trains better with smooth features (e.g. 1; `fm.meanflow`).
     """
 
-    def __init__(self, image_size: int = 32, in_channels: int = 3, model_channels: int = 128,
-                 channel_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
-                 attention_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1, num_heads: int = 4,
-                 num_classes: int | None = None, two_times: bool = False, time_scale: float = 1000.0):
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        model_channels: int = 128,
+        channel_mult: tuple[int, ...] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.1,
+        num_heads: int = 4,
+        num_classes: int | None = None,
+        two_times: bool = False,
+        time_scale: float = 1000.0,
+    ):
         super().__init__()
         levels = len(channel_mult)
         if levels < 1 or image_size % (2 ** (levels - 1)):
-            raise ValueError(f"image_size {image_size} must be divisible by 2^(len(channel_mult)-1) = "
-                             f"{2 ** (levels - 1)}")
+            raise ValueError(
+                f"image_size {image_size} must be divisible by 2^(len(channel_mult)-1) = {2 ** (levels - 1)}"
+            )
         if model_channels < 1 or num_res_blocks < 1:
             raise ValueError(f"need model_channels, num_res_blocks >= 1; got {model_channels}, {num_res_blocks}")
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
@@ -146,8 +157,9 @@ class UNet(nn.Module):
                 self.down.append(_Stage([Downsample(ch)]))
                 skips.append(ch)
                 res //= 2
-        self.mid = _Stage([ResBlock(ch, ch, emb_dim, dropout), AttentionBlock(ch, num_heads),
-                           ResBlock(ch, ch, emb_dim, dropout)])
+        self.mid = _Stage(
+            [ResBlock(ch, ch, emb_dim, dropout), AttentionBlock(ch, num_heads), ResBlock(ch, ch, emb_dim, dropout)]
+        )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
@@ -163,8 +175,9 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[-1] != self.image_size:
-            raise ValueError(f"UNet expects [B, {self.in_channels}, {self.image_size}, {self.image_size}]; "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"UNet expects [B, {self.in_channels}, {self.image_size}, {self.image_size}]; got {tuple(x.shape)}"
+            )
         t = check_time(x, t)
         emb = with_interval(self.time_embed(t), self.interval_embed, x, t, r).to(x.dtype)
         if self.class_embed is not None:

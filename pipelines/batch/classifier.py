@@ -62,7 +62,14 @@ def get_classifier(manifest: Manifest, epochs: int = 15, seed: int = 0):
     weights = io.BytesIO()
     torch.save(model.state_dict(), weights)
     storage.write_bytes(storage.join(cache, "model.pt"), weights.getvalue())
-    info = {"kwargs": kwargs, "test_accuracy": acc, "epochs": epochs, "seed": seed, "train_rows": len(x),
-            "test_rows": len(x_test), "path": cache}
+    info = {
+        "kwargs": kwargs,
+        "test_accuracy": acc,
+        "epochs": epochs,
+        "seed": seed,
+        "train_rows": len(x),
+        "test_rows": len(x_test),
+        "path": cache,
+    }
     storage.write_text(storage.join(cache, "info.json"), json.dumps(info, indent=1))  # last: the entry is whole
     return model, info

@@ -37,8 +37,12 @@ class SampleConfig:
 def _check_precision(section: str, precision: str, gpus_per_actor: float) -> None:
     """A batch stage's autocast setting: fp32, bf16, or fp16 on GPU actors only."""
     check(precision in PRECISIONS[1:], f"{section}.precision", precision, f"allowed: {', '.join(PRECISIONS[1:])}")
-    check(precision != "fp16" or gpus_per_actor > 0, f"{section}.precision", precision,
-          f"fp16 needs GPU actors ({section}.gpus_per_actor > 0); use fp32 or bf16 on CPU")
+    check(
+        precision != "fp16" or gpus_per_actor > 0,
+        f"{section}.precision",
+        precision,
+        f"fp16 needs GPU actors ({section}.gpus_per_actor > 0); use fp32 or bf16 on CPU",
+    )
 
 
 def validate_sample_config(c: SampleConfig, method: str | None = None, method_kwargs: dict | None = None) -> None:
@@ -56,20 +60,30 @@ def validate_sample_config(c: SampleConfig, method: str | None = None, method_kw
     _check_precision("sample", c.precision, c.gpus_per_actor)
     if method in METHODS:
         field = METHODS[method].velocity_field
-        check((c.solver == JUMP) != field, "sample.solver", c.solver,
-              f"{method} models average velocities: it samples in {JUMP!r}s (sample.steps of them: 1, 2, 4, ...), "
-              "not with an ODE or SDE solver" if not field else
-              f"{JUMP!r} is MeanFlow's sampler; {method} gives a velocity field: use an ODE solver or sde")
+        check(
+            (c.solver == JUMP) != field,
+            "sample.solver",
+            c.solver,
+            f"{method} models average velocities: it samples in {JUMP!r}s (sample.steps of them: 1, 2, 4, ...), "
+            "not with an ODE or SDE solver"
+            if not field
+            else f"{JUMP!r} is MeanFlow's sampler; {method} gives a velocity field: use an ODE solver or sde",
+        )
     if method in METHODS and c.solver in FIXED_METHODS:
         allowed = METHODS[method].fixed_step_solvers
-        check(c.solver in allowed, "sample.solver", c.solver,
-              f"a fixed-step solver on a manifold must be one of {', '.join(allowed)} (or use an adaptive one)")
+        check(
+            c.solver in allowed,
+            "sample.solver",
+            c.solver,
+            f"a fixed-step solver on a manifold must be one of {', '.join(allowed)} (or use an adaptive one)",
+        )
     if c.solver == "sde" and method is not None:
         try:
             make_method(**(method_kwargs or {"name": method})).sde_diffusion(c.sde_g)
         except ValueError as err:
-            raise ConfigError(f"sample.sde_g: {c.sde_g!r} is not allowed with sample.solver=sde for this "
-                              f"{method} checkpoint: {err}") from None
+            raise ConfigError(
+                f"sample.sde_g: {c.sde_g!r} is not allowed with sample.solver=sde for this {method} checkpoint: {err}"
+            ) from None
 
 
 @dataclass
@@ -113,11 +127,14 @@ def validate_eval_config(c: EvalConfig) -> None:
     check(c.draws >= 1, "eval.draws", c.draws, "must be >= 1")
     check(c.divergence in ("exact", "hutchinson"), "eval.divergence", c.divergence, "allowed: exact, hutchinson")
     check(c.probes >= 1, "eval.probes", c.probes, "must be >= 1")
-    check(c.draws == 1 or c.divergence == "exact", "eval.draws", c.draws,
-           "K > 1 dequantization draws need eval.divergence=exact (Hutchinson estimates make their "
-           "log-mean-exp biased low)")
-    check(c.probe_kind in ("rademacher", "gaussian"), "eval.probe_kind", c.probe_kind,
-           "allowed: rademacher, gaussian")
+    check(
+        c.draws == 1 or c.divergence == "exact",
+        "eval.draws",
+        c.draws,
+        "K > 1 dequantization draws need eval.divergence=exact (Hutchinson estimates make their "
+        "log-mean-exp biased low)",
+    )
+    check(c.probe_kind in ("rademacher", "gaussian"), "eval.probe_kind", c.probe_kind, "allowed: rademacher, gaussian")
     check(c.batch_size >= 1, "eval.batch_size", c.batch_size, "must be >= 1")
     check(c.blocks_per_call >= 1, "eval.blocks_per_call", c.blocks_per_call, "must be >= 1")
     check(c.actors >= 0, "eval.actors", c.actors, "must be >= 1, or 0 for as many as the cluster holds")
@@ -125,8 +142,12 @@ def validate_eval_config(c: EvalConfig) -> None:
     check(c.max_images >= 0, "eval.max_images", c.max_images, "must be >= 0")
     check(c.classifier_epochs >= 1, "eval.classifier_epochs", c.classifier_epochs, "must be >= 1")
     check(c.features in FEATURES, "eval.features", c.features, f"allowed: {', '.join(FEATURES)}")
-    check(c.reference_max == 0 or c.reference_max >= 10, "eval.reference_max", c.reference_max,
-           "must be 0 (the whole split) or >= 10")
+    check(
+        c.reference_max == 0 or c.reference_max >= 10,
+        "eval.reference_max",
+        c.reference_max,
+        "must be 0 (the whole split) or >= 10",
+    )
     check(c.subset_size >= 10, "eval.subset_size", c.subset_size, "must be >= 10")
     check(c.feature_batch >= 1, "eval.feature_batch", c.feature_batch, "must be >= 1")
     check(c.gpus_per_actor >= 0, "eval.gpus_per_actor", c.gpus_per_actor, "must be >= 0")

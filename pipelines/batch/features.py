@@ -95,15 +95,15 @@ def pick_subset(ids: np.ndarray, features: torch.Tensor, size: int) -> tuple[np.
 class FeatureActor:
     """Ray Data actor: loads the feature network once; 8-bit image cells -> feature rows."""
 
-    def __init__(self, net: FeatureNet, shape: list[int], use_gpu: bool = False, keep: float = 1.0,
-                 cpus: float = 1.0):
+    def __init__(self, net: FeatureNet, shape: list[int], use_gpu: bool = False, keep: float = 1.0, cpus: float = 1.0):
         use_cpu_share(cpus)
         self.net, self.shape, self.keep = net, list(shape), keep
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_network(net, self.device)
         # the feature width, for batches that a cap leaves empty
-        self.dim = extract(net, self.model, torch.zeros(1, self.shape[2], *self.shape[:2], dtype=torch.uint8),
-                           self.device).shape[1]
+        self.dim = extract(
+            net, self.model, torch.zeros(1, self.shape[2], *self.shape[:2], dtype=torch.uint8), self.device
+        ).shape[1]
 
     def __call__(self, batch: dict) -> dict:
         if self.keep < 1.0:  # a capped set: the same rows (by id hash) whatever the batching or the run
@@ -141,9 +141,21 @@ def extract(net: FeatureNet, model, x_uint8: torch.Tensor, device: torch.device)
     return model.features(to_model_space(x_uint8).to(device)).float().cpu()
 
 
-def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: int, *, subset_size: int = 2000,
-                  batch_size: int = 64, actors: int = 0, cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0,
-                  what: str = "features", prefix: int | None = None, limit: int = 0) -> FeatureResult:
+def feature_stage(
+    paths: list[str],
+    shape: list[int],
+    net: FeatureNet,
+    total: int,
+    *,
+    subset_size: int = 2000,
+    batch_size: int = 64,
+    actors: int = 0,
+    cpus_per_actor: float = 0.5,
+    gpus_per_actor: float = 0.0,
+    what: str = "features",
+    prefix: int | None = None,
+    limit: int = 0,
+) -> FeatureResult:
     """Stream `total` images of parquet shards (columns id, image) through FeatureActor actors into statistics;
     with `prefix`, also the statistics of the rows whose (integer) id is below it; with `limit` > 0, only about
     `limit` of them: a pseudo-random subset chosen by a hash of each id (the count is binomial around `limit`)."""
@@ -152,17 +164,29 @@ def feature_stage(paths: list[str], shape: list[int], net: FeatureNet, total: in
 
     init_ray()
     # declared, so that Ray places actors by what they hold (and its memory detector has nothing to say)
-    actors, memory = actor_pool(actors, cpus_per_actor, gpus_per_actor, feature_actor_bytes(net.kind, batch_size),
-                                work=-(-total // batch_size), section="eval")
+    actors, memory = actor_pool(
+        actors,
+        cpus_per_actor,
+        gpus_per_actor,
+        feature_actor_bytes(net.kind, batch_size),
+        work=-(-total // batch_size),
+        section="eval",
+    )
     keep = min(1.0, limit / max(total, 1)) if limit > 0 else 1.0
     # rates relative to the whole set: the KID subset of a capped set lies inside it, whatever the stream order
     rate = min(1.0, subset_size / max(total * keep, 1)) * keep
     files, fs = storage.ray_paths(paths)
     ds = spread(ray.data.read_parquet(files, filesystem=fs).select_columns(["id", "image"]), total, batch_size, actors)
-    ds = ds.map_batches(FeatureActor, fn_constructor_args=(net, shape, gpus_per_actor > 0, keep, cpus_per_actor),
-                        batch_size=batch_size,
-                        batch_format="numpy", compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-                        num_gpus=gpus_per_actor or None, memory=memory)
+    ds = ds.map_batches(
+        FeatureActor,
+        fn_constructor_args=(net, shape, gpus_per_actor > 0, keep, cpus_per_actor),
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor or None,
+        memory=memory,
+    )
     stats, subset, subset_ids, head, first = None, [], [], None, None
     progress = Progress(f"{what} ({actors} actor{'s' if actors > 1 else ''})", round(total * keep), "images")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -195,9 +219,15 @@ def split_stats(manifest, split: str, net: FeatureNet, limit: int = 0, **stage_k
     if storage.is_file(path):
         with np.load(io.BytesIO(storage.read_bytes(path))) as z:
             return FeatureResult(FeatureStats.from_arrays(z), torch.from_numpy(z["subset"]), cached=True)
-    res = feature_stage(manifest.shard_paths(split), manifest.data.shape, net, count, limit=limit,
-                        what=f"{net.label} features of the {split} split" + (f" (~{limit} images)" if limit else ""),
-                        **stage_kwargs)
+    res = feature_stage(
+        manifest.shard_paths(split),
+        manifest.data.shape,
+        net,
+        count,
+        limit=limit,
+        what=f"{net.label} features of the {split} split" + (f" (~{limit} images)" if limit else ""),
+        **stage_kwargs,
+    )
     buf = io.BytesIO()
     np.savez(buf, subset=res.subset.numpy(), **res.stats.to_arrays())  # type: ignore[arg-type]  # (**arrays)
     storage.write_bytes(path, buf.getvalue())  # a half-written cache never carries the final name

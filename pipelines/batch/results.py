@@ -124,8 +124,13 @@ class EvaluationResult:
 
     def with_samples(self, quality: QualityResult, samples_dir: str) -> EvaluationResult:
         """The same model's result for another sampling output: its quality, the likelihood kept."""
-        return replace(self, quality=quality, sample_run_id=sampling_run_id(samples_dir),
-                       sample_settings=sampling_settings(samples_dir), mlflow_run_id=None)
+        return replace(
+            self,
+            quality=quality,
+            sample_run_id=sampling_run_id(samples_dir),
+            sample_settings=sampling_settings(samples_dir),
+            mlflow_run_id=None,
+        )
 
     def headline(self) -> dict[str, object]:
         """The figures a registry version carries as its latest evaluation (None where they do not apply)."""
@@ -134,8 +139,16 @@ class EvaluationResult:
         if lik is not None:
             out.update({lik.metric: round(lik.mean, 4), "likelihood_nfe": round(lik.mean_nfe, 1)})
         if q is not None:
-            out.update({"fd_label": q.fd_label, "fd": q.fd, "fd_floor": q.fd_floor, "fid": q.fid, "w2": q.w2,
-                        "sample_solver": (self.sample_settings or {}).get("solver")})
+            out.update(
+                {
+                    "fd_label": q.fd_label,
+                    "fd": q.fd,
+                    "fd_floor": q.fd_floor,
+                    "fid": q.fid,
+                    "w2": q.w2,
+                    "sample_solver": (self.sample_settings or {}).get("solver"),
+                }
+            )
         if tr is not None:
             out["w2_ratio_max"] = tr.w2_ratio_max
         if self.straightness is not None:

@@ -99,23 +99,42 @@ class Sampler:
     def solve(self, ids: np.ndarray, x_0: torch.Tensor, y: torch.Tensor | None) -> SampleResult:
         """x_0 [B, *shape] to samples: the SDE with per-sample noise, or the method's ODE in its own space."""
         c = self.cfg
-        fn = autocast_field(self.method.velocity(self.model, None if y is None else y.to(self.device), c.cfg_scale),
-                            autocast_dtype(c.precision, self.device.type), self.device.type)
+        fn = autocast_field(
+            self.method.velocity(self.model, None if y is None else y.to(self.device), c.cfg_scale),
+            autocast_dtype(c.precision, self.device.type),
+            self.device.type,
+        )
         with torch.no_grad():
             if c.solver != "sde":
                 return self.method.sample(fn, x_0, c.solver, c.steps, c.atol, c.rtol)
             # per-sample noise streams, so a sample's path does not depend on its block's other samples
             noise = SeedStack([derive_seed(c.seed, int(i), SDE_NOISE_STREAM) for i in ids], self.device)
-            return sde_sample(fn, self.method.gaussian_path, self.method.sde_diffusion(c.sde_g), x_0, c.steps,
-                              t_1=min(self.method.t_max, 1 - 1e-3), noise=lambda k: noise.randn(self.shape))
+            return sde_sample(
+                fn,
+                self.method.gaussian_path,
+                self.method.sde_diffusion(c.sde_g),
+                x_0,
+                c.steps,
+                t_1=min(self.method.t_max, 1 - 1e-3),
+                noise=lambda k: noise.randn(self.shape),
+            )
 
-    def write(self, block: int, ids: np.ndarray, seeds: list[int], y: torch.Tensor | None, x: torch.Tensor,
-              nfe: int) -> None:
+    def write(
+        self, block: int, ids: np.ndarray, seeds: list[int], y: torch.Tensor | None, x: torch.Tensor, nfe: int
+    ) -> None:
         """The block's shard, one object (or a temporary file renamed), in the sample-shard contract."""
         images = to_uint8(x) if self.layout == "HWC" else None
         payload = encode_rows(images, "image") if images is not None else encode_rows(x, "points")
-        table = pa.table({"id": ids, "seed": seeds, "label": y.numpy() if y is not None else np.full(len(ids), -1),
-                          "nfe": np.full(len(ids), nfe), "image": payload}, schema=SAMPLE_SCHEMA)
+        table = pa.table(
+            {
+                "id": ids,
+                "seed": seeds,
+                "label": y.numpy() if y is not None else np.full(len(ids), -1),
+                "nfe": np.full(len(ids), nfe),
+                "image": payload,
+            },
+            schema=SAMPLE_SCHEMA,
+        )
         storage.write_parquet(table, storage.join(self.out, shard_name(block)))
         if self.cfg.write_png and images is not None:
             _write_pngs(images, ids, storage.join(self.out, "png"))
@@ -149,8 +168,11 @@ def complete_blocks(out: str, cfg: SampleConfig) -> set[int]:
         block = int(storage.name(path).split("-")[1].split(".")[0])
         try:
             table = storage.read_table(path)
-            ok = (block < n_blocks and table.schema.equals(SAMPLE_SCHEMA)
-                  and table["id"].to_pylist() == block_ids(block, cfg.block_size, cfg.num_samples).tolist())
+            ok = (
+                block < n_blocks
+                and table.schema.equals(SAMPLE_SCHEMA)
+                and table["id"].to_pylist() == block_ids(block, cfg.block_size, cfg.num_samples).tolist()
+            )
         except Exception:  # truncated or not parquet at all
             ok = False
         if ok:
@@ -167,25 +189,34 @@ def prepare_output(out: str, cfg: SampleConfig, checkpoint: str) -> str:
     same settings; returns the output location (absolute when local). An output may grow: a larger `num_samples`
     keeps every whole block of the old count (only the old last block, if partial, is redone), and the result is the
     same as a fresh run at the larger count."""
-    settings = {"checkpoint": str(checkpoint), **{k: v for k, v in asdict(cfg).items()
-                                                  if k not in ("actors", "blocks_per_call", "cpus_per_actor",
-                                                               "gpus_per_actor", "fail_at_block", "write_png")},
-                "seeding": SEEDING_VERSION}
+    settings = {
+        "checkpoint": str(checkpoint),
+        **{
+            k: v
+            for k, v in asdict(cfg).items()
+            if k not in ("actors", "blocks_per_call", "cpus_per_actor", "gpus_per_actor", "fail_at_block", "write_png")
+        },
+        "seeding": SEEDING_VERSION,
+    }
     out = storage.check_writable(str(out), "--out")
     path = storage.join(out, SETTINGS)
     if storage.is_file(path):
         old = json.loads(storage.read_text(path))
         if old.get("seeding", 1) != SEEDING_VERSION:  # outputs before the version was recorded are version 1
-            raise SamplingError(f"{out} holds samples whose noise was seeded by version {old.get('seeding', 1)} (the "
-                                f"low 32 bits of each seed); this version seeds by version {SEEDING_VERSION} (all 63 "
-                                "bits) and does not add its samples to them; use a new --out")
+            raise SamplingError(
+                f"{out} holds samples whose noise was seeded by version {old.get('seeding', 1)} (the "
+                f"low 32 bits of each seed); this version seeds by version {SEEDING_VERSION} (all 63 "
+                "bits) and does not add its samples to them; use a new --out"
+            )
         diff = {k: (old.get(k), v) for k, v in settings.items() if k != "num_samples" and old.get(k) != v}
         if diff:
             raise SamplingError(f"{out} holds samples made with other settings {diff}; use a new --out")
         had = old.get("num_samples", 0)
         if cfg.num_samples < had:
-            raise SamplingError(f"{out} holds {had} samples; --num-samples {cfg.num_samples} would shrink it: ask for "
-                                f"{had} or more (a larger count samples only the new blocks), or use a new --out")
+            raise SamplingError(
+                f"{out} holds {had} samples; --num-samples {cfg.num_samples} would shrink it: ask for "
+                f"{had} or more (a larger count samples only the new blocks), or use a new --out"
+            )
         if cfg.num_samples > had:
             storage.write_text(path, json.dumps(settings, indent=1))  # grown: the blocks past the old end are new
     else:
@@ -201,14 +232,20 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> Samplin
     meta = load_meta(checkpoint)  # fails clearly before Ray starts, as do unreadable or refused weights below
     validate_sample_config(cfg, meta.method_name, meta.method)
     if not load_model(checkpoint).method.draws_noise:
-        raise SamplingError(f"{checkpoint} holds a {meta.method_name} model, which moves data from its first "
-                            "snapshot rather than sampling noise; `python -m jobs.evaluate --checkpoint ... --data "
-                            "SHARDS` carries the held-out first snapshot through every observed time")
+        raise SamplingError(
+            f"{checkpoint} holds a {meta.method_name} model, which moves data from its first "
+            "snapshot rather than sampling noise; `python -m jobs.evaluate --checkpoint ... --data "
+            "SHARDS` carries the held-out first snapshot through every observed time"
+        )
     data = DataSpec.from_dict(meta.manifest, f"{checkpoint}/meta.json: manifest")
-    memory = check_fits("sample.block_size", cfg.block_size * cfg.blocks_per_call,
-                        model_item_bytes(meta.model_name, meta.model_kwargs, training=False),
-                        "one Sampler call", hint=" (block_size x blocks_per_call items per call; activations and "
-                                                 "solver state estimated from the model's feature maps)")
+    memory = check_fits(
+        "sample.block_size",
+        cfg.block_size * cfg.blocks_per_call,
+        model_item_bytes(meta.model_name, meta.model_kwargs, training=False),
+        "one Sampler call",
+        hint=" (block_size x blocks_per_call items per call; activations and "
+        "solver state estimated from the model's feature maps)",
+    )
     layout, model_shape = ("HWC" if data.is_image else "D"), data.model_shape
     out = prepare_output(str(out), cfg, checkpoint)
     done = complete_blocks(out, cfg)
@@ -218,16 +255,31 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> Samplin
     stats = []
     if todo:
         init_ray()
-        actors, memory = actor_pool(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, memory,
-                                     work=-(-len(todo) // cfg.blocks_per_call), section="sample")
-        stage(f"sampling {cfg.num_samples} samples ({len(todo)} blocks of {cfg.block_size}, {len(done)} reused) "
-              f"with {cfg.solver} on {actors} actor(s) into {out}")
-        ds: ray.data.Dataset = ray.data.from_items([{"block": b} for b in todo],
-                                                   override_num_blocks=min(len(todo), 200))
-        ds = ds.map_batches(Sampler, fn_constructor_args=(str(checkpoint), out, cfg, model_shape, layout),
-                            batch_size=cfg.blocks_per_call, batch_format="numpy",
-                            compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
-                            num_gpus=cfg.gpus_per_actor or None, memory=memory)
+        actors, memory = actor_pool(
+            cfg.actors,
+            cfg.cpus_per_actor,
+            cfg.gpus_per_actor,
+            memory,
+            work=-(-len(todo) // cfg.blocks_per_call),
+            section="sample",
+        )
+        stage(
+            f"sampling {cfg.num_samples} samples ({len(todo)} blocks of {cfg.block_size}, {len(done)} reused) "
+            f"with {cfg.solver} on {actors} actor(s) into {out}"
+        )
+        ds: ray.data.Dataset = ray.data.from_items(
+            [{"block": b} for b in todo], override_num_blocks=min(len(todo), 200)
+        )
+        ds = ds.map_batches(
+            Sampler,
+            fn_constructor_args=(str(checkpoint), out, cfg, model_shape, layout),
+            batch_size=cfg.blocks_per_call,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=actors),
+            num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.gpus_per_actor or None,
+            memory=memory,
+        )
         progress = Progress("sampling", len(todo), "blocks")
 
         def collect() -> None:
@@ -244,18 +296,32 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> Samplin
     nfe = [int(r["nfe"]) for r in stats]
     busy = sum(float(r["seconds"]) for r in stats)
     made = sum(int(r["rows"]) for r in stats)
-    return SamplingResult(out=out, num_samples=cfg.num_samples, blocks=n_blocks, blocks_reused=len(done),
-                          blocks_sampled=len(todo), wall_s=wall, mean_nfe=float(np.mean(nfe)) if nfe else None,
-                          max_nfe=max(nfe) if nfe else None, samples_per_s=made / wall if made else None,
-                          samples_per_actor_s=made / busy if busy else None, train_run_id=meta.mlflow_run_id)
+    return SamplingResult(
+        out=out,
+        num_samples=cfg.num_samples,
+        blocks=n_blocks,
+        blocks_reused=len(done),
+        blocks_sampled=len(todo),
+        wall_s=wall,
+        mean_nfe=float(np.mean(nfe)) if nfe else None,
+        max_nfe=max(nfe) if nfe else None,
+        samples_per_s=made / wall if made else None,
+        samples_per_actor_s=made / busy if busy else None,
+        train_run_id=meta.mlflow_run_id,
+    )
 
 
 def open_sampling_run(uri: str, checkpoint: str, cfg: dict) -> str:
     """The sampling run, nested under the checkpoint's training run, opened before the samples are drawn (so that
     the stage's system metrics land in it); `log_sampling_run` fills it."""
     steps = "adaptive" if cfg["solver"] in ADAPTIVE_METHODS else f"{cfg['steps']} steps"
-    return start_child_run(uri, load_meta(checkpoint).mlflow_run_id, "sample", f"sample-{cfg['solver']}",
-                           description=f"{cfg['num_samples']} samples, {cfg['solver']} ({steps})")
+    return start_child_run(
+        uri,
+        load_meta(checkpoint).mlflow_run_id,
+        "sample",
+        f"sample-{cfg['solver']}",
+        description=f"{cfg['num_samples']} samples, {cfg['solver']} ({steps})",
+    )
 
 
 def log_sampling_run(result: SamplingResult, cfg: dict, uri: str, run_id: str) -> str:
@@ -265,8 +331,13 @@ def log_sampling_run(result: SamplingResult, cfg: dict, uri: str, run_id: str) -
 
     log = SafeLogger(uri, run_id)
     log.params({f"sample.{k}": v for k, v in cfg.items()})
-    metrics = {"mean_nfe": result.mean_nfe, "max_nfe": result.max_nfe, "samples_per_s": result.samples_per_s,
-               "samples_per_actor_s": result.samples_per_actor_s, "wall_s": result.wall_s}
+    metrics = {
+        "mean_nfe": result.mean_nfe,
+        "max_nfe": result.max_nfe,
+        "samples_per_s": result.samples_per_s,
+        "samples_per_actor_s": result.samples_per_actor_s,
+        "wall_s": result.wall_s,
+    }
     log.metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
     log.tags({"flowray.samples_dir": result.out})
     with tempfile.TemporaryDirectory() as tmp:

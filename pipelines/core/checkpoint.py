@@ -32,10 +32,20 @@ class CheckpointError(ConfigError):
     """A missing, incomplete or mismatched checkpoint."""
 
 
-def save_checkpoint(directory: str | Path, *, step: int, model: nn.Module, ema_state: dict,
-                    optimizer: torch.optim.Optimizer | None, model_name: str, model_kwargs: dict,
-                    method_kwargs: dict, config: dict, scaler: torch.amp.GradScaler | None = None,
-                    **provenance: Any) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    step: int,
+    model: nn.Module,
+    ema_state: dict,
+    optimizer: torch.optim.Optimizer | None,
+    model_name: str,
+    model_kwargs: dict,
+    method_kwargs: dict,
+    config: dict,
+    scaler: torch.amp.GradScaler | None = None,
+    **provenance: Any,
+) -> Path:
     """Write a checkpoint directory. `model` must be the unwrapped module (no DDP prefixes); `scaler` (fp16
     training) is kept so that a resumed run continues with the loss scale it had; `provenance`: CheckpointMeta's
     mlflow_run_id, manifest, nonfinite_total and stream."""
@@ -82,8 +92,13 @@ class CheckpointMeta:
         return (self.manifest or {}).get("shape")
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"step": self.step, "model": {"name": self.model_name, "kwargs": self.model_kwargs},
-               "method": self.method, "config": self.config, "seeding": self.seeding}
+        out = {
+            "step": self.step,
+            "model": {"name": self.model_name, "kwargs": self.model_kwargs},
+            "method": self.method,
+            "config": self.config,
+            "seeding": self.seeding,
+        }
         for key in PROVENANCE:
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -97,25 +112,41 @@ class CheckpointMeta:
             raise CheckpointError(f"{where}: expected a JSON object; got {type(meta).__name__}")
         for key, kind in (("step", int), ("model", dict), ("method", dict)):
             if not isinstance(meta.get(key), kind):
-                raise CheckpointError(f"{where}: key {key!r} must be {'an integer' if kind is int else 'a mapping'}; "
-                                      f"got {meta.get(key)!r}")
+                raise CheckpointError(
+                    f"{where}: key {key!r} must be {'an integer' if kind is int else 'a mapping'}; "
+                    f"got {meta.get(key)!r}"
+                )
         if not isinstance(meta["model"].get("name"), str) or not isinstance(meta["model"].get("kwargs"), dict):
             raise CheckpointError(f"{where}: 'model' needs a 'name' and a 'kwargs' mapping")
         if not isinstance(meta["method"].get("name"), str):
             raise CheckpointError(f"{where}: 'method' needs a 'name'")
         known = {"step", "model", "method", "config", "seeding", *PROVENANCE}
-        return cls(step=meta["step"], model_name=meta["model"]["name"], model_kwargs=meta["model"]["kwargs"],
-                   method=meta["method"], config=meta.get("config") or {}, seeding=meta.get("seeding", 1),
-                   **{k: meta[k] for k in PROVENANCE if k in meta},  # absent: the field's default
-                   extra={k: v for k, v in meta.items() if k not in known})
+        return cls(
+            step=meta["step"],
+            model_name=meta["model"]["name"],
+            model_kwargs=meta["model"]["kwargs"],
+            method=meta["method"],
+            config=meta.get("config") or {},
+            seeding=meta.get("seeding", 1),
+            **{k: meta[k] for k in PROVENANCE if k in meta},  # absent: the field's default
+            extra={k: v for k, v in meta.items() if k not in known},
+        )
 
 
-def checkpoint_meta(step: int, model_name: str, model_kwargs: dict, method_kwargs: dict, config: dict,
-                    **provenance: Any) -> CheckpointMeta:
+def checkpoint_meta(
+    step: int, model_name: str, model_kwargs: dict, method_kwargs: dict, config: dict, **provenance: Any
+) -> CheckpointMeta:
     """A new checkpoint's meta, written by this version's seeding; `provenance`: mlflow_run_id, manifest,
     nonfinite_total, stream (CheckpointMeta's fields)."""
-    return CheckpointMeta(step=step, model_name=model_name, model_kwargs=model_kwargs, method=method_kwargs,
-                          config=config, seeding=SEEDING_VERSION, **provenance)
+    return CheckpointMeta(
+        step=step,
+        model_name=model_name,
+        model_kwargs=model_kwargs,
+        method=method_kwargs,
+        config=config,
+        seeding=SEEDING_VERSION,
+        **provenance,
+    )
 
 
 def load_meta(directory: str | Path) -> CheckpointMeta:
@@ -165,12 +196,15 @@ def load_state(directory: str | Path, name: str) -> dict:
         source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain containers, "
-                              f"which are not loaded (torch.load with weights_only=True): "
-                              f"{str(err).splitlines()[-1][:200]}") from None
+        raise CheckpointError(
+            f"{path}: refused: it holds Python objects other than tensors and plain containers, "
+            f"which are not loaded (torch.load with weights_only=True): "
+            f"{str(err).splitlines()[-1][:200]}"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable torch file (truncated or corrupt): "
-                              f"{str(err).splitlines()[0][:200]}") from None
+        raise CheckpointError(
+            f"{path}: not a readable torch file (truncated or corrupt): {str(err).splitlines()[0][:200]}"
+        ) from None
 
 
 @dataclass
@@ -195,13 +229,16 @@ def load_model(directory: str | Path, use_ema: bool = True, expect: dict | None 
     name, kwargs = meta.model_name, dict(meta.model_kwargs)
     for key, value in (expect or {}).items():
         if kwargs.get(key) != value:
-            raise CheckpointError(f"checkpoint {directory} was trained with model.{key}={kwargs.get(key)!r}, "
-                                  f"but {value!r} is required here")
+            raise CheckpointError(
+                f"checkpoint {directory} was trained with model.{key}={kwargs.get(key)!r}, "
+                f"but {value!r} is required here"
+            )
     model = build_model(name, **kwargs)
     state = load_state(directory, "ema")["module"] if use_ema else load_state(directory, "model")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {directory}: weights do not fit model {name} {kwargs}: "
-                              f"{str(err).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"checkpoint {directory}: weights do not fit model {name} {kwargs}: {str(err).splitlines()[0]}"
+        ) from None
     return LoadedModel(model.eval(), make_method(**meta.method), meta)

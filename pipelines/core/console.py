@@ -9,9 +9,11 @@ from __future__ import annotations
 # through the object store, which Ray's core worker reports as an error line for every restartable actor (ray#53727);
 # GCS reports that it could not kill an actor that was never created (NIL_ID) or whose process had already exited
 # ("Socket closed") when a stage's pool is torn down. `--verbose` shows them.
-KNOWN_NOISE = ((b"has constructor arguments in the object store and max_restarts > 0",),
-               (b"gcs_actor_scheduler.cc", b"Failed to kill actor NIL_ID"),
-               (b"gcs_actor_scheduler.cc", b"Failed to kill actor", b"KillActor RPC failed", b"Socket closed"))
+KNOWN_NOISE = (
+    (b"has constructor arguments in the object store and max_restarts > 0",),
+    (b"gcs_actor_scheduler.cc", b"Failed to kill actor NIL_ID"),
+    (b"gcs_actor_scheduler.cc", b"Failed to kill actor", b"KillActor RPC failed", b"Socket closed"),
+)
 # a traceback block from Ray Train's placement-group cleaner when two local Rays run on one machine (RELIABILITY.md)
 NOISE_BLOCK = (b"Exception in thread PlacementGroupCleanerMonitor", b"Found multiple active Ray instances", 40)
 
@@ -34,8 +36,8 @@ class NoiseFilter:
             self.write(b"".join(line + b"\n" for line in kept))
         cut = self.buffer.rfind(b"\r")
         if cut >= 0 and not self.skipping:
-            self.write(self.buffer[:cut + 1])
-            self.buffer = self.buffer[cut + 1:]
+            self.write(self.buffer[: cut + 1])
+            self.buffer = self.buffer[cut + 1 :]
 
     def flush(self) -> None:
         if self.buffer and self._keep(self.buffer):

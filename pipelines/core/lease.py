@@ -76,8 +76,14 @@ def acquire(folder: str, what: str, key: str) -> Lease:
     setting that chose the folder), the holder and how to proceed."""
     path = storage.join(folder, LEASE)
     now = time.time()
-    holder = {"token": uuid.uuid4().hex, "what": what, "host": socket.gethostname(), "pid": os.getpid(),
-              "started": now, "renewed": now}
+    holder = {
+        "token": uuid.uuid4().hex,
+        "what": what,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": now,
+        "renewed": now,
+    }
     if storage.is_uri(folder):
         _take_shared(path, holder, key)
     else:
@@ -139,10 +145,12 @@ def _alive(held: dict) -> bool:
 
 def _held(held: dict, path: str, key: str) -> LeaseHeld:
     ago = time.time() - float(held.get("started", time.time()))
-    return LeaseHeld(f"{key}: {held.get('what', 'another job')} is running already (process {held.get('pid')} on "
-                     f"{held.get('host')}, started {ago:.0f} s ago; its lease is {path}); two jobs cannot share one "
-                     f"run: wait for it to end, stop it, or choose another name. A job that died frees its lease at "
-                     f"once on its own host, and after {STALE_S:.0f} s without renewal elsewhere")
+    return LeaseHeld(
+        f"{key}: {held.get('what', 'another job')} is running already (process {held.get('pid')} on "
+        f"{held.get('host')}, started {ago:.0f} s ago; its lease is {path}); two jobs cannot share one "
+        f"run: wait for it to end, stop it, or choose another name. A job that died frees its lease at "
+        f"once on its own host, and after {STALE_S:.0f} s without renewal elsewhere"
+    )
 
 
 def _read(path: str) -> dict | None:

@@ -26,8 +26,12 @@ FORMAT_KEYS = ("kind", "shape", "layout", "dtype")
 
 def row_format(kind: str, shape: list[int]) -> dict:
     """What a data row holds: kind, shape, layout (HWC images, D points) and the cell's dtype."""
-    return {"kind": kind, "shape": list(shape), "layout": "HWC" if kind == "image" else "D",
-            "dtype": "uint8" if kind == "image" else "float32"}
+    return {
+        "kind": kind,
+        "shape": list(shape),
+        "layout": "HWC" if kind == "image" else "D",
+        "dtype": "uint8" if kind == "image" else "float32",
+    }
 
 
 def shard_schema(fmt: dict, split: str) -> pa.Schema:
@@ -76,8 +80,13 @@ class DataSpec:
         return arg if kind in ("toy2d", "manifold", "snapshots") else kind
 
     def to_dict(self) -> dict:
-        d = {"source": self.source, "kind": self.kind, "shape": list(self.shape),
-             "num_classes": self.num_classes, "class_names": list(self.class_names)}
+        d = {
+            "source": self.source,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+        }
         if self.manifold is not None:
             d["manifold"] = self.manifold
         if self.times is not None:
@@ -99,10 +108,15 @@ class DataSpec:
         if kind not in KINDS:
             raise ManifestError(f"{where}: kind {kind!r} is not allowed; allowed: {', '.join(KINDS)}")
         want = 3 if kind == "image" else 1
-        if not (isinstance(shape, list) and len(shape) == want
-                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)):
-            raise ManifestError(f"{where}: shape {shape!r} is not allowed; {kind} rows need a list of {want} "
-                                "positive integers" + (" [H, W, C]" if kind == "image" else " [D]"))
+        if not (
+            isinstance(shape, list)
+            and len(shape) == want
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)
+        ):
+            raise ManifestError(
+                f"{where}: shape {shape!r} is not allowed; {kind} rows need a list of {want} "
+                "positive integers" + (" [H, W, C]" if kind == "image" else " [D]")
+            )
         num_classes = d.get("num_classes", 0)
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ManifestError(f"{where}: num_classes {num_classes!r} must be an integer >= 0")
@@ -115,24 +129,40 @@ class DataSpec:
             except ValueError as err:
                 raise ManifestError(f"{where}: manifold: {err}") from None
             if kind != "points" or shape != [m.ambient_dim]:
-                raise ManifestError(f"{where}: points on {m.label} need kind 'points' and shape [{m.ambient_dim}]; "
-                                    f"got {kind!r} {shape}")
+                raise ManifestError(
+                    f"{where}: points on {m.label} need kind 'points' and shape [{m.ambient_dim}]; got {kind!r} {shape}"
+                )
         if times is not None:
-            if not (isinstance(times, list) and len(times) >= 2
-                    and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times)
-                    and all(b > a for a, b in zip(times[:-1], times[1:], strict=False))):
+            if not (
+                isinstance(times, list)
+                and len(times) >= 2
+                and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times)
+                and all(b > a for a, b in zip(times[:-1], times[1:], strict=False))
+            ):
                 raise ManifestError(f"{where}: times {times!r} must be a list of at least two increasing numbers")
             if kind != "points" or num_classes != len(times):
-                raise ManifestError(f"{where}: snapshots at {len(times)} times need point rows labelled by "
-                                    f"snapshot index (num_classes {len(times)}); got {kind!r}, {num_classes}")
+                raise ManifestError(
+                    f"{where}: snapshots at {len(times)} times need point rows labelled by "
+                    f"snapshot index (num_classes {len(times)}); got {kind!r}, {num_classes}"
+                )
         pairs = d.get("pairs")
-        if pairs is not None and not (isinstance(pairs, dict) and isinstance(pairs.get("seed"), int)
-                                      and isinstance(pairs.get("checkpoint"), str)):
-            raise ManifestError(f"{where}: pairs {pairs!r} must be a mapping with the sampling seed (an integer) and "
-                                "the generating checkpoint")
-        return cls(str(d["source"]), kind, list(shape), num_classes, list(d.get("class_names") or []),
-                   None if manifold is None else str(manifold),
-                   None if times is None else [float(t) for t in times], pairs)
+        if pairs is not None and not (
+            isinstance(pairs, dict) and isinstance(pairs.get("seed"), int) and isinstance(pairs.get("checkpoint"), str)
+        ):
+            raise ManifestError(
+                f"{where}: pairs {pairs!r} must be a mapping with the sampling seed (an integer) and "
+                "the generating checkpoint"
+            )
+        return cls(
+            str(d["source"]),
+            kind,
+            list(shape),
+            num_classes,
+            list(d.get("class_names") or []),
+            None if manifold is None else str(manifold),
+            None if times is None else [float(t) for t in times],
+            pairs,
+        )
 
 
 @dataclass(frozen=True)
@@ -153,8 +183,7 @@ class Manifest:
             directory = str(Path(directory).resolve())
         path = storage.join(directory, MANIFEST)
         if not storage.is_file(path, key):
-            raise ManifestError(f"{path} not found: run `python -m jobs.ingest --source ... --out {directory}` "
-                                "first")
+            raise ManifestError(f"{path} not found: run `python -m jobs.ingest --source ... --out {directory}` first")
         try:
             raw = json.loads(storage.read_text(path, key))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -166,8 +195,11 @@ class Manifest:
         if not isinstance(splits, dict) or not splits:
             raise ManifestError(f"{path}: key 'splits' must map split names to their shards")
         for name, split in splits.items():
-            if not (isinstance(split, dict) and isinstance(split.get("count"), int)
-                    and isinstance(split.get("shards"), list)):
+            if not (
+                isinstance(split, dict)
+                and isinstance(split.get("count"), int)
+                and isinstance(split.get("shards"), list)
+            ):
                 raise ManifestError(f"{path}: splits.{name} needs an integer 'count' and a list 'shards'")
         manifest = cls(directory, data, splits, raw)
         manifest.check_shards()
@@ -179,15 +211,25 @@ class Manifest:
         """A content digest of one split (16 hex digits): sha256 over the row format and the split's shard checksums,
         so a re-ingest of the same rows gives the same digest wherever it is written."""
         shards = sorted(str(s.get("sha256")) for s in self.splits[split]["shards"])
-        text = json.dumps({"format": row_format(self.data.kind, self.data.shape), "split": split, "shards": shards},
-                          sort_keys=True)
+        text = json.dumps(
+            {"format": row_format(self.data.kind, self.data.shape), "split": split, "shards": shards}, sort_keys=True
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def dataset(self, split: str) -> dict:
         """How MLflow names one split as a run's input: {name, digest, location, profile} for `dataset_input`."""
-        return {"name": f"{self.data.name}/{split}", "digest": self.digest(split), "location": self.directory,
-                "profile": {"split": split, "num_rows": self.count(split), "shape": list(self.data.shape),
-                            "num_classes": self.data.num_classes, "source": self.data.source}}
+        return {
+            "name": f"{self.data.name}/{split}",
+            "digest": self.digest(split),
+            "location": self.directory,
+            "profile": {
+                "split": split,
+                "num_rows": self.count(split),
+                "shape": list(self.data.shape),
+                "num_classes": self.data.num_classes,
+                "source": self.data.source,
+            },
+        }
 
     def path(self, *parts: str) -> str:
         """A location inside the ingest output (a shard, a cache beside the shards)."""
@@ -195,8 +237,9 @@ class Manifest:
 
     def check_split(self, split: str, key: str = "split") -> None:
         if split not in self.splits:
-            raise ManifestError(f"{key}: {split!r} is not a split of {self.directory}; splits: "
-                                f"{', '.join(self.splits)}")
+            raise ManifestError(
+                f"{key}: {split!r} is not a split of {self.directory}; splits: {', '.join(self.splits)}"
+            )
 
     def count(self, split: str) -> int:
         self.check_split(split)
@@ -221,9 +264,13 @@ class Manifest:
                 path = self.path(str(shard.get("file")))
                 if not storage.is_file(path):
                     raise ManifestError(f"{path}: shard of split {name!r} listed in {MANIFEST} is missing")
-                meta = storage.parquet_footer(path, lambda why, path=path: ManifestError(
-                    f"{path}: not a readable parquet file (truncated or corrupt: {why}); re-ingest, or check "
-                    "with --verify"))
+                meta = storage.parquet_footer(
+                    path,
+                    lambda why, path=path: ManifestError(
+                        f"{path}: not a readable parquet file (truncated or corrupt: {why}); re-ingest, or check "
+                        "with --verify"
+                    ),
+                )
                 rows = meta.num_rows
                 if rows != shard.get("rows"):
                     raise ManifestError(f"{path}: {rows} rows, but {MANIFEST} says {shard.get('rows')}")
@@ -232,15 +279,19 @@ class Manifest:
     def _check_row_format(self, path: str, split: str, metadata: dict) -> None:
         """The row format and split a shard records against the manifest's: any disagreement is refused, named."""
         if ROW_FORMAT_KEY not in metadata:
-            raise ManifestError(f"{path}: the shard records no row format (schema metadata "
-                                f"{ROW_FORMAT_KEY.decode()!r}): not written by this version's ingest; re-ingest")
+            raise ManifestError(
+                f"{path}: the shard records no row format (schema metadata "
+                f"{ROW_FORMAT_KEY.decode()!r}): not written by this version's ingest; re-ingest"
+            )
         recorded = json.loads(metadata[ROW_FORMAT_KEY])
         want = {**{k: self.raw.get(k) for k in FORMAT_KEYS}, "split": split}
         want.update({k: v for k, v in row_format(self.data.kind, self.data.shape).items() if want[k] is None})
         for key, value in want.items():
             if recorded.get(key) != value:
-                raise ManifestError(f"{path}: the shard holds {key} {recorded.get(key)!r}, but {MANIFEST} says "
-                                    f"{value!r}; the manifest does not describe its shards: re-ingest")
+                raise ManifestError(
+                    f"{path}: the shard holds {key} {recorded.get(key)!r}, but {MANIFEST} says "
+                    f"{value!r}; the manifest does not describe its shards: re-ingest"
+                )
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest."""
@@ -248,8 +299,10 @@ class Manifest:
             for shard in split["shards"]:
                 got = sha256(self.path(shard["file"]))
                 if got != shard["sha256"]:
-                    raise ManifestError(f"{self.path(shard['file'])}: checksum {got[:12]}... does not match "
-                                        f"the manifest's {shard['sha256'][:12]}...")
+                    raise ManifestError(
+                        f"{self.path(shard['file'])}: checksum {got[:12]}... does not match "
+                        f"the manifest's {shard['sha256'][:12]}..."
+                    )
 
 
 def sha256(location: str | Path) -> str:

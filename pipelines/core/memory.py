@@ -33,8 +33,7 @@ def model_item_bytes(model_name: str, kwargs: dict, training: bool) -> int:
         return 0
     h, channels = int(kwargs["image_size"]), int(kwargs["model_channels"])
     blocks = int(kwargs["num_res_blocks"]) + 1
-    skips = sum(blocks * channels * mult * (h // 2 ** level) ** 2
-                for level, mult in enumerate(kwargs["channel_mult"]))
+    skips = sum(blocks * channels * mult * (h // 2**level) ** 2 for level, mult in enumerate(kwargs["channel_mult"]))
     return 4 * factor * skips
 
 
@@ -53,15 +52,24 @@ def machine_memory() -> int:
     return psutil.virtual_memory().total
 
 
-def check_fits(key: str, value: int, item_bytes: int, what: str, fixed: int = WORKER_BYTES,
-               budget: int | None = None, hint: str = "") -> int:
+def check_fits(
+    key: str,
+    value: int,
+    item_bytes: int,
+    what: str,
+    fixed: int = WORKER_BYTES,
+    budget: int | None = None,
+    hint: str = "",
+) -> int:
     """Refuse `key=value` when `fixed + value * item_bytes` exceeds `budget` (this machine's memory); returns the
     estimate."""
     need, budget = fixed + value * item_bytes, budget or machine_memory()
     if need > budget:
-        raise ConfigError(f"{key}={value}: {what} would hold about {gib(need)} ({value:,} x {gib(item_bytes)} per "
-                          f"item{hint}, and {gib(fixed)} for the process), more than this machine's {gib(budget)} "
-                          f"of memory; lower {key}")
+        raise ConfigError(
+            f"{key}={value}: {what} would hold about {gib(need)} ({value:,} x {gib(item_bytes)} per "
+            f"item{hint}, and {gib(fixed)} for the process), more than this machine's {gib(budget)} "
+            f"of memory; lower {key}"
+        )
     return need
 
 

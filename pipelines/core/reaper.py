@@ -84,8 +84,12 @@ def main(argv: list[str]) -> None:
     driver_pid, *root_pids = (int(a) for a in argv)
     stopped = watch(driver_pid, root_pids)
     if stopped:
-        print(f"[flowray reaper {time.strftime('%H:%M:%S')}] driver {driver_pid} died without shutting down its "
-              f"local Ray; stopped {len(stopped)} processes: {', '.join(stopped)}", file=sys.stderr, flush=True)
+        print(
+            f"[flowray reaper {time.strftime('%H:%M:%S')}] driver {driver_pid} died without shutting down its "
+            f"local Ray; stopped {len(stopped)} processes: {', '.join(stopped)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from pipelines.core.checkpoint import META, CheckpointError, load_model
 from pipelines.core.run_logger import SafeLogger
 
 
-def log_final_model(uri: str, run_id: str, checkpoint: str, register_as: str | None = None,
-                    data: dict | None = None) -> dict:
+def log_final_model(
+    uri: str, run_id: str, checkpoint: str, register_as: str | None = None, data: dict | None = None
+) -> dict:
     """Log the final checkpoint to the training run, and the EMA network as an MLflow Model.
 
     The run gets the checkpoint directory as artifact `model` (without the optimizer state), which `runs:/RUN_ID`
@@ -36,8 +37,9 @@ def log_final_model(uri: str, run_id: str, checkpoint: str, register_as: str | N
         try:
             info = _log_mlflow_model(uri, run_id, load_model(ckpt), ckpt, register_as)
         except Exception as err:  # the checkpoint artifact above is what the pipeline needs; this is a convenience
-            warnings.warn(f"MLflow Model not logged: {type(err).__name__}: {str(err)[:300]}", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"MLflow Model not logged: {type(err).__name__}: {str(err)[:300]}", RuntimeWarning, stacklevel=2
+            )
             return out
     out["mlflow_model"] = info.model_uri
     if register_as:
@@ -45,8 +47,9 @@ def log_final_model(uri: str, run_id: str, checkpoint: str, register_as: str | N
         try:
             describe_model_version(uri, register_as, str(info.registered_model_version), checkpoint, data)
         except Exception as err:  # the version exists; its description is a convenience
-            warnings.warn(f"model version not described: {type(err).__name__}: {str(err)[:300]}", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"model version not described: {type(err).__name__}: {str(err)[:300]}", RuntimeWarning, stacklevel=2
+            )
     return out
 
 
@@ -61,11 +64,18 @@ def describe_model_version(uri: str, name: str, version: str, checkpoint: str, d
     meta, method = loaded.meta, loaded.meta.method
     path, coupling = describe(method["name"], method.get("ot_scope", "local"))
     size = sum(p.numel() for p in loaded.model.parameters())
-    tags = {"flowray.method": method["name"], "flowray.path": path, "flowray.coupling": coupling,
-            "flowray.model": meta.model_name, "flowray.parameters": str(size),
-            "flowray.train_steps": str(meta.step)}
-    text = (f"{method['name']}: {path} path, {coupling} coupling; a {meta.model_name} of {size:,} parameters "
-            f"trained {meta.step} steps")
+    tags = {
+        "flowray.method": method["name"],
+        "flowray.path": path,
+        "flowray.coupling": coupling,
+        "flowray.model": meta.model_name,
+        "flowray.parameters": str(size),
+        "flowray.train_steps": str(meta.step),
+    }
+    text = (
+        f"{method['name']}: {path} path, {coupling} coupling; a {meta.model_name} of {size:,} parameters "
+        f"trained {meta.step} steps"
+    )
     if data:
         tags.update({"flowray.data": data["name"], "flowray.data_digest": data["digest"]})
         text += f" on {data['name']} ({data['profile']['num_rows']} rows, digest {data['digest']})"
@@ -113,21 +123,28 @@ def _log_mlflow_model(uri: str, run_id: str, loaded, ckpt: Path, register_as: st
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         return mlflow.pytorch.log_model(
-            model, name="mlflow_model", signature=signature, input_example=tuple(example),
-            extra_files=[str(p) for p in sorted(ckpt.iterdir())], registered_model_name=register_as,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            model,
+            name="mlflow_model",
+            signature=signature,
+            input_example=tuple(example),
+            extra_files=[str(p) for p in sorted(ckpt.iterdir())],
+            registered_model_name=register_as,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
 
 
 def parse_model_uri(spec: str) -> tuple[str, str]:
     """`models:/NAME/VERSION` or `models:/NAME@ALIAS` -> (NAME, "VERSION" or "@ALIAS"), each part checked as one
     name (`storage.check_name`): they name the registry cache's folders, so neither may reach outside it."""
-    rest = spec[len("models:/"):]
+    rest = spec[len("models:/") :]
     name, at, alias = rest.partition("@")
     if not at:
         name, slash, version = rest.rpartition("/")
         if not slash:
-            raise CheckpointError(f"--checkpoint: {spec!r} is not a registered model URI; expected "
-                                  "models:/NAME/VERSION or models:/NAME@ALIAS")
+            raise CheckpointError(
+                f"--checkpoint: {spec!r} is not a registered model URI; expected "
+                "models:/NAME/VERSION or models:/NAME@ALIAS"
+            )
     storage.check_name(name, "--checkpoint (registered model name)", also=":")
     if at:
         storage.check_name(alias, "--checkpoint (alias)", also=":@")
@@ -153,8 +170,9 @@ def resolve_checkpoint(spec: str, uri: str, cache: str | Path = "outputs/checkpo
         try:
             local = download_artifacts(artifact_uri=spec, dst_path=str(dst), tracking_uri=uri)
         except Exception as err:
-            raise CheckpointError(f"cannot fetch registered model {spec} from {uri}: "
-                                  f"{str(err).splitlines()[0][:300]}") from None
+            raise CheckpointError(
+                f"cannot fetch registered model {spec} from {uri}: {str(err).splitlines()[0][:300]}"
+            ) from None
         ckpt = Path(local) / "extra_files"
         if not (ckpt / META).exists():
             raise CheckpointError(f"{spec} is not a flowray model: it holds no extra_files/{META}")
@@ -163,13 +181,14 @@ def resolve_checkpoint(spec: str, uri: str, cache: str | Path = "outputs/checkpo
         return spec
     from mlflow.tracking import MlflowClient
 
-    run_id = storage.check_name(spec[len("runs:/"):].strip("/").split("/")[0], "--checkpoint (run id)")
+    run_id = storage.check_name(spec[len("runs:/") :].strip("/").split("/")[0], "--checkpoint (run id)")
     dst = Path(cache) / run_id
     if not (dst / "model" / META).exists():
         dst.mkdir(parents=True, exist_ok=True)
         try:
             MlflowClient(uri).download_artifacts(run_id, "model", str(dst))
         except Exception as err:
-            raise CheckpointError(f"cannot fetch the model of MLflow run {run_id} from {uri}: "
-                                  f"{str(err).splitlines()[0][:300]}") from None
+            raise CheckpointError(
+                f"cannot fetch the model of MLflow run {run_id} from {uri}: {str(err).splitlines()[0][:300]}"
+            ) from None
     return str(dst / "model")

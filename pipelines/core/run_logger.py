@@ -79,8 +79,9 @@ class SafeLogger:
         def send(client) -> None:
             history = client.get_metric_history(self.run_id, key)
             last = max((m.step for m in history), default=-1)
-            batch = [Metric(k, float(v), ts, step) for step, values, ts in stamped if step > last
-                     for k, v in values.items()]
+            batch = [
+                Metric(k, float(v), ts, step) for step, values, ts in stamped if step > last for k, v in values.items()
+            ]
             if batch:
                 client.log_batch(self.run_id, metrics=batch)
 
@@ -116,8 +117,13 @@ class SafeLogger:
         copy = Path(tempfile.mkdtemp(dir=self._spool)) / src.name
         shutil.copytree(src, copy) if src.is_dir() else shutil.copy2(src, copy)
         fn = "log_artifacts" if src.is_dir() else "log_artifact"
-        return self._put(_Record(f"log artifact {src.name}",
-                                 lambda c: getattr(c, fn)(self.run_id, str(copy), artifact_path), spool=copy.parent))
+        return self._put(
+            _Record(
+                f"log artifact {src.name}",
+                lambda c: getattr(c, fn)(self.run_id, str(copy), artifact_path),
+                spool=copy.parent,
+            )
+        )
 
     def finish(self, status: str = "FINISHED", timeout: float = 60.0) -> bool:
         """Queue the end of the run, then `close`. True when everything queued was sent."""
@@ -143,9 +149,13 @@ class SafeLogger:
         for record in left:
             self._drop(record)
         if left or in_flight or self.lost_points:
-            warnings.warn(f"MLflow: {self.lost_points} metric value(s) were not logged to run {self.run_id} "
-                          f"({len(left) + in_flight} record(s) still queued when closed after {timeout:.0f} s, "
-                          f"{self.failures} refused)", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"MLflow: {self.lost_points} metric value(s) were not logged to run {self.run_id} "
+                f"({len(left) + in_flight} record(s) still queued when closed after {timeout:.0f} s, "
+                f"{self.failures} refused)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if self._spool is not None and not in_flight:
             shutil.rmtree(self._spool, ignore_errors=True)
         return not left and not in_flight and self.failures == 0 and self.lost_points == 0
@@ -163,8 +173,12 @@ class SafeLogger:
                 self._drop(oldest)
                 if not self._overflowed:  # said once; every loss is counted
                     self._overflowed = True
-                    warnings.warn(f"MLflow logging queue full ({self.max_queue} records): dropping the oldest "
-                                  "metrics while the tracking server does not answer", RuntimeWarning, stacklevel=3)
+                    warnings.warn(
+                        f"MLflow logging queue full ({self.max_queue} records): dropping the oldest "
+                        "metrics while the tracking server does not answer",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
             self._queue.append(record)
             self._cond.notify_all()
         return True
@@ -201,14 +215,22 @@ class SafeLogger:
                 if not _transient(err):
                     self.failures += 1
                     self._drop(record)
-                    warnings.warn(f"MLflow {record.what} refused, dropped ({self.failures} so far): "
-                                  f"{type(err).__name__}: {str(err)[:200]}", RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"MLflow {record.what} refused, dropped ({self.failures} so far): "
+                        f"{type(err).__name__}: {str(err)[:200]}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                     return
                 self.retries += 1
                 if self.retries in (1, 10) or self.retries % 100 == 0:
-                    warnings.warn(f"MLflow {record.what} failed ({self.retries} retries so far); queued, retrying "
-                                  f"in the background, training continues: {type(err).__name__}: "
-                                  f"{str(err)[:200]}", RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"MLflow {record.what} failed ({self.retries} retries so far); queued, retrying "
+                        f"in the background, training continues: {type(err).__name__}: "
+                        f"{str(err)[:200]}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             with self._cond:  # wait out the backoff unless the logger is closed meanwhile
                 if self._cond.wait_for(lambda: self._closed, timeout=delay):
                     self._drop(record)

@@ -33,8 +33,11 @@ def set_verbose(verbose: bool) -> None:
     if not verbose:
         # read by MLflow when it is first imported, and by Ray Train's workers (which inherit this environment
         # from a local Ray): without the print patch a worker's print reaches the driver once, as Ray prints it
-        for key, value in (("MLFLOW_LOGGING_LEVEL", "WARNING"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
-                           ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")):
+        for key, value in (
+            ("MLFLOW_LOGGING_LEVEL", "WARNING"),
+            ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
+            ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"),
+        ):
             os.environ.setdefault(key, value)
 
 
@@ -79,8 +82,10 @@ def check_address(address: str | None, key: str = "ray.address", timeout: float 
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"{key}: {address!r} is not a cluster address; expected HOST:PORT (the head's GCS, as "
-                          "`ray start --head` prints it), ray://HOST:PORT, or auto")
+        raise ConfigError(
+            f"{key}: {address!r} is not a cluster address; expected HOST:PORT (the head's GCS, as "
+            "`ray start --head` prints it), ray://HOST:PORT, or auto"
+        )
 
     def connect() -> None:
         deadline = time.monotonic() + timeout
@@ -90,9 +95,11 @@ def check_address(address: str | None, key: str = "ray.address", timeout: float 
                     return
             except OSError as err:
                 if time.monotonic() >= deadline:
-                    raise ConfigError(f"{key}: nothing accepts a connection at {hostport} within {timeout:.0f} s "
-                                      f"({err.strerror or err}); start the cluster's head (`ray start --head`) or "
-                                      "correct the address, or leave ray.address empty for a local Ray") from None
+                    raise ConfigError(
+                        f"{key}: nothing accepts a connection at {hostport} within {timeout:.0f} s "
+                        f"({err.strerror or err}); start the cluster's head (`ray start --head`) or "
+                        "correct the address, or leave ray.address empty for a local Ray"
+                    ) from None
                 time.sleep(0.5)
 
     interruptible(connect)
@@ -156,8 +163,14 @@ def _shapes(address: str | None, local_cpus: int) -> tuple[list[dict], dict[str,
 
         cores = os.cpu_count() or 1
         node = {"CPU": float(max(cores, local_cpus)), "GPU": float(torch.cuda.device_count())}
-        return [node], dict(node), (f"this machine's local Ray ({node['CPU']:g} logical CPUs: ray.local_cpus="
-                                    f"{local_cpus} on {cores} cores; {node['GPU']:g} GPUs)")
+        return (
+            [node],
+            dict(node),
+            (
+                f"this machine's local Ray ({node['CPU']:g} logical CPUs: ray.local_cpus="
+                f"{local_cpus} on {cores} cores; {node['GPU']:g} GPUs)"
+            ),
+        )
     nodes = [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
     totals: dict[str, float] = {}
     for n in nodes:
@@ -168,7 +181,7 @@ def _shapes(address: str | None, local_cpus: int) -> tuple[list[dict], dict[str,
         from ray._private.state import state
 
         config = state.get_cluster_config()
-        for group in (config.node_group_configs if config is not None else []):
+        for group in config.node_group_configs if config is not None else []:
             shape = {r: float(v) for r, v in group.resources.items()}
             nodes.append(shape)
             for r, v in shape.items():
@@ -183,8 +196,15 @@ def _fmt(res: dict, keys=None) -> str:
     return ", ".join(f"{res.get(r, 0.0):g} {r}" for r in (keys or res))
 
 
-def check_resources(bundle: dict[str, float], count: int, what: str, keys: str, address: str | None = None,
-                    local_cpus: int = 4, beside: dict[str, float] | None = None) -> None:
+def check_resources(
+    bundle: dict[str, float],
+    count: int,
+    what: str,
+    keys: str,
+    address: str | None = None,
+    local_cpus: int = 4,
+    beside: dict[str, float] | None = None,
+) -> None:
     """Refuse, before a stage starts, `count` requests of `bundle` (e.g. {"CPU": 0.5, "GPU": 0}) that the cluster
     cannot give: one that fits no node, or more in all (with `beside`, what other work needs next to them) than it
     has. Ray would wait for them for ever (no node can take the work) or loop on its start-up timeouts. `what` names
@@ -196,19 +216,24 @@ def check_resources(bundle: dict[str, float], count: int, what: str, keys: str, 
     need = {r: float(v) for r, v in bundle.items() if v > 0}
     nodes, totals, where = _shapes(address, local_cpus)
     if not any(all(n.get(r, 0.0) >= v for r, v in need.items()) for n in nodes):
-        raise ConfigError(f"{keys}: each {what} asks for {_fmt(need)}, which no node of {where} has; lower the "
-                          "request, or run on a cluster with such nodes (ray.address)")
+        raise ConfigError(
+            f"{keys}: each {what} asks for {_fmt(need)}, which no node of {where} has; lower the "
+            "request, or run on a cluster with such nodes (ray.address)"
+        )
     want = {r: need.get(r, 0.0) * count + (beside or {}).get(r, 0.0) for r in {*need, *(beside or {})}}
     short = [r for r, v in want.items() if totals.get(r, 0.0) < v]
     if short:
-        raise ConfigError(f"{keys}: {count} {what}(s) ask for {_fmt({r: need.get(r, 0.0) * count for r in short})}"
-                          + (f" and the work beside them {_fmt({r: beside.get(r, 0.0) for r in short})}" if beside
-                             else "") + f" in all, but {where} has {_fmt(totals, short)}; lower the count or the "
-                          "request, or add nodes")
+        raise ConfigError(
+            f"{keys}: {count} {what}(s) ask for {_fmt({r: need.get(r, 0.0) * count for r in short})}"
+            + (f" and the work beside them {_fmt({r: beside.get(r, 0.0) for r in short})}" if beside else "")
+            + f" in all, but {where} has {_fmt(totals, short)}; lower the count or the "
+            "request, or add nodes"
+        )
 
 
-def actor_pool(actors: int, cpus: float, gpus: float = 0.0, memory: int = 0, work: int = 0,
-               section: str = "") -> tuple[int, int]:
+def actor_pool(
+    actors: int, cpus: float, gpus: float = 0.0, memory: int = 0, work: int = 0, section: str = ""
+) -> tuple[int, int]:
     """An actor stage's pool (after `init_ray`): (how many actors, the memory each declares to Ray).
 
     The count is `actors` when it is set (> 0). Auto (0): one per `gpus` of the cluster's GPUs for GPU actors; for
@@ -307,8 +332,10 @@ def _init_local(ray, attempts: int = 3, **kwargs) -> None:
             for p in started:
                 p.kill()
             psutil.wait_procs(started, timeout=10)
-            stage(f"local Ray did not start within Ray's 30 s (a busy machine?); starting it again "
-                  f"({attempt + 1} of {attempts})")
+            stage(
+                f"local Ray did not start within Ray's 30 s (a busy machine?); starting it again "
+                f"({attempt + 1} of {attempts})"
+            )
 
 
 def _loopback_only() -> None:
@@ -331,9 +358,14 @@ def _start_reaper(root_pids: list[int]) -> None:
 
     if root_pids:
         # its one line goes to the real stderr, not through the console filter, which dies with the driver
-        subprocess.Popen([sys.executable, "-m", "pipelines.core.reaper", str(os.getpid()), *map(str, root_pids)],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=_state.get("console_fd"),
-                         start_new_session=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        subprocess.Popen(
+            [sys.executable, "-m", "pipelines.core.reaper", str(os.getpid()), *map(str, root_pids)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=_state.get("console_fd"),
+            start_new_session=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
 
 
 def configure_ray_data(purpose: Literal["driver", "train_stream", "scoring"], quiet: bool = True) -> None:
@@ -411,8 +443,10 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         # a slow stage (dopri5 blocks of a stiff model: one every 20-40 s) reads per minute, not "0.0 blocks/s"
         speed = f"{rate:.1f} {self.unit}/s" if rate >= 1 else f"{60 * rate:.1f} {self.unit}/min"
-        stage(f"{self.what}: {self.done}/{self.total} {self.unit}, {speed}, "
-              + (f"ETA {eta:.0f} s" if self.done < self.total else f"done in {elapsed:.0f} s"))
+        stage(
+            f"{self.what}: {self.done}/{self.total} {self.unit}, {speed}, "
+            + (f"ETA {eta:.0f} s" if self.done < self.total else f"done in {elapsed:.0f} s")
+        )
 
 
 # --- the console: Ray's known noise filtered out (pipelines.core.console) -----------------------------------

@@ -16,11 +16,13 @@ from fm.seeding import SeedStack, derive_seed
 from pipelines.core import storage
 from pipelines.core.errors import ConfigError
 
-SAMPLE_SCHEMA = pa.schema([("id", pa.int64()), ("seed", pa.int64()), ("label", pa.int64()), ("nfe", pa.int64()),
-                           ("image", pa.binary())])
+SAMPLE_SCHEMA = pa.schema(
+    [("id", pa.int64()), ("seed", pa.int64()), ("label", pa.int64()), ("nfe", pa.int64()), ("image", pa.binary())]
+)
 SETTINGS = "_sampling.json"  # the settings a sampling output was made with
 RUN_FILE = "_mlflow.json"  # the MLflow run that logged it: {"run_id", "tracking_uri"}
 SHARD_PREFIX, SHARD_SUFFIX = "block-", ".parquet"
+
 
 class SamplingError(ConfigError):
     """Bad sampling request or output directory."""
@@ -77,9 +79,13 @@ def sample_shards(directory: str | Path) -> tuple[list[str], int, int]:
         raise SamplingError(f"{d} holds no sample shards (block-*.parquet)")
     total = 0
     for f in files:
-        meta = storage.parquet_footer(f, lambda why, f=f: SamplingError(
-            f"{f}: not a readable sample shard (truncated or corrupt: {why}); rerun the sampling job with --out "
-            f"{d}: it redoes every block that does not read back whole"))
+        meta = storage.parquet_footer(
+            f,
+            lambda why, f=f: SamplingError(
+                f"{f}: not a readable sample shard (truncated or corrupt: {why}); rerun the sampling job with --out "
+                f"{d}: it redoes every block that does not read back whole"
+            ),
+        )
         if not meta.schema.to_arrow_schema().equals(SAMPLE_SCHEMA):
             raise SamplingError(f"{f}: foreign schema {meta.schema.names}; expected {SAMPLE_SCHEMA.names}")
         total += meta.num_rows
@@ -92,8 +98,11 @@ def read_samples(directory: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     outputs and tests (the evaluation streams shards through `pipelines.batch.features` instead)."""
     paths, _, _ = sample_shards(directory)
     table = pa.concat_tables([storage.read_table(p) for p in paths])
-    return np.asarray(table["id"].to_pylist()), np.asarray(table["image"].to_pylist(), dtype=object), \
-        sampling_settings(str(directory))
+    return (
+        np.asarray(table["id"].to_pylist()),
+        np.asarray(table["image"].to_pylist(), dtype=object),
+        sampling_settings(str(directory)),
+    )
 
 
 def sampling_settings(directory: str) -> dict:

@@ -65,12 +65,19 @@ def _list_of(item):
         if not isinstance(value, list):
             raise TypeError
         return [item(v) for v in value]
+
     return to_list
 
 
 # the types a setting may have, each with how a YAML or `--set` value becomes one
-COERCE = {bool: _to_bool, int: _to_int, float: _to_float, str: str, list[int]: _list_of(_to_int),
-          list[float]: _list_of(_to_float)}
+COERCE = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: str,
+    list[int]: _list_of(_to_int),
+    list[float]: _list_of(_to_float),
+}
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -140,15 +147,20 @@ def load_sections(cfg, path: str | Path | None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not a YAML file ({str(err).splitlines()[0]})") from None
         # an empty file is not "all defaults": with the default run name it would continue whatever run has it
         if raw is None or raw == {}:
-            raise ConfigError(f"{path} is empty; a config maps sections ({', '.join(sections)}) to keys. "
-                              "Omit --config to use the defaults")
+            raise ConfigError(
+                f"{path} is empty; a config maps sections ({', '.join(sections)}) to keys. "
+                "Omit --config to use the defaults"
+            )
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections ({', '.join(sections)}); "
-                              f"got a {type(raw).__name__}")
+            raise ConfigError(
+                f"{path}: top level must be a mapping of sections ({', '.join(sections)}); got a {type(raw).__name__}"
+            )
         for section, values in raw.items():
             if section not in sections:
-                raise ConfigError(f"{path}: {section!r} is not a section; allowed: {', '.join(sections)} "
-                                  "(every key goes under its section, e.g. 'train:' then '  steps: 500')")
+                raise ConfigError(
+                    f"{path}: {section!r} is not a section; allowed: {', '.join(sections)} "
+                    "(every key goes under its section, e.g. 'train:' then '  steps: 500')"
+                )
             if values is None:
                 raise ConfigError(f"{path}: section {section!r} is empty; give its keys or remove it")
             if not isinstance(values, dict):
@@ -162,8 +174,6 @@ def load_sections(cfg, path: str | Path | None, overrides: list[str] | None = No
         section, key = lhs.split(".", 1)
         _apply(cfg, section, key, _parse_value(lhs, rhs))
     return cfg
-
-
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -208,9 +218,13 @@ def _field_schema(typ: Any, default: Any) -> dict:
     """JSON Schema of one field from its type: bool, int, float, str, list[int], list[float], each maybe `| None`."""
     base, optional = _parts(typ)
     schemas: dict[Any, dict[str, Any]] = {
-        bool: {"type": "boolean"}, int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
+        bool: {"type": "boolean"},
+        int: {"type": "integer"},
+        float: {"type": "number"},
+        str: {"type": "string"},
         list[int]: {"type": "array", "items": {"type": "integer"}},
-        list[float]: {"type": "array", "items": {"type": "number"}}}
+        list[float]: {"type": "array", "items": {"type": "number"}},
+    }
     schema = schemas[base]
     if optional:
         schema = {"anyOf": [schema, {"type": "null"}]}
@@ -235,8 +249,16 @@ def json_schema(cfg, title: str, choices: dict[str, list] | None = None) -> dict
                 prop["description"] = notes[name]
             props[name] = prop
         doc = (type(obj).__doc__ or "").strip()
-        sections[section.name] = {"type": "object", "additionalProperties": False, "properties": props,
-                                  **({"description": doc} if doc and not doc.startswith(type(obj).__name__ + "(")
-                                     else {})}
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title, "type": "object",
-            "additionalProperties": False, "properties": sections}
+        sections[section.name] = {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": props,
+            **({"description": doc} if doc and not doc.startswith(type(obj).__name__ + "(") else {}),
+        }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": title,
+        "type": "object",
+        "additionalProperties": False,
+        "properties": sections,
+    }

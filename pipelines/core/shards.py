@@ -30,8 +30,14 @@ def group_rows(files: list[str] | tuple[str, ...]) -> tuple[tuple[int, ...], ...
 class ShardRows:
     """Raw cells and labels of split rows by index (shards in order, rows in file order)."""
 
-    def __init__(self, files: tuple[str, ...], groups: tuple[tuple[int, ...], ...], shape: tuple[int, ...],
-                 kind: str, cache_rows: int = 0):
+    def __init__(
+        self,
+        files: tuple[str, ...],
+        groups: tuple[tuple[int, ...], ...],
+        shape: tuple[int, ...],
+        kind: str,
+        cache_rows: int = 0,
+    ):
         self.files, self.shape, self.kind = files, tuple(shape), kind
         self.row_bytes = row_bytes(shape, kind)
         self.where = [(f, g) for f, rows in enumerate(groups) for g in range(len(rows))]
@@ -87,8 +93,10 @@ class ShardRows:
         """Group g's raw cells [rows, row_bytes] and labels [rows]."""
         f, k = self.where[g]
         table = storage.parquet_file(self.files[f]).read_row_group(k, columns=["image", "label"])
-        return (self._raw(table.column("image").combine_chunks(), f, int(self.start[g] - self.file_first[f])),
-                table.column("label").to_numpy(zero_copy_only=False).astype(np.int64))
+        return (
+            self._raw(table.column("image").combine_chunks(), f, int(self.start[g] - self.file_first[f])),
+            table.column("label").to_numpy(zero_copy_only=False).astype(np.int64),
+        )
 
     def _read_ids(self, g: int) -> tuple[None, np.ndarray]:
         """Group g's ids as int64 [rows]."""
@@ -100,14 +108,16 @@ class ShardRows:
         """A group's binary cells as uint8 [rows, row_bytes], every row's size checked (`first`: the group's first
         row in its file, for the message)."""
         want, n = self.row_bytes, len(cells)
-        offsets = np.frombuffer(cells.buffers()[1], dtype=np.int32)[cells.offset:cells.offset + n + 1]
+        offsets = np.frombuffer(cells.buffers()[1], dtype=np.int32)[cells.offset : cells.offset + n + 1]
         sizes = np.diff(offsets)
         valid = np.ones(n, bool) if cells.null_count == 0 else ~np.asarray(cells.is_null())
         bad = np.flatnonzero(~valid | (sizes != want))
         if len(bad):
             k = int(bad[0])
             got = "no bytes" if not valid[k] else f"{sizes[k]} bytes"
-            raise ValueError(f"{self.files[f]}: row {first + k} has {got}; a row of shape {list(self.shape)} "
-                             f"({self.kind}) has {want}; re-ingest the data")
-        data = np.frombuffer(cells.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+            raise ValueError(
+                f"{self.files[f]}: row {first + k} has {got}; a row of shape {list(self.shape)} "
+                f"({self.kind}) has {want}; re-ingest the data"
+            )
+        data = np.frombuffer(cells.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
         return data.reshape(n, want)

@@ -43,7 +43,7 @@ def _prefix(key: str) -> str:
 
 
 def scheme(location: str) -> str:
-    """"s3", "gs", or "" for a local path (which may not hold "://")."""
+    """ "s3", "gs", or "" for a local path (which may not hold "://")."""
     head, sep, _ = str(location).partition("://")
     return head.lower() if sep else ""
 
@@ -61,13 +61,20 @@ def check_name(value, key: str, also: str = "") -> str:
     One component means no separator, not `.` or `..`, no control character, and at most `NAME_MAX` characters;
     `also` adds characters that the name's owner refuses (MLflow's registry refuses ':')."""
     bad = "/\\" + also
-    ok = (isinstance(value, str) and 0 < len(value) <= NAME_MAX and value not in (".", "..")
-          and value.strip() == value and not any(c in bad or ord(c) < 32 or ord(c) == 127 for c in value))
+    ok = (
+        isinstance(value, str)
+        and 0 < len(value) <= NAME_MAX
+        and value not in (".", "..")
+        and value.strip() == value
+        and not any(c in bad or ord(c) < 32 or ord(c) == 127 for c in value)
+    )
     if not ok:
         shown = " ".join(repr(c) for c in bad)
-        raise ConfigError(f"{key}: {value!r} is not allowed; a name must be one path component: 1 to {NAME_MAX} "
-                          f"characters, no {shown}, no control characters, no leading or trailing space, and not "
-                          "'.' or '..'")
+        raise ConfigError(
+            f"{key}: {value!r} is not allowed; a name must be one path component: 1 to {NAME_MAX} "
+            f"characters, no {shown}, no control characters, no leading or trailing space, and not "
+            "'.' or '..'"
+        )
     return value
 
 
@@ -76,12 +83,16 @@ def check_location(location: str, key: str) -> str:
     looks like a URI written with one slash (`s3:/bucket`), which would otherwise become a local folder `s3:`."""
     head, colon, rest = str(location).partition(":")
     if colon and head.lower() in SCHEMES and not rest.startswith("//"):
-        raise StorageError(f"{_prefix(key)}{location!r} is not a URI: an object-store URI is written "
-                           f"{head.lower()}://bucket/path (two slashes); a local folder may not start with '{head}:'")
+        raise StorageError(
+            f"{_prefix(key)}{location!r} is not a URI: an object-store URI is written "
+            f"{head.lower()}://bucket/path (two slashes); a local folder may not start with '{head}:'"
+        )
     s = scheme(location)
     if s and s not in SCHEMES:
-        raise StorageError(f"{_prefix(key)}{location!r} has the scheme {s}://, which is not supported; use a local "
-                           f"path or one of {', '.join(x + '://' for x in SCHEMES)}")
+        raise StorageError(
+            f"{_prefix(key)}{location!r} has the scheme {s}://, which is not supported; use a local "
+            f"path or one of {', '.join(x + '://' for x in SCHEMES)}"
+        )
     if s and not str(location).split("://", 1)[1].split("/", 1)[0]:
         raise StorageError(f"{_prefix(key)}{location!r} names no bucket ({s}://BUCKET/PREFIX)")
     return str(location)
@@ -89,8 +100,11 @@ def check_location(location: str, key: str) -> str:
 
 def _s3() -> pafs.S3FileSystem:
     env = os.environ
-    return _s3_for(env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
-                   env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"), _request_timeout())
+    return _s3_for(
+        env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+        env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+        _request_timeout(),
+    )
 
 
 def _request_timeout() -> float:
@@ -112,8 +126,12 @@ def _s3_for(endpoint: str | None, region: str | None, request_timeout: float) ->
     kwargs = {"endpoint_override": endpoint} if endpoint else {}
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(connect_timeout=CONNECT_TIMEOUT_S, request_timeout=request_timeout,
-                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS), **kwargs)
+    return pafs.S3FileSystem(
+        connect_timeout=CONNECT_TIMEOUT_S,
+        request_timeout=request_timeout,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
+        **kwargs,
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -211,8 +229,11 @@ def list_files(location: str, prefix: str = "", suffix: str = "", key: str = "")
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
     except OSError as err:
         raise StorageError(f"{_prefix(key)}cannot list {location}: {describe(err)}") from None
-    return sorted(join(location, i.base_name) for i in infos if i.type == pafs.FileType.File
-                  and i.base_name.startswith(prefix) and i.base_name.endswith(suffix))
+    return sorted(
+        join(location, i.base_name)
+        for i in infos
+        if i.type == pafs.FileType.File and i.base_name.startswith(prefix) and i.base_name.endswith(suffix)
+    )
 
 
 def write_parquet(table, location: str, key: str = "") -> None:
@@ -375,8 +396,14 @@ def ray_storage(root: str, key: str) -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
-OUTAGE_MARKERS = ("NETWORK_CONNECTION", "curlCode", "Could not connect to server", "Connection refused",
-                  "Retry policy exhausted", "UNAVAILABLE")
+OUTAGE_MARKERS = (
+    "NETWORK_CONNECTION",
+    "curlCode",
+    "Could not connect to server",
+    "Connection refused",
+    "Retry policy exhausted",
+    "UNAVAILABLE",
+)
 
 
 def outage_in(err: BaseException) -> OSError | None:
@@ -390,30 +417,50 @@ def outage_in(err: BaseException) -> OSError | None:
         seen.add(id(e))
         if isinstance(e, OSError) and any(m in str(e) for m in OUTAGE_MARKERS):
             return e
-        todo += [c for c in (e.__cause__, e.__context__, getattr(e, "controller_failure", None),
-                             *getattr(e, "worker_failures", {}).values()) if c is not None]
+        todo += [
+            c
+            for c in (
+                e.__cause__,
+                e.__context__,
+                getattr(e, "controller_failure", None),
+                *getattr(e, "worker_failures", {}).values(),
+            )
+            if c is not None
+        ]
     return None
 
 
 def describe(err: OSError) -> str:
     """The useful part of an AWS SDK error, in words a user acts on."""
     text = str(err)
-    known = [("NO_SUCH_BUCKET", "the bucket does not exist"),
-             ("NETWORK_CONNECTION", "the server does not answer (check AWS_ENDPOINT_URL and the network)"),
-             ("ACCESS_DENIED", "access denied (check the credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                               "a profile, or the node's role)"),
-             ("INVALID_ACCESS_KEY_ID", "the access key is not known to the server (AWS_ACCESS_KEY_ID)"),
-             ("SIGNATURE_DOES_NOT_MATCH", "the secret key does not match (AWS_SECRET_ACCESS_KEY)"),
-             ("MISSING_AUTHENTICATION_TOKEN", "no credentials were found (AWS_ACCESS_KEY_ID / "
-                                              "AWS_SECRET_ACCESS_KEY, a profile, or the node's role)"),
-             ("OAuth2 access token", "no Google credentials could be used, or Google's servers do not answer "
-                                     "(GOOGLE_APPLICATION_CREDENTIALS, `gcloud auth application-default login`, or "
-                                     "the node's service account; the client gave up after its retry limit)")]
+    known = [
+        ("NO_SUCH_BUCKET", "the bucket does not exist"),
+        ("NETWORK_CONNECTION", "the server does not answer (check AWS_ENDPOINT_URL and the network)"),
+        (
+            "ACCESS_DENIED",
+            "access denied (check the credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+            "a profile, or the node's role)",
+        ),
+        ("INVALID_ACCESS_KEY_ID", "the access key is not known to the server (AWS_ACCESS_KEY_ID)"),
+        ("SIGNATURE_DOES_NOT_MATCH", "the secret key does not match (AWS_SECRET_ACCESS_KEY)"),
+        (
+            "MISSING_AUTHENTICATION_TOKEN",
+            "no credentials were found (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, or the node's role)",
+        ),
+        (
+            "OAuth2 access token",
+            "no Google credentials could be used, or Google's servers do not answer "
+            "(GOOGLE_APPLICATION_CREDENTIALS, `gcloud auth application-default login`, or "
+            "the node's service account; the client gave up after its retry limit)",
+        ),
+    ]
     words = next((w for code, w in known if code in text), text.splitlines()[0][:200])
     if "AWS Error" in text and not _aws_credentials_visible():
-        words += ("; no AWS credentials were found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
-                  "~/.aws/credentials, a web identity token), so the request went unsigned unless the node has a "
-                  "role")
+        words += (
+            "; no AWS credentials were found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+            "~/.aws/credentials, a web identity token), so the request went unsigned unless the node has a "
+            "role"
+        )
     return words
 
 
@@ -423,8 +470,12 @@ def _aws_credentials_visible() -> bool:
     env = os.environ
     if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
         return True
-    sources = ("AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-               "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    sources = (
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    )
     if any(env.get(k) for k in sources):
         return True
     files = [env.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), env.get("AWS_CONFIG_FILE", "~/.aws/config")]

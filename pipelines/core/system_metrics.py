@@ -23,8 +23,11 @@ def system_metrics(uri: str, run_id: str | None, enabled: bool = True, node_id: 
             monitor = SystemMetricsMonitor(run_id, resume_logging=True, node_id=node_id, tracking_uri=uri)
             monitor.start()
         except Exception as err:  # a convenience: the job goes on without it
-            warnings.warn(f"MLflow system metrics not logged: {type(err).__name__}: {str(err)[:200]}",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"MLflow system metrics not logged: {type(err).__name__}: {str(err)[:200]}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             monitor = None
     try:
         yield

@@ -58,7 +58,7 @@ def artifact_root(uri: str) -> str | None:
     """
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         return (db.parent / "mlartifacts").resolve().as_uri()
     if parsed.scheme in ("", "file"):
         return (Path(parsed.path or uri).resolve() / "artifacts").as_uri()
@@ -79,34 +79,44 @@ def check_tracking_uri(uri: str, key: str = "mlflow.tracking_uri", timeout: floa
     parsed = urlparse(uri)
     scheme = parsed.scheme.split("+", 1)[0]
     if scheme and len(scheme) > 1 and scheme not in TRACKING_SCHEMES:
-        raise ConfigError(f"{key}: {uri!r} has the scheme {parsed.scheme!r}, which MLflow has no tracking store "
-                          f"for; allowed: {', '.join(TRACKING_SCHEMES)} (or a local folder)")
+        raise ConfigError(
+            f"{key}: {uri!r} has the scheme {parsed.scheme!r}, which MLflow has no tracking store "
+            f"for; allowed: {', '.join(TRACKING_SCHEMES)} (or a local folder)"
+        )
     if scheme == "sqlite":
-        db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        db = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
         if db is None or not db.name:
             raise ConfigError(f"{key}: {uri!r} is not a sqlite database URI; write sqlite:///path/to/mlflow.db")
         if not db.parent.is_dir():
-            raise ConfigError(f"{key}: the folder of the sqlite database {db} does not exist; create it, or point "
-                              "the key (or $MLFLOW_TRACKING_URI) elsewhere")
+            raise ConfigError(
+                f"{key}: the folder of the sqlite database {db} does not exist; create it, or point "
+                "the key (or $MLFLOW_TRACKING_URI) elsewhere"
+            )
         if db.is_dir():
             raise ConfigError(f"{key}: {db} is a folder, not a sqlite database file; write sqlite:///path/to/mlflow.db")
         if db.is_file() and db.stat().st_size:  # an empty file becomes a new database; anything else must be one
             with open(db, "rb") as f:
                 head = f.read(16)
             if head != b"SQLite format 3\x00":
-                raise ConfigError(f"{key}: {db} is not a sqlite database (its first bytes are {head[:12]!r}); point "
-                                  "the key (or $MLFLOW_TRACKING_URI) at an MLflow database or a new file")
+                raise ConfigError(
+                    f"{key}: {db} is not a sqlite database (its first bytes are {head[:12]!r}); point "
+                    "the key (or $MLFLOW_TRACKING_URI) at an MLflow database or a new file"
+                )
     if scheme not in ("http", "https"):
         return
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout)
     except urllib.error.HTTPError as err:  # something answers, but not as an MLflow server does
-        raise ConfigError(f"{key}: the server at {uri} answers HTTP {err.code} ({err.reason}) to /health; is it "
-                          "an MLflow tracking server (`mlflow server`)?") from None
+        raise ConfigError(
+            f"{key}: the server at {uri} answers HTTP {err.code} ({err.reason}) to /health; is it "
+            "an MLflow tracking server (`mlflow server`)?"
+        ) from None
     except Exception as err:  # URLError, timeouts: the server is not usable
         reason = getattr(err, "reason", err)
-        raise ConfigError(f"{key}: the MLflow server at {uri} does not answer ({reason}); start it, or point "
-                          "the key (or $MLFLOW_TRACKING_URI) elsewhere") from None
+        raise ConfigError(
+            f"{key}: the MLflow server at {uri} does not answer ({reason}); start it, or point "
+            "the key (or $MLFLOW_TRACKING_URI) elsewhere"
+        ) from None
 
 
 # MLflow 3's UI opens an experiment in the view its kind tag names; without it, an experiment whose runs it cannot
@@ -124,8 +134,7 @@ def get_or_create_experiment(client, name: str, uri: str) -> str:
                 client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     root = artifact_root(uri)
-    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
-                                    tags=EXPERIMENT_KIND)
+    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None, tags=EXPERIMENT_KIND)
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -144,8 +153,9 @@ def _who_and_which_commit() -> dict[str, str]:
         pass
     if (PROJECT_ROOT / ".git").exists():
         try:
-            commit = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True,
-                                    text=True, timeout=5).stdout.strip()
+            commit = subprocess.run(
+                ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
             if len(commit) == 40:
                 tags["mlflow.source.git.commit"] = commit
         except (OSError, subprocess.SubprocessError):
@@ -173,14 +183,18 @@ def find_run(uri: str, experiment: str, run_name: str, storage: str):
 
     client = MlflowClient(uri)
     exp_id = get_or_create_experiment(client, experiment, uri)
-    found = client.search_runs([exp_id], filter_string=f"tags.`flowray.run_name` = '{run_name}' and "
-                               f"tags.`flowray.storage` = '{storage}'", max_results=1,
-                               order_by=["attributes.start_time DESC"])
+    found = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`flowray.run_name` = '{run_name}' and tags.`flowray.storage` = '{storage}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
     return found[0] if found else None
 
 
-def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-               parent_run_id: str | None = None) -> str:
+def create_run(
+    uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None
+) -> str:
     """A new run tagged with `run_name` (and `tags`); returns its id."""
     from mlflow.tracking import MlflowClient
 
@@ -192,8 +206,14 @@ def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | 
     return client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
 
 
-def find_or_create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-                       resume: bool = True, parent_run_id: str | None = None) -> tuple[str, bool]:
+def find_or_create_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+    resume: bool = True,
+    parent_run_id: str | None = None,
+) -> tuple[str, bool]:
     """The id of the run tagged with run_name (and the same `flowray.storage` tag) in the experiment, set RUNNING
     again (resume=True), or of a new one. Returns (run_id, resumed)."""
     from mlflow.tracking import MlflowClient
@@ -206,8 +226,14 @@ def find_or_create_run(uri: str, experiment: str, run_name: str, tags: dict[str,
     return create_run(uri, experiment, run_name, tags, parent_run_id), False
 
 
-def start_child_run(uri: str, train_run_id: str | None, kind: str, run_name: str,
-                    experiment: str | None = None, description: str | None = None) -> str:
+def start_child_run(
+    uri: str,
+    train_run_id: str | None,
+    kind: str,
+    run_name: str,
+    experiment: str | None = None,
+    description: str | None = None,
+) -> str:
     """A run nested under the training run (same experiment) and tagged with its id; or a run in `experiment`."""
     from mlflow.tracking import MlflowClient
 
@@ -219,8 +245,9 @@ def start_child_run(uri: str, train_run_id: str | None, kind: str, run_name: str
             exp_id = client.get_run(train_run_id).info.experiment_id
             tags.update({"flowray.train_run_id": train_run_id, "mlflow.parentRunId": train_run_id})
         except Exception:
-            warnings.warn(f"training run {train_run_id} is not in {uri}; logging without lineage",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"training run {train_run_id} is not in {uri}; logging without lineage", RuntimeWarning, stacklevel=2
+            )
     if exp_id is None:
         exp_id = get_or_create_experiment(client, experiment or "flowray", uri)
     return client.create_run(exp_id, tags=tags, run_name=run_name).info.run_id
@@ -235,6 +262,11 @@ def dataset_input(name: str, digest: str, location: str, context: str, profile: 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     scheme = location.split("://", 1)[0] if "://" in location else "local"
-    dataset = Dataset(name=name, digest=digest, source_type=scheme, source=json.dumps({"uri": location}),
-                      profile=json.dumps(profile) if profile else None)
+    dataset = Dataset(
+        name=name,
+        digest=digest,
+        source_type=scheme,
+        source=json.dumps({"uri": location}),
+        profile=json.dumps(profile) if profile else None,
+    )
     return DatasetInput(dataset, [InputTag("mlflow.data.context", context)])

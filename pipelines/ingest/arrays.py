@@ -12,16 +12,34 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from pipelines.ingest.parts import IngestError, Listing, ListRequest, Part, Record, part_count, row_ranges
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 READ_ROWS = 1024  # rows an array reader holds at once
 
 
-IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IDX_DTYPES: dict[int, npt.DTypeLike] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 def _open(path: Path):
@@ -45,11 +63,15 @@ def _idx_header(path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
             f.seek(-4, os.SEEK_END)
             length = struct.unpack("<I", f.read(4))[0]
         if length != expected % 2**32:
-            raise IngestError(f"{path}: IDX header says {dims} ({expected} bytes) but the file holds {length} bytes "
-                              "(truncated or damaged)")
+            raise IngestError(
+                f"{path}: IDX header says {dims} ({expected} bytes) but the file holds {length} bytes "
+                "(truncated or damaged)"
+            )
     elif path.stat().st_size != expected:
-        raise IngestError(f"{path}: IDX header says {dims} ({expected} bytes) but the file holds "
-                          f"{path.stat().st_size} bytes (truncated or damaged)")
+        raise IngestError(
+            f"{path}: IDX header says {dims} ({expected} bytes) but the file holds "
+            f"{path.stat().st_size} bytes (truncated or damaged)"
+        )
     return dtype, dims, offset
 
 
@@ -65,11 +87,12 @@ def list_idx(req: ListRequest) -> Listing:
     directory = Path(req.arg or FASHION_MNIST_DIR)
     if not directory.is_dir():
         raise IngestError(f"IDX directory {directory} does not exist")
-    pairs = [(prefix, split, _find_idx(directory, prefix)) for prefix, split in (("train", "train"), ("t10k", "test"))]
-    pairs = [(prefix, split, pair) for prefix, split, pair in pairs if pair]
+    found = [(prefix, split, _find_idx(directory, prefix)) for prefix, split in (("train", "train"), ("t10k", "test"))]
+    pairs = [(prefix, split, pair) for prefix, split, pair in found if pair is not None]
     if not pairs:
-        raise IngestError(f"no IDX pair (train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz], or t10k-*) "
-                          f"in {directory}")
+        raise IngestError(
+            f"no IDX pair (train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz], or t10k-*) in {directory}"
+        )
     dims = {}
     for _, _, (images, labels) in pairs:
         dims[images] = _idx_header(images)[1]
@@ -82,8 +105,21 @@ def list_idx(req: ListRequest) -> Listing:
         n = dims[images][0]
         for a, b in row_ranges(n, round(part_count(total, req.min_parts, req.max_rows) * n / total) or 1):
             split_of = split if req.kind == "fashion-mnist" else None
-            parts.append(Part(0, "idx", {"images": str(images), "labels": str(labels), "prefix": prefix,
-                                         "split": split_of, "start": a, "stop": b}, b - a))
+            parts.append(
+                Part(
+                    0,
+                    "idx",
+                    {
+                        "images": str(images),
+                        "labels": str(labels),
+                        "prefix": prefix,
+                        "split": split_of,
+                        "start": a,
+                        "stop": b,
+                    },
+                    b - a,
+                )
+            )
     names = FASHION_MNIST_CLASSES if req.kind == "fashion-mnist" else []
     return Listing(req.spec, req.kind, parts, names, element_shape=tuple(dims[pairs[0][2][0]][1:]))
 
@@ -149,20 +185,26 @@ def list_npz(req: ListRequest) -> Listing:
     members = _npz_members(file)
     xk = next((k for k in ("images", "points", "x", "X", "arr_0") if k in members), None)
     if xk is None:
-        raise IngestError(f"{file}: no image array; expected a key 'images', 'points' or 'x' (keys are "
-                          f"{list(members)})")
+        raise IngestError(
+            f"{file}: no image array; expected a key 'images', 'points' or 'x' (keys are {list(members)})"
+        )
     shape, _ = members[xk]
     if len(shape) not in (2, 3, 4) or (len(shape) == 2 and xk == "images"):
-        raise IngestError(f"{file}: array {xk!r} has shape {list(shape)}; images must be [N, H, W] or "
-                          "[N, H, W, C] (flat rows cannot be reshaped without knowing H and W); point rows [N, D] "
-                          "go under the key 'points' or 'x'")
+        raise IngestError(
+            f"{file}: array {xk!r} has shape {list(shape)}; images must be [N, H, W] or "
+            "[N, H, W, C] (flat rows cannot be reshaped without knowing H and W); point rows [N, D] "
+            "go under the key 'points' or 'x'"
+        )
     yk = next((k for k in ("labels", "y", "Y") if k in members), None)
     if yk and members[yk][0][:1] != shape[:1]:
         raise IngestError(f"{file}: {shape[0]} images but {members[yk][0][0] if members[yk][0] else 0} labels")
-    parts = [Part(0, "npz", {"file": str(file), "images": xk, "labels": yk, "start": a, "stop": b}, b - a)
-             for a, b in row_ranges(shape[0], part_count(shape[0], req.min_parts, req.max_rows))]
-    return Listing(req.spec, req.kind, parts, element_shape=tuple(shape[1:]), labelled=yk is not None,
-                   points=len(shape) == 2)
+    parts = [
+        Part(0, "npz", {"file": str(file), "images": xk, "labels": yk, "start": a, "stop": b}, b - a)
+        for a, b in row_ranges(shape[0], part_count(shape[0], req.min_parts, req.max_rows))
+    ]
+    return Listing(
+        req.spec, req.kind, parts, element_shape=tuple(shape[1:]), labelled=yk is not None, points=len(shape) == 2
+    )
 
 
 def read_npz(file: str, images: str, labels: str | None, start: int, stop: int) -> Iterator[Record]:
@@ -184,18 +226,21 @@ def list_imagenet(req: ListRequest) -> Listing:
     directory = Path(req.argument)
     if not directory.is_dir():
         raise IngestError(f"ImageNet directory {directory} does not exist")
-    files = sorted((m for m in (IMAGENET_FILES.match(p.name) for p in directory.iterdir()) if m),
-                   key=lambda m: (m.group(1) == "val_data", int(m.group(2) or 0)))
+    files = sorted(
+        (m for m in (IMAGENET_FILES.match(p.name) for p in directory.iterdir()) if m),
+        key=lambda m: (m.group(1) == "val_data", int(m.group(2) or 0)),
+    )
     if not files:
-        raise IngestError(f"{directory}: no downsampled-ImageNet files (train_data_batch_<k>[.npz], "
-                          "val_data[.npz])")
+        raise IngestError(f"{directory}: no downsampled-ImageNet files (train_data_batch_<k>[.npz], val_data[.npz])")
     infos, width = [], None
     for m in files:
         path = directory / m.group(0)
         with open(path, "rb") as f:
             if f.read(2) != b"PK":
-                raise IngestError(f"{path}: not an .npz archive (the pickled release cannot be read safely); use the "
-                                  "numpy (npz) release of downsampled ImageNet, keys 'data' and 'labels'")
+                raise IngestError(
+                    f"{path}: not an .npz archive (the pickled release cannot be read safely); use the "
+                    "numpy (npz) release of downsampled ImageNet, keys 'data' and 'labels'"
+                )
         members = _npz_members(path)
         if "data" not in members or "labels" not in members:
             raise IngestError(f"{path}: expected arrays 'data' and 'labels'; keys are {list(members)}")
@@ -213,8 +258,10 @@ def list_imagenet(req: ListRequest) -> Listing:
     parts = []
     for path, split, n in infos:
         for a, b in row_ranges(n, round(part_count(total, req.min_parts, req.max_rows) * n / total) or 1):
-            parts.append(Part(0, "imagenet", {"file": str(path), "split": split, "side": width, "start": a,
-                                              "stop": b}, b - a))
+            parts.append(
+                Part(0, "imagenet", {"file": str(path), "split": split, "side": width, "start": a, "stop": b}, b - a)
+            )
+    assert width is not None  # at least one file was read
     return Listing(req.spec, req.kind, parts, num_classes=1000, element_shape=(width, width, 3))
 
 

@@ -37,12 +37,13 @@ def list_folder(req: ListRequest) -> Listing:
                 continue
             if p.suffix.lower() not in IMAGE_EXTENSIONS or problem == FOLDER_LINK:
                 # not an image by its name (a README, .DS_Store), or a folder link: reported, never read
-                ignored.append({"id": rel, "reason": problem or "not an image file by its name "
-                                                                 f"({p.suffix or 'no extension'})"})
+                ignored.append(
+                    {"id": rel, "reason": problem or f"not an image file by its name ({p.suffix or 'no extension'})"}
+                )
             else:  # an unusable entry is listed with its reason, so that it is quarantined and counted as a row
                 items.append([rel, label] + ([problem] if problem else []))
     # a hashed order mixes the classes within and across shards (the training stream reads shards in order)
-    items.sort(key=lambda it: stable_hash(it[0]))
+    items.sort(key=lambda it: stable_hash(str(it[0])))  # by its path
     n = part_count(len(items), req.min_parts, req.max_rows)
     parts = [Part(0, "folder", {"root": str(directory), "items": items[k::n]}, len(items[k::n])) for k in range(n)]
     return Listing(req.spec, req.kind, [p for p in parts if p.rows], classes, encoded=True, ignored=ignored)
@@ -93,11 +94,14 @@ def list_parquet(req: ListRequest) -> Listing:
             raise IngestError(f"{file}: not a readable parquet file ({err})") from None
         names = pf.schema_arrow.names
         if "img" not in names and "image" not in names:
-            raise IngestError(f"{file}: expected an 'img' (or 'image') column of struct{{bytes, path}}; "
-                              f"columns are {names}")
+            raise IngestError(
+                f"{file}: expected an 'img' (or 'image') column of struct{{bytes, path}}; columns are {names}"
+            )
         if "label" in names and not pa.types.is_integer(pf.schema_arrow.field("label").type):
-            raise IngestError(f"{file}: column 'label' holds {pf.schema_arrow.field('label').type}; labels must be "
-                              "integer class indices (map class names to 0..K-1 first)")
+            raise IngestError(
+                f"{file}: column 'label' holds {pf.schema_arrow.field('label').type}; labels must be "
+                "integer class indices (map class names to 0..K-1 first)"
+            )
         labelled.add("label" in names)
         first = 0
         for g in range(pf.num_row_groups):
@@ -106,17 +110,21 @@ def list_parquet(req: ListRequest) -> Listing:
             first += rows
     total = sum(g[3] for g in groups)
     budget = max(1, -(-total // part_count(total, req.min_parts, req.max_rows)))
-    parts, current, size = [], [], 0
-    for g in groups:  # consecutive row groups, up to `budget` rows per part
-        if current and size + g[3] > budget:
+    parts: list[Part] = []
+    current: list[list] = []
+    size = 0
+    for group in groups:  # consecutive row groups, up to `budget` rows per part
+        if current and size + group[3] > budget:
             parts.append(Part(0, "parquet", {"groups": current}, size))
             current, size = [], 0
-        current.append(list(g))
-        size += g[3]
+        current.append(list(group))
+        size += group[3]
     parts.append(Part(0, "parquet", {"groups": current}, size))
     if len(labelled) > 1:
-        raise IngestError(f"{req.arg}: some files have a 'label' column and some do not; "
-                          f"without: {[f for f in files if 'label' not in pq.read_schema(f).names][:3]}")
+        raise IngestError(
+            f"{req.arg}: some files have a 'label' column and some do not; "
+            f"without: {[f for f in files if 'label' not in pq.read_schema(f).names][:3]}"
+        )
     return Listing(req.spec, req.kind, parts, encoded=True, labelled=labelled == {True})
 
 
@@ -159,7 +167,9 @@ def list_tar(req: ListRequest) -> Listing:
     files = sorted(glob.glob(req.argument))
     if not files:
         raise IngestError(f"no tar archives match {req.arg!r}")
-    parts, folders, has_cls = [], set(), False
+    parts: list[Part] = []
+    folders: set[str] = set()
+    has_cls = False
     for file in files:
         try:
             with tarfile.open(file, "r:*") as tar:
@@ -172,8 +182,10 @@ def list_tar(req: ListRequest) -> Listing:
         parts.append(Part(0, "tar", {"file": file}, len(images)))
     classes = [] if has_cls else sorted(f for f in folders if f)
     if not has_cls and "" in folders and classes:
-        raise IngestError(f"{req.arg}: some images sit in a class folder and some at the archive root; give every "
-                          "image a folder or a .cls member")
+        raise IngestError(
+            f"{req.arg}: some images sit in a class folder and some at the archive root; give every "
+            "image a folder or a .cls member"
+        )
     for p in parts:
         p.args.update(classes=classes, use_cls=has_cls)
     return Listing(req.spec, req.kind, parts, classes, encoded=True, labelled=has_cls or bool(classes))

@@ -15,8 +15,10 @@ SNAPSHOT_ROWS = 4_000  # per observed time
 
 def list_digits(req: ListRequest) -> Listing:
     n = 1797
-    parts = [Part(0, "digits", {"start": a, "stop": b}, b - a)
-             for a, b in row_ranges(n, part_count(n, req.min_parts, req.max_rows))]
+    parts = [
+        Part(0, "digits", {"start": a, "stop": b}, b - a)
+        for a, b in row_ranges(n, part_count(n, req.min_parts, req.max_rows))
+    ]
     return Listing(req.spec, req.kind, parts, [str(i) for i in range(10)], element_shape=(8, 8))
 
 
@@ -34,8 +36,10 @@ def list_toy(req: ListRequest) -> Listing:
 
     if req.arg not in TOY_SETS:
         raise IngestError(f"unknown toy2d set {req.arg!r}; allowed: {', '.join(TOY_SETS)}")
-    parts = [Part(0, "toy2d", {"name": req.arg, "start": a, "stop": b}, b - a)
-             for a, b in row_ranges(TOY_ROWS, part_count(TOY_ROWS, req.min_parts, req.max_rows))]
+    parts = [
+        Part(0, "toy2d", {"name": req.arg, "start": a, "stop": b}, b - a)
+        for a, b in row_ranges(TOY_ROWS, part_count(TOY_ROWS, req.min_parts, req.max_rows))
+    ]
     return Listing(req.spec, req.kind, parts, element_shape=(2,), points=True)
 
 
@@ -54,10 +58,18 @@ def list_manifold(req: ListRequest) -> Listing:
 
     if req.arg not in MANIFOLD_SETS:
         raise IngestError(f"unknown manifold set {req.arg!r}; allowed: {', '.join(MANIFOLD_SETS)}")
-    parts = [Part(0, "manifold", {"name": req.arg, "start": a, "stop": b}, b - a)
-             for a, b in row_ranges(TOY_ROWS, part_count(TOY_ROWS, req.min_parts, req.max_rows))]
-    return Listing(req.spec, req.kind, parts, element_shape=(manifold_of(req.arg).ambient_dim,), points=True,
-                   manifold=MANIFOLD_SETS[req.arg])
+    parts = [
+        Part(0, "manifold", {"name": req.arg, "start": a, "stop": b}, b - a)
+        for a, b in row_ranges(TOY_ROWS, part_count(TOY_ROWS, req.min_parts, req.max_rows))
+    ]
+    return Listing(
+        req.spec,
+        req.kind,
+        parts,
+        element_shape=(manifold_of(req.arg).ambient_dim,),
+        points=True,
+        manifold=MANIFOLD_SETS[req.arg],
+    )
 
 
 def read_manifold(name: str, start: int, stop: int) -> Iterator[Record]:
@@ -76,10 +88,19 @@ def list_snapshots(req: ListRequest) -> Listing:
     if req.arg not in DYNAMICS:
         raise IngestError(f"unknown dynamics {req.arg!r}; allowed: {', '.join(DYNAMICS)}")
     n = SNAPSHOT_ROWS * len(OBSERVED_TIMES)
-    parts = [Part(0, "snapshots", {"name": req.arg, "start": a, "stop": b}, b - a)
-             for a, b in row_ranges(n, part_count(n, req.min_parts, req.max_rows))]
-    return Listing(req.spec, req.kind, parts, [f"t={t}" for t in OBSERVED_TIMES],
-                   element_shape=(DYNAMICS[req.arg].dim,), points=True, times=list(OBSERVED_TIMES))
+    parts = [
+        Part(0, "snapshots", {"name": req.arg, "start": a, "stop": b}, b - a)
+        for a, b in row_ranges(n, part_count(n, req.min_parts, req.max_rows))
+    ]
+    return Listing(
+        req.spec,
+        req.kind,
+        parts,
+        [f"t={t}" for t in OBSERVED_TIMES],
+        element_shape=(DYNAMICS[req.arg].dim,),
+        points=True,
+        times=list(OBSERVED_TIMES),
+    )
 
 
 def read_snapshots(name: str, start: int, stop: int) -> Iterator[Record]:

@@ -38,8 +38,18 @@ class Settings:
     max_pixels: int = MAX_PIXELS  # an encoded image that decodes to more pixels is quarantined, never decoded
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of an image row (H = W = `resolution`); point rows have none."""
+        if self.resolution is None or self.channels is None:
+            raise ValueError("point rows have no image shape")
+        return self.resolution, self.resolution, self.channels
+
+    @property
     def row_bytes(self) -> int:
-        return 8 if self.points else self.resolution * self.resolution * self.channels  # points: a few floats
+        if self.points:
+            return 8  # a few floats
+        h, w, c = self.image_shape
+        return h * w * c
 
     @property
     def group_rows(self) -> int:
@@ -99,12 +109,14 @@ def _from_array(array: np.ndarray):
         raise ValueError(f"pixel dtype {array.dtype} is not uint8")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    modes = {2: "L", 3: {2: "LA", 3: "RGB", 4: "RGBA"}}
-    mode = modes.get(array.ndim)
-    mode = mode.get(array.shape[2]) if isinstance(mode, dict) else mode
+    modes: dict[int, str | dict[int, str]] = {2: "L", 3: {2: "LA", 3: "RGB", 4: "RGBA"}}
+    by_ndim = modes.get(array.ndim)
+    mode = by_ndim.get(array.shape[2]) if isinstance(by_ndim, dict) else by_ndim
     if mode is None:
-        raise ValueError(f"wrong channel count: an image array of shape {list(array.shape)} (allowed: HW, or HWC "
-                         "with C in 1, 2, 3, 4)")
+        raise ValueError(
+            f"wrong channel count: an image array of shape {list(array.shape)} (allowed: HW, or HWC "
+            "with C in 1, 2, 3, 4)"
+        )
     return Image.fromarray(np.ascontiguousarray(array), mode)
 
 
@@ -124,8 +136,10 @@ def open_image(encoded: bytes, max_pixels: int = MAX_PIXELS):
         im = Image.open(io.BytesIO(encoded))
         w, h = im.size
         if w * h > max_pixels:
-            raise _TooLarge(f"decodes to {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
-                            "(--max-pixels; a decompression bomb, or a photo larger than the limit allows)")
+            raise _TooLarge(
+                f"decodes to {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
+                "(--max-pixels; a decompression bomb, or a photo larger than the limit allows)"
+            )
         im.load()
         return im
     except _TooLarge as err:
@@ -145,19 +159,26 @@ def prepare(record: Record, s: Settings) -> tuple[np.ndarray, str | None, bool]:
         if s.manifold:
             _check_on_manifold(point, s.manifold)
         return point, None, False
+    size, _, channels = s.image_shape
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's decompression-bomb and palette notes: the row is checked below
-        im = open_image(record.encoded, s.max_pixels) if record.array is None else _from_array(record.array)
-        im, conversion = convert_mode(im, "L" if s.channels == 1 else "RGB")
+        if record.array is not None:
+            im = _from_array(record.array)
+        elif record.encoded is not None:
+            im = open_image(record.encoded, s.max_pixels)
+        else:
+            raise ValueError("the record holds neither an array nor encoded bytes")
+        im, conversion = convert_mode(im, "L" if channels == 1 else "RGB")
         resized = False
-        if im.size != (s.resolution, s.resolution):
+        if im.size != (size, size):
             if s.transform is None:
                 w, h = im.size
-                raise ValueError(f"wrong size {h}x{w}, expected {s.resolution}x{s.resolution} (--transform "
-                                 "center-crop or resize makes it fit)")
-            im, resized = _resize(im, s.resolution, s.transform), True
+                raise ValueError(
+                    f"wrong size {h}x{w}, expected {size}x{size} (--transform center-crop or resize makes it fit)"
+                )
+            im, resized = _resize(im, size, s.transform), True
         arr = np.asarray(im, dtype=np.uint8)
-    return arr.reshape(s.resolution, s.resolution, s.channels), conversion, resized
+    return arr.reshape(size, size, channels), conversion, resized
 
 
 def _check_on_manifold(point: np.ndarray, manifold: str) -> None:

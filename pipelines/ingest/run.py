@@ -29,15 +29,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-
 from pipelines.core import storage
-from pipelines.core.manifest import MANIFEST, SCHEMA, Manifest, row_format, sha256, shard_schema
+from pipelines.core.manifest import MANIFEST, Manifest, row_format, sha256, shard_schema
 from pipelines.core.memory import gib
 from pipelines.core.runtime import Progress, init_ray, stage
-from pipelines.ingest.parts import IngestError, Listing, Part
-from pipelines.ingest.rows import GREY_MODES, MAX_PIXELS, TRANSFORMS, Settings, open_image, prepare, split_of
+from pipelines.ingest.part_writer import ingest_batch
+from pipelines.ingest.parts import IngestError, Listing
+from pipelines.ingest.rows import GREY_MODES, MAX_PIXELS, TRANSFORMS, Settings, open_image
 from pipelines.ingest.sources import list_source, read_part
 
 __all__ = ["IngestResult", "ingest", "load_manifest", "shard_paths"]
@@ -45,95 +43,31 @@ __all__ = ["IngestResult", "ingest", "load_manifest", "shard_paths"]
 MAX_ROWS_PER_SHARD = 20_000
 
 
-# --- one part, in a Ray task ---------------------------------------------------------------------------------
-
-
-class _ShardWriter:
-    """Streams one split's rows of one part into staging/<split>-<part>-of-<parts>.parquet, a row group at a time."""
-
-    def __init__(self, s: Settings, split: str, part: int, shape: tuple[int, ...]):
-        self.name = f"{split}-{part:05d}-of-{s.num_parts:05d}.parquet"
-        self.path = storage.join(s.staging, self.name)
-        self.file = s.file_prefix + self.name
-        self.schema = shard_schema(row_format("points" if s.points else "image", list(shape)), split)
-        self.writer, self.rows, self.buffer, self.group_rows = None, 0, [], s.group_rows
-
-    def add(self, rid: str, label: int, cell: bytes) -> None:
-        self.buffer.append((rid, label, cell))
-        if len(self.buffer) >= self.group_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        ids, labels, cells = zip(*self.buffer, strict=True)
-        table = pa.table({"id": list(ids), "label": list(labels), "image": list(cells)}, schema=SCHEMA)
-        self.writer = self.writer or storage.parquet_writer(self.path, self.schema)
-        self.writer.write_table(table)
-        self.rows += len(self.buffer)
-        self.buffer = []
-
-    def close(self) -> dict | None:
-        self.flush()
-        if self.writer is None:
-            return None
-        self.writer.close()
-        return {"file": self.file, "rows": self.rows, "sha256": sha256(self.path)}
-
-
-def ingest_part(part: Part, s: Settings) -> dict:
-    """Read, convert, validate and write one part; returns its summary (shards, counts, quarantine)."""
-    writers: dict[str, _ShardWriter] = {}
-    quarantine, conversions, resized, rows, labels, shape = [], Counter(), 0, 0, set(), None
-    for record in read_part(part):
-        rows += 1
-        try:
-            arr, conversion, was_resized = prepare(record, s)
-            if record.label < 0:
-                raise ValueError(f"label {record.label} is negative")
-        except ValueError as err:
-            quarantine.append({"id": record.id, "reason": str(err)})
-            continue
-        if s.points and shape is not None and tuple(arr.shape) != shape:
-            quarantine.append({"id": record.id, "reason": f"point has shape {list(arr.shape)}, expected {list(shape)}"})
-            continue
-        shape = tuple(arr.shape)
-        conversions[conversion] += conversion is not None
-        resized += was_resized
-        labels.add(record.label)
-        split = split_of(record, s)
-        if split not in writers:
-            writers[split] = _ShardWriter(s, split, part.index, shape)
-        writers[split].add(record.id, record.label, arr.tobytes())
-    shards = {split: w.close() for split, w in writers.items()}
-    return {"part": part.index, "rows": rows, "quarantine": quarantine, "shards": shards,
-            "conversions": {k: v for k, v in conversions.items() if k and v}, "resized": resized,
-            "max_label": max(labels) if labels else -1, "shape": list(shape) if shape else None}
-
-
-def _ingest_batch(batch: dict, settings: dict) -> dict:
-    """Ray Data map_batches task: parts (JSON, one per row of the listing dataset) -> their summaries (JSON)."""
-    out = []
-    for text in batch["part"]:
-        p = json.loads(text)
-        out.append(json.dumps(ingest_part(Part(p["index"], p["source"], p["args"], p["rows"]), Settings(**settings))))
-    return {"summary": np.array(out, dtype=object)}
-
-
 # --- the driver ----------------------------------------------------------------------------------------------
 
 
 @dataclass
 class IngestResult:
-    out: Path
+    out: str | Path  # a local folder, or an object-store URI
     manifest: dict
 
 
-def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0.1, seed: int = 0,
-           channels: int | None = None, image_size: int | None = None, max_bad_fraction: float = 0.01,
-           transform: str | None = None, parallelism: int | None = None,
-           max_rows_per_shard: int = MAX_ROWS_PER_SHARD, unlabelled: bool = False,
-           manifold: str | None = None, max_pixels: int = MAX_PIXELS) -> IngestResult:
+def ingest(
+    spec: str,
+    out: str | Path,
+    shards: int = 4,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    channels: int | None = None,
+    image_size: int | None = None,
+    max_bad_fraction: float = 0.01,
+    transform: str | None = None,
+    parallelism: int | None = None,
+    max_rows_per_shard: int = MAX_ROWS_PER_SHARD,
+    unlabelled: bool = False,
+    manifold: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> IngestResult:
     """Ingest a source into parquet shards and manifest.json on Ray Data (a local Ray unless one is running or
     RAY_ADDRESS is set).
 
@@ -153,35 +87,70 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
             recorded in the manifest; rows off it are quarantined.
         max_pixels: an encoded image whose header says it decodes to more pixels is quarantined undecoded.
     """
-    _check_arguments(shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism,
-                     max_rows_per_shard)
+    _check_arguments(
+        shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism, max_rows_per_shard
+    )
     if max_pixels < 1:
         raise IngestError(f"--max-pixels must be >= 1; got {max_pixels}")
     out = storage.check_writable(str(out), "--out")
     listing = list_source(spec, shards, max_rows_per_shard)
     if not listing.labelled and not unlabelled:
-        raise IngestError(f"source {spec!r} has no labels; pass --unlabelled to ingest it without classes "
-                          "(class-conditional training will refuse it)")
+        raise IngestError(
+            f"source {spec!r} has no labels; pass --unlabelled to ingest it without classes "
+            "(class-conditional training will refuse it)"
+        )
     if listing.labelled and unlabelled:
         raise IngestError(f"source {spec!r} has labels; --unlabelled is only for sources without them")
     listing.manifold = _declared_manifold(listing, manifold)
-    if listing.pairs and (transform or (image_size or listing.element_shape[0]) != listing.element_shape[0]
-                          or (channels or listing.element_shape[-1]) != listing.element_shape[-1]):
-        raise IngestError(f"source {spec!r} holds pairs (x_0, x_1 = ODE(x_0)) at {list(listing.element_shape)}: "
-                          "--channels, --image-size and --transform would change x_1 and break each pair; leave "
-                          "them out")
+    if (
+        listing.pairs
+        and listing.element_shape is not None
+        and (
+            transform
+            or (image_size or listing.element_shape[0]) != listing.element_shape[0]
+            or (channels or listing.element_shape[-1]) != listing.element_shape[-1]
+        )
+    ):
+        raise IngestError(
+            f"source {spec!r} holds pairs (x_0, x_1 = ODE(x_0)) at {list(listing.element_shape)}: "
+            "--channels, --image-size and --transform would change x_1 and break each pair; leave "
+            "them out"
+        )
     channels, image_size = declared_format(listing, channels, image_size, max_pixels)
-    _check_task_memory(Settings(channels, image_size, transform, seed, test_fraction, listing.points, "", 1,
-                                max_pixels=max_pixels), listing, image_size)
+    _check_task_memory(
+        Settings(channels, image_size, transform, seed, test_fraction, listing.points, "", 1, max_pixels=max_pixels),
+        listing,
+        image_size,
+    )
     if storage.is_uri(out):
-        return _ingest_to_object_store(listing, out, channels, image_size, transform, seed, test_fraction,
-                                       max_bad_fraction, parallelism, max_pixels)
+        return _ingest_to_object_store(
+            listing,
+            out,
+            channels,
+            image_size,
+            transform,
+            seed,
+            test_fraction,
+            max_bad_fraction,
+            parallelism,
+            max_pixels,
+        )
     out = Path(out)
     staging = out / f".ingest-staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    settings = Settings(channels, image_size, transform, seed, test_fraction, listing.points, str(staging.resolve()),
-                        len(listing.parts), listing.manifold, max_pixels=max_pixels)
+    settings = Settings(
+        channels,
+        image_size,
+        transform,
+        seed,
+        test_fraction,
+        listing.points,
+        str(staging.resolve()),
+        len(listing.parts),
+        listing.manifold,
+        max_pixels=max_pixels,
+    )
     try:
         summaries = _run_parts(listing, settings, parallelism)
         manifest = _manifest(listing, settings, summaries, max_bad_fraction)
@@ -191,14 +160,34 @@ def ingest(spec: str, out: str | Path, shards: int = 4, test_fraction: float = 0
     return IngestResult(out, manifest)
 
 
-def _ingest_to_object_store(listing: Listing, out: str, channels, image_size, transform, seed, test_fraction,
-                            max_bad_fraction, parallelism, max_pixels) -> IngestResult:
+def _ingest_to_object_store(
+    listing: Listing,
+    out: str,
+    channels,
+    image_size,
+    transform,
+    seed,
+    test_fraction,
+    max_bad_fraction,
+    parallelism,
+    max_pixels,
+) -> IngestResult:
     """The shards straight into `out/shards-<id>/`, then the manifest in one PUT, then the replaced shards go.
     A failed job leaves only its own unlisted folder behind (removed here when it can be)."""
     folder = f"shards-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    settings = Settings(channels, image_size, transform, seed, test_fraction, listing.points,
-                        storage.join(out, folder), len(listing.parts), listing.manifold, file_prefix=folder + "/",
-                        max_pixels=max_pixels)
+    settings = Settings(
+        channels,
+        image_size,
+        transform,
+        seed,
+        test_fraction,
+        listing.points,
+        storage.join(out, folder),
+        len(listing.parts),
+        listing.manifold,
+        file_prefix=folder + "/",
+        max_pixels=max_pixels,
+    )
     old = _listed_files(out)
     try:
         summaries = _run_parts(listing, settings, parallelism)
@@ -236,18 +225,22 @@ def _declared_manifold(listing: Listing, manifold: str | None) -> str | None:
     except ValueError as err:
         raise IngestError(f"--manifold: {err}") from None
     if not listing.points:
-        raise IngestError(f"--manifold {manifold}: source {listing.spec!r} holds images; only point rows lie on a "
-                          "manifold")
+        raise IngestError(
+            f"--manifold {manifold}: source {listing.spec!r} holds images; only point rows lie on a manifold"
+        )
     if listing.manifold not in (None, manifold):
         raise IngestError(f"--manifold {manifold}: source {listing.spec!r} lies on {listing.manifold}")
     if listing.element_shape is not None and tuple(listing.element_shape) != (m.ambient_dim,):
-        raise IngestError(f"--manifold {manifold}: points on {m.label} have {m.ambient_dim} coordinates; "
-                          f"{listing.spec!r} has rows of shape {list(listing.element_shape)}")
+        raise IngestError(
+            f"--manifold {manifold}: points on {m.label} have {m.ambient_dim} coordinates; "
+            f"{listing.spec!r} has rows of shape {list(listing.element_shape)}"
+        )
     return manifold
 
 
-def _check_arguments(shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism,
-                     max_rows_per_shard) -> None:
+def _check_arguments(
+    shards, test_fraction, channels, image_size, transform, max_bad_fraction, parallelism, max_rows_per_shard
+) -> None:
     if shards < 1:
         raise IngestError(f"--shards must be >= 1; got {shards}")
     if not 0 <= test_fraction < 1:
@@ -268,8 +261,9 @@ def _check_arguments(shards, test_fraction, channels, image_size, transform, max
         raise IngestError(f"--max-rows-per-shard must be >= 1; got {max_rows_per_shard}")
 
 
-def declared_format(listing: Listing, channels: int | None, size: int | None,
-                     max_pixels: int = MAX_PIXELS) -> tuple[int | None, int | None]:
+def declared_format(
+    listing: Listing, channels: int | None, size: int | None, max_pixels: int = MAX_PIXELS
+) -> tuple[int | None, int | None]:
     """Channels and resolution: given, or fixed by the source, or by the first listed image that decodes (read
     on the driver, so the choice does not depend on which task runs first)."""
     if listing.points:
@@ -286,13 +280,15 @@ def declared_format(listing: Listing, channels: int | None, size: int | None,
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                im = open_image(record.encoded, max_pixels) if record.error is None else None
+                im = open_image(record.encoded, max_pixels) if record.error is None and record.encoded else None
         except ValueError:
             continue
         if im is not None:
             return channels or (1 if im.mode in GREY_MODES else 3), size or max(im.size)
-    raise IngestError(f"{listing.spec}: none of the first 100 listed images could be decoded; pass --channels and "
-                      "--resolution, or check the source")
+    raise IngestError(
+        f"{listing.spec}: none of the first 100 listed images could be decoded; pass --channels and "
+        "--resolution, or check the source"
+    )
 
 
 def _check_task_memory(s: Settings, listing: Listing, resolution: int | None) -> None:
@@ -305,9 +301,11 @@ def _check_task_memory(s: Settings, listing: Listing, resolution: int | None) ->
         raise IngestError(
             f"--resolution {resolution}: one ingest task would hold about {gib(need)} (row groups of "
             f"{s.group_rows} row(s) of {resolution}x{resolution}x{s.channels} = {gib(s.row_bytes)} each, twice "
-            f"while written" + (f", one decoded image of up to --max-pixels {s.max_pixels:,}" if listing.encoded
-                                else "") + f", and the worker), more than this machine's {gib(total)} of memory; "
-            "lower --resolution")
+            f"while written"
+            + (f", one decoded image of up to --max-pixels {s.max_pixels:,}" if listing.encoded else "")
+            + f", and the worker), more than this machine's {gib(total)} of memory; "
+            "lower --resolution"
+        )
 
 
 def _run_parts(listing: Listing, s: Settings, parallelism: int | None) -> list[dict]:
@@ -328,16 +326,27 @@ def _stream_parts(listing: Listing, s: Settings, parallelism: int | None) -> lis
     need = s.task_memory(listing.encoded)
     offered = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
     if need > offered:  # a task Ray could never place would wait forever
-        raise IngestError(f"one ingest task declares {gib(need)} of memory, but the largest node of this Ray offers "
-                          f"{gib(offered)}; lower --max-pixels or --resolution, or add memory")
-    stage(f"ingest {listing.spec}: {listing.rows} rows listed in {len(listing.parts)} part(s)"
-          + (f", at most {parallelism} at once" if parallelism else ""))
+        raise IngestError(
+            f"one ingest task declares {gib(need)} of memory, but the largest node of this Ray offers "
+            f"{gib(offered)}; lower --max-pixels or --resolution, or add memory"
+        )
+    stage(
+        f"ingest {listing.spec}: {listing.rows} rows listed in {len(listing.parts)} part(s)"
+        + (f", at most {parallelism} at once" if parallelism else "")
+    )
     items = [{"part": json.dumps(asdict(p))} for p in listing.parts]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    listed = ray.data.from_items(items, override_num_blocks=len(items))
     # one task per part: the cluster's CPUs (or `parallelism`) bound how many run at once, a part bounds memory
-    ds = ds.map_batches(_ingest_batch, fn_kwargs={"settings": asdict(s)}, batch_size=1, batch_format="numpy",
-                        num_cpus=1, memory=need,
-                        compute=ray.data.TaskPoolStrategy(size=parallelism))
+    # (Ray's stubs type a batch function of one argument: fn_kwargs gives ingest_batch its settings)
+    ds = listed.map_batches(
+        ingest_batch,  # type: ignore[arg-type]
+        fn_kwargs={"settings": s},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=1,
+        memory=need,
+        compute=ray.data.TaskPoolStrategy(size=parallelism),
+    )
     progress = Progress(f"ingest {listing.spec}", listing.rows, "rows")
     summaries = []
     for row in ds.iter_rows():
@@ -352,14 +361,16 @@ def _manifest(listing: Listing, s: Settings, summaries: list[dict], max_bad_frac
     bad = len(quarantine) / total if total else 1.0
     if bad > max_bad_fraction:
         first = "; ".join(f"{q['id']}: {q['reason']}" for q in quarantine[:5])
-        raise IngestError(f"{len(quarantine)} of {total} rows ({bad:.1%}) could not be used, above "
-                          f"max_bad_fraction={max_bad_fraction:.1%}. First: {first}")
+        raise IngestError(
+            f"{len(quarantine)} of {total} rows ({bad:.1%}) could not be used, above "
+            f"max_bad_fraction={max_bad_fraction:.1%}. First: {first}"
+        )
     shapes = {tuple(d["shape"]) for d in summaries if d["shape"]}
     if len(shapes) > 1:  # only points can differ (images are all made the declared size)
         raise IngestError(f"{listing.spec}: rows of different shapes {sorted(shapes)}")
     shape = next(iter(shapes), None)
-    shape_out = list(shape) if shape else ([s.resolution, s.resolution, s.channels] if not s.points else [2])
-    conversions = Counter()
+    shape_out = list(shape) if shape else ([2] if s.points else list(s.image_shape))
+    conversions: Counter[str] = Counter()
     for d in summaries:
         conversions.update(d["conversions"])
     splits = {}
@@ -382,7 +393,8 @@ def _manifest(listing: Listing, s: Settings, summaries: list[dict], max_bad_frac
         **({"pairs": listing.pairs} if listing.pairs else {}),
         "seed": s.seed,
         "test_fraction": s.test_fraction,
-        "split_rule": "the source's own" if any(r.args.get("split") for r in listing.parts)
+        "split_rule": "the source's own"
+        if any(r.args.get("split") for r in listing.parts)
         else "sha256(seed/id) < test_fraction",
         "transform": s.transform,
         "resized": sum(d["resized"] for d in summaries),
@@ -410,8 +422,11 @@ def _publish(out: Path, staging: Path, manifest: dict) -> None:
     old = []
     if (out / MANIFEST).exists():
         try:
-            old = [s["file"] for split in json.loads((out / MANIFEST).read_text())["splits"].values()
-                   for s in split["shards"]]
+            old = [
+                s["file"]
+                for split in json.loads((out / MANIFEST).read_text())["splits"].values()
+                for s in split["shards"]
+            ]
         except (json.JSONDecodeError, KeyError, TypeError):
             old = []
     new = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}

@@ -10,19 +10,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fm.ema import SIGMA_REL_MAX
 from fm.losses import TIME_SAMPLINGS
 from fm.methods import JUMP, METHODS, make_method
 from fm.models import MODELS
-from fm.seeding import SEEDING_VERSION
 from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS
 from fm.training import SCHEDULES
-from pipelines.core.checkpoint import load_meta, load_model
 from pipelines.core.errors import ConfigError
-from pipelines.core.manifest import Manifest
-from pipelines.core.memory import check_fits, model_item_bytes
 from pipelines.core.settings import PRECISIONS, check, json_schema, load_sections
 from pipelines.core.storage import check_name
 
@@ -193,53 +187,101 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def schema() -> dict:
     """The JSON Schema of a training config file (`configs/train.schema.json`, which `python -m jobs.train --schema`
     writes), with the allowed values of the keys that name a registry entry."""
-    choices = {"model.name": list(MODELS), "method.name": list(METHODS), "method.ot_scope": ["local", "global"],
-               "method.time_sampling": list(TIME_SAMPLINGS),
-               "optim.schedule": list(SCHEDULES), "train.precision": list(PRECISIONS)}
+    choices = {
+        "model.name": list(MODELS),
+        "method.name": list(METHODS),
+        "method.ot_scope": ["local", "global"],
+        "method.time_sampling": list(TIME_SAMPLINGS),
+        "optim.schedule": list(SCHEDULES),
+        "train.precision": list(PRECISIONS),
+    }
     return json_schema(Config(), "flowray training config (python -m jobs.train --config FILE)", choices)
 
 
 def validate(cfg: Config) -> None:
     """Check every value; raise ConfigError naming the first bad key."""
     m, meth, o, t, r = cfg.model, cfg.method, cfg.optim, cfg.train, cfg.ray
-    check(cfg.data.shuffle_window >= 1, "data.shuffle_window", cfg.data.shuffle_window,
-           "must be >= 1 (rows; a window is at least one row group)")
+    check(
+        cfg.data.shuffle_window >= 1,
+        "data.shuffle_window",
+        cfg.data.shuffle_window,
+        "must be >= 1 (rows; a window is at least one row group)",
+    )
     check(cfg.data.buffer_batches >= 0, "data.buffer_batches", cfg.data.buffer_batches, "must be >= 0")
     check(m.name in MODELS, "model.name", m.name, f"allowed: {', '.join(MODELS)}")
     check(m.model_channels >= 1, "model.model_channels", m.model_channels, "must be >= 1")
-    check(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult), "model.channel_mult",
-           m.channel_mult, "must be a non-empty list of integers >= 1")
+    check(
+        len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
+        "model.channel_mult",
+        m.channel_mult,
+        "must be a non-empty list of integers >= 1",
+    )
     check(m.num_res_blocks >= 1, "model.num_res_blocks", m.num_res_blocks, "must be >= 1")
     check(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
     check(0 <= m.label_dropout < 1, "model.label_dropout", m.label_dropout, "must be in [0, 1)")
-    check(m.num_heads >= 1 and m.model_channels % m.num_heads == 0, "model.num_heads", m.num_heads,
-           "must be >= 1 and divide model.model_channels")
+    check(
+        m.num_heads >= 1 and m.model_channels % m.num_heads == 0,
+        "model.num_heads",
+        m.num_heads,
+        "must be >= 1 and divide model.model_channels",
+    )
     check(meth.name in METHODS, "method.name", meth.name, f"allowed: {', '.join(METHODS)}")
     meanflow = meth.name in METHODS and not METHODS[meth.name].velocity_field
-    check(0 <= meth.meanflow_ratio <= 1 and (meanflow or meth.meanflow_ratio == 0.25), "method.meanflow_ratio",
-          meth.meanflow_ratio, "must be in [0, 1], and only method.name=meanflow reads it (otherwise keep 0.25)")
-    check(0 <= meth.meanflow_p < math.inf and (meanflow or meth.meanflow_p == 1.0), "method.meanflow_p",
-          meth.meanflow_p, "must be finite and >= 0, and only method.name=meanflow reads it (otherwise keep 1.0)")
-    check(not meanflow or m.dropout == 0, "model.dropout", m.dropout,
-          "must be 0 with meanflow: its target's forward pass and its loss's would draw different dropout masks")
+    check(
+        0 <= meth.meanflow_ratio <= 1 and (meanflow or meth.meanflow_ratio == 0.25),
+        "method.meanflow_ratio",
+        meth.meanflow_ratio,
+        "must be in [0, 1], and only method.name=meanflow reads it (otherwise keep 0.25)",
+    )
+    check(
+        0 <= meth.meanflow_p < math.inf and (meanflow or meth.meanflow_p == 1.0),
+        "method.meanflow_p",
+        meth.meanflow_p,
+        "must be finite and >= 0, and only method.name=meanflow reads it (otherwise keep 1.0)",
+    )
+    check(
+        not meanflow or m.dropout == 0,
+        "model.dropout",
+        m.dropout,
+        "must be 0 with meanflow: its target's forward pass and its loss's would draw different dropout masks",
+    )
     check(meth.ot_scope in ("local", "global"), "method.ot_scope", meth.ot_scope, "allowed: local, global")
     check(0 <= meth.sigma_min < 1, "method.sigma_min", meth.sigma_min, "must be in [0, 1)")
     check(meth.sigma is None or meth.sigma >= 0, "method.sigma", meth.sigma, "must be null or >= 0")
-    check(meth.time_sampling in TIME_SAMPLINGS, "method.time_sampling", meth.time_sampling,
-          f"allowed: {', '.join(TIME_SAMPLINGS)}")
-    check(meth.time_sampling == "uniform" or METHODS[meth.name].kind == "euclidean", "method.time_sampling",
-          meth.time_sampling, f"{meth.name} is {METHODS[meth.name].kind} and draws t uniformly; allowed: uniform")
+    check(
+        meth.time_sampling in TIME_SAMPLINGS,
+        "method.time_sampling",
+        meth.time_sampling,
+        f"allowed: {', '.join(TIME_SAMPLINGS)}",
+    )
+    check(
+        meth.time_sampling == "uniform" or METHODS[meth.name].kind == "euclidean",
+        "method.time_sampling",
+        meth.time_sampling,
+        f"{meth.name} is {METHODS[meth.name].kind} and draws t uniformly; allowed: uniform",
+    )
     logit_normal = meth.time_sampling == "logit_normal"
-    check(logit_normal or meth.time_loc == 0.0, "method.time_loc", meth.time_loc,
-          "only method.time_sampling=logit_normal reads it (with uniform: keep 0.0)")
-    check(logit_normal or meth.time_scale == 1.0, "method.time_scale", meth.time_scale,
-          "only method.time_sampling=logit_normal reads it (with uniform: keep 1.0)")
+    check(
+        logit_normal or meth.time_loc == 0.0,
+        "method.time_loc",
+        meth.time_loc,
+        "only method.time_sampling=logit_normal reads it (with uniform: keep 0.0)",
+    )
+    check(
+        logit_normal or meth.time_scale == 1.0,
+        "method.time_scale",
+        meth.time_scale,
+        "only method.time_sampling=logit_normal reads it (with uniform: keep 1.0)",
+    )
     check(math.isfinite(meth.time_loc), "method.time_loc", meth.time_loc, "must be finite")
     check(meth.beta_min > 0, "method.beta_min", meth.beta_min, "must be > 0")
-    check(meth.beta_max > meth.beta_min and math.isfinite(meth.beta_max), "method.beta_max", meth.beta_max,
-          f"must be finite and > method.beta_min={meth.beta_min}")
-    check(math.isfinite(meth.time_scale) and meth.time_scale > 0, "method.time_scale", meth.time_scale,
-          "must be > 0")
+    check(
+        meth.beta_max > meth.beta_min and math.isfinite(meth.beta_max),
+        "method.beta_max",
+        meth.beta_max,
+        f"must be finite and > method.beta_min={meth.beta_min}",
+    )
+    check(math.isfinite(meth.time_scale) and meth.time_scale > 0, "method.time_scale", meth.time_scale, "must be > 0")
     if not METHODS[meth.name].needs_data:  # a method on a manifold or snapshots is checked with the data
         try:
             make_method(**method_kwargs(cfg))  # the parts' own checks (e.g. sbcfm needs sigma > 0)
@@ -248,16 +290,25 @@ def validate(cfg: Config) -> None:
     check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"allowed: {', '.join(SCHEDULES)}")
-    check(o.decay_steps is None or o.decay_steps > o.warmup_steps, "optim.decay_steps", o.decay_steps,
-           f"must be null or > optim.warmup_steps={o.warmup_steps}")
+    check(
+        o.decay_steps is None or o.decay_steps > o.warmup_steps,
+        "optim.decay_steps",
+        o.decay_steps,
+        f"must be null or > optim.warmup_steps={o.warmup_steps}",
+    )
     check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
     check(o.power > 0, "optim.power", o.power, "must be > 0")
     check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
     check(0 <= o.weight_decay < math.inf, "optim.weight_decay", o.weight_decay, "must be finite and >= 0")
     check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
-    check(len(o.ema_sigma_rels) >= 1 and len(set(o.ema_sigma_rels)) == len(o.ema_sigma_rels)
-          and all(0 < s < SIGMA_REL_MAX for s in o.ema_sigma_rels), "optim.ema_sigma_rels", o.ema_sigma_rels,
-          f"must be a non-empty list of distinct values in (0, {SIGMA_REL_MAX:.4f})")
+    check(
+        len(o.ema_sigma_rels) >= 1
+        and len(set(o.ema_sigma_rels)) == len(o.ema_sigma_rels)
+        and all(0 < s < SIGMA_REL_MAX for s in o.ema_sigma_rels),
+        "optim.ema_sigma_rels",
+        o.ema_sigma_rels,
+        f"must be a non-empty list of distinct values in (0, {SIGMA_REL_MAX:.4f})",
+    )
     check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     check(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2")
     check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
@@ -268,124 +319,98 @@ def validate(cfg: Config) -> None:
     check(t.num_to_keep >= 1, "train.num_to_keep", t.num_to_keep, "must be >= 1 (checkpoints kept; a resume needs one)")
     check(t.max_nonfinite >= 1, "train.max_nonfinite", t.max_nonfinite, "must be >= 1")
     check(t.ema_snapshot_every >= 0, "train.ema_snapshot_every", t.ema_snapshot_every, "must be >= 0 (0: off)")
-    check(t.ema_snapshot_every == 0 or t.steps // t.ema_snapshot_every <= MAX_EMA_SNAPSHOTS,
-          "train.ema_snapshot_every", t.ema_snapshot_every,
-          f"gives {t.steps // max(t.ema_snapshot_every, 1)} snapshots of {t.steps} steps; at most "
-          f"{MAX_EMA_SNAPSHOTS} are kept per run: take at least {-(-t.steps // MAX_EMA_SNAPSHOTS)}")
-    check(t.fail_at_step is None or 1 <= t.fail_at_step <= t.steps, "train.fail_at_step", t.fail_at_step,
-           f"must be null or in [1, train.steps={t.steps}]")
+    check(
+        t.ema_snapshot_every == 0 or t.steps // t.ema_snapshot_every <= MAX_EMA_SNAPSHOTS,
+        "train.ema_snapshot_every",
+        t.ema_snapshot_every,
+        f"gives {t.steps // max(t.ema_snapshot_every, 1)} snapshots of {t.steps} steps; at most "
+        f"{MAX_EMA_SNAPSHOTS} are kept per run: take at least {-(-t.steps // MAX_EMA_SNAPSHOTS)}",
+    )
+    check(
+        t.fail_at_step is None or 1 <= t.fail_at_step <= t.steps,
+        "train.fail_at_step",
+        t.fail_at_step,
+        f"must be null or in [1, train.steps={t.steps}]",
+    )
     check_name(t.run_name, "train.run_name")  # the run's folder under train.storage_path
     check(t.precision in PRECISIONS, "train.precision", t.precision, f"allowed: {', '.join(PRECISIONS)}")
-    check(t.precision != "fp16" or r.use_gpu, "train.precision", t.precision,
-           "fp16 needs a GPU (ray.use_gpu=true): CPUs have no fast fp16 and its gradients need a scaler; use fp32 "
-           "or bf16 on CPU")
-    check(not t.channels_last or m.name == "unet", "train.channels_last", t.channels_last,
-           f"a memory format of image batches: it needs model.name=unet, not {m.name}")
+    check(
+        t.precision != "fp16" or r.use_gpu,
+        "train.precision",
+        t.precision,
+        "fp16 needs a GPU (ray.use_gpu=true): CPUs have no fast fp16 and its gradients need a scaler; use fp32 "
+        "or bf16 on CPU",
+    )
+    check(
+        not t.channels_last or m.name == "unet",
+        "train.channels_last",
+        t.channels_last,
+        f"a memory format of image batches: it needs model.name=unet, not {m.name}",
+    )
     check(t.val_rows >= 0, "train.val_rows", t.val_rows, "must be >= 0 (0: no validation loss)")
-    check(t.val_rows == 0 or METHODS[meth.name].prediction != "action", "train.val_rows", t.val_rows,
-           f"{meth.name}'s loss differentiates the model, which the validation loss (no gradients) cannot: set 0")
-    check(t.eval_every >= 0 and t.eval_every % t.checkpoint_every == 0, "train.eval_every", t.eval_every,
-           f"must be 0 (off) or a multiple of train.checkpoint_every={t.checkpoint_every} (a checkpoint is scored)")
+    check(
+        t.val_rows == 0 or METHODS[meth.name].prediction != "action",
+        "train.val_rows",
+        t.val_rows,
+        f"{meth.name}'s loss differentiates the model, which the validation loss (no gradients) cannot: set 0",
+    )
+    check(
+        t.eval_every >= 0 and t.eval_every % t.checkpoint_every == 0,
+        "train.eval_every",
+        t.eval_every,
+        f"must be 0 (off) or a multiple of train.checkpoint_every={t.checkpoint_every} (a checkpoint is scored)",
+    )
     check(t.eval_samples >= 2, "train.eval_samples", t.eval_samples, "must be >= 2 (a covariance needs two)")
-    check(t.eval_solver in (*ADAPTIVE_METHODS, *FIXED_METHODS, JUMP), "train.eval_solver", t.eval_solver,
-           f"allowed: {', '.join((*ADAPTIVE_METHODS, *FIXED_METHODS, JUMP))}")
-    check(t.eval_every == 0 or (t.eval_solver == JUMP) == meanflow, "train.eval_solver", t.eval_solver,
-          f"{meth.name} samples in {JUMP!r}s (train.eval_steps of them)" if meanflow else
-          f"{JUMP!r} is MeanFlow's sampler; {meth.name} gives a velocity field: use an ODE solver")
+    check(
+        t.eval_solver in (*ADAPTIVE_METHODS, *FIXED_METHODS, JUMP),
+        "train.eval_solver",
+        t.eval_solver,
+        f"allowed: {', '.join((*ADAPTIVE_METHODS, *FIXED_METHODS, JUMP))}",
+    )
+    check(
+        t.eval_every == 0 or (t.eval_solver == JUMP) == meanflow,
+        "train.eval_solver",
+        t.eval_solver,
+        f"{meth.name} samples in {JUMP!r}s (train.eval_steps of them)"
+        if meanflow
+        else f"{JUMP!r} is MeanFlow's sampler; {meth.name} gives a velocity field: use an ODE solver",
+    )
     check(t.eval_steps >= 1, "train.eval_steps", t.eval_steps, "must be >= 1")
     check(t.eval_rows >= 0, "train.eval_rows", t.eval_rows, "must be >= 0 (0: the whole test split)")
     check(r.num_workers >= 1, "ray.num_workers", r.num_workers, "must be >= 1")
-    check(t.fail_at_step is None or 0 <= t.fail_rank < r.num_workers, "train.fail_rank", t.fail_rank,
-           f"must be a worker rank in [0, {r.num_workers - 1}]")
+    check(
+        t.fail_at_step is None or 0 <= t.fail_rank < r.num_workers,
+        "train.fail_rank",
+        t.fail_rank,
+        f"must be a worker rank in [0, {r.num_workers - 1}]",
+    )
     check(r.cpus_per_worker > 0, "ray.cpus_per_worker", r.cpus_per_worker, "must be > 0")
     check(r.preprocess_cpus > 0, "ray.preprocess_cpus", r.preprocess_cpus, "must be > 0")
-    check(r.preprocess_actors >= 0, "ray.preprocess_actors", r.preprocess_actors,
-           "must be >= 0 (0: as many as the CPUs the train workers leave)")
-    check(r.stream_chunk_tasks >= 0, "ray.stream_chunk_tasks", r.stream_chunk_tasks,
-           "must be >= 0 (0: one dataset for the whole run)")
+    check(
+        r.preprocess_actors >= 0,
+        "ray.preprocess_actors",
+        r.preprocess_actors,
+        "must be >= 0 (0: as many as the CPUs the train workers leave)",
+    )
+    check(
+        r.stream_chunk_tasks >= 0,
+        "ray.stream_chunk_tasks",
+        r.stream_chunk_tasks,
+        "must be >= 0 (0: one dataset for the whole run)",
+    )
     check(r.max_failures >= -1, "ray.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
     check(r.prefetch_batches >= 0, "ray.prefetch_batches", r.prefetch_batches, "must be >= 0")
     check(r.local_cpus >= 1, "ray.local_cpus", r.local_cpus, "must be >= 1")
-    check(not r.use_gpu or r.gpus_per_worker > 0, "ray.gpus_per_worker", r.gpus_per_worker,
-          "must be > 0 with ray.use_gpu=true")
+    check(
+        not r.use_gpu or r.gpus_per_worker > 0,
+        "ray.gpus_per_worker",
+        r.gpus_per_worker,
+        "must be > 0 with ray.use_gpu=true",
+    )
     check(cfg.mlflow.flush_timeout_s >= 0, "mlflow.flush_timeout_s", cfg.mlflow.flush_timeout_s, "must be >= 0")
     check_name(cfg.mlflow.experiment, "mlflow.experiment")  # its artifacts' folder under the store's artifact root
     if cfg.mlflow.register_as is not None:
         check_name(cfg.mlflow.register_as, "mlflow.register_as", also=":")  # MLflow's registry refuses ':' too
-
-
-def check_data(cfg: Config):
-    """Validate the data section against the ingest manifest (before Ray starts); returns the `Manifest`."""
-    try:
-        manifest = Manifest.load(cfg.data.shards)
-    except ConfigError as err:
-        raise ConfigError(f"data.shards: {err}") from None
-    check(cfg.data.split in manifest.splits, "data.split", cfg.data.split,
-           f"splits in {cfg.data.shards}: {', '.join(manifest.splits)}")
-    if manifest.data.is_image:
-        size = manifest.data.shape[0]
-        levels = len(cfg.model.channel_mult)
-        check(cfg.model.name == "unet", "model.name", cfg.model.name, "image data needs the unet")
-        check(size % (2 ** (levels - 1)) == 0, "model.channel_mult", cfg.model.channel_mult,
-               f"{levels} levels need the image size {size} divisible by {2 ** (levels - 1)}")
-    else:
-        check(cfg.model.name == "mlp", "model.name", cfg.model.name, "point data needs the mlp")
-    try:  # the method suits the data: Riemannian methods need a manifold, snapshot methods snapshots
-        make_method(**method_kwargs(cfg, manifest.data))
-    except ValueError as err:
-        raise ConfigError(f"method.name: {err} ({cfg.data.shards} holds {manifest.data.source})") from None
-    given, pairs = METHODS[cfg.method.name].coupling == "given", manifest.data.pairs is not None
-    check(not given or pairs, "method.name", cfg.method.name,
-          f"it trains on a sampling output's pairs (x_0, x_1 = ODE(x_0)), but {cfg.data.shards} holds "
-          f"{manifest.data.source}; ingest pairs with `flowray ingest --source samples:DIR`, or run `flowray reflow`")
-    check(given or not pairs, "method.name", cfg.method.name,
-          f"{cfg.data.shards} holds a sampling output's pairs (x_0, x_1 = ODE(x_0)), which {cfg.method.name} would "
-          "re-pair with fresh noise; train on them with method.name=reflow")
-    seeding = (manifest.data.pairs or {}).get("seeding", 1)
-    check(not pairs or seeding == SEEDING_VERSION, "data.shards", str(cfg.data.shards),
-          f"its pairs were ingested from samples seeded by version {seeding} (the low 32 bits of each seed); this "
-          f"version (seeding {SEEDING_VERSION}) would regenerate other x_0 for them; sample and ingest the pairs again")
-    check(not (pairs and cfg.data.hflip), "data.hflip", True,
-          "a flipped x_1 is not the sample of its x_0: pairs need data.hflip=false")
-    if cfg.train.init_from:
-        check_init_from(cfg, manifest.data)
-    if cfg.model.class_conditional:
-        check(manifest.raw.get("labelled", True) and manifest.data.num_classes > 0, "model.class_conditional",
-               True, f"{cfg.data.shards} was ingested unlabelled (no classes to condition on)")
-    if cfg.train.val_rows:
-        check(cfg.train.val_split in manifest.splits, "train.val_split", cfg.train.val_split,
-               f"splits in {cfg.data.shards}: {', '.join(manifest.splits)}")
-    count = manifest.count(cfg.data.split)
-    check(count >= cfg.train.batch_size * cfg.ray.num_workers, "train.batch_size", cfg.train.batch_size,
-           f"the {cfg.data.split} split has {count} rows, fewer than batch_size x num_workers")
-    # a batch one Train worker could not hold: its activations, and the paired steps its reader keeps ready
-    cells = 2 * 4 * int(np.prod(manifest.data.model_shape))  # x_0 and x_1 of one item, float32
-    check_fits("train.batch_size", cfg.train.batch_size,
-               model_item_bytes(cfg.model.name, model_kwargs(cfg, manifest.data), training=True)
-               + cfg.data.buffer_batches * cells, "one Train worker",
-               hint=": activations estimated from the model's feature maps, and data.buffer_batches "
-                    f"({cfg.data.buffer_batches}) paired steps kept ready")
-    return manifest
-
-
-def check_init_from(cfg: Config, data) -> None:
-    """`train.init_from` names a readable checkpoint of the model this config builds on these rows."""
-    try:
-        meta = load_meta(cfg.train.init_from)
-    except ConfigError as err:
-        raise ConfigError(f"train.init_from: {err}") from None
-    if meta.model_name != cfg.model.name:
-        raise ConfigError(f"train.init_from: {cfg.train.init_from} holds a {meta.model_name} model; this config "
-                          f"builds a {cfg.model.name}")
-    diff = [f"{k}={meta.model_kwargs.get(k)!r} (this config: {v!r})" for k, v in model_kwargs(cfg, data).items()
-            if meta.model_kwargs.get(k) != v]  # both JSON's types: model_kwargs gives lists, not tuples
-    if diff:
-        raise ConfigError(f"train.init_from: {cfg.train.init_from} was trained with another model shape: "
-                          f"{', '.join(diff)}; set the model.* keys to its values (or leave init_from empty)")
-    try:  # its meta.json against its weights, here rather than in the workers after their retries
-        load_model(cfg.train.init_from)
-    except ConfigError as err:
-        raise ConfigError(f"train.init_from: {err}") from None
 
 
 def model_kwargs(cfg: Config, data) -> dict:
@@ -402,10 +427,18 @@ def model_kwargs(cfg: Config, data) -> dict:
             kwargs.update(out_dim=1, time_scale=1.0)
         return {**kwargs, **_two_times(cfg)}
     h, _, c = data.shape
-    return {"image_size": h, "in_channels": c, "model_channels": m.model_channels,
-            "channel_mult": list(m.channel_mult), "num_res_blocks": m.num_res_blocks,
-            "attention_resolutions": list(m.attention_resolutions), "dropout": m.dropout, "num_heads": m.num_heads,
-            "num_classes": num_classes, **_two_times(cfg)}
+    return {
+        "image_size": h,
+        "in_channels": c,
+        "model_channels": m.model_channels,
+        "channel_mult": list(m.channel_mult),
+        "num_res_blocks": m.num_res_blocks,
+        "attention_resolutions": list(m.attention_resolutions),
+        "dropout": m.dropout,
+        "num_heads": m.num_heads,
+        "num_classes": num_classes,
+        **_two_times(cfg),
+    }
 
 
 def _two_times(cfg: Config) -> dict:

@@ -27,7 +27,8 @@ from pipelines.core.runtime import (
     train_logging_config,
 )
 from pipelines.core.tracking import check_tracking_uri, create_run, dataset_input, find_run, tracking_uri, ui_hint
-from pipelines.train.config import Config, check_data, model_kwargs
+from pipelines.train.against_data import check_data
+from pipelines.train.config import Config, model_kwargs
 from pipelines.train.metrics import WINDOWS, CheckpointedMetrics, replay_windows
 from pipelines.train.resume import check_resumable
 from pipelines.train.stream import stream_spec
@@ -56,8 +57,10 @@ class TrainResult:
     def final_checkpoint(self) -> str:
         """The checkpoint to sample from; a run that registered none cannot be sampled (JobFailed)."""
         if self.checkpoint is None:
-            raise JobFailed(f"training run {self.run_id} registered no checkpoint (train.checkpoint_every past "
-                            "train.steps?), so there is no model to sample")
+            raise JobFailed(
+                f"training run {self.run_id} registered no checkpoint (train.checkpoint_every past "
+                "train.steps?), so there is no model to sample"
+            )
         return self.checkpoint
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,8 +70,13 @@ class TrainResult:
         return out
 
 
-def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, str] | None = None,
-                 callbacks: Sequence = (), drain_s: float = 0.0) -> TrainResult:
+def run_training(
+    cfg: Config,
+    manifest: Manifest | None = None,
+    tags: dict[str, str] | None = None,
+    callbacks: Sequence = (),
+    drain_s: float = 0.0,
+) -> TrainResult:
     """Train per the config; returns the run, its last checkpoint and final metrics (`TrainResult`). `manifest`: the
     data's manifest as `check_data(cfg)` returned it, when the caller has checked it already. `tags`: more tags of a
     new MLflow run (`mlflow.parentRunId` nests it under a sweep's run); `callbacks`: more Ray Train `UserCallback`s
@@ -81,9 +89,15 @@ def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, 
     check_address(cfg.ray.address)  # before an MLflow run is opened: an address where nothing answers leaves none
     r = cfg.ray
     # the workers, and beside them at least one of the stream's pairing tasks (without it no step is ever read)
-    check_resources({"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker if r.use_gpu else 0.0}, r.num_workers,
-                    "Train worker", f"ray.num_workers={r.num_workers}, ray.cpus_per_worker={r.cpus_per_worker:g}, "
-                    f"ray.use_gpu={r.use_gpu}", r.address, r.local_cpus, beside={"CPU": r.preprocess_cpus})
+    check_resources(
+        {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker if r.use_gpu else 0.0},
+        r.num_workers,
+        "Train worker",
+        f"ray.num_workers={r.num_workers}, ray.cpus_per_worker={r.cpus_per_worker:g}, ray.use_gpu={r.use_gpu}",
+        r.address,
+        r.local_cpus,
+        beside={"CPU": r.preprocess_cpus},
+    )
     # a local folder or an object-store URI, which Ray Train writes to through the same pyarrow file system
     root = storage.check_writable(cfg.train.storage_path, "train.storage_path")
     run_dir = storage.join(root, cfg.train.run_name)
@@ -93,8 +107,17 @@ def run_training(cfg: Config, manifest: Manifest | None = None, tags: dict[str, 
         return _train(cfg, manifest, tags, callbacks, drain_s, uri, root, run_dir, exists)
 
 
-def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbacks: Sequence, drain_s: float,
-           uri: str, root: str, run_dir: str, exists: bool) -> TrainResult:
+def _train(
+    cfg: Config,
+    manifest: Manifest,
+    tags: dict[str, str] | None,
+    callbacks: Sequence,
+    drain_s: float,
+    uri: str,
+    root: str,
+    run_dir: str,
+    exists: bool,
+) -> TrainResult:
     """`run_training` under the run's lease: resume or start, train, log the final model."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -103,14 +126,21 @@ def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbac
     meta = _resume_meta(previous)
     if meta is not None:  # before MLflow or Ray is touched: a refused attempt changes nothing
         check_resumable(cfg, manifest.data, meta, run_dir)
-    tags = {**(tags or {}), "flowray.kind": "train", "flowray.method": cfg.method.name,
-            "flowray.data": manifest.data.source, "flowray.storage": run_dir,
-            "mlflow.note.content": f"{cfg.method.name} on {manifest.data.name}/{cfg.data.split}, {cfg.train.steps} "
-                                   f"steps of {cfg.train.batch_size} x {cfg.ray.num_workers} workers"}
+    tags = {
+        **(tags or {}),
+        "flowray.kind": "train",
+        "flowray.method": cfg.method.name,
+        "flowray.data": manifest.data.source,
+        "flowray.storage": run_dir,
+        "mlflow.note.content": f"{cfg.method.name} on {manifest.data.name}/{cfg.data.split}, {cfg.train.steps} "
+        f"steps of {cfg.train.batch_size} x {cfg.ray.num_workers} workers",
+    }
     run_id, resumed, done, replay_after = _open_run(cfg, uri, tags, meta, exists)
     if done is not None and meta is not None:  # (a finished run is only `done` with a checkpoint at its target)
-        stage(f"run {cfg.train.run_name} already finished at step {meta.step} (MLflow run {done.info.run_id}); "
-              "nothing to train. Raise train.steps to continue it, or set train.run_name for a new run")
+        stage(
+            f"run {cfg.train.run_name} already finished at step {meta.step} (MLflow run {done.info.run_id}); "
+            "nothing to train. Raise train.steps to continue it, or set train.run_name for a new run"
+        )
         return _finished_result(cfg, uri, root, run_dir, previous, done, manifest.data.is_image)
     if meta is not None:
         how = f"MLflow run {run_id}" if resumed else f"new MLflow run {run_id}"
@@ -123,26 +153,48 @@ def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbac
         replay_windows(uri, run_id, previous, after_step=replay_after)
     kwargs = model_kwargs(cfg, manifest.data)
     labels = "data" if manifest.data.times else "classes" if kwargs.get("num_classes") else "none"
-    job = TrainJob(cfg, kwargs, manifest.data, uri, run_id,
-                   storage.join(run_dir, f".fault_injected_step_{cfg.train.fail_at_step}"),
-                   stream_spec(cfg, manifest, kwargs, _pair_tasks(cfg), resume=meta), is_verbose(),
-                   validation_set(manifest, cfg.train.val_split, cfg.train.val_rows, labels),
-                   load_state(cfg.train.init_from, "ema")["module"] if cfg.train.init_from else None, run_dir)
+    job = TrainJob(
+        cfg,
+        kwargs,
+        manifest.data,
+        uri,
+        run_id,
+        storage.join(run_dir, f".fault_injected_step_{cfg.train.fail_at_step}"),
+        stream_spec(cfg, manifest, kwargs, _pair_tasks(cfg), resume=meta),
+        is_verbose(),
+        validation_set(manifest, cfg.train.val_split, cfg.train.val_rows, labels),
+        load_state(cfg.train.init_from, "ema")["module"] if cfg.train.init_from else None,
+        run_dir,
+    )
     # (the type ignores below: the stubs are Ray Train v1's RunConfig and Callback; RAY_TRAIN_V2_ENABLED runs v2's)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker=_resources(cfg)),
-        run_config=RunConfig(name=cfg.train.run_name, **storage.ray_storage(root, "train.storage_path"),
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-                             callbacks=[CheckpointedMetrics(uri, run_id, cfg.train.steps,  # type: ignore[list-item]
-                                                            cfg.mlflow.flush_timeout_s, drain_s), *callbacks],
-                             logging_config=train_logging_config()),  # type: ignore[call-arg]
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=_resources(cfg)
+        ),
+        run_config=RunConfig(
+            name=cfg.train.run_name,
+            **storage.ray_storage(root, "train.storage_path"),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            callbacks=[
+                CheckpointedMetrics(
+                    uri,
+                    run_id,
+                    cfg.train.steps,  # type: ignore[list-item]
+                    cfg.mlflow.flush_timeout_s,
+                    drain_s,
+                ),
+                *callbacks,
+            ],
+            logging_config=train_logging_config(),
+        ),  # type: ignore[call-arg]
     )
-    stage(f"training {cfg.method.name} for {cfg.train.steps} steps on {cfg.ray.num_workers} worker(s) "
-          f"({'resuming' if resumed else 'new'} MLflow run {run_id}, experiment {cfg.mlflow.experiment})")
+    stage(
+        f"training {cfg.method.name} for {cfg.train.steps} steps on {cfg.ray.num_workers} worker(s) "
+        f"({'resuming' if resumed else 'new'} MLflow run {run_id}, experiment {cfg.mlflow.experiment})"
+    )
     start = time.perf_counter()
     try:
         result = interruptible(trainer.fit)
@@ -156,11 +208,15 @@ def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbac
         try:
             kept = _kept(run_dir, run_id, "FAILED")
         except Exception:
-            kept = (f"the last registered checkpoint cannot be read while the store does not answer (MLflow run "
-                    f"{run_id} is FAILED)")
-        raise JobFailed(f"train.storage_path: the object store at {root} stopped answering during training "
-                        f"({storage.describe(outage)}); {kept}; rerun the same command once it answers to resume "
-                        "from there") from None
+            kept = (
+                f"the last registered checkpoint cannot be read while the store does not answer (MLflow run "
+                f"{run_id} is FAILED)"
+            )
+        raise JobFailed(
+            f"train.storage_path: the object store at {root} stopped answering during training "
+            f"({storage.describe(outage)}); {kept}; rerun the same command once it answers to resume "
+            "from there"
+        ) from None
     except JobStopped as stop:  # SIGINT / SIGTERM: the run is KILLED, and a rerun resumes it
         SafeLogger(uri, run_id).finish("KILLED")
         stop.kept = _kept(run_dir, run_id)
@@ -175,11 +231,19 @@ def _train(cfg: Config, manifest: Manifest, tags: dict[str, str] | None, callbac
     logger.finish("FINISHED")
     stage(f"training finished in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")
     stage(ui_hint(uri, run_id))
-    return TrainResult(run_id=run_id, experiment=cfg.mlflow.experiment, tracking_uri=uri, resumed=resumed,
-                       checkpoint=ckpt, run_dir=str(run_dir), metrics=_plain(result.metrics or {}),
-                       wall_s=round(time.perf_counter() - start, 1), mlflow_model=model.get("mlflow_model"),
-                       registered_model=model.get("registered_model"),
-                       sample_grid=f"runs:/{run_id}/samples" if manifest.data.is_image else None)
+    return TrainResult(
+        run_id=run_id,
+        experiment=cfg.mlflow.experiment,
+        tracking_uri=uri,
+        resumed=resumed,
+        checkpoint=ckpt,
+        run_dir=str(run_dir),
+        metrics=_plain(result.metrics or {}),
+        wall_s=round(time.perf_counter() - start, 1),
+        mlflow_model=model.get("mlflow_model"),
+        registered_model=model.get("registered_model"),
+        sample_grid=f"runs:/{run_id}/samples" if manifest.data.is_image else None,
+    )
 
 
 def _kept(run_dir: str, run_id: str, status: str = "KILLED") -> str:
@@ -243,12 +307,20 @@ def _open_run(cfg: Config, uri: str, tags: dict, meta: CheckpointMeta | None, ex
 
 def _finished_result(cfg: Config, uri: str, root: str, run_dir: str, previous, run, is_image: bool) -> TrainResult:
     """`run_training`'s result for a run that had already finished, read from Ray's record and the MLflow run."""
-    return TrainResult(run_id=run.info.run_id, experiment=cfg.mlflow.experiment, tracking_uri=uri, resumed=True,
-                       checkpoint=storage.location_of(root, previous.checkpoint.path), run_dir=str(run_dir),
-                       metrics=_plain({k: v for k, v in (previous.metrics or {}).items() if k != WINDOWS}),
-                       wall_s=0.0, mlflow_model=run.data.tags.get("flowray.mlflow_model"),
-                       registered_model=run.data.tags.get("flowray.registered_model"), already_finished=True,
-                       sample_grid=f"runs:/{run.info.run_id}/samples" if is_image else None)
+    return TrainResult(
+        run_id=run.info.run_id,
+        experiment=cfg.mlflow.experiment,
+        tracking_uri=uri,
+        resumed=True,
+        checkpoint=storage.location_of(root, previous.checkpoint.path),
+        run_dir=str(run_dir),
+        metrics=_plain({k: v for k, v in (previous.metrics or {}).items() if k != WINDOWS}),
+        wall_s=0.0,
+        mlflow_model=run.data.tags.get("flowray.mlflow_model"),
+        registered_model=run.data.tags.get("flowray.registered_model"),
+        already_finished=True,
+        sample_grid=f"runs:/{run.info.run_id}/samples" if is_image else None,
+    )
 
 
 def _pair_tasks(cfg: Config) -> int:
@@ -270,5 +342,8 @@ def _resources(cfg: Config) -> dict:
 
 
 def _plain(d: dict) -> dict:
-    return {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in d.items()
-            if isinstance(v, (int, float, str, np.floating))}
+    return {
+        k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
+        for k, v in d.items()
+        if isinstance(v, (int, float, str, np.floating))
+    }

@@ -53,8 +53,14 @@ class CheckpointedMetrics(UserCallback):
         if self.drain_s and step != self.steps:
             self._logger.drain(self.drain_s)
         if step == self.steps:
-            self._logger.metrics({"final_step": step, "tracking_lost_points": self._logger.lost_points,
-                                  "tracking_failures": self._logger.failures}, step)
+            self._logger.metrics(
+                {
+                    "final_step": step,
+                    "tracking_lost_points": self._logger.lost_points,
+                    "tracking_failures": self._logger.failures,
+                },
+                step,
+            )
             self._logger.close(self.flush_timeout_s)
             self._logger = None
 
@@ -65,8 +71,11 @@ def replay_windows(uri: str, run_id: str, previous, timeout: float = 60.0, after
     finished one holds only its own). Returns how many windows are sent or already there."""
     windows = []
     for _, metrics in previous.best_checkpoints:
-        windows += [(int(step), values, *when) for step, values, *when in (metrics or {}).get(WINDOWS, [])
-                    if int(step) > after_step]
+        windows += [
+            (int(step), values, *when)
+            for step, values, *when in (metrics or {}).get(WINDOWS, [])
+            if int(step) > after_step
+        ]
     if windows:
         logger = SafeLogger(uri, run_id)
         logger.replay(sorted(windows, key=lambda w: w[0]))

@@ -42,34 +42,45 @@ class Rebuilt:
     fit_error: float  # ||sum x_i p_i - p|| / ||p|| (fm.ema.profile_fit_error)
 
     def to_dict(self) -> dict:
-        return {"sigma_rel": self.sigma_rel, "gamma": self.gamma, "step": self.step, "checkpoint": self.checkpoint,
-                "snapshots": self.snapshots, "fit_error": self.fit_error}
+        return {
+            "sigma_rel": self.sigma_rel,
+            "gamma": self.gamma,
+            "step": self.step,
+            "checkpoint": self.checkpoint,
+            "snapshots": self.snapshots,
+            "fit_error": self.fit_error,
+        }
 
 
 def snapshots(run_dir: str) -> list[Snapshot]:
     """The run's snapshots in step order; ConfigError when it has none, naming where they were looked for."""
     folder = storage.join(run_dir, EMA_SNAPSHOTS)
     if not storage.exists(run_dir, "--run"):
-        raise ConfigError(f"--run: {run_dir} does not exist (a training run's folder: train.storage_path/"
-                          "train.run_name)")
+        raise ConfigError(
+            f"--run: {run_dir} does not exist (a training run's folder: train.storage_path/train.run_name)"
+        )
     found = []
     for location in storage.list_files(folder, key="--run") if storage.exists(folder, "--run") else []:
         match = _SNAPSHOT.fullmatch(storage.name(location))
         if match:
             found.append(Snapshot(int(match.group(1)), location))
     if not found:
-        raise ConfigError(f"--run: no post-hoc EMA snapshots in {folder}; train the run with "
-                          "train.ema_snapshot_every > 0 (and optim.ema_sigma_rels) to keep them")
+        raise ConfigError(
+            f"--run: no post-hoc EMA snapshots in {folder}; train the run with "
+            "train.ema_snapshot_every > 0 (and optim.ema_sigma_rels) to keep them"
+        )
     return sorted(found, key=lambda s: s.step)
 
 
 def _load(snapshot: Snapshot) -> dict:
     try:
-        return torch.load(io.BytesIO(storage.read_bytes(snapshot.location, "--run")), map_location="cpu",
-                          weights_only=True)
+        return torch.load(
+            io.BytesIO(storage.read_bytes(snapshot.location, "--run")), map_location="cpu", weights_only=True
+        )
     except Exception as err:  # pickle refusals and truncated files alike: name the file
-        raise CheckpointError(f"{snapshot.location}: not a readable post-hoc EMA snapshot "
-                              f"({str(err).splitlines()[0][:200]})") from None
+        raise CheckpointError(
+            f"{snapshot.location}: not a readable post-hoc EMA snapshot ({str(err).splitlines()[0][:200]})"
+        ) from None
 
 
 def rebuild(run_dir: str, sigma_rels: list[float], step: int | None = None, out: str | None = None) -> list[Rebuilt]:
@@ -83,8 +94,10 @@ def rebuild(run_dir: str, sigma_rels: list[float], step: int | None = None, out:
     step = found[-1].step if step is None else step
     used = [s for s in found if s.step <= step]
     if step < 1 or not used:
-        raise ConfigError(f"--step: {step} is before the run's first snapshot (step {found[0].step}); snapshots "
-                          f"span steps {found[0].step} to {found[-1].step}")
+        raise ConfigError(
+            f"--step: {step} is before the run's first snapshot (step {found[0].step}); snapshots "
+            f"span steps {found[0].step} to {found[-1].step}"
+        )
     out = out or storage.join(run_dir, "posthoc_ema")
     storage.check_writable(out, "--out")
     first = _load(used[-1])  # the profiles and the model's description, from the last snapshot used
@@ -98,8 +111,10 @@ def rebuild(run_dir: str, sigma_rels: list[float], step: int | None = None, out:
         for snap in used:
             data = first if snap is used[-1] else _load(snap)
             if [float(v) for v in data["sigma_rels"]] != profiles or int(data["step"]) != snap.step:
-                raise CheckpointError(f"{snap.location}: holds profiles {data['sigma_rels']} at step {data['step']}, "
-                                      f"where the run's others hold {profiles}: snapshots of two runs are mixed")
+                raise CheckpointError(
+                    f"{snap.location}: holds profiles {data['sigma_rels']} at step {data['step']}, "
+                    f"where the run's others hold {profiles}: snapshots of two runs are mixed"
+                )
             yield from data["modules"]
 
     weights = combine_states(states(), x)  # x [S, T]: T state dicts
@@ -109,17 +124,29 @@ def rebuild(run_dir: str, sigma_rels: list[float], step: int | None = None, out:
     for k, (sigma_rel, gamma) in enumerate(zip(sigma_rels, targets, strict=True)):
         fit = profile_fit_error(ts, gammas, x[:, k], step, gamma)
         folder = storage.join(out, f"sigma_rel_{sigma_rel:.4f}-step_{step:08d}")
-        _write(folder, weights[k], replace(meta, step=step, posthoc_ema={
-            "sigma_rel": sigma_rel, "gamma": gamma, "profiles": profiles, "snapshot_steps": [s.step for s in used],
-            "fit_error": fit, "run_dir": run_dir}))
+        _write(
+            folder,
+            weights[k],
+            replace(
+                meta,
+                step=step,
+                posthoc_ema={
+                    "sigma_rel": sigma_rel,
+                    "gamma": gamma,
+                    "profiles": profiles,
+                    "snapshot_steps": [s.step for s in used],
+                    "fit_error": fit,
+                    "run_dir": run_dir,
+                },
+            ),
+        )
         results.append(Rebuilt(sigma_rel, gamma, step, folder, len(used), fit))
     return results
 
 
 def _write(folder: str, weights: dict, meta: CheckpointMeta) -> None:
     """A checkpoint folder the batch jobs load: the weights as its EMA (and its model), meta.json last."""
-    for name, state in (("ema", {"module": weights, "num_updates": meta.step, "decay": 0.0}),
-                        ("model", weights)):
+    for name, state in (("ema", {"module": weights, "num_updates": meta.step, "decay": 0.0}), ("model", weights)):
         buf = io.BytesIO()
         torch.save(state, buf)
         storage.write_bytes(storage.join(folder, f"{name}.pt"), buf.getvalue(), "--out")
@@ -133,7 +160,7 @@ def run_folder(spec: str, uri: str) -> str:
         return storage.check_location(spec, "--run")
     from mlflow.tracking import MlflowClient
 
-    run_id = storage.check_name(spec[len("runs:/"):].strip("/"), "--run (run id)")
+    run_id = storage.check_name(spec[len("runs:/") :].strip("/"), "--run (run id)")
     try:
         run = MlflowClient(uri).get_run(run_id)
     except Exception as err:

@@ -49,14 +49,18 @@ def differences(cfg: Config, data: DataSpec, meta: CheckpointMeta) -> list[str]:
         if name in saved_data and _plain(old) != _plain(new):
             out.append(f"the data's {name} was {old!r}, now {new!r}")
     if _profiles(saved) != _profiles(now):
-        out.append(f"its post-hoc EMA profiles (optim.ema_sigma_rels with train.ema_snapshot_every > 0) were "
-                   f"{_profiles(saved)}, now {_profiles(now)}: they average the run from its first step, so a run "
-                   "keeps them or not, and the same ones, throughout")
+        out.append(
+            f"its post-hoc EMA profiles (optim.ema_sigma_rels with train.ema_snapshot_every > 0) were "
+            f"{_profiles(saved)}, now {_profiles(now)}: they average the run from its first step, so a run "
+            "keeps them or not, and the same ones, throughout"
+        )
     seeding = meta.seeding
     if seeding != SEEDING_VERSION:
-        out.append(f"its noise, pairing and dropout streams were seeded by version {seeding} (the low 32 bits of "
-                   f"each seed), this version seeds by version {SEEDING_VERSION} (all 63 bits), and one run does not "
-                   "mix the two")
+        out.append(
+            f"its noise, pairing and dropout streams were seeded by version {seeding} (the low 32 bits of "
+            f"each seed), this version seeds by version {SEEDING_VERSION} (all 63 bits), and one run does not "
+            "mix the two"
+        )
     return out
 
 
@@ -75,7 +79,8 @@ def check_resumable(cfg: Config, data: DataSpec, meta: CheckpointMeta, run_dir: 
             f"train.run_name={cfg.train.run_name!r} already has a checkpoint at step {meta.step} in "
             f"{run_dir}, trained with another config, and cannot resume with this one: {'; '.join(diffs)}. "
             f"Set train.run_name to a new name to start a new run, or remove {run_dir} to train this name again "
-            "from step 0 (what may change on resume: README, 'Resuming a run')")
+            "from step 0 (what may change on resume: README, 'Resuming a run')"
+        )
 
 
 def _plain(value: Any) -> Any:

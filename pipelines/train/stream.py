@@ -127,11 +127,27 @@ def stream_spec(cfg, manifest, model_kwargs: dict, tasks: int, resume: Checkpoin
     continues from, whose stream position it continues (`resume_position`)."""
     split, data = cfg.data.split, manifest.data
     files = tuple(manifest.shard_paths(split))
-    spec = StreamSpec(files, group_rows(files), tuple(data.shape), data.kind, cfg.train.batch_size,
-                      cfg.ray.num_workers, cfg.train.steps, cfg.train.seed, cfg.data.hflip,
-                      method_kwargs(cfg, data), model_kwargs.get("num_classes"), cfg.model.label_dropout,
-                      bool(data.times), cfg.ray.preprocess_cpus, tasks, cfg.ray.prefetch_batches,
-                      cfg.data.shuffle_window, data.pairs["seed"] if data.pairs else None, cfg.ray.stream_chunk_tasks)
+    spec = StreamSpec(
+        files,
+        group_rows(files),
+        tuple(data.shape),
+        data.kind,
+        cfg.train.batch_size,
+        cfg.ray.num_workers,
+        cfg.train.steps,
+        cfg.train.seed,
+        cfg.data.hflip,
+        method_kwargs(cfg, data),
+        model_kwargs.get("num_classes"),
+        cfg.model.label_dropout,
+        bool(data.times),
+        cfg.ray.preprocess_cpus,
+        tasks,
+        cfg.ray.prefetch_batches,
+        cfg.data.shuffle_window,
+        data.pairs["seed"] if data.pairs else None,
+        cfg.ray.stream_chunk_tasks,
+    )
     return spec if resume is None else resume_position(spec, resume)
 
 
@@ -258,13 +274,19 @@ class PairSteps:
         parts = spec.parts(self.rank)
         x_1, y = [], []
         for k, part in enumerate(parts):
-            x, lab = self.x_1(step, part, raw[k * b:(k + 1) * b]), torch.from_numpy(labels[k * b:(k + 1) * b].copy())
+            x, lab = (
+                self.x_1(step, part, raw[k * b : (k + 1) * b]),
+                torch.from_numpy(labels[k * b : (k + 1) * b].copy()),
+            )
             x_1.append(x)
             if spec.keep_labels:
                 y.append(lab)
             elif spec.num_classes is not None:
-                y.append(drop_labels(lab, spec.num_classes, spec.label_dropout,
-                                     generator(spec.seed, part, step, LABEL_STREAM)))
+                y.append(
+                    drop_labels(
+                        lab, spec.num_classes, spec.label_dropout, generator(spec.seed, part, step, LABEL_STREAM)
+                    )
+                )
         gens = [generator(spec.seed, part, step) for part in parts]
         if spec.pairs_seed is not None:
             x_0 = sample_noise(spec.pairs_seed, sample_ids, x_1[0].shape[1:])
@@ -328,9 +350,13 @@ def build_stream(spec: StreamSpec, rank: int, first_step: int, end: int):
     # Ray sizes the blocks of step ids; a task pairs `steps_per_task` of them (Ray's stubs type a batch function of
     # one argument: fn_kwargs gives pair_steps the others)
     return ray.data.range(end - first_step).map_batches(
-        pair_steps, fn_kwargs={"spec": spec, "rank": rank, "first_step": first_step},  # type: ignore[arg-type]
-        batch_size=steps_per_task(spec, rank), batch_format="numpy", num_cpus=spec.cpus,
-        compute=TaskPoolStrategy(size=spec.tasks))
+        pair_steps,  # type: ignore[arg-type]
+        fn_kwargs={"spec": spec, "rank": rank, "first_step": first_step},
+        batch_size=steps_per_task(spec, rank),
+        batch_format="numpy",
+        num_cpus=spec.cpus,
+        compute=TaskPoolStrategy(size=spec.tasks),
+    )
 
 
 def iter_pairs(spec: StreamSpec, rank: int, first_step: int, device: torch.device):
@@ -339,8 +365,16 @@ def iter_pairs(spec: StreamSpec, rank: int, first_step: int, device: torch.devic
         g = torch.Generator()
         g.set_state(torch.tensor(rec["state"][0]))  # copies: Ray Data's arrays are read-only
         y = torch.tensor(rec["y"][0], device=device) if "y" in rec else None
-        yield int(rec["step"][0]), Pairs(torch.tensor(rec["x_0"][0], device=device),
-                                         torch.tensor(rec["x_1"][0], device=device), y, g, float(rec["solve_s"][0]))
+        yield (
+            int(rec["step"][0]),
+            Pairs(
+                torch.tensor(rec["x_0"][0], device=device),
+                torch.tensor(rec["x_1"][0], device=device),
+                y,
+                g,
+                float(rec["solve_s"][0]),
+            ),
+        )
 
 
 def _records(spec: StreamSpec, rank: int, first_step: int):

@@ -53,8 +53,9 @@ def validation_set(manifest: Manifest, split: str, rows: int, labels: str) -> Va
 
 
 @torch.no_grad()
-def validation_loss(method: FlowMethod, model: torch.nn.Module, vset: ValidationSet, device: torch.device,
-                    batch_size: int = 256) -> float:
+def validation_loss(
+    method: FlowMethod, model: torch.nn.Module, vset: ValidationSet, device: torch.device, batch_size: int = 256
+) -> float:
     """The mean per-sample loss of `model` on the set, every draw from the one fixed generator (batch by batch in
     order, so the value does not depend on the device's memory)."""
     g = generator(VALIDATION_SEED)
@@ -63,13 +64,13 @@ def validation_loss(method: FlowMethod, model: torch.nn.Module, vset: Validation
     model.eval()
     try:
         for start in range(0, n, batch_size):
-            x_1 = vset.x_1[start:start + batch_size]
-            y = None if vset.y is None else vset.y[start:start + batch_size]
+            x_1 = vset.x_1[start : start + batch_size]
+            y = None if vset.y is None else vset.y[start : start + batch_size]
             # the draws on the CPU generator, the model on the device: the same value on any device
             if vset.x_0 is None:
                 x_0, x_1, y = method.pair(x_1, y, g)
             else:
-                x_0, x_1, y = method.coupling(vset.x_0[start:start + batch_size], x_1, y, g)
+                x_0, x_1, y = method.coupling(vset.x_0[start : start + batch_size], x_1, y, g)
             loss = method.loss_on_pairs(_Remote(model, device), x_0, x_1, y, g)
             total += float(loss.double().sum())
     finally:

@@ -97,8 +97,10 @@ class WorkerState:
         self.nonfinite_run += 1
         self.nonfinite_total += 1
         if self.nonfinite_run >= limit:
-            raise TrainingError(f"{self.nonfinite_run} non-finite losses in a row at step {self.step + 1} "
-                                f"(train.max_nonfinite={limit}); lower optim.lr or check data")
+            raise TrainingError(
+                f"{self.nonfinite_run} non-finite losses in a row at step {self.step + 1} "
+                f"(train.max_nonfinite={limit}); lower optim.lr or check data"
+            )
 
 
 class MetricWindow:
@@ -114,11 +116,15 @@ class MetricWindow:
 
     def metrics(self, images_per_step: int, lr: float, nonfinite_total: int) -> dict:
         finite = [v for v in self.losses if np.isfinite(v)]
-        return {"loss": float(np.mean(finite)) if finite else float("nan"),
-                "grad_norm": float(np.nanmean(self.grad_norms)) if finite else float("nan"), "lr": lr,
-                "images_per_s": self.n * images_per_step / max(self.total, 1e-9),
-                "data_wait_fraction": self.wait / max(self.total, 1e-9), "ot_solve_s": self.ot / max(self.n, 1),
-                "nonfinite_total": nonfinite_total}
+        return {
+            "loss": float(np.mean(finite)) if finite else float("nan"),
+            "grad_norm": float(np.nanmean(self.grad_norms)) if finite else float("nan"),
+            "lr": lr,
+            "images_per_s": self.n * images_per_step / max(self.total, 1e-9),
+            "data_wait_fraction": self.wait / max(self.total, 1e-9),
+            "ot_solve_s": self.ot / max(self.n, 1),
+            "nonfinite_total": nonfinite_total,
+        }
 
 
 @dataclass
@@ -140,8 +146,7 @@ class StepTimers:
             self.wait_total, self.time_total = self.wait_total + wait, self.time_total + total
 
     def run_metrics(self) -> dict[str, float]:
-        return {"data_wait_fraction_run": self.wait_total / max(self.time_total, 1e-9),
-                "data_startup_s": self.startup}
+        return {"data_wait_fraction_run": self.wait_total / max(self.time_total, 1e-9), "data_startup_s": self.startup}
 
     def seconds_per_step(self, step: int) -> float:
         return (time.perf_counter() - self.started) / (step - self.start_step)
@@ -158,8 +163,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     quick_http_failures()  # before any MLflow client of this process: a tracking outage fails fast here
     ctx = ray.train.get_context()
     one_node = ctx.get_local_world_size() == ctx.get_world_size()
-    with system_metrics(job.tracking_uri, job.run_id, job.config.mlflow.system_metrics and ctx.get_local_rank() == 0,
-                        None if one_node else f"node{ctx.get_node_rank()}"):
+    with system_metrics(
+        job.tracking_uri,
+        job.run_id,
+        job.config.mlflow.system_metrics and ctx.get_local_rank() == 0,
+        None if one_node else f"node{ctx.get_node_rank()}",
+    ):
         use_cpu_share(job.config.ray.cpus_per_worker)
         TrainWorker(job).run()
 
@@ -195,8 +204,12 @@ class TrainWorker:
                 self.update_averages()
             state.step += 1
             # Save the post-hoc EMA snapshot
-            if state.power_ema is not None and t.ema_snapshot_every and state.step % t.ema_snapshot_every == 0 \
-                    and state.rank == 0:
+            if (
+                state.power_ema is not None
+                and t.ema_snapshot_every
+                and state.step % t.ema_snapshot_every == 0
+                and state.rank == 0
+            ):
                 self.save_ema_snapshot(state.power_ema)
             # Time the step
             t_total = time.perf_counter() - t_start
@@ -220,15 +233,30 @@ class TrainWorker:
         """One optimizer step on the step's pairs: its learning rate, its dropout seed, forward, backward, update."""
         cfg, state = self.cfg, self.state
         for group in state.optimizer.param_groups:
-            group["lr"] = lr_at(state.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule,
-                                cfg.optim.decay_steps or cfg.train.steps, cfg.optim.min_lr, cfg.optim.power)
+            group["lr"] = lr_at(
+                state.step,
+                cfg.optim.lr,
+                cfg.optim.warmup_steps,
+                cfg.optim.schedule,
+                cfg.optim.decay_steps or cfg.train.steps,
+                cfg.optim.min_lr,
+                cfg.optim.power,
+            )
         # dropout (the only draw of the global generator) from this rank and step alone: masks differ across ranks
         # and a restarted run draws the masks the uninterrupted one did
         seed_default_generator(derive_seed(cfg.train.seed, state.rank, state.step, DROPOUT_STREAM))
         if cfg.train.channels_last:
             pairs = _channels_last(pairs)
-        return train_step(state.ddp_model, state.method, state.optimizer, pairs.x_1, grad_clip=cfg.optim.grad_clip,
-                          autocast_dtype=state.autocast_dtype, pairs=pairs, scaler=state.scaler)
+        return train_step(
+            state.ddp_model,
+            state.method,
+            state.optimizer,
+            pairs.x_1,
+            grad_clip=cfg.optim.grad_clip,
+            autocast_dtype=state.autocast_dtype,
+            pairs=pairs,
+            scaler=state.scaler,
+        )
 
     def update_averages(self) -> None:
         """The EMA of the weights, and the post-hoc EMA profiles where this rank keeps them."""
@@ -240,8 +268,9 @@ class TrainWorker:
         """The window's metrics become the last metrics (every rank); rank 0 prints a progress line and queues them
         for the next checkpoint's report (`report`), which sends them to MLflow."""
         t, state = self.cfg.train, self.state
-        state.last_metrics = self.window.metrics(t.batch_size * state.world, state.optimizer.param_groups[0]["lr"],
-                                                 state.nonfinite_total)
+        state.last_metrics = self.window.metrics(
+            t.batch_size * state.world, state.optimizer.param_groups[0]["lr"], state.nonfinite_total
+        )
         state.last_metrics.update(self.timers.run_metrics())  # over every step of this attempt after the first
         self.window = MetricWindow()
         if self.logger is None:
@@ -249,8 +278,11 @@ class TrainWorker:
         m = state.last_metrics
         state.pending.append((state.step, dict(m), now_ms()))
         eta = self.timers.seconds_per_step(state.step) * (t.steps - state.step)
-        print(f"step {state.step}/{t.steps}  loss {m['loss']:.4f}  {m['images_per_s']:.0f} images/s  data wait "
-              f"{100 * m['data_wait_fraction']:.1f}%  ETA {_duration(eta)}", flush=True)
+        print(
+            f"step {state.step}/{t.steps}  loss {m['loss']:.4f}  {m['images_per_s']:.0f} images/s  data wait "
+            f"{100 * m['data_wait_fraction']:.1f}%  ETA {_duration(eta)}",
+            flush=True,
+        )
 
     def report(self) -> None:
         """Every rank reports the same number of times; rank 0 attaches the checkpoint and the logging windows it
@@ -274,11 +306,22 @@ class TrainWorker:
     def save(self, directory: str) -> None:
         """The checkpoint folder: weights, EMA, optimizer (and scaler, profiles), meta.json."""
         job, state = self.job, self.state
-        save_checkpoint(directory, step=state.step, model=state.model, ema_state=state.ema.state_dict(),
-                        optimizer=state.optimizer, scaler=state.scaler, model_name=job.config.model.name,
-                        model_kwargs=job.model_kwargs, method_kwargs=method_kwargs(job.config, job.data),
-                        config=job.config.to_dict(), mlflow_run_id=job.run_id, manifest=job.data.to_dict(),
-                        nonfinite_total=state.nonfinite_total, stream=stream_record(job.stream, state.step))
+        save_checkpoint(
+            directory,
+            step=state.step,
+            model=state.model,
+            ema_state=state.ema.state_dict(),
+            optimizer=state.optimizer,
+            scaler=state.scaler,
+            model_name=job.config.model.name,
+            model_kwargs=job.model_kwargs,
+            method_kwargs=method_kwargs(job.config, job.data),
+            config=job.config.to_dict(),
+            mlflow_run_id=job.run_id,
+            manifest=job.data.to_dict(),
+            nonfinite_total=state.nonfinite_total,
+            stream=stream_record(job.stream, state.step),
+        )
         if state.power_ema is not None:
             torch.save(state.power_ema.state_dict(), Path(directory) / "power_ema.pt")
 
@@ -290,14 +333,30 @@ class TrainWorker:
         import json
 
         job, state = self.job, self.state
-        meta = checkpoint_meta(state.step, job.config.model.name, job.model_kwargs,
-                               method_kwargs(job.config, job.data), job.config.to_dict(), mlflow_run_id=job.run_id,
-                               manifest=job.data.to_dict(), nonfinite_total=state.nonfinite_total)
+        meta = checkpoint_meta(
+            state.step,
+            job.config.model.name,
+            job.model_kwargs,
+            method_kwargs(job.config, job.data),
+            job.config.to_dict(),
+            mlflow_run_id=job.run_id,
+            manifest=job.data.to_dict(),
+            nonfinite_total=state.nonfinite_total,
+        )
         buf = io.BytesIO()
-        torch.save({"step": state.step, "sigma_rels": list(p.sigma_rels), "gammas": list(p.gammas),
-                    "modules": [m.state_dict() for m in p.modules], "meta": json.dumps(meta.to_dict())}, buf)
-        storage.write_bytes(storage.join(job.run_dir, EMA_SNAPSHOTS, f"step_{state.step:08d}.pt"), buf.getvalue(),
-                            "train.storage_path")
+        torch.save(
+            {
+                "step": state.step,
+                "sigma_rels": list(p.sigma_rels),
+                "gammas": list(p.gammas),
+                "modules": [m.state_dict() for m in p.modules],
+                "meta": json.dumps(meta.to_dict()),
+            },
+            buf,
+        )
+        storage.write_bytes(
+            storage.join(job.run_dir, EMA_SNAPSHOTS, f"step_{state.step:08d}.pt"), buf.getvalue(), "train.storage_path"
+        )
 
     def log_grid(self, logger: SafeLogger) -> None:
         """Sample a grid with the EMA model (Euler, or jumps for MeanFlow; fixed noise) and log it as
@@ -311,8 +370,9 @@ class TrainWorker:
         num_classes = job.model_kwargs.get("num_classes")
         y = torch.arange(t.grid_size, device=state.device) % num_classes if num_classes else None
         with torch.no_grad():
-            x = state.method.sample(state.method.velocity(state.ema.module, y), x_0, _grid_solver(job),
-                                    t.grid_steps).x_1
+            x = state.method.sample(
+                state.method.velocity(state.ema.module, y), x_0, _grid_solver(job), t.grid_steps
+            ).x_1
         with tempfile.TemporaryDirectory() as tmp:
             logger.artifact(save_grid(to_uint8(x), Path(tmp) / f"step_{state.step:06d}.png"), "samples")
 
@@ -332,8 +392,11 @@ class TrainWorker:
         The stream pairs every step on CPU workers (Ray Data tasks); a reader thread (`fm.training.read_ahead`)
         keeps up to `data.buffer_batches` of them on the worker's device, so a hiccup of the stream is absorbed by
         the buffer."""
-        return read_ahead(iter_pairs(self.job.stream, self.state.rank, self.state.step, self.state.device),
-                          lambda item: item, self.cfg.data.buffer_batches)
+        return read_ahead(
+            iter_pairs(self.job.stream, self.state.rank, self.state.step, self.state.device),
+            lambda item: item,
+            self.cfg.data.buffer_batches,
+        )
 
     def _maybe_inject_fault(self) -> None:
         """Test hook: one worker raises once at train.fail_at_step (a marker file makes it once per run)."""
@@ -341,8 +404,9 @@ class TrainWorker:
         if t.fail_at_step != state.step + 1 or state.rank != t.fail_rank:
             return
         if not storage.exists(self.job.fault_marker):
-            storage.write_text(self.job.fault_marker,
-                               f"injected failure at step {state.step + 1} on rank {state.rank}\n")
+            storage.write_text(
+                self.job.fault_marker, f"injected failure at step {state.step + 1} on rank {state.rank}\n"
+            )
             raise RuntimeError(f"injected failure (train.fail_at_step={state.step + 1}) on rank {state.rank}")
 
 
@@ -385,19 +449,22 @@ def _build_state(job: TrainJob) -> WorkerState:
     ddp_model = ray.train.torch.prepare_model(model)
     if cfg.train.compile:
         ddp_model = cast(nn.Module, torch.compile(ddp_model))  # after DDP, as torch's DDP + compile guide does
-    return WorkerState(model, ddp_model, method, optimizer, ema, device, ctx.get_world_rank(), ctx.get_world_size(),
-                       step, nonfinite_total=nonfinite_total, last_metrics={"step": step}, autocast_dtype=dtype,
-                       scaler=scaler, power_ema=power_ema)
-
-
-
-
-
-
-
-
-
-
+    return WorkerState(
+        model,
+        ddp_model,
+        method,
+        optimizer,
+        ema,
+        device,
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        step,
+        nonfinite_total=nonfinite_total,
+        last_metrics={"step": step},
+        autocast_dtype=dtype,
+        scaler=scaler,
+        power_ema=power_ema,
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -405,20 +472,16 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{s:02d}s" if minutes else f"{s}s"
 
 
-
-
 def _channels_last(pairs):
     """The step's image batches in NHWC memory order (the values and shapes are unchanged)."""
-    return dataclasses.replace(pairs, x_0=pairs.x_0.contiguous(memory_format=torch.channels_last),
-                               x_1=pairs.x_1.contiguous(memory_format=torch.channels_last))
-
-
-
-
+    return dataclasses.replace(
+        pairs,
+        x_0=pairs.x_0.contiguous(memory_format=torch.channels_last),
+        x_1=pairs.x_1.contiguous(memory_format=torch.channels_last),
+    )
 
 
 def _grid_solver(job: TrainJob) -> str:
     """The sample grid's solver: Euler for a velocity field, jumps for MeanFlow's average velocity."""
     preset = METHODS[job.config.method.name]
     return "euler" if preset.velocity_field else preset.fixed_step_solvers[0]
-

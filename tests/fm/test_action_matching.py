@@ -34,8 +34,10 @@ def test_snapshot_pairs_join_consecutive_snapshots():
     assert len(a) == 4 * 40 and sorted(seg.unique().tolist()) == [0, 1, 2, 3]
     # each a is a row of snapshot seg, each b a row of snapshot seg + 1
     rows = {tuple(r.tolist()): int(i) for r, i in zip(x, k, strict=True)}
-    assert all(rows[tuple(p.tolist())] == s and rows[tuple(q.tolist())] == s + 1
-               for p, q, s in zip(a, b, seg.tolist(), strict=True))
+    assert all(
+        rows[tuple(p.tolist())] == s and rows[tuple(q.tolist())] == s + 1
+        for p, q, s in zip(a, b, seg.tolist(), strict=True)
+    )
     with pytest.raises(ValueError, match=r"snapshot indices must lie in 0..4; got 0..5"):
         snapshot_pairs(x, torch.cat([k[:-1], torch.tensor([5])]), 5)
     with pytest.raises(ValueError, match="no pair of consecutive snapshots"):

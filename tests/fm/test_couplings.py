@@ -91,8 +91,9 @@ def test_sinkhorn_log_converges_to_pots_plan(reg, dim, tol):
     cost = squared_cost(x_0, x_1)
     assert ((cost.max() - cost.min()) / reg < _KERNEL_RANGE) == (dim == 2)
     log_plan, iterations, err = sinkhorn_log(cost, reg, tol=tol, max_iter=20_000)
-    pot = ot.sinkhorn(ot.unif(128), ot.unif(128), cost.numpy(), reg=reg, method="sinkhorn_log", stopThr=tol / 100,
-                      numItermax=100_000)
+    pot = ot.sinkhorn(
+        ot.unif(128), ot.unif(128), cost.numpy(), reg=reg, method="sinkhorn_log", stopThr=tol / 100, numItermax=100_000
+    )
     plan = log_plan.exp()
     assert err < tol and iterations < 20_000
     # the plan's entries are about 1/128^2 = 6e-5; a marginal error tol moves them by at most about tol

@@ -89,7 +89,7 @@ def test_our_fid_equals_fid_helper_pytorchs_on_the_same_images():
 def test_fid_is_zero_on_itself_symmetric_and_ranks_real_above_noisy():
     net = load_inception()
     real = _photo_patches(80, 64, seed=0)
-    noisy = (real.float() + 60 * torch.randn(real.shape, generator=torch.Generator().manual_seed(1)))
+    noisy = real.float() + 60 * torch.randn(real.shape, generator=torch.Generator().manual_seed(1))
     noisy = noisy.clamp(0, 255).round().to(torch.uint8)
     f_real = inception_features(net, real, batch_size=20)
     f_noisy = inception_features(net, noisy[:40], batch_size=20)

@@ -28,8 +28,7 @@ def _worker(rank, world, port, x_0, x_1, y, out):
     import threading
 
     group, ahead = dist.new_group(backend="gloo"), {}
-    thread = threading.Thread(target=lambda: ahead.update(
-        pairs=GlobalOTCoupling(group)(x_0[sl], x_1[sl], y[sl])))
+    thread = threading.Thread(target=lambda: ahead.update(pairs=GlobalOTCoupling(group)(x_0[sl], x_1[sl], y[sl])))
     thread.start()
     grads = [torch.full((1000,), float(rank)) for _ in range(20)]
     for grad in grads:

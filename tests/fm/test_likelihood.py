@@ -68,15 +68,25 @@ def test_bits_per_dim_of_a_known_density(gaussian_field):
     normal = torch.distributions.Normal(gaussian_field.mu, gaussian_field.std)
     lo, hi = x_uint8 / 127.5 - 1, (x_uint8 + 1) / 127.5 - 1
     exact = -torch.log(normal.cdf(hi) - normal.cdf(lo)).flatten(1).sum(1) / (d * math.log(2))
-    res = bits_per_dim(gaussian_field, x_uint8, draws=64, generator=torch.Generator().manual_seed(0),
-                       settings=LikelihoodSettings(atol=1e-8, rtol=1e-8))
+    res = bits_per_dim(
+        gaussian_field,
+        x_uint8,
+        draws=64,
+        generator=torch.Generator().manual_seed(0),
+        settings=LikelihoodSettings(atol=1e-8, rtol=1e-8),
+    )
     assert res.bpd.shape == (8,) and res.draws == 64 and res.nfe > 0
     torch.testing.assert_close(res.bpd, exact, atol=2e-3, rtol=0)
     assert res.mean == pytest.approx(res.bpd.mean().item())
     assert res.stderr == pytest.approx(res.bpd.std().item() / math.sqrt(8))
     # one draw is a variational bound: on average it is above the exact value
-    one = bits_per_dim(gaussian_field, x_uint8, draws=1, generator=torch.Generator().manual_seed(1),
-                       settings=LikelihoodSettings(atol=1e-8, rtol=1e-8))
+    one = bits_per_dim(
+        gaussian_field,
+        x_uint8,
+        draws=1,
+        generator=torch.Generator().manual_seed(1),
+        settings=LikelihoodSettings(atol=1e-8, rtol=1e-8),
+    )
     assert one.mean > exact.mean().item()
 
 
@@ -101,17 +111,20 @@ def test_several_dequantization_draws_need_the_exact_divergence(gaussian_field):
     from pipelines.batch.config import EvalConfig, validate_eval_config
     from pipelines.core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="eval.draws: 4 is not allowed; K > 1 dequantization draws need "
-                                          "eval.divergence=exact"):
+    with pytest.raises(
+        ConfigError, match="eval.draws: 4 is not allowed; K > 1 dequantization draws need eval.divergence=exact"
+    ):
         validate_eval_config(EvalConfig(draws=4, divergence="hutchinson"))
     validate_eval_config(EvalConfig(draws=4, divergence="exact"))
     # the bias being refused: with one Gaussian probe, the log-mean-exp over draws of the same x exceeds the exact value
     settings = LikelihoodSettings("hutchinson", probe_kind="gaussian", atol=1e-7, rtol=1e-7)  # (Rademacher probes
     # are exact on this field's diagonal Jacobian)
-    exact = log_likelihood(gaussian_field, x[:1].repeat(256, 1, 1, 1) / 127.5 - 1,
-                           LikelihoodSettings(atol=1e-7, rtol=1e-7)).log_p[0]
-    noisy = log_likelihood(gaussian_field, x[:1].repeat(256, 1, 1, 1) / 127.5 - 1, settings,
-                           torch.Generator().manual_seed(0)).log_p
+    exact = log_likelihood(
+        gaussian_field, x[:1].repeat(256, 1, 1, 1) / 127.5 - 1, LikelihoodSettings(atol=1e-7, rtol=1e-7)
+    ).log_p[0]
+    noisy = log_likelihood(
+        gaussian_field, x[:1].repeat(256, 1, 1, 1) / 127.5 - 1, settings, torch.Generator().manual_seed(0)
+    ).log_p
     assert torch.logsumexp(noisy, 0) - math.log(256) > exact + 0.01
 
 

@@ -38,8 +38,7 @@ def test_exp_log_round_trip_and_geodesic(manifold):
     ahead, behind = manifold.geodesic(x, y, t + h)[0], manifold.geodesic(x, y, t - h)[0]
     torch.testing.assert_close(manifold.logmap(behind, ahead) / (2 * h), dx_t, atol=1e-5, rtol=0)
     torch.testing.assert_close(manifold.proju(x_t, dx_t), dx_t, atol=1e-9, rtol=0)
-    torch.testing.assert_close(manifold.geodesic(x, y, torch.ones(64, dtype=torch.float64))[0], y, atol=1e-6,
-                               rtol=0)
+    torch.testing.assert_close(manifold.geodesic(x, y, torch.ones(64, dtype=torch.float64))[0], y, atol=1e-6, rtol=0)
 
 
 def test_manifold_specs_and_volumes():
@@ -89,8 +88,9 @@ def test_likelihood_of_the_gradient_flow_on_the_sphere():
     torch.testing.assert_close(res.log_p, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(res.x_0[:, 2], z_0, atol=1e-6, rtol=0)
     # Hutchinson's estimate of the ambient trace is unbiased for the Riemannian divergence too: 64 probes a point
-    hutch = manifold_log_likelihood(fn, sphere, x_1, LikelihoodSettings("hutchinson", num_probes=64, atol=1e-7,
-                                                                        rtol=1e-7), G().manual_seed(0))
+    hutch = manifold_log_likelihood(
+        fn, sphere, x_1, LikelihoodSettings("hutchinson", num_probes=64, atol=1e-7, rtol=1e-7), G().manual_seed(0)
+    )
     assert (hutch.log_p - expected).mean().abs().item() < 0.05
     assert (hutch.log_p - expected).abs().max().item() < 0.5
     # a rotation keeps the uniform density uniform
@@ -181,8 +181,9 @@ def test_rfm_loss_is_zero_for_the_geodesic_velocity_and_positive_otherwise(manif
         def forward(self, x_t, t, y=None):
             return self.scale * manifold.logmap(x_t, x_1) / (1 - t)[:, None]
 
-    torch.testing.assert_close(rfm_loss(TowardX1(), manifold, x_0, x_1, t=t), torch.zeros(64, dtype=torch.float64),
-                               rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        rfm_loss(TowardX1(), manifold, x_0, x_1, t=t), torch.zeros(64, dtype=torch.float64), rtol=0, atol=1e-10
+    )
     # half the speed: the loss is the squared error (|dx_t| / 2)^2 averaged over coordinates, |dx_t| = d(x_0, x_1)
     want = (manifold.dist(x_0, x_1) / 2) ** 2 / x_0.shape[1]
     torch.testing.assert_close(rfm_loss(TowardX1(0.5), manifold, x_0, x_1, t=t), want, rtol=1e-8, atol=1e-10)
@@ -209,8 +210,9 @@ def test_a_method_samples_and_scores_in_its_own_space():
     flat = make_method("fm_ot")
     x = torch.randn(5, 2, dtype=torch.float64)
     field = lambda x, t: -x  # noqa: E731
-    torch.testing.assert_close(flat.sample(field, x, "euler", steps=10).x_1,
-                               ode_sample(field, x, "euler", steps=10, t_1=flat.t_max).x_1)
+    torch.testing.assert_close(
+        flat.sample(field, x, "euler", steps=10).x_1, ode_sample(field, x, "euler", steps=10, t_1=flat.t_max).x_1
+    )
     torch.testing.assert_close(flat.log_likelihood(field, x, settings).log_p, log_likelihood(field, x, settings).log_p)
     assert sphere.draws_noise and flat.draws_noise
     assert not make_method("am", times=[0.0, 0.5, 1.0]).draws_noise

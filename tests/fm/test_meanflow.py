@@ -31,7 +31,7 @@ class GaussianAverageVelocity(nn.Module):
     def forward(self, z, t, y=None, r=None):
         t, r = t[:, None], r[:, None]
         mean_t = t * MU
-        ds = (-(1 - t) + t * SIGMA ** 2) / _s(t)
+        ds = (-(1 - t) + t * SIGMA**2) / _s(t)
         v = MU + ds / _s(t) * (z - mean_t)
         gap = torch.where(r - t > 1e-9, r - t, torch.ones_like(t))
         jump = (r * MU + _s(r) / _s(t) * (z - mean_t) - z) / gap
@@ -102,7 +102,7 @@ def test_intervals_are_ordered_mixed_and_repeatable():
 def _w2_to_target(x: torch.Tensor) -> float:
     """W2 between the Gaussian fitted to samples [N, 2] and N(MU, SIGMA^2 I) (the Fréchet distance is W2^2)."""
     mean, cov = gaussian_stats(x.double())
-    return math.sqrt(max(frechet_distance(mean, cov, MU, SIGMA ** 2 * torch.eye(2, dtype=torch.float64)), 0.0))
+    return math.sqrt(max(frechet_distance(mean, cov, MU, SIGMA**2 * torch.eye(2, dtype=torch.float64)), 0.0))
 
 
 def test_one_step_lands_on_the_target_gaussian():
@@ -133,8 +133,11 @@ def test_what_it_is_not_is_refused_in_words():
 
     method = make_method("meanflow")
     model = MLP(2, 16, 1, two_times=True)
-    with pytest.raises(ValueError, match=r"samples in jumps of its average velocity \(solver 'jump' with steps 1, "
-                                         r"2, 4, \.\.\.\); 'dopri5' integrates a velocity field"):
+    with pytest.raises(
+        ValueError,
+        match=r"samples in jumps of its average velocity \(solver 'jump' with steps 1, "
+        r"2, 4, \.\.\.\); 'dopri5' integrates a velocity field",
+    ):
         method.sample(method.velocity(model), torch.zeros(2, 2), "dopri5")
     with pytest.raises(ValueError, match="not a velocity field, so it has no change of variables"):
         method.log_likelihood(method.velocity(model), torch.zeros(2, 2), LikelihoodSettings())

@@ -6,8 +6,17 @@ from fm.models import MLP, UNet, build_model
 
 
 def test_unet_shapes_and_conditioning():
-    model = UNet(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                 attention_resolutions=(4,), dropout=0.1, num_heads=2, num_classes=10).eval()
+    model = UNet(
+        image_size=8,
+        in_channels=1,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        dropout=0.1,
+        num_heads=2,
+        num_classes=10,
+    ).eval()
     x, t = torch.randn(3, 1, 8, 8), torch.rand(3)
     # zero-initialised output: a fresh model predicts 0; perturb so the class embedding matters
     torch.nn.init.normal_(model.out[-1].weight, std=0.1)
@@ -26,8 +35,14 @@ def test_unet_shapes_and_conditioning():
 
 
 def test_unet_cifar_size_and_grad():
-    model = UNet(image_size=32, in_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                 attention_resolutions=(16,))
+    model = UNet(
+        image_size=32,
+        in_channels=3,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(16,),
+    )
     x = torch.randn(2, 3, 32, 32)
     out = model(x, torch.rand(2))
     out.sum().backward()
@@ -36,8 +51,16 @@ def test_unet_cifar_size_and_grad():
 
 
 def test_build_model_from_json_like_kwargs():
-    model = build_model("unet", image_size=8, in_channels=1, model_channels=8, channel_mult=[1, 2],
-                        num_res_blocks=1, attention_resolutions=[4], num_heads=1)
+    model = build_model(
+        "unet",
+        image_size=8,
+        in_channels=1,
+        model_channels=8,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[4],
+        num_heads=1,
+    )
     assert isinstance(model, UNet)
     assert isinstance(build_model("mlp", dim=3), MLP)
     with pytest.raises(ValueError, match="unknown model .resnet.; allowed: mlp, unet, gaussian_ot"):
@@ -49,8 +72,15 @@ def test_build_model_from_json_like_kwargs():
 
 
 def test_bad_model_input():
-    model = UNet(image_size=8, in_channels=1, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                 attention_resolutions=(), num_classes=3)
+    model = UNet(
+        image_size=8,
+        in_channels=1,
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        num_classes=3,
+    )
     with pytest.raises(ValueError, match=r"UNet expects \[B, 1, 8, 8\]; got \(2, 3, 8, 8\)"):
         model(torch.randn(2, 3, 8, 8), torch.rand(2))
     with pytest.raises(ValueError, match=r"t must have shape \[B\] = \[2\]"):

@@ -115,8 +115,9 @@ def test_general_path_dx_t_by_forward_mode():
 
 
 def test_bad_input_errors():
-    with pytest.raises(ValueError, match="unknown path 'otp'; allowed: ot, vp, ve, cosine, polynomial, straight, "
-                                         "brownian"):
+    with pytest.raises(
+        ValueError, match="unknown path 'otp'; allowed: ot, vp, ve, cosine, polynomial, straight, brownian"
+    ):
         make_path("otp")
     path = AffinePath(CondOTScheduler())
     x = torch.randn(4, 2)

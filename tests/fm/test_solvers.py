@@ -79,8 +79,9 @@ def test_nfe_is_what_a_plain_torchdiffeq_solve_counts():
         return model(x, t.expand(x.shape[0]))
 
     with torch.no_grad():
-        ref = odeint(plain, x_0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="dopri5", atol=1e-5,
-                     rtol=1e-5)[-1]
+        ref = odeint(plain, x_0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="dopri5", atol=1e-5, rtol=1e-5)[
+            -1
+        ]
     res = ode_sample(model, x_0, "dopri5", atol=1e-5, rtol=1e-5)
     assert res.nfe == calls
     torch.testing.assert_close(res.x_1, ref, rtol=0, atol=0)

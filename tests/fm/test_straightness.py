@@ -33,11 +33,12 @@ def test_circular_arcs_match_the_closed_form(w):
     got = straightness(_rotation(w), x_0, steps=64)
     chord_sq = 2 * r2 * (1 - math.cos(w))
     assert torch.allclose(got.chord_sq, chord_sq / 2, rtol=1e-8)
-    assert torch.allclose(got.straightness, (w ** 2 * r2 - chord_sq) / 2, rtol=1e-3)  # the trapezoid rule's error
-    assert torch.allclose(got.chord_deviation, torch.full((32,), math.tan(w / 4) / 2, dtype=torch.float64),
-                          rtol=1e-3)  # the grid's nearest point to the arc's middle
+    assert torch.allclose(got.straightness, (w**2 * r2 - chord_sq) / 2, rtol=1e-3)  # the trapezoid rule's error
+    assert torch.allclose(
+        got.chord_deviation, torch.full((32,), math.tan(w / 4) / 2, dtype=torch.float64), rtol=1e-3
+    )  # the grid's nearest point to the arc's middle
     summary = got.summary()
-    assert summary["straightness_relative"] == pytest.approx((w ** 2 / (2 * (1 - math.cos(w)))) - 1, rel=1e-3)
+    assert summary["straightness_relative"] == pytest.approx((w**2 / (2 * (1 - math.cos(w)))) - 1, rel=1e-3)
 
 
 def test_the_same_paths_on_a_shorter_interval_score_the_same():

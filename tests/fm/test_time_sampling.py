@@ -10,8 +10,9 @@ from fm.losses import UNIFORM, TimeSampling, sample_time
 from fm.methods import make_method
 
 
-@pytest.mark.parametrize("sampling", [TimeSampling("logit_normal", 0.0, 1.0), TimeSampling("logit_normal", 0.5, 0.7),
-                                      UNIFORM])
+@pytest.mark.parametrize(
+    "sampling", [TimeSampling("logit_normal", 0.0, 1.0), TimeSampling("logit_normal", 0.5, 0.7), UNIFORM]
+)
 def test_the_draws_follow_the_density(sampling):
     n = 200_000
     t = sample_time(n, 1.0, torch.Generator().manual_seed(0), sampling=sampling).double().sort().values
@@ -22,8 +23,12 @@ def test_the_draws_follow_the_density(sampling):
     edges = torch.linspace(0, 1, 21, dtype=torch.float64)
     counts = torch.histc(t, bins=20, min=0, max=1) / n
     mids = torch.linspace(0, 1, 2001, dtype=torch.float64)[1:-1]  # the density integrated per bin, trapezoids
-    expected = torch.stack([torch.trapezoid(sampling.density(g), g) for g in
-                            (mids[(mids >= a) & (mids <= b)] for a, b in zip(edges[:-1], edges[1:], strict=True))])
+    expected = torch.stack(
+        [
+            torch.trapezoid(sampling.density(g), g)
+            for g in (mids[(mids >= a) & (mids <= b)] for a, b in zip(edges[:-1], edges[1:], strict=True))
+        ]
+    )
     assert torch.allclose(counts, expected, atol=0.004)
 
 
@@ -56,7 +61,7 @@ def test_the_method_loss_draws_its_times_from_the_method_s_density():
     assert uniform.mean().item() == pytest.approx(0.5, abs=0.02)
     # E[sigmoid(1 + 0.5 n)] = 0.71 (by quadrature below); the middle of the path, moved towards the data
     n = torch.linspace(-8, 8, 4001, dtype=torch.float64)
-    mean = torch.trapezoid(torch.sigmoid(1 + 0.5 * n) * torch.exp(-n ** 2 / 2) / math.sqrt(2 * math.pi), n).item()
+    mean = torch.trapezoid(torch.sigmoid(1 + 0.5 * n) * torch.exp(-(n**2) / 2) / math.sqrt(2 * math.pi), n).item()
     assert logit.mean().item() == pytest.approx(mean, abs=0.01) and logit.std().item() < uniform.std().item()
 
 

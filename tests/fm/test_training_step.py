@@ -61,8 +61,17 @@ def test_a_run_of_non_finite_steps_stops_training_naming_the_limit():
     from pipelines.train.worker import TrainingError, WorkerState
 
     model = MLP(2, 16, 1)
-    state = WorkerState(model, model, make_method("fm_ot"), torch.optim.Adam(model.parameters()), EMA(model),
-                        torch.device("cpu"), rank=0, world=1, step=41)
+    state = WorkerState(
+        model,
+        model,
+        make_method("fm_ot"),
+        torch.optim.Adam(model.parameters()),
+        EMA(model),
+        torch.device("cpu"),
+        rank=0,
+        world=1,
+        step=41,
+    )
     bad, good = StepResult(math.nan, math.nan, False), StepResult(1.0, 1.0, True)
     state.count_nonfinite(bad, limit=3)
     state.count_nonfinite(good, limit=3)  # a finite step resets the run, not the total
@@ -87,11 +96,13 @@ def test_pairing_ahead_of_the_step_trains_exactly_as_pairing_in_it(name, buffer)
         return model, torch.optim.Adam(model.parameters(), lr=1e-2), make_method(name)
 
     model_a, opt_a, method_a = fresh()
-    losses_a = [train_step(model_a, method_a, opt_a, x_1, None, generator(0, 0, step)).loss
-                for step, x_1 in enumerate(data)]
+    losses_a = [
+        train_step(model_a, method_a, opt_a, x_1, None, generator(0, 0, step)).loss for step, x_1 in enumerate(data)
+    ]
     model_b, opt_b, method_b = fresh()
-    ahead = read_ahead(enumerate(data), lambda item: pair_step(method_b, item[1], None, generator(0, 0, item[0])),
-                       buffer)
+    ahead = read_ahead(
+        enumerate(data), lambda item: pair_step(method_b, item[1], None, generator(0, 0, item[0])), buffer
+    )
     losses_b = [train_step(model_b, method_b, opt_b, pairs.x_1, None, None, pairs=pairs).loss for pairs in ahead]
     assert losses_a == losses_b
     for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
@@ -123,8 +134,9 @@ def test_fp16_with_a_scaler_steps_as_fp32_does_and_skips_an_overflow_without_cou
         torch.manual_seed(0)
         model = MLP(2, 32, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        res = train_step(model, method, opt, x, generator=torch.Generator().manual_seed(1), autocast_dtype=dtype,
-                         scaler=scaler)
+        res = train_step(
+            model, method, opt, x, generator=torch.Generator().manual_seed(1), autocast_dtype=dtype, scaler=scaler
+        )
         return model, res
 
     plain, ref = step(None, None)

@@ -42,27 +42,71 @@ def test_cluster_yaml_schema_rejects_a_misspelled_field():
 # The RayJob API of KubeRay v1.5.1 (ray-operator/apis/ray/v1/rayjob_types.go and raycluster_types.go, the first
 # release with SidecarMode): the fields this project sets, with their JSON types, and the allowed submission modes.
 KUBERAY = "v1.5.1"
-RAYJOB_SPEC = {"entrypoint": str, "submissionMode": str, "shutdownAfterJobFinishes": bool,
-               "ttlSecondsAfterFinished": int, "activeDeadlineSeconds": int, "backoffLimit": int,
-               "runtimeEnvYAML": str, "rayClusterSpec": dict, "clusterSelector": dict, "submitterPodTemplate": dict,
-               "submitterConfig": dict, "jobId": str, "metadata": dict, "suspend": bool,
-               "entrypointNumCpus": (int, float), "entrypointNumGpus": (int, float), "entrypointResources": str,
-               "deletionStrategy": dict, "managedBy": str}
+RAYJOB_SPEC = {
+    "entrypoint": str,
+    "submissionMode": str,
+    "shutdownAfterJobFinishes": bool,
+    "ttlSecondsAfterFinished": int,
+    "activeDeadlineSeconds": int,
+    "backoffLimit": int,
+    "runtimeEnvYAML": str,
+    "rayClusterSpec": dict,
+    "clusterSelector": dict,
+    "submitterPodTemplate": dict,
+    "submitterConfig": dict,
+    "jobId": str,
+    "metadata": dict,
+    "suspend": bool,
+    "entrypointNumCpus": (int, float),
+    "entrypointNumGpus": (int, float),
+    "entrypointResources": str,
+    "deletionStrategy": dict,
+    "managedBy": str,
+}
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
-CLUSTER_SPEC = {"rayVersion": str, "headGroupSpec": dict, "workerGroupSpecs": list, "enableInTreeAutoscaling": bool,
-                "autoscalerOptions": dict, "suspend": bool, "managedBy": str, "gcsFaultToleranceOptions": dict,
-                "headServiceAnnotations": dict}
-HEAD_GROUP = {"rayStartParams": dict, "template": dict, "serviceType": str, "headService": dict,
-              "enableIngress": bool, "resources": dict, "labels": dict}
-WORKER_GROUP = {"groupName": str, "replicas": int, "minReplicas": int, "maxReplicas": int, "rayStartParams": dict,
-                "template": dict, "numOfHosts": int, "idleTimeoutSeconds": int, "suspend": bool,
-                "scaleStrategy": dict, "resources": dict, "labels": dict}
+CLUSTER_SPEC = {
+    "rayVersion": str,
+    "headGroupSpec": dict,
+    "workerGroupSpecs": list,
+    "enableInTreeAutoscaling": bool,
+    "autoscalerOptions": dict,
+    "suspend": bool,
+    "managedBy": str,
+    "gcsFaultToleranceOptions": dict,
+    "headServiceAnnotations": dict,
+}
+HEAD_GROUP = {
+    "rayStartParams": dict,
+    "template": dict,
+    "serviceType": str,
+    "headService": dict,
+    "enableIngress": bool,
+    "resources": dict,
+    "labels": dict,
+}
+WORKER_GROUP = {
+    "groupName": str,
+    "replicas": int,
+    "minReplicas": int,
+    "maxReplicas": int,
+    "rayStartParams": dict,
+    "template": dict,
+    "numOfHosts": int,
+    "idleTimeoutSeconds": int,
+    "suspend": bool,
+    "scaleStrategy": dict,
+    "resources": dict,
+    "labels": dict,
+}
 
 
 def _check_fields(obj: dict, schema: dict, where: str) -> list[str]:
     errors = [f"{where}.{k}: not a field of KubeRay {KUBERAY}'s API" for k in obj if k not in schema]
-    errors += [f"{where}.{k}: {type(v).__name__}, not {schema[k]}" for k, v in obj.items()
-               if k in schema and (not isinstance(v, schema[k]) or (schema[k] is int and isinstance(v, bool)))]
+    errors += [
+        f"{where}.{k}: {type(v).__name__}, not {schema[k]}"
+        for k, v in obj.items()
+        if k in schema and (not isinstance(v, schema[k]) or (schema[k] is int and isinstance(v, bool)))
+    ]
     return errors
 
 
@@ -75,22 +119,31 @@ def rayjob_errors(job: dict) -> list[str]:
     errors += _check_fields(cluster, CLUSTER_SPEC, "spec.rayClusterSpec")
     head = cluster.get("headGroupSpec", {})
     groups = [("headGroupSpec", head, HEAD_GROUP)] + [
-        (f"workerGroupSpecs[{i}]", g, WORKER_GROUP) for i, g in enumerate(cluster.get("workerGroupSpecs", []))]
+        (f"workerGroupSpecs[{i}]", g, WORKER_GROUP) for i, g in enumerate(cluster.get("workerGroupSpecs", []))
+    ]
     for where, group, schema in groups:
         errors += _check_fields(group, schema, where)
         # map[string]string in the CRD: an unquoted 0 or true is refused by the API server
-        errors += [f"{where}.rayStartParams.{k}: {v!r} is not a string"
-                   for k, v in group.get("rayStartParams", {}).items() if not isinstance(v, str)]
+        errors += [
+            f"{where}.rayStartParams.{k}: {v!r} is not a string"
+            for k, v in group.get("rayStartParams", {}).items()
+            if not isinstance(v, str)
+        ]
     mode = spec.get("submissionMode", "K8sJobMode")  # the CRD's default
     if mode not in SUBMISSION_MODES:
         errors.append(f"spec.submissionMode: {mode!r} is not one of {sorted(SUBMISSION_MODES)}")
     loopback = head.get("rayStartParams", {}).get("dashboard-host", "0.0.0.0") in ("127.0.0.1", "localhost")
     if loopback and mode in ("K8sJobMode", "HTTPMode"):
-        errors.append(f"spec.submissionMode {mode} submits from outside the head Pod, which cannot reach a dashboard "
-                      "bound to 127.0.0.1")
+        errors.append(
+            f"spec.submissionMode {mode} submits from outside the head Pod, which cannot reach a dashboard "
+            "bound to 127.0.0.1"
+        )
     if mode == "SidecarMode":
-        errors += [f"spec.{k}: not allowed in SidecarMode" for k in ("clusterSelector", "submitterPodTemplate",
-                                                                      "submitterConfig") if k in spec]
+        errors += [
+            f"spec.{k}: not allowed in SidecarMode"
+            for k in ("clusterSelector", "submitterPodTemplate", "submitterConfig")
+            if k in spec
+        ]
         if head.get("template", {}).get("spec", {}).get("restartPolicy") != "Never":
             errors.append("headGroupSpec.template.spec.restartPolicy: SidecarMode needs Never")
     return errors
@@ -108,17 +161,24 @@ def test_rayjob_manifest_is_accepted_and_submits():
     assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda j: j["spec"].pop("submissionMode"), "K8sJobMode submits from outside the head Pod"),
-    (lambda j: j["spec"].update(submissionMode="Sidecar"), "'Sidecar' is not one of"),
-    (lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"].pop("restartPolicy"),
-     "restartPolicy: SidecarMode needs Never"),
-    (lambda j: j["spec"].update(submitterPodTemplate={}), "submitterPodTemplate: not allowed in SidecarMode"),
-    (lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
-     "num-cpus: 0 is not a string"),
-    (lambda j: j["spec"].update(ttlSecondsAfterFinish=600), "spec.ttlSecondsAfterFinish: not a field"),
-    (lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(replicas="2"), "replicas: str, not"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda j: j["spec"].pop("submissionMode"), "K8sJobMode submits from outside the head Pod"),
+        (lambda j: j["spec"].update(submissionMode="Sidecar"), "'Sidecar' is not one of"),
+        (
+            lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"].pop("restartPolicy"),
+            "restartPolicy: SidecarMode needs Never",
+        ),
+        (lambda j: j["spec"].update(submitterPodTemplate={}), "submitterPodTemplate: not allowed in SidecarMode"),
+        (
+            lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+            "num-cpus: 0 is not a string",
+        ),
+        (lambda j: j["spec"].update(ttlSecondsAfterFinish=600), "spec.ttlSecondsAfterFinish: not a field"),
+        (lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(replicas="2"), "replicas: str, not"),
+    ],
+)
 def test_rayjob_check_refuses_what_kuberay_refuses(edit, message):
     job = _rayjob()
     edit(job)
@@ -140,8 +200,9 @@ def _deploy_images() -> dict[str, str]:
     cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
     images = {"cluster.yaml docker.image": cluster["docker"]["image"]}
     spec = _rayjob()["spec"]["rayClusterSpec"]
-    groups = [("headGroupSpec", spec["headGroupSpec"])] + [(f"workerGroupSpecs[{i}]", g)
-                                                           for i, g in enumerate(spec["workerGroupSpecs"])]
+    groups = [("headGroupSpec", spec["headGroupSpec"])] + [
+        (f"workerGroupSpecs[{i}]", g) for i, g in enumerate(spec["workerGroupSpecs"])
+    ]
     for where, group in groups:
         for c in group["template"]["spec"]["containers"]:
             images[f"rayjob.yaml {where} {c['name']}"] = c["image"]

@@ -41,8 +41,9 @@ def test_a_command_takes_its_job_s_flags_and_exit_statuses():
     assert "Traceback" not in bad.stderr + unknown.stderr
 
 
-@pytest.mark.parametrize("job,section,config", [("sample", "sample", "SampleConfig"),
-                                                ("evaluate", "eval", "EvalConfig")])
+@pytest.mark.parametrize(
+    "job,section,config", [("sample", "sample", "SampleConfig"), ("evaluate", "eval", "EvalConfig")]
+)
 def test_a_jobs_help_lists_every_key_of_its_section_with_its_default(job, section, config, capsys):
     """The key list of --help comes from the section's dataclass, so it cannot drift from the code."""
     import dataclasses

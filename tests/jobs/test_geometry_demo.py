@@ -7,15 +7,30 @@ from jobs import geometry
 
 
 def test_the_geometry_demo_runs_and_reports(tmp_path, capsys):
-    out = geometry.main(["--seeds", "0,1", "--rfm-steps", "20", "--am-steps", "10", "--n", "100", "--repeats", "2",
-                         "--hidden", "32", "--out", str(tmp_path)])
+    out = geometry.main(
+        [
+            "--seeds",
+            "0,1",
+            "--rfm-steps",
+            "20",
+            "--am-steps",
+            "10",
+            "--n",
+            "100",
+            "--repeats",
+            "2",
+            "--hidden",
+            "32",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     printed = capsys.readouterr().out
     assert json.loads(printed.strip().splitlines()[-1])["figures"] == out["figures"]
     assert "| vmf-mixture | S^2 | 2 |" in printed and "| dihedral | T^2 | 2 |" in printed
     for name in geometry.AM_METHODS:
         assert f"| {name} | 2 |" in printed
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["am_transport.png", "rfm_dihedral.png",
-                                                          "rfm_vmf-mixture.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["am_transport.png", "rfm_dihedral.png", "rfm_vmf-mixture.png"]
     for r in out["rfm"]:
         assert r["w2_floor"] > 0 and r["likelihood_nfe"] > 0 and r["sample_nfe"] == 200
     for r in out["am"]:

@@ -25,8 +25,13 @@ def ray_head(tmp_path):
     bin_dir = Path(sys.executable).parent
     # as the README starts a local head: loopback only (Ray's node address is 127.0.0.1 with clusters off), and
     # the job runs the `python` of this PATH
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    )
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
     ray = shutil.which("ray", path=env["PATH"])
@@ -34,10 +39,24 @@ def ray_head(tmp_path):
     gcs = free_port()
     # the agent's port too (the README's command leaves it at Ray's fixed default, 52365): the test session's own
     # local Ray holds that one, and a head whose job agent cannot bind it never accepts a job
-    subprocess.run([ray, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4",
-                    f"--temp-dir={temp}", "--include-dashboard=true"], env=env, check=True, capture_output=True,
-                   timeout=180)
+    subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--num-cpus=4",
+            f"--temp-dir={temp}",
+            "--include-dashboard=true",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     yield ray, f"http://127.0.0.1:{dash}", env, temp
     # `ray stop` would stop every Ray on the machine (a user's own, another test run's): stop this head's
     # processes only, found by its temp dir on their command lines
@@ -50,8 +69,7 @@ def _pids_mentioning(text: str) -> list[int]:
     found = []
     for pid in os.listdir("/proc"):
         try:
-            if pid.isdigit() and int(pid) != os.getpid() and \
-                    text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if pid.isdigit() and int(pid) != os.getpid() and text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.append(int(pid))
         except OSError:
             continue
@@ -93,11 +111,33 @@ def test_ray_job_submit_runs_training(ray_head, tmp_path, digits_copy):
     ray, address, env, temp = ray_head
     db = tmp_path / "mlflow.db"
     job_id = f"flowray-test-{uuid.uuid4().hex[:8]}"
-    sets = [*TINY, f"data.shards={tmp_path / 'digits'}", f"train.storage_path={tmp_path / 'runs'}",
-            "train.steps=4", "train.run_name=submitted", "mlflow.experiment=tests"]
-    cmd = [ray, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}}),
-           "--", "python", "-m", "jobs.train", "--config", "configs/digits-cpu.yaml"]
+    sets = [
+        *TINY,
+        f"data.shards={tmp_path / 'digits'}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        "train.steps=4",
+        "train.run_name=submitted",
+        "mlflow.experiment=tests",
+    ]
+    cmd = [
+        ray,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}}),
+        "--",
+        "python",
+        "-m",
+        "jobs.train",
+        "--config",
+        "configs/digits-cpu.yaml",
+    ]
     for s in sets:
         cmd += ["--set", s]
     for _ in range(12):  # a loaded head's job agent can come up after its dashboard: Ray says "try again later"
@@ -106,8 +146,9 @@ def test_ray_job_submit_runs_training(ray_head, tmp_path, digits_copy):
             break
         time.sleep(5)
     assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
-    logs = subprocess.run([ray, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
-                          text=True, timeout=60).stdout
+    logs = subprocess.run(
+        [ray, "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True, timeout=60
+    ).stdout
     last = [line for line in logs.strip().splitlines() if line.strip()][-1]
     result = json.loads(last)
     assert result["metrics"]["step"] == 4

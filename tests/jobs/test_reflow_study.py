@@ -7,42 +7,72 @@ from jobs.reflow_study import markdown, parse
 
 
 def _figures(seed, fd1, fd2, nfe, s, bpd, **extra):
-    return {"seed": seed, "train_s": 1.0, "fd_label": "FD (digits classifier)", "fd_floor": 0.25,
-            "fd": {"euler1": fd1, "dopri5": fd2}, "fd_matched": {"euler1": fd1 + 1, "dopri5": fd2 + 0.5},
-            "num_matched": 170, "nfe": {"euler1": 1, "dopri5": nfe}, "straightness": s, "bpd": bpd, **extra}
+    return {
+        "seed": seed,
+        "train_s": 1.0,
+        "fd_label": "FD (digits classifier)",
+        "fd_floor": 0.25,
+        "fd": {"euler1": fd1, "dopri5": fd2},
+        "fd_matched": {"euler1": fd1 + 1, "dopri5": fd2 + 0.5},
+        "num_matched": 170,
+        "nfe": {"euler1": 1, "dopri5": nfe},
+        "straightness": s,
+        "bpd": bpd,
+        **extra,
+    }
 
 
 def test_the_table_gives_mean_and_sample_std_over_seeds_and_the_pairs_cost():
     a = parse(["--seeds", "0,1", "--solvers", "euler:1,dopri5", "--num-pairs", "100"])
-    rows = {"otcfm (uniform t)": [_figures(0, 10.0, 2.0, 100, 0.5, 5.0), _figures(1, 12.0, 4.0, 110, 0.7, 5.5)],
-            "reflow of otcfm": [_figures(0, 3.0, 2.5, 40, 0.1, 5.2, pairs_per_s=50.0, pairs_wall_s=2.0,
-                                                pairs_and_ingest_s=5.0, pairs_nfe=98.0)]}
+    rows = {
+        "otcfm (uniform t)": [_figures(0, 10.0, 2.0, 100, 0.5, 5.0), _figures(1, 12.0, 4.0, 110, 0.7, 5.5)],
+        "reflow of otcfm": [
+            _figures(
+                0, 3.0, 2.5, 40, 0.1, 5.2, pairs_per_s=50.0, pairs_wall_s=2.0, pairs_and_ingest_s=5.0, pairs_nfe=98.0
+            )
+        ],
+    }
     table = markdown(rows, ["euler:1", "dopri5"], a).splitlines()
-    assert table[0] == ("| model | FD (digits classifier) euler:1 | FD (digits classifier) dopri5 | NFE (dopri5) | "
-                        "straightness | bits/dim | seeds |")
+    assert table[0] == (
+        "| model | FD (digits classifier) euler:1 | FD (digits classifier) dopri5 | NFE (dopri5) | "
+        "straightness | bits/dim | seeds |"
+    )
     # std over the two seeds with n - 1: |10 - 12| / sqrt(2) = 1.41
-    assert table[2] == ("| otcfm (uniform t) | 11.00 ± 1.41 | 3.00 ± 1.41 | 105 ± 7 | 0.6 ± 0.141 | 5.250 ± 0.354 "
-                        "| 2 |")
+    assert table[2] == (
+        "| otcfm (uniform t) | 11.00 ± 1.41 | 3.00 ± 1.41 | 105 ± 7 | 0.6 ± 0.141 | 5.250 ± 0.354 | 2 |"
+    )
     assert table[3] == "| reflow of otcfm | 3.00 | 2.50 | 40 | 0.1 | 5.200 | 1 |"
     assert "FD (digits classifier) floor (held-out real images against the reference): 0.250" in table
     # each FD again at the floor's image count, beside the floor: the comparison a Fréchet distance allows
-    at = table.index("At the floor's count (170 samples against the reference, as the floor's 170 held-out images "
-                     "are):")
-    assert table[at + 2:at + 6] == [
+    at = table.index(
+        "At the floor's count (170 samples against the reference, as the floor's 170 held-out images are):"
+    )
+    assert table[at + 2 : at + 6] == [
         "| model | FD (digits classifier) euler:1 | FD (digits classifier) dopri5 | floor |",
         "| --- | --- | --- | --- |",
         "| otcfm (uniform t) | 12.00 ± 1.41 | 3.50 ± 1.41 | 0.250 ± 0.000 |",
-        "| reflow of otcfm | 4.00 | 3.00 | 0.250 |"]
-    assert table[-1] == ("Pairs (dopri5, 100 per reflow): 50.0 samples/s on the batch stage, 2 s sampling, 5 s with "
-                         "ingest, mean NFE 98; training 600 steps in all per row (reflow rows: 300 + 300).")
+        "| reflow of otcfm | 4.00 | 3.00 | 0.250 |",
+    ]
+    assert table[-1] == (
+        "Pairs (dopri5, 100 per reflow): 50.0 samples/s on the batch stage, 2 s sampling, 5 s with "
+        "ingest, mean NFE 98; training 600 steps in all per row (reflow rows: 300 + 300)."
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--methods", "icfm,otcfm:cosine"],
-     "--methods: otcfm:cosine: unknown time sampling; allowed: uniform, logit_normal"),
-    (["--methods", "icfm", "--reflow-from", "otcfm"], "--reflow-from: 'otcfm' is not one of --methods' uniform-time"),
-    (["--steps", "300", "--reflow-at", "300"], "--reflow-at: 300 must be between 0 and --steps (300), exclusive"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--methods", "icfm,otcfm:cosine"],
+            "--methods: otcfm:cosine: unknown time sampling; allowed: uniform, logit_normal",
+        ),
+        (
+            ["--methods", "icfm", "--reflow-from", "otcfm"],
+            "--reflow-from: 'otcfm' is not one of --methods' uniform-time",
+        ),
+        (["--steps", "300", "--reflow-at", "300"], "--reflow-at: 300 must be between 0 and --steps (300), exclusive"),
+    ],
+)
 def test_bad_flags_are_refused_in_words(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse(argv)

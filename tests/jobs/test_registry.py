@@ -21,8 +21,10 @@ def test_a_version_carries_its_description_and_latest_evaluation(tmp_path, capsy
     describe_model_version(uri, "tiny", "2", str(ckpt), data)
     v = client.get_model_version("tiny", "2")
     size = sum(p.numel() for p in load_model(ckpt).model.parameters())
-    assert v.description == (f"otcfm: straight line path, exact OT coupling; a unet of {size:,} "
-                             "parameters trained 1 steps on digits/train (1627 rows, digest 0123456789abcdef).")
+    assert v.description == (
+        f"otcfm: straight line path, exact OT coupling; a unet of {size:,} "
+        "parameters trained 1 steps on digits/train (1627 rows, digest 0123456789abcdef)."
+    )
     assert v.tags["flowray.method"] == "otcfm" and v.tags["flowray.data_digest"] == "0123456789abcdef"
     assert v.tags["flowray.train_steps"] == "1" and v.tags["flowray.parameters"] == str(size)
 

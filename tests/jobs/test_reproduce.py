@@ -16,14 +16,39 @@ def test_tiny_reproduce_fills_every_column(tmp_path, monkeypatch, digits_copy, r
     sets = []
     for s in TINY + ["ray.num_workers=1", "train.checkpoint_every=4"]:
         sets += ["--set", s]
-    result = main(["--preset", "digits", "--seeds", "0", "--methods", "score_vp", "--steps", "4",
-                   "--num-samples", "20", "--euler-steps", "2", "--experiment", "tiny", "--out",
-                   str(tmp_path / "out"), "--data", str(tmp_path / "digits"), "--eval-max-images", "24", *sets])
+    result = main(
+        [
+            "--preset",
+            "digits",
+            "--seeds",
+            "0",
+            "--methods",
+            "score_vp",
+            "--steps",
+            "4",
+            "--num-samples",
+            "20",
+            "--euler-steps",
+            "2",
+            "--experiment",
+            "tiny",
+            "--out",
+            str(tmp_path / "out"),
+            "--data",
+            str(tmp_path / "digits"),
+            "--eval-max-images",
+            "24",
+            *sets,
+        ]
+    )
     rows = result["rows"]
     # score_vp: dopri5, euler 2 and its reverse SDE (one Euler step count: each row is a sampling and an evaluation
     # stage of its own, about 40 s here)
     assert sorted((r["method"], r["solver"], str(r["sample_steps"])) for r in rows) == [
-        ("score_vp", "dopri5", "adaptive"), ("score_vp", "euler", "2"), ("score_vp", "sde", "100")]
+        ("score_vp", "dopri5", "adaptive"),
+        ("score_vp", "euler", "2"),
+        ("score_vp", "sde", "100"),
+    ]
     for r in rows:
         for col in ("bpd", "fd", "sample_nfe", "likelihood_nfe", "train_steps", "path", "coupling"):
             assert r[col] not in (None, ""), (r, col)

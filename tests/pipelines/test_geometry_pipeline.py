@@ -21,8 +21,15 @@ from pipelines.ingest.run import ingest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-SMALL = ["model.hidden=64", "train.batch_size=128", "train.log_every=50", "train.checkpoint_every=50",
-         "optim.warmup_steps=10", "optim.lr=0.003", "ray.num_workers=2"]
+SMALL = [
+    "model.hidden=64",
+    "train.batch_size=128",
+    "train.log_every=50",
+    "train.checkpoint_every=50",
+    "optim.warmup_steps=10",
+    "optim.lr=0.003",
+    "ray.num_workers=2",
+]
 
 
 def _last_json(capsys) -> dict:
@@ -34,8 +41,14 @@ def _sets(*pairs: str) -> list[str]:
 
 
 def _train(config, shards, tmp_path, uri, steps, *extra):
-    sets = _sets(f"data.shards={shards}", f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={uri}",
-                 f"train.steps={steps}", *SMALL, *extra)
+    sets = _sets(
+        f"data.shards={shards}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri={uri}",
+        f"train.steps={steps}",
+        *SMALL,
+        *extra,
+    )
     return train_job.main(["--config", config, *sets])
 
 
@@ -53,16 +66,38 @@ def test_rfm_on_the_sphere_through_the_clis(tmp_path, ray_local, capsys):
     assert meta["method"]["manifold"] == "sphere2" and meta["model"]["kwargs"]["manifold"] == "sphere2"
 
     out = tmp_path / "samples"
-    sample_job.main(["--checkpoint", res["checkpoint"], "--num-samples", "600", "--out", str(out),
-                     "--tracking-uri", uri, *_sets("sample.solver=rk4", "sample.steps=20")])
+    sample_job.main(
+        [
+            "--checkpoint",
+            res["checkpoint"],
+            "--num-samples",
+            "600",
+            "--out",
+            str(out),
+            "--tracking-uri",
+            uri,
+            *_sets("sample.solver=rk4", "sample.steps=20"),
+        ]
+    )
     sampled = _last_json(capsys)
     assert sampled["mean_nfe"] == 80  # 20 RK4 steps, 4 evaluations each
     _, raw, _ = read_samples(out)
     x = np.frombuffer(b"".join(raw), np.float32).reshape(-1, 3)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)  # every sample on the sphere
 
-    evaluate_job.main(["--checkpoint", res["checkpoint"], "--data", str(tmp_path / "sphere"), "--samples", str(out),
-                       "--tracking-uri", uri, *_sets("eval.max_images=200")])
+    evaluate_job.main(
+        [
+            "--checkpoint",
+            res["checkpoint"],
+            "--data",
+            str(tmp_path / "sphere"),
+            "--samples",
+            str(out),
+            "--tracking-uri",
+            uri,
+            *_sets("eval.max_images=200"),
+        ]
+    )
     result = _last_json(capsys)
     nll = result["likelihood"]["mean"]
     # the uniform prior scores log(4 pi) = 2.53 nats; 300 steps already learn much of the mixture (entropy 0.83)
@@ -86,8 +121,17 @@ def test_rfm_on_the_sphere_through_the_clis(tmp_path, ray_local, capsys):
     # an SDE or an off-manifold fixed-step solver is refused before any Ray work
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        sample_job.main(["--checkpoint", res["checkpoint"], "--num-samples", "10", "--out", str(tmp_path / "x"),
-                         *_sets("sample.solver=heun3", "sample.steps=4")])
+        sample_job.main(
+            [
+                "--checkpoint",
+                res["checkpoint"],
+                "--num-samples",
+                "10",
+                "--out",
+                str(tmp_path / "x"),
+                *_sets("sample.solver=heun3", "sample.steps=4"),
+            ]
+        )
     assert "a fixed-step solver on a manifold must be one of euler, midpoint, rk4" in capsys.readouterr().err
 
 
@@ -105,8 +149,17 @@ def test_action_matching_on_snapshots_through_the_clis(tmp_path, ray_local, caps
         sample_job.main(["--checkpoint", res["checkpoint"], "--num-samples", "10", "--out", str(tmp_path / "s")])
     assert "moves data from its first snapshot rather than sampling noise" in capsys.readouterr().err
 
-    evaluate_job.main(["--checkpoint", res["checkpoint"], "--data", str(tmp_path / "snap"),
-                       "--tracking-uri", uri, *_sets("eval.solver=rk4", "eval.steps=5")])
+    evaluate_job.main(
+        [
+            "--checkpoint",
+            res["checkpoint"],
+            "--data",
+            str(tmp_path / "snap"),
+            "--tracking-uri",
+            uri,
+            *_sets("eval.solver=rk4", "eval.steps=5"),
+        ]
+    )
     result = _last_json(capsys)
     tr = result["transport"]
     # the unmoved first snapshot is |c| = sqrt(5) = 2.24 from the last one in W2; the learned flow carries it to every
@@ -121,12 +174,26 @@ def test_action_matching_on_snapshots_through_the_clis(tmp_path, ray_local, caps
 def test_methods_and_data_must_suit_each_other(tmp_path, capsys, ray_local):
     ingest("manifold:dihedral", tmp_path / "torus", shards=1)
     ingest("toy2d:moons", tmp_path / "moons", shards=1)
-    cases = [("configs/torus.yaml", tmp_path / "torus", ["method.name=otcfm"],
-              "method.name: data on the manifold 'torus2' need a Riemannian method (rfm); 'otcfm' is euclidean"),
-             ("configs/sphere.yaml", tmp_path / "moons", [],
-              "method.name: method 'rfm' needs data on a manifold (allowed: rfm)"),
-             ("configs/snapshots.yaml", tmp_path / "torus", [],
-              "method.name: data on the manifold 'torus2' need a Riemannian method")]
+    cases = [
+        (
+            "configs/torus.yaml",
+            tmp_path / "torus",
+            ["method.name=otcfm"],
+            "method.name: data on the manifold 'torus2' need a Riemannian method (rfm); 'otcfm' is euclidean",
+        ),
+        (
+            "configs/sphere.yaml",
+            tmp_path / "moons",
+            [],
+            "method.name: method 'rfm' needs data on a manifold (allowed: rfm)",
+        ),
+        (
+            "configs/snapshots.yaml",
+            tmp_path / "torus",
+            [],
+            "method.name: data on the manifold 'torus2' need a Riemannian method",
+        ),
+    ]
     for config, shards, extra, message in cases:
         with pytest.raises(SystemExit) as exit_:
             train_job.main(["--config", config, *_sets(f"data.shards={shards}", *extra)])
@@ -146,8 +213,11 @@ def test_ingest_checks_points_against_the_declared_manifold(tmp_path, ray_local)
     reasons = {q["id"]: q["reason"] for q in m["quarantine"]}
     assert "is not on S^2 (tolerance 0.001)" in reasons["p.npz:7"]
     assert "p.npz:9" in reasons
-    with pytest.raises(IngestError, match=r"--manifold torus2: points on T\^2 have 2 coordinates; 'npz:.*' has rows "
-                                          r"of shape \[3\]"):
+    with pytest.raises(
+        IngestError,
+        match=r"--manifold torus2: points on T\^2 have 2 coordinates; 'npz:.*' has rows "
+        r"of shape \[3\]",
+    ):
         ingest(f"npz:{tmp_path / 'p.npz'}", tmp_path / "o2", manifold="torus2")
     with pytest.raises(IngestError, match="--manifold sphere2: source 'digits' holds images"):
         ingest("digits", tmp_path / "o3", manifold="sphere2")

@@ -25,12 +25,20 @@ from pipelines.train.config import load_config
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["train.checkpoint_every=4", "train.eval_every=6"],
-     r"train.eval_every: 6 is not allowed; must be 0 \(off\) or a multiple of train.checkpoint_every=4"),
-    (["train.eval_every=200", "train.eval_solver=sde"], r"train.eval_solver: 'sde' is not allowed; allowed: dopri5"),
-    (["train.eval_every=200", "train.eval_samples=1"], r"train.eval_samples: 1 is not allowed; must be >= 2"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (
+            ["train.checkpoint_every=4", "train.eval_every=6"],
+            r"train.eval_every: 6 is not allowed; must be 0 \(off\) or a multiple of train.checkpoint_every=4",
+        ),
+        (
+            ["train.eval_every=200", "train.eval_solver=sde"],
+            r"train.eval_solver: 'sde' is not allowed; allowed: dopri5",
+        ),
+        (["train.eval_every=200", "train.eval_samples=1"], r"train.eval_samples: 1 is not allowed; must be >= 2"),
+    ],
+)
 def test_bad_quality_settings_are_refused(sets, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/digits-cpu.yaml", sets)
@@ -48,13 +56,19 @@ def trained(trained_digits):
 @pytest.mark.timeout(900)
 def test_quality_is_logged_at_each_scored_step_and_agrees_with_the_batch_jobs(trained):
     client, run_id = MlflowClient(trained["uri"]), trained["train"]["run_id"]
-    history = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-               for key in ("eval/fd", "eval/fd_floor", "eval/bpd", "eval/sample_nfe", "eval/straightness")}
+    history = {
+        key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        for key in ("eval/fd", "eval/fd_floor", "eval/bpd", "eval/sample_nfe", "eval/straightness")
+    }
     assert [s for s, _ in history["eval/fd"]] == [4, 8] and [s for s, _ in history["eval/bpd"]] == [4, 8]
     assert client.get_run(run_id).info.status == "FINISHED"
     # the same checkpoint's samples (`flowray sample`) through `flowray evaluate`'s function and settings
-    ev = run_evaluation(trained["train"]["checkpoint"], Manifest.load(str(trained["digits"])),
-                        trained["sample"]["out"], trained["eval_config"])
+    ev = run_evaluation(
+        trained["train"]["checkpoint"],
+        Manifest.load(str(trained["digits"])),
+        trained["sample"]["out"],
+        trained["eval_config"],
+    )
     assert history["eval/fd"][-1][1] == pytest.approx(ev.quality.fd, rel=1e-4)
     assert history["eval/fd_floor"][-1][1] == pytest.approx(ev.quality.fd_floor, rel=1e-4)
     assert history["eval/bpd"][-1][1] == pytest.approx(ev.likelihood.mean, rel=1e-4)
@@ -66,9 +80,22 @@ def _page(url: str, budget_s: int = 25) -> tuple[str, str]:
     """The DOM after the page's scripts ran (`budget_s` of virtual time), and its visible text in one line, in a fresh
     browser profile (the UI keeps choices such as its view in the browser's storage)."""
     with tempfile.TemporaryDirectory() as profile:
-        out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-                              "--window-size=1600,1200", f"--virtual-time-budget={budget_s * 1000}", "--dump-dom",
-                              url], capture_output=True, text=True, timeout=60 + 4 * budget_s)
+        out = subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--user-data-dir={profile}",
+                "--window-size=1600,1200",
+                f"--virtual-time-budget={budget_s * 1000}",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60 + 4 * budget_s,
+        )
     assert out.returncode == 0, out.stderr[-2000:]
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", out.stdout))
     return out.stdout, text
@@ -90,9 +117,21 @@ def mlflow_ui(trained):
     import sys
 
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                           f"sqlite:///{trained['tmp'] / 'server.db'}", "--port", str(port)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ui = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{trained['tmp'] / 'server.db'}",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     wait_until_healthy(f"http://127.0.0.1:{port}", ui, "mlflow ui")
     yield f"http://127.0.0.1:{port}", ui
     kill_tree(ui)
@@ -128,8 +167,12 @@ def test_the_run_page_shows_dataset_source_child_runs_and_charts(trained, mlflow
     assert "Child runs sample-dopri5" in text  # the sampling run, nested under the training run
     assert "Description fm_ot on digits/train, 8 steps of 16 x 2 workers" in text
     assert f"Created by {run.data.tags['mlflow.user']}" in text and "Status Finished" in text
-    assert sampled["mlflow_run_id"] in {r.info.run_id for r in MlflowClient(uri).search_runs(
-        [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{trained['run_id']}'")}
+    assert sampled["mlflow_run_id"] in {
+        r.info.run_id
+        for r in MlflowClient(uri).search_runs(
+            [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{trained['run_id']}'"
+        )
+    }
 
     # the metric charts render (Plotly's figures) in the model-training view the link selects. What a link
     # without `workflowType` shows is MLflow's choice (the GenAI view here, the training view on CI's machine):
@@ -141,5 +184,3 @@ def test_the_run_page_shows_dataset_source_child_runs_and_charts(trained, mlflow
     experiment = f"{base}/#/experiments/{run.info.experiment_id}"
     _, text = _page(f"{experiment}?workflowType=machine_learning")
     assert "Runs - Experiment" in text and TRAINED_RUN in text and "matching runs" in text
-
-

@@ -17,8 +17,16 @@ from pipelines.core.manifest import Manifest
 from pipelines.core.samples import shard_name
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["model.model_channels=8", "model.num_heads=1", "model.attention_resolutions=[]", "train.batch_size=16",
-        "train.log_every=4", "train.checkpoint_every=4", "train.sample_every=0", "optim.warmup_steps=2"]
+TINY = [
+    "model.model_channels=8",
+    "model.num_heads=1",
+    "model.attention_resolutions=[]",
+    "train.batch_size=16",
+    "train.log_every=4",
+    "train.checkpoint_every=4",
+    "train.sample_every=0",
+    "optim.warmup_steps=2",
+]
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(900)]
 
@@ -76,16 +84,24 @@ def test_the_chain_on_three_nodes_through_a_bucket(tmp_path, s3_server, s3_bucke
     _job("jobs.ingest", ["--source", "digits", "--out", str(tmp_path / "digits"), "--shards", "2"])
     there, here = Manifest.load(data, verify=True), Manifest.load(tmp_path / "digits")
     assert first_ingest["counts"] == {s: v["count"] for s, v in there.splits.items()}
-    assert [s["sha256"] for s in there.splits["train"]["shards"]] == [s["sha256"] for s in
-                                                                       here.splits["train"]["shards"]]
+    assert [s["sha256"] for s in there.splits["train"]["shards"]] == [
+        s["sha256"] for s in here.splits["train"]["shards"]
+    ]
     assert all(f.startswith("shards-") and "/" in f for f in old)  # each ingest its own folder
     assert not any(storage.exists(storage.join(data, f)) for f in old)  # the replaced shards are gone
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # 2 of a node's 3 CPUs per worker: the two workers cannot share a node, and each node keeps a CPU for the
     # stream's reading and pairing tasks
-    sets = [f"data.shards={data}", f"train.storage_path={s3_bucket}/runs", "ray.cpus_per_worker=2",
-            f"mlflow.tracking_uri={uri}", "train.run_name=s3-run", "train.ema_snapshot_every=4", *TINY]
+    sets = [
+        f"data.shards={data}",
+        f"train.storage_path={s3_bucket}/runs",
+        "ray.cpus_per_worker=2",
+        f"mlflow.tracking_uri={uri}",
+        "train.run_name=s3-run",
+        "train.ema_snapshot_every=4",
+        *TINY,
+    ]
     args = ["--config", str(ROOT / "configs/digits-cpu.yaml"), *[x for s in sets for x in ("--set", s)]]
     first = _job("jobs.train", [*args, "--set", "train.steps=8"])
     assert first["checkpoint"].startswith(f"{s3_bucket}/runs/s3-run/checkpoint_") and not first["resumed"]
@@ -118,9 +134,26 @@ def test_the_chain_on_three_nodes_through_a_bucket(tmp_path, s3_server, s3_bucke
     # caches (the feature classifier, the reference statistics) beside the shards in the bucket
     track = ["--tracking-uri", uri]
     samples = f"{s3_bucket}/samples"
-    sample_args = ["--checkpoint", more["checkpoint"], "--num-samples", "32", "--out", samples, *track,
-                   *[x for s in ("sample.solver=euler", "sample.steps=2", "sample.block_size=8", "sample.actors=2",
-                                  "sample.cpus_per_actor=2") for x in ("--set", s)]]
+    sample_args = [
+        "--checkpoint",
+        more["checkpoint"],
+        "--num-samples",
+        "32",
+        "--out",
+        samples,
+        *track,
+        *[
+            x
+            for s in (
+                "sample.solver=euler",
+                "sample.steps=2",
+                "sample.block_size=8",
+                "sample.actors=2",
+                "sample.cpus_per_actor=2",
+            )
+            for x in ("--set", s)
+        ],
+    ]
     sampled = _job("jobs.sample", sample_args)
     assert sampled["num_samples"] == 32 and sampled["blocks_sampled"] == 4
     blocks = [storage.join(samples, shard_name(b)) for b in range(4)]
@@ -132,10 +165,23 @@ def test_the_chain_on_three_nodes_through_a_bucket(tmp_path, s3_server, s3_bucke
     again = _job("jobs.sample", sample_args)
     assert (again["blocks_reused"], again["blocks_sampled"]) == (2, 2)
     assert storage.read_bytes(blocks[1]) == whole  # the same samples: every sample's noise comes from its id
-    evaluated = _job("jobs.evaluate", ["--checkpoint", more["checkpoint"], "--data", data, "--samples", samples,
-                                       *track,
-                                       *[x for s in ("eval.max_images=20", "eval.solver=euler", "eval.steps=4",
-                                                     "eval.classifier_epochs=1") for x in ("--set", s)]])
+    evaluated = _job(
+        "jobs.evaluate",
+        [
+            "--checkpoint",
+            more["checkpoint"],
+            "--data",
+            data,
+            "--samples",
+            samples,
+            *track,
+            *[
+                x
+                for s in ("eval.max_images=20", "eval.solver=euler", "eval.steps=4", "eval.classifier_epochs=1")
+                for x in ("--set", s)
+            ],
+        ],
+    )
     assert evaluated["likelihood"]["n"] == 20 and evaluated["quality"]["num_samples"] == 32
     assert storage.is_file(f"{data}/classifier/epochs1-seed0/info.json")
     fs, path = storage.resolve(f"{data}/feature_stats")

@@ -14,7 +14,8 @@ from fm.ema import EMA
 from fm.models import GaussianOTFlow
 from fm.seeding import SeedStack, derive_seed
 from pipelines.batch.config import EvalConfig
-from pipelines.batch.evaluate import log_evaluation_run, open_evaluation_run, run_evaluation, sample_quality
+from pipelines.batch.evaluate import log_evaluation_run, open_evaluation_run, run_evaluation
+from pipelines.batch.quality import sample_quality
 from pipelines.batch.results import EvaluationError
 from pipelines.core.checkpoint import save_checkpoint
 from pipelines.core.errors import ConfigError
@@ -27,10 +28,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 def gaussian_checkpoint(directory, shape):
     flow = GaussianOTFlow(mu=0.1, std=0.4)
     manifest = {"source": "npz:x", "kind": "image", "shape": shape, "num_classes": 1, "class_names": []}
-    return save_checkpoint(directory, step=0, model=flow, ema_state=EMA(flow).state_dict(), optimizer=None,
-                           model_name="gaussian_ot", model_kwargs={"mu": 0.1, "std": 0.4},
-                           method_kwargs={"name": "fm_ot", "sigma_min": 0.0}, config={},
-                           manifest=manifest)
+    return save_checkpoint(
+        directory,
+        step=0,
+        model=flow,
+        ema_state=EMA(flow).state_dict(),
+        optimizer=None,
+        model_name="gaussian_ot",
+        model_kwargs={"mu": 0.1, "std": 0.4},
+        method_kwargs={"name": "fm_ot", "sigma_min": 0.0},
+        config={},
+        manifest=manifest,
+    )
 
 
 def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local):
@@ -73,11 +82,11 @@ def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local
     st, std = evaluated.straightness, 0.4
     x_0 = SeedStack([derive_seed(0, 3, i) for i in range(64)]).randn([1, 4, 4]).double()
     t = torch.linspace(0, 1, 100_001, dtype=torch.float64)
-    S = torch.sqrt((1 - t) ** 2 + t ** 2 * std ** 2)
-    integral = torch.trapezoid(((t * std ** 2 - (1 - t)) / S) ** 2, t).item() - (std - 1) ** 2
+    S = torch.sqrt((1 - t) ** 2 + t**2 * std**2)
+    integral = torch.trapezoid(((t * std**2 - (1 - t)) / S) ** 2, t).item() - (std - 1) ** 2
     assert st.straightness == pytest.approx(x_0.pow(2).mean().item() * integral, rel=1e-2)
     grid = torch.linspace(0, 1, 17, dtype=torch.float64)
-    off = (torch.sqrt((1 - grid) ** 2 + grid ** 2 * std ** 2) - (1 - grid + grid * std)).abs().max()
+    off = (torch.sqrt((1 - grid) ** 2 + grid**2 * std**2) - (1 - grid + grid * std)).abs().max()
     chord = (0.1 + (std - 1) * x_0).flatten(1).norm(dim=1)
     assert st.chord_deviation == pytest.approx((off * x_0.flatten(1).norm(dim=1) / chord).mean().item(), rel=1e-2)
     assert (st.samples, st.steps, st.nfe) == (64, 16, 16 * 4 + 17)
@@ -86,10 +95,13 @@ def test_likelihood_stage_gives_the_closed_form_bits_per_dim(tmp_path, ray_local
     # Hutchinson with one Gaussian probe is noisy per image but unbiased for the one-draw bound: its mean
     # agrees with the exact divergence's within its standard error (same dequantization noise, K = 1)
     one = dict(draws=1, batch_size=8, atol=1e-7, rtol=1e-7)
-    exact_1 = run_evaluation(str(ckpt), str(tmp_path / "data"), None,
-                             EvalConfig(divergence="exact", **one)).likelihood
-    hutch = run_evaluation(str(ckpt), str(tmp_path / "data"), None,
-                           EvalConfig(divergence="hutchinson", probes=1, probe_kind="gaussian", **one)).likelihood
+    exact_1 = run_evaluation(str(ckpt), str(tmp_path / "data"), None, EvalConfig(divergence="exact", **one)).likelihood
+    hutch = run_evaluation(
+        str(ckpt),
+        str(tmp_path / "data"),
+        None,
+        EvalConfig(divergence="hutchinson", probes=1, probe_kind="gaussian", **one),
+    ).likelihood
     assert abs(hutch.mean - exact_1.mean) < 3 * hutch.stderr
     assert hutch.stderr > exact_1.stderr
 
@@ -115,8 +127,16 @@ def test_per_image_bits_per_dim_do_not_depend_on_actors_or_blocks_per_call(tmp_p
 def _fake_samples(directory, images: np.ndarray, checkpoint):
     directory.mkdir(parents=True)
     n = len(images)
-    table = pa.table({"id": np.arange(n), "seed": np.arange(n), "label": np.full(n, -1), "nfe": np.full(n, 1),
-                      "image": [im.tobytes() for im in images]}, schema=SAMPLE_SCHEMA)
+    table = pa.table(
+        {
+            "id": np.arange(n),
+            "seed": np.arange(n),
+            "label": np.full(n, -1),
+            "nfe": np.full(n, 1),
+            "image": [im.tobytes() for im in images],
+        },
+        schema=SAMPLE_SCHEMA,
+    )
     pq.write_table(table, directory / "block-00000000.parquet")
     (directory / SETTINGS).write_text(f'{{"checkpoint": "{checkpoint}", "solver": "euler", "steps": 1}}')
 
@@ -133,8 +153,11 @@ def test_auto_actor_pools_fill_the_cores_within_the_memory_resource(ray_local):
     assert actor_pool(0, 0.5)[0] == cores and actor_pool(0, 1.0)[0] == cores
     assert actor_pool(0, 2.0)[0] == max(1, cores // 2)
     node_cpus = ray.cluster_resources()["CPU"]
-    with pytest.raises(ConfigError, match=rf"each actor asks for {4 * cores} CPU, which no node of this Ray's 1 "
-                                          rf"node\(s\) \({node_cpus:g} CPU, 0 GPU\) has"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"each actor asks for {4 * cores} CPU, which no node of this Ray's 1 "
+        rf"node\(s\) \({node_cpus:g} CPU, 0 GPU\) has",
+    ):
         actor_pool(0, 4 * cores)  # no node could place it: refused, rather than waited for for ever
     assert actor_pool(3, 0.5, memory=1 << 30) == (3, 1 << 30)  # a set count is kept, the memory declared
     memory = ray.available_resources()["memory"]
@@ -151,8 +174,8 @@ def test_auto_actor_pools_fill_the_cores_within_the_memory_resource(ray_local):
 @pytest.mark.heavy  # about 5 minutes on an AVX2-only 2-core machine: `make heavy`, which CI runs
 def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     from fm.metrics import gaussian_stats
-    from pipelines.batch.evaluate import feature_net
     from pipelines.batch.features import extract, feature_stage, in_subset, load_network, split_stats
+    from pipelines.batch.quality import feature_net
 
     data = tmp_path / "digits"
     ingest("digits", data, shards=2, test_fraction=0.2)
@@ -172,8 +195,7 @@ def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     # against the training split (the papers' convention), with the floor of held-out real images beside it
     m = load_manifest(data)
     n_train, n_test = m.count("train"), m.count("test")
-    assert n_test > 300 and (good.reference_split, good.num_reference, good.floor_split) == \
-        ("train", n_train, "test")
+    assert n_test > 300 and (good.reference_split, good.num_reference, good.floor_split) == ("train", n_train, "test")
     # the floor uses about as many held-out images as there are samples (an id-hashed subset), since the
     # distance's bias depends on the count
     test_ids = pa.concat_tables([pq.read_table(p) for p in m.shard_paths("test")])["id"].to_pylist()
@@ -204,18 +226,27 @@ def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     net, _, _ = feature_net(load_manifest(data), cfg)
     model = load_network(net, torch.device("cpu"))
     direct = extract(net, model, torch.from_numpy(real).permute(0, 3, 1, 2), torch.device("cpu")).double()
-    staged = feature_stage([str(tmp_path / "real" / "block-00000000.parquet")], [8, 8, 1], net, 300,
-                           batch_size=7, actors=2)
+    staged = feature_stage(
+        [str(tmp_path / "real" / "block-00000000.parquet")], [8, 8, 1], net, 300, batch_size=7, actors=2
+    )
     mean, cov = staged.stats.mean_cov()
     ref_mean, ref_cov = gaussian_stats(direct)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cov, ref_cov, rtol=1e-4, atol=1e-5)
     assert split_stats(load_manifest(data), "train", net).cached
     # the KID / precision-recall subset: the same ids (by id hash, in id order) with 1 or 2 actors and any batch size
-    one = feature_stage([str(tmp_path / "real" / "block-00000000.parquet")], [8, 8, 1], net, 300, subset_size=50,
-                        batch_size=32, actors=1)
-    two = feature_stage([str(tmp_path / "real" / "block-00000000.parquet")], [8, 8, 1], net, 300, subset_size=50,
-                        batch_size=7, actors=2)
+    one = feature_stage(
+        [str(tmp_path / "real" / "block-00000000.parquet")],
+        [8, 8, 1],
+        net,
+        300,
+        subset_size=50,
+        batch_size=32,
+        actors=1,
+    )
+    two = feature_stage(
+        [str(tmp_path / "real" / "block-00000000.parquet")], [8, 8, 1], net, 300, subset_size=50, batch_size=7, actors=2
+    )
     assert len(one.subset_ids) == 50 and one.subset_ids.tolist() == sorted(one.subset_ids.tolist())
     assert one.subset_ids.tolist() == two.subset_ids.tolist()
     torch.testing.assert_close(one.subset, two.subset, rtol=1e-5, atol=1e-5)  # float32 kernels of other batch sizes
@@ -232,11 +263,18 @@ def test_eval_precision_runs_the_likelihood_network_under_autocast(tmp_path):
     torch.manual_seed(0)
     manifest = load_manifest(ingest("toy2d:moons", tmp_path / "moons", shards=1).out)
     net = MLP(dim=2, hidden=64, depth=2)
-    ckpt = save_checkpoint(tmp_path / "ckpt", step=0, model=net, ema_state=EMA(net).state_dict(), optimizer=None,
-                           model_name="mlp", model_kwargs={"dim": 2, "hidden": 64, "depth": 2},
-                           method_kwargs={"name": "fm_ot", "sigma_min": 0.0}, config={},
-                           manifest={"source": "toy2d:moons", "kind": "points", "shape": [2], "num_classes": 1,
-                                     "class_names": []})
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt",
+        step=0,
+        model=net,
+        ema_state=EMA(net).state_dict(),
+        optimizer=None,
+        model_name="mlp",
+        model_kwargs={"dim": 2, "hidden": 64, "depth": 2},
+        method_kwargs={"name": "fm_ot", "sigma_min": 0.0},
+        config={},
+        manifest={"source": "toy2d:moons", "kind": "points", "shape": [2], "num_classes": 1, "class_names": []},
+    )
     files = tuple(manifest.shard_paths("test"))
     nll, dtypes, threads = {}, set(), torch.get_num_threads()
     for precision in ("fp32", "bf16"):
@@ -249,8 +287,11 @@ def test_eval_precision_runs_the_likelihood_network_under_autocast(tmp_path):
     assert dtypes == {("fp32", torch.float32), ("bf16", torch.bfloat16)}
     assert 0 < np.abs(nll["bf16"] - nll["fp32"]).max() < 0.1  # nats; bf16 keeps 8 bits of mantissa
     assert EvalConfig().precision == "fp32"
-    with pytest.raises(ConfigError, match=r"^eval.precision: 'fp16' is not allowed; fp16 needs GPU actors "
-                                          r"\(eval.gpus_per_actor > 0\); use fp32 or bf16 on CPU$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^eval.precision: 'fp16' is not allowed; fp16 needs GPU actors "
+        r"\(eval.gpus_per_actor > 0\); use fp32 or bf16 on CPU$",
+    ):
         run_evaluation(str(ckpt), manifest, None, EvalConfig(precision="fp16"))
 
 
@@ -274,8 +315,12 @@ def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
     client = MlflowClient(uri)
     exp = client.create_experiment("cmp", artifact_location=(tmp_path / "art").as_uri())
     # 2 seeds of fm_ot; otcfm with uniform and with logit-normal t: another model, so another row
-    fixtures = [("fm_ot", 3.1, 20.0, 98, "uniform"), ("fm_ot", 3.3, 22.0, 102, "uniform"),
-                ("otcfm", 3.0, 15.0, 60, "uniform"), ("otcfm", 3.05, 14.0, 58, "logit_normal")]
+    fixtures = [
+        ("fm_ot", 3.1, 20.0, 98, "uniform"),
+        ("fm_ot", 3.3, 22.0, 102, "uniform"),
+        ("otcfm", 3.0, 15.0, 60, "uniform"),
+        ("otcfm", 3.05, 14.0, 58, "logit_normal"),
+    ]
     for method, bpd, fd, nfe, timing in fixtures:
         train = client.create_run(exp, tags={"flowray.kind": "train"}).info.run_id
         client.log_param(train, "method.name", method)
@@ -286,10 +331,18 @@ def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
             client.log_param(train, "method.meanflow_ratio", "0.25")
         sample = client.create_run(exp, tags={"flowray.kind": "sample"}).info.run_id
         client.log_metric(sample, "mean_nfe", nfe)
-        ev = client.create_run(exp, tags={"flowray.kind": "evaluate", "flowray.train_run_id": train,
-                                          "flowray.sample_run_id": sample, "flowray.method": method,
-                                          "flowray.sample_solver": "dopri5", "flowray.sample_steps": "100",
-                                          "flowray.fd_label": "FD (digits classifier)"}).info.run_id
+        ev = client.create_run(
+            exp,
+            tags={
+                "flowray.kind": "evaluate",
+                "flowray.train_run_id": train,
+                "flowray.sample_run_id": sample,
+                "flowray.method": method,
+                "flowray.sample_solver": "dopri5",
+                "flowray.sample_steps": "100",
+                "flowray.fd_label": "FD (digits classifier)",
+            },
+        ).info.run_id
         client.log_metric(ev, "bpd", bpd)
         client.log_metric(ev, "fd", fd)
         client.log_metric(ev, "fd_floor", 2.0)
@@ -301,13 +354,19 @@ def test_compare_prints_the_table_for_fixture_runs(tmp_path, capsys):
     lines = [line for line in out.splitlines() if line.startswith("| fm_ot") or line.startswith("| otcfm")]
     assert len(lines) == 3
     sd_bpd, sd_fd = math.sqrt(0.02), math.sqrt(2.0)
-    assert lines[0].startswith(f"| fm_ot | OT (sigma_min) | independent | dopri5 | adaptive | 500 | 2 | "
-                               f"3.200 ± {sd_bpd:.3f} | 21.000 ± {sd_fd:.3f} | 22.000 ± {sd_fd:.3f} | 2.000 | "
-                               f"0.310 ± {math.sqrt(0.0002):.3f} | 100 ± 3 | 200 ± 6 |")
-    assert lines[1].startswith("| otcfm (time_sampling=logit_normal) | straight line | exact OT (global batch) | "
-                               "dopri5 | adaptive | 500 | 1 | 3.050 | 14.000 | 15.000 | 2.000 | 0.095 | 58 | 116 |")
-    assert lines[2].startswith("| otcfm (time_sampling=uniform) | straight line | exact OT (global batch) | dopri5 | "
-                               "adaptive | 500 | 1 | 3.000 | 15.000 | 16.000 | 2.000 | 0.090 | 60 | 120 |")
+    assert lines[0].startswith(
+        f"| fm_ot | OT (sigma_min) | independent | dopri5 | adaptive | 500 | 2 | "
+        f"3.200 ± {sd_bpd:.3f} | 21.000 ± {sd_fd:.3f} | 22.000 ± {sd_fd:.3f} | 2.000 | "
+        f"0.310 ± {math.sqrt(0.0002):.3f} | 100 ± 3 | 200 ± 6 |"
+    )
+    assert lines[1].startswith(
+        "| otcfm (time_sampling=logit_normal) | straight line | exact OT (global batch) | "
+        "dopri5 | adaptive | 500 | 1 | 3.050 | 14.000 | 15.000 | 2.000 | 0.095 | 58 | 116 |"
+    )
+    assert lines[2].startswith(
+        "| otcfm (time_sampling=uniform) | straight line | exact OT (global batch) | dopri5 | "
+        "adaptive | 500 | 1 | 3.000 | 15.000 | 16.000 | 2.000 | 0.090 | 60 | 120 |"
+    )
     assert "| floor (real vs real) | straightness | sample NFE |" in out
     assert "| FD (digits classifier) at the floor's count | floor (real vs real) |" in out
     assert "FD (digits classifier)" in out

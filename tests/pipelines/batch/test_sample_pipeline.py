@@ -70,9 +70,12 @@ def test_bit_identical_across_actors_and_batch_sizes_and_resume(tmp_path, ray_lo
     # an output sampled before the seeding used the whole seed (no version recorded) is not added to
     settings = tmp_path / "c" / "_sampling.json"
     settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "seeding"}))
-    with pytest.raises(SamplingError, match=r"holds samples whose noise was seeded by version 1 \(the low 32 bits of "
-                                            r"each seed\); this version seeds by version 2 \(all 63 bits\) and does "
-                                            r"not add its samples to them; use a new --out"):
+    with pytest.raises(
+        SamplingError,
+        match=r"holds samples whose noise was seeded by version 1 \(the low 32 bits of "
+        r"each seed\); this version seeds by version 2 \(all 63 bits\) and does "
+        r"not add its samples to them; use a new --out",
+    ):
         run_sampling(str(ckpt), tmp_path / "c", SampleConfig(**{**base, "num_samples": 80}))
 
 
@@ -109,8 +112,22 @@ def test_the_sampling_job_logs_system_metrics_and_a_refused_one_leaves_no_run(tm
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     train_run, _ = find_or_create_run(uri, "sysmetrics", "train-run")
     ckpt = make_checkpoint(tmp_path / "ckpt", run_id=train_run)
-    result = main(["--checkpoint", str(ckpt), "--num-samples", "64", "--out", str(tmp_path / "s"),
-                   "--tracking-uri", uri, "--set", "sample.solver=dopri5", "--set", "sample.block_size=16"])
+    result = main(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--num-samples",
+            "64",
+            "--out",
+            str(tmp_path / "s"),
+            "--tracking-uri",
+            uri,
+            "--set",
+            "sample.solver=dopri5",
+            "--set",
+            "sample.block_size=16",
+        ]
+    )
     client = MlflowClient(uri)
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == train_run
@@ -118,8 +135,20 @@ def test_the_sampling_job_logs_system_metrics_and_a_refused_one_leaves_no_run(tm
     exp = run.info.experiment_id
     before = {r.info.run_id for r in client.search_runs([exp])}
     with pytest.raises(SystemExit) as stop:
-        main(["--checkpoint", str(ckpt), "--num-samples", "64", "--out", str(tmp_path / "big"), "--tracking-uri", uri,
-              "--set", "sample.block_size=100000000"])
+        main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--num-samples",
+                "64",
+                "--out",
+                str(tmp_path / "big"),
+                "--tracking-uri",
+                uri,
+                "--set",
+                "sample.block_size=100000000",
+            ]
+        )
     assert stop.value.code == 2
     assert {r.info.run_id for r in client.search_runs([exp])} == before
 

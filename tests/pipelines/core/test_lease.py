@@ -23,9 +23,12 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_a_live_holder_keeps_its_lease_and_a_dead_one_does_not(tmp_path, monkeypatch):
     run = str(tmp_path / "runs" / "a")
     held = acquire(run, "training run 'a'", "train.run_name")
-    with pytest.raises(LeaseHeld, match=rf"^train.run_name: training run 'a' is running already \(process "
-                                        rf"{os.getpid()} on {socket.gethostname()}, started \d+ s ago; its lease is "
-                                        rf".*{LEASE}\); two jobs cannot share one run"):
+    with pytest.raises(
+        LeaseHeld,
+        match=rf"^train.run_name: training run 'a' is running already \(process "
+        rf"{os.getpid()} on {socket.gethostname()}, started \d+ s ago; its lease is "
+        rf".*{LEASE}\); two jobs cannot share one run",
+    ):
         acquire(run, "training run 'a'", "train.run_name")
     held.release()
     assert not (tmp_path / "runs" / "a" / LEASE).exists()
@@ -33,8 +36,14 @@ def test_a_live_holder_keeps_its_lease_and_a_dead_one_does_not(tmp_path, monkeyp
     # a holder that died without releasing (SIGKILL): its process is gone, so the lease is free at once
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = {"token": "t", "what": "w", "host": socket.gethostname(), "pid": dead.pid, "started": time.time() - 5,
-             "renewed": time.time()}
+    stale = {
+        "token": "t",
+        "what": "w",
+        "host": socket.gethostname(),
+        "pid": dead.pid,
+        "started": time.time() - 5,
+        "renewed": time.time(),
+    }
     (tmp_path / "runs" / "a" / LEASE).write_text(json.dumps(stale))
     with acquire(run, "x", "k") as mine:
         assert json.loads((tmp_path / "runs" / "a" / LEASE).read_text())["token"] == mine.holder["token"]
@@ -67,8 +76,14 @@ def test_a_lease_in_an_object_store(s3_bucket, monkeypatch):
     fs, path = storage.resolve(f"{run}/{LEASE}")
     assert fs.get_file_info(path).type == pafs.FileType.NotFound  # released: nothing left in the bucket
     # a taker that wrote after us while we settled holds it: we are refused, it is not
-    mine = {"token": "late", "what": "a later job", "host": "another-host", "pid": 1, "started": time.time(),
-            "renewed": time.time()}
+    mine = {
+        "token": "late",
+        "what": "a later job",
+        "host": "another-host",
+        "pid": 1,
+        "started": time.time(),
+        "renewed": time.time(),
+    }
     monkeypatch.setattr(lease, "_settle", lambda: storage.write_text(f"{run}/{LEASE}", json.dumps(mine)))
     with pytest.raises(LeaseHeld, match="a later job is running already"):
         acquire(run, "training run 'a'", "train.run_name")
@@ -78,12 +93,25 @@ def test_a_lease_in_an_object_store(s3_bucket, monkeypatch):
 def test_two_training_processes_of_one_run_name(tmp_path, digits):
     """The second `flowray train` of a run name is refused while the first lives (exit 2, one line, before Ray);
     once the first is killed (SIGKILL: no release), the lease is free."""
-    sets = [*TINY, f"data.shards={digits}", f"train.storage_path={tmp_path / 'runs'}", "train.run_name=shared",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", "train.steps=100000"]
-    cmd = [sys.executable, "-m", "jobs.train", "--config", "configs/digits-cpu.yaml",
-           *[a for s in sets for a in ("--set", s)]]
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    sets = [
+        *TINY,
+        f"data.shards={digits}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        "train.run_name=shared",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        "train.steps=100000",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        "--config",
+        "configs/digits-cpu.yaml",
+        *[a for s in sets for a in ("--set", s)],
+    ]
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     path = tmp_path / "runs" / "shared" / LEASE
     try:
         deadline = time.monotonic() + 90
@@ -95,7 +123,12 @@ def test_two_training_processes_of_one_run_name(tmp_path, digits):
         os.killpg(first.pid, signal.SIGKILL)  # the job, its local Ray and the Ray reaper: no release
         first.wait()
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
-    assert second.stderr.strip().splitlines()[-1].startswith(
-        f"training failed: train.run_name: training run 'shared' is running already (process {first.pid} on ")
+    assert (
+        second.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"training failed: train.run_name: training run 'shared' is running already (process {first.pid} on "
+        )
+    )
     assert json.loads(path.read_text())["pid"] == first.pid  # the killed job's lease is still there, and free:
     acquire(str(tmp_path / "runs" / "shared"), "x", "k").release()

@@ -1,12 +1,12 @@
 """Security: the servers the project starts on this machine listen on loopback only (`mlflow ui` as the README starts
 it: tests/pipelines/test_quality_while_training.py, over the session's trained run)."""
 
-
 import psutil
 import pytest
 from pipeline_helpers import LOOPBACK, listening_addresses
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
 
 def test_the_embedded_local_ray_listens_on_loopback_only(ray_local):
     """The session's Ray, started by this process as every job starts it (`init_ray`): with tasks and Ray Data's

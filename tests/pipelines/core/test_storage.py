@@ -45,11 +45,17 @@ def test_locations_join_and_come_back_from_ray_paths():
     assert storage.ray_paths(["/x/a.parquet"]) == (["/x/a.parquet"], None)
 
 
-@pytest.mark.parametrize("location, message", [
-    ("ftp://host/x", "train.storage_path: 'ftp://host/x' has the scheme ftp://, which is not supported; use a local "
-                     "path or one of s3://, gs://"),
-    ("s3:///x", "train.storage_path: 's3:///x' names no bucket (s3://BUCKET/PREFIX)"),
-])
+@pytest.mark.parametrize(
+    "location, message",
+    [
+        (
+            "ftp://host/x",
+            "train.storage_path: 'ftp://host/x' has the scheme ftp://, which is not supported; use a local "
+            "path or one of s3://, gs://",
+        ),
+        ("s3:///x", "train.storage_path: 's3:///x' names no bucket (s3://BUCKET/PREFIX)"),
+    ],
+)
 def test_a_location_this_layer_cannot_use_is_named(location, message):
     with pytest.raises(storage.StorageError) as err:
         storage.check_writable(location, "train.storage_path")
@@ -67,16 +73,19 @@ def test_a_request_timeout_that_cannot_work_is_named(value, monkeypatch):
 def test_a_missing_bucket_and_a_silent_server_fail_fast_and_named(s3_bucket, monkeypatch):
     with pytest.raises(storage.StorageError) as err:
         storage.check_writable("s3://no-such-bucket-here/runs", "train.storage_path")
-    assert str(err.value) == ("train.storage_path: s3://no-such-bucket-here/runs is not writable: the bucket does "
-                              "not exist")
+    assert str(err.value) == (
+        "train.storage_path: s3://no-such-bucket-here/runs is not writable: the bucket does not exist"
+    )
     assert storage.check_writable(s3_bucket + "/runs", "train.storage_path") == s3_bucket + "/runs"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the discard port: nothing answers
     start = time.perf_counter()
     with pytest.raises(storage.StorageError) as err:
         storage.check_writable(s3_bucket + "/runs", "train.storage_path")
     assert time.perf_counter() - start < 10
-    assert str(err.value) == (f"train.storage_path: {s3_bucket}/runs is not writable: the server does not answer "
-                              "(check AWS_ENDPOINT_URL and the network)")
+    assert str(err.value) == (
+        f"train.storage_path: {s3_bucket}/runs is not writable: the server does not answer "
+        "(check AWS_ENDPOINT_URL and the network)"
+    )
 
 
 def _write_data(directory):
@@ -87,13 +96,26 @@ def _write_data(directory):
     shards, row = [], 0
     for k, n in enumerate([20, 13]):
         raw = rng.integers(0, 256, (n, 16), dtype=np.uint8)
-        table = pa.table({"id": [str(row + i) for i in range(n)], "label": list(range(row, row + n)),
-                          "image": [r.tobytes() for r in raw]}, schema=shard_schema(fmt, "train"))
+        table = pa.table(
+            {
+                "id": [str(row + i) for i in range(n)],
+                "label": list(range(row, row + n)),
+                "image": [r.tobytes() for r in raw],
+            },
+            schema=shard_schema(fmt, "train"),
+        )
         pq.write_table(table, directory / f"train-{k}.parquet", row_group_size=8)
         shards.append({"file": f"train-{k}.parquet", "rows": n, "sha256": sha256(directory / f"train-{k}.parquet")})
         row += n
-    manifest = {"source": "digits", "kind": "image", "shape": SHAPE, "num_classes": 0, "class_names": [],
-                **fmt, "splits": {"train": {"count": row, "shards": shards}}}
+    manifest = {
+        "source": "digits",
+        "kind": "image",
+        "shape": SHAPE,
+        "num_classes": 0,
+        "class_names": [],
+        **fmt,
+        "splits": {"train": {"count": row, "shards": shards}},
+    }
     (directory / MANIFEST).write_text(json.dumps(manifest))
     return directory
 
@@ -126,8 +148,11 @@ def test_a_bucket_manifest_that_disagrees_with_its_shards_is_named(tmp_path, s3_
     with pytest.raises(ManifestError) as err:
         Manifest.load(s3_bucket + "/d")
     assert str(err.value) == f"{s3_bucket}/d/train-1.parquet: 13 rows, but manifest.json says 14"
-    with pytest.raises(ManifestError, match=rf"^{s3_bucket}/nothing/manifest.json not found: run `python -m "
-                                            "jobs.ingest"):
+    with pytest.raises(
+        ManifestError,
+        match=rf"^{s3_bucket}/nothing/manifest.json not found: run `python -m "
+        "jobs.ingest",
+    ):
         Manifest.load(s3_bucket + "/nothing")
 
 
@@ -142,9 +167,12 @@ def s3_with_auth():
     from pipeline_helpers import free_port
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -159,19 +187,31 @@ def s3_with_auth():
     server.wait(timeout=10)
 
 
-@pytest.mark.parametrize("credentials, message", [
-    ({"AWS_ACCESS_KEY_ID": "unknown", "AWS_SECRET_ACCESS_KEY": "unknown"},
-     "the access key is not known to the server (AWS_ACCESS_KEY_ID)"),
-    ({}, "; no AWS credentials were found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
-         "~/.aws/credentials, a web identity token), so the request went unsigned unless the node has a role"),
-])
-def test_refused_or_missing_credentials_are_named_in_seconds(s3_with_auth, monkeypatch, tmp_path, credentials,
-                                                             message):
+@pytest.mark.parametrize(
+    "credentials, message",
+    [
+        (
+            {"AWS_ACCESS_KEY_ID": "unknown", "AWS_SECRET_ACCESS_KEY": "unknown"},
+            "the access key is not known to the server (AWS_ACCESS_KEY_ID)",
+        ),
+        (
+            {},
+            "; no AWS credentials were found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+            "~/.aws/credentials, a web identity token), so the request went unsigned unless the node has a role",
+        ),
+    ],
+)
+def test_refused_or_missing_credentials_are_named_in_seconds(s3_with_auth, monkeypatch, tmp_path, credentials, message):
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(key, raising=False)
-    env = {"AWS_ENDPOINT_URL": s3_with_auth, "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
-           **credentials}
+    env = {
+        "AWS_ENDPOINT_URL": s3_with_auth,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        **credentials,
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     start = time.perf_counter()

@@ -49,8 +49,16 @@ def image_folder(tmp_path):
 
 def test_folder_quarantines_with_reasons_and_converts_channels(image_folder, tmp_path):
     out = tmp_path / "out"
-    res = ingest(f"folder:{image_folder}", out, shards=2, test_fraction=0.25, seed=1, channels=3,
-                 image_size=8, max_bad_fraction=0.5)
+    res = ingest(
+        f"folder:{image_folder}",
+        out,
+        shards=2,
+        test_fraction=0.25,
+        seed=1,
+        channels=3,
+        image_size=8,
+        max_bad_fraction=0.5,
+    )
     m = res.manifest
     reasons = {q["id"]: q["reason"] for q in m["quarantine"]}
     assert set(reasons) == {"cat/corrupt.png", "dog/big.png"}
@@ -71,8 +79,16 @@ def test_folder_quarantines_with_reasons_and_converts_channels(image_folder, tmp
     assert (gray[:, :, 0] == gray[:, :, 1]).all() and (gray[:, :, 1] == gray[:, :, 2]).all()
     # manifest checksums verify; the split is deterministic for a seed
     load_manifest(out, verify=True)
-    again = ingest(f"folder:{image_folder}", tmp_path / "again", shards=2, test_fraction=0.25, seed=1,
-                   channels=3, image_size=8, max_bad_fraction=0.5)
+    again = ingest(
+        f"folder:{image_folder}",
+        tmp_path / "again",
+        shards=2,
+        test_fraction=0.25,
+        seed=1,
+        channels=3,
+        image_size=8,
+        max_bad_fraction=0.5,
+    )
     assert _read_rows(tmp_path / "again", "test")["id"] == _read_rows(out, "test")["id"]
     assert again.manifest["splits"]["train"]["count"] == m["splits"]["train"]["count"]
 
@@ -93,8 +109,12 @@ def test_hf_parquet_bytes_and_paths(tmp_path):
     pq.write_table(table, tmp_path / "train-00000.parquet")
     out = tmp_path / "out"
     m = ingest(f"parquet:{tmp_path}/*.parquet", out, shards=1, test_fraction=0.0, max_bad_fraction=0.5).manifest
-    assert m["quarantine"] == [{"id": "train-00000.parquet:3",
-                                "reason": f"image bytes are null and path '{tmp_path / 'missing.png'}' is missing"}]
+    assert m["quarantine"] == [
+        {
+            "id": "train-00000.parquet:3",
+            "reason": f"image bytes are null and path '{tmp_path / 'missing.png'}' is missing",
+        }
+    ]
     rows = _read_rows(out, "train")
     assert rows["label"] == [0, 1, 2, 4]
     assert np.frombuffer(rows["image"][3], np.uint8).reshape(4, 4, 3).tolist() == imgs[4].tolist()
@@ -173,8 +193,9 @@ def mixed_folder(tmp_path):
     files = {
         "a/rgb.jpg": _encode(Image.fromarray(rgb), "JPEG"),
         "a/rgba.png": _encode(Image.fromarray(rng.integers(0, 256, (12, 12, 4), dtype=np.uint8), "RGBA"), "PNG"),
-        "a/palette.gif": _encode(Image.fromarray(rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)).convert("P"),
-                                 "GIF"),
+        "a/palette.gif": _encode(
+            Image.fromarray(rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)).convert("P"), "GIF"
+        ),
         "a/grey.png": _encode(Image.fromarray(rng.integers(0, 256, (9, 9), dtype=np.uint8), "L"), "PNG"),
         "b/deep.png": _encode(Image.fromarray(np.full((8, 8), 51400, np.uint16)), "PNG"),  # 16-bit: 51400/257 = 200
         "b/cmyk.jpg": _encode(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG"),  # red ink
@@ -189,8 +210,15 @@ def mixed_folder(tmp_path):
 
 def test_a_folder_of_mixed_photos_is_resized_converted_and_counted(mixed_folder, tmp_path):
     root, _ = mixed_folder
-    m = ingest(f"folder:{root}", tmp_path / "out", image_size=8, channels=3, transform="center-crop",
-               max_bad_fraction=0.5, test_fraction=0.0).manifest
+    m = ingest(
+        f"folder:{root}",
+        tmp_path / "out",
+        image_size=8,
+        channels=3,
+        transform="center-crop",
+        max_bad_fraction=0.5,
+        test_fraction=0.0,
+    ).manifest
     reasons = {q["id"]: q["reason"] for q in m["quarantine"]}
     assert set(reasons) == {"b/corrupt.jpg", "b/empty.png"}
     assert reasons["b/empty.png"] == "empty file (0 bytes)"
@@ -210,16 +238,26 @@ def test_a_folder_of_mixed_photos_is_resized_converted_and_counted(mixed_folder,
     expect = decoded.resize((13, 8), Image.Resampling.LANCZOS).crop((2, 0, 10, 8))
     assert img["a/rgb.jpg"].tolist() == np.asarray(expect).tolist()
     # resize stretches instead; grey output replicates nothing and converts RGB by luma
-    m = ingest(f"folder:{root}", tmp_path / "grey", image_size=4, channels=1, transform="resize",
-               max_bad_fraction=0.5, test_fraction=0.0).manifest
+    m = ingest(
+        f"folder:{root}",
+        tmp_path / "grey",
+        image_size=4,
+        channels=1,
+        transform="resize",
+        max_bad_fraction=0.5,
+        test_fraction=0.0,
+    ).manifest
     assert m["shape"] == [4, 4, 1] and m["resized"] == 7
     assert m["conversions"]["RGB->L"] == 2 and m["conversions"]["I;16->L"] == 1
 
 
 def test_without_a_transform_photos_of_another_size_are_quarantined_with_a_hint(mixed_folder, tmp_path):
     root, _ = mixed_folder
-    with pytest.raises(IngestError, match=r"could not be used, above max_bad_fraction=1.0%\. First: .*wrong size "
-                                          r"30x50, expected 8x8 \(--transform center-crop or resize makes it fit\)"):
+    with pytest.raises(
+        IngestError,
+        match=r"could not be used, above max_bad_fraction=1.0%\. First: .*wrong size "
+        r"30x50, expected 8x8 \(--transform center-crop or resize makes it fit\)",
+    ):
         ingest(f"folder:{root}", tmp_path / "out", image_size=8)
     # a failed job leaves neither shards nor a manifest nor its staging folder behind
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
@@ -247,8 +285,9 @@ def test_downsampled_imagenet_layout(tmp_path):
     train = _read_rows(tmp_path / "out", "train")
     row = train["id"].index("train_data_batch_1:3")
     assert train["label"][row] == 3  # stored 0-based
-    assert np.frombuffer(train["image"][row], np.uint8).reshape(4, 4, 3).tolist() == \
-        chw[0][3].transpose(1, 2, 0).tolist()  # CHW -> HWC
+    assert (
+        np.frombuffer(train["image"][row], np.uint8).reshape(4, 4, 3).tolist() == chw[0][3].transpose(1, 2, 0).tolist()
+    )  # CHW -> HWC
     assert set(_read_rows(tmp_path / "out", "test")["label"]) == {999}
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "val_data").write_bytes(b"\x80\x04\x95 pickled")
@@ -269,22 +308,35 @@ def _tar(path, members: dict[str, bytes]):
 def test_tar_archives_with_cls_members_and_with_class_folders(tmp_path):
     rng = np.random.default_rng(0)
     imgs = [rng.integers(0, 256, (6, 6, 3), dtype=np.uint8) for _ in range(6)]
-    _tar(tmp_path / "shard-000.tar", {"0001.png": _png(imgs[0]), "0001.cls": b"3",
-                                      "0002.png": _png(imgs[1]), "0002.cls": b"7",
-                                      "0003.png": b"garbage", "0003.cls": b"1"})
-    _tar(tmp_path / "shard-001.tar", {"0004.png": _png(imgs[2]), "0004.cls": b"0",
-                                      "0005.png": _png(imgs[3])})  # no .cls: quarantined
+    _tar(
+        tmp_path / "shard-000.tar",
+        {
+            "0001.png": _png(imgs[0]),
+            "0001.cls": b"3",
+            "0002.png": _png(imgs[1]),
+            "0002.cls": b"7",
+            "0003.png": b"garbage",
+            "0003.cls": b"1",
+        },
+    )
+    _tar(
+        tmp_path / "shard-001.tar", {"0004.png": _png(imgs[2]), "0004.cls": b"0", "0005.png": _png(imgs[3])}
+    )  # no .cls: quarantined
     m = ingest(f"tar:{tmp_path}/shard-*.tar", tmp_path / "wds", max_bad_fraction=0.5, test_fraction=0.0).manifest
     assert {q["id"] for q in m["quarantine"]} == {"shard-000.tar:0003.png", "shard-001.tar:0005.png"}
     rows = _read_rows(tmp_path / "wds", "train")
-    assert dict(zip(rows["id"], rows["label"], strict=True)) == {"shard-000.tar:0001.png": 3,
-                                                                  "shard-000.tar:0002.png": 7,
-                                                                  "shard-001.tar:0004.png": 0}
+    assert dict(zip(rows["id"], rows["label"], strict=True)) == {
+        "shard-000.tar:0001.png": 3,
+        "shard-000.tar:0002.png": 7,
+        "shard-001.tar:0004.png": 0,
+    }
     _tar(tmp_path / "folders.tar", {"cat/x.png": _png(imgs[4]), "dog/y.png": _png(imgs[5])})
     m = ingest(f"tar:{tmp_path}/folders.tar", tmp_path / "f", test_fraction=0.0).manifest
     assert m["class_names"] == ["cat", "dog"]
-    assert dict(zip(*(_read_rows(tmp_path / "f", "train")[k] for k in ("id", "label")), strict=True)) == \
-        {"folders.tar:cat/x.png": 0, "folders.tar:dog/y.png": 1}
+    assert dict(zip(*(_read_rows(tmp_path / "f", "train")[k] for k in ("id", "label")), strict=True)) == {
+        "folders.tar:cat/x.png": 0,
+        "folders.tar:dog/y.png": 1,
+    }
 
 
 def test_shards_and_split_do_not_depend_on_the_parallelism(image_folder, tmp_path):
@@ -303,17 +355,19 @@ def test_shards_and_split_do_not_depend_on_the_parallelism(image_folder, tmp_pat
     # re-ingesting into the same folder with fewer parts replaces the old shards
     ingest(f"folder:{image_folder}", tmp_path / "p1", **{**kw, "shards": 1})
     assert sorted(p.name for p in (tmp_path / "p1").glob("*.parquet")) == [
-        "test-00000-of-00001.parquet", "train-00000-of-00001.parquet"]
+        "test-00000-of-00001.parquet",
+        "train-00000-of-00001.parquet",
+    ]
     load_manifest(tmp_path / "p1", verify=True)
 
 
 def test_a_source_without_labels_needs_unlabelled_and_refuses_class_conditioning(tmp_path):
     from pipelines.core.errors import ConfigError
-    from pipelines.train.config import check_data, load_config
+    from pipelines.train.against_data import check_data
+    from pipelines.train.config import load_config
 
     rng = np.random.default_rng(0)
-    imgs = [{"bytes": _png(rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)[:, :, 0]), "path": None}
-            for _ in range(300)]
+    imgs = [{"bytes": _png(rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)[:, :, 0]), "path": None} for _ in range(300)]
     pq.write_table(pa.table({"img": imgs}), tmp_path / "u.parquet")
     with pytest.raises(IngestError, match="source 'parquet:.*u.parquet' has no labels; pass --unlabelled"):
         ingest(f"parquet:{tmp_path}/u.parquet", tmp_path / "o")
@@ -336,8 +390,7 @@ def _png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
-        chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_every_folder_entry_is_accounted_for(tmp_path):
@@ -362,21 +415,23 @@ def test_every_folder_entry_is_accounted_for(tmp_path):
     os.mkfifo(root / "dog" / "pipe.png")
     os.symlink(root / "cat", root / "dog" / "more")
     (root / "dog" / "README.txt").write_text("not an image")
-    res = ingest(f"folder:{root}", tmp_path / "out", shards=1, channels=1, image_size=8, max_bad_fraction=0.5,
-                 max_pixels=1000)
+    res = ingest(
+        f"folder:{root}", tmp_path / "out", shards=1, channels=1, image_size=8, max_bad_fraction=0.5, max_pixels=1000
+    )
     m = res.manifest
     assert {q["id"]: q["reason"] for q in m["quarantine"]} == {
         "cat/broken.png": f"broken symbolic link (to {root / 'nowhere.png'})",
         "dog/loop.png": "symbolic link loop",
         "dog/pipe.png": "not a regular file (a fifo)",
         "cat/huge.png": "decodes to 30000x30000 = 900,000,000 pixels, above the limit of 1,000 (--max-pixels; a "
-                        "decompression bomb, or a photo larger than the limit allows)",
+        "decompression bomb, or a photo larger than the limit allows)",
         "dog/large.png": "decodes to 40x40 = 1,600 pixels, above the limit of 1,000 (--max-pixels; a decompression "
-                         "bomb, or a photo larger than the limit allows)",
+        "bomb, or a photo larger than the limit allows)",
     }
     assert {q["id"]: q["reason"] for q in m["ignored"]} == {
         "dog/README.txt": "not an image file by its name (.txt)",
-        "dog/more": "symbolic link to a folder (not followed: it could loop)"}
+        "dog/more": "symbolic link to a folder (not followed: it could loop)",
+    }
     assert m["rows_read"] == 14 and sum(s["count"] for s in m["splits"].values()) == 9  # nested.png is read
     # PIL's own limit is the default: the header is refused before a pixel is decoded
     with pytest.raises(ValueError, match="above the limit of 89,478,485"):
@@ -384,18 +439,21 @@ def test_every_folder_entry_is_accounted_for(tmp_path):
 
 
 def test_a_resolution_no_task_can_hold_is_refused_before_ray(image_folder, tmp_path):
-    with pytest.raises(IngestError, match=r"--resolution 100000: one ingest task would hold about 5\d.\d GiB \(row "
-                                          r"groups of 1 row\(s\) of 100000x100000x3 = 27.9 GiB each, twice while "
-                                          r"written, one decoded image of up to --max-pixels 89,478,485, and the "
-                                          r"worker\), more than this machine's .* of memory; lower --resolution"):
+    with pytest.raises(
+        IngestError,
+        match=r"--resolution 100000: one ingest task would hold about 5\d.\d GiB \(row "
+        r"groups of 1 row\(s\) of 100000x100000x3 = 27.9 GiB each, twice while "
+        r"written, one decoded image of up to --max-pixels 89,478,485, and the "
+        r"worker\), more than this machine's .* of memory; lower --resolution",
+    ):
         ingest(f"folder:{image_folder}", tmp_path / "o", channels=3, image_size=100_000, transform="resize")
 
 
 def test_a_file_removed_after_listing_is_quarantined_and_bad_limits_are_refused(image_folder, tmp_path):
     """A source that changes while it is ingested: a listed image removed before its task reads it is a
     quarantined row with the reason, not a failed task."""
+    from pipelines.ingest.part_writer import ingest_part
     from pipelines.ingest.rows import Settings
-    from pipelines.ingest.run import ingest_part
     from pipelines.ingest.sources import list_source
 
     listing = list_source(f"folder:{image_folder}", 1)

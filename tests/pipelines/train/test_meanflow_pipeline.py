@@ -15,10 +15,22 @@ def test_meanflow_trains_on_two_workers_and_samples_in_jumps(digits, tmp_path, r
     from pipelines.core.checkpoint import load_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = [*TINY, f"data.shards={digits}", f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={uri}",
-            "train.run_name=mean", "mlflow.experiment=tests", "method.name=meanflow", "train.steps=8",
-            "train.sample_every=8", "train.eval_every=8", "train.eval_solver=jump", "train.eval_steps=1",
-            "train.eval_samples=32", "train.eval_rows=16"]
+    sets = [
+        *TINY,
+        f"data.shards={digits}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri={uri}",
+        "train.run_name=mean",
+        "mlflow.experiment=tests",
+        "method.name=meanflow",
+        "train.steps=8",
+        "train.sample_every=8",
+        "train.eval_every=8",
+        "train.eval_solver=jump",
+        "train.eval_steps=1",
+        "train.eval_samples=32",
+        "train.eval_rows=16",
+    ]
     trained = train_main(["--config", "configs/digits-cpu.yaml", *[a for s in sets for a in ("--set", s)]])
     assert trained["metrics"]["step"] == 8
     loaded = load_model(trained["checkpoint"])
@@ -30,12 +42,35 @@ def test_meanflow_trains_on_two_workers_and_samples_in_jumps(digits, tmp_path, r
     assert {a.path for a in client.list_artifacts(trained["run_id"], "samples")} == {"samples/step_000008.png"}
 
     for steps in (1, 2):
-        sampled = sample_main(["--checkpoint", trained["checkpoint"], "--num-samples", "16", "--out",
-                               str(tmp_path / f"jump{steps}"), "--tracking-uri", uri, "--set", "sample.solver=jump",
-                               "--set", f"sample.steps={steps}"])
+        sampled = sample_main(
+            [
+                "--checkpoint",
+                trained["checkpoint"],
+                "--num-samples",
+                "16",
+                "--out",
+                str(tmp_path / f"jump{steps}"),
+                "--tracking-uri",
+                uri,
+                "--set",
+                "sample.solver=jump",
+                "--set",
+                f"sample.steps={steps}",
+            ]
+        )
         assert sampled["num_samples"] == 16 and sampled["mean_nfe"] == steps
-    evaluated = evaluate_main(["--checkpoint", trained["checkpoint"], "--data", str(digits), "--samples",
-                               str(tmp_path / "jump1"), "--tracking-uri", uri])
+    evaluated = evaluate_main(
+        [
+            "--checkpoint",
+            trained["checkpoint"],
+            "--data",
+            str(digits),
+            "--samples",
+            str(tmp_path / "jump1"),
+            "--tracking-uri",
+            uri,
+        ]
+    )
     assert evaluated["likelihood"] is None and evaluated["straightness"] is None
     assert evaluated["quality"]["num_samples"] == 16 and evaluated["quality"]["fd"] > 0
     (ev_run,) = client.search_runs([run.info.experiment_id], "tags.`flowray.kind` = 'evaluate'")
@@ -45,8 +80,11 @@ def test_meanflow_trains_on_two_workers_and_samples_in_jumps(digits, tmp_path, r
     # an ODE solver is refused in words, before Ray work
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        sample_main(["--checkpoint", trained["checkpoint"], "--num-samples", "4", "--out", str(tmp_path / "ode"),
-                     "--no-mlflow"])
+        sample_main(
+            ["--checkpoint", trained["checkpoint"], "--num-samples", "4", "--out", str(tmp_path / "ode"), "--no-mlflow"]
+        )
     assert stop.value.code == 2
-    assert "sample.solver: 'dopri5' is not allowed; meanflow models average velocities: it samples in 'jump's" \
+    assert (
+        "sample.solver: 'dopri5' is not allowed; meanflow models average velocities: it samples in 'jump's"
         in capsys.readouterr().err
+    )

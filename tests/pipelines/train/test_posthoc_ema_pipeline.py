@@ -37,8 +37,20 @@ def test_flowray_ema_rebuilds_lengths_that_sample(trained_digits, tmp_path):
         assert all(torch.equal(kept[k], snap[k]) for k in kept)
     assert json.loads(at_8["meta"])["mlflow_run_id"] == res["run_id"]
 
-    out = ema_main(["--run", f"runs:/{res['run_id']}", "--sigma-rel", "0.05,0.08", "--step", "8", "--out",
-                    str(tmp_path / "ema"), "--tracking-uri", uri])
+    out = ema_main(
+        [
+            "--run",
+            f"runs:/{res['run_id']}",
+            "--sigma-rel",
+            "0.05,0.08",
+            "--step",
+            "8",
+            "--out",
+            str(tmp_path / "ema"),
+            "--tracking-uri",
+            uri,
+        ]
+    )
     tracked, other = out["rebuilt"]
     assert (tracked["step"], tracked["snapshots"], tracked["sigma_rel"]) == (8, 4, 0.05)
     # a tracked length at a snapshot's step is that snapshot's profile
@@ -57,9 +69,21 @@ def test_flowray_ema_rebuilds_lengths_that_sample(trained_digits, tmp_path):
     assert child.data.tags["mlflow.parentRunId"] == res["run_id"] and child.data.tags["flowray.kind"] == "ema"
     assert child.data.params["sigma_rel"] == "0.08" and child.data.tags["flowray.checkpoint"] == other["checkpoint"]
     # the batch stage samples it as it samples any checkpoint
-    sampled = sample_main(["--checkpoint", other["checkpoint"], "--num-samples", "8", "--out",
-                           str(tmp_path / "samples"), "--no-mlflow", "--set", "sample.solver=euler",
-                           "--set", "sample.steps=4"])
+    sampled = sample_main(
+        [
+            "--checkpoint",
+            other["checkpoint"],
+            "--num-samples",
+            "8",
+            "--out",
+            str(tmp_path / "samples"),
+            "--no-mlflow",
+            "--set",
+            "sample.solver=euler",
+            "--set",
+            "sample.steps=4",
+        ]
+    )
     assert sampled["num_samples"] == 8
 
     # bad input, before any work
@@ -68,8 +92,11 @@ def test_flowray_ema_rebuilds_lengths_that_sample(trained_digits, tmp_path):
     for args, message in [
         ((run_dir, [0.3]), "--sigma-rel: 0.3 is not allowed; each must be in (0, 0.2887)"),
         ((run_dir, [0.05], 1), "--step: 1 is before the run's first snapshot (step 2); snapshots span steps 2 to "),
-        ((str(tmp_path), [0.05]), f"--run: no post-hoc EMA snapshots in {tmp_path}/ema_snapshots; train the run "
-                                  "with train.ema_snapshot_every > 0"),
+        (
+            (str(tmp_path), [0.05]),
+            f"--run: no post-hoc EMA snapshots in {tmp_path}/ema_snapshots; train the run "
+            "with train.ema_snapshot_every > 0",
+        ),
         ((str(tmp_path / "nowhere"), [0.05]), f"--run: {tmp_path / 'nowhere'} does not exist"),
     ]:
         with pytest.raises(ConfigError) as err:
@@ -82,10 +109,14 @@ def test_flowray_ema_rebuilds_lengths_that_sample(trained_digits, tmp_path):
     from pipelines.train.config import load_config
     from pipelines.train.driver import run_training
 
-    sets = [s if not s.startswith("mlflow.tracking_uri=") else f"mlflow.tracking_uri={uri}"
-            for s in trained_digits["sets"]]
+    sets = [
+        s if not s.startswith("mlflow.tracking_uri=") else f"mlflow.tracking_uri={uri}" for s in trained_digits["sets"]
+    ]
     for change, now in (("optim.ema_sigma_rels=[0.05]", "[0.05]"), ("train.ema_snapshot_every=0", "None")):
-        with pytest.raises(ConfigError, match=rf"its post-hoc EMA profiles \(optim.ema_sigma_rels with "
-                                              rf"train.ema_snapshot_every > 0\) were \[0.05, 0.1\], now "
-                                              rf"{re.escape(now)}: they average the run from its first step"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"its post-hoc EMA profiles \(optim.ema_sigma_rels with "
+            rf"train.ema_snapshot_every > 0\) were \[0.05, 0.1\], now "
+            rf"{re.escape(now)}: they average the run from its first step",
+        ):
             run_training(load_config("configs/digits-cpu.yaml", [*sets, "train.steps=20", change]))

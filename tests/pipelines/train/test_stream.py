@@ -35,8 +35,13 @@ def shards(tmp_path_factory):
     d, files, row = tmp_path_factory.mktemp("stream"), [], 0
     for k, n in enumerate(FILE_ROWS):
         ids = range(row, row + n)
-        table = pa.table({"id": [str(i) for i in ids], "label": [i % CLASSES for i in ids],
-                          "image": [_image(i).tobytes() for i in ids]})
+        table = pa.table(
+            {
+                "id": [str(i) for i in ids],
+                "label": [i % CLASSES for i in ids],
+                "image": [_image(i).tobytes() for i in ids],
+            }
+        )
         pq.write_table(table, d / f"part-{k}.parquet", row_group_size=16)
         files.append(str(d / f"part-{k}.parquet"))
         row += n
@@ -44,9 +49,25 @@ def shards(tmp_path_factory):
 
 
 def _spec(files, scope="local", hflip=False, method="otcfm", steps=20, window=WINDOW) -> StreamSpec:
-    return StreamSpec(files, GROUP_ROWS, SHAPE, "image", batch_size=8, world=2, steps=steps, seed=SEED, hflip=hflip,
-                      method_kwargs={"name": method, "ot_scope": scope}, num_classes=CLASSES, label_dropout=DROPOUT,
-                      keep_labels=False, cpus=0.25, tasks=1, prefetch_batches=2, shuffle_window=window)
+    return StreamSpec(
+        files,
+        GROUP_ROWS,
+        SHAPE,
+        "image",
+        batch_size=8,
+        world=2,
+        steps=steps,
+        seed=SEED,
+        hflip=hflip,
+        method_kwargs={"name": method, "ot_scope": scope},
+        num_classes=CLASSES,
+        label_dropout=DROPOUT,
+        keep_labels=False,
+        cpus=0.25,
+        tasks=1,
+        prefetch_batches=2,
+        shuffle_window=window,
+    )
 
 
 def _groups() -> list[set[int]]:
@@ -80,10 +101,11 @@ def _window_ends(order: np.ndarray) -> int:
 def test_a_class_sorted_source_gives_batches_of_most_classes_at_the_default_window():
     # 60,000 rows sorted by class (6,000 each), row groups of 512 as ingest writes them: a window of 65,536 rows
     groups = tuple([tuple([512] * 117 + [96])])
-    spec = StreamSpec(("unused",), groups, SHAPE, "image", 64, 2, 10, 0, False, {"name": "icfm"}, 10, 0.0, False,
-                      0.25, 1, 2)
+    spec = StreamSpec(
+        ("unused",), groups, SHAPE, "image", 64, 2, 10, 0, False, {"name": "icfm"}, 10, 0.0, False, 0.25, 1, 2
+    )
     order = pass_order(spec, 0)
-    classes = [len(np.unique(order[k:k + 128] // 6000)) for k in range(0, 60_000 - 128, 128)]
+    classes = [len(np.unique(order[k : k + 128] // 6000)) for k in range(0, 60_000 - 128, 128)]
     assert np.mean(classes) >= 9.5
 
 
@@ -92,7 +114,7 @@ def test_steps_read_consecutive_positions_and_a_pass_rolls_into_the_next(shards)
     out = read_steps({"id": np.arange(14)}, spec, rank=1, first_step=0)
     both = [read_steps({"id": np.arange(14)}, spec, rank=r, first_step=0)["row"] for r in range(2)]
     seq = np.concatenate([np.concatenate([both[0][s], both[1][s]]) for s in range(14)])  # 14 steps x 16 rows
-    want = np.concatenate([pass_order(spec, p) for p in range(3)])[:14 * B]
+    want = np.concatenate([pass_order(spec, p) for p in range(3)])[: 14 * B]
     assert np.array_equal(seq, want)
     # step 6 reads the last 4 rows of pass 0 and the first 12 of pass 1: no row is skipped
     assert sorted(seq[:N].tolist()) == list(range(N))
@@ -104,20 +126,22 @@ def test_steps_read_consecutive_positions_and_a_pass_rolls_into_the_next(shards)
     assert np.array_equal(later["row"], out["row"][11:14])
     # the global plan's stream reads every rank's rows of the step, in rank order
     g = read_steps({"id": np.array([6])}, _spec(shards, "global"), rank=0, first_step=0)
-    assert np.array_equal(g["row"][0], seq[6 * B:7 * B])
+    assert np.array_equal(g["row"][0], seq[6 * B : 7 * B])
 
 
 def _rows_read(spec: StreamSpec, first: int, end: int) -> np.ndarray:
     """The split rows steps first..end-1 read, every rank's in rank order: in the order of their positions."""
-    per_rank = [read_steps({"id": np.arange(end - first)}, spec, rank=r, first_step=first)["row"]
-                for r in range(spec.world)]
+    per_rank = [
+        read_steps({"id": np.arange(end - first)}, spec, rank=r, first_step=first)["row"] for r in range(spec.world)
+    ]
     return np.concatenate([np.concatenate([rows[k] for rows in per_rank]) for k in range(end - first)])
 
 
 def _meta(fields: dict) -> CheckpointMeta:
     """A checkpoint's meta.json with these fields (the model and method are not read here)."""
-    return CheckpointMeta.from_dict({"model": {"name": "mlp", "kwargs": {}}, "method": {"name": "icfm"}, **fields},
-                                    "meta.json")
+    return CheckpointMeta.from_dict(
+        {"model": {"name": "mlp", "kwargs": {}}, "method": {"name": "icfm"}, **fields}, "meta.json"
+    )
 
 
 def test_restarts_with_2_then_1_then_3_workers_read_every_row_of_every_pass_once(shards):
@@ -137,16 +161,17 @@ def test_restarts_with_2_then_1_then_3_workers_read_every_row_of_every_pass_once
     seq = np.concatenate(read)
     assert len(seq) == 472
     for p in range(4):
-        assert sorted(seq[p * N:(p + 1) * N].tolist()) == list(range(N)), f"pass {p}"
+        assert sorted(seq[p * N : (p + 1) * N].tolist()) == list(range(N)), f"pass {p}"
     assert np.array_equal(seq[200:300], pass_order(two, 2))  # the old window's order, to the end of its pass
     assert np.array_equal(seq[300:400], pass_order(replace(two, shuffle_window=N), 3))
     # a checkpoint from before the cursor was recorded: step x batch x its workers rows, its config's window
-    old = _meta({"step": 9, "config": {"ray": {"num_workers": 2}, "train": {"batch_size": 8},
-                                       "data": {"shuffle_window": 40}}})
+    old = _meta(
+        {"step": 9, "config": {"ray": {"num_workers": 2}, "train": {"batch_size": 8}, "data": {"shuffle_window": 40}}}
+    )
     assert resume_position(replace(two, world=1), old) == one
     # what the stream did before: step s read positions s x B, so 1 worker from step 9 re-read rows and skipped others
     naive = _rows_read(replace(two, world=1), 9, 20)
-    assert sorted(np.concatenate([read[0], naive])[N:2 * N].tolist()) != list(range(N))
+    assert sorted(np.concatenate([read[0], naive])[N : 2 * N].tolist()) != list(range(N))
 
 
 def test_only_an_exact_ot_method_reads_the_global_batch_for_one_plan(shards):
@@ -159,11 +184,17 @@ def test_only_an_exact_ot_method_reads_the_global_batch_for_one_plan(shards):
 
 def test_a_row_of_the_wrong_size_is_named(tmp_path, shards):
     bad = tmp_path / "bad.parquet"
-    pq.write_table(pa.table({"id": ["0"] * 40, "label": [0] * 40, "image": [b"\x00" * 16] * 39 + [b"\x00" * 3]}),
-                   bad, row_group_size=16)
+    pq.write_table(
+        pa.table({"id": ["0"] * 40, "label": [0] * 40, "image": [b"\x00" * 16] * 39 + [b"\x00" * 3]}),
+        bad,
+        row_group_size=16,
+    )
     spec = replace(_spec(shards, window=N), files=(str(bad), *shards[1:]))
-    with pytest.raises(ValueError, match=r"bad.parquet: row 39 has 3 bytes; a row of shape \[4, 4, 1\] \(image\) "
-                                         r"has 16; re-ingest the data"):
+    with pytest.raises(
+        ValueError,
+        match=r"bad.parquet: row 39 has 3 bytes; a row of shape \[4, 4, 1\] \(image\) "
+        r"has 16; re-ingest the data",
+    ):
         read_steps({"id": np.arange(7)}, spec, rank=0, first_step=0)
 
 
@@ -216,8 +247,8 @@ def test_the_stage_pairs_a_step_as_the_method_defines(shards, method):
 def test_the_global_plan_is_one_exact_plan_over_every_ranks_batch_split_by_rank(shards):
     spec, step = _spec(shards, "global"), 4
     rows = _stage(spec, 0, step)[0]
-    x_1 = torch.cat([_reference_x1(step, r, rows[r * 8:(r + 1) * 8], False) for r in range(2)])
-    y = torch.cat([_reference_y(step, r, rows[r * 8:(r + 1) * 8]) for r in range(2)])
+    x_1 = torch.cat([_reference_x1(step, r, rows[r * 8 : (r + 1) * 8], False) for r in range(2)])
+    y = torch.cat([_reference_y(step, r, rows[r * 8 : (r + 1) * 8]) for r in range(2)])
     x_0 = torch.cat([torch.randn(8, 1, 4, 4, generator=generator(SEED, r, step)) for r in range(2)])
     j = _assignment(x_0, x_1)
     got = [_stage(spec, r, step)[1] for r in range(2)]

@@ -34,15 +34,20 @@ def _snapshot(client, run_id) -> dict:
             out += artifacts(a.path) if a.is_dir else [(a.path, a.file_size)]
         return out
 
-    return {"run": run.to_dictionary(), "artifacts": sorted(artifacts()),
-            "history": {k: _history(client, run_id, k) for k in sorted(run.data.metrics)}}
+    return {
+        "run": run.to_dictionary(),
+        "artifacts": sorted(artifacts()),
+        "history": {k: _history(client, run_id, k) for k in sorted(run.data.metrics)},
+    }
 
 
 def _continue(trained: dict, *extra: str):
     """The session's trained run's config (its store by absolute URI) with `extra` overrides: another attempt at the
     same run name."""
-    sets = [s if not s.startswith("mlflow.tracking_uri=") else f"mlflow.tracking_uri={trained['uri']}"
-            for s in trained["sets"]]
+    sets = [
+        s if not s.startswith("mlflow.tracking_uri=") else f"mlflow.tracking_uri={trained['uri']}"
+        for s in trained["sets"]
+    ]
     return load_config(str(ROOT / "configs/digits-cpu.yaml"), [*sets, *extra])
 
 
@@ -63,7 +68,8 @@ def test_two_workers_checkpoints_mlflow_and_resume(trained_digits, tmp_path):
     assert [s for s, _ in _history(client, res["run_id"], "val_loss")] == [4, 8]
     held_out = validation_set(load_manifest(digits), "test", 40, "none")
     assert res["metrics"]["val_loss"] == pytest.approx(
-        validation_loss(loaded.method, loaded.model, held_out, torch.device("cpu")), rel=1e-4)
+        validation_loss(loaded.method, loaded.model, held_out, torch.device("cpu")), rel=1e-4
+    )
     assert _history(client, res["run_id"], "val_loss")[-1][1] == pytest.approx(res["metrics"]["val_loss"])
     assert run.data.params["method.name"] == "fm_ot" and run.data.params["ray.num_workers"] == "2"
     loss = sorted(client.get_metric_history(res["run_id"], "loss"), key=lambda m: m.step)
@@ -95,9 +101,12 @@ def test_two_workers_checkpoints_mlflow_and_resume(trained_digits, tmp_path):
     name, run_dir = TRAINED_RUN, res["run_dir"]
 
     # another model width under the same run name is refused before Ray or MLflow is touched
-    with pytest.raises(ConfigError, match=rf"train.run_name='{name}' already has a checkpoint at step 8 .*"
-                                          r"cannot resume with this one: model.model_channels was 8, now 16\. "
-                                          r"Set train.run_name to a new name"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"train.run_name='{name}' already has a checkpoint at step 8 .*"
+        r"cannot resume with this one: model.model_channels was 8, now 16\. "
+        r"Set train.run_name to a new name",
+    ):
         run_training(_continue(trained_digits, "train.steps=12", "model.model_channels=16"))
     # the same config again: the run is done; nothing is trained and the result is the finished run's
     again = run_training(_continue(trained_digits))
@@ -134,10 +143,23 @@ def test_injected_worker_failure_resumes_to_the_target_step(digits, tmp_path, ra
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # OT-CFM with the coupling solved over the global batch of both workers, dropout on
-    common = ("train.steps=8", "train.sample_every=0", "method.name=otcfm", "method.ot_scope=global",
-              "model.dropout=0.3")
-    cfg = tiny_config(digits, tmp_path / "runs", uri, "faulty", *common, "train.fail_at_step=6",
-                      "train.fail_rank=1", "ray.max_failures=1")
+    common = (
+        "train.steps=8",
+        "train.sample_every=0",
+        "method.name=otcfm",
+        "method.ot_scope=global",
+        "model.dropout=0.3",
+    )
+    cfg = tiny_config(
+        digits,
+        tmp_path / "runs",
+        uri,
+        "faulty",
+        *common,
+        "train.fail_at_step=6",
+        "train.fail_rank=1",
+        "ray.max_failures=1",
+    )
     res = run_training(cfg)
     # the resumed run ends with the weights of a run that never failed, bit for bit: the same rows, flips, noise,
     # pairs and dropout masks at every step
@@ -173,8 +195,9 @@ def mlflow_server(tmp_path):
 
 
 @pytest.mark.heavy  # about 90 s with its server: in `make heavy`, so that `make test` stays within its budget
-def test_bf16_training_logged_to_a_real_mlflow_server_and_sampled_by_registered_name(digits, tmp_path, ray_local,
-                                                                                     mlflow_server):
+def test_bf16_training_logged_to_a_real_mlflow_server_and_sampled_by_registered_name(
+    digits, tmp_path, ray_local, mlflow_server
+):
     """One run: train.precision=bf16 (CPU autocast) with NHWC batches, logged over HTTP to a real `mlflow server`,
     registered, and sampled by its registered name and alias."""
     import mlflow
@@ -183,9 +206,19 @@ def test_bf16_training_logged_to_a_real_mlflow_server_and_sampled_by_registered_
     from pipelines.core.checkpoint import CheckpointError
     from pipelines.core.registry import resolve_checkpoint
 
-    res = run_training(tiny_config(digits, tmp_path / "runs", mlflow_server, "over-http", "train.steps=4",
-                                   "ray.num_workers=1", "mlflow.register_as=tiny-digits", "train.precision=bf16",
-                                   "train.channels_last=true"))
+    res = run_training(
+        tiny_config(
+            digits,
+            tmp_path / "runs",
+            mlflow_server,
+            "over-http",
+            "train.steps=4",
+            "ray.num_workers=1",
+            "mlflow.register_as=tiny-digits",
+            "train.precision=bf16",
+            "train.channels_last=true",
+        )
+    )
     # bf16: finite losses, and a checkpoint in fp32 that rebuilds the model (the memory format is not part of it)
     assert res.metrics["step"] == 4 and res.metrics["nonfinite_total"] == 0
     ckpt = load_model(res.checkpoint)
@@ -200,9 +233,22 @@ def test_bf16_training_logged_to_a_real_mlflow_server_and_sampled_by_registered_
     assert res.registered_model == "models:/tiny-digits/1"
     client.set_registered_model_alias("tiny-digits", "champion", "1")
     for i, spec in enumerate(("models:/tiny-digits/1", "models:/tiny-digits@champion")):
-        out = sample_main(["--checkpoint", spec, "--num-samples", "4", "--out", str(tmp_path / f"s{i}"),
-                           "--tracking-uri", mlflow_server, "--set", "sample.solver=euler", "--set",
-                           "sample.steps=2"])
+        out = sample_main(
+            [
+                "--checkpoint",
+                spec,
+                "--num-samples",
+                "4",
+                "--out",
+                str(tmp_path / f"s{i}"),
+                "--tracking-uri",
+                mlflow_server,
+                "--set",
+                "sample.solver=euler",
+                "--set",
+                "sample.steps=2",
+            ]
+        )
         assert out["blocks_sampled"] == 1 and out["train_run_id"] == res.run_id
         assert client.get_run(out["mlflow_run_id"]).data.tags["flowray.train_run_id"] == res.run_id
     # the exported network (pt2, no pickled code) computes what the checkpoint's EMA network computes
@@ -231,8 +277,11 @@ def test_logging_windows_reach_mlflow_stamped_when_they_closed(tmp_path):
     client = MlflowClient(uri)
     run_id = create_run(uri, "stamps", "stamps")
     callback = CheckpointedMetrics(uri, run_id, steps=8, flush_timeout_s=30)
-    callback.after_report(None, [{"step": 4, WINDOWS: [(2, {"loss": 1.0}, 1_000_000), [4, {"loss": 0.5}, 2_000_000]]}],
-                          checkpoint=object())
+    callback.after_report(
+        None,
+        [{"step": 4, WINDOWS: [(2, {"loss": 1.0}, 1_000_000), [4, {"loss": 0.5}, 2_000_000]]}],
+        checkpoint=object(),
+    )
     before = int(time.time() * 1000)
     callback.after_report(None, [{"step": 8, WINDOWS: [(8, {"loss": 0.25})]}], checkpoint=object())
     loss = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
@@ -240,8 +289,12 @@ def test_logging_windows_reach_mlflow_stamped_when_they_closed(tmp_path):
     assert [m.timestamp for m in loss[:2]] == [1_000_000, 2_000_000] and loss[2].timestamp >= before
 
     resumed = create_run(uri, "stamps", "stamps-resumed")
-    previous = SimpleNamespace(best_checkpoints=[(None, {WINDOWS: [[2, {"loss": 1.0}, 1_000_000]]}),
-                                                 (None, {WINDOWS: [[4, {"loss": 0.5}, 2_000_000]]})])
+    previous = SimpleNamespace(
+        best_checkpoints=[
+            (None, {WINDOWS: [[2, {"loss": 1.0}, 1_000_000]]}),
+            (None, {WINDOWS: [[4, {"loss": 0.5}, 2_000_000]]}),
+        ]
+    )
     assert replay_windows(uri, resumed, previous, after_step=2) == 1
     assert [(m.step, m.timestamp) for m in client.get_metric_history(resumed, "loss")] == [(4, 2_000_000)]
 

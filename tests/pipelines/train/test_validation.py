@@ -23,7 +23,6 @@ def test_the_validation_loss_repeats_exactly_and_leaves_the_model_training():
     assert torch.equal(torch.get_rng_state(), before)
 
 
-
 class Zero(torch.nn.Module):
     def forward(self, x, t, y=None):
         return torch.zeros_like(x)
