@@ -5,10 +5,12 @@ prediction kind (`fm.paths.PREDICTIONS`; "epsilon" trains by denoising score mat
 named methods are presets of those parts in `METHODS`, the one place to add a method; config validation, the
 comparison table's labels and the table below (`methods_markdown()`, checked against the README) all read it.
 
-Every method but MeanFlow gives a velocity field for ODE sampling and likelihood; the score model through its
-probability-flow ODE. Three kinds share the interface (`pair`, `loss_on_pairs`, `loss`, `velocity`, `draw_x0`):
+Every method but MeanFlow and one-step distillation gives a velocity field for ODE sampling and likelihood; the score
+model through its probability-flow ODE. Three kinds share the interface (`pair`, `loss_on_pairs`, `loss`, `velocity`,
+`draw_x0`):
 - "euclidean" (`Method`): noise to data in R^D; `MeanFlowMethod` among them models the average velocity over an
-  interval instead (`fm.meanflow`), sampled in jumps, and refuses ODE solvers and the likelihood;
+  interval instead (`fm.meanflow`), sampled in jumps, and refuses ODE solvers and the likelihood; `DistillMethod`
+  learns the one-step map of a flow's own pairs (sampled in one jump);
 - "riemannian" (`RiemannianMethod`): the uniform prior to data on a manifold along geodesics (`fm.riemannian`);
   the data's manifold is a parameter (`manifold="sphere2"`);
 - "snapshots" (`SnapshotMethod`): from the first to the last of unpaired snapshots at observed `times`, whose
@@ -52,6 +54,7 @@ __all__ = [
     "MethodParams",
     "Method",
     "MeanFlowMethod",
+    "DistillMethod",
     "RiemannianMethod",
     "SnapshotMethod",
     "FlowMethod",
@@ -92,6 +95,7 @@ class MethodPreset:
     sigma: float = 0.0
     summary: str = ""
     kind: str = "euclidean"  # or "riemannian", "snapshots" (module docstring)
+    one_step: bool = False  # the model is trained at t = 0 only, as the one-step map x_0 -> x_1 (`DistillMethod`)
 
     @property
     def needs_data(self) -> bool:
@@ -101,8 +105,13 @@ class MethodPreset:
     @property
     def velocity_field(self) -> bool:
         """Whether its model gives a velocity field (ODE solvers, the likelihood, straightness): all but MeanFlow's
-        average velocity."""
-        return self.prediction != "mean_velocity"
+        average velocity and the one-step map of distillation, which are sampled in jumps."""
+        return self.prediction != "mean_velocity" and not self.one_step
+
+    @property
+    def two_times(self) -> bool:
+        """Whether its model takes the interval's start r besides t (MeanFlow's average velocity u(x, t, r))."""
+        return self.prediction == "mean_velocity"
 
     @property
     def fixed_step_solvers(self) -> tuple[str, ...]:
@@ -143,6 +152,13 @@ METHODS: dict[str, MethodPreset] = {
         "given",
         summary="Rectified Flow's reflow: straight paths between a trained flow's own pairs "
         "(x_0, x_1 = ODE(x_0)) from a `samples:DIR` source (Liu et al. 2022)",
+    ),
+    "distill": MethodPreset(
+        "straight",
+        "given",
+        one_step=True,
+        summary="one-step distillation of a (reflowed) flow: v(x_0, 0) regresses x_1 - x_0 on the flow's own pairs, "
+        "sampled in one jump x_0 + v(x_0, 0) (Liu et al. 2022, Sec. 2.3)",
     ),
     "rfm": MethodPreset(
         "geodesic",
@@ -441,6 +457,53 @@ class MeanFlowMethod(Method):
         )
 
 
+@dataclass
+class DistillMethod(Method):
+    """One-step distillation (Liu et al. 2022, "Flow Straight and Fast", Sec. 2.3): on a flow's own pairs
+    (x_0, x_1 = ODE(x_0)), the model at t = 0 regresses the whole displacement,
+
+        min E || v(x_0, 0) - (x_1 - x_0) ||^2,
+
+    which is the straight path's CFM loss with every t = 0 (x_t = x_0, dx_t = x_1 - x_0). Its sample is one jump,
+    x_1 = x_0 + v(x_0, 0): one network call. The model is fit at t = 0 only, so it is no velocity field: ODE solvers,
+    more than one jump, SDE sampling and the likelihood are refused in words."""
+
+    def loss_on_pairs(
+        self,
+        model: nn.Module,
+        x_0: Tensor,
+        x_1: Tensor,
+        y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """|| v(x_0, 0) - (x_1 - x_0) ||^2 per sample [B] (no draw: every t is 0)."""
+        t = torch.zeros(x_1.shape[0], device=x_1.device, dtype=x_1.dtype)
+        return cfm_loss(model, self.path.sample(x_0, x_1, t, generator), y)
+
+    def sample(
+        self, fn, x_0: Tensor, solver: str = JUMP, steps: int | None = None, atol: float = 1e-5, rtol: float = 1e-5
+    ) -> SampleResult:
+        """The one jump x_0 + v(x_0, 0) [B, ...] from x_0 [B, ...] (NFE 1)."""
+        if solver != JUMP or (steps or 1) != 1:
+            raise ValueError(
+                f"method {self.name!r} is a one-step map fit at t = 0: it samples in one {JUMP!r} (sample.steps=1); "
+                f"{solver!r} with {steps} step(s) would evaluate it where it was never trained"
+            )
+        return ode_sample(fn, x_0, "euler", 1)  # x_0 + 1 * v(x_0, 0), one evaluation
+
+    def log_likelihood(
+        self, fn, x_1: Tensor, settings: LikelihoodSettings, generator: SeedStack | torch.Generator | None = None
+    ) -> LikelihoodResult:
+        raise ValueError(
+            f"method {self.name!r} is a one-step map, not a velocity field, so it has no change of variables to give "
+            "a likelihood; evaluate its samples instead"
+        )
+
+    @property
+    def gaussian_path(self) -> AffinePath:
+        raise ValueError(f"method {self.name!r} is a one-step map, not a score: it has no SDE sampling; use {JUMP!r}")
+
+
 class _NonGaussianMethod(ABC):
     """The training loss of the kinds beyond `Method`, and their refusal of SDE sampling (no Gaussian path, so no
     score); a subclass says why in `_not_gaussian`."""
@@ -677,6 +740,10 @@ def make_method(
     path_spec = PATHS[preset.path]
     path = path_spec.build(**{k: getattr(params, k) for k in path_spec.params})
     coupling_spec = COUPLINGS[coupling_name(name, ot_scope)]
+    if preset.one_step:
+        if times_drawn != UNIFORM:
+            raise ValueError(f"method {name!r} trains at t = 0 only: it draws no times (time sampling: uniform)")
+        return DistillMethod(name, path, coupling_spec.cls(**coupling_spec.args(params)), preset.prediction)
     if not preset.velocity_field:
         return MeanFlowMethod(
             name,

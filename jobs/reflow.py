@@ -3,7 +3,7 @@
     flowray reflow --checkpoint DIR|runs:/RUN_ID --data SHARDS --num-pairs N [--config FILE] [--rounds K]
                    [--from-scratch] [--pair-solver dopri5] [--pair-seed S] [--solvers euler:1,euler:2,dopri5]
                    [--num-samples M]
-                   [--no-baseline] [--name reflow] [--out outputs/reflow]
+                   [--no-baseline] [--distill] [--name reflow] [--out outputs/reflow]
                    [--set section.key=value ...] [--sample-set sample.key=value ...] [--eval-set eval.key=value ...]
 
 Each round samples N pairs from the last model (--pair-solver; each sample's noise is regenerated from its seed,
@@ -11,7 +11,9 @@ Each round samples N pairs from the last model (--pair-solver; each sample's noi
 ingests them as a `samples:DIR` source, trains method `reflow` on them with the training config (--config and --set;
 warm-started from the last model unless --from-scratch), then samples M images with every --solvers entry and
 evaluates them on the real data (--data: FD with its floor, bits/dim, straightness). With the baseline (the
-default), the generating model is sampled and evaluated with the same solvers first. One MLflow run holds the
+default), the generating model is sampled and evaluated with the same solvers first. With --distill, one more round
+distills the last model into a one-step map (Liu et al. 2022, Sec. 2.3): pairs from it, method `distill` warm-started
+from it, sampled in one jump and scored beside the others' one-step column. One MLflow run holds the
 chain, each round's training run nested under it, and the table (reflow.md). The same command again reuses what a
 stopped chain finished (sampled blocks, an ingested round, a round's training run) and evaluates again.
 The last stdout line is one JSON object.
@@ -52,6 +54,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-samples", type=int, default=1000, help="samples per evaluation sampler")
     p.add_argument("--no-baseline", action="store_true", help="do not evaluate the generating model first")
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="one more round: the last model distilled into a one-step map (method distill, sampled in one jump)",
+    )
     p.add_argument("--name", default="reflow", help="the chain's MLflow run and its folder under --out")
     p.add_argument("--out", default="outputs/reflow", help="pairs, their shards and the samples, per round")
     p.add_argument(
@@ -119,6 +126,7 @@ def _reflow(a) -> dict:
         name=a.name,
         baseline=not a.no_baseline,
         system_metrics=not a.no_system_metrics,
+        distill=a.distill,
     )
     result = run_reflow(spec)
     out = {k: v for k, v in result.items() if k != "rounds"}

@@ -2,7 +2,7 @@
 and uniform against logit-normal time sampling, through the real pipeline.
 
     flowray reflow-study --config configs/digits-cpu.yaml --data data/digits [--source digits]
-        [--methods icfm,otcfm,otcfm:logit_normal] [--reflow-from otcfm] [--seeds 0,1] [--steps 600]
+        [--methods icfm,otcfm,otcfm:logit_normal,meanflow] [--reflow-from otcfm] [--distill] [--seeds 0,1] [--steps 600]
         [--reflow-at 300] [--num-pairs 3000] [--solvers euler:1,euler:2,euler:4,euler:8,dopri5]
         [--num-samples 500] [--name reflow-study] [--out outputs/reflow-study] [--set section.key=value ...]
 
@@ -15,9 +15,16 @@ the reflowed model on them for the remaining `--steps` - `--reflow-at` steps, wa
 reflow`'s chain, one round). Each trained model is sampled with every `--solvers` entry and evaluated on the real
 data: FD (or FID) with its floor, bits/dim, straightness, every sampler starting from the row's seed's noise. A
 second table gives each FD at the floor's image count (`fd_matched`: as many samples as held-out images), the one
-figure a floor can be compared with. The tables (mean ± std over seeds) go to
-OUT/NAME/table.md, every figure to OUT/NAME/result.json, and every run to one MLflow experiment (NAME).
-The last stdout line is one JSON object.
+figure a floor can be compared with.
+
+A model sampled in jumps (MeanFlow's average velocity, a distilled one-step map) has no velocity field to integrate: it
+takes the columns of the fixed-step solvers with as many network calls (k jumps in the euler:k column; a distilled map
+its one jump in the euler:1 column only), and none of the adaptive solver's, straightness or bits/dim. `--distill` adds,
+after each reflow, the reflowed model distilled into a one-step map (Liu et al. 2022, Sec. 2.3; `flowray reflow
+--distill`): pairs from the reflowed model, and `--steps` - `--reflow-at` more steps of method distill warm-started from
+it (so that row trains more steps than the others, as the table says). The tables (mean ± std over seeds) go to
+OUT/NAME/table.md, every figure to OUT/NAME/result.json, and every run to one MLflow experiment (NAME). The last stdout
+line is one JSON object.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ def parse(argv):
         "--methods", type=name_list, default=["icfm", "otcfm"], help="METHOD or METHOD:logit_normal, comma-separated"
     )
     p.add_argument("--reflow-from", default="otcfm", help="methods whose reflow is trained ('' for none)")
+    p.add_argument("--distill", action="store_true", help="each reflow distilled into a one-step map too (a row)")
     p.add_argument("--seeds", type=int_list, default=[0, 1])
     p.add_argument("--steps", type=int, default=600, help="training steps of every row, in all")
     p.add_argument("--reflow-at", type=int, default=300, help="the generating checkpoint's step")
@@ -117,8 +125,9 @@ def _study(a) -> dict:
     start = time.perf_counter()
     for (method, timing, seed), cfg in configs.items():
         solves = solves_from(a.solvers, a.num_samples, {"seed": seed, "block_size": 100, "actors": 2})
-        chain = train_sample_evaluate(cfg, solves, ecfg, out / "samples" / f"{method}{timing}-s{seed}")
-        rows.setdefault(_label(method, timing), []).append(_figures(chain.solves, seed, chain.train.wall_s))
+        columns, own = columns_of(method, solves)
+        chain = train_sample_evaluate(cfg, own, ecfg, out / "samples" / f"{method}{timing}-s{seed}")
+        rows.setdefault(_label(method, timing), []).append(_figures(chain.solves, seed, chain.train.wall_s, columns))
         print(json.dumps({"progress": [method, timing, seed, rows[_label(method, timing)][-1]]}), flush=True)
         if timing or method not in a.reflow_from:
             continue
@@ -135,12 +144,13 @@ def _study(a) -> dict:
             out=str(out / "reflow"),
             name=f"{a.name}-{method}-s{seed}-reflow",
             baseline=False,
+            distill=a.distill,
             pair_sampler=solves_from(
                 "dopri5", a.num_pairs, {"seed": seed + PAIR_SEED_OFFSET, "block_size": 100, "actors": 2}
             )[0],
         )
-        (r,) = run_reflow(spec)["rounds"]
-        figures = _figures(r["records"], seed, r["train"].wall_s)
+        r, *distilled = run_reflow(spec)["rounds"]
+        figures = _figures(r["records"], seed, r["train"].wall_s, columns_of("reflow", solves)[0])
         figures.update(
             pairs_per_s=r["pairs"]["samples_per_s"],
             pairs_wall_s=r["pairs"]["wall_s"],
@@ -149,6 +159,10 @@ def _study(a) -> dict:
         )
         rows.setdefault(f"reflow of {method}", []).append(figures)
         print(json.dumps({"progress": [method, "reflow", seed, figures]}), flush=True)
+        for d in distilled:  # its one jump in the one-network-call column
+            figures = _figures(d["records"], seed, d["train"].wall_s, columns_of("distill", solves)[0])
+            rows.setdefault(f"distilled reflow of {method}", []).append(figures)
+            print(json.dumps({"progress": [method, "distill", seed, figures]}), flush=True)
     tags = [s.strip() for s in a.solvers.split(",") if s.strip()]
     table = markdown(rows, tags, a)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,8 +203,28 @@ def _checkpoint_at(run_dir: str, step: int) -> str:
     raise RuntimeError(f"{run_dir} kept no checkpoint of step {step}")
 
 
-def _figures(records, seed: int, train_s: float) -> dict:
-    """One trained model's figures: FD at each solver, the last solver's NFE, straightness, bits/dim."""
+def columns_of(method: str, solves: list) -> tuple[list[str], list]:
+    """The table columns (the `--solvers` tags) a method's model is sampled in, and its samplers for them: every
+    solver for a velocity field; for a model sampled in jumps, k jumps in each fixed-step column of k steps (a
+    one-step map: k = 1 only), and no adaptive column."""
+    from dataclasses import replace
+
+    from fm.methods import JUMP, METHODS
+    from fm.solvers import is_adaptive
+    from pipelines.chain import solver_tag
+
+    preset = METHODS[method]
+    if preset.velocity_field:
+        return [solver_tag(s) for s in solves], list(solves)
+    fits = [
+        s for s in solves if not is_adaptive(s.solver) and s.solver != "sde" and (s.steps == 1 or not preset.one_step)
+    ]
+    return [solver_tag(s) for s in fits], [replace(s, solver=JUMP) for s in fits]
+
+
+def _figures(records, seed: int, train_s: float, columns: list[str]) -> dict:
+    """One trained model's figures, by table column (`columns[i]` holds `records[i]`): FD at each solver, the NFE,
+    straightness, bits/dim."""
     ev = records[0].evaluation
     q = ev.quality
     return {
@@ -198,10 +232,10 @@ def _figures(records, seed: int, train_s: float) -> dict:
         "train_s": train_s,
         "fd_label": q.fd_label,
         "fd_floor": q.fd_floor,
-        "fd": {r.solver: r.evaluation.quality.fd for r in records},
-        "fd_matched": {r.solver: r.evaluation.quality.fd_matched for r in records},
+        "fd": {c: r.evaluation.quality.fd for c, r in zip(columns, records, strict=True)},
+        "fd_matched": {c: r.evaluation.quality.fd_matched for c, r in zip(columns, records, strict=True)},
         "num_matched": q.num_matched,
-        "nfe": {r.solver: r.sample.mean_nfe for r in records},
+        "nfe": {c: r.sample.mean_nfe for c, r in zip(columns, records, strict=True)},
         "straightness": ev.straightness.straightness if ev.straightness else None,
         "bpd": ev.likelihood.mean if ev.likelihood else None,
     }
@@ -219,8 +253,11 @@ def _cell(values: list[float], fmt: str = ".2f") -> str:
 
 def markdown(rows: dict[str, list[dict]], tags: list[str], a) -> str:
     """FD at every solver, the adaptive solver's NFE, straightness and bits/dim: mean ± std over seeds."""
+    from pipelines.chain import solver_tag
+    from pipelines.reflow import solves_from
+
     first = next(iter(rows.values()))[0]
-    solver_keys = list(first["fd"])
+    solver_keys = [solver_tag(s) for s in solves_from(",".join(tags), 1)]  # the figures' keys: euler:1 -> euler1
     head = (
         "| model | "
         + " | ".join(f"{first['fd_label']} {t}" for t in tags)
@@ -228,9 +265,9 @@ def markdown(rows: dict[str, list[dict]], tags: list[str], a) -> str:
     )
     lines = [head, "|" + " --- |" * (len(tags) + 5)]
     for label, figs in rows.items():
-        cells = [_cell([f["fd"][k] for f in figs]) for k in solver_keys]
+        cells = [_cell([f["fd"].get(k) for f in figs]) for k in solver_keys]
         cells += [
-            _cell([f["nfe"][solver_keys[-1]] for f in figs], ".0f"),
+            _cell([f["nfe"].get(solver_keys[-1]) for f in figs], ".0f"),
             _cell([f["straightness"] for f in figs], ".3g"),
             _cell([f["bpd"] for f in figs], ".3f"),
             str(len(figs)),
@@ -248,7 +285,7 @@ def markdown(rows: dict[str, list[dict]], tags: list[str], a) -> str:
             "|" + " --- |" * (len(tags) + 2),
         ]
         for label, figs in rows.items():
-            cells = [_cell([f["fd_matched"][k] for f in figs]) for k in solver_keys]
+            cells = [_cell([f["fd_matched"].get(k) for f in figs]) for k in solver_keys]
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell([f['fd_floor'] for f in figs], '.3f')} |")
     pairs = [f for figs in rows.values() for f in figs if "pairs_per_s" in f]
     if pairs:
@@ -258,7 +295,9 @@ def markdown(rows: dict[str, list[dict]], tags: list[str], a) -> str:
             f"{_cell([f['pairs_wall_s'] for f in pairs], '.0f')} s sampling, "
             f"{_cell([f['pairs_and_ingest_s'] for f in pairs], '.0f')} s with ingest, mean NFE "
             f"{_cell([f['pairs_nfe'] for f in pairs], '.0f')}; training {a.steps} steps in all per row "
-            f"(reflow rows: {a.reflow_at} + {a.steps - a.reflow_at})."
+            f"(reflow rows: {a.reflow_at} + {a.steps - a.reflow_at}"
+            + (f"; distilled rows {a.steps - a.reflow_at} more" if any("distilled" in k for k in rows) else "")
+            + ")."
         )
     return "\n".join(lines)
 

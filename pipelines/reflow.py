@@ -11,6 +11,10 @@ A trained flow's own coupling is sampled at scale and becomes the next model's t
 The pairs draw their noise from a seed of their own, which no evaluation sampler may share: every model is scored on
 fresh noise, never on the x_0 it was trained on (`plan` refuses otherwise).
 
+With `distill`, one more round distills the last reflowed model into a one-step map (Liu et al. Sec. 2.3): pairs
+from that model, method `distill` (v(x_0, 0) regresses x_1 - x_0) warm-started from it, sampled in one jump with the
+first evaluation sampler's seed and count, and put in the table beside the other models' one-step column.
+
 k rounds give the model of reflow k; with a generating model trained on independent pairs (I-CFM, FM-OT: Liu et
 al.'s 1-rectified flow) that is the (k+1)-rectified flow, while a generator trained on other pairs (OT-CFM's minibatch
 OT couplings) has no place in that numbering, so the table names rounds "reflow k", never "k-rectified". The
@@ -29,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fm.methods import JUMP
 from pipelines.batch.config import EvalConfig, SampleConfig, validate_eval_config, validate_sample_config
 from pipelines.batch.sample import log_sampling_run, open_sampling_run, run_sampling
 from pipelines.chain import SolveRecord, quality_callbacks, sample_and_evaluate, solver_tag
@@ -65,15 +70,26 @@ class ReflowSpec:
     name: str = "reflow"
     baseline: bool = True  # sample and evaluate the generating model with the same solvers first
     system_metrics: bool = True
+    distill: bool = False  # one more round: the last model distilled into a one-step map (method distill)
 
 
 @dataclass
 class Plan:
     spec: ReflowSpec
     manifest: Manifest  # the real data
-    configs: list[Config]  # round 1..k
+    configs: list[Config]  # round 1..k (k + 1: the distillation)
     uri: str
     pair_sampler: SampleConfig
+
+    def solves(self, r: int) -> list[SampleConfig]:
+        """Round r's evaluation samplers: the spec's, or for the distillation one jump with the first one's seed,
+        count and block settings."""
+        if not self.distilled(r):
+            return self.spec.solves
+        return [replace(s, solver=JUMP, steps=1) for s in self.spec.solves[:1]]
+
+    def distilled(self, r: int) -> bool:
+        return self.spec.distill and r == len(self.configs)
 
 
 def round_dir(spec: ReflowSpec, r: int) -> str:
@@ -117,7 +133,7 @@ def plan(spec: ReflowSpec) -> Plan:
         )
     validate_eval_config(spec.eval_config)
     configs = []
-    for r in range(1, spec.rounds + 1):
+    for r in range(1, spec.rounds + 1 + spec.distill):
         # train.init_from is set when the round starts: round r > 1 warm-starts from round r - 1's final model
         forced = [
             "method.name=reflow",
@@ -125,7 +141,12 @@ def plan(spec: ReflowSpec) -> Plan:
             f"data.shards={round_dir(spec, r)}/data",
             f"train.run_name={spec.name}-round{r}",
         ]
+        if spec.distill and r == spec.rounds + 1:  # scored while training in one jump, like its evaluation
+            forced += ["method.name=distill", f"train.run_name={spec.name}-distill"]
+            forced += ["train.eval_solver=jump", "train.eval_steps=1"]
         configs.append(load_config(spec.config, [*spec.overrides, *forced]))
+    for s in spec.solves[:1] if spec.distill else []:
+        validate_sample_config(replace(s, solver=JUMP, steps=1), "distill")
     if spec.warm_start:  # the first round starts from the generating model: the config must build it
         check_init_from(replace(configs[0], train=replace(configs[0].train, init_from=spec.checkpoint)), manifest.data)
     cfg = configs[0]
@@ -169,6 +190,7 @@ def _reflow(p: Plan) -> dict:
                 "reflow.num_pairs": spec.num_pairs,
                 "reflow.rounds": spec.rounds,
                 "reflow.warm_start": spec.warm_start,
+                "reflow.distill": spec.distill,
                 "reflow.pair_solver": p.pair_sampler.solver,
                 "reflow.data": spec.data,
                 "reflow.solvers": ",".join(solver_tag(s) for s in spec.solves),
@@ -212,7 +234,8 @@ def _reflow(p: Plan) -> dict:
 def _round(p: Plan, parent: str, r: int, cfg: Config, generator: str) -> dict:
     """One round: pairs from `generator`, ingested, trained on, sampled and evaluated."""
     spec, where = p.spec, round_dir(p.spec, r)
-    stage(f"reflow {spec.name} round {r}/{spec.rounds}: {spec.num_pairs} pairs from {generator}")
+    what = "distillation" if p.distilled(r) else f"round {r}/{spec.rounds}"
+    stage(f"reflow {spec.name} {what}: {spec.num_pairs} pairs from {generator}")
     start = time.perf_counter()
     run_id = open_sampling_run(p.uri, generator, asdict(p.pair_sampler))
     with monitored_run(p.uri, run_id, spec.system_metrics):
@@ -223,13 +246,17 @@ def _round(p: Plan, parent: str, r: int, cfg: Config, generator: str) -> dict:
         conditional = bool(load_meta(generator).model_kwargs.get("num_classes"))
         ingest(f"samples:{pairs.out}", data, unlabelled=not conditional)
     pairs_s = time.perf_counter() - start
-    if spec.warm_start:
+    if spec.warm_start or p.distilled(r):  # the distillation always starts from the model it distills
         cfg = replace(cfg, train=replace(cfg.train, init_from=generator))
     manifest = check_data(cfg)
     trained = run_training(
         cfg,
         manifest,
-        tags={"mlflow.parentRunId": parent, "flowray.reflow": parent, "flowray.reflow.round": str(r)},
+        tags={
+            "mlflow.parentRunId": parent,
+            "flowray.reflow": parent,
+            "flowray.reflow.round": "distill" if p.distilled(r) else str(r),
+        },
         callbacks=quality_callbacks(cfg, p.manifest),
     )
     solves = (
@@ -237,7 +264,7 @@ def _round(p: Plan, parent: str, r: int, cfg: Config, generator: str) -> dict:
             p.uri,
             trained.final_checkpoint,
             p.manifest,
-            spec.solves,
+            p.solves(r),
             spec.eval_config,
             storage.join(where, "samples"),
             spec.system_metrics,
@@ -247,6 +274,7 @@ def _round(p: Plan, parent: str, r: int, cfg: Config, generator: str) -> dict:
     )
     return {
         "round": r,
+        "distilled": p.distilled(r),
         "generator": generator,
         "pairs": pairs.to_dict(),
         "pairs_and_ingest_s": round(pairs_s, 1),
@@ -257,11 +285,13 @@ def _round(p: Plan, parent: str, r: int, cfg: Config, generator: str) -> dict:
     }
 
 
+def _fd(rec: SolveRecord) -> str:
+    q = rec.evaluation.quality
+    return f"{q.fd:.3f}" if q is not None and q.fd is not None else "–"
+
+
 def _row(label: str, records: list[SolveRecord]) -> str:
-    cells = []
-    for rec in records:
-        q = rec.evaluation.quality
-        cells.append(f"{q.fd:.3f}" if q is not None and q.fd is not None else "–")
+    cells = [_fd(rec) for rec in records]
     ev = records[0].evaluation if records else None
     st = ev.straightness if ev is not None else None
     bpd = ev.likelihood.mean if ev is not None and ev.likelihood is not None else None
@@ -288,9 +318,20 @@ def reflow_markdown(baseline: list[SolveRecord] | None, rounds: list[dict]) -> s
     lines = [head, "|" + " --- |" * (len(records) + 4)]
     if baseline:
         lines.append(_row("generating model", baseline))
-    lines += [_row(f"reflow {r['round']}", r["records"]) for r in rounds]
+    lines += [_row(f"reflow {r['round']}", r["records"]) for r in rounds if not r.get("distilled")]
+    for r in rounds:
+        if r.get("distilled") and r["records"]:
+            # one network call: its FD goes in the columns of the samplers that call the network once
+            (jump,) = r["records"]
+            cells = [_fd(jump) if rec.sample.mean_nfe == 1 else "–" for rec in records]
+            lines.append("| distilled (1 jump) | " + " | ".join(cells) + " | 1 |  |  |")
     if floor is not None:
         lines.append(f"\n{label} floor (held-out real images against the reference): {floor:.3f}")
+    if any(r.get("distilled") for r in rounds):
+        lines.append(
+            "The distilled model is sampled in one jump x_0 + v(x_0, 0) (one network call, like one Euler step); "
+            "it has no velocity field, so no straightness or bits/dim."
+        )
     return "\n".join(lines)
 
 
@@ -302,7 +343,7 @@ def _figures(baseline: list[SolveRecord] | None, rounds: list[dict]) -> dict[str
         for rec in records:
             q = rec.evaluation.quality
             if q is not None and q.fd is not None:
-                out[f"fd_{rec.solver}_r{k}"] = float(q.fd)
+                out[f"fd_{rec.solver}_r{k}"] = float(q.fd)  # the distillation's: fd_jump1_r<k+1>
         if records and records[0].evaluation.straightness is not None:
             out[f"straightness_r{k}"] = records[0].evaluation.straightness.straightness
     for r in rounds:

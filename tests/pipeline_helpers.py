@@ -190,3 +190,12 @@ def before_ray():
             patch.undo()
 
     return _Context()
+
+
+def tensors_by_path(state, prefix="") -> dict:
+    """Every tensor of a (nested) state dict by its path."""
+
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list | tuple) else []
+    return {k: v for key, value in items for k, v in tensors_by_path(value, f"{prefix}/{key}").items()}

@@ -138,6 +138,7 @@ def test_the_registry_is_the_readme_s_table():
         "sbcfm",
         "meanflow",
         "reflow",
+        "distill",
         "rfm",
         "am",
         "snapshot_icfm",

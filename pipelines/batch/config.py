@@ -66,8 +66,18 @@ def validate_sample_config(c: SampleConfig, method: str | None = None, method_kw
             c.solver,
             f"{method} models average velocities: it samples in {JUMP!r}s (sample.steps of them: 1, 2, 4, ...), "
             "not with an ODE or SDE solver"
+            if METHODS[method].two_times
+            else f"{method} is a one-step map fit at t = 0: it samples in one {JUMP!r} (sample.steps=1), not with an "
+            "ODE or SDE solver"
             if not field
-            else f"{JUMP!r} is MeanFlow's sampler; {method} gives a velocity field: use an ODE solver or sde",
+            else f"{JUMP!r} is MeanFlow's sampler (and distill's); {method} gives a velocity field: use an ODE solver "
+            "or sde",
+        )
+        check(
+            not METHODS[method].one_step or c.steps == 1,
+            "sample.steps",
+            c.steps,
+            f"{method} is a one-step map fit at t = 0: it samples in one jump; allowed: 1",
         )
     if method in METHODS and c.solver in FIXED_METHODS:
         allowed = METHODS[method].fixed_step_solvers

@@ -337,8 +337,8 @@ def run_evaluation(checkpoint: str, shards: str | Manifest, samples: str | None,
             )
         result.transport = transport_stage(checkpoint, manifest, cfg, memory)
         return result
-    if not METHODS[meta.method_name].velocity_field:  # MeanFlow: no field to integrate or take the
-        stage(f"{meta.method_name} models average velocities: no likelihood or straightness, its samples only")
+    if not METHODS[meta.method_name].velocity_field:  # MeanFlow, distill: no field to integrate or take the
+        stage(f"{meta.method_name} is sampled in jumps: no velocity field for likelihood or straightness, only samples")
         return result if samples is None else result.with_samples(sample_quality(manifest, samples, cfg), samples)
     result.likelihood = likelihood_stage(checkpoint, manifest, cfg, memory)
     if cfg.straightness_samples and not manifest.data.manifold:  # a chord is a straight line in R^D only

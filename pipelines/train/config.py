@@ -226,7 +226,9 @@ def validate(cfg: Config) -> None:
         "must be >= 1 and divide model.model_channels",
     )
     check(meth.name in METHODS, "method.name", meth.name, f"allowed: {', '.join(METHODS)}")
-    meanflow = meth.name in METHODS and not METHODS[meth.name].velocity_field
+    meanflow = meth.name in METHODS and METHODS[meth.name].two_times
+    jumps = meth.name in METHODS and not METHODS[meth.name].velocity_field  # sampled in jumps: MeanFlow, distill
+    one_step = meth.name in METHODS and METHODS[meth.name].one_step
     check(
         0 <= meth.meanflow_ratio <= 1 and (meanflow or meth.meanflow_ratio == 0.25),
         "method.meanflow_ratio",
@@ -259,6 +261,12 @@ def validate(cfg: Config) -> None:
         "method.time_sampling",
         meth.time_sampling,
         f"{meth.name} is {METHODS[meth.name].kind} and draws t uniformly; allowed: uniform",
+    )
+    check(
+        meth.time_sampling == "uniform" or not one_step,
+        "method.time_sampling",
+        meth.time_sampling,
+        f"{meth.name} trains at t = 0 only and draws no times; allowed: uniform",
     )
     logit_normal = meth.time_sampling == "logit_normal"
     check(
@@ -368,12 +376,18 @@ def validate(cfg: Config) -> None:
         f"allowed: {', '.join((*ADAPTIVE_METHODS, *FIXED_METHODS, JUMP))}",
     )
     check(
-        t.eval_every == 0 or (t.eval_solver == JUMP) == meanflow,
+        t.eval_every == 0 or (t.eval_solver == JUMP) == jumps,
         "train.eval_solver",
         t.eval_solver,
         f"{meth.name} samples in {JUMP!r}s (train.eval_steps of them)"
-        if meanflow
-        else f"{JUMP!r} is MeanFlow's sampler; {meth.name} gives a velocity field: use an ODE solver",
+        if jumps
+        else f"{JUMP!r} is MeanFlow's sampler (and distill's); {meth.name} gives a velocity field: use an ODE solver",
+    )
+    check(
+        t.eval_every == 0 or not one_step or t.eval_steps == 1,
+        "train.eval_steps",
+        t.eval_steps,
+        f"{meth.name} is a one-step map: it samples in one jump; allowed: 1",
     )
     check(t.eval_steps >= 1, "train.eval_steps", t.eval_steps, "must be >= 1")
     check(t.eval_rows >= 0, "train.eval_rows", t.eval_rows, "must be >= 0 (0: the whole test split)")
@@ -444,7 +458,7 @@ def model_kwargs(cfg: Config, data) -> dict:
 def _two_times(cfg: Config) -> dict:
     """MeanFlow's model takes the interval's end r too, with smooth time features: its target holds the model's time
     derivative (`fm.meanflow`; the high-frequency default trains far worse, tests/fm/test_meanflow.py)."""
-    return {} if METHODS[cfg.method.name].velocity_field else {"two_times": True, "time_scale": 1.0}
+    return {"two_times": True, "time_scale": 1.0} if METHODS[cfg.method.name].two_times else {}
 
 
 def method_kwargs(cfg: Config, data=None) -> dict:

@@ -370,9 +370,7 @@ class TrainWorker:
         num_classes = job.model_kwargs.get("num_classes")
         y = torch.arange(t.grid_size, device=state.device) % num_classes if num_classes else None
         with torch.no_grad():
-            x = state.method.sample(
-                state.method.velocity(state.ema.module, y), x_0, _grid_solver(job), t.grid_steps
-            ).x_1
+            x = state.method.sample(state.method.velocity(state.ema.module, y), x_0, *_grid_solver(job)).x_1
         with tempfile.TemporaryDirectory() as tmp:
             logger.artifact(save_grid(to_uint8(x), Path(tmp) / f"step_{state.step:06d}.png"), "samples")
 
@@ -481,7 +479,10 @@ def _channels_last(pairs):
     )
 
 
-def _grid_solver(job: TrainJob) -> str:
-    """The sample grid's solver: Euler for a velocity field, jumps for MeanFlow's average velocity."""
-    preset = METHODS[job.config.method.name]
-    return "euler" if preset.velocity_field else preset.fixed_step_solvers[0]
+def _grid_solver(job: TrainJob) -> tuple[str, int]:
+    """The sample grid's solver and steps: `train.grid_steps` of Euler for a velocity field, or of jumps for
+    MeanFlow's average velocity; one jump for a one-step map."""
+    preset, steps = METHODS[job.config.method.name], job.config.train.grid_steps
+    if preset.velocity_field:
+        return "euler", steps
+    return preset.fixed_step_solvers[0], 1 if preset.one_step else steps

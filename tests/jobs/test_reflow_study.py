@@ -77,3 +77,30 @@ def test_bad_flags_are_refused_in_words(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_models_sampled_in_jumps_take_the_columns_with_as_many_network_calls():
+    from jobs.reflow_study import columns_of
+    from pipelines.reflow import solves_from
+
+    solves = solves_from("euler:1,euler:2,dopri5", 10)
+    columns, own = columns_of("otcfm", solves)
+    assert columns == ["euler1", "euler2", "dopri5"] and own == solves
+    columns, own = columns_of("meanflow", solves)  # k jumps where Euler takes k steps; no adaptive column
+    assert columns == ["euler1", "euler2"] and [(s.solver, s.steps) for s in own] == [("jump", 1), ("jump", 2)]
+    columns, own = columns_of("distill", solves)  # a one-step map: its one jump only
+    assert columns == ["euler1"] and [(s.solver, s.steps) for s in own] == [("jump", 1)]
+
+    a = parse(["--seeds", "0", "--solvers", "euler:1,dopri5", "--num-pairs", "100", "--distill"])
+    jump = _figures(0, 7.0, 0.0, None, None, None)
+    for key in ("fd", "fd_matched", "nfe"):
+        del jump[key]["dopri5"]
+    rows = {
+        "otcfm (uniform t)": [_figures(0, 10.0, 2.0, 100, 0.5, 5.0)],
+        "distilled reflow of otcfm": [
+            {**jump, "pairs_per_s": 50.0, "pairs_wall_s": 2.0, "pairs_and_ingest_s": 5.0, "pairs_nfe": 98.0}
+        ],
+    }
+    table = markdown(rows, ["euler:1", "dopri5"], a).splitlines()
+    assert table[3] == "| distilled reflow of otcfm | 7.00 | – | – | – | – | 1 |"
+    assert table[-1].endswith("training 600 steps in all per row (reflow rows: 300 + 300; distilled rows 300 more).")

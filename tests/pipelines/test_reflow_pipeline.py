@@ -251,9 +251,10 @@ def test_flowray_reflow_runs_its_chain_on_digits(tmp_path, ray_local, digits_cop
             "--config",
             "configs/digits-cpu.yaml",
             "--solvers",
-            "euler:2",
+            "euler:1",
             "--num-samples",
             "32",
+            "--distill",
             "--out",
             str(tmp_path / "reflow"),
             "--name",
@@ -271,8 +272,8 @@ def test_flowray_reflow_runs_its_chain_on_digits(tmp_path, ray_local, digits_cop
     parent = client.get_run(result["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["flowray.kind"] == "reflow"
     metrics = parent.data.metrics
-    assert {"fd_euler2_r0", "fd_euler2_r1", "straightness_r0", "straightness_r1", "pairs_wall_s_r1"} <= set(metrics)
-    (rnd,) = result["rounds"]
+    assert {"fd_euler1_r0", "fd_euler1_r1", "straightness_r0", "straightness_r1", "pairs_wall_s_r1"} <= set(metrics)
+    rnd, distilled = result["rounds"]
     trained = client.get_run(rnd["train"]["run_id"])
     assert trained.data.tags["mlflow.parentRunId"] == parent.info.run_id and trained.info.status == "FINISHED"
     assert trained.data.params["method.name"] == "reflow" and trained.data.params["train.init_from"] == str(gen)
@@ -282,3 +283,16 @@ def test_flowray_reflow_runs_its_chain_on_digits(tmp_path, ray_local, digits_cop
     # the table names every model and solver, and is the parent's artifact
     assert "| generating model |" in result["table"] and "| reflow 1 |" in result["table"]
     assert "reflow.md" in {f.path for f in client.list_artifacts(parent.info.run_id)}
+    # --distill: one more round distills reflow 1 into a one-step map, from its own pairs, sampled in one jump
+    assert distilled["distilled"] and not rnd["distilled"]
+    one_step = client.get_run(distilled["train"]["run_id"])
+    assert one_step.data.params["method.name"] == "distill" and one_step.info.status == "FINISHED"
+    assert one_step.data.params["train.init_from"] == rnd["train"]["checkpoint"]
+    assert one_step.data.tags["flowray.reflow.round"] == "distill"
+    assert load_manifest(distilled["data"]).data.pairs["checkpoint"] == rnd["train"]["checkpoint"]
+    (jump,) = distilled["solves"]
+    assert (jump["solver"], jump["sample"]["mean_nfe"]) == ("jump1", 1.0)
+    assert jump["evaluation"]["likelihood"] is None and jump["evaluation"]["quality"]["fd"] > 0
+    assert metrics["fd_jump1_r2"] == pytest.approx(jump["evaluation"]["quality"]["fd"])
+    fd = f"{jump['evaluation']['quality']['fd']:.3f}"
+    assert f"| distilled (1 jump) | {fd} | 1 |  |  |" in result["table"]

@@ -85,7 +85,16 @@ def test_defaults_yaml_and_overrides(tmp_path):
         (
             "train.eval_every=200 train.eval_solver=jump",
             "train.eval_solver: 'jump' is not allowed; 'jump' is MeanFlow's "
-            "sampler; fm_ot gives a velocity field: use an ODE solver",
+            "sampler (and distill's); fm_ot gives a velocity field: use an ODE solver",
+        ),
+        (
+            "method.name=distill method.time_sampling=logit_normal",
+            "method.time_sampling: 'logit_normal' is not allowed; distill trains at t = 0 only and draws no times; "
+            "allowed: uniform",
+        ),
+        (
+            "method.name=distill train.eval_every=200 train.eval_solver=jump train.eval_steps=2",
+            "train.eval_steps: 2 is not allowed; distill is a one-step map: it samples in one jump; allowed: 1",
         ),
         ("train.ema_snapshot_every=-1", "train.ema_snapshot_every: -1 is not allowed; must be >= 0 (0: off)"),
         (
@@ -271,8 +280,22 @@ def test_meanflow_samples_in_jumps_and_nothing_else():
             r"velocities: it samples in 'jump's \(sample.steps of them",
         ):
             validate_sample_config(SampleConfig(solver=solver), "meanflow")
-    with pytest.raises(ConfigError, match=r"'jump' is MeanFlow's sampler; otcfm gives a velocity field"):
+    with pytest.raises(ConfigError, match=r"'jump' is MeanFlow's sampler \(and distill's\); otcfm gives a velocity"):
         validate_sample_config(SampleConfig(solver="jump"), "otcfm")
+    # a distilled one-step map: one jump, nothing else
+    validate_sample_config(SampleConfig(solver="jump", steps=1), "distill")
+    with pytest.raises(
+        ConfigError,
+        match=r"^sample.steps: 2 is not allowed; distill is a one-step map fit at t = 0: it samples in one jump; "
+        r"allowed: 1$",
+    ):
+        validate_sample_config(SampleConfig(solver="jump", steps=2), "distill")
+    with pytest.raises(
+        ConfigError,
+        match=r"^sample.solver: 'euler' is not allowed; distill is a one-step map fit at t = 0: it samples in one "
+        r"'jump' \(sample.steps=1\), not with an ODE or SDE solver$",
+    ):
+        validate_sample_config(SampleConfig(solver="euler", steps=1), "distill")
     # its model takes the interval's end, with smooth time features; other methods' models are as they were
     cfg = load_config("configs/digits-cpu.yaml", ["method.name=meanflow"])
     digits = DataSpec("digits", "image", [8, 8, 1])

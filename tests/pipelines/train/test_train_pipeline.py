@@ -137,55 +137,6 @@ def test_two_workers_checkpoints_mlflow_and_resume(trained_digits, tmp_path):
     assert Path(run_dir).is_dir()
 
 
-@pytest.mark.faults  # two 2-worker runs, about 90 s: in `make faults` (CI runs it), so that `make test` stays fast
-def test_injected_worker_failure_resumes_to_the_target_step(digits, tmp_path, ray_local):
-    from pipelines.core.checkpoint import load_state
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # OT-CFM with the coupling solved over the global batch of both workers, dropout on
-    common = (
-        "train.steps=8",
-        "train.sample_every=0",
-        "method.name=otcfm",
-        "method.ot_scope=global",
-        "model.dropout=0.3",
-    )
-    cfg = tiny_config(
-        digits,
-        tmp_path / "runs",
-        uri,
-        "faulty",
-        *common,
-        "train.fail_at_step=6",
-        "train.fail_rank=1",
-        "ray.max_failures=1",
-    )
-    res = run_training(cfg)
-    # the resumed run ends with the weights of a run that never failed, bit for bit: the same rows, flips, noise,
-    # pairs and dropout masks at every step
-    straight = run_training(tiny_config(digits, tmp_path / "runs", uri, "straight", *common))
-    for name in ("model", "ema", "optimizer"):
-        a, b = load_state(res.checkpoint, name), load_state(straight.checkpoint, name)
-        flat_a, flat_b = _tensors(a), _tensors(b)
-        assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), name
-    assert res.metrics["step"] == 8 and load_meta(res.checkpoint).step == 8
-    assert (tmp_path / "runs" / "faulty" / ".fault_injected_step_6").exists()
-    client = MlflowClient(uri)
-    # steps 5..8 were redone from the step-4 checkpoint: step 8 is logged once, nothing before 4 again
-    assert [s for s, _ in _history(client, res.run_id, "loss")] == [4, 8]
-    assert all(v > 0 for _, v in _history(client, res.run_id, "ot_solve_s"))
-    assert client.get_run(res.run_id).data.params["method.ot_scope"] == "global"
-
-
-def _tensors(state, prefix="") -> dict:
-    """Every tensor of a (nested) state dict by its path."""
-
-    if isinstance(state, torch.Tensor):
-        return {prefix: state}
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list | tuple) else []
-    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = free_port()
