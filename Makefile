@@ -55,6 +55,7 @@ reproduce: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.train_overhead
+	$(PY) -m benchmarks.step_ladder
 	$(PY) -m benchmarks.worker_threads
 	$(PY) -m benchmarks.stream_chunks
 	$(PY) -m benchmarks.sample_overhead

@@ -72,8 +72,8 @@ def main() -> None:
                 ],
             )
             res = run_training(cfg)
-            m = res["metrics"]
-            ips = [x.value for x in MlflowClient(uri).get_metric_history(res["run_id"], "images_per_s")][1:]
+            m = res.metrics
+            ips = [x.value for x in MlflowClient(uri).get_metric_history(res.run_id, "images_per_s")][1:]
             global_batch = cfg.train.batch_size * cfg.ray.num_workers
             rows.append(
                 {
@@ -81,7 +81,7 @@ def main() -> None:
                     "buffer_batches": buffer,
                     "data_wait_fraction_run": round(m["data_wait_fraction_run"], 4),
                     "data_startup_s": round(m["data_startup_s"], 2),
-                    "training_wall_s": res["wall_s"],
+                    "training_wall_s": res.wall_s,
                     "mean_images_per_s": round(sum(ips) / len(ips), 1),
                     "step_ms": round(1e3 * global_batch * len(ips) / sum(ips), 2),
                 }

@@ -1,12 +1,17 @@
 """What scoring sample quality while training (`train.eval_every`) costs the trainers: training throughput with the
-scoring on against the same run with it off, side by side in one process.
+scoring on against the same run with it off, side by side in one process; scoring at the trainers' OS priority
+(`train.eval_nice=0`) and at the lowest (19, the default).
 
     python -m benchmarks.quality_overhead [--steps 400] [--eval-every 100] [--eval-samples 200] [--eval-rows 64]
+        [--nice 0,19]
 
 Both runs: the digits-cpu UNet, 1 Ray Train worker (1 CPU, 1 thread), batch 64, a checkpoint every `--eval-every`
 steps, a logging window every 50. With scoring on, each checkpoint is sampled (dopri5) and evaluated (the digits
 classifier's FD with its floor, bits/dim on `--eval-rows` test rows) in a Ray task beside the worker. Throughput is
-the mean images/s of the logging windows after the first; the ratio is on / off. Prints one JSON object.
+the mean images/s of the logging windows after the first; the ratio is on / off. Runs one after another drift on a
+shared host, so each run also compares its own windows after the first scored checkpoint (while a score runs) with
+those before it: `nice<k>_vs_off` is that within-run ratio of a scoring run over the same ratio of the run without
+scoring. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -46,15 +51,17 @@ def run(shards: Path, tmp: str, name: str, steps: int, every: int, sets: list[st
     )
     manifest = check_data(cfg)
     res = run_training(cfg, manifest, callbacks=quality_callbacks(cfg, manifest))
-    rates = [
-        m.value
-        for m in sorted(MlflowClient(uri).get_metric_history(res["run_id"], "images_per_s"), key=lambda m: m.step)
-    ][1:]
-    fd = MlflowClient(uri).get_metric_history(res["run_id"], "eval/fd")
+    windows = sorted(MlflowClient(uri).get_metric_history(res.run_id, "images_per_s"), key=lambda m: m.step)[1:]
+    rates = [m.value for m in windows]
+    # within the run: the windows before the first scored checkpoint against those after it, while a score runs
+    before = [m.value for m in windows if m.step <= every]
+    during = [m.value for m in windows if m.step > every]
+    fd = MlflowClient(uri).get_metric_history(res.run_id, "eval/fd")
     return {
         "images_per_s": sum(rates) / len(rates),
+        "during_over_before": (sum(during) / len(during)) / (sum(before) / len(before)),
         "windows": len(rates),
-        "wall_s": res["wall_s"],
+        "wall_s": res.wall_s,
         "scored_steps": sorted(m.step for m in fd),
     }
 
@@ -65,6 +72,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--eval-rows", type=int, default=64)
+    p.add_argument("--nice", default="0,19", help="train.eval_nice of each scoring run")
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from pipelines.ingest.run import ingest
@@ -73,35 +81,34 @@ def main() -> None:
         shards = Path(tmp) / "digits"
         ingest("digits", shards, shards=4)
         off = run(shards, tmp, "off", a.steps, a.eval_every, [])
-        on = run(
-            shards,
-            tmp,
-            "on",
-            a.steps,
-            a.eval_every,
-            [
-                f"train.eval_every={a.eval_every}",
-                f"train.eval_samples={a.eval_samples}",
-                f"train.eval_rows={a.eval_rows}",
-            ],
-        )
-    print(
-        json.dumps(
-            {
-                "steps": a.steps,
-                "eval_every": a.eval_every,
-                "eval_samples": a.eval_samples,
-                "eval_rows": a.eval_rows,
-                "cpus": os.cpu_count(),
-                "off_images_per_s": round(off["images_per_s"], 1),
-                "on_images_per_s": round(on["images_per_s"], 1),
-                "ratio": round(on["images_per_s"] / off["images_per_s"], 3),
-                "off_wall_s": off["wall_s"],
-                "on_wall_s": on["wall_s"],
-                "scored_steps": on["scored_steps"],
-            }
-        )
-    )
+        scoring = [
+            f"train.eval_every={a.eval_every}",
+            f"train.eval_samples={a.eval_samples}",
+            f"train.eval_rows={a.eval_rows}",
+        ]
+        on = {
+            int(n): run(shards, tmp, f"on-nice{n}", a.steps, a.eval_every, [*scoring, f"train.eval_nice={n}"])
+            for n in a.nice.split(",")
+        }
+    out = {
+        "steps": a.steps,
+        "eval_every": a.eval_every,
+        "eval_samples": a.eval_samples,
+        "eval_rows": a.eval_rows,
+        "cpus": os.cpu_count(),
+        "off_images_per_s": round(off["images_per_s"], 1),
+        "off_wall_s": off["wall_s"],
+        "off_during_over_before": round(off["during_over_before"], 3),
+    }
+    for n, r in on.items():
+        out[f"nice{n}_images_per_s"] = round(r["images_per_s"], 1)
+        out[f"nice{n}_ratio"] = round(r["images_per_s"] / off["images_per_s"], 3)
+        out[f"nice{n}_wall_s"] = r["wall_s"]
+        out[f"nice{n}_scored_steps"] = r["scored_steps"]
+        # the trainers' loss while a score runs, against the same windows of the run without scoring
+        out[f"nice{n}_during_over_before"] = round(r["during_over_before"], 3)
+        out[f"nice{n}_vs_off"] = round(r["during_over_before"] / off["during_over_before"], 3)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def pipeline(cfg) -> dict:
         res = run_training(cfg)
     wall = time.perf_counter() - start
     history = sorted(
-        MlflowClient(res["tracking_uri"]).get_metric_history(res["run_id"], "images_per_s"), key=lambda m: m.step
+        MlflowClient(res.tracking_uri).get_metric_history(res.run_id, "images_per_s"), key=lambda m: m.step
     )
     windows = [m.value for m in history[1:]] or [history[-1].value]
     rate = len(windows) / sum(1 / r for r in windows)  # equal steps per window: the harmonic mean is the aggregate
@@ -162,7 +162,7 @@ def pipeline(cfg) -> dict:
     return {
         "images_per_s": rate,
         "windows": [round(r, 1) for r in windows],
-        "data_wait_fraction": res["metrics"]["data_wait_fraction"],
+        "data_wait_fraction": res.metrics["data_wait_fraction"],
         "wall_s": wall,
         "startup_s": wall - steps_time,
         "cpu": cpu_account(sampler, history, cfg.train.log_every),

@@ -126,11 +126,13 @@ def train_sample_evaluate(
 def quality_configs(cfg: Config) -> tuple[SampleConfig, EvalConfig]:
     """The sampling and evaluation settings of `train.eval_*`: those of `flowray sample --num-samples
     train.eval_samples --set sample.solver=... ` and `flowray evaluate --set eval.max_images=train.eval_rows`, one
-    actor each (the stages share the cluster with the trainers)."""
+    actor each. The stages share the cluster with the trainers: their actors run at a lower OS priority
+    (`train.eval_nice`, the lowest by default), so that where they share a node the trainers keep their cores and
+    the scores arrive later."""
     t = cfg.train
     return (
-        SampleConfig(num_samples=t.eval_samples, solver=t.eval_solver, steps=t.eval_steps, actors=1),
-        EvalConfig(max_images=t.eval_rows, actors=1),
+        SampleConfig(num_samples=t.eval_samples, solver=t.eval_solver, steps=t.eval_steps, actors=1, nice=t.eval_nice),
+        EvalConfig(max_images=t.eval_rows, actors=1, nice=t.eval_nice),
     )
 
 

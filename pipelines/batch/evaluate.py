@@ -44,7 +44,7 @@ class _ModelActor:
 
     def __init__(self, checkpoint: str, cfg: EvalConfig, data: DataSpec):
         self.cfg, self.data = cfg, data
-        use_cpu_share(self.cfg.cpus_per_actor)
+        use_cpu_share(self.cfg.cpus_per_actor, self.cfg.nice)
         self.loaded = load_model(checkpoint)
 
 
@@ -216,7 +216,7 @@ def trajectory_straightness(checkpoint: str, cfg: EvalConfig, shape: list[int]) 
     eval.gpus_per_actor asks for one)."""
     from fm.straightness import straightness
 
-    use_cpu_share(cfg.cpus_per_actor)
+    use_cpu_share(cfg.cpus_per_actor, cfg.nice)
     loaded = load_model(checkpoint)
     device = actor_device(cfg.gpus_per_actor)
     model, method = loaded.model.to(device), loaded.method
@@ -237,7 +237,13 @@ def straightness_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> 
 
     init_ray()
     stage(f"straightness of {cfg.straightness_samples} trajectories ({cfg.straightness_steps} RK4 steps)")
-    task = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)(trajectory_straightness)
+    # a lowered priority must not outlive the task in a reused worker: with eval.nice, the worker ends with it
+    if cfg.nice:
+        task = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_calls=1)(
+            trajectory_straightness
+        )
+    else:
+        task = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)(trajectory_straightness)
     return ray.get(task.remote(checkpoint, cfg, list(manifest.data.model_shape)))
 
 

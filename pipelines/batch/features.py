@@ -95,8 +95,10 @@ def pick_subset(ids: np.ndarray, features: torch.Tensor, size: int) -> tuple[np.
 class FeatureActor:
     """Ray Data actor: loads the feature network once; 8-bit image cells -> feature rows."""
 
-    def __init__(self, net: FeatureNet, shape: list[int], use_gpu: bool = False, keep: float = 1.0, cpus: float = 1.0):
-        use_cpu_share(cpus)
+    def __init__(
+        self, net: FeatureNet, shape: list[int], use_gpu: bool = False, keep: float = 1.0, cpus: float = 1.0, nice=0
+    ):
+        use_cpu_share(cpus, nice)
         self.net, self.shape, self.keep = net, list(shape), keep
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_network(net, self.device)
@@ -152,6 +154,7 @@ def feature_stage(
     actors: int = 0,
     cpus_per_actor: float = 0.5,
     gpus_per_actor: float = 0.0,
+    nice: int = 0,
     what: str = "features",
     prefix: int | None = None,
     limit: int = 0,
@@ -179,7 +182,7 @@ def feature_stage(
     ds = spread(ray.data.read_parquet(files, filesystem=fs).select_columns(["id", "image"]), total, batch_size, actors)
     ds = ds.map_batches(
         FeatureActor,
-        fn_constructor_args=(net, shape, gpus_per_actor > 0, keep, cpus_per_actor),
+        fn_constructor_args=(net, shape, gpus_per_actor > 0, keep, cpus_per_actor, nice),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=actors),

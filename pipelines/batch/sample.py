@@ -60,7 +60,7 @@ class Sampler:
 
     def __init__(self, checkpoint: str, out: str, cfg: SampleConfig, shape: list[int], layout: str):
         self.cfg, self.out, self.layout = cfg, out, layout
-        use_cpu_share(self.cfg.cpus_per_actor)
+        use_cpu_share(self.cfg.cpus_per_actor, self.cfg.nice)
         self.loaded = load_model(checkpoint)
         self.model, self.method = self.loaded.model, self.loaded.method
         self.shape = tuple(shape)  # model input shape without batch: [C, H, W] or [D]
@@ -194,7 +194,17 @@ def prepare_output(out: str, cfg: SampleConfig, checkpoint: str) -> str:
         **{
             k: v
             for k, v in asdict(cfg).items()
-            if k not in ("actors", "blocks_per_call", "cpus_per_actor", "gpus_per_actor", "fail_at_block", "write_png")
+            # scheduling only: the samples do not depend on it
+            if k
+            not in (
+                "actors",
+                "blocks_per_call",
+                "cpus_per_actor",
+                "gpus_per_actor",
+                "nice",
+                "fail_at_block",
+                "write_png",
+            )
         },
         "seeding": SEEDING_VERSION,
     }

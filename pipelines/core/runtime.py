@@ -53,8 +53,10 @@ def actor_device(gpus: float):
     return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
 
 
-def use_cpu_share(cpus: float) -> int:
-    """Give this Ray worker or actor as many torch threads as the CPUs it reserved (at least one), and return that.
+def use_cpu_share(cpus: float, nice: int = 0) -> int:
+    """Give this Ray worker or actor as many torch threads as the CPUs it reserved (at least one), and return that;
+    with `nice` > 0, also lower its OS priority by that much (`os.nice`; for a process that ends with its work, an
+    actor or a task of `max_calls=1`: a priority once lowered cannot be raised back).
 
     Ray does not set the thread count of a Train worker, and torch's default is every core of the node: two
     workers on two cores then run four threads that wait on each other, about 3x slower than one thread each
@@ -64,6 +66,8 @@ def use_cpu_share(cpus: float) -> int:
 
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
+    if nice > 0:
+        os.nice(nice)
     return threads
 
 

@@ -128,6 +128,7 @@ class TrainConfig:
     eval_samples: int = 500
     eval_solver: str = "dopri5"
     eval_steps: int = 20
+    eval_nice: int = 19  # added to the scoring stages' OS niceness: they yield the cores the trainers want
     eval_rows: int = 200
 
 
@@ -391,6 +392,7 @@ def validate(cfg: Config) -> None:
     )
     check(t.eval_steps >= 1, "train.eval_steps", t.eval_steps, "must be >= 1")
     check(t.eval_rows >= 0, "train.eval_rows", t.eval_rows, "must be >= 0 (0: the whole test split)")
+    check(0 <= t.eval_nice <= 19, "train.eval_nice", t.eval_nice, "must be in [0, 19] (added to the OS niceness)")
     check(r.num_workers >= 1, "ray.num_workers", r.num_workers, "must be >= 1")
     check(
         t.fail_at_step is None or 0 <= t.fail_rank < r.num_workers,

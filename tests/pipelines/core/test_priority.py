@@ -1,0 +1,50 @@
+"""The batch stages' `nice`: an actor lowers its own OS priority, and quality while training scores below its
+trainers (the time it saves the trainers is measured in BENCHMARKS.md, not here)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.batch.config import EvalConfig, SampleConfig, validate_eval_config, validate_sample_config
+from pipelines.core.errors import ConfigError
+
+
+def test_an_actor_lowers_its_own_priority_by_nice_and_keeps_its_threads():
+    code = (
+        "import os, torch; from pipelines.core.runtime import use_cpu_share; base = os.nice(0); "
+        "threads = use_cpu_share(1.0, 7); print(os.nice(0) - base, threads, torch.get_num_threads())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["7", "1", "1"]
+
+
+def test_nice_is_checked_and_quality_while_training_scores_at_the_lowest_priority():
+    from pipelines.chain import quality_configs
+    from pipelines.train.config import load_config
+
+    with pytest.raises(ConfigError, match=r"^sample.nice: 20 is not allowed; must be in \[0, 19\]"):
+        validate_sample_config(SampleConfig(nice=20))
+    with pytest.raises(ConfigError, match=r"^eval.nice: -1 is not allowed; must be in \[0, 19\]"):
+        validate_eval_config(EvalConfig(nice=-1))
+    scfg, ecfg = quality_configs(load_config("configs/digits-cpu.yaml", ["train.eval_every=200"]))
+    assert scfg.nice == ecfg.nice == 19  # the default: the lowest priority
+    scfg, ecfg = quality_configs(load_config("configs/digits-cpu.yaml", ["train.eval_nice=0"]))
+    assert scfg.nice == ecfg.nice == 0
+    with pytest.raises(ConfigError, match=r"^train.eval_nice: 20 is not allowed; must be in \[0, 19\]"):
+        load_config("configs/digits-cpu.yaml", ["train.eval_nice=20"])
+
+
+def test_the_straightness_task_runs_at_a_lowered_priority_with_the_same_figures(tmp_path, ray_local, digits):
+    """The straightness runs as a Ray task; at eval.nice > 0 it is declared with max_calls=1 (its worker ends with it,
+    so that no later task inherits the lowered priority of a reused worker), which `.options()` would refuse. Its
+    figures do not depend on the priority."""
+    from pipeline_helpers import make_checkpoint
+
+    from pipelines.batch.evaluate import straightness_stage
+    from pipelines.core.manifest import Manifest
+
+    ckpt, manifest = str(make_checkpoint(tmp_path / "ckpt")), Manifest.load(digits)
+    low = straightness_stage(ckpt, manifest, EvalConfig(nice=5, straightness_samples=4, straightness_steps=2))
+    same = straightness_stage(ckpt, manifest, EvalConfig(straightness_samples=4, straightness_steps=2))
+    assert low.samples == 4 and low.straightness == same.straightness
