@@ -75,6 +75,15 @@ def parse(argv):
             p.error(f"--reflow-from: {method!r} is not one of --methods' uniform-time methods")
     if not 0 < a.reflow_at < a.steps:
         p.error(f"--reflow-at: {a.reflow_at} must be between 0 and --steps ({a.steps}), exclusive")
+    # a model sampled in jumps takes the fixed-step columns only (`columns_of`), a one-step map the 1-step column
+    steps = [s.partition(":")[2] for s in a.solvers.split(",") if s.strip()]
+    jumps = [m for m, _ in a.variants if not METHODS[m].velocity_field]
+    if jumps and not any(steps):
+        p.error(
+            f"--solvers: {a.solvers!r} has no fixed-step solver (SOLVER:STEPS) for {jumps[0]}, which samples in jumps"
+        )
+    if a.distill and "1" not in steps:
+        p.error(f"--solvers: {a.solvers!r} has no one-step column (e.g. euler:1) for the distilled one-step maps")
     return a
 
 

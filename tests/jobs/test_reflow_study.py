@@ -71,6 +71,14 @@ def test_the_table_gives_mean_and_sample_std_over_seeds_and_the_pairs_cost():
             "--reflow-from: 'otcfm' is not one of --methods' uniform-time",
         ),
         (["--steps", "300", "--reflow-at", "300"], "--reflow-at: 300 must be between 0 and --steps (300), exclusive"),
+        (
+            ["--methods", "otcfm,meanflow", "--solvers", "dopri5"],
+            "--solvers: 'dopri5' has no fixed-step solver (SOLVER:STEPS) for meanflow, which samples in jumps",
+        ),
+        (
+            ["--distill", "--solvers", "euler:2,dopri5"],
+            "--solvers: 'euler:2,dopri5' has no one-step column (e.g. euler:1) for the distilled one-step maps",
+        ),
     ],
 )
 def test_bad_flags_are_refused_in_words(argv, message, capsys):
