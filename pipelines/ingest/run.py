@@ -26,7 +26,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipelines.core import storage
@@ -117,40 +117,27 @@ def ingest(
             "them out"
         )
     channels, image_size = declared_format(listing, channels, image_size, max_pixels)
-    _check_task_memory(
-        Settings(channels, image_size, transform, seed, test_fraction, listing.points, "", 1, max_pixels=max_pixels),
-        listing,
-        image_size,
-    )
-    if storage.is_uri(out):
-        return _ingest_to_object_store(
-            listing,
-            out,
-            channels,
-            image_size,
-            transform,
-            seed,
-            test_fraction,
-            max_bad_fraction,
-            parallelism,
-            max_pixels,
-        )
-    out = Path(out)
-    staging = out / f".ingest-staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    settings = Settings(
+    # the declared format and split rule; where the tasks write (`staging`) is set below, per kind of --out
+    declared = Settings(
         channels,
         image_size,
         transform,
         seed,
         test_fraction,
         listing.points,
-        str(staging.resolve()),
+        "",
         len(listing.parts),
         listing.manifold,
         max_pixels=max_pixels,
     )
+    _check_task_memory(declared, listing, image_size)
+    if storage.is_uri(out):
+        return _ingest_to_object_store(listing, out, declared, max_bad_fraction, parallelism)
+    out = Path(out)
+    staging = out / f".ingest-staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    settings = replace(declared, staging=str(staging.resolve()))
     try:
         summaries = _run_parts(listing, settings, parallelism)
         manifest = _manifest(listing, settings, summaries, max_bad_fraction)
@@ -161,33 +148,12 @@ def ingest(
 
 
 def _ingest_to_object_store(
-    listing: Listing,
-    out: str,
-    channels,
-    image_size,
-    transform,
-    seed,
-    test_fraction,
-    max_bad_fraction,
-    parallelism,
-    max_pixels,
+    listing: Listing, out: str, declared: Settings, max_bad_fraction: float, parallelism: int | None
 ) -> IngestResult:
     """The shards straight into `out/shards-<id>/`, then the manifest in one PUT, then the replaced shards go.
     A failed job leaves only its own unlisted folder behind (removed here when it can be)."""
     folder = f"shards-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    settings = Settings(
-        channels,
-        image_size,
-        transform,
-        seed,
-        test_fraction,
-        listing.points,
-        storage.join(out, folder),
-        len(listing.parts),
-        listing.manifold,
-        file_prefix=folder + "/",
-        max_pixels=max_pixels,
-    )
+    settings = replace(declared, staging=storage.join(out, folder), file_prefix=folder + "/")
     old = _listed_files(out)
     try:
         summaries = _run_parts(listing, settings, parallelism)
