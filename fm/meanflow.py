@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from fm.losses import UNIFORM, TimeSampling, sample_time
 from fm.seeding import draw_device
-from fm.solvers import SampleResult
+from fm.solvers import SampleResult, time_grid
 
 __all__ = [
     "MeanFlowSettings",
@@ -158,14 +158,18 @@ def average_velocity_fn(model: nn.Module, y: Tensor | None = None) -> AverageVel
 
 
 @torch.no_grad()
-def jump_sample(fn: AverageVelocityFn, x_0: Tensor, steps: int = 1) -> SampleResult:
-    """x_1 [B, ...] from x_0 [B, ...] in `steps` jumps over a uniform grid of [0, 1]: x <- x + (r - t) u(x, t, r).
-    NFE = steps (one network call per jump)."""
+def jump_sample(fn: AverageVelocityFn, x_0: Tensor, steps: int = 1, grid: str = "uniform") -> SampleResult:
+    """x_1 [B, ...] from x_0 [B, ...] in `steps` jumps over a grid of [0, 1] (`fm.solvers.time_grid`: uniform or
+    edm): x <- x + (r - t) u(x, t, r). NFE = steps (one network call per jump)."""
     if steps < 1:
         raise ValueError(f"jump sampling needs steps >= 1; got {steps}")
-    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).tolist()
+    times = (
+        torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+        if grid == "uniform"
+        else time_grid(steps, grid=grid).double()
+    ).tolist()
     x = x_0
-    for t, r in zip(grid[:-1], grid[1:], strict=True):
+    for t, r in zip(times[:-1], times[1:], strict=True):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
         rr = torch.full((x.shape[0],), r, device=x.device, dtype=x.dtype)
         x = x + (r - t) * fn(x, tt, rr)

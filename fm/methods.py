@@ -256,9 +256,10 @@ class FlowMethod(Protocol):
         steps: int | None = None,
         atol: float = 1e-5,
         rtol: float = 1e-5,
+        grid: str = "uniform",
     ) -> SampleResult:
         """From x_0 [B, ...] at t_0 to t_max along `fn` (`velocity`), with an ODE solver of `fm.solvers` (MeanFlow:
-        in jumps), counting NFE."""
+        in jumps), counting NFE; a fixed-step solver's steps fall on `grid` (`fm.solvers.time_grid`)."""
 
     def log_likelihood(
         self,
@@ -306,9 +307,10 @@ class Method:
         steps: int | None = None,
         atol: float = 1e-5,
         rtol: float = 1e-5,
+        grid: str = "uniform",
     ) -> SampleResult:
         """Integrate the sampling ODE from x_0 [B, ...] at t_0 to t_max in the method's space, counting NFE."""
-        return ode_sample(fn, x_0, solver, steps, atol, rtol, t_1=self.t_max, t_limit=self.t_limit)
+        return ode_sample(fn, x_0, solver, steps, atol, rtol, t_1=self.t_max, t_limit=self.t_limit, grid=grid)
 
     def log_likelihood(
         self,
@@ -426,15 +428,22 @@ class MeanFlowMethod(Method):
         return meanflow_loss(model, x_0, x_1, t, r, y, self.settings)
 
     def sample(
-        self, fn, x_0: Tensor, solver: str = JUMP, steps: int | None = None, atol: float = 1e-5, rtol: float = 1e-5
+        self,
+        fn,
+        x_0: Tensor,
+        solver: str = JUMP,
+        steps: int | None = None,
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        grid: str = "uniform",
     ) -> SampleResult:
-        """`steps` jumps (1 by default) of the average velocity from x_0 [B, ...] at t = 0 to t = 1."""
+        """`steps` jumps (1 by default) of the average velocity from x_0 [B, ...] at t = 0 to t = 1, over `grid`."""
         if solver != JUMP:
             raise ValueError(
                 f"method {self.name!r} samples in jumps of its average velocity (solver {JUMP!r} with "
                 f"steps 1, 2, 4, ...); {solver!r} integrates a velocity field, which its model is not"
             )
-        return jump_sample(fn, x_0, steps or 1)
+        return jump_sample(fn, x_0, steps or 1, grid)
 
     def velocity(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0):
         """The average-velocity field u(x, t, r) of the two-time model (what `sample` takes)."""
@@ -481,9 +490,16 @@ class DistillMethod(Method):
         return cfm_loss(model, self.path.sample(x_0, x_1, t, generator), y)
 
     def sample(
-        self, fn, x_0: Tensor, solver: str = JUMP, steps: int | None = None, atol: float = 1e-5, rtol: float = 1e-5
+        self,
+        fn,
+        x_0: Tensor,
+        solver: str = JUMP,
+        steps: int | None = None,
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        grid: str = "uniform",
     ) -> SampleResult:
-        """The one jump x_0 + v(x_0, 0) [B, ...] from x_0 [B, ...] (NFE 1)."""
+        """The one jump x_0 + v(x_0, 0) [B, ...] from x_0 [B, ...] (NFE 1; one step is [0, 1] on every grid)."""
         if solver != JUMP or (steps or 1) != 1:
             raise ValueError(
                 f"method {self.name!r} is a one-step map fit at t = 0: it samples in one {JUMP!r} (sample.steps=1); "
@@ -502,6 +518,12 @@ class DistillMethod(Method):
     @property
     def gaussian_path(self) -> AffinePath:
         raise ValueError(f"method {self.name!r} is a one-step map, not a score: it has no SDE sampling; use {JUMP!r}")
+
+
+def _uniform_only(name: str, grid: str, why: str) -> None:
+    """Refuse a time grid other than uniform for a method whose path is not a noise-to-data flow (`why`)."""
+    if grid != "uniform":
+        raise ValueError(f"method {name!r} samples on the uniform time grid only ({why}); got grid {grid!r}")
 
 
 class _NonGaussianMethod(ABC):
@@ -569,8 +591,10 @@ class RiemannianMethod(_NonGaussianMethod):
         steps: int | None = None,
         atol: float = 1e-5,
         rtol: float = 1e-5,
+        grid: str = "uniform",
     ) -> SampleResult:
         """Integrate the tangent field on the manifold (projected steps), counting NFE."""
+        _uniform_only(self.name, grid, "a manifold has no noise-to-signal ratio to place its steps by")
         return manifold_ode_sample(fn, self.manifold, x_0, solver, steps, atol, rtol)
 
     def log_likelihood(
@@ -629,9 +653,11 @@ class SnapshotMethod(_NonGaussianMethod):
         steps: int | None = None,
         atol: float = 1e-5,
         rtol: float = 1e-5,
+        grid: str = "uniform",
     ) -> SampleResult:
         """Carry x_0 [B, D], rows of the first snapshot, from t_0 to the last observed time t_max, counting NFE (every
         observed time on the way: `fm.action_matching.transport`)."""
+        _uniform_only(self.name, grid, "its path runs between data snapshots, not from noise")
         return ode_sample(fn, x_0, solver, steps, atol, rtol, t_0=self.t_0, t_1=self.t_max)
 
     def log_likelihood(

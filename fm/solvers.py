@@ -23,6 +23,7 @@ __all__ = [
     "velocity_fn",
     "is_adaptive",
     "check_solver",
+    "GRIDS",
     "time_grid",
     "integration_times",
     "ode_sample",
@@ -49,6 +50,8 @@ def autocast_field(fn: VelocityFn, dtype: torch.dtype | None, device_type: str) 
 
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
+GRIDS = ("uniform", "edm")  # where a fixed-step solver's steps fall (`time_grid`)
+EDM_SIGMA_MAX, EDM_SIGMA_MIN, EDM_RHO = 80.0, 0.002, 7.0  # Karras et al. 2022, Sec. 3 and Table 1
 
 
 @dataclass
@@ -99,11 +102,31 @@ def velocity_fn(
     return lambda x, t: path.convert(raw(x, t), prediction, "velocity", x, t)
 
 
-def time_grid(steps: int, t_0: float = 0.0, t_1: float = 1.0, device: torch.device | str = "cpu") -> Tensor:
-    """Uniform grid of steps + 1 times from t_0 to t_1, shape [steps + 1]."""
+def time_grid(
+    steps: int, t_0: float = 0.0, t_1: float = 1.0, device: torch.device | str = "cpu", grid: str = "uniform"
+) -> Tensor:
+    """steps + 1 times from t_0 to t_1, shape [steps + 1] (the default dtype, on `device`).
+
+    grid="uniform": evenly spaced. grid="edm": the noise levels of Karras et al. 2022 (EDM, Eq. 5),
+    sigma_i = (sigma_max^(1/rho) + i / (steps - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho for i < steps
+    (sigma_max 80, sigma_min 0.002, rho 7), placed where the OT path x_t = t x_1 + (1 - t) x_0 has that ratio of noise
+    to signal, sigma = (1 - t) / t, i.e. u_i = 1 / (1 + sigma_i); then u_steps = 1. The first time, 1/81, becomes 0,
+    so that a sample still starts from pure noise at t_0. In t the steps are short at both ends and long in the
+    middle (8 steps: 0, .028, .068, .177, .437, .789, .966, .998, 1). The times are u mapped onto [t_0, t_1]; one
+    step is [t_0, t_1] on either grid.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
-    return torch.linspace(t_0, t_1, steps + 1, device=device)
+    if grid not in GRIDS:
+        raise ValueError(f"unknown time grid {grid!r}; allowed: {', '.join(GRIDS)}")
+    if grid == "uniform" or steps == 1:
+        return torch.linspace(t_0, t_1, steps + 1, device=device)
+    i = torch.arange(steps, dtype=torch.float64)
+    a, b = EDM_SIGMA_MAX ** (1 / EDM_RHO), EDM_SIGMA_MIN ** (1 / EDM_RHO)
+    sigma = (a + i / (steps - 1) * (b - a)) ** EDM_RHO
+    u = torch.cat([1 / (1 + sigma), torch.ones(1, dtype=torch.float64)])
+    u[0] = 0.0
+    return (t_0 + (t_1 - t_0) * u).to(device=device, dtype=torch.get_default_dtype())
 
 
 def is_adaptive(solver: str) -> bool:
@@ -111,9 +134,10 @@ def is_adaptive(solver: str) -> bool:
     return solver in ADAPTIVE_METHODS
 
 
-def check_solver(solver: str, steps: int | None, atol: float, rtol: float) -> None:
+def check_solver(solver: str, steps: int | None, atol: float, rtol: float, grid: str = "uniform") -> None:
     """Raise ValueError unless these are valid settings of an ODE solve: a known solver, steps >= 1 for a
-    fixed-step solver, positive tolerances for an adaptive one."""
+    fixed-step solver, positive tolerances for an adaptive one, and a time grid other than uniform only where the
+    solver takes fixed steps."""
     methods = ADAPTIVE_METHODS + FIXED_METHODS
     if solver not in methods:
         raise ValueError(f"unknown ODE method {solver!r}; allowed: {', '.join(methods)}")
@@ -121,15 +145,26 @@ def check_solver(solver: str, steps: int | None, atol: float, rtol: float) -> No
         raise ValueError(f"fixed-step method {solver!r} needs steps (an integer >= 1); got {steps}")
     if is_adaptive(solver) and (atol <= 0 or rtol <= 0):
         raise ValueError(f"atol and rtol must be > 0; got atol={atol}, rtol={rtol}")
+    if grid not in GRIDS:
+        raise ValueError(f"unknown time grid {grid!r}; allowed: {', '.join(GRIDS)}")
+    if grid != "uniform" and is_adaptive(solver):
+        raise ValueError(f"time grid {grid!r} places fixed steps; the adaptive solver {solver!r} chooses its own")
 
 
 def integration_times(
-    solver: str, steps: int | None, t_0: float, t_1: float, atol: float, rtol: float, like: Tensor
+    solver: str,
+    steps: int | None,
+    t_0: float,
+    t_1: float,
+    atol: float,
+    rtol: float,
+    like: Tensor,
+    grid: str = "uniform",
 ) -> Tensor:
     """Validate solver settings and return the times handed to odeint: the fixed grid, or just [t_0, t_1]."""
-    check_solver(solver, steps, atol, rtol)
+    check_solver(solver, steps, atol, rtol, grid)
     if solver in FIXED_METHODS and steps is not None:  # (check_solver: a fixed-step solver has its steps)
-        return time_grid(steps, t_0, t_1, like.device).to(like.dtype)
+        return time_grid(steps, t_0, t_1, like.device, grid).to(like.dtype)
     return torch.tensor([t_0, t_1], device=like.device, dtype=like.dtype)
 
 
@@ -144,6 +179,7 @@ def ode_sample(
     t_1: float = 1.0,
     return_trajectory: bool = False,
     t_limit: float | None = None,
+    grid: str = "uniform",
 ) -> SampleResult:
     """Integrate dx/dt = v(x, t) from t_0 to t_1 with torchdiffeq.
 
@@ -164,7 +200,7 @@ def ode_sample(
     # worker that imports fm but never integrates would otherwise pay at start
     from torchdiffeq import odeint
 
-    ts = integration_times(solver, steps, t_0, t_1, atol, rtol, x_0)
+    ts = integration_times(solver, steps, t_0, t_1, atol, rtol, x_0, grid)
     nfe = 0
 
     def rhs(t: Tensor, x: Tensor) -> Tensor:

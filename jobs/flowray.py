@@ -43,6 +43,11 @@ COMMANDS = {
         "bits/dim and sample quality (FID or FD, floor, KID, precision/recall)",
         "flowray evaluate --checkpoint runs:/RUN_ID --data data/digits --samples outputs/samples/run",
     ),
+    "sample-sweep": (
+        "jobs.sample_sweep",
+        "models x samplers on the batch stage: quality against NFE, the Pareto front, the best per budget",
+        "flowray sample-sweep --name s --data data/digits --checkpoint runs:/RUN_ID --grids uniform,edm",
+    ),
     "reflow": (
         "jobs.reflow",
         "Rectified Flow's reflow: a model's own pairs -> the next model, evaluated per round",

@@ -41,10 +41,12 @@ def ensure_ingested(source: str, shards: str | Path, num_shards: int = 4) -> Non
 
 
 def solver_tag(scfg: SampleConfig) -> str:
-    """A short name of a sampler for output folders: dopri5, euler20, sde100."""
+    """A short name of a sampler for output folders: dopri5, euler20, heun24-edm, sde100."""
     from fm.solvers import is_adaptive
 
-    return scfg.solver if is_adaptive(scfg.solver) else f"{scfg.solver}{scfg.steps}"
+    if is_adaptive(scfg.solver):
+        return scfg.solver
+    return f"{scfg.solver}{scfg.steps}" + (f"-{scfg.time_grid}" if scfg.time_grid != "uniform" else "")
 
 
 @dataclass

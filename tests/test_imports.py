@@ -61,9 +61,10 @@ ALLOWED = {
     "compare": {"fm", "core", "compare"},
     "sweep": {"fm", "core", "train", "chain", "compare", "sweep"},  # Ray Tune over training runs
     "reflow": {"fm", "core", *STAGES, "chain", "reflow"},  # sample -> ingest pairs -> train -> evaluate, k rounds
+    "sample_sweep": {"fm", "core", "batch", "train", "chain", "sample_sweep"},  # samplers x models on the batch stage
     "pipelines": set(),  # no re-export shims in pipelines/__init__.py
-    "jobs": {"fm", "core", *STAGES, "chain", "compare", "sweep", "reflow", "jobs"},
-    "benchmarks": {"fm", "core", *STAGES, "chain", "compare", "sweep", "reflow", "jobs", "benchmarks"},
+    "jobs": {"fm", "core", *STAGES, "chain", "compare", "sweep", "reflow", "sample_sweep", "jobs"},
+    "benchmarks": {"fm", "core", *STAGES, "chain", "compare", "sweep", "reflow", "sample_sweep", "jobs", "benchmarks"},
 }
 
 

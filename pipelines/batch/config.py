@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fm.methods import JUMP, METHODS, make_method
-from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS, check_solver
+from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS, GRIDS, check_solver
 from pipelines.core.errors import ConfigError
 from pipelines.core.settings import PRECISIONS, check
 
@@ -19,6 +19,9 @@ class SampleConfig:
     atol: float = 1e-5
     rtol: float = 1e-5
     steps: int = 100  # fixed-step methods and sde
+    # where a fixed-step solver's (or MeanFlow's jumps') steps fall: uniform, or edm (EDM's rho = 7 noise levels,
+    # `fm.solvers.time_grid`)
+    time_grid: str = "uniform"
     sde_g: float = 0.0  # diffusion of the flow SDE; 0 means the VP reverse SDE's g(t) = sqrt(beta) (VP methods)
     cfg_scale: float = 1.0
     label: int = -1  # class for conditional models; -1 cycles through the classes by id
@@ -54,6 +57,15 @@ def validate_sample_config(c: SampleConfig, method: str | None = None, method_kw
     check(c.solver in SOLVERS, "sample.solver", c.solver, f"allowed: {', '.join(SOLVERS)}")
     check(c.atol > 0 and c.rtol > 0, "sample.atol/rtol", (c.atol, c.rtol), "must be > 0")
     check(c.steps >= 1, "sample.steps", c.steps, "must be >= 1")
+    check(c.time_grid in GRIDS, "sample.time_grid", c.time_grid, f"allowed: {', '.join(GRIDS)}")
+    check(
+        c.time_grid == "uniform" or c.solver in (*FIXED_METHODS, JUMP),
+        "sample.time_grid",
+        c.time_grid,
+        f"places fixed steps; sample.solver={c.solver} "
+        + ("steps uniformly in its own scheme" if c.solver == "sde" else "chooses its own")
+        + ": use uniform",
+    )
     check(c.sde_g >= 0, "sample.sde_g", c.sde_g, "must be >= 0")
     check(c.block_size >= 1, "sample.block_size", c.block_size, "must be >= 1")
     check(c.blocks_per_call >= 1, "sample.blocks_per_call", c.blocks_per_call, "must be >= 1")
@@ -82,6 +94,13 @@ def validate_sample_config(c: SampleConfig, method: str | None = None, method_kw
             "sample.steps",
             c.steps,
             f"{method} is a one-step map fit at t = 0: it samples in one jump; allowed: 1",
+        )
+    if method in METHODS:
+        check(
+            c.time_grid == "uniform" or METHODS[method].kind == "euclidean",
+            "sample.time_grid",
+            c.time_grid,
+            f"{method} is a {METHODS[method].kind} method, whose path is not a flow from noise to data: use uniform",
         )
     if method in METHODS and c.solver in FIXED_METHODS:
         allowed = METHODS[method].fixed_step_solvers

@@ -106,7 +106,7 @@ class Sampler:
         )
         with torch.no_grad():
             if c.solver != "sde":
-                return self.method.sample(fn, x_0, c.solver, c.steps, c.atol, c.rtol)
+                return self.method.sample(fn, x_0, c.solver, c.steps, c.atol, c.rtol, c.time_grid)
             # per-sample noise streams, so a sample's path does not depend on its block's other samples
             noise = SeedStack([derive_seed(c.seed, int(i), SDE_NOISE_STREAM) for i in ids], self.device)
             return sde_sample(
@@ -218,6 +218,7 @@ def prepare_output(out: str, cfg: SampleConfig, checkpoint: str) -> str:
                 f"low 32 bits of each seed); this version seeds by version {SEEDING_VERSION} (all 63 "
                 "bits) and does not add its samples to them; use a new --out"
             )
+        old.setdefault("time_grid", "uniform")  # outputs from before the key existed were all on the uniform grid
         diff = {k: (old.get(k), v) for k, v in settings.items() if k != "num_samples" and old.get(k) != v}
         if diff:
             raise SamplingError(f"{out} holds samples made with other settings {diff}; use a new --out")

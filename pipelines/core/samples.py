@@ -93,6 +93,14 @@ def sample_shards(directory: str | Path) -> tuple[list[str], int, int]:
     return files, total, len(first)
 
 
+def mean_nfe(directory: str | Path) -> float:
+    """The mean NFE per sample of a sampling output, from each row's `nfe` (its block's solve): the same whether
+    the blocks were sampled now or by an earlier run into the folder."""
+    paths, _, _ = sample_shards(directory)
+    nfe = pa.concat_arrays([c for p in paths for c in storage.read_table(p, ["nfe"])["nfe"].chunks])
+    return float(np.mean(nfe.to_numpy()))
+
+
 def read_samples(directory: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """All samples of a sampling output in memory, as (ids [N], raw image bytes [N] objects, settings); for small
     outputs and tests (the evaluation streams shards through `pipelines.batch.features` instead)."""

@@ -122,3 +122,51 @@ def test_sample_precision_is_checked_before_ray():
     with pytest.raises(ConfigError, match=r"^sample.precision: 'auto' is not allowed; allowed: fp32, bf16, fp16$"):
         validate_sample_config(SampleConfig(precision="auto"))
     validate_sample_config(SampleConfig(precision="bf16"))
+
+
+def test_the_edm_grid_is_karras_noise_levels_as_times_and_uniform_is_unchanged():
+    from fm.solvers import time_grid
+
+    # uniform: exactly the grid it always was (samples and published figures stay bit for bit)
+    assert torch.equal(time_grid(7, 0.0, 0.99), torch.linspace(0.0, 0.99, 8))
+    steps, rho, s_max, s_min = 6, 7.0, 80.0, 0.002
+    sigma = [(s_max ** (1 / rho) + i / (steps - 1) * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho for i in range(6)]
+    expected = [0.0, *(1 / (1 + s) for s in sigma[1:]), 1.0]  # t where (1 - t) / t = sigma_i; first 1/81 -> 0
+    got = time_grid(steps, grid="edm").double()
+    assert got.tolist() == pytest.approx(expected, abs=1e-7)
+    assert (got.diff() > 0).all()
+    # the second-to-last time is sigma_min's: 1 / 1.002
+    assert got[-2].item() == pytest.approx(1 / 1.002, abs=1e-7)
+    # mapped onto [t_0, t_1]; one step is the interval on every grid
+    assert time_grid(6, 0.0, 0.5, grid="edm").tolist() == pytest.approx([0.5 * v for v in expected], abs=1e-7)
+    assert time_grid(1, grid="edm").tolist() == [0.0, 1.0]
+
+
+def test_fixed_steps_on_the_edm_grid_integrate_exactly_where_the_solver_is_exact():
+    from fm.meanflow import jump_sample
+
+    x_0 = torch.zeros(4, 1, dtype=torch.float64)
+    # rk4 is exact for a cubic in t on any grid: x(1) = int_0^1 4 t^3 dt = 1
+    cubic = ode_sample(lambda x, t: 4 * t[:, None] ** 3, x_0, "rk4", 5, grid="edm")
+    assert cubic.x_1.flatten().tolist() == pytest.approx([1.0] * 4, abs=1e-12) and cubic.nfe == 20
+    # euler on the edm grid of a field v = 2 t: the left Riemann sum over that grid
+    from fm.solvers import time_grid
+
+    ts = time_grid(4, grid="edm").double()
+    euler = ode_sample(lambda x, t: 2 * t[:, None], x_0, "euler", 4, grid="edm").x_1[0, 0].item()
+    assert euler == pytest.approx(sum(2 * ts[k].item() * (ts[k + 1] - ts[k]).item() for k in range(4)), rel=1e-6)
+    # MeanFlow's jumps over the grid: an average velocity u(x, t, r) = t + r is summed as (r - t)(t + r) = r^2 - t^2
+    jumped = jump_sample(lambda x, t, r: (t + r)[:, None].to(x.dtype), x_0, 3, "edm").x_1
+    assert jumped.flatten().tolist() == pytest.approx([1.0] * 4, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "solver, steps, grid, message",
+    [
+        ("dopri5", None, "edm", "time grid 'edm' places fixed steps; the adaptive solver 'dopri5' chooses its own"),
+        ("euler", 4, "cosine", "unknown time grid 'cosine'; allowed: uniform, edm"),
+    ],
+)
+def test_a_time_grid_a_solver_cannot_take_is_refused(gaussian_field, solver, steps, grid, message):
+    with pytest.raises(ValueError, match=message):
+        ode_sample(gaussian_field, torch.zeros(2, 2), solver, steps, grid=grid)

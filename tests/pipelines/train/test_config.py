@@ -269,6 +269,39 @@ def test_values_of_the_wrong_type_are_named_with_the_type(item, message):
     assert str(err.value) == message
 
 
+@pytest.mark.parametrize(
+    "sample, method, message",
+    [
+        (
+            {"solver": "dopri5", "time_grid": "edm"},
+            None,
+            r"^sample.time_grid: 'edm' is not allowed; places fixed steps; sample.solver=dopri5 chooses its own: use "
+            r"uniform$",
+        ),
+        (
+            {"solver": "sde", "time_grid": "edm"},
+            None,
+            r"^sample.time_grid: 'edm' is not allowed; places fixed steps; sample.solver=sde steps uniformly in its "
+            r"own scheme: use uniform$",
+        ),
+        ({"time_grid": "karras"}, None, r"^sample.time_grid: 'karras' is not allowed; allowed: uniform, edm$"),
+        (
+            {"solver": "euler", "time_grid": "edm"},
+            "rfm",
+            r"^sample.time_grid: 'edm' is not allowed; rfm is a riemannian method, whose path is not a flow from noise "
+            r"to data: use uniform$",
+        ),
+    ],
+)
+def test_a_time_grid_is_refused_where_no_fixed_steps_from_noise_are_placed(sample, method, message):
+    from pipelines.batch.config import SampleConfig, validate_sample_config
+
+    with pytest.raises(ConfigError, match=message):
+        validate_sample_config(SampleConfig(**sample), method)
+    validate_sample_config(SampleConfig(solver="heun2", steps=4, time_grid="edm"), "otcfm")
+    validate_sample_config(SampleConfig(solver="jump", steps=4, time_grid="edm"), "meanflow")
+
+
 def test_meanflow_samples_in_jumps_and_nothing_else():
     from pipelines.batch.config import SampleConfig, validate_sample_config
 
