@@ -130,7 +130,9 @@ def test_the_edm_grid_is_karras_noise_levels_as_times_and_uniform_is_unchanged()
     # uniform: exactly the grid it always was (samples and published figures stay bit for bit)
     assert torch.equal(time_grid(7, 0.0, 0.99), torch.linspace(0.0, 0.99, 8))
     steps, rho, s_max, s_min = 6, 7.0, 80.0, 0.002
-    sigma = [(s_max ** (1 / rho) + i / (steps - 1) * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho for i in range(6)]
+    sigma = [
+        (s_max ** (1 / rho) + i / (steps - 1) * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho for i in range(6)
+    ]
     expected = [0.0, *(1 / (1 + s) for s in sigma[1:]), 1.0]  # t where (1 - t) / t = sigma_i; first 1/81 -> 0
     got = time_grid(steps, grid="edm").double()
     assert got.tolist() == pytest.approx(expected, abs=1e-7)
