@@ -21,7 +21,7 @@ from pipelines.core import storage
 from pipelines.core.checkpoint import load_meta
 from pipelines.core.manifest import MANIFEST, Manifest
 from pipelines.core.run_logger import SafeLogger
-from pipelines.core.runtime import configure_ray_data, stage
+from pipelines.core.runtime import configure_ray_data, resource_args, stage
 from pipelines.core.samples import SamplingResult
 from pipelines.core.system_metrics import monitored_run
 from pipelines.core.tracking import tracking_uri
@@ -133,8 +133,15 @@ def quality_configs(cfg: Config) -> tuple[SampleConfig, EvalConfig]:
     the scores arrive later."""
     t = cfg.train
     return (
-        SampleConfig(num_samples=t.eval_samples, solver=t.eval_solver, steps=t.eval_steps, actors=1, nice=t.eval_nice),
-        EvalConfig(max_images=t.eval_rows, actors=1, nice=t.eval_nice),
+        SampleConfig(
+            num_samples=t.eval_samples,
+            solver=t.eval_solver,
+            steps=t.eval_steps,
+            actors=1,
+            nice=t.eval_nice,
+            resource=t.eval_resource,
+        ),
+        EvalConfig(max_images=t.eval_rows, actors=1, nice=t.eval_nice, resource=t.eval_resource),
     )
 
 
@@ -217,7 +224,9 @@ class QualityWhileTraining(UserCallback):
         if step % t.eval_every == 0 or step == t.steps:
             if self.scorer is None:  # it waits on the stages it starts: almost no CPU of its own
                 # (Ray's stubs type `ray.remote(...)` for functions only: an actor's max_concurrency is not in them)
-                self.scorer = ray.remote(num_cpus=0.01, max_concurrency=1)(_Scorer).remote()  # type: ignore[call-overload]
+                self.scorer = ray.remote(  # type: ignore[call-overload]
+                    num_cpus=0.01, max_concurrency=1, **resource_args(t.eval_resource)
+                )(_Scorer).remote()
             staged = posixpath.join(posixpath.dirname(checkpoint.path), ".quality", f"step_{step:09d}")
             checkpoint.filesystem.create_dir(staged)
             pafs.copy_files(

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from fm.solvers import is_adaptive
+from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS, GRIDS, is_adaptive
 from pipelines.batch.config import EvalConfig, SampleConfig, validate_eval_config, validate_sample_config
 from pipelines.batch.quality import sample_quality
 from pipelines.batch.sample import run_sampling
@@ -34,6 +34,9 @@ from pipelines.core.run_logger import SafeLogger
 from pipelines.core.runtime import stage
 from pipelines.core.samples import mean_nfe
 from pipelines.core.settings import apply_overrides
+
+# scheduling only: a resumed sweep may place its stages otherwise, and its points stay the same
+SCHEDULING = ("actors", "blocks_per_call", "cpus_per_actor", "gpus_per_actor", "nice", "resource")
 
 
 @dataclass
@@ -119,8 +122,6 @@ class Plan:
 def expand(spec: SampleSweepSpec, models: dict[str, str], base: SampleConfig) -> list[Point]:
     """Every model x sampler x CFG scale, in that order; each point checked against its model's method. One step
     is the same on every time grid, so a one-step point is made once, on the uniform grid."""
-    from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS
-
     samplers: list[SampleConfig] = []
     for solver in spec.solvers:
         if solver in ADAPTIVE_METHODS:
@@ -158,8 +159,6 @@ def expand(spec: SampleSweepSpec, models: dict[str, str], base: SampleConfig) ->
 
 def plan(spec: SampleSweepSpec) -> Plan:
     """Check every flag and every point against its model, rebuild the EMA lengths asked for, before Ray starts."""
-    from fm.solvers import GRIDS
-
     storage.check_name(spec.name, "--name")
     if not spec.checkpoints and not spec.sigma_rels:
         raise ConfigError("give the models to sweep: --checkpoint (one or more), or --ema-run with --sigma-rel")
@@ -228,11 +227,11 @@ def _check_same_sweep(p: Plan) -> None:
     mine: dict[str, Any] = {
         "data": p.manifest.directory,
         "points": [{**asdict(pt.sample), "name": pt.name, "checkpoint": pt.checkpoint} for pt in p.points],
-        "eval": asdict(p.ecfg),
+        "eval": {k: v for k, v in asdict(p.ecfg).items() if k not in SCHEDULING},
     }
-    for pt in mine["points"]:  # scheduling only: a resumed sweep may use other actors
-        for key in ("actors", "blocks_per_call", "cpus_per_actor", "gpus_per_actor", "nice"):
-            pt.pop(key)
+    for pt in mine["points"]:
+        for key in SCHEDULING:
+            pt.pop(key, None)
     if storage.is_file(record, "--out"):
         theirs = json.loads(storage.read_text(record, "--out"))
         diff = [k for k in mine if theirs.get(k) != mine[k]]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fm.methods import JUMP, METHODS, make_method
 from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS, GRIDS, check_solver
 from pipelines.core.errors import ConfigError
-from pipelines.core.settings import PRECISIONS, check
+from pipelines.core.settings import PRECISIONS, check, check_resource_name
 
 SOLVERS = ADAPTIVE_METHODS + FIXED_METHODS + ("sde", JUMP)
 
@@ -34,6 +34,9 @@ class SampleConfig:
     # added to the OS niceness of the stage's actors (0 to 19): they yield their cores to processes of a higher
     # priority where they share a node (quality while training scores at 19, below its trainers)
     nice: int = 0
+    # a node label (a Ray custom resource, `ray start --resources='{"NAME": 1}'`) that the stage's actors need: they
+    # run only on nodes that carry it (quality while training keeps its scorer off the trainers' nodes so). "": any
+    resource: str = ""
     write_png: bool = False
     fail_at_block: int = -1  # test hook: the actor raises once when it reaches this block
     # the network's evaluations under autocast: fp32 | bf16 | fp16 (GPU actors only); the ODE state stays fp32
@@ -73,6 +76,7 @@ def validate_sample_config(c: SampleConfig, method: str | None = None, method_kw
     check(c.cpus_per_actor > 0, "sample.cpus_per_actor", c.cpus_per_actor, "must be > 0")
     check(c.gpus_per_actor >= 0, "sample.gpus_per_actor", c.gpus_per_actor, "must be >= 0")
     check(0 <= c.nice <= 19, "sample.nice", c.nice, "must be in [0, 19] (added to the actors' OS niceness)")
+    check_resource_name(c.resource, "sample.resource")
     _check_precision("sample", c.precision, c.gpus_per_actor)
     if method in METHODS:
         field = METHODS[method].velocity_field
@@ -145,6 +149,7 @@ class EvalConfig:
     feature_batch: int = 64
     gpus_per_actor: float = 0.0
     nice: int = 0  # added to the OS niceness of the stages' actors (0 to 19; `sample.nice`)
+    resource: str = ""  # a node label the stages' actors need (`sample.resource`); "": any node
     straightness_samples: int = 64  # trajectories whose straightness is measured (fm.straightness); 0: none
     straightness_steps: int = 16  # their RK4 steps
     # the likelihood's network evaluations under autocast: fp32 | bf16 | fp16 (GPU actors only). The ODE state, the
@@ -174,6 +179,7 @@ def validate_eval_config(c: EvalConfig) -> None:
     check(c.actors >= 0, "eval.actors", c.actors, "must be >= 1, or 0 for as many as the cluster holds")
     check(c.cpus_per_actor > 0, "eval.cpus_per_actor", c.cpus_per_actor, "must be > 0")
     check(0 <= c.nice <= 19, "eval.nice", c.nice, "must be in [0, 19] (added to the actors' OS niceness)")
+    check_resource_name(c.resource, "eval.resource")
     check(c.max_images >= 0, "eval.max_images", c.max_images, "must be >= 0")
     check(c.classifier_epochs >= 1, "eval.classifier_epochs", c.classifier_epochs, "must be >= 1")
     check(c.features in FEATURES, "eval.features", c.features, f"allowed: {', '.join(FEATURES)}")

@@ -32,7 +32,16 @@ from pipelines.core.figures import write_csv
 from pipelines.core.manifest import DataSpec, Manifest
 from pipelines.core.memory import check_fits, model_item_bytes
 from pipelines.core.run_logger import SafeLogger
-from pipelines.core.runtime import Progress, actor_device, actor_pool, init_ray, spread, stage, use_cpu_share
+from pipelines.core.runtime import (
+    Progress,
+    actor_device,
+    actor_pool,
+    init_ray,
+    resource_args,
+    spread,
+    stage,
+    use_cpu_share,
+)
 from pipelines.core.samples import sample_shards
 from pipelines.core.settings import autocast_dtype
 from pipelines.core.shards import ShardRows, group_rows
@@ -149,6 +158,7 @@ def likelihood_values(
         memory,
         work=-(-blocks // cfg.blocks_per_call),
         section="eval",
+        resource=cfg.resource,
     )
     stage(
         f"bits/dim on the {cfg.split} split ({cfg.solver}, K={cfg.draws} draws, {cfg.divergence} divergence, "
@@ -167,6 +177,7 @@ def likelihood_values(
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor,
         memory=memory,
+        **resource_args(cfg.resource),
     )
     for batch in ds.iter_batches(batch_size=None):
         rows.append(np.asarray(batch["row"], dtype=np.int64))
@@ -238,12 +249,11 @@ def straightness_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> 
     init_ray()
     stage(f"straightness of {cfg.straightness_samples} trajectories ({cfg.straightness_steps} RK4 steps)")
     # a lowered priority must not outlive the task in a reused worker: with eval.nice, the worker ends with it
+    placement = {"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.gpus_per_actor, **resource_args(cfg.resource)}
     if cfg.nice:
-        task = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_calls=1)(
-            trajectory_straightness
-        )
+        task = ray.remote(**placement, max_calls=1)(trajectory_straightness)
     else:
-        task = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)(trajectory_straightness)
+        task = ray.remote(**placement)(trajectory_straightness)
     return ray.get(task.remote(checkpoint, cfg, list(manifest.data.model_shape)))
 
 
@@ -268,7 +278,13 @@ def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory
         )
     init_ray()
     actors, memory = actor_pool(
-        cfg.actors, cfg.cpus_per_actor, 0.0, memory, work=-(-len(start_rows) // cfg.batch_size), section="eval"
+        cfg.actors,
+        cfg.cpus_per_actor,
+        0.0,
+        memory,
+        work=-(-len(start_rows) // cfg.batch_size),
+        section="eval",
+        resource=cfg.resource,
     )
     stage(
         f"transporting {len(start_rows)} rows of the first snapshot through times {times} ({cfg.solver}) on "
@@ -287,6 +303,7 @@ def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory
             compute=ActorPoolStrategy(size=actors),
             num_cpus=cfg.cpus_per_actor,
             memory=memory,
+            **resource_args(cfg.resource),
         ).iter_batches(batch_size=None)
     )
     wall = time.perf_counter() - t0

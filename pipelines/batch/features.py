@@ -24,7 +24,7 @@ from fm.metrics import FeatureStats
 from pipelines.core import storage
 from pipelines.core.cells import decode_rows
 from pipelines.core.memory import feature_actor_bytes
-from pipelines.core.runtime import Progress, actor_pool, init_ray, spread, use_cpu_share
+from pipelines.core.runtime import Progress, actor_pool, init_ray, resource_args, spread, use_cpu_share
 
 STATS_DIR = "feature_stats"
 SUBSET_BUCKETS = 1_000_000
@@ -155,6 +155,7 @@ def feature_stage(
     cpus_per_actor: float = 0.5,
     gpus_per_actor: float = 0.0,
     nice: int = 0,
+    resource: str = "",
     what: str = "features",
     prefix: int | None = None,
     limit: int = 0,
@@ -174,6 +175,7 @@ def feature_stage(
         feature_actor_bytes(net.kind, batch_size),
         work=-(-total // batch_size),
         section="eval",
+        resource=resource,
     )
     keep = min(1.0, limit / max(total, 1)) if limit > 0 else 1.0
     # rates relative to the whole set: the KID subset of a capped set lies inside it, whatever the stream order
@@ -189,6 +191,7 @@ def feature_stage(
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
         memory=memory,
+        **resource_args(resource),
     )
     stats, subset, subset_ids, head, first = None, [], [], None, None
     progress = Progress(f"{what} ({actors} actor{'s' if actors > 1 else ''})", round(total * keep), "images")

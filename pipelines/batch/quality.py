@@ -63,6 +63,7 @@ def sample_quality(manifest: Manifest, samples_dir: str, cfg: EvalConfig) -> Qua
         "cpus_per_actor": cfg.cpus_per_actor,
         "gpus_per_actor": cfg.gpus_per_actor,
         "nice": cfg.nice,
+        "resource": cfg.resource,
     }
     ref = split_stats(manifest, cfg.reference_split, net, limit=cfg.reference_max, **kw)
     floor = bool(cfg.floor_split and cfg.floor_split != cfg.reference_split)

@@ -34,7 +34,16 @@ from pipelines.core.figures import save_grid, save_points_figure
 from pipelines.core.manifest import DataSpec
 from pipelines.core.memory import check_fits, model_item_bytes
 from pipelines.core.run_logger import SafeLogger
-from pipelines.core.runtime import Progress, actor_device, actor_pool, init_ray, interruptible, stage, use_cpu_share
+from pipelines.core.runtime import (
+    Progress,
+    actor_device,
+    actor_pool,
+    init_ray,
+    interruptible,
+    resource_args,
+    stage,
+    use_cpu_share,
+)
 from pipelines.core.samples import (
     RUN_FILE,
     SAMPLE_SCHEMA,
@@ -202,6 +211,7 @@ def prepare_output(out: str, cfg: SampleConfig, checkpoint: str) -> str:
                 "cpus_per_actor",
                 "gpus_per_actor",
                 "nice",
+                "resource",
                 "fail_at_block",
                 "write_png",
             )
@@ -273,6 +283,7 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> Samplin
             memory,
             work=-(-len(todo) // cfg.blocks_per_call),
             section="sample",
+            resource=cfg.resource,
         )
         stage(
             f"sampling {cfg.num_samples} samples ({len(todo)} blocks of {cfg.block_size}, {len(done)} reused) "
@@ -290,6 +301,7 @@ def run_sampling(checkpoint: str, out: str | Path, cfg: SampleConfig) -> Samplin
             num_cpus=cfg.cpus_per_actor,
             num_gpus=cfg.gpus_per_actor or None,
             memory=memory,
+            **resource_args(cfg.resource),
         )
         progress = Progress("sampling", len(todo), "blocks")
 

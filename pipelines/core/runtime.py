@@ -235,8 +235,23 @@ def check_resources(
         )
 
 
+RESOURCE_SLIVER = 0.001  # what an actor asks of a node label (a custom resource): a mark, not a share
+
+
+def resource_args(resource: str) -> dict:
+    """Ray's remote arguments that keep a task or actor on the nodes that carry the custom resource `resource` (a
+    node label: `ray start --resources='{"scoring": 1}'`), each asking `RESOURCE_SLIVER` of it; none for ""."""
+    return {"resources": {resource: RESOURCE_SLIVER}} if resource else {}
+
+
 def actor_pool(
-    actors: int, cpus: float, gpus: float = 0.0, memory: int = 0, work: int = 0, section: str = ""
+    actors: int,
+    cpus: float,
+    gpus: float = 0.0,
+    memory: int = 0,
+    work: int = 0,
+    section: str = "",
+    resource: str = "",
 ) -> tuple[int, int]:
     """An actor stage's pool (after `init_ray`): (how many actors, the memory each declares to Ray).
 
@@ -245,20 +260,29 @@ def actor_pool(
     stage may take: a local Ray's real cores (its logical CPUs are more, for Ray Data's read tasks), or every
     node's CPUs less one (left to those tasks); either way no more than the cluster's memory resource holds at
     `memory` bytes each, nor than the stage's `work` items (blocks, batches) when given, and at least one. A
-    request the cluster cannot give is refused first (`check_resources`; `section` names the settings).
+    request the cluster cannot give is refused first (`check_resources`; `section` names the settings). With
+    `resource` (a node label, `resource_args`), only the nodes that carry it count, and a cluster without one is
+    refused.
     The declared memory is `memory`, or the largest node's memory resource when that is less (an actor that no
     node could place would wait forever; `pipelines.core.memory.check_fits` has already refused what this machine
     cannot hold)."""
     import ray
 
     keys = f"{section}.actors={actors}, {section}.cpus_per_actor={cpus:g}, {section}.gpus_per_actor={gpus:g}"
-    check_resources({"CPU": cpus, "GPU": gpus}, max(actors, 1), "actor", keys)
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    bundle = {"CPU": cpus, "GPU": gpus}
+    if resource:
+        keys += f", {section}.resource={resource}"
+        bundle[resource] = RESOURCE_SLIVER
+    check_resources(bundle, max(actors, 1), "actor", keys)
+    # with a label (`resource_args`), the pool is sized by the labelled nodes alone
+    nodes = [
+        node["Resources"] for node in ray.nodes() if node["Alive"] and (not resource or resource in node["Resources"])
+    ]
     memory = min(memory, int(max(node.get("memory", 0) for node in nodes)))
     if actors > 0:
         return actors, memory
     if gpus > 0:
-        n = int(ray.cluster_resources().get("GPU", 0) // gpus)
+        n = int(sum(node.get("GPU", 0) for node in nodes) // gpus)
     else:
         local = _state["local_ray"] == ray.get_runtime_context().gcs_address
         cores = (os.cpu_count() or 1) if local else sum(max(0, int(node.get("CPU", 0)) - 1) for node in nodes)

@@ -5,6 +5,7 @@ to its field's type, and checks whose errors name the key, the bad value and wha
 from __future__ import annotations
 
 import json
+import re
 import types
 import typing
 from dataclasses import asdict, fields
@@ -191,6 +192,21 @@ def autocast_dtype(precision: str, device_type: str):
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_resource_name(name: str, key: str) -> None:
+    """A node label (a Ray custom resource name): "" (none), or letters, digits, `_`, `-`, `.` and `:`, not one of
+    Ray's own resources (asking a sliver of those would take a share, not mark a node)."""
+    check(
+        not name or (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:-]*", name) is not None and name not in RAY_RESOURCES),
+        key,
+        name,
+        "must be empty (any node) or a custom resource name that nodes are started with (ray start "
+        f"--resources='{{\"NAME\": 1}}'): letters, digits, _ . : -, not one of {', '.join(RAY_RESOURCES)}",
+    )
 
 
 def dump(cfg) -> str:

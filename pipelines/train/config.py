@@ -17,7 +17,7 @@ from fm.models import MODELS
 from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS
 from fm.training import SCHEDULES
 from pipelines.core.errors import ConfigError
-from pipelines.core.settings import PRECISIONS, check, json_schema, load_sections
+from pipelines.core.settings import PRECISIONS, check, check_resource_name, json_schema, load_sections
 from pipelines.core.storage import check_name
 
 MAX_EMA_SNAPSHOTS = 1000  # per run: a snapshot holds one model per optim.ema_sigma_rels entry
@@ -129,6 +129,9 @@ class TrainConfig:
     eval_solver: str = "dopri5"
     eval_steps: int = 20
     eval_nice: int = 19  # added to the scoring stages' OS niceness: they yield the cores the trainers want
+    # a node label (a Ray custom resource) that the scorer and its stages' actors need, keeping them off the
+    # trainers' nodes on a cluster with nodes started `ray start --resources='{"NAME": 1}'`; "": any node
+    eval_resource: str = ""
     eval_rows: int = 200
 
 
@@ -393,6 +396,7 @@ def validate(cfg: Config) -> None:
     check(t.eval_steps >= 1, "train.eval_steps", t.eval_steps, "must be >= 1")
     check(t.eval_rows >= 0, "train.eval_rows", t.eval_rows, "must be >= 0 (0: the whole test split)")
     check(0 <= t.eval_nice <= 19, "train.eval_nice", t.eval_nice, "must be in [0, 19] (added to the OS niceness)")
+    check_resource_name(t.eval_resource, "train.eval_resource")
     check(r.num_workers >= 1, "ray.num_workers", r.num_workers, "must be >= 1")
     check(
         t.fail_at_step is None or 0 <= t.fail_rank < r.num_workers,

@@ -18,6 +18,7 @@ from pipelines.core.manifest import Manifest
 from pipelines.core.registry import log_final_model
 from pipelines.core.run_logger import SafeLogger
 from pipelines.core.runtime import (
+    RESOURCE_SLIVER,
     check_address,
     check_resources,
     init_ray,
@@ -98,6 +99,15 @@ def run_training(
         r.local_cpus,
         beside={"CPU": r.preprocess_cpus},
     )
+    if cfg.train.eval_every and cfg.train.eval_resource:  # the scorer's nodes: a label no node has waits for ever
+        check_resources(
+            {cfg.train.eval_resource: RESOURCE_SLIVER},
+            1,
+            "scorer",
+            f"train.eval_resource={cfg.train.eval_resource}",
+            r.address,
+            r.local_cpus,
+        )
     # a local folder or an object-store URI, which Ray Train writes to through the same pyarrow file system
     root = storage.check_writable(cfg.train.storage_path, "train.storage_path")
     run_dir = storage.join(root, cfg.train.run_name)

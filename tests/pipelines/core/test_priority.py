@@ -48,3 +48,52 @@ def test_the_straightness_task_runs_at_a_lowered_priority_with_the_same_figures(
     low = straightness_stage(ckpt, manifest, EvalConfig(nice=5, straightness_samples=4, straightness_steps=2))
     same = straightness_stage(ckpt, manifest, EvalConfig(straightness_samples=4, straightness_steps=2))
     assert low.samples == 4 and low.straightness == same.straightness
+
+
+def test_a_node_label_is_checked_and_reaches_the_scorer_and_its_stages():
+    from pipelines.chain import quality_configs
+    from pipelines.core.runtime import resource_args
+    from pipelines.train.config import load_config
+
+    for key, check in (("sample.resource", validate_sample_config), ("eval.resource", validate_eval_config)):
+        cls = SampleConfig if key.startswith("sample") else EvalConfig
+        with pytest.raises(ConfigError, match=rf"^{key}: 'GPU' is not allowed; must be empty \(any node\) or a custom"):
+            check(cls(resource="GPU"))
+    with pytest.raises(ConfigError, match=r"^train.eval_resource: 'two words' is not allowed; must be empty"):
+        load_config("configs/digits-cpu.yaml", ["train.eval_resource=two words"])
+    scfg, ecfg = quality_configs(load_config("configs/digits-cpu.yaml", ["train.eval_resource=scoring"]))
+    assert scfg.resource == ecfg.resource == "scoring"
+    assert resource_args("scoring") == {"resources": {"scoring": 0.001}} and resource_args("") == {}
+
+
+def test_a_label_no_node_carries_is_refused_before_work_on_the_running_ray(tmp_path, ray_local):
+    """A custom resource that no node has would leave its actors waiting for ever: the stage refuses it at once."""
+    from pipeline_helpers import make_checkpoint
+
+    from pipelines.batch.sample import run_sampling
+
+    ckpt = str(make_checkpoint(tmp_path / "ckpt"))
+    with pytest.raises(
+        ConfigError,
+        match=r"^sample.actors=1, sample.cpus_per_actor=0.5, sample.gpus_per_actor=0, sample.resource=scoring: each "
+        r"actor asks for .*scoring.*, which no node of this Ray's 1 node\(s\)",
+    ):
+        run_sampling(ckpt, tmp_path / "out", SampleConfig(num_samples=8, actors=1, resource="scoring"))
+
+
+def test_training_refuses_a_scorer_label_no_node_carries_before_ray_starts(digits, tmp_path):
+    from pipelines.train.config import load_config
+    from pipelines.train.driver import run_training
+
+    cfg = load_config(
+        "configs/digits-cpu.yaml",
+        [
+            f"data.shards={digits}",
+            f"train.storage_path={tmp_path}",
+            "train.eval_every=200",
+            "train.eval_resource=scoring",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"^train.eval_resource=scoring: each scorer asks for .*scoring.*, which no"):
+        run_training(cfg)
