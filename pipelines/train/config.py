@@ -144,6 +144,7 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional so Ray Data's read tasks keep a CPU on small machines
     gpus_per_worker: float = 1.0
+    worker_resource: str = ""  # a node label (Ray custom resource) the Train workers need: they run only there
     preprocess_cpus: float = 0.25  # per pairing task of the training stream (it reads, preprocesses and pairs)
     preprocess_actors: int = 0  # most pairing tasks at once per worker's stream; 0: the spare CPUs / workers
     prefetch_batches: int = 2
@@ -405,6 +406,7 @@ def validate(cfg: Config) -> None:
         f"must be a worker rank in [0, {r.num_workers - 1}]",
     )
     check(r.cpus_per_worker > 0, "ray.cpus_per_worker", r.cpus_per_worker, "must be > 0")
+    check_resource_name(r.worker_resource, "ray.worker_resource")
     check(r.preprocess_cpus > 0, "ray.preprocess_cpus", r.preprocess_cpus, "must be > 0")
     check(
         r.preprocess_actors >= 0,

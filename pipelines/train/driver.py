@@ -91,10 +91,11 @@ def run_training(
     r = cfg.ray
     # the workers, and beside them at least one of the stream's pairing tasks (without it no step is ever read)
     check_resources(
-        {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker if r.use_gpu else 0.0},
+        _resources(cfg),
         r.num_workers,
         "Train worker",
-        f"ray.num_workers={r.num_workers}, ray.cpus_per_worker={r.cpus_per_worker:g}, ray.use_gpu={r.use_gpu}",
+        f"ray.num_workers={r.num_workers}, ray.cpus_per_worker={r.cpus_per_worker:g}, ray.use_gpu={r.use_gpu}"
+        + (f", ray.worker_resource={r.worker_resource}" if r.worker_resource else ""),
         r.address,
         r.local_cpus,
         beside={"CPU": r.preprocess_cpus},
@@ -344,10 +345,13 @@ def _pair_tasks(cfg: Config) -> int:
     return max(1, int(spare / cfg.ray.num_workers))  # a task runs one thread: about a CPU while it pairs
 
 
-def _resources(cfg: Config) -> dict:
+def _resources(cfg: Config) -> dict[str, float]:
+    """What each Train worker asks of its node: its CPUs, its GPUs, and a sliver of its node label if any."""
     res = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         res["GPU"] = cfg.ray.gpus_per_worker
+    if cfg.ray.worker_resource:
+        res[cfg.ray.worker_resource] = RESOURCE_SLIVER
     return res
 
 

@@ -81,7 +81,20 @@ def test_a_label_no_node_carries_is_refused_before_work_on_the_running_ray(tmp_p
         run_sampling(ckpt, tmp_path / "out", SampleConfig(num_samples=8, actors=1, resource="scoring"))
 
 
-def test_training_refuses_a_scorer_label_no_node_carries_before_ray_starts(digits, tmp_path):
+@pytest.mark.parametrize(
+    "label, message",
+    [
+        ("train.eval_resource=scoring", r"^train.eval_resource=scoring: each scorer asks for .*scoring.*, which no"),
+        (
+            "ray.worker_resource=trainers",
+            r"^ray.num_workers=2, ray.cpus_per_worker=0.5, ray.use_gpu=False, ray.worker_resource=trainers: each "
+            r"Train worker asks for .*trainers.*, which no node of .* has",
+        ),
+    ],
+)
+def test_training_refuses_a_label_no_node_carries_before_ray_starts(digits, tmp_path, label, message):
+    import ray
+
     from pipelines.train.config import load_config
     from pipelines.train.driver import run_training
 
@@ -91,9 +104,11 @@ def test_training_refuses_a_scorer_label_no_node_carries_before_ray_starts(digit
             f"data.shards={digits}",
             f"train.storage_path={tmp_path}",
             "train.eval_every=200",
-            "train.eval_resource=scoring",
+            label,
             f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
         ],
     )
-    with pytest.raises(ConfigError, match=r"^train.eval_resource=scoring: each scorer asks for .*scoring.*, which no"):
+    started = ray.is_initialized()
+    with pytest.raises(ConfigError, match=message):
         run_training(cfg)
+    assert ray.is_initialized() == started  # refused before Ray was started or joined
