@@ -23,6 +23,8 @@ def test_cluster_yaml_validates_with_ray():
     types = config["available_node_types"]
     assert types["head"]["resources"] == {"CPU": 0}
     assert "g5" in types["gpu_worker"]["node_config"]["InstanceType"]
+    # the node type that `train.eval_resource=scoring` asks for, so that the autoscaler can start one
+    assert types["scoring_worker"]["resources"] == {"scoring": 1} and types["scoring_worker"]["min_workers"] == 0
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start  # the dashboard is not opened to the world
     ports = {p["FromPort"] for p in config["provider"]["security_group"]["IpPermissions"]}
