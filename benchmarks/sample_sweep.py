@@ -1,8 +1,8 @@
 """Points per hour of `flowray sample-sweep` against the same points run as separate `flowray sample` + `flowray
 evaluate` commands, side by side in one run (A/B/A/B, so that host drift cancels).
 
-    python -m benchmarks.sample_sweep [--checkpoint DIR] [--points euler:2,euler:4,heun2:2,rk4:2]
-        [--num-samples 500] [--repeats 2]
+    python -m benchmarks.sample_sweep [--checkpoint DIR] [--points euler:2,euler:4,heun2:2,heun2:4]
+        [--num-samples 500] [--repeats 2] [--actors 1,2]
 
 Both sides score the same points of one digits checkpoint (trained here for 100 steps when --checkpoint is not
 given) on data/digits: each point samples --num-samples and scores them (the digits classifier's FD with its floor).
@@ -10,7 +10,9 @@ The separate commands are what a user runs without the sweep, each a fresh proce
 `jobs.evaluate --samples` with the likelihood cut to 8 test rows and no straightness (`eval.max_images=8`,
 `eval.straightness_samples=0`: the closest `flowray evaluate` comes to scoring samples alone). Both use --no-mlflow,
 and the classifier and the reference statistics are cached before the first timed run (a warm-up sweep), so
-neither side pays for them. Prints one JSON object: the seconds of each run, points per hour, and the ratio.
+neither side pays for them (their actor counts: the default, as many as the cores hold). Then the sweep alone at
+each of --actors actors per stage (`sample.actors`, `eval.actors`). Prints one JSON object: the seconds of each
+run, points per hour, the ratio, and the sweep's seconds by actors.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def _train(tmp: str) -> str:
     return json.loads(out.stdout.strip().splitlines()[-1])["checkpoint"]
 
 
-def _sweep(ckpt: str, points: list[tuple[str, int]], n: int, out: str, name: str) -> float:
+def _sweep(ckpt: str, points: list[tuple[str, int]], n: int, out: str, name: str, actors: int = 0) -> float:
     solvers = sorted({s for s, _ in points})
     steps = sorted({k for _, k in points})
     start = time.perf_counter()
@@ -75,6 +77,10 @@ def _sweep(ckpt: str, points: list[tuple[str, int]], n: int, out: str, name: str
             "--out",
             out,
             "--no-mlflow",
+            "--set",
+            f"sample.actors={actors}",
+            "--set",
+            f"eval.actors={actors}",
         ],
         check=True,
         capture_output=True,
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--points", default="euler:2,euler:4,heun2:2,heun2:4")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--actors", default="1,2", help="the sweep's actors per stage, each timed once after the A/B runs")
     a = p.parse_args(argv)
     points = [(s, int(k)) for s, k in (item.split(":") for item in a.points.split(","))]
     # the sweep runs every solver at every step count: give a full grid so both sides score the same points
@@ -140,6 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
         for r in range(a.repeats):
             sweep_s.append(_sweep(ckpt, points, a.num_samples, f"{tmp}/sweeps", f"s{r}"))
             separate_s.append(_separate(ckpt, points, a.num_samples, f"{tmp}/separate{r}"))
+        by_actors = {
+            int(k): round(_sweep(ckpt, points, a.num_samples, f"{tmp}/actors", f"a{k}", int(k)), 1)
+            for k in a.actors.split(",")
+        }
     per_hour = lambda secs: [round(3600 * len(points) / s, 1) for s in secs]  # noqa: E731
     result = {
         "points": len(points),
@@ -149,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sweep_points_per_hour": per_hour(sweep_s),
         "separate_points_per_hour": per_hour(separate_s),
         "ratio": round(sum(separate_s) / sum(sweep_s), 2),
+        "sweep_s_by_actors": by_actors,
         "checkpoint": a.checkpoint or "trained here (100 steps)",
     }
     print(json.dumps(result))

@@ -28,7 +28,7 @@ from pipelines.batch.sample import run_sampling
 from pipelines.chain import solver_tag
 from pipelines.core import lease, storage
 from pipelines.core.checkpoint import load_meta
-from pipelines.core.errors import ConfigError
+from pipelines.core.errors import ConfigError, JobStopped
 from pipelines.core.manifest import Manifest
 from pipelines.core.run_logger import SafeLogger
 from pipelines.core.runtime import stage
@@ -253,15 +253,21 @@ def _sweep(p: Plan) -> dict:
         f"{p.root}" + (f" (MLflow run {sweep_run})" if sweep_run else "")
     )
     results = []
-    for k, point in enumerate(p.points):
-        done = storage.join(p.root, "points", point.name, "point.json")
-        if storage.is_file(done, "--out"):
-            results.append(PointResult(**json.loads(storage.read_text(done, "--out"))))
-            continue
-        stage(f"point {k + 1}/{len(p.points)}: {point.name}")
-        result = _score(p, point, sweep_run)
-        storage.write_text(done, json.dumps(asdict(result), indent=1), "--out")
-        results.append(result)
+    try:
+        for k, point in enumerate(p.points):
+            done = storage.join(p.root, "points", point.name, "point.json")
+            if storage.is_file(done, "--out"):
+                results.append(PointResult(**json.loads(storage.read_text(done, "--out"))))
+                continue
+            stage(f"point {k + 1}/{len(p.points)}: {point.name}")
+            result = _score(p, point, sweep_run)
+            storage.write_text(done, json.dumps(asdict(result), indent=1), "--out")
+            results.append(result)
+    except JobStopped as stop:
+        if sweep_run and spec.uri:
+            SafeLogger(spec.uri, sweep_run).finish("KILLED")
+        stop.kept = f"{len(results)} of {len(p.points)} points are scored and kept in {p.root}"
+        raise
     front = pareto_front([(r.nfe, r.value) for r in results])
     budgets = spec.budgets or _default_budgets(max(r.nfe for r in results))
     best = best_per_budget(results, budgets)
