@@ -105,6 +105,7 @@ class PointResult:
     num_samples: int
     seconds: float
     mlflow_run_id: str | None = None
+    floor_count: int | None = None  # the held-out images of the floor (and of `matched`)
 
 
 @dataclass
@@ -360,6 +361,7 @@ def _score(p: Plan, point: Point, sweep_run: str | None) -> PointResult:
         matched=q.fd_matched,
         num_samples=q.num_samples,
         seconds=round(time.perf_counter() - start, 1),
+        floor_count=q.num_floor if q.fd is not None else q.num_reference,
     )
     if sweep_run:
         result.mlflow_run_id = _log_point(p, point, result, sweep_run)
@@ -485,10 +487,13 @@ def plot_front(results: list[PointResult], front: list[int], path: str):
     f = [results[i] for i in front]
     ax.plot([r.nfe for r in f], [r.value for r in f], "k-", lw=1, label="Pareto front")
     for r in f:
-        ax.annotate(r.setting, (r.nfe, r.value), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    floors = [r.floor for r in results if r.floor is not None]
-    if floors:
-        ax.axhline(min(floors), color="grey", ls="--", lw=1, label="floor (held-out images)")
+        ax.annotate(f"{r.model}: {r.setting}", (r.nfe, r.value), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    floored = [(r.floor, r) for r in results if r.floor is not None]
+    if floored:
+        # a Frechet distance depends on its count: the floor is at the held-out images' count, the points at theirs
+        floor, r = min(floored, key=lambda fr: fr[0])
+        at = f" at {r.floor_count} images; the points at {r.num_samples} samples" if r.floor_count else ""
+        ax.axhline(floor, color="grey", ls="--", lw=1, label=f"real-vs-real floor{at}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations per sample (NFE)")
