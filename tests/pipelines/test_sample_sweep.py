@@ -183,9 +183,17 @@ def test_a_tiny_sweep_over_a_checkpoint_and_a_posthoc_ema_length_resumes_without
         assert r.data.metrics["fd_matched"] == pytest.approx(p["matched"])
         assert r.data.params["sample.time_grid"] == by[r.info.run_name]["time_grid"]
 
-    # the same command again: every point is read back, no run is added, the result is the same
-    again = main(argv)
+    # the same command again: every point is read back, no run is added, the result is the same; with
+    # --tag-version, a registered version of the model gets the best setting per budget as tags
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    version = mlflow.register_model(res["mlflow_model"], "sweep-tagged").version
+    again = main([*argv, "--tag-version", f"models:/sweep-tagged/{version}"])
     assert again["points"] == out["points"] and again["mlflow_run_id"] == out["mlflow_run_id"]
+    tags = client.get_model_version("sweep-tagged", str(version)).tags
+    assert tags["flowray.best_at_nfe_2"] == f"{best2['model']}: {best2['setting']}"
+    assert set(tags) >= {"flowray.best_at_nfe_1", "flowray.best_at_nfe_64"}
     assert len(
         client.search_runs([sweep.info.experiment_id], filter_string=f"tags.`flowray.sweep` = '{sweep.info.run_id}'")
     ) == len(names)
