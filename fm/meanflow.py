@@ -163,11 +163,7 @@ def jump_sample(fn: AverageVelocityFn, x_0: Tensor, steps: int = 1, grid: str = 
     edm): x <- x + (r - t) u(x, t, r). NFE = steps (one network call per jump)."""
     if steps < 1:
         raise ValueError(f"jump sampling needs steps >= 1; got {steps}")
-    times = (
-        torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
-        if grid == "uniform"
-        else time_grid(steps, grid=grid).double()
-    ).tolist()
+    times = time_grid(steps, grid=grid, dtype=torch.float64).tolist()
     x = x_0
     for t, r in zip(times[:-1], times[1:], strict=True):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)

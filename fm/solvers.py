@@ -103,9 +103,14 @@ def velocity_fn(
 
 
 def time_grid(
-    steps: int, t_0: float = 0.0, t_1: float = 1.0, device: torch.device | str = "cpu", grid: str = "uniform"
+    steps: int,
+    t_0: float = 0.0,
+    t_1: float = 1.0,
+    device: torch.device | str = "cpu",
+    grid: str = "uniform",
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """steps + 1 times from t_0 to t_1, shape [steps + 1] (the default dtype, on `device`).
+    """steps + 1 times from t_0 to t_1, shape [steps + 1] (`dtype`, default torch's, on `device`).
 
     grid="uniform": evenly spaced. grid="edm": the noise levels of Karras et al. 2022 (EDM, Eq. 5),
     sigma_i = (sigma_max^(1/rho) + i / (steps - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho for i < steps
@@ -120,13 +125,13 @@ def time_grid(
     if grid not in GRIDS:
         raise ValueError(f"unknown time grid {grid!r}; allowed: {', '.join(GRIDS)}")
     if grid == "uniform" or steps == 1:
-        return torch.linspace(t_0, t_1, steps + 1, device=device)
+        return torch.linspace(t_0, t_1, steps + 1, device=device, dtype=dtype)
     i = torch.arange(steps, dtype=torch.float64)
     a, b = EDM_SIGMA_MAX ** (1 / EDM_RHO), EDM_SIGMA_MIN ** (1 / EDM_RHO)
     sigma = (a + i / (steps - 1) * (b - a)) ** EDM_RHO
     u = torch.cat([1 / (1 + sigma), torch.ones(1, dtype=torch.float64)])
     u[0] = 0.0
-    return (t_0 + (t_1 - t_0) * u).to(device=device, dtype=torch.get_default_dtype())
+    return (t_0 + (t_1 - t_0) * u).to(device=device, dtype=dtype or torch.get_default_dtype())
 
 
 def is_adaptive(solver: str) -> bool:

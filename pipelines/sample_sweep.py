@@ -21,8 +21,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from fm.methods import JUMP
 from fm.solvers import ADAPTIVE_METHODS, FIXED_METHODS, GRIDS, is_adaptive
-from pipelines.batch.config import EvalConfig, SampleConfig, validate_eval_config, validate_sample_config
+from pipelines.batch.config import SCHEDULING, EvalConfig, SampleConfig, validate_eval_config, validate_sample_config
 from pipelines.batch.quality import sample_quality
 from pipelines.batch.sample import run_sampling
 from pipelines.chain import solver_tag
@@ -34,9 +35,6 @@ from pipelines.core.run_logger import SafeLogger
 from pipelines.core.runtime import stage
 from pipelines.core.samples import mean_nfe
 from pipelines.core.settings import apply_overrides
-
-# scheduling only: a resumed sweep may place its stages otherwise, and its points stay the same
-SCHEDULING = ("actors", "blocks_per_call", "cpus_per_actor", "gpus_per_actor", "nice", "resource")
 
 
 @dataclass
@@ -127,14 +125,14 @@ def expand(spec: SampleSweepSpec, models: dict[str, str], base: SampleConfig) ->
     for solver in spec.solvers:
         if solver in ADAPTIVE_METHODS:
             samplers += [replace(base, solver=solver, atol=tol, rtol=tol) for tol in spec.tolerances]
-        elif solver in (*FIXED_METHODS, "jump"):
+        elif solver in (*FIXED_METHODS, JUMP):
             for steps in spec.steps:
                 grids = spec.grids if steps > 1 else ["uniform"]
                 samplers += [replace(base, solver=solver, steps=steps, time_grid=g) for g in grids]
         elif solver == "sde":
             samplers += [replace(base, solver=solver, steps=steps) for steps in spec.steps]
         else:
-            allowed = ", ".join((*ADAPTIVE_METHODS, *FIXED_METHODS, "jump", "sde"))
+            allowed = ", ".join((*ADAPTIVE_METHODS, *FIXED_METHODS, JUMP, "sde"))
             raise ConfigError(f"--solvers: {solver!r} is not allowed; allowed: {allowed}")
     points = []
     for model, ckpt in models.items():
@@ -248,7 +246,7 @@ def _check_same_sweep(p: Plan) -> None:
 def _sweep(p: Plan) -> dict:
     spec = p.spec
     _check_same_sweep(p)
-    sweep_run = _sweep_run(p) if spec.uri else None
+    sweep_run, experiment = _sweep_run(p) if spec.uri else (None, "")
     stage(
         f"sample sweep {spec.name}: {len(p.points)} points over {len({pt.model for pt in p.points})} model(s) in "
         f"{p.root}" + (f" (MLflow run {sweep_run})" if sweep_run else "")
@@ -261,7 +259,7 @@ def _sweep(p: Plan) -> dict:
                 results.append(PointResult(**json.loads(storage.read_text(done, "--out"))))
                 continue
             stage(f"point {k + 1}/{len(p.points)}: {point.name}")
-            result = _score(p, point, sweep_run)
+            result = _score(p, point, sweep_run, experiment)
             storage.write_text(done, json.dumps(asdict(result), indent=1), "--out")
             results.append(result)
     except JobStopped as stop:
@@ -292,9 +290,9 @@ def _sweep(p: Plan) -> dict:
     return summary
 
 
-def _sweep_run(p: Plan) -> str:
-    """The sweep's MLflow run (found again on a resume): nested under the training run its models share, in that
-    run's experiment."""
+def _sweep_run(p: Plan) -> tuple[str, str]:
+    """The sweep's MLflow run (found again on a resume), nested under the training run its models share, and its
+    experiment (that run's; else "flowray")."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.core.tracking import find_or_create_run
@@ -334,11 +332,11 @@ def _sweep_run(p: Plan) -> str:
             }
         )
         log.close()
-    return run_id
+    return run_id, experiment
 
 
-def _score(p: Plan, point: Point, sweep_run: str | None) -> PointResult:
-    """Sample the point, score its samples, log its run (nested under the sweep's)."""
+def _score(p: Plan, point: Point, sweep_run: str | None, experiment: str) -> PointResult:
+    """Sample the point, score its samples, log its run (nested under the sweep's, in `experiment`)."""
     start = time.perf_counter()
     samples = run_sampling(point.checkpoint, storage.join(p.root, "points", point.name, "samples"), point.sample)
     q = sample_quality(p.manifest, samples.out, p.ecfg)
@@ -364,19 +362,16 @@ def _score(p: Plan, point: Point, sweep_run: str | None) -> PointResult:
         floor_count=q.num_floor if q.fd is not None else q.num_reference,
     )
     if sweep_run:
-        result.mlflow_run_id = _log_point(p, point, result, sweep_run)
+        result.mlflow_run_id = _log_point(p, point, result, sweep_run, experiment)
     stage(f"{point.name}: {metric} {result.value:.4g} at {result.nfe:g} NFE ({result.seconds:.0f} s)")
     return result
 
 
-def _log_point(p: Plan, point: Point, r: PointResult, sweep_run: str) -> str:
+def _log_point(p: Plan, point: Point, r: PointResult, sweep_run: str, experiment: str) -> str:
     from pipelines.core.tracking import find_or_create_run
 
     uri = p.spec.uri
     assert uri is not None
-    from mlflow.tracking import MlflowClient
-
-    experiment = MlflowClient(uri).get_experiment(MlflowClient(uri).get_run(sweep_run).info.experiment_id).name
     run_id, _ = find_or_create_run(
         uri,
         experiment,

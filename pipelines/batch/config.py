@@ -10,6 +10,8 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.settings import PRECISIONS, check, check_resource_name
 
 SOLVERS = ADAPTIVE_METHODS + FIXED_METHODS + ("sde", JUMP)
+# the keys of both sections that place a stage's work, not what it computes: a rerun or resume may change them
+SCHEDULING = ("actors", "blocks_per_call", "cpus_per_actor", "gpus_per_actor", "nice", "resource")
 
 
 @dataclass
@@ -99,7 +101,6 @@ def validate_sample_config(c: SampleConfig, method: str | None = None, method_kw
             c.steps,
             f"{method} is a one-step map fit at t = 0: it samples in one jump; allowed: 1",
         )
-    if method in METHODS:
         check(
             c.time_grid == "uniform" or METHODS[method].kind == "euclidean",
             "sample.time_grid",

@@ -25,7 +25,7 @@ import torch
 from fm.data import to_uint8
 from fm.seeding import SEEDING_VERSION, SeedStack, derive_seed
 from fm.solvers import ADAPTIVE_METHODS, SampleResult, autocast_field, sde_sample
-from pipelines.batch.config import SampleConfig, validate_sample_config
+from pipelines.batch.config import SCHEDULING, SampleConfig, validate_sample_config
 from pipelines.core import storage
 from pipelines.core.cells import decode_rows, encode_rows
 from pipelines.core.checkpoint import load_meta, load_model
@@ -204,17 +204,7 @@ def prepare_output(out: str, cfg: SampleConfig, checkpoint: str) -> str:
             k: v
             for k, v in asdict(cfg).items()
             # scheduling only: the samples do not depend on it
-            if k
-            not in (
-                "actors",
-                "blocks_per_call",
-                "cpus_per_actor",
-                "gpus_per_actor",
-                "nice",
-                "resource",
-                "fail_at_block",
-                "write_png",
-            )
+            if k not in (*SCHEDULING, "fail_at_block", "write_png")
         },
         "seeding": SEEDING_VERSION,
     }
