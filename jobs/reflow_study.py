@@ -25,6 +25,11 @@ after each reflow, the reflowed model distilled into a one-step map (Liu et al. 
 it (so that row trains more steps than the others, as the table says). The tables (mean ± std over seeds) go to
 OUT/NAME/table.md, every figure to OUT/NAME/result.json, and every run to one MLflow experiment (NAME). The last stdout
 line is one JSON object.
+
+The study runs seed by seed, and each row is kept in OUT/NAME/rows.json as it finishes. Rerun the same command after a
+stop, and the kept rows are read back rather than redone; a row stopped part way continues its training run, sampling
+and reflow chain where they were. A rerun under the same name with other settings (steps, pairs, samples, solvers,
+config, data, --set) is refused in words; other --methods and --seeds add rows.
 """
 
 from __future__ import annotations
@@ -96,9 +101,64 @@ def _label(method: str, timing: str) -> str:
     return f"{method} ({timing or 'uniform'} t)"
 
 
+ROWS = "rows.json"  # every finished row of a study, kept as it finishes: a rerun under the same name skips them
+# the flags that change a row's figures: a study resumed under its name must keep them
+SETTINGS = ("config", "data", "steps", "reflow_at", "num_pairs", "num_samples", "solvers", "overrides")
+
+
+def _settings(a) -> dict:
+    return {k: getattr(a, k) for k in SETTINGS}
+
+
+def load_rows(out: Path, a) -> dict[str, list[dict]]:
+    """The rows a study of this name already finished (OUT/NAME/rows.json), by table label; refused in words when
+    that study ran with other settings (`SETTINGS`), since its figures would not compare with this run's."""
+    from pipelines.core.errors import ConfigError
+
+    path = out / ROWS
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    mine = _settings(a)
+    diff = [k for k in SETTINGS if saved["settings"].get(k) != mine[k]]
+    if diff:
+        flag = {"overrides": "set"}  # the one setting whose flag is not its name
+        theirs = ", ".join(f"--{flag.get(k, k).replace('_', '-')} {saved['settings'].get(k)!r}" for k in diff)
+        raise ConfigError(
+            f"reflow study {a.name!r} at {out} has rows measured with {theirs}; rerun it with the same flags to "
+            "continue it, or give a new --name"
+        )
+    return saved["rows"]
+
+
+def save_rows(out: Path, a, rows: dict[str, list[dict]]) -> None:
+    """Write the finished rows whole (a temporary file, then a rename): a study killed while writing keeps the last."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (ROWS + ".tmp")
+    tmp.write_text(json.dumps({"settings": _settings(a), "rows": rows}, indent=1, default=str))
+    tmp.replace(out / ROWS)
+
+
+def kept_row(rows: dict[str, list[dict]], label: str, seed: int) -> dict | None:
+    """The figures of one row's seed among the kept rows, if it finished."""
+    return next((f for f in rows.get(label, []) if f["seed"] == seed), None)
+
+
+def row_order(a) -> list[str]:
+    """The table's rows in the order of --methods, each reflow (and its distillation) after its method."""
+    labels = []
+    for method, timing in a.variants:
+        labels.append(_label(method, timing))
+        if not timing and method in a.reflow_from:
+            labels += [f"reflow of {method}"] + [f"distilled reflow of {method}"] * a.distill
+    return labels
+
+
 def _study(a) -> dict:
     from pipelines.batch.config import EvalConfig
     from pipelines.chain import ensure_ingested, train_sample_evaluate
+    from pipelines.core import storage
+    from pipelines.core.runtime import stage
     from pipelines.core.storage import check_name
     from pipelines.reflow import ReflowSpec, run_reflow, solves_from
     from pipelines.train.config import load_config
@@ -130,48 +190,76 @@ def _study(a) -> dict:
     ensure_ingested(a.source, a.data)
 
     ecfg = EvalConfig(divergence="hutchinson", probes=1, batch_size=60, actors=2)
+    kept = load_rows(out, a)
     rows: dict[str, list[dict]] = {}
     start = time.perf_counter()
-    for (method, timing, seed), cfg in configs.items():
-        solves = solves_from(a.solvers, a.num_samples, {"seed": seed, "block_size": 100, "actors": 2})
-        columns, own = columns_of(method, solves)
-        chain = train_sample_evaluate(cfg, own, ecfg, out / "samples" / f"{method}{timing}-s{seed}")
-        rows.setdefault(_label(method, timing), []).append(_figures(chain.solves, seed, chain.train.wall_s, columns))
-        print(json.dumps({"progress": [method, timing, seed, rows[_label(method, timing)][-1]]}), flush=True)
-        if timing or method not in a.reflow_from:
-            continue
-        generator = _checkpoint_at(chain.train.run_dir, a.reflow_at)
-        spec = ReflowSpec(
-            checkpoint=generator,
-            data=a.data,
-            num_pairs=a.num_pairs,
-            config=a.config,
-            overrides=[*common, f"train.steps={a.steps - a.reflow_at}", f"train.seed={seed}"],
-            rounds=1,
-            solves=solves,
-            eval_config=ecfg,
-            out=str(out / "reflow"),
-            name=f"{a.name}-{method}-s{seed}-reflow",
-            baseline=False,
-            distill=a.distill,
-            pair_sampler=solves_from(
-                "dopri5", a.num_pairs, {"seed": seed + PAIR_SEED_OFFSET, "block_size": 100, "actors": 2}
-            )[0],
-        )
-        r, *distilled = run_reflow(spec)["rounds"]
-        figures = _figures(r["records"], seed, r["train"].wall_s, columns_of("reflow", solves)[0])
-        figures.update(
-            pairs_per_s=r["pairs"]["samples_per_s"],
-            pairs_wall_s=r["pairs"]["wall_s"],
-            pairs_and_ingest_s=r["pairs_and_ingest_s"],
-            pairs_nfe=r["pairs"]["mean_nfe"],
-        )
-        rows.setdefault(f"reflow of {method}", []).append(figures)
-        print(json.dumps({"progress": [method, "reflow", seed, figures]}), flush=True)
-        for d in distilled:  # its one jump in the one-network-call column
-            figures = _figures(d["records"], seed, d["train"].wall_s, columns_of("distill", solves)[0])
-            rows.setdefault(f"distilled reflow of {method}", []).append(figures)
-            print(json.dumps({"progress": [method, "distill", seed, figures]}), flush=True)
+
+    def record(label: str, figures: dict, what: str, method: str, seed: int) -> None:
+        rows.setdefault(label, []).append(figures)
+        kept.setdefault(label, []).append(figures)
+        save_rows(out, a, kept)
+        print(json.dumps({"progress": [method, what, seed, figures]}), flush=True)
+
+    def reuse(label: str, seed: int) -> bool:
+        """Take a row's seed from the kept rows, if it finished before."""
+        figures = kept_row(kept, label, seed)
+        if figures is not None:
+            rows.setdefault(label, []).append(figures)
+        return figures is not None
+
+    # seed by seed, so that a study stopped part way holds whole seeds of every row
+    for seed in a.seeds:
+        for method, timing in a.variants:
+            cfg = configs[(method, timing, seed)]
+            solves = solves_from(a.solvers, a.num_samples, {"seed": seed, "block_size": 100, "actors": 2})
+            columns, own = columns_of(method, solves)
+            label = _label(method, timing)
+            reflowed = not timing and method in a.reflow_from
+            wanted = [label] + ([f"reflow of {method}"] + [f"distilled reflow of {method}"] * a.distill) * reflowed
+            if all(kept_row(kept, w, seed) for w in wanted):
+                for w in wanted:
+                    reuse(w, seed)
+                stage(f"kept from {out / ROWS}: {', '.join(wanted)}, seed {seed}")
+                continue
+            if reuse(label, seed):
+                run_dir = storage.join(cfg.train.storage_path, cfg.train.run_name)
+            else:
+                chain = train_sample_evaluate(cfg, own, ecfg, out / "samples" / f"{method}{timing}-s{seed}")
+                record(label, _figures(chain.solves, seed, chain.train.wall_s, columns), timing, method, seed)
+                run_dir = chain.train.run_dir
+            if not reflowed:
+                continue
+            spec = ReflowSpec(
+                checkpoint=_checkpoint_at(run_dir, a.reflow_at),
+                data=a.data,
+                num_pairs=a.num_pairs,
+                config=a.config,
+                overrides=[*common, f"train.steps={a.steps - a.reflow_at}", f"train.seed={seed}"],
+                rounds=1,
+                solves=solves,
+                eval_config=ecfg,
+                out=str(out / "reflow"),
+                name=f"{a.name}-{method}-s{seed}-reflow",
+                baseline=False,
+                distill=a.distill,
+                pair_sampler=solves_from(
+                    "dopri5", a.num_pairs, {"seed": seed + PAIR_SEED_OFFSET, "block_size": 100, "actors": 2}
+                )[0],
+            )
+            r, *distilled = run_reflow(spec)["rounds"]  # a chain stopped part way continues where it was
+            figures = _figures(r["records"], seed, r["train"].wall_s, columns_of("reflow", solves)[0])
+            figures.update(
+                pairs_per_s=r["pairs"]["samples_per_s"],
+                pairs_wall_s=r["pairs"]["wall_s"],
+                pairs_and_ingest_s=r["pairs_and_ingest_s"],
+                pairs_nfe=r["pairs"]["mean_nfe"],
+            )
+            if not reuse(f"reflow of {method}", seed):
+                record(f"reflow of {method}", figures, "reflow", method, seed)
+            for d in distilled:  # its one jump in the one-network-call column
+                figures = _figures(d["records"], seed, d["train"].wall_s, columns_of("distill", solves)[0])
+                record(f"distilled reflow of {method}", figures, "distill", method, seed)
+    rows = {label: rows[label] for label in row_order(a) if label in rows}
     tags = [s.strip() for s in a.solvers.split(",") if s.strip()]
     table = markdown(rows, tags, a)
     out.mkdir(parents=True, exist_ok=True)

@@ -112,3 +112,33 @@ def test_models_sampled_in_jumps_take_the_columns_with_as_many_network_calls():
     table = markdown(rows, ["euler:1", "dopri5"], a).splitlines()
     assert table[3] == "| distilled reflow of otcfm | 7.00 | – | – | – | – | 1 |"
     assert table[-1].endswith("training 600 steps in all per row (reflow rows: 300 + 300; distilled rows 300 more).")
+
+
+def test_a_stopped_study_keeps_its_finished_rows_and_refuses_other_settings(tmp_path):
+    from jobs.reflow_study import kept_row, load_rows, row_order, save_rows
+    from pipelines.core.errors import ConfigError
+
+    argv = ["--methods", "otcfm,meanflow,otcfm:logit_normal", "--distill", "--seeds", "0,1", "--num-pairs", "100"]
+    a = parse(argv)
+    assert row_order(a) == [
+        "otcfm (uniform t)",
+        "reflow of otcfm",
+        "distilled reflow of otcfm",
+        "meanflow (uniform t)",
+        "otcfm (logit_normal t)",
+    ]
+    assert load_rows(tmp_path, a) == {}  # a new study
+    rows = {"otcfm (uniform t)": [_figures(0, 10.0, 2.0, 100, 0.5, 5.0)]}
+    save_rows(tmp_path, a, rows)
+    assert not (tmp_path / "rows.json.tmp").exists()
+    # the same flags (other methods and seeds too) read the finished rows back, each seed's figures whole
+    again = load_rows(tmp_path, parse([*argv[:-2], "--seeds", "0,1,2", "--num-pairs", "100"]))
+    assert kept_row(again, "otcfm (uniform t)", 0) == rows["otcfm (uniform t)"][0]
+    assert kept_row(again, "otcfm (uniform t)", 1) is None and kept_row(again, "reflow of otcfm", 0) is None
+    # figures measured otherwise would not compare: refused, naming the flags that differ
+    with pytest.raises(ConfigError) as e:
+        load_rows(tmp_path, parse([*argv, "--steps", "800", "--set", "train.lr=3e-4"]))
+    assert str(e.value) == (
+        f"reflow study 'reflow-study' at {tmp_path} has rows measured with --steps 600, --set []; rerun it "
+        "with the same flags to continue it, or give a new --name"
+    )
