@@ -118,6 +118,9 @@ def main() -> None:
         million = runs[a.num_samples]
         resumed = run_sampling(a.checkpoint, million.out, cfg(a.num_samples))
         out["resume"] = {"blocks_reused": resumed.blocks_reused, "blocks": resumed.blocks, "wall_s": resumed.wall_s}
+        import ray
+
+        ray.shutdown()  # the loop runs alone on the cores
 
         torch.set_num_threads(a.actors)  # the stage's cores, one loop
         base_out = Path(tmp) / "base"
