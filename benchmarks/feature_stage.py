@@ -2,6 +2,7 @@
 
     python -m benchmarks.feature_stage memory [--sizes 5000,200000] [--hoard]
     python -m benchmarks.feature_stage inception [--images 512 --threads CORES --batch 64]
+    python -m benchmarks.feature_stage pool [--sizes 356,5000,50000 --repeats 3]
 
 memory: for each size, a fresh process writes that many random 8x8 digit-shaped samples as sampling shards (blocks
 of 1,000) and runs `pipelines.batch.features.feature_stage` with the digits classifier's features (1 actor); its peak
@@ -13,6 +14,10 @@ loop over batches, with every core's thread) and through the Ray Data actor stag
 auto, `eval.cpus_per_actor` 0.5, the same batch). Both rates are wall time from the first feature batch to the
 last, so neither counts its start-up (for the stage: Ray, the actors, the network load; reported apart). Prints one
 JSON object.
+pool: the classifier's features on an actor pool against Ray Data tasks, end to end, start-up included (what a caller
+waits for): for each size, random 8x8 samples through `feature_stage` with the digits classifier at batches of 64
+and the auto pool size (2 on two cores), `pool="actors"` and `pool="tasks"` alternating, `--repeats` times each on
+one local Ray; medians of the wall times.
 """
 
 from __future__ import annotations
@@ -142,20 +147,58 @@ def inception(images: int, threads: int, batch: int) -> dict:
     }
 
 
+def pool(sizes: list[int], repeats: int) -> dict:
+    from pipelines.batch.config import EvalConfig
+    from pipelines.batch.features import feature_stage
+    from pipelines.batch.quality import feature_net
+    from pipelines.chain import ensure_ingested
+    from pipelines.core.manifest import Manifest
+    from pipelines.core.runtime import init_ray
+
+    shards = "data/digits"
+    ensure_ingested("digits", shards)
+    net, _, _ = feature_net(Manifest.load(shards), EvalConfig(features="classifier", classifier_epochs=1))
+    init_ray()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            paths = _write_samples(Path(tmp) / str(n), n)
+            feature_stage(paths, [8, 8, 1], net, n, pool="actors")  # warm: the page cache
+            walls: dict[str, list[float]] = {"actors": [], "tasks": []}
+            for _ in range(repeats):
+                for kind in walls:
+                    start = time.perf_counter()
+                    feature_stage(paths, [8, 8, 1], net, n, pool=kind)  # type: ignore[arg-type]
+                    walls[kind].append(time.perf_counter() - start)
+            med = {k: float(np.median(v)) for k, v in walls.items()}
+            rows.append(
+                {
+                    "images": n,
+                    "wall_s_actors": round(med["actors"], 2),
+                    "wall_s_tasks": round(med["tasks"], 2),
+                    "ratio_actors_to_tasks": round(med["actors"] / med["tasks"], 3),
+                }
+            )
+    return {"features": "digits classifier", "repeats": repeats, "sizes": rows}
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         _memory_child(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1")
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["memory", "inception"])
-    p.add_argument("--sizes", default="5000,200000")
+    p.add_argument("what", choices=["memory", "inception", "pool"])
+    p.add_argument("--sizes", default=None, help="memory: 5000,200000; pool: 356,5000,50000")
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hoard", action="store_true", help="memory: keep every feature row (the failure to catch)")
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     a = p.parse_args()
     if a.what == "memory":
-        out = memory([int(s) for s in a.sizes.split(",")], a.hoard)
+        out = memory([int(s) for s in (a.sizes or "5000,200000").split(",")], a.hoard)
+    elif a.what == "pool":
+        out = pool([int(s) for s in (a.sizes or "356,5000,50000").split(",")], a.repeats)
     else:
         out = inception(a.images, a.threads, a.batch)
     print(json.dumps(out))

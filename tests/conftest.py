@@ -172,6 +172,7 @@ def trained_digits(_digits_once, ray_local, tmp_path_factory):
         "train.eval_samples=32",
         "train.eval_rows=16",
         "train.ema_snapshot_every=2",
+        "mlflow.log_model=true",  # its MLflow Model: the training story and the sampling sweep's registry tags read it
     ]
     here = os.getcwd()
     os.chdir(tmp)

@@ -436,6 +436,12 @@ def test_every_name_that_becomes_a_path_stays_in_its_folder(bad, tmp_path, digit
     _fails(train, [*sets, "--set", f"train.run_name={bad}"], f"train.run_name: {bad!r} {NAME_RULE}", capsys)
     _fails(train, [*sets, "--set", f"mlflow.experiment={bad}"], f"mlflow.experiment: {bad!r} {NAME_RULE}", capsys)
     _fails(train, [*sets, "--set", f"mlflow.register_as={bad}"], f"mlflow.register_as: {bad!r} {NAME_RULE}", capsys)
+    _fails(
+        train,
+        [*sets, "--set", "mlflow.register_as=digits", "--set", "mlflow.log_model=false"],
+        "mlflow.register_as: 'digits' is not allowed; needs mlflow.log_model=true: the registry holds the MLflow Model",
+        capsys,
+    )
     _fails(sweep, [*sets, "--name", bad, "--param", "optim.lr=1e-3"], f"--name: {bad!r} {NAME_RULE}", capsys)
     ckpt = str(make_checkpoint(tmp_path / "ckpt"))
     _fails(

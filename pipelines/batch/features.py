@@ -1,9 +1,10 @@
-"""Feature statistics of image sets as a Ray Data actor stage: FID's Inception network, or the data set's small
+"""Feature statistics of image sets as a Ray Data stage: FID's Inception network, or the data set's small
 classifier, over sample shards or a split of an ingest output.
 
-Actors load the network once (on a GPU when `gpus_per_actor` > 0) and turn batches of parquet image cells into
-feature rows. The driver folds the streamed rows into `fm.metrics.FeatureStats` (float64 sums of f and f f^T) and
-keeps a bounded, deterministic subset (by a hash of each row's id, in id order) for KID and precision/recall, so its
+Actors load Inception once (on a GPU when `gpus_per_actor` > 0) and turn batches of parquet image cells into
+feature rows; the small classifier runs as Ray Data tasks on Ray's pooled workers, which keep it loaded from one
+stage to the next. The driver folds the streamed rows into `fm.metrics.FeatureStats` (float64 sums of f and f f^T)
+and keeps a bounded, deterministic subset (by a hash of each row's id, in id order) for KID and precision/recall, so its
 memory does not grow with the number of images. Batches are stateless, so a batch that Ray retries is counted once.
 Statistics of a data split are cached beside its shards, keyed by the shards' checksums, the split and the network.
 """
@@ -16,6 +17,7 @@ import json
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -102,18 +104,40 @@ class FeatureActor:
         self.net, self.shape, self.keep = net, list(shape), keep
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_network(net, self.device)
-        # the feature width, for batches that a cap leaves empty
-        self.dim = extract(
-            net, self.model, torch.zeros(1, self.shape[2], *self.shape[:2], dtype=torch.uint8), self.device
-        ).shape[1]
 
     def __call__(self, batch: dict) -> dict:
-        if self.keep < 1.0:  # a capped set: the same rows (by id hash) whatever the batching or the run
-            mask = in_subset(batch["id"], self.keep)
-            batch = {"id": np.asarray(batch["id"])[mask], "image": np.asarray(batch["image"], dtype=object)[mask]}
-        x = decode_rows(batch["image"], self.shape)
-        f = extract(self.net, self.model, x, self.device).numpy() if len(x) else np.zeros((0, self.dim), np.float32)
-        return {"id": np.asarray(batch["id"]), "feature": f}
+        return feature_rows(self.net, self.model, self.shape, self.keep, batch, self.device)
+
+
+# classifier networks a pooled Ray worker has loaded, by their weights' digest (`FeatureNet.key`): a classifier
+# rebuilt in the same folder is another entry. A few hundred KB each; the oldest go beyond a handful.
+_TASK_NETWORKS: dict[str, torch.nn.Module] = {}
+_TASK_NETWORKS_KEPT = 4
+
+
+def classifier_features(batch: dict, net: FeatureNet, key: str, shape: list[int], keep: float, cpus: float) -> dict:
+    """Ray Data task: the classifier's feature rows of a batch, on the CPU. The network is loaded once per worker
+    process and kept there (by `key`), so a later stage on the same warm worker starts at once."""
+    use_cpu_share(cpus)
+    model = _TASK_NETWORKS.get(key)
+    if model is None:
+        model = _TASK_NETWORKS[key] = load_network(net, torch.device("cpu"))
+        while len(_TASK_NETWORKS) > _TASK_NETWORKS_KEPT:
+            del _TASK_NETWORKS[next(iter(_TASK_NETWORKS))]
+    return feature_rows(net, model, shape, keep, batch, torch.device("cpu"))
+
+
+def feature_rows(net: FeatureNet, model, shape: list[int], keep: float, batch: dict, device: torch.device) -> dict:
+    """A batch of parquet image cells {id, image} -> {id, feature [B, D]}; with `keep` < 1 only the rows a hash of
+    their id keeps (the same rows whatever the batching or the run)."""
+    if keep < 1.0:
+        mask = in_subset(batch["id"], keep)
+        batch = {"id": np.asarray(batch["id"])[mask], "image": np.asarray(batch["image"], dtype=object)[mask]}
+    x = decode_rows(batch["image"], shape)
+    if not len(x):  # a batch the cap empties: rows of the feature width
+        x = torch.zeros(1, shape[2], *shape[:2], dtype=torch.uint8)
+        return {"id": np.asarray(batch["id"]), "feature": extract(net, model, x, device).numpy()[:0]}
+    return {"id": np.asarray(batch["id"]), "feature": extract(net, model, x, device).numpy()}
 
 
 def load_network(net: FeatureNet, device: torch.device):
@@ -159,13 +183,29 @@ def feature_stage(
     what: str = "features",
     prefix: int | None = None,
     limit: int = 0,
+    pool: Literal["auto", "actors", "tasks"] = "auto",
 ) -> FeatureResult:
-    """Stream `total` images of parquet shards (columns id, image) through FeatureActor actors into statistics;
+    """Stream `total` images of parquet shards (columns id, image) through the feature network into statistics;
     with `prefix`, also the statistics of the rows whose (integer) id is below it; with `limit` > 0, only about
-    `limit` of them: a pseudo-random subset chosen by a hash of each id (the count is binomial around `limit`)."""
+    `limit` of them: a pseudo-random subset chosen by a hash of each id (the count is binomial around `limit`).
+
+    `pool`: "actors" (`FeatureActor`, each loading the network once), or "tasks" (`classifier_features` on Ray's
+    pooled workers, which keep the classifier loaded from one stage to the next: a stage skips the actors' process
+    start, imports and network load, a few seconds of the small stages that score a sampling point; BENCHMARKS.md,
+    "Classifier features on tasks"). "auto": tasks for the classifier on CPU at the default priority, actors
+    otherwise (Inception is worth an actor's start; a GPU is an actor's; a lowered priority cannot be raised
+    back in a pooled worker). `actors` is the number of actors, or of concurrent tasks."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    on_tasks = net.kind == "classifier" and gpus_per_actor == 0 and nice == 0
+    if pool not in ("auto", "actors", "tasks") or (pool == "tasks" and not on_tasks):
+        raise ValueError(
+            f"feature pool {pool!r} is not allowed for the {net.kind} features with gpus_per_actor="
+            f"{gpus_per_actor:g}, nice={nice}; allowed: auto, actors, and tasks for the classifier on the CPU at "
+            "nice 0"
+        )
+    pool = "tasks" if pool == "tasks" or (pool == "auto" and on_tasks) else "actors"
     init_ray()
     # declared, so that Ray places actors by what they hold (and its memory detector has nothing to say)
     actors, memory = actor_pool(
@@ -182,21 +222,35 @@ def feature_stage(
     rate = min(1.0, subset_size / max(total * keep, 1)) * keep
     files, fs = storage.ray_paths(paths)
     ds = spread(ray.data.read_parquet(files, filesystem=fs).select_columns(["id", "image"]), total, batch_size, actors)
-    ds = ds.map_batches(
-        FeatureActor,
-        fn_constructor_args=(net, shape, gpus_per_actor > 0, keep, cpus_per_actor, nice),
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=actors),
-        num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor or None,
-        memory=memory,
-        **resource_args(resource),
-    )
+    if pool == "tasks":
+        ds = ds.map_batches(
+            classifier_features,
+            fn_kwargs={"net": net, "key": net.key, "shape": list(shape), "keep": keep, "cpus": cpus_per_actor},
+            batch_size=batch_size,
+            batch_format="numpy",
+            concurrency=actors,
+            num_cpus=cpus_per_actor,
+            memory=memory,
+            **resource_args(resource),
+        )
+        workers = f"{actors} task{'s' if actors > 1 else ''}"
+    else:
+        ds = ds.map_batches(
+            FeatureActor,
+            fn_constructor_args=(net, shape, gpus_per_actor > 0, keep, cpus_per_actor, nice),
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor or None,
+            memory=memory,
+            **resource_args(resource),
+        )
+        workers = f"{actors} actor{'s' if actors > 1 else ''}"
     stats, subset, subset_ids, head, first = None, [], [], None, None
-    progress = Progress(f"{what} ({actors} actor{'s' if actors > 1 else ''})", round(total * keep), "images")
+    progress = Progress(f"{what} ({workers})", round(total * keep), "images")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        f = torch.from_numpy(np.asarray(batch["feature"], dtype=np.float32))
+        f = torch.from_numpy(np.array(batch["feature"], dtype=np.float32))  # a copy: the object store's is read-only
         stats = (stats or FeatureStats(f.shape[1])).update(f)
         keep_rows = in_subset(batch["id"], rate)
         subset.append(f[torch.from_numpy(keep_rows)])

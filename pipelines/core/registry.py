@@ -14,9 +14,14 @@ from pipelines.core.run_logger import SafeLogger
 
 
 def log_final_model(
-    uri: str, run_id: str, checkpoint: str, register_as: str | None = None, data: dict | None = None
+    uri: str,
+    run_id: str,
+    checkpoint: str,
+    register_as: str | None = None,
+    data: dict | None = None,
+    mlflow_model: bool = True,
 ) -> dict:
-    """Log the final checkpoint to the training run, and the EMA network as an MLflow Model.
+    """Log the final checkpoint to the training run, and (with `mlflow_model`) the EMA network as an MLflow Model.
 
     The run gets the checkpoint directory as artifact `model` (without the optimizer state), which `runs:/RUN_ID`
     resolves to. The MLflow Model (`mlflow.pytorch`, `name="mlflow_model"`) is the network exported with
@@ -34,6 +39,8 @@ def log_final_model(
         logger = SafeLogger(uri, run_id)
         logger.artifact(ckpt, "model")
         logger.close()
+        if not mlflow_model:
+            return out
         try:
             info = _log_mlflow_model(uri, run_id, load_model(ckpt), ckpt, register_as)
         except Exception as err:  # the checkpoint artifact above is what the pipeline needs; this is a convenience

@@ -160,6 +160,7 @@ class MlflowConfig:
     experiment: str = "flowray"
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/outputs/mlflow.db
     register_as: str | None = None  # register the final model in the MLflow Model Registry under this name
+    log_model: bool = True  # log the final EMA network as an MLflow Model (torch.export); false: the checkpoint alone
     flush_timeout_s: float = 120.0  # at the end of training, how long to wait for metrics queued in an outage
     system_metrics: bool = True  # MLflow system metrics (CPU, memory, disk, network, GPU) of every node
 
@@ -433,6 +434,12 @@ def validate(cfg: Config) -> None:
     check_name(cfg.mlflow.experiment, "mlflow.experiment")  # its artifacts' folder under the store's artifact root
     if cfg.mlflow.register_as is not None:
         check_name(cfg.mlflow.register_as, "mlflow.register_as", also=":")  # MLflow's registry refuses ':' too
+        check(
+            cfg.mlflow.log_model,
+            "mlflow.register_as",
+            cfg.mlflow.register_as,
+            "needs mlflow.log_model=true: the registry holds the MLflow Model",
+        )
 
 
 def model_kwargs(cfg: Config, data) -> dict:

@@ -215,14 +215,12 @@ def _train(
         if outage is None:
             raise
         # the store went away mid-run: one line, what is kept and how to go on (a checkpoint whose upload failed
-        # was never reported, so Ray Train never registered it)
-        try:
-            kept = _kept(run_dir, run_id, "FAILED")
-        except Exception:
-            kept = (
-                f"the last registered checkpoint cannot be read while the store does not answer (MLflow run "
-                f"{run_id} is FAILED)"
-            )
+        # was never reported, so Ray Train never registered it). The store is not asked which checkpoint that is:
+        # a paused one answers nothing, and each read would wait out every attempt's timeout (minutes by default)
+        kept = (
+            f"its last registered checkpoint is kept there, and cannot be read while the store does not answer "
+            f"(MLflow run {run_id} is FAILED)"
+        )
         raise JobFailed(
             f"train.storage_path: the object store at {root} stopped answering during training "
             f"({storage.describe(outage)}); {kept}; rerun the same command once it answers to resume "
@@ -236,7 +234,14 @@ def _train(
     model = {}
     if result.checkpoint:
         with result.checkpoint.as_directory() as local:  # a download when the checkpoint is in an object store
-            model = log_final_model(uri, run_id, local, cfg.mlflow.register_as, manifest.dataset(cfg.data.split))
+            model = log_final_model(
+                uri,
+                run_id,
+                local,
+                cfg.mlflow.register_as,
+                manifest.dataset(cfg.data.split),
+                mlflow_model=cfg.mlflow.log_model,
+            )
     logger = SafeLogger(uri, run_id)
     logger.tags({f"flowray.{k}": v for k, v in model.items() if v})  # what a rerun of a finished run returns
     logger.finish("FINISHED")

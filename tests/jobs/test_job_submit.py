@@ -76,9 +76,10 @@ def _pids_mentioning(text: str) -> list[int]:
     return found
 
 
-def _kill_processes_mentioning(text: str, grace: float = 10.0) -> None:
+def _kill_processes_mentioning(text: str, grace: float = 3.0) -> None:
     # with their descendants: the head's dashboard and runtime-env agents and its client server do not name the temp
-    # dir, and left running they hold the agent's port, so the next head's agent never comes up
+    # dir, and left running they hold the agent's port, so the next head's agent never comes up. Some of the head's
+    # processes outlive a SIGTERM for good (the teardown waited out a 10 s grace every run): SIGKILL after 3 s
     tree = set(_pids_mentioning(text))
     for pid in list(tree):
         try:

@@ -28,6 +28,7 @@ TINY = [
     "optim.warmup_steps=0",
     "ray.num_workers=1",
     "mlflow.system_metrics=false",
+    "mlflow.log_model=false",
 ]
 
 

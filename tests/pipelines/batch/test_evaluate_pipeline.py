@@ -234,7 +234,8 @@ def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cov, ref_cov, rtol=1e-4, atol=1e-5)
     assert split_stats(load_manifest(data), "train", net).cached
-    # the KID / precision-recall subset: the same ids (by id hash, in id order) with 1 or 2 actors and any batch size
+    # the KID / precision-recall subset: the same ids (by id hash, in id order) with 1 actor or 2 tasks (the
+    # classifier's default: pooled workers that keep it loaded) and any batch size
     one = feature_stage(
         [str(tmp_path / "real" / "block-00000000.parquet")],
         [8, 8, 1],
@@ -243,6 +244,7 @@ def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
         subset_size=50,
         batch_size=32,
         actors=1,
+        pool="actors",
     )
     two = feature_stage(
         [str(tmp_path / "real" / "block-00000000.parquet")], [8, 8, 1], net, 300, subset_size=50, batch_size=7, actors=2
@@ -251,6 +253,20 @@ def test_classifier_features_rank_real_above_noise(tmp_path, ray_local):
     assert one.subset_ids.tolist() == two.subset_ids.tolist()
     torch.testing.assert_close(one.subset, two.subset, rtol=1e-5, atol=1e-5)  # float32 kernels of other batch sizes
     torch.testing.assert_close(one.subset, direct[one.subset_ids].float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one.stats.mean_cov()[1], cov, rtol=1e-4, atol=1e-5)  # the actor's statistics too
+
+
+def test_a_feature_pool_on_tasks_is_the_classifiers_on_the_cpu_alone():
+    from pipelines.batch.features import FeatureNet, feature_stage
+
+    inception = FeatureNet("inception", "FID")
+    for kwargs, what in (
+        ({"net": inception, "pool": "tasks"}, "the inception features with gpus_per_actor=0, nice=0"),
+        ({"net": FeatureNet("classifier", "FD", "x"), "pool": "tasks", "nice": 19}, "gpus_per_actor=0, nice=19"),
+        ({"net": inception, "pool": "threads"}, "'threads' is not allowed"),
+    ):
+        with pytest.raises(ValueError, match=rf"feature pool .*{what}.*; allowed: auto, actors, and tasks for the "):
+            feature_stage(["never-read.parquet"], [8, 8, 1], total=1, **kwargs)
 
 
 def test_eval_precision_runs_the_likelihood_network_under_autocast(tmp_path):

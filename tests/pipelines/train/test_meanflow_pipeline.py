@@ -40,6 +40,10 @@ def test_meanflow_trains_on_two_workers_and_samples_in_jumps(digits, tmp_path, r
     assert run.data.metrics["loss"] > 0 and "eval/fd" in run.data.metrics and "eval/bpd" not in run.data.metrics
     assert run.data.metrics["eval/sample_nfe"] == 1.0  # one jump, one network call per sample
     assert {a.path for a in client.list_artifacts(trained["run_id"], "samples")} == {"samples/step_000008.png"}
+    # mlflow.log_model=false (the tiny configs'): the checkpoint is the run's `model` artifact, and no MLflow Model
+    assert trained["mlflow_model"] is None and "model" in {a.path for a in client.list_artifacts(trained["run_id"])}
+    logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert list(logged) == []
 
     for steps in (1, 2):
         sampled = sample_main(

@@ -165,6 +165,7 @@ def test_bf16_training_logged_to_a_real_mlflow_server_and_sampled_by_registered_
             "over-http",
             "train.steps=4",
             "ray.num_workers=1",
+            "mlflow.log_model=true",
             "mlflow.register_as=tiny-digits",
             "train.precision=bf16",
             "train.channels_last=true",
