@@ -262,14 +262,14 @@ def _train(
     )
 
 
-def _kept(run_dir: str, run_id: str, status: str = "KILLED") -> str:
-    """What a stopped or failed training run keeps: its last registered checkpoint (read from Ray's record)."""
+def _kept(run_dir: str, run_id: str) -> str:
+    """What a stopped training run keeps: its last registered checkpoint (read from Ray's record)."""
     previous = _registered_checkpoints(run_dir)
     if previous is None or previous.checkpoint is None:
-        return f"no checkpoint was registered yet (MLflow run {run_id} is {status})"
+        return f"no checkpoint was registered yet (MLflow run {run_id} is KILLED)"
     with previous.checkpoint.as_directory() as local:
         step = load_meta(local).step
-    return f"the last checkpoint is step {step} in {run_dir} (MLflow run {run_id} is {status})"
+    return f"the last checkpoint is step {step} in {run_dir} (MLflow run {run_id} is KILLED)"
 
 
 def _registered_checkpoints(run_dir: str):
