@@ -141,17 +141,19 @@ def _sample_table(out: Path):
 
 def test_a_sampler_actor_killed_by_pid_gives_the_same_samples(tmp_path, ray_local):
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    base = dict(num_samples=192, solver="euler", steps=200, block_size=8, seed=5, actors=1)
+    # 12 blocks of 8 samples x 100 Euler steps, about 0.35 s a block here: once two are written, ten (seconds) are
+    # left for the kill, which lands within 0.1 s of them (a run twice as long only made the test slower)
+    base = dict(num_samples=96, solver="euler", steps=100, block_size=8, seed=5, actors=1)
     ref = run_sampling(str(ckpt), tmp_path / "ref", SampleConfig(**base))
     out = tmp_path / "killed"
     kill = _kill_when(lambda: len(list(out.glob("block-*.parquet"))) >= 2, "Sampler")
     res = run_sampling(str(ckpt), out, SampleConfig(**base))
     kill["thread"].join(1)
     assert "pid" in kill, "a Sampler actor was killed mid-run"
-    assert ref.blocks_sampled == res.blocks_sampled + res.blocks_reused == 24
+    assert ref.blocks_sampled == res.blocks_sampled + res.blocks_reused == 12
     ids, images = _sample_table(out)
     ref_ids, ref_images = _sample_table(tmp_path / "ref")
-    assert ids.tolist() == list(range(192)) and ids.tolist() == ref_ids.tolist()
+    assert ids.tolist() == list(range(96)) and ids.tolist() == ref_ids.tolist()
     assert images == ref_images  # bitwise
 
 
@@ -354,7 +356,8 @@ def test_sigint_stops_a_sampling_job_cleanly_and_the_rerun_samples_only_the_rest
         "--out",
         str(out),
         "--no-mlflow",
-        *[a for s in ("solver=euler", "steps=400", "block_size=8", "actors=1") for a in ("--set", s)],
+        # 12 blocks of 8 samples x 200 Euler steps (about 0.7 s a block here): SIGINT lands after the second
+        *[a for s in ("solver=euler", "steps=200", "block_size=8", "actors=1") for a in ("--set", s)],
     ]
     status, err, seconds = _stop_by_signal(
         cmd,
@@ -493,7 +496,9 @@ def test_a_worker_node_killed_mid_training_resumes_on_the_nodes_that_remain(digi
 def test_a_worker_node_killed_mid_sampling_gives_the_same_samples(tmp_path, three_nodes):
     cluster, workers = three_nodes
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    base = dict(num_samples=192, solver="euler", steps=200, block_size=8, seed=5, actors=2)
+    # 24 blocks of 8 samples x 100 Euler steps, 12 for each node's actor (about 0.35 s a block here): once two are
+    # written, seconds are left for the node's removal
+    base = dict(num_samples=192, solver="euler", steps=100, block_size=8, seed=5, actors=2)
     ref = run_sampling(str(ckpt), tmp_path / "ref", SampleConfig(**base))
     out = tmp_path / "killed"
     kill = _remove_node_when(cluster, workers, lambda: len(list(out.glob("block-*.parquet"))) >= 2, "Sampler")

@@ -239,6 +239,7 @@ def test_flowray_reflow_runs_its_chain_on_digits(tmp_path, ray_local, digits_cop
         "train.steps=4",
         "train.sample_every=0",
         "train.val_rows=16",
+        "ray.num_workers=1",  # the chain is what this test protects; a second worker costs each of its fits 2-3 s
     ]
     result = reflow_main(
         [
