@@ -30,6 +30,11 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(8 * width, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
 
+    @property
+    def feature_dim(self) -> int:
+        """D, the width of `features(x)`."""
+        return self.fc.out_features
+
     def features(self, x: Tensor) -> Tensor:
         return F.silu(self.fc(self.conv(x).flatten(1)))
 

@@ -104,15 +104,14 @@ class FeatureActor:
         self.net, self.shape, self.keep = net, list(shape), keep
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_network(net, self.device)
-        self.dim = feature_width(net, self.model, self.shape, self.device)
 
     def __call__(self, batch: dict) -> dict:
-        return feature_rows(self.net, self.model, self.dim, self.shape, self.keep, batch, self.device)
+        return feature_rows(self.net, self.model, self.shape, self.keep, batch, self.device)
 
 
 # classifier networks a pooled Ray worker has loaded, by their weights' digest (`FeatureNet.key`): a classifier
 # rebuilt in the same folder is another entry. A few hundred KB each; the oldest go beyond a handful.
-_TASK_NETWORKS: dict[str, tuple[torch.nn.Module, int]] = {}  # (network, feature width)
+_TASK_NETWORKS: dict[str, torch.nn.Module] = {}
 _TASK_NETWORKS_KEPT = 4
 
 
@@ -120,31 +119,32 @@ def classifier_features(batch: dict, net: FeatureNet, key: str, shape: list[int]
     """Ray Data task: the classifier's feature rows of a batch, on the CPU. The network is loaded once per worker
     process and kept there (by `key`), so a later stage on the same warm worker starts at once."""
     use_cpu_share(cpus)
-    cpu = torch.device("cpu")
-    if key not in _TASK_NETWORKS:
-        model = load_network(net, cpu)
-        _TASK_NETWORKS[key] = (model, feature_width(net, model, shape, cpu))
+    model = _TASK_NETWORKS.get(key)
+    if model is None:
+        model = _TASK_NETWORKS[key] = load_network(net, torch.device("cpu"))
         while len(_TASK_NETWORKS) > _TASK_NETWORKS_KEPT:
             del _TASK_NETWORKS[next(iter(_TASK_NETWORKS))]
-    model, dim = _TASK_NETWORKS[key]
-    return feature_rows(net, model, dim, shape, keep, batch, cpu)
+    return feature_rows(net, model, shape, keep, batch, torch.device("cpu"))
 
 
-def feature_width(net: FeatureNet, model, shape: list[int], device: torch.device) -> int:
-    """The network's feature width D, for batches that a cap leaves empty."""
-    return extract(net, model, torch.zeros(1, shape[2], *shape[:2], dtype=torch.uint8), device).shape[1]
+def feature_width(net: FeatureNet, model) -> int:
+    """The network's feature width D, read off the network (no forward pass)."""
+    if net.kind == "inception":
+        from fm.inception import INCEPTION_DIM
+
+        return INCEPTION_DIM
+    return model.feature_dim
 
 
-def feature_rows(
-    net: FeatureNet, model, dim: int, shape: list[int], keep: float, batch: dict, device: torch.device
-) -> dict:
-    """A batch of parquet image cells {id, image} -> {id, feature [B, D]} (D = `dim`); with `keep` < 1 only the rows
-    a hash of their id keeps (the same rows whatever the batching or the run)."""
+def feature_rows(net: FeatureNet, model, shape: list[int], keep: float, batch: dict, device: torch.device) -> dict:
+    """A batch of parquet image cells {id, image} -> {id, feature [B, D]}; with `keep` < 1 only the rows a hash of
+    their id keeps (the same rows whatever the batching or the run)."""
     if keep < 1.0:
         mask = in_subset(batch["id"], keep)
         batch = {"id": np.asarray(batch["id"])[mask], "image": np.asarray(batch["image"], dtype=object)[mask]}
     x = decode_rows(batch["image"], shape)
-    f = extract(net, model, x, device).numpy() if len(x) else np.zeros((0, dim), np.float32)
+    # a batch the cap empties: no rows, of the feature width
+    f = extract(net, model, x, device).numpy() if len(x) else np.zeros((0, feature_width(net, model)), np.float32)
     return {"id": np.asarray(batch["id"]), "feature": f}
 
 
