@@ -2,7 +2,7 @@
 
     python -m benchmarks.feature_stage memory [--sizes 5000,200000] [--hoard]
     python -m benchmarks.feature_stage inception [--images 512 --threads CORES --batch 64]
-    python -m benchmarks.feature_stage pool [--sizes 356,5000,50000 --repeats 3]
+    python -m benchmarks.feature_stage pool [--sizes 356,5000,50000 --repeats 3 --nice 0]
 
 memory: for each size, a fresh process writes that many random 8x8 digit-shaped samples as sampling shards (blocks
 of 1,000) and runs `pipelines.batch.features.feature_stage` with the digits classifier's features (1 actor); its peak
@@ -17,7 +17,8 @@ JSON object.
 pool: the classifier's features on an actor pool against Ray Data tasks, end to end, start-up included (what a caller
 waits for): for each size, random 8x8 samples through `feature_stage` with the digits classifier at batches of 64
 and the auto pool size (2 on two cores), `pool="actors"` and `pool="tasks"` alternating, `--repeats` times each on
-one local Ray; medians of the wall times.
+one local Ray; medians of the wall times. `--nice 19`: both at the scorer's priority (`train.eval_nice`), where the
+tasks run on Ray workers of that priority only (`pipelines.core.runtime.nice_args`).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def inception(images: int, threads: int, batch: int) -> dict:
     }
 
 
-def pool(sizes: list[int], repeats: int) -> dict:
+def pool(sizes: list[int], repeats: int, nice: int = 0) -> dict:
     from pipelines.batch.config import EvalConfig
     from pipelines.batch.features import feature_stage
     from pipelines.batch.quality import feature_net
@@ -163,12 +164,12 @@ def pool(sizes: list[int], repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             paths = _write_samples(Path(tmp) / str(n), n)
-            feature_stage(paths, [8, 8, 1], net, n, pool="actors")  # warm: the page cache
+            feature_stage(paths, [8, 8, 1], net, n, pool="actors", nice=nice)  # warm: the page cache
             walls: dict[str, list[float]] = {"actors": [], "tasks": []}
             for _ in range(repeats):
                 for kind in walls:
                     start = time.perf_counter()
-                    feature_stage(paths, [8, 8, 1], net, n, pool=kind)  # type: ignore[arg-type]
+                    feature_stage(paths, [8, 8, 1], net, n, pool=kind, nice=nice)  # type: ignore[arg-type]
                     walls[kind].append(time.perf_counter() - start)
             med = {k: float(np.median(v)) for k, v in walls.items()}
             rows.append(
@@ -179,7 +180,7 @@ def pool(sizes: list[int], repeats: int) -> dict:
                     "ratio_actors_to_tasks": round(med["actors"] / med["tasks"], 3),
                 }
             )
-    return {"features": "digits classifier", "repeats": repeats, "sizes": rows}
+    return {"features": "digits classifier", "nice": nice, "repeats": repeats, "sizes": rows}
 
 
 def main() -> None:
@@ -194,11 +195,12 @@ def main() -> None:
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--nice", type=int, default=0, help="pool: both pools at this OS priority (0 to 19)")
     a = p.parse_args()
     if a.what == "memory":
         out = memory([int(s) for s in (a.sizes or "5000,200000").split(",")], a.hoard)
     elif a.what == "pool":
-        out = pool([int(s) for s in (a.sizes or "356,5000,50000").split(",")], a.repeats)
+        out = pool([int(s) for s in (a.sizes or "356,5000,50000").split(",")], a.repeats, a.nice)
     else:
         out = inception(a.images, a.threads, a.batch)
     print(json.dumps(out))

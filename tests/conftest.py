@@ -80,6 +80,34 @@ def _digits_once(tmp_path_factory, ray_local):
     return out
 
 
+@pytest.fixture(scope="session")
+def _digits_scored_once(_digits_once, tmp_path_factory):
+    """A copy of the session's digits with the default evaluation's caches beside the shards: the digits classifier
+    (eval's default epochs and seed) and its statistics of the train split, the reference of every FD. A test that
+    scores samples on a copy of it skips training the classifier and the reference's feature stage (about 8 s);
+    what the caches hold, and that an evaluation writes them, is `batch/test_evaluate_pipeline.py`'s to check."""
+    import shutil
+
+    from pipelines.batch.config import EvalConfig
+    from pipelines.batch.features import split_stats
+    from pipelines.batch.quality import feature_net
+    from pipelines.ingest.run import load_manifest
+
+    out = shutil.copytree(_digits_once, tmp_path_factory.mktemp("digits-scored") / "digits")
+    manifest = load_manifest(out)
+    cfg = EvalConfig()
+    split_stats(manifest, cfg.reference_split, feature_net(manifest, cfg)[0], limit=cfg.reference_max)
+    return out
+
+
+@pytest.fixture
+def scored_digits(_digits_scored_once, tmp_path):
+    """A private copy (`tmp_path/digits`) of the session's digits with the default evaluation's caches."""
+    import shutil
+
+    return shutil.copytree(_digits_scored_once, tmp_path / "digits")
+
+
 @pytest.fixture(scope="module")
 def digits(_digits_once, tmp_path_factory):
     """A copy of the session's ingested digits for one test module (its tests share it and may not break it)."""
@@ -138,7 +166,7 @@ TRAINED_RUN = "tiny"
 
 
 @pytest.fixture(scope="session")
-def trained_digits(_digits_once, ray_local, tmp_path_factory):
+def trained_digits(_digits_scored_once, ray_local, tmp_path_factory):
     """One tiny training run for the session, as `flowray train` runs it, and the sqlite MLflow store (server.db,
     the name `start_mlflow_server` serves) that holds it: 8 steps of 16 x 2 workers on the digits, a checkpoint and
     a sample grid at steps 4 and 8 (every checkpoint kept), the loss every 2 steps, the validation loss on 40
@@ -156,7 +184,7 @@ def trained_digits(_digits_once, ray_local, tmp_path_factory):
     from pipelines.train.config import load_config
 
     tmp = tmp_path_factory.mktemp("trained")
-    digits = shutil.copytree(_digits_once, tmp / "digits")
+    digits = shutil.copytree(_digits_scored_once, tmp / "digits")
     sets = [
         *TINY,
         f"data.shards={digits}",

@@ -37,6 +37,7 @@ from pipelines.core.runtime import (
     actor_device,
     actor_pool,
     init_ray,
+    nice_args,
     resource_args,
     spread,
     stage,
@@ -248,12 +249,9 @@ def straightness_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> 
 
     init_ray()
     stage(f"straightness of {cfg.straightness_samples} trajectories ({cfg.straightness_steps} RK4 steps)")
-    # a lowered priority must not outlive the task in a reused worker: with eval.nice, the worker ends with it
+    # with eval.nice, on workers of that priority only (`nice_args`): a plain task never inherits it
     placement = {"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.gpus_per_actor, **resource_args(cfg.resource)}
-    if cfg.nice:
-        task = ray.remote(**placement, max_calls=1)(trajectory_straightness)
-    else:
-        task = ray.remote(**placement)(trajectory_straightness)
+    task = ray.remote(**placement, **nice_args(cfg.nice))(trajectory_straightness)
     return ray.get(task.remote(checkpoint, cfg, list(manifest.data.model_shape)))
 
 

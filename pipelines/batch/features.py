@@ -26,7 +26,7 @@ from fm.metrics import FeatureStats
 from pipelines.core import storage
 from pipelines.core.cells import decode_rows
 from pipelines.core.memory import feature_actor_bytes
-from pipelines.core.runtime import Progress, actor_pool, init_ray, resource_args, spread, use_cpu_share
+from pipelines.core.runtime import Progress, actor_pool, init_ray, nice_args, resource_args, spread, use_cpu_share
 
 STATS_DIR = "feature_stats"
 SUBSET_BUCKETS = 1_000_000
@@ -115,10 +115,13 @@ _TASK_NETWORKS: dict[str, torch.nn.Module] = {}
 _TASK_NETWORKS_KEPT = 4
 
 
-def classifier_features(batch: dict, net: FeatureNet, key: str, shape: list[int], keep: float, cpus: float) -> dict:
+def classifier_features(
+    batch: dict, net: FeatureNet, key: str, shape: list[int], keep: float, cpus: float, nice: int = 0
+) -> dict:
     """Ray Data task: the classifier's feature rows of a batch, on the CPU. The network is loaded once per worker
-    process and kept there (by `key`), so a later stage on the same warm worker starts at once."""
-    use_cpu_share(cpus)
+    process and kept there (by `key`), so a later stage on the same warm worker starts at once; with `nice`, on
+    workers of that priority only (`nice_args`)."""
+    use_cpu_share(cpus, nice)
     model = _TASK_NETWORKS.get(key)
     if model is None:
         model = _TASK_NETWORKS[key] = load_network(net, torch.device("cpu"))
@@ -200,18 +203,18 @@ def feature_stage(
     `pool`: "actors" (`FeatureActor`, each loading the network once), or "tasks" (`classifier_features` on Ray's
     pooled workers, which keep the classifier loaded from one stage to the next: a stage skips the actors' process
     start, imports and network load, a few seconds of the small stages that score a sampling point; BENCHMARKS.md,
-    "Classifier features on tasks"). "auto": tasks for the classifier on CPU at the default priority, actors
-    otherwise (Inception is worth an actor's start; a GPU is an actor's; a lowered priority cannot be raised
-    back in a pooled worker). `actors` is the number of actors, or of concurrent tasks."""
+    "Classifier features on tasks"). "auto": tasks for the classifier on the CPU, actors otherwise (Inception is
+    worth an actor's start; a GPU is an actor's). Tasks at a lowered priority (`nice`) run on workers of that
+    priority only (`nice_args`), which the next scoring stage of a training run finds warm. `actors` is the number
+    of actors, or of concurrent tasks."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    on_tasks = net.kind == "classifier" and gpus_per_actor == 0 and nice == 0
+    on_tasks = net.kind == "classifier" and gpus_per_actor == 0
     if pool not in ("auto", "actors", "tasks") or (pool == "tasks" and not on_tasks):
         raise ValueError(
             f"feature pool {pool!r} is not allowed for the {net.kind} features with gpus_per_actor="
-            f"{gpus_per_actor:g}, nice={nice}; allowed: auto, actors, and tasks for the classifier on the CPU at "
-            "nice 0"
+            f"{gpus_per_actor:g}; allowed: auto, actors, and tasks for the classifier on the CPU"
         )
     pool = "tasks" if pool == "tasks" or (pool == "auto" and on_tasks) else "actors"
     init_ray()
@@ -233,13 +236,21 @@ def feature_stage(
     if pool == "tasks":
         ds = ds.map_batches(
             classifier_features,
-            fn_kwargs={"net": net, "key": net.key, "shape": list(shape), "keep": keep, "cpus": cpus_per_actor},
+            fn_kwargs={
+                "net": net,
+                "key": net.key,
+                "shape": list(shape),
+                "keep": keep,
+                "cpus": cpus_per_actor,
+                "nice": nice,
+            },
             batch_size=batch_size,
             batch_format="numpy",
             concurrency=actors,
             num_cpus=cpus_per_actor,
             memory=memory,
             **resource_args(resource),
+            **nice_args(nice),
         )
         workers = f"{actors} task{'s' if actors > 1 else ''}"
     else:

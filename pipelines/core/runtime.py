@@ -53,10 +53,16 @@ def actor_device(gpus: float):
     return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
 
 
+# this process's OS niceness before `use_cpu_share` lowered it (what `nice` is added to)
+_START_NICENESS = os.nice(0)
+
+
 def use_cpu_share(cpus: float, nice: int = 0) -> int:
     """Give this Ray worker or actor as many torch threads as the CPUs it reserved (at least one), and return that;
-    with `nice` > 0, also lower its OS priority by that much (`os.nice`; for a process that ends with its work, an
-    actor or a task of `max_calls=1`: a priority once lowered cannot be raised back).
+    with `nice` > 0, also lower its OS priority to `nice` above the niceness it started with (at most 19). Calling
+    it again with the same `nice` changes nothing, so a pooled worker may run one such task after another; a
+    priority once lowered cannot be raised back, so a task that passes `nice` > 0 also takes `nice_args(nice)`,
+    which keeps it on workers of its own.
 
     Ray does not set the thread count of a Train worker, and torch's default is every core of the node: two
     workers on two cores then run four threads that wait on each other, about 3x slower than one thread each
@@ -67,8 +73,16 @@ def use_cpu_share(cpus: float, nice: int = 0) -> int:
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
     if nice > 0:
-        os.nice(nice)
+        os.nice(max(0, min(19, _START_NICENESS + nice) - os.nice(0)))
     return threads
+
+
+def nice_args(nice: int) -> dict:
+    """Ray's remote arguments for a task that lowers its priority by `nice` (`use_cpu_share`): a runtime_env that
+    names the niceness, which gives its tasks a pool of workers of their own (Ray keeps a pool per runtime_env).
+    A worker whose priority was lowered then only ever runs tasks that ask for the same, and the next stage at that
+    priority finds it warm (a plain task never inherits it). None for 0."""
+    return {"runtime_env": {"env_vars": {"FLOWRAY_NICE": str(nice)}}} if nice > 0 else {}
 
 
 ADDRESS_TIMEOUT_S = 10.0  # how long a cluster's address may take to accept a connection

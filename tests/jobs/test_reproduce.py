@@ -9,7 +9,7 @@ from pipeline_helpers import TINY
 pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(900)]  # `make heavy` (CI runs it)
 
 
-def test_tiny_reproduce_fills_every_column(tmp_path, monkeypatch, digits_copy, ray_local):
+def test_tiny_reproduce_fills_every_column(tmp_path, monkeypatch, scored_digits, ray_local):
     from jobs.reproduce import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")

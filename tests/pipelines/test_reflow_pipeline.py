@@ -227,8 +227,8 @@ def test_bad_pairs_are_refused_in_words(pairs, tmp_path, digits_copy, capsys):
 
 
 @pytest.mark.heavy
-def test_flowray_reflow_runs_its_chain_on_digits(tmp_path, ray_local, digits_copy):
-    digits = digits_copy
+def test_flowray_reflow_runs_its_chain_on_digits(tmp_path, ray_local, scored_digits):
+    digits = scored_digits  # with the classifier and the reference's statistics cached: the chain is what it protects
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     gen = make_checkpoint(tmp_path / "generator")
     sets = [

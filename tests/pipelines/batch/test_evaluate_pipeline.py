@@ -261,8 +261,8 @@ def test_a_feature_pool_on_tasks_is_the_classifiers_on_the_cpu_alone():
 
     inception = FeatureNet("inception", "FID")
     for kwargs, what in (
-        ({"net": inception, "pool": "tasks"}, "the inception features with gpus_per_actor=0, nice=0"),
-        ({"net": FeatureNet("classifier", "FD", "x"), "pool": "tasks", "nice": 19}, "gpus_per_actor=0, nice=19"),
+        ({"net": inception, "pool": "tasks"}, "the inception features with gpus_per_actor=0"),
+        ({"net": FeatureNet("classifier", "FD", "x"), "pool": "tasks", "gpus_per_actor": 1}, "gpus_per_actor=1"),
         ({"net": inception, "pool": "threads"}, "'threads' is not allowed"),
     ):
         with pytest.raises(ValueError, match=rf"feature pool .*{what}.*; allowed: auto, actors, and tasks for the "):

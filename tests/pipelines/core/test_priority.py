@@ -11,12 +11,37 @@ from pipelines.core.errors import ConfigError
 
 
 def test_an_actor_lowers_its_own_priority_by_nice_and_keeps_its_threads():
+    # twice: a pooled worker that runs one task at `nice` after another stays `nice` above where it started
     code = (
         "import os, torch; from pipelines.core.runtime import use_cpu_share; base = os.nice(0); "
-        "threads = use_cpu_share(1.0, 7); print(os.nice(0) - base, threads, torch.get_num_threads())"
+        "use_cpu_share(1.0, 7); threads = use_cpu_share(1.0, 7); "
+        "print(os.nice(0) - base, threads, torch.get_num_threads())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["7", "1", "1"]
+
+
+def test_a_lowered_priority_keeps_to_ray_workers_of_its_own(ray_local):
+    """A task at a lowered priority (`nice_args`, as the scoring stages of quality while training run) runs on Ray
+    workers of that priority only: at `nice` above a plain worker's niceness however many such tasks a worker ran,
+    and no plain task ever runs on one of them afterwards."""
+    import os
+
+    import ray
+
+    from pipelines.core.runtime import nice_args, use_cpu_share
+
+    @ray.remote(num_cpus=0.5)
+    def niceness(nice: int) -> tuple[int, int]:
+        use_cpu_share(0.5, nice)
+        return os.getpid(), os.nice(0)
+
+    (_, base), *_ = ray.get([niceness.remote(0) for _ in range(2)])
+    low = [ray.get(niceness.options(**nice_args(3)).remote(3)) for _ in range(3)]
+    assert {n for _, n in low} == {min(19, base + 3)}, (base, low)
+    plain = ray.get([niceness.remote(0) for _ in range(4)])
+    assert {n for _, n in plain} == {base}, (base, plain)
+    assert not {p for p, _ in low} & {p for p, _ in plain}, (low, plain)
 
 
 def test_nice_is_checked_and_quality_while_training_scores_at_the_lowest_priority():
@@ -36,9 +61,8 @@ def test_nice_is_checked_and_quality_while_training_scores_at_the_lowest_priorit
 
 
 def test_the_straightness_task_runs_at_a_lowered_priority_with_the_same_figures(tmp_path, ray_local, digits):
-    """The straightness runs as a Ray task; at eval.nice > 0 it is declared with max_calls=1 (its worker ends with it,
-    so that no later task inherits the lowered priority of a reused worker), which `.options()` would refuse. Its
-    figures do not depend on the priority."""
+    """The straightness runs as a Ray task; at eval.nice > 0 on workers of that priority only (`nice_args`), so that
+    no plain task inherits a lowered priority. Its figures do not depend on the priority."""
     from pipeline_helpers import make_checkpoint
 
     from pipelines.batch.evaluate import straightness_stage

@@ -8,7 +8,8 @@ from pipeline_helpers import TINY
 
 
 @pytest.mark.heavy  # one more tiny Ray Train run with sampling and evaluation (about a minute): `make heavy`
-def test_meanflow_trains_on_two_workers_and_samples_in_jumps(digits, tmp_path, ray_local, capsys):
+def test_meanflow_trains_on_two_workers_and_samples_in_jumps(scored_digits, tmp_path, ray_local, capsys):
+    digits = scored_digits  # the session's digits with the classifier and the reference's statistics cached
     from jobs.evaluate import main as evaluate_main
     from jobs.sample import main as sample_main
     from jobs.train import main as train_main
