@@ -97,6 +97,6 @@ def test_fid_is_zero_on_itself_symmetric_and_ranks_real_above_noisy():
     a, b = FeatureStats(INCEPTION_DIM).update(f_real[:40]), FeatureStats(INCEPTION_DIM).update(f_real[40:])
     n = FeatureStats(INCEPTION_DIM).update(f_noisy)
     assert abs(frechet_distance_from_stats(a, a)) < 1e-6
-    assert frechet_distance_from_stats(a, b) == pytest.approx(frechet_distance_from_stats(b, a), rel=1e-9, abs=1e-6)
-    halves, corrupted = frechet_distance_from_stats(a, b), frechet_distance_from_stats(a, n)
+    halves, corrupted = frechet_distance_from_stats(a, b), frechet_distance_from_stats(a, n)  # each once: 2048-d
+    assert halves == pytest.approx(frechet_distance_from_stats(b, a), rel=1e-9, abs=1e-6)
     assert halves < 0.5 * corrupted, (halves, corrupted)
