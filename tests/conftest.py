@@ -51,7 +51,9 @@ def ray_local(_session_ray):
 
 @pytest.fixture(autouse=True)
 def _ray_up_when_asked(request):
-    if "ray_local" in request.fixturenames:
+    # not for a test that takes `own_ray` through a fixture built on the session's Ray (`digits`): it would be
+    # started only to be stopped (about 5 to 10 s)
+    if "ray_local" in request.fixturenames and "own_ray" not in request.fixturenames:
         import ray
 
         if not ray.is_initialized():
