@@ -81,7 +81,7 @@ def nice_args(nice: int) -> dict:
     """Ray's remote arguments for a task that lowers its priority by `nice` (`use_cpu_share`): a runtime_env that
     names the niceness, which gives its tasks a pool of workers of their own (Ray keeps a pool per runtime_env).
     A worker whose priority was lowered then only ever runs tasks that ask for the same, and the next stage at that
-    priority finds it warm (a plain task never inherits it). None for 0."""
+    priority finds it warm (a plain task never inherits it). No arguments ({}) for 0."""
     return {"runtime_env": {"env_vars": {"FLOWRAY_NICE": str(nice)}}} if nice > 0 else {}
 
 
