@@ -27,8 +27,10 @@ demo-toy: $(STAMP)
 demo-geometry: $(STAMP)
 	$(PY) -m jobs.geometry --seeds 0
 
+# two pytest-xdist workers: the tests that start Ray, jobs or servers run on one, in order, on the session's one Ray;
+# the math (tests/fm) fills the other core (tests/conftest.py, tests/README.md)
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not faults and not heavy" --durations=25
+	$(PY) -m pytest -q -m "not faults and not heavy" -n 2 --dist loadgroup --durations=25
 
 # the longest end-to-end cases (a tiny reproduce chain, the feature stage's every option, `ray job submit`, the
 # S3 chain, RFM and Action Matching through the CLIs, bf16 training logged to a real MLflow server over HTTP, the

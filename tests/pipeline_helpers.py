@@ -1,5 +1,6 @@
 """Shared settings for the Ray integration tests: a tiny UNet on the real digits data."""
 
+import re
 import socket
 from pathlib import Path
 
@@ -193,6 +194,16 @@ def before_ray():
             patch.undo()
 
     return _Context()
+
+
+# a line of Ray's own C++ log ("[2026-12-06 22:22:26,449 E 16797 16797] (gcs_server) ..."), which the session's Ray
+# forwards to this process's stderr whenever it likes, e.g. about an actor of an earlier test that it is stopping
+_RAY_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] .*$\n?", re.M)
+
+
+def without_ray_logs(err: str) -> str:
+    """A captured stderr without the lines that the session's Ray wrote into it (`_RAY_LOG_LINE`)."""
+    return _RAY_LOG_LINE.sub("", err)
 
 
 def tensors_by_path(state, prefix="") -> dict:

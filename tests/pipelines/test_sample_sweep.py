@@ -8,7 +8,7 @@ import re
 
 import pytest
 from mlflow.tracking import MlflowClient
-from pipeline_helpers import make_checkpoint
+from pipeline_helpers import make_checkpoint, without_ray_logs
 
 from pipelines.batch.config import SampleConfig
 from pipelines.core.errors import ConfigError
@@ -101,7 +101,7 @@ def test_bad_sweep_flags_are_refused_before_ray(tmp_path, argv, message, capsys)
     with pytest.raises(SystemExit) as stop:
         main([*base, *argv])
     assert stop.value.code == 2
-    err = capsys.readouterr().err.strip().removeprefix("sample sweep failed: ")
+    err = without_ray_logs(capsys.readouterr().err).strip().removeprefix("sample sweep failed: ")
     assert re.search(message, err), err
     assert ray.is_initialized() == started  # refused before Ray was started or joined
 
