@@ -1,1 +1,0 @@
-"""Ingest: sources (one registry) into sharded parquet with a manifest, as Ray Data tasks."""
