@@ -16,7 +16,7 @@ os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # `make test` runs two pytest-xdist workers on two cores: each gets its share of the cores, for torch's threads
     # and for every process it starts (jobs run as processes; Ray sets its workers' own). Two threads each spin
-    # against each other: 20.6 s -> 174 s for the Action Matching OU case, measured on the 2-core host
+    # against each other (a first try with two each: the Action Matching OU case 174 s against 20.6 s; tests/README)
     _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(_threads)
     torch.set_num_threads(_threads)
