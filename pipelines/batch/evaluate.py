@@ -38,6 +38,7 @@ from pipelines.core.runtime import (
     actor_pool,
     init_ray,
     nice_args,
+    read_parquet,
     resource_args,
     spread,
     stage,
@@ -258,7 +259,6 @@ def straightness_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig) -> 
 def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory: int = 0) -> TransportResult:
     """Snapshot methods: the split's first-snapshot rows carried to every observed time on an actor stage; per time,
     W2 to the split's rows of that time, beside the floor: W2 from as many training rows of that time."""
-    import ray.data
     from ray.data import ActorPoolStrategy
 
     from fm.metrics import wasserstein2
@@ -288,8 +288,7 @@ def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory
         f"transporting {len(start_rows)} rows of the first snapshot through times {times} ({cfg.solver}) on "
         f"{actors} actor(s)"
     )
-    paths, fs = storage.ray_paths(manifest.shard_paths(cfg.split))
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["id", "image", "label"])
+    ds = read_parquet(manifest.shard_paths(cfg.split)).select_columns(["id", "image", "label"])
     ds = spread(ds.filter(expr="label == 0").select_columns(["id", "image"]), len(start_rows), cfg.batch_size, actors)
     t0 = time.perf_counter()
     batches = list(

@@ -26,7 +26,16 @@ from fm.metrics import FeatureStats
 from pipelines.core import storage
 from pipelines.core.cells import decode_rows
 from pipelines.core.memory import feature_actor_bytes
-from pipelines.core.runtime import Progress, actor_pool, init_ray, nice_args, resource_args, spread, use_cpu_share
+from pipelines.core.runtime import (
+    Progress,
+    actor_pool,
+    init_ray,
+    nice_args,
+    read_parquet,
+    resource_args,
+    spread,
+    use_cpu_share,
+)
 
 STATS_DIR = "feature_stats"
 SUBSET_BUCKETS = 1_000_000
@@ -207,7 +216,6 @@ def feature_stage(
     worth an actor's start; a GPU is an actor's). Tasks at a lowered priority (`nice`) run on workers of that
     priority only (`nice_args`), which the next scoring stage of a training run finds warm. `actors` is the number
     of actors, or of concurrent tasks."""
-    import ray.data
     from ray.data import ActorPoolStrategy
 
     on_tasks = net.kind == "classifier" and gpus_per_actor == 0
@@ -231,8 +239,7 @@ def feature_stage(
     keep = min(1.0, limit / max(total, 1)) if limit > 0 else 1.0
     # rates relative to the whole set: the KID subset of a capped set lies inside it, whatever the stream order
     rate = min(1.0, subset_size / max(total * keep, 1)) * keep
-    files, fs = storage.ray_paths(paths)
-    ds = spread(ray.data.read_parquet(files, filesystem=fs).select_columns(["id", "image"]), total, batch_size, actors)
+    ds = spread(read_parquet(paths).select_columns(["id", "image"]), total, batch_size, actors)
     if pool == "tasks":
         ds = ds.map_batches(
             classifier_features,

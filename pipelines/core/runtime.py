@@ -454,6 +454,40 @@ def train_logging_config():
     return LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")
 
 
+# Ray Data's parquet reader lists its files on a pool of `FooterReader` actors, 32 unless told, each a process of its
+# own started for every read (twice: the schema's sample, then the listing) and killed after it. The pool hands them
+# files in batches of 10, so a read of two shards used one and started up to 32 (about 1 s of CPU each here: the
+# MeanFlow case 155 -> 109 core-seconds with the pool sized; BENCHMARKS.md). Ray reads both counts from the
+# environment when `read_parquet` builds its file indexer.
+_FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+_FOOTER_BATCH = "RAY_DATA_PARQUET_FOOTER_BATCH_SIZE"
+
+
+def footer_actors(files: int) -> int:
+    """How many footer-reading actors a read of `files` parquet files uses: one per batch of footers, at least one,
+    at most Ray's default of 32."""
+    batch = max(1, int(os.environ.get(_FOOTER_BATCH, "10")))
+    return min(32, max(1, -(-files // batch)))
+
+
+def read_parquet(locations: list[str]):
+    """`ray.data.read_parquet` of these parquet files (local paths or object URIs: `storage.ray_paths`), with Ray
+    Data's footer-reading pool sized to them (`footer_actors`). $RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, where set,
+    wins."""
+    import ray
+
+    from pipelines.core import storage
+
+    paths, fs = storage.ray_paths(locations)
+    if _FOOTER_ACTORS in os.environ:
+        return ray.data.read_parquet(paths, filesystem=fs)
+    os.environ[_FOOTER_ACTORS] = str(footer_actors(len(paths)))
+    try:
+        return ray.data.read_parquet(paths, filesystem=fs)
+    finally:
+        os.environ.pop(_FOOTER_ACTORS, None)
+
+
 def spread(ds, rows: int, batch_size: int, actors: int):
     """Split a split's few large blocks (one per shard) so that every actor of the pool gets batches."""
     blocks = min(max(1, -(-rows // batch_size)), 4 * actors)
