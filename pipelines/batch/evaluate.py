@@ -288,7 +288,7 @@ def transport_stage(checkpoint: str, manifest: Manifest, cfg: EvalConfig, memory
         f"transporting {len(start_rows)} rows of the first snapshot through times {times} ({cfg.solver}) on "
         f"{actors} actor(s)"
     )
-    ds = read_parquet(manifest.shard_paths(cfg.split)).select_columns(["id", "image", "label"])
+    ds = read_parquet(*storage.ray_paths(manifest.shard_paths(cfg.split))).select_columns(["id", "image", "label"])
     ds = spread(ds.filter(expr="label == 0").select_columns(["id", "image"]), len(start_rows), cfg.batch_size, actors)
     t0 = time.perf_counter()
     batches = list(

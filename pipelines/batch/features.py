@@ -239,7 +239,7 @@ def feature_stage(
     keep = min(1.0, limit / max(total, 1)) if limit > 0 else 1.0
     # rates relative to the whole set: the KID subset of a capped set lies inside it, whatever the stream order
     rate = min(1.0, subset_size / max(total * keep, 1)) * keep
-    ds = spread(read_parquet(paths).select_columns(["id", "image"]), total, batch_size, actors)
+    ds = spread(read_parquet(*storage.ray_paths(paths)).select_columns(["id", "image"]), total, batch_size, actors)
     if pool == "tasks":
         ds = ds.map_batches(
             classifier_features,

@@ -456,9 +456,9 @@ def train_logging_config():
 
 # Ray Data's parquet reader lists its files on a pool of `FooterReader` actors, 32 unless told, each a process of its
 # own started for every read (twice: the schema's sample, then the listing) and killed after it. The pool hands them
-# files in batches of 10, so a read of two shards used one and started up to 32 (about 1 s of CPU each here: the
-# MeanFlow case 155 -> 109 core-seconds with the pool sized; BENCHMARKS.md). Ray reads both counts from the
-# environment when `read_parquet` builds its file indexer.
+# files in batches of 10, so a read of two shards used one; on a Ray busy training, 5 to 9 more started for it before
+# the read ended, about 1 s of CPU each (the MeanFlow case: 25 such processes, 2 with the pool sized; BENCHMARKS.md).
+# Ray reads both counts from the environment when `ray.data.read_parquet` builds its file indexer.
 _FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _FOOTER_BATCH = "RAY_DATA_PARQUET_FOOTER_BATCH_SIZE"
 
@@ -470,15 +470,12 @@ def footer_actors(files: int) -> int:
     return min(32, max(1, -(-files // batch)))
 
 
-def read_parquet(locations: list[str]):
-    """`ray.data.read_parquet` of these parquet files (local paths or object URIs: `storage.ray_paths`), with Ray
+def read_parquet(paths: list[str], fs: Any = None):
+    """`ray.data.read_parquet(paths, filesystem=fs)` of parquet files (`storage.ray_paths` gives both), with Ray
     Data's footer-reading pool sized to them (`footer_actors`). $RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, where set,
     wins."""
     import ray
 
-    from pipelines.core import storage
-
-    paths, fs = storage.ray_paths(locations)
     if _FOOTER_ACTORS in os.environ:
         return ray.data.read_parquet(paths, filesystem=fs)
     os.environ[_FOOTER_ACTORS] = str(footer_actors(len(paths)))
