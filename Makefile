@@ -38,7 +38,7 @@ test: $(STAMP)
 
 # the longest end-to-end cases (a tiny reproduce chain, the feature stage's every option, `ray job submit`, the
 # S3 chain, RFM and Action Matching through the CLIs, bf16 training logged to a real MLflow server over HTTP, the
-# README's Python snippet, the training story and quality while training on one trained run, the UI): ~17 min
+# README's Python snippet, the training story and quality while training on one trained run, the UI): ~13 min
 # (tests/README.md has every tier's budget)
 heavy: $(STAMP)
 	$(PY) -m pytest -q -m heavy --durations=0
@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.likelihood_throughput
 	$(PY) -m benchmarks.feature_stage memory
 	$(PY) -m benchmarks.feature_stage inception
+	$(PY) -m benchmarks.parquet_footers
 	$(PY) -m benchmarks.ingest throughput
 	$(PY) -m benchmarks.ingest memory
 	$(PY) -m benchmarks.ingest datapath
