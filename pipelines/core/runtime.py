@@ -476,13 +476,14 @@ def read_parquet(paths: list[str], fs: Any = None):
     wins."""
     import ray
 
-    if _FOOTER_ACTORS in os.environ:
-        return ray.data.read_parquet(paths, filesystem=fs)
-    os.environ[_FOOTER_ACTORS] = str(footer_actors(len(paths)))
+    sized = _FOOTER_ACTORS not in os.environ
+    if sized:
+        os.environ[_FOOTER_ACTORS] = str(footer_actors(len(paths)))
     try:
         return ray.data.read_parquet(paths, filesystem=fs)
     finally:
-        os.environ.pop(_FOOTER_ACTORS, None)
+        if sized:
+            del os.environ[_FOOTER_ACTORS]
 
 
 def spread(ds, rows: int, batch_size: int, actors: int):
