@@ -49,7 +49,13 @@ class Lease:
     def __enter__(self) -> Lease:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and storage.is_uri(self.path) and storage.outage_in(exc) is not None:
+            # the job ends because its object store stopped answering: a read or delete of the lease would wait out
+            # every attempt's timeout (minutes by default: `storage.REQUEST_TIMEOUT_S`) before the job's one line,
+            # so the lease is left to go stale on its own, as a killed job's is
+            self._stop.set()
+            return
         self.release()
 
     def release(self) -> None:

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import TINY
+from pipeline_helpers import TINY, free_port
 
 from pipelines.core import lease
+from pipelines.core.errors import JobFailed
 from pipelines.core.lease import LEASE, LeaseHeld, acquire
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -75,6 +76,23 @@ def test_a_lease_in_an_object_store(s3_bucket, monkeypatch):
             acquire(run, "training run 'a'", "train.run_name")
     fs, path = storage.resolve(f"{run}/{LEASE}")
     assert fs.get_file_info(path).type == pafs.FileType.NotFound  # released: nothing left in the bucket
+    # a job that ends because its store stopped answering (a real one: a server that refuses connections) leaves
+    # its lease alone: a read or delete would wait out every attempt's timeout before the job's line; the lease goes
+    # stale on its own, as a killed job's does. Any other failure releases it.
+    gone = pafs.S3FileSystem(
+        endpoint_override=f"http://127.0.0.1:{free_port()}",
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+    )
+    with pytest.raises(JobFailed), acquire(run, "training run 'a'", "train.run_name") as held:
+        try:
+            gone.get_file_info("runs-bucket/x")
+        except OSError:
+            raise JobFailed("the store stopped answering") from None
+    assert held._stop.is_set() and fs.get_file_info(path).type == pafs.FileType.File  # not read, not deleted
+    storage.delete(f"{run}/{LEASE}")
+    with pytest.raises(ValueError), acquire(run, "training run 'a'", "train.run_name"):
+        raise ValueError("a failure of the job itself")
+    assert fs.get_file_info(path).type == pafs.FileType.NotFound
     # a taker that wrote after us while we settled holds it: we are refused, it is not
     mine = {
         "token": "late",
