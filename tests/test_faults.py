@@ -223,7 +223,7 @@ def test_sigterm_sigkill_and_an_mlflow_outage_in_one_run_lose_nothing(digits, tm
     SIGTERM (what `ray job stop`, a scheduler or Kubernetes sends) to the driver: one line saying what is kept, exit
     143 within seconds, the MLflow run KILLED, no Ray process left, no native stack dump; the rerun says on its first
     line that it continues the run. SIGKILL to that rerun's driver (no handler runs): the watchdog stops every Ray
-    process within seconds and says so. The last rerun loses its MLflow server after its first checkpoint for 12 s:
+    process within seconds and says so. The last rerun loses its MLflow server after its first checkpoint for 6 s:
     training goes on, the points queued meanwhile reach the server when it is back, with their time, and the run
     finishes the same MLflow run with one value per logged step, none lost. (One story instead of two runs with a
     driver, a Ray and a server each: the suite's time budget, tests/README.md.)"""
@@ -286,7 +286,7 @@ def _stopped_twice_then_an_outage(digits: Path, tmp_path: Path, uri: str, port: 
     # the watchdog says what it stopped, on the driver's stderr
     _wait_for(lambda: "died without shutting down its local Ray; stopped" in log.read_text(), 10, "the reaper")
 
-    # the last rerun: the MLflow server is killed after its first checkpoint and comes back 12 s later
+    # the last rerun: the MLflow server is killed after its first checkpoint and comes back 6 s later
     killed_step = _registered_step(run_dir)  # what a rerun resumes from: Ray's last registered checkpoint
     assert killed_step > step
     final = killed_step + 60
@@ -298,7 +298,7 @@ def _stopped_twice_then_an_outage(digits: Path, tmp_path: Path, uri: str, port: 
             _wait_for(lambda: _registered_step(run_dir) > killed_step, 300, "the rerun's first checkpoint", driver, log)
             kill_tree(servers[-1])
             down_at, checkpoints_at_kill = time.time(), len(_checkpoints(run_dir))
-            time.sleep(12)  # the outage: checkpoints go on (a tiny step takes milliseconds)
+            time.sleep(6)  # the outage: checkpoints go on (a tiny step takes milliseconds; 5 steps apart)
             checkpoints_in_outage = len(_checkpoints(run_dir)) - checkpoints_at_kill
             servers.append(start_mlflow_server(port, tmp_path))  # the same store, back on the same port
             up_at = time.time()
