@@ -38,14 +38,14 @@ test: $(STAMP)
 
 # the longest end-to-end cases (a tiny reproduce chain, the feature stage's every option, `ray job submit`, the
 # S3 chain, RFM and Action Matching through the CLIs, bf16 training logged to a real MLflow server over HTTP, the
-# README's Python snippet, the training story and quality while training on one trained run, the UI): ~13 min
+# README's Python snippet, the training story and quality while training on one trained run, the UI): ~11 to 13 min
 # (tests/README.md has every tier's budget)
 heavy: $(STAMP)
 	$(PY) -m pytest -q -m heavy --durations=0
 
 # processes killed by PID: a training worker, a sampler actor, the driver, the MLflow server, a worker node; SIGTERM
 # and SIGINT to a training and a sampling driver; an injected worker failure, resumed to the uninterrupted run's
-# weights bit for bit: ~10 min
+# weights bit for bit: ~8 to 9 min
 faults: $(STAMP)
 	$(PY) -m pytest -q -m faults --durations=0
 
