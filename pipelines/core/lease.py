@@ -31,6 +31,7 @@ LEASE = ".flowray-lease.json"
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
 SETTLE_S = 2.0
+_HELD: set[str] = set()  # the tokens of the leases this process holds now
 
 
 class LeaseHeld(ConfigError):
@@ -55,12 +56,14 @@ class Lease:
             # every attempt's timeout (minutes by default: `storage.REQUEST_TIMEOUT_S`) before the job's one line,
             # so the lease is left to go stale on its own, as a killed job's is
             self._stop.set()
+            _HELD.discard(self.holder["token"])
             return
         self.release()
 
     def release(self) -> None:
         """Stop renewing, and delete the lease file if it is still this job's."""
         self._stop.set()
+        _HELD.discard(self.holder["token"])
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
@@ -82,8 +85,9 @@ def acquire(folder: str, what: str, key: str) -> Lease:
     setting that chose the folder), the holder and how to proceed."""
     path = storage.join(folder, LEASE)
     now = time.time()
+    token = uuid.uuid4().hex
     holder = {
-        "token": uuid.uuid4().hex,
+        "token": token,
         "what": what,
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -94,6 +98,7 @@ def acquire(folder: str, what: str, key: str) -> Lease:
         _take_shared(path, holder, key)
     else:
         _take_local(path, holder, key)
+    _HELD.add(token)
     lease = Lease(path, holder)
     lease._thread = threading.Thread(target=lease._renew, name="flowray-lease", daemon=True)
     lease._thread.start()
@@ -139,8 +144,11 @@ def _settle() -> None:
 
 def _alive(held: dict) -> bool:
     """Whether a lease's holder may still run: on this host, its process (the same one: started no later than the
-    lease) exists; elsewhere, it renewed the lease within `STALE_S` seconds."""
+    lease) exists, and where that is this process, it still holds the lease (a job run in process, as in a notebook,
+    that ended without releasing it: a lost store); elsewhere, it renewed the lease within `STALE_S` seconds."""
     if held.get("host") == socket.gethostname():
+        if held.get("pid") == os.getpid():  # this process (a notebook's rerun): only a lease it still holds
+            return held.get("token") in _HELD
         try:
             proc = psutil.Process(int(held["pid"]))
             return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= float(held["started"]) + 1
