@@ -51,19 +51,18 @@ class Lease:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None and storage.is_uri(self.path) and storage.outage_in(exc) is not None:
-            # the job ends because its object store stopped answering: a read or delete of the lease would wait out
-            # every attempt's timeout (minutes by default: `storage.REQUEST_TIMEOUT_S`) before the job's one line,
-            # so the lease is left to go stale on its own, as a killed job's is
-            self._stop.set()
-            _HELD.discard(self.holder["token"])
-            return
-        self.release()
+        # a job that ends because its object store stopped answering leaves the file alone: a read or delete of it
+        # would wait out every attempt's timeout (minutes by default: `storage.REQUEST_TIMEOUT_S`) before the job's
+        # one line, and the lease goes stale on its own, as a killed job's does
+        lost = exc is not None and storage.is_uri(self.path) and storage.outage_in(exc) is not None
+        self.release(touch_store=not lost)
 
-    def release(self) -> None:
-        """Stop renewing, and delete the lease file if it is still this job's."""
+    def release(self, touch_store: bool = True) -> None:
+        """Stop renewing, and delete the lease file if it is still this job's (with `touch_store`)."""
         self._stop.set()
         _HELD.discard(self.holder["token"])
+        if not touch_store:
+            return
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
